@@ -1,0 +1,108 @@
+//! Errors of the query crate: one enum for documents, one for queries.
+
+use thiserror::Error;
+
+use crate::value::ValueKind;
+
+/// What went wrong turning a Rust value into an entry document or back.
+#[derive(Clone, Debug, Error, PartialEq)]
+#[non_exhaustive]
+pub enum DocumentError {
+    /// The top level of an entry must be a struct (or a map with string keys).
+    #[error("an entry must be a struct or a map with string keys, not a {found}")]
+    NotAStruct {
+        /// The kind of value that was given instead.
+        found: ValueKind,
+    },
+    /// A value the document model cannot hold, such as an integer wider than 64 bits.
+    #[error("unsupported value: {0}")]
+    Unsupported(String),
+    /// A map whose keys are not strings or integers.
+    #[error("map keys must be strings or integers, not {0}")]
+    MapKey(String),
+    /// The entry's own `Serialize` or `Deserialize` implementation reported a problem, or
+    /// a document did not have the shape of the requested type.
+    #[error("{0}")]
+    Custom(String),
+}
+
+impl serde::ser::Error for DocumentError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        DocumentError::Custom(msg.to_string())
+    }
+}
+
+impl serde::de::Error for DocumentError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        DocumentError::Custom(msg.to_string())
+    }
+}
+
+/// What is wrong with a query.
+#[derive(Clone, Debug, Error, PartialEq)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The text form could not be parsed; `position` is the byte offset of the problem.
+    #[error("syntax error at position {position}: {message}")]
+    Syntax {
+        /// Byte offset into the query text.
+        position: usize,
+        /// What was expected or found there.
+        message: String,
+    },
+    /// A field path that is empty or has an empty segment (`a..b`).
+    #[error("invalid field name {field:?}: {reason}")]
+    InvalidField {
+        /// The field path as given.
+        field: String,
+        /// Why it is not valid.
+        reason: &'static str,
+    },
+    /// A literal a query cannot compare with: NaN, bytes, lists, maps or null.
+    #[error("field {field:?}: {reason}")]
+    InvalidLiteral {
+        /// The field the literal was compared with.
+        field: String,
+        /// Why the literal is not usable.
+        reason: String,
+    },
+    /// A `between` whose bounds are of different kinds or out of order.
+    #[error("field {field:?}: empty or mixed range: {reason}")]
+    BadRange {
+        /// The field of the range.
+        field: String,
+        /// What is wrong with the bounds.
+        reason: String,
+    },
+    /// A text predicate without a single word in it.
+    #[error("field {field:?}: text predicate has no words to match")]
+    NoWords {
+        /// The field of the text predicate.
+        field: String,
+    },
+    /// A prefix predicate with an empty prefix (use `exists` instead).
+    #[error("field {field:?}: empty prefix (use exists({field}) to test for presence)")]
+    EmptyPrefix {
+        /// The field of the prefix predicate.
+        field: String,
+    },
+    /// A query literal of a kind that the field never holds, for example a number compared
+    /// with a string field.
+    #[error(
+        "field {field:?} holds {field_kind} values, but the query compares it with a {literal_kind}"
+    )]
+    WrongType {
+        /// The field.
+        field: String,
+        /// The kind of value the entry type stores in that field.
+        field_kind: ValueKind,
+        /// The kind of the literal in the query.
+        literal_kind: ValueKind,
+    },
+    /// A template could not be turned into a query.
+    #[error("template: {0}")]
+    Template(#[from] DocumentError),
+}
+
+/// Result alias for this crate's query operations.
+pub type Result<T, E = QueryError> = std::result::Result<T, E>;

@@ -1,0 +1,30 @@
+//! The query language of the space.
+//!
+//! A [`Query`] names an entry type and holds a [`Filter`] over that type's fields. Queries
+//! are built in code with the builder ([`Query::of`]), from a template struct whose `None`
+//! fields are wildcards ([`Query::like`]), or parsed from the text syntax used on the
+//! command line ([`Query::parse`], syntax in the [`text`] module docs). They are
+//! serde-serializable so they can travel over the wire.
+//!
+//! Entries are matched as documents: [`to_fields`] turns any `Serialize` struct into
+//! [`Fields`] (field name → [`Value`]) and [`from_fields`] turns them back. The native
+//! matcher ([`Query::matches`]) evaluates a query over a document; its meaning is the one
+//! DESIGN.md section 5 fixes: numbers compare as numbers across integer and float, strings
+//! exactly, a missing field never equals anything, list fields are multi-valued.
+//!
+//! This crate knows nothing of spaces or networks.
+
+mod de;
+mod error;
+mod matcher;
+mod query;
+mod ser;
+pub mod text;
+mod value;
+
+pub use de::{from_fields, from_value};
+pub use error::{DocumentError, QueryError, Result};
+pub use matcher::{MAX_WORD_BYTES, words};
+pub use query::{EntryType, Filter, Query, validate_path};
+pub use ser::{to_fields, to_value};
+pub use value::{FieldName, Fields, IndexValue, Value, ValueKind};
