@@ -1,1 +1,39 @@
-//! placeholder
+//! The space: entries, the engine that stores and matches them, and the in-process
+//! [`Space`] handle.
+//!
+//! Workers coordinate through a shared space of typed entries: [`write`](Space::write) an
+//! entry, [`read`](Space::read) a copy of one that matches a query, [`take`](Space::take)
+//! one (each entry goes to exactly one taker), [`claim`](Space::claim) one for a while,
+//! and [`notify`](Space::notify) to be told about every later matching change.
+//!
+//! The crate is layered:
+//! - [`Entry`] and [`entry!`] declare Rust types as entries; [`Key`]s identify them;
+//! - [`Engine`] is the whole space over documents (field maps), one lock per entry type;
+//!   it is what the network node serves;
+//! - [`Space`] (async) and [`BlockingSpace`] (threads) are the typed handles users hold.
+//!
+//! The rules every operation keeps (oldest first, longest waiter wins, zero timeout does
+//! not wait, expired entries are never returned, each entry taken once) are those of
+//! DESIGN.md section 4; the engine module documents how they are kept.
+
+mod engine;
+mod entry;
+mod error;
+mod lease;
+mod notify;
+mod signal;
+mod space;
+mod store;
+mod timers;
+
+pub use engine::{
+    ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats,
+};
+pub use entry::{Entry, IntoKey, Key, NodeId};
+pub use error::{Result, SpaceError};
+pub use lease::{Lease, MAX_LEASE};
+pub use notify::{
+    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
+};
+pub use space::{BlockingSpace, Claim, Space};
+pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};

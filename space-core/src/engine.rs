@@ -1,0 +1,1221 @@
+//! The space engine: every operation of DESIGN.md section 4 over entry documents.
+//!
+//! Entries are kept per entry type in a [`Shard`]: one mutex around the type's store, its
+//! waiting readers/takers/claimers (in arrival order) and its subscriptions. Everything that
+//! changes an entry happens under that lock, which gives the contract's guarantees plainly:
+//!
+//! - a write first announces itself to subscriptions, then is offered to waiters in the
+//!   order they started waiting (readers get copies, the first matching taker gets the
+//!   entry itself); only if nobody took it is it stored. So no wake-up is lost and the
+//!   longest waiting taker wins;
+//! - reads, takes and claims pick the oldest visible match (the store iterates in write
+//!   order, through a field index where the query allows);
+//! - waiting is done outside the lock on a one-shot [`Slot`]; giving up (timeout or a
+//!   dropped future) and being served are mutually exclusive, and an entry handed to a
+//!   future that is then dropped goes back into the space.
+//!
+//! The typed, user-facing handle is [`Space`](crate::Space); this engine speaks documents
+//! so that the node can serve it over the network unchanged.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use space_query::{Fields, Query};
+
+use crate::entry::{Key, NodeId};
+use crate::error::{Result, SpaceError};
+use crate::lease::{Lease, timeout_deadline, wall_clock};
+use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, SubShared, Subscription};
+use crate::signal::{Slot, SlotFuture};
+use crate::store::{ClaimState, Record, Store};
+use crate::timers::{TimerKind, Timers};
+
+/// An entry as the engine hands it out: its key, version and fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    /// The entry's key.
+    pub key: Key,
+    /// The entry's version (1 when written, bumped by claims and releases).
+    pub version: u64,
+    /// The entry's fields.
+    pub fields: Fields,
+}
+
+/// What a write returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The node that stored the entry.
+    pub node: NodeId,
+    /// The entry's key.
+    pub key: Key,
+    /// The entry's version.
+    pub version: u64,
+    /// When the entry's lease runs out (`None`: forever).
+    pub expires: Option<SystemTime>,
+}
+
+/// Proof of a claim, needed to commit, release or renew it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClaimTicket {
+    /// The claimed entry's type.
+    pub entry_type: String,
+    /// The claimed entry's key.
+    pub key: Key,
+    /// Identifies this claim: a later claim on the same entry has another token.
+    pub token: u64,
+}
+
+impl AsRef<ClaimTicket> for ClaimTicket {
+    fn as_ref(&self) -> &ClaimTicket {
+        self
+    }
+}
+
+/// A claimed entry: a copy of it, and the ticket to commit or release the claim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedDocument {
+    /// The entry as claimed.
+    pub document: Document,
+    /// The claim.
+    pub ticket: ClaimTicket,
+    /// When the claim runs out unless renewed or committed.
+    pub expires: SystemTime,
+}
+
+/// Counters describing the engine's contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Entries stored (visible, claimed, or expired but not yet reaped).
+    pub entries: u64,
+    /// Approximate bytes of entry documents.
+    pub bytes: u64,
+    /// Entry types with a store.
+    pub entry_types: u64,
+    /// Blocked reads, takes and claims.
+    pub waiters: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Pending lease timers.
+    pub timers: u64,
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The node id stamped on receipts and events.
+    pub node: NodeId,
+    /// How many notifications a subscription queues before it reports a gap.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            node: NodeId(0),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+}
+
+/// The space engine over documents; cheap to clone (one shared instance).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    shards: RwLock<HashMap<Arc<str>, Arc<Shard>>>,
+    timers: Arc<Timers>,
+    next_token: AtomicU64,
+    next_sub: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.timers.shutdown();
+    }
+}
+
+/// Everything about one entry type, behind one lock.
+pub(crate) struct Shard {
+    name: Arc<str>,
+    /// The `INDEXES` slice last declared for this type (a fast "already applied" check).
+    declared: AtomicPtr<&'static str>,
+    state: Mutex<TypeState>,
+}
+
+#[derive(Default)]
+struct TypeState {
+    store: Store,
+    waiters: VecDeque<Arc<Waiter>>,
+    subs: Vec<Arc<SubShared>>,
+}
+
+#[derive(Clone, Copy)]
+enum WaitMode {
+    Read,
+    Take,
+    Claim(Duration),
+}
+
+struct Waiter {
+    query: Query,
+    mode: WaitMode,
+    slot: Slot<Delivery>,
+}
+
+/// What a waiter is handed.
+enum Delivery {
+    Copy(Document),
+    Owned { seq: u64, record: Record },
+    Claimed(ClaimedDocument),
+}
+
+/// The fate of a record offered to the waiters.
+enum Offered {
+    /// A taker took it.
+    Taken,
+    /// Keep it in the store (claimed, if a claimer got it).
+    Keep(Record),
+}
+
+impl Record {
+    fn document(&self) -> Document {
+        Document {
+            key: self.key.clone(),
+            version: self.version,
+            fields: self.fields.clone(),
+        }
+    }
+
+    fn into_document(self) -> Document {
+        Document {
+            key: self.key,
+            version: self.version,
+            fields: self.fields,
+        }
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(EngineConfig::default())
+    }
+}
+
+impl Engine {
+    /// Starts an engine (and its lease reaper thread, which ends when the last clone of
+    /// the engine is dropped).
+    pub fn new(config: EngineConfig) -> Engine {
+        let timers = Arc::new(Timers::new());
+        let inner = Arc::new(Inner {
+            config,
+            shards: RwLock::new(HashMap::new()),
+            timers: timers.clone(),
+            next_token: AtomicU64::new(1),
+            next_sub: AtomicU64::new(1),
+        });
+        let weak = Arc::downgrade(&inner);
+        let spawned = std::thread::Builder::new()
+            .name("space-reaper".into())
+            .spawn(move || reap(&timers, &weak));
+        if let Err(e) = spawned {
+            // Without the reaper, expired entries are still never returned (reads check
+            // deadlines); they are only removed later, lazily.
+            tracing::error!(error = %e, "could not start the lease reaper thread");
+        }
+        Engine { inner }
+    }
+
+    /// This engine's node id.
+    pub fn node(&self) -> NodeId {
+        self.inner.config.node
+    }
+
+    fn shard(&self, entry_type: &str) -> Arc<Shard> {
+        if let Some(s) = self.inner.shards.read().get(entry_type) {
+            return s.clone();
+        }
+        let mut shards = self.inner.shards.write();
+        shards
+            .entry(Arc::from(entry_type))
+            .or_insert_with(|| {
+                Arc::new(Shard {
+                    name: Arc::from(entry_type),
+                    declared: AtomicPtr::new(std::ptr::null_mut()),
+                    state: Mutex::new(TypeState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
+    /// on the spot). Cheap when the same static slice was declared before.
+    pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) {
+        if fields.is_empty() {
+            return;
+        }
+        let shard = self.shard(entry_type);
+        let ptr = fields.as_ptr().cast_mut();
+        if shard.declared.load(Ordering::Acquire) == ptr {
+            return;
+        }
+        let mut st = shard.state.lock();
+        for f in fields {
+            st.store.ensure_index(f);
+        }
+        shard.declared.store(ptr, Ordering::Release);
+    }
+
+    /// Adds an index on a top-level field of `entry_type`.
+    pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
+        space_query::validate_path(field)?;
+        self.shard(entry_type)
+            .state
+            .lock()
+            .store
+            .ensure_index(field);
+        Ok(())
+    }
+
+    // ----- writes -----
+
+    /// Stores an entry. `key` is the user's routing key, or `None` to mint a UUID v7.
+    /// Never blocks beyond the entry type's lock.
+    ///
+    /// # Errors
+    /// [`SpaceError::InvalidLease`], [`SpaceError::FieldType`] when a field's kind
+    /// differs from earlier entries of the type, [`SpaceError::KeyExists`].
+    pub fn write(
+        &self,
+        entry_type: &str,
+        fields: Fields,
+        key: Option<Key>,
+        lease: Lease,
+    ) -> Result<Receipt> {
+        let now = Instant::now();
+        let expires = lease.deadline(now)?;
+        let shard = self.shard(entry_type);
+        let mut guard = shard.state.lock();
+        let st = &mut *guard;
+        Self::check_new(st, entry_type, &fields, key.as_ref())?;
+        Ok(self.insert_new(&shard, st, fields, key, expires, now))
+    }
+
+    /// Stores several entries of one type: all of them, or (on any error) none.
+    pub fn write_all(
+        &self,
+        entry_type: &str,
+        entries: Vec<(Fields, Option<Key>)>,
+        lease: Lease,
+    ) -> Result<Vec<Receipt>> {
+        let now = Instant::now();
+        let expires = lease.deadline(now)?;
+        let shard = self.shard(entry_type);
+        let mut guard = shard.state.lock();
+        let st = &mut *guard;
+        // Check everything first, so that an error leaves the space unchanged.
+        let mut batch_keys = std::collections::HashSet::new();
+        for (fields, key) in &entries {
+            Self::check_new(st, entry_type, fields, key.as_ref())?;
+            if let Some(k) = key {
+                if !batch_keys.insert(k) {
+                    return Err(SpaceError::KeyExists {
+                        entry_type: entry_type.to_owned(),
+                        key: k.clone(),
+                    });
+                }
+            }
+        }
+        Ok(entries
+            .into_iter()
+            .map(|(fields, key)| self.insert_new(&shard, st, fields, key, expires, now))
+            .collect())
+    }
+
+    fn check_new(
+        st: &TypeState,
+        entry_type: &str,
+        fields: &Fields,
+        key: Option<&Key>,
+    ) -> Result<()> {
+        if let Err(c) = st.store.check_kinds(fields) {
+            return Err(SpaceError::FieldType {
+                entry_type: entry_type.to_owned(),
+                field: c.field,
+                expected: c.expected,
+                found: c.found,
+            });
+        }
+        match key {
+            Some(k) if st.store.contains_key(k) => Err(SpaceError::KeyExists {
+                entry_type: entry_type.to_owned(),
+                key: k.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Announces, offers and (unless taken at once) stores a checked new entry.
+    fn insert_new(
+        &self,
+        shard: &Arc<Shard>,
+        st: &mut TypeState,
+        fields: Fields,
+        key: Option<Key>,
+        expires: Option<Instant>,
+        now: Instant,
+    ) -> Receipt {
+        st.store.learn_kinds(&fields);
+        let record = Record {
+            key: key.unwrap_or_else(Key::mint),
+            version: 1,
+            fields,
+            expires,
+            claim: None,
+        };
+        let receipt = Receipt {
+            node: self.inner.config.node,
+            key: record.key.clone(),
+            version: 1,
+            expires: wall_clock(expires, now),
+        };
+        let seq = st.store.next_seq();
+        self.emit(st, EventKind::Written, &record);
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Entry {
+                    shard: Arc::downgrade(shard),
+                    seq,
+                },
+            );
+        }
+        self.settle(shard, st, seq, record, now);
+        receipt
+    }
+
+    /// Offers a record that just became visible to the waiters and stores it unless a
+    /// taker took it.
+    fn settle(
+        &self,
+        shard: &Arc<Shard>,
+        st: &mut TypeState,
+        seq: u64,
+        record: Record,
+        now: Instant,
+    ) {
+        if let Offered::Keep(record) = self.offer(shard, st, seq, record, now) {
+            st.store.insert(seq, record);
+        }
+    }
+
+    /// Offers a visible record to the waiters in arrival order: every matching reader gets
+    /// a copy; the first matching taker gets the record itself, or the first matching
+    /// claimer gets it claimed.
+    fn offer(
+        &self,
+        shard: &Arc<Shard>,
+        st: &mut TypeState,
+        seq: u64,
+        mut record: Record,
+        now: Instant,
+    ) -> Offered {
+        let mut i = 0;
+        while i < st.waiters.len() {
+            let waiter = st.waiters[i].clone();
+            if !waiter.slot.is_waiting() {
+                st.waiters.remove(i);
+                continue;
+            }
+            if !waiter.query.matches(&record.fields) {
+                i += 1;
+                continue;
+            }
+            st.waiters.remove(i);
+            match waiter.mode {
+                WaitMode::Read => {
+                    // A reader that gave up meanwhile just does not get its copy.
+                    let _ = waiter.slot.offer(Delivery::Copy(record.document()));
+                }
+                WaitMode::Take => {
+                    let targets = self.targets(st, EventKind::Taken, &record);
+                    let key = record.key.clone();
+                    let version = record.version;
+                    match waiter.slot.offer(Delivery::Owned { seq, record }) {
+                        Ok(()) => {
+                            for sub in targets {
+                                sub.push(self.inner.config.node, &key, EventKind::Taken, version);
+                            }
+                            return Offered::Taken;
+                        }
+                        Err(Delivery::Owned { record: r, .. }) => record = r,
+                        Err(_) => unreachable!("a slot gives back what it was offered"),
+                    }
+                }
+                WaitMode::Claim(lease) => {
+                    let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+                    let expires = now + lease;
+                    let claimed = ClaimedDocument {
+                        document: Document {
+                            key: record.key.clone(),
+                            version: record.version + 1,
+                            fields: record.fields.clone(),
+                        },
+                        ticket: ClaimTicket {
+                            entry_type: shard.name.to_string(),
+                            key: record.key.clone(),
+                            token,
+                        },
+                        expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
+                    };
+                    if waiter.slot.offer(Delivery::Claimed(claimed)).is_ok() {
+                        self.mark_claimed(shard, st, seq, &mut record, token, expires);
+                        return Offered::Keep(record);
+                    }
+                }
+            }
+        }
+        Offered::Keep(record)
+    }
+
+    fn mark_claimed(
+        &self,
+        shard: &Arc<Shard>,
+        st: &TypeState,
+        seq: u64,
+        record: &mut Record,
+        token: u64,
+        expires: Instant,
+    ) {
+        record.claim = Some(ClaimState { token, expires });
+        record.version += 1;
+        self.emit(st, EventKind::Claimed, record);
+        self.claim_timer(shard, seq, token, expires);
+    }
+
+    fn claim_timer(&self, shard: &Arc<Shard>, seq: u64, token: u64, expires: Instant) {
+        self.inner.timers.schedule(
+            expires,
+            TimerKind::Claim {
+                shard: Arc::downgrade(shard),
+                seq,
+                token,
+            },
+        );
+    }
+
+    /// The subscriptions that want to hear `kind` for this record.
+    fn targets(&self, st: &TypeState, kind: EventKind, record: &Record) -> Vec<Arc<SubShared>> {
+        st.subs
+            .iter()
+            .filter(|s| s.kinds.contains(kind) && s.query.matches(&record.fields))
+            .cloned()
+            .collect()
+    }
+
+    fn emit(&self, st: &TypeState, kind: EventKind, record: &Record) {
+        for sub in &st.subs {
+            if sub.kinds.contains(kind) && sub.query.matches(&record.fields) {
+                sub.push(self.inner.config.node, &record.key, kind, record.version);
+            }
+        }
+    }
+
+    /// Gives back a document that was taken but could not be used (it did not decode into
+    /// the caller's type): it is written again with the same key and fields, so nothing is
+    /// lost. It goes to the back of the order and keeps no lease.
+    pub fn put_back(&self, entry_type: &str, document: Document) -> Result<Receipt> {
+        self.write(
+            entry_type,
+            document.fields,
+            Some(document.key),
+            Lease::Forever,
+        )
+    }
+
+    // ----- reads, takes, claims -----
+
+    fn checked_shard(&self, query: &Query) -> Result<Arc<Shard>> {
+        query.validate()?;
+        Ok(self.shard(query.entry_type()))
+    }
+
+    fn check_kinds(st: &TypeState, query: &Query) -> Result<()> {
+        query.check_kinds(&|f| st.store.kind_of(f))?;
+        Ok(())
+    }
+
+    fn first_match(st: &TypeState, query: &Query, now: Instant) -> Option<u64> {
+        let mut found = None;
+        st.store.for_each_match(query.filter(), now, |seq, _| {
+            found = Some(seq);
+            false
+        });
+        found
+    }
+
+    /// Removes a stored record and announces it as taken.
+    fn remove_taken(&self, st: &mut TypeState, seq: u64) -> Option<Document> {
+        let record = st.store.remove(seq)?;
+        self.emit(st, EventKind::Taken, &record);
+        Some(record.into_document())
+    }
+
+    /// Registers a waiter; the caller holds the lock and has found nothing.
+    fn wait_for(
+        &self,
+        shard: &Arc<Shard>,
+        st: &mut TypeState,
+        query: &Query,
+        mode: WaitMode,
+        deadline: Option<Instant>,
+    ) -> WaitGuard {
+        let waiter = Arc::new(Waiter {
+            query: query.clone(),
+            mode,
+            slot: Slot::new(),
+        });
+        st.waiters.push_back(waiter.clone());
+        WaitGuard {
+            engine: self.clone(),
+            shard: shard.clone(),
+            waiter,
+            deadline,
+            done: false,
+        }
+    }
+
+    fn begin(&self, query: &Query, mode: WaitMode, timeout: Duration) -> Result<Begun> {
+        let shard = self.checked_shard(query)?;
+        let now = Instant::now();
+        let mut guard = shard.state.lock();
+        let st = &mut *guard;
+        Self::check_kinds(st, query)?;
+        if let Some(seq) = Self::first_match(st, query, now) {
+            let delivery = match mode {
+                WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
+                WaitMode::Take => self.remove_taken(st, seq).map(Delivery::Copy),
+                WaitMode::Claim(lease) => self.claim_stored(&shard, st, seq, lease, now),
+            };
+            return Ok(Begun::Done(delivery));
+        }
+        if timeout.is_zero() {
+            return Ok(Begun::Done(None));
+        }
+        let deadline = timeout_deadline(now, timeout);
+        Ok(Begun::Wait(
+            self.wait_for(&shard, st, query, mode, deadline),
+        ))
+    }
+
+    fn claim_stored(
+        &self,
+        shard: &Arc<Shard>,
+        st: &mut TypeState,
+        seq: u64,
+        lease: Duration,
+        now: Instant,
+    ) -> Option<Delivery> {
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let expires = now + lease;
+        let r = st.store.get_mut(seq)?;
+        r.claim = Some(ClaimState { token, expires });
+        r.version += 1;
+        let record = st.store.get(seq)?;
+        self.emit(st, EventKind::Claimed, record);
+        self.claim_timer(shard, seq, token, expires);
+        let claimed = ClaimedDocument {
+            document: record.document(),
+            ticket: ClaimTicket {
+                entry_type: shard.name.to_string(),
+                key: record.key.clone(),
+                token,
+            },
+            expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
+        };
+        Some(Delivery::Claimed(claimed))
+    }
+
+    /// A copy of the oldest visible entry matching `query`, waiting up to `timeout` for
+    /// one to be written (zero: do not wait).
+    ///
+    /// # Errors
+    /// [`SpaceError::Query`] for an invalid query or one whose literals do not fit the
+    /// kinds the type's fields hold.
+    pub fn read(&self, query: &Query, timeout: Duration) -> Result<Pending<Option<Document>>> {
+        Ok(self
+            .begin(query, WaitMode::Read, timeout)?
+            .map(Delivery::into_document))
+    }
+
+    /// Removes and returns the oldest visible entry matching `query`, waiting up to
+    /// `timeout`. Each entry is taken at most once.
+    pub fn take(&self, query: &Query, timeout: Duration) -> Result<Pending<Option<Document>>> {
+        Ok(self
+            .begin(query, WaitMode::Take, timeout)?
+            .map(Delivery::into_document))
+    }
+
+    /// Claims the oldest visible matching entry for `lease`: it stays stored but hidden
+    /// until [`commit`](Self::commit) removes it or [`release`](Self::release) (or the
+    /// lease running out) puts it back.
+    pub fn claim(
+        &self,
+        query: &Query,
+        lease: Lease,
+        timeout: Duration,
+    ) -> Result<Pending<Option<ClaimedDocument>>> {
+        let lease = match lease {
+            Lease::For(d) => {
+                Lease::For(d).deadline(Instant::now())?;
+                d
+            }
+            Lease::Forever => {
+                return Err(SpaceError::InvalidLease {
+                    reason:
+                        "a claim needs a finite lease, so that a crashed claimer's entry comes back"
+                            .into(),
+                });
+            }
+        };
+        Ok(self
+            .begin(query, WaitMode::Claim(lease), timeout)?
+            .map(|d| match d {
+                Delivery::Claimed(c) => Some(c),
+                _ => None,
+            }))
+    }
+
+    /// Takes at least one (waiting up to `timeout` for the first) and at most `max`
+    /// matching entries, oldest first.
+    pub fn take_all(
+        &self,
+        query: &Query,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Pending<Vec<Document>>> {
+        if max == 0 {
+            return Err(SpaceError::ZeroMax);
+        }
+        let now_taken = self.take_now(query, max)?;
+        if !now_taken.is_empty() || timeout.is_zero() {
+            return Ok(Pending::ready(now_taken));
+        }
+        let first = self.take(query, timeout)?;
+        let engine = self.clone();
+        let query = query.clone();
+        Ok(first.map(move |first| {
+            let Some(first) = first else {
+                return Vec::new();
+            };
+            let mut all = vec![first];
+            if max > 1 {
+                // The query was validated above; a failure here can only mean the type's
+                // schema changed, and then there is simply nothing more to take.
+                all.extend(engine.take_now(&query, max - 1).unwrap_or_default());
+            }
+            all
+        }))
+    }
+
+    fn take_now(&self, query: &Query, max: usize) -> Result<Vec<Document>> {
+        let shard = self.checked_shard(query)?;
+        let now = Instant::now();
+        let mut guard = shard.state.lock();
+        let st = &mut *guard;
+        Self::check_kinds(st, query)?;
+        let mut seqs = Vec::new();
+        st.store.for_each_match(query.filter(), now, |seq, _| {
+            seqs.push(seq);
+            seqs.len() < max
+        });
+        Ok(seqs
+            .into_iter()
+            .filter_map(|seq| self.remove_taken(st, seq))
+            .collect())
+    }
+
+    /// Copies of every visible entry matching `query`, oldest first (a snapshot).
+    pub fn contents(&self, query: &Query) -> Result<Vec<Document>> {
+        self.scan(query, |r, out: &mut Vec<Document>| out.push(r.document()))
+    }
+
+    /// The number of visible entries matching `query`.
+    pub fn count(&self, query: &Query) -> Result<u64> {
+        self.scan(query, |_, n: &mut u64| *n += 1)
+    }
+
+    fn scan<A: Default>(&self, query: &Query, mut f: impl FnMut(&Record, &mut A)) -> Result<A> {
+        let shard = self.checked_shard(query)?;
+        let st = shard.state.lock();
+        Self::check_kinds(&st, query)?;
+        let mut acc = A::default();
+        st.store
+            .for_each_match(query.filter(), Instant::now(), |_, r| {
+                f(r, &mut acc);
+                true
+            });
+        Ok(acc)
+    }
+
+    // ----- by key -----
+
+    fn visible_seq(st: &TypeState, key: &Key, now: Instant) -> Option<u64> {
+        let seq = st.store.seq_of(key)?;
+        st.store.get(seq).filter(|r| r.visible(now)).map(|_| seq)
+    }
+
+    /// A copy of the visible entry with this key.
+    pub fn read_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
+        let shard = self.shard(entry_type);
+        let st = shard.state.lock();
+        let seq = Self::visible_seq(&st, key, Instant::now())?;
+        st.store.get(seq).map(Record::document)
+    }
+
+    /// Removes and returns the visible entry with this key.
+    pub fn take_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
+        let shard = self.shard(entry_type);
+        let mut st = shard.state.lock();
+        let seq = Self::visible_seq(&st, key, Instant::now())?;
+        self.remove_taken(&mut st, seq)
+    }
+
+    // ----- claims -----
+
+    /// Runs `f` on the record of a claim that is still held.
+    fn with_claim<T>(
+        &self,
+        ticket: &ClaimTicket,
+        f: impl FnOnce(&Engine, &Arc<Shard>, &mut TypeState, u64) -> T,
+    ) -> Result<T> {
+        let lost = || SpaceError::ClaimLost {
+            entry_type: ticket.entry_type.clone(),
+            key: ticket.key.clone(),
+        };
+        let shard = self.shard(&ticket.entry_type);
+        let mut guard = shard.state.lock();
+        let st = &mut *guard;
+        let now = Instant::now();
+        let seq = st.store.seq_of(&ticket.key).ok_or_else(lost)?;
+        let held = st.store.get(seq).is_some_and(|r| {
+            !r.expired(now)
+                && r.claim
+                    .is_some_and(|c| c.token == ticket.token && c.expires > now)
+        });
+        if !held {
+            return Err(lost());
+        }
+        Ok(f(self, &shard, st, seq))
+    }
+
+    /// Removes a claimed entry for good.
+    ///
+    /// # Errors
+    /// [`SpaceError::ClaimLost`] when the claim's lease ran out (or it was released)
+    /// before the commit: the entry went back to the space.
+    pub fn commit(&self, ticket: &ClaimTicket) -> Result<()> {
+        self.with_claim(ticket, |engine, _, st, seq| {
+            engine.remove_taken(st, seq);
+        })
+    }
+
+    /// Gives a claimed entry back to the space, where waiting takers see it at once.
+    pub fn release(&self, ticket: &ClaimTicket) -> Result<()> {
+        self.with_claim(ticket, |engine, shard, st, seq| {
+            engine.unclaim(shard, st, seq)
+        })
+    }
+
+    /// Extends a claim's lease from now.
+    pub fn renew_claim(&self, ticket: &ClaimTicket, lease: Lease) -> Result<SystemTime> {
+        let now = Instant::now();
+        let Some(expires) = lease.deadline(now)? else {
+            return Err(SpaceError::InvalidLease {
+                reason: "a claim needs a finite lease".into(),
+            });
+        };
+        self.with_claim(ticket, |engine, shard, st, seq| {
+            if let Some(c) = st.store.get_mut(seq).and_then(|r| r.claim.as_mut()) {
+                c.expires = expires;
+            }
+            engine.claim_timer(shard, seq, ticket.token, expires);
+            wall_clock(Some(expires), now).unwrap_or(SystemTime::now())
+        })
+    }
+
+    /// Makes a claimed record visible again and offers it to the waiters.
+    fn unclaim(&self, shard: &Arc<Shard>, st: &mut TypeState, seq: u64) {
+        let Some(mut record) = st.store.remove(seq) else {
+            return;
+        };
+        record.claim = None;
+        record.version += 1;
+        self.emit(st, EventKind::Released, &record);
+        self.settle(shard, st, seq, record, Instant::now());
+    }
+
+    // ----- entry leases -----
+
+    /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
+    ///
+    /// # Errors
+    /// [`SpaceError::NotFound`] when no entry has this key (or it expired).
+    pub fn renew(&self, entry_type: &str, key: &Key, lease: Lease) -> Result<Option<SystemTime>> {
+        let now = Instant::now();
+        let expires = lease.deadline(now)?;
+        let shard = self.shard(entry_type);
+        let mut st = shard.state.lock();
+        let seq = st
+            .store
+            .seq_of(key)
+            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
+            .ok_or_else(|| SpaceError::NotFound {
+                entry_type: entry_type.to_owned(),
+                key: key.clone(),
+            })?;
+        if let Some(r) = st.store.get_mut(seq) {
+            r.expires = expires;
+        }
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Entry {
+                    shard: Arc::downgrade(&shard),
+                    seq,
+                },
+            );
+        }
+        Ok(wall_clock(expires, now))
+    }
+
+    /// Cancels an entry's lease: the entry is removed at once, with an `Expired` event.
+    pub fn cancel(&self, entry_type: &str, key: &Key) -> Result<()> {
+        let now = Instant::now();
+        let shard = self.shard(entry_type);
+        let mut st = shard.state.lock();
+        let seq = st
+            .store
+            .seq_of(key)
+            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
+            .ok_or_else(|| SpaceError::NotFound {
+                entry_type: entry_type.to_owned(),
+                key: key.clone(),
+            })?;
+        self.expire(&mut st, seq);
+        Ok(())
+    }
+
+    fn expire(&self, st: &mut TypeState, seq: u64) {
+        if let Some(mut record) = st.store.remove(seq) {
+            record.version += 1;
+            self.emit(st, EventKind::Expired, &record);
+        }
+    }
+
+    // ----- notify -----
+
+    /// Registers a subscription: every later change of a matching entry whose kind is in
+    /// `kinds` is queued for it, numbered 1, 2, 3, ...
+    pub fn subscribe(
+        &self,
+        query: &Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> Result<Subscription> {
+        let shard = self.checked_shard(query)?;
+        let now = Instant::now();
+        let expires = lease.deadline(now)?;
+        let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SubShared::new(
+            id,
+            shard.name.clone(),
+            query.clone(),
+            kinds,
+            self.inner.config.queue_capacity,
+            expires,
+        ));
+        {
+            let mut st = shard.state.lock();
+            Self::check_kinds(&st, query)?;
+            st.subs.push(shared.clone());
+        }
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Subscription {
+                    sub: Arc::downgrade(&shared),
+                },
+            );
+        }
+        Ok(Subscription {
+            shared,
+            engine: self.clone(),
+        })
+    }
+
+    pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
+        let shard = self.shard(&sub.entry_type);
+        shard.state.lock().subs.retain(|s| !Arc::ptr_eq(s, sub));
+        sub.close();
+    }
+
+    pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
+        let expires = lease.deadline(Instant::now())?;
+        if sub.is_closed() {
+            return Err(SpaceError::SubscriptionClosed { id: sub.id });
+        }
+        sub.set_expires(expires);
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Subscription {
+                    sub: Arc::downgrade(sub),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    // ----- housekeeping -----
+
+    /// Counters over all entry types.
+    pub fn stats(&self) -> Stats {
+        let shards: Vec<Arc<Shard>> = self.inner.shards.read().values().cloned().collect();
+        let mut stats = Stats {
+            entry_types: shards.len() as u64,
+            timers: self.inner.timers.len() as u64,
+            ..Stats::default()
+        };
+        for shard in shards {
+            let st = shard.state.lock();
+            stats.entries += st.store.len() as u64;
+            stats.bytes += st.store.bytes() as u64;
+            stats.waiters += st.waiters.len() as u64;
+            stats.subscriptions += st.subs.len() as u64;
+        }
+        stats
+    }
+
+    fn fire(&self, timer: TimerKind) {
+        let now = Instant::now();
+        match timer {
+            TimerKind::Entry { shard, seq } => {
+                let Some(shard) = shard.upgrade() else { return };
+                let mut st = shard.state.lock();
+                if st.store.get(seq).is_some_and(|r| r.expired(now)) {
+                    self.expire(&mut st, seq);
+                }
+            }
+            TimerKind::Claim { shard, seq, token } => {
+                let Some(shard) = shard.upgrade() else { return };
+                let mut guard = shard.state.lock();
+                let st = &mut *guard;
+                let due = st
+                    .store
+                    .get(seq)
+                    .and_then(|r| r.claim)
+                    .is_some_and(|c| c.token == token && c.expires <= now);
+                if due {
+                    self.unclaim(&shard, st, seq);
+                }
+            }
+            TimerKind::Subscription { sub } => {
+                let Some(sub) = sub.upgrade() else { return };
+                if sub.expires().is_some_and(|e| e <= now) {
+                    self.unsubscribe(&sub);
+                }
+            }
+        }
+    }
+
+    /// Puts back what was handed to a waiter that went away before using it.
+    fn restore(&self, shard: &Arc<Shard>, delivery: Delivery) {
+        match delivery {
+            Delivery::Copy(_) => {}
+            Delivery::Owned { seq, record } => {
+                let mut guard = shard.state.lock();
+                let st = &mut *guard;
+                self.emit(st, EventKind::Written, &record);
+                self.settle(shard, st, seq, record, Instant::now());
+            }
+            Delivery::Claimed(claimed) => {
+                // Still held (we just got it), so this cannot fail; if it did, the claim's
+                // lease would bring the entry back anyway.
+                let _ = self.release(&claimed.ticket);
+            }
+        }
+    }
+}
+
+fn reap(timers: &Timers, engine: &Weak<Inner>) {
+    while let Some(due) = timers.wait_due() {
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        let engine = Engine { inner };
+        for timer in due {
+            engine.fire(timer);
+        }
+    }
+}
+
+impl Delivery {
+    fn into_document(self) -> Option<Document> {
+        match self {
+            Delivery::Copy(d) => Some(d),
+            Delivery::Owned { record, .. } => Some(record.into_document()),
+            Delivery::Claimed(c) => Some(c.document),
+        }
+    }
+}
+
+enum Begun {
+    Done(Option<Delivery>),
+    Wait(WaitGuard),
+}
+
+impl Begun {
+    fn map<T: 'static>(self, f: fn(Delivery) -> Option<T>) -> Pending<Option<T>> {
+        match self {
+            Begun::Done(d) => Pending::ready(d.and_then(f)),
+            Begun::Wait(guard) => Pending {
+                state: PendingState::Wait {
+                    guard,
+                    finish: Box::new(move |d: Option<Delivery>| d.and_then(f)),
+                },
+            },
+        }
+    }
+}
+
+/// The result of an operation that may have to wait: either ready now, or registered as a
+/// waiter. Finish it with [`wait`](Self::wait) (blocking the thread) or
+/// [`wait_async`](Self::wait_async).
+///
+/// Dropping a `Pending` gives up the wait; anything handed to it meanwhile goes back into
+/// the space.
+pub struct Pending<T> {
+    state: PendingState<T>,
+}
+
+type Finish<T> = Box<dyn FnOnce(Option<Delivery>) -> T + Send>;
+
+enum PendingState<T> {
+    Ready(T),
+    Wait { guard: WaitGuard, finish: Finish<T> },
+}
+
+impl<T: 'static> Pending<T> {
+    fn ready(value: T) -> Self {
+        Pending {
+            state: PendingState::Ready(value),
+        }
+    }
+
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Pending<U> {
+        match self.state {
+            PendingState::Ready(v) => Pending {
+                state: PendingState::Ready(f(v)),
+            },
+            PendingState::Wait { guard, finish } => Pending {
+                state: PendingState::Wait {
+                    guard,
+                    finish: Box::new(move |d| f(finish(d))),
+                },
+            },
+        }
+    }
+
+    /// Whether the result is already there (no waiting needed).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, PendingState::Ready(_))
+    }
+
+    /// Blocks the calling thread until the result is there or the timeout passes.
+    pub fn wait(self) -> T {
+        match self.state {
+            PendingState::Ready(v) => v,
+            PendingState::Wait { guard, finish } => finish(guard.wait_blocking()),
+        }
+    }
+
+    /// Waits without blocking the thread. Needs a tokio runtime with the time driver when
+    /// the operation has a finite timeout.
+    ///
+    /// # Cancel safety
+    /// Dropping the future gives up the wait; an entry that was handed to it in the
+    /// meantime goes back into the space (a claim is released), so nothing is lost.
+    pub async fn wait_async(self) -> T {
+        match self.state {
+            PendingState::Ready(v) => v,
+            PendingState::Wait { guard, finish } => finish(guard.wait_async().await),
+        }
+    }
+}
+
+/// A registered waiter; removes itself on drop and returns anything handed to it that
+/// was not collected.
+struct WaitGuard {
+    engine: Engine,
+    shard: Arc<Shard>,
+    waiter: Arc<Waiter>,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl WaitGuard {
+    fn wait_blocking(mut self) -> Option<Delivery> {
+        let delivery = self.waiter.slot.wait_blocking(self.deadline);
+        self.finish(delivery)
+    }
+
+    async fn wait_async(mut self) -> Option<Delivery> {
+        let future = SlotFuture(&self.waiter.slot);
+        let delivery = match self.deadline {
+            None => future.await,
+            Some(deadline) => {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), future)
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(_) => self.waiter.slot.abandon(),
+                }
+            }
+        };
+        self.finish(delivery)
+    }
+
+    fn finish(&mut self, delivery: Option<Delivery>) -> Option<Delivery> {
+        self.done = true;
+        if delivery.is_none() {
+            self.remove_waiter();
+        }
+        delivery
+    }
+
+    fn remove_waiter(&self) {
+        let mut st = self.shard.state.lock();
+        if let Some(i) = st.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
+            st.waiters.remove(i);
+        }
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match self.waiter.slot.abandon() {
+            Some(delivery) => self.engine.restore(&self.shard, delivery),
+            None => self.remove_waiter(),
+        }
+    }
+}

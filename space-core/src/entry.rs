@@ -1,0 +1,163 @@
+//! Entries, keys and node ids.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use space_query::EntryType;
+use uuid::Uuid;
+
+/// A typed value that can live in the space.
+///
+/// Declare it with one line, [`entry!`](crate::entry):
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// struct Order { id: String, status: String, amount: u32 }
+///
+/// // Entry type "Order", keyed by its `id` field, with an index on `status`.
+/// space_core::entry!(Order, "Order", key = id, index = [status]);
+/// ```
+///
+/// Without `key = ...` every write gets a fresh UUID v7 key, and equal entries are separate
+/// entries (a bag). With a key field, the key is the entry's identity: writing a second
+/// entry with a key that is present fails with [`SpaceError::KeyExists`](crate::SpaceError).
+/// Indexed fields make equality queries on them touch only the matching entries.
+pub trait Entry: EntryType + Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Top-level fields to index for equality lookups.
+    const INDEXES: &'static [&'static str] = &[];
+
+    /// The routing key the user supplies, if the entry type has one.
+    fn key(&self) -> Option<Key> {
+        None
+    }
+}
+
+/// Declares a struct as an [`Entry`] in one line:
+/// `entry!(Type, "StableName" [, key = field] [, index = [field, ...]])`.
+#[macro_export]
+macro_rules! entry {
+    ($ty:ty, $name:literal $(, key = $key:ident)? $(, index = [$($field:ident),* $(,)?])? $(,)?) => {
+        impl $crate::EntryType for $ty {
+            const ENTRY_TYPE: &'static str = $name;
+        }
+        impl $crate::Entry for $ty {
+            $(const INDEXES: &'static [&'static str] = &[$(stringify!($field)),*];)?
+            $(
+                fn key(&self) -> ::core::option::Option<$crate::Key> {
+                    ::core::option::Option::Some($crate::IntoKey::to_key(&self.$key))
+                }
+            )?
+        }
+    };
+}
+
+/// The identity of an entry: a time-ordered UUID v7 minted by the space, or a key the user
+/// supplies through the entry's key field.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Key {
+    /// A key minted by the space.
+    Id(Uuid),
+    /// A user-supplied routing key.
+    Name(String),
+}
+
+impl Key {
+    /// A fresh UUID v7 key (time-ordered).
+    pub fn mint() -> Key {
+        Key::Id(Uuid::now_v7())
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Id(id) => id.fmt(f),
+            Key::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+impl FromStr for Key {
+    type Err = std::convert::Infallible;
+    /// A UUID in text form becomes [`Key::Id`], anything else [`Key::Name`].
+    fn from_str(s: &str) -> Result<Key, Self::Err> {
+        Ok(match Uuid::parse_str(s) {
+            Ok(id) => Key::Id(id),
+            Err(_) => Key::Name(s.to_owned()),
+        })
+    }
+}
+
+/// Values that can serve as an entry's key field.
+pub trait IntoKey {
+    /// The key for this value.
+    fn to_key(&self) -> Key;
+}
+
+impl IntoKey for Uuid {
+    fn to_key(&self) -> Key {
+        Key::Id(*self)
+    }
+}
+impl IntoKey for String {
+    fn to_key(&self) -> Key {
+        Key::Name(self.clone())
+    }
+}
+impl IntoKey for str {
+    fn to_key(&self) -> Key {
+        Key::Name(self.to_owned())
+    }
+}
+impl IntoKey for Key {
+    fn to_key(&self) -> Key {
+        self.clone()
+    }
+}
+macro_rules! int_keys {
+    ($($t:ty),*) => {$(
+        impl IntoKey for $t {
+            fn to_key(&self) -> Key { Key::Name(self.to_string()) }
+        }
+    )*};
+}
+int_keys!(u8, u16, u32, u64, u128, i8, i16, i32, i64, i128, usize);
+
+/// The stable id of a node. The in-process space is node 0 unless told otherwise.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node-{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_print_and_parse() {
+        let k = Key::mint();
+        assert_eq!(k.to_string().parse::<Key>().unwrap(), k);
+        assert_eq!(
+            "order-7".parse::<Key>().unwrap(),
+            Key::Name("order-7".into())
+        );
+    }
+
+    #[test]
+    fn minted_keys_are_time_ordered() {
+        let a = Key::mint();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = Key::mint();
+        assert!(a < b);
+    }
+}

@@ -1,0 +1,91 @@
+//! The errors of space operations.
+
+use space_query::{DocumentError, QueryError, ValueKind};
+use thiserror::Error;
+
+use crate::entry::Key;
+
+/// What went wrong with a space operation. Every variant says what was wrong; none of them
+/// means that an entry was lost.
+#[derive(Clone, Debug, Error, PartialEq)]
+#[non_exhaustive]
+pub enum SpaceError {
+    /// The query is malformed, or compares a field with a literal of the wrong kind.
+    #[error("invalid query: {0}")]
+    Query(#[from] QueryError),
+    /// The entry could not be turned into a document (or a document back into the type).
+    #[error("entry of type {entry_type:?}: {source}")]
+    Document {
+        /// The entry type.
+        entry_type: String,
+        /// What the document layer said.
+        source: DocumentError,
+    },
+    /// A field holds a different kind of value than earlier entries of the same type.
+    #[error(
+        "entry of type {entry_type:?}: field {field:?} holds a {found}, but entries of this type store a {expected} there"
+    )]
+    FieldType {
+        /// The entry type.
+        entry_type: String,
+        /// The field.
+        field: String,
+        /// The kind the type's schema has for the field.
+        expected: ValueKind,
+        /// The kind this entry has.
+        found: ValueKind,
+    },
+    /// The query is for another entry type than the one asked for.
+    #[error("the query is for entry type {query_type:?}, but the call asks for {requested:?}")]
+    TypeMismatch {
+        /// The query's entry type.
+        query_type: String,
+        /// The entry type of the Rust type used in the call.
+        requested: String,
+    },
+    /// A lease that is zero, too long, or otherwise unusable.
+    #[error("invalid lease: {reason}")]
+    InvalidLease {
+        /// Why.
+        reason: String,
+    },
+    /// An entry with this user-supplied key is already in the space.
+    #[error("an entry of type {entry_type:?} with key {key} is already in the space")]
+    KeyExists {
+        /// The entry type.
+        entry_type: String,
+        /// The key.
+        key: Key,
+    },
+    /// No visible entry has this key (it was taken, expired, or never written).
+    #[error("no entry of type {entry_type:?} with key {key}")]
+    NotFound {
+        /// The entry type.
+        entry_type: String,
+        /// The key.
+        key: Key,
+    },
+    /// The claim's lease ran out (or it was released) before this commit, release or
+    /// renewal; the entry went back to the space and may have been taken by someone else.
+    #[error(
+        "the claim on entry {key} of type {entry_type:?} is no longer held: its lease ran out or it was released"
+    )]
+    ClaimLost {
+        /// The entry type.
+        entry_type: String,
+        /// The claimed entry's key.
+        key: Key,
+    },
+    /// The subscription was cancelled or its lease ran out.
+    #[error("subscription {id} is closed (cancelled or expired)")]
+    SubscriptionClosed {
+        /// The subscription id.
+        id: u64,
+    },
+    /// `take_all` was asked for zero entries.
+    #[error("take_all needs max >= 1")]
+    ZeroMax,
+}
+
+/// Result alias for space operations.
+pub type Result<T, E = SpaceError> = std::result::Result<T, E>;

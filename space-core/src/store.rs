@@ -1,0 +1,376 @@
+//! The store of one entry type: records in write order, the key map, field indexes and the
+//! type's schema. It holds data only; waiting, leases and events live in the engine.
+//!
+//! Records are kept in a `BTreeMap` by a per-type sequence number that grows with every
+//! write, so iterating it is oldest-first order. An index maps the normalised value of one
+//! top-level field to the ordered set of sequence numbers holding it, so an equality (or
+//! IN) on an indexed field visits only those records, still oldest first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use space_query::{Fields, Filter, IndexValue, Value, ValueKind};
+
+use crate::entry::Key;
+
+/// One stored entry.
+#[derive(Clone, Debug)]
+pub(crate) struct Record {
+    pub(crate) key: Key,
+    pub(crate) version: u64,
+    pub(crate) fields: Fields,
+    /// When the entry's lease runs out (`None`: forever).
+    pub(crate) expires: Option<Instant>,
+    /// Set while the entry is claimed (hidden from everyone else).
+    pub(crate) claim: Option<ClaimState>,
+}
+
+/// A claim held on a record.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClaimState {
+    pub(crate) token: u64,
+    pub(crate) expires: Instant,
+}
+
+impl Record {
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// Visible to reads, takes, claims and counts: not claimed and not expired.
+    pub(crate) fn visible(&self, now: Instant) -> bool {
+        self.claim.is_none() && !self.expired(now)
+    }
+}
+
+struct FieldIndex {
+    field: String,
+    buckets: HashMap<IndexValue, BTreeSet<u64>>,
+}
+
+/// Calls `f` with the index value of every scalar in the top-level `field` (each element
+/// of a list field).
+fn for_index_values(field: &str, fields: &Fields, mut f: impl FnMut(IndexValue)) {
+    match fields.get(field) {
+        Some(Value::List(items)) => items.iter().filter_map(IndexValue::of).for_each(&mut f),
+        Some(v) => {
+            if let Some(iv) = IndexValue::of(v) {
+                f(iv);
+            }
+        }
+        None => {}
+    }
+}
+
+impl FieldIndex {
+    fn add(&mut self, seq: u64, fields: &Fields) {
+        let buckets = &mut self.buckets;
+        for_index_values(&self.field, fields, |iv| {
+            buckets.entry(iv).or_default().insert(seq);
+        });
+    }
+
+    fn remove(&mut self, seq: u64, fields: &Fields) {
+        let buckets = &mut self.buckets;
+        for_index_values(&self.field, fields, |iv| {
+            if let Some(set) = buckets.get_mut(&iv) {
+                set.remove(&seq);
+                if set.is_empty() {
+                    buckets.remove(&iv);
+                }
+            }
+        });
+    }
+}
+
+/// A field whose value kind differs from the type's schema.
+pub(crate) struct KindConflict {
+    pub(crate) field: String,
+    pub(crate) expected: ValueKind,
+    pub(crate) found: ValueKind,
+}
+
+/// The records of one entry type.
+#[derive(Default)]
+pub(crate) struct Store {
+    next_seq: u64,
+    records: BTreeMap<u64, Record>,
+    by_key: HashMap<Key, u64>,
+    indexes: Vec<FieldIndex>,
+    schema: HashMap<String, ValueKind>,
+    bytes: usize,
+}
+
+impl Store {
+    /// The next sequence number (write order).
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Approximate bytes held by the records' documents.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Adds an index on a top-level field (no-op if present), indexing existing records.
+    pub(crate) fn ensure_index(&mut self, field: &str) {
+        if self.indexes.iter().any(|i| i.field == field) {
+            return;
+        }
+        let mut index = FieldIndex {
+            field: field.to_owned(),
+            buckets: HashMap::new(),
+        };
+        for (seq, r) in &self.records {
+            index.add(*seq, &r.fields);
+        }
+        self.indexes.push(index);
+    }
+
+    /// The kind of value the type stores in a top-level scalar field, if known.
+    pub(crate) fn kind_of(&self, field: &str) -> Option<ValueKind> {
+        self.schema
+            .get(field)
+            .copied()
+            .filter(|k| !matches!(k, ValueKind::List | ValueKind::Map))
+    }
+
+    /// Checks the document's field kinds against the schema without changing it.
+    pub(crate) fn check_kinds(&self, fields: &Fields) -> Result<(), KindConflict> {
+        for (name, value) in fields.iter() {
+            let found = value.kind();
+            if found == ValueKind::Null {
+                continue;
+            }
+            if let Some(&expected) = self.schema.get(name) {
+                if expected != found {
+                    return Err(KindConflict {
+                        field: name.to_owned(),
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the kinds of fields not seen before.
+    pub(crate) fn learn_kinds(&mut self, fields: &Fields) {
+        for (name, value) in fields.iter() {
+            let kind = value.kind();
+            if kind != ValueKind::Null && !self.schema.contains_key(name) {
+                self.schema.insert(name.to_owned(), kind);
+            }
+        }
+    }
+
+    pub(crate) fn contains_key(&self, key: &Key) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    pub(crate) fn seq_of(&self, key: &Key) -> Option<u64> {
+        self.by_key.get(key).copied()
+    }
+
+    pub(crate) fn get(&self, seq: u64) -> Option<&Record> {
+        self.records.get(&seq)
+    }
+
+    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut Record> {
+        self.records.get_mut(&seq)
+    }
+
+    /// Stores a record under `seq` (a fresh one, or the one it had before it was handed
+    /// out and came back, so it keeps its place in the order).
+    pub(crate) fn insert(&mut self, seq: u64, record: Record) {
+        for index in &mut self.indexes {
+            index.add(seq, &record.fields);
+        }
+        self.bytes += record.fields.approx_size();
+        self.by_key.insert(record.key.clone(), seq);
+        self.records.insert(seq, record);
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<Record> {
+        let record = self.records.remove(&seq)?;
+        for index in &mut self.indexes {
+            index.remove(seq, &record.fields);
+        }
+        self.bytes -= record.fields.approx_size();
+        self.by_key.remove(&record.key);
+        Some(record)
+    }
+
+    /// Calls `visit` on every visible record that matches `filter`, oldest first, until it
+    /// returns false. Uses a field index when the filter has an equality or IN on an
+    /// indexed field at its top level.
+    pub(crate) fn for_each_match(
+        &self,
+        filter: &Filter,
+        now: Instant,
+        mut visit: impl FnMut(u64, &Record) -> bool,
+    ) {
+        let mut check = |seq: u64| -> bool {
+            match self.records.get(&seq) {
+                Some(r) if r.visible(now) && filter.matches(&r.fields) => visit(seq, r),
+                _ => true,
+            }
+        };
+        match self.plan(filter) {
+            None => {
+                for (&seq, r) in &self.records {
+                    if r.visible(now) && filter.matches(&r.fields) && !visit(seq, r) {
+                        return;
+                    }
+                }
+            }
+            Some(sets) => merge_ordered(&sets, &mut check),
+        }
+    }
+
+    /// The index buckets that contain every match of `filter`, or `None` for a full scan.
+    fn plan(&self, filter: &Filter) -> Option<Vec<&BTreeSet<u64>>> {
+        let leaves: &[Filter] = match filter {
+            Filter::And(parts) => parts,
+            leaf => std::slice::from_ref(leaf),
+        };
+        let mut best: Option<(usize, Vec<&BTreeSet<u64>>)> = None;
+        for leaf in leaves {
+            let (field, values): (&str, Vec<&Value>) = match leaf {
+                Filter::Eq(f, v) => (f, vec![v]),
+                Filter::In(f, vs) => (f, vs.iter().collect()),
+                _ => continue,
+            };
+            let Some(index) = self.indexes.iter().find(|i| i.field == field) else {
+                continue;
+            };
+            let sets: Vec<&BTreeSet<u64>> = values
+                .into_iter()
+                .filter_map(IndexValue::of)
+                .filter_map(|iv| index.buckets.get(&iv))
+                .collect();
+            let size = sets.iter().map(|s| s.len()).sum();
+            if best.as_ref().is_none_or(|(b, _)| size < *b) {
+                best = Some((size, sets));
+            }
+        }
+        best.map(|(_, sets)| sets)
+    }
+}
+
+/// Visits the union of ordered sets in ascending order (each number once) until `visit`
+/// returns false.
+fn merge_ordered(sets: &[&BTreeSet<u64>], visit: &mut dyn FnMut(u64) -> bool) {
+    if let [only] = sets {
+        for &seq in only.iter() {
+            if !visit(seq) {
+                return;
+            }
+        }
+        return;
+    }
+    let mut iters: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
+    loop {
+        let next = iters
+            .iter_mut()
+            .filter_map(|it| it.peek().copied().copied())
+            .min();
+        let Some(seq) = next else {
+            return;
+        };
+        for it in &mut iters {
+            if it.peek().copied().copied() == Some(seq) {
+                it.next();
+            }
+        }
+        if !visit(seq) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: i64, tags: &[&str]) -> Record {
+        let mut f = Fields::new();
+        f.push("kind", Value::I64(kind));
+        f.push(
+            "tags",
+            Value::List(tags.iter().map(|t| Value::Str((*t).into())).collect()),
+        );
+        Record {
+            key: Key::mint(),
+            version: 1,
+            fields: f,
+            expires: None,
+            claim: None,
+        }
+    }
+
+    fn matches(store: &Store, filter: &Filter) -> Vec<u64> {
+        let mut out = Vec::new();
+        store.for_each_match(filter, Instant::now(), |seq, _| {
+            out.push(seq);
+            true
+        });
+        out
+    }
+
+    #[test]
+    fn indexed_lookups_agree_with_scans_and_keep_order() {
+        let mut indexed = Store::default();
+        let mut plain = Store::default();
+        indexed.ensure_index("kind");
+        indexed.ensure_index("tags");
+        for i in 0..200 {
+            let r = record(i % 5, if i % 3 == 0 { &["a", "b"] } else { &["b"] });
+            let seq = indexed.next_seq();
+            plain.next_seq();
+            indexed.insert(seq, r.clone());
+            plain.insert(seq, r);
+        }
+        for seq in (1..200).step_by(7) {
+            indexed.remove(seq);
+            plain.remove(seq);
+        }
+        let filters = [
+            Filter::eq("kind", 3),
+            Filter::eq("kind", 3.0),
+            Filter::is_in("kind", [1, 4]),
+            Filter::eq("tags", "a").and(Filter::eq("kind", 2)),
+            Filter::eq("kind", 9),
+            Filter::gt("kind", 2),
+        ];
+        for f in filters {
+            let got = matches(&indexed, &f);
+            assert_eq!(got, matches(&plain, &f), "{f}");
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        }
+        assert!(indexed.plan(&Filter::eq("kind", 1)).is_some());
+        assert!(indexed.plan(&Filter::gt("kind", 1)).is_none());
+    }
+
+    #[test]
+    fn schema_conflicts_are_reported() {
+        let mut s = Store::default();
+        s.learn_kinds(&record(1, &[]).fields);
+        let mut f = Fields::new();
+        f.push("kind", Value::Str("x".into()));
+        let c = s.check_kinds(&f).err().unwrap();
+        assert_eq!(
+            (c.field.as_str(), c.expected, c.found),
+            ("kind", ValueKind::Number, ValueKind::String)
+        );
+        let mut ok = Fields::new();
+        ok.push("kind", Value::Null);
+        assert!(s.check_kinds(&ok).is_ok());
+    }
+}
