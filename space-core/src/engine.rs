@@ -415,9 +415,9 @@ impl Engine {
         }
     }
 
-    /// Offers a visible record to the waiters in arrival order: every matching reader gets
-    /// a copy; the first matching taker gets the record itself, or the first matching
-    /// claimer gets it claimed.
+    /// Offers a visible record to the waiters: every matching reader gets a copy; then the
+    /// matching takers and claimers, in the order they started waiting, until one of them
+    /// gets the record itself (a claimer gets it claimed).
     fn offer(
         &self,
         shard: &Arc<Shard>,
@@ -428,21 +428,29 @@ impl Engine {
     ) -> Offered {
         let mut i = 0;
         while i < st.waiters.len() {
-            let waiter = st.waiters[i].clone();
-            if !waiter.slot.is_waiting() {
-                st.waiters.remove(i);
-                continue;
+            let waiter = &st.waiters[i];
+            let is_matching_reader =
+                matches!(waiter.mode, WaitMode::Read) && waiter.query.matches(&record.fields);
+            if is_matching_reader {
+                // A reader that gave up meanwhile just does not get its copy.
+                let _ = waiter.slot.offer(Delivery::Copy(record.document()));
             }
+            if is_matching_reader || !waiter.slot.is_waiting() {
+                st.waiters.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < st.waiters.len() {
+            let waiter = st.waiters[i].clone();
             if !waiter.query.matches(&record.fields) {
                 i += 1;
                 continue;
             }
             st.waiters.remove(i);
             match waiter.mode {
-                WaitMode::Read => {
-                    // A reader that gave up meanwhile just does not get its copy.
-                    let _ = waiter.slot.offer(Delivery::Copy(record.document()));
-                }
+                WaitMode::Read => {}
                 WaitMode::Take => {
                     let targets = self.targets(st, EventKind::Taken, &record);
                     let key = record.key.clone();
@@ -461,19 +469,9 @@ impl Engine {
                 WaitMode::Claim(lease) => {
                     let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
                     let expires = now + lease;
-                    let claimed = ClaimedDocument {
-                        document: Document {
-                            key: record.key.clone(),
-                            version: record.version + 1,
-                            fields: record.fields.clone(),
-                        },
-                        ticket: ClaimTicket {
-                            entry_type: shard.name.to_string(),
-                            key: record.key.clone(),
-                            token,
-                        },
-                        expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
-                    };
+                    let mut document = record.document();
+                    document.version += 1;
+                    let claimed = claimed_document(shard, document, token, expires, now);
                     if waiter.slot.offer(Delivery::Claimed(claimed)).is_ok() {
                         self.mark_claimed(shard, st, seq, &mut record, token, expires);
                         return Offered::Keep(record);
@@ -630,16 +628,13 @@ impl Engine {
         let record = st.store.get(seq)?;
         self.emit(st, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
-        let claimed = ClaimedDocument {
-            document: record.document(),
-            ticket: ClaimTicket {
-                entry_type: shard.name.to_string(),
-                key: record.key.clone(),
-                token,
-            },
-            expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
-        };
-        Some(Delivery::Claimed(claimed))
+        Some(Delivery::Claimed(claimed_document(
+            shard,
+            record.document(),
+            token,
+            expires,
+            now,
+        )))
     }
 
     /// A copy of the oldest visible entry matching `query`, waiting up to `timeout` for
@@ -1051,6 +1046,24 @@ impl Engine {
                 let _ = self.release(&claimed.ticket);
             }
         }
+    }
+}
+
+fn claimed_document(
+    shard: &Shard,
+    document: Document,
+    token: u64,
+    expires: Instant,
+    now: Instant,
+) -> ClaimedDocument {
+    ClaimedDocument {
+        ticket: ClaimTicket {
+            entry_type: shard.name.to_string(),
+            key: document.key.clone(),
+            token,
+        },
+        document,
+        expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
     }
 }
 
