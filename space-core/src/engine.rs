@@ -22,15 +22,16 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use space_query::{Fields, Query};
 
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
-use crate::lease::{Lease, timeout_deadline, wall_clock};
+use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
 use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, SubShared, Subscription};
-use crate::signal::{Slot, SlotFuture};
+use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::store::{ClaimState, Record, Store};
 use crate::timers::{TimerKind, Timers};
 
@@ -129,7 +130,10 @@ pub struct Engine {
 
 struct Inner {
     config: EngineConfig,
-    shards: RwLock<HashMap<Arc<str>, Arc<Shard>>>,
+    /// Entry type → shard. Read on every operation without a lock; replaced (copied) only
+    /// when a new entry type appears, under `new_shard`.
+    shards: ArcSwap<HashMap<Arc<str>, Arc<Shard>, foldhash::fast::RandomState>>,
+    new_shard: Mutex<()>,
     timers: Arc<Timers>,
     next_token: AtomicU64,
     next_sub: AtomicU64,
@@ -146,7 +150,7 @@ pub(crate) struct Shard {
     name: Arc<str>,
     /// The `INDEXES` slice last declared for this type (a fast "already applied" check).
     declared: AtomicPtr<&'static str>,
-    state: Mutex<TypeState>,
+    state: std::sync::Mutex<TypeState>,
 }
 
 #[derive(Default)]
@@ -154,6 +158,55 @@ struct TypeState {
     store: Store,
     waiters: VecDeque<Arc<Waiter>>,
     subs: Vec<Arc<SubShared>>,
+    /// Waiters served under the lock, to be woken once it is released.
+    wakes: Vec<(Arc<Waiter>, Wakeup)>,
+}
+
+impl Shard {
+    /// Locks the entry type. Waiters served while the lock is held are woken when the
+    /// returned guard is dropped, after the lock is released.
+    fn lock(&self) -> Locked<'_> {
+        Locked(Some(
+            self.state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ))
+    }
+}
+
+/// The lock on an entry type; see [`Shard::lock`].
+struct Locked<'a>(Option<std::sync::MutexGuard<'a, TypeState>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = TypeState;
+    fn deref(&self) -> &TypeState {
+        self.0
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("only taken in drop"))
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut TypeState {
+        self.0
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("only taken in drop"))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.0.take() {
+            if guard.wakes.is_empty() {
+                return;
+            }
+            let wakes = std::mem::take(&mut guard.wakes);
+            drop(guard);
+            for (waiter, wakeup) in wakes {
+                waiter.slot.wake(wakeup);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -215,7 +268,8 @@ impl Engine {
         let timers = Arc::new(Timers::new());
         let inner = Arc::new(Inner {
             config,
-            shards: RwLock::new(HashMap::new()),
+            shards: ArcSwap::from_pointee(HashMap::default()),
+            new_shard: Mutex::new(()),
             timers: timers.clone(),
             next_token: AtomicU64::new(1),
             next_sub: AtomicU64::new(1),
@@ -238,34 +292,40 @@ impl Engine {
     }
 
     fn shard(&self, entry_type: &str) -> Arc<Shard> {
-        if let Some(s) = self.inner.shards.read().get(entry_type) {
+        if let Some(s) = self.inner.shards.load().get(entry_type) {
             return s.clone();
         }
-        let mut shards = self.inner.shards.write();
-        shards
-            .entry(Arc::from(entry_type))
-            .or_insert_with(|| {
-                Arc::new(Shard {
-                    name: Arc::from(entry_type),
-                    declared: AtomicPtr::new(std::ptr::null_mut()),
-                    state: Mutex::new(TypeState::default()),
-                })
-            })
-            .clone()
+        let _only_one_creator = self.inner.new_shard.lock();
+        let current = self.inner.shards.load_full();
+        if let Some(s) = current.get(entry_type) {
+            return s.clone();
+        }
+        let shard = Arc::new(Shard {
+            name: Arc::from(entry_type),
+            declared: AtomicPtr::new(std::ptr::null_mut()),
+            state: std::sync::Mutex::new(TypeState::default()),
+        });
+        let mut next = (*current).clone();
+        next.insert(shard.name.clone(), shard.clone());
+        self.inner.shards.store(Arc::new(next));
+        shard
     }
 
     /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
     /// on the spot). Cheap when the same static slice was declared before.
     pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) {
+        self.declare(&self.shard(entry_type), fields);
+    }
+
+    fn declare(&self, shard: &Shard, fields: &'static [&'static str]) {
         if fields.is_empty() {
             return;
         }
-        let shard = self.shard(entry_type);
         let ptr = fields.as_ptr().cast_mut();
         if shard.declared.load(Ordering::Acquire) == ptr {
             return;
         }
-        let mut st = shard.state.lock();
+        let mut st = shard.lock();
         for f in fields {
             st.store.ensure_index(f);
         }
@@ -275,11 +335,7 @@ impl Engine {
     /// Adds an index on a top-level field of `entry_type`.
     pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
         space_query::validate_path(field)?;
-        self.shard(entry_type)
-            .state
-            .lock()
-            .store
-            .ensure_index(field);
+        self.shard(entry_type).lock().store.ensure_index(field);
         Ok(())
     }
 
@@ -298,31 +354,51 @@ impl Engine {
         key: Option<Key>,
         lease: Lease,
     ) -> Result<Receipt> {
-        let now = Instant::now();
-        let expires = lease.deadline(now)?;
+        self.write_indexed(entry_type, &[], fields, key, lease)
+    }
+
+    /// [`write`](Self::write) for an entry type that declares indexed fields (see
+    /// [`declare_indexes`](Self::declare_indexes)).
+    pub fn write_indexed(
+        &self,
+        entry_type: &str,
+        indexes: &'static [&'static str],
+        fields: Fields,
+        key: Option<Key>,
+        lease: Lease,
+    ) -> Result<Receipt> {
+        let now = Now::new();
+        let expires = lease.deadline(&now)?;
         let shard = self.shard(entry_type);
-        let mut guard = shard.state.lock();
+        self.declare(&shard, indexes);
+        let key = NewKey::new(key);
+        let mut guard = shard.lock();
         let st = &mut *guard;
-        Self::check_new(st, entry_type, &fields, key.as_ref())?;
-        Ok(self.insert_new(&shard, st, fields, key, expires, now))
+        if Self::check_new(st, entry_type, &fields, key.user())? {
+            st.store.learn_kinds(&fields);
+        }
+        Ok(self.insert_new(&shard, st, fields, key, expires, &now))
     }
 
     /// Stores several entries of one type: all of them, or (on any error) none.
     pub fn write_all(
         &self,
         entry_type: &str,
+        indexes: &'static [&'static str],
         entries: Vec<(Fields, Option<Key>)>,
         lease: Lease,
     ) -> Result<Vec<Receipt>> {
-        let now = Instant::now();
-        let expires = lease.deadline(now)?;
+        let now = Now::new();
+        let expires = lease.deadline(&now)?;
         let shard = self.shard(entry_type);
-        let mut guard = shard.state.lock();
+        self.declare(&shard, indexes);
+        let mut guard = shard.lock();
         let st = &mut *guard;
         // Check everything first, so that an error leaves the space unchanged.
         let mut batch_keys = std::collections::HashSet::new();
+        let mut learn = false;
         for (fields, key) in &entries {
-            Self::check_new(st, entry_type, fields, key.as_ref())?;
+            learn |= Self::check_new(st, entry_type, fields, key.as_ref())?;
             if let Some(k) = key {
                 if !batch_keys.insert(k) {
                     return Err(SpaceError::KeyExists {
@@ -334,46 +410,57 @@ impl Engine {
         }
         Ok(entries
             .into_iter()
-            .map(|(fields, key)| self.insert_new(&shard, st, fields, key, expires, now))
+            .map(|(fields, key)| {
+                if learn {
+                    st.store.learn_kinds(&fields);
+                }
+                self.insert_new(&shard, st, fields, NewKey::new(key), expires, &now)
+            })
             .collect())
     }
 
+    /// Checks a new entry against the type's schema and keys; returns whether it has
+    /// fields the schema has not seen yet.
     fn check_new(
         st: &TypeState,
         entry_type: &str,
         fields: &Fields,
         key: Option<&Key>,
-    ) -> Result<()> {
-        if let Err(c) = st.store.check_kinds(fields) {
-            return Err(SpaceError::FieldType {
+    ) -> Result<bool> {
+        let learn = st
+            .store
+            .check_kinds(fields)
+            .map_err(|c| SpaceError::FieldType {
                 entry_type: entry_type.to_owned(),
                 field: c.field,
                 expected: c.expected,
                 found: c.found,
-            });
-        }
+            })?;
         match key {
             Some(k) if st.store.contains_key(k) => Err(SpaceError::KeyExists {
                 entry_type: entry_type.to_owned(),
                 key: k.clone(),
             }),
-            _ => Ok(()),
+            _ => Ok(learn),
         }
     }
 
-    /// Announces, offers and (unless taken at once) stores a checked new entry.
+    /// Announces, offers and (unless taken at once) stores a checked new entry whose kinds
+    /// the schema has learnt.
     fn insert_new(
         &self,
         shard: &Arc<Shard>,
         st: &mut TypeState,
         fields: Fields,
-        key: Option<Key>,
+        key: NewKey,
         expires: Option<Instant>,
-        now: Instant,
+        now: &Now,
     ) -> Receipt {
-        st.store.learn_kinds(&fields);
+        let seq = st.store.next_seq();
+        let (key, mapped_key) = key.finish(seq);
         let record = Record {
-            key: key.unwrap_or_else(Key::mint),
+            key,
+            mapped_key,
             version: 1,
             fields,
             expires,
@@ -385,7 +472,6 @@ impl Engine {
             version: 1,
             expires: wall_clock(expires, now),
         };
-        let seq = st.store.next_seq();
         self.emit(st, EventKind::Written, &record);
         if let Some(at) = expires {
             self.inner.timers.schedule(
@@ -402,14 +488,7 @@ impl Engine {
 
     /// Offers a record that just became visible to the waiters and stores it unless a
     /// taker took it.
-    fn settle(
-        &self,
-        shard: &Arc<Shard>,
-        st: &mut TypeState,
-        seq: u64,
-        record: Record,
-        now: Instant,
-    ) {
+    fn settle(&self, shard: &Arc<Shard>, st: &mut TypeState, seq: u64, record: Record, now: &Now) {
         if let Offered::Keep(record) = self.offer(shard, st, seq, record, now) {
             st.store.insert(seq, record);
         }
@@ -424,21 +503,23 @@ impl Engine {
         st: &mut TypeState,
         seq: u64,
         mut record: Record,
-        now: Instant,
+        now: &Now,
     ) -> Offered {
         let mut i = 0;
         while i < st.waiters.len() {
-            let waiter = &st.waiters[i];
+            let waiter = st.waiters[i].clone();
             let is_matching_reader =
                 matches!(waiter.mode, WaitMode::Read) && waiter.query.matches(&record.fields);
-            if is_matching_reader {
-                // A reader that gave up meanwhile just does not get its copy.
-                let _ = waiter.slot.offer(Delivery::Copy(record.document()));
-            }
             if is_matching_reader || !waiter.slot.is_waiting() {
                 st.waiters.remove(i);
             } else {
                 i += 1;
+            }
+            if is_matching_reader {
+                // A reader that gave up meanwhile just does not get its copy.
+                if let Ok(wakeup) = waiter.slot.offer(Delivery::Copy(record.document())) {
+                    st.wakes.push((waiter, wakeup));
+                }
             }
         }
         let mut i = 0;
@@ -456,7 +537,8 @@ impl Engine {
                     let key = record.key.clone();
                     let version = record.version;
                     match waiter.slot.offer(Delivery::Owned { seq, record }) {
-                        Ok(()) => {
+                        Ok(wakeup) => {
+                            st.wakes.push((waiter, wakeup));
                             for sub in targets {
                                 sub.push(self.inner.config.node, &key, EventKind::Taken, version);
                             }
@@ -468,11 +550,12 @@ impl Engine {
                 }
                 WaitMode::Claim(lease) => {
                     let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-                    let expires = now + lease;
+                    let expires = now.get() + lease;
                     let mut document = record.document();
                     document.version += 1;
                     let claimed = claimed_document(shard, document, token, expires, now);
-                    if waiter.slot.offer(Delivery::Claimed(claimed)).is_ok() {
+                    if let Ok(wakeup) = waiter.slot.offer(Delivery::Claimed(claimed)) {
+                        st.wakes.push((waiter, wakeup));
                         self.mark_claimed(shard, st, seq, &mut record, token, expires);
                         return Offered::Keep(record);
                     }
@@ -549,7 +632,7 @@ impl Engine {
         Ok(())
     }
 
-    fn first_match(st: &TypeState, query: &Query, now: Instant) -> Option<u64> {
+    fn first_match(st: &TypeState, query: &Query, now: &Now) -> Option<u64> {
         let mut found = None;
         st.store.for_each_match(query.filter(), now, |seq, _| {
             found = Some(seq);
@@ -591,22 +674,22 @@ impl Engine {
 
     fn begin(&self, query: &Query, mode: WaitMode, timeout: Duration) -> Result<Begun> {
         let shard = self.checked_shard(query)?;
-        let now = Instant::now();
-        let mut guard = shard.state.lock();
+        let now = Now::new();
+        let mut guard = shard.lock();
         let st = &mut *guard;
         Self::check_kinds(st, query)?;
-        if let Some(seq) = Self::first_match(st, query, now) {
+        if let Some(seq) = Self::first_match(st, query, &now) {
             let delivery = match mode {
                 WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
                 WaitMode::Take => self.remove_taken(st, seq).map(Delivery::Copy),
-                WaitMode::Claim(lease) => self.claim_stored(&shard, st, seq, lease, now),
+                WaitMode::Claim(lease) => self.claim_stored(&shard, st, seq, lease, &now),
             };
             return Ok(Begun::Done(delivery));
         }
         if timeout.is_zero() {
             return Ok(Begun::Done(None));
         }
-        let deadline = timeout_deadline(now, timeout);
+        let deadline = timeout_deadline(&now, timeout);
         Ok(Begun::Wait(
             self.wait_for(&shard, st, query, mode, deadline),
         ))
@@ -618,10 +701,10 @@ impl Engine {
         st: &mut TypeState,
         seq: u64,
         lease: Duration,
-        now: Instant,
+        now: &Now,
     ) -> Option<Delivery> {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let expires = now + lease;
+        let expires = now.get() + lease;
         let r = st.store.get_mut(seq)?;
         r.claim = Some(ClaimState { token, expires });
         r.version += 1;
@@ -668,7 +751,7 @@ impl Engine {
     ) -> Result<Pending<Option<ClaimedDocument>>> {
         let lease = match lease {
             Lease::For(d) => {
-                Lease::For(d).deadline(Instant::now())?;
+                Lease::For(d).deadline(&Now::new())?;
                 d
             }
             Lease::Forever => {
@@ -721,12 +804,12 @@ impl Engine {
 
     fn take_now(&self, query: &Query, max: usize) -> Result<Vec<Document>> {
         let shard = self.checked_shard(query)?;
-        let now = Instant::now();
-        let mut guard = shard.state.lock();
+        let now = Now::new();
+        let mut guard = shard.lock();
         let st = &mut *guard;
         Self::check_kinds(st, query)?;
         let mut seqs = Vec::new();
-        st.store.for_each_match(query.filter(), now, |seq, _| {
+        st.store.for_each_match(query.filter(), &now, |seq, _| {
             seqs.push(seq);
             seqs.len() < max
         });
@@ -748,11 +831,11 @@ impl Engine {
 
     fn scan<A: Default>(&self, query: &Query, mut f: impl FnMut(&Record, &mut A)) -> Result<A> {
         let shard = self.checked_shard(query)?;
-        let st = shard.state.lock();
+        let st = shard.lock();
         Self::check_kinds(&st, query)?;
         let mut acc = A::default();
         st.store
-            .for_each_match(query.filter(), Instant::now(), |_, r| {
+            .for_each_match(query.filter(), &Now::new(), |_, r| {
                 f(r, &mut acc);
                 true
             });
@@ -761,7 +844,7 @@ impl Engine {
 
     // ----- by key -----
 
-    fn visible_seq(st: &TypeState, key: &Key, now: Instant) -> Option<u64> {
+    fn visible_seq(st: &TypeState, key: &Key, now: &Now) -> Option<u64> {
         let seq = st.store.seq_of(key)?;
         st.store.get(seq).filter(|r| r.visible(now)).map(|_| seq)
     }
@@ -769,16 +852,16 @@ impl Engine {
     /// A copy of the visible entry with this key.
     pub fn read_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
         let shard = self.shard(entry_type);
-        let st = shard.state.lock();
-        let seq = Self::visible_seq(&st, key, Instant::now())?;
+        let st = shard.lock();
+        let seq = Self::visible_seq(&st, key, &Now::new())?;
         st.store.get(seq).map(Record::document)
     }
 
     /// Removes and returns the visible entry with this key.
     pub fn take_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
         let shard = self.shard(entry_type);
-        let mut st = shard.state.lock();
-        let seq = Self::visible_seq(&st, key, Instant::now())?;
+        let mut st = shard.lock();
+        let seq = Self::visible_seq(&st, key, &Now::new())?;
         self.remove_taken(&mut st, seq)
     }
 
@@ -795,14 +878,14 @@ impl Engine {
             key: ticket.key.clone(),
         };
         let shard = self.shard(&ticket.entry_type);
-        let mut guard = shard.state.lock();
+        let mut guard = shard.lock();
         let st = &mut *guard;
-        let now = Instant::now();
+        let now = Now::new();
         let seq = st.store.seq_of(&ticket.key).ok_or_else(lost)?;
         let held = st.store.get(seq).is_some_and(|r| {
-            !r.expired(now)
+            !r.expired(&now)
                 && r.claim
-                    .is_some_and(|c| c.token == ticket.token && c.expires > now)
+                    .is_some_and(|c| c.token == ticket.token && c.expires > now.get())
         });
         if !held {
             return Err(lost());
@@ -830,8 +913,8 @@ impl Engine {
 
     /// Extends a claim's lease from now.
     pub fn renew_claim(&self, ticket: &ClaimTicket, lease: Lease) -> Result<SystemTime> {
-        let now = Instant::now();
-        let Some(expires) = lease.deadline(now)? else {
+        let now = Now::new();
+        let Some(expires) = lease.deadline(&now)? else {
             return Err(SpaceError::InvalidLease {
                 reason: "a claim needs a finite lease".into(),
             });
@@ -841,7 +924,7 @@ impl Engine {
                 c.expires = expires;
             }
             engine.claim_timer(shard, seq, ticket.token, expires);
-            wall_clock(Some(expires), now).unwrap_or(SystemTime::now())
+            wall_clock(Some(expires), &now).unwrap_or(SystemTime::now())
         })
     }
 
@@ -853,7 +936,7 @@ impl Engine {
         record.claim = None;
         record.version += 1;
         self.emit(st, EventKind::Released, &record);
-        self.settle(shard, st, seq, record, Instant::now());
+        self.settle(shard, st, seq, record, &Now::new());
     }
 
     // ----- entry leases -----
@@ -863,14 +946,14 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::NotFound`] when no entry has this key (or it expired).
     pub fn renew(&self, entry_type: &str, key: &Key, lease: Lease) -> Result<Option<SystemTime>> {
-        let now = Instant::now();
-        let expires = lease.deadline(now)?;
+        let now = Now::new();
+        let expires = lease.deadline(&now)?;
         let shard = self.shard(entry_type);
-        let mut st = shard.state.lock();
+        let mut st = shard.lock();
         let seq = st
             .store
             .seq_of(key)
-            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
+            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(&now)))
             .ok_or_else(|| SpaceError::NotFound {
                 entry_type: entry_type.to_owned(),
                 key: key.clone(),
@@ -887,18 +970,18 @@ impl Engine {
                 },
             );
         }
-        Ok(wall_clock(expires, now))
+        Ok(wall_clock(expires, &now))
     }
 
     /// Cancels an entry's lease: the entry is removed at once, with an `Expired` event.
     pub fn cancel(&self, entry_type: &str, key: &Key) -> Result<()> {
-        let now = Instant::now();
+        let now = Now::new();
         let shard = self.shard(entry_type);
-        let mut st = shard.state.lock();
+        let mut st = shard.lock();
         let seq = st
             .store
             .seq_of(key)
-            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
+            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(&now)))
             .ok_or_else(|| SpaceError::NotFound {
                 entry_type: entry_type.to_owned(),
                 key: key.clone(),
@@ -925,8 +1008,8 @@ impl Engine {
         lease: Lease,
     ) -> Result<Subscription> {
         let shard = self.checked_shard(query)?;
-        let now = Instant::now();
-        let expires = lease.deadline(now)?;
+        let now = Now::new();
+        let expires = lease.deadline(&now)?;
         let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(SubShared::new(
             id,
@@ -937,7 +1020,7 @@ impl Engine {
             expires,
         ));
         {
-            let mut st = shard.state.lock();
+            let mut st = shard.lock();
             Self::check_kinds(&st, query)?;
             st.subs.push(shared.clone());
         }
@@ -957,12 +1040,12 @@ impl Engine {
 
     pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
         let shard = self.shard(&sub.entry_type);
-        shard.state.lock().subs.retain(|s| !Arc::ptr_eq(s, sub));
+        shard.lock().subs.retain(|s| !Arc::ptr_eq(s, sub));
         sub.close();
     }
 
     pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
-        let expires = lease.deadline(Instant::now())?;
+        let expires = lease.deadline(&Now::new())?;
         if sub.is_closed() {
             return Err(SpaceError::SubscriptionClosed { id: sub.id });
         }
@@ -982,14 +1065,14 @@ impl Engine {
 
     /// Counters over all entry types.
     pub fn stats(&self) -> Stats {
-        let shards: Vec<Arc<Shard>> = self.inner.shards.read().values().cloned().collect();
+        let shards: Vec<Arc<Shard>> = self.inner.shards.load().values().cloned().collect();
         let mut stats = Stats {
             entry_types: shards.len() as u64,
             timers: self.inner.timers.len() as u64,
             ..Stats::default()
         };
         for shard in shards {
-            let st = shard.state.lock();
+            let st = shard.lock();
             stats.entries += st.store.len() as u64;
             stats.bytes += st.store.bytes() as u64;
             stats.waiters += st.waiters.len() as u64;
@@ -999,31 +1082,31 @@ impl Engine {
     }
 
     fn fire(&self, timer: TimerKind) {
-        let now = Instant::now();
+        let now = Now::new();
         match timer {
             TimerKind::Entry { shard, seq } => {
                 let Some(shard) = shard.upgrade() else { return };
-                let mut st = shard.state.lock();
-                if st.store.get(seq).is_some_and(|r| r.expired(now)) {
+                let mut st = shard.lock();
+                if st.store.get(seq).is_some_and(|r| r.expired(&now)) {
                     self.expire(&mut st, seq);
                 }
             }
             TimerKind::Claim { shard, seq, token } => {
                 let Some(shard) = shard.upgrade() else { return };
-                let mut guard = shard.state.lock();
+                let mut guard = shard.lock();
                 let st = &mut *guard;
                 let due = st
                     .store
                     .get(seq)
                     .and_then(|r| r.claim)
-                    .is_some_and(|c| c.token == token && c.expires <= now);
+                    .is_some_and(|c| c.token == token && c.expires <= now.get());
                 if due {
                     self.unclaim(&shard, st, seq);
                 }
             }
             TimerKind::Subscription { sub } => {
                 let Some(sub) = sub.upgrade() else { return };
-                if sub.expires().is_some_and(|e| e <= now) {
+                if sub.expires().is_some_and(|e| e <= now.get()) {
                     self.unsubscribe(&sub);
                 }
             }
@@ -1035,10 +1118,10 @@ impl Engine {
         match delivery {
             Delivery::Copy(_) => {}
             Delivery::Owned { seq, record } => {
-                let mut guard = shard.state.lock();
+                let mut guard = shard.lock();
                 let st = &mut *guard;
                 self.emit(st, EventKind::Written, &record);
-                self.settle(shard, st, seq, record, Instant::now());
+                self.settle(shard, st, seq, record, &Now::new());
             }
             Delivery::Claimed(claimed) => {
                 // Still held (we just got it), so this cannot fail; if it did, the claim's
@@ -1054,7 +1137,7 @@ fn claimed_document(
     document: Document,
     token: u64,
     expires: Instant,
-    now: Instant,
+    now: &Now,
 ) -> ClaimedDocument {
     ClaimedDocument {
         ticket: ClaimTicket {
@@ -1085,6 +1168,40 @@ impl Delivery {
             Delivery::Copy(d) => Some(d),
             Delivery::Owned { record, .. } => Some(record.into_document()),
             Delivery::Claimed(c) => Some(c.document),
+        }
+    }
+}
+
+/// The key of an entry being written: the user's, or a fresh UUID v7 that gets the
+/// store's sequence number once the entry type is locked.
+enum NewKey {
+    User(Key),
+    Minted(uuid::Uuid),
+}
+
+impl NewKey {
+    fn new(user: Option<Key>) -> NewKey {
+        match user {
+            Some(k) => NewKey::User(k),
+            None => NewKey::Minted(uuid::Uuid::now_v7()),
+        }
+    }
+
+    fn user(&self) -> Option<&Key> {
+        match self {
+            NewKey::User(k) => Some(k),
+            NewKey::Minted(_) => None,
+        }
+    }
+
+    /// The final key, and whether the store must keep it in its key map.
+    fn finish(self, seq: u64) -> (Key, bool) {
+        match self {
+            NewKey::User(k) => (k, true),
+            NewKey::Minted(base) => match Key::with_seq(base, seq) {
+                Some(k) => (k, false),
+                None => (Key::Id(base), true),
+            },
         }
     }
 }
@@ -1214,7 +1331,7 @@ impl WaitGuard {
     }
 
     fn remove_waiter(&self) {
-        let mut st = self.shard.state.lock();
+        let mut st = self.shard.lock();
         if let Some(i) = st.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
             st.waiters.remove(i);
         }

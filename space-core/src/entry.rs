@@ -65,10 +65,37 @@ pub enum Key {
     Name(String),
 }
 
+/// Bits of a minted key's `rand_b` that carry the store's sequence number (the rest of
+/// the UUID v7 stays timestamp and random bits, as RFC 9562 allows for counters).
+const SEQ_BITS: u32 = 48;
+const SEQ_SHIFT: u32 = 14;
+const SEQ_MASK: u128 = ((1u128 << SEQ_BITS) - 1) << SEQ_SHIFT;
+
 impl Key {
     /// A fresh UUID v7 key (time-ordered).
     pub fn mint() -> Key {
         Key::Id(Uuid::now_v7())
+    }
+
+    /// A UUID v7 key from `base` (a fresh v7) that also carries `seq`, so that the store
+    /// that minted it finds the entry without a key map. `None` when `seq` does not fit.
+    pub(crate) fn with_seq(base: Uuid, seq: u64) -> Option<Key> {
+        if seq >= 1 << SEQ_BITS {
+            return None;
+        }
+        let bits = (base.as_u128() & !SEQ_MASK) | (u128::from(seq) << SEQ_SHIFT);
+        Some(Key::Id(Uuid::from_u128(bits)))
+    }
+
+    /// The sequence number a minted key carries (only meaningful to the store that
+    /// minted it, which checks that the entry there really has this key).
+    pub(crate) fn seq_hint(&self) -> Option<u64> {
+        match self {
+            Key::Id(id) if id.get_version_num() == 7 => {
+                Some(((id.as_u128() & SEQ_MASK) >> SEQ_SHIFT) as u64)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -151,6 +178,18 @@ mod tests {
             "order-7".parse::<Key>().unwrap(),
             Key::Name("order-7".into())
         );
+    }
+
+    #[test]
+    fn keys_carry_a_sequence_and_stay_uuid_v7() {
+        let base = Uuid::now_v7();
+        let k = Key::with_seq(base, 123_456_789).unwrap();
+        assert_eq!(k.seq_hint(), Some(123_456_789));
+        let Key::Id(id) = &k else { panic!() };
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(id.get_timestamp(), base.get_timestamp());
+        assert!(Key::with_seq(base, 1 << 48).is_none());
     }
 
     #[test]

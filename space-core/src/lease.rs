@@ -1,5 +1,6 @@
 //! Leases: how long an entry, claim or subscription lives.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -34,11 +35,11 @@ impl Lease {
         Lease::For(Duration::from_millis(ms))
     }
 
-    /// Checks the lease and turns it into a deadline (`None` for forever).
+    /// Checks the lease and turns it into a deadline from `now` (`None` for forever).
     ///
     /// # Errors
     /// [`SpaceError::InvalidLease`] for a zero lease or one longer than [`MAX_LEASE`].
-    pub fn deadline(self, now: Instant) -> Result<Option<Instant>> {
+    pub(crate) fn deadline(self, now: &Now) -> Result<Option<Instant>> {
         match self {
             Lease::Forever => Ok(None),
             Lease::For(d) if d.is_zero() => Err(SpaceError::InvalidLease {
@@ -51,24 +52,47 @@ impl Lease {
                     MAX_LEASE.as_secs()
                 ),
             }),
-            Lease::For(d) => now
-                .checked_add(d)
-                .map(Some)
-                .ok_or_else(|| SpaceError::InvalidLease {
-                    reason: "the lease ends beyond what the clock can represent".into(),
-                }),
+            Lease::For(d) => {
+                now.get()
+                    .checked_add(d)
+                    .map(Some)
+                    .ok_or_else(|| SpaceError::InvalidLease {
+                        reason: "the lease ends beyond what the clock can represent".into(),
+                    })
+            }
+        }
+    }
+}
+
+/// "Now" for one operation, read from the clock at most once and only if needed: most
+/// operations on entries without leases never look at the time.
+pub(crate) struct Now(Cell<Option<Instant>>);
+
+impl Now {
+    pub(crate) fn new() -> Now {
+        Now(Cell::new(None))
+    }
+
+    pub(crate) fn get(&self) -> Instant {
+        match self.0.get() {
+            Some(t) => t,
+            None => {
+                let t = Instant::now();
+                self.0.set(Some(t));
+                t
+            }
         }
     }
 }
 
 /// Converts an internal deadline into wall-clock time for reporting.
-pub(crate) fn wall_clock(deadline: Option<Instant>, now: Instant) -> Option<SystemTime> {
-    deadline.map(|d| SystemTime::now() + d.saturating_duration_since(now))
+pub(crate) fn wall_clock(deadline: Option<Instant>, now: &Now) -> Option<SystemTime> {
+    deadline.map(|d| SystemTime::now() + d.saturating_duration_since(now.get()))
 }
 
 /// The deadline for a blocking call's timeout: `None` when it may wait forever.
-pub(crate) fn timeout_deadline(now: Instant, timeout: Duration) -> Option<Instant> {
-    now.checked_add(timeout)
+pub(crate) fn timeout_deadline(now: &Now, timeout: Duration) -> Option<Instant> {
+    now.get().checked_add(timeout)
 }
 
 #[cfg(test)]
@@ -77,14 +101,14 @@ mod tests {
 
     #[test]
     fn absurd_leases_are_refused_with_a_reason() {
-        let now = Instant::now();
-        assert!(Lease::For(Duration::ZERO).deadline(now).is_err());
-        let err = Lease::For(Duration::MAX).deadline(now).unwrap_err();
+        let now = Now::new();
+        assert!(Lease::For(Duration::ZERO).deadline(&now).is_err());
+        let err = Lease::For(Duration::MAX).deadline(&now).unwrap_err();
         assert!(err.to_string().contains("Lease::Forever"), "{err}");
-        assert_eq!(Lease::FOREVER.deadline(now).unwrap(), None);
+        assert_eq!(Lease::FOREVER.deadline(&now).unwrap(), None);
         assert_eq!(
-            Lease::secs(1).deadline(now).unwrap(),
-            Some(now + Duration::from_secs(1))
+            Lease::secs(1).deadline(&now).unwrap(),
+            Some(now.get() + Duration::from_secs(1))
         );
     }
 }

@@ -122,10 +122,6 @@ impl Space {
         self.engine.node()
     }
 
-    fn declare<T: Entry>(&self) {
-        self.engine.declare_indexes(T::ENTRY_TYPE, T::INDEXES);
-    }
-
     fn decode<T: Entry>(&self, doc: Document) -> Result<T> {
         from_fields(doc.fields.clone()).map_err(|source| {
             // The entry was removed for this caller; it must not be lost.
@@ -166,15 +162,15 @@ impl Space {
     }
 
     fn write_now<T: Entry>(&self, entry: &T, lease: Lease) -> Result<Receipt> {
-        self.declare::<T>();
         let (fields, key) = encode(entry)?;
-        self.engine.write(T::ENTRY_TYPE, fields, key, lease)
+        self.engine
+            .write_indexed(T::ENTRY_TYPE, T::INDEXES, fields, key, lease)
     }
 
     fn write_all_now<T: Entry>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> {
-        self.declare::<T>();
         let docs = entries.iter().map(encode).collect::<Result<Vec<_>>>()?;
-        self.engine.write_all(T::ENTRY_TYPE, docs, lease)
+        self.engine
+            .write_all(T::ENTRY_TYPE, T::INDEXES, docs, lease)
     }
 
     fn begin_read<T: Entry>(
@@ -183,7 +179,6 @@ impl Space {
         timeout: Duration,
     ) -> Result<Pending<Result<Option<T>>>> {
         check_type::<T>(query)?;
-        self.declare::<T>();
         Ok(self
             .engine
             .read(query, timeout)?
@@ -196,7 +191,6 @@ impl Space {
         timeout: Duration,
     ) -> Result<Pending<Result<Option<T>>>> {
         check_type::<T>(query)?;
-        self.declare::<T>();
         let this = self.clone();
         Ok(self
             .engine
@@ -211,7 +205,6 @@ impl Space {
         timeout: Duration,
     ) -> Result<Pending<Result<Vec<T>>>> {
         check_type::<T>(query)?;
-        self.declare::<T>();
         let this = self.clone();
         Ok(self
             .engine
@@ -255,7 +248,6 @@ impl Space {
         timeout: Duration,
     ) -> Result<Pending<Result<Option<Claim<T>>>>> {
         check_type::<T>(query)?;
-        self.declare::<T>();
         let this = self.clone();
         Ok(self
             .engine

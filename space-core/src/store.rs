@@ -6,17 +6,26 @@
 //! top-level field to the ordered set of sequence numbers holding it, so an equality (or
 //! IN) on an indexed field visits only those records, still oldest first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
+
+use crate::lease::Now;
 
 use space_query::{Fields, Filter, IndexValue, Value, ValueKind};
 
 use crate::entry::Key;
 
+/// Hash maps of the store: keys are space-minted UUIDs or user strings, hashed often, and
+/// not chosen by an attacker in a way that a seeded fast hash does not withstand.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// One stored entry.
 #[derive(Clone, Debug)]
 pub(crate) struct Record {
     pub(crate) key: Key,
+    /// The key is found through the key map (a user key, or a minted key that could not
+    /// carry its sequence number); otherwise the key itself names the sequence number.
+    pub(crate) mapped_key: bool,
     pub(crate) version: u64,
     pub(crate) fields: Fields,
     /// When the entry's lease runs out (`None`: forever).
@@ -33,12 +42,12 @@ pub(crate) struct ClaimState {
 }
 
 impl Record {
-    pub(crate) fn expired(&self, now: Instant) -> bool {
-        self.expires.is_some_and(|e| e <= now)
+    pub(crate) fn expired(&self, now: &Now) -> bool {
+        self.expires.is_some_and(|e| e <= now.get())
     }
 
     /// Visible to reads, takes, claims and counts: not claimed and not expired.
-    pub(crate) fn visible(&self, now: Instant) -> bool {
+    pub(crate) fn visible(&self, now: &Now) -> bool {
         self.claim.is_none() && !self.expired(now)
     }
 }
@@ -95,7 +104,8 @@ pub(crate) struct KindConflict {
 pub(crate) struct Store {
     next_seq: u64,
     records: BTreeMap<u64, Record>,
-    by_key: HashMap<Key, u64>,
+    /// Sequence numbers of the records whose keys do not carry them.
+    mapped_keys: HashMap<Key, u64>,
     indexes: Vec<FieldIndex>,
     schema: HashMap<String, ValueKind>,
     bytes: usize,
@@ -124,7 +134,7 @@ impl Store {
         }
         let mut index = FieldIndex {
             field: field.to_owned(),
-            buckets: HashMap::new(),
+            buckets: HashMap::default(),
         };
         for (seq, r) in &self.records {
             index.add(*seq, &r.fields);
@@ -140,24 +150,28 @@ impl Store {
             .filter(|k| !matches!(k, ValueKind::List | ValueKind::Map))
     }
 
-    /// Checks the document's field kinds against the schema without changing it.
-    pub(crate) fn check_kinds(&self, fields: &Fields) -> Result<(), KindConflict> {
+    /// Checks the document's field kinds against the schema without changing it. Returns
+    /// whether the document has fields the schema does not know yet.
+    pub(crate) fn check_kinds(&self, fields: &Fields) -> Result<bool, KindConflict> {
+        let mut unknown = false;
         for (name, value) in fields.iter() {
             let found = value.kind();
             if found == ValueKind::Null {
                 continue;
             }
-            if let Some(&expected) = self.schema.get(name) {
-                if expected != found {
+            match self.schema.get(name) {
+                Some(&expected) if expected != found => {
                     return Err(KindConflict {
                         field: name.to_owned(),
                         expected,
                         found,
                     });
                 }
+                Some(_) => {}
+                None => unknown = true,
             }
         }
-        Ok(())
+        Ok(unknown)
     }
 
     /// Records the kinds of fields not seen before.
@@ -171,11 +185,17 @@ impl Store {
     }
 
     pub(crate) fn contains_key(&self, key: &Key) -> bool {
-        self.by_key.contains_key(key)
+        self.seq_of(key).is_some()
     }
 
+    /// The sequence number of the record with this key.
     pub(crate) fn seq_of(&self, key: &Key) -> Option<u64> {
-        self.by_key.get(key).copied()
+        if let Some(seq) = key.seq_hint() {
+            if self.records.get(&seq).is_some_and(|r| &r.key == key) {
+                return Some(seq);
+            }
+        }
+        self.mapped_keys.get(key).copied()
     }
 
     pub(crate) fn get(&self, seq: u64) -> Option<&Record> {
@@ -193,7 +213,9 @@ impl Store {
             index.add(seq, &record.fields);
         }
         self.bytes += record.fields.approx_size();
-        self.by_key.insert(record.key.clone(), seq);
+        if record.mapped_key {
+            self.mapped_keys.insert(record.key.clone(), seq);
+        }
         self.records.insert(seq, record);
     }
 
@@ -203,7 +225,9 @@ impl Store {
             index.remove(seq, &record.fields);
         }
         self.bytes -= record.fields.approx_size();
-        self.by_key.remove(&record.key);
+        if record.mapped_key {
+            self.mapped_keys.remove(&record.key);
+        }
         Some(record)
     }
 
@@ -213,7 +237,7 @@ impl Store {
     pub(crate) fn for_each_match(
         &self,
         filter: &Filter,
-        now: Instant,
+        now: &Now,
         mut visit: impl FnMut(u64, &Record) -> bool,
     ) {
         let mut check = |seq: u64| -> bool {
@@ -308,6 +332,7 @@ mod tests {
         );
         Record {
             key: Key::mint(),
+            mapped_key: true,
             version: 1,
             fields: f,
             expires: None,
@@ -317,7 +342,7 @@ mod tests {
 
     fn matches(store: &Store, filter: &Filter) -> Vec<u64> {
         let mut out = Vec::new();
-        store.for_each_match(filter, Instant::now(), |seq, _| {
+        store.for_each_match(filter, &Now::new(), |seq, _| {
             out.push(seq);
             true
         });
