@@ -1,0 +1,165 @@
+//! A worker pool on the in-process space.
+//!
+//! A master splits a job (count the primes below a limit) into tasks and writes them into
+//! the space; N worker threads take tasks, do the work, and write results; the master takes
+//! the results and adds them up. A notify subscriber watches the results being written and
+//! reports progress. Nobody calls anybody: they coordinate only through entries.
+//!
+//! ```text
+//! cargo run --release -p space-client --example worker_pool -- [WORKERS] [LIMIT]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use space_client::{BlockingSpace, EventKinds, Lease, Notification, Query, Space};
+
+/// Count the primes in `[from, to)`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Task {
+    job: u64,
+    from: u64,
+    to: u64,
+}
+space_client::entry!(Task, "example.Task", index = [job]);
+
+/// The answer to one task.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outcome {
+    job: u64,
+    from: u64,
+    primes: u64,
+    worker: usize,
+}
+space_client::entry!(Outcome, "example.Outcome", index = [job]);
+
+/// Written once by the master: workers that see it finish.
+#[derive(Debug, Serialize, Deserialize)]
+struct Shutdown {
+    job: u64,
+}
+space_client::entry!(Shutdown, "example.Shutdown");
+
+const TASK_SIZE: u64 = 50_000;
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// A worker: take a task, do it, write the outcome; stop when the master says so.
+fn worker(space: BlockingSpace, id: usize, job: u64) -> space_client::Result<usize> {
+    let tasks = Query::of::<Task>().eq("job", job);
+    let shutdown = Query::of::<Shutdown>().eq("job", job);
+    let mut done = 0;
+    loop {
+        // A claim, not a plain take: if this worker died mid-task, the task would come
+        // back to the space when the claim's lease ran out, for another worker to do.
+        match space.claim::<Task>(&tasks, Lease::secs(60), Duration::from_millis(100))? {
+            Some(claim) => {
+                let t = &claim.entry;
+                let primes = (t.from..t.to).filter(|&n| is_prime(n)).count() as u64;
+                space.write(&Outcome {
+                    job,
+                    from: t.from,
+                    primes,
+                    worker: id,
+                })?;
+                space.commit(&claim)?;
+                done += 1;
+            }
+            None => {
+                if space.read_if_exists::<Shutdown>(&shutdown)?.is_some() {
+                    return Ok(done);
+                }
+            }
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let workers: usize = match args.next() {
+        Some(a) => a.parse()?,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let limit: u64 = match args.next() {
+        Some(a) => a.parse()?,
+        None => 5_000_000,
+    };
+    let space = Space::new().blocking();
+    let job = 1;
+    let start = Instant::now();
+
+    // Progress: a subscriber told about every outcome written for this job.
+    let outcomes = Query::of::<Outcome>().eq("job", job);
+    let subscription = space.notify(&outcomes, EventKinds::WRITTEN)?;
+    let tasks_total = limit.div_ceil(TASK_SIZE);
+    let progress = std::thread::spawn(move || {
+        let mut seen = 0u64;
+        while let Some(n) = subscription.recv() {
+            if let Notification::Event(e) = n {
+                seen += 1;
+                if seen % (tasks_total / 10).max(1) == 0 || seen == tasks_total {
+                    println!(
+                        "progress: {seen}/{tasks_total} tasks done (event #{} from {})",
+                        e.seq, e.node
+                    );
+                }
+                if seen == tasks_total {
+                    return;
+                }
+            }
+        }
+    });
+
+    let pool: Vec<_> = (0..workers)
+        .map(|id| {
+            let space = space.clone();
+            std::thread::spawn(move || worker(space, id, job))
+        })
+        .collect();
+
+    // The master: write the tasks, then collect every outcome.
+    let tasks: Vec<Task> = (0..tasks_total)
+        .map(|i| Task {
+            job,
+            from: i * TASK_SIZE,
+            to: ((i + 1) * TASK_SIZE).min(limit),
+        })
+        .collect();
+    space.write_all(&tasks)?;
+    let mut primes = 0;
+    let mut collected = 0;
+    while collected < tasks_total {
+        let batch = space.take_all::<Outcome>(&outcomes, 64, Duration::from_secs(30))?;
+        if batch.is_empty() {
+            return Err("no outcome for 30 s: are the workers alive?".into());
+        }
+        collected += batch.len() as u64;
+        primes += batch.iter().map(|o| o.primes).sum::<u64>();
+    }
+    space.write(&Shutdown { job })?;
+    let mut per_worker = Vec::new();
+    for w in pool {
+        per_worker.push(w.join().map_err(|_| "a worker panicked")??);
+    }
+    progress
+        .join()
+        .map_err(|_| "the progress reporter panicked")?;
+
+    println!(
+        "{primes} primes below {limit}: {tasks_total} tasks over {workers} workers {per_worker:?} in {:.2?}",
+        start.elapsed()
+    );
+    Ok(())
+}
