@@ -103,7 +103,8 @@ pub(crate) struct KindConflict {
 #[derive(Default)]
 pub(crate) struct Store {
     next_seq: u64,
-    records: BTreeMap<u64, Record>,
+    /// Boxed, so that the ordered map's nodes stay small and cheap to shift.
+    records: BTreeMap<u64, Box<Record>>,
     /// Sequence numbers of the records whose keys do not carry them.
     mapped_keys: HashMap<Key, u64>,
     indexes: Vec<FieldIndex>,
@@ -199,11 +200,11 @@ impl Store {
     }
 
     pub(crate) fn get(&self, seq: u64) -> Option<&Record> {
-        self.records.get(&seq)
+        self.records.get(&seq).map(|r| &**r)
     }
 
     pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut Record> {
-        self.records.get_mut(&seq)
+        self.records.get_mut(&seq).map(|r| &mut **r)
     }
 
     /// Stores a record under `seq` (a fresh one, or the one it had before it was handed
@@ -216,11 +217,11 @@ impl Store {
         if record.mapped_key {
             self.mapped_keys.insert(record.key.clone(), seq);
         }
-        self.records.insert(seq, record);
+        self.records.insert(seq, Box::new(record));
     }
 
     pub(crate) fn remove(&mut self, seq: u64) -> Option<Record> {
-        let record = self.records.remove(&seq)?;
+        let record = *self.records.remove(&seq)?;
         for index in &mut self.indexes {
             index.remove(seq, &record.fields);
         }
