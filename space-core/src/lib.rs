@@ -21,6 +21,7 @@ mod entry;
 mod error;
 mod lease;
 mod notify;
+mod seq;
 mod signal;
 mod space;
 mod store;

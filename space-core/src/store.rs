@@ -1,15 +1,15 @@
 //! The store of one entry type: records in write order, the key map, field indexes and the
 //! type's schema. It holds data only; waiting, leases and events live in the engine.
 //!
-//! Records are kept in a `BTreeMap` by a per-type sequence number that grows with every
+//! Records are kept in a [`SeqMap`] by a per-type sequence number that grows with every
 //! write, so iterating it is oldest-first order. An index maps the normalised value of one
-//! top-level field to the ordered set of sequence numbers holding it, so an equality (or
-//! IN) on an indexed field visits only those records, still oldest first.
+//! top-level field to the ordered [`SeqSet`] of sequence numbers holding it, so an equality
+//! (or IN) on an indexed field visits only those records, still oldest first.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::lease::Now;
+use crate::seq::{SeqMap, SeqSet};
 
 use space_query::{Fields, Filter, IndexValue, Value, ValueKind};
 
@@ -54,7 +54,7 @@ impl Record {
 
 struct FieldIndex {
     field: String,
-    buckets: HashMap<IndexValue, BTreeSet<u64>>,
+    buckets: HashMap<IndexValue, SeqSet>,
 }
 
 /// Calls `f` with the index value of every scalar in the top-level `field` (each element
@@ -83,7 +83,7 @@ impl FieldIndex {
         let buckets = &mut self.buckets;
         for_index_values(&self.field, fields, |iv| {
             if let Some(set) = buckets.get_mut(&iv) {
-                set.remove(&seq);
+                set.remove(seq);
                 if set.is_empty() {
                     buckets.remove(&iv);
                 }
@@ -103,8 +103,7 @@ pub(crate) struct KindConflict {
 #[derive(Default)]
 pub(crate) struct Store {
     next_seq: u64,
-    /// Boxed, so that the ordered map's nodes stay small and cheap to shift.
-    records: BTreeMap<u64, Box<Record>>,
+    records: SeqMap<Record>,
     /// Sequence numbers of the records whose keys do not carry them.
     mapped_keys: HashMap<Key, u64>,
     indexes: Vec<FieldIndex>,
@@ -137,8 +136,8 @@ impl Store {
             field: field.to_owned(),
             buckets: HashMap::default(),
         };
-        for (seq, r) in &self.records {
-            index.add(*seq, &r.fields);
+        for (seq, r) in self.records.iter() {
+            index.add(seq, &r.fields);
         }
         self.indexes.push(index);
     }
@@ -192,7 +191,7 @@ impl Store {
     /// The sequence number of the record with this key.
     pub(crate) fn seq_of(&self, key: &Key) -> Option<u64> {
         if let Some(seq) = key.seq_hint() {
-            if self.records.get(&seq).is_some_and(|r| &r.key == key) {
+            if self.records.get(seq).is_some_and(|r| &r.key == key) {
                 return Some(seq);
             }
         }
@@ -200,11 +199,11 @@ impl Store {
     }
 
     pub(crate) fn get(&self, seq: u64) -> Option<&Record> {
-        self.records.get(&seq).map(|r| &**r)
+        self.records.get(seq)
     }
 
     pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut Record> {
-        self.records.get_mut(&seq).map(|r| &mut **r)
+        self.records.get_mut(seq)
     }
 
     /// Stores a record under `seq` (a fresh one, or the one it had before it was handed
@@ -217,11 +216,11 @@ impl Store {
         if record.mapped_key {
             self.mapped_keys.insert(record.key.clone(), seq);
         }
-        self.records.insert(seq, Box::new(record));
+        self.records.insert(seq, record);
     }
 
     pub(crate) fn remove(&mut self, seq: u64) -> Option<Record> {
-        let record = *self.records.remove(&seq)?;
+        let record = self.records.remove(seq)?;
         for index in &mut self.indexes {
             index.remove(seq, &record.fields);
         }
@@ -242,14 +241,14 @@ impl Store {
         mut visit: impl FnMut(u64, &Record) -> bool,
     ) {
         let mut check = |seq: u64| -> bool {
-            match self.records.get(&seq) {
+            match self.records.get(seq) {
                 Some(r) if r.visible(now) && filter.matches(&r.fields) => visit(seq, r),
                 _ => true,
             }
         };
         match self.plan(filter) {
             None => {
-                for (&seq, r) in &self.records {
+                for (seq, r) in self.records.iter() {
                     if r.visible(now) && filter.matches(&r.fields) && !visit(seq, r) {
                         return;
                     }
@@ -260,12 +259,12 @@ impl Store {
     }
 
     /// The index buckets that contain every match of `filter`, or `None` for a full scan.
-    fn plan(&self, filter: &Filter) -> Option<Vec<&BTreeSet<u64>>> {
+    fn plan(&self, filter: &Filter) -> Option<Vec<&SeqSet>> {
         let leaves: &[Filter] = match filter {
             Filter::And(parts) => parts,
             leaf => std::slice::from_ref(leaf),
         };
-        let mut best: Option<(usize, Vec<&BTreeSet<u64>>)> = None;
+        let mut best: Option<(usize, Vec<&SeqSet>)> = None;
         for leaf in leaves {
             let (field, values): (&str, Vec<&Value>) = match leaf {
                 Filter::Eq(f, v) => (f, vec![v]),
@@ -275,7 +274,7 @@ impl Store {
             let Some(index) = self.indexes.iter().find(|i| i.field == field) else {
                 continue;
             };
-            let sets: Vec<&BTreeSet<u64>> = values
+            let sets: Vec<&SeqSet> = values
                 .into_iter()
                 .filter_map(IndexValue::of)
                 .filter_map(|iv| index.buckets.get(&iv))
@@ -291,9 +290,9 @@ impl Store {
 
 /// Visits the union of ordered sets in ascending order (each number once) until `visit`
 /// returns false.
-fn merge_ordered(sets: &[&BTreeSet<u64>], visit: &mut dyn FnMut(u64) -> bool) {
+fn merge_ordered(sets: &[&SeqSet], visit: &mut dyn FnMut(u64) -> bool) {
     if let [only] = sets {
-        for &seq in only.iter() {
+        for seq in only.iter() {
             if !visit(seq) {
                 return;
             }
@@ -302,15 +301,12 @@ fn merge_ordered(sets: &[&BTreeSet<u64>], visit: &mut dyn FnMut(u64) -> bool) {
     }
     let mut iters: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
     loop {
-        let next = iters
-            .iter_mut()
-            .filter_map(|it| it.peek().copied().copied())
-            .min();
+        let next = iters.iter_mut().filter_map(|it| it.peek().copied()).min();
         let Some(seq) = next else {
             return;
         };
         for it in &mut iters {
-            if it.peek().copied().copied() == Some(seq) {
+            if it.peek().copied() == Some(seq) {
                 it.next();
             }
         }

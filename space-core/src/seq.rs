@@ -1,0 +1,210 @@
+//! Ordered containers keyed by sequence number, built for the store's access pattern:
+//! new numbers arrive at the end, old ones leave mostly from the front, and scans go in
+//! ascending order.
+//!
+//! Both group 64 consecutive numbers into one chunk kept in a `BTreeMap` by chunk number,
+//! so the tree changes once per 64 inserts instead of on every one (a plain
+//! `BTreeMap<u64, _>` allocates and splits nodes constantly under that pattern), and a
+//! chunk disappears as soon as it is empty, so memory follows the live entries however far
+//! the numbers have moved on.
+
+use std::collections::BTreeMap;
+
+const CHUNK_BITS: u32 = 6;
+const CHUNK: u64 = 1 << CHUNK_BITS;
+
+fn split(seq: u64) -> (u64, usize) {
+    (seq >> CHUNK_BITS, (seq & (CHUNK - 1)) as usize)
+}
+
+/// Ascending positions of the set bits of `bits`.
+fn bits_of(bits: u64) -> impl Iterator<Item = usize> {
+    let mut rest = bits;
+    std::iter::from_fn(move || {
+        if rest == 0 {
+            return None;
+        }
+        let i = rest.trailing_zeros() as usize;
+        rest &= rest - 1;
+        Some(i)
+    })
+}
+
+struct Chunk<V> {
+    live: u64,
+    slots: [Option<V>; CHUNK as usize],
+}
+
+/// A map from sequence number to value, iterated in ascending order.
+pub(crate) struct SeqMap<V> {
+    chunks: BTreeMap<u64, Box<Chunk<V>>>,
+    len: usize,
+}
+
+impl<V> Default for SeqMap<V> {
+    fn default() -> Self {
+        SeqMap {
+            chunks: BTreeMap::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<V> SeqMap<V> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Inserts or replaces; returns the value that was there.
+    pub(crate) fn insert(&mut self, seq: u64, value: V) -> Option<V> {
+        let (key, slot) = split(seq);
+        let chunk = self.chunks.entry(key).or_insert_with(|| {
+            Box::new(Chunk {
+                live: 0,
+                slots: std::array::from_fn(|_| None),
+            })
+        });
+        let old = chunk.slots[slot].replace(value);
+        chunk.live |= 1 << slot;
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub(crate) fn get(&self, seq: u64) -> Option<&V> {
+        let (key, slot) = split(seq);
+        self.chunks.get(&key)?.slots[slot].as_ref()
+    }
+
+    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut V> {
+        let (key, slot) = split(seq);
+        self.chunks.get_mut(&key)?.slots[slot].as_mut()
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<V> {
+        let (key, slot) = split(seq);
+        let chunk = self.chunks.get_mut(&key)?;
+        let value = chunk.slots[slot].take()?;
+        chunk.live &= !(1 << slot);
+        if chunk.live == 0 {
+            self.chunks.remove(&key);
+        }
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Entries in ascending order of sequence number.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
+        self.chunks.iter().flat_map(|(&key, chunk)| {
+            bits_of(chunk.live).filter_map(move |slot| {
+                chunk.slots[slot]
+                    .as_ref()
+                    .map(|v| ((key << CHUNK_BITS) | slot as u64, v))
+            })
+        })
+    }
+}
+
+/// A set of sequence numbers, iterated in ascending order; one bit per number.
+#[derive(Default)]
+pub(crate) struct SeqSet {
+    words: BTreeMap<u64, u64>,
+    len: usize,
+}
+
+impl SeqSet {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn insert(&mut self, seq: u64) {
+        let (key, bit) = split(seq);
+        let word = self.words.entry(key).or_insert(0);
+        if *word & (1 << bit) == 0 {
+            *word |= 1 << bit;
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) {
+        let (key, bit) = split(seq);
+        if let Some(word) = self.words.get_mut(&key) {
+            if *word & (1 << bit) != 0 {
+                *word &= !(1 << bit);
+                self.len -= 1;
+                if *word == 0 {
+                    self.words.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Members in ascending order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().flat_map(|(&key, &word)| {
+            bits_of(word).map(move |bit| (key << CHUNK_BITS) | bit as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn seq_map_behaves_like_an_ordered_map() {
+        let mut m = SeqMap::default();
+        let mut reference = std::collections::BTreeMap::new();
+        let mut x: u64 = 7;
+        for i in 0..5_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let seq = (x >> 33) % 2_000;
+            if i % 3 == 0 {
+                assert_eq!(m.remove(seq), reference.remove(&seq));
+            } else {
+                assert_eq!(m.insert(seq, i), reference.insert(seq, i));
+            }
+            assert_eq!(m.len(), reference.len());
+        }
+        let got: Vec<(u64, u64)> = m.iter().map(|(s, v)| (s, *v)).collect();
+        let want: Vec<(u64, u64)> = reference.iter().map(|(s, v)| (*s, *v)).collect();
+        assert_eq!(got, want);
+        for (s, v) in &reference {
+            assert_eq!(m.get(*s), Some(v));
+        }
+        for s in reference.keys().copied().collect::<Vec<_>>() {
+            m.remove(s);
+        }
+        assert_eq!(m.len(), 0);
+        assert!(m.chunks.is_empty(), "empty chunks are freed");
+    }
+
+    #[test]
+    fn seq_set_behaves_like_an_ordered_set() {
+        let mut s = SeqSet::default();
+        let mut reference = BTreeSet::new();
+        for i in 0..3_000u64 {
+            let seq = (i * 7919) % 1_000 + (i / 1000) * 100_000;
+            if i % 4 == 0 {
+                s.remove(seq);
+                reference.remove(&seq);
+            } else {
+                s.insert(seq);
+                reference.insert(seq);
+            }
+        }
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            reference.iter().copied().collect::<Vec<_>>()
+        );
+        assert_eq!(s.len(), reference.len());
+    }
+}
