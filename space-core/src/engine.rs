@@ -311,6 +311,20 @@ impl Engine {
         shard
     }
 
+    /// Runs `f` with the shard of `entry_type`, borrowed from the current shard map without
+    /// touching its reference count (a shared counter every thread would fight over).
+    /// `f` must not wait: it runs while a reference to the map is held.
+    fn with_shard<R>(&self, entry_type: &str, f: impl FnOnce(&Arc<Shard>) -> R) -> R {
+        let shards = self.inner.shards.load();
+        match shards.get(entry_type) {
+            Some(shard) => f(shard),
+            None => {
+                drop(shards);
+                f(&self.shard(entry_type))
+            }
+        }
+    }
+
     /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
     /// on the spot). Cheap when the same static slice was declared before.
     pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) {
@@ -369,15 +383,16 @@ impl Engine {
     ) -> Result<Receipt> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
-        let shard = self.shard(entry_type);
-        self.declare(&shard, indexes);
         let key = NewKey::new(key);
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        if Self::check_new(st, entry_type, &fields, key.user())? {
-            st.store.learn_kinds(&fields);
-        }
-        Ok(self.insert_new(&shard, st, fields, key, expires, &now))
+        self.with_shard(entry_type, |shard| {
+            self.declare(shard, indexes);
+            let mut guard = shard.lock();
+            let st = &mut *guard;
+            if Self::check_new(st, entry_type, &fields, key.user())? {
+                st.store.learn_kinds(&fields);
+            }
+            Ok(self.insert_new(shard, st, fields, key, expires, &now))
+        })
     }
 
     /// Stores several entries of one type: all of them, or (on any error) none.
@@ -673,26 +688,26 @@ impl Engine {
     }
 
     fn begin(&self, query: &Query, mode: WaitMode, timeout: Duration) -> Result<Begun> {
-        let shard = self.checked_shard(query)?;
-        let now = Now::new();
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        Self::check_kinds(st, query)?;
-        if let Some(seq) = Self::first_match(st, query, &now) {
-            let delivery = match mode {
-                WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
-                WaitMode::Take => self.remove_taken(st, seq).map(Delivery::Copy),
-                WaitMode::Claim(lease) => self.claim_stored(&shard, st, seq, lease, &now),
-            };
-            return Ok(Begun::Done(delivery));
-        }
-        if timeout.is_zero() {
-            return Ok(Begun::Done(None));
-        }
-        let deadline = timeout_deadline(&now, timeout);
-        Ok(Begun::Wait(
-            self.wait_for(&shard, st, query, mode, deadline),
-        ))
+        query.validate()?;
+        self.with_shard(query.entry_type(), |shard| {
+            let now = Now::new();
+            let mut guard = shard.lock();
+            let st = &mut *guard;
+            Self::check_kinds(st, query)?;
+            if let Some(seq) = Self::first_match(st, query, &now) {
+                let delivery = match mode {
+                    WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
+                    WaitMode::Take => self.remove_taken(st, seq).map(Delivery::Copy),
+                    WaitMode::Claim(lease) => self.claim_stored(shard, st, seq, lease, &now),
+                };
+                return Ok(Begun::Done(delivery));
+            }
+            if timeout.is_zero() {
+                return Ok(Begun::Done(None));
+            }
+            let deadline = timeout_deadline(&now, timeout);
+            Ok(Begun::Wait(self.wait_for(shard, st, query, mode, deadline)))
+        })
     }
 
     fn claim_stored(

@@ -240,12 +240,6 @@ impl Store {
         now: &Now,
         mut visit: impl FnMut(u64, &Record) -> bool,
     ) {
-        let mut check = |seq: u64| -> bool {
-            match self.records.get(seq) {
-                Some(r) if r.visible(now) && filter.matches(&r.fields) => visit(seq, r),
-                _ => true,
-            }
-        };
         match self.plan(filter) {
             None => {
                 for (seq, r) in self.records.iter() {
@@ -254,7 +248,18 @@ impl Store {
                     }
                 }
             }
-            Some(sets) => merge_ordered(&sets, &mut check),
+            Some(sets) => {
+                // When the filter is just the equality (or IN) the index answers, every
+                // candidate matches: index buckets hold exactly the values that compare
+                // equal. Otherwise the rest of the filter is checked on each candidate.
+                let covered = !matches!(filter, Filter::And(_));
+                merge_ordered(&sets, &mut |seq| match self.records.get(seq) {
+                    Some(r) if r.visible(now) && (covered || filter.matches(&r.fields)) => {
+                        visit(seq, r)
+                    }
+                    _ => true,
+                });
+            }
         }
     }
 
