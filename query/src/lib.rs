@@ -12,19 +12,25 @@
 //! DESIGN.md section 5 fixes: numbers compare as numbers across integer and float, strings
 //! exactly, a missing field never equals anything, list fields are multi-valued.
 //!
+//! Many queries are matched against each written entry by the [`Percolator`] (notify at
+//! scale), and [`tantivy_form`] gives every query its reference meaning as a tantivy query.
+//!
 //! This crate knows nothing of spaces or networks.
 
 mod de;
 mod error;
 mod matcher;
+mod percolator;
 mod query;
 mod ser;
+pub mod tantivy_form;
 pub mod text;
 mod value;
 
 pub use de::{from_fields, from_value};
 pub use error::{DocumentError, QueryError, Result};
 pub use matcher::{MAX_WORD_BYTES, words};
+pub use percolator::{MatchStats, Percolator, SubscriptionId};
 pub use query::{EntryType, Filter, Query, validate_path};
 pub use ser::{to_fields, to_value};
 pub use value::{FieldName, Fields, IndexValue, Value, ValueKind};

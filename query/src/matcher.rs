@@ -3,7 +3,9 @@
 //! This is the fast path used by the store and by notify. Its meaning is fixed by the rules
 //! in DESIGN.md section 5: numbers compare as numbers across integer and float, strings
 //! compare exactly, a missing (or null) field never equals anything, and a list field is
-//! multi-valued (a predicate holds when it holds for any element).
+//! multi-valued (a predicate holds when it holds for any element). Byte fields are opaque
+//! (not seen by queries), and a nested structure counts as present when it holds at least
+//! one value a query can see.
 
 use std::cmp::Ordering;
 
@@ -15,11 +17,12 @@ use crate::value::{Fields, Value};
 pub const MAX_WORD_BYTES: usize = 40;
 
 /// Splits text into lower-cased words: runs of letters and digits, at most
-/// [`MAX_WORD_BYTES`] long (longer runs are dropped).
+/// [`MAX_WORD_BYTES`] long (longer runs are dropped). This is tantivy's default tokenizer:
+/// split on anything not alphanumeric, drop long tokens, lower-case each character.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty() && w.len() < MAX_WORD_BYTES)
-        .map(str::to_lowercase)
+        .map(|w| w.chars().flat_map(char::to_lowercase).collect())
 }
 
 impl Query {

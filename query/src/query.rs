@@ -249,6 +249,24 @@ impl Filter {
         for literal in self.literals() {
             validate_literal(field, literal)?;
         }
+        let is_range = matches!(
+            self,
+            Filter::Lt(..) | Filter::Le(..) | Filter::Gt(..) | Filter::Ge(..) | Filter::Between(..)
+        );
+        if is_range {
+            if let Some(b) = self
+                .literals()
+                .into_iter()
+                .find(|v| matches!(v, Value::Bool(_)))
+            {
+                return Err(QueryError::InvalidLiteral {
+                    field: field.to_owned(),
+                    reason: format!(
+                        "a range needs numbers or strings, not {b:?}; use field:true or field:false"
+                    ),
+                });
+            }
+        }
         match self {
             Filter::Between(_, low, high) => match low.compare(high) {
                 None => Err(QueryError::BadRange {

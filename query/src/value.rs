@@ -240,10 +240,12 @@ impl Fields {
         self.0.iter().map(|(n, v)| (n.as_ref(), v))
     }
 
-    /// Calls `visit` with every non-null value found at the dotted `path` and stops as soon
-    /// as it returns true. Lists are flattened (a list field is multi-valued), and a path
-    /// may pass through lists of structures. Returns whether `visit` returned true.
-    pub fn any_at(&self, path: &str, visit: &mut dyn FnMut(&Value) -> bool) -> bool {
+    /// Calls `visit` with every value a query can see at the dotted `path` and stops as
+    /// soon as it returns true. Lists are flattened (a list field is multi-valued), and a
+    /// path may pass through lists of structures. Null and bytes are not seen; a nested
+    /// structure is seen only if it holds some value that is. Returns whether `visit`
+    /// returned true.
+    pub fn any_at<'a>(&'a self, path: &str, visit: &mut dyn FnMut(&'a Value) -> bool) -> bool {
         let (head, rest) = match path.split_once('.') {
             Some((h, r)) => (h, Some(r)),
             None => (path, None),
@@ -277,13 +279,27 @@ fn approx_value_size(v: &Value) -> usize {
     }
 }
 
-fn any_in(v: &Value, rest: Option<&str>, visit: &mut dyn FnMut(&Value) -> bool) -> bool {
+fn any_in<'a>(v: &'a Value, rest: Option<&str>, visit: &mut dyn FnMut(&'a Value) -> bool) -> bool {
     match (v, rest) {
-        (Value::Null, _) => false,
+        // Null is absent; bytes are opaque to queries.
+        (Value::Null | Value::Bytes(_), _) => false,
         (Value::List(items), _) => items.iter().any(|item| any_in(item, rest, visit)),
+        // A structure is present only through a value a query can see.
+        (Value::Map(_), None) => visible(v) && visit(v),
         (_, None) => visit(v),
         (Value::Map(m), Some(path)) => m.any_at(path, visit),
         (_, Some(_)) => false,
+    }
+}
+
+/// Whether a query can see anything in `v`: not null, not bytes, and for lists and
+/// structures, something inside that is seen.
+fn visible(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bytes(_) => false,
+        Value::List(items) => items.iter().any(visible),
+        Value::Map(m) => m.0.iter().any(|(_, v)| visible(v)),
+        _ => true,
     }
 }
 
