@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use crate::error::Result;
 use crate::matcher::words;
@@ -57,7 +58,7 @@ pub struct Percolator {
 type Fixed = foldhash::fast::FixedState;
 
 struct Registered {
-    query: Query,
+    query: Arc<Query>,
     /// `None`: the catch-all list.
     anchors: Option<Vec<Anchor>>,
 }
@@ -263,6 +264,16 @@ struct PrefixIndex {
     lengths: BTreeMap<usize, usize>,
 }
 
+/// Gives memory back once a map is mostly empty, so that a burst of subscriptions does not
+/// pin its peak footprint forever.
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to_fit();
+    }
+}
+
 fn remove_id(list: &mut Vec<SubscriptionId>, id: SubscriptionId) {
     if let Some(i) = list.iter().position(|x| *x == id) {
         list.swap_remove(i);
@@ -317,6 +328,7 @@ impl TypeIndex {
                         remove_id(list, id);
                         if list.is_empty() {
                             sig.remove(&key);
+                            shrink_if_sparse(sig);
                         }
                     }
                     if sig.is_empty() {
@@ -330,6 +342,7 @@ impl TypeIndex {
                         remove_id(list, id);
                         if list.is_empty() {
                             by_word.remove(word);
+                            shrink_if_sparse(by_word);
                         }
                     }
                     if by_word.is_empty() {
@@ -343,6 +356,7 @@ impl TypeIndex {
                         remove_id(list, id);
                         if list.is_empty() {
                             index.by_prefix.remove(prefix);
+                            shrink_if_sparse(&mut index.by_prefix);
                             if let Some(n) = index.lengths.get_mut(&prefix.len()) {
                                 *n -= 1;
                                 if *n == 0 {
@@ -470,11 +484,13 @@ impl Percolator {
         Percolator::default()
     }
 
-    /// Stores `query` under `id` (replacing what `id` had).
+    /// Stores `query` under `id` (replacing what `id` had). The query is shared, not
+    /// copied: callers usually keep it too.
     ///
     /// # Errors
     /// The validation errors of [`Query::validate`].
-    pub fn register(&mut self, id: SubscriptionId, query: Query) -> Result<()> {
+    pub fn register(&mut self, id: SubscriptionId, query: impl Into<Arc<Query>>) -> Result<()> {
+        let query = query.into();
         query.validate()?;
         self.unregister(id);
         let anchors = anchors(query.filter());
@@ -492,6 +508,7 @@ impl Percolator {
         let Some(reg) = self.subs.remove(&id) else {
             return false;
         };
+        shrink_if_sparse(&mut self.subs);
         let entry_type = reg.query.entry_type();
         if let Some(index) = self.types.get_mut(entry_type) {
             match &reg.anchors {
@@ -517,7 +534,7 @@ impl Percolator {
 
     /// The query stored under `id`.
     pub fn query(&self, id: SubscriptionId) -> Option<&Query> {
-        self.subs.get(&id).map(|r| &r.query)
+        self.subs.get(&id).map(|r| r.query.as_ref())
     }
 
     /// Appends to `out` the ids of the stored queries that match one entry (each id once,

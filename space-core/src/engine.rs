@@ -30,7 +30,7 @@ use space_query::{Fields, Query};
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
-use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, SubShared, Subscription};
+use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, Hub, SubShared, Subscription};
 use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::store::{ClaimState, Record, Store};
 use crate::timers::{TimerKind, Timers};
@@ -137,6 +137,8 @@ struct Inner {
     timers: Arc<Timers>,
     next_token: AtomicU64,
     next_sub: AtomicU64,
+    /// Every live subscription by id (for resume, renew and cancel by id).
+    subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
 }
 
 impl Drop for Inner {
@@ -153,11 +155,11 @@ pub(crate) struct Shard {
     state: std::sync::Mutex<TypeState>,
 }
 
-#[derive(Default)]
 struct TypeState {
     store: Store,
     waiters: VecDeque<Arc<Waiter>>,
-    subs: Vec<Arc<SubShared>>,
+    /// The type's subscriptions and their percolator.
+    hub: Hub,
     /// Waiters served under the lock, to be woken once it is released.
     wakes: Vec<(Arc<Waiter>, Wakeup)>,
 }
@@ -273,6 +275,7 @@ impl Engine {
             timers: timers.clone(),
             next_token: AtomicU64::new(1),
             next_sub: AtomicU64::new(1),
+            subscriptions: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -303,7 +306,12 @@ impl Engine {
         let shard = Arc::new(Shard {
             name: Arc::from(entry_type),
             declared: AtomicPtr::new(std::ptr::null_mut()),
-            state: std::sync::Mutex::new(TypeState::default()),
+            state: std::sync::Mutex::new(TypeState {
+                store: Store::default(),
+                waiters: VecDeque::new(),
+                hub: Hub::new(Arc::from(entry_type)),
+                wakes: Vec::new(),
+            }),
         });
         let mut next = (*current).clone();
         next.insert(shard.name.clone(), shard.clone());
@@ -487,7 +495,7 @@ impl Engine {
             version: 1,
             expires: wall_clock(expires, now),
         };
-        self.emit(st, EventKind::Written, &record);
+        self.emit(&mut st.hub, EventKind::Written, &record);
         if let Some(at) = expires {
             self.inner.timers.schedule(
                 at,
@@ -548,7 +556,7 @@ impl Engine {
             match waiter.mode {
                 WaitMode::Read => {}
                 WaitMode::Take => {
-                    let targets = self.targets(st, EventKind::Taken, &record);
+                    let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
                     let key = record.key.clone();
                     let version = record.version;
                     match waiter.slot.offer(Delivery::Owned { seq, record }) {
@@ -583,7 +591,7 @@ impl Engine {
     fn mark_claimed(
         &self,
         shard: &Arc<Shard>,
-        st: &TypeState,
+        st: &mut TypeState,
         seq: u64,
         record: &mut Record,
         token: u64,
@@ -591,7 +599,7 @@ impl Engine {
     ) {
         record.claim = Some(ClaimState { token, expires });
         record.version += 1;
-        self.emit(st, EventKind::Claimed, record);
+        self.emit(&mut st.hub, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
     }
 
@@ -607,20 +615,18 @@ impl Engine {
     }
 
     /// The subscriptions that want to hear `kind` for this record.
-    fn targets(&self, st: &TypeState, kind: EventKind, record: &Record) -> Vec<Arc<SubShared>> {
-        st.subs
-            .iter()
-            .filter(|s| s.kinds.contains(kind) && s.query.matches(&record.fields))
-            .cloned()
-            .collect()
+    fn targets(&self, hub: &mut Hub, kind: EventKind, record: &Record) -> Vec<Arc<SubShared>> {
+        let mut out = Vec::new();
+        hub.each_interested(kind, &record.fields, |sub| out.push(sub.clone()));
+        out
     }
 
-    fn emit(&self, st: &TypeState, kind: EventKind, record: &Record) {
-        for sub in &st.subs {
-            if sub.kinds.contains(kind) && sub.query.matches(&record.fields) {
-                sub.push(self.inner.config.node, &record.key, kind, record.version);
-            }
-        }
+    /// Announces a change to the subscriptions that want to hear it.
+    fn emit(&self, hub: &mut Hub, kind: EventKind, record: &Record) {
+        let node = self.inner.config.node;
+        hub.each_interested(kind, &record.fields, |sub| {
+            sub.push(node, &record.key, kind, record.version)
+        });
     }
 
     /// Gives back a document that was taken but could not be used (it did not decode into
@@ -659,7 +665,7 @@ impl Engine {
     /// Removes a stored record and announces it as taken.
     fn remove_taken(&self, st: &mut TypeState, seq: u64) -> Option<Document> {
         let record = st.store.remove(seq)?;
-        self.emit(st, EventKind::Taken, &record);
+        self.emit(&mut st.hub, EventKind::Taken, &record);
         Some(record.into_document())
     }
 
@@ -724,7 +730,7 @@ impl Engine {
         r.claim = Some(ClaimState { token, expires });
         r.version += 1;
         let record = st.store.get(seq)?;
-        self.emit(st, EventKind::Claimed, record);
+        self.emit(&mut st.hub, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
         Some(Delivery::Claimed(claimed_document(
             shard,
@@ -950,7 +956,7 @@ impl Engine {
         };
         record.claim = None;
         record.version += 1;
-        self.emit(st, EventKind::Released, &record);
+        self.emit(&mut st.hub, EventKind::Released, &record);
         self.settle(shard, st, seq, record, &Now::new());
     }
 
@@ -1008,7 +1014,7 @@ impl Engine {
     fn expire(&self, st: &mut TypeState, seq: u64) {
         if let Some(mut record) = st.store.remove(seq) {
             record.version += 1;
-            self.emit(st, EventKind::Expired, &record);
+            self.emit(&mut st.hub, EventKind::Expired, &record);
         }
     }
 
@@ -1029,7 +1035,7 @@ impl Engine {
         let shared = Arc::new(SubShared::new(
             id,
             shard.name.clone(),
-            query.clone(),
+            Arc::new(query.clone()),
             kinds,
             self.inner.config.queue_capacity,
             expires,
@@ -1037,8 +1043,9 @@ impl Engine {
         {
             let mut st = shard.lock();
             Self::check_kinds(&st, query)?;
-            st.subs.push(shared.clone());
+            st.hub.add(shared.clone())?;
         }
+        self.inner.subscriptions.lock().insert(id, shared.clone());
         if let Some(at) = expires {
             self.inner.timers.schedule(
                 at,
@@ -1055,8 +1062,36 @@ impl Engine {
 
     pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
         let shard = self.shard(&sub.entry_type);
-        shard.lock().subs.retain(|s| !Arc::ptr_eq(s, sub));
+        shard.lock().hub.remove(sub.id);
+        {
+            let mut all = self.inner.subscriptions.lock();
+            all.remove(&sub.id);
+            crate::shrink_if_sparse(&mut all);
+        }
         sub.close();
+    }
+
+    /// Picks up a subscription that was [detached](Subscription::detach) (a subscriber
+    /// that went away): delivery restarts after `last_seq`, the last sequence number the
+    /// subscriber saw (0 if none); events no longer in the subscription's log come back as
+    /// one [`Notification::Gap`](crate::Notification::Gap).
+    ///
+    /// # Errors
+    /// [`SpaceError::SubscriptionClosed`] when no live subscription has this id (it was
+    /// cancelled, or its lease ran out).
+    pub fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> {
+        let shared = self
+            .inner
+            .subscriptions
+            .lock()
+            .get(&id)
+            .cloned()
+            .ok_or(SpaceError::SubscriptionClosed { id })?;
+        shared.rewind(last_seq);
+        Ok(Subscription {
+            shared,
+            engine: self.clone(),
+        })
     }
 
     pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
@@ -1091,7 +1126,7 @@ impl Engine {
             stats.entries += st.store.len() as u64;
             stats.bytes += st.store.bytes() as u64;
             stats.waiters += st.waiters.len() as u64;
-            stats.subscriptions += st.subs.len() as u64;
+            stats.subscriptions += st.hub.len() as u64;
         }
         stats
     }
@@ -1135,7 +1170,7 @@ impl Engine {
             Delivery::Owned { seq, record } => {
                 let mut guard = shard.lock();
                 let st = &mut *guard;
-                self.emit(st, EventKind::Written, &record);
+                self.emit(&mut st.hub, EventKind::Written, &record);
                 self.settle(shard, st, seq, record, &Now::new());
             }
             Delivery::Claimed(claimed) => {

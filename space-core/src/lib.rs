@@ -38,3 +38,13 @@ pub use notify::{
 };
 pub use space::{BlockingSpace, Claim, Space};
 pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
+
+/// Gives memory back once a map is mostly empty, so that a burst (of subscriptions, say)
+/// does not pin its peak footprint forever.
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut std::collections::HashMap<K, V, S>,
+) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to_fit();
+    }
+}

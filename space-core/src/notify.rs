@@ -6,9 +6,17 @@
 //! are produced under the lock, a subscription sees them in the order the changes
 //! happened, numbered without gaps.
 //!
-//! A subscription's queue is bounded. A subscriber that falls behind never slows writers:
-//! events that do not fit are dropped *and counted*, and the subscriber receives one
-//! [`Notification::Gap`] naming the sequence numbers it missed before the next event.
+//! Matching uses the [`Percolator`] of `space-query`, so one write costs a few hash lookups
+//! however many subscriptions there are.
+//!
+//! Each subscription keeps a bounded log of its latest events, which serves two purposes:
+//!
+//! - it is the delivery queue: a subscriber that falls behind never slows writers; events
+//!   that fall off the log before delivery are *counted*, and the subscriber receives one
+//!   [`Notification::Gap`] naming the sequence numbers it missed before the next event;
+//! - it is the replay buffer: a subscriber that went away and comes back with the last
+//!   sequence number it saw ([`Engine::resume`](crate::Engine::resume)) receives what it
+//!   missed, or a gap for the part that is no longer in the log.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use space_query::Query;
+use space_query::{Fields, Percolator, Query};
 
 use crate::entry::{Key, NodeId};
 
@@ -106,15 +114,18 @@ impl Notification {
     }
 }
 
-/// Default number of notifications a subscription queues before it starts dropping
-/// (and reporting a gap).
-pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
+/// Default number of events a subscription keeps: the most it queues for a slow
+/// subscriber, and the window a returning subscriber can replay.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
 
 struct Queue {
-    items: VecDeque<Notification>,
+    /// The latest events, oldest first, with consecutive sequence numbers.
+    log: VecDeque<Event>,
+    /// Sequence number of the next event.
     next_seq: u64,
-    /// Dropped sequence numbers not yet reported: (first, last).
-    gap: Option<(u64, u64)>,
+    /// Sequence number of the next event to deliver.
+    cursor: u64,
+    /// Events that fell off the log before they were delivered.
     dropped: u64,
     waker: Option<Waker>,
     closed: bool,
@@ -125,7 +136,7 @@ struct Queue {
 pub(crate) struct SubShared {
     pub(crate) id: u64,
     pub(crate) entry_type: Arc<str>,
-    pub(crate) query: Query,
+    pub(crate) query: Arc<Query>,
     pub(crate) kinds: EventKinds,
     capacity: usize,
     queue: Mutex<Queue>,
@@ -136,7 +147,7 @@ impl SubShared {
     pub(crate) fn new(
         id: u64,
         entry_type: Arc<str>,
-        query: Query,
+        query: Arc<Query>,
         kinds: EventKinds,
         capacity: usize,
         expires: Option<Instant>,
@@ -148,9 +159,9 @@ impl SubShared {
             kinds,
             capacity: capacity.max(1),
             queue: Mutex::new(Queue {
-                items: VecDeque::new(),
+                log: VecDeque::new(),
                 next_seq: 1,
-                gap: None,
+                cursor: 1,
                 dropped: 0,
                 waker: None,
                 closed: false,
@@ -160,7 +171,7 @@ impl SubShared {
         }
     }
 
-    /// Queues an event (called under the entry type's lock, which orders the events).
+    /// Logs an event (called under the entry type's lock, which orders the events).
     pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64) {
         let mut q = self.queue.lock();
         if q.closed {
@@ -168,30 +179,21 @@ impl SubShared {
         }
         let seq = q.next_seq;
         q.next_seq += 1;
-        // A pending gap is reported in order: it needs a slot before the event does.
-        let needed = 1 + usize::from(q.gap.is_some());
-        if q.items.len() + needed > self.capacity {
-            q.dropped += 1;
-            q.gap = Some(match q.gap {
-                Some((first, _)) => (first, seq),
-                None => (seq, seq),
-            });
-            return;
-        }
-        if let Some((first_seq, last_seq)) = q.gap.take() {
-            q.items.push_back(Notification::Gap {
-                first_seq,
-                last_seq,
-            });
-        }
-        q.items.push_back(Notification::Event(Event {
+        q.log.push_back(Event {
             seq,
             node,
             entry_type: self.entry_type.clone(),
             key: key.clone(),
             kind,
             version,
-        }));
+        });
+        if q.log.len() > self.capacity {
+            if let Some(old) = q.log.pop_front() {
+                if old.seq >= q.cursor {
+                    q.dropped += 1;
+                }
+            }
+        }
         let waker = q.waker.take();
         drop(q);
         self.cv.notify_one();
@@ -200,22 +202,44 @@ impl SubShared {
         }
     }
 
+    /// The next notification to deliver: a gap if the cursor is behind the log.
     fn pop(q: &mut Queue) -> Option<Notification> {
-        if let Some(n) = q.items.pop_front() {
-            return Some(n);
+        if q.cursor >= q.next_seq {
+            return None;
         }
-        q.gap.take().map(|(first_seq, last_seq)| Notification::Gap {
-            first_seq,
-            last_seq,
-        })
+        let first = q.log.front().map_or(q.next_seq, |e| e.seq);
+        if q.cursor < first {
+            let gap = Notification::Gap {
+                first_seq: q.cursor,
+                last_seq: first - 1,
+            };
+            q.cursor = first;
+            return Some(gap);
+        }
+        let event = q.log.get((q.cursor - first) as usize).cloned()?;
+        q.cursor += 1;
+        Some(Notification::Event(event))
+    }
+
+    /// Delivers again from the event after `last_seq` (0: from the start); what is no
+    /// longer in the log comes back as one gap.
+    pub(crate) fn rewind(&self, last_seq: u64) {
+        let mut q = self.queue.lock();
+        q.cursor = last_seq.saturating_add(1).min(q.next_seq);
+        let waker = q.waker.take();
+        drop(q);
+        self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Closes the queue: nothing more is delivered, queued notifications are discarded.
     pub(crate) fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
-        q.items.clear();
-        q.gap = None;
+        q.log.clear();
+        q.cursor = q.next_seq;
         let waker = q.waker.take();
         drop(q);
         self.cv.notify_all();
@@ -277,6 +301,67 @@ impl SubShared {
         }
         q.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+/// The subscriptions of one entry type and the percolator that matches entries to them.
+pub(crate) struct Hub {
+    entry_type: Arc<str>,
+    percolator: Percolator,
+    subs: std::collections::HashMap<u64, Arc<SubShared>, foldhash::fast::RandomState>,
+    scratch: Vec<u64>,
+}
+
+impl Hub {
+    pub(crate) fn new(entry_type: Arc<str>) -> Hub {
+        Hub {
+            entry_type,
+            percolator: Percolator::new(),
+            subs: Default::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, sub: Arc<SubShared>) -> Result<(), space_query::QueryError> {
+        self.percolator.register(sub.id, sub.query.clone())?;
+        self.subs.insert(sub.id, sub);
+        Ok(())
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Arc<SubShared>> {
+        self.percolator.unregister(id);
+        let sub = self.subs.remove(&id);
+        crate::shrink_if_sparse(&mut self.subs);
+        sub
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Calls `f` for each subscription that wants to hear `kind` about an entry with these
+    /// fields, in ascending id order.
+    pub(crate) fn each_interested(
+        &mut self,
+        kind: EventKind,
+        fields: &Fields,
+        mut f: impl FnMut(&Arc<SubShared>),
+    ) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        self.percolator
+            .match_entry(&self.entry_type, fields, &mut ids);
+        for id in &ids {
+            if let Some(sub) = self.subs.get(id) {
+                if sub.kinds.contains(kind) {
+                    f(sub);
+                }
+            }
+        }
+        self.scratch = ids;
     }
 }
 
@@ -343,6 +428,17 @@ impl Subscription {
     pub fn cancel(&self) {
         self.engine.unsubscribe(&self.shared);
     }
+
+    /// Lets go of this handle without unsubscribing, as a subscriber that disconnects
+    /// does: events keep being logged (up to the log's capacity) until the subscription's
+    /// lease runs out, and [`Engine::resume`](crate::Engine::resume) with the returned id
+    /// and the last sequence number seen picks up from there. Give such a subscription a
+    /// lease, or it lives until cancelled.
+    pub fn detach(self) -> u64 {
+        let id = self.shared.id;
+        std::mem::forget(self);
+        id
+    }
 }
 
 impl Drop for Subscription {
@@ -376,7 +472,7 @@ mod tests {
         SubShared::new(
             1,
             "T".into(),
-            Query::for_type("T"),
+            Arc::new(Query::for_type("T")),
             EventKinds::ALL,
             capacity,
             None,
@@ -390,40 +486,46 @@ mod tests {
         for _ in 0..10 {
             s.push(NodeId(0), &key, EventKind::Written, 1);
         }
-        let seqs: Vec<_> = std::iter::from_fn(|| s.try_recv()).collect();
-        assert_eq!(seqs.len(), 4);
-        assert_eq!(seqs[0].event().unwrap().seq, 1);
-        assert_eq!(seqs[2].event().unwrap().seq, 3);
+        let got: Vec<_> = std::iter::from_fn(|| s.try_recv()).collect();
         assert_eq!(
-            seqs[3],
+            got[0],
             Notification::Gap {
-                first_seq: 4,
-                last_seq: 10
+                first_seq: 1,
+                last_seq: 7
             }
         );
+        let seqs: Vec<u64> = got[1..].iter().map(|n| n.event().unwrap().seq).collect();
+        assert_eq!(seqs, vec![8, 9, 10]);
         assert_eq!(s.dropped(), 7);
         s.push(NodeId(0), &key, EventKind::Taken, 2);
         assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 11);
     }
 
     #[test]
-    fn gap_comes_before_later_events() {
-        let s = shared(2);
+    fn rewinding_replays_what_is_still_logged() {
+        let s = shared(4);
         let key = Key::mint();
+        for _ in 0..3 {
+            s.push(NodeId(0), &key, EventKind::Written, 1);
+        }
+        assert_eq!(std::iter::from_fn(|| s.try_recv()).count(), 3);
+        s.rewind(1);
+        let seqs: Vec<u64> = std::iter::from_fn(|| s.try_recv())
+            .map(|n| n.event().unwrap().seq)
+            .collect();
+        assert_eq!(seqs, vec![2, 3]);
         for _ in 0..4 {
             s.push(NodeId(0), &key, EventKind::Written, 1);
         }
-        assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 1);
-        assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 2);
-        s.push(NodeId(0), &key, EventKind::Written, 1); // seq 5, room for gap + event
+        s.rewind(1);
         assert_eq!(
-            s.try_recv().unwrap(),
-            Notification::Gap {
-                first_seq: 3,
-                last_seq: 4
-            }
+            s.try_recv(),
+            Some(Notification::Gap {
+                first_seq: 2,
+                last_seq: 3
+            })
         );
-        assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 5);
+        assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 4);
     }
 
     #[test]

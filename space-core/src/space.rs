@@ -384,6 +384,9 @@ both_forms! {
     /// As [`notify`](Self::notify), with a lease after which the subscription ends.
     fn notify_with_lease(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Result<Subscription> = now |s| s.engine.subscribe(query, kinds, lease);
 
+    /// Picks up a detached subscription after `last_seq`; see [`Engine::resume`].
+    fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = now |s| s.engine.resume(id, last_seq);
+
     /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
     fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = now |s| s.engine.renew(T::ENTRY_TYPE, key, lease);
 
