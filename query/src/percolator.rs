@@ -67,8 +67,17 @@ struct Registered {
 enum Anchor {
     /// Equalities that must all hold, sorted by path.
     Conj(Vec<(String, Value)>),
-    /// A word a text field must contain.
-    Word { path: String, word: String },
+    /// Equalities that must all hold, and a numeric interval on another field: the
+    /// intervals are kept per equality key, so neither a crowded key nor a wide spread of
+    /// intervals makes many candidates.
+    ConjInterval {
+        eqs: Vec<(String, Value)>,
+        path: String,
+        low: f64,
+        high: f64,
+    },
+    /// One or two words (sorted) a text field must all contain.
+    Words { path: String, words: Vec<String> },
     /// A prefix a string field must start with.
     Prefix { path: String, prefix: String },
     /// A closed numeric interval a field's value must fall in (an envelope of the real
@@ -80,7 +89,8 @@ impl Anchor {
     fn cost(&self) -> u32 {
         match self {
             Anchor::Conj(eqs) => 10 - eqs.len().min(5) as u32,
-            Anchor::Word { .. } => 12,
+            Anchor::ConjInterval { .. } => 4,
+            Anchor::Words { words, .. } => 13 - words.len() as u32,
             Anchor::Prefix { .. } => 14,
             Anchor::Interval { .. } => 20,
         }
@@ -129,12 +139,21 @@ fn anchors(f: &Filter) -> Option<Vec<Anchor>> {
                 .map(|v| Anchor::Conj(vec![(p.clone(), v.clone())]))
                 .collect(),
         ),
-        Filter::Text(p, text) => words(text).max_by_key(|w| w.len()).map(|word| {
-            vec![Anchor::Word {
-                path: p.clone(),
-                word,
-            }]
-        }),
+        Filter::Text(p, text) => {
+            // The two longest words: longer words tend to be rarer, and an entry is looked
+            // up under every pair of its words, so a pair anchor is found exactly.
+            let mut ws: Vec<String> = words(text).collect();
+            ws.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+            ws.dedup();
+            ws.truncate(2);
+            ws.sort();
+            (!ws.is_empty()).then(|| {
+                vec![Anchor::Words {
+                    path: p.clone(),
+                    words: ws,
+                }]
+            })
+        }
         Filter::Prefix(p, prefix) => Some(vec![Anchor::Prefix {
             path: p.clone(),
             prefix: prefix.clone(),
@@ -156,11 +175,6 @@ fn anchors(f: &Filter) -> Option<Vec<Anchor>> {
                     _ => None,
                 })
                 .collect();
-            if !eqs.is_empty() {
-                eqs.sort_by(|a, b| a.0.cmp(&b.0));
-                eqs.dedup_by(|a, b| a.0 == b.0);
-                return Some(vec![Anchor::Conj(eqs)]);
-            }
             // Ranges on one field narrow each other: intersect them into one interval.
             let mut ranges: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
             for (path, low, high) in parts.iter().filter_map(interval) {
@@ -168,6 +182,22 @@ fn anchors(f: &Filter) -> Option<Vec<Anchor>> {
                     .entry(path)
                     .or_insert((f64::NEG_INFINITY, f64::INFINITY));
                 *r = (r.0.max(low), r.1.min(high));
+            }
+            if !eqs.is_empty() {
+                eqs.sort_by(|a, b| a.0.cmp(&b.0));
+                eqs.dedup_by(|a, b| a.0 == b.0);
+                let range = ranges
+                    .iter()
+                    .find(|(path, _)| !eqs.iter().any(|(p, _)| p == *path));
+                return Some(vec![match range {
+                    Some((path, &(low, high))) => Anchor::ConjInterval {
+                        eqs,
+                        path: (*path).to_owned(),
+                        low,
+                        high,
+                    },
+                    None => Anchor::Conj(eqs),
+                }]);
             }
             let narrowed = ranges.into_iter().map(|(path, (low, high))| {
                 vec![Anchor::Interval {
@@ -244,18 +274,44 @@ fn key_of<'a>(values: impl Iterator<Item = &'a Value>) -> u64 {
 /// beyond it the signature's subscriptions are all taken as candidates.
 const MAX_COMBINATIONS: usize = 1024;
 
+/// Something kept per equality key.
+type Keyed<T> = HashMap<u64, T, Fixed>;
+
 #[derive(Default)]
 struct TypeIndex {
     /// Equality conjunctions, by their sorted list of paths.
-    conj: HashMap<Vec<String>, HashMap<u64, Vec<SubscriptionId>, Fixed>, Fixed>,
-    /// Text words, by path.
-    words: HashMap<String, HashMap<String, Vec<SubscriptionId>, Fixed>, Fixed>,
+    conj: HashMap<Vec<String>, Keyed<Vec<SubscriptionId>>, Fixed>,
+    /// Equality conjunctions with an interval, by (paths, interval path), then by key.
+    conj_intervals: HashMap<(Vec<String>, String), Keyed<IntervalIndex>, Fixed>,
+    /// Text words and word pairs, by path.
+    words: HashMap<String, WordIndex, Fixed>,
     /// String prefixes, by path.
     prefixes: HashMap<String, PrefixIndex, Fixed>,
     /// Numeric intervals, by path.
     intervals: HashMap<String, IntervalIndex, Fixed>,
     catch_all: Vec<SubscriptionId>,
 }
+
+#[derive(Default)]
+struct WordIndex {
+    /// By the key of one word or of a sorted pair.
+    by_key: HashMap<u64, Vec<SubscriptionId>, Fixed>,
+    /// How many pair anchors there are (pairs of an entry's words are looked up only then).
+    pairs: usize,
+}
+
+fn words_key<'a>(words: impl Iterator<Item = &'a str>) -> u64 {
+    let mut h = key_hasher();
+    for w in words {
+        h.write(w.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
+}
+
+/// Most distinct words of an entry whose pairs are enumerated; beyond it every pair
+/// anchor of the field is a candidate.
+const MAX_PAIRED_WORDS: usize = 128;
 
 #[derive(Default)]
 struct PrefixIndex {
@@ -293,13 +349,31 @@ impl TypeIndex {
                     .or_default()
                     .push(id);
             }
-            Anchor::Word { path, word } => {
-                self.words
-                    .entry(path.clone())
+            Anchor::ConjInterval {
+                eqs,
+                path,
+                low,
+                high,
+            } => {
+                let paths: Vec<String> = eqs.iter().map(|(p, _)| p.clone()).collect();
+                let key = key_of(eqs.iter().map(|(_, v)| v));
+                self.conj_intervals
+                    .entry((paths, path.clone()))
                     .or_default()
-                    .entry(word.clone())
+                    .entry(key)
+                    .or_default()
+                    .add(*low, *high, id);
+            }
+            Anchor::Words { path, words } => {
+                let index = self.words.entry(path.clone()).or_default();
+                index
+                    .by_key
+                    .entry(words_key(words.iter().map(String::as_str)))
                     .or_default()
                     .push(id);
+                if words.len() == 2 {
+                    index.pairs += 1;
+                }
             }
             Anchor::Prefix { path, prefix } => {
                 let index = self.prefixes.entry(path.clone()).or_default();
@@ -336,16 +410,40 @@ impl TypeIndex {
                     }
                 }
             }
-            Anchor::Word { path, word } => {
-                if let Some(by_word) = self.words.get_mut(path) {
-                    if let Some(list) = by_word.get_mut(word) {
-                        remove_id(list, id);
-                        if list.is_empty() {
-                            by_word.remove(word);
-                            shrink_if_sparse(by_word);
+            Anchor::ConjInterval { eqs, path, .. } => {
+                let sig = (
+                    eqs.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+                    path.clone(),
+                );
+                let key = key_of(eqs.iter().map(|(_, v)| v));
+                if let Some(by_key) = self.conj_intervals.get_mut(&sig) {
+                    if let Some(index) = by_key.get_mut(&key) {
+                        index.remove(id);
+                        if index.is_empty() {
+                            by_key.remove(&key);
+                            shrink_if_sparse(by_key);
                         }
                     }
-                    if by_word.is_empty() {
+                    if by_key.is_empty() {
+                        self.conj_intervals.remove(&sig);
+                    }
+                }
+            }
+            Anchor::Words { path, words } => {
+                if let Some(index) = self.words.get_mut(path) {
+                    let key = words_key(words.iter().map(String::as_str));
+                    if let Some(list) = index.by_key.get_mut(&key) {
+                        let before = list.len();
+                        remove_id(list, id);
+                        if list.len() < before && words.len() == 2 {
+                            index.pairs -= 1;
+                        }
+                        if list.is_empty() {
+                            index.by_key.remove(&key);
+                            shrink_if_sparse(&mut index.by_key);
+                        }
+                    }
+                    if index.by_key.is_empty() {
                         self.words.remove(path);
                     }
                 }
@@ -383,6 +481,7 @@ impl TypeIndex {
 
     fn is_empty(&self) -> bool {
         self.conj.is_empty()
+            && self.conj_intervals.is_empty()
             && self.words.is_empty()
             && self.prefixes.is_empty()
             && self.intervals.is_empty()
@@ -392,61 +491,69 @@ impl TypeIndex {
     /// Pushes the candidate subscriptions for an entry (with repeats).
     fn candidates(&mut self, fields: &Fields, out: &mut Vec<SubscriptionId>) {
         for (paths, buckets) in &self.conj {
-            let mut values: Vec<Vec<&Value>> = Vec::with_capacity(paths.len());
-            for p in paths {
-                let mut vs = Vec::new();
-                fields.any_at(p, &mut |v| {
-                    if hashable(v) {
-                        vs.push(v);
+            each_key(fields, paths, |key| match key {
+                Some(key) => {
+                    if let Some(list) = buckets.get(&key) {
+                        out.extend_from_slice(list);
+                    }
+                }
+                None => buckets
+                    .values()
+                    .for_each(|list| out.extend_from_slice(list)),
+            });
+        }
+        for ((paths, path), by_key) in &mut self.conj_intervals {
+            let stab = |index: &mut IntervalIndex, out: &mut Vec<SubscriptionId>| {
+                index.refresh();
+                fields.any_at(path, &mut |v| {
+                    if let Some(x) = numeric(v) {
+                        index.stab(x, out);
                     }
                     false
                 });
-                if vs.is_empty() {
-                    break;
-                }
-                values.push(vs);
-            }
-            if values.len() < paths.len() {
-                continue;
-            }
-            let combinations = values
-                .iter()
-                .map(Vec::len)
-                .try_fold(1usize, |acc, n| acc.checked_mul(n));
-            match combinations {
-                Some(n) if n <= MAX_COMBINATIONS => {
-                    let mut choice = vec![0usize; values.len()];
-                    for _ in 0..n {
-                        let key = key_of(choice.iter().zip(&values).map(|(&i, vs)| vs[i]));
-                        if let Some(list) = buckets.get(&key) {
-                            out.extend_from_slice(list);
-                        }
-                        // Next combination (odometer order).
-                        for (slot, vs) in choice.iter_mut().zip(&values) {
-                            *slot += 1;
-                            if *slot < vs.len() {
-                                break;
-                            }
-                            *slot = 0;
-                        }
+            };
+            each_key(fields, paths, |key| match key {
+                Some(key) => {
+                    if let Some(index) = by_key.get_mut(&key) {
+                        stab(index, out);
                     }
                 }
-                _ => buckets
-                    .values()
-                    .for_each(|list| out.extend_from_slice(list)),
-            }
+                None => by_key.values_mut().for_each(|index| stab(index, out)),
+            });
         }
-        for (path, by_word) in &self.words {
+        for (path, index) in &self.words {
+            // Text predicates match words from all the field's values together.
+            let mut ws: Vec<String> = Vec::new();
             fields.any_at(path, &mut |v| {
                 if let Value::Str(s) = v {
-                    for w in words(s) {
-                        if let Some(list) = by_word.get(&w) {
-                            out.extend_from_slice(list);
-                        }
-                    }
+                    ws.extend(words(s));
                 }
                 false
             });
+            ws.sort_unstable();
+            ws.dedup();
+            let mut look = |key: u64| {
+                if let Some(list) = index.by_key.get(&key) {
+                    out.extend_from_slice(list);
+                }
+            };
+            for w in &ws {
+                look(words_key(std::iter::once(w.as_str())));
+            }
+            if index.pairs > 0 {
+                if ws.len() <= MAX_PAIRED_WORDS {
+                    for (i, a) in ws.iter().enumerate() {
+                        for b in &ws[i + 1..] {
+                            look(words_key([a.as_str(), b.as_str()].into_iter()));
+                        }
+                    }
+                } else {
+                    index
+                        .by_key
+                        .values()
+                        .for_each(|list| out.extend_from_slice(list));
+                }
+            }
         }
         for (path, index) in &self.prefixes {
             fields.any_at(path, &mut |v| {
@@ -475,6 +582,48 @@ impl TypeIndex {
             });
         }
         out.extend_from_slice(&self.catch_all);
+    }
+}
+
+/// Calls `f` with the equality key of every combination of the entry's values at `paths`
+/// (several when fields are multi-valued), or once with `None` when there are too many
+/// combinations to enumerate. Calls nothing when a path has no value.
+fn each_key(fields: &Fields, paths: &[String], mut f: impl FnMut(Option<u64>)) {
+    let mut values: Vec<Vec<&Value>> = Vec::with_capacity(paths.len());
+    for p in paths {
+        let mut vs = Vec::new();
+        fields.any_at(p, &mut |v| {
+            if hashable(v) {
+                vs.push(v);
+            }
+            false
+        });
+        if vs.is_empty() {
+            return;
+        }
+        values.push(vs);
+    }
+    let combinations = values
+        .iter()
+        .map(Vec::len)
+        .try_fold(1usize, |acc, n| acc.checked_mul(n));
+    let Some(n) = combinations.filter(|&n| n <= MAX_COMBINATIONS) else {
+        f(None);
+        return;
+    };
+    let mut choice = vec![0usize; values.len()];
+    for _ in 0..n {
+        f(Some(key_of(
+            choice.iter().zip(&values).map(|(&i, vs)| vs[i]),
+        )));
+        // Next combination (odometer order).
+        for (slot, vs) in choice.iter_mut().zip(&values) {
+            *slot += 1;
+            if *slot < vs.len() {
+                break;
+            }
+            *slot = 0;
+        }
     }
 }
 
@@ -749,6 +898,19 @@ mod tests {
         let q = Query::for_type("T").eq("b", 1).eq("a", "x").gt("n", 3);
         assert_eq!(
             anchors(q.filter()),
+            Some(vec![Anchor::ConjInterval {
+                eqs: vec![("a".into(), Value::from("x")), ("b".into(), Value::I64(1))],
+                path: "n".into(),
+                low: 3.0,
+                high: f64::INFINITY,
+            }])
+        );
+        let q = Query::for_type("T")
+            .eq("b", 1)
+            .eq("a", "x")
+            .prefix("n", "z");
+        assert_eq!(
+            anchors(q.filter()),
             Some(vec![Anchor::Conj(vec![
                 ("a".into(), Value::from("x")),
                 ("b".into(), Value::I64(1))
@@ -846,7 +1008,10 @@ mod tests {
     fn unregistering_leaves_nothing_behind() {
         let mut p = Percolator::new();
         for id in 0..100u64 {
-            let q = match id % 5 {
+            let q = match id % 6 {
+                5 => Query::for_type("T")
+                    .eq("a", 1)
+                    .between("n", 1, id as i64 + 1),
                 0 => Query::for_type("T").eq("a", id as i64),
                 1 => Query::for_type("T").text("body", "fox"),
                 2 => Query::for_type("T").prefix("name", "ab"),

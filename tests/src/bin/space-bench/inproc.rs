@@ -1,58 +1,19 @@
-//! `space-bench`: measures the space against a peer in the same process and the same run,
-//! and prints one JSON object as its last line (DESIGN.md section 10).
-//!
-//! ```text
-//! cargo run --release -p space-tests --bin space-bench -- inproc [--entries N] [--runs R]
-//! ```
+//! `inproc`: the in-process space against crossbeam-channel, 2 producers and 2 consumers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use space_core::{BlockingSpace, Query, Space};
 use space_tests::Item;
 
-#[derive(Parser)]
-#[command(about = "Measures the space against a peer in the same run; the last line is JSON.")]
-struct Cli {
-    #[command(subcommand)]
-    workload: Workload,
-}
-
-#[derive(Subcommand)]
-enum Workload {
-    /// The in-process space vs crossbeam-channel: 2 producers and 2 consumers.
-    Inproc {
-        /// Entries moved per run.
-        #[arg(long, default_value_t = 1_000_000)]
-        entries: u64,
-        /// Runs per measurement; medians are reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Wake-up samples per run.
-        #[arg(long, default_value_t = 2_000)]
-        wakeups: u64,
-    },
-}
-
 const PRODUCERS: u64 = 2;
 const CONSUMERS: u32 = 2;
 /// Capacity of the bounded crossbeam channels of the peer.
 const CHANNEL_CAPACITY: usize = 1024;
-
-fn main() -> Result<()> {
-    match Cli::parse().workload {
-        Workload::Inproc {
-            entries,
-            runs,
-            wakeups,
-        } => inproc(entries, runs, wakeups),
-    }
-}
 
 fn item(id: u64) -> Item {
     Item {
@@ -62,7 +23,7 @@ fn item(id: u64) -> Item {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -272,7 +233,7 @@ fn crossbeam_wakeups(samples: u64) -> Result<Histogram<u64>> {
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))?
 }
 
-fn inproc(entries: u64, runs: usize, wakeups: u64) -> Result<()> {
+pub fn run(entries: u64, runs: usize, wakeups: u64) -> Result<()> {
     let mut space_rates = Vec::new();
     let mut cb_rates = Vec::new();
     let mut field_space_rates = Vec::new();

@@ -1,0 +1,64 @@
+//! `space-bench`: measures the space against a peer in the same process and the same run,
+//! and prints one JSON object as its last line (DESIGN.md section 10).
+//!
+//! ```text
+//! cargo run --release -p space-tests --bin space-bench -- inproc [--entries N] [--runs R]
+//! cargo run --release -p space-tests --bin space-bench -- notify [--sizes 1000,10000,100000]
+//! ```
+
+mod inproc;
+mod notify;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Measures the space against a peer in the same run; the last line is JSON.")]
+struct Cli {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    /// The in-process space vs crossbeam-channel: 2 producers and 2 consumers.
+    Inproc {
+        /// Entries moved per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        /// Runs per measurement; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Wake-up samples per run.
+        #[arg(long, default_value_t = 2_000)]
+        wakeups: u64,
+    },
+    /// Notify at scale: writes matched against S subscriptions of mixed shapes, vs the
+    /// naive way (a one-document tantivy index per write, every subscription run on it).
+    Notify {
+        /// Subscription counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        sizes: Vec<u64>,
+        /// Writes per size.
+        #[arg(long, default_value_t = 100_000)]
+        writes: u64,
+        /// Runs per size; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().workload {
+        Workload::Inproc {
+            entries,
+            runs,
+            wakeups,
+        } => inproc::run(entries, runs, wakeups),
+        Workload::Notify {
+            sizes,
+            writes,
+            runs,
+        } => notify::run(&sizes, writes, runs),
+    }
+}
