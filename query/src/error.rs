@@ -1,11 +1,12 @@
 //! Errors of the query crate: one enum for documents, one for queries.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::value::ValueKind;
 
 /// What went wrong turning a Rust value into an entry document or back.
-#[derive(Clone, Debug, Error, PartialEq)]
+#[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum DocumentError {
     /// The top level of an entry must be a struct (or a map with string keys).
@@ -39,7 +40,7 @@ impl serde::de::Error for DocumentError {
 }
 
 /// What is wrong with a query.
-#[derive(Clone, Debug, Error, PartialEq)]
+#[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum QueryError {
     /// The text form could not be parsed; `position` is the byte offset of the problem.
@@ -56,7 +57,7 @@ pub enum QueryError {
         /// The field path as given.
         field: String,
         /// Why it is not valid.
-        reason: &'static str,
+        reason: String,
     },
     /// A literal a query cannot compare with: NaN, bytes, lists, maps or null.
     #[error("field {field:?}: {reason}")]

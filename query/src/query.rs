@@ -305,10 +305,10 @@ impl std::ops::Not for Filter {
 
 /// Checks a dotted field path: non-empty segments of letters, digits, `_` and `-`.
 pub fn validate_path(field: &str) -> Result<()> {
-    let bad = |reason| {
+    let bad = |reason: &str| {
         Err(QueryError::InvalidField {
             field: field.to_owned(),
-            reason,
+            reason: reason.to_owned(),
         })
     };
     if field.is_empty() {
@@ -469,7 +469,7 @@ impl Query {
         if self.entry_type.is_empty() {
             return Err(QueryError::InvalidField {
                 field: String::new(),
-                reason: "the entry type name is empty",
+                reason: "the entry type name is empty".to_owned(),
             });
         }
         self.filter.validate()

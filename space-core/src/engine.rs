@@ -77,7 +77,7 @@ impl AsRef<ClaimTicket> for ClaimTicket {
 }
 
 /// A claimed entry: a copy of it, and the ticket to commit or release the claim.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClaimedDocument {
     /// The entry as claimed.
     pub document: Document,
@@ -845,6 +845,39 @@ impl Engine {
         self.scan(query, |r, out: &mut Vec<Document>| out.push(r.document()))
     }
 
+    /// A page of at most `limit` matching entries, oldest first, after the cursor `after`
+    /// of the previous page (`None`: from the start). Returns the entries and the cursor
+    /// of the next page (`None` when this is the last one).
+    pub fn contents_page(
+        &self,
+        query: &Query,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Document>, Option<u64>)> {
+        query.validate()?;
+        let limit = limit.max(1);
+        let shard = self.shard(query.entry_type());
+        let st = shard.lock();
+        Self::check_kinds(&st, query)?;
+        let mut page = Vec::new();
+        let mut more = false;
+        let mut last = None;
+        st.store
+            .for_each_match(query.filter(), &Now::new(), |seq, r| {
+                if after.is_some_and(|a| seq <= a) {
+                    return true;
+                }
+                if page.len() == limit {
+                    more = true;
+                    return false;
+                }
+                page.push(r.document());
+                last = Some(seq);
+                true
+            });
+        Ok((page, if more { last } else { None }))
+    }
+
     /// The number of visible entries matching `query`.
     pub fn count(&self, query: &Query) -> Result<u64> {
         self.scan(query, |_, n: &mut u64| *n += 1)
@@ -1054,10 +1087,7 @@ impl Engine {
                 },
             );
         }
-        Ok(Subscription {
-            shared,
-            engine: self.clone(),
-        })
+        Ok(Subscription::local(shared, self.clone()))
     }
 
     pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
@@ -1088,10 +1118,7 @@ impl Engine {
             .cloned()
             .ok_or(SpaceError::SubscriptionClosed { id })?;
         shared.rewind(last_seq);
-        Ok(Subscription {
-            shared,
-            engine: self.clone(),
-        })
+        Ok(Subscription::local(shared, self.clone()))
     }
 
     pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
@@ -1293,7 +1320,7 @@ enum PendingState<T> {
 }
 
 impl<T: 'static> Pending<T> {
-    fn ready(value: T) -> Self {
+    pub(crate) fn ready(value: T) -> Self {
         Pending {
             state: PendingState::Ready(value),
         }

@@ -1,13 +1,17 @@
 //! The errors of space operations.
 
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use space_query::{DocumentError, QueryError, ValueKind};
 use thiserror::Error;
 
 use crate::entry::Key;
 
 /// What went wrong with a space operation. Every variant says what was wrong; none of them
-/// means that an entry was lost.
-#[derive(Clone, Debug, Error, PartialEq)]
+/// means that an entry was lost. The same type travels over the wire, so a node's refusal
+/// reaches the caller as the variant the node chose.
+#[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum SpaceError {
     /// The query is malformed, or compares a field with a literal of the wrong kind.
@@ -85,6 +89,52 @@ pub enum SpaceError {
     /// `take_all` was asked for zero entries.
     #[error("take_all needs max >= 1")]
     ZeroMax,
+    /// The entry is larger than the node accepts.
+    #[error("entry of type {entry_type:?} is {size} bytes, over the node's limit of {limit} bytes")]
+    TooLarge {
+        /// The entry type.
+        entry_type: String,
+        /// The entry's size, roughly as stored.
+        size: u64,
+        /// The node's limit.
+        limit: u64,
+    },
+    /// The node holds as many entries or bytes as it is allowed to.
+    #[error("the node is full: {reason}")]
+    Full {
+        /// Which limit was reached.
+        reason: String,
+    },
+    /// No connection to the node could be made or kept.
+    #[error("node {node} is unreachable: {reason}")]
+    Unreachable {
+        /// The node's address.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The node did not answer in time.
+    #[error("no answer from node {node} within {after:?}")]
+    TimedOut {
+        /// The node's address.
+        node: String,
+        /// How long the call waited.
+        after: Duration,
+    },
+    /// The node refused the connection (wrong token, protocol mismatch).
+    #[error("rejected by node {node}: {reason}")]
+    Rejected {
+        /// The node's address.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer sent something this side does not understand.
+    #[error("protocol error: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
 }
 
 /// Result alias for space operations.

@@ -19,6 +19,7 @@
 mod engine;
 mod entry;
 mod error;
+mod hash;
 mod lease;
 mod notify;
 mod seq;
@@ -26,6 +27,7 @@ mod signal;
 mod space;
 mod store;
 mod timers;
+pub mod wire;
 
 pub use engine::{
     ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats,
@@ -36,7 +38,7 @@ pub use lease::{Lease, MAX_LEASE};
 pub use notify::{
     DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
 };
-pub use space::{BlockingSpace, Claim, Space};
+pub use space::{BlockingSpace, Claim, RemoteBackend, Space};
 pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
 
 /// Gives memory back once a map is mostly empty, so that a burst (of subscriptions, say)

@@ -365,85 +365,174 @@ impl Hub {
     }
 }
 
+/// A subscription held on a node, from the client's side: what a remote [`Subscription`]
+/// is backed by. Implemented by `space-client`.
+pub trait RemoteFeed: Send + Sync {
+    /// The subscription's id on its node.
+    fn id(&self) -> u64;
+    /// Blocks until the next notification, the subscription closes, or the deadline.
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification>;
+    /// The next notification if one has arrived.
+    fn try_recv(&self) -> Option<Notification>;
+    /// Polls for the next notification.
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>>;
+    /// Events lost to gaps so far.
+    fn dropped(&self) -> u64;
+    /// Whether the subscription has ended.
+    fn is_closed(&self) -> bool;
+    /// Extends the lease on the node.
+    fn renew(&self, lease: crate::Lease) -> crate::Result<()>;
+    /// Ends the subscription on the node.
+    fn cancel(&self);
+    /// Lets go without cancelling (the node keeps it until its lease runs out).
+    fn detach(&self);
+}
+
+enum Backing {
+    Local {
+        shared: Arc<SubShared>,
+        engine: crate::engine::Engine,
+    },
+    Remote(Box<dyn RemoteFeed>),
+}
+
 /// A live subscription: a stream of [`Notification`]s for the changes that match its
 /// query, from the moment it was registered.
 ///
 /// Receive with the blocking [`recv`](Self::recv) / [`recv_timeout`](Self::recv_timeout)
 /// / [`try_recv`](Self::try_recv) from threads, or use it as a `futures::Stream` from async
-/// code. Dropping it (or [`cancel`](Self::cancel)) unsubscribes at once.
+/// code. Dropping it (or [`cancel`](Self::cancel)) unsubscribes at once. The same type is
+/// returned by the in-process space and by a remote one.
 pub struct Subscription {
-    pub(crate) shared: Arc<SubShared>,
-    pub(crate) engine: crate::engine::Engine,
+    backing: Backing,
+    query: Arc<Query>,
+    /// Set by [`detach`](Self::detach): dropping then does not unsubscribe.
+    detached: bool,
 }
 
 impl Subscription {
+    pub(crate) fn local(shared: Arc<SubShared>, engine: crate::engine::Engine) -> Subscription {
+        let query = shared.query.clone();
+        Subscription {
+            backing: Backing::Local { shared, engine },
+            query,
+            detached: false,
+        }
+    }
+
+    /// A subscription backed by a node (for `space-client`).
+    pub fn remote(query: Query, feed: Box<dyn RemoteFeed>) -> Subscription {
+        Subscription {
+            backing: Backing::Remote(feed),
+            query: Arc::new(query),
+            detached: false,
+        }
+    }
+
     /// The subscription's id on its node.
     pub fn id(&self) -> u64 {
-        self.shared.id
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.id,
+            Backing::Remote(feed) => feed.id(),
+        }
     }
 
     /// The query it matches.
     pub fn query(&self) -> &Query {
-        &self.shared.query
+        &self.query
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.recv_until(deadline),
+            Backing::Remote(feed) => feed.recv_until(deadline),
+        }
     }
 
     /// Blocks until the next notification; `None` once the subscription is closed
     /// (cancelled or its lease ran out).
     pub fn recv(&self) -> Option<Notification> {
-        self.shared.recv_until(None)
+        self.recv_until(None)
     }
 
     /// Waits up to `timeout` for the next notification; `None` on timeout or when closed.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Notification> {
-        self.shared.recv_until(Instant::now().checked_add(timeout))
+        self.recv_until(Instant::now().checked_add(timeout))
     }
 
     /// The next notification if one is queued; never waits.
     pub fn try_recv(&self) -> Option<Notification> {
-        self.shared.try_recv()
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.try_recv(),
+            Backing::Remote(feed) => feed.try_recv(),
+        }
     }
 
     /// How many events were dropped because this subscriber fell behind (each drop is also
     /// reported in order as a [`Notification::Gap`]).
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped()
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.dropped(),
+            Backing::Remote(feed) => feed.dropped(),
+        }
     }
 
     /// Whether the subscription has been cancelled or has expired.
     pub fn is_closed(&self) -> bool {
-        self.shared.is_closed()
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.is_closed(),
+            Backing::Remote(feed) => feed.is_closed(),
+        }
     }
 
-    /// Extends the subscription's lease from now.
+    /// Extends the subscription's lease from now. For a remote subscription this is a
+    /// call to the node and blocks until it answers.
     ///
     /// # Errors
     /// [`SpaceError::SubscriptionClosed`](crate::SpaceError) when it already ended, and
     /// [`SpaceError::InvalidLease`](crate::SpaceError) for an unusable lease.
     pub fn renew(&self, lease: crate::Lease) -> crate::Result<()> {
-        self.engine.renew_subscription(&self.shared, lease)
+        match &self.backing {
+            Backing::Local { shared, engine } => engine.renew_subscription(shared, lease),
+            Backing::Remote(feed) => feed.renew(lease),
+        }
     }
 
     /// Unsubscribes. Nothing is delivered after this returns, not even notifications that
     /// were already queued.
     pub fn cancel(&self) {
-        self.engine.unsubscribe(&self.shared);
+        match &self.backing {
+            Backing::Local { shared, engine } => engine.unsubscribe(shared),
+            Backing::Remote(feed) => feed.cancel(),
+        }
+    }
+
+    /// Delivers again from the event after `last_seq` (what is no longer kept comes back
+    /// as one gap). Used by the node to re-send what a subscriber did not acknowledge.
+    pub fn rewind(&self, last_seq: u64) {
+        if let Backing::Local { shared, .. } = &self.backing {
+            shared.rewind(last_seq);
+        }
     }
 
     /// Lets go of this handle without unsubscribing, as a subscriber that disconnects
     /// does: events keep being logged (up to the log's capacity) until the subscription's
-    /// lease runs out, and [`Engine::resume`](crate::Engine::resume) with the returned id
-    /// and the last sequence number seen picks up from there. Give such a subscription a
-    /// lease, or it lives until cancelled.
-    pub fn detach(self) -> u64 {
-        let id = self.shared.id;
-        std::mem::forget(self);
-        id
+    /// lease runs out, and `resume` with the returned id and the last sequence number seen
+    /// picks up from there. Give such a subscription a lease, or it lives until cancelled.
+    pub fn detach(mut self) -> u64 {
+        if let Backing::Remote(feed) = &self.backing {
+            feed.detach();
+        }
+        self.detached = true;
+        self.id()
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.cancel();
+        if !self.detached {
+            self.cancel();
+        }
     }
 }
 
@@ -451,15 +540,18 @@ impl futures_core::Stream for Subscription {
     type Item = Notification;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
-        self.shared.poll_recv(cx)
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.poll_recv(cx),
+            Backing::Remote(feed) => feed.poll_recv(cx),
+        }
     }
 }
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
-            .field("id", &self.shared.id)
-            .field("query", &self.shared.query.to_string())
+            .field("id", &self.id())
+            .field("query", &self.query.to_string())
             .finish()
     }
 }

@@ -1,12 +1,16 @@
-//! The typed, user-facing handle: [`Space`] (async) and [`BlockingSpace`] (threads).
+//! The typed, user-facing handle: [`Space`] (async) and [`BlockingSpace`] (threads), over
+//! either the in-process [`Engine`] or a node reached through a [`RemoteBackend`].
 //!
-//! Both are thin: each operation turns the entry into a document (or the query's result
-//! back into `T`) and calls the [`Engine`]. The two forms share every step except the
-//! wait itself, which is a blocked thread in one and a suspended task in the other.
+//! Every operation is written once: it turns the entry into a document (or the result back
+//! into `T`) and produces a [`Call`], which is finished either by blocking the thread or by
+//! awaiting. In-process calls run straight on the engine; remote ones become one request
+//! to a node.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use space_query::{Query, from_fields, to_fields};
+use futures::future::BoxFuture;
+use space_query::{Fields, Query, from_fields, to_fields};
 
 use crate::engine::{
     ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats,
@@ -15,12 +19,38 @@ use crate::entry::{Entry, Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::Lease;
 use crate::notify::{EventKinds, Subscription};
+use crate::wire::{Request, Response, Target};
+
+/// A node reached over the network, as `Space` sees it. Implemented by `space-client`.
+pub trait RemoteBackend: Send + Sync + 'static {
+    /// The node's id.
+    fn node(&self) -> NodeId;
+    /// Sends one request (retrying on a lost connection with the same request id) and
+    /// returns the node's answer.
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Response>>;
+    /// Registers a subscription whose events the node pushes to this client.
+    fn subscribe(
+        &self,
+        query: Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> BoxFuture<'static, Result<Subscription>>;
+    /// Picks up a detached subscription after `last_seq`.
+    fn resume(&self, id: u64, last_seq: u64) -> BoxFuture<'static, Result<Subscription>>;
+}
+
+#[derive(Clone)]
+enum Backend {
+    Local(Engine),
+    Remote(Arc<dyn RemoteBackend>),
+}
 
 /// A handle to a space: `Clone + Send + Sync`, cheap to clone, all clones share one space.
 ///
 /// The methods here are `async`; for plain threads use [`Space::blocking`], which has the
-/// same methods as blocking calls. Calls that wait (`read`, `take`, `take_all`, `claim`
-/// with a non-zero timeout) need a tokio runtime with the time driver in the async form.
+/// same methods as blocking calls. In-process calls that wait (`read`, `take`, `take_all`,
+/// `claim` with a non-zero timeout) need a tokio runtime with the time driver in the async
+/// form. A `Space` from `space_client::connect` has exactly the same methods and meaning.
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
@@ -40,7 +70,7 @@ use crate::notify::{EventKinds, Subscription};
 /// ```
 #[derive(Clone)]
 pub struct Space {
-    engine: Engine,
+    backend: Backend,
 }
 
 /// A claimed entry: hidden from everyone else until [`Space::commit`] removes it or
@@ -75,6 +105,33 @@ impl Default for Space {
     }
 }
 
+/// An operation in flight: done, waiting in the engine, or waiting for a node.
+enum Call<T> {
+    Done(Result<T>),
+    Local(Pending<Result<T>>),
+    Remote(BoxFuture<'static, Result<T>>),
+}
+
+impl<T: Send + 'static> Call<T> {
+    /// Blocks the thread until the result is there. A remote call is driven by the
+    /// client's runtime; this thread only waits for its answer.
+    fn wait(self) -> Result<T> {
+        match self {
+            Call::Done(r) => r,
+            Call::Local(p) => p.wait(),
+            Call::Remote(f) => futures::executor::block_on(f),
+        }
+    }
+
+    async fn wait_async(self) -> Result<T> {
+        match self {
+            Call::Done(r) => r,
+            Call::Local(p) => p.wait_async().await,
+            Call::Remote(f) => f.await,
+        }
+    }
+}
+
 fn check_type<T: Entry>(query: &Query) -> Result<()> {
     if query.entry_type() == T::ENTRY_TYPE {
         Ok(())
@@ -86,12 +143,35 @@ fn check_type<T: Entry>(query: &Query) -> Result<()> {
     }
 }
 
-fn encode<T: Entry>(entry: &T) -> Result<(space_query::Fields, Option<Key>)> {
+fn encode<T: Entry>(entry: &T) -> Result<(Fields, Option<Key>)> {
     let fields = to_fields(entry).map_err(|source| SpaceError::Document {
         entry_type: T::ENTRY_TYPE.to_owned(),
         source,
     })?;
     Ok((fields, entry.key()))
+}
+
+fn decode<T: Entry>(fields: Fields) -> Result<T> {
+    from_fields(fields).map_err(|source| SpaceError::Document {
+        entry_type: T::ENTRY_TYPE.to_owned(),
+        source,
+    })
+}
+
+fn unexpected(response: Response) -> SpaceError {
+    SpaceError::Protocol {
+        reason: format!("unexpected answer {response:?}"),
+    }
+}
+
+/// What a remote answer must be.
+macro_rules! expect {
+    ($response:expr, $pattern:pat => $value:expr) => {
+        match $response {
+            $pattern => Ok($value),
+            other => Err(unexpected(other)),
+        }
+    };
 }
 
 impl Space {
@@ -102,8 +182,20 @@ impl Space {
 
     /// A new in-memory space with the given settings.
     pub fn with_config(config: EngineConfig) -> Space {
+        Space::from_engine(Engine::new(config))
+    }
+
+    /// A handle on an existing engine.
+    pub fn from_engine(engine: Engine) -> Space {
         Space {
-            engine: Engine::new(config),
+            backend: Backend::Local(engine),
+        }
+    }
+
+    /// A handle on a node (for `space-client`).
+    pub fn from_remote(remote: Arc<dyn RemoteBackend>) -> Space {
+        Space {
+            backend: Backend::Remote(remote),
         }
     }
 
@@ -112,170 +204,495 @@ impl Space {
         BlockingSpace(self.clone())
     }
 
-    /// The document-level engine behind this handle.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The engine behind an in-process handle (`None` for a remote one).
+    pub fn local_engine(&self) -> Option<&Engine> {
+        match &self.backend {
+            Backend::Local(e) => Some(e),
+            Backend::Remote(_) => None,
+        }
     }
 
     /// The node id stamped on receipts and events.
     pub fn node(&self) -> NodeId {
-        self.engine.node()
+        match &self.backend {
+            Backend::Local(e) => e.node(),
+            Backend::Remote(r) => r.node(),
+        }
     }
 
-    fn decode<T: Entry>(&self, doc: Document) -> Result<T> {
-        from_fields(doc.fields.clone()).map_err(|source| {
-            // The entry was removed for this caller; it must not be lost.
-            if let Err(e) = self.engine.put_back(T::ENTRY_TYPE, doc) {
+    /// A remote call whose answer `finish` turns into the result.
+    fn remote<T: Send + 'static>(
+        remote: &Arc<dyn RemoteBackend>,
+        request: Request,
+        finish: impl FnOnce(Response) -> Result<T> + Send + 'static,
+    ) -> Call<T> {
+        let answer = remote.call(request);
+        Call::Remote(Box::pin(async move { finish(answer.await?) }))
+    }
+
+    /// Decodes taken documents; if one does not decode, every document goes back into the
+    /// space (it was removed for this caller and must not be lost) and the call fails.
+    fn decode_taken<T: Entry>(
+        docs: Vec<Document>,
+        put_back: impl FnOnce(Vec<Document>),
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in &docs {
+            match decode(doc.fields.clone()) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    put_back(docs);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_back_local(engine: &Engine, entry_type: &str, docs: Vec<Document>) {
+        for doc in docs {
+            if let Err(e) = engine.put_back(entry_type, doc) {
                 tracing::error!(error = %e, "could not put back an entry that failed to decode");
             }
-            SpaceError::Document {
-                entry_type: T::ENTRY_TYPE.to_owned(),
-                source,
-            }
-        })
+        }
     }
 
-    /// Decodes a copy (nothing to put back on failure).
-    fn decode_copy<T: Entry>(doc: Document) -> Result<T> {
-        from_fields(doc.fields).map_err(|source| SpaceError::Document {
-            entry_type: T::ENTRY_TYPE.to_owned(),
-            source,
-        })
+    fn put_back_remote(remote: &Arc<dyn RemoteBackend>, entry_type: &str, docs: Vec<Document>) {
+        for doc in docs {
+            let back = remote.call(Request::WriteDirect {
+                entry_type: entry_type.to_owned(),
+                indexes: Vec::new(),
+                entries: vec![(doc.fields, Some(doc.key))],
+                lease: Lease::Forever,
+            });
+            // The answer is not awaited here: the caller already gets the decode error.
+            std::thread::spawn(move || {
+                if let Err(e) = futures::executor::block_on(back) {
+                    tracing::error!(error = %e, "could not put back an entry that failed to decode");
+                }
+            });
+        }
     }
 
-    fn decode_claim<T: Entry>(&self, c: ClaimedDocument) -> Result<Claim<T>> {
-        match from_fields(c.document.fields) {
+    fn claim_of<T: Entry>(
+        c: ClaimedDocument,
+    ) -> std::result::Result<Claim<T>, (SpaceError, ClaimTicket)> {
+        match decode(c.document.fields) {
             Ok(entry) => Ok(Claim {
                 entry,
                 key: c.ticket.key.clone(),
                 expires: c.expires,
                 ticket: c.ticket,
             }),
-            Err(source) => {
-                let _ = self.engine.release(&c.ticket);
-                Err(SpaceError::Document {
-                    entry_type: T::ENTRY_TYPE.to_owned(),
-                    source,
-                })
-            }
+            Err(e) => Err((e, c.ticket)),
         }
     }
 
-    fn write_now<T: Entry>(&self, entry: &T, lease: Lease) -> Result<Receipt> {
-        let (fields, key) = encode(entry)?;
-        self.engine
-            .write_indexed(T::ENTRY_TYPE, T::INDEXES, fields, key, lease)
+    fn op_write<T: Entry>(&self, entries: &[&T], lease: Lease) -> Call<Vec<Receipt>> {
+        let docs = match entries
+            .iter()
+            .map(|e| encode(*e))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(d) => d,
+            Err(e) => return Call::Done(Err(e)),
+        };
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(if let [(fields, key)] = &docs[..] {
+                engine
+                    .write_indexed(
+                        T::ENTRY_TYPE,
+                        T::INDEXES,
+                        fields.clone(),
+                        key.clone(),
+                        lease,
+                    )
+                    .map(|r| vec![r])
+            } else {
+                engine.write_all(T::ENTRY_TYPE, T::INDEXES, docs, lease)
+            }),
+            Backend::Remote(r) => Self::remote(
+                r,
+                Request::WriteDirect {
+                    entry_type: T::ENTRY_TYPE.to_owned(),
+                    indexes: T::INDEXES.iter().map(|s| (*s).to_owned()).collect(),
+                    entries: docs,
+                    lease,
+                },
+                |resp| expect!(resp, Response::Receipts(r) => r),
+            ),
+        }
     }
 
-    fn write_all_now<T: Entry>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> {
-        let docs = entries.iter().map(encode).collect::<Result<Vec<_>>>()?;
-        self.engine
-            .write_all(T::ENTRY_TYPE, T::INDEXES, docs, lease)
+    fn op_write_one<T: Entry>(&self, entry: &T, lease: Lease) -> Call<Receipt> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(encode(entry).and_then(|(fields, key)| {
+                engine.write_indexed(T::ENTRY_TYPE, T::INDEXES, fields, key, lease)
+            })),
+            Backend::Remote(_) => match self.op_write(&[entry], lease) {
+                Call::Remote(f) => Call::Remote(Box::pin(async move {
+                    f.await?.pop().ok_or_else(|| SpaceError::Protocol {
+                        reason: "a write was answered without a receipt".into(),
+                    })
+                })),
+                Call::Done(r) => Call::Done(r.and_then(|mut v| {
+                    v.pop().ok_or_else(|| SpaceError::Protocol {
+                        reason: "a write was answered without a receipt".into(),
+                    })
+                })),
+                Call::Local(_) => Call::Done(Err(SpaceError::Protocol {
+                    reason: "a remote write ran locally".into(),
+                })),
+            },
+        }
     }
 
-    fn begin_read<T: Entry>(
-        &self,
-        query: &Query,
-        timeout: Duration,
-    ) -> Result<Pending<Result<Option<T>>>> {
-        check_type::<T>(query)?;
-        Ok(self
-            .engine
-            .read(query, timeout)?
-            .map(|d| d.map(Self::decode_copy).transpose()))
+    fn op_read<T: Entry>(&self, query: &Query, timeout: Duration) -> Call<Option<T>> {
+        if let Err(e) = check_type::<T>(query) {
+            return Call::Done(Err(e));
+        }
+        match &self.backend {
+            Backend::Local(engine) => match engine.read(query, timeout) {
+                Ok(p) => Call::Local(p.map(|d| d.map(|d| decode(d.fields)).transpose())),
+                Err(e) => Call::Done(Err(e)),
+            },
+            Backend::Remote(r) => Self::remote(
+                r,
+                Request::ReadDirect {
+                    target: Target::Query(query.clone()),
+                    timeout,
+                },
+                |resp| {
+                    expect!(resp, Response::Document(d) => d)?
+                        .map(|d| decode(d.fields))
+                        .transpose()
+                },
+            ),
+        }
     }
 
-    fn begin_take<T: Entry>(
-        &self,
-        query: &Query,
-        timeout: Duration,
-    ) -> Result<Pending<Result<Option<T>>>> {
-        check_type::<T>(query)?;
-        let this = self.clone();
-        Ok(self
-            .engine
-            .take(query, timeout)?
-            .map(move |d| d.map(|d| this.decode(d)).transpose()))
-    }
-
-    fn begin_take_all<T: Entry>(
-        &self,
-        query: &Query,
+    /// A remote take of up to `max` entries.
+    fn remote_take<T: Entry>(
+        r: &Arc<dyn RemoteBackend>,
+        target: Target,
         max: usize,
         timeout: Duration,
-    ) -> Result<Pending<Result<Vec<T>>>> {
-        check_type::<T>(query)?;
-        let this = self.clone();
-        Ok(self
-            .engine
-            .take_all(query, max, timeout)?
-            .map(move |docs| this.decode_all(docs)))
-    }
-
-    /// Decodes all taken documents, or puts every one of them back and fails.
-    fn decode_all<T: Entry>(&self, docs: Vec<Document>) -> Result<Vec<T>> {
-        let mut out = Vec::with_capacity(docs.len());
-        let mut failure = None;
-        for doc in &docs {
-            match from_fields(doc.fields.clone()) {
-                Ok(v) => out.push(v),
-                Err(source) => {
-                    failure = Some(source);
-                    break;
-                }
-            }
-        }
-        match failure {
-            None => Ok(out),
-            Some(source) => {
-                for doc in docs {
-                    if let Err(e) = self.engine.put_back(T::ENTRY_TYPE, doc) {
-                        tracing::error!(error = %e, "could not put back an entry that failed to decode");
-                    }
-                }
-                Err(SpaceError::Document {
-                    entry_type: T::ENTRY_TYPE.to_owned(),
-                    source,
+    ) -> Call<Vec<T>> {
+        let remote = r.clone();
+        Self::remote(
+            r,
+            Request::TakeDirect {
+                target,
+                max: u32::try_from(max).unwrap_or(u32::MAX),
+                timeout,
+            },
+            move |resp| {
+                let docs = expect!(resp, Response::Documents(d) => d)?;
+                Self::decode_taken(docs, |docs| {
+                    Self::put_back_remote(&remote, T::ENTRY_TYPE, docs)
                 })
+            },
+        )
+    }
+
+    /// Decodes one taken document, putting it back if it does not decode.
+    fn decode_one_taken<T: Entry>(engine: &Engine, doc: Option<Document>) -> Result<Option<T>> {
+        let Some(doc) = doc else {
+            return Ok(None);
+        };
+        match decode(doc.fields.clone()) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                Self::put_back_local(engine, T::ENTRY_TYPE, vec![doc]);
+                Err(e)
             }
         }
     }
 
-    fn begin_claim<T: Entry>(
+    fn op_take<T: Entry>(&self, query: &Query, timeout: Duration) -> Call<Option<T>> {
+        if let Err(e) = check_type::<T>(query) {
+            return Call::Done(Err(e));
+        }
+        match &self.backend {
+            Backend::Local(engine) => match engine.take(query, timeout) {
+                Ok(p) => {
+                    let engine = engine.clone();
+                    Call::Local(p.map(move |doc| Self::decode_one_taken(&engine, doc)))
+                }
+                Err(e) => Call::Done(Err(e)),
+            },
+            Backend::Remote(r) => Self::first(Self::remote_take(
+                r,
+                Target::Query(query.clone()),
+                1,
+                timeout,
+            )),
+        }
+    }
+
+    fn op_take_all<T: Entry>(&self, query: &Query, max: usize, timeout: Duration) -> Call<Vec<T>> {
+        if let Err(e) = check_type::<T>(query) {
+            return Call::Done(Err(e));
+        }
+        match &self.backend {
+            Backend::Local(engine) => match engine.take_all(query, max, timeout) {
+                Ok(p) => {
+                    let engine = engine.clone();
+                    Call::Local(p.map(move |docs| {
+                        Self::decode_taken(docs, |docs| {
+                            Self::put_back_local(&engine, T::ENTRY_TYPE, docs)
+                        })
+                    }))
+                }
+                Err(e) => Call::Done(Err(e)),
+            },
+            Backend::Remote(r) => Self::remote_take(r, Target::Query(query.clone()), max, timeout),
+        }
+    }
+
+    fn op_take_key<T: Entry>(&self, key: &Key) -> Call<Option<T>> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(Self::decode_one_taken(
+                engine,
+                engine.take_key(T::ENTRY_TYPE, key),
+            )),
+            Backend::Remote(r) => Self::first(Self::remote_take(
+                r,
+                Target::Key {
+                    entry_type: T::ENTRY_TYPE.to_owned(),
+                    key: key.clone(),
+                },
+                1,
+                Duration::ZERO,
+            )),
+        }
+    }
+
+    fn op_claim<T: Entry>(
         &self,
         query: &Query,
         lease: Lease,
         timeout: Duration,
-    ) -> Result<Pending<Result<Option<Claim<T>>>>> {
-        check_type::<T>(query)?;
-        let this = self.clone();
-        Ok(self
-            .engine
-            .claim(query, lease, timeout)?
-            .map(move |c| c.map(|c| this.decode_claim(c)).transpose()))
+    ) -> Call<Option<Claim<T>>> {
+        if let Err(e) = check_type::<T>(query) {
+            return Call::Done(Err(e));
+        }
+        match &self.backend {
+            Backend::Local(engine) => match engine.claim(query, lease, timeout) {
+                Ok(p) => {
+                    let engine = engine.clone();
+                    Call::Local(p.map(move |c| {
+                        c.map(|c| {
+                            Self::claim_of(c).map_err(|(e, ticket)| {
+                                let _ = engine.release(&ticket);
+                                e
+                            })
+                        })
+                        .transpose()
+                    }))
+                }
+                Err(e) => Call::Done(Err(e)),
+            },
+            Backend::Remote(r) => {
+                let remote = r.clone();
+                Self::remote(
+                    r,
+                    Request::Claim {
+                        query: query.clone(),
+                        lease,
+                        timeout,
+                    },
+                    move |resp| {
+                        let claimed = expect!(resp, Response::Claimed(c) => c)?;
+                        claimed
+                            .map(|c| {
+                                Self::claim_of(c).map_err(|(e, ticket)| {
+                                    drop(remote.call(Request::Release(ticket)));
+                                    e
+                                })
+                            })
+                            .transpose()
+                    },
+                )
+            }
+        }
     }
 
-    fn contents_now<T: Entry>(&self, query: &Query) -> Result<Vec<T>> {
-        check_type::<T>(query)?;
-        self.engine
-            .contents(query)?
-            .into_iter()
-            .map(Self::decode_copy)
-            .collect()
+    fn op_ticket(&self, request: Request) -> Call<Option<SystemTime>> {
+        match (&self.backend, request) {
+            (Backend::Local(e), Request::Commit(t)) => Call::Done(e.commit(&t).map(|()| None)),
+            (Backend::Local(e), Request::Release(t)) => Call::Done(e.release(&t).map(|()| None)),
+            (Backend::Local(e), Request::RenewClaim(t, lease)) => {
+                Call::Done(e.renew_claim(&t, lease).map(Some))
+            }
+            (
+                Backend::Local(e),
+                Request::Renew {
+                    entry_type,
+                    key,
+                    lease,
+                },
+            ) => Call::Done(e.renew(&entry_type, &key, lease)),
+            (Backend::Local(e), Request::Cancel { entry_type, key }) => {
+                Call::Done(e.cancel(&entry_type, &key).map(|()| None))
+            }
+            (Backend::Local(_), other) => Call::Done(Err(SpaceError::Protocol {
+                reason: format!("{other:?} is not a lease or claim operation"),
+            })),
+            (Backend::Remote(r), request) => Self::remote(r, request, |resp| match resp {
+                Response::Done => Ok(None),
+                Response::Expires(t) => Ok(t),
+                other => Err(unexpected(other)),
+            }),
+        }
     }
 
-    fn read_key_now<T: Entry>(&self, key: &Key) -> Result<Option<T>> {
-        self.engine
-            .read_key(T::ENTRY_TYPE, key)
-            .map(Self::decode_copy)
-            .transpose()
+    fn op_read_key<T: Entry>(&self, key: &Key) -> Call<Option<T>> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(
+                engine
+                    .read_key(T::ENTRY_TYPE, key)
+                    .map(|d| decode(d.fields))
+                    .transpose(),
+            ),
+            Backend::Remote(r) => Self::remote(
+                r,
+                Request::ReadDirect {
+                    target: Target::Key {
+                        entry_type: T::ENTRY_TYPE.to_owned(),
+                        key: key.clone(),
+                    },
+                    timeout: Duration::ZERO,
+                },
+                |resp| {
+                    expect!(resp, Response::Document(d) => d)?
+                        .map(|d| decode(d.fields))
+                        .transpose()
+                },
+            ),
+        }
     }
 
-    fn take_key_now<T: Entry>(&self, key: &Key) -> Result<Option<T>> {
-        self.engine
-            .take_key(T::ENTRY_TYPE, key)
-            .map(|d| self.decode(d))
-            .transpose()
+    fn op_contents<T: Entry>(&self, query: &Query) -> Call<Vec<T>> {
+        if let Err(e) = check_type::<T>(query) {
+            return Call::Done(Err(e));
+        }
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(
+                engine
+                    .contents(query)
+                    .and_then(|docs| docs.into_iter().map(|d| decode(d.fields)).collect()),
+            ),
+            Backend::Remote(r) => {
+                let remote = r.clone();
+                let query = query.clone();
+                Call::Remote(Box::pin(async move {
+                    let mut out = Vec::new();
+                    let mut after = None;
+                    loop {
+                        let resp = remote
+                            .call(Request::Contents {
+                                query: query.clone(),
+                                after,
+                                limit: 1000,
+                            })
+                            .await?;
+                        let (documents, next) =
+                            expect!(resp, Response::Page { documents, next } => (documents, next))?;
+                        for d in documents {
+                            out.push(decode(d.fields)?);
+                        }
+                        match next {
+                            Some(n) => after = Some(n),
+                            None => return Ok(out),
+                        }
+                    }
+                }))
+            }
+        }
+    }
+
+    fn op_count(&self, query: &Query) -> Call<u64> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(engine.count(query)),
+            Backend::Remote(r) => Self::remote(
+                r,
+                Request::Count(query.clone()),
+                |resp| expect!(resp, Response::Count(n) => n),
+            ),
+        }
+    }
+
+    fn op_notify(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Call<Subscription> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(engine.subscribe(query, kinds, lease)),
+            Backend::Remote(r) => Call::Remote(r.subscribe(query.clone(), kinds, lease)),
+        }
+    }
+
+    fn op_resume(&self, id: u64, last_seq: u64) -> Call<Subscription> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(engine.resume(id, last_seq)),
+            Backend::Remote(r) => Call::Remote(r.resume(id, last_seq)),
+        }
+    }
+
+    fn op_stats(&self) -> Call<Stats> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(Ok(engine.stats())),
+            Backend::Remote(r) => Self::remote(
+                r,
+                Request::Stats,
+                |resp| expect!(resp, Response::Stats(s) => s),
+            ),
+        }
+    }
+
+    fn first<T>(call: Call<Vec<T>>) -> Call<Option<T>>
+    where
+        T: Send + 'static,
+    {
+        match call {
+            Call::Done(r) => Call::Done(r.map(|v| v.into_iter().next())),
+            Call::Local(p) => Call::Local(p.map(|r| r.map(|v| v.into_iter().next()))),
+            Call::Remote(f) => {
+                Call::Remote(Box::pin(
+                    async move { f.await.map(|v| v.into_iter().next()) },
+                ))
+            }
+        }
+    }
+
+    fn unit(call: Call<Option<SystemTime>>) -> Call<()> {
+        match call {
+            Call::Done(r) => Call::Done(r.map(|_| ())),
+            Call::Local(p) => Call::Local(p.map(|r| r.map(|_| ()))),
+            Call::Remote(f) => Call::Remote(Box::pin(async move { f.await.map(|_| ()) })),
+        }
+    }
+
+    fn renew_claim_call(&self, ticket: &ClaimTicket, lease: Lease) -> Call<SystemTime> {
+        match self.op_ticket(Request::RenewClaim(ticket.clone(), lease)) {
+            Call::Done(r) => Call::Done(r.map(|t| t.unwrap_or_else(SystemTime::now))),
+            Call::Local(p) => Call::Local(p.map(|r| r.map(|t| t.unwrap_or_else(SystemTime::now)))),
+            Call::Remote(f) => Call::Remote(Box::pin(async move {
+                f.await.map(|t| t.unwrap_or_else(SystemTime::now))
+            })),
+        }
+    }
+
+    fn entry_request<T: Entry>(key: &Key, lease: Option<Lease>) -> Request {
+        match lease {
+            Some(lease) => Request::Renew {
+                entry_type: T::ENTRY_TYPE.to_owned(),
+                key: key.clone(),
+                lease,
+            },
+            None => Request::Cancel {
+                entry_type: T::ENTRY_TYPE.to_owned(),
+                key: key.clone(),
+            },
+        }
     }
 }
 
@@ -284,14 +701,14 @@ impl Space {
 macro_rules! both_forms {
     ($(
         $(#[$doc:meta])*
-        fn $name:ident $(<$T:ident>)? (&self $(, $arg:ident : $ty:ty)*) -> $ret:ty = $how:ident |$s:ident| $body:expr;
+        fn $name:ident $(<$T:ident>)? (&self $(, $arg:ident : $ty:ty)*) -> $ret:ty = |$s:ident| $body:expr;
     )*) => {
         impl Space {
             $(
                 $(#[$doc])*
                 pub async fn $name $(<$T: Entry>)? (&self $(, $arg: $ty)*) -> $ret {
                     let $s = self;
-                    both_forms!(@async $how $body)
+                    $body.wait_async().await
                 }
             )*
         }
@@ -300,105 +717,106 @@ macro_rules! both_forms {
                 $(#[$doc])*
                 pub fn $name $(<$T: Entry>)? (&self $(, $arg: $ty)*) -> $ret {
                     let $s = &self.0;
-                    both_forms!(@blocking $how $body)
+                    $body.wait()
                 }
             )*
         }
     };
-    (@async now $body:expr) => { $body };
-    (@blocking now $body:expr) => { $body };
-    (@async wait $body:expr) => { $body?.wait_async().await };
-    (@blocking wait $body:expr) => { $body?.wait() };
 }
 
 both_forms! {
     /// Stores a copy of `entry` with no time limit; returns its receipt (node, key,
-    /// version). Never waits for other operations beyond a brief lock.
-    fn write<T>(&self, entry: &T) -> Result<Receipt> = now |s| s.write_now(entry, Lease::Forever);
+    /// version). Never waits for other operations beyond a brief lock (in-process) or one
+    /// round trip (remote).
+    fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.op_write_one(entry, Lease::Forever);
 
     /// Stores a copy of `entry` that expires after `lease`.
-    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = now |s| s.write_now(entry, lease);
+    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.op_write_one(entry, lease);
 
     /// Stores all of `entries`, or none of them if any is refused.
-    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = now |s| s.write_all_now(entries, Lease::Forever);
+    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever);
 
     /// Stores all of `entries` with one lease, or none of them.
-    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = now |s| s.write_all_now(entries, lease);
+    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.op_write(&entries.iter().collect::<Vec<_>>(), lease);
 
     /// A copy of the oldest matching entry, waiting up to `timeout` for one to be written;
     /// `Ok(None)` on timeout. A zero timeout does not wait.
     ///
     /// Blocking/cancel: waits at most `timeout`; dropping the async form gives up the wait.
-    fn read<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = wait |s| s.begin_read(query, timeout);
+    fn read<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.op_read(query, timeout);
 
     /// A copy of the oldest matching entry if there is one now; never waits.
-    fn read_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = wait |s| s.begin_read(query, Duration::ZERO);
+    fn read_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.op_read(query, Duration::ZERO);
 
     /// Removes and returns the oldest matching entry, waiting up to `timeout`. Each entry
     /// goes to exactly one taker; among waiting takers, the one that waited longest wins.
     ///
     /// Blocking/cancel: waits at most `timeout`. Dropping the async form gives up the
     /// wait; an entry handed to it meanwhile goes back into the space.
-    fn take<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = wait |s| s.begin_take(query, timeout);
+    fn take<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.op_take(query, timeout);
 
     /// Removes and returns the oldest matching entry if there is one now; never waits.
-    fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = wait |s| s.begin_take(query, Duration::ZERO);
+    fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.op_take(query, Duration::ZERO);
 
     /// Removes at least one (waiting up to `timeout` for it) and at most `max` matching
     /// entries, oldest first. Empty on timeout.
-    fn take_all<T>(&self, query: &Query, max: usize, timeout: Duration) -> Result<Vec<T>> = wait |s| s.begin_take_all(query, max, timeout);
+    fn take_all<T>(&self, query: &Query, max: usize, timeout: Duration) -> Result<Vec<T>> = |s| if max == 0 { Call::Done(Err(SpaceError::ZeroMax)) } else { s.op_take_all(query, max, timeout) };
 
     /// Claims the oldest matching entry for `lease` (a leased take), waiting up to
     /// `timeout`. Commit removes it; release or the lease running out puts it back.
     ///
     /// Blocking/cancel: as [`take`](Self::take); a claim handed to a dropped future is
     /// released.
-    fn claim<T>(&self, query: &Query, lease: Lease, timeout: Duration) -> Result<Option<Claim<T>>> = wait |s| s.begin_claim(query, lease, timeout);
+    fn claim<T>(&self, query: &Query, lease: Lease, timeout: Duration) -> Result<Option<Claim<T>>> = |s| s.op_claim(query, lease, timeout);
 
     /// Removes a claimed entry for good. Fails with [`SpaceError::ClaimLost`] when the
     /// claim's lease ran out first.
-    fn commit(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = now |s| s.engine.commit(claim.as_ref());
+    fn commit(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| Space::unit(s.op_ticket(Request::Commit(claim.as_ref().clone())));
 
     /// Puts a claimed entry back into the space.
-    fn release(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = now |s| s.engine.release(claim.as_ref());
+    fn release(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| Space::unit(s.op_ticket(Request::Release(claim.as_ref().clone())));
 
     /// Extends a claim's lease from now; returns the new expiry.
-    fn renew_claim(&self, claim: &impl AsRef<ClaimTicket>, lease: Lease) -> Result<SystemTime> = now |s| s.engine.renew_claim(claim.as_ref(), lease);
+    fn renew_claim(&self, claim: &impl AsRef<ClaimTicket>, lease: Lease) -> Result<SystemTime> = |s| s.renew_claim_call(claim.as_ref(), lease);
 
     /// A copy of the entry with this key, if it is visible.
-    fn read_key<T>(&self, key: &Key) -> Result<Option<T>> = now |s| s.read_key_now(key);
+    fn read_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.op_read_key(key);
 
     /// Removes and returns the entry with this key, if it is visible.
-    fn take_key<T>(&self, key: &Key) -> Result<Option<T>> = now |s| s.take_key_now(key);
+    fn take_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.op_take_key(key);
 
-    /// Copies of every matching entry, oldest first: a snapshot, not a live view.
-    fn contents<T>(&self, query: &Query) -> Result<Vec<T>> = now |s| s.contents_now(query);
+    /// Copies of every matching entry, oldest first: a snapshot, not a live view (fetched
+    /// page by page from a node).
+    fn contents<T>(&self, query: &Query) -> Result<Vec<T>> = |s| s.op_contents(query);
 
     /// The number of visible matching entries.
-    fn count(&self, query: &Query) -> Result<u64> = now |s| s.engine.count(query);
+    fn count(&self, query: &Query) -> Result<u64> = |s| s.op_count(query);
 
     /// Subscribes to the changes of matching entries whose kind is in `kinds`, from now
     /// on, for as long as the returned [`Subscription`] lives.
-    fn notify(&self, query: &Query, kinds: EventKinds) -> Result<Subscription> = now |s| s.engine.subscribe(query, kinds, Lease::Forever);
+    fn notify(&self, query: &Query, kinds: EventKinds) -> Result<Subscription> = |s| s.op_notify(query, kinds, Lease::Forever);
 
     /// As [`notify`](Self::notify), with a lease after which the subscription ends.
-    fn notify_with_lease(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Result<Subscription> = now |s| s.engine.subscribe(query, kinds, lease);
+    fn notify_with_lease(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Result<Subscription> = |s| s.op_notify(query, kinds, lease);
 
     /// Picks up a detached subscription after `last_seq`; see [`Engine::resume`].
-    fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = now |s| s.engine.resume(id, last_seq);
+    fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = |s| s.op_resume(id, last_seq);
 
     /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
-    fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = now |s| s.engine.renew(T::ENTRY_TYPE, key, lease);
+    fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = |s| s.op_ticket(Space::entry_request::<T>(key, Some(lease)));
 
     /// Cancels an entry's lease: the entry is removed at once (an `Expired` event).
-    fn cancel<T>(&self, key: &Key) -> Result<()> = now |s| s.engine.cancel(T::ENTRY_TYPE, key);
+    fn cancel<T>(&self, key: &Key) -> Result<()> = |s| Space::unit(s.op_ticket(Space::entry_request::<T>(key, None)));
 
     /// Counters: entries, bytes, waiters, subscriptions.
-    fn stats(&self) -> Stats = now |s| s.engine.stats();
+    fn stats(&self) -> Result<Stats> = |s| s.op_stats();
 }
 
 /// The blocking form of [`Space`]: the same operations, each blocking the calling thread
 /// for at most its timeout. Get one with [`Space::blocking`]; `Clone + Send + Sync`.
+///
+/// Do not call it from inside an async task (it would block the task's thread); use the
+/// async form there.
 #[derive(Clone)]
 pub struct BlockingSpace(Space);
 

@@ -69,5 +69,5 @@ fn every_entry_is_taken_exactly_once() {
         .count();
     assert_eq!((never, twice), (0, 0), "lost {never}, duplicated {twice}");
     assert_eq!(space.count(&Query::of::<Item>()).unwrap(), 0);
-    assert_eq!(space.stats().entries, 0);
+    assert_eq!(space.stats().unwrap().entries, 0);
 }

@@ -41,7 +41,7 @@ fn an_expired_entry_is_never_returned_and_produces_an_expiry_event() {
     // The reaper removes it without any caller and announces it.
     let e = next_event(&sub);
     assert_eq!((e.kind, &e.key), (EventKind::Expired, &receipt.key));
-    assert_eq!(space.stats().entries, 0);
+    assert_eq!(space.stats().unwrap().entries, 0);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn a_claimed_entry_is_hidden_and_commit_removes_it() {
     );
     assert_eq!(space.count(&jobs()).unwrap(), 0);
     space.commit(&claim).unwrap();
-    assert_eq!(space.stats().entries, 0);
+    assert_eq!(space.stats().unwrap().entries, 0);
     assert!(matches!(
         space.commit(&claim),
         Err(SpaceError::ClaimLost { .. })
@@ -104,7 +104,7 @@ fn a_released_claim_puts_the_entry_back_for_a_waiting_taker() {
         let s = space.clone();
         std::thread::spawn(move || s.take::<Job>(&jobs(), Duration::from_secs(10)).unwrap())
     };
-    while space.stats().waiters == 0 {
+    while space.stats().unwrap().waiters == 0 {
         std::thread::yield_now();
     }
     space.release(&claim).unwrap();
@@ -159,19 +159,19 @@ fn a_blocked_claim_is_served_by_a_write() {
                 .unwrap()
         })
     };
-    while space.stats().waiters == 0 {
+    while space.stats().unwrap().waiters == 0 {
         std::thread::yield_now();
     }
     space.write(&job(9)).unwrap();
     let claim = claimer.join().unwrap().unwrap();
     assert_eq!(claim.entry, job(9));
     assert_eq!(
-        space.stats().entries,
+        space.stats().unwrap().entries,
         1,
         "a claimed entry stays stored until commit"
     );
     space.commit(&claim).unwrap();
-    assert_eq!(space.stats().entries, 0);
+    assert_eq!(space.stats().unwrap().entries, 0);
 }
 
 #[test]
@@ -199,5 +199,5 @@ fn a_subscription_lease_ends_delivery_by_itself() {
         sub.renew(Lease::secs(1)),
         Err(SpaceError::SubscriptionClosed { .. })
     ));
-    assert_eq!(space.stats().subscriptions, 0);
+    assert_eq!(space.stats().unwrap().subscriptions, 0);
 }

@@ -94,7 +94,11 @@ fn timeouts_are_honoured() {
         assert_eq!(space.read::<Job>(&all_jobs(), SHORT).unwrap(), None);
         assert!(start.elapsed() >= SHORT);
     }
-    assert_eq!(space.stats().waiters, 0, "timed-out waiters are removed");
+    assert_eq!(
+        space.stats().unwrap().waiters,
+        0,
+        "timed-out waiters are removed"
+    );
 }
 
 #[test]
@@ -323,7 +327,7 @@ fn a_blocked_take_wakes_only_for_a_matching_write() {
                 .unwrap()
         })
     };
-    while space.stats().waiters == 0 {
+    while space.stats().unwrap().waiters == 0 {
         std::thread::yield_now();
     }
     space.write(&job(1, "other")).unwrap();
@@ -341,7 +345,7 @@ fn the_longest_waiting_taker_wins_and_readers_get_copies() {
         takers.push(std::thread::spawn(move || {
             s.take::<Job>(&all_jobs(), Duration::from_secs(10)).unwrap()
         }));
-        while space.stats().waiters < n + 1 {
+        while space.stats().unwrap().waiters < n + 1 {
             std::thread::yield_now();
         }
     }
@@ -349,7 +353,7 @@ fn the_longest_waiting_taker_wins_and_readers_get_copies() {
         let s = space.clone();
         std::thread::spawn(move || s.read::<Job>(&all_jobs(), Duration::from_secs(10)).unwrap())
     };
-    while space.stats().waiters < 4 {
+    while space.stats().unwrap().waiters < 4 {
         std::thread::yield_now();
     }
     for id in 0..3 {
@@ -419,7 +423,7 @@ async fn a_dropped_take_future_loses_nothing() {
         "taken {completed_takes}, left {left}"
     );
     assert_eq!(
-        space.stats().await.waiters,
+        space.stats().await.unwrap().waiters,
         0,
         "dropped takes leave no waiter behind"
     );

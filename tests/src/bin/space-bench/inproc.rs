@@ -207,7 +207,7 @@ fn space_wakeups(samples: u64) -> Result<Histogram<u64>> {
 
 /// Waits until the taker is blocked in the space (and a little longer, so it is asleep).
 fn wait_for_waiter(space: &BlockingSpace) {
-    while space.stats().waiters == 0 {
+    while space.stats().unwrap().waiters == 0 {
         std::thread::yield_now();
     }
     std::thread::sleep(Duration::from_micros(200));

@@ -1,0 +1,471 @@
+//! The wire: the one RPC service nodes serve and clients call, its messages, the codec and
+//! the handshake. Defined here so that `space-node` and `space-client` share one
+//! definition; this module knows messages and frames, not sockets.
+//!
+//! A connection is a stream of length-delimited frames (at most
+//! [`DEFAULT_MAX_FRAME`] bytes unless configured). The first frame each way is the
+//! handshake: the client's [`Hello`] (magic, protocol version, optional token) and the node's
+//! [`Welcome`]. After it, the frames carry tarpc messages encoded with postcard (a compact,
+//! maintained serde format): [`SpaceService::call`] with an [`Envelope`], one spawned task
+//! per request on the node. Every mutating request carries a [`RequestId`]; a node answers
+//! a repeated id with the first answer, so a client that retries after a lost reply neither
+//! loses a taken entry nor writes one twice.
+//!
+//! Notify events travel the other way: the client serves [`SubscriberService`] and the node
+//! pushes batches of [`Notification`]s to it.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use space_query::{Fields, Query};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::engine::{ClaimTicket, ClaimedDocument, Document, Receipt, Stats};
+use crate::entry::{Key, NodeId};
+use crate::error::SpaceError;
+use crate::lease::Lease;
+use crate::notify::{EventKinds, Notification};
+
+/// The first bytes of every handshake.
+pub const MAGIC: [u8; 4] = *b"SPC1";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The default largest frame, in bytes (16 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+/// The number of hash ranges the key space is split into.
+pub const RANGES: u32 = 1024;
+
+/// Identifies one logical request across retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub u128);
+
+impl RequestId {
+    /// A fresh random id.
+    pub fn new() -> RequestId {
+        RequestId(uuid::Uuid::new_v4().as_u128())
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId::new()
+    }
+}
+
+/// What a read or take addresses: one key, or the oldest match of a query.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Target {
+    /// The entry with this key (ReadDirect / TakeDirect by key).
+    Key {
+        /// The entry type.
+        entry_type: String,
+        /// The key.
+        key: Key,
+    },
+    /// Matches of a query, oldest first.
+    Query(Query),
+}
+
+/// A node and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub node: NodeId,
+    /// The address clients connect to.
+    pub address: String,
+    /// The node's labels (`zone=a`).
+    pub labels: Vec<(String, String)>,
+}
+
+/// Which node is primary for each of the [`RANGES`] hash ranges, with an epoch that grows
+/// on every change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Grows with every change of ownership.
+    pub epoch: u64,
+    /// The nodes.
+    pub nodes: Vec<NodeInfo>,
+    /// For each range, the index in `nodes` of its primary.
+    pub owners: Vec<u32>,
+}
+
+/// One operation, as sent to a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Store entries of one type (all or none).
+    WriteDirect {
+        /// The entry type.
+        entry_type: String,
+        /// Fields the type indexes (sent with a client's first write of the type).
+        indexes: Vec<String>,
+        /// Documents, each with its user key if it has one.
+        entries: Vec<(Fields, Option<Key>)>,
+        /// Their lease.
+        lease: Lease,
+    },
+    /// A copy of an entry, waiting up to `timeout` for a query's first match.
+    ReadDirect {
+        /// What to read.
+        target: Target,
+        /// How long to wait (zero: do not wait).
+        timeout: Duration,
+    },
+    /// Remove and return entries: at least one (waiting up to `timeout`), at most `max`.
+    TakeDirect {
+        /// What to take.
+        target: Target,
+        /// At most this many (1 for a plain take).
+        max: u32,
+        /// How long to wait (zero: do not wait).
+        timeout: Duration,
+    },
+    /// A leased take.
+    Claim {
+        /// What to claim.
+        query: Query,
+        /// The claim's lease.
+        lease: Lease,
+        /// How long to wait.
+        timeout: Duration,
+    },
+    /// Remove a claimed entry for good.
+    Commit(ClaimTicket),
+    /// Give a claimed entry back.
+    Release(ClaimTicket),
+    /// Extend a claim.
+    RenewClaim(ClaimTicket, Lease),
+    /// Extend an entry's lease.
+    Renew {
+        /// The entry type.
+        entry_type: String,
+        /// The key.
+        key: Key,
+        /// The new lease, from now.
+        lease: Lease,
+    },
+    /// Cancel an entry's lease (remove it).
+    Cancel {
+        /// The entry type.
+        entry_type: String,
+        /// The key.
+        key: Key,
+    },
+    /// Count visible matches.
+    Count(Query),
+    /// A page of matching entries, oldest first, after a cursor from an earlier page.
+    Contents {
+        /// The query.
+        query: Query,
+        /// Where the previous page ended (`None`: from the start).
+        after: Option<u64>,
+        /// At most this many entries.
+        limit: u32,
+    },
+    /// Which node holds (or would hold) this key.
+    FindFor(Key),
+    /// A node with room for `size` bytes that carries all the labels.
+    FindPlaceFor {
+        /// The key, if the entry has one.
+        key: Option<Key>,
+        /// The entry's size in bytes.
+        size: u64,
+        /// Labels the node must carry.
+        labels: Vec<(String, String)>,
+    },
+    /// Register a subscription whose events the node pushes to `endpoint`.
+    Subscribe {
+        /// The query.
+        query: Query,
+        /// Which kinds of change to report.
+        kinds: EventKinds,
+        /// The subscription's lease.
+        lease: Lease,
+        /// Where the client serves [`SubscriberService`].
+        endpoint: SocketAddr,
+    },
+    /// Pick up a subscription after `last_seq`, delivering to `endpoint`.
+    Resume {
+        /// The subscription id.
+        id: u64,
+        /// The last sequence number the client has (0: none).
+        last_seq: u64,
+        /// Where to deliver from now on.
+        endpoint: SocketAddr,
+    },
+    /// Extend a subscription's lease.
+    RenewSubscription {
+        /// The subscription id.
+        id: u64,
+        /// The new lease, from now.
+        lease: Lease,
+    },
+    /// End a subscription.
+    CancelSubscription(u64),
+    /// The node's view of the cluster.
+    Topology,
+    /// Counters.
+    Stats,
+}
+
+impl Request {
+    /// Whether a retried request must get the first answer rather than run again.
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Request::ReadDirect { .. }
+                | Request::Count(_)
+                | Request::Contents { .. }
+                | Request::FindFor(_)
+                | Request::FindPlaceFor { .. }
+                | Request::Topology
+                | Request::Stats
+        )
+    }
+
+    /// How long the node may legitimately take before answering (its own timeout).
+    pub fn wait(&self) -> Duration {
+        match self {
+            Request::ReadDirect { timeout, .. }
+            | Request::TakeDirect { timeout, .. }
+            | Request::Claim { timeout, .. } => *timeout,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Receipts of a write.
+    Receipts(Vec<Receipt>),
+    /// A read's copy (or nothing).
+    Document(Option<Document>),
+    /// Taken entries.
+    Documents(Vec<Document>),
+    /// A claim (or nothing).
+    Claimed(Option<ClaimedDocument>),
+    /// Done, nothing to report.
+    Done,
+    /// A new expiry (`None`: forever).
+    Expires(Option<SystemTime>),
+    /// A count.
+    Count(u64),
+    /// A page of contents and the cursor of the next one.
+    Page {
+        /// The entries.
+        documents: Vec<Document>,
+        /// Pass as `after` for the next page; `None` when this was the last.
+        next: Option<u64>,
+    },
+    /// A node.
+    Node(NodeInfo),
+    /// A subscription's id.
+    Subscribed(u64),
+    /// The topology.
+    Topology(Topology),
+    /// Counters.
+    Stats(Stats),
+}
+
+/// A request with its id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Identifies the request across retries.
+    pub id: RequestId,
+    /// The operation.
+    pub request: Request,
+}
+
+/// The service every node serves.
+#[tarpc::service]
+pub trait SpaceService {
+    /// Runs one operation.
+    async fn call(envelope: Envelope) -> Result<Response, SpaceError>;
+}
+
+/// The service a subscribing client serves, for nodes to push events to.
+#[tarpc::service]
+pub trait SubscriberService {
+    /// Delivers events of one subscription, in order. Returns false when the client no
+    /// longer wants the subscription (the node then cancels it).
+    async fn deliver(subscription: u64, notifications: Vec<Notification>) -> bool;
+}
+
+/// The first frame of a connection, from the connecting side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`MAGIC`].
+    pub magic: [u8; 4],
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The node's auth token, when it requires one.
+    pub token: Option<String>,
+}
+
+impl Hello {
+    /// A hello of this build, with an optional token.
+    pub fn new(token: Option<String>) -> Hello {
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            token,
+        }
+    }
+}
+
+/// The answer to a [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Welcome {
+    /// Go ahead: tarpc frames follow.
+    Accepted {
+        /// The node's id.
+        node: NodeId,
+    },
+    /// The connection is refused and will be closed.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Length-delimited framing with a bounded frame size.
+pub fn framed<S: AsyncRead + AsyncWrite>(
+    io: S,
+    max_frame: usize,
+) -> Framed<S, LengthDelimitedCodec> {
+    Framed::new(
+        io,
+        LengthDelimitedCodec::builder()
+            .max_frame_length(max_frame)
+            .new_codec(),
+    )
+}
+
+/// Sends one postcard-encoded frame.
+pub async fn send_frame<S, T>(
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+    value: &T,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let bytes = postcard::to_stdvec(value).map_err(std::io::Error::other)?;
+    framed.send(Bytes::from(bytes)).await
+}
+
+/// Receives one postcard-encoded frame; `None` when the peer closed the connection.
+pub async fn recv_frame<S, T>(
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+) -> std::io::Result<Option<T>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: DeserializeOwned,
+{
+    match framed.next().await {
+        None => Ok(None),
+        Some(frame) => {
+            let frame = frame?;
+            postcard::from_bytes(&frame)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        }
+    }
+}
+
+/// The postcard codec for tarpc's serde transport.
+pub struct Postcard<Item, SinkItem>(PhantomData<fn(SinkItem) -> Item>);
+
+impl<Item, SinkItem> Default for Postcard<Item, SinkItem> {
+    fn default() -> Self {
+        Postcard(PhantomData)
+    }
+}
+
+impl<Item, SinkItem: Serialize> tokio_serde::Serializer<SinkItem> for Postcard<Item, SinkItem> {
+    type Error = std::io::Error;
+    fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> Result<Bytes, Self::Error> {
+        postcard::to_stdvec(item)
+            .map(Bytes::from)
+            .map_err(std::io::Error::other)
+    }
+}
+
+impl<Item: DeserializeOwned, SinkItem> tokio_serde::Deserializer<Item>
+    for Postcard<Item, SinkItem>
+{
+    type Error = std::io::Error;
+    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, Self::Error> {
+        postcard::from_bytes(src)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// A tarpc transport over framed bytes, with the postcard codec.
+pub type Transport<S, Item, SinkItem> =
+    tarpc::serde_transport::Transport<S, Item, SinkItem, Postcard<Item, SinkItem>>;
+
+/// Turns a framed stream (after the handshake) into a tarpc transport.
+pub fn transport<S, Item, SinkItem>(
+    framed: Framed<S, LengthDelimitedCodec>,
+) -> Transport<S, Item, SinkItem>
+where
+    S: AsyncRead + AsyncWrite,
+    Item: DeserializeOwned,
+    SinkItem: Serialize,
+{
+    tarpc::serde_transport::new(framed, Postcard::default())
+}
+
+/// The range of a key: `hash32(key) >> 22`, one of [`RANGES`].
+pub fn range_of(key: &Key) -> u32 {
+    crate::hash::hash32(key) >> 22
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_postcard() {
+        let req = Envelope {
+            id: RequestId::new(),
+            request: Request::TakeDirect {
+                target: Target::Query(Query::for_type("Job").eq("kind", "x").gt("size", 2.5)),
+                max: 3,
+                timeout: Duration::from_millis(250),
+            },
+        };
+        let bytes = postcard::to_stdvec(&req).unwrap();
+        let back: Envelope = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, req);
+        let mut f = Fields::new();
+        f.push("a", space_query::Value::Bytes(vec![1, 2, 3]));
+        f.push(
+            "b",
+            space_query::Value::List(vec![space_query::Value::F64(1.5), space_query::Value::Null]),
+        );
+        let write = Request::WriteDirect {
+            entry_type: "T".into(),
+            indexes: vec!["a".into()],
+            entries: vec![(f, Some(Key::Name("k".into())))],
+            lease: Lease::secs(5),
+        };
+        let back: Request = postcard::from_bytes(&postcard::to_stdvec(&write).unwrap()).unwrap();
+        assert_eq!(back, write);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for junk in [&[][..], &[0xff; 7][..], &[3, 200, 200, 200, 200, 200][..]] {
+            assert!(postcard::from_bytes::<Envelope>(junk).is_err());
+        }
+    }
+}
