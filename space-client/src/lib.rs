@@ -1,9 +1,9 @@
-//! The crate workers use to reach the space.
+//! The crate workers use to reach the space: in-process, or on a `space-node`.
 //!
-//! Today it offers the in-process space: a [`Space`] shared by the threads or tasks of one
-//! program. The network client (`Space::connect`) will return the very same handle type,
-//! so worker code written against this crate does not change when the space moves into a
-//! `space-node` server.
+//! [`Space::new`] gives an in-process space shared by the threads or tasks of one program;
+//! [`connect`] (or `Space::connect` with [`Connect`] in scope) gives the very same handle
+//! type on a node, so worker code does not change when the space moves into a server.
+//! [`connect_blocking`] is the form for plain threads.
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
@@ -21,6 +21,13 @@
 //! # Ok::<(), space_client::SpaceError>(())
 //! ```
 
+mod remote;
+
+pub use remote::{
+    ClientConfig, Connect, Connection, connect, connect_blocking, connect_blocking_with,
+    connect_with, space_of,
+};
+pub use space_core::wire;
 pub use space_core::{
     BlockingSpace, Claim, ClaimTicket, Entry, EntryType, Event, EventKind, EventKinds, Filter,
     IntoKey, Key, Lease, NodeId, Notification, Query, QueryError, Receipt, Result, Space,

@@ -32,7 +32,7 @@ use crate::error::{Result, SpaceError};
 use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
 use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, Hub, SubShared, Subscription};
 use crate::signal::{Slot, SlotFuture, Wakeup};
-use crate::store::{ClaimState, Record, Store};
+use crate::store::{ClaimState, Record, Store, Totals};
 use crate::timers::{TimerKind, Timers};
 
 /// An entry as the engine hands it out: its key, version and fields.
@@ -111,6 +111,12 @@ pub struct EngineConfig {
     pub node: NodeId,
     /// How many notifications a subscription queues before it reports a gap.
     pub queue_capacity: usize,
+    /// Largest entry accepted, in bytes of document (`None`: no limit).
+    pub max_entry_bytes: Option<u64>,
+    /// Most entries held at once; writes beyond get [`SpaceError::Full`].
+    pub max_entries: Option<u64>,
+    /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -118,6 +124,9 @@ impl Default for EngineConfig {
         EngineConfig {
             node: NodeId(0),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_entry_bytes: None,
+            max_entries: None,
+            max_bytes: None,
         }
     }
 }
@@ -139,6 +148,8 @@ struct Inner {
     next_sub: AtomicU64,
     /// Every live subscription by id (for resume, renew and cancel by id).
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
+    /// Entries and bytes held, for the limits.
+    totals: Arc<Totals>,
 }
 
 impl Drop for Inner {
@@ -276,6 +287,7 @@ impl Engine {
             next_token: AtomicU64::new(1),
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
+            totals: Arc::new(Totals::default()),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -307,7 +319,7 @@ impl Engine {
             name: Arc::from(entry_type),
             declared: AtomicPtr::new(std::ptr::null_mut()),
             state: std::sync::Mutex::new(TypeState {
-                store: Store::default(),
+                store: Store::new(self.inner.totals.clone()),
                 waiters: VecDeque::new(),
                 hub: Hub::new(Arc::from(entry_type)),
                 wakes: Vec::new(),
@@ -391,6 +403,7 @@ impl Engine {
     ) -> Result<Receipt> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
+        self.check_limits(entry_type, &[&fields])?;
         let key = NewKey::new(key);
         self.with_shard(entry_type, |shard| {
             self.declare(shard, indexes);
@@ -413,6 +426,10 @@ impl Engine {
     ) -> Result<Vec<Receipt>> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
+        self.check_limits(
+            entry_type,
+            &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
+        )?;
         let shard = self.shard(entry_type);
         self.declare(&shard, indexes);
         let mut guard = shard.lock();
@@ -444,6 +461,54 @@ impl Engine {
 
     /// Checks a new entry against the type's schema and keys; returns whether it has
     /// fields the schema has not seen yet.
+    /// Refuses entries over the size limit, or that would take the engine over its limits.
+    fn check_limits(&self, entry_type: &str, docs: &[&Fields]) -> Result<()> {
+        let config = &self.inner.config;
+        if config.max_entry_bytes.is_none()
+            && config.max_entries.is_none()
+            && config.max_bytes.is_none()
+        {
+            return Ok(());
+        }
+        let sizes: Vec<u64> = docs.iter().map(|f| f.approx_size() as u64).collect();
+        if let Some(limit) = config.max_entry_bytes {
+            if let Some(&size) = sizes.iter().find(|&&s| s > limit) {
+                return Err(SpaceError::TooLarge {
+                    entry_type: entry_type.to_owned(),
+                    size,
+                    limit,
+                });
+            }
+        }
+        let held = self.inner.totals.entries.load(Ordering::Relaxed);
+        if let Some(max) = config.max_entries {
+            if held + docs.len() as u64 > max {
+                return Err(SpaceError::Full {
+                    reason: format!("it holds {held} entries and its limit is {max}"),
+                });
+            }
+        }
+        let bytes = self.inner.totals.bytes.load(Ordering::Relaxed);
+        if let Some(max) = config.max_bytes {
+            if bytes + sizes.iter().sum::<u64>() > max {
+                return Err(SpaceError::Full {
+                    reason: format!("it holds {bytes} bytes of entries and its limit is {max}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of documents held now, for placement decisions.
+    pub fn held_bytes(&self) -> u64 {
+        self.inner.totals.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
     fn check_new(
         st: &TypeState,
         entry_type: &str,

@@ -36,7 +36,7 @@ pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
 pub use lease::{Lease, MAX_LEASE};
 pub use notify::{
-    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
+    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, RemoteFeed, Subscription,
 };
 pub use space::{BlockingSpace, Claim, RemoteBackend, Space};
 pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};

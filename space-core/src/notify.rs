@@ -536,14 +536,29 @@ impl Drop for Subscription {
     }
 }
 
-impl futures_core::Stream for Subscription {
-    type Item = Notification;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+impl Subscription {
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
         match &self.backing {
             Backing::Local { shared, .. } => shared.poll_recv(cx),
             Backing::Remote(feed) => feed.poll_recv(cx),
         }
+    }
+
+    /// Waits for the next notification without blocking a thread; `None` once the
+    /// subscription is closed. (The same as the `Stream` implementation, through `&self`.)
+    ///
+    /// # Cancel safety
+    /// Dropping the future loses nothing: a notification is taken only when it is returned.
+    pub async fn recv_async(&self) -> Option<Notification> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Notification;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+        self.poll_recv(cx)
     }
 }
 

@@ -99,9 +99,17 @@ pub(crate) struct KindConflict {
     pub(crate) found: ValueKind,
 }
 
+/// Entries and bytes held by all the stores of an engine, for its limits.
+#[derive(Default)]
+pub(crate) struct Totals {
+    pub(crate) entries: std::sync::atomic::AtomicU64,
+    pub(crate) bytes: std::sync::atomic::AtomicU64,
+}
+
 /// The records of one entry type.
 #[derive(Default)]
 pub(crate) struct Store {
+    totals: std::sync::Arc<Totals>,
     next_seq: u64,
     records: SeqMap<Record>,
     /// Sequence numbers of the records whose keys do not carry them.
@@ -112,6 +120,14 @@ pub(crate) struct Store {
 }
 
 impl Store {
+    /// A store that counts its records into `totals`.
+    pub(crate) fn new(totals: std::sync::Arc<Totals>) -> Store {
+        Store {
+            totals,
+            ..Store::default()
+        }
+    }
+
     /// The next sequence number (write order).
     pub(crate) fn next_seq(&mut self) -> u64 {
         self.next_seq += 1;
@@ -212,7 +228,14 @@ impl Store {
         for index in &mut self.indexes {
             index.add(seq, &record.fields);
         }
-        self.bytes += record.fields.approx_size();
+        let size = record.fields.approx_size();
+        self.bytes += size;
+        self.totals
+            .entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.totals
+            .bytes
+            .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
         if record.mapped_key {
             self.mapped_keys.insert(record.key.clone(), seq);
         }
@@ -224,7 +247,14 @@ impl Store {
         for index in &mut self.indexes {
             index.remove(seq, &record.fields);
         }
-        self.bytes -= record.fields.approx_size();
+        let size = record.fields.approx_size();
+        self.bytes -= size;
+        self.totals
+            .entries
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.totals
+            .bytes
+            .fetch_sub(size as u64, std::sync::atomic::Ordering::Relaxed);
         if record.mapped_key {
             self.mapped_keys.remove(&record.key);
         }

@@ -1,12 +1,140 @@
-//! `space-node`: the server that will hold entries and serve the space over the network.
-//!
-//! Not built yet: the in-process space (`space-client`'s `Space`) is what exists today.
-//! This binary says so instead of pretending to serve.
+//! The `space-node` binary: parses the command line, sets up logging, and serves until
+//! SIGTERM or ctrl-c.
 
-fn main() {
-    eprintln!(
-        "space-node: the network server is not built yet; use the in-process Space \
-         (see README.md: cargo run --release -p space-client --example worker_pool)"
-    );
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use space_core::NodeId;
+use space_node::{Node, NodeConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A space node: holds entries and serves the space over the network.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on. Anything but loopback requires an auth token.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Address clients are told to use (default: the listening address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// This node's id.
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+    /// A label this node carries, as key=value (repeatable), for FindPlaceFor.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The token clients must present.
+    #[arg(long, env = "SPACE_AUTH_TOKEN", conflicts_with = "auth_token_file")]
+    auth_token: Option<String>,
+    /// A file holding the token clients must present.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Largest entry accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_entry_bytes: u64,
+    /// Most entries held; writes beyond get a Full error.
+    #[arg(long)]
+    max_entries: Option<u64>,
+    /// Most bytes of entries held; writes beyond get a Full error.
+    #[arg(long)]
+    max_bytes: Option<u64>,
+    /// Largest frame accepted on a connection, in bytes.
+    #[arg(long, default_value_t = space_core::wire::DEFAULT_MAX_FRAME)]
+    max_frame_bytes: usize,
+    /// Most requests in flight on one connection.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c still stops the node");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_logs(args.log_format);
+    let token = match (&args.auth_token, &args.auth_token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?;
+            let t = t.trim().to_owned();
+            if t.is_empty() {
+                bail!("the token file {} is empty", path.display());
+            }
+            Some(t)
+        }
+        (None, None) => None,
+    };
+    let config = NodeConfig {
+        listen: args.listen,
+        advertise: args.advertise,
+        node: NodeId(args.node_id),
+        labels: args.labels,
+        token,
+        max_frame: args.max_frame_bytes,
+        max_in_flight: args.max_in_flight,
+        max_entry_bytes: args.max_entry_bytes,
+        max_entries: args.max_entries,
+        max_bytes: args.max_bytes,
+        ..NodeConfig::default()
+    };
+    let node = Node::bind(config).await?;
+    // The first line on stdout names the address: tools starting the node on port 0 read it.
+    println!("listening on {}", node.local_addr()?);
+    node.serve(shutdown_signal()).await;
+    Ok(())
 }

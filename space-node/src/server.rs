@@ -1,0 +1,423 @@
+//! The node: an engine served over TCP.
+//!
+//! Each connection starts with the handshake (a small first frame, read with a short
+//! timeout: anything that is not a well-formed `Hello` of this protocol, or carries the
+//! wrong token, is refused and the connection closed). Then the connection carries tarpc
+//! requests, each run in its own task, with a cap on the requests in flight per connection
+//! and the frame size bounded. Blocking requests (take, read, claim with a timeout) are
+//! allowed their timeout: the client sets the call's deadline beyond it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use space_core::wire::{
+    self, Envelope, Hello, NodeInfo, RANGES, Request, Response, SpaceService, Target, Topology,
+    Welcome,
+};
+use space_core::{Engine, EngineConfig, NodeId, SpaceError};
+use subtle::ConstantTimeEq;
+use tarpc::context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::dedupe::Dedupe;
+use crate::push::Pushers;
+
+/// Everything a node needs to know to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The address clients are told to use (defaults to `listen`).
+    pub advertise: Option<String>,
+    /// This node's id.
+    pub node: NodeId,
+    /// Labels this node carries (`zone=a`), for FindPlaceFor.
+    pub labels: Vec<(String, String)>,
+    /// The token clients must present; required to listen beyond loopback.
+    pub token: Option<String>,
+    /// Largest frame accepted, in bytes.
+    pub max_frame: usize,
+    /// Most requests in flight on one connection.
+    pub max_in_flight: usize,
+    /// Largest entry accepted, in bytes.
+    pub max_entry_bytes: u64,
+    /// Most entries held.
+    pub max_entries: Option<u64>,
+    /// Most bytes of entries held.
+    pub max_bytes: Option<u64>,
+    /// Finished answers kept for retried requests.
+    pub dedupe_capacity: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            advertise: None,
+            node: NodeId(1),
+            labels: Vec::new(),
+            token: None,
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            max_in_flight: 1024,
+            max_entry_bytes: 1 << 20,
+            max_entries: None,
+            max_bytes: None,
+            dedupe_capacity: 65_536,
+        }
+    }
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Listening failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Largest handshake frame: a `Hello` is tens of bytes (plus the token).
+const HANDSHAKE_MAX_FRAME: usize = 4096;
+/// How long a new connection has to send its `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running node's shared state.
+pub(crate) struct NodeState {
+    pub(crate) config: NodeConfig,
+    pub(crate) engine: Engine,
+    dedupe: Dedupe,
+    pushers: Arc<Pushers>,
+    address: String,
+}
+
+/// The tarpc service: one clone per connection, sharing the node's state.
+#[derive(Clone)]
+struct Service(Arc<NodeState>);
+
+impl SpaceService for Service {
+    async fn call(
+        self,
+        _ctx: context::Context,
+        envelope: Envelope,
+    ) -> Result<Response, SpaceError> {
+        let state = self.0;
+        if envelope.request.mutates() {
+            let request = envelope.request;
+            state
+                .dedupe
+                .run(envelope.id, || state.handle(request.clone()))
+                .await
+        } else {
+            state.handle(envelope.request).await
+        }
+    }
+}
+
+impl NodeState {
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            node: self.config.node,
+            address: self.address.clone(),
+            labels: self.config.labels.clone(),
+        }
+    }
+
+    /// Runs one request on the engine.
+    pub(crate) async fn handle(&self, request: Request) -> Result<Response, SpaceError> {
+        let engine = &self.engine;
+        Ok(match request {
+            Request::WriteDirect {
+                entry_type,
+                indexes,
+                entries,
+                lease,
+            } => {
+                for field in &indexes {
+                    engine.create_index(&entry_type, field)?;
+                }
+                Response::Receipts(engine.write_all(&entry_type, &[], entries, lease)?)
+            }
+            Request::ReadDirect { target, timeout } => Response::Document(match target {
+                Target::Key { entry_type, key } => engine.read_key(&entry_type, &key),
+                Target::Query(q) => engine.read(&q, timeout)?.wait_async().await,
+            }),
+            Request::TakeDirect {
+                target,
+                max,
+                timeout,
+            } => Response::Documents(match target {
+                Target::Key { entry_type, key } => {
+                    engine.take_key(&entry_type, &key).into_iter().collect()
+                }
+                Target::Query(q) if max <= 1 => engine
+                    .take(&q, timeout)?
+                    .wait_async()
+                    .await
+                    .into_iter()
+                    .collect(),
+                Target::Query(q) => {
+                    engine
+                        .take_all(&q, max as usize, timeout)?
+                        .wait_async()
+                        .await
+                }
+            }),
+            Request::Claim {
+                query,
+                lease,
+                timeout,
+            } => Response::Claimed(engine.claim(&query, lease, timeout)?.wait_async().await),
+            Request::Commit(t) => engine.commit(&t).map(|()| Response::Done)?,
+            Request::Release(t) => engine.release(&t).map(|()| Response::Done)?,
+            Request::RenewClaim(t, lease) => {
+                Response::Expires(Some(engine.renew_claim(&t, lease)?))
+            }
+            Request::Renew {
+                entry_type,
+                key,
+                lease,
+            } => Response::Expires(engine.renew(&entry_type, &key, lease)?),
+            Request::Cancel { entry_type, key } => {
+                engine.cancel(&entry_type, &key).map(|()| Response::Done)?
+            }
+            Request::Count(q) => Response::Count(engine.count(&q)?),
+            Request::Contents {
+                query,
+                after,
+                limit,
+            } => {
+                let (documents, next) =
+                    engine.contents_page(&query, after, limit.clamp(1, 10_000) as usize)?;
+                Response::Page { documents, next }
+            }
+            Request::FindFor(_) => Response::Node(self.info()),
+            Request::FindPlaceFor { size, labels, .. } => {
+                let missing = labels.iter().find(|l| !self.config.labels.contains(l));
+                if let Some((k, v)) = missing {
+                    return Err(SpaceError::Full {
+                        reason: format!("no node carries the label {k}={v}"),
+                    });
+                }
+                if let Some(max) = self.config.max_bytes {
+                    if engine.held_bytes() + size > max {
+                        return Err(SpaceError::Full {
+                            reason: format!("no node has room for {size} more bytes"),
+                        });
+                    }
+                }
+                Response::Node(self.info())
+            }
+            Request::Subscribe {
+                query,
+                kinds,
+                lease,
+                endpoint,
+            } => {
+                let sub = engine.subscribe(&query, kinds, lease)?;
+                Response::Subscribed(self.pushers.start(sub, endpoint, self.config.max_frame))
+            }
+            Request::Resume {
+                id,
+                last_seq,
+                endpoint,
+            } => {
+                if self.pushers.resume(id, last_seq, endpoint) {
+                    Response::Done
+                } else {
+                    return Err(SpaceError::SubscriptionClosed { id });
+                }
+            }
+            Request::RenewSubscription { id, lease } => match self.pushers.get(id) {
+                Some(sub) => sub.renew(lease).map(|()| Response::Done)?,
+                None => return Err(SpaceError::SubscriptionClosed { id }),
+            },
+            Request::CancelSubscription(id) => {
+                self.pushers.cancel(id);
+                Response::Done
+            }
+            Request::Topology => Response::Topology(Topology {
+                epoch: 1,
+                nodes: vec![self.info()],
+                owners: vec![0; RANGES as usize],
+            }),
+            Request::Stats => Response::Stats(engine.stats()),
+        })
+    }
+}
+
+/// Whether listening on `addr` needs a token: anything but loopback does.
+fn needs_token(addr: &SocketAddr) -> bool {
+    !addr.ip().is_loopback()
+}
+
+fn token_matches(expected: &Option<String>, given: &Option<String>) -> bool {
+    match (expected, given) {
+        (None, _) => true,
+        (Some(e), Some(g)) => bool::from(e.as_bytes().ct_eq(g.as_bytes())),
+        (Some(_), None) => false,
+    }
+}
+
+/// A node bound to its address, ready to serve.
+pub struct Node {
+    state: Arc<NodeState>,
+    listener: TcpListener,
+}
+
+impl Node {
+    /// Checks the configuration and binds the listening socket.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] when listening beyond loopback without a token, or for bad
+    /// limits; [`NodeError::Listen`] when the address cannot be bound.
+    pub async fn bind(config: NodeConfig) -> Result<Node, NodeError> {
+        if needs_token(&config.listen) && config.token.as_deref().is_none_or(str::is_empty) {
+            return Err(NodeError::Config(format!(
+                "listening on {} (beyond loopback) requires an auth token: pass --auth-token or --auth-token-file",
+                config.listen
+            )));
+        }
+        if config.max_frame < 1024 {
+            return Err(NodeError::Config(
+                "the frame limit must be at least 1024 bytes".into(),
+            ));
+        }
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local = listener.local_addr().map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let engine = Engine::new(EngineConfig {
+            node: config.node,
+            max_entry_bytes: Some(config.max_entry_bytes),
+            max_entries: config.max_entries,
+            max_bytes: config.max_bytes,
+            ..EngineConfig::default()
+        });
+        let address = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        Ok(Node {
+            state: Arc::new(NodeState {
+                dedupe: Dedupe::new(config.dedupe_capacity),
+                pushers: Arc::new(Pushers::default()),
+                config,
+                engine,
+                address,
+            }),
+            listener,
+        })
+    }
+
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes: accepts connections, then stops accepting, ends
+    /// subscriptions and returns. Requests already running finish on their own tasks.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let state = self.state;
+        tracing::info!(
+            node = %state.config.node,
+            address = %state.address,
+            dedupe_capacity = state.dedupe.capacity(),
+            "serving"
+        );
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            if let Err(reason) = serve_connection(state, stream).await {
+                                tracing::debug!(%peer, %reason, "connection closed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        state.pushers.cancel_all();
+        tracing::info!("stopped");
+    }
+}
+
+async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<(), String> {
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::recv_frame::<_, Hello>(&mut framed))
+        .await
+        .map_err(|_| "no handshake in time".to_string())?
+        .map_err(|e| format!("bad handshake: {e}"))?
+        .ok_or_else(|| "closed before the handshake".to_string())?;
+    let refusal = if hello.magic != wire::MAGIC {
+        Some("this is a space node; the connection did not speak its protocol".to_string())
+    } else if hello.version != wire::PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {} is not supported (this node speaks {})",
+            hello.version,
+            wire::PROTOCOL_VERSION
+        ))
+    } else if !token_matches(&state.config.token, &hello.token) {
+        Some("wrong or missing auth token".to_string())
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        let _ = wire::send_frame(
+            &mut framed,
+            &Welcome::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return Err(reason);
+    }
+    wire::send_frame(
+        &mut framed,
+        &Welcome::Accepted {
+            node: state.config.node,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    framed
+        .codec_mut()
+        .set_max_frame_length(state.config.max_frame);
+    let transport = wire::transport(framed);
+    let max_in_flight = state.config.max_in_flight;
+    BaseChannel::with_defaults(transport)
+        .max_concurrent_requests(max_in_flight)
+        .execute(Service(state).serve())
+        .for_each(|response| async move {
+            tokio::spawn(response);
+        })
+        .await;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Every RPC of the node, end to end through `space-client`, against the real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use serde::{Deserialize, Serialize};
+use space_client::wire::{Request, Response, Target};
+use space_client::{
+    Connect, Connection, EventKind, EventKinds, Lease, Notification, Query, Space, SpaceError,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Job {
+    id: u64,
+    kind: String,
+    #[serde(with = "serde_bytes")]
+    blob: Vec<u8>,
+}
+space_client::entry!(Job, "Job", index = [kind]);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Order {
+    number: String,
+    amount: f64,
+}
+space_client::entry!(Order, "Order", key = number);
+
+fn job(id: u64, kind: &str) -> Job {
+    Job {
+        id,
+        kind: kind.into(),
+        blob: vec![id as u8; 16],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_works_through_the_client() {
+    let node = NodeProcess::start(&[]);
+    let space = Space::connect(&node.addr).await.unwrap();
+    assert_eq!(space.node().0, 1);
+
+    // write, read, take, duplicates, take_all oldest first
+    let r = space.write(&job(1, "a")).await.unwrap();
+    assert_eq!(r.node.0, 1);
+    space
+        .write_all(&[job(2, "b"), job(3, "a"), job(3, "a")])
+        .await
+        .unwrap();
+    let all = Query::of::<Job>();
+    assert_eq!(space.count(&all).await.unwrap(), 4);
+    assert_eq!(
+        space.read::<Job>(&all, Duration::ZERO).await.unwrap(),
+        Some(job(1, "a"))
+    );
+    assert_eq!(
+        space.read_key::<Job>(&r.key).await.unwrap(),
+        Some(job(1, "a"))
+    );
+    let a = Query::of::<Job>().eq("kind", "a");
+    assert_eq!(
+        space.take::<Job>(&a, Duration::ZERO).await.unwrap(),
+        Some(job(1, "a"))
+    );
+    assert_eq!(space.take_key::<Job>(&r.key).await.unwrap(), None);
+    assert_eq!(
+        space.contents::<Job>(&a).await.unwrap(),
+        vec![job(3, "a"), job(3, "a")]
+    );
+    let got = space
+        .take_all::<Job>(&all, 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![job(2, "b"), job(3, "a"), job(3, "a")]);
+
+    // a blocked take wakes on a write from another client
+    let other = Space::connect(&node.addr).await.unwrap();
+    let taker = {
+        let space = space.clone();
+        tokio::spawn(async move {
+            space
+                .take::<Job>(&Query::of::<Job>(), Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    other.write(&job(9, "late")).await.unwrap();
+    assert_eq!(taker.await.unwrap().unwrap(), Some(job(9, "late")));
+    // and a timed-out take returns nothing after its timeout
+    let start = Instant::now();
+    assert_eq!(
+        space
+            .take::<Job>(&all, Duration::from_millis(200))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(start.elapsed() >= Duration::from_millis(200));
+
+    // claims: commit, release, renew
+    space.write(&job(20, "c")).await.unwrap();
+    let claim = space
+        .claim::<Job>(&all, Lease::secs(30), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(space.count(&all).await.unwrap(), 0);
+    space.renew_claim(&claim, Lease::secs(60)).await.unwrap();
+    space.release(&claim).await.unwrap();
+    let claim = space
+        .claim::<Job>(&all, Lease::secs(30), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    space.commit(&claim).await.unwrap();
+    assert!(matches!(
+        space.commit(&claim).await,
+        Err(SpaceError::ClaimLost { .. })
+    ));
+
+    // user keys, leases, renew, cancel
+    let order = Order {
+        number: "o-1".into(),
+        amount: 5.0,
+    };
+    space
+        .write_with_lease(&order, Lease::secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(
+        space.write(&order).await,
+        Err(SpaceError::KeyExists { .. })
+    ));
+    let key = "o-1".parse().unwrap();
+    assert!(
+        space
+            .renew::<Order>(&key, Lease::secs(120))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    space.cancel::<Order>(&key).await.unwrap();
+    assert_eq!(space.read_key::<Order>(&key).await.unwrap(), None);
+
+    // typed errors come back as the node's variants
+    let err = space
+        .count(&Query::parse("Order", "amount:>lots").unwrap())
+        .await;
+    assert!(matches!(err, Err(SpaceError::Query(_)) | Ok(0)), "{err:?}");
+    let err = space
+        .write_with_lease(&job(1, "x"), Lease::For(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::InvalidLease { .. }));
+
+    // stats, topology, find for, find place for, contents paging
+    let conn = Connection::open(&node.addr, Default::default())
+        .await
+        .unwrap();
+    let stats = space.stats().await.unwrap();
+    assert_eq!(stats.entries, 0);
+    match conn.call(Request::Topology).await.unwrap() {
+        Response::Topology(t) => {
+            assert_eq!(t.owners.len(), 1024);
+            assert!(t.owners.iter().all(|&o| o == 0));
+            assert_eq!(t.nodes[0].address, node.addr);
+        }
+        other => panic!("{other:?}"),
+    }
+    match conn
+        .call(Request::FindFor("k".parse().unwrap()))
+        .await
+        .unwrap()
+    {
+        Response::Node(n) => assert_eq!(n.address, node.addr),
+        other => panic!("{other:?}"),
+    }
+    let place = conn
+        .call(Request::FindPlaceFor {
+            key: None,
+            size: 100,
+            labels: vec![("zone".into(), "x".into())],
+        })
+        .await;
+    assert!(matches!(place, Err(SpaceError::Full { .. })), "{place:?}");
+    for i in 0..2500 {
+        space.write(&job(i, "page")).await.unwrap();
+    }
+    let mut after = None;
+    let mut seen = 0;
+    loop {
+        let Response::Page { documents, next } = conn
+            .call(Request::Contents {
+                query: Query::of::<Job>(),
+                after,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("not a page");
+        };
+        seen += documents.len();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 2500);
+    assert_eq!(
+        space
+            .contents::<Job>(&Query::of::<Job>())
+            .await
+            .unwrap()
+            .len(),
+        2500
+    );
+    let taken = conn
+        .call(Request::TakeDirect {
+            target: Target::Query(Query::of::<Job>()),
+            max: 2500,
+            timeout: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(taken, Response::Documents(d) if d.len() == 2500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_is_pushed_to_the_client_in_order() {
+    let node = NodeProcess::start(&[]);
+    let space = Space::connect(&node.addr).await.unwrap();
+    let sub = space
+        .notify(&Query::of::<Job>().eq("kind", "hot"), EventKinds::ALL)
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for i in 0..200 {
+        let r = space
+            .write(&job(i, if i % 2 == 0 { "hot" } else { "cold" }))
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            keys.push(r.key);
+        }
+    }
+    space
+        .take::<Job>(&Query::of::<Job>().eq("kind", "hot"), Duration::ZERO)
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    let mut got_keys = Vec::new();
+    let mut kinds = Vec::new();
+    while seqs.len() < 101 {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv_async())
+            .await
+            .unwrap()
+        {
+            Some(Notification::Event(e)) => {
+                seqs.push(e.seq);
+                kinds.push(e.kind);
+                if e.kind == EventKind::Written {
+                    got_keys.push(e.key);
+                }
+                assert_eq!(e.node.0, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=101).collect::<Vec<_>>());
+    assert_eq!(got_keys, keys);
+    assert_eq!(kinds.last(), Some(&EventKind::Taken));
+    sub.cancel();
+    // Nothing more reaches the handle at once; the node drops the subscription right after.
+    space.write(&job(1000, "hot")).await.unwrap();
+    assert_eq!(sub.try_recv(), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while space.stats().await.unwrap().subscriptions > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the node kept a cancelled subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
