@@ -102,7 +102,13 @@ pub enum QueryError {
     },
     /// A template could not be turned into a query.
     #[error("template: {0}")]
-    Template(#[from] DocumentError),
+    Template(DocumentError),
+}
+
+impl From<DocumentError> for QueryError {
+    fn from(e: DocumentError) -> Self {
+        QueryError::Template(e)
+    }
 }
 
 /// Result alias for this crate's query operations.

@@ -6,13 +6,18 @@
 //! reports progress. Nobody calls anybody: they coordinate only through entries.
 //!
 //! ```text
-//! cargo run --release -p space-client --example worker_pool -- [WORKERS] [LIMIT]
+//! cargo run --release -p space-client --example worker_pool -- [WORKERS] [LIMIT] [--connect HOST:PORT]
 //! ```
+//!
+//! Without `--connect` the space is in this process; with it, the same code runs against a
+//! `space-node` (workers, master and subscriber each talk to the node).
 
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use space_client::{BlockingSpace, EventKinds, Lease, Notification, Query, Space};
+use space_client::{
+    BlockingSpace, EventKinds, Lease, Notification, Query, Space, connect_blocking,
+};
 
 /// Count the primes in `[from, to)`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,7 +92,17 @@ fn worker(space: BlockingSpace, id: usize, job: u64) -> space_client::Result<usi
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let node = match args.iter().position(|a| a == "--connect") {
+        Some(i) if i + 1 < args.len() => {
+            let addr = args.remove(i + 1);
+            args.remove(i);
+            Some(addr)
+        }
+        Some(_) => return Err("--connect needs HOST:PORT".into()),
+        None => None,
+    };
+    let mut args = args.into_iter();
     let workers: usize = match args.next() {
         Some(a) => a.parse()?,
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -96,8 +111,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(a) => a.parse()?,
         None => 5_000_000,
     };
-    let space = Space::new().blocking();
-    let job = 1;
+    let space = match &node {
+        Some(addr) => connect_blocking(addr)?,
+        None => Space::new().blocking(),
+    };
+    // A fresh job number per run, so runs against a shared node do not mix.
+    let job = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
     let start = Instant::now();
 
     // Progress: a subscriber told about every outcome written for this job.
@@ -158,8 +179,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|_| "the progress reporter panicked")?;
 
     println!(
-        "{primes} primes below {limit}: {tasks_total} tasks over {workers} workers {per_worker:?} in {:.2?}",
-        start.elapsed()
+        "{primes} primes below {limit}: {tasks_total} tasks over {workers} workers {per_worker:?} in {:.2?} ({})",
+        start.elapsed(),
+        node.as_deref()
+            .map_or("in-process".to_owned(), |a| format!("on node {a}"))
     );
     Ok(())
 }

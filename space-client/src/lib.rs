@@ -27,7 +27,11 @@ pub use remote::{
     ClientConfig, Connect, Connection, connect, connect_blocking, connect_blocking_with,
     connect_with, space_of,
 };
-pub use space_core::wire;
+/// The wire types (requests, answers, documents) for tools that speak to a node directly.
+pub mod wire {
+    pub use space_core::wire::*;
+    pub use space_core::{ClaimTicket, ClaimedDocument, Document, Receipt, Stats};
+}
 pub use space_core::{
     BlockingSpace, Claim, ClaimTicket, Entry, EntryType, Event, EventKind, EventKinds, Filter,
     IntoKey, Key, Lease, NodeId, Notification, Query, QueryError, Receipt, Result, Space,

@@ -16,14 +16,14 @@ use crate::entry::Key;
 pub enum SpaceError {
     /// The query is malformed, or compares a field with a literal of the wrong kind.
     #[error("invalid query: {0}")]
-    Query(#[from] QueryError),
+    Query(QueryError),
     /// The entry could not be turned into a document (or a document back into the type).
-    #[error("entry of type {entry_type:?}: {source}")]
+    #[error("entry of type {entry_type:?}: {problem}")]
     Document {
         /// The entry type.
         entry_type: String,
         /// What the document layer said.
-        source: DocumentError,
+        problem: DocumentError,
     },
     /// A field holds a different kind of value than earlier entries of the same type.
     #[error(
@@ -135,6 +135,12 @@ pub enum SpaceError {
         /// What was wrong.
         reason: String,
     },
+}
+
+impl From<QueryError> for SpaceError {
+    fn from(e: QueryError) -> Self {
+        SpaceError::Query(e)
+    }
 }
 
 /// Result alias for space operations.

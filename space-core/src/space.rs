@@ -144,17 +144,17 @@ fn check_type<T: Entry>(query: &Query) -> Result<()> {
 }
 
 fn encode<T: Entry>(entry: &T) -> Result<(Fields, Option<Key>)> {
-    let fields = to_fields(entry).map_err(|source| SpaceError::Document {
+    let fields = to_fields(entry).map_err(|problem| SpaceError::Document {
         entry_type: T::ENTRY_TYPE.to_owned(),
-        source,
+        problem,
     })?;
     Ok((fields, entry.key()))
 }
 
 fn decode<T: Entry>(fields: Fields) -> Result<T> {
-    from_fields(fields).map_err(|source| SpaceError::Document {
+    from_fields(fields).map_err(|problem| SpaceError::Document {
         entry_type: T::ENTRY_TYPE.to_owned(),
-        source,
+        problem,
     })
 }
 

@@ -348,6 +348,22 @@ pub fn framed<S: AsyncRead + AsyncWrite>(
     )
 }
 
+/// Encodes a message as frames carry it (postcard).
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding into a growable buffer cannot fail for the wire's types.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+/// Decodes a frame's body.
+///
+/// # Errors
+/// When the bytes are not a valid encoding of `T`.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SpaceError> {
+    postcard::from_bytes(bytes).map_err(|e| SpaceError::Protocol {
+        reason: format!("cannot decode a frame: {e}"),
+    })
+}
+
 /// Sends one postcard-encoded frame.
 pub async fn send_frame<S, T>(
     framed: &mut Framed<S, LengthDelimitedCodec>,

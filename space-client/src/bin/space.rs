@@ -1,1 +1,370 @@
-fn main() {}
+//! `space`: the command-line tool for a space node.
+//!
+//! ```text
+//! space write Order '{"id": "o-1", "status": "ReadyToShip", "amount": 150}'
+//! space read Order 'status:ReadyToShip AND amount:>100'
+//! space take Order 'status:ReadyToShip' --timeout-ms 5000
+//! space count Order
+//! space watch Order 'amount:>100' --kinds written,taken
+//! space stats
+//! space topology
+//! ```
+//!
+//! `--node HOST:PORT` (default 127.0.0.1:7700, or `SPACE_NODE`), `--token` (or
+//! `SPACE_AUTH_TOKEN`), and `--json` for machine-readable output: one JSON value per line.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use space_client::wire::{Request, Response, Target, Topology};
+use space_client::{
+    ClientConfig, Connection, EventKind, EventKinds, Key, Lease, Notification, Query, QueryError,
+};
+use space_query::Fields;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Talks to a space node: write, read, take, count, watch, stats, topology."
+)]
+struct Cli {
+    /// The node to talk to.
+    #[arg(
+        long,
+        env = "SPACE_NODE",
+        default_value = "127.0.0.1:7700",
+        global = true
+    )]
+    node: String,
+    /// The node's auth token.
+    #[arg(long, env = "SPACE_AUTH_TOKEN", global = true)]
+    token: Option<String>,
+    /// Print JSON (one value per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write an entry given as a JSON object.
+    Write {
+        /// The entry type.
+        entry_type: String,
+        /// The entry, a JSON object.
+        entry: String,
+        /// A user key (default: the node mints a UUID v7).
+        #[arg(long)]
+        key: Option<String>,
+        /// Lease in milliseconds (default: forever).
+        #[arg(long)]
+        lease_ms: Option<u64>,
+    },
+    /// Read a copy of the oldest matching entry.
+    Read {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax); empty or `*` for any entry of the type.
+        #[arg(default_value = "*")]
+        query: String,
+        /// How long to wait for a match.
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+    },
+    /// Take (remove) the oldest matching entries.
+    Take {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax).
+        #[arg(default_value = "*")]
+        query: String,
+        /// How long to wait for a match.
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+        /// Take up to this many.
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+    },
+    /// Count matching entries.
+    Count {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax).
+        #[arg(default_value = "*")]
+        query: String,
+    },
+    /// Print every later change of matching entries, one line each, until interrupted.
+    Watch {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax).
+        #[arg(default_value = "*")]
+        query: String,
+        /// Kinds to report: written, taken, claimed, released, expired (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "written")]
+        kinds: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// The node's counters.
+    Stats,
+    /// Which node owns which ranges.
+    Topology,
+}
+
+fn parse_query(entry_type: &str, text: &str) -> Result<Query> {
+    Query::parse(entry_type, text).map_err(|e| match &e {
+        QueryError::Syntax { position, .. } => {
+            anyhow::anyhow!("{e}\n  {text}\n  {}^", " ".repeat(*position))
+        }
+        _ => anyhow::anyhow!("{e}"),
+    })
+}
+
+fn parse_kind(s: &str) -> Result<EventKind> {
+    Ok(match s.trim().to_ascii_lowercase().as_str() {
+        "written" => EventKind::Written,
+        "taken" => EventKind::Taken,
+        "claimed" => EventKind::Claimed,
+        "released" => EventKind::Released,
+        "expired" => EventKind::Expired,
+        "all" => bail!("use the kinds by name, or list all five"),
+        other => {
+            bail!("unknown event kind {other:?}: use written, taken, claimed, released or expired")
+        }
+    })
+}
+
+fn document_json(doc: &space_client::wire::Document) -> serde_json::Value {
+    json!({"key": doc.key.to_string(), "version": doc.version, "fields": doc.fields})
+}
+
+fn print_documents(docs: &[space_client::wire::Document], as_json: bool) -> Result<()> {
+    for d in docs {
+        if as_json {
+            println!("{}", document_json(d));
+        } else {
+            println!(
+                "{} (v{}) {}",
+                d.key,
+                d.version,
+                serde_json::to_string(&d.fields)?
+            );
+        }
+    }
+    if docs.is_empty() && !as_json {
+        println!("(nothing)");
+    }
+    Ok(())
+}
+
+fn print_topology(t: &Topology, as_json: bool) {
+    // Ranges as runs: first..=last owned by one node.
+    let mut runs: Vec<(usize, usize, u32)> = Vec::new();
+    for (range, &owner) in t.owners.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, last, o)) if *o == owner && *last + 1 == range => *last = range,
+            _ => runs.push((range, range, owner)),
+        }
+    }
+    if as_json {
+        let nodes: Vec<_> = t
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let ranges: Vec<_> = runs.iter().filter(|r| r.2 as usize == i).map(|r| json!([r.0, r.1])).collect();
+                json!({"node": n.node.0, "address": n.address, "labels": n.labels, "ranges": ranges})
+            })
+            .collect();
+        println!("{}", json!({"epoch": t.epoch, "nodes": nodes}));
+        return;
+    }
+    println!("epoch {}", t.epoch);
+    for (i, n) in t.nodes.iter().enumerate() {
+        let owned: Vec<String> = runs
+            .iter()
+            .filter(|r| r.2 as usize == i)
+            .map(|r| format!("{}-{}", r.0, r.1))
+            .collect();
+        let count: usize = runs
+            .iter()
+            .filter(|r| r.2 as usize == i)
+            .map(|r| r.1 - r.0 + 1)
+            .sum();
+        println!(
+            "{} at {}: {count} ranges [{}]",
+            n.node,
+            n.address,
+            owned.join(", ")
+        );
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = ClientConfig {
+        token: cli.token.clone(),
+        retry_for: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let conn = Connection::open(&cli.node, config).await?;
+    match cli.command {
+        Command::Write {
+            entry_type,
+            entry,
+            key,
+            lease_ms,
+        } => {
+            let fields: Fields =
+                serde_json::from_str(&entry).context("the entry must be a JSON object")?;
+            let lease = lease_ms.map_or(Lease::Forever, Lease::millis);
+            let key: Option<Key> = key.map(|k| k.parse().unwrap_or_else(|never| match never {}));
+            let Response::Receipts(receipts) = conn
+                .call(Request::WriteDirect {
+                    entry_type,
+                    indexes: Vec::new(),
+                    entries: vec![(fields, key)],
+                    lease,
+                })
+                .await?
+            else {
+                bail!("unexpected answer");
+            };
+            for r in receipts {
+                if cli.json {
+                    println!(
+                        "{}",
+                        json!({"node": r.node.0, "key": r.key.to_string(), "version": r.version})
+                    );
+                } else {
+                    println!("written {} on {}", r.key, r.node);
+                }
+            }
+        }
+        Command::Read {
+            entry_type,
+            query,
+            timeout_ms,
+        } => {
+            let query = parse_query(&entry_type, &query)?;
+            let answer = conn
+                .call(Request::ReadDirect {
+                    target: Target::Query(query),
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+                .await?;
+            let Response::Document(doc) = answer else {
+                bail!("unexpected answer")
+            };
+            print_documents(&doc.into_iter().collect::<Vec<_>>(), cli.json)?;
+        }
+        Command::Take {
+            entry_type,
+            query,
+            timeout_ms,
+            max,
+        } => {
+            let query = parse_query(&entry_type, &query)?;
+            let answer = conn
+                .call(Request::TakeDirect {
+                    target: Target::Query(query),
+                    max: max.max(1),
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+                .await?;
+            let Response::Documents(docs) = answer else {
+                bail!("unexpected answer")
+            };
+            print_documents(&docs, cli.json)?;
+        }
+        Command::Count { entry_type, query } => {
+            let query = parse_query(&entry_type, &query)?;
+            let Response::Count(n) = conn.call(Request::Count(query)).await? else {
+                bail!("unexpected answer")
+            };
+            if cli.json {
+                println!("{}", json!({"count": n}));
+            } else {
+                println!("{n}");
+            }
+        }
+        Command::Watch {
+            entry_type,
+            query,
+            kinds,
+            count,
+        } => {
+            let query = parse_query(&entry_type, &query)?;
+            let kinds = kinds
+                .iter()
+                .map(|k| parse_kind(k))
+                .collect::<Result<Vec<_>>>()?;
+            let sub = conn
+                .subscribe(query, EventKinds::of(&kinds), Lease::Forever)
+                .await?;
+            let mut seen = 0;
+            while count.is_none_or(|c| seen < c) {
+                let Some(n) = sub.recv_async().await else {
+                    break;
+                };
+                seen += 1;
+                match n {
+                    Notification::Event(e) if cli.json => println!(
+                        "{}",
+                        json!({"seq": e.seq, "node": e.node.0, "entry_type": &*e.entry_type, "key": e.key.to_string(), "kind": format!("{:?}", e.kind), "version": e.version})
+                    ),
+                    Notification::Event(e) => println!(
+                        "#{} {:?} {} {} on {}",
+                        e.seq, e.kind, e.entry_type, e.key, e.node
+                    ),
+                    Notification::Gap {
+                        first_seq,
+                        last_seq,
+                    } if cli.json => {
+                        println!(
+                            "{}",
+                            json!({"gap": {"first_seq": first_seq, "last_seq": last_seq}})
+                        )
+                    }
+                    Notification::Gap {
+                        first_seq,
+                        last_seq,
+                    } => println!("gap: events #{first_seq}..#{last_seq} were dropped"),
+                }
+            }
+        }
+        Command::Stats => {
+            let Response::Stats(s) = conn.call(Request::Stats).await? else {
+                bail!("unexpected answer")
+            };
+            if cli.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "entries {}\nbytes {}\nentry types {}\nwaiters {}\nsubscriptions {}\ntimers {}",
+                    s.entries, s.bytes, s.entry_types, s.waiters, s.subscriptions, s.timers
+                );
+            }
+        }
+        Command::Topology => {
+            let Response::Topology(t) = conn.call(Request::Topology).await? else {
+                bail!("unexpected answer")
+            };
+            print_topology(&t, cli.json);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,4 +1,5 @@
-//! Starting the real `space-node` binary on an ephemeral loopback port.
+//! Starting the real `space-node` binary on an ephemeral loopback port, and finding the
+//! other binaries of the workspace.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -15,10 +16,22 @@ impl NodeProcess {
     /// Starts `space-node --listen 127.0.0.1:0` with extra arguments and waits until it
     /// says where it listens.
     pub fn start(args: &[&str]) -> NodeProcess {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Self::start_args(&all)
+    }
+
+    /// Starts a node on a given address (for restarts on the same port).
+    pub fn start_at(addr: &str, args: &[&str]) -> NodeProcess {
+        let mut all = vec!["--listen", addr];
+        all.extend_from_slice(args);
+        Self::start_args(&all)
+    }
+
+    fn start_args(args: &[&str]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_space-node"))
-            .args(["--listen", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,tarpc=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -49,6 +62,12 @@ impl NodeProcess {
             .map_or(0, |pages| pages * 4096)
     }
 
+    /// Kills the process at once (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
         let _ = Command::new("kill")
@@ -63,5 +82,26 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A binary of another package of the workspace (an example or a bin), brought up to date
+/// by cargo in this test's target directory (a no-op after `cargo test --workspace`).
+pub fn workspace_binary(package: &str, kind: &str, name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-p", package, kind, name]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo");
+    assert!(status.success(), "building {package} {kind} {name} failed");
+    match kind {
+        "--example" => profile_dir.join("examples").join(name),
+        _ => profile_dir.join(name),
     }
 }
