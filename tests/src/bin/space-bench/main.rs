@@ -4,9 +4,11 @@
 //! ```text
 //! cargo run --release -p space-tests --bin space-bench -- inproc [--entries N] [--runs R]
 //! cargo run --release -p space-tests --bin space-bench -- notify [--sizes 1000,10000,100000]
+//! cargo run --release -p space-tests --bin space-bench -- node [--runs R] [--seconds S]
 //! ```
 
 mod inproc;
+mod node;
 mod notify;
 
 use anyhow::Result;
@@ -46,6 +48,19 @@ enum Workload {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// A space node against Redis on loopback: 50 connections writing and taking, batches
+    /// of 16 against pipelines of 16, and single round-trip latency.
+    Node {
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Round trips per latency measurement.
+        #[arg(long, default_value_t = 10_000)]
+        rtt_samples: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,5 +75,10 @@ fn main() -> Result<()> {
             writes,
             runs,
         } => notify::run(&sizes, writes, runs),
+        Workload::Node {
+            runs,
+            seconds,
+            rtt_samples,
+        } => node::run(runs, seconds, rtt_samples),
     }
 }

@@ -1,0 +1,411 @@
+//! `node`: a space node against a Redis server, both on loopback, in one run.
+//!
+//! - (a) 50 connections moving 128-byte entries, half writing and half taking: space
+//!   write + take against Redis LPUSH + BRPOP; every write and every take counts as one op;
+//! - (b) the same in batches of 16: space write_all + take_all against Redis pipelines of
+//!   16 LPUSH / 16 RPOP;
+//! - (c) one connection doing sequential write-then-take round trips: the latency of each
+//!   pair against Redis LPUSH + RPOP.
+//!
+//! The node binary is the release `space-node` beside this one (built if missing); Redis is
+//! `redis-server` from the system, started on a free loopback port with persistence off.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use space_client::{Query, Space};
+
+use crate::inproc::median;
+
+/// The entry moved: 128 bytes of payload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Blob {
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+}
+space_core::entry!(Blob, "Blob");
+
+const CONNECTIONS: usize = 50;
+const BATCH: usize = 16;
+const PAYLOAD: usize = 128;
+
+/// A child process killed when dropped.
+pub struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release `space-node` binary next to this one, built if it is missing.
+pub fn node_binary() -> Result<PathBuf> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("the bench has no directory")?
+        .to_path_buf();
+    let path = dir.join("space-node");
+    if !path.exists() {
+        eprintln!("building space-node (release) ...");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-p", "space-node"])
+            .status()?;
+        if !status.success() || !path.exists() {
+            bail!("could not build space-node; run: cargo build --release -p space-node");
+        }
+    }
+    Ok(path)
+}
+
+/// Starts a node on a free loopback port; returns it and its address.
+pub fn start_node(args: &[&str]) -> Result<(Process, String)> {
+    let mut child = Command::new(node_binary()?)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting space-node")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line from space-node: {line:?}"))?
+        .to_owned();
+    Ok((Process(child), addr))
+}
+
+/// Starts redis-server on a free loopback port with the given extra settings.
+pub fn start_redis(extra: &[&str]) -> Result<(Process, String)> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let dir = std::env::temp_dir().join(format!("space-bench-redis-{port}"));
+    std::fs::create_dir_all(&dir)?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--dir", &dir.to_string_lossy()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "redis-server is missing or does not start ({e}); install it (Debian: apt-get install redis-server) to compare with Redis"
+            )
+        })?;
+    let process = Process(child);
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not start listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((process, addr))
+}
+
+async fn redis_connection(addr: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://{addr}/"))?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// Runs `writers` and `takers` tasks for `duration`; returns ops (writes + takes) per second.
+async fn run_for<W, T, WF, TF>(duration: Duration, writer: W, taker: T) -> Result<f64>
+where
+    W: Fn(usize, Arc<AtomicBool>, Arc<AtomicU64>) -> WF,
+    T: Fn(usize, Arc<AtomicBool>, Arc<AtomicU64>) -> TF,
+    WF: std::future::Future<Output = Result<()>> + Send + 'static,
+    TF: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..CONNECTIONS / 2 {
+        tasks.push(tokio::spawn(writer(i, stop.clone(), ops.clone())));
+        tasks.push(tokio::spawn(taker(i, stop.clone(), ops.clone())));
+    }
+    // Warm up, then measure a window.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start_ops = ops.load(Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    let moved = ops.load(Ordering::Relaxed) - start_ops;
+    let rate = moved as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(rate)
+}
+
+async fn space_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {
+    let mut spaces = Vec::new();
+    for _ in 0..CONNECTIONS {
+        spaces.push(Space::connect_to(addr).await?);
+    }
+    let spaces = Arc::new(spaces);
+    let (ws, ts) = (spaces.clone(), spaces.clone());
+    let rate = run_for(
+        duration,
+        move |i, stop, ops| {
+            let space = ws[i].clone();
+            async move {
+                let blobs = vec![
+                    Blob {
+                        payload: vec![7; PAYLOAD]
+                    };
+                    batch
+                ];
+                while !stop.load(Ordering::Relaxed) {
+                    if batch == 1 {
+                        space.write(&blobs[0]).await?;
+                    } else {
+                        space.write_all(&blobs).await?;
+                    }
+                    ops.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        },
+        move |i, stop, ops| {
+            let space = ts[CONNECTIONS / 2 + i].clone();
+            async move {
+                let q = Query::of::<Blob>();
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if batch == 1 {
+                        space
+                            .take::<Blob>(&q, Duration::from_millis(100))
+                            .await?
+                            .map_or(0, |_| 1)
+                    } else {
+                        space
+                            .take_all::<Blob>(&q, batch, Duration::from_millis(100))
+                            .await?
+                            .len()
+                    };
+                    ops.fetch_add(got as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    // Empty the space for the next measurement.
+    let space = &spaces[0];
+    while !space
+        .take_all::<Blob>(&Query::of::<Blob>(), 10_000, Duration::ZERO)
+        .await?
+        .is_empty()
+    {}
+    Ok(rate)
+}
+
+async fn redis_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(redis_connection(addr).await?);
+    }
+    let conns = Arc::new(conns);
+    let (ws, ts) = (conns.clone(), conns.clone());
+    let rate = run_for(
+        duration,
+        move |i, stop, ops| {
+            let mut con = ws[i].clone();
+            async move {
+                let value = vec![7u8; PAYLOAD];
+                while !stop.load(Ordering::Relaxed) {
+                    if batch == 1 {
+                        redis::cmd("LPUSH")
+                            .arg("bench")
+                            .arg(&value)
+                            .query_async::<()>(&mut con)
+                            .await?;
+                    } else {
+                        let mut pipe = redis::pipe();
+                        for _ in 0..batch {
+                            pipe.cmd("LPUSH").arg("bench").arg(&value).ignore();
+                        }
+                        pipe.query_async::<()>(&mut con).await?;
+                    }
+                    ops.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        },
+        move |i, stop, ops| {
+            let mut con = ts[CONNECTIONS / 2 + i].clone();
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if batch == 1 {
+                        let r: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+                            .arg("bench")
+                            .arg(0.1)
+                            .query_async(&mut con)
+                            .await?;
+                        usize::from(r.is_some())
+                    } else {
+                        let mut pipe = redis::pipe();
+                        for _ in 0..batch {
+                            pipe.cmd("RPOP").arg("bench");
+                        }
+                        let r: Vec<Option<Vec<u8>>> = pipe.query_async(&mut con).await?;
+                        let n = r.iter().filter(|x| x.is_some()).count();
+                        if n == 0 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        n
+                    };
+                    ops.fetch_add(got as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    let mut con = conns[0].clone();
+    redis::cmd("DEL")
+        .arg("bench")
+        .query_async::<()>(&mut con)
+        .await?;
+    Ok(rate)
+}
+
+async fn space_rtt(addr: &str, n: usize) -> Result<Histogram<u64>> {
+    let space = Space::connect_to(addr).await?;
+    let q = Query::of::<Blob>();
+    let blob = Blob {
+        payload: vec![7; PAYLOAD],
+    };
+    let mut h = Histogram::new(3)?;
+    for i in 0..n + 200 {
+        let start = Instant::now();
+        space.write(&blob).await?;
+        space
+            .take::<Blob>(&q, Duration::ZERO)
+            .await?
+            .context("a written entry was not there to take")?;
+        if i >= 200 {
+            h.record(start.elapsed().as_nanos() as u64)?;
+        }
+    }
+    Ok(h)
+}
+
+async fn redis_rtt(addr: &str, n: usize) -> Result<Histogram<u64>> {
+    let mut con = redis_connection(addr).await?;
+    let value = vec![7u8; PAYLOAD];
+    let mut h = Histogram::new(3)?;
+    for i in 0..n + 200 {
+        let start = Instant::now();
+        redis::cmd("LPUSH")
+            .arg("rtt")
+            .arg(&value)
+            .query_async::<()>(&mut con)
+            .await?;
+        let v: Option<Vec<u8>> = redis::cmd("RPOP").arg("rtt").query_async(&mut con).await?;
+        v.context("a pushed value was not there to pop")?;
+        if i >= 200 {
+            h.record(start.elapsed().as_nanos() as u64)?;
+        }
+    }
+    Ok(h)
+}
+
+trait ConnectTo {
+    async fn connect_to(addr: &str) -> Result<Space>;
+}
+
+impl ConnectTo for Space {
+    async fn connect_to(addr: &str) -> Result<Space> {
+        Ok(space_client::connect(addr).await?)
+    }
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    (h.value_at_quantile(q) as f64 / 100.0).round() / 10.0
+}
+
+pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
+    let (_node, node_addr) = start_node(&[])?;
+    let (_redis, redis_addr) = start_redis(&[])?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs(seconds);
+    let mut rows: Vec<[f64; 8]> = Vec::new();
+    for run in 1..=runs {
+        let row = runtime.block_on(async {
+            let space = space_throughput(&node_addr, 1, duration).await?;
+            let redis = redis_throughput(&redis_addr, 1, duration).await?;
+            let space_batch = space_throughput(&node_addr, BATCH, duration).await?;
+            let redis_batch = redis_throughput(&redis_addr, BATCH, duration).await?;
+            let s = space_rtt(&node_addr, rtt_samples).await?;
+            let r = redis_rtt(&redis_addr, rtt_samples).await?;
+            anyhow::Ok([
+                space,
+                redis,
+                space_batch,
+                redis_batch,
+                us(&s, 0.5),
+                us(&s, 0.99),
+                us(&r, 0.5),
+                us(&r, 0.99),
+            ])
+        })?;
+        println!(
+            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}) | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us",
+            row[0],
+            row[1],
+            row[0] / row[1],
+            row[2],
+            row[3],
+            row[2] / row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7]
+        );
+        rows.push(row);
+    }
+    let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    let ratio = |a: usize, b: usize| median(rows.iter().map(|r| r[a] / r[b]).collect());
+    println!(
+        "{}",
+        json!({
+            "workload": "node",
+            "connections": CONNECTIONS,
+            "entry_bytes": PAYLOAD,
+            "batch": BATCH,
+            "runs": runs,
+            "seconds_per_measurement": seconds,
+            "space_ops_per_s": col(0).round(),
+            "redis_ops_per_s": col(1).round(),
+            "ratio": (ratio(0, 1) * 1000.0).round() / 1000.0,
+            "batch_space_ops_per_s": col(2).round(),
+            "batch_redis_ops_per_s": col(3).round(),
+            "batch_ratio": (ratio(2, 3) * 1000.0).round() / 1000.0,
+            "rtt_p50_us": col(4),
+            "rtt_p99_us": col(5),
+            "redis_rtt_p50_us": col(6),
+            "redis_rtt_p99_us": col(7),
+        })
+    );
+    Ok(())
+}
