@@ -14,8 +14,8 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use space_core::wire::{
     self, Envelope, Hello, Request, RequestId, Response, SpaceServiceClient, SubscriberService,
@@ -98,20 +98,14 @@ impl Runtime {
         }
     }
 
-    /// Runs `fut` on the runtime; the returned future can be awaited or blocked on anywhere.
-    fn spawn<T: Send + 'static>(
+    /// Binds `fut` to the runtime: it can be awaited on any tokio runtime, or blocked on
+    /// from a plain thread, and always runs its I/O and timers on the client's runtime.
+    /// (No task is spawned: awaiting it costs no hand-over between threads.)
+    fn bind<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
     ) -> BoxFuture<'static, Result<T>> {
-        let task = self.handle().spawn(fut);
-        async move {
-            task.await.unwrap_or_else(|e| {
-                Err(SpaceError::Protocol {
-                    reason: format!("the client's task failed: {e}"),
-                })
-            })
-        }
-        .boxed()
+        Box::pin(tokio_util::context::TokioContext::new(fut, self.handle()))
     }
 }
 
@@ -121,7 +115,8 @@ pub struct Connection {
     config: ClientConfig,
     runtime: Runtime,
     node: NodeId,
-    client: tokio::sync::Mutex<Option<SpaceServiceClient>>,
+    client: Mutex<Option<SpaceServiceClient>>,
+    dialing: tokio::sync::Mutex<()>,
     /// Entry types whose indexes this client already declared to the node.
     declared: Mutex<HashSet<String>>,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
@@ -195,7 +190,8 @@ impl Connection {
             config,
             runtime,
             node,
-            client: tokio::sync::Mutex::new(Some(client)),
+            client: Mutex::new(Some(client)),
+            dialing: tokio::sync::Mutex::new(()),
             declared: Mutex::new(HashSet::new()),
             endpoint: tokio::sync::OnceCell::new(),
         }))
@@ -212,17 +208,21 @@ impl Connection {
     }
 
     async fn current_client(&self) -> Result<SpaceServiceClient> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
+        if let Some(c) = self.client.lock().as_ref() {
+            return Ok(c.clone());
+        }
+        // Reconnect; one caller at a time, the others then use its connection.
+        let _one_dialer = self.dialing.lock().await;
+        if let Some(c) = self.client.lock().as_ref() {
             return Ok(c.clone());
         }
         let (c, _) = dial(&self.addr, &self.config).await?;
-        *slot = Some(c.clone());
+        *self.client.lock() = Some(c.clone());
         Ok(c)
     }
 
-    async fn forget_client(&self) {
-        *self.client.lock().await = None;
+    fn forget_client(&self) {
+        *self.client.lock() = None;
     }
 
     /// Sends one request and returns the node's answer. Retries on a broken connection
@@ -238,7 +238,10 @@ impl Connection {
     /// across calls: the node answers a repeated id with its first answer).
     pub async fn call_with_id(&self, id: RequestId, request: Request) -> Result<Response> {
         let wait = request.wait();
-        let envelope = Envelope { id, request };
+        let envelope = Envelope {
+            id,
+            request: Arc::new(request),
+        };
         let give_up = Instant::now() + self.config.retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -255,7 +258,7 @@ impl Connection {
                             });
                         }
                         Err(e) => {
-                            self.forget_client().await;
+                            self.forget_client();
                             SpaceError::Unreachable {
                                 node: self.addr.clone(),
                                 reason: e.to_string(),
@@ -576,7 +579,7 @@ impl RemoteFeed for Feed {
         let call = self
             .conn
             .runtime
-            .spawn(async move { conn.call(Request::RenewSubscription { id, lease }).await });
+            .bind(async move { conn.call(Request::RenewSubscription { id, lease }).await });
         futures::executor::block_on(call).map(|_| ())
     }
 
@@ -626,7 +629,7 @@ impl RemoteBackend for Remote {
         let conn = self.conn.clone();
         self.conn
             .runtime
-            .spawn(async move { conn.call(request).await })
+            .bind(async move { conn.call(request).await })
     }
 
     fn subscribe(
@@ -638,14 +641,14 @@ impl RemoteBackend for Remote {
         let conn = self.conn.clone();
         self.conn
             .runtime
-            .spawn(async move { conn.subscribe(query, kinds, lease).await })
+            .bind(async move { conn.subscribe(query, kinds, lease).await })
     }
 
     fn resume(&self, id: u64, last_seq: u64) -> BoxFuture<'static, Result<Subscription>> {
         let conn = self.conn.clone();
         self.conn
             .runtime
-            .spawn(async move { conn.resume(id, last_seq).await })
+            .bind(async move { conn.resume(id, last_seq).await })
     }
 }
 
@@ -686,7 +689,7 @@ pub fn connect_blocking_with(addr: &str, config: ClientConfig) -> Result<Blockin
             reason: format!("cannot start the client's runtime: {e}"),
         })?;
     let runtime = Runtime::Owned(Arc::new(OwnedRuntime(Some(rt))));
-    let open = runtime.spawn({
+    let open = runtime.bind({
         let runtime = runtime.clone();
         let addr = addr.to_owned();
         async move { Connection::open_on(&addr, config, runtime).await }

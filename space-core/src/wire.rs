@@ -279,8 +279,9 @@ pub enum Response {
 pub struct Envelope {
     /// Identifies the request across retries.
     pub id: RequestId,
-    /// The operation.
-    pub request: Request,
+    /// The operation (shared, so a client keeps it for a retry without copying it; it
+    /// travels as the plain request).
+    pub request: std::sync::Arc<Request>,
 }
 
 /// The service every node serves.
@@ -453,11 +454,11 @@ mod tests {
     fn requests_round_trip_through_postcard() {
         let req = Envelope {
             id: RequestId::new(),
-            request: Request::TakeDirect {
+            request: std::sync::Arc::new(Request::TakeDirect {
                 target: Target::Query(Query::for_type("Job").eq("kind", "x").gt("size", 2.5)),
                 max: 3,
                 timeout: Duration::from_millis(250),
-            },
+            }),
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
         let back: Envelope = postcard::from_bytes(&bytes).unwrap();

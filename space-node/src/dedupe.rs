@@ -8,17 +8,20 @@
 //! Finished answers are kept for the latest [`Dedupe::capacity`] requests.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use space_core::SpaceError;
 use space_core::wire::{RequestId, Response};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 type Answer = Result<Response, SpaceError>;
 
 enum Slot {
-    Running(watch::Receiver<Option<Answer>>),
-    Done(Answer),
+    /// Running; notified when it finishes or is abandoned.
+    Running(Arc<Notify>),
+    /// Finished: its answer, boxed so the map stays small.
+    Done(Box<Answer>),
 }
 
 /// The record of recent mutating requests.
@@ -28,7 +31,7 @@ pub(crate) struct Dedupe {
 }
 
 struct Inner {
-    slots: HashMap<RequestId, Slot>,
+    slots: HashMap<RequestId, Slot, foldhash::fast::RandomState>,
     finished: VecDeque<RequestId>,
 }
 
@@ -38,15 +41,16 @@ pub(crate) enum Begin<'a> {
     Run(Running<'a>),
     /// It ran already: here is its answer.
     Answered(Answer),
-    /// It is running: wait for this.
-    Wait(watch::Receiver<Option<Answer>>),
+    /// It is running: wait for this, then look again.
+    Wait(Arc<Notify>),
 }
 
 /// A request this call runs; dropping it unfinished frees the id for a retry.
 pub(crate) struct Running<'a> {
     dedupe: &'a Dedupe,
     id: RequestId,
-    sender: Option<watch::Sender<Option<Answer>>>,
+    done: Arc<Notify>,
+    finished: bool,
 }
 
 impl Dedupe {
@@ -54,7 +58,7 @@ impl Dedupe {
         Dedupe {
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
-                slots: HashMap::new(),
+                slots: HashMap::default(),
                 finished: VecDeque::new(),
             }),
         }
@@ -68,54 +72,59 @@ impl Dedupe {
     pub(crate) fn begin(&self, id: RequestId) -> Begin<'_> {
         let mut inner = self.inner.lock();
         match inner.slots.get(&id) {
-            Some(Slot::Done(answer)) => Begin::Answered(answer.clone()),
-            Some(Slot::Running(rx)) => Begin::Wait(rx.clone()),
+            Some(Slot::Done(answer)) => Begin::Answered((**answer).clone()),
+            Some(Slot::Running(done)) => Begin::Wait(done.clone()),
             None => {
-                let (tx, rx) = watch::channel(None);
-                inner.slots.insert(id, Slot::Running(rx));
+                let done = Arc::new(Notify::new());
+                inner.slots.insert(id, Slot::Running(done.clone()));
                 Begin::Run(Running {
                     dedupe: self,
                     id,
-                    sender: Some(tx),
+                    done,
+                    finished: false,
                 })
             }
         }
     }
 
     /// Runs `op` once for `id`: the first call runs it, retries get its answer.
-    pub(crate) async fn run<F>(&self, id: RequestId, op: impl Fn() -> F) -> Answer
+    pub(crate) async fn run<F>(&self, id: RequestId, op: impl FnOnce() -> F) -> Answer
     where
         F: std::future::Future<Output = Answer>,
     {
-        loop {
+        let running = loop {
             match self.begin(id) {
                 Begin::Answered(answer) => return answer,
-                Begin::Run(running) => {
-                    let answer = op().await;
-                    running.finish(answer.clone());
-                    return answer;
-                }
-                Begin::Wait(mut rx) => {
-                    // The first run finishes (then its answer is in the channel) or is
-                    // abandoned (the sender is dropped): then run again ourselves.
-                    loop {
-                        if let Some(answer) = rx.borrow().clone() {
-                            return answer;
-                        }
-                        if rx.changed().await.is_err() {
-                            break;
-                        }
+                Begin::Run(running) => break running,
+                Begin::Wait(done) => {
+                    // The first run finishes (its answer is then in the map) or is
+                    // abandoned (its slot is gone, and this call runs it): look again.
+                    let notified = done.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if self.is_running(id, &done) {
+                        notified.await;
                     }
                 }
             }
-        }
+        };
+        let answer = op().await;
+        running.finish(answer.clone());
+        answer
+    }
+}
+
+impl Dedupe {
+    /// Whether `id` is still the run that `done` belongs to.
+    fn is_running(&self, id: RequestId, done: &Arc<Notify>) -> bool {
+        matches!(self.inner.lock().slots.get(&id), Some(Slot::Running(d)) if Arc::ptr_eq(d, done))
     }
 }
 
 impl Running<'_> {
     pub(crate) fn finish(mut self, answer: Answer) {
         let mut inner = self.dedupe.inner.lock();
-        inner.slots.insert(self.id, Slot::Done(answer.clone()));
+        inner.slots.insert(self.id, Slot::Done(Box::new(answer)));
         inner.finished.push_back(self.id);
         while inner.finished.len() > self.dedupe.capacity {
             if let Some(old) = inner.finished.pop_front() {
@@ -123,17 +132,17 @@ impl Running<'_> {
             }
         }
         drop(inner);
-        if let Some(tx) = self.sender.take() {
-            let _ = tx.send(Some(answer));
-        }
+        self.finished = true;
+        self.done.notify_waiters();
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if self.sender.is_some() {
+        if !self.finished {
             // Abandoned before it finished: a retry must run it again.
             self.dedupe.inner.lock().slots.remove(&self.id);
+            self.done.notify_waiters();
         }
     }
 }

@@ -55,6 +55,9 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Worker threads serving requests (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -102,10 +105,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
     init_logs(args.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        runtime.worker_threads(n);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> Result<()> {
     let token = match (&args.auth_token, &args.auth_token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(path)) => {

@@ -113,14 +113,15 @@ impl SpaceService for Service {
         envelope: Envelope,
     ) -> Result<Response, SpaceError> {
         let state = self.0;
-        if envelope.request.mutates() {
-            let request = envelope.request;
+        // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
+        let request = std::sync::Arc::unwrap_or_clone(envelope.request);
+        if request.mutates() {
             state
                 .dedupe
-                .run(envelope.id, || state.handle(request.clone()))
+                .run(envelope.id, || state.handle(request))
                 .await
         } else {
-            state.handle(envelope.request).await
+            state.handle(request).await
         }
     }
 }

@@ -342,7 +342,13 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
-    let (_node, node_addr) = start_node(&[])?;
+    let threads = std::env::var("SPACE_BENCH_NODE_THREADS").unwrap_or_default();
+    let node_args: Vec<&str> = if threads.is_empty() {
+        vec![]
+    } else {
+        vec!["--threads", &threads]
+    };
+    let (_node, node_addr) = start_node(&node_args)?;
     let (_redis, redis_addr) = start_redis(&[])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
