@@ -562,10 +562,10 @@ impl TypeIndex {
                         if len > s.len() {
                             break;
                         }
-                        if s.is_char_boundary(len) {
-                            if let Some(list) = index.by_prefix.get(&s[..len]) {
-                                out.extend_from_slice(list);
-                            }
+                        if s.is_char_boundary(len)
+                            && let Some(list) = index.by_prefix.get(&s[..len])
+                        {
+                            out.extend_from_slice(list);
                         }
                     }
                 }

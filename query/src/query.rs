@@ -253,19 +253,18 @@ impl Filter {
             self,
             Filter::Lt(..) | Filter::Le(..) | Filter::Gt(..) | Filter::Ge(..) | Filter::Between(..)
         );
-        if is_range {
-            if let Some(b) = self
+        if is_range
+            && let Some(b) = self
                 .literals()
                 .into_iter()
                 .find(|v| matches!(v, Value::Bool(_)))
-            {
-                return Err(QueryError::InvalidLiteral {
-                    field: field.to_owned(),
-                    reason: format!(
-                        "a range needs numbers or strings, not {b:?}; use field:true or field:false"
-                    ),
-                });
-            }
+        {
+            return Err(QueryError::InvalidLiteral {
+                field: field.to_owned(),
+                reason: format!(
+                    "a range needs numbers or strings, not {b:?}; use field:true or field:false"
+                ),
+            });
         }
         match self {
             Filter::Between(_, low, high) => match low.compare(high) {

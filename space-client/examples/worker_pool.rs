@@ -53,7 +53,7 @@ fn is_prime(n: u64) -> bool {
     }
     let mut d = 2;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         while let Some(n) = subscription.recv() {
             if let Notification::Event(e) = n {
                 seen += 1;
-                if seen % (tasks_total / 10).max(1) == 0 || seen == tasks_total {
+                if seen.is_multiple_of((tasks_total / 10).max(1)) || seen == tasks_total {
                     println!(
                         "progress: {seen}/{tasks_total} tasks done (event #{} from {})",
                         e.seq, e.node

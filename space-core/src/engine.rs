@@ -27,6 +27,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use space_query::{Fields, Query};
 
+use crate::durable::{
+    LogRecord, RecordImage, RemoveCause, ShardImage, Wal, from_wall_ms, to_wall_ms,
+};
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
@@ -34,6 +37,7 @@ use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, Hub, SubShare
 use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::store::{ClaimState, Record, Store, Totals};
 use crate::timers::{TimerKind, Timers};
+use crate::wire::{RequestId, Response};
 
 /// An entry as the engine hands it out: its key, version and fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,6 +121,11 @@ pub struct EngineConfig {
     pub max_entries: Option<u64>,
     /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
     pub max_bytes: Option<u64>,
+    /// Durable engines: a log segment is closed past this many bytes.
+    pub log_segment_bytes: u64,
+    /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
+    /// the size of the last snapshot, if larger), and older log segments are dropped.
+    pub snapshot_after_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -127,6 +136,8 @@ impl Default for EngineConfig {
             max_entry_bytes: None,
             max_entries: None,
             max_bytes: None,
+            log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
+            snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
         }
     }
 }
@@ -150,12 +161,30 @@ struct Inner {
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
     /// Entries and bytes held, for the limits.
     totals: Arc<Totals>,
+    /// The operation log, when the engine is durable.
+    wal: Option<Arc<Wal>>,
+    /// Held while the engine owns its data directory.
+    _dir_lock: Option<std::fs::File>,
+    /// Answers of requests found in the log at recovery, for the node's retry handling.
+    recovered_answers: Mutex<Vec<(RequestId, Response)>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.timers.shutdown();
+        if let Some(wal) = &self.wal {
+            wal.shutdown();
+        }
     }
+}
+
+thread_local! {
+    /// The id of the request the current thread is running (see [`Engine::with_request`]).
+    static REQUEST: std::cell::Cell<Option<RequestId>> = const { std::cell::Cell::new(None) };
+}
+
+fn current_request() -> Option<RequestId> {
+    REQUEST.with(|r| r.get())
 }
 
 /// Everything about one entry type, behind one lock.
@@ -167,6 +196,8 @@ pub(crate) struct Shard {
 }
 
 struct TypeState {
+    /// The entry type's name.
+    name: Arc<str>,
     store: Store,
     waiters: VecDeque<Arc<Waiter>>,
     /// The type's subscriptions and their percolator.
@@ -233,6 +264,8 @@ struct Waiter {
     query: Query,
     mode: WaitMode,
     slot: Slot<Delivery>,
+    /// The request the waiter belongs to (logged with what it is handed).
+    request: Option<RequestId>,
 }
 
 /// What a waiter is handed.
@@ -251,6 +284,18 @@ enum Offered {
 }
 
 impl Record {
+    /// The record as logged: deadlines in wall-clock time.
+    fn image(&self) -> RecordImage {
+        RecordImage {
+            key: self.key.clone(),
+            mapped_key: self.mapped_key,
+            version: self.version,
+            fields: self.fields.clone(),
+            expires: self.expires.map(to_wall_ms),
+            claim: self.claim.map(|c| (c.token, to_wall_ms(c.expires))),
+        }
+    }
+
     fn document(&self) -> Document {
         Document {
             key: self.key.clone(),
@@ -278,16 +323,28 @@ impl Engine {
     /// Starts an engine (and its lease reaper thread, which ends when the last clone of
     /// the engine is dropped).
     pub fn new(config: EngineConfig) -> Engine {
+        Self::build(config, None, None, 1)
+    }
+
+    fn build(
+        config: EngineConfig,
+        wal: Option<Arc<Wal>>,
+        dir_lock: Option<std::fs::File>,
+        next_token: u64,
+    ) -> Engine {
         let timers = Arc::new(Timers::new());
         let inner = Arc::new(Inner {
             config,
             shards: ArcSwap::from_pointee(HashMap::default()),
             new_shard: Mutex::new(()),
             timers: timers.clone(),
-            next_token: AtomicU64::new(1),
+            next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
+            wal,
+            _dir_lock: dir_lock,
+            recovered_answers: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -299,6 +356,202 @@ impl Engine {
             tracing::error!(error = %e, "could not start the lease reaper thread");
         }
         Engine { inner }
+    }
+
+    /// Opens a durable engine on a data directory (created if missing): recovers what the
+    /// directory holds (snapshot, then the operation log), and logs every change from now
+    /// on. Operations are durable once [`flush`](Self::flush) (or the Space handle, which
+    /// waits for it) returns. Blocks while it recovers.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] naming the file, for a directory in use by another process,
+    /// a foreign or corrupt file, or an I/O failure.
+    pub fn open(dir: impl AsRef<std::path::Path>, config: EngineConfig) -> Result<Engine> {
+        let dir = dir.as_ref();
+        let started = Instant::now();
+        let limits = crate::durable::LogLimits {
+            segment_bytes: config.log_segment_bytes.max(4096),
+            snapshot_after_bytes: config.snapshot_after_bytes.max(4096),
+        };
+        let recovered = crate::durable::recover(dir, config.node, limits)?;
+        let engine = Self::build(
+            config,
+            Some(recovered.wal.clone()),
+            Some(recovered.lock),
+            recovered.next_token,
+        );
+        let mut entries = 0usize;
+        for image in recovered.shards {
+            entries += engine.install(image);
+        }
+        *engine.inner.recovered_answers.lock() = recovered.answers;
+        tracing::info!(
+            dir = %dir.display(),
+            entries,
+            replayed = recovered.replayed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        let weak = Arc::downgrade(&engine.inner);
+        let wal = recovered.wal;
+        let spawned = std::thread::Builder::new()
+            .name("space-checkpoint".into())
+            .spawn(move || {
+                while wal.wait_snapshot_due() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = (Engine { inner }).checkpoint() {
+                        tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the checkpoint thread; the log will not be compacted");
+        }
+        Ok(engine)
+    }
+
+    /// Puts a recovered entry type into the engine; returns how many entries it holds.
+    /// Entries whose lease ran out while the node was down are dropped; claims that ran out
+    /// are released.
+    fn install(&self, image: ShardImage) -> usize {
+        let shard = self.shard(&image.entry_type);
+        let mut guard = shard.lock();
+        let st = &mut *guard;
+        for field in &image.indexes {
+            st.store.ensure_index(field);
+        }
+        st.store.skip_to(image.next_seq);
+        let now = Instant::now();
+        for (seq, img) in image.records {
+            let expires = img.expires.map(from_wall_ms);
+            if expires.is_some_and(|e| e <= now) {
+                continue;
+            }
+            let claim = img
+                .claim
+                .map(|(token, ms)| (token, from_wall_ms(ms)))
+                .filter(|(_, e)| *e > now)
+                .map(|(token, expires)| ClaimState { token, expires });
+            if let Some(at) = expires {
+                self.inner.timers.schedule(
+                    at,
+                    TimerKind::Entry {
+                        shard: Arc::downgrade(&shard),
+                        seq,
+                    },
+                );
+            }
+            if let Some(c) = claim {
+                self.claim_timer(&shard, seq, c.token, c.expires);
+            }
+            st.store.insert(
+                seq,
+                Record {
+                    key: img.key,
+                    mapped_key: img.mapped_key,
+                    version: img.version + u64::from(img.claim.is_some() && claim.is_none()),
+                    fields: img.fields,
+                    expires,
+                    claim,
+                },
+            );
+        }
+        st.store.len()
+    }
+
+    /// Answers of requests found in the operation log at recovery, oldest first: a node
+    /// seeds its retry handling with them, so a client retrying after a crash gets its
+    /// first answer. Returns them once.
+    pub fn take_recovered_answers(&self) -> Vec<(RequestId, Response)> {
+        std::mem::take(&mut *self.inner.recovered_answers.lock())
+    }
+
+    /// Whether changes are logged to a data directory.
+    pub fn is_durable(&self) -> bool {
+        self.inner.wal.is_some()
+    }
+
+    /// Runs `f` as part of the request `id`: the changes it makes are logged with the id,
+    /// so that after a crash the request's answer can be rebuilt from the log.
+    pub fn with_request<R>(&self, id: RequestId, f: impl FnOnce() -> R) -> R {
+        let previous = REQUEST.with(|r| r.replace(Some(id)));
+        let out = f();
+        REQUEST.with(|r| r.set(previous));
+        out
+    }
+
+    /// Blocks until every change made so far is durable (no-op for an in-memory engine).
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the log cannot be written.
+    pub fn flush_blocking(&self) -> Result<()> {
+        match &self.inner.wal {
+            Some(wal) => wal.wait_durable(wal.appended()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every change made so far is durable, without blocking a thread.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the log cannot be written.
+    pub async fn flush(&self) -> Result<()> {
+        match &self.inner.wal {
+            Some(wal) => wal.durable(wal.appended()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a snapshot of everything and drops the log segments it makes unnecessary.
+    /// Runs by itself when the log has grown; callable directly (tests, shutdown).
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when writing fails (the log is then kept).
+    pub fn checkpoint(&self) -> Result<()> {
+        let Some(wal) = &self.inner.wal else {
+            return Ok(());
+        };
+        let floor = wal.appended();
+        let shards: Vec<Arc<Shard>> = self.inner.shards.load().values().cloned().collect();
+        let mut images = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let st = shard.lock();
+            let cut = wal.appended();
+            let records = st.store.iter().map(|(seq, r)| (seq, r.image())).collect();
+            images.push(ShardImage {
+                entry_type: shard.name.to_string(),
+                next_seq: st.store.last_seq(),
+                indexes: st.store.indexed_fields(),
+                cut,
+                records,
+            });
+        }
+        // The snapshot reflects only what the log already holds durably.
+        let top = images
+            .iter()
+            .map(|i| i.cut)
+            .max()
+            .unwrap_or(floor)
+            .max(floor);
+        wal.wait_durable(top)?;
+        let next_token = self.inner.next_token.load(Ordering::Relaxed);
+        let bytes = crate::durable::write_snapshot(
+            wal.dir(),
+            &images,
+            next_token,
+            self.inner.config.node,
+            floor,
+        )?;
+        crate::durable::compact(wal.dir(), floor)?;
+        wal.snapshot_written(bytes);
+        Ok(())
+    }
+
+    /// Appends a log record built by `record` (durable engines only).
+    fn log(&self, record: impl FnOnce() -> LogRecord) {
+        if let Some(wal) = &self.inner.wal {
+            wal.append(&record());
+        }
     }
 
     /// This engine's node id.
@@ -319,6 +572,7 @@ impl Engine {
             name: Arc::from(entry_type),
             declared: AtomicPtr::new(std::ptr::null_mut()),
             state: std::sync::Mutex::new(TypeState {
+                name: Arc::from(entry_type),
                 store: Store::new(self.inner.totals.clone()),
                 waiters: VecDeque::new(),
                 hub: Hub::new(Arc::from(entry_type)),
@@ -361,7 +615,12 @@ impl Engine {
         }
         let mut st = shard.lock();
         for f in fields {
-            st.store.ensure_index(f);
+            if st.store.ensure_index(f) {
+                self.log(|| LogRecord::Index {
+                    entry_type: shard.name.to_string(),
+                    field: (*f).to_owned(),
+                });
+            }
         }
         shard.declared.store(ptr, Ordering::Release);
     }
@@ -369,7 +628,12 @@ impl Engine {
     /// Adds an index on a top-level field of `entry_type`.
     pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
         space_query::validate_path(field)?;
-        self.shard(entry_type).lock().store.ensure_index(field);
+        if self.shard(entry_type).lock().store.ensure_index(field) {
+            self.log(|| LogRecord::Index {
+                entry_type: entry_type.to_owned(),
+                field: field.to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -439,13 +703,13 @@ impl Engine {
         let mut learn = false;
         for (fields, key) in &entries {
             learn |= Self::check_new(st, entry_type, fields, key.as_ref())?;
-            if let Some(k) = key {
-                if !batch_keys.insert(k) {
-                    return Err(SpaceError::KeyExists {
-                        entry_type: entry_type.to_owned(),
-                        key: k.clone(),
-                    });
-                }
+            if let Some(k) = key
+                && !batch_keys.insert(k)
+            {
+                return Err(SpaceError::KeyExists {
+                    entry_type: entry_type.to_owned(),
+                    key: k.clone(),
+                });
             }
         }
         Ok(entries
@@ -471,30 +735,30 @@ impl Engine {
             return Ok(());
         }
         let sizes: Vec<u64> = docs.iter().map(|f| f.approx_size() as u64).collect();
-        if let Some(limit) = config.max_entry_bytes {
-            if let Some(&size) = sizes.iter().find(|&&s| s > limit) {
-                return Err(SpaceError::TooLarge {
-                    entry_type: entry_type.to_owned(),
-                    size,
-                    limit,
-                });
-            }
+        if let Some(limit) = config.max_entry_bytes
+            && let Some(&size) = sizes.iter().find(|&&s| s > limit)
+        {
+            return Err(SpaceError::TooLarge {
+                entry_type: entry_type.to_owned(),
+                size,
+                limit,
+            });
         }
         let held = self.inner.totals.entries.load(Ordering::Relaxed);
-        if let Some(max) = config.max_entries {
-            if held + docs.len() as u64 > max {
-                return Err(SpaceError::Full {
-                    reason: format!("it holds {held} entries and its limit is {max}"),
-                });
-            }
+        if let Some(max) = config.max_entries
+            && held + docs.len() as u64 > max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds {held} entries and its limit is {max}"),
+            });
         }
         let bytes = self.inner.totals.bytes.load(Ordering::Relaxed);
-        if let Some(max) = config.max_bytes {
-            if bytes + sizes.iter().sum::<u64>() > max {
-                return Err(SpaceError::Full {
-                    reason: format!("it holds {bytes} bytes of entries and its limit is {max}"),
-                });
-            }
+        if let Some(max) = config.max_bytes
+            && bytes + sizes.iter().sum::<u64>() > max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds {bytes} bytes of entries and its limit is {max}"),
+            });
         }
         Ok(())
     }
@@ -560,6 +824,12 @@ impl Engine {
             version: 1,
             expires: wall_clock(expires, now),
         };
+        self.log(|| LogRecord::Write {
+            entry_type: st.name.to_string(),
+            seq,
+            image: record.image(),
+            request: current_request(),
+        });
         self.emit(&mut st.hub, EventKind::Written, &record);
         if let Some(at) = expires {
             self.inner.timers.schedule(
@@ -626,6 +896,12 @@ impl Engine {
                     let version = record.version;
                     match waiter.slot.offer(Delivery::Owned { seq, record }) {
                         Ok(wakeup) => {
+                            self.log(|| LogRecord::Remove {
+                                entry_type: st.name.to_string(),
+                                seq,
+                                cause: RemoveCause::Taken,
+                                request: waiter.request,
+                            });
                             st.wakes.push((waiter, wakeup));
                             for sub in targets {
                                 sub.push(self.inner.config.node, &key, EventKind::Taken, version);
@@ -643,8 +919,9 @@ impl Engine {
                     document.version += 1;
                     let claimed = claimed_document(shard, document, token, expires, now);
                     if let Ok(wakeup) = waiter.slot.offer(Delivery::Claimed(claimed)) {
+                        let request = waiter.request;
                         st.wakes.push((waiter, wakeup));
-                        self.mark_claimed(shard, st, seq, &mut record, token, expires);
+                        self.mark_claimed(shard, st, seq, &mut record, (token, expires), request);
                         return Offered::Keep(record);
                     }
                 }
@@ -659,11 +936,18 @@ impl Engine {
         st: &mut TypeState,
         seq: u64,
         record: &mut Record,
-        token: u64,
-        expires: Instant,
+        (token, expires): (u64, Instant),
+        request: Option<RequestId>,
     ) {
         record.claim = Some(ClaimState { token, expires });
         record.version += 1;
+        self.log(|| LogRecord::Claim {
+            entry_type: st.name.to_string(),
+            seq,
+            token,
+            expires: to_wall_ms(expires),
+            request,
+        });
         self.emit(&mut st.hub, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
     }
@@ -728,8 +1012,14 @@ impl Engine {
     }
 
     /// Removes a stored record and announces it as taken.
-    fn remove_taken(&self, st: &mut TypeState, seq: u64) -> Option<Document> {
+    fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) -> Option<Document> {
         let record = st.store.remove(seq)?;
+        self.log(|| LogRecord::Remove {
+            entry_type: st.name.to_string(),
+            seq,
+            cause,
+            request: current_request(),
+        });
         self.emit(&mut st.hub, EventKind::Taken, &record);
         Some(record.into_document())
     }
@@ -747,6 +1037,7 @@ impl Engine {
             query: query.clone(),
             mode,
             slot: Slot::new(),
+            request: current_request(),
         });
         st.waiters.push_back(waiter.clone());
         WaitGuard {
@@ -768,7 +1059,9 @@ impl Engine {
             if let Some(seq) = Self::first_match(st, query, &now) {
                 let delivery = match mode {
                     WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
-                    WaitMode::Take => self.remove_taken(st, seq).map(Delivery::Copy),
+                    WaitMode::Take => self
+                        .remove_taken(st, seq, RemoveCause::Taken)
+                        .map(Delivery::Copy),
                     WaitMode::Claim(lease) => self.claim_stored(shard, st, seq, lease, &now),
                 };
                 return Ok(Begun::Done(delivery));
@@ -794,6 +1087,13 @@ impl Engine {
         let r = st.store.get_mut(seq)?;
         r.claim = Some(ClaimState { token, expires });
         r.version += 1;
+        self.log(|| LogRecord::Claim {
+            entry_type: st.name.to_string(),
+            seq,
+            token,
+            expires: to_wall_ms(expires),
+            request: current_request(),
+        });
         let record = st.store.get(seq)?;
         self.emit(&mut st.hub, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
@@ -901,7 +1201,7 @@ impl Engine {
         });
         Ok(seqs
             .into_iter()
-            .filter_map(|seq| self.remove_taken(st, seq))
+            .filter_map(|seq| self.remove_taken(st, seq, RemoveCause::Taken))
             .collect())
     }
 
@@ -981,7 +1281,7 @@ impl Engine {
         let shard = self.shard(entry_type);
         let mut st = shard.lock();
         let seq = Self::visible_seq(&st, key, &Now::new())?;
-        self.remove_taken(&mut st, seq)
+        self.remove_taken(&mut st, seq, RemoveCause::Taken)
     }
 
     // ----- claims -----
@@ -1019,7 +1319,7 @@ impl Engine {
     /// before the commit: the entry went back to the space.
     pub fn commit(&self, ticket: &ClaimTicket) -> Result<()> {
         self.with_claim(ticket, |engine, _, st, seq| {
-            engine.remove_taken(st, seq);
+            engine.remove_taken(st, seq, RemoveCause::Committed);
         })
     }
 
@@ -1042,6 +1342,11 @@ impl Engine {
             if let Some(c) = st.store.get_mut(seq).and_then(|r| r.claim.as_mut()) {
                 c.expires = expires;
             }
+            engine.log(|| LogRecord::RenewClaim {
+                entry_type: st.name.to_string(),
+                seq,
+                expires: to_wall_ms(expires),
+            });
             engine.claim_timer(shard, seq, ticket.token, expires);
             wall_clock(Some(expires), &now).unwrap_or(SystemTime::now())
         })
@@ -1054,6 +1359,11 @@ impl Engine {
         };
         record.claim = None;
         record.version += 1;
+        self.log(|| LogRecord::Unclaim {
+            entry_type: st.name.to_string(),
+            seq,
+            request: current_request(),
+        });
         self.emit(&mut st.hub, EventKind::Released, &record);
         self.settle(shard, st, seq, record, &Now::new());
     }
@@ -1080,6 +1390,11 @@ impl Engine {
         if let Some(r) = st.store.get_mut(seq) {
             r.expires = expires;
         }
+        self.log(|| LogRecord::Renew {
+            entry_type: entry_type.to_owned(),
+            seq,
+            expires: expires.map(to_wall_ms),
+        });
         if let Some(at) = expires {
             self.inner.timers.schedule(
                 at,
@@ -1105,12 +1420,18 @@ impl Engine {
                 entry_type: entry_type.to_owned(),
                 key: key.clone(),
             })?;
-        self.expire(&mut st, seq);
+        self.expire(&mut st, seq, RemoveCause::Cancelled);
         Ok(())
     }
 
-    fn expire(&self, st: &mut TypeState, seq: u64) {
+    fn expire(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) {
         if let Some(mut record) = st.store.remove(seq) {
+            self.log(|| LogRecord::Remove {
+                entry_type: st.name.to_string(),
+                seq,
+                cause,
+                request: current_request(),
+            });
             record.version += 1;
             self.emit(&mut st.hub, EventKind::Expired, &record);
         }
@@ -1230,7 +1551,7 @@ impl Engine {
                 let Some(shard) = shard.upgrade() else { return };
                 let mut st = shard.lock();
                 if st.store.get(seq).is_some_and(|r| r.expired(&now)) {
-                    self.expire(&mut st, seq);
+                    self.expire(&mut st, seq, RemoveCause::Cancelled);
                 }
             }
             TimerKind::Claim { shard, seq, token } => {
@@ -1262,6 +1583,12 @@ impl Engine {
             Delivery::Owned { seq, record } => {
                 let mut guard = shard.lock();
                 let st = &mut *guard;
+                self.log(|| LogRecord::Write {
+                    entry_type: st.name.to_string(),
+                    seq,
+                    image: record.image(),
+                    request: None,
+                });
                 self.emit(&mut st.hub, EventKind::Written, &record);
                 self.settle(shard, st, seq, record, &Now::new());
             }

@@ -129,6 +129,15 @@ pub enum SpaceError {
         /// Why.
         reason: String,
     },
+    /// The data directory or one of its files cannot be used: in use by another process,
+    /// a foreign or corrupt file, or an I/O failure (the path says which file).
+    #[error("storage {path}: {reason}")]
+    Storage {
+        /// The file or directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The peer sent something this side does not understand.
     #[error("protocol error: {reason}")]
     Protocol {

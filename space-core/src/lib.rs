@@ -16,6 +16,7 @@
 //! not wait, expired entries are never returned, each entry taken once) are those of
 //! DESIGN.md section 4; the engine module documents how they are kept.
 
+mod durable;
 mod engine;
 mod entry;
 mod error;

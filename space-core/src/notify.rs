@@ -187,12 +187,11 @@ impl SubShared {
             kind,
             version,
         });
-        if q.log.len() > self.capacity {
-            if let Some(old) = q.log.pop_front() {
-                if old.seq >= q.cursor {
-                    q.dropped += 1;
-                }
-            }
+        if q.log.len() > self.capacity
+            && let Some(old) = q.log.pop_front()
+            && old.seq >= q.cursor
+        {
+            q.dropped += 1;
         }
         let waker = q.waker.take();
         drop(q);
@@ -355,10 +354,10 @@ impl Hub {
         self.percolator
             .match_entry(&self.entry_type, fields, &mut ids);
         for id in &ids {
-            if let Some(sub) = self.subs.get(id) {
-                if sub.kinds.contains(kind) {
-                    f(sub);
-                }
+            if let Some(sub) = self.subs.get(id)
+                && sub.kinds.contains(kind)
+            {
+                f(sub);
             }
         }
         self.scratch = ids;

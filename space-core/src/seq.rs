@@ -133,13 +133,13 @@ impl SeqSet {
 
     pub(crate) fn remove(&mut self, seq: u64) {
         let (key, bit) = split(seq);
-        if let Some(word) = self.words.get_mut(&key) {
-            if *word & (1 << bit) != 0 {
-                *word &= !(1 << bit);
-                self.len -= 1;
-                if *word == 0 {
-                    self.words.remove(&key);
-                }
+        if let Some(word) = self.words.get_mut(&key)
+            && *word & (1 << bit) != 0
+        {
+            *word &= !(1 << bit);
+            self.len -= 1;
+            if *word == 0 {
+                self.words.remove(&key);
             }
         }
     }

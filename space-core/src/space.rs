@@ -105,11 +105,13 @@ impl Default for Space {
     }
 }
 
-/// An operation in flight: done, waiting in the engine, or waiting for a node.
+/// An operation in flight: done, waiting in the engine, or waiting for a node; on a
+/// durable engine, a change is finished only once the log holds it durably.
 enum Call<T> {
     Done(Result<T>),
     Local(Pending<Result<T>>),
     Remote(BoxFuture<'static, Result<T>>),
+    Durable(Box<Call<T>>, Engine),
 }
 
 impl<T: Send + 'static> Call<T> {
@@ -120,14 +122,45 @@ impl<T: Send + 'static> Call<T> {
             Call::Done(r) => r,
             Call::Local(p) => p.wait(),
             Call::Remote(f) => futures::executor::block_on(f),
+            Call::Durable(call, engine) => {
+                let r = call.wait();
+                engine.flush_blocking()?;
+                r
+            }
         }
     }
 
-    async fn wait_async(self) -> Result<T> {
+    fn wait_async(self) -> BoxFuture<'static, Result<T>> {
+        Box::pin(async move {
+            match self {
+                Call::Done(r) => r,
+                Call::Local(p) => p.wait_async().await,
+                Call::Remote(f) => f.await,
+                Call::Durable(call, engine) => {
+                    let r = call.wait_async().await;
+                    engine.flush().await?;
+                    r
+                }
+            }
+        })
+    }
+
+    /// The call with its result mapped by `f`.
+    fn map<U: Send + 'static>(self, f: impl FnOnce(T) -> Result<U> + Send + 'static) -> Call<U> {
         match self {
-            Call::Done(r) => r,
-            Call::Local(p) => p.wait_async().await,
-            Call::Remote(f) => f.await,
+            Call::Done(r) => Call::Done(r.and_then(f)),
+            Call::Local(p) => Call::Local(p.map(|r| r.and_then(f))),
+            Call::Remote(fut) => Call::Remote(Box::pin(async move { fut.await.and_then(f) })),
+            Call::Durable(call, engine) => Call::Durable(Box::new(call.map(f)), engine),
+        }
+    }
+
+    /// Makes a local change wait for durability on a durable engine.
+    fn durable(self, engine: &Engine) -> Call<T> {
+        if engine.is_durable() {
+            Call::Durable(Box::new(self), engine.clone())
+        } else {
+            self
         }
     }
 }
@@ -183,6 +216,21 @@ impl Space {
     /// A new in-memory space with the given settings.
     pub fn with_config(config: EngineConfig) -> Space {
         Space::from_engine(Engine::new(config))
+    }
+
+    /// A durable space in this process, kept in the data directory `dir` (created if
+    /// missing; what it holds is recovered). Every change is acknowledged only once it is
+    /// durable. Blocks while it recovers.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] naming the file, when the directory cannot be used.
+    pub fn open(dir: impl AsRef<std::path::Path>) -> Result<Space> {
+        Space::open_with(dir, EngineConfig::default())
+    }
+
+    /// [`open`](Self::open) with settings.
+    pub fn open_with(dir: impl AsRef<std::path::Path>, config: EngineConfig) -> Result<Space> {
+        Engine::open(dir, config).map(Space::from_engine)
     }
 
     /// A handle on an existing engine.
@@ -329,21 +377,11 @@ impl Space {
             Backend::Local(engine) => Call::Done(encode(entry).and_then(|(fields, key)| {
                 engine.write_indexed(T::ENTRY_TYPE, T::INDEXES, fields, key, lease)
             })),
-            Backend::Remote(_) => match self.op_write(&[entry], lease) {
-                Call::Remote(f) => Call::Remote(Box::pin(async move {
-                    f.await?.pop().ok_or_else(|| SpaceError::Protocol {
-                        reason: "a write was answered without a receipt".into(),
-                    })
-                })),
-                Call::Done(r) => Call::Done(r.and_then(|mut v| {
-                    v.pop().ok_or_else(|| SpaceError::Protocol {
-                        reason: "a write was answered without a receipt".into(),
-                    })
-                })),
-                Call::Local(_) => Call::Done(Err(SpaceError::Protocol {
-                    reason: "a remote write ran locally".into(),
-                })),
-            },
+            Backend::Remote(_) => self.op_write(&[entry], lease).map(|mut v| {
+                v.pop().ok_or_else(|| SpaceError::Protocol {
+                    reason: "a write was answered without a receipt".into(),
+                })
+            }),
         }
     }
 
@@ -648,37 +686,25 @@ impl Space {
         }
     }
 
-    fn first<T>(call: Call<Vec<T>>) -> Call<Option<T>>
-    where
-        T: Send + 'static,
-    {
-        match call {
-            Call::Done(r) => Call::Done(r.map(|v| v.into_iter().next())),
-            Call::Local(p) => Call::Local(p.map(|r| r.map(|v| v.into_iter().next()))),
-            Call::Remote(f) => {
-                Call::Remote(Box::pin(
-                    async move { f.await.map(|v| v.into_iter().next()) },
-                ))
-            }
+    /// On a durable engine, a change finishes once it is durable.
+    fn changes<T: Send + 'static>(&self, call: Call<T>) -> Call<T> {
+        match &self.backend {
+            Backend::Local(engine) => call.durable(engine),
+            Backend::Remote(_) => call,
         }
+    }
+
+    fn first<T: Send + 'static>(call: Call<Vec<T>>) -> Call<Option<T>> {
+        call.map(|v| Ok(v.into_iter().next()))
     }
 
     fn unit(call: Call<Option<SystemTime>>) -> Call<()> {
-        match call {
-            Call::Done(r) => Call::Done(r.map(|_| ())),
-            Call::Local(p) => Call::Local(p.map(|r| r.map(|_| ()))),
-            Call::Remote(f) => Call::Remote(Box::pin(async move { f.await.map(|_| ()) })),
-        }
+        call.map(|_| Ok(()))
     }
 
     fn renew_claim_call(&self, ticket: &ClaimTicket, lease: Lease) -> Call<SystemTime> {
-        match self.op_ticket(Request::RenewClaim(ticket.clone(), lease)) {
-            Call::Done(r) => Call::Done(r.map(|t| t.unwrap_or_else(SystemTime::now))),
-            Call::Local(p) => Call::Local(p.map(|r| r.map(|t| t.unwrap_or_else(SystemTime::now)))),
-            Call::Remote(f) => Call::Remote(Box::pin(async move {
-                f.await.map(|t| t.unwrap_or_else(SystemTime::now))
-            })),
-        }
+        self.op_ticket(Request::RenewClaim(ticket.clone(), lease))
+            .map(|t| Ok(t.unwrap_or_else(SystemTime::now)))
     }
 
     fn entry_request<T: Entry>(key: &Key, lease: Option<Lease>) -> Request {
@@ -728,16 +754,16 @@ both_forms! {
     /// Stores a copy of `entry` with no time limit; returns its receipt (node, key,
     /// version). Never waits for other operations beyond a brief lock (in-process) or one
     /// round trip (remote).
-    fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.op_write_one(entry, Lease::Forever);
+    fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever));
 
     /// Stores a copy of `entry` that expires after `lease`.
-    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.op_write_one(entry, lease);
+    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, lease));
 
     /// Stores all of `entries`, or none of them if any is refused.
-    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever);
+    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever));
 
     /// Stores all of `entries` with one lease, or none of them.
-    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.op_write(&entries.iter().collect::<Vec<_>>(), lease);
+    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), lease));
 
     /// A copy of the oldest matching entry, waiting up to `timeout` for one to be written;
     /// `Ok(None)` on timeout. A zero timeout does not wait.
@@ -753,37 +779,37 @@ both_forms! {
     ///
     /// Blocking/cancel: waits at most `timeout`. Dropping the async form gives up the
     /// wait; an entry handed to it meanwhile goes back into the space.
-    fn take<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.op_take(query, timeout);
+    fn take<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.changes(s.op_take(query, timeout));
 
     /// Removes and returns the oldest matching entry if there is one now; never waits.
-    fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.op_take(query, Duration::ZERO);
+    fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.changes(s.op_take(query, Duration::ZERO));
 
     /// Removes at least one (waiting up to `timeout` for it) and at most `max` matching
     /// entries, oldest first. Empty on timeout.
-    fn take_all<T>(&self, query: &Query, max: usize, timeout: Duration) -> Result<Vec<T>> = |s| if max == 0 { Call::Done(Err(SpaceError::ZeroMax)) } else { s.op_take_all(query, max, timeout) };
+    fn take_all<T>(&self, query: &Query, max: usize, timeout: Duration) -> Result<Vec<T>> = |s| if max == 0 { Call::Done(Err(SpaceError::ZeroMax)) } else { s.changes(s.op_take_all(query, max, timeout)) };
 
     /// Claims the oldest matching entry for `lease` (a leased take), waiting up to
     /// `timeout`. Commit removes it; release or the lease running out puts it back.
     ///
     /// Blocking/cancel: as [`take`](Self::take); a claim handed to a dropped future is
     /// released.
-    fn claim<T>(&self, query: &Query, lease: Lease, timeout: Duration) -> Result<Option<Claim<T>>> = |s| s.op_claim(query, lease, timeout);
+    fn claim<T>(&self, query: &Query, lease: Lease, timeout: Duration) -> Result<Option<Claim<T>>> = |s| s.changes(s.op_claim(query, lease, timeout));
 
     /// Removes a claimed entry for good. Fails with [`SpaceError::ClaimLost`] when the
     /// claim's lease ran out first.
-    fn commit(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| Space::unit(s.op_ticket(Request::Commit(claim.as_ref().clone())));
+    fn commit(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Request::Commit(claim.as_ref().clone()))));
 
     /// Puts a claimed entry back into the space.
-    fn release(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| Space::unit(s.op_ticket(Request::Release(claim.as_ref().clone())));
+    fn release(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Request::Release(claim.as_ref().clone()))));
 
     /// Extends a claim's lease from now; returns the new expiry.
-    fn renew_claim(&self, claim: &impl AsRef<ClaimTicket>, lease: Lease) -> Result<SystemTime> = |s| s.renew_claim_call(claim.as_ref(), lease);
+    fn renew_claim(&self, claim: &impl AsRef<ClaimTicket>, lease: Lease) -> Result<SystemTime> = |s| s.changes(s.renew_claim_call(claim.as_ref(), lease));
 
     /// A copy of the entry with this key, if it is visible.
     fn read_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.op_read_key(key);
 
     /// Removes and returns the entry with this key, if it is visible.
-    fn take_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.op_take_key(key);
+    fn take_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.changes(s.op_take_key(key));
 
     /// Copies of every matching entry, oldest first: a snapshot, not a live view (fetched
     /// page by page from a node).
@@ -803,10 +829,10 @@ both_forms! {
     fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = |s| s.op_resume(id, last_seq);
 
     /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
-    fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = |s| s.op_ticket(Space::entry_request::<T>(key, Some(lease)));
+    fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = |s| s.changes(s.op_ticket(Space::entry_request::<T>(key, Some(lease))));
 
     /// Cancels an entry's lease: the entry is removed at once (an `Expired` event).
-    fn cancel<T>(&self, key: &Key) -> Result<()> = |s| Space::unit(s.op_ticket(Space::entry_request::<T>(key, None)));
+    fn cancel<T>(&self, key: &Key) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Space::entry_request::<T>(key, None))));
 
     /// Counters: entries, bytes, waiters, subscriptions.
     fn stats(&self) -> Result<Stats> = |s| s.op_stats();

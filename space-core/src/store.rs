@@ -138,15 +138,36 @@ impl Store {
         self.records.len()
     }
 
+    /// The last sequence number handed out.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Continues numbering after `seq` (recovery).
+    pub(crate) fn skip_to(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq);
+    }
+
+    /// The records in write order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Record)> {
+        self.records.iter()
+    }
+
+    /// The indexed fields.
+    pub(crate) fn indexed_fields(&self) -> Vec<String> {
+        self.indexes.iter().map(|i| i.field.clone()).collect()
+    }
+
     /// Approximate bytes held by the records' documents.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
-    /// Adds an index on a top-level field (no-op if present), indexing existing records.
-    pub(crate) fn ensure_index(&mut self, field: &str) {
+    /// Adds an index on a top-level field, indexing existing records; returns false when
+    /// the index was there already.
+    pub(crate) fn ensure_index(&mut self, field: &str) -> bool {
         if self.indexes.iter().any(|i| i.field == field) {
-            return;
+            return false;
         }
         let mut index = FieldIndex {
             field: field.to_owned(),
@@ -156,6 +177,7 @@ impl Store {
             index.add(seq, &r.fields);
         }
         self.indexes.push(index);
+        true
     }
 
     /// The kind of value the type stores in a top-level scalar field, if known.
@@ -206,10 +228,10 @@ impl Store {
 
     /// The sequence number of the record with this key.
     pub(crate) fn seq_of(&self, key: &Key) -> Option<u64> {
-        if let Some(seq) = key.seq_hint() {
-            if self.records.get(seq).is_some_and(|r| &r.key == key) {
-                return Some(seq);
-            }
+        if let Some(seq) = key.seq_hint()
+            && self.records.get(seq).is_some_and(|r| &r.key == key)
+        {
+            return Some(seq);
         }
         self.mapped_keys.get(key).copied()
     }

@@ -211,12 +211,12 @@ impl NodeState {
                         reason: format!("no node carries the label {k}={v}"),
                     });
                 }
-                if let Some(max) = self.config.max_bytes {
-                    if engine.held_bytes() + size > max {
-                        return Err(SpaceError::Full {
-                            reason: format!("no node has room for {size} more bytes"),
-                        });
-                    }
+                if let Some(max) = self.config.max_bytes
+                    && engine.held_bytes() + size > max
+                {
+                    return Err(SpaceError::Full {
+                        reason: format!("no node has room for {size} more bytes"),
+                    });
                 }
                 Response::Node(self.info())
             }

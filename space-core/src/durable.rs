@@ -1,0 +1,991 @@
+//! Durability: the operation log with group commit, snapshots, and recovery.
+//!
+//! Every change to an entry is a [`LogRecord`] appended, under the entry type's lock, to
+//! the operation log with a log sequence number (LSN). A writer thread writes what has
+//! accumulated and makes it durable with one `fdatasync`, so concurrent operations share one
+//! sync (group commit); an operation is acknowledged only once the log is durable up to its
+//! records. The log is a directory of segment files (`wal-<first lsn>.log`); each record is
+//! framed as `[len u32][crc32 u32][lsn u64][postcard payload]`.
+//!
+//! Now and then a snapshot (`snapshot-<lsn>.snap`) is written: every entry type's state,
+//! each taken under its lock together with the LSN of the log at that moment (the type's
+//! *cut*). Segments whose records all fall under every cut are then deleted, so the log stays
+//! bounded. Recovery loads the newest snapshot, replays the log records above each type's
+//! cut (replay is idempotent), truncates a torn tail of the last segment, expires leases and
+//! releases claims whose absolute deadlines have passed, and rebuilds the answers of recent
+//! requests, so a client retrying with a request id after a crash gets its first answer.
+//!
+//! The records carry what replication will need later (DESIGN.md section 9): they are
+//! self-contained and ordered per entry type.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use space_query::Fields;
+
+use crate::engine::{ClaimTicket, ClaimedDocument, Document, Receipt};
+use crate::entry::{Key, NodeId};
+use crate::error::{Result, SpaceError};
+use crate::wire::{RequestId, Response};
+
+/// A segment is closed and a new one started past this size, by default.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// A snapshot is taken once the log has grown by this much since the last one (or by the
+/// size of the last snapshot, if that is larger), by default.
+pub const DEFAULT_SNAPSHOT_AFTER_BYTES: u64 = 64 << 20;
+
+/// How the log is cut into segments and compacted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogLimits {
+    pub(crate) segment_bytes: u64,
+    pub(crate) snapshot_after_bytes: u64,
+}
+const WAL_MAGIC: &[u8; 8] = b"SPCWAL01";
+const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP1";
+/// Answers of recent requests rebuilt at recovery.
+pub(crate) const RECOVERED_ANSWERS: usize = 65_536;
+
+/// Why an entry left the space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RemoveCause {
+    Taken,
+    Committed,
+    Expired,
+    Cancelled,
+}
+
+/// One change, as logged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum LogRecord {
+    Write {
+        entry_type: String,
+        seq: u64,
+        image: RecordImage,
+        request: Option<RequestId>,
+    },
+    Remove {
+        entry_type: String,
+        seq: u64,
+        cause: RemoveCause,
+        request: Option<RequestId>,
+    },
+    Claim {
+        entry_type: String,
+        seq: u64,
+        token: u64,
+        expires: u64,
+        request: Option<RequestId>,
+    },
+    Unclaim {
+        entry_type: String,
+        seq: u64,
+        request: Option<RequestId>,
+    },
+    Renew {
+        entry_type: String,
+        seq: u64,
+        expires: Option<u64>,
+    },
+    RenewClaim {
+        entry_type: String,
+        seq: u64,
+        expires: u64,
+    },
+    Index {
+        entry_type: String,
+        field: String,
+    },
+}
+
+impl LogRecord {
+    fn entry_type(&self) -> &str {
+        match self {
+            LogRecord::Write { entry_type, .. }
+            | LogRecord::Remove { entry_type, .. }
+            | LogRecord::Claim { entry_type, .. }
+            | LogRecord::Unclaim { entry_type, .. }
+            | LogRecord::Renew { entry_type, .. }
+            | LogRecord::RenewClaim { entry_type, .. }
+            | LogRecord::Index { entry_type, .. } => entry_type,
+        }
+    }
+}
+
+/// A stored entry, as logged and snapshotted: deadlines are absolute (milliseconds since the
+/// Unix epoch), so they mean the same after a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RecordImage {
+    pub(crate) key: Key,
+    pub(crate) mapped_key: bool,
+    pub(crate) version: u64,
+    pub(crate) fields: Fields,
+    pub(crate) expires: Option<u64>,
+    pub(crate) claim: Option<(u64, u64)>,
+}
+
+/// Milliseconds since the Unix epoch of an `Instant` deadline.
+pub(crate) fn to_wall_ms(deadline: Instant) -> u64 {
+    let now_i = Instant::now();
+    let now_w = SystemTime::now();
+    let wall = if deadline >= now_i {
+        now_w + (deadline - now_i)
+    } else {
+        now_w.checked_sub(now_i - deadline).unwrap_or(UNIX_EPOCH)
+    };
+    wall.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The `Instant` of a wall-clock deadline (in the past if it has passed).
+pub(crate) fn from_wall_ms(ms: u64) -> Instant {
+    let now_i = Instant::now();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if ms >= now_ms {
+        now_i + Duration::from_millis(ms - now_ms)
+    } else {
+        now_i
+            .checked_sub(Duration::from_millis(now_ms - ms))
+            .unwrap_or(now_i)
+    }
+}
+
+fn storage(path: &Path, what: impl std::fmt::Display) -> SpaceError {
+    SpaceError::Storage {
+        path: path.display().to_string(),
+        reason: what.to_string(),
+    }
+}
+
+fn frame(buf: &mut Vec<u8>, lsn: u64, payload: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&lsn.to_le_bytes());
+    crc.update(payload);
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.extend_from_slice(&lsn.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
+/// What reading a file's frames found.
+type Framed<'a> = (Vec<(u64, &'a [u8])>, usize, Option<String>);
+
+/// The frames of `bytes` (after a file's header): `(lsn, payload)`, how many bytes were
+/// whole and valid, and what stopped the reading early, if anything did.
+fn frames(bytes: &[u8]) -> Framed<'_> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes.len() - at < 16 {
+            return (
+                out,
+                at,
+                Some(format!("a partial frame header at byte {at}")),
+            );
+        }
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
+        let mut lsn_bytes = [0u8; 8];
+        lsn_bytes.copy_from_slice(&bytes[at + 8..at + 16]);
+        let lsn = u64::from_le_bytes(lsn_bytes);
+        let end = at + 16 + len;
+        if end > bytes.len() {
+            return (
+                out,
+                at,
+                Some(format!(
+                    "a frame at byte {at} runs past the end of the file"
+                )),
+            );
+        }
+        let payload = &bytes[at + 16..end];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&lsn_bytes);
+        h.update(payload);
+        if h.finalize() != crc {
+            return (
+                out,
+                at,
+                Some(format!("a frame at byte {at} fails its checksum")),
+            );
+        }
+        out.push((lsn, payload));
+        at = end;
+    }
+    (out, at, None)
+}
+
+fn segment_name(first_lsn: u64) -> String {
+    format!("wal-{first_lsn:020}.log")
+}
+
+fn snapshot_name(lsn: u64) -> String {
+    format!("snapshot-{lsn:020}.snap")
+}
+
+fn number_in(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
+}
+
+/// Numbered files of one kind, sorted by number.
+type Numbered = Vec<(u64, PathBuf)>;
+
+/// The log segments and snapshots of a data directory, sorted.
+fn listing(dir: &Path) -> Result<(Numbered, Numbered)> {
+    let mut segments = Vec::new();
+    let mut snapshots = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| storage(dir, e))? {
+        let entry = entry.map_err(|e| storage(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = number_in(&name, "wal-", ".log") {
+            segments.push((n, entry.path()));
+        } else if let Some(n) = number_in(&name, "snapshot-", ".snap") {
+            snapshots.push((n, entry.path()));
+        }
+    }
+    segments.sort();
+    snapshots.sort();
+    Ok((segments, snapshots))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| storage(dir, e))
+}
+
+// ---------------------------------------------------------------------------------------
+// The log.
+
+struct Pending {
+    buf: Vec<u8>,
+    next_lsn: u64,
+    shutdown: bool,
+}
+
+/// The operation log: appends under the entry types' locks, made durable by a writer thread
+/// in groups.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    limits: LogLimits,
+    pending: Mutex<Pending>,
+    work: Condvar,
+    durable: AtomicU64,
+    durable_lock: Mutex<()>,
+    durable_cv: Condvar,
+    notify: tokio::sync::Notify,
+    failure: Mutex<Option<String>>,
+    failed: AtomicBool,
+    /// Bytes appended since the last snapshot, and the size of that snapshot.
+    since_snapshot: AtomicU64,
+    last_snapshot_bytes: AtomicU64,
+    /// Set when a snapshot is due; the checkpointer waits on it.
+    snapshot_due: Mutex<bool>,
+    snapshot_cv: Condvar,
+}
+
+impl Wal {
+    /// Opens the log for appending in `dir`, continuing at `next_lsn`.
+    fn start(dir: &Path, next_lsn: u64, limits: LogLimits) -> Result<Arc<Wal>> {
+        let wal = Arc::new(Wal {
+            dir: dir.to_path_buf(),
+            limits,
+            pending: Mutex::new(Pending {
+                buf: Vec::new(),
+                next_lsn,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            durable: AtomicU64::new(next_lsn.saturating_sub(1)),
+            durable_lock: Mutex::new(()),
+            durable_cv: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            since_snapshot: AtomicU64::new(0),
+            last_snapshot_bytes: AtomicU64::new(0),
+            snapshot_due: Mutex::new(false),
+            snapshot_cv: Condvar::new(),
+        });
+        let file = Self::new_segment(dir, next_lsn)?;
+        let writer = wal.clone();
+        std::thread::Builder::new()
+            .name("space-wal".into())
+            .spawn(move || writer.write_loop(file, next_lsn))
+            .map_err(|e| storage(dir, format!("cannot start the log writer: {e}")))?;
+        Ok(wal)
+    }
+
+    fn new_segment(dir: &Path, first_lsn: u64) -> Result<File> {
+        let path = dir.join(segment_name(first_lsn));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| storage(&path, e))?;
+        let mut header = WAL_MAGIC.to_vec();
+        header.extend_from_slice(&first_lsn.to_le_bytes());
+        file.write_all(&header).map_err(|e| storage(&path, e))?;
+        file.sync_all().map_err(|e| storage(&path, e))?;
+        sync_dir(dir)?;
+        Ok(file)
+    }
+
+    /// Appends a record; returns its LSN. Called under the entry type's lock, so records of
+    /// one type are in the log in the order their changes happened.
+    pub(crate) fn append(&self, record: &LogRecord) -> u64 {
+        let payload = postcard::to_stdvec(record).unwrap_or_default();
+        let mut p = self.pending.lock();
+        let lsn = p.next_lsn;
+        p.next_lsn += 1;
+        frame(&mut p.buf, lsn, &payload);
+        drop(p);
+        self.work.notify_one();
+        lsn
+    }
+
+    /// The LSN of the last record appended.
+    pub(crate) fn appended(&self) -> u64 {
+        self.pending.lock().next_lsn - 1
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            let reason = self.failure.lock().clone().unwrap_or_default();
+            return Err(storage(&self.dir, reason));
+        }
+        Ok(())
+    }
+
+    /// Blocks until the log is durable up to `lsn`.
+    pub(crate) fn wait_durable(&self, lsn: u64) -> Result<()> {
+        let mut guard = self.durable_lock.lock();
+        while self.durable.load(Ordering::Acquire) < lsn {
+            self.check_failed()?;
+            self.durable_cv
+                .wait_for(&mut guard, Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Waits (without blocking a thread) until the log is durable up to `lsn`.
+    pub(crate) async fn durable(&self, lsn: u64) -> Result<()> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.durable.load(Ordering::Acquire) >= lsn {
+                return Ok(());
+            }
+            self.check_failed()?;
+            notified.await;
+        }
+    }
+
+    fn write_loop(&self, mut file: File, mut segment_first: u64) {
+        let mut segment_bytes = 16u64;
+        loop {
+            let (batch, last_lsn) = {
+                let mut p = self.pending.lock();
+                while p.buf.is_empty() && !p.shutdown {
+                    self.work.wait(&mut p);
+                }
+                if p.buf.is_empty() {
+                    return;
+                }
+                (std::mem::take(&mut p.buf), p.next_lsn - 1)
+            };
+            let written = file.write_all(&batch).and_then(|()| file.sync_data());
+            if let Err(e) = written {
+                // Nothing is acknowledged past this point: every waiter gets the error.
+                *self.failure.lock() = Some(format!("writing the operation log failed: {e}"));
+                self.failed.store(true, Ordering::Release);
+                self.wake_waiters();
+                tracing::error!(error = %e, dir = %self.dir.display(), "the operation log cannot be written");
+                return;
+            }
+            self.durable.store(last_lsn, Ordering::Release);
+            self.wake_waiters();
+            segment_bytes += batch.len() as u64;
+            let since = self
+                .since_snapshot
+                .fetch_add(batch.len() as u64, Ordering::Relaxed)
+                + batch.len() as u64;
+            if since
+                > self
+                    .limits
+                    .snapshot_after_bytes
+                    .max(self.last_snapshot_bytes.load(Ordering::Relaxed))
+            {
+                *self.snapshot_due.lock() = true;
+                self.snapshot_cv.notify_one();
+            }
+            if segment_bytes > self.limits.segment_bytes {
+                match Self::new_segment(&self.dir, last_lsn + 1) {
+                    Ok(f) => {
+                        file = f;
+                        segment_first = last_lsn + 1;
+                        segment_bytes = 16;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, segment = segment_first, "cannot start a new log segment; continuing this one")
+                    }
+                }
+            }
+        }
+    }
+
+    fn wake_waiters(&self) {
+        let _guard = self.durable_lock.lock();
+        self.durable_cv.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    /// Stops the writer once what is pending is written.
+    pub(crate) fn shutdown(&self) {
+        self.pending.lock().shutdown = true;
+        self.work.notify_all();
+        *self.snapshot_due.lock() = true;
+        self.snapshot_cv.notify_all();
+    }
+
+    /// Blocks until a snapshot is due; `false` when the log shuts down.
+    pub(crate) fn wait_snapshot_due(&self) -> bool {
+        let mut due = self.snapshot_due.lock();
+        while !*due {
+            self.snapshot_cv.wait(&mut due);
+        }
+        *due = false;
+        !self.pending.lock().shutdown
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Notes a snapshot of `bytes` just written: the log's growth counts from here.
+    pub(crate) fn snapshot_written(&self, bytes: u64) {
+        self.since_snapshot.store(0, Ordering::Relaxed);
+        self.last_snapshot_bytes.store(bytes, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots.
+
+/// One entry type's state in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ShardImage {
+    pub(crate) entry_type: String,
+    pub(crate) next_seq: u64,
+    pub(crate) indexes: Vec<String>,
+    /// Log records of this type with an LSN at or below it are in this image.
+    pub(crate) cut: u64,
+    pub(crate) records: BTreeMap<u64, RecordImage>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum SnapshotFrame {
+    Header {
+        next_token: u64,
+        node: NodeId,
+        floor: u64,
+    },
+    Shard {
+        entry_type: String,
+        next_seq: u64,
+        indexes: Vec<String>,
+        cut: u64,
+        count: u64,
+    },
+    Entry {
+        seq: u64,
+        image: RecordImage,
+    },
+    End {
+        shards: u64,
+        entries: u64,
+    },
+}
+
+/// Writes a snapshot of `shards`; `floor` is an LSN at or below every shard's cut (log
+/// segments entirely below it can go). Returns the snapshot's size in bytes.
+pub(crate) fn write_snapshot(
+    dir: &Path,
+    shards: &[ShardImage],
+    next_token: u64,
+    node: NodeId,
+    floor: u64,
+) -> Result<u64> {
+    let mut buf = SNAP_MAGIC.to_vec();
+    let mut n = 0u64;
+    let mut put = |buf: &mut Vec<u8>, f: &SnapshotFrame| {
+        n += 1;
+        frame(buf, n, &postcard::to_stdvec(f).unwrap_or_default());
+    };
+    put(
+        &mut buf,
+        &SnapshotFrame::Header {
+            next_token,
+            node,
+            floor,
+        },
+    );
+    let mut entries = 0u64;
+    for s in shards {
+        put(
+            &mut buf,
+            &SnapshotFrame::Shard {
+                entry_type: s.entry_type.clone(),
+                next_seq: s.next_seq,
+                indexes: s.indexes.clone(),
+                cut: s.cut,
+                count: s.records.len() as u64,
+            },
+        );
+        for (seq, image) in &s.records {
+            put(
+                &mut buf,
+                &SnapshotFrame::Entry {
+                    seq: *seq,
+                    image: image.clone(),
+                },
+            );
+            entries += 1;
+        }
+    }
+    put(
+        &mut buf,
+        &SnapshotFrame::End {
+            shards: shards.len() as u64,
+            entries,
+        },
+    );
+    let path = dir.join(snapshot_name(floor));
+    let tmp = dir.join(format!("{}.tmp", snapshot_name(floor)));
+    let mut f = File::create(&tmp).map_err(|e| storage(&tmp, e))?;
+    f.write_all(&buf)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| storage(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| storage(&path, e))?;
+    sync_dir(dir)?;
+    Ok(buf.len() as u64)
+}
+
+struct Snapshot {
+    next_token: u64,
+    shards: HashMap<String, ShardImage>,
+}
+
+fn read_snapshot(path: &Path) -> Result<Snapshot> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| storage(path, e))?;
+    if bytes.len() < 8 || &bytes[..8] != SNAP_MAGIC {
+        return Err(storage(
+            path,
+            "not a space snapshot (bad magic): a foreign or damaged file",
+        ));
+    }
+    let (frames, _, problem) = frames(&bytes[8..]);
+    if let Some(p) = problem {
+        return Err(storage(path, format!("corrupt snapshot: {p}")));
+    }
+    let mut snap = Snapshot {
+        next_token: 1,
+        shards: HashMap::new(),
+    };
+    let mut current: Option<ShardImage> = None;
+    let mut ended = false;
+    for (_, payload) in frames {
+        let f: SnapshotFrame = postcard::from_bytes(payload)
+            .map_err(|e| storage(path, format!("corrupt snapshot frame: {e}")))?;
+        match f {
+            SnapshotFrame::Header { next_token, .. } => snap.next_token = next_token,
+            SnapshotFrame::Shard {
+                entry_type,
+                next_seq,
+                indexes,
+                cut,
+                ..
+            } => {
+                if let Some(s) = current.take() {
+                    snap.shards.insert(s.entry_type.clone(), s);
+                }
+                current = Some(ShardImage {
+                    entry_type,
+                    next_seq,
+                    indexes,
+                    cut,
+                    records: BTreeMap::new(),
+                });
+            }
+            SnapshotFrame::Entry { seq, image } => match current.as_mut() {
+                Some(s) => {
+                    s.records.insert(seq, image);
+                }
+                None => {
+                    return Err(storage(
+                        path,
+                        "corrupt snapshot: an entry before any entry type",
+                    ));
+                }
+            },
+            SnapshotFrame::End { entries, .. } => {
+                if let Some(s) = current.take() {
+                    snap.shards.insert(s.entry_type.clone(), s);
+                }
+                let got: u64 = snap.shards.values().map(|s| s.records.len() as u64).sum();
+                if got != entries {
+                    return Err(storage(
+                        path,
+                        format!("corrupt snapshot: {got} entries, the end says {entries}"),
+                    ));
+                }
+                ended = true;
+            }
+        }
+    }
+    if !ended {
+        return Err(storage(path, "incomplete snapshot: no end frame"));
+    }
+    Ok(snap)
+}
+
+// ---------------------------------------------------------------------------------------
+// Recovery.
+
+/// What recovery hands the engine.
+pub(crate) struct Recovered {
+    pub(crate) shards: Vec<ShardImage>,
+    pub(crate) next_token: u64,
+    pub(crate) answers: Vec<(RequestId, Response)>,
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) lock: File,
+    /// Log records replayed.
+    pub(crate) replayed: u64,
+}
+
+/// Rebuilds the answers of recent requests from the records that carry request ids.
+struct Answers {
+    order: VecDeque<RequestId>,
+    map: HashMap<RequestId, Response>,
+}
+
+impl Answers {
+    fn push(&mut self, id: RequestId, add: impl FnOnce(Option<Response>) -> Response) {
+        let prev = self.map.remove(&id);
+        if prev.is_none() {
+            self.order.push_back(id);
+            if self.order.len() > RECOVERED_ANSWERS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
+            }
+        }
+        self.map.insert(id, add(prev));
+    }
+}
+
+fn document(image: &RecordImage) -> Document {
+    Document {
+        key: image.key.clone(),
+        version: image.version,
+        fields: image.fields.clone(),
+    }
+}
+
+fn apply(
+    shards: &mut HashMap<String, ShardImage>,
+    record: LogRecord,
+    answers: &mut Answers,
+    node: NodeId,
+) {
+    let shard = shards
+        .entry(record.entry_type().to_owned())
+        .or_insert_with(|| ShardImage {
+            entry_type: record.entry_type().to_owned(),
+            ..ShardImage::default()
+        });
+    match record {
+        LogRecord::Write {
+            seq,
+            image,
+            request,
+            ..
+        } => {
+            shard.next_seq = shard.next_seq.max(seq);
+            if let Some(id) = request {
+                let receipt = Receipt {
+                    node,
+                    key: image.key.clone(),
+                    version: image.version,
+                    expires: image
+                        .expires
+                        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                };
+                answers.push(id, |prev| match prev {
+                    Some(Response::Receipts(mut v)) => {
+                        v.push(receipt);
+                        Response::Receipts(v)
+                    }
+                    _ => Response::Receipts(vec![receipt]),
+                });
+            }
+            shard.records.entry(seq).or_insert(image);
+        }
+        LogRecord::Remove {
+            seq,
+            cause,
+            request,
+            ..
+        } => {
+            let removed = shard.records.remove(&seq);
+            if let Some(id) = request {
+                match (cause, removed) {
+                    (RemoveCause::Taken, Some(image)) => answers.push(id, |prev| match prev {
+                        Some(Response::Documents(mut v)) => {
+                            v.push(document(&image));
+                            Response::Documents(v)
+                        }
+                        _ => Response::Documents(vec![document(&image)]),
+                    }),
+                    (RemoveCause::Committed | RemoveCause::Cancelled, _) => {
+                        answers.push(id, |_| Response::Done)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        LogRecord::Claim {
+            seq,
+            token,
+            expires,
+            request,
+            ..
+        } => {
+            if let Some(r) = shard.records.get_mut(&seq) {
+                if r.claim.map(|c| c.0) != Some(token) {
+                    r.claim = Some((token, expires));
+                    r.version += 1;
+                }
+                if let Some(id) = request {
+                    let claimed = ClaimedDocument {
+                        document: document(r),
+                        ticket: ClaimTicket {
+                            entry_type: shard.entry_type.clone(),
+                            key: r.key.clone(),
+                            token,
+                        },
+                        expires: UNIX_EPOCH + Duration::from_millis(expires),
+                    };
+                    answers.push(id, |_| Response::Claimed(Some(claimed)));
+                }
+            }
+        }
+        LogRecord::Unclaim { seq, request, .. } => {
+            if let Some(r) = shard.records.get_mut(&seq)
+                && r.claim.take().is_some()
+            {
+                r.version += 1;
+            }
+            if let Some(id) = request {
+                answers.push(id, |_| Response::Done);
+            }
+        }
+        LogRecord::Renew { seq, expires, .. } => {
+            if let Some(r) = shard.records.get_mut(&seq) {
+                r.expires = expires;
+            }
+        }
+        LogRecord::RenewClaim { seq, expires, .. } => {
+            if let Some((_, e)) = shard.records.get_mut(&seq).and_then(|r| r.claim.as_mut()) {
+                *e = expires;
+            }
+        }
+        LogRecord::Index { field, .. } => {
+            if !shard.indexes.contains(&field) {
+                shard.indexes.push(field);
+            }
+        }
+    }
+}
+
+/// Opens a data directory: locks it, loads the newest snapshot, replays the log, truncates
+/// a torn tail, and starts the log for appending.
+///
+/// # Errors
+/// [`SpaceError::Storage`] naming the file, for a directory in use by another process, a
+/// foreign or corrupt snapshot or segment, or an I/O failure.
+pub(crate) fn recover(dir: &Path, node: NodeId, limits: LogLimits) -> Result<Recovered> {
+    fs::create_dir_all(dir).map_err(|e| storage(dir, e))?;
+    let lock_path = dir.join("LOCK");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| storage(&lock_path, e))?;
+    lock.try_lock().map_err(|_| {
+        storage(
+            &lock_path,
+            "the data directory is in use by another process",
+        )
+    })?;
+    let (segments, snapshots) = listing(dir)?;
+    for entry in fs::read_dir(dir).map_err(|e| storage(dir, e))?.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            // An interrupted snapshot: never valid, never referenced.
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let (mut shards, next_token) = match snapshots.last() {
+        Some((_, path)) => {
+            let s = read_snapshot(path)?;
+            (s.shards, s.next_token)
+        }
+        None => (HashMap::new(), 1),
+    };
+    let cuts: HashMap<String, u64> = shards.iter().map(|(t, s)| (t.clone(), s.cut)).collect();
+    let mut answers = Answers {
+        order: VecDeque::new(),
+        map: HashMap::new(),
+    };
+    let mut last_lsn = cuts.values().copied().max().unwrap_or(0);
+    let mut replayed = 0;
+    let mut max_token = next_token.saturating_sub(1);
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| storage(path, e))?;
+        let is_last = i + 1 == segments.len();
+        if bytes.len() < 16 || &bytes[..8] != WAL_MAGIC {
+            if is_last && bytes.len() < 16 && WAL_MAGIC.starts_with(&bytes[..bytes.len().min(8)]) {
+                // Created but never written past its header: nothing to replay.
+                continue;
+            }
+            return Err(storage(
+                path,
+                "not a space log segment (bad magic): a foreign or damaged file",
+            ));
+        }
+        let (frames, valid, problem) = frames(&bytes[16..]);
+        if let Some(p) = problem {
+            if !is_last {
+                return Err(storage(path, format!("corrupt log segment: {p}")));
+            }
+            // A torn tail: the last writes before a crash. They were never acknowledged.
+            tracing::warn!(file = %path.display(), problem = %p, "truncating a torn tail of the operation log");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| storage(path, e))?;
+            f.set_len((16 + valid) as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| storage(path, e))?;
+        }
+        for (lsn, payload) in frames {
+            if lsn < *first {
+                return Err(storage(
+                    path,
+                    format!("corrupt log segment: record {lsn} before the segment's first {first}"),
+                ));
+            }
+            let record: LogRecord = postcard::from_bytes(payload)
+                .map_err(|e| storage(path, format!("corrupt log record {lsn}: {e}")))?;
+            last_lsn = last_lsn.max(lsn);
+            if let LogRecord::Claim { token, .. } = &record {
+                max_token = max_token.max(*token);
+            }
+            if lsn <= cuts.get(record.entry_type()).copied().unwrap_or(0) {
+                continue;
+            }
+            apply(&mut shards, record, &mut answers, node);
+            replayed += 1;
+        }
+    }
+    let wal = Wal::start(dir, last_lsn + 1, limits)?;
+    let answers = answers
+        .order
+        .into_iter()
+        .filter_map(|id| answers.map.remove(&id).map(|a| (id, a)))
+        .collect();
+    Ok(Recovered {
+        shards: shards.into_values().collect(),
+        next_token: max_token + 1,
+        answers,
+        wal,
+        lock,
+        replayed,
+    })
+}
+
+/// After a snapshot at `floor`: removes the segments entirely below it and older snapshots.
+pub(crate) fn compact(dir: &Path, floor: u64) -> Result<()> {
+    let (segments, snapshots) = listing(dir)?;
+    for w in segments.windows(2) {
+        let (_, path) = &w[0];
+        let (next_first, _) = w[1];
+        if next_first <= floor + 1 {
+            fs::remove_file(path).map_err(|e| storage(path, e))?;
+        }
+    }
+    for (lsn, path) in &snapshots {
+        if *lsn < floor {
+            fs::remove_file(path).map_err(|e| storage(path, e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_stop_at_damage() {
+        let mut buf = Vec::new();
+        frame(&mut buf, 1, b"one");
+        frame(&mut buf, 2, b"two");
+        let whole = buf.len();
+        frame(&mut buf, 3, b"three");
+        let (f, valid, problem) = frames(&buf);
+        assert_eq!((f.len(), valid, problem), (3, buf.len(), None));
+        let torn = &buf[..buf.len() - 2];
+        let (f, valid, problem) = frames(torn);
+        assert_eq!((f.len(), valid), (2, whole));
+        assert!(problem.unwrap().contains("past the end"));
+        let mut flipped = buf.clone();
+        flipped[whole + 20] ^= 1;
+        let (f, _, problem) = frames(&flipped);
+        assert_eq!(f.len(), 2);
+        assert!(problem.unwrap().contains("checksum"));
+    }
+
+    #[test]
+    fn wall_clock_deadlines_survive_conversion() {
+        let later = Instant::now() + Duration::from_secs(30);
+        let back = from_wall_ms(to_wall_ms(later));
+        let diff = if back > later {
+            back - later
+        } else {
+            later - back
+        };
+        assert!(diff < Duration::from_millis(5));
+    }
+}
