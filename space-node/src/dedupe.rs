@@ -64,6 +64,23 @@ impl Dedupe {
         }
     }
 
+    /// Records an answer given before (found in the log at recovery).
+    pub(crate) fn seed(&self, id: RequestId, answer: Answer) {
+        let mut inner = self.inner.lock();
+        if inner
+            .slots
+            .insert(id, Slot::Done(Box::new(answer)))
+            .is_none()
+        {
+            inner.finished.push_back(id);
+        }
+        while inner.finished.len() > self.capacity {
+            if let Some(old) = inner.finished.pop_front() {
+                inner.slots.remove(&old);
+            }
+        }
+    }
+
     /// How many finished answers are kept.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity

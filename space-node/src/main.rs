@@ -9,6 +9,14 @@ use clap::{Parser, ValueEnum};
 use space_core::NodeId;
 use space_node::{Node, NodeConfig};
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Durability {
+    /// Entries live in memory only and are lost when the node stops.
+    Memory,
+    /// Every change is logged to --data-dir and acknowledged once it is on disk.
+    Durable,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -52,6 +60,12 @@ struct Args {
     /// Most requests in flight on one connection.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// Keep entries durably in this directory (recovered at start).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// memory or durable (default: durable when --data-dir is given, else memory).
+    #[arg(long, value_enum)]
+    durability: Option<Durability>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -136,7 +150,13 @@ async fn serve(args: Args) -> Result<()> {
         }
         (None, None) => None,
     };
+    let data_dir = match (args.durability, args.data_dir) {
+        (Some(Durability::Durable), None) => bail!("--durability durable needs --data-dir DIR"),
+        (Some(Durability::Memory), _) => None,
+        (_, dir) => dir,
+    };
     let config = NodeConfig {
+        data_dir,
         listen: args.listen,
         advertise: args.advertise,
         node: NodeId(args.node_id),

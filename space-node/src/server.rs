@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub max_bytes: Option<u64>,
     /// Finished answers kept for retried requests.
     pub dedupe_capacity: usize,
+    /// Where the node keeps its entries durably; `None`: in memory only.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +69,7 @@ impl Default for NodeConfig {
             max_entries: None,
             max_bytes: None,
             dedupe_capacity: 65_536,
+            data_dir: None,
         }
     }
 }
@@ -78,6 +81,9 @@ pub enum NodeError {
     /// The configuration is not usable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The data directory cannot be used.
+    #[error("{0}")]
+    Storage(#[source] SpaceError),
     /// Listening failed.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -116,13 +122,45 @@ impl SpaceService for Service {
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
+            let id = envelope.id;
             state
                 .dedupe
-                .run(envelope.id, || state.handle(request))
+                .run(id, || async {
+                    // The changes are logged with the request id; the answer goes out only
+                    // once they are durable.
+                    let answer = InRequest {
+                        engine: &state.engine,
+                        id,
+                        inner: Box::pin(state.handle(request)),
+                    }
+                    .await;
+                    state.engine.flush().await?;
+                    answer
+                })
                 .await
         } else {
             state.handle(request).await
         }
+    }
+}
+
+/// Runs a request's future with the engine told which request it serves, on every poll
+/// (the engine's calls happen inside polls, on whatever thread polls).
+struct InRequest<'a, T> {
+    engine: &'a Engine,
+    id: wire::RequestId,
+    inner: std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>,
+}
+
+impl<T> Future for InRequest<'_, T> {
+    type Output = T;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        let this = &mut *self;
+        this.engine
+            .with_request(this.id, || this.inner.as_mut().poll(cx))
     }
 }
 
@@ -306,20 +344,35 @@ impl Node {
             addr: config.listen,
             source,
         })?;
-        let engine = Engine::new(EngineConfig {
+        let engine_config = EngineConfig {
             node: config.node,
             max_entry_bytes: Some(config.max_entry_bytes),
             max_entries: config.max_entries,
             max_bytes: config.max_bytes,
             ..EngineConfig::default()
-        });
+        };
+        let engine = match &config.data_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || Engine::open(dir, engine_config))
+                    .await
+                    .map_err(|e| NodeError::Config(format!("recovery did not finish: {e}")))?
+                    .map_err(NodeError::Storage)?
+            }
+            None => Engine::new(engine_config),
+        };
+        let dedupe = Dedupe::new(config.dedupe_capacity);
+        // Answers found in the log: a client retrying across the crash gets them.
+        for (id, answer) in engine.take_recovered_answers() {
+            dedupe.seed(id, Ok(answer));
+        }
         let address = config
             .advertise
             .clone()
             .unwrap_or_else(|| local.to_string());
         Ok(Node {
             state: Arc::new(NodeState {
-                dedupe: Dedupe::new(config.dedupe_capacity),
+                dedupe,
                 pushers: Arc::new(Pushers::default()),
                 config,
                 engine,

@@ -1,0 +1,201 @@
+//! Crash test: clients write, take and claim against a durable node that is killed with
+//! SIGKILL at random moments and restarted, at least five times; then the space is
+//! drained. Every acknowledged write must be taken exactly once by an acknowledged take or
+//! be present at the end; no acknowledged take may come back. Lost, duplicated and
+//! unexpected entries are counted and must be zero.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::NodeProcess;
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use space_client::{ClientConfig, Lease, Query, connect_blocking_with};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Parcel {
+    id: u64,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+}
+space_client::entry!(Parcel, "Parcel");
+
+/// What the clients saw acknowledged.
+#[derive(Default)]
+struct History {
+    attempted: HashSet<u64>,
+    written: HashSet<u64>,
+    taken: Vec<u64>,
+    failures: u64,
+}
+
+fn config() -> ClientConfig {
+    ClientConfig {
+        // Long enough to ride out a restart: a call is retried (with the same request id)
+        // until the node is back.
+        retry_for: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(1),
+        ..ClientConfig::default()
+    }
+}
+
+#[test]
+fn acknowledged_work_survives_repeated_kill_9() {
+    let dir = std::env::temp_dir().join(format!("space-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.to_string_lossy().into_owned();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let node = Arc::new(Mutex::new(Some(NodeProcess::start_at(
+        &addr,
+        &["--data-dir", &data_dir],
+    ))));
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_id = Arc::new(AtomicU64::new(1));
+    let ops_since_restart = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+
+    for _ in 0..2 {
+        let (addr, history, stop, next_id, ops) = (
+            addr.clone(),
+            history.clone(),
+            stop.clone(),
+            next_id.clone(),
+            ops_since_restart.clone(),
+        );
+        clients.push(std::thread::spawn(move || {
+            let space = connect_blocking_with(&addr, config()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                history.lock().attempted.insert(id);
+                match space.write(&Parcel {
+                    id,
+                    payload: vec![id as u8; 64],
+                }) {
+                    Ok(_) => {
+                        history.lock().written.insert(id);
+                        ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => history.lock().failures += 1,
+                }
+            }
+        }));
+    }
+    {
+        let (addr, history, stop, ops) = (
+            addr.clone(),
+            history.clone(),
+            stop.clone(),
+            ops_since_restart.clone(),
+        );
+        clients.push(std::thread::spawn(move || {
+            let space = connect_blocking_with(&addr, config()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match space.take::<Parcel>(&Query::of::<Parcel>(), Duration::from_millis(100)) {
+                    Ok(Some(p)) => {
+                        history.lock().taken.push(p.id);
+                        ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(None) => {}
+                    Err(_) => history.lock().failures += 1,
+                }
+            }
+        }));
+    }
+    {
+        let (addr, history, stop, ops) = (
+            addr.clone(),
+            history.clone(),
+            stop.clone(),
+            ops_since_restart.clone(),
+        );
+        clients.push(std::thread::spawn(move || {
+            let space = connect_blocking_with(&addr, config()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match space.claim::<Parcel>(
+                    &Query::of::<Parcel>(),
+                    Lease::secs(5),
+                    Duration::from_millis(100),
+                ) {
+                    Ok(Some(claim)) => match space.commit(&claim) {
+                        Ok(()) => {
+                            history.lock().taken.push(claim.entry.id);
+                            ops.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Not committed: the entry comes back when the claim runs out.
+                        Err(_) => history.lock().failures += 1,
+                    },
+                    Ok(None) => {}
+                    Err(_) => history.lock().failures += 1,
+                }
+            }
+        }));
+    }
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut kills = 0;
+    while kills < 6 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..900)));
+        if ops_since_restart.swap(0, Ordering::Relaxed) == 0 {
+            continue; // let the clients do something between kills
+        }
+        if let Some(n) = node.lock().take() {
+            n.kill();
+        }
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..200)));
+        *node.lock() = Some(NodeProcess::start_at(&addr, &["--data-dir", &data_dir]));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    // Drain what is left (claims in flight run out within their lease).
+    std::thread::sleep(Duration::from_secs(5));
+    let space = connect_blocking_with(&addr, config()).unwrap();
+    let mut present = Vec::new();
+    loop {
+        let batch = space
+            .take_all::<Parcel>(&Query::of::<Parcel>(), 1000, Duration::ZERO)
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        present.extend(batch.into_iter().map(|p| p.id));
+    }
+
+    let h = history.lock();
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    for id in h.taken.iter().chain(present.iter()) {
+        *seen.entry(*id).or_default() += 1;
+    }
+    let lost = h.written.iter().filter(|id| !seen.contains_key(id)).count();
+    let duplicated = seen.values().filter(|&&n| n > 1).count();
+    let unexpected = seen.keys().filter(|id| !h.attempted.contains(id)).count();
+    println!(
+        "kills {kills}, written {} (of {} attempted), taken {}, present at the end {}, client failures {}; lost {lost}, duplicated {duplicated}, unexpected {unexpected}",
+        h.written.len(),
+        h.attempted.len(),
+        h.taken.len(),
+        present.len(),
+        h.failures
+    );
+    assert!(kills >= 5);
+    assert!(
+        h.written.len() > 100 && !h.taken.is_empty(),
+        "the clients did work"
+    );
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
