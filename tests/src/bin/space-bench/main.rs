@@ -5,6 +5,7 @@
 //! cargo run --release -p space-tests --bin space-bench -- inproc [--entries N] [--runs R]
 //! cargo run --release -p space-tests --bin space-bench -- notify [--sizes 1000,10000,100000]
 //! cargo run --release -p space-tests --bin space-bench -- node [--runs R] [--seconds S]
+//! cargo run --release -p space-tests --bin space-bench -- durable [--runs R] [--seconds S]
 //! ```
 
 mod inproc;
@@ -61,6 +62,19 @@ enum Workload {
         #[arg(long, default_value_t = 10_000)]
         rtt_samples: usize,
     },
+    /// A durable node against Redis with appendfsync always (50 connections writing and
+    /// taking), and the time to recover a million entries.
+    Durable {
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Entries written before the recovery is timed.
+        #[arg(long, default_value_t = 1_000_000)]
+        recovery_entries: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -80,5 +94,10 @@ fn main() -> Result<()> {
             seconds,
             rtt_samples,
         } => node::run(runs, seconds, rtt_samples),
+        Workload::Durable {
+            runs,
+            seconds,
+            recovery_entries,
+        } => node::run_durable(runs, seconds, recovery_entries),
     }
 }

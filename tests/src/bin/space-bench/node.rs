@@ -415,3 +415,76 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Writes `entries` blobs into a durable in-process space at `dir` in batches, closes it,
+/// and times reopening (recovery). Returns (entries recovered, seconds).
+fn recovery_time(dir: &std::path::Path, entries: usize) -> Result<(u64, f64)> {
+    let _ = std::fs::remove_dir_all(dir);
+    {
+        let space = Space::open(dir)?.blocking();
+        let batch: Vec<Blob> = (0..1000)
+            .map(|_| Blob {
+                payload: vec![7; PAYLOAD],
+            })
+            .collect();
+        for _ in 0..entries / batch.len() {
+            space.write_all(&batch)?;
+        }
+    }
+    let start = Instant::now();
+    let engine = space_core::Engine::open(dir, space_core::EngineConfig::default())?;
+    let took = start.elapsed().as_secs_f64();
+    let n = engine.stats().entries;
+    drop(engine);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok((n, took))
+}
+
+/// `durable`: a durable node (every change fsynced before it is acknowledged) against Redis
+/// with `appendonly yes` and `appendfsync always`, the 50-connection write + take workload;
+/// and how long recovering a million entries takes.
+pub fn run_durable(runs: usize, seconds: u64, recovery_entries: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("space-bench-durable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let node_dir = dir.join("node");
+    let (_node, node_addr) = start_node(&["--data-dir", &node_dir.to_string_lossy()])?;
+    let (_redis, redis_addr) = start_redis(&["--appendonly", "yes", "--appendfsync", "always"])?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs(seconds);
+    let mut rows = Vec::new();
+    for run in 1..=runs {
+        let (space, redis) = runtime.block_on(async {
+            let space = space_throughput(&node_addr, 1, duration).await?;
+            let redis = redis_throughput(&redis_addr, 1, duration).await?;
+            anyhow::Ok((space, redis))
+        })?;
+        println!(
+            "run {run}: durable space {space:.0} ops/s vs redis (fsync always) {redis:.0} ({:.2})",
+            space / redis
+        );
+        rows.push((space, redis));
+    }
+    let (n, took) = recovery_time(&dir.join("recovery"), recovery_entries)?;
+    let per_million = took / (n.max(1) as f64 / 1_000_000.0);
+    println!("recovered {n} entries in {took:.2}s ({per_million:.2}s per million)");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        json!({
+            "workload": "durable",
+            "connections": CONNECTIONS,
+            "entry_bytes": PAYLOAD,
+            "runs": runs,
+            "space_ops_per_s": median(rows.iter().map(|r| r.0).collect()).round(),
+            "redis_ops_per_s": median(rows.iter().map(|r| r.1).collect()).round(),
+            "ratio": (median(rows.iter().map(|r| r.0 / r.1).collect()) * 1000.0).round() / 1000.0,
+            "recovered_entries": n,
+            "recovery_s": (took * 1000.0).round() / 1000.0,
+            "recovery_s_per_million_entries": (per_million * 1000.0).round() / 1000.0,
+        })
+    );
+    Ok(())
+}
