@@ -21,12 +21,13 @@
 //! # Ok::<(), space_client::SpaceError>(())
 //! ```
 
-mod remote;
+mod cluster;
+mod connection;
 
-pub use remote::{
-    ClientConfig, Connect, Connection, connect, connect_blocking, connect_blocking_with,
-    connect_with, space_of,
+pub use cluster::{
+    Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, space_of,
 };
+pub use connection::{ClientConfig, Connection};
 /// The wire types (requests, answers, documents) for tools that speak to a node directly.
 pub mod wire {
     pub use space_core::wire::*;

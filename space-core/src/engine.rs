@@ -121,6 +121,8 @@ pub struct EngineConfig {
     pub max_entries: Option<u64>,
     /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
     pub max_bytes: Option<u64>,
+    /// The ranges this node owns: keys it mints fall inside them (`None`: all ranges).
+    pub ranges: Option<Arc<crate::wire::RangeSet>>,
     /// Durable engines: a log segment is closed past this many bytes.
     pub log_segment_bytes: u64,
     /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
@@ -136,6 +138,7 @@ impl Default for EngineConfig {
             max_entry_bytes: None,
             max_entries: None,
             max_bytes: None,
+            ranges: None,
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
         }
@@ -809,7 +812,7 @@ impl Engine {
         now: &Now,
     ) -> Receipt {
         let seq = st.store.next_seq();
-        let (key, mapped_key) = key.finish(seq);
+        let (key, mapped_key) = key.finish(seq, self.inner.config.ranges.as_deref());
         let record = Record {
             key,
             mapped_key,
@@ -1663,14 +1666,21 @@ impl NewKey {
         }
     }
 
-    /// The final key, and whether the store must keep it in its key map.
-    fn finish(self, seq: u64) -> (Key, bool) {
+    /// The final key, and whether the store must keep it in its key map. A minted key
+    /// falls inside `ranges` when the engine owns only some.
+    fn finish(self, seq: u64, ranges: Option<&crate::wire::RangeSet>) -> (Key, bool) {
         match self {
             NewKey::User(k) => (k, true),
-            NewKey::Minted(base) => match Key::with_seq(base, seq) {
-                Some(k) => (k, false),
-                None => (Key::Id(base), true),
-            },
+            NewKey::Minted(base) => {
+                let key = match ranges {
+                    Some(r) => Key::with_seq_in(base, seq, &|range| r.contains(range)),
+                    None => Key::with_seq(base, seq),
+                };
+                match key {
+                    Some(k) => (k, false),
+                    None => (Key::Id(base), true),
+                }
+            }
         }
     }
 }

@@ -129,6 +129,15 @@ pub enum SpaceError {
         /// Why.
         reason: String,
     },
+    /// The node does not own the key's range (any more): refresh the topology (at least
+    /// `epoch`) and ask the owner.
+    #[error("wrong node for this key: the cluster is at epoch {epoch}{}", owner.as_ref().map(|o| format!(" and the owner is {o}")).unwrap_or_default())]
+    WrongNode {
+        /// The epoch of the node's topology.
+        epoch: u64,
+        /// The owner's address, if the node knows it.
+        owner: Option<String>,
+    },
     /// The data directory or one of its files cannot be used: in use by another process,
     /// a foreign or corrupt file, or an I/O failure (the path says which file).
     #[error("storage {path}: {reason}")]

@@ -96,6 +96,75 @@ pub struct Topology {
     pub owners: Vec<u32>,
 }
 
+impl Topology {
+    /// The static topology of `nodes`, in that order: the ranges split evenly, node `i`
+    /// owning ranges `i * 1024 / n` up to `(i + 1) * 1024 / n`.
+    pub fn even(nodes: Vec<NodeInfo>, epoch: u64) -> Topology {
+        let n = nodes.len().max(1) as u64;
+        let owners = (0..u64::from(RANGES))
+            .map(|r| (r * n / u64::from(RANGES)) as u32)
+            .collect();
+        Topology {
+            epoch,
+            nodes,
+            owners,
+        }
+    }
+
+    /// The index in `nodes` of the primary of `range`.
+    pub fn owner_of_range(&self, range: u32) -> Option<usize> {
+        self.owners.get(range as usize).map(|&o| o as usize)
+    }
+
+    /// The primary of `key`'s range.
+    pub fn owner_of(&self, key: &Key) -> Option<&NodeInfo> {
+        self.owner_of_range(range_of(key))
+            .and_then(|i| self.nodes.get(i))
+    }
+
+    /// Which ranges node `index` owns, as a bitmap over the 1024 ranges.
+    pub fn ranges_of(&self, index: usize) -> RangeSet {
+        RangeSet(self.owners.iter().map(|&o| o as usize == index).collect())
+    }
+}
+
+/// A set of ranges (one flag per range).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeSet(pub Vec<bool>);
+
+impl RangeSet {
+    /// Every range.
+    pub fn all() -> RangeSet {
+        RangeSet(vec![true; RANGES as usize])
+    }
+
+    /// Whether `range` is in the set.
+    pub fn contains(&self, range: u32) -> bool {
+        self.0.get(range as usize).copied().unwrap_or(false)
+    }
+
+    /// How many ranges the set holds.
+    pub fn len(&self) -> usize {
+        self.0.iter().filter(|&&b| b).count()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A node's state, as its peers see it (for placement).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub info: NodeInfo,
+    /// Bytes of entries held.
+    pub held_bytes: u64,
+    /// Its limit, if it has one.
+    pub max_bytes: Option<u64>,
+}
+
 /// One operation, as sent to a node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
@@ -210,6 +279,8 @@ pub enum Request {
     CancelSubscription(u64),
     /// The node's view of the cluster.
     Topology,
+    /// The node's own state (labels, room), asked by its peers for placement.
+    NodeStatus,
     /// Counters.
     Stats,
 }
@@ -225,6 +296,7 @@ impl Request {
                 | Request::FindFor(_)
                 | Request::FindPlaceFor { .. }
                 | Request::Topology
+                | Request::NodeStatus
                 | Request::Stats
         )
     }
@@ -270,6 +342,8 @@ pub enum Response {
     Subscribed(u64),
     /// The topology.
     Topology(Topology),
+    /// A node's state.
+    NodeStatus(NodeStatus),
     /// Counters.
     Stats(Stats),
 }
@@ -294,9 +368,9 @@ pub trait SpaceService {
 /// The service a subscribing client serves, for nodes to push events to.
 #[tarpc::service]
 pub trait SubscriberService {
-    /// Delivers events of one subscription, in order. Returns false when the client no
-    /// longer wants the subscription (the node then cancels it).
-    async fn deliver(subscription: u64, notifications: Vec<Notification>) -> bool;
+    /// Delivers events of one subscription of node `node`, in order. Returns false when the
+    /// client no longer wants the subscription (the node then cancels it).
+    async fn deliver(node: NodeId, subscription: u64, notifications: Vec<Notification>) -> bool;
 }
 
 /// The first frame of a connection, from the connecting side.

@@ -60,6 +60,14 @@ struct Args {
     /// Most requests in flight on one connection.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// The cluster's members, comma separated, the same list (and order) on every node;
+    /// this node's --advertise (or --listen) address must be among them. Node ids are the
+    /// positions in the list (1, 2, ...), and the 1024 ranges are split evenly in order.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// The epoch of the static topology (raise it when the member list changes).
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
     /// Keep entries durably in this directory (recovered at start).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -157,6 +165,8 @@ async fn serve(args: Args) -> Result<()> {
     };
     let config = NodeConfig {
         data_dir,
+        peers: args.peers,
+        epoch: args.epoch,
         listen: args.listen,
         advertise: args.advertise,
         node: NodeId(args.node_id),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use space_core::wire::{self, Hello, SubscriberServiceClient, Welcome};
-use space_core::{Notification, Subscription};
+use space_core::{NodeId, Notification, Subscription};
 use tarpc::{client, context};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -74,6 +74,7 @@ impl Pushers {
     /// Starts pushing `subscription`'s events to `endpoint`.
     pub(crate) fn start(
         self: &Arc<Self>,
+        node: NodeId,
         subscription: Subscription,
         endpoint: SocketAddr,
         max_frame: usize,
@@ -90,7 +91,7 @@ impl Pushers {
         );
         let pushers = self.clone();
         tokio::spawn(async move {
-            push(subscription.clone(), rx, max_frame).await;
+            push(node, subscription.clone(), rx, max_frame).await;
             pushers.map.lock().remove(&id);
             subscription.cancel();
             tracing::debug!(subscription = id, "pusher finished");
@@ -133,7 +134,12 @@ impl Pushers {
     }
 }
 
-async fn push(sub: Arc<Subscription>, mut endpoint: watch::Receiver<SocketAddr>, max_frame: usize) {
+async fn push(
+    node: NodeId,
+    sub: Arc<Subscription>,
+    mut endpoint: watch::Receiver<SocketAddr>,
+    max_frame: usize,
+) {
     let id = sub.id();
     let mut client: Option<SubscriberServiceClient> = None;
     let mut batch: Vec<Notification> = Vec::new();
@@ -186,7 +192,7 @@ async fn push(sub: Arc<Subscription>, mut endpoint: watch::Receiver<SocketAddr>,
         let mut ctx = context::current();
         ctx.deadline = Instant::now() + DELIVERY_DEADLINE;
         let last = batch.last().map(seq_of).unwrap_or(0);
-        match c.deliver(ctx, id, batch.clone()).await {
+        match c.deliver(ctx, node, id, batch.clone()).await {
             Ok(true) => {
                 batch.clear();
                 backoff = Duration::from_millis(20);

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use space_core::wire::{
-    self, Envelope, Hello, NodeInfo, RANGES, Request, Response, SpaceService, Target, Topology,
-    Welcome,
+    self, Envelope, Hello, NodeInfo, NodeStatus, Request, Response, SpaceService, Target, Welcome,
 };
 use space_core::{Engine, EngineConfig, NodeId, SpaceError};
 use subtle::ConstantTimeEq;
@@ -23,6 +22,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::cluster::Cluster;
 use crate::dedupe::Dedupe;
 use crate::push::Pushers;
 
@@ -53,6 +53,11 @@ pub struct NodeConfig {
     pub dedupe_capacity: usize,
     /// Where the node keeps its entries durably; `None`: in memory only.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The cluster's members (addresses, in order; this node among them); empty for a
+    /// node on its own.
+    pub peers: Vec<String>,
+    /// The epoch of the static topology.
+    pub epoch: u64,
 }
 
 impl Default for NodeConfig {
@@ -70,6 +75,8 @@ impl Default for NodeConfig {
             max_bytes: None,
             dedupe_capacity: 65_536,
             data_dir: None,
+            peers: Vec::new(),
+            epoch: 1,
         }
     }
 }
@@ -106,6 +113,7 @@ pub(crate) struct NodeState {
     dedupe: Dedupe,
     pushers: Arc<Pushers>,
     address: String,
+    cluster: Arc<Cluster>,
 }
 
 /// The tarpc service: one clone per connection, sharing the node's state.
@@ -173,9 +181,19 @@ impl NodeState {
         }
     }
 
-    /// Runs one request on the engine.
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            info: self.info(),
+            held_bytes: self.engine.held_bytes(),
+            max_bytes: self.config.max_bytes,
+        }
+    }
+
+    /// Runs one request on the engine. Requests addressed by key are refused with a
+    /// wrong-node error when another member of the cluster owns the key.
     pub(crate) async fn handle(&self, request: Request) -> Result<Response, SpaceError> {
         let engine = &self.engine;
+        let cluster = &self.cluster;
         Ok(match request {
             Request::WriteDirect {
                 entry_type,
@@ -183,13 +201,19 @@ impl NodeState {
                 entries,
                 lease,
             } => {
+                for key in entries.iter().filter_map(|(_, k)| k.as_ref()) {
+                    cluster.check(key)?;
+                }
                 for field in &indexes {
                     engine.create_index(&entry_type, field)?;
                 }
                 Response::Receipts(engine.write_all(&entry_type, &[], entries, lease)?)
             }
             Request::ReadDirect { target, timeout } => Response::Document(match target {
-                Target::Key { entry_type, key } => engine.read_key(&entry_type, &key),
+                Target::Key { entry_type, key } => {
+                    cluster.check(&key)?;
+                    engine.read_key(&entry_type, &key)
+                }
                 Target::Query(q) => engine.read(&q, timeout)?.wait_async().await,
             }),
             Request::TakeDirect {
@@ -198,6 +222,7 @@ impl NodeState {
                 timeout,
             } => Response::Documents(match target {
                 Target::Key { entry_type, key } => {
+                    cluster.check(&key)?;
                     engine.take_key(&entry_type, &key).into_iter().collect()
                 }
                 Target::Query(q) if max <= 1 => engine
@@ -218,17 +243,28 @@ impl NodeState {
                 lease,
                 timeout,
             } => Response::Claimed(engine.claim(&query, lease, timeout)?.wait_async().await),
-            Request::Commit(t) => engine.commit(&t).map(|()| Response::Done)?,
-            Request::Release(t) => engine.release(&t).map(|()| Response::Done)?,
+            Request::Commit(t) => {
+                cluster.check(&t.key)?;
+                engine.commit(&t).map(|()| Response::Done)?
+            }
+            Request::Release(t) => {
+                cluster.check(&t.key)?;
+                engine.release(&t).map(|()| Response::Done)?
+            }
             Request::RenewClaim(t, lease) => {
+                cluster.check(&t.key)?;
                 Response::Expires(Some(engine.renew_claim(&t, lease)?))
             }
             Request::Renew {
                 entry_type,
                 key,
                 lease,
-            } => Response::Expires(engine.renew(&entry_type, &key, lease)?),
+            } => {
+                cluster.check(&key)?;
+                Response::Expires(engine.renew(&entry_type, &key, lease)?)
+            }
             Request::Cancel { entry_type, key } => {
+                cluster.check(&key)?;
                 engine.cancel(&entry_type, &key).map(|()| Response::Done)?
             }
             Request::Count(q) => Response::Count(engine.count(&q)?),
@@ -241,22 +277,11 @@ impl NodeState {
                     engine.contents_page(&query, after, limit.clamp(1, 10_000) as usize)?;
                 Response::Page { documents, next }
             }
-            Request::FindFor(_) => Response::Node(self.info()),
-            Request::FindPlaceFor { size, labels, .. } => {
-                let missing = labels.iter().find(|l| !self.config.labels.contains(l));
-                if let Some((k, v)) = missing {
-                    return Err(SpaceError::Full {
-                        reason: format!("no node carries the label {k}={v}"),
-                    });
-                }
-                if let Some(max) = self.config.max_bytes
-                    && engine.held_bytes() + size > max
-                {
-                    return Err(SpaceError::Full {
-                        reason: format!("no node has room for {size} more bytes"),
-                    });
-                }
-                Response::Node(self.info())
+            Request::FindFor(key) => {
+                Response::Node(cluster.owner(&key).unwrap_or_else(|| self.info()))
+            }
+            Request::FindPlaceFor { key, size, labels } => {
+                Response::Node(cluster.place(key.as_ref(), size, &labels, self.status())?)
             }
             Request::Subscribe {
                 query,
@@ -265,7 +290,12 @@ impl NodeState {
                 endpoint,
             } => {
                 let sub = engine.subscribe(&query, kinds, lease)?;
-                Response::Subscribed(self.pushers.start(sub, endpoint, self.config.max_frame))
+                Response::Subscribed(self.pushers.start(
+                    self.config.node,
+                    sub,
+                    endpoint,
+                    self.config.max_frame,
+                ))
             }
             Request::Resume {
                 id,
@@ -286,11 +316,8 @@ impl NodeState {
                 self.pushers.cancel(id);
                 Response::Done
             }
-            Request::Topology => Response::Topology(Topology {
-                epoch: 1,
-                nodes: vec![self.info()],
-                owners: vec![0; RANGES as usize],
-            }),
+            Request::Topology => Response::Topology(cluster.topology()),
+            Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(engine.stats()),
         })
     }
@@ -344,8 +371,30 @@ impl Node {
             addr: config.listen,
             source,
         })?;
+        let address = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        let mut config = config;
+        let cluster = if config.peers.is_empty() {
+            Cluster::single(NodeInfo {
+                node: config.node,
+                address: address.clone(),
+                labels: config.labels.clone(),
+            })
+        } else {
+            let me = config.peers.iter().position(|p| *p == address).ok_or_else(|| {
+                NodeError::Config(format!(
+                    "this node's address {address} is not in --peers {:?}; pass --advertise with its address in the list",
+                    config.peers
+                ))
+            })?;
+            Cluster::new(&config.peers, me, config.epoch, &config.labels)
+        };
+        config.node = cluster.node();
         let engine_config = EngineConfig {
             node: config.node,
+            ranges: (!config.peers.is_empty()).then(|| cluster.owned()),
             max_entry_bytes: Some(config.max_entry_bytes),
             max_entries: config.max_entries,
             max_bytes: config.max_bytes,
@@ -366,12 +415,13 @@ impl Node {
         for (id, answer) in engine.take_recovered_answers() {
             dedupe.seed(id, Ok(answer));
         }
-        let address = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| local.to_string());
+        let cluster = Arc::new(cluster);
+        if !config.peers.is_empty() {
+            cluster.start_polling(config.token.clone());
+        }
         Ok(Node {
             state: Arc::new(NodeState {
+                cluster,
                 dedupe,
                 pushers: Arc::new(Pushers::default()),
                 config,

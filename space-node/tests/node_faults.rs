@@ -65,7 +65,7 @@ async fn a_take_retried_after_a_lost_reply_gets_the_same_entry() {
     let conn = Connection::open(&node.addr, ClientConfig::default())
         .await
         .unwrap();
-    let space = space_client::space_of(conn.clone());
+    let space = space_client::connect(&node.addr).await.unwrap();
     space.write_all(&[job(1), job(2)]).await.unwrap();
     let take = || Request::TakeDirect {
         target: Target::Query(Query::of::<Job>()),

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use space_client::wire::{Request, Response, Target, Topology};
 use space_client::{
-    ClientConfig, Connection, EventKind, EventKinds, Key, Lease, Notification, Query, QueryError,
+    ClientConfig, Cluster, EventKind, EventKinds, Key, Lease, Notification, Query, QueryError,
 };
 use space_query::Fields;
 
@@ -211,7 +211,7 @@ async fn run(cli: Cli) -> Result<()> {
         retry_for: Duration::from_secs(2),
         ..ClientConfig::default()
     };
-    let conn = Connection::open(&cli.node, config).await?;
+    let conn = Cluster::open(&[cli.node.as_str()], config).await?;
     match cli.command {
         Command::Write {
             entry_type,

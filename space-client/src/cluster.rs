@@ -1,0 +1,1112 @@
+//! The client's view of a cluster of nodes, and the [`RemoteBackend`] of a remote `Space`.
+//!
+//! The client caches the topology (which node owns each of the 1024 ranges, with an
+//! epoch) and talks to nodes directly:
+//!
+//! - anything addressed by key (read or take by key, commit, release, renew, cancel, a
+//!   write with a user key) goes to the key's owner; a node that does not own it answers
+//!   `WrongNode`, and the client refreshes its topology and retries;
+//! - a write without a key goes to a node chosen in turn; the node mints the key inside its
+//!   own ranges, so FindFor finds the entry there later;
+//! - a take by query *claims* in parallel on every node, keeps the first claim (committing
+//!   it) and releases the others, so an entry is never taken twice and never lost; a
+//!   blocking take waits on all nodes at once and wakes on the first match anywhere;
+//!   take_all gathers from node after node up to its maximum; reads race the nodes;
+//!   counts, contents and stats merge;
+//! - a subscription is registered on every node and the pushed streams merge into one,
+//!   each event carrying its node id and that node's sequence number.
+//!
+//! With one node all of this reduces to talking to that node.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use parking_lot::{Mutex, RwLock};
+use space_core::wire::{
+    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, Welcome,
+};
+use space_core::{
+    BlockingSpace, ClaimTicket, Document, EventKinds, Key, Lease, NodeId, Notification, Query,
+    RemoteBackend, RemoteFeed, Result, Space, SpaceError, Stats, Subscription,
+};
+use tarpc::context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
+
+/// A document to write, with its user key if it has one.
+type NewEntry = (space_core::Fields, Option<Key>);
+
+/// How long a claim taken on behalf of a cross-node take may live before it is committed.
+const TAKE_CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// Topology refreshes allowed per call before a wrong-node answer is returned as it is.
+const REROUTES: usize = 3;
+
+/// A cluster of nodes, as one client sees it.
+pub struct Cluster {
+    seeds: Vec<String>,
+    config: ClientConfig,
+    runtime: Runtime,
+    topology: RwLock<Topology>,
+    conns: Mutex<HashMap<String, Arc<Connection>>>,
+    /// (node address, entry type) pairs whose indexes this client already declared.
+    declared: Mutex<HashSet<(String, String)>>,
+    next_writer: AtomicUsize,
+    endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
+}
+
+fn unexpected(r: Response) -> SpaceError {
+    SpaceError::Protocol {
+        reason: format!("unexpected answer {r:?}"),
+    }
+}
+
+impl Cluster {
+    /// Connects to the cluster through any of `seeds` and learns its topology; on the
+    /// current tokio runtime.
+    ///
+    /// # Errors
+    /// `Unreachable` when no seed answers, `Rejected` for a wrong token.
+    pub async fn open(seeds: &[&str], config: ClientConfig) -> Result<Arc<Cluster>> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| SpaceError::Protocol {
+            reason: "connect needs a tokio runtime; use connect_blocking from plain threads".into(),
+        })?;
+        Self::open_on(seeds, config, Runtime::Borrowed(handle)).await
+    }
+
+    pub(crate) async fn open_on(
+        seeds: &[&str],
+        config: ClientConfig,
+        runtime: Runtime,
+    ) -> Result<Arc<Cluster>> {
+        let mut last = None;
+        for seed in seeds {
+            match Connection::open_on(seed, config.clone()).await {
+                Ok(conn) => match conn.call(Request::Topology).await {
+                    Ok(Response::Topology(topology)) => {
+                        let cluster = Arc::new(Cluster {
+                            seeds: seeds.iter().map(|s| (*s).to_owned()).collect(),
+                            config,
+                            runtime,
+                            topology: RwLock::new(topology),
+                            conns: Mutex::new(HashMap::from([(seed.to_string(), conn)])),
+                            declared: Mutex::new(HashSet::new()),
+                            next_writer: AtomicUsize::new(0),
+                            endpoint: tokio::sync::OnceCell::new(),
+                        });
+                        return Ok(cluster);
+                    }
+                    Ok(other) => last = Some(unexpected(other)),
+                    Err(e) => last = Some(e),
+                },
+                Err(e @ SpaceError::Rejected { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| SpaceError::Unreachable {
+            node: String::new(),
+            reason: "no seed address given".into(),
+        }))
+    }
+
+    /// The topology the client routes by.
+    pub fn topology(&self) -> Topology {
+        self.topology.read().clone()
+    }
+
+    /// The connection to the node at `addr`.
+    pub async fn node(&self, addr: &str) -> Result<Arc<Connection>> {
+        if let Some(c) = self.conns.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let conn = Connection::open_on(addr, self.config.clone()).await?;
+        Ok(self
+            .conns
+            .lock()
+            .entry(addr.to_owned())
+            .or_insert(conn)
+            .clone())
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.topology
+            .read()
+            .nodes
+            .iter()
+            .map(|n| n.address.clone())
+            .collect()
+    }
+
+    /// Asks the nodes (then the seeds) for the topology and keeps the newest.
+    pub async fn refresh(&self) -> Result<Topology> {
+        let mut candidates = self.addresses();
+        candidates.extend(self.seeds.iter().cloned());
+        let mut last = None;
+        for addr in candidates {
+            let answer = match self.node(&addr).await {
+                Ok(conn) => conn.call(Request::Topology).await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(Response::Topology(t)) => {
+                    let mut current = self.topology.write();
+                    if t.epoch >= current.epoch {
+                        *current = t;
+                    }
+                    return Ok(current.clone());
+                }
+                Ok(other) => last = Some(unexpected(other)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| SpaceError::Unreachable {
+            node: String::new(),
+            reason: "no node to ask for the topology".into(),
+        }))
+    }
+
+    fn owner_addr(&self, key: &Key) -> Result<String> {
+        self.topology
+            .read()
+            .owner_of(key)
+            .map(|n| n.address.clone())
+            .ok_or_else(|| SpaceError::Protocol {
+                reason: "the topology has no owner for a range".into(),
+            })
+    }
+
+    /// Sends `request` to the owner of `key`, following topology changes.
+    async fn to_owner(&self, key: &Key, request: Request) -> Result<Response> {
+        let mut reroutes = 0;
+        loop {
+            let addr = self.owner_addr(key)?;
+            match self.node(&addr).await?.call(request.clone()).await {
+                Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
+                    reroutes += 1;
+                    self.refresh().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `request` to every node at once; answers in node order.
+    async fn to_all(&self, request: &Request) -> Vec<Result<Response>> {
+        let calls = self.addresses().into_iter().map(|addr| {
+            let request = request.clone();
+            async move { self.node(&addr).await?.call(request).await }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    /// Runs one request, routed as the module documentation says.
+    ///
+    /// # Errors
+    /// The nodes' errors, or `Unreachable` / `TimedOut`.
+    pub async fn call(&self, request: Request) -> Result<Response> {
+        match request {
+            Request::WriteDirect {
+                entry_type,
+                indexes,
+                entries,
+                lease,
+            } => self.write(entry_type, indexes, entries, lease).await,
+            Request::ReadDirect {
+                target: Target::Key { entry_type, key },
+                timeout,
+            } => {
+                let request = Request::ReadDirect {
+                    target: Target::Key {
+                        entry_type,
+                        key: key.clone(),
+                    },
+                    timeout,
+                };
+                self.to_owner(&key, request).await
+            }
+            Request::ReadDirect {
+                target: Target::Query(query),
+                timeout,
+            } => self.read(query, timeout).await,
+            Request::TakeDirect {
+                target: Target::Key { entry_type, key },
+                max,
+                timeout,
+            } => {
+                let request = Request::TakeDirect {
+                    target: Target::Key {
+                        entry_type,
+                        key: key.clone(),
+                    },
+                    max,
+                    timeout,
+                };
+                self.to_owner(&key, request).await
+            }
+            Request::TakeDirect {
+                target: Target::Query(query),
+                max,
+                timeout,
+            } => self
+                .take(query, max.max(1) as usize, timeout)
+                .await
+                .map(Response::Documents),
+            Request::Claim {
+                query,
+                lease,
+                timeout,
+            } => self
+                .claim(query, lease, timeout)
+                .await
+                .map(Response::Claimed),
+            Request::Commit(t) => self.to_owner(&t.key.clone(), Request::Commit(t)).await,
+            Request::Release(t) => self.to_owner(&t.key.clone(), Request::Release(t)).await,
+            Request::RenewClaim(t, lease) => {
+                self.to_owner(&t.key.clone(), Request::RenewClaim(t, lease))
+                    .await
+            }
+            Request::Renew {
+                entry_type,
+                key,
+                lease,
+            } => {
+                self.to_owner(
+                    &key.clone(),
+                    Request::Renew {
+                        entry_type,
+                        key,
+                        lease,
+                    },
+                )
+                .await
+            }
+            Request::Cancel { entry_type, key } => {
+                self.to_owner(&key.clone(), Request::Cancel { entry_type, key })
+                    .await
+            }
+            Request::Count(q) => {
+                let mut total = 0;
+                for answer in self.to_all(&Request::Count(q)).await {
+                    match answer? {
+                        Response::Count(n) => total += n,
+                        other => return Err(unexpected(other)),
+                    }
+                }
+                Ok(Response::Count(total))
+            }
+            Request::Contents { query, .. } => self.contents(query).await,
+            Request::FindFor(key) => {
+                let owner = self.topology.read().owner_of(&key).cloned();
+                owner
+                    .map(Response::Node)
+                    .ok_or_else(|| SpaceError::Protocol {
+                        reason: "the topology has no owner for a range".into(),
+                    })
+            }
+            Request::Stats => {
+                let mut total = Stats::default();
+                for answer in self.to_all(&Request::Stats).await {
+                    match answer? {
+                        Response::Stats(s) => {
+                            total.entries += s.entries;
+                            total.bytes += s.bytes;
+                            total.entry_types = total.entry_types.max(s.entry_types);
+                            total.waiters += s.waiters;
+                            total.subscriptions += s.subscriptions;
+                            total.timers += s.timers;
+                        }
+                        other => return Err(unexpected(other)),
+                    }
+                }
+                Ok(Response::Stats(total))
+            }
+            Request::Topology => self.refresh().await.map(Response::Topology),
+            // Placement, status, and subscription bookkeeping: any node answers (the first).
+            other => {
+                let addr = self.addresses().into_iter().next().unwrap_or_default();
+                self.node(&addr).await?.call(other).await
+            }
+        }
+    }
+
+    /// A node for keyless writes, in turn (optionally among those carrying `labels`).
+    fn next_node(&self) -> String {
+        let addrs = self.addresses();
+        let i = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        addrs[i % addrs.len().max(1)].clone()
+    }
+
+    async fn write(
+        &self,
+        entry_type: String,
+        indexes: Vec<String>,
+        entries: Vec<NewEntry>,
+        lease: Lease,
+    ) -> Result<Response> {
+        // Group by target node: keyed entries by their owner, keyless ones together.
+        let mut groups: HashMap<String, Vec<(usize, NewEntry)>> = HashMap::new();
+        let keyless = self.next_node();
+        for (i, (fields, key)) in entries.into_iter().enumerate() {
+            let addr = match &key {
+                Some(k) => self.owner_addr(k)?,
+                None => keyless.clone(),
+            };
+            groups.entry(addr).or_default().push((i, (fields, key)));
+        }
+        let mut receipts = Vec::new();
+        for (addr, group) in groups {
+            let (positions, batch): (Vec<usize>, Vec<_>) = group.into_iter().unzip();
+            let got = self
+                .write_group(&addr, &entry_type, &indexes, batch, lease)
+                .await?;
+            receipts.extend(positions.into_iter().zip(got));
+        }
+        receipts.sort_by_key(|(i, _)| *i);
+        Ok(Response::Receipts(
+            receipts.into_iter().map(|(_, r)| r).collect(),
+        ))
+    }
+
+    async fn write_group(
+        &self,
+        addr: &str,
+        entry_type: &str,
+        indexes: &[String],
+        batch: Vec<NewEntry>,
+        lease: Lease,
+    ) -> Result<Vec<space_core::Receipt>> {
+        let mut addr = addr.to_owned();
+        let mut reroutes = 0;
+        loop {
+            // A type's indexes are declared once per node, with the first write there.
+            let first = self
+                .declared
+                .lock()
+                .insert((addr.clone(), entry_type.to_owned()));
+            let request = Request::WriteDirect {
+                entry_type: entry_type.to_owned(),
+                indexes: if first { indexes.to_vec() } else { Vec::new() },
+                entries: batch.clone(),
+                lease,
+            };
+            match self.node(&addr).await?.call(request).await {
+                Ok(Response::Receipts(r)) => return Ok(r),
+                Ok(other) => return Err(unexpected(other)),
+                Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
+                    reroutes += 1;
+                    self.refresh().await?;
+                    // Keyed batches all have the same owner; follow it.
+                    if let Some(k) = batch.iter().find_map(|(_, k)| k.as_ref()) {
+                        addr = self.owner_addr(k)?;
+                    }
+                }
+                Err(e) => {
+                    if first {
+                        self.declared
+                            .lock()
+                            .remove(&(addr.clone(), entry_type.to_owned()));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// A copy of a match from any node: the nodes race, the first match wins.
+    async fn read(&self, query: Query, timeout: Duration) -> Result<Response> {
+        let mut calls: FuturesUnordered<_> = self
+            .addresses()
+            .into_iter()
+            .map(|addr| {
+                let request = Request::ReadDirect {
+                    target: Target::Query(query.clone()),
+                    timeout,
+                };
+                async move { self.node(&addr).await?.call(request).await }
+            })
+            .collect();
+        let mut error = None;
+        while let Some(answer) = calls.next().await {
+            match answer {
+                Ok(Response::Document(Some(d))) => return Ok(Response::Document(Some(d))),
+                Ok(Response::Document(None)) => {}
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => error = Some(e),
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(Response::Document(None)),
+        }
+    }
+
+    /// Claims a match on whichever node has one first, releasing any other claim made on
+    /// the way. Waits up to `timeout` on all nodes at once.
+    async fn claim(
+        &self,
+        query: Query,
+        lease: Lease,
+        timeout: Duration,
+    ) -> Result<Option<space_core::ClaimedDocument>> {
+        let addrs = self.addresses();
+        if addrs.len() == 1 {
+            let request = Request::Claim {
+                query,
+                lease,
+                timeout,
+            };
+            return match self.node(&addrs[0]).await?.call(request).await? {
+                Response::Claimed(c) => Ok(c),
+                other => Err(unexpected(other)),
+            };
+        }
+        let mut calls: FuturesUnordered<_> = addrs
+            .into_iter()
+            .map(|addr| {
+                let request = Request::Claim {
+                    query: query.clone(),
+                    lease,
+                    timeout,
+                };
+                async move { self.node(&addr).await?.call(request).await }
+            })
+            .collect();
+        let mut winner = None;
+        let mut error = None;
+        while let Some(answer) = calls.next().await {
+            match answer {
+                Ok(Response::Claimed(Some(c))) => {
+                    if winner.is_none() {
+                        winner = Some(c);
+                        if !timeout.is_zero() {
+                            // The others are still waiting: give up their waits (a node
+                            // returns anything it handed to a dropped wait).
+                            break;
+                        }
+                    } else {
+                        self.release_quietly(c.ticket).await;
+                    }
+                }
+                Ok(Response::Claimed(None)) => {}
+                Ok(other) => error = Some(unexpected(other)),
+                Err(e) => error = Some(e),
+            }
+        }
+        drop(calls);
+        match (winner, error) {
+            (Some(c), _) => Ok(Some(c)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(None),
+        }
+    }
+
+    async fn release_quietly(&self, ticket: ClaimTicket) {
+        if let Err(e) = self
+            .to_owner(&ticket.key.clone(), Request::Release(ticket))
+            .await
+        {
+            tracing::warn!(error = %e, "could not release a claim; its lease will return the entry");
+        }
+    }
+
+    /// Takes up to `max` matches across the nodes, waiting up to `timeout` for the first.
+    async fn take(&self, query: Query, max: usize, timeout: Duration) -> Result<Vec<Document>> {
+        let addrs = self.addresses();
+        if addrs.len() == 1 {
+            let request = Request::TakeDirect {
+                target: Target::Query(query),
+                max: u32::try_from(max).unwrap_or(u32::MAX),
+                timeout,
+            };
+            return match self.node(&addrs[0]).await?.call(request).await? {
+                Response::Documents(d) => Ok(d),
+                other => Err(unexpected(other)),
+            };
+        }
+        let mut got = self.sweep(&query, max).await?;
+        if !got.is_empty() || timeout.is_zero() {
+            return Ok(got);
+        }
+        // Wait on every node at once: claim there, keep the first, commit it.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(claimed) = self
+                .claim(query.clone(), Lease::For(TAKE_CLAIM_LEASE), left)
+                .await?
+            else {
+                return Ok(got);
+            };
+            let document = claimed.document;
+            match self
+                .to_owner(&claimed.ticket.key.clone(), Request::Commit(claimed.ticket))
+                .await
+            {
+                Ok(_) => {
+                    got.push(document);
+                    break;
+                }
+                // The claim ran out before the commit (it went back): look again.
+                Err(SpaceError::ClaimLost { .. }) if !left.is_zero() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if max > 1 {
+            got.extend(self.sweep(&query, max - 1).await?);
+        }
+        Ok(got)
+    }
+
+    /// Takes what is there now, node after node, up to `max`.
+    async fn sweep(&self, query: &Query, max: usize) -> Result<Vec<Document>> {
+        let mut got = Vec::new();
+        for addr in self.addresses() {
+            if got.len() >= max {
+                break;
+            }
+            let request = Request::TakeDirect {
+                target: Target::Query(query.clone()),
+                max: u32::try_from(max - got.len()).unwrap_or(u32::MAX),
+                timeout: Duration::ZERO,
+            };
+            match self.node(&addr).await?.call(request).await? {
+                Response::Documents(d) => got.extend(d),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Every match on every node (node after node, page by page).
+    async fn contents(&self, query: Query) -> Result<Response> {
+        let mut documents = Vec::new();
+        for addr in self.addresses() {
+            let conn = self.node(&addr).await?;
+            let mut after = None;
+            loop {
+                let request = Request::Contents {
+                    query: query.clone(),
+                    after,
+                    limit: 1000,
+                };
+                match conn.call(request).await? {
+                    Response::Page {
+                        documents: page,
+                        next,
+                    } => {
+                        documents.extend(page);
+                        match next {
+                            Some(n) => after = Some(n),
+                            None => break,
+                        }
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok(Response::Page {
+            documents,
+            next: None,
+        })
+    }
+
+    async fn endpoint(&self) -> Result<Arc<Endpoint>> {
+        self.endpoint
+            .get_or_try_init(|| Endpoint::start(&self.config))
+            .await
+            .cloned()
+    }
+
+    /// Registers a subscription on every node; their events arrive merged in one stream.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        query: Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> Result<Subscription> {
+        let endpoint = self.endpoint().await?;
+        let (node_lease, renew) = match lease {
+            Lease::Forever => (Lease::For(self.config.subscription_lease), true),
+            finite => (finite, false),
+        };
+        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let mut parts = Vec::new();
+        for addr in self.addresses() {
+            let conn = self.node(&addr).await?;
+            let request = Request::Subscribe {
+                query: query.clone(),
+                kinds,
+                lease: node_lease,
+                endpoint: endpoint.advertised,
+            };
+            let id = match conn.call(request).await {
+                Ok(Response::Subscribed(id)) => id,
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => {
+                    cancel_parts(&parts, &endpoint, &self.runtime);
+                    return Err(e);
+                }
+            };
+            let part = Arc::new(Part {
+                node: conn.node(),
+                id,
+                conn,
+                tx: Mutex::new(Some(tx.clone())),
+                last_seq: AtomicU64::new(0),
+            });
+            endpoint.feeds.lock().insert((part.node, id), part.clone());
+            parts.push(part);
+        }
+        drop(tx);
+        let state = Arc::new(FeedState {
+            parts,
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+        });
+        if renew {
+            self.runtime.handle().spawn(renew_while_alive(
+                Arc::downgrade(&state),
+                self.config.subscription_lease,
+            ));
+        }
+        Ok(Subscription::remote(
+            query,
+            Box::new(Feed {
+                stream: Mutex::new(rx.clone().into_stream()),
+                rx,
+                state,
+                endpoint,
+                runtime: self.runtime.clone(),
+            }),
+        ))
+    }
+
+    /// Picks up a detached subscription of a one-node cluster after `last_seq`.
+    pub async fn resume(self: &Arc<Self>, id: u64, last_seq: u64) -> Result<Subscription> {
+        let addrs = self.addresses();
+        let [addr] = &addrs[..] else {
+            return Err(SpaceError::Protocol {
+                reason: "resuming a subscription of a cluster of several nodes is not supported; subscribe again".into(),
+            });
+        };
+        let endpoint = self.endpoint().await?;
+        let conn = self.node(addr).await?;
+        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let part = Arc::new(Part {
+            node: conn.node(),
+            id,
+            conn: conn.clone(),
+            tx: Mutex::new(Some(tx)),
+            last_seq: AtomicU64::new(last_seq),
+        });
+        endpoint.feeds.lock().insert((part.node, id), part.clone());
+        conn.call(Request::Resume {
+            id,
+            last_seq,
+            endpoint: endpoint.advertised,
+        })
+        .await?;
+        let state = Arc::new(FeedState {
+            parts: vec![part],
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+        });
+        self.runtime.handle().spawn(renew_while_alive(
+            Arc::downgrade(&state),
+            self.config.subscription_lease,
+        ));
+        Ok(Subscription::remote(
+            Query::for_type(""),
+            Box::new(Feed {
+                stream: Mutex::new(rx.clone().into_stream()),
+                rx,
+                state,
+                endpoint,
+                runtime: self.runtime.clone(),
+            }),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Notify: the endpoint nodes push to, and merged subscriptions.
+
+/// Notifications buffered per subscription on the client before deliveries wait.
+const FEED_CAPACITY: usize = 65_536;
+
+/// A subscription's registration on one node.
+struct Part {
+    node: NodeId,
+    id: u64,
+    conn: Arc<Connection>,
+    tx: Mutex<Option<flume::Sender<Notification>>>,
+    /// The last sequence number received from this node: deliveries at or below it are
+    /// repeats (after a retried delivery).
+    last_seq: AtomicU64,
+}
+
+struct FeedState {
+    parts: Vec<Arc<Part>>,
+    dropped: AtomicU64,
+    closed: AtomicBool,
+    detached: AtomicBool,
+}
+
+/// Renews a subscription's lease on every node at a third of its length while it lives.
+async fn renew_while_alive(state: Weak<FeedState>, lease: Duration) {
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let Some(state) = state.upgrade() else { return };
+        if state.closed.load(Ordering::Acquire) || state.detached.load(Ordering::Acquire) {
+            return;
+        }
+        for part in &state.parts {
+            let request = Request::RenewSubscription {
+                id: part.id,
+                lease: Lease::For(lease),
+            };
+            if let Err(e) = part.conn.call(request).await {
+                tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
+            }
+        }
+    }
+}
+
+fn cancel_parts(parts: &[Arc<Part>], endpoint: &Endpoint, runtime: &Runtime) {
+    for part in parts {
+        part.tx.lock().take();
+        endpoint.feeds.lock().remove(&(part.node, part.id));
+        let (conn, id) = (part.conn.clone(), part.id);
+        // Fire and forget: the node also ends it when its lease runs out.
+        drop(runtime.handle().spawn(async move {
+            let _ = conn.call(Request::CancelSubscription(id)).await;
+        }));
+    }
+}
+
+fn seq_range(n: &Notification) -> (u64, u64) {
+    match n {
+        Notification::Event(e) => (e.seq, e.seq),
+        Notification::Gap {
+            first_seq,
+            last_seq,
+        } => (*first_seq, *last_seq),
+    }
+}
+
+/// The endpoint nodes push events to.
+struct Endpoint {
+    advertised: SocketAddr,
+    feeds: Mutex<HashMap<(NodeId, u64), Arc<Part>>>,
+}
+
+impl Endpoint {
+    async fn start(config: &ClientConfig) -> Result<Arc<Endpoint>> {
+        let listener = TcpListener::bind(config.subscriber_bind)
+            .await
+            .map_err(|e| SpaceError::Protocol {
+                reason: format!(
+                    "cannot serve the subscriber endpoint on {}: {e}",
+                    config.subscriber_bind
+                ),
+            })?;
+        let bound = listener.local_addr().map_err(|e| SpaceError::Protocol {
+            reason: e.to_string(),
+        })?;
+        let endpoint = Arc::new(Endpoint {
+            advertised: config.subscriber_advertise.unwrap_or(bound),
+            feeds: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&endpoint);
+        let max_frame = config.max_frame;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Some(endpoint) = weak.upgrade() else {
+                    return;
+                };
+                tokio::spawn(serve_subscriber(endpoint, stream, max_frame));
+            }
+        });
+        Ok(endpoint)
+    }
+
+    /// The registration of a subscription; waits briefly for one being registered (its
+    /// first events can arrive before the answer to Subscribe does).
+    async fn part(&self, node: NodeId, id: u64) -> Option<Arc<Part>> {
+        for _ in 0..100 {
+            if let Some(p) = self.feeds.lock().get(&(node, id)) {
+                return Some(p.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame: usize) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = wire::framed(stream, max_frame);
+    match wire::recv_frame::<_, Hello>(&mut framed).await {
+        Ok(Some(h)) if h.magic == wire::MAGIC && h.version == wire::PROTOCOL_VERSION => {}
+        _ => return,
+    }
+    if wire::send_frame(&mut framed, &Welcome::Accepted { node: NodeId(0) })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    BaseChannel::with_defaults(wire::transport(framed))
+        .execute(Subscriber(endpoint).serve())
+        .for_each(|response| async move {
+            tokio::spawn(response);
+        })
+        .await;
+}
+
+#[derive(Clone)]
+struct Subscriber(Arc<Endpoint>);
+
+impl SubscriberService for Subscriber {
+    async fn deliver(
+        self,
+        _: context::Context,
+        node: NodeId,
+        subscription: u64,
+        notifications: Vec<Notification>,
+    ) -> bool {
+        let Some(part) = self.0.part(node, subscription).await else {
+            return false;
+        };
+        let Some(tx) = part.tx.lock().clone() else {
+            // Detached (still registered: the node keeps the events in its log for a
+            // resume) or cancelled (gone: the node may drop the subscription).
+            return self.0.feeds.lock().contains_key(&(node, subscription));
+        };
+        for n in notifications {
+            let (_, last) = seq_range(&n);
+            if last <= part.last_seq.load(Ordering::Acquire) {
+                continue; // a repeat after a retried delivery
+            }
+            part.last_seq.store(last, Ordering::Release);
+            if tx.send_async(n).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// A remote subscription's receiving side: the merged stream of its parts.
+struct Feed {
+    rx: flume::Receiver<Notification>,
+    stream: Mutex<flume::r#async::RecvStream<'static, Notification>>,
+    state: Arc<FeedState>,
+    endpoint: Arc<Endpoint>,
+    runtime: Runtime,
+}
+
+impl Feed {
+    fn counted(&self, n: Option<Notification>) -> Option<Notification> {
+        if let Some(Notification::Gap {
+            first_seq,
+            last_seq,
+        }) = &n
+        {
+            self.state
+                .dropped
+                .fetch_add(last_seq - first_seq + 1, Ordering::Relaxed);
+        }
+        n
+    }
+}
+
+impl RemoteFeed for Feed {
+    fn id(&self) -> u64 {
+        self.state.parts.first().map_or(0, |p| p.id)
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        let n = match deadline {
+            None => self.rx.recv().ok(),
+            Some(d) => self.rx.recv_deadline(d).ok(),
+        };
+        self.counted(n)
+    }
+
+    fn try_recv(&self) -> Option<Notification> {
+        self.counted(self.rx.try_recv().ok())
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+        self.stream
+            .lock()
+            .poll_next_unpin(cx)
+            .map(|n| self.counted(n))
+    }
+
+    fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+
+    fn renew(&self, lease: Lease) -> Result<()> {
+        let parts = self.state.parts.clone();
+        let call = self.runtime.bind(async move {
+            for part in parts {
+                part.conn
+                    .call(Request::RenewSubscription { id: part.id, lease })
+                    .await?;
+            }
+            Ok(())
+        });
+        futures::executor::block_on(call)
+    }
+
+    fn cancel(&self) {
+        if self.state.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        cancel_parts(&self.state.parts, &self.endpoint, &self.runtime);
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    fn detach(&self) {
+        self.state.detached.store(true, Ordering::Release);
+        for part in &self.state.parts {
+            part.tx.lock().take();
+        }
+    }
+}
+
+/// The [`RemoteBackend`] of a [`Space`] on a cluster (of one or more nodes).
+struct Remote {
+    cluster: Arc<Cluster>,
+    node: NodeId,
+}
+
+impl RemoteBackend for Remote {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    fn call(&self, request: Request) -> BoxFuture<'static, Result<Response>> {
+        let cluster = self.cluster.clone();
+        self.cluster
+            .runtime
+            .bind(async move { cluster.call(request).await })
+    }
+
+    fn subscribe(
+        &self,
+        query: Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> BoxFuture<'static, Result<Subscription>> {
+        let cluster = self.cluster.clone();
+        self.cluster
+            .runtime
+            .bind(async move { cluster.subscribe(query, kinds, lease).await })
+    }
+
+    fn resume(&self, id: u64, last_seq: u64) -> BoxFuture<'static, Result<Subscription>> {
+        let cluster = self.cluster.clone();
+        self.cluster
+            .runtime
+            .bind(async move { cluster.resume(id, last_seq).await })
+    }
+}
+
+/// The [`Space`] of a connected cluster.
+pub fn space_of(cluster: Arc<Cluster>) -> Space {
+    let node = cluster
+        .topology
+        .read()
+        .nodes
+        .first()
+        .map_or(NodeId(0), |n: &NodeInfo| n.node);
+    Space::from_remote(Arc::new(Remote { cluster, node }))
+}
+
+/// A [`Space`] on the node (or cluster) at `addr` (host:port), with default settings.
+/// Call it inside a tokio runtime; remote calls run on that runtime.
+///
+/// # Errors
+/// `Unreachable` or `Rejected` when the node cannot be reached or refuses the connection.
+pub async fn connect(addr: &str) -> Result<Space> {
+    connect_with(addr, ClientConfig::default()).await
+}
+
+/// [`connect`] with settings (token, timeouts, subscriber endpoint). `addr` may list
+/// several seed addresses separated by commas.
+pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<Space> {
+    let seeds: Vec<&str> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    Ok(space_of(Cluster::open(&seeds, config).await?))
+}
+
+/// A blocking handle on the node (or cluster) at `addr`, for plain threads: the client runs
+/// its own small runtime. Do not call it from inside an async task.
+pub fn connect_blocking(addr: &str) -> Result<BlockingSpace> {
+    connect_blocking_with(addr, ClientConfig::default())
+}
+
+/// [`connect_blocking`] with settings.
+pub fn connect_blocking_with(addr: &str, config: ClientConfig) -> Result<BlockingSpace> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("space-client")
+        .enable_all()
+        .build()
+        .map_err(|e| SpaceError::Protocol {
+            reason: format!("cannot start the client's runtime: {e}"),
+        })?;
+    let runtime = Runtime::Owned(Arc::new(OwnedRuntime(Some(rt))));
+    let seeds: Vec<String> = addr
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let open = runtime.bind({
+        let runtime = runtime.clone();
+        async move {
+            let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
+            Cluster::open_on(&seeds, config, runtime).await
+        }
+    });
+    let cluster = futures::executor::block_on(open)?;
+    Ok(space_of(cluster).blocking())
+}
+
+/// `Space::connect(addr)`: the remote constructors as methods of [`Space`].
+pub trait Connect: Sized {
+    /// A space on the node at `addr`; see [`connect`].
+    fn connect(addr: &str) -> impl std::future::Future<Output = Result<Self>> + Send;
+}
+
+impl Connect for Space {
+    fn connect(addr: &str) -> impl std::future::Future<Output = Result<Space>> + Send {
+        let addr = addr.to_owned();
+        async move { connect(&addr).await }
+    }
+}
