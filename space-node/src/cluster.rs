@@ -56,7 +56,7 @@ impl Cluster {
 
     /// A cluster of one: this node owns everything.
     pub(crate) fn single(info: NodeInfo) -> Cluster {
-        Cluster::new(&[info.address.clone()], 0, 1, &info.labels)
+        Cluster::new(std::slice::from_ref(&info.address), 0, 1, &info.labels)
     }
 
     /// The ranges this node owns.
