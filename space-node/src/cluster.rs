@@ -56,7 +56,9 @@ impl Cluster {
 
     /// A cluster of one: this node owns everything.
     pub(crate) fn single(info: NodeInfo) -> Cluster {
-        Cluster::new(std::slice::from_ref(&info.address), 0, 1, &info.labels)
+        let mut cluster = Cluster::new(std::slice::from_ref(&info.address), 0, 1, &info.labels);
+        cluster.topology.nodes[0].node = info.node;
+        cluster
     }
 
     /// The ranges this node owns.
