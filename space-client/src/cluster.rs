@@ -218,7 +218,11 @@ impl Cluster {
                 indexes,
                 entries,
                 lease,
-            } => self.write(entry_type, indexes, entries, lease).await,
+                labels,
+            } => {
+                self.write(entry_type, indexes, entries, lease, labels)
+                    .await
+            }
             Request::ReadDirect {
                 target: Target::Key { entry_type, key },
                 timeout,
@@ -350,10 +354,26 @@ impl Cluster {
         indexes: Vec<String>,
         entries: Vec<NewEntry>,
         lease: Lease,
+        labels: Vec<(String, String)>,
     ) -> Result<Response> {
-        // Group by target node: keyed entries by their owner, keyless ones together.
+        // Group by target node: keyed entries by their owner, keyless ones together, on a
+        // node chosen in turn, or by FindPlaceFor when labels are asked for.
         let mut groups: HashMap<String, Vec<(usize, NewEntry)>> = HashMap::new();
-        let keyless = self.next_node();
+        let keyless = if labels.is_empty() {
+            self.next_node()
+        } else {
+            let size = entries.iter().map(|(f, _)| f.approx_size() as u64).sum();
+            let request = Request::FindPlaceFor {
+                key: None,
+                size,
+                labels: labels.clone(),
+            };
+            let any = self.addresses().into_iter().next().unwrap_or_default();
+            match self.node(&any).await?.call(request).await? {
+                Response::Node(n) => n.address,
+                other => return Err(unexpected(other)),
+            }
+        };
         for (i, (fields, key)) in entries.into_iter().enumerate() {
             let addr = match &key {
                 Some(k) => self.owner_addr(k)?,
@@ -365,7 +385,7 @@ impl Cluster {
         for (addr, group) in groups {
             let (positions, batch): (Vec<usize>, Vec<_>) = group.into_iter().unzip();
             let got = self
-                .write_group(&addr, &entry_type, &indexes, batch, lease)
+                .write_group(&addr, &entry_type, &indexes, batch, lease, &labels)
                 .await?;
             receipts.extend(positions.into_iter().zip(got));
         }
@@ -382,6 +402,7 @@ impl Cluster {
         indexes: &[String],
         batch: Vec<NewEntry>,
         lease: Lease,
+        labels: &[(String, String)],
     ) -> Result<Vec<space_core::Receipt>> {
         let mut addr = addr.to_owned();
         let mut reroutes = 0;
@@ -396,6 +417,7 @@ impl Cluster {
                 indexes: if first { indexes.to_vec() } else { Vec::new() },
                 entries: batch.clone(),
                 lease,
+                labels: labels.to_vec(),
             };
             match self.node(&addr).await?.call(request).await {
                 Ok(Response::Receipts(r)) => return Ok(r),

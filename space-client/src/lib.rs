@@ -31,7 +31,7 @@ pub use connection::{ClientConfig, Connection};
 /// The wire types (requests, answers, documents) for tools that speak to a node directly.
 pub mod wire {
     pub use space_core::wire::*;
-    pub use space_core::{ClaimTicket, ClaimedDocument, Document, Receipt, Stats};
+    pub use space_core::{ClaimTicket, ClaimedDocument, Document, Fields, Receipt, Stats, Value};
 }
 pub use space_core::{
     BlockingSpace, Claim, ClaimTicket, Entry, EntryType, Event, EventKind, EventKinds, Filter,

@@ -312,6 +312,7 @@ impl Space {
                 indexes: Vec::new(),
                 entries: vec![(doc.fields, Some(doc.key))],
                 lease: Lease::Forever,
+                labels: Vec::new(),
             });
             // The answer is not awaited here: the caller already gets the decode error.
             std::thread::spawn(move || {
@@ -336,7 +337,12 @@ impl Space {
         }
     }
 
-    fn op_write<T: Entry>(&self, entries: &[&T], lease: Lease) -> Call<Vec<Receipt>> {
+    fn op_write<T: Entry>(
+        &self,
+        entries: &[&T],
+        lease: Lease,
+        labels: &[(&str, &str)],
+    ) -> Call<Vec<Receipt>> {
         let docs = match entries
             .iter()
             .map(|e| encode(*e))
@@ -366,18 +372,27 @@ impl Space {
                     indexes: T::INDEXES.iter().map(|s| (*s).to_owned()).collect(),
                     entries: docs,
                     lease,
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
                 },
                 |resp| expect!(resp, Response::Receipts(r) => r),
             ),
         }
     }
 
-    fn op_write_one<T: Entry>(&self, entry: &T, lease: Lease) -> Call<Receipt> {
+    fn op_write_one<T: Entry>(
+        &self,
+        entry: &T,
+        lease: Lease,
+        labels: &[(&str, &str)],
+    ) -> Call<Receipt> {
         match &self.backend {
             Backend::Local(engine) => Call::Done(encode(entry).and_then(|(fields, key)| {
                 engine.write_indexed(T::ENTRY_TYPE, T::INDEXES, fields, key, lease)
             })),
-            Backend::Remote(_) => self.op_write(&[entry], lease).map(|mut v| {
+            Backend::Remote(_) => self.op_write(&[entry], lease, labels).map(|mut v| {
                 v.pop().ok_or_else(|| SpaceError::Protocol {
                     reason: "a write was answered without a receipt".into(),
                 })
@@ -754,16 +769,22 @@ both_forms! {
     /// Stores a copy of `entry` with no time limit; returns its receipt (node, key,
     /// version). Never waits for other operations beyond a brief lock (in-process) or one
     /// round trip (remote).
-    fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever));
+    fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever, &[]));
 
     /// Stores a copy of `entry` that expires after `lease`.
-    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, lease));
+    fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, lease, &[]));
+
+    /// Stores a copy of a keyless `entry` on a node that carries all of `labels`
+    /// (`[("zone", "a")]`), as FindPlaceFor chooses; fails with [`SpaceError::Full`] when
+    /// no node carries them or has room. An in-process space is one place: labels do not
+    /// apply there.
+    fn write_labelled<T>(&self, entry: &T, labels: &[(&str, &str)]) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever, labels));
 
     /// Stores all of `entries`, or none of them if any is refused.
-    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever));
+    fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever, &[]));
 
     /// Stores all of `entries` with one lease, or none of them.
-    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), lease));
+    fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), lease, &[]));
 
     /// A copy of the oldest matching entry, waiting up to `timeout` for one to be written;
     /// `Ok(None)` on timeout. A zero timeout does not wait.

@@ -178,6 +178,8 @@ pub enum Request {
         entries: Vec<(Fields, Option<Key>)>,
         /// Their lease.
         lease: Lease,
+        /// Labels the node storing keyless entries must carry (`zone=a`); empty: any node.
+        labels: Vec<(String, String)>,
     },
     /// A copy of an entry, waiting up to `timeout` for a query's first match.
     ReadDirect {
@@ -548,6 +550,7 @@ mod tests {
             indexes: vec!["a".into()],
             entries: vec![(f, Some(Key::Name("k".into())))],
             lease: Lease::secs(5),
+            labels: vec![("zone".into(), "a".into())],
         };
         let back: Request = postcard::from_bytes(&postcard::to_stdvec(&write).unwrap()).unwrap();
         assert_eq!(back, write);

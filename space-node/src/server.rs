@@ -200,9 +200,15 @@ impl NodeState {
                 indexes,
                 entries,
                 lease,
+                labels,
             } => {
                 for key in entries.iter().filter_map(|(_, k)| k.as_ref()) {
                     cluster.check(key)?;
+                }
+                if let Some((k, v)) = labels.iter().find(|l| !self.config.labels.contains(l)) {
+                    return Err(SpaceError::Full {
+                        reason: format!("this node does not carry the label {k}={v}"),
+                    });
                 }
                 for field in &indexes {
                     engine.create_index(&entry_type, field)?;

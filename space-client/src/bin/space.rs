@@ -229,6 +229,7 @@ async fn run(cli: Cli) -> Result<()> {
                     indexes: Vec::new(),
                     entries: vec![(fields, key)],
                     lease,
+                    labels: Vec::new(),
                 })
                 .await?
             else {

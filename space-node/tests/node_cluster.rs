@@ -1,0 +1,396 @@
+//! Three real nodes on loopback: keys spread by hash, FindFor and FindPlaceFor agree with
+//! where entries are, labels and full nodes steer placement, a client with a stale topology
+//! recovers, and takes and subscriptions work across the nodes.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::NodeProcess;
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use space_client::wire::{Request, Response, Target};
+use space_client::{
+    ClientConfig, Connection, EventKinds, Key, Notification, Query, SpaceError, connect,
+    connect_blocking,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Order {
+    number: String,
+    amount: u64,
+}
+space_client::entry!(Order, "Order", key = number);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Job {
+    id: u64,
+}
+space_client::entry!(Job, "Job");
+
+fn free_addrs(n: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// Starts a cluster of the given members; `extra[i]` are node i's extra arguments.
+fn start_cluster(addrs: &[String], epoch: u64, extra: &[&[&str]]) -> Vec<NodeProcess> {
+    let peers = addrs.join(",");
+    let epoch = epoch.to_string();
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut args = vec!["--peers", &peers, "--epoch", &epoch];
+            args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
+            NodeProcess::start_at(a, &args)
+        })
+        .collect()
+}
+
+async fn direct(addr: &str) -> Arc<Connection> {
+    Connection::open(addr, ClientConfig::default())
+        .await
+        .unwrap()
+}
+
+async fn holds(conn: &Connection, key: &Key, entry_type: &str) -> Result<bool, SpaceError> {
+    let answer = conn
+        .call(Request::ReadDirect {
+            target: Target::Key {
+                entry_type: entry_type.into(),
+                key: key.clone(),
+            },
+            timeout: Duration::ZERO,
+        })
+        .await?;
+    Ok(matches!(answer, Response::Document(Some(_))))
+}
+
+async fn count_on(conn: &Connection, entry_type: &str) -> u64 {
+    match conn
+        .call(Request::Count(Query::for_type(entry_type)))
+        .await
+        .unwrap()
+    {
+        Response::Count(n) => n,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits until every node has heard from its peers (labels and room are polled).
+async fn settled(conn: &Connection, nodes: usize) {
+    for _ in 0..100 {
+        if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await
+            && t.nodes.len() == nodes
+        {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_spread_by_hash_and_find_for_agrees() {
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(&addrs, 1, &[]);
+    let space = connect(&addrs[0]).await.unwrap();
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let r = space
+            .write(&Order {
+                number: format!("o-{i}"),
+                amount: i,
+            })
+            .await
+            .unwrap();
+        keys.push(r.key);
+    }
+    let conns: Vec<_> = futures::future::join_all(addrs.iter().map(|a| direct(a))).await;
+    let counts: Vec<u64> =
+        futures::future::join_all(conns.iter().map(|c| count_on(c, "Order"))).await;
+    assert_eq!(counts.iter().sum::<u64>(), 300);
+    assert!(
+        counts.iter().all(|&c| c > 50),
+        "spread over the nodes by hash: {counts:?}"
+    );
+    for key in &keys {
+        let Response::Node(owner) = conns[0].call(Request::FindFor(key.clone())).await.unwrap()
+        else {
+            panic!("FindFor answers a node")
+        };
+        for (addr, conn) in addrs.iter().zip(&conns) {
+            let held = holds(conn, key, "Order").await;
+            if *addr == owner.address {
+                assert!(held.unwrap(), "FindFor's node holds {key}");
+            } else {
+                let err = held.unwrap_err();
+                assert!(
+                    matches!(err, SpaceError::WrongNode { epoch: 1, .. }),
+                    "{err}"
+                );
+            }
+        }
+    }
+    // The client routes keyed operations to the owners.
+    assert_eq!(space.count(&Query::of::<Order>()).await.unwrap(), 300);
+    let k: Key = "o-7".parse().unwrap();
+    assert_eq!(
+        space.take_key::<Order>(&k).await.unwrap().map(|o| o.amount),
+        Some(7)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_follows_find_place_for_labels_and_room() {
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(
+        &addrs,
+        1,
+        &[&[], &["--max-bytes", "1"], &["--label", "zone=a"]],
+    );
+    let conn = direct(&addrs[0]).await;
+    settled(&conn, 3).await;
+    let space = connect(&addrs[0]).await.unwrap();
+
+    // Keyless writes land where FindPlaceFor said, and FindFor finds them there.
+    let Response::Node(place) = conn
+        .call(Request::FindPlaceFor {
+            key: None,
+            size: 100,
+            labels: Vec::new(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_ne!(place.address, addrs[1], "the full node is never chosen");
+    let target = direct(&place.address).await;
+    let mut f = space_client::wire::Fields::new();
+    f.push("id", space_client::wire::Value::I64(1));
+    let Response::Receipts(r) = target
+        .call(Request::WriteDirect {
+            entry_type: "Job".into(),
+            indexes: Vec::new(),
+            entries: vec![(f, None)],
+            lease: space_client::Lease::Forever,
+            labels: Vec::new(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Response::Node(owner) = conn.call(Request::FindFor(r[0].key.clone())).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        owner.address, place.address,
+        "a keyless write gets a key of its node's ranges"
+    );
+    assert!(holds(&target, &r[0].key, "Job").await.unwrap());
+
+    // Writes asking for zone=a go to the one node that carries it, and only those do.
+    let zoned = direct(&addrs[2]).await;
+    let others: Vec<_> = futures::future::join_all(addrs[..2].iter().map(|a| direct(a))).await;
+    let before = count_on(&zoned, "Job").await;
+    let others_before: Vec<u64> =
+        futures::future::join_all(others.iter().map(|c| count_on(c, "Job"))).await;
+    for i in 0..30 {
+        space
+            .write_labelled(&Job { id: 100 + i }, &[("zone", "a")])
+            .await
+            .unwrap();
+    }
+    assert_eq!(count_on(&zoned, "Job").await, before + 30);
+    let others_after: Vec<u64> =
+        futures::future::join_all(others.iter().map(|c| count_on(c, "Job"))).await;
+    assert_eq!(
+        others_after, others_before,
+        "nodes without the label got none of them"
+    );
+    let err = space
+        .write_labelled(&Job { id: 999 }, &[("zone", "nowhere")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::Full { .. }), "{err}");
+    // A full node makes FindPlaceFor choose another, for any size.
+    for _ in 0..20 {
+        let Response::Node(n) = conn
+            .call(Request::FindPlaceFor {
+                key: None,
+                size: 50,
+                labels: Vec::new(),
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_ne!(n.address, addrs[1]);
+    }
+    // And its own writes are refused with Full.
+    let full = direct(&addrs[1]).await;
+    let mut f = space_client::wire::Fields::new();
+    f.push("id", space_client::wire::Value::I64(2));
+    let err = full
+        .call(Request::WriteDirect {
+            entry_type: "Job".into(),
+            indexes: Vec::new(),
+            entries: vec![(f, None)],
+            lease: space_client::Lease::Forever,
+            labels: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::Full { .. }), "{err}");
+}
+
+#[test]
+fn a_client_with_a_stale_topology_recovers_by_itself() {
+    let addrs = free_addrs(3);
+    let nodes = start_cluster(&addrs, 1, &[]);
+    let space = connect_blocking(&addrs[0]).unwrap();
+    for i in 0..30 {
+        space
+            .write(&Order {
+                number: format!("before-{i}"),
+                amount: i,
+            })
+            .unwrap();
+    }
+    // The cluster restarts with its members in another order and a new epoch: every
+    // range has a new owner, and the client still holds the old topology.
+    drop(nodes);
+    let rotated = vec![addrs[2].clone(), addrs[0].clone(), addrs[1].clone()];
+    let _nodes = start_cluster(&rotated, 2, &[]);
+    for i in 0..30 {
+        space
+            .write(&Order {
+                number: format!("after-{i}"),
+                amount: i,
+            })
+            .unwrap();
+    }
+    for i in 0..30 {
+        let k: Key = format!("after-{i}").parse().unwrap();
+        assert_eq!(
+            space.read_key::<Order>(&k).unwrap().map(|o| o.amount),
+            Some(i)
+        );
+    }
+    assert_eq!(space.count(&Query::of::<Order>()).unwrap(), 30);
+}
+
+#[test]
+fn takes_and_notify_across_three_nodes_see_every_entry_once() {
+    const ENTRIES: u64 = 100_000;
+    const WORKERS: usize = 4;
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(&addrs, 1, &[]);
+    let seeds = addrs.join(",");
+    let subscriber = connect_blocking(&seeds).unwrap();
+    let sub = subscriber
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .unwrap();
+    // The subscriber reads as events arrive, like a real one.
+    let reader = std::thread::spawn(move || {
+        let mut per_node: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut seen = 0u64;
+        while seen < ENTRIES {
+            match sub.recv_timeout(Duration::from_secs(30)) {
+                Some(Notification::Event(e)) => {
+                    per_node.entry(e.node.0).or_default().push(e.seq);
+                    seen += 1;
+                }
+                other => panic!("after {seen} events: {other:?}"),
+            }
+        }
+        assert_eq!(
+            sub.recv_timeout(Duration::from_millis(500)),
+            None,
+            "no event twice"
+        );
+        per_node
+    });
+    let taken = Arc::new(Mutex::new(Vec::with_capacity(ENTRIES as usize)));
+    let count = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (seeds, taken, count) = (seeds.clone(), taken.clone(), count.clone());
+            std::thread::spawn(move || {
+                let space = connect_blocking(&seeds).unwrap();
+                while count.load(Ordering::Relaxed) < ENTRIES {
+                    if let Some(job) = space
+                        .take::<Job>(&Query::of::<Job>(), Duration::from_millis(200))
+                        .unwrap()
+                    {
+                        taken.lock().push(job.id);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Give the workers time to block on all three nodes, then produce to random nodes.
+    std::thread::sleep(Duration::from_millis(500));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conns: Vec<_> = futures::future::join_all(addrs.iter().map(|a| direct(a))).await;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut id = 0;
+        while id < ENTRIES {
+            let batch: Vec<_> = (id..(id + 200).min(ENTRIES))
+                .map(|i| {
+                    let mut f = space_client::wire::Fields::new();
+                    f.push("id", space_client::wire::Value::U64(i));
+                    (f, None)
+                })
+                .collect();
+            id += batch.len() as u64;
+            let node = &conns[rng.random_range(0..conns.len())];
+            node.call(Request::WriteDirect {
+                entry_type: "Job".into(),
+                indexes: Vec::new(),
+                entries: batch,
+                lease: space_client::Lease::Forever,
+                labels: Vec::new(),
+            })
+            .await
+            .unwrap();
+        }
+    });
+    for w in workers {
+        w.join().unwrap();
+    }
+    let taken = taken.lock();
+    let distinct: HashSet<u64> = taken.iter().copied().collect();
+    assert_eq!(taken.len() as u64, ENTRIES, "every entry taken once");
+    assert_eq!(distinct.len() as u64, ENTRIES, "no entry taken twice");
+    assert!(distinct.iter().all(|&id| id < ENTRIES));
+    // The subscriber saw every write exactly once, numbered without gaps per node.
+    let per_node = reader.join().unwrap();
+    assert_eq!(
+        per_node.values().map(Vec::len).sum::<usize>() as u64,
+        ENTRIES
+    );
+    assert_eq!(per_node.len(), 3, "events from all three nodes");
+    for (node, seqs) in per_node {
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "node {node}: gapless and in order"
+        );
+    }
+}
