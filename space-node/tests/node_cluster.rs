@@ -142,6 +142,33 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
             }
         }
     }
+    // The CLI's topology shows each member with a third of the ranges, all 1024 covered.
+    let out =
+        std::process::Command::new(common::workspace_binary("space-client", "--bin", "space"))
+            .args(["--node", &addrs[1], "--json", "topology"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let topo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(topo["epoch"], 1);
+    let nodes = topo["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let mut covered = 0;
+    for n in nodes {
+        let owned: u64 = n["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[1].as_u64().unwrap() - r[0].as_u64().unwrap() + 1)
+            .sum();
+        assert!((341..=342).contains(&owned), "{n}");
+        covered += owned;
+    }
+    assert_eq!(covered, 1024);
     // The client routes keyed operations to the owners.
     assert_eq!(space.count(&Query::of::<Order>()).await.unwrap(), 300);
     let k: Key = "o-7".parse().unwrap();
