@@ -6,8 +6,10 @@
 //! cargo run --release -p space-tests --bin space-bench -- notify [--sizes 1000,10000,100000]
 //! cargo run --release -p space-tests --bin space-bench -- node [--runs R] [--seconds S]
 //! cargo run --release -p space-tests --bin space-bench -- durable [--runs R] [--seconds S]
+//! cargo run --release -p space-tests --bin space-bench -- cluster [--runs R] [--seconds S]
 //! ```
 
+mod cluster;
 mod inproc;
 mod node;
 mod notify;
@@ -75,6 +77,19 @@ enum Workload {
         #[arg(long, default_value_t = 1_000_000)]
         recovery_entries: usize,
     },
+    /// Three nodes in a static cluster against one node: 50 connections writing and taking
+    /// through the cluster-aware client, and the wake-up latency of a blocking take.
+    Cluster {
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Wake-ups per latency measurement.
+        #[arg(long, default_value_t = 2_000)]
+        wakeup_samples: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -99,5 +114,10 @@ fn main() -> Result<()> {
             seconds,
             recovery_entries,
         } => node::run_durable(runs, seconds, recovery_entries),
+        Workload::Cluster {
+            runs,
+            seconds,
+            wakeup_samples,
+        } => cluster::run(runs, seconds, wakeup_samples),
     }
 }

@@ -29,13 +29,13 @@ use crate::inproc::median;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Blob {
     #[serde(with = "serde_bytes")]
-    payload: Vec<u8>,
+    pub payload: Vec<u8>,
 }
 space_core::entry!(Blob, "Blob");
 
-const CONNECTIONS: usize = 50;
+pub const CONNECTIONS: usize = 50;
 const BATCH: usize = 16;
-const PAYLOAD: usize = 128;
+pub const PAYLOAD: usize = 128;
 
 /// A child process killed when dropped.
 pub struct Process(Child);
@@ -69,8 +69,13 @@ pub fn node_binary() -> Result<PathBuf> {
 
 /// Starts a node on a free loopback port; returns it and its address.
 pub fn start_node(args: &[&str]) -> Result<(Process, String)> {
+    start_node_at("127.0.0.1:0", args)
+}
+
+/// Starts a node listening on `listen`; returns it and the address it reports.
+pub fn start_node_at(listen: &str, args: &[&str]) -> Result<(Process, String)> {
     let mut child = Command::new(node_binary()?)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(args)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
@@ -154,7 +159,7 @@ where
     Ok(rate)
 }
 
-async fn space_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {
+pub async fn space_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {
     let mut spaces = Vec::new();
     for _ in 0..CONNECTIONS {
         spaces.push(Space::connect_to(addr).await?);
@@ -337,7 +342,7 @@ impl ConnectTo for Space {
     }
 }
 
-fn us(h: &Histogram<u64>, q: f64) -> f64 {
+pub fn us(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 100.0).round() / 10.0
 }
 
