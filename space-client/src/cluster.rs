@@ -25,12 +25,13 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use space_core::wire::{
-    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, Welcome,
+    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, WaitGroup,
+    Welcome,
 };
 use space_core::{
     BlockingSpace, ClaimTicket, Document, EventKinds, Key, Lease, NodeId, Notification, Query,
@@ -60,6 +61,8 @@ pub struct Cluster {
     /// (node address, entry type) pairs whose indexes this client already declared.
     declared: Mutex<HashSet<(String, String)>>,
     next_writer: AtomicUsize,
+    /// Where the next take by query starts looking.
+    next_taker: AtomicUsize,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
 }
 
@@ -100,6 +103,7 @@ impl Cluster {
                             conns: Mutex::new(HashMap::from([(seed.to_string(), conn)])),
                             declared: Mutex::new(HashSet::new()),
                             next_writer: AtomicUsize::new(0),
+                            next_taker: AtomicUsize::new(0),
                             endpoint: tokio::sync::OnceCell::new(),
                         });
                         return Ok(cluster);
@@ -211,7 +215,7 @@ impl Cluster {
     ///
     /// # Errors
     /// The nodes' errors, or `Unreachable` / `TimedOut`.
-    pub async fn call(&self, request: Request) -> Result<Response> {
+    pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         match request {
             Request::WriteDirect {
                 entry_type,
@@ -267,6 +271,7 @@ impl Cluster {
                 query,
                 lease,
                 timeout,
+                ..
             } => self
                 .claim(query, lease, timeout)
                 .await
@@ -343,9 +348,20 @@ impl Cluster {
 
     /// A node for keyless writes, in turn (optionally among those carrying `labels`).
     fn next_node(&self) -> String {
-        let addrs = self.addresses();
-        let i = self.next_writer.fetch_add(1, Ordering::Relaxed);
-        addrs[i % addrs.len().max(1)].clone()
+        self.in_turn(&self.next_writer)
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// The nodes' addresses, starting with the next in `turn` (so callers spread over them).
+    fn in_turn(&self, turn: &AtomicUsize) -> Vec<String> {
+        let mut addrs = self.addresses();
+        if !addrs.is_empty() {
+            let first = turn.fetch_add(1, Ordering::Relaxed) % addrs.len();
+            addrs.rotate_left(first);
+        }
+        addrs
     }
 
     async fn write(
@@ -470,64 +486,97 @@ impl Cluster {
         }
     }
 
-    /// Claims a match on whichever node has one first, releasing any other claim made on
-    /// the way. Waits up to `timeout` on all nodes at once.
+    /// Claims a match on whichever node has one first, waiting up to `timeout` on all nodes
+    /// at once (starting with the next node in turn).
+    ///
+    /// Once one node answers with a claim, the others' waits are abandoned
+    /// ([`Request::Abandon`]) and their answers still heard, in the background: a claim any
+    /// of them made in the meantime is released at once rather than left to its lease.
     async fn claim(
-        &self,
+        self: &Arc<Self>,
         query: Query,
         lease: Lease,
         timeout: Duration,
     ) -> Result<Option<space_core::ClaimedDocument>> {
-        let addrs = self.addresses();
-        if addrs.len() == 1 {
-            let request = Request::Claim {
-                query,
-                lease,
-                timeout,
-            };
-            return match self.node(&addrs[0]).await?.call(request).await? {
-                Response::Claimed(c) => Ok(c),
-                other => Err(unexpected(other)),
-            };
-        }
+        let addrs = self.in_turn(&self.next_taker);
+        let group = (addrs.len() > 1 && !timeout.is_zero()).then(WaitGroup::new);
         let mut calls: FuturesUnordered<_> = addrs
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|addr| {
+                let this = self.clone();
                 let request = Request::Claim {
                     query: query.clone(),
                     lease,
                     timeout,
+                    group,
                 };
-                async move { self.node(&addr).await?.call(request).await }
+                async move {
+                    let answer = match this.node(&addr).await {
+                        Ok(conn) => conn.call(request).await,
+                        Err(e) => Err(e),
+                    };
+                    (addr, answer)
+                }
+                .boxed()
             })
             .collect();
-        let mut winner = None;
+        let mut waiting = addrs;
         let mut error = None;
-        while let Some(answer) = calls.next().await {
+        while let Some((addr, answer)) = calls.next().await {
+            waiting.retain(|a| *a != addr);
             match answer {
                 Ok(Response::Claimed(Some(c))) => {
-                    if winner.is_none() {
-                        winner = Some(c);
-                        if !timeout.is_zero() {
-                            // The others are still waiting: give up their waits (a node
-                            // returns anything it handed to a dropped wait).
-                            break;
-                        }
-                    } else {
-                        self.release_quietly(c.ticket).await;
+                    if !calls.is_empty() {
+                        self.runtime
+                            .handle()
+                            .spawn(self.clone().abandon_rest(group, waiting, calls));
                     }
+                    return Ok(Some(c));
                 }
                 Ok(Response::Claimed(None)) => {}
                 Ok(other) => error = Some(unexpected(other)),
-                Err(e) => error = Some(e),
+                Err(e) => {
+                    tracing::debug!(node = %addr, error = %e, "a claim across nodes failed on one node");
+                    error = Some(e);
+                }
             }
         }
-        drop(calls);
-        match (winner, error) {
-            (Some(c), _) => Ok(Some(c)),
-            (None, Some(e)) => Err(e),
-            (None, None) => Ok(None),
+        match error {
+            Some(e) => Err(e),
+            None => Ok(None),
         }
+    }
+
+    /// Abandons the claim waits of `group` still running on the `waiting` nodes (their
+    /// answers to come in `calls`) and releases whatever claims they answer with.
+    async fn abandon_rest(
+        self: Arc<Self>,
+        group: Option<WaitGroup>,
+        waiting: Vec<String>,
+        mut calls: FuturesUnordered<BoxFuture<'static, (String, Result<Response>)>>,
+    ) {
+        let this = &*self;
+        let abandon = async {
+            if let Some(group) = group {
+                futures::future::join_all(waiting.iter().map(|addr| async move {
+                    if let Ok(conn) = this.node(addr).await
+                        && let Err(e) = conn.call(Request::Abandon(group)).await
+                    {
+                        tracing::debug!(node = %addr, error = %e, "could not abandon a claim wait");
+                    }
+                }))
+                .await;
+            }
+        };
+        let drain = async {
+            while let Some((_, answer)) = calls.next().await {
+                if let Ok(Response::Claimed(Some(c))) = answer {
+                    this.release_quietly(c.ticket).await;
+                }
+            }
+        };
+        futures::future::join(abandon, drain).await;
     }
 
     async fn release_quietly(&self, ticket: ClaimTicket) {
@@ -540,24 +589,29 @@ impl Cluster {
     }
 
     /// Takes up to `max` matches across the nodes, waiting up to `timeout` for the first.
-    async fn take(&self, query: Query, max: usize, timeout: Duration) -> Result<Vec<Document>> {
-        let addrs = self.addresses();
-        if addrs.len() == 1 {
-            let request = Request::TakeDirect {
-                target: Target::Query(query),
-                max: u32::try_from(max).unwrap_or(u32::MAX),
-                timeout,
-            };
-            return match self.node(&addrs[0]).await?.call(request).await? {
-                Response::Documents(d) => Ok(d),
-                other => Err(unexpected(other)),
-            };
+    ///
+    /// What is there now is taken first: a blocking take of one looks on the next node in
+    /// turn, anything else sweeps every node; then, if nothing was found and the take may
+    /// wait, it claims on all nodes at once and commits the first claim.
+    async fn take(
+        self: &Arc<Self>,
+        query: Query,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Document>> {
+        let addrs = self.in_turn(&self.next_taker);
+        if let [only] = addrs.as_slice() {
+            return self.take_on(only, query, max, timeout).await;
         }
-        let mut got = self.sweep(&query, max).await?;
+        let look = if max == 1 && !timeout.is_zero() {
+            1
+        } else {
+            addrs.len()
+        };
+        let mut got = self.sweep(&addrs[..look], &query, max).await?;
         if !got.is_empty() || timeout.is_zero() {
             return Ok(got);
         }
-        // Wait on every node at once: claim there, keep the first, commit it.
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -582,27 +636,41 @@ impl Cluster {
             }
         }
         if max > 1 {
-            got.extend(self.sweep(&query, max - 1).await?);
+            got.extend(self.sweep(&addrs, &query, max - 1).await?);
         }
         Ok(got)
     }
 
-    /// Takes what is there now, node after node, up to `max`.
-    async fn sweep(&self, query: &Query, max: usize) -> Result<Vec<Document>> {
+    /// A take by query on one node.
+    async fn take_on(
+        &self,
+        addr: &str,
+        query: Query,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Document>> {
+        let request = Request::TakeDirect {
+            target: Target::Query(query),
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+            timeout,
+        };
+        match self.node(addr).await?.call(request).await? {
+            Response::Documents(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Takes what is there now on `addrs`, node after node, up to `max`.
+    async fn sweep(&self, addrs: &[String], query: &Query, max: usize) -> Result<Vec<Document>> {
         let mut got = Vec::new();
-        for addr in self.addresses() {
+        for addr in addrs {
             if got.len() >= max {
                 break;
             }
-            let request = Request::TakeDirect {
-                target: Target::Query(query.clone()),
-                max: u32::try_from(max - got.len()).unwrap_or(u32::MAX),
-                timeout: Duration::ZERO,
-            };
-            match self.node(&addr).await?.call(request).await? {
-                Response::Documents(d) => got.extend(d),
-                other => return Err(unexpected(other)),
-            }
+            got.extend(
+                self.take_on(addr, query.clone(), max - got.len(), Duration::ZERO)
+                    .await?,
+            );
         }
         Ok(got)
     }

@@ -554,6 +554,7 @@ impl Space {
                         query: query.clone(),
                         lease,
                         timeout,
+                        group: None,
                     },
                     move |resp| {
                         let claimed = expect!(resp, Response::Claimed(c) => c)?;

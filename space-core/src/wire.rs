@@ -53,6 +53,25 @@ impl RequestId {
     }
 }
 
+/// Names the claim waits one cross-node take has open on several nodes at once, so that
+/// once one node answers the client can abandon the others in a single request
+/// ([`Request::Abandon`]) and still hear whatever they answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WaitGroup(pub u128);
+
+impl WaitGroup {
+    /// A fresh random group.
+    pub fn new() -> WaitGroup {
+        WaitGroup(uuid::Uuid::new_v4().as_u128())
+    }
+}
+
+impl Default for WaitGroup {
+    fn default() -> Self {
+        WaitGroup::new()
+    }
+}
+
 impl Default for RequestId {
     fn default() -> Self {
         RequestId::new()
@@ -205,7 +224,15 @@ pub enum Request {
         lease: Lease,
         /// How long to wait.
         timeout: Duration,
+        /// The group this wait belongs to, if the client may abandon it
+        /// ([`Request::Abandon`]).
+        group: Option<WaitGroup>,
     },
+    /// Ends every claim wait of the group on this node: a wait still waiting answers
+    /// `Claimed(None)` at once; one that already holds a claim answers as usual (and the
+    /// client releases it). An abandon that arrives before its wait makes that wait answer
+    /// at once. Answers `Done`.
+    Abandon(WaitGroup),
     /// Remove a claimed entry for good.
     Commit(ClaimTicket),
     /// Give a claimed entry back.
@@ -300,6 +327,7 @@ impl Request {
                 | Request::Topology
                 | Request::NodeStatus
                 | Request::Stats
+                | Request::Abandon(_)
         )
     }
 

@@ -13,5 +13,6 @@ mod cluster;
 mod dedupe;
 mod push;
 mod server;
+mod waits;
 
 pub use server::{Node, NodeConfig, NodeError};

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::cluster::Cluster;
 use crate::dedupe::Dedupe;
 use crate::push::Pushers;
+use crate::waits::Waits;
 
 /// Everything a node needs to know to run.
 #[derive(Clone, Debug)]
@@ -114,6 +115,7 @@ pub(crate) struct NodeState {
     pushers: Arc<Pushers>,
     address: String,
     cluster: Arc<Cluster>,
+    waits: Waits,
 }
 
 /// The tarpc service: one clone per connection, sharing the node's state.
@@ -248,7 +250,27 @@ impl NodeState {
                 query,
                 lease,
                 timeout,
-            } => Response::Claimed(engine.claim(&query, lease, timeout)?.wait_async().await),
+                group,
+            } => {
+                let wait = engine.claim(&query, lease, timeout)?.wait_async();
+                match group {
+                    Some(group) if !timeout.is_zero() => {
+                        let registered = self.waits.register(group);
+                        // An abandoned wait is dropped, which gives back anything the
+                        // engine handed it in the meantime.
+                        Response::Claimed(tokio::select! {
+                            biased;
+                            claimed = wait => claimed,
+                            () = registered.abandoned.notified() => None,
+                        })
+                    }
+                    _ => Response::Claimed(wait.await),
+                }
+            }
+            Request::Abandon(group) => {
+                self.waits.abandon(group);
+                Response::Done
+            }
             Request::Commit(t) => {
                 cluster.check(&t.key)?;
                 engine.commit(&t).map(|()| Response::Done)?
@@ -428,6 +450,7 @@ impl Node {
         Ok(Node {
             state: Arc::new(NodeState {
                 cluster,
+                waits: Waits::default(),
                 dedupe,
                 pushers: Arc::new(Pushers::default()),
                 config,

@@ -13,7 +13,7 @@ use common::NodeProcess;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use space_client::wire::{Request, Response, Target};
+use space_client::wire::{Request, Response, Target, WaitGroup};
 use space_client::{
     ClientConfig, Connection, EventKinds, Key, Notification, Query, SpaceError, connect,
     connect_blocking,
@@ -418,6 +418,151 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
             seqs,
             (1..=seqs.len() as u64).collect::<Vec<_>>(),
             "node {node}: gapless and in order"
+        );
+    }
+}
+
+fn claim_for(group: Option<WaitGroup>, timeout: Duration) -> Request {
+    Request::Claim {
+        query: Query::for_type("Job"),
+        lease: space_client::Lease::For(Duration::from_secs(30)),
+        timeout,
+        group,
+    }
+}
+
+fn job_fields(id: u64) -> space_client::wire::Fields {
+    let mut f = space_client::wire::Fields::new();
+    f.push("id", space_client::wire::Value::U64(id));
+    f
+}
+
+fn write_job(id: u64) -> Request {
+    Request::WriteDirect {
+        entry_type: "Job".into(),
+        indexes: Vec::new(),
+        entries: vec![(job_fields(id), None)],
+        lease: space_client::Lease::Forever,
+        labels: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_claim_wait_answers_at_once() {
+    let node = NodeProcess::start(&[]);
+    let conn = direct(&node.addr).await;
+    let group = WaitGroup::new();
+    let waiting = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.call(claim_for(Some(group), Duration::from_secs(60)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        conn.call(Request::Abandon(group)).await.unwrap(),
+        Response::Done
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the abandoned wait answers long before its own timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, Response::Claimed(None));
+    // The abandoned wait holds nothing: the next write is there for anyone.
+    conn.call(write_job(1)).await.unwrap();
+    let Response::Claimed(Some(c)) = conn.call(claim_for(None, Duration::ZERO)).await.unwrap()
+    else {
+        panic!("the write after the abandon is there to claim")
+    };
+    conn.call(Request::Commit(c.ticket)).await.unwrap();
+    // An abandon that arrives before its wait ends that wait as soon as it starts.
+    let early = WaitGroup::new();
+    conn.call(Request::Abandon(early)).await.unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        conn.call(claim_for(Some(early), Duration::from_secs(60))),
+    )
+    .await
+    .expect("a wait abandoned beforehand answers at once")
+    .unwrap();
+    assert_eq!(answer, Response::Claimed(None));
+    // Waits of other groups keep waiting, and get what is written.
+    let other = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.call(claim_for(Some(WaitGroup::new()), Duration::from_secs(60)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.call(Request::Abandon(WaitGroup::new())).await.unwrap();
+    conn.call(write_job(2)).await.unwrap();
+    let Response::Claimed(Some(c)) = other.await.unwrap().unwrap() else {
+        panic!("the other group's wait got the write")
+    };
+    conn.call(Request::Commit(c.ticket)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_won_on_one_node_leaves_no_claim_behind_on_the_others() {
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(&addrs, 1, &[]);
+    let conns: Vec<_> = futures::future::join_all(addrs.iter().map(|a| direct(a))).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    for round in 0..20u64 {
+        // A take waiting on all three nodes, then one entry written on each at once: the
+        // take's claims may succeed on several nodes; it keeps one and gives back the rest.
+        let taker = {
+            let space = space.clone();
+            tokio::spawn(async move {
+                space
+                    .take::<Job>(&Query::of::<Job>(), Duration::from_secs(20))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        futures::future::join_all(
+            conns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.call(write_job(round * 3 + i as u64))),
+        )
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+        assert!(taker.await.unwrap().unwrap().is_some());
+        // The other two are free at once (not held until a claim's lease runs out).
+        let rest = space
+            .take_all::<Job>(&Query::of::<Job>(), 10, Duration::ZERO)
+            .await
+            .unwrap();
+        let mut left = rest.len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while left < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            left += space
+                .take_all::<Job>(&Query::of::<Job>(), 10, Duration::ZERO)
+                .await
+                .unwrap()
+                .len();
+        }
+        assert_eq!(
+            left, 2,
+            "round {round}: the entries not taken were given back"
+        );
+    }
+    for conn in &conns {
+        let Response::Stats(s) = conn.call(Request::Stats).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.entries, s.waiters),
+            (0, 0),
+            "nothing claimed or waiting is left"
         );
     }
 }

@@ -95,8 +95,14 @@ pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
     let mut rows: Vec<[f64; 6]> = Vec::new();
     for run in 1..=runs {
         let row = runtime.block_on(async {
-            let cluster = space_throughput(&seeds, 1, duration).await?;
-            let one = space_throughput(&single, 1, duration).await?;
+            // Alternate which goes first, so neither always runs on a fresher machine.
+            let (cluster, one) = if run % 2 == 1 {
+                let cluster = space_throughput(&seeds, 1, duration).await?;
+                (cluster, space_throughput(&single, 1, duration).await?)
+            } else {
+                let one = space_throughput(&single, 1, duration).await?;
+                (space_throughput(&seeds, 1, duration).await?, one)
+            };
             let cw = wakeups(&seeds, wakeup_samples).await?;
             let sw = wakeups(&single, wakeup_samples).await?;
             anyhow::Ok([
@@ -120,7 +126,7 @@ pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
         );
         rows.push(row);
     }
-    let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    let col = |i: usize| (median(rows.iter().map(|r| r[i]).collect()) * 10.0).round() / 10.0;
     println!(
         "{}",
         json!({

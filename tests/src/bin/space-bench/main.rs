@@ -80,8 +80,8 @@ enum Workload {
     /// Three nodes in a static cluster against one node: 50 connections writing and taking
     /// through the cluster-aware client, and the wake-up latency of a blocking take.
     Cluster {
-        /// Runs; medians are reported.
-        #[arg(long, default_value_t = 3)]
+        /// Runs (alternating which configuration goes first); medians are reported.
+        #[arg(long, default_value_t = 6)]
         runs: usize,
         /// Seconds per throughput measurement.
         #[arg(long, default_value_t = 3)]
