@@ -8,9 +8,11 @@
 //!   `WrongNode`, and the client refreshes its topology and retries;
 //! - a write without a key goes to a node chosen in turn; the node mints the key inside its
 //!   own ranges, so FindFor finds the entry there later;
-//! - a take by query *claims* in parallel on every node, keeps the first claim (committing
-//!   it) and releases the others, so an entry is never taken twice and never lost; a
-//!   blocking take waits on all nodes at once and wakes on the first match anywhere;
+//! - a take by query first takes what is there now (a blocking take of one on the next node
+//!   in turn, anything else node after node); otherwise it *claims* on every node at once,
+//!   commits the first claim, abandons the other waits and releases any claim they made
+//!   meanwhile, so an entry is never taken twice and never lost; a blocking take thus
+//!   waits on all nodes at once and wakes on the first match anywhere;
 //!   take_all gathers from node after node up to its maximum; reads race the nodes;
 //!   counts, contents and stats merge;
 //! - a subscription is registered on every node and the pushed streams merge into one,
