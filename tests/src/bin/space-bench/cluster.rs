@@ -8,7 +8,10 @@
 //!   start of the write to the taker holding the entry is recorded.
 //!
 //! All four processes (three nodes and the single node) and the bench client share the
-//! machine, so on a small machine the ratio mostly shows what routing costs.
+//! machine, so on a small machine the ratio mostly shows what routing costs. Each side runs
+//! as it would be deployed on these cores: the single node with its default of one worker
+//! thread per core, and each of the three members with [`MEMBER_THREADS`] (their share of
+//! the cores; more threads than cores only adds context switches between the members).
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +27,9 @@ use crate::node::{
 
 /// Cluster members.
 const MEMBERS: usize = 3;
+
+/// Worker threads of each member (`space-node --threads`).
+const MEMBER_THREADS: &str = "1";
 
 /// Starts a static cluster of `MEMBERS` nodes on free loopback ports; returns the
 /// processes and the comma-separated member list (usable as client seeds).
@@ -85,7 +91,7 @@ async fn wakeups(seeds: &str, samples: usize) -> Result<Histogram<u64>> {
 
 /// Runs the cluster workload `runs` times and prints the medians as JSON.
 pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
-    let (_cluster, seeds) = start_cluster(&[])?;
+    let (_cluster, seeds) = start_cluster(&["--threads", MEMBER_THREADS])?;
     let (_single, single) = start_node(&[])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -132,6 +138,7 @@ pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
         json!({
             "workload": "cluster",
             "nodes": MEMBERS,
+            "member_threads": MEMBER_THREADS.parse::<u32>()?,
             "connections": CONNECTIONS,
             "entry_bytes": PAYLOAD,
             "runs": runs,
