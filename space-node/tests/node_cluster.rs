@@ -179,6 +179,78 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_contents_and_take_all_gather_from_every_node() {
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(&addrs, 1, &[]);
+    let space = connect(&addrs[0]).await.unwrap();
+    for i in 0..90 {
+        space
+            .write(&Order {
+                number: format!("o-{i}"),
+                amount: i,
+            })
+            .await
+            .unwrap();
+    }
+    let all = Query::of::<Order>();
+
+    // Contents merge every node's entries.
+    let mut listed: Vec<u64> = space
+        .contents::<Order>(&all)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.amount)
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, (0..90).collect::<Vec<_>>());
+
+    // A read by query finds an entry whichever node holds it.
+    for i in [0u64, 31, 89] {
+        let one = Query::of::<Order>().eq("number", format!("o-{i}"));
+        let got = space.read::<Order>(&one, Duration::ZERO).await.unwrap();
+        assert_eq!(got.map(|o| o.amount), Some(i));
+    }
+    // A waiting read wakes on a write to whichever node owns its key.
+    let late = Query::of::<Order>().eq("number", "late");
+    let reader = {
+        let space = space.clone();
+        tokio::spawn(async move { space.read::<Order>(&late, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    space
+        .write(&Order {
+            number: "late".into(),
+            amount: 1000,
+        })
+        .await
+        .unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the read woke before its timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.map(|o| o.amount), Some(1000));
+
+    // take_all gathers up to its maximum from node after node, then everything left.
+    let first = space
+        .take_all::<Order>(&all, 50, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 50);
+    let rest = space
+        .take_all::<Order>(&all, 1000, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 41);
+    let mut taken: Vec<u64> = first.iter().chain(&rest).map(|o| o.amount).collect();
+    taken.sort_unstable();
+    taken.dedup();
+    assert_eq!(taken.len(), 91, "each entry taken once");
+    assert_eq!(space.count(&all).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_follows_find_place_for_labels_and_room() {
     let addrs = free_addrs(3);
     let _nodes = start_cluster(
