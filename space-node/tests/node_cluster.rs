@@ -13,7 +13,7 @@ use common::NodeProcess;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use space_client::wire::{Request, Response, Target, WaitGroup};
+use space_client::wire::{NodeInfo, Request, Response, Target, WaitGroup};
 use space_client::{
     ClientConfig, Connection, EventKinds, Key, Notification, Query, SpaceError, connect,
     connect_blocking,
@@ -84,6 +84,22 @@ async fn count_on(conn: &Connection, entry_type: &str) -> u64 {
     {
         Response::Count(n) => n,
         other => panic!("{other:?}"),
+    }
+}
+
+/// The node FindPlaceFor picks (asked of `conn`) for `size` bytes with no labels.
+async fn find_place(conn: &Connection, size: u64) -> NodeInfo {
+    match conn
+        .call(Request::FindPlaceFor {
+            key: None,
+            size,
+            labels: Vec::new(),
+        })
+        .await
+        .unwrap()
+    {
+        Response::Node(n) => n,
+        other => panic!("FindPlaceFor answers a node, not {other:?}"),
     }
 }
 
@@ -263,32 +279,10 @@ async fn placement_follows_find_place_for_labels_and_room() {
     let space = connect(&addrs[0]).await.unwrap();
 
     // Keyless writes land where FindPlaceFor said, and FindFor finds them there.
-    let Response::Node(place) = conn
-        .call(Request::FindPlaceFor {
-            key: None,
-            size: 100,
-            labels: Vec::new(),
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let place = find_place(&conn, 100).await;
     assert_ne!(place.address, addrs[1], "the full node is never chosen");
     let target = direct(&place.address).await;
-    let mut f = space_client::wire::Fields::new();
-    f.push("id", space_client::wire::Value::I64(1));
-    let Response::Receipts(r) = target
-        .call(Request::WriteDirect {
-            entry_type: "Job".into(),
-            indexes: Vec::new(),
-            entries: vec![(f, None)],
-            lease: space_client::Lease::Forever,
-            labels: Vec::new(),
-        })
-        .await
-        .unwrap()
-    else {
+    let Response::Receipts(r) = target.call(write_job(1)).await.unwrap() else {
         panic!()
     };
     let Response::Node(owner) = conn.call(Request::FindFor(r[0].key.clone())).await.unwrap() else {
@@ -326,33 +320,11 @@ async fn placement_follows_find_place_for_labels_and_room() {
     assert!(matches!(err, SpaceError::Full { .. }), "{err}");
     // A full node makes FindPlaceFor choose another, for any size.
     for _ in 0..20 {
-        let Response::Node(n) = conn
-            .call(Request::FindPlaceFor {
-                key: None,
-                size: 50,
-                labels: Vec::new(),
-            })
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
-        assert_ne!(n.address, addrs[1]);
+        assert_ne!(find_place(&conn, 50).await.address, addrs[1]);
     }
     // And its own writes are refused with Full.
     let full = direct(&addrs[1]).await;
-    let mut f = space_client::wire::Fields::new();
-    f.push("id", space_client::wire::Value::I64(2));
-    let err = full
-        .call(Request::WriteDirect {
-            entry_type: "Job".into(),
-            indexes: Vec::new(),
-            entries: vec![(f, None)],
-            lease: space_client::Lease::Forever,
-            labels: Vec::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = full.call(write_job(2)).await.unwrap_err();
     assert!(matches!(err, SpaceError::Full { .. }), "{err}");
 }
 
