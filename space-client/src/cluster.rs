@@ -179,14 +179,19 @@ impl Cluster {
         }))
     }
 
-    fn owner_addr(&self, key: &Key) -> Result<String> {
+    /// The owner of `key`'s range, as the cached topology has it.
+    fn owner(&self, key: &Key) -> Result<NodeInfo> {
         self.topology
             .read()
             .owner_of(key)
-            .map(|n| n.address.clone())
+            .cloned()
             .ok_or_else(|| SpaceError::Protocol {
                 reason: "the topology has no owner for a range".into(),
             })
+    }
+
+    fn owner_addr(&self, key: &Key) -> Result<String> {
+        self.owner(key).map(|n| n.address)
     }
 
     /// Sends `request` to the owner of `key`, following topology changes.
@@ -218,6 +223,10 @@ impl Cluster {
     /// # Errors
     /// The nodes' errors, or `Unreachable` / `TimedOut`.
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
+        if let Some(key) = request.routing_key() {
+            let key = key.clone();
+            return self.to_owner(&key, request).await;
+        }
         match request {
             Request::WriteDirect {
                 entry_type,
@@ -230,37 +239,9 @@ impl Cluster {
                     .await
             }
             Request::ReadDirect {
-                target: Target::Key { entry_type, key },
-                timeout,
-            } => {
-                let request = Request::ReadDirect {
-                    target: Target::Key {
-                        entry_type,
-                        key: key.clone(),
-                    },
-                    timeout,
-                };
-                self.to_owner(&key, request).await
-            }
-            Request::ReadDirect {
                 target: Target::Query(query),
                 timeout,
             } => self.read(query, timeout).await,
-            Request::TakeDirect {
-                target: Target::Key { entry_type, key },
-                max,
-                timeout,
-            } => {
-                let request = Request::TakeDirect {
-                    target: Target::Key {
-                        entry_type,
-                        key: key.clone(),
-                    },
-                    max,
-                    timeout,
-                };
-                self.to_owner(&key, request).await
-            }
             Request::TakeDirect {
                 target: Target::Query(query),
                 max,
@@ -278,31 +259,6 @@ impl Cluster {
                 .claim(query, lease, timeout)
                 .await
                 .map(Response::Claimed),
-            Request::Commit(t) => self.to_owner(&t.key.clone(), Request::Commit(t)).await,
-            Request::Release(t) => self.to_owner(&t.key.clone(), Request::Release(t)).await,
-            Request::RenewClaim(t, lease) => {
-                self.to_owner(&t.key.clone(), Request::RenewClaim(t, lease))
-                    .await
-            }
-            Request::Renew {
-                entry_type,
-                key,
-                lease,
-            } => {
-                self.to_owner(
-                    &key.clone(),
-                    Request::Renew {
-                        entry_type,
-                        key,
-                        lease,
-                    },
-                )
-                .await
-            }
-            Request::Cancel { entry_type, key } => {
-                self.to_owner(&key.clone(), Request::Cancel { entry_type, key })
-                    .await
-            }
             Request::Count(q) => {
                 let mut total = 0;
                 for answer in self.to_all(&Request::Count(q)).await {
@@ -314,14 +270,7 @@ impl Cluster {
                 Ok(Response::Count(total))
             }
             Request::Contents { query, .. } => self.contents(query).await,
-            Request::FindFor(key) => {
-                let owner = self.topology.read().owner_of(&key).cloned();
-                owner
-                    .map(Response::Node)
-                    .ok_or_else(|| SpaceError::Protocol {
-                        reason: "the topology has no owner for a range".into(),
-                    })
-            }
+            Request::FindFor(key) => self.owner(&key).map(Response::Node),
             Request::Stats => {
                 let mut total = Stats::default();
                 for answer in self.to_all(&Request::Stats).await {
@@ -747,17 +696,22 @@ impl Cluster {
                     return Err(e);
                 }
             };
-            let part = Arc::new(Part {
-                node: conn.node(),
-                id,
-                conn,
-                tx: Mutex::new(Some(tx.clone())),
-                last_seq: AtomicU64::new(0),
-            });
-            endpoint.feeds.lock().insert((part.node, id), part.clone());
-            parts.push(part);
+            parts.push(endpoint.attach(conn, id, tx.clone(), 0));
         }
         drop(tx);
+        Ok(self.feed(query, parts, rx, endpoint, renew))
+    }
+
+    /// The subscription whose events the `parts` push into `rx`; with `renew`, its lease
+    /// is renewed on every node while it is alive.
+    fn feed(
+        &self,
+        query: Query,
+        parts: Vec<Arc<Part>>,
+        rx: flume::Receiver<Notification>,
+        endpoint: Arc<Endpoint>,
+        renew: bool,
+    ) -> Subscription {
         let state = Arc::new(FeedState {
             parts,
             dropped: AtomicU64::new(0),
@@ -770,7 +724,7 @@ impl Cluster {
                 self.config.subscription_lease,
             ));
         }
-        Ok(Subscription::remote(
+        Subscription::remote(
             query,
             Box::new(Feed {
                 stream: Mutex::new(rx.clone().into_stream()),
@@ -779,7 +733,7 @@ impl Cluster {
                 endpoint,
                 runtime: self.runtime.clone(),
             }),
-        ))
+        )
     }
 
     /// Picks up a detached subscription of a one-node cluster after `last_seq`.
@@ -793,40 +747,14 @@ impl Cluster {
         let endpoint = self.endpoint().await?;
         let conn = self.node(addr).await?;
         let (tx, rx) = flume::bounded(FEED_CAPACITY);
-        let part = Arc::new(Part {
-            node: conn.node(),
-            id,
-            conn: conn.clone(),
-            tx: Mutex::new(Some(tx)),
-            last_seq: AtomicU64::new(last_seq),
-        });
-        endpoint.feeds.lock().insert((part.node, id), part.clone());
+        let part = endpoint.attach(conn.clone(), id, tx, last_seq);
         conn.call(Request::Resume {
             id,
             last_seq,
             endpoint: endpoint.advertised,
         })
         .await?;
-        let state = Arc::new(FeedState {
-            parts: vec![part],
-            dropped: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
-        });
-        self.runtime.handle().spawn(renew_while_alive(
-            Arc::downgrade(&state),
-            self.config.subscription_lease,
-        ));
-        Ok(Subscription::remote(
-            Query::for_type(""),
-            Box::new(Feed {
-                stream: Mutex::new(rx.clone().into_stream()),
-                rx,
-                state,
-                endpoint,
-                runtime: self.runtime.clone(),
-            }),
-        ))
+        Ok(self.feed(Query::for_type(""), vec![part], rx, endpoint, true))
     }
 }
 
@@ -903,6 +831,26 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// Registers subscription `id` of the node behind `conn`, its pushes (after
+    /// `last_seq`) going to `tx`.
+    fn attach(
+        &self,
+        conn: Arc<Connection>,
+        id: u64,
+        tx: flume::Sender<Notification>,
+        last_seq: u64,
+    ) -> Arc<Part> {
+        let part = Arc::new(Part {
+            node: conn.node(),
+            id,
+            conn,
+            tx: Mutex::new(Some(tx)),
+            last_seq: AtomicU64::new(last_seq),
+        });
+        self.feeds.lock().insert((part.node, id), part.clone());
+        part
+    }
+
     async fn start(config: &ClientConfig) -> Result<Arc<Endpoint>> {
         let listener = TcpListener::bind(config.subscriber_bind)
             .await

@@ -435,15 +435,7 @@ impl Engine {
                 .map(|(token, ms)| (token, from_wall_ms(ms)))
                 .filter(|(_, e)| *e > now)
                 .map(|(token, expires)| ClaimState { token, expires });
-            if let Some(at) = expires {
-                self.inner.timers.schedule(
-                    at,
-                    TimerKind::Entry {
-                        shard: Arc::downgrade(&shard),
-                        seq,
-                    },
-                );
-            }
+            self.expiry_timer(&shard, seq, expires);
             if let Some(c) = claim {
                 self.claim_timer(&shard, seq, c.token, c.expires);
             }
@@ -834,15 +826,7 @@ impl Engine {
             request: current_request(),
         });
         self.emit(&mut st.hub, EventKind::Written, &record);
-        if let Some(at) = expires {
-            self.inner.timers.schedule(
-                at,
-                TimerKind::Entry {
-                    shard: Arc::downgrade(shard),
-                    seq,
-                },
-            );
-        }
+        self.expiry_timer(shard, seq, expires);
         self.settle(shard, st, seq, record, now);
         receipt
     }
@@ -953,6 +937,19 @@ impl Engine {
         });
         self.emit(&mut st.hub, EventKind::Claimed, record);
         self.claim_timer(shard, seq, token, expires);
+    }
+
+    /// Schedules the expiry of entry `seq` of `shard`, if it has a lease.
+    fn expiry_timer(&self, shard: &Arc<Shard>, seq: u64, expires: Option<Instant>) {
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Entry {
+                    shard: Arc::downgrade(shard),
+                    seq,
+                },
+            );
+        }
     }
 
     fn claim_timer(&self, shard: &Arc<Shard>, seq: u64, token: u64, expires: Instant) {
@@ -1398,15 +1395,7 @@ impl Engine {
             seq,
             expires: expires.map(to_wall_ms),
         });
-        if let Some(at) = expires {
-            self.inner.timers.schedule(
-                at,
-                TimerKind::Entry {
-                    shard: Arc::downgrade(&shard),
-                    seq,
-                },
-            );
-        }
+        self.expiry_timer(&shard, seq, expires);
         Ok(wall_clock(expires, &now))
     }
 

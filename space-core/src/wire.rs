@@ -331,6 +331,25 @@ impl Request {
         )
     }
 
+    /// The key a request is addressed to, if it is addressed by key: such a request goes
+    /// to (and is only answered by) the owner of the key's range.
+    pub fn routing_key(&self) -> Option<&Key> {
+        match self {
+            Request::ReadDirect {
+                target: Target::Key { key, .. },
+                ..
+            }
+            | Request::TakeDirect {
+                target: Target::Key { key, .. },
+                ..
+            }
+            | Request::Renew { key, .. }
+            | Request::Cancel { key, .. } => Some(key),
+            Request::Commit(t) | Request::Release(t) | Request::RenewClaim(t, _) => Some(&t.key),
+            _ => None,
+        }
+    }
+
     /// How long the node may legitimately take before answering (its own timeout).
     pub fn wait(&self) -> Duration {
         match self {

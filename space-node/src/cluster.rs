@@ -73,13 +73,21 @@ impl Cluster {
 
     /// The topology, with the labels learnt from the peers.
     pub(crate) fn topology(&self) -> Topology {
-        let mut t = self.topology.clone();
-        for (node, status) in t.nodes.iter_mut().zip(self.status.lock().iter()) {
-            if let Some(s) = status {
-                node.labels = s.info.labels.clone();
-            }
+        Topology {
+            nodes: (0..self.topology.nodes.len())
+                .map(|i| self.member(i))
+                .collect(),
+            ..self.topology.clone()
         }
-        t
+    }
+
+    /// Member `i`, with the labels learnt from it.
+    fn member(&self, i: usize) -> NodeInfo {
+        let mut info = self.topology.nodes[i].clone();
+        if let Some(s) = &self.status.lock()[i] {
+            info.labels = s.info.labels.clone();
+        }
+        info
     }
 
     /// Refuses a key this node does not own.
@@ -96,7 +104,7 @@ impl Cluster {
     /// The member owning `key`.
     pub(crate) fn owner(&self, key: &Key) -> Option<NodeInfo> {
         let i = self.topology.owner_of_range(range_of(key))?;
-        Some(self.topology().nodes.get(i)?.clone())
+        Some(self.member(i))
     }
 
     /// A member with room for `size` more bytes that carries all of `labels`: the owner of

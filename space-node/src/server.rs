@@ -196,6 +196,9 @@ impl NodeState {
     pub(crate) async fn handle(&self, request: Request) -> Result<Response, SpaceError> {
         let engine = &self.engine;
         let cluster = &self.cluster;
+        if let Some(key) = request.routing_key() {
+            cluster.check(key)?;
+        }
         Ok(match request {
             Request::WriteDirect {
                 entry_type,
@@ -218,10 +221,7 @@ impl NodeState {
                 Response::Receipts(engine.write_all(&entry_type, &[], entries, lease)?)
             }
             Request::ReadDirect { target, timeout } => Response::Document(match target {
-                Target::Key { entry_type, key } => {
-                    cluster.check(&key)?;
-                    engine.read_key(&entry_type, &key)
-                }
+                Target::Key { entry_type, key } => engine.read_key(&entry_type, &key),
                 Target::Query(q) => engine.read(&q, timeout)?.wait_async().await,
             }),
             Request::TakeDirect {
@@ -230,7 +230,6 @@ impl NodeState {
                 timeout,
             } => Response::Documents(match target {
                 Target::Key { entry_type, key } => {
-                    cluster.check(&key)?;
                     engine.take_key(&entry_type, &key).into_iter().collect()
                 }
                 Target::Query(q) if max <= 1 => engine
@@ -271,28 +270,17 @@ impl NodeState {
                 self.waits.abandon(group);
                 Response::Done
             }
-            Request::Commit(t) => {
-                cluster.check(&t.key)?;
-                engine.commit(&t).map(|()| Response::Done)?
-            }
-            Request::Release(t) => {
-                cluster.check(&t.key)?;
-                engine.release(&t).map(|()| Response::Done)?
-            }
+            Request::Commit(t) => engine.commit(&t).map(|()| Response::Done)?,
+            Request::Release(t) => engine.release(&t).map(|()| Response::Done)?,
             Request::RenewClaim(t, lease) => {
-                cluster.check(&t.key)?;
                 Response::Expires(Some(engine.renew_claim(&t, lease)?))
             }
             Request::Renew {
                 entry_type,
                 key,
                 lease,
-            } => {
-                cluster.check(&key)?;
-                Response::Expires(engine.renew(&entry_type, &key, lease)?)
-            }
+            } => Response::Expires(engine.renew(&entry_type, &key, lease)?),
             Request::Cancel { entry_type, key } => {
-                cluster.check(&key)?;
                 engine.cancel(&entry_type, &key).map(|()| Response::Done)?
             }
             Request::Count(q) => Response::Count(engine.count(&q)?),

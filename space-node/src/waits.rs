@@ -7,9 +7,10 @@
 //! behalf and releases the extra ones at once. (Dropping the call instead would lose a claim
 //! already on its way back, and the entry would sit claimed until the lease ran out.)
 //!
-//! The abandon may overtake its wait (both travel on one connection but run as separate
-//! tasks), so an abandon for a group with no wait leaves a mark that the wait finds when
-//! it registers; marks older than [`MARK_LIFETIME`] are swept away.
+//! The abandon may reach the node before its wait registers (a claim retried after a
+//! reconnect arrives anew, on another connection), so an abandon for a group with no wait
+//! leaves a mark that the wait finds when it registers; marks older than [`MARK_LIFETIME`]
+//! are swept away.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use common::NodeProcess;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use space_client::{ClientConfig, Lease, Query, connect_blocking_with};
+use space_client::{BlockingSpace, ClientConfig, Lease, Query, connect_blocking_with};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Parcel {
@@ -32,6 +32,15 @@ struct History {
     written: HashSet<u64>,
     taken: Vec<u64>,
     failures: u64,
+}
+
+/// One step of a client: a call, and how many ops were acknowledged.
+type Step = Box<dyn Fn(&BlockingSpace, &Mutex<History>) -> u64 + Send>;
+
+/// Counts a failed call (the client goes on); no op was acknowledged.
+fn fail(history: &Mutex<History>) -> u64 {
+    history.lock().failures += 1;
+    0
 }
 
 fn config() -> ClientConfig {
@@ -63,82 +72,67 @@ fn acknowledged_work_survives_repeated_kill_9() {
     let ops_since_restart = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
 
+    // Each client thread connects and repeats its step until told to stop; a step returns
+    // the ops it saw acknowledged.
+    let client = |step: Step| {
+        let (addr, history, stop, ops) = (
+            addr.clone(),
+            history.clone(),
+            stop.clone(),
+            ops_since_restart.clone(),
+        );
+        std::thread::spawn(move || {
+            let space = connect_blocking_with(&addr, config()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                ops.fetch_add(step(&space, &history), Ordering::Relaxed);
+            }
+        })
+    };
     for _ in 0..2 {
-        let (addr, history, stop, next_id, ops) = (
-            addr.clone(),
-            history.clone(),
-            stop.clone(),
-            next_id.clone(),
-            ops_since_restart.clone(),
-        );
-        clients.push(std::thread::spawn(move || {
-            let space = connect_blocking_with(&addr, config()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                history.lock().attempted.insert(id);
-                match space.write(&Parcel {
-                    id,
-                    payload: vec![id as u8; 64],
-                }) {
-                    Ok(_) => {
-                        history.lock().written.insert(id);
-                        ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => history.lock().failures += 1,
+        let next_id = next_id.clone();
+        clients.push(client(Box::new(move |space, history| {
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            history.lock().attempted.insert(id);
+            match space.write(&Parcel {
+                id,
+                payload: vec![id as u8; 64],
+            }) {
+                Ok(_) => {
+                    history.lock().written.insert(id);
+                    1
                 }
+                Err(_) => fail(history),
             }
-        }));
+        })));
     }
-    {
-        let (addr, history, stop, ops) = (
-            addr.clone(),
-            history.clone(),
-            stop.clone(),
-            ops_since_restart.clone(),
-        );
-        clients.push(std::thread::spawn(move || {
-            let space = connect_blocking_with(&addr, config()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match space.take::<Parcel>(&Query::of::<Parcel>(), Duration::from_millis(100)) {
-                    Ok(Some(p)) => {
-                        history.lock().taken.push(p.id);
-                        ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(None) => {}
-                    Err(_) => history.lock().failures += 1,
+    clients.push(client(Box::new(|space, history| {
+        match space.take::<Parcel>(&Query::of::<Parcel>(), Duration::from_millis(100)) {
+            Ok(Some(p)) => {
+                history.lock().taken.push(p.id);
+                1
+            }
+            Ok(None) => 0,
+            Err(_) => fail(history),
+        }
+    })));
+    clients.push(client(Box::new(|space, history| {
+        match space.claim::<Parcel>(
+            &Query::of::<Parcel>(),
+            Lease::secs(5),
+            Duration::from_millis(100),
+        ) {
+            Ok(Some(claim)) => match space.commit(&claim) {
+                Ok(()) => {
+                    history.lock().taken.push(claim.entry.id);
+                    1
                 }
-            }
-        }));
-    }
-    {
-        let (addr, history, stop, ops) = (
-            addr.clone(),
-            history.clone(),
-            stop.clone(),
-            ops_since_restart.clone(),
-        );
-        clients.push(std::thread::spawn(move || {
-            let space = connect_blocking_with(&addr, config()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match space.claim::<Parcel>(
-                    &Query::of::<Parcel>(),
-                    Lease::secs(5),
-                    Duration::from_millis(100),
-                ) {
-                    Ok(Some(claim)) => match space.commit(&claim) {
-                        Ok(()) => {
-                            history.lock().taken.push(claim.entry.id);
-                            ops.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // Not committed: the entry comes back when the claim runs out.
-                        Err(_) => history.lock().failures += 1,
-                    },
-                    Ok(None) => {}
-                    Err(_) => history.lock().failures += 1,
-                }
-            }
-        }));
-    }
+                // Not committed: the entry comes back when the claim runs out.
+                Err(_) => fail(history),
+            },
+            Ok(None) => 0,
+            Err(_) => fail(history),
+        }
+    })));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut kills = 0;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use space_core::{EngineConfig, Lease, Query, Space, SpaceError};
+use space_core::{BlockingSpace, EngineConfig, Lease, Query, Space, SpaceError};
 use space_tests::Job;
 
 fn job(id: u64) -> Job {
@@ -20,6 +20,16 @@ fn job(id: u64) -> Job {
 
 fn jobs() -> Query {
     Query::of::<Job>()
+}
+
+/// The ids of the jobs in `space`, oldest first.
+fn ids(space: &BlockingSpace) -> Vec<u64> {
+    space
+        .contents::<Job>(&jobs())
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect()
 }
 
 /// A fresh directory under the target dir, removed when dropped.
@@ -75,14 +85,8 @@ fn acknowledged_changes_survive_a_restart() {
     }
     let space = Space::open(&dir.0).unwrap().blocking();
     assert_eq!(space.count(&jobs()).unwrap(), 70);
-    let ids: Vec<u64> = space
-        .contents::<Job>(&jobs())
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
     assert_eq!(
-        ids,
+        ids(&space),
         (30..100).collect::<Vec<_>>(),
         "order and contents kept"
     );
@@ -195,14 +199,8 @@ fn leases_expire_across_a_restart() {
     }
     std::thread::sleep(Duration::from_millis(400));
     let space = Space::open(&dir.0).unwrap().blocking();
-    let ids: Vec<u64> = space
-        .contents::<Job>(&jobs())
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
     assert_eq!(
-        ids,
+        ids(&space),
         vec![2, 3],
         "the entry whose lease ran out while down is gone"
     );
@@ -284,11 +282,5 @@ fn the_log_stays_bounded_under_a_long_write_take_loop() {
     );
     drop(space);
     let space = Space::open_with(&dir.0, config).unwrap().blocking();
-    let ids: Vec<u64> = space
-        .contents::<Job>(&jobs())
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(ids, (14_990..15_000).collect::<Vec<_>>());
+    assert_eq!(ids(&space), (14_990..15_000).collect::<Vec<_>>());
 }
