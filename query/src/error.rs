@@ -25,6 +25,21 @@ pub enum DocumentError {
     /// a document did not have the shape of the requested type.
     #[error("{0}")]
     Custom(String),
+    /// Lists and maps nested deeper than the limit ([`MAX_DEPTH`](crate::MAX_DEPTH)).
+    #[error("the document is nested deeper than {limit} levels")]
+    TooDeep {
+        /// The deepest nesting accepted.
+        limit: usize,
+    },
+    /// A top-level field whose name no query could address (empty, or with characters
+    /// other than letters, digits, `_` and `-`).
+    #[error("field name {name:?}: {reason}")]
+    FieldName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl serde::ser::Error for DocumentError {
@@ -103,6 +118,12 @@ pub enum QueryError {
     /// A template could not be turned into a query.
     #[error("template: {0}")]
     Template(DocumentError),
+    /// AND, OR and NOT nested deeper than the limit ([`MAX_DEPTH`](crate::MAX_DEPTH)).
+    #[error("the query is nested deeper than {limit} levels")]
+    TooDeep {
+        /// The deepest nesting accepted.
+        limit: usize,
+    },
 }
 
 impl From<DocumentError> for QueryError {

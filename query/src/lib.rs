@@ -18,6 +18,7 @@
 //! This crate knows nothing of spaces or networks.
 
 mod de;
+mod depth;
 mod error;
 mod matcher;
 mod percolator;
@@ -28,9 +29,12 @@ pub mod text;
 mod value;
 
 pub use de::{from_fields, from_value};
+pub use depth::MAX_DEPTH;
 pub use error::{DocumentError, QueryError, Result};
 pub use matcher::{MAX_WORD_BYTES, words};
 pub use percolator::{MatchStats, Percolator, SubscriptionId};
-pub use query::{EntryType, Filter, Query, validate_path};
+pub use query::{
+    EntryType, Filter, MAX_ENTRY_TYPE_BYTES, Query, validate_entry_type, validate_path,
+};
 pub use ser::{to_fields, to_value};
 pub use value::{FieldName, Fields, IndexValue, Value, ValueKind};

@@ -39,7 +39,13 @@ pub struct Query {
 
 /// The predicate part of a query. Field names are dotted paths (`address.city`); a path
 /// that reaches a list matches when any element matches.
+///
+/// Decoding a filter counts its nesting and refuses more than
+/// [`MAX_DEPTH`](crate::MAX_DEPTH) levels, so a hostile frame cannot overflow the stack.
+// `remote = "Self"` makes the derives inherent functions, which the trait impls below wrap
+// (decoding with a depth guard around every level).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub enum Filter {
     /// Every entry of the type.
     All,
@@ -74,6 +80,19 @@ pub enum Filter {
     Or(Vec<Filter>),
     /// The filter does not hold.
     Not(Box<Filter>),
+}
+
+impl Serialize for Filter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        Filter::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Filter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let _level = crate::depth::Guard::enter("a query's filter")?;
+        Filter::deserialize(d)
+    }
 }
 
 macro_rules! leaf_builders {
@@ -190,9 +209,30 @@ impl Filter {
     }
 
     /// Checks that field names and literals make sense: no empty path segments, no NaN or
-    /// non-scalar literals, ranges with comparable ordered bounds, text with words.
+    /// non-scalar literals, ranges with comparable ordered bounds, text with words; and
+    /// that AND, OR and NOT nest at most [`MAX_DEPTH`](crate::MAX_DEPTH) levels (checked
+    /// first, and without walking past the limit).
     pub fn validate(&self) -> Result<()> {
+        if !self.within_depth(1) {
+            return Err(QueryError::TooDeep {
+                limit: crate::MAX_DEPTH,
+            });
+        }
         self.visit_leaves(&mut |leaf| leaf.validate_leaf())
+    }
+
+    /// Whether this filter, at `depth`, nests no deeper than the limit.
+    fn within_depth(&self, depth: usize) -> bool {
+        if depth > crate::MAX_DEPTH {
+            return false;
+        }
+        match self {
+            Filter::And(parts) | Filter::Or(parts) => {
+                parts.iter().all(|p| p.within_depth(depth + 1))
+            }
+            Filter::Not(inner) => inner.within_depth(depth + 1),
+            _ => true,
+        }
     }
 
     /// Calls `f` on every leaf predicate (not on `All`, `And`, `Or`, `Not`).
@@ -317,11 +357,37 @@ pub fn validate_path(field: &str) -> Result<()> {
         if segment.is_empty() {
             return bad("a dotted path has an empty segment");
         }
-        if !segment.chars().all(is_field_char) {
-            return bad("field names may contain only letters, digits, '_' and '-'");
-        }
+        validate_segment(segment).or_else(bad)?;
     }
     Ok(())
+}
+
+/// Checks one field name (a segment of a path): why no query could address it, if so.
+pub(crate) fn validate_segment(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("the field name is empty")
+    } else if !name.chars().all(is_field_char) {
+        Err("field names may contain only letters, digits, '_' and '-'")
+    } else {
+        Ok(())
+    }
+}
+
+/// Longest entry type name accepted, in bytes.
+pub const MAX_ENTRY_TYPE_BYTES: usize = 256;
+
+/// Checks an entry type name: not empty, at most [`MAX_ENTRY_TYPE_BYTES`] bytes, no
+/// control characters. Says why not, if it is not usable.
+pub fn validate_entry_type(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("the entry type name is empty")
+    } else if name.len() > MAX_ENTRY_TYPE_BYTES {
+        Err("the entry type name is longer than 256 bytes")
+    } else if name.chars().any(char::is_control) {
+        Err("the entry type name contains control characters")
+    } else {
+        Ok(())
+    }
 }
 
 /// Characters allowed in a field name segment.
@@ -465,10 +531,10 @@ impl Query {
     /// Checks field names and literals; see [`Filter::validate`]. The space calls this
     /// before it runs a query, so a bad query is an error, never a silent non-match.
     pub fn validate(&self) -> Result<()> {
-        if self.entry_type.is_empty() {
+        if let Err(reason) = validate_entry_type(&self.entry_type) {
             return Err(QueryError::InvalidField {
-                field: String::new(),
-                reason: "the entry type name is empty".to_owned(),
+                field: self.entry_type.clone(),
+                reason: reason.to_owned(),
             });
         }
         self.filter.validate()

@@ -8,8 +8,13 @@ use crate::error::DocumentError;
 use crate::value::{FieldName, Fields, Value};
 
 /// Converts any serializable value into a [`Value`].
+///
+/// # Errors
+/// [`DocumentError::TooDeep`] for lists and maps nested deeper than
+/// [`MAX_DEPTH`](crate::MAX_DEPTH) (checked as the value is built, so a runaway recursive
+/// value stops there), and the errors of the value's own `Serialize`.
 pub fn to_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, DocumentError> {
-    value.serialize(ValueSerializer)
+    value.serialize(ValueSerializer { depth: 0 })
 }
 
 /// Converts a struct (or string-keyed map) into the [`Fields`] of an entry document.
@@ -26,7 +31,25 @@ pub fn to_fields<T: Serialize + ?Sized>(value: &T) -> Result<Fields, DocumentErr
     }
 }
 
-struct ValueSerializer;
+/// Builds the value at nesting `depth` (0 for the entry itself, 1 for its fields).
+#[derive(Clone, Copy)]
+struct ValueSerializer {
+    depth: usize,
+}
+
+impl ValueSerializer {
+    /// The serializer of a value one level inside this one.
+    fn child(self) -> Result<ValueSerializer, DocumentError> {
+        if self.depth >= crate::MAX_DEPTH {
+            return Err(DocumentError::TooDeep {
+                limit: crate::MAX_DEPTH,
+            });
+        }
+        Ok(ValueSerializer {
+            depth: self.depth + 1,
+        })
+    }
+}
 
 fn int128(v: i128) -> Result<Value, DocumentError> {
     if let Ok(i) = i64::try_from(v) {
@@ -144,10 +167,13 @@ impl ser::Serializer for ValueSerializer {
         variant: &'static str,
         value: &T,
     ) -> Result<Value, DocumentError> {
-        Ok(single(variant, value.serialize(self)?))
+        Ok(single(variant, value.serialize(self.child()?)?))
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<SeqBuilder, DocumentError> {
-        Ok(SeqBuilder(Vec::with_capacity(len.unwrap_or(0).min(4096))))
+        Ok(SeqBuilder {
+            items: Vec::with_capacity(len.unwrap_or(0).min(4096)),
+            inner: self.child()?,
+        })
     }
     fn serialize_tuple(self, len: usize) -> Result<SeqBuilder, DocumentError> {
         self.serialize_seq(Some(len))
@@ -166,12 +192,16 @@ impl ser::Serializer for ValueSerializer {
         variant: &'static str,
         len: usize,
     ) -> Result<VariantSeqBuilder, DocumentError> {
-        Ok(VariantSeqBuilder(variant, self.serialize_seq(Some(len))?))
+        Ok(VariantSeqBuilder(
+            variant,
+            self.child()?.serialize_seq(Some(len))?,
+        ))
     }
     fn serialize_map(self, len: Option<usize>) -> Result<MapBuilder, DocumentError> {
         Ok(MapBuilder {
             fields: Fields::with_capacity(len.unwrap_or(0).min(4096)),
             key: None,
+            inner: self.child()?,
         })
     }
     fn serialize_struct(
@@ -179,7 +209,7 @@ impl ser::Serializer for ValueSerializer {
         _name: &'static str,
         len: usize,
     ) -> Result<StructBuilder, DocumentError> {
-        Ok(StructBuilder(Fields::with_capacity(len)))
+        Ok(StructBuilder(Fields::with_capacity(len), self.child()?))
     }
     fn serialize_struct_variant(
         self,
@@ -188,21 +218,29 @@ impl ser::Serializer for ValueSerializer {
         variant: &'static str,
         len: usize,
     ) -> Result<VariantStructBuilder, DocumentError> {
-        Ok(VariantStructBuilder(variant, Fields::with_capacity(len)))
+        Ok(VariantStructBuilder(
+            variant,
+            Fields::with_capacity(len),
+            self.child()?.child()?,
+        ))
     }
 }
 
-struct SeqBuilder(Vec<Value>);
+struct SeqBuilder {
+    items: Vec<Value>,
+    /// Serializes the elements.
+    inner: ValueSerializer,
+}
 
 impl ser::SerializeSeq for SeqBuilder {
     type Ok = Value;
     type Error = DocumentError;
     fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), DocumentError> {
-        self.0.push(v.serialize(ValueSerializer)?);
+        self.items.push(v.serialize(self.inner)?);
         Ok(())
     }
     fn end(self) -> Result<Value, DocumentError> {
-        Ok(Value::List(self.0))
+        Ok(Value::List(self.items))
     }
 }
 
@@ -237,13 +275,15 @@ impl ser::SerializeTupleVariant for VariantSeqBuilder {
         ser::SerializeSeq::serialize_element(&mut self.1, v)
     }
     fn end(self) -> Result<Value, DocumentError> {
-        Ok(single(self.0, Value::List(self.1.0)))
+        Ok(single(self.0, Value::List(self.1.items)))
     }
 }
 
 struct MapBuilder {
     fields: Fields,
     key: Option<String>,
+    /// Serializes the values.
+    inner: ValueSerializer,
 }
 
 impl ser::SerializeMap for MapBuilder {
@@ -258,7 +298,7 @@ impl ser::SerializeMap for MapBuilder {
             .key
             .take()
             .ok_or_else(|| DocumentError::Custom("map value without a key".into()))?;
-        self.fields.push(key, v.serialize(ValueSerializer)?);
+        self.fields.push(key, v.serialize(self.inner)?);
         Ok(())
     }
     fn end(self) -> Result<Value, DocumentError> {
@@ -266,7 +306,8 @@ impl ser::SerializeMap for MapBuilder {
     }
 }
 
-struct StructBuilder(Fields);
+/// The fields built so far, and the serializer of their values.
+struct StructBuilder(Fields, ValueSerializer);
 
 impl ser::SerializeStruct for StructBuilder {
     type Ok = Value;
@@ -276,8 +317,7 @@ impl ser::SerializeStruct for StructBuilder {
         key: &'static str,
         v: &T,
     ) -> Result<(), DocumentError> {
-        self.0
-            .push(FieldName::Borrowed(key), v.serialize(ValueSerializer)?);
+        self.0.push(FieldName::Borrowed(key), v.serialize(self.1)?);
         Ok(())
     }
     fn end(self) -> Result<Value, DocumentError> {
@@ -285,7 +325,9 @@ impl ser::SerializeStruct for StructBuilder {
     }
 }
 
-struct VariantStructBuilder(&'static str, Fields);
+/// A struct variant: its name, the fields built so far (inside a map named after the
+/// variant), and the serializer of their values.
+struct VariantStructBuilder(&'static str, Fields, ValueSerializer);
 
 impl ser::SerializeStructVariant for VariantStructBuilder {
     type Ok = Value;
@@ -295,8 +337,7 @@ impl ser::SerializeStructVariant for VariantStructBuilder {
         key: &'static str,
         v: &T,
     ) -> Result<(), DocumentError> {
-        self.1
-            .push(FieldName::Borrowed(key), v.serialize(ValueSerializer)?);
+        self.1.push(FieldName::Borrowed(key), v.serialize(self.2)?);
         Ok(())
     }
     fn end(self) -> Result<Value, DocumentError> {

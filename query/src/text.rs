@@ -26,7 +26,11 @@ impl Query {
     /// [`QueryError::Syntax`] with the byte position of the problem, or the validation
     /// errors of [`Query::validate`].
     pub fn parse(entry_type: &str, text: &str) -> Result<Query> {
-        let mut p = Parser { text, pos: 0 };
+        let mut p = Parser {
+            text,
+            pos: 0,
+            depth: 0,
+        };
         p.skip_ws();
         let filter = if p.at_end() {
             Filter::All
@@ -183,6 +187,9 @@ impl Display for Lit<'_> {
 struct Parser<'a> {
     text: &'a str,
     pos: usize,
+    /// NOTs and parentheses open at the cursor: the parser's recursion, bounded by
+    /// [`MAX_DEPTH`](crate::MAX_DEPTH) so that no text can overflow the stack.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -285,15 +292,31 @@ impl Parser<'_> {
         })
     }
 
+    /// Runs `f` one level deeper in the nesting of NOTs and groups.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.depth >= crate::MAX_DEPTH {
+            return Err(self.error(format!(
+                "NOT and parentheses nest deeper than {} levels here",
+                crate::MAX_DEPTH
+            )));
+        }
+        self.depth += 1;
+        let out = f(self);
+        self.depth -= 1;
+        out
+    }
+
     fn unary(&mut self) -> Result<Filter> {
         self.skip_ws();
         if self.eat_keyword("NOT") {
-            return Ok(Filter::Not(Box::new(self.unary()?)));
+            return self.nested(|p| Ok(Filter::Not(Box::new(p.unary()?))));
         }
         if self.eat("(") {
-            let inner = self.expr()?;
-            self.expect(")", "')' to close the group")?;
-            return Ok(inner);
+            return self.nested(|p| {
+                let inner = p.expr()?;
+                p.expect(")", "')' to close the group")?;
+                Ok(inner)
+            });
         }
         if self.eat("*") {
             return Ok(Filter::All);

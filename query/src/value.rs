@@ -11,6 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::DocumentError;
+
 /// The name of a field: borrowed for Rust struct fields, owned when decoded from elsewhere.
 pub type FieldName = Cow<'static, str>;
 
@@ -267,6 +269,48 @@ impl Fields {
     pub(crate) fn into_inner(self) -> Vec<(FieldName, Value)> {
         self.0
     }
+
+    /// Checks that the document can be stored and queried: every top-level field name is
+    /// one a query can address (letters, digits, `_` and `-`), and lists and maps nest at
+    /// most [`MAX_DEPTH`](crate::MAX_DEPTH) levels. Stops at the limit, so checking a
+    /// hostile document costs no more than checking an acceptable one.
+    ///
+    /// # Errors
+    /// [`DocumentError::FieldName`] or [`DocumentError::TooDeep`].
+    pub fn validate(&self) -> Result<(), DocumentError> {
+        for (name, _) in &self.0 {
+            crate::query::validate_segment(name).map_err(|reason| DocumentError::FieldName {
+                name: name.to_string(),
+                reason: reason.to_owned(),
+            })?;
+        }
+        if self.within_depth(1) {
+            Ok(())
+        } else {
+            Err(DocumentError::TooDeep {
+                limit: crate::MAX_DEPTH,
+            })
+        }
+    }
+
+    /// Whether the values of these fields, at `depth`, nest no deeper than the limit.
+    fn within_depth(&self, depth: usize) -> bool {
+        self.0.iter().all(|(_, v)| v.within_depth(depth))
+    }
+}
+
+impl Value {
+    /// Whether this value, at `depth`, nests no deeper than [`MAX_DEPTH`](crate::MAX_DEPTH).
+    fn within_depth(&self, depth: usize) -> bool {
+        if depth > crate::MAX_DEPTH {
+            return false;
+        }
+        match self {
+            Value::List(items) => items.iter().all(|v| v.within_depth(depth + 1)),
+            Value::Map(fields) => fields.within_depth(depth + 1),
+            _ => true,
+        }
+    }
 }
 
 fn approx_value_size(v: &Value) -> usize {
@@ -356,8 +400,26 @@ impl IndexValue {
 
 // Serialization of values: natural (untagged) in human-readable formats such as JSON,
 // tagged in compact binary formats such as postcard that cannot describe themselves.
+// Encoding borrows every level (nothing is copied), and decoding counts the levels it
+// enters (see the `depth` module), so both are linear in the input and bounded in depth.
 
-#[derive(Serialize, Deserialize)]
+/// The tagged form, encoded: borrows the value.
+#[derive(Serialize)]
+enum TaggedRef<'a> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Str(&'a str),
+    #[serde(with = "serde_bytes")]
+    Bytes(&'a [u8]),
+    List(&'a [Value]),
+    Map(&'a Fields),
+}
+
+/// The tagged form, decoded. Its variants mirror [`TaggedRef`] one for one.
+#[derive(Deserialize)]
 enum Tagged {
     Null,
     Bool(bool),
@@ -386,16 +448,16 @@ impl Serialize for Value {
                 Value::Map(m) => m.serialize(s),
             }
         } else {
-            let tagged = match self.clone() {
-                Value::Null => Tagged::Null,
-                Value::Bool(b) => Tagged::Bool(b),
-                Value::I64(i) => Tagged::I64(i),
-                Value::U64(u) => Tagged::U64(u),
-                Value::F64(f) => Tagged::F64(f),
-                Value::Str(v) => Tagged::Str(v),
-                Value::Bytes(b) => Tagged::Bytes(b),
-                Value::List(l) => Tagged::List(l),
-                Value::Map(m) => Tagged::Map(m),
+            let tagged = match self {
+                Value::Null => TaggedRef::Null,
+                Value::Bool(b) => TaggedRef::Bool(*b),
+                Value::I64(i) => TaggedRef::I64(*i),
+                Value::U64(u) => TaggedRef::U64(*u),
+                Value::F64(f) => TaggedRef::F64(*f),
+                Value::Str(v) => TaggedRef::Str(v),
+                Value::Bytes(b) => TaggedRef::Bytes(b),
+                Value::List(l) => TaggedRef::List(l),
+                Value::Map(m) => TaggedRef::Map(m),
             };
             tagged.serialize(s)
         }
@@ -404,6 +466,7 @@ impl Serialize for Value {
 
 impl<'de> Deserialize<'de> for Value {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _level = crate::depth::Guard::enter("a document value")?;
         if d.is_human_readable() {
             d.deserialize_any(ValueVisitor)
         } else {

@@ -27,17 +27,16 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use space_core::wire::{
-    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, WaitGroup,
-    Welcome,
+    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, Welcome,
 };
 use space_core::{
-    BlockingSpace, ClaimTicket, Document, EventKinds, Key, Lease, NodeId, Notification, Query,
-    RemoteBackend, RemoteFeed, Result, Space, SpaceError, Stats, Subscription,
+    BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, RemoteBackend,
+    RemoteFeed, Result, Space, SpaceError, Stats, Subscription,
 };
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
@@ -60,12 +59,22 @@ pub struct Cluster {
     runtime: Runtime,
     topology: RwLock<Topology>,
     conns: Mutex<HashMap<String, Arc<Connection>>>,
+    /// Members never connected to, and when connecting to them last failed.
+    failed_dials: Mutex<HashMap<String, Instant>>,
     /// (node address, entry type) pairs whose indexes this client already declared.
     declared: Mutex<HashSet<(String, String)>>,
     next_writer: AtomicUsize,
     /// Where the next take by query starts looking.
     next_taker: AtomicUsize,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
+}
+
+/// Whether `e` says a node could not be reached (rather than that it refused the call).
+fn is_unreachable(e: &SpaceError) -> bool {
+    matches!(
+        e,
+        SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
+    )
 }
 
 fn unexpected(r: Response) -> SpaceError {
@@ -103,6 +112,7 @@ impl Cluster {
                             runtime,
                             topology: RwLock::new(topology),
                             conns: Mutex::new(HashMap::from([(seed.to_string(), conn)])),
+                            failed_dials: Mutex::new(HashMap::new()),
                             declared: Mutex::new(HashSet::new()),
                             next_writer: AtomicUsize::new(0),
                             next_taker: AtomicUsize::new(0),
@@ -129,11 +139,29 @@ impl Cluster {
     }
 
     /// The connection to the node at `addr`.
+    ///
+    /// # Errors
+    /// `Unreachable` (at once, when connecting failed a moment ago) or `Rejected`.
     pub async fn node(&self, addr: &str) -> Result<Arc<Connection>> {
         if let Some(c) = self.conns.lock().get(addr) {
             return Ok(c.clone());
         }
-        let conn = Connection::open_on(addr, self.config.clone()).await?;
+        if self.is_down(addr) {
+            return Err(SpaceError::Unreachable {
+                node: addr.to_owned(),
+                reason: "it could not be reached a moment ago".into(),
+            });
+        }
+        let conn = match Connection::open_on(addr, self.config.clone()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.failed_dials
+                    .lock()
+                    .insert(addr.to_owned(), Instant::now());
+                return Err(e);
+            }
+        };
+        self.failed_dials.lock().remove(addr);
         Ok(self
             .conns
             .lock()
@@ -209,20 +237,94 @@ impl Cluster {
         }
     }
 
-    /// Sends `request` to every node at once; answers in node order.
-    async fn to_all(&self, request: &Request) -> Vec<Result<Response>> {
-        let calls = self.addresses().into_iter().map(|addr| {
-            let request = request.clone();
-            async move { self.node(&addr).await?.call(request).await }
-        });
-        futures::future::join_all(calls).await
+    /// Sends `request` to every live node at once: their answers, and the addresses of
+    /// the nodes that could not be reached. Fails when no node could be reached, or with
+    /// any other error a node answers.
+    async fn gather(&self, request: &Request) -> Result<(Vec<Response>, Vec<String>)> {
+        let calls = self
+            .live_in_turn(&AtomicUsize::new(0))
+            .into_iter()
+            .map(|addr| {
+                let request = request.clone();
+                async move {
+                    let answer = match self.node(&addr).await {
+                        Ok(conn) => conn.call(request).await,
+                        Err(e) => Err(e),
+                    };
+                    (addr, answer)
+                }
+            });
+        let mut answers = Vec::new();
+        let mut unreachable = self.down_members();
+        let mut last = None;
+        for (addr, answer) in futures::future::join_all(calls).await {
+            match answer {
+                Ok(a) => answers.push(a),
+                Err(e) if is_unreachable(&e) => {
+                    unreachable.push(addr);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if answers.is_empty()
+            && let Some(e) = last
+        {
+            return Err(e);
+        }
+        if !unreachable.is_empty() {
+            tracing::warn!(
+                ?unreachable,
+                "answered without the members that could not be reached"
+            );
+        }
+        unreachable.sort();
+        unreachable.dedup();
+        Ok((answers, unreachable))
     }
 
-    /// Runs one request, routed as the module documentation says.
+    /// Runs one request as a user asked for it, routed as the module documentation says.
+    /// A wait longer than [`wire::MAX_CALL_WAIT`] is made of successive calls.
     ///
     /// # Errors
     /// The nodes' errors, or `Unreachable` / `TimedOut`.
+    ///
+    /// # Cancel safety
+    /// A take or claim whose future is dropped (or that fails) loses nothing: everything it
+    /// took or claimed on any node goes back ([`revoke`](crate::revoke)).
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
+        if matches!(request, Request::TakeDirect { .. } | Request::Claim { .. }) {
+            crate::revoke::guarded(self.call_waiting(request)).await
+        } else {
+            self.call_waiting(request).await
+        }
+    }
+
+    /// Routes `request`, in successive calls of at most [`wire::MAX_CALL_WAIT`] each while
+    /// they find nothing, up to its own timeout.
+    async fn call_waiting(self: &Arc<Self>, request: Request) -> Result<Response> {
+        let wait = request.wait();
+        if wait <= wire::MAX_CALL_WAIT {
+            return self.route(request).await;
+        }
+        let deadline = Instant::now().checked_add(wait);
+        loop {
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let part = left.min(wire::MAX_CALL_WAIT);
+            let answer = self.route(request.with_wait(part)).await?;
+            let found_nothing =
+                matches!(&answer, Response::Document(None) | Response::Claimed(None))
+                    || matches!(&answer, Response::Documents(d) if d.is_empty());
+            if !found_nothing || part == left {
+                return Ok(answer);
+            }
+        }
+    }
+
+    /// Runs one request, routed as the module documentation says.
+    async fn route(self: &Arc<Self>, request: Request) -> Result<Response> {
         if let Some(key) = request.routing_key() {
             let key = key.clone();
             return self.to_owner(&key, request).await;
@@ -261,8 +363,8 @@ impl Cluster {
                 .map(Response::Claimed),
             Request::Count(q) => {
                 let mut total = 0;
-                for answer in self.to_all(&Request::Count(q)).await {
-                    match answer? {
+                for answer in self.gather(&Request::Count(q)).await?.0 {
+                    match answer {
                         Response::Count(n) => total += n,
                         other => return Err(unexpected(other)),
                     }
@@ -272,47 +374,67 @@ impl Cluster {
             Request::Contents { query, .. } => self.contents(query).await,
             Request::FindFor(key) => self.owner(&key).map(Response::Node),
             Request::Stats => {
-                let mut total = Stats::default();
-                for answer in self.to_all(&Request::Stats).await {
-                    match answer? {
-                        Response::Stats(s) => {
-                            total.entries += s.entries;
-                            total.bytes += s.bytes;
-                            total.entry_types = total.entry_types.max(s.entry_types);
-                            total.waiters += s.waiters;
-                            total.subscriptions += s.subscriptions;
-                            total.timers += s.timers;
-                        }
+                let (answers, unreachable) = self.gather(&Request::Stats).await?;
+                let mut total = Stats {
+                    unreachable,
+                    ..Stats::default()
+                };
+                for answer in answers {
+                    match answer {
+                        Response::Stats(s) => total.add(&s),
                         other => return Err(unexpected(other)),
                     }
                 }
                 Ok(Response::Stats(total))
             }
             Request::Topology => self.refresh().await.map(Response::Topology),
-            // Placement, status, and subscription bookkeeping: any node answers (the first).
+            // Placement, status, and subscription bookkeeping: any live node answers.
             other => {
-                let addr = self.addresses().into_iter().next().unwrap_or_default();
+                let addr = self.next_node();
                 self.node(&addr).await?.call(other).await
             }
         }
     }
 
-    /// A node for keyless writes, in turn (optionally among those carrying `labels`).
+    /// A live node for keyless writes, in turn.
     fn next_node(&self) -> String {
-        self.in_turn(&self.next_writer)
+        self.live_in_turn(&self.next_writer)
             .into_iter()
             .next()
             .unwrap_or_default()
     }
 
-    /// The nodes' addresses, starting with the next in `turn` (so callers spread over them).
-    fn in_turn(&self, turn: &AtomicUsize) -> Vec<String> {
+    /// The addresses of the nodes not known to be down, starting with the next in `turn`
+    /// (so callers spread over them); every node when all of them seem down (calls to
+    /// them then fail fast, or find them back).
+    fn live_in_turn(&self, turn: &AtomicUsize) -> Vec<String> {
         let mut addrs = self.addresses();
         if !addrs.is_empty() {
             let first = turn.fetch_add(1, Ordering::Relaxed) % addrs.len();
             addrs.rotate_left(first);
         }
-        addrs
+        let live: Vec<String> = addrs.iter().filter(|a| !self.is_down(a)).cloned().collect();
+        if live.is_empty() { addrs } else { live }
+    }
+
+    /// Whether the node at `addr` could not be reached a moment ago.
+    fn is_down(&self, addr: &str) -> bool {
+        match self.conns.lock().get(addr) {
+            Some(conn) => conn.is_down(),
+            None => self
+                .failed_dials
+                .lock()
+                .get(addr)
+                .is_some_and(|t| t.elapsed() < self.config.probe_after),
+        }
+    }
+
+    /// The members that could not be reached a moment ago.
+    pub fn down_members(&self) -> Vec<String> {
+        self.addresses()
+            .into_iter()
+            .filter(|a| self.is_down(a))
+            .collect()
     }
 
     async fn write(
@@ -335,7 +457,7 @@ impl Cluster {
                 size,
                 labels: labels.clone(),
             };
-            let any = self.addresses().into_iter().next().unwrap_or_default();
+            let any = self.next_node();
             match self.node(&any).await?.call(request).await? {
                 Response::Node(n) => n.address,
                 other => return Err(unexpected(other)),
@@ -412,7 +534,7 @@ impl Cluster {
     /// A copy of a match from any node: the nodes race, the first match wins.
     async fn read(&self, query: Query, timeout: Duration) -> Result<Response> {
         let mut calls: FuturesUnordered<_> = self
-            .addresses()
+            .live_in_turn(&self.next_taker)
             .into_iter()
             .map(|addr| {
                 let request = Request::ReadDirect {
@@ -422,135 +544,86 @@ impl Cluster {
                 async move { self.node(&addr).await?.call(request).await }
             })
             .collect();
-        let mut error = None;
+        let (mut answered, mut error) = (false, None);
         while let Some(answer) = calls.next().await {
             match answer {
                 Ok(Response::Document(Some(d))) => return Ok(Response::Document(Some(d))),
-                Ok(Response::Document(None)) => {}
+                Ok(Response::Document(None)) => answered = true,
                 Ok(other) => return Err(unexpected(other)),
-                Err(e) => error = Some(e),
+                Err(e) if is_unreachable(&e) => error = Some(e),
+                Err(e) => return Err(e),
             }
         }
         match error {
-            Some(e) => Err(e),
-            None => Ok(Response::Document(None)),
+            Some(e) if !answered => Err(e),
+            _ => Ok(Response::Document(None)),
         }
     }
 
-    /// Claims a match on whichever node has one first, waiting up to `timeout` on all nodes
-    /// at once (starting with the next node in turn).
+    /// Claims a match on whichever node has one first, waiting up to `timeout` on all live
+    /// nodes at once (starting with the next node in turn).
     ///
-    /// Once one node answers with a claim, the others' waits are abandoned
-    /// ([`Request::Abandon`]) and their answers still heard, in the background: a claim any
-    /// of them made in the meantime is released at once rather than left to its lease.
+    /// Once one node answers with a claim, the other calls are dropped: each revokes itself
+    /// ([`revoke`](crate::revoke)), which ends its wait on its node, or releases a claim it
+    /// made meanwhile, at once rather than when its lease runs out.
     async fn claim(
         self: &Arc<Self>,
         query: Query,
         lease: Lease,
         timeout: Duration,
     ) -> Result<Option<space_core::ClaimedDocument>> {
-        let addrs = self.in_turn(&self.next_taker);
-        let group = (addrs.len() > 1 && !timeout.is_zero()).then(WaitGroup::new);
+        let addrs = self.live_in_turn(&self.next_taker);
         let mut calls: FuturesUnordered<_> = addrs
-            .iter()
-            .cloned()
+            .into_iter()
             .map(|addr| {
-                let this = self.clone();
                 let request = Request::Claim {
                     query: query.clone(),
                     lease,
                     timeout,
-                    group,
                 };
                 async move {
-                    let answer = match this.node(&addr).await {
+                    let answer = match self.node(&addr).await {
                         Ok(conn) => conn.call(request).await,
                         Err(e) => Err(e),
                     };
                     (addr, answer)
                 }
-                .boxed()
             })
             .collect();
-        let mut waiting = addrs;
-        let mut error = None;
+        let (mut answered, mut error) = (false, None);
         while let Some((addr, answer)) = calls.next().await {
-            waiting.retain(|a| *a != addr);
             match answer {
-                Ok(Response::Claimed(Some(c))) => {
-                    if !calls.is_empty() {
-                        self.runtime
-                            .handle()
-                            .spawn(self.clone().abandon_rest(group, waiting, calls));
-                    }
-                    return Ok(Some(c));
-                }
-                Ok(Response::Claimed(None)) => {}
-                Ok(other) => error = Some(unexpected(other)),
-                Err(e) => {
-                    tracing::debug!(node = %addr, error = %e, "a claim across nodes failed on one node");
+                Ok(Response::Claimed(Some(c))) => return Ok(Some(c)),
+                Ok(Response::Claimed(None)) => answered = true,
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) if is_unreachable(&e) => {
+                    tracing::debug!(node = %addr, error = %e, "a claim across nodes could not reach one node");
                     error = Some(e);
                 }
+                Err(e) => return Err(e),
             }
         }
         match error {
-            Some(e) => Err(e),
-            None => Ok(None),
+            Some(e) if !answered => Err(e),
+            _ => Ok(None),
         }
     }
 
-    /// Abandons the claim waits of `group` still running on the `waiting` nodes (their
-    /// answers to come in `calls`) and releases whatever claims they answer with.
-    async fn abandon_rest(
-        self: Arc<Self>,
-        group: Option<WaitGroup>,
-        waiting: Vec<String>,
-        mut calls: FuturesUnordered<BoxFuture<'static, (String, Result<Response>)>>,
-    ) {
-        let this = &*self;
-        let abandon = async {
-            if let Some(group) = group {
-                futures::future::join_all(waiting.iter().map(|addr| async move {
-                    if let Ok(conn) = this.node(addr).await
-                        && let Err(e) = conn.call(Request::Abandon(group)).await
-                    {
-                        tracing::debug!(node = %addr, error = %e, "could not abandon a claim wait");
-                    }
-                }))
-                .await;
-            }
-        };
-        let drain = async {
-            while let Some((_, answer)) = calls.next().await {
-                if let Ok(Response::Claimed(Some(c))) = answer {
-                    this.release_quietly(c.ticket).await;
-                }
-            }
-        };
-        futures::future::join(abandon, drain).await;
-    }
-
-    async fn release_quietly(&self, ticket: ClaimTicket) {
-        if let Err(e) = self
-            .to_owner(&ticket.key.clone(), Request::Release(ticket))
-            .await
-        {
-            tracing::warn!(error = %e, "could not release a claim; its lease will return the entry");
-        }
-    }
-
-    /// Takes up to `max` matches across the nodes, waiting up to `timeout` for the first.
+    /// Takes up to `max` matches across the live nodes, waiting up to `timeout` for the
+    /// first.
     ///
     /// What is there now is taken first: a blocking take of one looks on the next node in
     /// turn, anything else sweeps every node; then, if nothing was found and the take may
-    /// wait, it claims on all nodes at once and commits the first claim.
+    /// wait, it claims on all nodes at once and commits the first claim. Every take, claim
+    /// and commit it makes is revoked if the take does not return (see
+    /// [`revoke::guarded`](crate::revoke)).
     async fn take(
         self: &Arc<Self>,
         query: Query,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Document>> {
-        let addrs = self.in_turn(&self.next_taker);
+        let addrs = self.live_in_turn(&self.next_taker);
         if let [only] = addrs.as_slice() {
             return self.take_on(only, query, max, timeout).await;
         }
@@ -559,7 +632,12 @@ impl Cluster {
         } else {
             addrs.len()
         };
-        let mut got = self.sweep(&addrs[..look], &query, max).await?;
+        let mut got = match self.sweep(&addrs[..look], &query, max).await {
+            Ok(got) => got,
+            // The node looked at first is gone: the claims below wait on the others.
+            Err(e) if look < addrs.len() && is_unreachable(&e) => Vec::new(),
+            Err(e) => return Err(e),
+        };
         if !got.is_empty() || timeout.is_zero() {
             return Ok(got);
         }
@@ -614,23 +692,45 @@ impl Cluster {
     /// Takes what is there now on `addrs`, node after node, up to `max`.
     async fn sweep(&self, addrs: &[String], query: &Query, max: usize) -> Result<Vec<Document>> {
         let mut got = Vec::new();
+        let (mut reached, mut skipped) = (false, None);
         for addr in addrs {
             if got.len() >= max {
                 break;
             }
-            got.extend(
-                self.take_on(addr, query.clone(), max - got.len(), Duration::ZERO)
-                    .await?,
-            );
+            match self
+                .take_on(addr, query.clone(), max - got.len(), Duration::ZERO)
+                .await
+            {
+                Ok(docs) => {
+                    reached = true;
+                    got.extend(docs);
+                }
+                // A node lost on the way: the others still serve (its call revokes itself).
+                Err(e) if is_unreachable(&e) => skipped = Some(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(got)
+        match skipped {
+            Some(e) if !reached => Err(e),
+            _ => Ok(got),
+        }
     }
 
     /// Every match on every node (node after node, page by page).
     async fn contents(&self, query: Query) -> Result<Response> {
         let mut documents = Vec::new();
-        for addr in self.addresses() {
-            let conn = self.node(&addr).await?;
+        let (mut reached, mut failure) = (false, None);
+        for addr in self.live_in_turn(&AtomicUsize::new(0)) {
+            let conn = match self.node(&addr).await {
+                Ok(conn) => conn,
+                Err(e) if is_unreachable(&e) => {
+                    tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
+                    failure = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            reached = true;
             let mut after = None;
             loop {
                 let request = Request::Contents {
@@ -653,10 +753,13 @@ impl Cluster {
                 }
             }
         }
-        Ok(Response::Page {
-            documents,
-            next: None,
-        })
+        match failure {
+            Some(e) if !reached => Err(e),
+            _ => Ok(Response::Page {
+                documents,
+                next: None,
+            }),
+        }
     }
 
     async fn endpoint(&self) -> Result<Arc<Endpoint>> {
@@ -904,13 +1007,17 @@ async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame:
         Ok(Some(h)) if h.magic == wire::MAGIC && h.version == wire::PROTOCOL_VERSION => {}
         _ => return,
     }
-    if wire::send_frame(&mut framed, &Welcome::Accepted { node: NodeId(0) })
-        .await
-        .is_err()
-    {
+    let welcome = Welcome::Accepted {
+        node: NodeId(0),
+        limits: wire::Limits {
+            max_frame: max_frame as u64,
+            max_entry_bytes: max_frame as u64,
+        },
+    };
+    if wire::send_frame(&mut framed, &welcome).await.is_err() {
         return;
     }
-    BaseChannel::with_defaults(wire::transport(framed))
+    BaseChannel::with_defaults(wire::server_transport(framed))
         .execute(Subscriber(endpoint).serve())
         .for_each(|response| async move {
             tokio::spawn(response);
@@ -1052,6 +1159,15 @@ impl RemoteBackend for Remote {
         self.cluster
             .runtime
             .bind(async move { cluster.call(request).await })
+    }
+
+    fn send(&self, request: Request) {
+        let cluster = self.cluster.clone();
+        drop(self.cluster.runtime.handle().spawn(async move {
+            if let Err(e) = cluster.call(request).await {
+                tracing::warn!(error = %e, "a request sent in the background failed");
+            }
+        }));
     }
 
     fn subscribe(

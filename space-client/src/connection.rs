@@ -1,10 +1,17 @@
 //! A connection to one `space-node`.
 //!
-//! Calls go over one multiplexed connection (many requests at once). A call that fails
-//! because the connection broke is retried on a new connection, with backoff, for up to
-//! [`ClientConfig::retry_for`], with the *same request id*, so the node answers a retried
-//! take or write with its first answer. Blocking calls set their deadline beyond their own
-//! timeout.
+//! Calls go over one multiplexed connection (any number of requests at once: the node
+//! bounds them). A call that fails because the connection broke is retried on a new
+//! connection, with backoff, for up to [`ClientConfig::retry_for`], with the *same request
+//! id*, so the node answers a retried take or write with its first answer. Blocking calls
+//! set their deadline beyond their own timeout (at most [`wire::MAX_CALL_WAIT`]).
+//!
+//! A node that cannot be reached is remembered as down: a new call to it fails at once with
+//! `Unreachable` (a call already under way keeps retrying, to get its answer), and at most
+//! one call per [`ClientConfig::probe_after`] tries to connect again.
+//!
+//! Requests are checked against the node's limits (told in its handshake) before they are
+//! sent: an oversized entry or request gets a typed error and never reaches the wire.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,13 +20,15 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use space_core::wire::{
-    self, Envelope, Hello, Request, RequestId, Response, SpaceServiceClient, Welcome,
+    self, Envelope, Hello, Limits, Request, RequestId, Response, SpaceServiceClient, Welcome,
 };
 use space_core::{NodeId, Result, SpaceError};
 use tarpc::client::RpcError;
 use tarpc::{client, context};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
+
+use crate::revoke::{self, CallGuard};
 
 /// How a client reaches a node.
 #[derive(Clone, Debug)]
@@ -41,6 +50,9 @@ pub struct ClientConfig {
     /// Lease of a subscription asked for without one; renewed while its handle lives, so a
     /// client that dies stops costing the node.
     pub subscription_lease: Duration,
+    /// After a node could not be reached, new calls to it fail at once for this long;
+    /// the next call after it tries to connect again.
+    pub probe_after: Duration,
 }
 
 impl Default for ClientConfig {
@@ -54,6 +66,7 @@ impl Default for ClientConfig {
             subscriber_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             subscriber_advertise: None,
             subscription_lease: Duration::from_secs(30),
+            probe_after: Duration::from_millis(500),
         }
     }
 }
@@ -99,16 +112,28 @@ impl Runtime {
     }
 }
 
-/// One node, connected: calls with retry, and the subscriber endpoint.
+/// One node, connected: calls with retry.
 pub struct Connection {
     addr: String,
     config: ClientConfig,
     node: NodeId,
+    limits: Limits,
     client: Mutex<Option<SpaceServiceClient>>,
     dialing: tokio::sync::Mutex<()>,
+    /// When connecting last failed, while the node is believed down.
+    down_since: Mutex<Option<Instant>>,
 }
 
-async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, NodeId)> {
+/// tarpc's client settings: no cap of its own on requests in flight (a capped client
+/// queues calls behind blocked ones, and a worker pool sharing one handle starves); the
+/// node bounds what it accepts and answers `Busy` past that.
+fn rpc_config() -> client::Config {
+    let mut config = client::Config::default();
+    config.max_in_flight_requests = usize::MAX;
+    config
+}
+
+async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, NodeId, Limits)> {
     let unreachable = |reason: String| SpaceError::Unreachable {
         node: addr.to_owned(),
         reason,
@@ -137,10 +162,9 @@ async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, 
     .map_err(|_| unreachable("no answer to the handshake".into()))?
     .map_err(|e| unreachable(format!("bad handshake answer: {e}")))?;
     match welcome {
-        Some(Welcome::Accepted { node }) => {
-            let client =
-                SpaceServiceClient::new(client::Config::default(), wire::transport(framed)).spawn();
-            Ok((client, node))
+        Some(Welcome::Accepted { node, limits }) => {
+            let client = SpaceServiceClient::new(rpc_config(), wire::transport(framed)).spawn();
+            Ok((client, node, limits))
         }
         Some(Welcome::Refused { reason }) => Err(SpaceError::Rejected {
             node: addr.to_owned(),
@@ -159,21 +183,22 @@ impl Connection {
     /// `Unreachable` when no connection can be made, `Rejected` for a wrong token or
     /// protocol.
     pub async fn open(addr: &str, config: ClientConfig) -> Result<Arc<Connection>> {
-        let handle = Handle::try_current().map_err(|_| SpaceError::Protocol {
+        Handle::try_current().map_err(|_| SpaceError::Protocol {
             reason: "connect needs a tokio runtime; use connect_blocking from plain threads".into(),
         })?;
-        let _ = handle;
         Self::open_on(addr, config).await
     }
 
     pub(crate) async fn open_on(addr: &str, config: ClientConfig) -> Result<Arc<Connection>> {
-        let (client, node) = dial(addr, &config).await?;
+        let (client, node, limits) = dial(addr, &config).await?;
         Ok(Arc::new(Connection {
             addr: addr.to_owned(),
             config,
             node,
+            limits,
             client: Mutex::new(Some(client)),
             dialing: tokio::sync::Mutex::new(()),
+            down_since: Mutex::new(None),
         }))
     }
 
@@ -187,6 +212,18 @@ impl Connection {
         &self.addr
     }
 
+    /// The node's limits, as it told them when the connection was made.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether the node could not be reached lately (new calls to it fail at once).
+    pub fn is_down(&self) -> bool {
+        self.down_since
+            .lock()
+            .is_some_and(|t| t.elapsed() < self.config.probe_after)
+    }
+
     async fn current_client(&self) -> Result<SpaceServiceClient> {
         if let Some(c) = self.client.lock().as_ref() {
             return Ok(c.clone());
@@ -196,9 +233,17 @@ impl Connection {
         if let Some(c) = self.client.lock().as_ref() {
             return Ok(c.clone());
         }
-        let (c, _) = dial(&self.addr, &self.config).await?;
-        *self.client.lock() = Some(c.clone());
-        Ok(c)
+        match dial(&self.addr, &self.config).await {
+            Ok((c, _, _)) => {
+                *self.client.lock() = Some(c.clone());
+                *self.down_since.lock() = None;
+                Ok(c)
+            }
+            Err(e) => {
+                *self.down_since.lock() = Some(Instant::now());
+                Err(e)
+            }
+        }
     }
 
     fn forget_client(&self) {
@@ -209,15 +254,34 @@ impl Connection {
     /// with the same request id; blocking requests get a deadline past their timeout.
     ///
     /// # Errors
-    /// The node's own error, or `Unreachable` / `TimedOut`.
-    pub async fn call(&self, request: Request) -> Result<Response> {
+    /// The node's own error; `Unreachable` / `TimedOut`; `TooLarge` or
+    /// `RequestTooLarge` for what the node would refuse; `Busy` when the node is at its
+    /// limit of concurrent requests.
+    ///
+    /// # Cancel safety
+    /// Dropping the future gives the request up: a take or claim that is dropped (or
+    /// fails without an answer) is revoked on the node, so what it took goes back.
+    pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         self.call_with_id(RequestId::new(), request).await
     }
 
     /// As [`call`](Self::call), with a request id the caller chose (to retry a request
     /// across calls: the node answers a repeated id with its first answer).
-    pub async fn call_with_id(&self, id: RequestId, request: Request) -> Result<Response> {
-        let wait = request.wait();
+    pub async fn call_with_id(
+        self: &Arc<Self>,
+        id: RequestId,
+        request: Request,
+    ) -> Result<Response> {
+        self.check_request(&request)?;
+        if self.is_down() {
+            // A new call to a node that was just found down fails at once.
+            return Err(SpaceError::Unreachable {
+                node: self.addr.clone(),
+                reason: "it could not be reached a moment ago".into(),
+            });
+        }
+        let wait = request.wait().min(wire::MAX_CALL_WAIT);
+        let guard = revoke::revocable(&request).then(|| CallGuard::new(self.clone(), id));
         let envelope = Envelope {
             id,
             request: Arc::new(request),
@@ -230,11 +294,26 @@ impl Connection {
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;
                     match client.call(ctx, envelope.clone()).await {
-                        Ok(answer) => return answer,
+                        Ok(answer) => {
+                            if let Some(g) = guard {
+                                g.answered();
+                            }
+                            return answer;
+                        }
                         Err(RpcError::DeadlineExceeded) => {
                             return Err(SpaceError::TimedOut {
                                 node: self.addr.clone(),
                                 after: wait + self.config.call_timeout,
+                            });
+                        }
+                        Err(RpcError::Server(e)) if e.kind == std::io::ErrorKind::WouldBlock => {
+                            // Throttled before it ran: nothing to revoke.
+                            if let Some(g) = guard {
+                                g.answered();
+                            }
+                            return Err(SpaceError::Busy {
+                                node: self.addr.clone(),
+                                reason: e.detail,
                             });
                         }
                         Err(e) => {
@@ -257,4 +336,48 @@ impl Connection {
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
+
+    /// Refuses what the node would refuse, before anything is sent: malformed queries and
+    /// documents ([`Request::check`]), an entry over its entry limit, or a request over the
+    /// frame limit (either side's).
+    fn check_request(&self, request: &Request) -> Result<()> {
+        request.check()?;
+        let Request::WriteDirect {
+            entry_type,
+            entries,
+            ..
+        } = request
+        else {
+            return Ok(());
+        };
+        let mut total = 0u64;
+        for (fields, _) in entries {
+            let size = fields.approx_size() as u64;
+            if size > self.limits.max_entry_bytes {
+                return Err(SpaceError::TooLarge {
+                    entry_type: entry_type.clone(),
+                    size,
+                    limit: self.limits.max_entry_bytes,
+                });
+            }
+            total += size;
+        }
+        let limit = self
+            .limits
+            .max_frame
+            .min(self.config.max_frame as u64)
+            .saturating_sub(FRAME_OVERHEAD);
+        // The estimate is within a factor of two of the encoded size; only a request near
+        // the limit is encoded to measure it.
+        if total.saturating_mul(2) + FRAME_OVERHEAD > limit {
+            let size = wire::encode(request).len() as u64;
+            if size > limit {
+                return Err(SpaceError::RequestTooLarge { size, limit });
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Bytes a request's frame holds besides the request (tarpc's envelope, ids, deadline).
+const FRAME_OVERHEAD: u64 = 256;

@@ -23,6 +23,7 @@
 
 mod cluster;
 mod connection;
+mod revoke;
 
 pub use cluster::{
     Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, space_of,

@@ -91,6 +91,33 @@ pub struct ClaimedDocument {
     pub expires: SystemTime,
 }
 
+/// An entry a take (or a commit) removed, with what it takes to put it back where it was
+/// ([`Engine::untake`]): a node keeps these for a request whose caller may still give it
+/// up, so that an answer nobody received loses nothing.
+#[derive(Clone, Debug)]
+pub struct Taken {
+    entry_type: Arc<str>,
+    seq: u64,
+    record: Record,
+}
+
+impl Taken {
+    /// A copy of the entry, as a take hands it out.
+    pub fn document(&self) -> Document {
+        self.record.document()
+    }
+
+    /// The entry, as a take hands it out.
+    pub fn into_document(self) -> Document {
+        self.record.into_document()
+    }
+
+    /// The entry's type.
+    pub fn entry_type(&self) -> &str {
+        &self.entry_type
+    }
+}
+
 /// Counters describing the engine's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -106,6 +133,23 @@ pub struct Stats {
     pub subscriptions: u64,
     /// Pending lease timers.
     pub timers: u64,
+    /// Members of a cluster that could not be reached for these counters (filled in by a
+    /// client that merges the counters of several nodes; empty when all answered).
+    pub unreachable: Vec<String>,
+}
+
+impl Stats {
+    /// Adds the counters of another node (entry types: the larger count, since types are
+    /// usually present on every node).
+    pub fn add(&mut self, other: &Stats) {
+        self.entries += other.entries;
+        self.bytes += other.bytes;
+        self.entry_types = self.entry_types.max(other.entry_types);
+        self.waiters += other.waiters;
+        self.subscriptions += other.subscriptions;
+        self.timers += other.timers;
+        self.unreachable.extend(other.unreachable.iter().cloned());
+    }
 }
 
 /// Engine settings.
@@ -274,7 +318,7 @@ struct Waiter {
 /// What a waiter is handed.
 enum Delivery {
     Copy(Document),
-    Owned { seq: u64, record: Record },
+    Taken(Taken),
     Claimed(ClaimedDocument),
 }
 
@@ -662,6 +706,7 @@ impl Engine {
     ) -> Result<Receipt> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
+        check_document(entry_type, &fields)?;
         self.check_limits(entry_type, &[&fields])?;
         let key = NewKey::new(key);
         self.with_shard(entry_type, |shard| {
@@ -685,6 +730,9 @@ impl Engine {
     ) -> Result<Vec<Receipt>> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
+        for (fields, _) in &entries {
+            check_document(entry_type, fields)?;
+        }
         self.check_limits(
             entry_type,
             &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
@@ -881,7 +929,12 @@ impl Engine {
                     let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
                     let key = record.key.clone();
                     let version = record.version;
-                    match waiter.slot.offer(Delivery::Owned { seq, record }) {
+                    let taken = Taken {
+                        entry_type: st.name.clone(),
+                        seq,
+                        record,
+                    };
+                    match waiter.slot.offer(Delivery::Taken(taken)) {
                         Ok(wakeup) => {
                             self.log(|| LogRecord::Remove {
                                 entry_type: st.name.to_string(),
@@ -895,7 +948,7 @@ impl Engine {
                             }
                             return Offered::Taken;
                         }
-                        Err(Delivery::Owned { record: r, .. }) => record = r,
+                        Err(Delivery::Taken(t)) => record = t.record,
                         Err(_) => unreachable!("a slot gives back what it was offered"),
                     }
                 }
@@ -1012,7 +1065,7 @@ impl Engine {
     }
 
     /// Removes a stored record and announces it as taken.
-    fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) -> Option<Document> {
+    fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) -> Option<Taken> {
         let record = st.store.remove(seq)?;
         self.log(|| LogRecord::Remove {
             entry_type: st.name.to_string(),
@@ -1021,7 +1074,11 @@ impl Engine {
             request: current_request(),
         });
         self.emit(&mut st.hub, EventKind::Taken, &record);
-        Some(record.into_document())
+        Some(Taken {
+            entry_type: st.name.clone(),
+            seq,
+            record,
+        })
     }
 
     /// Registers a waiter; the caller holds the lock and has found nothing.
@@ -1061,7 +1118,7 @@ impl Engine {
                     WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
                     WaitMode::Take => self
                         .remove_taken(st, seq, RemoveCause::Taken)
-                        .map(Delivery::Copy),
+                        .map(Delivery::Taken),
                     WaitMode::Claim(lease) => self.claim_stored(shard, st, seq, lease, &now),
                 };
                 return Ok(Begun::Done(delivery));
@@ -1126,6 +1183,40 @@ impl Engine {
             .map(Delivery::into_document))
     }
 
+    /// As [`take_all`](Self::take_all), handing out what was removed as [`Taken`] entries
+    /// that [`untake`](Self::untake) can put back.
+    pub fn take_entries(
+        &self,
+        query: &Query,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Pending<Vec<Taken>>> {
+        if max == 0 {
+            return Err(SpaceError::ZeroMax);
+        }
+        let now_taken = self.take_now(query, max)?;
+        if !now_taken.is_empty() || timeout.is_zero() {
+            return Ok(Pending::ready(now_taken));
+        }
+        let first = self
+            .begin(query, WaitMode::Take, timeout)?
+            .map(Delivery::into_taken);
+        let engine = self.clone();
+        let query = query.clone();
+        Ok(first.map(move |first| {
+            let Some(first) = first else {
+                return Vec::new();
+            };
+            let mut all = vec![first];
+            if max > 1 {
+                // The query was validated above; a failure here can only mean the type's
+                // schema changed, and then there is simply nothing more to take.
+                all.extend(engine.take_now(&query, max - 1).unwrap_or_default());
+            }
+            all
+        }))
+    }
+
     /// Claims the oldest visible matching entry for `lease`: it stays stored but hidden
     /// until [`commit`](Self::commit) removes it or [`release`](Self::release) (or the
     /// lease running out) puts it back.
@@ -1164,31 +1255,12 @@ impl Engine {
         max: usize,
         timeout: Duration,
     ) -> Result<Pending<Vec<Document>>> {
-        if max == 0 {
-            return Err(SpaceError::ZeroMax);
-        }
-        let now_taken = self.take_now(query, max)?;
-        if !now_taken.is_empty() || timeout.is_zero() {
-            return Ok(Pending::ready(now_taken));
-        }
-        let first = self.take(query, timeout)?;
-        let engine = self.clone();
-        let query = query.clone();
-        Ok(first.map(move |first| {
-            let Some(first) = first else {
-                return Vec::new();
-            };
-            let mut all = vec![first];
-            if max > 1 {
-                // The query was validated above; a failure here can only mean the type's
-                // schema changed, and then there is simply nothing more to take.
-                all.extend(engine.take_now(&query, max - 1).unwrap_or_default());
-            }
-            all
-        }))
+        Ok(self
+            .take_entries(query, max, timeout)?
+            .map(|taken| taken.into_iter().map(Taken::into_document).collect()))
     }
 
-    fn take_now(&self, query: &Query, max: usize) -> Result<Vec<Document>> {
+    fn take_now(&self, query: &Query, max: usize) -> Result<Vec<Taken>> {
         let shard = self.checked_shard(query)?;
         let now = Now::new();
         let mut guard = shard.lock();
@@ -1278,6 +1350,12 @@ impl Engine {
 
     /// Removes and returns the visible entry with this key.
     pub fn take_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
+        self.take_key_entry(entry_type, key)
+            .map(Taken::into_document)
+    }
+
+    /// As [`take_key`](Self::take_key), as a [`Taken`] entry.
+    pub fn take_key_entry(&self, entry_type: &str, key: &Key) -> Option<Taken> {
         let shard = self.shard(entry_type);
         let mut st = shard.lock();
         let seq = Self::visible_seq(&st, key, &Now::new())?;
@@ -1318,8 +1396,14 @@ impl Engine {
     /// [`SpaceError::ClaimLost`] when the claim's lease ran out (or it was released)
     /// before the commit: the entry went back to the space.
     pub fn commit(&self, ticket: &ClaimTicket) -> Result<()> {
+        self.commit_entry(ticket).map(drop)
+    }
+
+    /// As [`commit`](Self::commit), handing out the removed entry (`None` only if it
+    /// vanished under the claim, which the claim prevents).
+    pub fn commit_entry(&self, ticket: &ClaimTicket) -> Result<Option<Taken>> {
         self.with_claim(ticket, |engine, _, st, seq| {
-            engine.remove_taken(st, seq, RemoveCause::Committed);
+            engine.remove_taken(st, seq, RemoveCause::Committed)
         })
     }
 
@@ -1569,21 +1653,10 @@ impl Engine {
     }
 
     /// Puts back what was handed to a waiter that went away before using it.
-    fn restore(&self, shard: &Arc<Shard>, delivery: Delivery) {
+    fn restore(&self, delivery: Delivery) {
         match delivery {
             Delivery::Copy(_) => {}
-            Delivery::Owned { seq, record } => {
-                let mut guard = shard.lock();
-                let st = &mut *guard;
-                self.log(|| LogRecord::Write {
-                    entry_type: st.name.to_string(),
-                    seq,
-                    image: record.image(),
-                    request: None,
-                });
-                self.emit(&mut st.hub, EventKind::Written, &record);
-                self.settle(shard, st, seq, record, &Now::new());
-            }
+            Delivery::Taken(taken) => self.untake(vec![taken]),
             Delivery::Claimed(claimed) => {
                 // Still held (we just got it), so this cannot fail; if it did, the claim's
                 // lease would bring the entry back anyway.
@@ -1591,6 +1664,56 @@ impl Engine {
             }
         }
     }
+
+    /// Puts entries that were taken back where they were (same key, place in the order,
+    /// lease), announced as written and offered to waiting takers: for a take whose caller
+    /// went away before it received them. An entry whose user key meanwhile belongs to a
+    /// newer entry is not put back twice; that is logged.
+    pub fn untake(&self, taken: Vec<Taken>) {
+        for Taken {
+            entry_type,
+            seq,
+            record,
+        } in taken
+        {
+            let shard = self.shard(&entry_type);
+            let mut guard = shard.lock();
+            let st = &mut *guard;
+            if record.mapped_key && st.store.contains_key(&record.key) {
+                tracing::error!(
+                    entry_type = %entry_type,
+                    key = %record.key,
+                    "an entry given back is not put back: its key was written again meanwhile"
+                );
+                continue;
+            }
+            self.log(|| LogRecord::Write {
+                entry_type: st.name.to_string(),
+                seq,
+                image: record.image(),
+                request: None,
+            });
+            self.emit(&mut st.hub, EventKind::Written, &record);
+            let now = Now::new();
+            self.expiry_timer(&shard, seq, record.expires);
+            self.settle(&shard, st, seq, record, &now);
+        }
+    }
+}
+
+/// Checks that an entry can be stored: a usable entry type name, field names a query can
+/// address, and nesting within the limit (before anything walks the document further).
+pub(crate) fn check_document(entry_type: &str, fields: &Fields) -> Result<()> {
+    space_query::validate_entry_type(entry_type).map_err(|reason| {
+        SpaceError::InvalidEntryType {
+            entry_type: entry_type.to_owned(),
+            reason: reason.to_owned(),
+        }
+    })?;
+    fields.validate().map_err(|problem| SpaceError::Document {
+        entry_type: entry_type.to_owned(),
+        problem,
+    })
 }
 
 fn claimed_document(
@@ -1627,8 +1750,15 @@ impl Delivery {
     fn into_document(self) -> Option<Document> {
         match self {
             Delivery::Copy(d) => Some(d),
-            Delivery::Owned { record, .. } => Some(record.into_document()),
+            Delivery::Taken(t) => Some(t.into_document()),
             Delivery::Claimed(c) => Some(c.document),
+        }
+    }
+
+    fn into_taken(self) -> Option<Taken> {
+        match self {
+            Delivery::Taken(t) => Some(t),
+            _ => None,
         }
     }
 }
@@ -1680,7 +1810,10 @@ enum Begun {
 }
 
 impl Begun {
-    fn map<T: 'static>(self, f: fn(Delivery) -> Option<T>) -> Pending<Option<T>> {
+    fn map<T: 'static>(
+        self,
+        f: impl FnOnce(Delivery) -> Option<T> + Send + 'static,
+    ) -> Pending<Option<T>> {
         match self {
             Begun::Done(d) => Pending::ready(d.and_then(f)),
             Begun::Wait(guard) => Pending {
@@ -1812,7 +1945,7 @@ impl Drop for WaitGuard {
             return;
         }
         match self.waiter.slot.abandon() {
-            Some(delivery) => self.engine.restore(&self.shard, delivery),
+            Some(delivery) => self.engine.restore(delivery),
             None => self.remove_waiter(),
         }
     }

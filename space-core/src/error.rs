@@ -25,6 +25,14 @@ pub enum SpaceError {
         /// What the document layer said.
         problem: DocumentError,
     },
+    /// An entry type name that is empty, too long or has control characters.
+    #[error("invalid entry type {entry_type:?}: {reason}")]
+    InvalidEntryType {
+        /// The name as given.
+        entry_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A field holds a different kind of value than earlier entries of the same type.
     #[error(
         "entry of type {entry_type:?}: field {field:?} holds a {found}, but entries of this type store a {expected} there"
@@ -99,6 +107,25 @@ pub enum SpaceError {
         /// The node's limit.
         limit: u64,
     },
+    /// A request that would not fit in one frame of the connection: write fewer entries
+    /// at once (checked by the client before sending).
+    #[error("the request is {size} bytes, over the connection's frame limit of {limit} bytes")]
+    RequestTooLarge {
+        /// The request's encoded size.
+        size: u64,
+        /// The frame limit.
+        limit: u64,
+    },
+    /// The node is at one of its limits on concurrent work (connections, requests in
+    /// flight, blocked calls, subscriptions, entry types); the call did not run. Try again
+    /// later, or spread the work.
+    #[error("node {node} is busy: {reason}")]
+    Busy {
+        /// The node's address (empty when the node itself reports it).
+        node: String,
+        /// Which limit was reached.
+        reason: String,
+    },
     /// The node holds as many entries or bytes as it is allowed to.
     #[error("the node is full: {reason}")]
     Full {
@@ -147,6 +174,10 @@ pub enum SpaceError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The request was given up by its caller ([`Request::Revoke`](crate::wire::Request))
+    /// before it ran, so it did not run.
+    #[error("the request was revoked by its caller and did not run")]
+    Revoked,
     /// The peer sent something this side does not understand.
     #[error("protocol error: {reason}")]
     Protocol {

@@ -31,7 +31,7 @@ mod timers;
 pub mod wire;
 
 pub use engine::{
-    ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats,
+    ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats, Taken,
 };
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};

@@ -28,6 +28,9 @@ pub trait RemoteBackend: Send + Sync + 'static {
     /// Sends one request (retrying on a lost connection with the same request id) and
     /// returns the node's answer.
     fn call(&self, request: Request) -> BoxFuture<'static, Result<Response>>;
+    /// Runs one request in the background, not waiting for its answer (failures are
+    /// logged): for giving back entries and claims the caller cannot use.
+    fn send(&self, request: Request);
     /// Registers a subscription whose events the node pushes to this client.
     fn subscribe(
         &self,
@@ -307,25 +310,22 @@ impl Space {
 
     fn put_back_remote(remote: &Arc<dyn RemoteBackend>, entry_type: &str, docs: Vec<Document>) {
         for doc in docs {
-            let back = remote.call(Request::WriteDirect {
+            remote.send(Request::WriteDirect {
                 entry_type: entry_type.to_owned(),
                 indexes: Vec::new(),
                 entries: vec![(doc.fields, Some(doc.key))],
                 lease: Lease::Forever,
                 labels: Vec::new(),
             });
-            // The answer is not awaited here: the caller already gets the decode error.
-            std::thread::spawn(move || {
-                if let Err(e) = futures::executor::block_on(back) {
-                    tracing::error!(error = %e, "could not put back an entry that failed to decode");
-                }
-            });
         }
     }
 
+    /// Decodes a claimed entry; if it does not decode, the claim is handed to `give_back`
+    /// (the caller cannot use it, and must not hold it until its lease runs out).
     fn claim_of<T: Entry>(
         c: ClaimedDocument,
-    ) -> std::result::Result<Claim<T>, (SpaceError, ClaimTicket)> {
+        give_back: impl FnOnce(ClaimTicket),
+    ) -> Result<Claim<T>> {
         match decode(c.document.fields) {
             Ok(entry) => Ok(Claim {
                 entry,
@@ -333,7 +333,10 @@ impl Space {
                 expires: c.expires,
                 ticket: c.ticket,
             }),
-            Err(e) => Err((e, c.ticket)),
+            Err(e) => {
+                give_back(c.ticket);
+                Err(e)
+            }
         }
     }
 
@@ -536,9 +539,8 @@ impl Space {
                     let engine = engine.clone();
                     Call::Local(p.map(move |c| {
                         c.map(|c| {
-                            Self::claim_of(c).map_err(|(e, ticket)| {
+                            Self::claim_of(c, |ticket| {
                                 let _ = engine.release(&ticket);
-                                e
                             })
                         })
                         .transpose()
@@ -554,16 +556,12 @@ impl Space {
                         query: query.clone(),
                         lease,
                         timeout,
-                        group: None,
                     },
                     move |resp| {
                         let claimed = expect!(resp, Response::Claimed(c) => c)?;
                         claimed
                             .map(|c| {
-                                Self::claim_of(c).map_err(|(e, ticket)| {
-                                    drop(remote.call(Request::Release(ticket)));
-                                    e
-                                })
+                                Self::claim_of(c, |ticket| remote.send(Request::Release(ticket)))
                             })
                             .transpose()
                     },

@@ -36,7 +36,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The number of hash ranges the key space is split into.
@@ -50,25 +50,6 @@ impl RequestId {
     /// A fresh random id.
     pub fn new() -> RequestId {
         RequestId(uuid::Uuid::new_v4().as_u128())
-    }
-}
-
-/// Names the claim waits one cross-node take has open on several nodes at once, so that
-/// once one node answers the client can abandon the others in a single request
-/// ([`Request::Abandon`]) and still hear whatever they answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct WaitGroup(pub u128);
-
-impl WaitGroup {
-    /// A fresh random group.
-    pub fn new() -> WaitGroup {
-        WaitGroup(uuid::Uuid::new_v4().as_u128())
-    }
-}
-
-impl Default for WaitGroup {
-    fn default() -> Self {
-        WaitGroup::new()
     }
 }
 
@@ -224,15 +205,14 @@ pub enum Request {
         lease: Lease,
         /// How long to wait.
         timeout: Duration,
-        /// The group this wait belongs to, if the client may abandon it
-        /// ([`Request::Abandon`]).
-        group: Option<WaitGroup>,
     },
-    /// Ends every claim wait of the group on this node: a wait still waiting answers
-    /// `Claimed(None)` at once; one that already holds a claim answers as usual (and the
-    /// client releases it). An abandon that arrives before its wait makes that wait answer
-    /// at once. Answers `Done`.
-    Abandon(WaitGroup),
+    /// Gives up the earlier request with this id, whose caller went away without its
+    /// answer (a dropped future, a timeout around the call, the losing claims of a take
+    /// across nodes): if it is still running it stops (a wait ends; anything handed to it
+    /// goes back); if it finished, the entries it took are put back where they were and
+    /// a claim it made is released. A request that arrives after its revoke is refused
+    /// with [`SpaceError::Revoked`]. Answers `Done`.
+    Revoke(RequestId),
     /// Remove a claimed entry for good.
     Commit(ClaimTicket),
     /// Give a claimed entry back.
@@ -327,7 +307,7 @@ impl Request {
                 | Request::Topology
                 | Request::NodeStatus
                 | Request::Stats
-                | Request::Abandon(_)
+                | Request::Revoke(_)
         )
     }
 
@@ -348,6 +328,50 @@ impl Request {
             Request::Commit(t) | Request::Release(t) | Request::RenewClaim(t, _) => Some(&t.key),
             _ => None,
         }
+    }
+
+    /// Checks what the request carries before it is encoded: its queries and documents
+    /// (nesting, field names, entry type names). A client runs this before sending, so a
+    /// malformed request gets its typed error without a round trip, and nothing too deep
+    /// to encode safely reaches the encoder.
+    ///
+    /// # Errors
+    /// The errors of [`Query::validate`] and of writing the documents.
+    pub fn check(&self) -> Result<(), SpaceError> {
+        match self {
+            Request::WriteDirect {
+                entry_type,
+                entries,
+                ..
+            } => entries
+                .iter()
+                .try_for_each(|(fields, _)| crate::engine::check_document(entry_type, fields)),
+            Request::ReadDirect {
+                target: Target::Query(q),
+                ..
+            }
+            | Request::TakeDirect {
+                target: Target::Query(q),
+                ..
+            }
+            | Request::Claim { query: q, .. }
+            | Request::Count(q)
+            | Request::Contents { query: q, .. }
+            | Request::Subscribe { query: q, .. } => Ok(q.validate()?),
+            _ => Ok(()),
+        }
+    }
+
+    /// The same request with another wait (for requests that wait; others unchanged).
+    pub fn with_wait(&self, wait: Duration) -> Request {
+        let mut request = self.clone();
+        match &mut request {
+            Request::ReadDirect { timeout, .. }
+            | Request::TakeDirect { timeout, .. }
+            | Request::Claim { timeout, .. } => *timeout = wait,
+            _ => {}
+        }
+        request
     }
 
     /// How long the node may legitimately take before answering (its own timeout).
@@ -451,12 +475,25 @@ pub enum Welcome {
     Accepted {
         /// The node's id.
         node: NodeId,
+        /// What the accepting side takes, so the other side can refuse oversized
+        /// requests itself with a typed error instead of sending them.
+        limits: Limits,
     },
     /// The connection is refused and will be closed.
     Refused {
         /// Why.
         reason: String,
     },
+}
+
+/// The sizes a serving side accepts, told in its [`Welcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest frame it reads, in bytes.
+    pub max_frame: u64,
+    /// Largest entry it stores, in bytes of document
+    /// ([`Fields::approx_size`](space_query::Fields::approx_size)).
+    pub max_entry_bytes: u64,
 }
 
 /// Length-delimited framing with a bounded frame size.
@@ -551,6 +588,120 @@ impl<Item: DeserializeOwned, SinkItem> tokio_serde::Deserializer<Item>
 /// A tarpc transport over framed bytes, with the postcard codec.
 pub type Transport<S, Item, SinkItem> =
     tarpc::serde_transport::Transport<S, Item, SinkItem, Postcard<Item, SinkItem>>;
+
+/// The longest one call may wait at a node (a blocking read, take or claim). A client
+/// makes a longer wait of successive calls, so that every deadline on the wire stays
+/// small.
+pub const MAX_CALL_WAIT: Duration = Duration::from_secs(3600);
+
+/// The furthest deadline a server accepts on an incoming call; one further away is
+/// brought back to this (a deadline is decoded as "now plus a duration", and absurd ones
+/// would overflow the clock or the server's timers).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(2 * 3600);
+
+/// An incoming call as it travels (tarpc's `ClientMessage`, field for field), with the
+/// deadline kept as the plain duration it is sent as.
+#[derive(Deserialize)]
+enum IncomingMessage<T> {
+    Request(IncomingRequest<T>),
+    Cancel {
+        trace_context: tarpc::trace::Context,
+        request_id: u64,
+    },
+}
+
+#[derive(Deserialize)]
+struct IncomingRequest<T> {
+    context: IncomingContext,
+    id: u64,
+    message: T,
+}
+
+#[derive(Deserialize)]
+struct IncomingContext {
+    deadline: Duration,
+    trace_context: tarpc::trace::Context,
+}
+
+impl<T> IncomingMessage<T> {
+    /// tarpc's message, the deadline capped at [`MAX_DEADLINE`] from now.
+    fn into_client_message(self) -> tarpc::ClientMessage<T> {
+        match self {
+            IncomingMessage::Request(r) => {
+                let mut context = tarpc::context::current();
+                context.deadline = std::time::Instant::now() + r.context.deadline.min(MAX_DEADLINE);
+                context.trace_context = r.context.trace_context;
+                tarpc::ClientMessage::Request(tarpc::Request {
+                    context,
+                    id: r.id,
+                    message: r.message,
+                })
+            }
+            IncomingMessage::Cancel {
+                trace_context,
+                request_id,
+            } => tarpc::ClientMessage::Cancel {
+                trace_context,
+                request_id,
+            },
+        }
+    }
+}
+
+/// The postcard codec of a serving side: answers go out as [`Postcard`] sends them;
+/// incoming calls are decoded with their deadlines capped ([`MAX_DEADLINE`]).
+pub struct ServerCodec<Req, Resp>(PhantomData<fn(Resp) -> Req>);
+
+impl<Req, Resp> Default for ServerCodec<Req, Resp> {
+    fn default() -> Self {
+        ServerCodec(PhantomData)
+    }
+}
+
+impl<Req, Resp: Serialize> tokio_serde::Serializer<tarpc::Response<Resp>>
+    for ServerCodec<Req, Resp>
+{
+    type Error = std::io::Error;
+    fn serialize(self: Pin<&mut Self>, item: &tarpc::Response<Resp>) -> Result<Bytes, Self::Error> {
+        postcard::to_stdvec(item)
+            .map(Bytes::from)
+            .map_err(std::io::Error::other)
+    }
+}
+
+impl<Req: DeserializeOwned, Resp> tokio_serde::Deserializer<tarpc::ClientMessage<Req>>
+    for ServerCodec<Req, Resp>
+{
+    type Error = std::io::Error;
+    fn deserialize(
+        self: Pin<&mut Self>,
+        src: &BytesMut,
+    ) -> Result<tarpc::ClientMessage<Req>, Self::Error> {
+        postcard::from_bytes::<IncomingMessage<Req>>(src)
+            .map(IncomingMessage::into_client_message)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The transport of a serving side (a node, or a client's subscriber endpoint).
+pub type ServerTransport<S, Req, Resp> = tarpc::serde_transport::Transport<
+    S,
+    tarpc::ClientMessage<Req>,
+    tarpc::Response<Resp>,
+    ServerCodec<Req, Resp>,
+>;
+
+/// Turns a framed stream (after the handshake) into the transport of a serving side.
+pub fn server_transport<S, Req, Resp>(
+    framed: Framed<S, LengthDelimitedCodec>,
+) -> ServerTransport<S, Req, Resp>
+where
+    S: AsyncRead + AsyncWrite,
+    Req: DeserializeOwned,
+    Resp: Serialize,
+{
+    tarpc::serde_transport::new(framed, ServerCodec::default())
+}
 
 /// Turns a framed stream (after the handshake) into a tarpc transport.
 pub fn transport<S, Item, SinkItem>(

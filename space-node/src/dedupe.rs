@@ -1,27 +1,79 @@
-//! Answers to repeated requests: a request retried with the same [`RequestId`] (because the
-//! first reply was lost) gets the first answer instead of running again, so a retried take
-//! neither loses its entry nor takes a second one, and a retried write stores once.
+//! Answers to repeated requests, and requests given up by their callers.
 //!
-//! A request that is still running makes its retries wait for its answer. If it is
-//! abandoned before it finishes (its future dropped), its slot is removed and a retry runs
-//! afresh; the engine has already put back anything the abandoned wait was handed.
-//! Finished answers are kept for the latest [`Dedupe::capacity`] requests.
+//! A request retried with the same [`RequestId`] (because the first reply was lost) gets the
+//! first answer instead of running again, so a retried take neither loses its entry nor
+//! takes a second one, and a retried write stores once. A request that is still running
+//! makes its retries wait for its answer. If it is dropped before it finishes (the
+//! connection went away), its slot is removed and a retry runs afresh; the engine has
+//! already put back anything the dropped wait was handed.
+//!
+//! A caller that gives up a request ([`Request::Revoke`](space_core::wire::Request)) is
+//! the other half: the request's finished [`Outcome`] is kept with what it removed, so the
+//! revoke can undo it (put taken entries back, release a claim) when the caller never saw
+//! the answer; a request still running is stopped; a request not seen yet is marked, and
+//! refused when it arrives. Finished answers and marks are kept for the latest
+//! [`Dedupe::capacity`] requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use space_core::SpaceError;
 use space_core::wire::{RequestId, Response};
+use space_core::{SpaceError, Taken};
 use tokio::sync::Notify;
 
-type Answer = Result<Response, SpaceError>;
+/// What a request did, as far as a retry or a revoke needs to know.
+pub(crate) enum Outcome {
+    /// A plain answer (a claim in it is released by a revoke).
+    Answer(Response),
+    /// Entries a take removed (answered as `Documents`; put back by a revoke).
+    Taken(Vec<Taken>),
+    /// The entry a commit removed (answered as `Done`; put back by a revoke).
+    Committed(Option<Taken>),
+}
+
+impl Outcome {
+    /// The answer the caller gets (a copy: the outcome stays for retries and revokes).
+    fn response(&self) -> Response {
+        match self {
+            Outcome::Answer(r) => r.clone(),
+            Outcome::Taken(t) => Response::Documents(t.iter().map(Taken::document).collect()),
+            Outcome::Committed(_) => Response::Done,
+        }
+    }
+
+    /// The answer, consuming the outcome.
+    pub(crate) fn into_response(self) -> Response {
+        match self {
+            Outcome::Answer(r) => r,
+            Outcome::Taken(t) => {
+                Response::Documents(t.into_iter().map(Taken::into_document).collect())
+            }
+            Outcome::Committed(_) => Response::Done,
+        }
+    }
+}
+
+/// A request's result as kept: its outcome or its error.
+pub(crate) type Finished = Result<Outcome, SpaceError>;
+
+fn answer_of(finished: &Finished) -> Result<Response, SpaceError> {
+    finished
+        .as_ref()
+        .map(Outcome::response)
+        .map_err(Clone::clone)
+}
 
 enum Slot {
-    /// Running; notified when it finishes or is abandoned.
-    Running(Arc<Notify>),
-    /// Finished: its answer, boxed so the map stays small.
-    Done(Box<Answer>),
+    /// Running: `done` is notified when it finishes or is dropped; `cancel` stops it.
+    Running {
+        done: Arc<Notify>,
+        cancel: Arc<Notify>,
+    },
+    /// Finished, boxed so the map stays small.
+    Done(Box<Finished>),
+    /// Given up by its caller: a request with this id is not run.
+    Revoked,
 }
 
 /// The record of recent mutating requests.
@@ -32,7 +84,25 @@ pub(crate) struct Dedupe {
 
 struct Inner {
     slots: HashMap<RequestId, Slot, foldhash::fast::RandomState>,
+    /// Ids of finished and revoked slots, oldest first (forgotten past the capacity).
     finished: VecDeque<RequestId>,
+}
+
+impl Inner {
+    /// Settles `id` in `slot` (finished or revoked) and forgets the oldest past `capacity`.
+    fn settle(&mut self, id: RequestId, slot: Slot, capacity: usize) {
+        if !matches!(
+            self.slots.insert(id, slot),
+            Some(Slot::Done(_) | Slot::Revoked)
+        ) {
+            self.finished.push_back(id);
+        }
+        while self.finished.len() > capacity {
+            if let Some(old) = self.finished.pop_front() {
+                self.slots.remove(&old);
+            }
+        }
+    }
 }
 
 /// What to do with a request.
@@ -40,7 +110,7 @@ pub(crate) enum Begin<'a> {
     /// Run it, then [`Running::finish`].
     Run(Running<'a>),
     /// It ran already: here is its answer.
-    Answered(Answer),
+    Answered(Result<Response, SpaceError>),
     /// It is running: wait for this, then look again.
     Wait(Arc<Notify>),
 }
@@ -50,7 +120,8 @@ pub(crate) struct Running<'a> {
     dedupe: &'a Dedupe,
     id: RequestId,
     done: Arc<Notify>,
-    finished: bool,
+    cancel: Arc<Notify>,
+    settled: bool,
 }
 
 impl Dedupe {
@@ -65,20 +136,12 @@ impl Dedupe {
     }
 
     /// Records an answer given before (found in the log at recovery).
-    pub(crate) fn seed(&self, id: RequestId, answer: Answer) {
-        let mut inner = self.inner.lock();
-        if inner
-            .slots
-            .insert(id, Slot::Done(Box::new(answer)))
-            .is_none()
-        {
-            inner.finished.push_back(id);
-        }
-        while inner.finished.len() > self.capacity {
-            if let Some(old) = inner.finished.pop_front() {
-                inner.slots.remove(&old);
-            }
-        }
+    pub(crate) fn seed(&self, id: RequestId, answer: Response) {
+        self.inner.lock().settle(
+            id,
+            Slot::Done(Box::new(Ok(Outcome::Answer(answer)))),
+            self.capacity,
+        );
     }
 
     /// How many finished answers are kept.
@@ -89,75 +152,128 @@ impl Dedupe {
     pub(crate) fn begin(&self, id: RequestId) -> Begin<'_> {
         let mut inner = self.inner.lock();
         match inner.slots.get(&id) {
-            Some(Slot::Done(answer)) => Begin::Answered((**answer).clone()),
-            Some(Slot::Running(done)) => Begin::Wait(done.clone()),
+            Some(Slot::Done(finished)) => Begin::Answered(answer_of(finished)),
+            Some(Slot::Revoked) => Begin::Answered(Err(SpaceError::Revoked)),
+            Some(Slot::Running { done, .. }) => Begin::Wait(done.clone()),
             None => {
                 let done = Arc::new(Notify::new());
-                inner.slots.insert(id, Slot::Running(done.clone()));
+                let cancel = Arc::new(Notify::new());
+                inner.slots.insert(
+                    id,
+                    Slot::Running {
+                        done: done.clone(),
+                        cancel: cancel.clone(),
+                    },
+                );
                 Begin::Run(Running {
                     dedupe: self,
                     id,
                     done,
-                    finished: false,
+                    cancel,
+                    settled: false,
                 })
             }
         }
     }
 
-    /// Runs `op` once for `id`: the first call runs it, retries get its answer.
-    pub(crate) async fn run<F>(&self, id: RequestId, op: impl FnOnce() -> F) -> Answer
+    /// Runs `op` once for `id`: the first call runs it, retries get its answer. A revoke
+    /// that arrives while it runs stops it (`op` is dropped, which gives back anything it
+    /// was handed) and it answers [`SpaceError::Revoked`].
+    pub(crate) async fn run<F>(
+        &self,
+        id: RequestId,
+        op: impl FnOnce() -> F,
+    ) -> Result<Response, SpaceError>
     where
-        F: std::future::Future<Output = Answer>,
+        F: std::future::Future<Output = Finished>,
     {
         let running = loop {
             match self.begin(id) {
                 Begin::Answered(answer) => return answer,
                 Begin::Run(running) => break running,
-                Begin::Wait(done) => {
-                    // The first run finishes (its answer is then in the map) or is
-                    // abandoned (its slot is gone, and this call runs it): look again.
-                    let notified = done.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    if self.is_running(id, &done) {
-                        notified.await;
-                    }
-                }
+                Begin::Wait(done) => self.wait_while_running(id, &done).await,
             }
         };
-        let answer = op().await;
-        running.finish(answer.clone());
-        answer
+        let cancel = running.cancel.clone();
+        tokio::select! {
+            biased;
+            finished = op() => {
+                let answer = answer_of(&finished);
+                running.settle(Slot::Done(Box::new(finished)));
+                answer
+            }
+            () = cancel.notified() => {
+                running.settle(Slot::Revoked);
+                Err(SpaceError::Revoked)
+            }
+        }
     }
-}
 
-impl Dedupe {
+    /// Gives up request `id` for its caller; returns its outcome when it had finished, for
+    /// the caller to undo. A running request is stopped (and has nothing left to undo); an
+    /// unknown one is marked so that it does not run if it arrives later.
+    pub(crate) async fn revoke(&self, id: RequestId) -> Option<Finished> {
+        loop {
+            let done = {
+                let mut inner = self.inner.lock();
+                match inner.slots.get(&id) {
+                    None => {
+                        inner.settle(id, Slot::Revoked, self.capacity);
+                        return None;
+                    }
+                    Some(Slot::Revoked) => return None,
+                    Some(Slot::Done(_)) => {
+                        let Some(Slot::Done(finished)) = inner.slots.insert(id, Slot::Revoked)
+                        else {
+                            unreachable!("the slot was just seen finished");
+                        };
+                        return Some(*finished);
+                    }
+                    Some(Slot::Running { done, cancel }) => {
+                        cancel.notify_one();
+                        done.clone()
+                    }
+                }
+            };
+            self.wait_while_running(id, &done).await;
+        }
+    }
+
+    /// Waits until the run that `done` belongs to finishes, is revoked or is dropped.
+    async fn wait_while_running(&self, id: RequestId, done: &Arc<Notify>) {
+        let notified = done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_running(id, done) {
+            notified.await;
+        }
+    }
+
     /// Whether `id` is still the run that `done` belongs to.
     fn is_running(&self, id: RequestId, done: &Arc<Notify>) -> bool {
-        matches!(self.inner.lock().slots.get(&id), Some(Slot::Running(d)) if Arc::ptr_eq(d, done))
+        matches!(
+            self.inner.lock().slots.get(&id),
+            Some(Slot::Running { done: d, .. }) if Arc::ptr_eq(d, done)
+        )
     }
 }
 
 impl Running<'_> {
-    pub(crate) fn finish(mut self, answer: Answer) {
-        let mut inner = self.dedupe.inner.lock();
-        inner.slots.insert(self.id, Slot::Done(Box::new(answer)));
-        inner.finished.push_back(self.id);
-        while inner.finished.len() > self.dedupe.capacity {
-            if let Some(old) = inner.finished.pop_front() {
-                inner.slots.remove(&old);
-            }
-        }
-        drop(inner);
-        self.finished = true;
+    /// Ends the run with its finished (or revoked) slot.
+    fn settle(mut self, slot: Slot) {
+        self.dedupe
+            .inner
+            .lock()
+            .settle(self.id, slot, self.dedupe.capacity);
+        self.settled = true;
         self.done.notify_waiters();
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if !self.finished {
-            // Abandoned before it finished: a retry must run it again.
+        if !self.settled {
+            // Dropped before it finished: a retry must run it again.
             self.dedupe.inner.lock().slots.remove(&self.id);
             self.done.notify_waiters();
         }
@@ -168,6 +284,7 @@ impl Drop for Running<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_retry_gets_the_first_answer() {
@@ -176,7 +293,9 @@ mod tests {
         let id = RequestId::new();
         let op = || async {
             runs.fetch_add(1, Ordering::SeqCst);
-            Ok(Response::Count(runs.load(Ordering::SeqCst) as u64))
+            Ok(Outcome::Answer(Response::Count(
+                runs.load(Ordering::SeqCst) as u64,
+            )))
         };
         let first = d.run(id, op).await;
         let second = d.run(id, op).await;
@@ -185,7 +304,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_abandoned_run_lets_a_retry_run() {
+    async fn a_dropped_run_lets_a_retry_run() {
         let d = Dedupe::new(10);
         let id = RequestId::new();
         match d.begin(id) {
@@ -200,9 +319,54 @@ mod tests {
         let d = Dedupe::new(2);
         let ids: Vec<RequestId> = (0..3).map(|_| RequestId::new()).collect();
         for id in &ids {
-            assert!(d.run(*id, || async { Ok(Response::Done) }).await.is_ok());
+            let answer = d.run(*id, || async { Ok(Outcome::Answer(Response::Done)) });
+            assert!(answer.await.is_ok());
         }
         assert!(matches!(d.begin(ids[0]), Begin::Run(_)));
         assert!(matches!(d.begin(ids[2]), Begin::Answered(_)));
+    }
+
+    #[tokio::test]
+    async fn a_revoke_hands_back_a_finished_outcome_once() {
+        let d = Dedupe::new(10);
+        let id = RequestId::new();
+        let answer = d.run(id, || async { Ok(Outcome::Answer(Response::Count(7))) });
+        assert_eq!(answer.await, Ok(Response::Count(7)));
+        assert!(matches!(
+            d.revoke(id).await,
+            Some(Ok(Outcome::Answer(Response::Count(7))))
+        ));
+        assert!(d.revoke(id).await.is_none(), "undone once only");
+        let retry = d.run(id, || async { Ok(Outcome::Answer(Response::Done)) });
+        assert_eq!(retry.await, Err(SpaceError::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_revoke_stops_a_running_request() {
+        let d = Arc::new(Dedupe::new(10));
+        let id = RequestId::new();
+        let running = tokio::spawn({
+            let d = d.clone();
+            async move { d.run(id, std::future::pending::<Finished>).await }
+        });
+        while !matches!(d.inner.lock().slots.get(&id), Some(Slot::Running { .. })) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(d.revoke(id).await.is_none(), "nothing finished to undo");
+        assert_eq!(running.await.unwrap(), Err(SpaceError::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_revoke_that_overtakes_its_request_keeps_it_from_running() {
+        let d = Dedupe::new(10);
+        let id = RequestId::new();
+        assert!(d.revoke(id).await.is_none());
+        let ran = AtomicUsize::new(0);
+        let answer = d.run(id, || async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(Outcome::Answer(Response::Done))
+        });
+        assert_eq!(answer.await, Err(SpaceError::Revoked));
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
 }

@@ -13,6 +13,5 @@ mod cluster;
 mod dedupe;
 mod push;
 mod server;
-mod waits;
 
 pub use server::{Node, NodeConfig, NodeError};

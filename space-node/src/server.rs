@@ -23,9 +23,8 @@ use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cluster::Cluster;
-use crate::dedupe::Dedupe;
+use crate::dedupe::{Dedupe, Finished, Outcome};
 use crate::push::Pushers;
-use crate::waits::Waits;
 
 /// Everything a node needs to know to run.
 #[derive(Clone, Debug)]
@@ -115,7 +114,6 @@ pub(crate) struct NodeState {
     pushers: Arc<Pushers>,
     address: String,
     cluster: Arc<Cluster>,
-    waits: Waits,
 }
 
 /// The tarpc service: one clone per connection, sharing the node's state.
@@ -138,18 +136,18 @@ impl SpaceService for Service {
                 .run(id, || async {
                     // The changes are logged with the request id; the answer goes out only
                     // once they are durable.
-                    let answer = InRequest {
+                    let finished = InRequest {
                         engine: &state.engine,
                         id,
                         inner: Box::pin(state.handle(request)),
                     }
                     .await;
                     state.engine.flush().await?;
-                    answer
+                    finished
                 })
                 .await
         } else {
-            state.handle(request).await
+            state.handle(request).await.map(Outcome::into_response)
         }
     }
 }
@@ -191,15 +189,28 @@ impl NodeState {
         }
     }
 
+    /// Undoes what a revoked request did that its caller never saw.
+    fn undo(&self, finished: Finished) {
+        match finished {
+            Ok(Outcome::Taken(taken)) => self.engine.untake(taken),
+            Ok(Outcome::Committed(Some(taken))) => self.engine.untake(vec![taken]),
+            Ok(Outcome::Answer(Response::Claimed(Some(claimed)))) => {
+                // Fails only if the claim already ended, and then the entry is back anyway.
+                let _ = self.engine.release(&claimed.ticket);
+            }
+            _ => {}
+        }
+    }
+
     /// Runs one request on the engine. Requests addressed by key are refused with a
     /// wrong-node error when another member of the cluster owns the key.
-    pub(crate) async fn handle(&self, request: Request) -> Result<Response, SpaceError> {
+    pub(crate) async fn handle(&self, request: Request) -> Finished {
         let engine = &self.engine;
         let cluster = &self.cluster;
         if let Some(key) = request.routing_key() {
             cluster.check(key)?;
         }
-        Ok(match request {
+        let answer = match request {
             Request::WriteDirect {
                 entry_type,
                 indexes,
@@ -228,49 +239,33 @@ impl NodeState {
                 target,
                 max,
                 timeout,
-            } => Response::Documents(match target {
-                Target::Key { entry_type, key } => {
-                    engine.take_key(&entry_type, &key).into_iter().collect()
-                }
-                Target::Query(q) if max <= 1 => engine
-                    .take(&q, timeout)?
-                    .wait_async()
-                    .await
-                    .into_iter()
-                    .collect(),
-                Target::Query(q) => {
-                    engine
-                        .take_all(&q, max as usize, timeout)?
-                        .wait_async()
-                        .await
-                }
-            }),
+            } => {
+                return Ok(Outcome::Taken(match target {
+                    Target::Key { entry_type, key } => engine
+                        .take_key_entry(&entry_type, &key)
+                        .into_iter()
+                        .collect(),
+                    Target::Query(q) => {
+                        engine
+                            .take_entries(&q, max.max(1) as usize, timeout)?
+                            .wait_async()
+                            .await
+                    }
+                }));
+            }
             Request::Claim {
                 query,
                 lease,
                 timeout,
-                group,
-            } => {
-                let wait = engine.claim(&query, lease, timeout)?.wait_async();
-                match group {
-                    Some(group) if !timeout.is_zero() => {
-                        let registered = self.waits.register(group);
-                        // An abandoned wait is dropped, which gives back anything the
-                        // engine handed it in the meantime.
-                        Response::Claimed(tokio::select! {
-                            biased;
-                            claimed = wait => claimed,
-                            () = registered.abandoned.notified() => None,
-                        })
-                    }
-                    _ => Response::Claimed(wait.await),
+            } => Response::Claimed(engine.claim(&query, lease, timeout)?.wait_async().await),
+            Request::Revoke(id) => {
+                if let Some(finished) = self.dedupe.revoke(id).await {
+                    self.undo(finished);
+                    engine.flush().await?;
                 }
-            }
-            Request::Abandon(group) => {
-                self.waits.abandon(group);
                 Response::Done
             }
-            Request::Commit(t) => engine.commit(&t).map(|()| Response::Done)?,
+            Request::Commit(t) => return Ok(Outcome::Committed(engine.commit_entry(&t)?)),
             Request::Release(t) => engine.release(&t).map(|()| Response::Done)?,
             Request::RenewClaim(t, lease) => {
                 Response::Expires(Some(engine.renew_claim(&t, lease)?))
@@ -335,7 +330,8 @@ impl NodeState {
             Request::Topology => Response::Topology(cluster.topology()),
             Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(engine.stats()),
-        })
+        };
+        Ok(Outcome::Answer(answer))
     }
 }
 
@@ -429,7 +425,7 @@ impl Node {
         let dedupe = Dedupe::new(config.dedupe_capacity);
         // Answers found in the log: a client retrying across the crash gets them.
         for (id, answer) in engine.take_recovered_answers() {
-            dedupe.seed(id, Ok(answer));
+            dedupe.seed(id, answer);
         }
         let cluster = Arc::new(cluster);
         if !config.peers.is_empty() {
@@ -438,7 +434,6 @@ impl Node {
         Ok(Node {
             state: Arc::new(NodeState {
                 cluster,
-                waits: Waits::default(),
                 dedupe,
                 pushers: Arc::new(Pushers::default()),
                 config,
@@ -524,6 +519,10 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
         &mut framed,
         &Welcome::Accepted {
             node: state.config.node,
+            limits: wire::Limits {
+                max_frame: state.config.max_frame as u64,
+                max_entry_bytes: state.config.max_entry_bytes,
+            },
         },
     )
     .await
@@ -531,7 +530,7 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
     framed
         .codec_mut()
         .set_max_frame_length(state.config.max_frame);
-    let transport = wire::transport(framed);
+    let transport = wire::server_transport(framed);
     let max_in_flight = state.config.max_in_flight;
     BaseChannel::with_defaults(transport)
         .max_concurrent_requests(max_in_flight)

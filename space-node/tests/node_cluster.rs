@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::NodeProcess;
+use common::{NodeProcess, free_addrs, start_cluster};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use space_client::wire::{NodeInfo, Request, Response, Target, WaitGroup};
+use space_client::wire::{NodeInfo, Request, RequestId, Response, Target};
 use space_client::{
     ClientConfig, Connection, EventKinds, Key, Notification, Query, SpaceError, connect,
     connect_blocking,
@@ -32,38 +32,13 @@ struct Job {
 }
 space_client::entry!(Job, "Job");
 
-fn free_addrs(n: usize) -> Vec<String> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
-}
-
-/// Starts a cluster of the given members; `extra[i]` are node i's extra arguments.
-fn start_cluster(addrs: &[String], epoch: u64, extra: &[&[&str]]) -> Vec<NodeProcess> {
-    let peers = addrs.join(",");
-    let epoch = epoch.to_string();
-    addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let mut args = vec!["--peers", &peers, "--epoch", &epoch];
-            args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
-            NodeProcess::start_at(a, &args)
-        })
-        .collect()
-}
-
 async fn direct(addr: &str) -> Arc<Connection> {
     Connection::open(addr, ClientConfig::default())
         .await
         .unwrap()
 }
 
-async fn holds(conn: &Connection, key: &Key, entry_type: &str) -> Result<bool, SpaceError> {
+async fn holds(conn: &Arc<Connection>, key: &Key, entry_type: &str) -> Result<bool, SpaceError> {
     let answer = conn
         .call(Request::ReadDirect {
             target: Target::Key {
@@ -76,7 +51,7 @@ async fn holds(conn: &Connection, key: &Key, entry_type: &str) -> Result<bool, S
     Ok(matches!(answer, Response::Document(Some(_))))
 }
 
-async fn count_on(conn: &Connection, entry_type: &str) -> u64 {
+async fn count_on(conn: &Arc<Connection>, entry_type: &str) -> u64 {
     match conn
         .call(Request::Count(Query::for_type(entry_type)))
         .await
@@ -88,7 +63,7 @@ async fn count_on(conn: &Connection, entry_type: &str) -> u64 {
 }
 
 /// The node FindPlaceFor picks (asked of `conn`) for `size` bytes with no labels.
-async fn find_place(conn: &Connection, size: u64) -> NodeInfo {
+async fn find_place(conn: &Arc<Connection>, size: u64) -> NodeInfo {
     match conn
         .call(Request::FindPlaceFor {
             key: None,
@@ -104,7 +79,7 @@ async fn find_place(conn: &Connection, size: u64) -> NodeInfo {
 }
 
 /// Waits until every node has heard from its peers (labels and room are polled).
-async fn settled(conn: &Connection, nodes: usize) {
+async fn settled(conn: &Arc<Connection>, nodes: usize) {
     for _ in 0..100 {
         if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await
             && t.nodes.len() == nodes
@@ -466,12 +441,11 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
     }
 }
 
-fn claim_for(group: Option<WaitGroup>, timeout: Duration) -> Request {
+fn claim_for(timeout: Duration) -> Request {
     Request::Claim {
         query: Query::for_type("Job"),
         lease: space_client::Lease::For(Duration::from_secs(30)),
         timeout,
-        group,
     }
 }
 
@@ -492,61 +466,81 @@ fn write_job(id: u64) -> Request {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_abandoned_claim_wait_answers_at_once() {
+async fn a_revoke_ends_a_wait_undoes_a_take_and_bars_a_late_request() {
     let node = NodeProcess::start(&[]);
     let conn = direct(&node.addr).await;
-    let group = WaitGroup::new();
+    // A wait that is revoked answers at once, holding nothing.
+    let id = RequestId::new();
     let waiting = {
         let conn = conn.clone();
         tokio::spawn(async move {
-            conn.call(claim_for(Some(group), Duration::from_secs(60)))
+            conn.call_with_id(id, claim_for(Duration::from_secs(60)))
                 .await
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        conn.call(Request::Abandon(group)).await.unwrap(),
+        conn.call(Request::Revoke(id)).await.unwrap(),
         Response::Done
     );
     let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
-        .expect("the abandoned wait answers long before its own timeout")
-        .unwrap()
+        .expect("the revoked wait answers long before its own timeout")
         .unwrap();
-    assert_eq!(answer, Response::Claimed(None));
-    // The abandoned wait holds nothing: the next write is there for anyone.
+    assert_eq!(answer, Err(SpaceError::Revoked));
     conn.call(write_job(1)).await.unwrap();
-    let Response::Claimed(Some(c)) = conn.call(claim_for(None, Duration::ZERO)).await.unwrap()
+    assert_eq!(
+        count_on(&conn, "Job").await,
+        1,
+        "the revoked wait got nothing"
+    );
+    // A finished take that is revoked puts its entry back; revoking twice undoes once.
+    let id = RequestId::new();
+    let take = Request::TakeDirect {
+        target: Target::Query(Query::for_type("Job")),
+        max: 1,
+        timeout: Duration::ZERO,
+    };
+    let Response::Documents(taken) = conn.call_with_id(id, take.clone()).await.unwrap() else {
+        panic!("a take answers documents")
+    };
+    assert_eq!(taken.len(), 1);
+    assert_eq!(count_on(&conn, "Job").await, 0);
+    conn.call(Request::Revoke(id)).await.unwrap();
+    conn.call(Request::Revoke(id)).await.unwrap();
+    assert_eq!(
+        count_on(&conn, "Job").await,
+        1,
+        "the revoked take's entry is back, once"
+    );
+    // A finished claim that is revoked is released.
+    let id = RequestId::new();
+    let Response::Claimed(Some(_)) = conn
+        .call_with_id(id, claim_for(Duration::ZERO))
+        .await
+        .unwrap()
     else {
-        panic!("the write after the abandon is there to claim")
+        panic!("the entry is there to claim")
     };
-    conn.call(Request::Commit(c.ticket)).await.unwrap();
-    // An abandon that arrives before its wait ends that wait as soon as it starts.
-    let early = WaitGroup::new();
-    conn.call(Request::Abandon(early)).await.unwrap();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        conn.call(claim_for(Some(early), Duration::from_secs(60))),
-    )
-    .await
-    .expect("a wait abandoned beforehand answers at once")
-    .unwrap();
-    assert_eq!(answer, Response::Claimed(None));
-    // Waits of other groups keep waiting, and get what is written.
-    let other = {
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            conn.call(claim_for(Some(WaitGroup::new()), Duration::from_secs(60)))
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    conn.call(Request::Abandon(WaitGroup::new())).await.unwrap();
-    conn.call(write_job(2)).await.unwrap();
-    let Response::Claimed(Some(c)) = other.await.unwrap().unwrap() else {
-        panic!("the other group's wait got the write")
-    };
-    conn.call(Request::Commit(c.ticket)).await.unwrap();
+    assert_eq!(
+        count_on(&conn, "Job").await,
+        0,
+        "claimed entries are hidden"
+    );
+    conn.call(Request::Revoke(id)).await.unwrap();
+    assert_eq!(
+        count_on(&conn, "Job").await,
+        1,
+        "the revoked claim is released"
+    );
+    // A revoke that arrives before its request keeps the request from running.
+    let early = RequestId::new();
+    conn.call(Request::Revoke(early)).await.unwrap();
+    assert_eq!(
+        conn.call_with_id(early, take).await,
+        Err(SpaceError::Revoked)
+    );
+    assert_eq!(count_on(&conn, "Job").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

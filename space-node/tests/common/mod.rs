@@ -85,6 +85,32 @@ impl Drop for NodeProcess {
     }
 }
 
+/// `n` free loopback addresses (bound and released at once).
+pub fn free_addrs(n: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// Starts a cluster of the given members; `extra[i]` are node i's extra arguments.
+pub fn start_cluster(addrs: &[String], epoch: u64, extra: &[&[&str]]) -> Vec<NodeProcess> {
+    let peers = addrs.join(",");
+    let epoch = epoch.to_string();
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut args = vec!["--peers", &peers, "--epoch", &epoch];
+            args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
+            NodeProcess::start_at(a, &args)
+        })
+        .collect()
+}
+
 /// A binary of another package of the workspace (an example or a bin), brought up to date
 /// by cargo in this test's target directory (a no-op after `cargo test --workspace`).
 pub fn workspace_binary(package: &str, kind: &str, name: &str) -> std::path::PathBuf {

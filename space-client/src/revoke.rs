@@ -1,0 +1,119 @@
+//! Giving up remote takes and claims without losing entries.
+//!
+//! A take removes its entry on the node before the answer travels back. If the caller
+//! drops the call meanwhile (a `timeout` around it, an aborted task, a `select!`), or a
+//! take across nodes holds a claim it has not committed yet, the entry would be lost (or
+//! hidden until a claim lease ran out). Two guards keep that from happening, at no cost in
+//! round trips on the normal path:
+//!
+//! - **a call** that removes or claims entries ([`Connection::call`] with `TakeDirect` or
+//!   `Claim`, and `Commit` inside an operation) revokes itself if it is dropped before its
+//!   answer arrives, or fails without one: the node stops a request still waiting, and puts
+//!   back what a finished one took (or releases what it claimed)
+//!   ([`Request::Revoke`](space_core::wire::Request));
+//! - **an operation** (one take or claim as the user asked for it, which may be several
+//!   calls across nodes) records the calls that did complete, and revokes them too unless
+//!   it hands its result to the caller: see [`guarded`].
+//!
+//! Revokes are sent in the background, on the client's runtime, with the connection's
+//! usual retries; a node keeps what a revoke needs for its latest requests (the answer
+//! table), so a revoke must arrive before that many newer requests did.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use space_core::Result;
+use space_core::wire::{Request, RequestId};
+
+use crate::connection::Connection;
+
+tokio::task_local! {
+    /// The operation a call belongs to, if it runs inside [`guarded`].
+    static OPERATION: Arc<Operation>;
+}
+
+/// The calls of one operation that completed: revoked unless the operation succeeds.
+#[derive(Default)]
+struct Operation {
+    completed: Mutex<Vec<(Arc<Connection>, RequestId)>>,
+}
+
+/// Sends revokes for `calls`, newest first, in the background.
+fn revoke_all(calls: Vec<(Arc<Connection>, RequestId)>) {
+    if calls.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no runtime to revoke abandoned calls on; their leases will return claims");
+        return;
+    };
+    drop(runtime.spawn(async move {
+        for (conn, id) in calls.into_iter().rev() {
+            if let Err(e) = conn.call(Request::Revoke(id)).await {
+                tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
+            }
+        }
+    }));
+}
+
+/// Runs one take or claim so that the removing calls it made are revoked unless it returns
+/// `Ok` to its caller: if it fails, or the future is dropped first, what they took goes
+/// back and what they claimed is released.
+pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T> {
+    struct Disarm(Option<Arc<Operation>>);
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            if let Some(op) = self.0.take() {
+                revoke_all(std::mem::take(&mut *op.completed.lock()));
+            }
+        }
+    }
+    let operation = Arc::new(Operation::default());
+    let mut guard = Disarm(Some(operation.clone()));
+    let result = OPERATION.scope(operation, op).await;
+    if result.is_ok() {
+        guard.0 = None;
+    }
+    result
+}
+
+/// Whether a call of `request` must be revoked when its caller gives it up.
+pub(crate) fn revocable(request: &Request) -> bool {
+    match request {
+        Request::TakeDirect { .. } | Request::Claim { .. } => true,
+        // A commit the user asked for stands (the user holds the entry); a commit inside a
+        // take is undone if the take does not return the entry.
+        Request::Commit(_) => OPERATION.try_with(|_| ()).is_ok(),
+        _ => false,
+    }
+}
+
+/// Revokes its call when dropped before [`answered`](Self::answered).
+pub(crate) struct CallGuard {
+    call: Option<(Arc<Connection>, RequestId)>,
+}
+
+impl CallGuard {
+    /// Guards the call `id` on `conn`.
+    pub(crate) fn new(conn: Arc<Connection>, id: RequestId) -> CallGuard {
+        CallGuard {
+            call: Some((conn, id)),
+        }
+    }
+
+    /// The node answered and the answer reaches the caller: the call is handed to its
+    /// operation, if it has one.
+    pub(crate) fn answered(mut self) {
+        if let Some(call) = self.call.take() {
+            let _ = OPERATION.try_with(|op| op.completed.lock().push(call));
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            revoke_all(vec![call]);
+        }
+    }
+}
