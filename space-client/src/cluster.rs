@@ -21,28 +21,22 @@
 //! With one node all of this reduces to talking to that node.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use parking_lot::{Mutex, RwLock};
-use space_core::wire::{
-    self, Hello, NodeInfo, Request, Response, SubscriberService, Target, Topology, Welcome,
-};
+use space_core::wire::{self, NodeInfo, Request, Response, Target, Topology};
 use space_core::{
     BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, RemoteBackend,
-    RemoteFeed, Result, Space, SpaceError, Stats, Subscription,
+    Result, Space, SpaceError, Stats, Subscription,
 };
-use tarpc::context;
-use tarpc::server::{BaseChannel, Channel};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
+use crate::subscriber::{self, Endpoint, FEED_CAPACITY, Feed, FeedState, Spec};
 
 /// A document to write, with its user key if it has one.
 type NewEntry = (space_core::Fields, Option<Key>);
@@ -769,7 +763,23 @@ impl Cluster {
             .cloned()
     }
 
-    /// Registers a subscription on every node; their events arrive merged in one stream.
+    /// The members and a connection to each (or why there is none).
+    async fn members(&self) -> Vec<(String, Result<Arc<Connection>>)> {
+        let mut out = Vec::new();
+        for addr in self.addresses() {
+            let conn = self.node(&addr).await;
+            out.push((addr, conn));
+        }
+        out
+    }
+
+    /// Registers a subscription on every live member; their events arrive merged in one
+    /// stream. A member that cannot be reached is named by the subscription's `unreached`
+    /// and, for a subscription without a lease, registered later when it is back.
+    ///
+    /// # Errors
+    /// A member's refusal (an invalid query, `Busy`), or `Unreachable` when no member
+    /// could be reached.
     pub async fn subscribe(
         self: &Arc<Self>,
         query: Query,
@@ -782,60 +792,88 @@ impl Cluster {
             finite => (finite, false),
         };
         let (tx, rx) = flume::bounded(FEED_CAPACITY);
-        let mut parts = Vec::new();
-        for addr in self.addresses() {
-            let conn = self.node(&addr).await?;
-            let request = Request::Subscribe {
-                query: query.clone(),
-                kinds,
-                lease: node_lease,
-                endpoint: endpoint.advertised,
+        let spec = Spec {
+            query: query.clone(),
+            kinds,
+            lease: node_lease,
+        };
+        let state = FeedState::new(spec, Some(tx));
+        let mut registered = 0;
+        let mut last = None;
+        for (addr, conn) in self.members().await {
+            let result = match conn {
+                Ok(conn) => state.register(&endpoint, conn, None).await,
+                Err(e) => Err(e),
             };
-            let id = match conn.call(request).await {
-                Ok(Response::Subscribed(id)) => id,
-                Ok(other) => return Err(unexpected(other)),
+            match result {
+                Ok(()) => registered += 1,
+                Err(e) if is_unreachable(&e) => {
+                    tracing::warn!(node = %addr, error = %e, "subscribing without a member that could not be reached");
+                    state.unreached(&addr);
+                    last = Some(e);
+                }
                 Err(e) => {
-                    cancel_parts(&parts, &endpoint, &self.runtime);
+                    Subscription::remote(
+                        query,
+                        Box::new(Feed::new(rx, state, endpoint, self.runtime.clone())),
+                    )
+                    .cancel();
                     return Err(e);
                 }
-            };
-            parts.push(endpoint.attach(conn, id, tx.clone(), 0));
+            }
         }
-        drop(tx);
-        Ok(self.feed(query, parts, rx, endpoint, renew))
+        if registered == 0
+            && let Some(e) = last
+        {
+            return Err(e);
+        }
+        let keep_alive = renew.then_some(self.config.subscription_lease);
+        Ok(self.feed(query, state, rx, endpoint, keep_alive, lease))
     }
 
-    /// The subscription whose events the `parts` push into `rx`; with `renew`, its lease
-    /// is renewed on every node while it is alive.
+    /// The subscription whose parts push into `rx`. Without a lease of its own it is kept
+    /// alive (renewed, and registered again where it went missing) while it lives; with
+    /// one, it ends when that lease does.
     fn feed(
-        &self,
+        self: &Arc<Self>,
         query: Query,
-        parts: Vec<Arc<Part>>,
+        state: Arc<FeedState>,
         rx: flume::Receiver<Notification>,
         endpoint: Arc<Endpoint>,
-        renew: bool,
+        keep_alive: Option<Duration>,
+        lease: Lease,
     ) -> Subscription {
-        let state = Arc::new(FeedState {
-            parts,
-            dropped: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
-        });
-        if renew {
-            self.runtime.handle().spawn(renew_while_alive(
-                Arc::downgrade(&state),
-                self.config.subscription_lease,
-            ));
+        match (keep_alive, lease) {
+            (Some(node_lease), _) => {
+                let cluster = Arc::downgrade(self);
+                self.runtime.handle().spawn(subscriber::keep_alive(
+                    Arc::downgrade(&state),
+                    endpoint.clone(),
+                    node_lease,
+                    move || {
+                        let cluster = cluster.clone();
+                        async move {
+                            match cluster.upgrade() {
+                                Some(c) => c.members().await,
+                                None => Vec::new(),
+                            }
+                        }
+                    },
+                ));
+            }
+            (None, Lease::For(d)) => {
+                state.seal();
+                self.runtime.handle().spawn(subscriber::end_after(
+                    Arc::downgrade(&state),
+                    endpoint.clone(),
+                    d,
+                ));
+            }
+            (None, Lease::Forever) => state.seal(),
         }
         Subscription::remote(
             query,
-            Box::new(Feed {
-                stream: Mutex::new(rx.clone().into_stream()),
-                rx,
-                state,
-                endpoint,
-                runtime: self.runtime.clone(),
-            }),
+            Box::new(Feed::new(rx, state, endpoint, self.runtime.clone())),
         )
     }
 
@@ -850,296 +888,24 @@ impl Cluster {
         let endpoint = self.endpoint().await?;
         let conn = self.node(addr).await?;
         let (tx, rx) = flume::bounded(FEED_CAPACITY);
-        let part = endpoint.attach(conn.clone(), id, tx, last_seq);
-        conn.call(Request::Resume {
-            id,
-            last_seq,
-            endpoint: endpoint.advertised,
-        })
-        .await?;
-        Ok(self.feed(Query::for_type(""), vec![part], rx, endpoint, true))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Notify: the endpoint nodes push to, and merged subscriptions.
-
-/// Notifications buffered per subscription on the client before deliveries wait.
-const FEED_CAPACITY: usize = 65_536;
-
-/// A subscription's registration on one node.
-struct Part {
-    node: NodeId,
-    id: u64,
-    conn: Arc<Connection>,
-    tx: Mutex<Option<flume::Sender<Notification>>>,
-    /// The last sequence number received from this node: deliveries at or below it are
-    /// repeats (after a retried delivery).
-    last_seq: AtomicU64,
-}
-
-struct FeedState {
-    parts: Vec<Arc<Part>>,
-    dropped: AtomicU64,
-    closed: AtomicBool,
-    detached: AtomicBool,
-}
-
-/// Renews a subscription's lease on every node at a third of its length while it lives.
-async fn renew_while_alive(state: Weak<FeedState>, lease: Duration) {
-    loop {
-        tokio::time::sleep(lease / 3).await;
-        let Some(state) = state.upgrade() else { return };
-        if state.closed.load(Ordering::Acquire) || state.detached.load(Ordering::Acquire) {
-            return;
-        }
-        for part in &state.parts {
-            let request = Request::RenewSubscription {
-                id: part.id,
-                lease: Lease::For(lease),
-            };
-            if let Err(e) = part.conn.call(request).await {
-                tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
-            }
-        }
-    }
-}
-
-fn cancel_parts(parts: &[Arc<Part>], endpoint: &Endpoint, runtime: &Runtime) {
-    for part in parts {
-        part.tx.lock().take();
-        endpoint.feeds.lock().remove(&(part.node, part.id));
-        let (conn, id) = (part.conn.clone(), part.id);
-        // Fire and forget: the node also ends it when its lease runs out.
-        drop(runtime.handle().spawn(async move {
-            let _ = conn.call(Request::CancelSubscription(id)).await;
-        }));
-    }
-}
-
-fn seq_range(n: &Notification) -> (u64, u64) {
-    match n {
-        Notification::Event(e) => (e.seq, e.seq),
-        Notification::Gap {
-            first_seq,
-            last_seq,
-        } => (*first_seq, *last_seq),
-    }
-}
-
-/// The endpoint nodes push events to.
-struct Endpoint {
-    advertised: SocketAddr,
-    feeds: Mutex<HashMap<(NodeId, u64), Arc<Part>>>,
-}
-
-impl Endpoint {
-    /// Registers subscription `id` of the node behind `conn`, its pushes (after
-    /// `last_seq`) going to `tx`.
-    fn attach(
-        &self,
-        conn: Arc<Connection>,
-        id: u64,
-        tx: flume::Sender<Notification>,
-        last_seq: u64,
-    ) -> Arc<Part> {
-        let part = Arc::new(Part {
-            node: conn.node(),
-            id,
-            conn,
-            tx: Mutex::new(Some(tx)),
-            last_seq: AtomicU64::new(last_seq),
-        });
-        self.feeds.lock().insert((part.node, id), part.clone());
-        part
-    }
-
-    async fn start(config: &ClientConfig) -> Result<Arc<Endpoint>> {
-        let listener = TcpListener::bind(config.subscriber_bind)
-            .await
-            .map_err(|e| SpaceError::Protocol {
-                reason: format!(
-                    "cannot serve the subscriber endpoint on {}: {e}",
-                    config.subscriber_bind
-                ),
-            })?;
-        let bound = listener.local_addr().map_err(|e| SpaceError::Protocol {
-            reason: e.to_string(),
-        })?;
-        let endpoint = Arc::new(Endpoint {
-            advertised: config.subscriber_advertise.unwrap_or(bound),
-            feeds: Mutex::new(HashMap::new()),
-        });
-        let weak = Arc::downgrade(&endpoint);
-        let max_frame = config.max_frame;
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let Some(endpoint) = weak.upgrade() else {
-                    return;
-                };
-                tokio::spawn(serve_subscriber(endpoint, stream, max_frame));
-            }
-        });
-        Ok(endpoint)
-    }
-
-    /// The registration of a subscription; waits briefly for one being registered (its
-    /// first events can arrive before the answer to Subscribe does).
-    async fn part(&self, node: NodeId, id: u64) -> Option<Arc<Part>> {
-        for _ in 0..100 {
-            if let Some(p) = self.feeds.lock().get(&(node, id)) {
-                return Some(p.clone());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame: usize) {
-    let _ = stream.set_nodelay(true);
-    let mut framed = wire::framed(stream, max_frame);
-    match wire::recv_frame::<_, Hello>(&mut framed).await {
-        Ok(Some(h)) if h.magic == wire::MAGIC && h.version == wire::PROTOCOL_VERSION => {}
-        _ => return,
-    }
-    let welcome = Welcome::Accepted {
-        node: NodeId(0),
-        limits: wire::Limits {
-            max_frame: max_frame as u64,
-            max_entry_bytes: max_frame as u64,
-        },
-    };
-    if wire::send_frame(&mut framed, &welcome).await.is_err() {
-        return;
-    }
-    BaseChannel::with_defaults(wire::server_transport(framed))
-        .execute(Subscriber(endpoint).serve())
-        .for_each(|response| async move {
-            tokio::spawn(response);
-        })
-        .await;
-}
-
-#[derive(Clone)]
-struct Subscriber(Arc<Endpoint>);
-
-impl SubscriberService for Subscriber {
-    async fn deliver(
-        self,
-        _: context::Context,
-        node: NodeId,
-        subscription: u64,
-        notifications: Vec<Notification>,
-    ) -> bool {
-        let Some(part) = self.0.part(node, subscription).await else {
-            return false;
+        let spec = Spec {
+            query: Query::for_type(""),
+            kinds: EventKinds::ALL,
+            lease: Lease::For(self.config.subscription_lease),
         };
-        let Some(tx) = part.tx.lock().clone() else {
-            // Detached (still registered: the node keeps the events in its log for a
-            // resume) or cancelled (gone: the node may drop the subscription).
-            return self.0.feeds.lock().contains_key(&(node, subscription));
-        };
-        for n in notifications {
-            let (_, last) = seq_range(&n);
-            if last <= part.last_seq.load(Ordering::Acquire) {
-                continue; // a repeat after a retried delivery
-            }
-            part.last_seq.store(last, Ordering::Release);
-            if tx.send_async(n).await.is_err() {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-/// A remote subscription's receiving side: the merged stream of its parts.
-struct Feed {
-    rx: flume::Receiver<Notification>,
-    stream: Mutex<flume::r#async::RecvStream<'static, Notification>>,
-    state: Arc<FeedState>,
-    endpoint: Arc<Endpoint>,
-    runtime: Runtime,
-}
-
-impl Feed {
-    fn counted(&self, n: Option<Notification>) -> Option<Notification> {
-        if let Some(Notification::Gap {
-            first_seq,
-            last_seq,
-        }) = &n
-        {
-            self.state
-                .dropped
-                .fetch_add(last_seq - first_seq + 1, Ordering::Relaxed);
-        }
-        n
-    }
-}
-
-impl RemoteFeed for Feed {
-    fn id(&self) -> u64 {
-        self.state.parts.first().map_or(0, |p| p.id)
-    }
-
-    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
-        let n = match deadline {
-            None => self.rx.recv().ok(),
-            Some(d) => self.rx.recv_deadline(d).ok(),
-        };
-        self.counted(n)
-    }
-
-    fn try_recv(&self) -> Option<Notification> {
-        self.counted(self.rx.try_recv().ok())
-    }
-
-    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
-        self.stream
-            .lock()
-            .poll_next_unpin(cx)
-            .map(|n| self.counted(n))
-    }
-
-    fn dropped(&self) -> u64 {
-        self.state.dropped.load(Ordering::Relaxed)
-    }
-
-    fn is_closed(&self) -> bool {
-        self.state.closed.load(Ordering::Acquire)
-    }
-
-    fn renew(&self, lease: Lease) -> Result<()> {
-        let parts = self.state.parts.clone();
-        let call = self.runtime.bind(async move {
-            for part in parts {
-                part.conn
-                    .call(Request::RenewSubscription { id: part.id, lease })
-                    .await?;
-            }
-            Ok(())
-        });
-        futures::executor::block_on(call)
-    }
-
-    fn cancel(&self) {
-        if self.state.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        cancel_parts(&self.state.parts, &self.endpoint, &self.runtime);
-        while self.rx.try_recv().is_ok() {}
-    }
-
-    fn detach(&self) {
-        self.state.detached.store(true, Ordering::Release);
-        for part in &self.state.parts {
-            part.tx.lock().take();
-        }
+        let state = FeedState::new(spec, Some(tx));
+        state
+            .register(&endpoint, conn, Some((id, last_seq)))
+            .await?;
+        let lease = self.config.subscription_lease;
+        Ok(self.feed(
+            Query::for_type(""),
+            state,
+            rx,
+            endpoint,
+            Some(lease),
+            Lease::Forever,
+        ))
     }
 }
 

@@ -151,9 +151,12 @@ async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, 
         .set_nodelay(true)
         .map_err(|e| unreachable(e.to_string()))?;
     let mut framed = wire::framed(stream, config.max_frame);
-    wire::send_frame(&mut framed, &Hello::new(config.token.clone()))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    wire::send_frame(
+        &mut framed,
+        &Hello::new(config.token.clone(), config.max_frame),
+    )
+    .await
+    .map_err(|e| unreachable(e.to_string()))?;
     let welcome = tokio::time::timeout(
         config.connect_timeout,
         wire::recv_frame::<_, Welcome>(&mut framed),
@@ -167,6 +170,10 @@ async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, 
             Ok((client, node, limits))
         }
         Some(Welcome::Refused { reason }) => Err(SpaceError::Rejected {
+            node: addr.to_owned(),
+            reason,
+        }),
+        Some(Welcome::Busy { reason }) => Err(SpaceError::Busy {
             node: addr.to_owned(),
             reason,
         }),
@@ -240,7 +247,9 @@ impl Connection {
                 Ok(c)
             }
             Err(e) => {
-                *self.down_since.lock() = Some(Instant::now());
+                if matches!(e, SpaceError::Unreachable { .. }) {
+                    *self.down_since.lock() = Some(Instant::now());
+                }
                 Err(e)
             }
         }

@@ -24,6 +24,7 @@
 mod cluster;
 mod connection;
 mod revoke;
+mod subscriber;
 
 pub use cluster::{
     Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, space_of,

@@ -18,7 +18,7 @@
 //! so that the node can serve it over the network unchanged.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -133,6 +133,10 @@ pub struct Stats {
     pub subscriptions: u64,
     /// Pending lease timers.
     pub timers: u64,
+    /// Client connections open (filled in by a node).
+    pub connections: u64,
+    /// Clients with subscriptions pushed to them (filled in by a node).
+    pub subscribers: u64,
     /// Members of a cluster that could not be reached for these counters (filled in by a
     /// client that merges the counters of several nodes; empty when all answered).
     pub unreachable: Vec<String>,
@@ -148,6 +152,8 @@ impl Stats {
         self.waiters += other.waiters;
         self.subscriptions += other.subscriptions;
         self.timers += other.timers;
+        self.connections += other.connections;
+        self.subscribers += other.subscribers;
         self.unreachable.extend(other.unreachable.iter().cloned());
     }
 }
@@ -165,6 +171,14 @@ pub struct EngineConfig {
     pub max_entries: Option<u64>,
     /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
     pub max_bytes: Option<u64>,
+    /// Most entry types held at once; a write that would add one more gets
+    /// [`SpaceError::Full`]. Entry types left empty (no entries, waiters, subscriptions or
+    /// declared indexes) are forgotten to make room.
+    pub max_entry_types: Option<usize>,
+    /// Most blocked reads, takes and claims at once; one more gets [`SpaceError::Busy`].
+    pub max_waiters: Option<usize>,
+    /// Most live subscriptions at once; one more gets [`SpaceError::Busy`].
+    pub max_subscriptions: Option<usize>,
     /// The ranges this node owns: keys it mints fall inside them (`None`: all ranges).
     pub ranges: Option<Arc<crate::wire::RangeSet>>,
     /// Durable engines: a log segment is closed past this many bytes.
@@ -182,6 +196,9 @@ impl Default for EngineConfig {
             max_entry_bytes: None,
             max_entries: None,
             max_bytes: None,
+            max_entry_types: None,
+            max_waiters: None,
+            max_subscriptions: None,
             ranges: None,
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
@@ -200,7 +217,11 @@ struct Inner {
     /// Entry type → shard. Read on every operation without a lock; replaced (copied) only
     /// when a new entry type appears, under `new_shard`.
     shards: ArcSwap<HashMap<Arc<str>, Arc<Shard>, foldhash::fast::RandomState>>,
-    new_shard: Mutex<()>,
+    /// Held while the map of entry types is replaced; holds the size at which empty types
+    /// are next swept out (doubling, so sweeps stay amortized).
+    new_shard: Mutex<usize>,
+    /// Blocked reads, takes and claims (counted by their waiters).
+    waiters: Arc<AtomicUsize>,
     timers: Arc<Timers>,
     next_token: AtomicU64,
     next_sub: AtomicU64,
@@ -251,7 +272,34 @@ struct TypeState {
     hub: Hub,
     /// Waiters served under the lock, to be woken once it is released.
     wakes: Vec<(Arc<Waiter>, Wakeup)>,
+    /// Set when the type was found empty and taken out of the map: whoever still holds
+    /// this shard looks the type up again.
+    retired: bool,
 }
+
+impl TypeState {
+    /// Whether nothing would be lost by forgetting this entry type: no entries, nobody
+    /// waiting, no subscriptions, no declared indexes.
+    fn is_empty(&self) -> bool {
+        self.store.len() == 0
+            && self.waiters.is_empty()
+            && self.hub.len() == 0
+            && self.store.indexed_fields().is_empty()
+    }
+}
+
+/// Whether creating an entry type heeds the limit of entry types.
+#[derive(Clone, Copy)]
+enum Room {
+    /// A new type counts against the limit.
+    Bounded,
+    /// Entries coming back (recovered, or given back by a take whose caller went away)
+    /// always get their type.
+    Always,
+}
+
+/// The number of entry types past which empty ones are swept out of the map.
+const SWEEP_TYPES_ABOVE: usize = 1024;
 
 impl Shard {
     /// Locks the entry type. Waiters served while the lock is held are woken when the
@@ -313,6 +361,30 @@ struct Waiter {
     slot: Slot<Delivery>,
     /// The request the waiter belongs to (logged with what it is handed).
     request: Option<RequestId>,
+    /// Counts the waiter in the engine's total while it exists.
+    _counted: Counted,
+}
+
+/// One unit of a shared count, given back when dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    /// Takes one unit of `count` unless it is at `max` already.
+    fn take(count: &Arc<AtomicUsize>, max: Option<usize>) -> Option<Counted> {
+        let max = max.unwrap_or(usize::MAX);
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Counted(count.clone()))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What a waiter is handed.
@@ -383,7 +455,8 @@ impl Engine {
         let inner = Arc::new(Inner {
             config,
             shards: ArcSwap::from_pointee(HashMap::default()),
-            new_shard: Mutex::new(()),
+            new_shard: Mutex::new(SWEEP_TYPES_ABOVE),
+            waiters: Arc::new(AtomicUsize::new(0)),
             timers: timers.clone(),
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),
@@ -461,41 +534,49 @@ impl Engine {
     /// Entries whose lease ran out while the node was down are dropped; claims that ran out
     /// are released.
     fn install(&self, image: ShardImage) -> usize {
-        let shard = self.shard(&image.entry_type);
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        for field in &image.indexes {
-            st.store.ensure_index(field);
-        }
-        st.store.skip_to(image.next_seq);
-        let now = Instant::now();
-        for (seq, img) in image.records {
-            let expires = img.expires.map(from_wall_ms);
-            if expires.is_some_and(|e| e <= now) {
-                continue;
+        let ShardImage {
+            entry_type,
+            next_seq,
+            indexes,
+            records,
+            ..
+        } = image;
+        let installed = self.locked_in(&entry_type, Room::Always, |shard, st| {
+            for field in &indexes {
+                st.store.ensure_index(field);
             }
-            let claim = img
-                .claim
-                .map(|(token, ms)| (token, from_wall_ms(ms)))
-                .filter(|(_, e)| *e > now)
-                .map(|(token, expires)| ClaimState { token, expires });
-            self.expiry_timer(&shard, seq, expires);
-            if let Some(c) = claim {
-                self.claim_timer(&shard, seq, c.token, c.expires);
+            st.store.skip_to(next_seq);
+            let now = Instant::now();
+            for (seq, img) in records {
+                let expires = img.expires.map(from_wall_ms);
+                if expires.is_some_and(|e| e <= now) {
+                    continue;
+                }
+                let claim = img
+                    .claim
+                    .map(|(token, ms)| (token, from_wall_ms(ms)))
+                    .filter(|(_, e)| *e > now)
+                    .map(|(token, expires)| ClaimState { token, expires });
+                self.expiry_timer(shard, seq, expires);
+                if let Some(c) = claim {
+                    self.claim_timer(shard, seq, c.token, c.expires);
+                }
+                st.store.insert(
+                    seq,
+                    Record {
+                        key: img.key,
+                        mapped_key: img.mapped_key,
+                        version: img.version + u64::from(img.claim.is_some() && claim.is_none()),
+                        fields: img.fields,
+                        expires,
+                        claim,
+                    },
+                );
             }
-            st.store.insert(
-                seq,
-                Record {
-                    key: img.key,
-                    mapped_key: img.mapped_key,
-                    version: img.version + u64::from(img.claim.is_some() && claim.is_none()),
-                    fields: img.fields,
-                    expires,
-                    claim,
-                },
-            );
-        }
-        st.store.len()
+            st.store.len()
+        });
+        // Only a bounded creation can fail, and this one is not bounded.
+        installed.unwrap_or_default()
     }
 
     /// Answers of requests found in the operation log at recovery, oldest first: a node
@@ -598,53 +679,136 @@ impl Engine {
         self.inner.config.node
     }
 
-    fn shard(&self, entry_type: &str) -> Arc<Shard> {
-        if let Some(s) = self.inner.shards.load().get(entry_type) {
-            return s.clone();
-        }
-        let _only_one_creator = self.inner.new_shard.lock();
-        let current = self.inner.shards.load_full();
-        if let Some(s) = current.get(entry_type) {
-            return s.clone();
-        }
-        let shard = Arc::new(Shard {
-            name: Arc::from(entry_type),
-            declared: AtomicPtr::new(std::ptr::null_mut()),
-            state: std::sync::Mutex::new(TypeState {
-                name: Arc::from(entry_type),
-                store: Store::new(self.inner.totals.clone()),
-                waiters: VecDeque::new(),
-                hub: Hub::new(Arc::from(entry_type)),
-                wakes: Vec::new(),
-            }),
-        });
-        let mut next = (*current).clone();
-        next.insert(shard.name.clone(), shard.clone());
-        self.inner.shards.store(Arc::new(next));
-        shard
+    /// Runs `f` with the store of `entry_type` locked, creating the store if the type has
+    /// none yet.
+    ///
+    /// The store is borrowed from the current map of entry types without touching its
+    /// reference count (a shared counter every thread would fight over); a store retired
+    /// meanwhile (an empty type forgotten, see [`Self::create_type`]) is looked up again.
+    /// `f` must not wait: it runs while a reference to the map is held. Waiters it serves
+    /// are woken when the lock is released.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of
+    /// entry types.
+    fn locked<R>(
+        &self,
+        entry_type: &str,
+        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+    ) -> Result<R> {
+        self.locked_in(entry_type, Room::Bounded, f)
     }
 
-    /// Runs `f` with the shard of `entry_type`, borrowed from the current shard map without
-    /// touching its reference count (a shared counter every thread would fight over).
-    /// `f` must not wait: it runs while a reference to the map is held.
-    fn with_shard<R>(&self, entry_type: &str, f: impl FnOnce(&Arc<Shard>) -> R) -> R {
-        let shards = self.inner.shards.load();
-        match shards.get(entry_type) {
-            Some(shard) => f(shard),
-            None => {
-                drop(shards);
-                f(&self.shard(entry_type))
+    /// As [`locked`](Self::locked), creating the type past the limit of entry types when
+    /// `room` says so (entries coming back must always have a place).
+    fn locked_in<R>(
+        &self,
+        entry_type: &str,
+        room: Room,
+        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+    ) -> Result<R> {
+        let mut f = f;
+        loop {
+            match self.try_locked(entry_type, f) {
+                Ok(out) => return Ok(out),
+                Err(back) => f = back,
+            }
+            self.create_type(entry_type, room)?;
+        }
+    }
+
+    /// As [`locked`](Self::locked), but for a type without a store nothing runs (`None`):
+    /// for operations that only look, so that asking about a type does not create it.
+    fn locked_if_exists<R>(
+        &self,
+        entry_type: &str,
+        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+    ) -> Option<R> {
+        self.try_locked(entry_type, f).ok()
+    }
+
+    /// Runs `f` with the store of `entry_type` locked, or gives `f` back when the type has
+    /// no store.
+    fn try_locked<R, F: FnOnce(&Arc<Shard>, &mut TypeState) -> R>(
+        &self,
+        entry_type: &str,
+        f: F,
+    ) -> std::result::Result<R, F> {
+        loop {
+            let shards = self.inner.shards.load();
+            let Some(shard) = shards.get(entry_type) else {
+                return Err(f);
+            };
+            let mut guard = shard.lock();
+            if !guard.retired {
+                return Ok(f(shard, &mut guard));
             }
         }
     }
 
-    /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
-    /// on the spot). Cheap when the same static slice was declared before.
-    pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) {
-        self.declare(&self.shard(entry_type), fields);
+    /// Adds a store for `entry_type` (if another thread has not meanwhile). Past a size
+    /// that doubles each time, empty types are first swept out of the map (retired), so an
+    /// entry type used once and emptied does not cost memory forever.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] at the engine's maximum of entry types.
+    fn create_type(&self, entry_type: &str, room: Room) -> Result<()> {
+        let mut sweep_at = self.inner.new_shard.lock();
+        let current = self.inner.shards.load_full();
+        if current.contains_key(entry_type) {
+            return Ok(());
+        }
+        let mut next = (*current).clone();
+        let max = match room {
+            Room::Bounded => self.inner.config.max_entry_types,
+            Room::Always => None,
+        };
+        if next.len() >= *sweep_at || max.is_some_and(|m| next.len() >= m) {
+            next.retain(|_, shard| {
+                let mut st = shard.lock();
+                if st.is_empty() {
+                    st.retired = true;
+                }
+                !st.retired
+            });
+            *sweep_at = (next.len() * 2).max(SWEEP_TYPES_ABOVE);
+        }
+        if let Some(max) = max
+            && next.len() >= max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds its maximum of {max} entry types"),
+            });
+        }
+        let name: Arc<str> = Arc::from(entry_type);
+        let shard = Arc::new(Shard {
+            name: name.clone(),
+            declared: AtomicPtr::new(std::ptr::null_mut()),
+            state: std::sync::Mutex::new(TypeState {
+                name: name.clone(),
+                store: Store::new(self.inner.totals.clone()),
+                waiters: VecDeque::new(),
+                hub: Hub::new(name.clone()),
+                wakes: Vec::new(),
+                retired: false,
+            }),
+        });
+        next.insert(name, shard);
+        self.inner.shards.store(Arc::new(next));
+        Ok(())
     }
 
-    fn declare(&self, shard: &Shard, fields: &'static [&'static str]) {
+    /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
+    /// on the spot). Cheap when the same static slice was declared before.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
+    pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) -> Result<()> {
+        self.locked(entry_type, |shard, st| self.declare(shard, st, fields))
+    }
+
+    /// Declares `fields` as indexed, unless this very slice was declared on `shard` before.
+    fn declare(&self, shard: &Shard, st: &mut TypeState, fields: &'static [&'static str]) {
         if fields.is_empty() {
             return;
         }
@@ -652,7 +816,6 @@ impl Engine {
         if shard.declared.load(Ordering::Acquire) == ptr {
             return;
         }
-        let mut st = shard.lock();
         for f in fields {
             if st.store.ensure_index(f) {
                 self.log(|| LogRecord::Index {
@@ -665,15 +828,20 @@ impl Engine {
     }
 
     /// Adds an index on a top-level field of `entry_type`.
+    ///
+    /// # Errors
+    /// [`SpaceError::Query`] for a field name no query could address, and
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
     pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
         space_query::validate_path(field)?;
-        if self.shard(entry_type).lock().store.ensure_index(field) {
-            self.log(|| LogRecord::Index {
-                entry_type: entry_type.to_owned(),
-                field: field.to_owned(),
-            });
-        }
-        Ok(())
+        self.locked(entry_type, |_, st| {
+            if st.store.ensure_index(field) {
+                self.log(|| LogRecord::Index {
+                    entry_type: entry_type.to_owned(),
+                    field: field.to_owned(),
+                });
+            }
+        })
     }
 
     // ----- writes -----
@@ -709,15 +877,13 @@ impl Engine {
         check_document(entry_type, &fields)?;
         self.check_limits(entry_type, &[&fields])?;
         let key = NewKey::new(key);
-        self.with_shard(entry_type, |shard| {
-            self.declare(shard, indexes);
-            let mut guard = shard.lock();
-            let st = &mut *guard;
+        self.locked(entry_type, |shard, st| {
+            self.declare(shard, st, indexes);
             if Self::check_new(st, entry_type, &fields, key.user())? {
                 st.store.learn_kinds(&fields);
             }
             Ok(self.insert_new(shard, st, fields, key, expires, &now))
-        })
+        })?
     }
 
     /// Stores several entries of one type: all of them, or (on any error) none.
@@ -737,37 +903,34 @@ impl Engine {
             entry_type,
             &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
         )?;
-        let shard = self.shard(entry_type);
-        self.declare(&shard, indexes);
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        // Check everything first, so that an error leaves the space unchanged.
-        let mut batch_keys = std::collections::HashSet::new();
-        let mut learn = false;
-        for (fields, key) in &entries {
-            learn |= Self::check_new(st, entry_type, fields, key.as_ref())?;
-            if let Some(k) = key
-                && !batch_keys.insert(k)
-            {
-                return Err(SpaceError::KeyExists {
-                    entry_type: entry_type.to_owned(),
-                    key: k.clone(),
-                });
-            }
-        }
-        Ok(entries
-            .into_iter()
-            .map(|(fields, key)| {
-                if learn {
-                    st.store.learn_kinds(&fields);
+        self.locked(entry_type, |shard, st| {
+            self.declare(shard, st, indexes);
+            // Check everything first, so that an error leaves the space unchanged.
+            let mut batch_keys = std::collections::HashSet::new();
+            let mut learn = false;
+            for (fields, key) in &entries {
+                learn |= Self::check_new(st, entry_type, fields, key.as_ref())?;
+                if let Some(k) = key
+                    && !batch_keys.insert(k)
+                {
+                    return Err(SpaceError::KeyExists {
+                        entry_type: entry_type.to_owned(),
+                        key: k.clone(),
+                    });
                 }
-                self.insert_new(&shard, st, fields, NewKey::new(key), expires, &now)
-            })
-            .collect())
+            }
+            Ok(entries
+                .into_iter()
+                .map(|(fields, key)| {
+                    if learn {
+                        st.store.learn_kinds(&fields);
+                    }
+                    self.insert_new(shard, st, fields, NewKey::new(key), expires, &now)
+                })
+                .collect())
+        })?
     }
 
-    /// Checks a new entry against the type's schema and keys; returns whether it has
-    /// fields the schema has not seen yet.
     /// Refuses entries over the size limit, or that would take the engine over its limits.
     fn check_limits(&self, entry_type: &str, docs: &[&Fields]) -> Result<()> {
         let config = &self.inner.config;
@@ -816,6 +979,8 @@ impl Engine {
         &self.inner.config
     }
 
+    /// Checks a new entry against the type's schema and keys; returns whether it has
+    /// fields the schema has not seen yet.
     fn check_new(
         st: &TypeState,
         entry_type: &str,
@@ -1045,11 +1210,6 @@ impl Engine {
 
     // ----- reads, takes, claims -----
 
-    fn checked_shard(&self, query: &Query) -> Result<Arc<Shard>> {
-        query.validate()?;
-        Ok(self.shard(query.entry_type()))
-    }
-
     fn check_kinds(st: &TypeState, query: &Query) -> Result<()> {
         query.check_kinds(&|f| st.store.kind_of(f))?;
         Ok(())
@@ -1089,29 +1249,36 @@ impl Engine {
         query: &Query,
         mode: WaitMode,
         deadline: Option<Instant>,
-    ) -> WaitGuard {
+    ) -> Result<WaitGuard> {
+        let counted = Counted::take(&self.inner.waiters, self.inner.config.max_waiters)
+            .ok_or_else(|| SpaceError::Busy {
+                node: String::new(),
+                reason: format!(
+                    "it has its maximum of {} blocked reads, takes and claims",
+                    self.inner.config.max_waiters.unwrap_or(usize::MAX)
+                ),
+            })?;
         let waiter = Arc::new(Waiter {
             query: query.clone(),
             mode,
             slot: Slot::new(),
             request: current_request(),
+            _counted: counted,
         });
         st.waiters.push_back(waiter.clone());
-        WaitGuard {
+        Ok(WaitGuard {
             engine: self.clone(),
             shard: shard.clone(),
             waiter,
             deadline,
             done: false,
-        }
+        })
     }
 
     fn begin(&self, query: &Query, mode: WaitMode, timeout: Duration) -> Result<Begun> {
         query.validate()?;
-        self.with_shard(query.entry_type(), |shard| {
+        let run = |shard: &Arc<Shard>, st: &mut TypeState| {
             let now = Now::new();
-            let mut guard = shard.lock();
-            let st = &mut *guard;
             Self::check_kinds(st, query)?;
             if let Some(seq) = Self::first_match(st, query, &now) {
                 let delivery = match mode {
@@ -1127,8 +1294,17 @@ impl Engine {
                 return Ok(Begun::Done(None));
             }
             let deadline = timeout_deadline(&now, timeout);
-            Ok(Begun::Wait(self.wait_for(shard, st, query, mode, deadline)))
-        })
+            Ok(Begun::Wait(
+                self.wait_for(shard, st, query, mode, deadline)?,
+            ))
+        };
+        if timeout.is_zero() {
+            // Looking without waiting does not create the type.
+            self.locked_if_exists(query.entry_type(), run)
+                .unwrap_or(Ok(Begun::Done(None)))
+        } else {
+            self.locked(query.entry_type(), run)?
+        }
     }
 
     fn claim_stored(
@@ -1184,17 +1360,20 @@ impl Engine {
     }
 
     /// As [`take_all`](Self::take_all), handing out what was removed as [`Taken`] entries
-    /// that [`untake`](Self::untake) can put back.
+    /// that [`untake`](Self::untake) can put back; and stopping before the entries exceed
+    /// `max_bytes` of documents in all (the first entry is always taken), so that an answer
+    /// fits in a frame.
     pub fn take_entries(
         &self,
         query: &Query,
         max: usize,
+        max_bytes: usize,
         timeout: Duration,
     ) -> Result<Pending<Vec<Taken>>> {
         if max == 0 {
             return Err(SpaceError::ZeroMax);
         }
-        let now_taken = self.take_now(query, max)?;
+        let now_taken = self.take_now(query, max, max_bytes)?;
         if !now_taken.is_empty() || timeout.is_zero() {
             return Ok(Pending::ready(now_taken));
         }
@@ -1207,11 +1386,12 @@ impl Engine {
             let Some(first) = first else {
                 return Vec::new();
             };
+            let left = max_bytes.saturating_sub(first.record.fields.approx_size());
             let mut all = vec![first];
-            if max > 1 {
+            if max > 1 && left > 0 {
                 // The query was validated above; a failure here can only mean the type's
                 // schema changed, and then there is simply nothing more to take.
-                all.extend(engine.take_now(&query, max - 1).unwrap_or_default());
+                all.extend(engine.take_now(&query, max - 1, left).unwrap_or_default());
             }
             all
         }))
@@ -1256,25 +1436,33 @@ impl Engine {
         timeout: Duration,
     ) -> Result<Pending<Vec<Document>>> {
         Ok(self
-            .take_entries(query, max, timeout)?
+            .take_entries(query, max, usize::MAX, timeout)?
             .map(|taken| taken.into_iter().map(Taken::into_document).collect()))
     }
 
-    fn take_now(&self, query: &Query, max: usize) -> Result<Vec<Taken>> {
-        let shard = self.checked_shard(query)?;
-        let now = Now::new();
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        Self::check_kinds(st, query)?;
-        let mut seqs = Vec::new();
-        st.store.for_each_match(query.filter(), &now, |seq, _| {
-            seqs.push(seq);
-            seqs.len() < max
-        });
-        Ok(seqs
-            .into_iter()
-            .filter_map(|seq| self.remove_taken(st, seq, RemoveCause::Taken))
-            .collect())
+    /// Takes up to `max` matches there now, stopping before they exceed `max_bytes` of
+    /// documents (the first is always taken).
+    fn take_now(&self, query: &Query, max: usize, max_bytes: usize) -> Result<Vec<Taken>> {
+        query.validate()?;
+        self.locked_if_exists(query.entry_type(), |_, st| {
+            let now = Now::new();
+            Self::check_kinds(st, query)?;
+            let mut seqs = Vec::new();
+            let mut bytes = 0usize;
+            st.store.for_each_match(query.filter(), &now, |seq, r| {
+                bytes = bytes.saturating_add(r.fields.approx_size());
+                if !seqs.is_empty() && bytes > max_bytes {
+                    return false;
+                }
+                seqs.push(seq);
+                seqs.len() < max
+            });
+            Ok(seqs
+                .into_iter()
+                .filter_map(|seq| self.remove_taken(st, seq, RemoveCause::Taken))
+                .collect())
+        })
+        .unwrap_or(Ok(Vec::new()))
     }
 
     /// Copies of every visible entry matching `query`, oldest first (a snapshot).
@@ -1291,28 +1479,43 @@ impl Engine {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<Document>, Option<u64>)> {
+        self.contents_page_within(query, after, limit, usize::MAX)
+    }
+
+    /// As [`contents_page`](Self::contents_page), ending the page before its documents
+    /// exceed `max_bytes` (a page holds at least one entry), so that it fits in a frame.
+    pub fn contents_page_within(
+        &self,
+        query: &Query,
+        after: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Document>, Option<u64>)> {
         query.validate()?;
         let limit = limit.max(1);
-        let shard = self.shard(query.entry_type());
-        let st = shard.lock();
-        Self::check_kinds(&st, query)?;
-        let mut page = Vec::new();
-        let mut more = false;
-        let mut last = None;
-        st.store
-            .for_each_match(query.filter(), &Now::new(), |seq, r| {
-                if after.is_some_and(|a| seq <= a) {
-                    return true;
-                }
-                if page.len() == limit {
-                    more = true;
-                    return false;
-                }
-                page.push(r.document());
-                last = Some(seq);
-                true
-            });
-        Ok((page, if more { last } else { None }))
+        self.locked_if_exists(query.entry_type(), |_, st| {
+            Self::check_kinds(st, query)?;
+            let mut page = Vec::new();
+            let mut more = false;
+            let mut last = None;
+            let mut bytes = 0usize;
+            st.store
+                .for_each_match(query.filter(), &Now::new(), |seq, r| {
+                    if after.is_some_and(|a| seq <= a) {
+                        return true;
+                    }
+                    bytes = bytes.saturating_add(r.fields.approx_size());
+                    if page.len() == limit || (!page.is_empty() && bytes > max_bytes) {
+                        more = true;
+                        return false;
+                    }
+                    page.push(r.document());
+                    last = Some(seq);
+                    true
+                });
+            Ok((page, if more { last } else { None }))
+        })
+        .unwrap_or(Ok((Vec::new(), None)))
     }
 
     /// The number of visible entries matching `query`.
@@ -1321,16 +1524,18 @@ impl Engine {
     }
 
     fn scan<A: Default>(&self, query: &Query, mut f: impl FnMut(&Record, &mut A)) -> Result<A> {
-        let shard = self.checked_shard(query)?;
-        let st = shard.lock();
-        Self::check_kinds(&st, query)?;
-        let mut acc = A::default();
-        st.store
-            .for_each_match(query.filter(), &Now::new(), |_, r| {
-                f(r, &mut acc);
-                true
-            });
-        Ok(acc)
+        query.validate()?;
+        self.locked_if_exists(query.entry_type(), |_, st| {
+            Self::check_kinds(st, query)?;
+            let mut acc = A::default();
+            st.store
+                .for_each_match(query.filter(), &Now::new(), |_, r| {
+                    f(r, &mut acc);
+                    true
+                });
+            Ok(acc)
+        })
+        .unwrap_or_else(|| Ok(A::default()))
     }
 
     // ----- by key -----
@@ -1342,10 +1547,11 @@ impl Engine {
 
     /// A copy of the visible entry with this key.
     pub fn read_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
-        let shard = self.shard(entry_type);
-        let st = shard.lock();
-        let seq = Self::visible_seq(&st, key, &Now::new())?;
-        st.store.get(seq).map(Record::document)
+        self.locked_if_exists(entry_type, |_, st| {
+            let seq = Self::visible_seq(st, key, &Now::new())?;
+            st.store.get(seq).map(Record::document)
+        })
+        .flatten()
     }
 
     /// Removes and returns the visible entry with this key.
@@ -1356,10 +1562,11 @@ impl Engine {
 
     /// As [`take_key`](Self::take_key), as a [`Taken`] entry.
     pub fn take_key_entry(&self, entry_type: &str, key: &Key) -> Option<Taken> {
-        let shard = self.shard(entry_type);
-        let mut st = shard.lock();
-        let seq = Self::visible_seq(&st, key, &Now::new())?;
-        self.remove_taken(&mut st, seq, RemoveCause::Taken)
+        self.locked_if_exists(entry_type, |_, st| {
+            let seq = Self::visible_seq(st, key, &Now::new())?;
+            self.remove_taken(st, seq, RemoveCause::Taken)
+        })
+        .flatten()
     }
 
     // ----- claims -----
@@ -1374,20 +1581,20 @@ impl Engine {
             entry_type: ticket.entry_type.clone(),
             key: ticket.key.clone(),
         };
-        let shard = self.shard(&ticket.entry_type);
-        let mut guard = shard.lock();
-        let st = &mut *guard;
-        let now = Now::new();
-        let seq = st.store.seq_of(&ticket.key).ok_or_else(lost)?;
-        let held = st.store.get(seq).is_some_and(|r| {
-            !r.expired(&now)
-                && r.claim
-                    .is_some_and(|c| c.token == ticket.token && c.expires > now.get())
-        });
-        if !held {
-            return Err(lost());
-        }
-        Ok(f(self, &shard, st, seq))
+        self.locked_if_exists(&ticket.entry_type, |shard, st| {
+            let now = Now::new();
+            let seq = st.store.seq_of(&ticket.key).ok_or_else(lost)?;
+            let held = st.store.get(seq).is_some_and(|r| {
+                !r.expired(&now)
+                    && r.claim
+                        .is_some_and(|c| c.token == ticket.token && c.expires > now.get())
+            });
+            if !held {
+                return Err(lost());
+            }
+            Ok(f(self, shard, st, seq))
+        })
+        .unwrap_or_else(|| Err(lost()))
     }
 
     /// Removes a claimed entry for good.
@@ -1461,43 +1668,51 @@ impl Engine {
     pub fn renew(&self, entry_type: &str, key: &Key, lease: Lease) -> Result<Option<SystemTime>> {
         let now = Now::new();
         let expires = lease.deadline(&now)?;
-        let shard = self.shard(entry_type);
-        let mut st = shard.lock();
-        let seq = st
-            .store
-            .seq_of(key)
-            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(&now)))
-            .ok_or_else(|| SpaceError::NotFound {
+        self.with_live_entry(entry_type, key, &now, |shard, st, seq| {
+            if let Some(r) = st.store.get_mut(seq) {
+                r.expires = expires;
+            }
+            self.log(|| LogRecord::Renew {
                 entry_type: entry_type.to_owned(),
-                key: key.clone(),
-            })?;
-        if let Some(r) = st.store.get_mut(seq) {
-            r.expires = expires;
-        }
-        self.log(|| LogRecord::Renew {
-            entry_type: entry_type.to_owned(),
-            seq,
-            expires: expires.map(to_wall_ms),
-        });
-        self.expiry_timer(&shard, seq, expires);
-        Ok(wall_clock(expires, &now))
+                seq,
+                expires: expires.map(to_wall_ms),
+            });
+            self.expiry_timer(shard, seq, expires);
+            wall_clock(expires, &now)
+        })
     }
 
     /// Cancels an entry's lease: the entry is removed at once, with an `Expired` event.
     pub fn cancel(&self, entry_type: &str, key: &Key) -> Result<()> {
-        let now = Now::new();
-        let shard = self.shard(entry_type);
-        let mut st = shard.lock();
-        let seq = st
-            .store
-            .seq_of(key)
-            .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(&now)))
-            .ok_or_else(|| SpaceError::NotFound {
-                entry_type: entry_type.to_owned(),
-                key: key.clone(),
-            })?;
-        self.expire(&mut st, seq, RemoveCause::Cancelled);
-        Ok(())
+        self.with_live_entry(entry_type, key, &Now::new(), |_, st, seq| {
+            self.expire(st, seq, RemoveCause::Cancelled)
+        })
+    }
+
+    /// Runs `f` on the entry with this key that has not expired (claimed or not).
+    ///
+    /// # Errors
+    /// [`SpaceError::NotFound`] when there is none.
+    fn with_live_entry<R>(
+        &self,
+        entry_type: &str,
+        key: &Key,
+        now: &Now,
+        f: impl FnOnce(&Arc<Shard>, &mut TypeState, u64) -> R,
+    ) -> Result<R> {
+        let not_found = || SpaceError::NotFound {
+            entry_type: entry_type.to_owned(),
+            key: key.clone(),
+        };
+        self.locked_if_exists(entry_type, |shard, st| {
+            let seq = st
+                .store
+                .seq_of(key)
+                .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
+                .ok_or_else(not_found)?;
+            Ok(f(shard, st, seq))
+        })
+        .unwrap_or_else(|| Err(not_found()))
     }
 
     fn expire(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) {
@@ -1523,24 +1738,39 @@ impl Engine {
         kinds: EventKinds,
         lease: Lease,
     ) -> Result<Subscription> {
-        let shard = self.checked_shard(query)?;
+        query.validate()?;
         let now = Now::new();
         let expires = lease.deadline(&now)?;
         let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(SubShared::new(
             id,
-            shard.name.clone(),
+            Arc::from(query.entry_type()),
             Arc::new(query.clone()),
             kinds,
             self.inner.config.queue_capacity,
             expires,
         ));
         {
-            let mut st = shard.lock();
-            Self::check_kinds(&st, query)?;
-            st.hub.add(shared.clone())?;
+            let mut all = self.inner.subscriptions.lock();
+            if let Some(max) = self.inner.config.max_subscriptions
+                && all.len() >= max
+            {
+                return Err(SpaceError::Busy {
+                    node: String::new(),
+                    reason: format!("it holds its maximum of {max} subscriptions"),
+                });
+            }
+            all.insert(id, shared.clone());
         }
-        self.inner.subscriptions.lock().insert(id, shared.clone());
+        let added = self.locked(query.entry_type(), |_, st| {
+            Self::check_kinds(st, query)?;
+            st.hub.add(shared.clone())?;
+            Ok(())
+        });
+        if let Err(e) = added.and_then(|r| r) {
+            self.inner.subscriptions.lock().remove(&id);
+            return Err(e);
+        }
         if let Some(at) = expires {
             self.inner.timers.schedule(
                 at,
@@ -1552,15 +1782,24 @@ impl Engine {
         Ok(Subscription::local(shared, self.clone()))
     }
 
+    /// Ends a subscription: it is matched no more, and what it queued is discarded.
     pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
-        let shard = self.shard(&sub.entry_type);
-        shard.lock().hub.remove(sub.id);
-        {
-            let mut all = self.inner.subscriptions.lock();
-            all.remove(&sub.id);
-            crate::shrink_if_sparse(&mut all);
-        }
+        self.remove_subscription(sub);
         sub.close();
+    }
+
+    /// Ends a subscription whose lease ran out: it is matched no more, but what it was
+    /// told while alive is still delivered, and then its stream ends.
+    fn expire_subscription(&self, sub: &Arc<SubShared>) {
+        self.remove_subscription(sub);
+        sub.finish();
+    }
+
+    fn remove_subscription(&self, sub: &Arc<SubShared>) {
+        self.locked_if_exists(&sub.entry_type, |_, st| st.hub.remove(sub.id));
+        let mut all = self.inner.subscriptions.lock();
+        all.remove(&sub.id);
+        crate::shrink_if_sparse(&mut all);
     }
 
     /// Picks up a subscription that was [detached](Subscription::detach) (a subscriber
@@ -1646,7 +1885,7 @@ impl Engine {
             TimerKind::Subscription { sub } => {
                 let Some(sub) = sub.upgrade() else { return };
                 if sub.expires().is_some_and(|e| e <= now.get()) {
-                    self.unsubscribe(&sub);
+                    self.expire_subscription(&sub);
                 }
             }
         }
@@ -1676,27 +1915,37 @@ impl Engine {
             record,
         } in taken
         {
-            let shard = self.shard(&entry_type);
-            let mut guard = shard.lock();
-            let st = &mut *guard;
-            if record.mapped_key && st.store.contains_key(&record.key) {
-                tracing::error!(
-                    entry_type = %entry_type,
-                    key = %record.key,
-                    "an entry given back is not put back: its key was written again meanwhile"
-                );
-                continue;
-            }
-            self.log(|| LogRecord::Write {
-                entry_type: st.name.to_string(),
-                seq,
-                image: record.image(),
-                request: None,
+            let put_back = self.locked_in(&entry_type, Room::Always, |shard, st| {
+                let mut record = record;
+                if record.mapped_key && st.store.contains_key(&record.key) {
+                    tracing::error!(
+                        entry_type = %entry_type,
+                        key = %record.key,
+                        "an entry given back is not put back: its key was written again meanwhile"
+                    );
+                    return;
+                }
+                // Back in its place, unless the type was forgotten while empty and its
+                // numbers started again: then at the end, found by its key.
+                let seq = if st.store.get(seq).is_some() {
+                    record.mapped_key = true;
+                    st.store.next_seq()
+                } else {
+                    st.store.skip_to(seq);
+                    seq
+                };
+                self.log(|| LogRecord::Write {
+                    entry_type: st.name.to_string(),
+                    seq,
+                    image: record.image(),
+                    request: None,
+                });
+                self.emit(&mut st.hub, EventKind::Written, &record);
+                self.expiry_timer(shard, seq, record.expires);
+                self.settle(shard, st, seq, record, &Now::new());
             });
-            self.emit(&mut st.hub, EventKind::Written, &record);
-            let now = Now::new();
-            self.expiry_timer(&shard, seq, record.expires);
-            self.settle(&shard, st, seq, record, &now);
+            // Only a bounded creation can fail, and this one is not bounded.
+            debug_assert!(put_back.is_ok());
         }
     }
 }

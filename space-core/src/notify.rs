@@ -129,6 +129,8 @@ struct Queue {
     dropped: u64,
     waker: Option<Waker>,
     closed: bool,
+    /// Closed by a cancel (what was queued is discarded), not by its lease running out.
+    cancelled: bool,
     expires: Option<Instant>,
 }
 
@@ -165,6 +167,7 @@ impl SubShared {
                 dropped: 0,
                 waker: None,
                 closed: false,
+                cancelled: false,
                 expires,
             }),
             cv: Condvar::new(),
@@ -237,6 +240,7 @@ impl SubShared {
     pub(crate) fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
+        q.cancelled = true;
         q.log.clear();
         q.cursor = q.next_seq;
         let waker = q.waker.take();
@@ -247,8 +251,25 @@ impl SubShared {
         }
     }
 
+    /// Ends the subscription but keeps what it queued: it is delivered, then the stream
+    /// ends (a lease that ran out).
+    pub(crate) fn finish(&self) {
+        let mut q = self.queue.lock();
+        q.closed = true;
+        let waker = q.waker.take();
+        drop(q);
+        self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.queue.lock().closed
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.queue.lock().cancelled
     }
 
     pub(crate) fn expires(&self) -> Option<Instant> {
@@ -379,6 +400,9 @@ pub trait RemoteFeed: Send + Sync {
     fn dropped(&self) -> u64;
     /// Whether the subscription has ended.
     fn is_closed(&self) -> bool;
+    /// Members of the cluster the subscription is not registered on (they could not be
+    /// reached): their changes are not reported until it is.
+    fn unreached(&self) -> Vec<String>;
     /// Extends the lease on the node.
     fn renew(&self, lease: crate::Lease) -> crate::Result<()>;
     /// Ends the subscription on the node.
@@ -480,6 +504,25 @@ impl Subscription {
     pub fn is_closed(&self) -> bool {
         match &self.backing {
             Backing::Local { shared, .. } => shared.is_closed(),
+            Backing::Remote(feed) => feed.is_closed(),
+        }
+    }
+
+    /// Members of a cluster this subscription is not registered on, because they could not
+    /// be reached: changes there are not reported until it is (a subscription without a
+    /// lease registers itself again when they are back). Empty in-process.
+    pub fn unreached(&self) -> Vec<String> {
+        match &self.backing {
+            Backing::Local { .. } => Vec::new(),
+            Backing::Remote(feed) => feed.unreached(),
+        }
+    }
+
+    /// Whether the subscription was cancelled (rather than ended by its lease, after which
+    /// what it matched is still delivered).
+    pub fn is_cancelled(&self) -> bool {
+        match &self.backing {
+            Backing::Local { shared, .. } => shared.is_cancelled(),
             Backing::Remote(feed) => feed.is_closed(),
         }
     }

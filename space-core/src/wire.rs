@@ -73,6 +73,33 @@ pub enum Target {
     Query(Query),
 }
 
+/// Where a client serves [`SubscriberService`], and the secret a node must present there
+/// (as the token of its [`Hello`]) for its pushes to be accepted: the client makes it up
+/// and hands it only to the nodes it subscribes with, so nobody else can push events to it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The secret.
+    pub secret: u128,
+}
+
+impl Endpoint {
+    /// The secret as a [`Hello`] token carries it.
+    pub fn token(&self) -> String {
+        format!("{:032x}", self.secret)
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret stays out of logs.
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A node and where to reach it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -265,8 +292,8 @@ pub enum Request {
         kinds: EventKinds,
         /// The subscription's lease.
         lease: Lease,
-        /// Where the client serves [`SubscriberService`].
-        endpoint: SocketAddr,
+        /// Where the client serves [`SubscriberService`], and its secret.
+        endpoint: Endpoint,
     },
     /// Pick up a subscription after `last_seq`, delivering to `endpoint`.
     Resume {
@@ -275,7 +302,7 @@ pub enum Request {
         /// The last sequence number the client has (0: none).
         last_seq: u64,
         /// Where to deliver from now on.
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
     },
     /// Extend a subscription's lease.
     RenewSubscription {
@@ -444,10 +471,13 @@ pub trait SubscriberService {
     /// Delivers events of one subscription of node `node`, in order. Returns false when the
     /// client no longer wants the subscription (the node then cancels it).
     async fn deliver(node: NodeId, subscription: u64, notifications: Vec<Notification>) -> bool;
+    /// Tells that a subscription of node `node` ended (its lease ran out, or the node let
+    /// it go): every event it matched was delivered before this.
+    async fn end(node: NodeId, subscription: u64);
 }
 
 /// The first frame of a connection, from the connecting side.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// [`MAGIC`].
     pub magic: [u8; 4],
@@ -455,16 +485,32 @@ pub struct Hello {
     pub version: u16,
     /// The node's auth token, when it requires one.
     pub token: Option<String>,
+    /// The largest frame the connecting side reads: answers are kept within it.
+    pub max_frame: u64,
 }
 
 impl Hello {
-    /// A hello of this build, with an optional token.
-    pub fn new(token: Option<String>) -> Hello {
+    /// A hello of this build, with an optional token, from a side that reads frames of up
+    /// to `max_frame` bytes.
+    pub fn new(token: Option<String>, max_frame: usize) -> Hello {
         Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             token,
+            max_frame: max_frame as u64,
         }
+    }
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("Hello")
+            .field("magic", &self.magic)
+            .field("version", &self.version)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_frame", &self.max_frame)
+            .finish()
     }
 }
 
@@ -482,6 +528,11 @@ pub enum Welcome {
     /// The connection is refused and will be closed.
     Refused {
         /// Why.
+        reason: String,
+    },
+    /// The accepting side is at its limit of connections; try again later.
+    Busy {
+        /// Which limit.
         reason: String,
     },
 }

@@ -13,5 +13,6 @@ mod cluster;
 mod dedupe;
 mod push;
 mod server;
+mod stall;
 
 pub use server::{Node, NodeConfig, NodeError};

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -39,8 +40,13 @@ struct Args {
     /// A label this node carries, as key=value (repeatable), for FindPlaceFor.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// The token clients must present.
-    #[arg(long, env = "SPACE_AUTH_TOKEN", conflicts_with = "auth_token_file")]
+    /// The token clients must present (or SPACE_AUTH_TOKEN; its value is never printed).
+    #[arg(
+        long,
+        env = "SPACE_AUTH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "auth_token_file"
+    )]
     auth_token: Option<String>,
     /// A file holding the token clients must present.
     #[arg(long)]
@@ -57,9 +63,31 @@ struct Args {
     /// Largest frame accepted on a connection, in bytes.
     #[arg(long, default_value_t = space_core::wire::DEFAULT_MAX_FRAME)]
     max_frame_bytes: usize,
-    /// Most requests in flight on one connection.
-    #[arg(long, default_value_t = 1024)]
+    /// Most requests in flight on one connection; more get a Busy error.
+    #[arg(long, default_value_t = 20_000)]
     max_in_flight: usize,
+    /// Most client connections at once; more are refused with a Busy error.
+    #[arg(long, default_value_t = 4_096)]
+    max_connections: usize,
+    /// Most blocked reads, takes and claims at once; more get a Busy error.
+    #[arg(long, default_value_t = 50_000)]
+    max_waiters: usize,
+    /// Most subscriptions at once; more get a Busy error.
+    #[arg(long, default_value_t = 10_000)]
+    max_subscriptions: usize,
+    /// Most subscriptions one client holds; more get a Busy error.
+    #[arg(long, default_value_t = 1_000)]
+    max_subscriptions_per_client: usize,
+    /// Most entry types held (empty ones are forgotten); writes of more get a Full error.
+    #[arg(long, default_value_t = 10_000)]
+    max_entry_types: usize,
+    /// How long a frame may take to arrive once it has begun, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    frame_timeout_ms: u64,
+    /// How long a subscriber may stay unreachable before its subscriptions are cancelled,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    subscriber_timeout_ms: u64,
     /// The cluster's members, comma separated, the same list (and order) on every node;
     /// this node's --advertise (or --listen) address must be among them. Node ids are the
     /// positions in the list (1, 2, ...), and the 1024 ranges are split evenly in order.
@@ -174,6 +202,13 @@ async fn serve(args: Args) -> Result<()> {
         token,
         max_frame: args.max_frame_bytes,
         max_in_flight: args.max_in_flight,
+        max_connections: args.max_connections,
+        max_waiters: args.max_waiters,
+        max_subscriptions: args.max_subscriptions,
+        max_subscriptions_per_client: args.max_subscriptions_per_client,
+        max_entry_types: args.max_entry_types,
+        frame_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
+        subscriber_timeout: Duration::from_millis(args.subscriber_timeout_ms.max(1)),
         max_entry_bytes: args.max_entry_bytes,
         max_entries: args.max_entries,
         max_bytes: args.max_bytes,

@@ -1,20 +1,27 @@
 //! Pushing notify events to subscribers.
 //!
+//! A client serves one endpoint for all its subscriptions (the `SubscriberService`), and
+//! the node keeps one [`Link`] to each endpoint: one connection, shared by every
+//! subscription pushed there, opened with the endpoint's secret as the handshake token (the
+//! endpoint accepts pushes only from the nodes its client subscribed with).
+//!
 //! Each remote subscription has a pusher task: it waits for the subscription's next events,
-//! sends them in batches to the subscriber's endpoint (the `SubscriberService` the client
-//! serves), and moves on only when the batch is acknowledged. When the endpoint cannot be
-//! reached it keeps the batch and retries with backoff, so nothing is skipped; events that
-//! pile up meanwhile stay in the subscription's bounded log (overflow becomes a gap). A
-//! client that comes back with `Resume` gets delivery from its last sequence number on.
+//! sends them in batches over its link, and moves on only when the batch is acknowledged.
+//! When the endpoint cannot be reached it keeps the batch and retries with backoff, so
+//! nothing is skipped; events that pile up meanwhile stay in the subscription's bounded log
+//! (overflow becomes a gap). A client that comes back with `Resume` gets delivery from its
+//! last sequence number on. An endpoint unreachable for longer than the node's
+//! `subscriber_timeout` costs nothing any more: its subscriptions are cancelled. A
+//! subscription that ends by its lease delivers what it matched and then tells the
+//! endpoint it ended.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use space_core::wire::{self, Hello, SubscriberServiceClient, Welcome};
-use space_core::{NodeId, Notification, Subscription};
+use space_core::wire::{self, Endpoint, Hello, SubscriberServiceClient, Welcome};
+use space_core::{NodeId, Notification, SpaceError, Subscription};
 use tarpc::{client, context};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -25,29 +32,106 @@ const BATCH: usize = 256;
 /// How long one delivery may take.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How the node pushes: its id, frame limit, and how long an endpoint may stay away.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PushConfig {
+    pub(crate) node: NodeId,
+    pub(crate) max_frame: usize,
+    /// After this long without reaching its endpoint, a subscription is cancelled.
+    pub(crate) subscriber_timeout: Duration,
+    /// Most subscriptions one endpoint (one client) may hold on this node.
+    pub(crate) max_per_endpoint: usize,
+}
+
+/// The connection to one subscriber endpoint, shared by its subscriptions.
+struct Link {
+    endpoint: Endpoint,
+    /// The connection, once made; dialled by one pusher at a time.
+    client: tokio::sync::Mutex<Option<SubscriberServiceClient>>,
+    /// Subscriptions pushed over this link.
+    subscriptions: std::sync::atomic::AtomicUsize,
+}
+
+impl Link {
+    /// The connection, dialled if there is none.
+    async fn client(&self, max_frame: usize) -> std::io::Result<SubscriberServiceClient> {
+        let mut client = self.client.lock().await;
+        if let Some(c) = client.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = connect(&self.endpoint, max_frame).await?;
+        *client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Drops the connection after a failure (the next delivery dials again).
+    async fn forget(&self) {
+        self.client.lock().await.take();
+    }
+}
+
 struct Pusher {
     subscription: Arc<Subscription>,
-    endpoint: watch::Sender<SocketAddr>,
+    link: watch::Sender<Arc<Link>>,
 }
 
-/// The node's remote subscriptions and their pushers.
-#[derive(Default)]
+/// The node's remote subscriptions, their pushers, and the links to their endpoints.
 pub(crate) struct Pushers {
-    map: Mutex<HashMap<u64, Pusher>>,
+    config: PushConfig,
+    map: Mutex<Tables>,
 }
 
-fn seq_of(n: &Notification) -> u64 {
-    match n {
-        Notification::Event(e) => e.seq,
-        Notification::Gap { last_seq, .. } => *last_seq,
+#[derive(Default)]
+struct Tables {
+    pushers: HashMap<u64, Pusher>,
+    links: HashMap<Endpoint, Arc<Link>>,
+}
+
+impl Tables {
+    /// The link to `endpoint` (made if missing), with room for one more subscription.
+    fn link(&mut self, endpoint: Endpoint, max: usize) -> Result<Arc<Link>, SpaceError> {
+        let link = self
+            .links
+            .entry(endpoint)
+            .or_insert_with(|| {
+                Arc::new(Link {
+                    endpoint,
+                    client: tokio::sync::Mutex::new(None),
+                    subscriptions: 0.into(),
+                })
+            })
+            .clone();
+        let held = link
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Acquire);
+        if held >= max {
+            return Err(SpaceError::Busy {
+                node: String::new(),
+                reason: format!("this client holds its maximum of {max} subscriptions on the node"),
+            });
+        }
+        link.subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(link)
+    }
+
+    /// Gives back a subscription's place on `link`, and the link once it has none.
+    fn unlink(&mut self, link: &Link) {
+        let left = link
+            .subscriptions
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            - 1;
+        if left == 0 {
+            self.links.remove(&link.endpoint);
+        }
     }
 }
 
 async fn connect(
-    endpoint: SocketAddr,
+    endpoint: &Endpoint,
     max_frame: usize,
 ) -> std::io::Result<SubscriberServiceClient> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint))
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint.addr))
         .await
         .map_err(|_| {
             std::io::Error::new(
@@ -57,10 +141,12 @@ async fn connect(
         })??;
     stream.set_nodelay(true)?;
     let mut framed = wire::framed(stream, max_frame);
-    wire::send_frame(&mut framed, &Hello::new(None)).await?;
+    wire::send_frame(&mut framed, &Hello::new(Some(endpoint.token()), max_frame)).await?;
     match wire::recv_frame::<_, Welcome>(&mut framed).await? {
         Some(Welcome::Accepted { .. }) => {}
-        Some(Welcome::Refused { reason }) => return Err(std::io::Error::other(reason)),
+        Some(Welcome::Refused { reason } | Welcome::Busy { reason }) => {
+            return Err(std::io::Error::other(reason));
+        }
         None => {
             return Err(std::io::Error::other(
                 "the subscriber closed the connection",
@@ -71,91 +157,166 @@ async fn connect(
 }
 
 impl Pushers {
+    pub(crate) fn new(config: PushConfig) -> Pushers {
+        Pushers {
+            config,
+            map: Mutex::new(Tables::default()),
+        }
+    }
+
     /// Starts pushing `subscription`'s events to `endpoint`.
+    ///
+    /// # Errors
+    /// [`SpaceError::Busy`] when the endpoint's client holds its maximum of subscriptions
+    /// (the subscription is then cancelled).
     pub(crate) fn start(
         self: &Arc<Self>,
-        node: NodeId,
         subscription: Subscription,
-        endpoint: SocketAddr,
-        max_frame: usize,
-    ) -> u64 {
+        endpoint: Endpoint,
+    ) -> Result<u64, SpaceError> {
         let id = subscription.id();
         let subscription = Arc::new(subscription);
-        let (tx, rx) = watch::channel(endpoint);
-        self.map.lock().insert(
-            id,
-            Pusher {
-                subscription: subscription.clone(),
-                endpoint: tx,
-            },
-        );
+        let rx = {
+            let mut tables = self.map.lock();
+            let link = tables.link(endpoint, self.config.max_per_endpoint)?;
+            let (tx, rx) = watch::channel(link);
+            tables.pushers.insert(
+                id,
+                Pusher {
+                    subscription: subscription.clone(),
+                    link: tx,
+                },
+            );
+            rx
+        };
         let pushers = self.clone();
         tokio::spawn(async move {
-            push(node, subscription.clone(), rx, max_frame).await;
-            pushers.map.lock().remove(&id);
+            push(pushers.config, subscription.clone(), rx).await;
+            {
+                let mut tables = pushers.map.lock();
+                if let Some(p) = tables.pushers.remove(&id) {
+                    let link = p.link.borrow().clone();
+                    tables.unlink(&link);
+                }
+            }
             subscription.cancel();
             tracing::debug!(subscription = id, "pusher finished");
         });
-        id
+        Ok(id)
     }
 
     /// Redirects a subscription to `endpoint` and re-delivers after `last_seq`.
-    pub(crate) fn resume(&self, id: u64, last_seq: u64, endpoint: SocketAddr) -> bool {
-        let map = self.map.lock();
-        let Some(p) = map.get(&id) else {
-            return false;
+    ///
+    /// # Errors
+    /// [`SpaceError::SubscriptionClosed`] when there is no such subscription, and
+    /// [`SpaceError::Busy`] when the new endpoint's client holds its maximum.
+    pub(crate) fn resume(
+        &self,
+        id: u64,
+        last_seq: u64,
+        endpoint: Endpoint,
+    ) -> Result<(), SpaceError> {
+        let mut tables = self.map.lock();
+        let Some(old) = tables.pushers.get(&id).map(|p| p.link.borrow().clone()) else {
+            return Err(SpaceError::SubscriptionClosed { id });
         };
-        p.subscription.rewind(last_seq);
-        p.endpoint.send_replace(endpoint);
-        true
+        if old.endpoint != endpoint {
+            let link = tables.link(endpoint, self.config.max_per_endpoint)?;
+            tables.unlink(&old);
+            if let Some(p) = tables.pushers.get(&id) {
+                p.link.send_replace(link);
+            }
+        }
+        if let Some(p) = tables.pushers.get(&id) {
+            p.subscription.rewind(last_seq);
+            // Wake the pusher even when the endpoint stayed the same.
+            p.link.send_modify(|_| {});
+        }
+        Ok(())
     }
 
     /// The subscription behind a pusher.
     pub(crate) fn get(&self, id: u64) -> Option<Arc<Subscription>> {
-        self.map.lock().get(&id).map(|p| p.subscription.clone())
+        self.map
+            .lock()
+            .pushers
+            .get(&id)
+            .map(|p| p.subscription.clone())
     }
 
     /// Ends a subscription (its pusher stops).
-    pub(crate) fn cancel(&self, id: u64) -> bool {
-        match self.map.lock().remove(&id) {
-            Some(p) => {
-                p.subscription.cancel();
-                true
-            }
-            None => false,
+    pub(crate) fn cancel(&self, id: u64) {
+        let pusher = self
+            .map
+            .lock()
+            .pushers
+            .get(&id)
+            .map(|p| p.subscription.clone());
+        if let Some(sub) = pusher {
+            sub.cancel();
         }
     }
 
     /// Ends every subscription (node shutdown).
     pub(crate) fn cancel_all(&self) {
-        for (_, p) in self.map.lock().drain() {
-            p.subscription.cancel();
+        let subs: Vec<_> = self
+            .map
+            .lock()
+            .pushers
+            .values()
+            .map(|p| p.subscription.clone())
+            .collect();
+        for sub in subs {
+            sub.cancel();
         }
+    }
+
+    /// Endpoints (clients) with subscriptions here.
+    pub(crate) fn endpoints(&self) -> usize {
+        self.map.lock().links.len()
     }
 }
 
-async fn push(
-    node: NodeId,
-    sub: Arc<Subscription>,
-    mut endpoint: watch::Receiver<SocketAddr>,
-    max_frame: usize,
-) {
+/// Backoff between attempts to reach an endpoint.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_millis(20))
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn seq_of(n: &Notification) -> u64 {
+    match n {
+        Notification::Event(e) => e.seq,
+        Notification::Gap { last_seq, .. } => *last_seq,
+    }
+}
+
+async fn push(config: PushConfig, sub: Arc<Subscription>, mut link: watch::Receiver<Arc<Link>>) {
     let id = sub.id();
-    let mut client: Option<SubscriberServiceClient> = None;
     let mut batch: Vec<Notification> = Vec::new();
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::new();
+    // Since when the endpoint has not been reached (None: it was, last time).
+    let mut unreachable_since: Option<Instant> = None;
+    let mut ended = false;
     loop {
-        if batch.is_empty() {
+        if batch.is_empty() && !ended {
             tokio::select! {
                 n = sub.recv_async() => match n {
                     Some(n) => batch.push(n),
-                    None => return,
+                    None if sub.is_cancelled() => return,
+                    None => ended = true,
                 },
-                changed = endpoint.changed() => {
+                changed = link.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    client = None;
                     continue;
                 }
             }
@@ -166,50 +327,65 @@ async fn push(
                 }
             }
         }
-        if endpoint.has_changed().unwrap_or(false) {
-            // Resumed elsewhere: the rewound log re-delivers what this batch held.
-            endpoint.borrow_and_update();
-            client = None;
+        if link.has_changed().unwrap_or(false) {
+            // Resumed (elsewhere): the rewound log re-delivers what this batch held.
+            link.borrow_and_update();
             batch.clear();
+            ended = false;
             continue;
         }
-        if client.is_none() {
-            let addr = *endpoint.borrow();
-            match connect(addr, max_frame).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::debug!(subscription = id, %addr, error = %e, "subscriber unreachable");
-                    if sub.is_closed() {
-                        return;
+        let current = link.borrow().clone();
+        let delivered = match current.client(config.max_frame).await {
+            Ok(c) => {
+                let mut ctx = context::current();
+                ctx.deadline = Instant::now() + DELIVERY_DEADLINE;
+                let sent = if batch.is_empty() {
+                    c.end(ctx, config.node, id).await.map(|()| true)
+                } else {
+                    c.deliver(ctx, config.node, id, batch.clone()).await
+                };
+                match sent {
+                    Ok(wanted) => Ok(wanted),
+                    Err(e) => {
+                        current.forget().await;
+                        Err(e.to_string())
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
                 }
             }
-        }
-        let Some(c) = &client else { continue };
-        let mut ctx = context::current();
-        ctx.deadline = Instant::now() + DELIVERY_DEADLINE;
-        let last = batch.last().map(seq_of).unwrap_or(0);
-        match c.deliver(ctx, node, id, batch.clone()).await {
+            Err(e) => Err(e.to_string()),
+        };
+        match delivered {
+            Ok(true) if batch.is_empty() => return, // the end was told
             Ok(true) => {
+                tracing::trace!(
+                    subscription = id,
+                    last = batch.last().map(seq_of),
+                    "delivered"
+                );
                 batch.clear();
-                backoff = Duration::from_millis(20);
-                tracing::trace!(subscription = id, last, "delivered");
+                backoff = Backoff::new();
+                unreachable_since = None;
             }
             Ok(false) => {
                 tracing::debug!(subscription = id, "the subscriber no longer wants it");
                 return;
             }
-            Err(e) => {
-                tracing::debug!(subscription = id, error = %e, "delivery failed; retrying");
-                client = None;
-                if sub.is_closed() {
+            Err(error) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= config.subscriber_timeout {
+                    tracing::info!(
+                        subscription = id,
+                        endpoint = %current.endpoint.addr,
+                        %error,
+                        "the subscriber stayed unreachable; cancelling its subscription"
+                    );
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                tracing::debug!(subscription = id, %error, "delivery failed; retrying");
+                if sub.is_cancelled() {
+                    return;
+                }
+                backoff.wait().await;
             }
         }
     }

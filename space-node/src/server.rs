@@ -10,13 +10,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use space_core::wire::{
     self, Envelope, Hello, NodeInfo, NodeStatus, Request, Response, SpaceService, Target, Welcome,
 };
-use space_core::{Engine, EngineConfig, NodeId, SpaceError};
+use space_core::{Engine, EngineConfig, NodeId, SpaceError, Stats};
 use subtle::ConstantTimeEq;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
@@ -24,7 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::cluster::Cluster;
 use crate::dedupe::{Dedupe, Finished, Outcome};
-use crate::push::Pushers;
+use crate::push::{PushConfig, Pushers};
+use crate::stall::FrameDeadline;
 
 /// Everything a node needs to know to run.
 #[derive(Clone, Debug)]
@@ -41,8 +43,23 @@ pub struct NodeConfig {
     pub token: Option<String>,
     /// Largest frame accepted, in bytes.
     pub max_frame: usize,
-    /// Most requests in flight on one connection.
+    /// Most requests in flight on one connection (more are answered `Busy`).
     pub max_in_flight: usize,
+    /// Most client connections at once (more are refused with `Busy`).
+    pub max_connections: usize,
+    /// Most blocked reads, takes and claims at once, over all connections.
+    pub max_waiters: usize,
+    /// Most subscriptions at once, over all clients.
+    pub max_subscriptions: usize,
+    /// Most subscriptions one client (one subscriber endpoint) holds.
+    pub max_subscriptions_per_client: usize,
+    /// Most entry types held (empty ones are forgotten).
+    pub max_entry_types: usize,
+    /// How long a frame may take to arrive once its first byte has.
+    pub frame_timeout: Duration,
+    /// How long a subscriber endpoint may stay unreachable before its subscriptions are
+    /// cancelled.
+    pub subscriber_timeout: Duration,
     /// Largest entry accepted, in bytes.
     pub max_entry_bytes: u64,
     /// Most entries held.
@@ -69,7 +86,14 @@ impl Default for NodeConfig {
             labels: Vec::new(),
             token: None,
             max_frame: wire::DEFAULT_MAX_FRAME,
-            max_in_flight: 1024,
+            max_in_flight: 20_000,
+            max_connections: 4_096,
+            max_waiters: 50_000,
+            max_subscriptions: 10_000,
+            max_subscriptions_per_client: 1_000,
+            max_entry_types: 10_000,
+            frame_timeout: Duration::from_secs(30),
+            subscriber_timeout: Duration::from_secs(30),
             max_entry_bytes: 1 << 20,
             max_entries: None,
             max_bytes: None,
@@ -114,11 +138,17 @@ pub(crate) struct NodeState {
     pushers: Arc<Pushers>,
     address: String,
     cluster: Arc<Cluster>,
+    /// Client connections open now.
+    connections: Arc<AtomicUsize>,
 }
 
-/// The tarpc service: one clone per connection, sharing the node's state.
+/// The tarpc service: one per connection, sharing the node's state.
 #[derive(Clone)]
-struct Service(Arc<NodeState>);
+struct Service {
+    state: Arc<NodeState>,
+    /// Most bytes of documents in one answer on this connection.
+    reply_budget: usize,
+}
 
 impl SpaceService for Service {
     async fn call(
@@ -126,7 +156,8 @@ impl SpaceService for Service {
         _ctx: context::Context,
         envelope: Envelope,
     ) -> Result<Response, SpaceError> {
-        let state = self.0;
+        let state = self.state;
+        let budget = self.reply_budget;
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
@@ -139,7 +170,7 @@ impl SpaceService for Service {
                     let finished = InRequest {
                         engine: &state.engine,
                         id,
-                        inner: Box::pin(state.handle(request)),
+                        inner: Box::pin(state.handle(request, budget)),
                     }
                     .await;
                     state.engine.flush().await?;
@@ -147,7 +178,10 @@ impl SpaceService for Service {
                 })
                 .await
         } else {
-            state.handle(request).await.map(Outcome::into_response)
+            state
+                .handle(request, budget)
+                .await
+                .map(Outcome::into_response)
         }
     }
 }
@@ -203,8 +237,9 @@ impl NodeState {
     }
 
     /// Runs one request on the engine. Requests addressed by key are refused with a
-    /// wrong-node error when another member of the cluster owns the key.
-    pub(crate) async fn handle(&self, request: Request) -> Finished {
+    /// wrong-node error when another member of the cluster owns the key. Answers that
+    /// carry many documents stop at `budget` bytes of them.
+    pub(crate) async fn handle(&self, request: Request, budget: usize) -> Finished {
         let engine = &self.engine;
         let cluster = &self.cluster;
         if let Some(key) = request.routing_key() {
@@ -247,7 +282,7 @@ impl NodeState {
                         .collect(),
                     Target::Query(q) => {
                         engine
-                            .take_entries(&q, max.max(1) as usize, timeout)?
+                            .take_entries(&q, max.max(1) as usize, budget, timeout)?
                             .wait_async()
                             .await
                     }
@@ -284,8 +319,12 @@ impl NodeState {
                 after,
                 limit,
             } => {
-                let (documents, next) =
-                    engine.contents_page(&query, after, limit.clamp(1, 10_000) as usize)?;
+                let (documents, next) = engine.contents_page_within(
+                    &query,
+                    after,
+                    limit.clamp(1, 10_000) as usize,
+                    budget,
+                )?;
                 Response::Page { documents, next }
             }
             Request::FindFor(key) => {
@@ -301,23 +340,15 @@ impl NodeState {
                 endpoint,
             } => {
                 let sub = engine.subscribe(&query, kinds, lease)?;
-                Response::Subscribed(self.pushers.start(
-                    self.config.node,
-                    sub,
-                    endpoint,
-                    self.config.max_frame,
-                ))
+                Response::Subscribed(self.pushers.start(sub, endpoint)?)
             }
             Request::Resume {
                 id,
                 last_seq,
                 endpoint,
             } => {
-                if self.pushers.resume(id, last_seq, endpoint) {
-                    Response::Done
-                } else {
-                    return Err(SpaceError::SubscriptionClosed { id });
-                }
+                self.pushers.resume(id, last_seq, endpoint)?;
+                Response::Done
             }
             Request::RenewSubscription { id, lease } => match self.pushers.get(id) {
                 Some(sub) => sub.renew(lease).map(|()| Response::Done)?,
@@ -329,7 +360,11 @@ impl NodeState {
             }
             Request::Topology => Response::Topology(cluster.topology()),
             Request::NodeStatus => Response::NodeStatus(self.status()),
-            Request::Stats => Response::Stats(engine.stats()),
+            Request::Stats => Response::Stats(Stats {
+                connections: self.connections.load(Ordering::Relaxed) as u64,
+                subscribers: self.pushers.endpoints() as u64,
+                ..engine.stats()
+            }),
         };
         Ok(Outcome::Answer(answer))
     }
@@ -372,6 +407,12 @@ impl Node {
                 "the frame limit must be at least 1024 bytes".into(),
             ));
         }
+        if config.max_entry_bytes > config.max_frame as u64 / 2 {
+            return Err(NodeError::Config(format!(
+                "the entry limit ({} bytes) must be at most half the frame limit ({} bytes), so that every entry fits in an answer",
+                config.max_entry_bytes, config.max_frame
+            )));
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -410,6 +451,9 @@ impl Node {
             max_entry_bytes: Some(config.max_entry_bytes),
             max_entries: config.max_entries,
             max_bytes: config.max_bytes,
+            max_entry_types: Some(config.max_entry_types),
+            max_waiters: Some(config.max_waiters),
+            max_subscriptions: Some(config.max_subscriptions),
             ..EngineConfig::default()
         };
         let engine = match &config.data_dir {
@@ -435,7 +479,13 @@ impl Node {
             state: Arc::new(NodeState {
                 cluster,
                 dedupe,
-                pushers: Arc::new(Pushers::default()),
+                pushers: Arc::new(Pushers::new(PushConfig {
+                    node: config.node,
+                    max_frame: config.max_frame,
+                    subscriber_timeout: config.subscriber_timeout,
+                    max_per_endpoint: config.max_subscriptions_per_client,
+                })),
+                connections: Arc::new(AtomicUsize::new(0)),
                 config,
                 engine,
                 address,
@@ -484,8 +534,20 @@ impl Node {
     }
 }
 
+/// Counts a connection while it is open.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<(), String> {
+    let open = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    let _open = Open(state.connections.clone());
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream = FrameDeadline::new(stream, state.config.frame_timeout);
     let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::recv_frame::<_, Hello>(&mut framed))
         .await
@@ -515,6 +577,20 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
         .await;
         return Err(reason);
     }
+    if open > state.config.max_connections {
+        let reason = format!(
+            "the node serves its maximum of {} connections",
+            state.config.max_connections
+        );
+        let _ = wire::send_frame(
+            &mut framed,
+            &Welcome::Busy {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return Err(reason);
+    }
     wire::send_frame(
         &mut framed,
         &Welcome::Accepted {
@@ -532,9 +608,17 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
         .set_max_frame_length(state.config.max_frame);
     let transport = wire::server_transport(framed);
     let max_in_flight = state.config.max_in_flight;
+    // Answers stay well within what the client reads (and what this node sends).
+    let reply_budget = (hello.max_frame.min(state.config.max_frame as u64) / 2) as usize;
     BaseChannel::with_defaults(transport)
         .max_concurrent_requests(max_in_flight)
-        .execute(Service(state).serve())
+        .execute(
+            Service {
+                state,
+                reply_budget,
+            }
+            .serve(),
+        )
         .for_each(run_or_spawn)
         .await;
     Ok(())

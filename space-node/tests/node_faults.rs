@@ -127,7 +127,10 @@ fn frame(body: &[u8]) -> Vec<u8> {
 }
 
 fn hello(token: Option<&str>) -> Vec<u8> {
-    frame(&postcard_bytes(&Hello::new(token.map(str::to_owned))))
+    frame(&postcard_bytes(&Hello::new(
+        token.map(str::to_owned),
+        1 << 20,
+    )))
 }
 
 fn postcard_bytes<T: Serialize>(v: &T) -> Vec<u8> {

@@ -38,8 +38,8 @@ struct Cli {
         global = true
     )]
     node: String,
-    /// The node's auth token.
-    #[arg(long, env = "SPACE_AUTH_TOKEN", global = true)]
+    /// The node's auth token (or SPACE_AUTH_TOKEN; its value is never printed).
+    #[arg(long, env = "SPACE_AUTH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// Print JSON (one value per line) instead of text.
     #[arg(long, global = true)]

@@ -1,0 +1,520 @@
+//! Notify on the client: the endpoint nodes push events to, and subscriptions merged over
+//! the nodes of a cluster.
+//!
+//! A client serves one endpoint ([`SubscriberService`]) for all its subscriptions. It makes
+//! up a secret when it starts, hands it only to the nodes it subscribes with, and accepts a
+//! connection only from a peer that presents it (compared in constant time), so nobody else
+//! can push events to it. Each node keeps one connection to the endpoint for all of them.
+//!
+//! A subscription is registered on every member of the cluster (a *part* per node); the
+//! parts push into one channel, so the user sees one stream in which every event carries
+//! its node and that node's sequence number. A subscription asked for without a lease is
+//! kept alive by renewing every part's lease; a member that could not be reached when it
+//! subscribed, or that lost its part (a restart, or it gave up on an unreachable endpoint),
+//! gets the subscription registered again on the next renewal, and until then
+//! [`Subscription::unreached`](space_core::Subscription::unreached) names it. A
+//! subscription with a lease ends when the lease does: each node delivers what it matched
+//! and then tells the endpoint it ended; once every part ended, the stream ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use space_core::wire::{self, Hello, Request, Response, SubscriberService, Welcome};
+use space_core::{EventKinds, Lease, NodeId, Notification, Query, RemoteFeed, Result, SpaceError};
+use subtle::ConstantTimeEq;
+use tarpc::context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::connection::{ClientConfig, Connection, Runtime};
+
+/// Notifications buffered per subscription on the client before deliveries wait.
+pub(crate) const FEED_CAPACITY: usize = 65_536;
+
+/// How long a subscription with a lease waits, past the lease, for its nodes to say it
+/// ended before it ends by itself (a node that cannot be reached cannot say so).
+const END_GRACE: Duration = Duration::from_secs(10);
+
+/// A subscription's registration on one node.
+pub(crate) struct Part {
+    node: NodeId,
+    id: u64,
+    conn: Arc<Connection>,
+    tx: Mutex<Option<flume::Sender<Notification>>>,
+    /// The last sequence number received from this node: deliveries at or below it are
+    /// repeats (after a retried delivery).
+    last_seq: AtomicU64,
+}
+
+/// What registers a subscription on a node.
+#[derive(Clone)]
+pub(crate) struct Spec {
+    pub(crate) query: Query,
+    pub(crate) kinds: EventKinds,
+    /// The lease each node gives it.
+    pub(crate) lease: Lease,
+}
+
+/// The state of one subscription across the nodes.
+pub(crate) struct FeedState {
+    spec: Spec,
+    parts: Mutex<Vec<Arc<Part>>>,
+    /// Members without a part (could not be reached, or lost it).
+    unreached: Mutex<Vec<String>>,
+    /// Hands new parts their sender; dropped when no part may be added any more, so that
+    /// the stream ends once the parts' senders are gone too.
+    spare: Mutex<Option<flume::Sender<Notification>>>,
+    dropped: AtomicU64,
+    closed: AtomicBool,
+    detached: AtomicBool,
+}
+
+/// The endpoint nodes push events to.
+pub(crate) struct Endpoint {
+    /// Its address and secret, as handed to nodes.
+    pub(crate) advertised: wire::Endpoint,
+    feeds: Mutex<HashMap<(NodeId, u64), Arc<Part>>>,
+}
+
+impl Endpoint {
+    /// Serves the endpoint on `config.subscriber_bind`.
+    pub(crate) async fn start(config: &ClientConfig) -> Result<Arc<Endpoint>> {
+        let listener = TcpListener::bind(config.subscriber_bind)
+            .await
+            .map_err(|e| SpaceError::Protocol {
+                reason: format!(
+                    "cannot serve the subscriber endpoint on {}: {e}",
+                    config.subscriber_bind
+                ),
+            })?;
+        let bound = listener.local_addr().map_err(|e| SpaceError::Protocol {
+            reason: e.to_string(),
+        })?;
+        let endpoint = Arc::new(Endpoint {
+            advertised: wire::Endpoint {
+                addr: config.subscriber_advertise.unwrap_or(bound),
+                secret: uuid::Uuid::new_v4().as_u128(),
+            },
+            feeds: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&endpoint);
+        let max_frame = config.max_frame;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Some(endpoint) = weak.upgrade() else {
+                    return;
+                };
+                tokio::spawn(serve_subscriber(endpoint, stream, max_frame));
+            }
+        });
+        Ok(endpoint)
+    }
+
+    /// Registers subscription `id` of the node behind `conn`, its pushes (after
+    /// `last_seq`) going to `tx`.
+    fn attach(
+        &self,
+        conn: Arc<Connection>,
+        id: u64,
+        tx: flume::Sender<Notification>,
+        last_seq: u64,
+    ) -> Arc<Part> {
+        let part = Arc::new(Part {
+            node: conn.node(),
+            id,
+            conn,
+            tx: Mutex::new(Some(tx)),
+            last_seq: AtomicU64::new(last_seq),
+        });
+        self.feeds.lock().insert((part.node, id), part.clone());
+        part
+    }
+
+    /// Forgets a part: its pushes are no longer wanted.
+    fn detach(&self, part: &Part) {
+        part.tx.lock().take();
+        self.feeds.lock().remove(&(part.node, part.id));
+    }
+
+    /// The registration of a subscription; waits briefly for one being registered (its
+    /// first events can arrive before the answer to Subscribe does).
+    async fn part(&self, node: NodeId, id: u64) -> Option<Arc<Part>> {
+        for _ in 0..100 {
+            if let Some(p) = self.feeds.lock().get(&(node, id)) {
+                return Some(p.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame: usize) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = wire::framed(stream, max_frame);
+    let hello = match tokio::time::timeout(
+        Duration::from_secs(5),
+        wire::recv_frame::<_, Hello>(&mut framed),
+    )
+    .await
+    {
+        Ok(Ok(Some(h))) => h,
+        _ => return,
+    };
+    let expected = endpoint.advertised.token();
+    let token_ok = hello
+        .token
+        .as_deref()
+        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected.as_bytes())));
+    let welcome = if hello.magic != wire::MAGIC || hello.version != wire::PROTOCOL_VERSION {
+        Welcome::Refused {
+            reason: "not a space node of this protocol".into(),
+        }
+    } else if !token_ok {
+        Welcome::Refused {
+            reason: "wrong or missing subscriber secret".into(),
+        }
+    } else {
+        Welcome::Accepted {
+            node: NodeId(0),
+            limits: wire::Limits {
+                max_frame: max_frame as u64,
+                max_entry_bytes: max_frame as u64,
+            },
+        }
+    };
+    let accepted = matches!(welcome, Welcome::Accepted { .. });
+    if wire::send_frame(&mut framed, &welcome).await.is_err() || !accepted {
+        return;
+    }
+    BaseChannel::with_defaults(wire::server_transport(framed))
+        .execute(Subscriber(endpoint).serve())
+        .for_each(|response| async move {
+            tokio::spawn(response);
+        })
+        .await;
+}
+
+fn seq_range(n: &Notification) -> (u64, u64) {
+    match n {
+        Notification::Event(e) => (e.seq, e.seq),
+        Notification::Gap {
+            first_seq,
+            last_seq,
+        } => (*first_seq, *last_seq),
+    }
+}
+
+#[derive(Clone)]
+struct Subscriber(Arc<Endpoint>);
+
+impl SubscriberService for Subscriber {
+    async fn deliver(
+        self,
+        _: context::Context,
+        node: NodeId,
+        subscription: u64,
+        notifications: Vec<Notification>,
+    ) -> bool {
+        let Some(part) = self.0.part(node, subscription).await else {
+            return false;
+        };
+        let Some(tx) = part.tx.lock().clone() else {
+            // Detached (still registered: the node keeps the events in its log for a
+            // resume) or cancelled (gone: the node may drop the subscription).
+            return self.0.feeds.lock().contains_key(&(node, subscription));
+        };
+        for n in notifications {
+            let (_, last) = seq_range(&n);
+            if last <= part.last_seq.load(Ordering::Acquire) {
+                continue; // a repeat after a retried delivery
+            }
+            part.last_seq.store(last, Ordering::Release);
+            if tx.send_async(n).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn end(self, _: context::Context, node: NodeId, subscription: u64) {
+        let part = self.0.feeds.lock().get(&(node, subscription)).cloned();
+        if let Some(part) = part {
+            self.0.detach(&part);
+        }
+    }
+}
+
+impl FeedState {
+    pub(crate) fn new(spec: Spec, spare: Option<flume::Sender<Notification>>) -> Arc<FeedState> {
+        Arc::new(FeedState {
+            spec,
+            parts: Mutex::new(Vec::new()),
+            unreached: Mutex::new(Vec::new()),
+            spare: Mutex::new(spare),
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    /// Registers the subscription on the node behind `conn` (its pushes after `last_seq`
+    /// join the stream; `resume` picks up subscription `id` there instead of registering).
+    pub(crate) async fn register(
+        &self,
+        endpoint: &Endpoint,
+        conn: Arc<Connection>,
+        resume: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let Some(tx) = self.spare.lock().clone() else {
+            return Err(SpaceError::SubscriptionClosed { id: 0 });
+        };
+        let (id, last_seq) = match resume {
+            Some((id, last_seq)) => {
+                conn.call(Request::Resume {
+                    id,
+                    last_seq,
+                    endpoint: endpoint.advertised,
+                })
+                .await?;
+                (id, last_seq)
+            }
+            None => {
+                let request = Request::Subscribe {
+                    query: self.spec.query.clone(),
+                    kinds: self.spec.kinds,
+                    lease: self.spec.lease,
+                    endpoint: endpoint.advertised,
+                };
+                match conn.call(request).await? {
+                    Response::Subscribed(id) => (id, 0),
+                    other => {
+                        return Err(SpaceError::Protocol {
+                            reason: format!("unexpected answer {other:?}"),
+                        });
+                    }
+                }
+            }
+        };
+        let part = endpoint.attach(conn.clone(), id, tx, last_seq);
+        self.parts.lock().push(part);
+        self.unreached.lock().retain(|a| a != conn.addr());
+        Ok(())
+    }
+
+    /// Notes a member that has no part.
+    pub(crate) fn unreached(&self, addr: &str) {
+        let mut unreached = self.unreached.lock();
+        if !unreached.iter().any(|a| a == addr) {
+            unreached.push(addr.to_owned());
+        }
+    }
+
+    /// No part will be added any more: the stream ends once the parts end.
+    pub(crate) fn seal(&self) {
+        self.spare.lock().take();
+    }
+
+    fn alive(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.detached.load(Ordering::Acquire)
+    }
+}
+
+/// Cancels parts on their nodes, in the background (their leases end them anyway).
+fn cancel_parts(parts: Vec<Arc<Part>>, endpoint: &Endpoint, runtime: &Runtime) {
+    for part in parts {
+        endpoint.detach(&part);
+        let (conn, id) = (part.conn.clone(), part.id);
+        drop(runtime.handle().spawn(async move {
+            let _ = conn.call(Request::CancelSubscription(id)).await;
+        }));
+    }
+}
+
+/// Keeps a subscription without a lease alive while its handle lives: renews every part at
+/// a third of the lease, and registers it again on members that lost their part or could
+/// not be reached (`members` lists the cluster's members and connects to one).
+pub(crate) async fn keep_alive<M, F>(
+    state: Weak<FeedState>,
+    endpoint: Arc<Endpoint>,
+    lease: Duration,
+    members: M,
+) where
+    M: Fn() -> F,
+    F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
+{
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let Some(state) = state.upgrade() else { return };
+        if !state.alive() {
+            return;
+        }
+        let parts = state.parts.lock().clone();
+        for part in parts {
+            let request = Request::RenewSubscription {
+                id: part.id,
+                lease: Lease::For(lease),
+            };
+            match part.conn.call(request).await {
+                Ok(_) => {}
+                Err(SpaceError::SubscriptionClosed { .. }) => {
+                    tracing::info!(subscription = part.id, node = %part.node, "a node lost a subscription; registering it again");
+                    endpoint.detach(&part);
+                    state.parts.lock().retain(|p| !Arc::ptr_eq(p, &part));
+                    state.unreached(part.conn.addr());
+                }
+                Err(e) => {
+                    tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
+                }
+            }
+        }
+        let missing: Vec<String> = state.unreached.lock().clone();
+        if missing.is_empty() {
+            continue;
+        }
+        for (addr, conn) in members().await {
+            if !missing.contains(&addr) {
+                continue;
+            }
+            let registered = match conn {
+                Ok(conn) => state.register(&endpoint, conn, None).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = registered {
+                tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
+            }
+        }
+    }
+}
+
+/// Ends a subscription with a lease by itself a little after the lease, if its nodes did
+/// not (a node that cannot be reached cannot tell its end).
+pub(crate) async fn end_after(state: Weak<FeedState>, endpoint: Arc<Endpoint>, lease: Duration) {
+    tokio::time::sleep(lease.saturating_add(END_GRACE)).await;
+    if let Some(state) = state.upgrade() {
+        let parts = std::mem::take(&mut *state.parts.lock());
+        for part in parts {
+            endpoint.detach(&part);
+        }
+    }
+}
+
+/// A remote subscription's receiving side: the merged stream of its parts.
+pub(crate) struct Feed {
+    rx: flume::Receiver<Notification>,
+    stream: Mutex<flume::r#async::RecvStream<'static, Notification>>,
+    state: Arc<FeedState>,
+    endpoint: Arc<Endpoint>,
+    runtime: Runtime,
+}
+
+impl Feed {
+    pub(crate) fn new(
+        rx: flume::Receiver<Notification>,
+        state: Arc<FeedState>,
+        endpoint: Arc<Endpoint>,
+        runtime: Runtime,
+    ) -> Feed {
+        Feed {
+            stream: Mutex::new(rx.clone().into_stream()),
+            rx,
+            state,
+            endpoint,
+            runtime,
+        }
+    }
+
+    fn counted(&self, n: Option<Notification>) -> Option<Notification> {
+        if let Some(Notification::Gap {
+            first_seq,
+            last_seq,
+        }) = &n
+        {
+            self.state
+                .dropped
+                .fetch_add(last_seq - first_seq + 1, Ordering::Relaxed);
+        }
+        if n.is_none() && self.rx.is_disconnected() && self.rx.is_empty() {
+            self.state.closed.store(true, Ordering::Release);
+        }
+        n
+    }
+}
+
+impl RemoteFeed for Feed {
+    fn id(&self) -> u64 {
+        self.state.parts.lock().first().map_or(0, |p| p.id)
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        let n = match deadline {
+            None => self.rx.recv().ok(),
+            Some(d) => self.rx.recv_deadline(d).ok(),
+        };
+        self.counted(n)
+    }
+
+    fn try_recv(&self) -> Option<Notification> {
+        self.counted(self.rx.try_recv().ok())
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+        self.stream
+            .lock()
+            .poll_next_unpin(cx)
+            .map(|n| self.counted(n))
+    }
+
+    fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+            || (self.rx.is_disconnected() && self.rx.is_empty())
+    }
+
+    fn unreached(&self) -> Vec<String> {
+        self.state.unreached.lock().clone()
+    }
+
+    fn renew(&self, lease: Lease) -> Result<()> {
+        let parts = self.state.parts.lock().clone();
+        let call = self.runtime.bind(async move {
+            for part in parts {
+                part.conn
+                    .call(Request::RenewSubscription { id: part.id, lease })
+                    .await?;
+            }
+            Ok(())
+        });
+        futures::executor::block_on(call)
+    }
+
+    fn cancel(&self) {
+        if self.state.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.state.seal();
+        let parts = std::mem::take(&mut *self.state.parts.lock());
+        cancel_parts(parts, &self.endpoint, &self.runtime);
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    fn detach(&self) {
+        self.state.detached.store(true, Ordering::Release);
+        self.state.seal();
+        for part in self.state.parts.lock().iter() {
+            part.tx.lock().take();
+        }
+    }
+}
