@@ -294,6 +294,8 @@ pub(crate) struct Wal {
     /// Set when a snapshot is due; the checkpointer waits on it.
     snapshot_due: Mutex<bool>,
     snapshot_cv: Condvar,
+    /// The writer thread, joined by [`close`](Self::close).
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Wal {
@@ -318,14 +320,30 @@ impl Wal {
             last_snapshot_bytes: AtomicU64::new(0),
             snapshot_due: Mutex::new(false),
             snapshot_cv: Condvar::new(),
+            writer: Mutex::new(None),
         });
         let file = Self::new_segment(dir, next_lsn)?;
         let writer = wal.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("space-wal".into())
             .spawn(move || writer.write_loop(file, next_lsn))
             .map_err(|e| storage(dir, format!("cannot start the log writer: {e}")))?;
+        *wal.writer.lock() = Some(thread);
         Ok(wal)
+    }
+
+    /// Stops the writer once what is pending is written, and waits for it; from then on
+    /// waiting for durability fails instead of waiting forever.
+    pub(crate) fn close(&self) {
+        self.shutdown();
+        if let Some(writer) = self.writer.lock().take() {
+            let _ = writer.join();
+        }
+        if self.failure.lock().is_none() {
+            *self.failure.lock() = Some("the space was closed".into());
+        }
+        self.failed.store(true, Ordering::Release);
+        self.wake_waiters();
     }
 
     fn new_segment(dir: &Path, first_lsn: u64) -> Result<File> {

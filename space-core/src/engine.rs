@@ -207,9 +207,26 @@ impl Default for EngineConfig {
 }
 
 /// The space engine over documents; cheap to clone (one shared instance).
+///
+/// The engine closes when the last clone goes (or on [`close`](Self::close)): its threads
+/// stop, a durable engine's log is written out and its data directory released before the
+/// drop returns, so the directory can be opened again at once.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
+    /// Shared by the clones users hold; absent in the engine's own threads, so that only a
+    /// user's drop closes the engine (never one of its threads, which could not wait for
+    /// itself).
+    _handle: Option<Arc<Handle>>,
+}
+
+/// Closes the engine when the last user-held clone drops.
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 struct Inner {
@@ -232,17 +249,42 @@ struct Inner {
     /// The operation log, when the engine is durable.
     wal: Option<Arc<Wal>>,
     /// Held while the engine owns its data directory.
-    _dir_lock: Option<std::fs::File>,
+    dir_lock: Mutex<Option<std::fs::File>>,
+    /// The engine's threads, joined when it closes.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
     /// Answers of requests found in the log at recovery, for the node's retry handling.
     recovered_answers: Mutex<Vec<(RequestId, Response)>>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Stops the engine's threads and waits for them, writes out the log, and releases
+    /// the data directory. Once only.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.timers.shutdown();
         if let Some(wal) = &self.wal {
             wal.shutdown();
         }
+        let me = std::thread::current().id();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        if let Some(wal) = &self.wal {
+            wal.close();
+        }
+        self.dir_lock.lock().take();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -463,19 +505,41 @@ impl Engine {
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
             wal,
-            _dir_lock: dir_lock,
+            dir_lock: Mutex::new(dir_lock),
+            threads: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             recovered_answers: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
-        let spawned = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("space-reaper".into())
-            .spawn(move || reap(&timers, &weak));
-        if let Err(e) = spawned {
+            .spawn(move || reap(&timers, &weak))
+        {
+            Ok(t) => inner.threads.lock().push(t),
             // Without the reaper, expired entries are still never returned (reads check
             // deadlines); they are only removed later, lazily.
-            tracing::error!(error = %e, "could not start the lease reaper thread");
+            Err(e) => tracing::error!(error = %e, "could not start the lease reaper thread"),
         }
-        Engine { inner }
+        Engine {
+            _handle: Some(Arc::new(Handle(inner.clone()))),
+            inner,
+        }
+    }
+
+    /// The engine as its own threads use it (their clones do not keep it open).
+    fn internal(inner: Arc<Inner>) -> Engine {
+        Engine {
+            inner,
+            _handle: None,
+        }
+    }
+
+    /// Closes the engine now, whatever other clones exist: its threads stop, a durable
+    /// engine's log is written out and its data directory released before this returns.
+    /// Dropping the last clone does the same. Changes made through a clone after this are
+    /// not logged, and waiting for their durability fails with [`SpaceError::Storage`].
+    pub fn close(&self) {
+        self.inner.close();
     }
 
     /// Opens a durable engine on a data directory (created if missing): recovers what the
@@ -514,18 +578,20 @@ impl Engine {
         );
         let weak = Arc::downgrade(&engine.inner);
         let wal = recovered.wal;
-        let spawned = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("space-checkpoint".into())
             .spawn(move || {
                 while wal.wait_snapshot_due() {
                     let Some(inner) = weak.upgrade() else { return };
-                    if let Err(e) = (Engine { inner }).checkpoint() {
+                    if let Err(e) = Engine::internal(inner).checkpoint() {
                         tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
                     }
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "could not start the checkpoint thread; the log will not be compacted");
+            }) {
+            Ok(t) => engine.inner.threads.lock().push(t),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the checkpoint thread; the log will not be compacted")
+            }
         }
         Ok(engine)
     }
@@ -1988,7 +2054,7 @@ fn reap(timers: &Timers, engine: &Weak<Inner>) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let engine = Engine { inner };
+        let engine = Engine::internal(inner);
         for timer in due {
             engine.fire(timer);
         }

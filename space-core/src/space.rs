@@ -255,6 +255,17 @@ impl Space {
         BlockingSpace(self.clone())
     }
 
+    /// Closes an in-process space now, whatever other clones of the handle exist: its
+    /// threads stop, a durable space's log is written out and its data directory released
+    /// before this returns, so it can be opened again at once. Dropping the last handle
+    /// does the same. Nothing happens for a remote handle (close its connections by
+    /// dropping it).
+    pub fn close(&self) {
+        if let Backend::Local(engine) = &self.backend {
+            engine.close();
+        }
+    }
+
     /// The engine behind an in-process handle (`None` for a remote one).
     pub fn local_engine(&self) -> Option<&Engine> {
         match &self.backend {
@@ -870,6 +881,11 @@ impl BlockingSpace {
     /// The async form of this handle.
     pub fn to_async(&self) -> Space {
         self.0.clone()
+    }
+
+    /// Closes an in-process space now; see [`Space::close`].
+    pub fn close(&self) {
+        self.0.close();
     }
 }
 

@@ -106,6 +106,45 @@ fn a_directory_is_used_by_one_engine_at_a_time() {
 }
 
 #[test]
+fn dropping_or_closing_a_space_releases_its_directory_at_once() {
+    let dir = TempDir::new("release");
+    let busy = EngineConfig {
+        snapshot_after_bytes: 4096,
+        ..EngineConfig::default()
+    };
+    for round in 0..100 {
+        let space = Space::open_with(&dir.0, busy.clone()).unwrap().blocking();
+        // Keep the engine's threads busy: leases running out, snapshots being taken.
+        for i in 0..40 {
+            space
+                .write_with_lease(&job(round * 100 + i), Lease::millis(1 + i % 3))
+                .unwrap();
+        }
+        space.write(&job(round)).unwrap();
+        if round % 2 == 0 {
+            drop(space);
+        } else {
+            let other = space.clone();
+            space.close();
+            drop(other);
+        }
+        // Open again at once: the directory is free and holds every acknowledged change.
+        let again = Space::open_with(&dir.0, busy.clone())
+            .unwrap_or_else(|e| panic!("round {round}: {e}"))
+            .blocking();
+        assert!(ids(&again).contains(&round), "round {round}");
+    }
+    // After close, a clone's changes are refused as not durable rather than lost silently.
+    let space = Space::open(&dir.0).unwrap().blocking();
+    let other = space.clone();
+    space.close();
+    assert!(matches!(
+        other.write(&job(1)),
+        Err(SpaceError::Storage { .. })
+    ));
+}
+
+#[test]
 fn a_torn_tail_is_truncated() {
     let dir = TempDir::new("torn");
     {
