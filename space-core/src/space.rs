@@ -168,15 +168,16 @@ impl<T: Send + 'static> Call<T> {
     }
 }
 
+/// Checks a query for `T`'s entry type: the type matches, and the query is valid (which
+/// bounds its nesting before anything copies or encodes it).
 fn check_type<T: Entry>(query: &Query) -> Result<()> {
-    if query.entry_type() == T::ENTRY_TYPE {
-        Ok(())
-    } else {
-        Err(SpaceError::TypeMismatch {
+    if query.entry_type() != T::ENTRY_TYPE {
+        return Err(SpaceError::TypeMismatch {
             query_type: query.entry_type().to_owned(),
             requested: T::ENTRY_TYPE.to_owned(),
-        })
+        });
     }
+    Ok(query.validate()?)
 }
 
 fn encode<T: Entry>(entry: &T) -> Result<(Fields, Option<Key>)> {
@@ -676,6 +677,9 @@ impl Space {
     }
 
     fn op_count(&self, query: &Query) -> Call<u64> {
+        if let Err(e) = query.validate() {
+            return Call::Done(Err(e.into()));
+        }
         match &self.backend {
             Backend::Local(engine) => Call::Done(engine.count(query)),
             Backend::Remote(r) => Self::remote(
@@ -687,6 +691,9 @@ impl Space {
     }
 
     fn op_notify(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Call<Subscription> {
+        if let Err(e) = query.validate() {
+            return Call::Done(Err(e.into()));
+        }
         match &self.backend {
             Backend::Local(engine) => Call::Done(engine.subscribe(query, kinds, lease)),
             Backend::Remote(r) => Call::Remote(r.subscribe(query.clone(), kinds, lease)),

@@ -62,6 +62,11 @@ impl NodeProcess {
             .map_or(0, |pages| pages * 4096)
     }
 
+    /// Files (sockets included) the node process has open.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
     /// Kills the process at once (SIGKILL) and waits for it.
     pub fn kill(mut self) {
         let _ = self.child.kill();

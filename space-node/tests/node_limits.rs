@@ -1,0 +1,537 @@
+//! A node keeps its promises under hostile and careless use: deep or absurd requests get
+//! typed errors (or a closed connection) and never crash it; notify costs one connection
+//! per client and is capped; pushes from anyone but the node are refused; one handle
+//! serves ten thousand blocked calls; connections, blocked calls and entry types are
+//! bounded; stalled frames are cut off; a subscription's lease ends its stream.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{NodeProcess, workspace_binary};
+use serde::{Deserialize, Serialize};
+use space_client::wire::{
+    self, Envelope, Hello, Request, RequestId, Response, SpaceServiceRequest, SpaceServiceResponse,
+    Welcome,
+};
+use space_client::{
+    ClientConfig, EventKinds, Filter, Lease, Notification, Query, SpaceError, connect,
+    connect_blocking, connect_blocking_with, connect_with,
+};
+use space_query::Value;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Job {
+    id: u64,
+}
+space_client::entry!(Job, "Job");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Nested {
+    id: u64,
+    value: serde_json::Value,
+}
+space_client::entry!(Nested, "Nested");
+
+// ----- raw connections --------------------------------------------------------------
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one frame's body; `None` when the node closed the connection first.
+fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+/// A connection past the handshake, or the node's answer to the handshake.
+fn raw(addr: &str) -> Result<TcpStream, Welcome> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&frame(&wire::encode(&Hello::new(None, 16 << 20))))
+        .unwrap();
+    let welcome: Welcome = wire::decode(&read_frame(&mut s).expect("a welcome")).unwrap();
+    match welcome {
+        Welcome::Accepted { .. } => Ok(s),
+        other => Err(other),
+    }
+}
+
+/// The bytes of one call of `request`, with the given deadline.
+fn call_bytes(request: Request, deadline: Instant) -> Vec<u8> {
+    let mut context = tarpc::context::current();
+    context.deadline = deadline;
+    let message = tarpc::ClientMessage::Request(tarpc::Request {
+        context,
+        id: 1,
+        message: SpaceServiceRequest::Call {
+            envelope: Envelope {
+                id: RequestId::new(),
+                request: std::sync::Arc::new(request),
+            },
+        },
+    });
+    wire::encode(&message)
+}
+
+/// `bytes` with the first occurrence of `pattern` replaced by `with`.
+fn splice(bytes: &[u8], pattern: &[u8], with: &[u8]) -> Vec<u8> {
+    let at = bytes
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .expect("the pattern is in the encoding");
+    [&bytes[..at], with, &bytes[at + pattern.len()..]].concat()
+}
+
+/// Sends one raw call and returns the node's answer, or `None` if it closed the
+/// connection instead.
+fn answer_to(addr: &str, call: &[u8]) -> Option<Result<Response, SpaceError>> {
+    let mut s = raw(addr).expect("accepted");
+    s.write_all(&frame(call)).unwrap();
+    let body = read_frame(&mut s)?;
+    let response: tarpc::Response<SpaceServiceResponse> = wire::decode(&body).unwrap();
+    match response.message {
+        Ok(SpaceServiceResponse::Call(answer)) => Some(answer),
+        Err(e) => panic!("the server failed the call: {e:?}"),
+    }
+}
+
+fn deep_query_call(depth: usize) -> Vec<u8> {
+    let three_nots = Filter::not(Filter::not(Filter::not(Filter::All)));
+    let bytes = call_bytes(
+        Request::Count(Query::new("Job", three_nots)),
+        Instant::now() + Duration::from_secs(10),
+    );
+    let mut deep = vec![15u8; depth];
+    deep.push(0);
+    splice(&bytes, &[15, 15, 15, 0], &deep)
+}
+
+fn deep_document_call(depth: usize) -> Vec<u8> {
+    let mut fields = wire::Fields::new();
+    let three = Value::List(vec![Value::List(vec![Value::List(vec![Value::Null])])]);
+    fields.push("a", three);
+    let bytes = call_bytes(
+        Request::WriteDirect {
+            entry_type: "Deep".into(),
+            indexes: Vec::new(),
+            entries: vec![(fields, None)],
+            lease: Lease::Forever,
+            labels: Vec::new(),
+        },
+        Instant::now() + Duration::from_secs(10),
+    );
+    let mut deep = [7u8, 1].repeat(depth);
+    deep.push(0);
+    splice(&bytes, &[7, 1, 7, 1, 7, 1, 0], &deep)
+}
+
+fn nested_json(depth: usize) -> serde_json::Value {
+    let mut v = serde_json::json!(1);
+    for _ in 0..depth {
+        v = serde_json::json!([v]);
+    }
+    v
+}
+
+// ----- the tests ----------------------------------------------------------------------
+
+#[test]
+fn deep_requests_get_typed_errors_and_never_crash_the_node() {
+    let node = NodeProcess::start(&[]);
+    // Hostile frames: a query 10,000 NOTs deep (10 KB), a document 7,000 lists deep.
+    for call in [deep_query_call(10_000), deep_document_call(7_000)] {
+        assert!(
+            answer_to(&node.addr, &call).is_none(),
+            "an undecodable frame closes the connection"
+        );
+    }
+    // Just inside the limit, the same shapes are answered.
+    assert_eq!(
+        answer_to(&node.addr, &deep_query_call(40)),
+        Some(Ok(Response::Count(0)))
+    );
+    assert!(matches!(
+        answer_to(&node.addr, &deep_document_call(40)),
+        Some(Ok(Response::Receipts(_)))
+    ));
+    // Through the typed client: a deeply nested JSON value is refused before it is sent.
+    let space = connect_blocking(&node.addr).unwrap();
+    let err = space
+        .write(&Nested {
+            id: 1,
+            value: nested_json(1_000),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("nested deeper"), "{err}");
+    // (1,000 levels: deeper would overflow this test's own stack when it drops the
+    // filter it built; the frames above went to 10,000.)
+    let mut filter = Filter::eq("id", 1);
+    for _ in 0..1_000 {
+        filter = Filter::not(filter);
+    }
+    let err = space.count(&Query::new("Job", filter)).unwrap_err();
+    assert!(matches!(err, SpaceError::Query(_)), "{err}");
+    // The node is alive and well for everyone.
+    space.write(&Job { id: 1 }).unwrap();
+    assert_eq!(space.count(&Query::of::<Job>()).unwrap(), 1);
+    // The CLI's parser refuses 10,000 nested parentheses with a message, not a crash.
+    let text = format!("{}id:1{}", "(".repeat(10_000), ")".repeat(10_000));
+    let out = std::process::Command::new(workspace_binary("space-client", "--bin", "space"))
+        .args(["--node", &node.addr, "count", "Job", &text])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("deeper than 64"), "{stderr}");
+}
+
+#[test]
+fn absurd_values_get_typed_errors_and_no_panics() {
+    let node = NodeProcess::start(&[]);
+    // A deadline a century away: answered, and the connection's task survives.
+    let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let call = call_bytes(Request::Count(Query::of::<Job>()), far);
+    assert_eq!(answer_to(&node.addr, &call), Some(Ok(Response::Count(0))));
+
+    // An entry over the frame limit: a typed error at once, before anything is sent.
+    let space = connect_blocking(&node.addr).unwrap();
+    let huge = Nested {
+        id: 1,
+        value: serde_json::Value::String("x".repeat(17 << 20)),
+    };
+    let start = Instant::now();
+    let err = space.write(&huge).unwrap_err();
+    assert!(matches!(err, SpaceError::TooLarge { .. }), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "refused at once, not after retries: {:?}",
+        start.elapsed()
+    );
+    space.write(&Job { id: 1 }).unwrap();
+
+    // A take that waits "forever" is served like any other.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let space = connect(&node.addr).await.unwrap();
+        let taken = space
+            .take::<Job>(&Query::of::<Job>(), Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(taken, Some(Job { id: 1 }));
+        let waiter = {
+            let space = space.clone();
+            tokio::spawn(async move { space.take::<Job>(&Query::of::<Job>(), Duration::MAX).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        space.write(&Job { id: 2 }).await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap(), Some(Job { id: 2 }));
+    });
+
+    // The CLI with an absurd timeout: no panic, the entry comes back.
+    space.write(&Job { id: 3 }).unwrap();
+    let out = std::process::Command::new(workspace_binary("space-client", "--bin", "space"))
+        .args([
+            "--node",
+            &node.addr,
+            "take",
+            "Job",
+            "--timeout-ms",
+            &u64::MAX.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains('3'));
+}
+
+#[test]
+fn many_subscriptions_share_one_connection_and_are_capped() {
+    let node = NodeProcess::start(&["--max-subscriptions-per-client", "2000"]);
+    let space = connect_blocking(&node.addr).unwrap();
+    let q = Query::of::<Job>();
+    let subs: Vec<_> = (0..2000)
+        .map(|_| space.notify(&q, EventKinds::WRITTEN).unwrap())
+        .collect();
+    let err = space.notify(&q, EventKinds::WRITTEN).unwrap_err();
+    assert!(matches!(err, SpaceError::Busy { .. }), "{err}");
+    space.write(&Job { id: 1 }).unwrap();
+    for sub in &subs {
+        let n = sub.recv_timeout(Duration::from_secs(30)).expect("an event");
+        assert_eq!(n.event().map(|e| e.seq), Some(1));
+    }
+    let fds = node.open_files();
+    assert!(
+        fds < 64,
+        "the node pushes to one client over one connection, it has {fds} files open"
+    );
+    drop(subs);
+    let stats = space.stats().unwrap();
+    assert!(stats.subscriptions <= 2000);
+}
+
+#[test]
+fn subscriptions_of_a_client_that_vanished_are_cancelled() {
+    let node = NodeProcess::start(&["--subscriber-timeout-ms", "500"]);
+    {
+        let space = connect_blocking(&node.addr).unwrap();
+        let q = Query::of::<Job>();
+        for _ in 0..50 {
+            // Forever, and let go without cancelling: as a client that crashed.
+            space
+                .notify_with_lease(&q, EventKinds::ALL, Lease::Forever)
+                .unwrap()
+                .detach();
+        }
+        assert_eq!(space.stats().unwrap().subscriptions, 50);
+    } // the client's runtime and its endpoint go away
+    let space = connect_blocking(&node.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 0;
+    while space.stats().unwrap().subscriptions > 0 {
+        assert!(Instant::now() < deadline, "{:?}", space.stats().unwrap());
+        space.write(&Job { id }).unwrap();
+        id += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pushes_from_anyone_but_the_nodes_are_refused() {
+    let node = NodeProcess::start(&[]);
+    let endpoint = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let space = connect_blocking_with(
+        &node.addr,
+        ClientConfig {
+            subscriber_bind: endpoint,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .unwrap();
+    // A forger connects to the endpoint, without the secret and with a guessed one.
+    for token in [None, Some("0".repeat(32))] {
+        let mut s = TcpStream::connect(endpoint).unwrap();
+        s.write_all(&frame(&wire::encode(&Hello::new(token, 1 << 20))))
+            .unwrap();
+        let welcome: Welcome = wire::decode(&read_frame(&mut s).unwrap()).unwrap();
+        assert!(
+            matches!(welcome, Welcome::Refused { ref reason } if reason.contains("secret")),
+            "{welcome:?}"
+        );
+    }
+    // Only the node's real events arrive.
+    space.write(&Job { id: 9 }).unwrap();
+    let n = sub.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(n.event().map(|e| e.seq), Some(1));
+    assert!(sub.try_recv().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_handle_serves_ten_thousand_blocked_calls() {
+    let node = NodeProcess::start(&[]);
+    let space = connect(&node.addr).await.unwrap();
+    const N: u64 = 10_000;
+    let takers: Vec<_> = (0..N)
+        .map(|_| {
+            let space = space.clone();
+            tokio::spawn(async move {
+                space
+                    .take::<Job>(&Query::of::<Job>(), Duration::from_secs(120))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writers: Vec<_> = (0..N)
+        .map(|id| {
+            let space = space.clone();
+            tokio::spawn(async move { space.write(&Job { id }).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let mut got = std::collections::HashSet::new();
+    for t in takers {
+        let job = t.await.unwrap().unwrap().expect("every take is served");
+        assert!(got.insert(job.id), "taken twice: {}", job.id);
+    }
+    assert_eq!(got.len() as u64, N);
+}
+
+#[test]
+fn connections_blocked_calls_and_entry_types_are_bounded() {
+    let node = NodeProcess::start(&[
+        "--max-connections",
+        "8",
+        "--max-waiters",
+        "20",
+        "--max-entry-types",
+        "50",
+    ]);
+    let space = connect_blocking(&node.addr).unwrap();
+    // Blocked calls past the cap: Busy, and the others keep waiting.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blocked = rt.block_on(async {
+        let space = connect(&node.addr).await.unwrap();
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let space = space.clone();
+                tokio::spawn(async move {
+                    space
+                        .take::<Job>(&Query::of::<Job>(), Duration::from_secs(60))
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let err = space
+            .take::<Job>(&Query::of::<Job>(), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SpaceError::Busy { .. }), "{err}");
+        calls
+    });
+    assert_eq!(space.stats().unwrap().waiters, 20);
+    for id in 0..20 {
+        space.write(&Job { id }).unwrap();
+    }
+    rt.block_on(async {
+        for c in blocked {
+            assert!(c.await.unwrap().unwrap().is_some());
+        }
+    });
+
+    // Entry types: emptied ones are forgotten; the ones holding entries are capped.
+    for i in 0..500 {
+        let q = Query::for_type(format!("T{i}"));
+        let mut f = wire::Fields::new();
+        f.push("i", Value::I64(i));
+        let write = Request::WriteDirect {
+            entry_type: format!("T{i}"),
+            indexes: Vec::new(),
+            entries: vec![(f, None)],
+            lease: Lease::Forever,
+            labels: Vec::new(),
+        };
+        rt.block_on(async {
+            let cluster = space_client::Cluster::open(&[&node.addr], ClientConfig::default())
+                .await
+                .unwrap();
+            cluster.call(write).await.unwrap();
+            cluster
+                .call(Request::TakeDirect {
+                    target: wire::Target::Query(q),
+                    max: 1,
+                    timeout: Duration::ZERO,
+                })
+                .await
+                .unwrap();
+        });
+    }
+    assert!(space.stats().unwrap().entry_types <= 50);
+
+    // Connections past the cap are refused with Busy; the open ones keep working.
+    let mut open = Vec::new();
+    let err = loop {
+        match raw(&node.addr) {
+            Ok(s) => open.push(s),
+            Err(welcome) => break welcome,
+        }
+        assert!(open.len() < 100, "the cap holds");
+    };
+    assert!(matches!(err, Welcome::Busy { .. }), "{err:?}");
+    space.write(&Job { id: 100 }).unwrap();
+}
+
+#[test]
+fn stalled_and_trickled_frames_are_cut_off() {
+    let node = NodeProcess::start(&["--frame-timeout-ms", "300"]);
+    // Part of a frame, then nothing.
+    let mut s = raw(&node.addr).expect("accepted");
+    s.write_all(&[0, 0, 0, 100, 1, 2, 3]).unwrap();
+    let start = Instant::now();
+    assert!(read_frame(&mut s).is_none(), "closed, not answered");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A frame a byte at a time.
+    let mut s = raw(&node.addr).expect("accepted");
+    s.write_all(&[0, 0, 0, 100]).unwrap();
+    let mut cut = false;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        if s.write_all(&[1]).is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut || read_frame(&mut s).is_none(),
+        "the trickle was cut off"
+    );
+    // An idle connection between frames is fine.
+    let mut s = raw(&node.addr).expect("accepted");
+    std::thread::sleep(Duration::from_millis(800));
+    let call = call_bytes(
+        Request::Count(Query::of::<Job>()),
+        Instant::now() + Duration::from_secs(10),
+    );
+    s.write_all(&frame(&call)).unwrap();
+    assert!(read_frame(&mut s).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_subscription_ends_with_its_lease_after_its_events() {
+    let node = NodeProcess::start(&[]);
+    let space = connect_with(&node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let sub = space
+        .notify_with_lease(&Query::of::<Job>(), EventKinds::WRITTEN, Lease::millis(500))
+        .await
+        .unwrap();
+    for id in 0..3 {
+        space.write(&Job { id }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut seqs = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(n) = sub.recv_async().await {
+            if let Notification::Event(e) = n {
+                seqs.push(e.seq);
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends");
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert!(sub.is_closed());
+}
+
+#[test]
+fn the_help_never_shows_the_token() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_space-node"))
+        .arg("--help")
+        .env("SPACE_AUTH_TOKEN", "hunter2-secret")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--auth-token"));
+    assert!(!help.contains("hunter2-secret"), "{help}");
+}
