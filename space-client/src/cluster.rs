@@ -67,7 +67,7 @@ pub struct Cluster {
 fn is_unreachable(e: &SpaceError) -> bool {
     matches!(
         e,
-        SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
+        SpaceError::Down { .. } | SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
     )
 }
 
@@ -141,19 +141,20 @@ impl Cluster {
             return Ok(c.clone());
         }
         if self.is_down(addr) {
-            return Err(SpaceError::Unreachable {
+            return Err(SpaceError::Down {
                 node: addr.to_owned(),
                 reason: "it could not be reached a moment ago".into(),
             });
         }
         let conn = match Connection::open_on(addr, self.config.clone()).await {
             Ok(conn) => conn,
-            Err(e) => {
+            Err(SpaceError::Unreachable { node, reason }) => {
                 self.failed_dials
                     .lock()
                     .insert(addr.to_owned(), Instant::now());
-                return Err(e);
+                return Err(SpaceError::Down { node, reason });
             }
+            Err(e) => return Err(e),
         };
         self.failed_dials.lock().remove(addr);
         Ok(self
@@ -489,6 +490,9 @@ impl Cluster {
     ) -> Result<Vec<space_core::Receipt>> {
         let mut addr = addr.to_owned();
         let mut reroutes = 0;
+        // A keyless batch may go to any member: one found down is passed over.
+        let movable = labels.is_empty() && batch.iter().all(|(_, k)| k.is_none());
+        let mut moves = 0;
         loop {
             // A type's indexes are declared once per node, with the first write there.
             let first = self
@@ -518,6 +522,13 @@ impl Cluster {
                         self.declared
                             .lock()
                             .remove(&(addr.clone(), entry_type.to_owned()));
+                    }
+                    let others = self.addresses().len();
+                    if movable && matches!(e, SpaceError::Down { .. }) && moves < others {
+                        // Nothing was sent there: the next live member takes the batch.
+                        moves += 1;
+                        addr = self.next_node();
+                        continue;
                     }
                     return Err(e);
                 }

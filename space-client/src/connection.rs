@@ -118,10 +118,25 @@ pub struct Connection {
     config: ClientConfig,
     node: NodeId,
     limits: Limits,
-    client: Mutex<Option<SpaceServiceClient>>,
+    client: Mutex<Option<Live>>,
     dialing: tokio::sync::Mutex<()>,
     /// When connecting last failed, while the node is believed down.
     down_since: Mutex<Option<Instant>>,
+}
+
+/// A connection made, and whether it has ended (its peer closed it, or it failed): a call
+/// is never sent over an ended connection, so a node that went away is noticed before a
+/// request goes out rather than after.
+#[derive(Clone)]
+struct Live {
+    client: SpaceServiceClient,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Live {
+    fn is_open(&self) -> bool {
+        !self.ended.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// tarpc's client settings: no cap of its own on requests in flight (a capped client
@@ -133,7 +148,7 @@ fn rpc_config() -> client::Config {
     config
 }
 
-async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, NodeId, Limits)> {
+async fn dial(addr: &str, config: &ClientConfig) -> Result<(Live, NodeId, Limits)> {
     let unreachable = |reason: String| SpaceError::Unreachable {
         node: addr.to_owned(),
         reason,
@@ -166,8 +181,24 @@ async fn dial(addr: &str, config: &ClientConfig) -> Result<(SpaceServiceClient, 
     .map_err(|e| unreachable(format!("bad handshake answer: {e}")))?;
     match welcome {
         Some(Welcome::Accepted { node, limits }) => {
-            let client = SpaceServiceClient::new(rpc_config(), wire::transport(framed)).spawn();
-            Ok((client, node, limits))
+            let new = SpaceServiceClient::new(rpc_config(), wire::transport(framed));
+            let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let dispatch = new.dispatch;
+            let flag = ended.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dispatch.await {
+                    tracing::debug!(error = %e, "a connection to a node ended");
+                }
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            });
+            Ok((
+                Live {
+                    client: new.client,
+                    ended,
+                },
+                node,
+                limits,
+            ))
         }
         Some(Welcome::Refused { reason }) => Err(SpaceError::Rejected {
             node: addr.to_owned(),
@@ -231,18 +262,28 @@ impl Connection {
             .is_some_and(|t| t.elapsed() < self.config.probe_after)
     }
 
+    /// The open connection (dialled if there is none).
+    fn open_client(&self) -> Option<SpaceServiceClient> {
+        self.client
+            .lock()
+            .as_ref()
+            .filter(|l| l.is_open())
+            .map(|l| l.client.clone())
+    }
+
     async fn current_client(&self) -> Result<SpaceServiceClient> {
-        if let Some(c) = self.client.lock().as_ref() {
-            return Ok(c.clone());
+        if let Some(c) = self.open_client() {
+            return Ok(c);
         }
         // Reconnect; one caller at a time, the others then use its connection.
         let _one_dialer = self.dialing.lock().await;
-        if let Some(c) = self.client.lock().as_ref() {
-            return Ok(c.clone());
+        if let Some(c) = self.open_client() {
+            return Ok(c);
         }
         match dial(&self.addr, &self.config).await {
-            Ok((c, _, _)) => {
-                *self.client.lock() = Some(c.clone());
+            Ok((live, _, _)) => {
+                let c = live.client.clone();
+                *self.client.lock() = Some(live);
                 *self.down_since.lock() = None;
                 Ok(c)
             }
@@ -263,9 +304,11 @@ impl Connection {
     /// with the same request id; blocking requests get a deadline past their timeout.
     ///
     /// # Errors
-    /// The node's own error; `Unreachable` / `TimedOut`; `TooLarge` or
-    /// `RequestTooLarge` for what the node would refuse; `Busy` when the node is at its
-    /// limit of concurrent requests.
+    /// The node's own error; `Down` when the node cannot be reached and nothing was sent;
+    /// `Unreachable` / `TimedOut` when the call went out but its answer never came back
+    /// (after retrying for [`ClientConfig::retry_for`]); `TooLarge` or `RequestTooLarge`
+    /// for what the node would refuse; `Busy` when the node is at its limit of concurrent
+    /// requests.
     ///
     /// # Cancel safety
     /// Dropping the future gives the request up: a take or claim that is dropped (or
@@ -284,7 +327,7 @@ impl Connection {
         self.check_request(&request)?;
         if self.is_down() {
             // A new call to a node that was just found down fails at once.
-            return Err(SpaceError::Unreachable {
+            return Err(SpaceError::Down {
                 node: self.addr.clone(),
                 reason: "it could not be reached a moment ago".into(),
             });
@@ -297,9 +340,13 @@ impl Connection {
         };
         let give_up = Instant::now() + self.config.retry_for;
         let mut backoff = Duration::from_millis(20);
+        // Whether the request may have reached the node: then it is retried (same id) to
+        // learn its answer; a request that cannot have reached it fails at once.
+        let mut sent = false;
         loop {
             let failure = match self.current_client().await {
                 Ok(client) => {
+                    sent = true;
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;
                     match client.call(ctx, envelope.clone()).await {
@@ -335,6 +382,18 @@ impl Connection {
                     }
                 }
                 Err(e @ SpaceError::Rejected { .. }) => return Err(e),
+                Err(e) if !sent => {
+                    // Nothing went out: there is nothing to revoke either.
+                    if let Some(g) = guard {
+                        g.answered();
+                    }
+                    return Err(match e {
+                        SpaceError::Unreachable { node, reason } => {
+                            SpaceError::Down { node, reason }
+                        }
+                        other => other,
+                    });
+                }
                 Err(e) => e,
             };
             if Instant::now() + backoff > give_up {

@@ -20,10 +20,11 @@
 //! table), so a revoke must arrive before that many newer requests did.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use space_core::Result;
 use space_core::wire::{Request, RequestId};
+use space_core::{Result, SpaceError};
 
 use crate::connection::Connection;
 
@@ -49,11 +50,35 @@ fn revoke_all(calls: Vec<(Arc<Connection>, RequestId)>) {
     };
     drop(runtime.spawn(async move {
         for (conn, id) in calls.into_iter().rev() {
-            if let Err(e) = conn.call(Request::Revoke(id)).await {
-                tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
-            }
+            revoke(&conn, id).await;
         }
     }));
+}
+
+/// How long a revoke keeps trying to reach its node (one that is down for longer has lost
+/// the answer table a revoke needs, unless it keeps its data durably).
+const REVOKE_FOR: Duration = Duration::from_secs(60);
+
+/// Revokes call `id` on `conn`, retrying while the node cannot be reached.
+async fn revoke(conn: &Arc<Connection>, id: RequestId) {
+    let give_up = Instant::now() + REVOKE_FOR;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match conn.call(Request::Revoke(id)).await {
+            Ok(_) => return,
+            Err(e @ (SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }))
+                if Instant::now() + backoff < give_up =>
+            {
+                tracing::debug!(node = %conn.addr(), error = %e, "a revoke waits for its node");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
+                return;
+            }
+        }
+    }
 }
 
 /// Runs one take or claim so that the removing calls it made are revoked unless it returns

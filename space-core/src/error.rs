@@ -132,6 +132,16 @@ pub enum SpaceError {
         /// Which limit was reached.
         reason: String,
     },
+    /// The node could not be reached and the call was not sent: nothing happened (unlike
+    /// [`SpaceError::Unreachable`], where a call may have been done without its answer
+    /// coming back). A cluster client passes over such a node while it stays down.
+    #[error("node {node} is down: {reason}; the call was not sent")]
+    Down {
+        /// The node's address.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
     /// No connection to the node could be made or kept.
     #[error("node {node} is unreachable: {reason}")]
     Unreachable {

@@ -604,3 +604,101 @@ async fn a_take_won_on_one_node_leaves_no_claim_behind_on_the_others() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
+    let addrs = free_addrs(3);
+    let mut nodes = start_cluster(&addrs, 1, &[]);
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let cluster = space_client::Cluster::open(&[&addrs[0]], ClientConfig::default())
+        .await
+        .unwrap();
+    // Connected to every member before one dies.
+    for id in 0..6 {
+        space.write(&Job { id }).await.unwrap();
+    }
+    assert_eq!(
+        space
+            .take_all::<Job>(&Query::of::<Job>(), 100, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+    let dead = addrs[2].clone();
+    nodes.pop().unwrap().kill();
+    // (Once the client has seen its connection close: a call already on its way when a
+    // node dies retries to learn whether it was done.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Keyless writes, takes by query, counts: all served by the live members.
+    for id in 0..30 {
+        space.write(&Job { id }).await.unwrap();
+    }
+    assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30);
+    let stats = space.stats().await.unwrap();
+    assert_eq!(stats.entries, 30);
+    assert_eq!(
+        stats.unreachable,
+        vec![dead.clone()],
+        "stats say who is missing"
+    );
+    let mut taken = HashSet::new();
+    for _ in 0..30 {
+        let job = space
+            .take::<Job>(&Query::of::<Job>(), Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("an entry on a live member");
+        assert!(taken.insert(job.id));
+    }
+    // A subscription covers the live members and names the dead one; a blocking take
+    // waits on the live ones and wakes on a write.
+    let sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    assert_eq!(sub.unreached(), vec![dead.clone()]);
+    let waiter = {
+        let space = space.clone();
+        tokio::spawn(async move {
+            space
+                .take::<Job>(&Query::of::<Job>(), Duration::from_secs(30))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    space.write(&Job { id: 99 }).await.unwrap();
+    assert_eq!(waiter.await.unwrap().unwrap(), Some(Job { id: 99 }));
+    let event = tokio::time::timeout(Duration::from_secs(10), sub.recv_async())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(event.event().is_some());
+
+    // What only the dead member holds fails fast, with a typed error.
+    let topology = cluster.topology();
+    let number = (0..)
+        .map(|i| format!("order-{i}"))
+        .find(|n| topology.owner_of(&Key::Name(n.clone())).map(|o| &o.address) == Some(&dead))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let err = space
+        .write(&Order {
+            number: number.clone(),
+            amount: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::Down { .. }), "{err}");
+    assert!(
+        start.elapsed() < ClientConfig::default().retry_for / 2,
+        "failed fast, not after retries: {:?}",
+        start.elapsed()
+    );
+    let err = space
+        .read_key::<Order>(&Key::Name(number))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::Down { .. }), "{err}");
+}
