@@ -1,6 +1,10 @@
-//! Shared pieces of the cross-crate tests and of `space-bench`: the entry types they use.
+//! Shared pieces of the cross-crate tests and of `space-bench`: the entry types they use,
+//! real node processes, and a hostile client.
 
 use serde::{Deserialize, Serialize};
+
+pub mod hostile;
+pub mod process;
 
 /// A unit of work, as a master hands it to workers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,9 +10,7 @@
 //! The node binary is the release `space-node` beside this one (built if missing); Redis is
 //! `redis-server` from the system, started on a free loopback port with persistence off.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +20,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use space_client::{Query, Space};
+pub use space_tests::process::{Process, start_node, start_node_at};
 
 use crate::inproc::median;
 
@@ -36,62 +35,6 @@ space_core::entry!(Blob, "Blob");
 pub const CONNECTIONS: usize = 50;
 const BATCH: usize = 16;
 pub const PAYLOAD: usize = 128;
-
-/// A child process killed when dropped.
-pub struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The release `space-node` binary next to this one, built if it is missing.
-pub fn node_binary() -> Result<PathBuf> {
-    let dir = std::env::current_exe()?
-        .parent()
-        .context("the bench has no directory")?
-        .to_path_buf();
-    let path = dir.join("space-node");
-    if !path.exists() {
-        eprintln!("building space-node (release) ...");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "-p", "space-node"])
-            .status()?;
-        if !status.success() || !path.exists() {
-            bail!("could not build space-node; run: cargo build --release -p space-node");
-        }
-    }
-    Ok(path)
-}
-
-/// Starts a node on a free loopback port; returns it and its address.
-pub fn start_node(args: &[&str]) -> Result<(Process, String)> {
-    start_node_at("127.0.0.1:0", args)
-}
-
-/// Starts a node listening on `listen`; returns it and the address it reports.
-pub fn start_node_at(listen: &str, args: &[&str]) -> Result<(Process, String)> {
-    let mut child = Command::new(node_binary()?)
-        .args(["--listen", listen])
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting space-node")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("unexpected first line from space-node: {line:?}"))?
-        .to_owned();
-    Ok((Process(child), addr))
-}
 
 /// Starts redis-server on a free loopback port with the given extra settings.
 pub fn start_redis(extra: &[&str]) -> Result<(Process, String)> {

@@ -4,23 +4,31 @@
 //! serves ten thousand blocked calls; connections, blocked calls and entry types are
 //! bounded; stalled frames are cut off; a subscription's lease ends its stream.
 
-mod common;
-
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{NodeProcess, workspace_binary};
 use serde::{Deserialize, Serialize};
-use space_client::wire::{
-    self, Envelope, Hello, Request, RequestId, Response, SpaceServiceRequest, SpaceServiceResponse,
-    Welcome,
-};
+use space_client::wire::{self, Hello, Request, Response, Value, Welcome};
 use space_client::{
     ClientConfig, EventKinds, Filter, Lease, Notification, Query, SpaceError, connect,
     connect_blocking, connect_blocking_with, connect_with,
 };
-use space_query::Value;
+use space_tests::hostile::{
+    answer_to, call_bytes, deep_document_call, deep_query_call, far_deadline_call, frame, raw,
+    read_frame,
+};
+use space_tests::process::{Process, binary, node_binary, start_node};
+
+/// A node started with `args`, and its address.
+fn node(args: &[&str]) -> (Process, String) {
+    start_node(args).expect("start space-node")
+}
+
+/// The `space` command-line tool, up to date.
+fn cli() -> std::path::PathBuf {
+    binary("space-client", "space", true).expect("build the space CLI")
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Job {
@@ -35,106 +43,6 @@ struct Nested {
 }
 space_client::entry!(Nested, "Nested");
 
-// ----- raw connections --------------------------------------------------------------
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut f = (body.len() as u32).to_be_bytes().to_vec();
-    f.extend_from_slice(body);
-    f
-}
-
-/// Reads one frame's body; `None` when the node closed the connection first.
-fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).ok()?;
-    Some(body)
-}
-
-/// A connection past the handshake, or the node's answer to the handshake.
-fn raw(addr: &str) -> Result<TcpStream, Welcome> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(&frame(&wire::encode(&Hello::new(None, 16 << 20))))
-        .unwrap();
-    let welcome: Welcome = wire::decode(&read_frame(&mut s).expect("a welcome")).unwrap();
-    match welcome {
-        Welcome::Accepted { .. } => Ok(s),
-        other => Err(other),
-    }
-}
-
-/// The bytes of one call of `request`, with the given deadline.
-fn call_bytes(request: Request, deadline: Instant) -> Vec<u8> {
-    let mut context = tarpc::context::current();
-    context.deadline = deadline;
-    let message = tarpc::ClientMessage::Request(tarpc::Request {
-        context,
-        id: 1,
-        message: SpaceServiceRequest::Call {
-            envelope: Envelope {
-                id: RequestId::new(),
-                request: std::sync::Arc::new(request),
-            },
-        },
-    });
-    wire::encode(&message)
-}
-
-/// `bytes` with the first occurrence of `pattern` replaced by `with`.
-fn splice(bytes: &[u8], pattern: &[u8], with: &[u8]) -> Vec<u8> {
-    let at = bytes
-        .windows(pattern.len())
-        .position(|w| w == pattern)
-        .expect("the pattern is in the encoding");
-    [&bytes[..at], with, &bytes[at + pattern.len()..]].concat()
-}
-
-/// Sends one raw call and returns the node's answer, or `None` if it closed the
-/// connection instead.
-fn answer_to(addr: &str, call: &[u8]) -> Option<Result<Response, SpaceError>> {
-    let mut s = raw(addr).expect("accepted");
-    s.write_all(&frame(call)).unwrap();
-    let body = read_frame(&mut s)?;
-    let response: tarpc::Response<SpaceServiceResponse> = wire::decode(&body).unwrap();
-    match response.message {
-        Ok(SpaceServiceResponse::Call(answer)) => Some(answer),
-        Err(e) => panic!("the server failed the call: {e:?}"),
-    }
-}
-
-fn deep_query_call(depth: usize) -> Vec<u8> {
-    let three_nots = Filter::not(Filter::not(Filter::not(Filter::All)));
-    let bytes = call_bytes(
-        Request::Count(Query::new("Job", three_nots)),
-        Instant::now() + Duration::from_secs(10),
-    );
-    let mut deep = vec![15u8; depth];
-    deep.push(0);
-    splice(&bytes, &[15, 15, 15, 0], &deep)
-}
-
-fn deep_document_call(depth: usize) -> Vec<u8> {
-    let mut fields = wire::Fields::new();
-    let three = Value::List(vec![Value::List(vec![Value::List(vec![Value::Null])])]);
-    fields.push("a", three);
-    let bytes = call_bytes(
-        Request::WriteDirect {
-            entry_type: "Deep".into(),
-            indexes: Vec::new(),
-            entries: vec![(fields, None)],
-            lease: Lease::Forever,
-            labels: Vec::new(),
-        },
-        Instant::now() + Duration::from_secs(10),
-    );
-    let mut deep = [7u8, 1].repeat(depth);
-    deep.push(0);
-    splice(&bytes, &[7, 1, 7, 1, 7, 1, 0], &deep)
-}
-
 fn nested_json(depth: usize) -> serde_json::Value {
     let mut v = serde_json::json!(1);
     for _ in 0..depth {
@@ -147,25 +55,25 @@ fn nested_json(depth: usize) -> serde_json::Value {
 
 #[test]
 fn deep_requests_get_typed_errors_and_never_crash_the_node() {
-    let node = NodeProcess::start(&[]);
+    let (_node, addr) = node(&[]);
     // Hostile frames: a query 10,000 NOTs deep (10 KB), a document 7,000 lists deep.
     for call in [deep_query_call(10_000), deep_document_call(7_000)] {
         assert!(
-            answer_to(&node.addr, &call).is_none(),
+            answer_to(&addr, &call).is_none(),
             "an undecodable frame closes the connection"
         );
     }
     // Just inside the limit, the same shapes are answered.
     assert_eq!(
-        answer_to(&node.addr, &deep_query_call(40)),
+        answer_to(&addr, &deep_query_call(40)),
         Some(Ok(Response::Count(0)))
     );
     assert!(matches!(
-        answer_to(&node.addr, &deep_document_call(40)),
+        answer_to(&addr, &deep_document_call(40)),
         Some(Ok(Response::Receipts(_)))
     ));
     // Through the typed client: a deeply nested JSON value is refused before it is sent.
-    let space = connect_blocking(&node.addr).unwrap();
+    let space = connect_blocking(&addr).unwrap();
     let err = space
         .write(&Nested {
             id: 1,
@@ -186,8 +94,8 @@ fn deep_requests_get_typed_errors_and_never_crash_the_node() {
     assert_eq!(space.count(&Query::of::<Job>()).unwrap(), 1);
     // The CLI's parser refuses 10,000 nested parentheses with a message, not a crash.
     let text = format!("{}id:1{}", "(".repeat(10_000), ")".repeat(10_000));
-    let out = std::process::Command::new(workspace_binary("space-client", "--bin", "space"))
-        .args(["--node", &node.addr, "count", "Job", &text])
+    let out = std::process::Command::new(cli())
+        .args(["--node", &addr, "count", "Job", &text])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -197,14 +105,15 @@ fn deep_requests_get_typed_errors_and_never_crash_the_node() {
 
 #[test]
 fn absurd_values_get_typed_errors_and_no_panics() {
-    let node = NodeProcess::start(&[]);
+    let (_node, addr) = node(&[]);
     // A deadline a century away: answered, and the connection's task survives.
-    let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-    let call = call_bytes(Request::Count(Query::of::<Job>()), far);
-    assert_eq!(answer_to(&node.addr, &call), Some(Ok(Response::Count(0))));
+    assert_eq!(
+        answer_to(&addr, &far_deadline_call()),
+        Some(Ok(Response::Count(0)))
+    );
 
     // An entry over the frame limit: a typed error at once, before anything is sent.
-    let space = connect_blocking(&node.addr).unwrap();
+    let space = connect_blocking(&addr).unwrap();
     let huge = Nested {
         id: 1,
         value: serde_json::Value::String("x".repeat(17 << 20)),
@@ -222,7 +131,7 @@ fn absurd_values_get_typed_errors_and_no_panics() {
     // A take that waits "forever" is served like any other.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let space = connect(&node.addr).await.unwrap();
+        let space = connect(&addr).await.unwrap();
         let taken = space
             .take::<Job>(&Query::of::<Job>(), Duration::MAX)
             .await
@@ -239,10 +148,10 @@ fn absurd_values_get_typed_errors_and_no_panics() {
 
     // The CLI with an absurd timeout: no panic, the entry comes back.
     space.write(&Job { id: 3 }).unwrap();
-    let out = std::process::Command::new(workspace_binary("space-client", "--bin", "space"))
+    let out = std::process::Command::new(cli())
         .args([
             "--node",
-            &node.addr,
+            &addr,
             "take",
             "Job",
             "--timeout-ms",
@@ -258,8 +167,8 @@ fn absurd_values_get_typed_errors_and_no_panics() {
 
 #[test]
 fn many_subscriptions_share_one_connection_and_are_capped() {
-    let node = NodeProcess::start(&["--max-subscriptions-per-client", "2000"]);
-    let space = connect_blocking(&node.addr).unwrap();
+    let (node_process, addr) = node(&["--max-subscriptions-per-client", "2000"]);
+    let space = connect_blocking(&addr).unwrap();
     let q = Query::of::<Job>();
     let subs: Vec<_> = (0..2000)
         .map(|_| space.notify(&q, EventKinds::WRITTEN).unwrap())
@@ -271,7 +180,7 @@ fn many_subscriptions_share_one_connection_and_are_capped() {
         let n = sub.recv_timeout(Duration::from_secs(30)).expect("an event");
         assert_eq!(n.event().map(|e| e.seq), Some(1));
     }
-    let fds = node.open_files();
+    let fds = node_process.open_files();
     assert!(
         fds < 64,
         "the node pushes to one client over one connection, it has {fds} files open"
@@ -283,9 +192,9 @@ fn many_subscriptions_share_one_connection_and_are_capped() {
 
 #[test]
 fn subscriptions_of_a_client_that_vanished_are_cancelled() {
-    let node = NodeProcess::start(&["--subscriber-timeout-ms", "500"]);
+    let (_node, addr) = node(&["--subscriber-timeout-ms", "500"]);
     {
-        let space = connect_blocking(&node.addr).unwrap();
+        let space = connect_blocking(&addr).unwrap();
         let q = Query::of::<Job>();
         for _ in 0..50 {
             // Forever, and let go without cancelling: as a client that crashed.
@@ -296,7 +205,7 @@ fn subscriptions_of_a_client_that_vanished_are_cancelled() {
         }
         assert_eq!(space.stats().unwrap().subscriptions, 50);
     } // the client's runtime and its endpoint go away
-    let space = connect_blocking(&node.addr).unwrap();
+    let space = connect_blocking(&addr).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut id = 0;
     while space.stats().unwrap().subscriptions > 0 {
@@ -309,13 +218,13 @@ fn subscriptions_of_a_client_that_vanished_are_cancelled() {
 
 #[test]
 fn pushes_from_anyone_but_the_nodes_are_refused() {
-    let node = NodeProcess::start(&[]);
+    let (_node, addr) = node(&[]);
     let endpoint = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     let space = connect_blocking_with(
-        &node.addr,
+        &addr,
         ClientConfig {
             subscriber_bind: endpoint,
             ..ClientConfig::default()
@@ -345,8 +254,8 @@ fn pushes_from_anyone_but_the_nodes_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_handle_serves_ten_thousand_blocked_calls() {
-    let node = NodeProcess::start(&[]);
-    let space = connect(&node.addr).await.unwrap();
+    let (_node, addr) = node(&[]);
+    let space = connect(&addr).await.unwrap();
     const N: u64 = 10_000;
     let takers: Vec<_> = (0..N)
         .map(|_| {
@@ -378,7 +287,7 @@ async fn one_handle_serves_ten_thousand_blocked_calls() {
 
 #[test]
 fn connections_blocked_calls_and_entry_types_are_bounded() {
-    let node = NodeProcess::start(&[
+    let (_node, addr) = node(&[
         "--max-connections",
         "8",
         "--max-waiters",
@@ -386,11 +295,11 @@ fn connections_blocked_calls_and_entry_types_are_bounded() {
         "--max-entry-types",
         "50",
     ]);
-    let space = connect_blocking(&node.addr).unwrap();
+    let space = connect_blocking(&addr).unwrap();
     // Blocked calls past the cap: Busy, and the others keep waiting.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let blocked = rt.block_on(async {
-        let space = connect(&node.addr).await.unwrap();
+        let space = connect(&addr).await.unwrap();
         let calls: Vec<_> = (0..20)
             .map(|_| {
                 let space = space.clone();
@@ -432,7 +341,7 @@ fn connections_blocked_calls_and_entry_types_are_bounded() {
             labels: Vec::new(),
         };
         rt.block_on(async {
-            let cluster = space_client::Cluster::open(&[&node.addr], ClientConfig::default())
+            let cluster = space_client::Cluster::open(&[&addr], ClientConfig::default())
                 .await
                 .unwrap();
             cluster.call(write).await.unwrap();
@@ -451,7 +360,7 @@ fn connections_blocked_calls_and_entry_types_are_bounded() {
     // Connections past the cap are refused with Busy; the open ones keep working.
     let mut open = Vec::new();
     let err = loop {
-        match raw(&node.addr) {
+        match raw(&addr) {
             Ok(s) => open.push(s),
             Err(welcome) => break welcome,
         }
@@ -463,15 +372,15 @@ fn connections_blocked_calls_and_entry_types_are_bounded() {
 
 #[test]
 fn stalled_and_trickled_frames_are_cut_off() {
-    let node = NodeProcess::start(&["--frame-timeout-ms", "300"]);
+    let (_node, addr) = node(&["--frame-timeout-ms", "300"]);
     // Part of a frame, then nothing.
-    let mut s = raw(&node.addr).expect("accepted");
+    let mut s = raw(&addr).expect("accepted");
     s.write_all(&[0, 0, 0, 100, 1, 2, 3]).unwrap();
     let start = Instant::now();
     assert!(read_frame(&mut s).is_none(), "closed, not answered");
     assert!(start.elapsed() < Duration::from_secs(5));
     // A frame a byte at a time.
-    let mut s = raw(&node.addr).expect("accepted");
+    let mut s = raw(&addr).expect("accepted");
     s.write_all(&[0, 0, 0, 100]).unwrap();
     let mut cut = false;
     for _ in 0..100 {
@@ -486,7 +395,7 @@ fn stalled_and_trickled_frames_are_cut_off() {
         "the trickle was cut off"
     );
     // An idle connection between frames is fine.
-    let mut s = raw(&node.addr).expect("accepted");
+    let mut s = raw(&addr).expect("accepted");
     std::thread::sleep(Duration::from_millis(800));
     let call = call_bytes(
         Request::Count(Query::of::<Job>()),
@@ -498,10 +407,8 @@ fn stalled_and_trickled_frames_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_subscription_ends_with_its_lease_after_its_events() {
-    let node = NodeProcess::start(&[]);
-    let space = connect_with(&node.addr, ClientConfig::default())
-        .await
-        .unwrap();
+    let (_node, addr) = node(&[]);
+    let space = connect_with(&addr, ClientConfig::default()).await.unwrap();
     let sub = space
         .notify_with_lease(&Query::of::<Job>(), EventKinds::WRITTEN, Lease::millis(500))
         .await
@@ -526,7 +433,7 @@ async fn a_remote_subscription_ends_with_its_lease_after_its_events() {
 
 #[test]
 fn the_help_never_shows_the_token() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_space-node"))
+    let out = std::process::Command::new(node_binary().unwrap())
         .arg("--help")
         .env("SPACE_AUTH_TOKEN", "hunter2-secret")
         .output()
