@@ -9,7 +9,7 @@
 //! Entries are matched as documents: [`to_fields`] turns any `Serialize` struct into
 //! [`Fields`] (field name → [`Value`]) and [`from_fields`] turns them back. The native
 //! matcher ([`Query::matches`]) evaluates a query over a document; its meaning is the one
-//! DESIGN.md section 5 fixes: numbers compare as numbers across integer and float, strings
+//! docs/ARCHITECTURE.md section 5 fixes: numbers compare as numbers across integer and float, strings
 //! exactly, a missing field never equals anything, list fields are multi-valued.
 //!
 //! Many queries are matched against each written entry by the [`Percolator`] (notify at

@@ -1,7 +1,7 @@
 //! The native matcher: evaluates a filter directly over an entry's fields.
 //!
 //! This is the fast path used by the store and by notify. Its meaning is fixed by the rules
-//! in DESIGN.md section 5: numbers compare as numbers across integer and float, strings
+//! in docs/ARCHITECTURE.md section 5: numbers compare as numbers across integer and float, strings
 //! compare exactly, a missing (or null) field never equals anything, and a list field is
 //! multi-valued (a predicate holds when it holds for any element). Byte fields are opaque
 //! (not seen by queries), and a nested structure counts as present when it holds at least

@@ -1,4 +1,4 @@
-//! The tantivy form of queries: the reference meaning of the query language (DESIGN.md
+//! The tantivy form of queries: the reference meaning of the query language (docs/ARCHITECTURE.md
 //! section 5).
 //!
 //! Entries are indexed into a small schema: `_type` (raw string), `fields` (a JSON field

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use space_core::wire::{Request, RequestId};
 use space_core::{Result, SpaceError};
+use tokio::runtime::Handle;
 
 use crate::connection::Connection;
 
@@ -34,17 +35,19 @@ tokio::task_local! {
 }
 
 /// The calls of one operation that completed: revoked unless the operation succeeds.
-#[derive(Default)]
 struct Operation {
     completed: Mutex<Vec<(Arc<Connection>, RequestId)>>,
+    /// The runtime the operation runs on (where its revokes are sent from, even when its
+    /// future is dropped elsewhere).
+    runtime: Option<Handle>,
 }
 
-/// Sends revokes for `calls`, newest first, in the background.
-fn revoke_all(calls: Vec<(Arc<Connection>, RequestId)>) {
+/// Sends revokes for `calls`, newest first, in the background on `runtime`.
+fn revoke_all(runtime: Option<&Handle>, calls: Vec<(Arc<Connection>, RequestId)>) {
     if calls.is_empty() {
         return;
     }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    let Some(runtime) = runtime.cloned().or_else(|| Handle::try_current().ok()) else {
         tracing::warn!("no runtime to revoke abandoned calls on; their leases will return claims");
         return;
     };
@@ -66,9 +69,11 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId) {
     loop {
         match conn.call(Request::Revoke(id)).await {
             Ok(_) => return,
-            Err(e @ (SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }))
-                if Instant::now() + backoff < give_up =>
-            {
+            Err(
+                e @ (SpaceError::Down { .. }
+                | SpaceError::Unreachable { .. }
+                | SpaceError::TimedOut { .. }),
+            ) if Instant::now() + backoff < give_up => {
                 tracing::debug!(node = %conn.addr(), error = %e, "a revoke waits for its node");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -89,11 +94,17 @@ pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T>
     impl Drop for Disarm {
         fn drop(&mut self) {
             if let Some(op) = self.0.take() {
-                revoke_all(std::mem::take(&mut *op.completed.lock()));
+                revoke_all(
+                    op.runtime.as_ref(),
+                    std::mem::take(&mut *op.completed.lock()),
+                );
             }
         }
     }
-    let operation = Arc::new(Operation::default());
+    let operation = Arc::new(Operation {
+        completed: Mutex::new(Vec::new()),
+        runtime: Handle::try_current().ok(),
+    });
     let mut guard = Disarm(Some(operation.clone()));
     let result = OPERATION.scope(operation, op).await;
     if result.is_ok() {
@@ -116,13 +127,15 @@ pub(crate) fn revocable(request: &Request) -> bool {
 /// Revokes its call when dropped before [`answered`](Self::answered).
 pub(crate) struct CallGuard {
     call: Option<(Arc<Connection>, RequestId)>,
+    runtime: Option<Handle>,
 }
 
 impl CallGuard {
-    /// Guards the call `id` on `conn`.
+    /// Guards the call `id` on `conn` (made on the current runtime).
     pub(crate) fn new(conn: Arc<Connection>, id: RequestId) -> CallGuard {
         CallGuard {
             call: Some((conn, id)),
+            runtime: Handle::try_current().ok(),
         }
     }
 
@@ -138,7 +151,7 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            revoke_all(vec![call]);
+            revoke_all(self.runtime.as_ref(), vec![call]);
         }
     }
 }

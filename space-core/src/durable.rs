@@ -15,7 +15,7 @@
 //! releases claims whose absolute deadlines have passed, and rebuilds the answers of recent
 //! requests, so a client retrying with a request id after a crash gets its first answer.
 //!
-//! The records carry what replication will need later (DESIGN.md section 9): they are
+//! The records carry what replication will need later (docs/ARCHITECTURE.md section 9): they are
 //! self-contained and ordered per entry type.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

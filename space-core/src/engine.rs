@@ -1,4 +1,4 @@
-//! The space engine: every operation of DESIGN.md section 4 over entry documents.
+//! The space engine: every operation of docs/ARCHITECTURE.md section 4 over entry documents.
 //!
 //! Entries are kept per entry type in a [`Shard`]: one mutex around the type's store, its
 //! waiting readers/takers/claimers (in arrival order) and its subscriptions. Everything that
@@ -33,7 +33,9 @@ use crate::durable::{
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
-use crate::notify::{DEFAULT_QUEUE_CAPACITY, EventKind, EventKinds, Hub, SubShared, Subscription};
+use crate::notify::{
+    DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, SubShared, Subscription,
+};
 use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::store::{ClaimState, Record, Store, Totals};
 use crate::timers::{TimerKind, Timers};
@@ -131,6 +133,8 @@ pub struct Stats {
     pub waiters: u64,
     /// Live subscriptions.
     pub subscriptions: u64,
+    /// Events the subscriptions hold (queued for delivery, or kept for a resume).
+    pub queued_events: u64,
     /// Pending lease timers.
     pub timers: u64,
     /// Client connections open (filled in by a node).
@@ -151,6 +155,7 @@ impl Stats {
         self.entry_types = self.entry_types.max(other.entry_types);
         self.waiters += other.waiters;
         self.subscriptions += other.subscriptions;
+        self.queued_events += other.queued_events;
         self.timers += other.timers;
         self.connections += other.connections;
         self.subscribers += other.subscribers;
@@ -179,6 +184,9 @@ pub struct EngineConfig {
     pub max_waiters: Option<usize>,
     /// Most live subscriptions at once; one more gets [`SpaceError::Busy`].
     pub max_subscriptions: Option<usize>,
+    /// Most events all subscriptions hold at once (delivery queues and replay logs);
+    /// past it a subscription drops its own oldest event (a gap) to take a new one.
+    pub max_queued_events: Option<usize>,
     /// The ranges this node owns: keys it mints fall inside them (`None`: all ranges).
     pub ranges: Option<Arc<crate::wire::RangeSet>>,
     /// Durable engines: a log segment is closed past this many bytes.
@@ -199,6 +207,7 @@ impl Default for EngineConfig {
             max_entry_types: None,
             max_waiters: None,
             max_subscriptions: None,
+            max_queued_events: None,
             ranges: None,
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
@@ -239,6 +248,8 @@ struct Inner {
     new_shard: Mutex<usize>,
     /// Blocked reads, takes and claims (counted by their waiters).
     waiters: Arc<AtomicUsize>,
+    /// Events held by all subscriptions.
+    events: Arc<EventBudget>,
     timers: Arc<Timers>,
     next_token: AtomicU64,
     next_sub: AtomicU64,
@@ -494,11 +505,13 @@ impl Engine {
         next_token: u64,
     ) -> Engine {
         let timers = Arc::new(Timers::new());
+        let events = EventBudget::new(config.max_queued_events);
         let inner = Arc::new(Inner {
             config,
             shards: ArcSwap::from_pointee(HashMap::default()),
             new_shard: Mutex::new(SWEEP_TYPES_ABOVE),
             waiters: Arc::new(AtomicUsize::new(0)),
+            events,
             timers: timers.clone(),
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),
@@ -1814,6 +1827,7 @@ impl Engine {
             Arc::new(query.clone()),
             kinds,
             self.inner.config.queue_capacity,
+            self.inner.events.clone(),
             expires,
         ));
         {
@@ -1913,6 +1927,7 @@ impl Engine {
         let mut stats = Stats {
             entry_types: shards.len() as u64,
             timers: self.inner.timers.len() as u64,
+            queued_events: self.inner.events.held() as u64,
             ..Stats::default()
         };
         for shard in shards {

@@ -14,7 +14,7 @@
 //!
 //! The rules every operation keeps (oldest first, longest waiter wins, zero timeout does
 //! not wait, expired entries are never returned, each entry taken once) are those of
-//! DESIGN.md section 4; the engine module documents how they are kept.
+//! docs/ARCHITECTURE.md section 4; the engine module documents how they are kept.
 
 mod durable;
 mod engine;

@@ -134,6 +134,49 @@ struct Queue {
     expires: Option<Instant>,
 }
 
+/// The events all subscriptions of an engine hold in their logs, against a limit: past it,
+/// a subscription makes room for a new event by dropping its own oldest one (a gap for its
+/// subscriber if it was not delivered yet) instead of growing.
+#[derive(Debug)]
+pub(crate) struct EventBudget {
+    held: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl EventBudget {
+    pub(crate) fn new(max: Option<usize>) -> Arc<EventBudget> {
+        Arc::new(EventBudget {
+            held: 0.into(),
+            max: max.unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Takes room for one more event, unless the limit is reached.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes room for one more event whatever the limit (a subscription always keeps the
+    /// event it is told last).
+    fn force(&self) {
+        self.held.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn release(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Events held now.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The shared state of one subscription: its query and its queue.
 pub(crate) struct SubShared {
     pub(crate) id: u64,
@@ -141,8 +184,15 @@ pub(crate) struct SubShared {
     pub(crate) query: Arc<Query>,
     pub(crate) kinds: EventKinds,
     capacity: usize,
+    budget: Arc<EventBudget>,
     queue: Mutex<Queue>,
     cv: Condvar,
+}
+
+impl Drop for SubShared {
+    fn drop(&mut self) {
+        self.budget.release(self.queue.get_mut().log.len());
+    }
 }
 
 impl SubShared {
@@ -152,6 +202,7 @@ impl SubShared {
         query: Arc<Query>,
         kinds: EventKinds,
         capacity: usize,
+        budget: Arc<EventBudget>,
         expires: Option<Instant>,
     ) -> Self {
         SubShared {
@@ -160,6 +211,7 @@ impl SubShared {
             query,
             kinds,
             capacity: capacity.max(1),
+            budget,
             queue: Mutex::new(Queue {
                 log: VecDeque::new(),
                 next_seq: 1,
@@ -182,6 +234,16 @@ impl SubShared {
         }
         let seq = q.next_seq;
         q.next_seq += 1;
+        // Room for the event: a full log (or an engine out of room for events) gives up
+        // its oldest one.
+        let grow = q.log.len() < self.capacity && self.budget.take();
+        if !grow {
+            match q.log.pop_front() {
+                Some(old) if old.seq >= q.cursor => q.dropped += 1,
+                Some(_) => {}
+                None => self.budget.force(),
+            }
+        }
         q.log.push_back(Event {
             seq,
             node,
@@ -190,12 +252,6 @@ impl SubShared {
             kind,
             version,
         });
-        if q.log.len() > self.capacity
-            && let Some(old) = q.log.pop_front()
-            && old.seq >= q.cursor
-        {
-            q.dropped += 1;
-        }
         let waker = q.waker.take();
         drop(q);
         self.cv.notify_one();
@@ -241,6 +297,7 @@ impl SubShared {
         let mut q = self.queue.lock();
         q.closed = true;
         q.cancelled = true;
+        self.budget.release(q.log.len());
         q.log.clear();
         q.cursor = q.next_seq;
         let waker = q.waker.take();
@@ -618,14 +675,54 @@ mod tests {
     use super::*;
 
     fn shared(capacity: usize) -> SubShared {
+        shared_within(capacity, EventBudget::new(None))
+    }
+
+    fn shared_within(capacity: usize, budget: Arc<EventBudget>) -> SubShared {
         SubShared::new(
             1,
             "T".into(),
             Arc::new(Query::for_type("T")),
             EventKinds::ALL,
             capacity,
+            budget,
             None,
         )
+    }
+
+    #[test]
+    fn subscriptions_share_a_budget_of_events() {
+        let budget = EventBudget::new(Some(10));
+        let (a, b) = (
+            shared_within(100, budget.clone()),
+            shared_within(100, budget.clone()),
+        );
+        let key = Key::mint();
+        for _ in 0..8 {
+            a.push(NodeId(0), &key, EventKind::Written, 1);
+        }
+        for _ in 0..8 {
+            b.push(NodeId(0), &key, EventKind::Written, 1);
+        }
+        assert_eq!(
+            budget.held(),
+            10,
+            "the engine holds no more than its budget"
+        );
+        // b keeps its latest events and reports the rest as a gap.
+        let got: Vec<_> = std::iter::from_fn(|| b.try_recv()).collect();
+        assert_eq!(
+            got[0],
+            Notification::Gap {
+                first_seq: 1,
+                last_seq: 6
+            }
+        );
+        assert_eq!(got.len(), 3);
+        drop(a);
+        assert_eq!(budget.held(), 2, "a gave its room back");
+        b.close();
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! carries the epoch and the owner. Each node polls its peers' status (labels, room) so that
 //! it can answer FindPlaceFor for the whole cluster.
 //!
-//! Replication, failover and joining at run time come later (DESIGN.md section 9): the
+//! Replication, failover and joining at run time come later (docs/ARCHITECTURE.md section 9): the
 //! topology already has their shape (ranges, owners, epoch).
 
 use std::sync::Arc;

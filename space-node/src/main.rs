@@ -78,6 +78,10 @@ struct Args {
     /// Most subscriptions one client holds; more get a Busy error.
     #[arg(long, default_value_t = 1_000)]
     max_subscriptions_per_client: usize,
+    /// Most events all subscriptions hold at once; past it a subscription drops its own
+    /// oldest event (its subscriber sees a gap) to take a new one.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_queued_events: usize,
     /// Most entry types held (empty ones are forgotten); writes of more get a Full error.
     #[arg(long, default_value_t = 10_000)]
     max_entry_types: usize,
@@ -206,6 +210,7 @@ async fn serve(args: Args) -> Result<()> {
         max_waiters: args.max_waiters,
         max_subscriptions: args.max_subscriptions,
         max_subscriptions_per_client: args.max_subscriptions_per_client,
+        max_queued_events: args.max_queued_events,
         max_entry_types: args.max_entry_types,
         frame_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
         subscriber_timeout: Duration::from_millis(args.subscriber_timeout_ms.max(1)),

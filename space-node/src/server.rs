@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub max_subscriptions: usize,
     /// Most subscriptions one client (one subscriber endpoint) holds.
     pub max_subscriptions_per_client: usize,
+    /// Most events all subscriptions hold at once (past it they drop their oldest).
+    pub max_queued_events: usize,
     /// Most entry types held (empty ones are forgotten).
     pub max_entry_types: usize,
     /// How long a frame may take to arrive once its first byte has.
@@ -91,6 +93,7 @@ impl Default for NodeConfig {
             max_waiters: 50_000,
             max_subscriptions: 10_000,
             max_subscriptions_per_client: 1_000,
+            max_queued_events: 1_000_000,
             max_entry_types: 10_000,
             frame_timeout: Duration::from_secs(30),
             subscriber_timeout: Duration::from_secs(30),
@@ -454,6 +457,7 @@ impl Node {
             max_entry_types: Some(config.max_entry_types),
             max_waiters: Some(config.max_waiters),
             max_subscriptions: Some(config.max_subscriptions),
+            max_queued_events: Some(config.max_queued_events),
             ..EngineConfig::default()
         };
         let engine = match &config.data_dir {

@@ -7,7 +7,8 @@
 //!
 //! [`FrameDeadline`] wraps the socket and follows the framing as bytes are read: a 4-byte
 //! big-endian length, then that many bytes (the layout of
-//! [`wire::framed`](space_core::wire::framed)).
+//! [`wire::framed`](space_core::wire::framed)). The deadline runs from the first read that
+//! ends inside a frame.
 
 use std::future::Future;
 use std::io;
@@ -30,8 +31,10 @@ pub(crate) struct FrameDeadline<S> {
     header_read: usize,
     /// Bytes of the current frame's body still to come.
     body_left: u64,
-    /// Armed while a frame is under way.
+    /// The deadline of the frame under way, if one is (the timer is kept and reset, so a
+    /// connection allocates it once).
     deadline: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl<S> FrameDeadline<S> {
@@ -43,15 +46,19 @@ impl<S> FrameDeadline<S> {
             header_read: 0,
             body_left: 0,
             deadline: None,
+            armed: false,
         }
     }
 
-    /// Follows the framing through `bytes`, just read.
+    /// Whether a frame is under way (part of it read).
+    fn mid_frame(&self) -> bool {
+        self.header_read > 0
+    }
+
+    /// Follows the framing through `bytes`, just read, and arms the deadline when they
+    /// end inside a frame (from this read on: whole frames cost no timer at all).
     fn track(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
-            if self.deadline.is_none() {
-                self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
-            }
             if self.header_read < HEADER {
                 let n = (HEADER - self.header_read).min(bytes.len());
                 self.header[self.header_read..self.header_read + n].copy_from_slice(&bytes[..n]);
@@ -68,8 +75,16 @@ impl<S> FrameDeadline<S> {
             if self.header_read == HEADER && self.body_left == 0 {
                 // A whole frame: the next one gets its own deadline.
                 self.header_read = 0;
-                self.deadline = None;
+                self.armed = false;
             }
+        }
+        if self.mid_frame() && !self.armed {
+            let at = tokio::time::Instant::now() + self.timeout;
+            match self.deadline.as_mut() {
+                Some(d) => d.as_mut().reset(at),
+                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed = true;
         }
     }
 }
@@ -89,10 +104,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameDeadline<S> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                let expired = this.armed
+                    && this
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
                 if expired {
                     Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -217,6 +217,38 @@ fn subscriptions_of_a_client_that_vanished_are_cancelled() {
 }
 
 #[test]
+fn events_held_for_absent_subscribers_are_bounded() {
+    let (_node, addr) = node(&[
+        "--max-queued-events",
+        "20000",
+        "--subscriber-timeout-ms",
+        "600000",
+    ]);
+    {
+        let space = connect_blocking(&addr).unwrap();
+        for _ in 0..1_000 {
+            space
+                .notify_with_lease(&Query::of::<Job>(), EventKinds::ALL, Lease::Forever)
+                .unwrap()
+                .detach();
+        }
+    } // the subscriber goes away; its subscriptions stay until their endpoint times out
+    let space = connect_blocking(&addr).unwrap();
+    for round in 0..20u64 {
+        let jobs: Vec<Job> = (0..100)
+            .map(|i| Job {
+                id: round * 100 + i,
+            })
+            .collect();
+        space.write_all(&jobs).unwrap();
+    }
+    // 1,000 subscriptions told of 2,000 writes would hold 2,000,000 events.
+    let stats = space.stats().unwrap();
+    assert_eq!(stats.subscriptions, 1_000);
+    assert!(stats.queued_events <= 21_000, "{stats:?}");
+}
+
+#[test]
 fn pushes_from_anyone_but_the_nodes_are_refused() {
     let (_node, addr) = node(&[]);
     let endpoint = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,4 +1,4 @@
-//! The operations of DESIGN.md section 4, as the scenarios a user relies on.
+//! The operations of docs/ARCHITECTURE.md section 4, as the scenarios a user relies on.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,5 @@
 //! `space-bench`: measures the space against a peer in the same process and the same run,
-//! and prints one JSON object as its last line (DESIGN.md section 10).
+//! and prints one JSON object as its last line (docs/ARCHITECTURE.md section 10).
 //!
 //! ```text
 //! cargo run --release -p space-tests --bin space-bench -- inproc [--entries N] [--runs R]
@@ -7,9 +7,11 @@
 //! cargo run --release -p space-tests --bin space-bench -- node [--runs R] [--seconds S]
 //! cargo run --release -p space-tests --bin space-bench -- durable [--runs R] [--seconds S]
 //! cargo run --release -p space-tests --bin space-bench -- cluster [--runs R] [--seconds S]
+//! cargo run --release -p space-tests --bin space-bench -- hostile [--runs R] [--seconds S]
 //! ```
 
 mod cluster;
+mod hostile;
 mod inproc;
 mod node;
 mod notify;
@@ -90,6 +92,15 @@ enum Workload {
         #[arg(long, default_value_t = 2_000)]
         wakeup_samples: usize,
     },
+    /// A well-behaved client's round trips on a node, idle and beside a hostile client.
+    Hostile {
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -119,5 +130,6 @@ fn main() -> Result<()> {
             seconds,
             wakeup_samples,
         } => cluster::run(runs, seconds, wakeup_samples),
+        Workload::Hostile { runs, seconds } => hostile::run(runs, seconds),
     }
 }
