@@ -51,6 +51,37 @@ impl Drop for Guard {
     }
 }
 
+/// Room reserved up front for a decoded list or map of `hint` elements: a frame claims a
+/// length before it proves it, and a nested tree reserves at every level at once, so the
+/// reservation is small and the rest grows with what actually arrives.
+pub(crate) fn prealloc(hint: Option<usize>) -> usize {
+    hint.unwrap_or(0).min(16)
+}
+
+/// Decodes a list with a small up-front reservation (see [`prealloc`]); for the lists
+/// inside nested trees (the parts of AND and OR).
+pub(crate) fn small_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Small<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Small<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(prealloc(seq.size_hint()));
+            while let Some(item) = seq.next_element()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Small(std::marker::PhantomData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,7 +64,10 @@ pub enum Filter {
     /// `low <= field <= high`.
     Between(String, Value, Value),
     /// The field equals one of the values.
-    In(String, Vec<Value>),
+    In(
+        String,
+        #[serde(deserialize_with = "crate::depth::small_vec")] Vec<Value>,
+    ),
     /// The field is present and not null.
     Exists(String),
     /// The field is absent or null.
@@ -75,9 +78,9 @@ pub enum Filter {
     /// is not a letter or digit, and compared in lower case).
     Text(String, String),
     /// All of the filters hold.
-    And(Vec<Filter>),
+    And(#[serde(deserialize_with = "crate::depth::small_vec")] Vec<Filter>),
     /// At least one of the filters holds.
-    Or(Vec<Filter>),
+    Or(#[serde(deserialize_with = "crate::depth::small_vec")] Vec<Filter>),
     /// The filter does not hold.
     Not(Box<Filter>),
 }

@@ -527,7 +527,7 @@ impl<'de> serde::de::Visitor<'de> for ValueVisitor {
         Ok(Value::Bytes(v))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        let mut items = Vec::with_capacity(crate::depth::prealloc(seq.size_hint()));
         while let Some(item) = seq.next_element()? {
             items.push(item);
         }
@@ -553,7 +553,7 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
         f.write_str("a map of field names to values")
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut fields = Fields::with_capacity(map.size_hint().unwrap_or(0).min(1024));
+        let mut fields = Fields::with_capacity(crate::depth::prealloc(map.size_hint()));
         while let Some((k, v)) = map.next_entry::<String, Value>()? {
             fields.push(k, v);
         }
