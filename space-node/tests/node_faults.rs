@@ -59,6 +59,34 @@ fn the_claim_of_a_client_that_vanished_comes_back_after_its_lease() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
+/// The same entry type as `Job`, with a field of another kind: its entries do not decode.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct StrictJob {
+    id: String,
+}
+space_client::entry!(StrictJob, "Job");
+
+#[test]
+fn a_claimed_entry_that_does_not_decode_is_released_at_once() {
+    let node = NodeProcess::start(&[]);
+    let space = connect_blocking(&node.addr).unwrap();
+    space.write(&job(1)).unwrap();
+    let err = space
+        .claim::<StrictJob>(&Query::of::<StrictJob>(), Lease::secs(600), Duration::ZERO)
+        .unwrap_err();
+    assert!(matches!(err, SpaceError::Document { .. }), "{err}");
+    // Given back at once, not when the claim's lease runs out.
+    let claim = space
+        .claim::<Job>(
+            &Query::of::<Job>(),
+            Lease::secs(60),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .expect("the entry is there again");
+    assert_eq!(claim.entry, job(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_retried_after_a_lost_reply_gets_the_same_entry() {
     let node = NodeProcess::start(&[]);
