@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::value::ValueKind;
+use crate::kind::ValueKind;
 
 /// What went wrong turning a Rust value into an entry document or back.
 #[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]

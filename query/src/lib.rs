@@ -20,21 +20,24 @@
 mod de;
 mod depth;
 mod error;
+mod kind;
 mod matcher;
+mod names;
 mod percolator;
 mod query;
 mod ser;
 pub mod tantivy_form;
 pub mod text;
 mod value;
+mod words;
 
 pub use de::{from_fields, from_value};
 pub use depth::MAX_DEPTH;
 pub use error::{DocumentError, QueryError, Result};
-pub use matcher::{MAX_WORD_BYTES, words};
+pub use kind::ValueKind;
+pub use names::{MAX_ENTRY_TYPE_BYTES, validate_entry_type, validate_path};
 pub use percolator::{MatchStats, Percolator, SubscriptionId};
-pub use query::{
-    EntryType, Filter, MAX_ENTRY_TYPE_BYTES, Query, validate_entry_type, validate_path,
-};
+pub use query::{EntryType, Filter, Query};
 pub use ser::{to_fields, to_value};
-pub use value::{FieldName, Fields, IndexValue, Value, ValueKind};
+pub use value::{FieldName, Fields, IndexValue, Value};
+pub use words::{MAX_WORD_BYTES, words};

@@ -23,9 +23,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::matcher::words;
 use crate::query::{Filter, Query};
 use crate::value::{Fields, Value};
+use crate::words::words;
 
 /// The caller's id for a stored query.
 pub type SubscriptionId = u64;

@@ -25,9 +25,9 @@ use tantivy::schema::{
 };
 use tantivy::{Index, TantivyDocument, Term};
 
-use crate::matcher::words;
 use crate::query::{Filter, Query};
 use crate::value::{Fields, Value};
+use crate::words::words;
 
 /// The name of the JSON field that holds an entry's fields.
 pub const FIELDS: &str = "fields";

@@ -16,7 +16,8 @@
 use std::fmt::{self, Display, Write};
 
 use crate::error::{QueryError, Result};
-use crate::query::{Filter, Query, is_field_char};
+use crate::names::is_field_char;
+use crate::query::{Filter, Query};
 use crate::value::Value;
 
 impl Query {

@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DocumentError;
+pub use crate::kind::ValueKind;
 
 /// The name of a field: borrowed for Rust struct fields, owned when decoded from elsewhere.
 pub type FieldName = Cow<'static, str>;
@@ -40,39 +41,6 @@ pub enum Value {
     List(Vec<Value>),
     /// A nested structure or map, addressed with dotted paths (`address.city`).
     Map(Fields),
-}
-
-/// The coarse kind of a value, used for schema checks and error messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ValueKind {
-    /// `Value::Null`.
-    Null,
-    /// `Value::Bool`.
-    Bool,
-    /// Any of `I64`, `U64`, `F64`.
-    Number,
-    /// `Value::Str`.
-    String,
-    /// `Value::Bytes`.
-    Bytes,
-    /// `Value::List`.
-    List,
-    /// `Value::Map`.
-    Map,
-}
-
-impl fmt::Display for ValueKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ValueKind::Null => "null",
-            ValueKind::Bool => "bool",
-            ValueKind::Number => "number",
-            ValueKind::String => "string",
-            ValueKind::Bytes => "bytes",
-            ValueKind::List => "list",
-            ValueKind::Map => "map",
-        })
-    }
 }
 
 impl Value {
@@ -279,7 +247,7 @@ impl Fields {
     /// [`DocumentError::FieldName`] or [`DocumentError::TooDeep`].
     pub fn validate(&self) -> Result<(), DocumentError> {
         for (name, _) in &self.0 {
-            crate::query::validate_segment(name).map_err(|reason| DocumentError::FieldName {
+            crate::names::validate_segment(name).map_err(|reason| DocumentError::FieldName {
                 name: name.to_string(),
                 reason: reason.to_owned(),
             })?;

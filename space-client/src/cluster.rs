@@ -36,6 +36,7 @@ use space_core::{
 };
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
+use crate::revoke;
 use crate::subscriber::{self, Endpoint, FEED_CAPACITY, Feed, FeedState, Spec};
 
 /// A document to write, with its user key if it has one.
@@ -222,7 +223,7 @@ impl Cluster {
         let mut reroutes = 0;
         loop {
             let addr = self.owner_addr(key)?;
-            match self.node(&addr).await?.call(request.clone()).await {
+            match revoke::call(&self.node(&addr).await?, request.clone()).await {
                 Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
                     reroutes += 1;
                     self.refresh().await?;
@@ -289,7 +290,7 @@ impl Cluster {
     /// took or claimed on any node goes back ([`revoke`](crate::revoke)).
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         if matches!(request, Request::TakeDirect { .. } | Request::Claim { .. }) {
-            crate::revoke::guarded(self.call_waiting(request)).await
+            revoke::guarded(self.call_waiting(request)).await
         } else {
             self.call_waiting(request).await
         }
@@ -386,7 +387,7 @@ impl Cluster {
             // Placement, status, and subscription bookkeeping: any live node answers.
             other => {
                 let addr = self.next_node();
-                self.node(&addr).await?.call(other).await
+                revoke::call(&self.node(&addr).await?, other).await
             }
         }
     }
@@ -588,7 +589,7 @@ impl Cluster {
                 };
                 async move {
                     let answer = match self.node(&addr).await {
-                        Ok(conn) => conn.call(request).await,
+                        Ok(conn) => revoke::call(&conn, request).await,
                         Err(e) => Err(e),
                     };
                     (addr, answer)
@@ -688,7 +689,7 @@ impl Cluster {
             max: u32::try_from(max).unwrap_or(u32::MAX),
             timeout,
         };
-        match self.node(addr).await?.call(request).await? {
+        match revoke::call(&self.node(addr).await?, request).await? {
             Response::Documents(d) => Ok(d),
             other => Err(unexpected(other)),
         }

@@ -28,8 +28,6 @@ use tarpc::{client, context};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
-use crate::revoke::{self, CallGuard};
-
 /// How a client reaches a node.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -311,8 +309,9 @@ impl Connection {
     /// requests.
     ///
     /// # Cancel safety
-    /// Dropping the future gives the request up: a take or claim that is dropped (or
-    /// fails without an answer) is revoked on the node, so what it took goes back.
+    /// A call dropped before its answer arrives may still have been done on the node; this
+    /// plain form does not undo it. The `Space` handle and [`Cluster::call`](crate::Cluster)
+    /// revoke a take or claim whose caller gives it up, so that nothing is lost.
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         self.call_with_id(RequestId::new(), request).await
     }
@@ -333,7 +332,6 @@ impl Connection {
             });
         }
         let wait = request.wait().min(wire::MAX_CALL_WAIT);
-        let guard = revoke::revocable(&request).then(|| CallGuard::new(self.clone(), id));
         let envelope = Envelope {
             id,
             request: Arc::new(request),
@@ -350,12 +348,7 @@ impl Connection {
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;
                     match client.call(ctx, envelope.clone()).await {
-                        Ok(answer) => {
-                            if let Some(g) = guard {
-                                g.answered();
-                            }
-                            return answer;
-                        }
+                        Ok(answer) => return answer,
                         Err(RpcError::DeadlineExceeded) => {
                             return Err(SpaceError::TimedOut {
                                 node: self.addr.clone(),
@@ -363,10 +356,7 @@ impl Connection {
                             });
                         }
                         Err(RpcError::Server(e)) if e.kind == std::io::ErrorKind::WouldBlock => {
-                            // Throttled before it ran: nothing to revoke.
-                            if let Some(g) = guard {
-                                g.answered();
-                            }
+                            // Throttled before it ran.
                             return Err(SpaceError::Busy {
                                 node: self.addr.clone(),
                                 reason: e.detail,
@@ -383,10 +373,7 @@ impl Connection {
                 }
                 Err(e @ SpaceError::Rejected { .. }) => return Err(e),
                 Err(e) if !sent => {
-                    // Nothing went out: there is nothing to revoke either.
-                    if let Some(g) = guard {
-                        g.answered();
-                    }
+                    // Nothing went out.
                     return Err(match e {
                         SpaceError::Unreachable { node, reason } => {
                             SpaceError::Down { node, reason }

@@ -6,10 +6,10 @@
 //! hidden until a claim lease ran out). Two guards keep that from happening, at no cost in
 //! round trips on the normal path:
 //!
-//! - **a call** that removes or claims entries ([`Connection::call`] with `TakeDirect` or
-//!   `Claim`, and `Commit` inside an operation) revokes itself if it is dropped before its
-//!   answer arrives, or fails without one: the node stops a request still waiting, and puts
-//!   back what a finished one took (or releases what it claimed)
+//! - **a call** that removes or claims entries ([`call`] with `TakeDirect` or `Claim`, and
+//!   `Commit` inside an operation) revokes itself if it is dropped before its answer
+//!   arrives, or fails without one: the node stops a request still waiting, and puts back
+//!   what a finished one took (or releases what it claimed)
 //!   ([`Request::Revoke`](space_core::wire::Request));
 //! - **an operation** (one take or claim as the user asked for it, which may be several
 //!   calls across nodes) records the calls that did complete, and revokes them too unless
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use space_core::wire::{Request, RequestId};
+use space_core::wire::{Request, RequestId, Response};
 use space_core::{Result, SpaceError};
 use tokio::runtime::Handle;
 
@@ -113,8 +113,27 @@ pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T>
     result
 }
 
+/// Sends `request` on `conn`; a take or claim (and a commit inside an operation) is
+/// guarded: given up before its answer arrives, or failed without one (`Unreachable`,
+/// `TimedOut`), it is revoked.
+pub(crate) async fn call(conn: &Arc<Connection>, request: Request) -> Result<Response> {
+    if !revocable(&request) {
+        return conn.call(request).await;
+    }
+    let id = RequestId::new();
+    let guard = CallGuard::new(conn.clone(), id);
+    let answer = conn.call_with_id(id, request).await;
+    match &answer {
+        // Sent, and no answer came back: it may have been done.
+        Err(SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }) => drop(guard),
+        // The node answered, or nothing was sent (Down, Busy, a check on this side).
+        _ => guard.answered(),
+    }
+    answer
+}
+
 /// Whether a call of `request` must be revoked when its caller gives it up.
-pub(crate) fn revocable(request: &Request) -> bool {
+fn revocable(request: &Request) -> bool {
     match request {
         Request::TakeDirect { .. } | Request::Claim { .. } => true,
         // A commit the user asked for stands (the user holds the entry); a commit inside a
@@ -125,14 +144,14 @@ pub(crate) fn revocable(request: &Request) -> bool {
 }
 
 /// Revokes its call when dropped before [`answered`](Self::answered).
-pub(crate) struct CallGuard {
+struct CallGuard {
     call: Option<(Arc<Connection>, RequestId)>,
     runtime: Option<Handle>,
 }
 
 impl CallGuard {
     /// Guards the call `id` on `conn` (made on the current runtime).
-    pub(crate) fn new(conn: Arc<Connection>, id: RequestId) -> CallGuard {
+    fn new(conn: Arc<Connection>, id: RequestId) -> CallGuard {
         CallGuard {
             call: Some((conn, id)),
             runtime: Handle::try_current().ok(),
@@ -141,7 +160,7 @@ impl CallGuard {
 
     /// The node answered and the answer reaches the caller: the call is handed to its
     /// operation, if it has one.
-    pub(crate) fn answered(mut self) {
+    fn answered(mut self) {
         if let Some(call) = self.call.take() {
             let _ = OPERATION.try_with(|op| op.completed.lock().push(call));
         }
