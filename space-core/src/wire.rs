@@ -585,8 +585,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     T: Serialize,
 {
-    let bytes = postcard::to_stdvec(value).map_err(std::io::Error::other)?;
-    framed.send(Bytes::from(bytes)).await
+    framed.send(encode_frame(value)?).await
 }
 
 /// Receives one postcard-encoded frame; `None` when the peer closed the connection.
@@ -617,12 +616,17 @@ impl<Item, SinkItem> Default for Postcard<Item, SinkItem> {
     }
 }
 
+/// Encodes an outgoing message of a transport.
+fn encode_frame<T: Serialize>(item: &T) -> std::io::Result<Bytes> {
+    postcard::to_stdvec(item)
+        .map(Bytes::from)
+        .map_err(std::io::Error::other)
+}
+
 impl<Item, SinkItem: Serialize> tokio_serde::Serializer<SinkItem> for Postcard<Item, SinkItem> {
     type Error = std::io::Error;
     fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> Result<Bytes, Self::Error> {
-        postcard::to_stdvec(item)
-            .map(Bytes::from)
-            .map_err(std::io::Error::other)
+        encode_frame(item)
     }
 }
 
@@ -714,9 +718,7 @@ impl<Req, Resp: Serialize> tokio_serde::Serializer<tarpc::Response<Resp>>
 {
     type Error = std::io::Error;
     fn serialize(self: Pin<&mut Self>, item: &tarpc::Response<Resp>) -> Result<Bytes, Self::Error> {
-        postcard::to_stdvec(item)
-            .map(Bytes::from)
-            .map_err(std::io::Error::other)
+        encode_frame(item)
     }
 }
 

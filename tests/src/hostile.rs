@@ -132,6 +132,40 @@ pub fn far_deadline_call() -> Vec<u8> {
     )
 }
 
+/// Writes one entry of each of `count` entry types named `prefix` and a number, and takes
+/// it again at once: entry types used once and emptied.
+///
+/// # Errors
+/// The first call that fails.
+pub async fn churn_entry_types(
+    cluster: &Arc<space_client::Cluster>,
+    prefix: &str,
+    count: u64,
+) -> Result<(), SpaceError> {
+    for i in 0..count {
+        let entry_type = format!("{prefix}{i}");
+        let mut f = Fields::new();
+        f.push("i", Value::U64(i));
+        cluster
+            .call(Request::WriteDirect {
+                entry_type: entry_type.clone(),
+                indexes: Vec::new(),
+                entries: vec![(f, None)],
+                lease: Lease::Forever,
+                labels: Vec::new(),
+            })
+            .await?;
+        cluster
+            .call(Request::TakeDirect {
+                target: wire::Target::Query(Query::for_type(entry_type)),
+                max: 1,
+                timeout: Duration::ZERO,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 /// The hostile client at work; stops (and waits for its threads) when dropped.
 pub struct Attack {
     stop: Arc<AtomicBool>,
@@ -200,7 +234,7 @@ pub fn attack(addr: &str) -> Attack {
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    spawn("floods", |addr, stop| {
+    spawn("floods", |addr, _| {
         // Blocked calls, subscriptions and entry types, as many as the node lets it have.
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -229,31 +263,9 @@ pub fn attack(addr: &str) -> Attack {
                     Err(_) => break,
                 }
             }
-            let cluster = space_client::Cluster::open(&[addr], Default::default()).await;
-            if let Ok(cluster) = cluster {
-                for i in 0..200u64 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let t = format!("Churn{}", rand::random::<u64>() ^ i);
-                    let mut f = Fields::new();
-                    f.push("i", Value::U64(i));
-                    let write = Request::WriteDirect {
-                        entry_type: t.clone(),
-                        indexes: Vec::new(),
-                        entries: vec![(f, None)],
-                        lease: Lease::Forever,
-                        labels: Vec::new(),
-                    };
-                    let _ = cluster.call(write).await;
-                    let _ = cluster
-                        .call(Request::TakeDirect {
-                            target: wire::Target::Query(Query::for_type(t)),
-                            max: 1,
-                            timeout: Duration::ZERO,
-                        })
-                        .await;
-                }
+            if let Ok(cluster) = space_client::Cluster::open(&[addr], Default::default()).await {
+                let prefix = format!("Churn{}-", rand::random::<u64>());
+                let _ = churn_entry_types(&cluster, &prefix, 200).await;
             }
             for w in waits {
                 let _ = w.await;

@@ -9,14 +9,14 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use space_client::wire::{self, Hello, Request, Response, Value, Welcome};
+use space_client::wire::{self, Hello, Request, Response, Welcome};
 use space_client::{
     ClientConfig, EventKinds, Filter, Lease, Notification, Query, SpaceError, connect,
     connect_blocking, connect_blocking_with, connect_with,
 };
 use space_tests::hostile::{
-    answer_to, call_bytes, deep_document_call, deep_query_call, far_deadline_call, frame, raw,
-    read_frame,
+    answer_to, call_bytes, churn_entry_types, deep_document_call, deep_query_call,
+    far_deadline_call, frame, raw, read_frame,
 };
 use space_tests::process::{Process, binary, node_binary, start_node};
 
@@ -361,32 +361,12 @@ fn connections_blocked_calls_and_entry_types_are_bounded() {
     });
 
     // Entry types: emptied ones are forgotten; the ones holding entries are capped.
-    for i in 0..500 {
-        let q = Query::for_type(format!("T{i}"));
-        let mut f = wire::Fields::new();
-        f.push("i", Value::I64(i));
-        let write = Request::WriteDirect {
-            entry_type: format!("T{i}"),
-            indexes: Vec::new(),
-            entries: vec![(f, None)],
-            lease: Lease::Forever,
-            labels: Vec::new(),
-        };
-        rt.block_on(async {
-            let cluster = space_client::Cluster::open(&[&addr], ClientConfig::default())
-                .await
-                .unwrap();
-            cluster.call(write).await.unwrap();
-            cluster
-                .call(Request::TakeDirect {
-                    target: wire::Target::Query(q),
-                    max: 1,
-                    timeout: Duration::ZERO,
-                })
-                .await
-                .unwrap();
-        });
-    }
+    rt.block_on(async {
+        let cluster = space_client::Cluster::open(&[&addr], ClientConfig::default())
+            .await
+            .unwrap();
+        churn_entry_types(&cluster, "T", 500).await.unwrap();
+    });
     assert!(space.stats().unwrap().entry_types <= 50);
 
     // Connections past the cap are refused with Busy; the open ones keep working.
