@@ -1,39 +1,37 @@
 //! Durability: the operation log with group commit, snapshots, and recovery.
 //!
-//! Every change to an entry is a [`LogRecord`] appended, under the entry type's lock, to
-//! the operation log with a log sequence number (LSN). A writer thread writes what has
-//! accumulated and makes it durable with one `fdatasync`, so concurrent operations share one
-//! sync (group commit); an operation is acknowledged only once the log is durable up to its
-//! records. The log is a directory of segment files (`wal-<first lsn>.log`); each record is
-//! framed as `[len u32][crc32 u32][lsn u64][postcard payload]`.
+//! Every [`Command`] (see [`crate::state`]) is appended, under its entry type's lock and
+//! just before it is applied, to the operation log with a log sequence number (LSN),
+//! tagged with its entry type. A writer thread writes what has accumulated and makes it
+//! durable with one `fdatasync`, so concurrent operations share one sync (group commit); an
+//! operation is acknowledged only once the log is durable up to its commands. The log is a
+//! directory of segment files (`wal-<first lsn>.log`); each record is framed as
+//! `[len u32][crc32 u32][lsn u64][postcard payload]`.
 //!
-//! Now and then a snapshot (`snapshot-<lsn>.snap`) is written: every entry type's state,
+//! Now and then a snapshot (`snapshot-<lsn>.snap`) is written: every entry type's store,
 //! each taken under its lock together with the LSN of the log at that moment (the type's
-//! *cut*). Segments whose records all fall under every cut are then deleted, so the log stays
-//! bounded. Recovery loads the newest snapshot, replays the log records above each type's
-//! cut (replay is idempotent), truncates a torn tail of the last segment, expires leases and
-//! releases claims whose absolute deadlines have passed, and rebuilds the answers of recent
-//! requests, so a client retrying with a request id after a crash gets its first answer.
-//!
-//! The records carry what replication will need later (docs/ARCHITECTURE.md section 9): they are
-//! self-contained and ordered per entry type.
+//! *cut*), and the answer table. Segments whose records all fall under every cut are then
+//! deleted, so the log stays bounded. Recovery loads the newest snapshot and hands the
+//! engine the commands above each type's cut, which it replays through the same `apply`
+//! as live operations; a torn tail of the last segment is truncated. What lapsed while the
+//! node was down is then expired by commands the engine's timer decides, like any expiry.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use space_query::Fields;
+use space_query::ValueKind;
 
-use crate::engine::{ClaimTicket, ClaimedDocument, Document, Receipt};
-use crate::entry::{Key, NodeId};
+use crate::entry::NodeId;
 use crate::error::{Result, SpaceError};
-use crate::wire::{RequestId, Response};
+use crate::state::{Answers, Command};
+use crate::store::Record;
 
 /// A segment is closed and a new one started past this size, by default.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -47,115 +45,22 @@ pub(crate) struct LogLimits {
     pub(crate) segment_bytes: u64,
     pub(crate) snapshot_after_bytes: u64,
 }
-const WAL_MAGIC: &[u8; 8] = b"SPCWAL01";
-const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP1";
-/// Answers of recent requests rebuilt at recovery.
-pub(crate) const RECOVERED_ANSWERS: usize = 65_536;
+const WAL_MAGIC: &[u8; 8] = b"SPCWAL02";
+const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP2";
 
-/// Why an entry left the space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum RemoveCause {
-    Taken,
-    Committed,
-    Expired,
-    Cancelled,
+/// One log record as written: a command on one entry type (borrowed, so that appending
+/// copies nothing but the encoding).
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    entry_type: &'a str,
+    command: &'a Command,
 }
 
-/// One change, as logged.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) enum LogRecord {
-    Write {
-        entry_type: String,
-        seq: u64,
-        image: RecordImage,
-        request: Option<RequestId>,
-    },
-    Remove {
-        entry_type: String,
-        seq: u64,
-        cause: RemoveCause,
-        request: Option<RequestId>,
-    },
-    Claim {
-        entry_type: String,
-        seq: u64,
-        token: u64,
-        expires: u64,
-        request: Option<RequestId>,
-    },
-    Unclaim {
-        entry_type: String,
-        seq: u64,
-        request: Option<RequestId>,
-    },
-    Renew {
-        entry_type: String,
-        seq: u64,
-        expires: Option<u64>,
-    },
-    RenewClaim {
-        entry_type: String,
-        seq: u64,
-        expires: u64,
-    },
-    Index {
-        entry_type: String,
-        field: String,
-    },
-}
-
-impl LogRecord {
-    fn entry_type(&self) -> &str {
-        match self {
-            LogRecord::Write { entry_type, .. }
-            | LogRecord::Remove { entry_type, .. }
-            | LogRecord::Claim { entry_type, .. }
-            | LogRecord::Unclaim { entry_type, .. }
-            | LogRecord::Renew { entry_type, .. }
-            | LogRecord::RenewClaim { entry_type, .. }
-            | LogRecord::Index { entry_type, .. } => entry_type,
-        }
-    }
-}
-
-/// A stored entry, as logged and snapshotted: deadlines are absolute (milliseconds since the
-/// Unix epoch), so they mean the same after a restart.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct RecordImage {
-    pub(crate) key: Key,
-    pub(crate) mapped_key: bool,
-    pub(crate) version: u64,
-    pub(crate) fields: Fields,
-    pub(crate) expires: Option<u64>,
-    pub(crate) claim: Option<(u64, u64)>,
-}
-
-/// Milliseconds since the Unix epoch of an `Instant` deadline.
-pub(crate) fn to_wall_ms(deadline: Instant) -> u64 {
-    let now_i = Instant::now();
-    let now_w = SystemTime::now();
-    let wall = if deadline >= now_i {
-        now_w + (deadline - now_i)
-    } else {
-        now_w.checked_sub(now_i - deadline).unwrap_or(UNIX_EPOCH)
-    };
-    wall.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The `Instant` of a wall-clock deadline (in the past if it has passed).
-pub(crate) fn from_wall_ms(ms: u64) -> Instant {
-    let now_i = Instant::now();
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    if ms >= now_ms {
-        now_i + Duration::from_millis(ms - now_ms)
-    } else {
-        now_i
-            .checked_sub(Duration::from_millis(now_ms - ms))
-            .unwrap_or(now_i)
-    }
+/// One log record as read back.
+#[derive(Deserialize)]
+struct LogRecord {
+    entry_type: String,
+    command: Command,
 }
 
 fn storage(path: &Path, what: impl std::fmt::Display) -> SpaceError {
@@ -362,10 +267,14 @@ impl Wal {
         Ok(file)
     }
 
-    /// Appends a record; returns its LSN. Called under the entry type's lock, so records of
-    /// one type are in the log in the order their changes happened.
-    pub(crate) fn append(&self, record: &LogRecord) -> u64 {
-        let payload = postcard::to_stdvec(record).unwrap_or_default();
+    /// Appends a command on `entry_type`; returns its LSN. Called under the entry type's
+    /// lock, so the commands of one type are in the log in the order they are applied.
+    pub(crate) fn append(&self, entry_type: &str, command: &Command) -> u64 {
+        let payload = postcard::to_stdvec(&RecordRef {
+            entry_type,
+            command,
+        })
+        .unwrap_or_default();
         let mut p = self.pending.lock();
         let lsn = p.next_lsn;
         p.next_lsn += 1;
@@ -505,14 +414,15 @@ impl Wal {
 // Snapshots.
 
 /// One entry type's state in a snapshot.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ShardImage {
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct TypeImage {
     pub(crate) entry_type: String,
     pub(crate) next_seq: u64,
     pub(crate) indexes: Vec<String>,
-    /// Log records of this type with an LSN at or below it are in this image.
+    pub(crate) schema: Vec<(String, ValueKind)>,
+    /// Commands on this type with an LSN at or below it are in this image.
     pub(crate) cut: u64,
-    pub(crate) records: BTreeMap<u64, RecordImage>,
+    pub(crate) records: Vec<(u64, Record)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -522,32 +432,37 @@ enum SnapshotFrame {
         node: NodeId,
         floor: u64,
     },
-    Shard {
+    Type {
         entry_type: String,
         next_seq: u64,
         indexes: Vec<String>,
+        schema: Vec<(String, ValueKind)>,
         cut: u64,
         count: u64,
     },
     Entry {
         seq: u64,
-        image: RecordImage,
+        record: Record,
     },
+    Answers(Answers),
     End {
-        shards: u64,
+        types: u64,
         entries: u64,
     },
 }
 
-/// Writes a snapshot of `shards`; `floor` is an LSN at or below every shard's cut (log
-/// segments entirely below it can go). Returns the snapshot's size in bytes.
-pub(crate) fn write_snapshot(
-    dir: &Path,
-    shards: &[ShardImage],
-    next_token: u64,
-    node: NodeId,
-    floor: u64,
-) -> Result<u64> {
+/// What a snapshot holds (see [`write_snapshot`]).
+pub(crate) struct Snapshot {
+    pub(crate) next_token: u64,
+    pub(crate) types: Vec<TypeImage>,
+    pub(crate) answers: Answers,
+    /// Log segments entirely below this LSN are no longer needed.
+    pub(crate) floor: u64,
+}
+
+/// Writes a snapshot; `floor` is an LSN at or below every type's cut (log segments
+/// entirely below it can go). Returns the snapshot's size in bytes.
+pub(crate) fn write_snapshot(dir: &Path, snapshot: &Snapshot, node: NodeId) -> Result<u64> {
     let mut buf = SNAP_MAGIC.to_vec();
     let mut n = 0u64;
     let mut put = |buf: &mut Vec<u8>, f: &SnapshotFrame| {
@@ -557,43 +472,45 @@ pub(crate) fn write_snapshot(
     put(
         &mut buf,
         &SnapshotFrame::Header {
-            next_token,
+            next_token: snapshot.next_token,
             node,
-            floor,
+            floor: snapshot.floor,
         },
     );
     let mut entries = 0u64;
-    for s in shards {
+    for t in &snapshot.types {
         put(
             &mut buf,
-            &SnapshotFrame::Shard {
-                entry_type: s.entry_type.clone(),
-                next_seq: s.next_seq,
-                indexes: s.indexes.clone(),
-                cut: s.cut,
-                count: s.records.len() as u64,
+            &SnapshotFrame::Type {
+                entry_type: t.entry_type.clone(),
+                next_seq: t.next_seq,
+                indexes: t.indexes.clone(),
+                schema: t.schema.clone(),
+                cut: t.cut,
+                count: t.records.len() as u64,
             },
         );
-        for (seq, image) in &s.records {
+        for (seq, record) in &t.records {
             put(
                 &mut buf,
                 &SnapshotFrame::Entry {
                     seq: *seq,
-                    image: image.clone(),
+                    record: record.clone(),
                 },
             );
             entries += 1;
         }
     }
+    put(&mut buf, &SnapshotFrame::Answers(snapshot.answers.clone()));
     put(
         &mut buf,
         &SnapshotFrame::End {
-            shards: shards.len() as u64,
+            types: snapshot.types.len() as u64,
             entries,
         },
     );
-    let path = dir.join(snapshot_name(floor));
-    let tmp = dir.join(format!("{}.tmp", snapshot_name(floor)));
+    let path = dir.join(snapshot_name(snapshot.floor));
+    let tmp = dir.join(format!("{}.tmp", snapshot_name(snapshot.floor)));
     let mut f = File::create(&tmp).map_err(|e| storage(&tmp, e))?;
     f.write_all(&buf)
         .and_then(|()| f.sync_all())
@@ -601,11 +518,6 @@ pub(crate) fn write_snapshot(
     fs::rename(&tmp, &path).map_err(|e| storage(&path, e))?;
     sync_dir(dir)?;
     Ok(buf.len() as u64)
-}
-
-struct Snapshot {
-    next_token: u64,
-    shards: HashMap<String, ShardImage>,
 }
 
 fn read_snapshot(path: &Path) -> Result<Snapshot> {
@@ -625,37 +537,38 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
     }
     let mut snap = Snapshot {
         next_token: 1,
-        shards: HashMap::new(),
+        types: Vec::new(),
+        answers: Answers::default(),
+        floor: 0,
     };
-    let mut current: Option<ShardImage> = None;
     let mut ended = false;
     for (_, payload) in frames {
         let f: SnapshotFrame = postcard::from_bytes(payload)
             .map_err(|e| storage(path, format!("corrupt snapshot frame: {e}")))?;
         match f {
-            SnapshotFrame::Header { next_token, .. } => snap.next_token = next_token,
-            SnapshotFrame::Shard {
+            SnapshotFrame::Header {
+                next_token, floor, ..
+            } => {
+                snap.next_token = next_token;
+                snap.floor = floor;
+            }
+            SnapshotFrame::Type {
                 entry_type,
                 next_seq,
                 indexes,
+                schema,
                 cut,
-                ..
-            } => {
-                if let Some(s) = current.take() {
-                    snap.shards.insert(s.entry_type.clone(), s);
-                }
-                current = Some(ShardImage {
-                    entry_type,
-                    next_seq,
-                    indexes,
-                    cut,
-                    records: BTreeMap::new(),
-                });
-            }
-            SnapshotFrame::Entry { seq, image } => match current.as_mut() {
-                Some(s) => {
-                    s.records.insert(seq, image);
-                }
+                count,
+            } => snap.types.push(TypeImage {
+                entry_type,
+                next_seq,
+                indexes,
+                schema,
+                cut,
+                records: Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 16)),
+            }),
+            SnapshotFrame::Entry { seq, record } => match snap.types.last_mut() {
+                Some(t) => t.records.push((seq, record)),
                 None => {
                     return Err(storage(
                         path,
@@ -663,11 +576,9 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
                     ));
                 }
             },
+            SnapshotFrame::Answers(answers) => snap.answers = answers,
             SnapshotFrame::End { entries, .. } => {
-                if let Some(s) = current.take() {
-                    snap.shards.insert(s.entry_type.clone(), s);
-                }
-                let got: u64 = snap.shards.values().map(|s| s.records.len() as u64).sum();
+                let got: u64 = snap.types.iter().map(|t| t.records.len() as u64).sum();
                 if got != entries {
                     return Err(storage(
                         path,
@@ -687,169 +598,23 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
 // ---------------------------------------------------------------------------------------
 // Recovery.
 
-/// What recovery hands the engine.
+/// What recovery hands the engine: the newest snapshot, and the commands logged after
+/// it, to be replayed through [`apply`](crate::state::apply) in log order.
 pub(crate) struct Recovered {
-    pub(crate) shards: Vec<ShardImage>,
-    pub(crate) next_token: u64,
-    pub(crate) answers: Vec<(RequestId, Response)>,
+    pub(crate) snapshot: Snapshot,
+    /// `(lsn, entry type, command)`, oldest first; only commands above their type's cut.
+    pub(crate) commands: Vec<(u64, String, Command)>,
     pub(crate) wal: Arc<Wal>,
     pub(crate) lock: File,
-    /// Log records replayed.
-    pub(crate) replayed: u64,
 }
 
-/// Rebuilds the answers of recent requests from the records that carry request ids.
-struct Answers {
-    order: VecDeque<RequestId>,
-    map: HashMap<RequestId, Response>,
-}
-
-impl Answers {
-    fn push(&mut self, id: RequestId, add: impl FnOnce(Option<Response>) -> Response) {
-        let prev = self.map.remove(&id);
-        if prev.is_none() {
-            self.order.push_back(id);
-            if self.order.len() > RECOVERED_ANSWERS
-                && let Some(old) = self.order.pop_front()
-            {
-                self.map.remove(&old);
-            }
-        }
-        self.map.insert(id, add(prev));
-    }
-}
-
-fn document(image: &RecordImage) -> Document {
-    Document {
-        key: image.key.clone(),
-        version: image.version,
-        fields: image.fields.clone(),
-    }
-}
-
-fn apply(
-    shards: &mut HashMap<String, ShardImage>,
-    record: LogRecord,
-    answers: &mut Answers,
-    node: NodeId,
-) {
-    let shard = shards
-        .entry(record.entry_type().to_owned())
-        .or_insert_with(|| ShardImage {
-            entry_type: record.entry_type().to_owned(),
-            ..ShardImage::default()
-        });
-    match record {
-        LogRecord::Write {
-            seq,
-            image,
-            request,
-            ..
-        } => {
-            shard.next_seq = shard.next_seq.max(seq);
-            if let Some(id) = request {
-                let receipt = Receipt {
-                    node,
-                    key: image.key.clone(),
-                    version: image.version,
-                    expires: image
-                        .expires
-                        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-                };
-                answers.push(id, |prev| match prev {
-                    Some(Response::Receipts(mut v)) => {
-                        v.push(receipt);
-                        Response::Receipts(v)
-                    }
-                    _ => Response::Receipts(vec![receipt]),
-                });
-            }
-            shard.records.entry(seq).or_insert(image);
-        }
-        LogRecord::Remove {
-            seq,
-            cause,
-            request,
-            ..
-        } => {
-            let removed = shard.records.remove(&seq);
-            if let Some(id) = request {
-                match (cause, removed) {
-                    (RemoveCause::Taken, Some(image)) => answers.push(id, |prev| match prev {
-                        Some(Response::Documents(mut v)) => {
-                            v.push(document(&image));
-                            Response::Documents(v)
-                        }
-                        _ => Response::Documents(vec![document(&image)]),
-                    }),
-                    (RemoveCause::Committed | RemoveCause::Cancelled, _) => {
-                        answers.push(id, |_| Response::Done)
-                    }
-                    _ => {}
-                }
-            }
-        }
-        LogRecord::Claim {
-            seq,
-            token,
-            expires,
-            request,
-            ..
-        } => {
-            if let Some(r) = shard.records.get_mut(&seq) {
-                if r.claim.map(|c| c.0) != Some(token) {
-                    r.claim = Some((token, expires));
-                    r.version += 1;
-                }
-                if let Some(id) = request {
-                    let claimed = ClaimedDocument {
-                        document: document(r),
-                        ticket: ClaimTicket {
-                            entry_type: shard.entry_type.clone(),
-                            key: r.key.clone(),
-                            token,
-                        },
-                        expires: UNIX_EPOCH + Duration::from_millis(expires),
-                    };
-                    answers.push(id, |_| Response::Claimed(Some(claimed)));
-                }
-            }
-        }
-        LogRecord::Unclaim { seq, request, .. } => {
-            if let Some(r) = shard.records.get_mut(&seq)
-                && r.claim.take().is_some()
-            {
-                r.version += 1;
-            }
-            if let Some(id) = request {
-                answers.push(id, |_| Response::Done);
-            }
-        }
-        LogRecord::Renew { seq, expires, .. } => {
-            if let Some(r) = shard.records.get_mut(&seq) {
-                r.expires = expires;
-            }
-        }
-        LogRecord::RenewClaim { seq, expires, .. } => {
-            if let Some((_, e)) = shard.records.get_mut(&seq).and_then(|r| r.claim.as_mut()) {
-                *e = expires;
-            }
-        }
-        LogRecord::Index { field, .. } => {
-            if !shard.indexes.contains(&field) {
-                shard.indexes.push(field);
-            }
-        }
-    }
-}
-
-/// Opens a data directory: locks it, loads the newest snapshot, replays the log, truncates
-/// a torn tail, and starts the log for appending.
+/// Opens a data directory: locks it, loads the newest snapshot, reads the log after it,
+/// truncates a torn tail, and starts the log for appending.
 ///
 /// # Errors
 /// [`SpaceError::Storage`] naming the file, for a directory in use by another process, a
 /// foreign or corrupt snapshot or segment, or an I/O failure.
-pub(crate) fn recover(dir: &Path, node: NodeId, limits: LogLimits) -> Result<Recovered> {
+pub(crate) fn recover(dir: &Path, limits: LogLimits) -> Result<Recovered> {
     fs::create_dir_all(dir).map_err(|e| storage(dir, e))?;
     let lock_path = dir.join("LOCK");
     let lock = OpenOptions::new()
@@ -871,21 +636,27 @@ pub(crate) fn recover(dir: &Path, node: NodeId, limits: LogLimits) -> Result<Rec
             let _ = fs::remove_file(entry.path());
         }
     }
-    let (mut shards, next_token) = match snapshots.last() {
-        Some((_, path)) => {
-            let s = read_snapshot(path)?;
-            (s.shards, s.next_token)
-        }
-        None => (HashMap::new(), 1),
+    let snapshot = match snapshots.last() {
+        Some((_, path)) => read_snapshot(path)?,
+        None => Snapshot {
+            next_token: 1,
+            types: Vec::new(),
+            answers: Answers::default(),
+            floor: 0,
+        },
     };
-    let cuts: HashMap<String, u64> = shards.iter().map(|(t, s)| (t.clone(), s.cut)).collect();
-    let mut answers = Answers {
-        order: VecDeque::new(),
-        map: HashMap::new(),
-    };
-    let mut last_lsn = cuts.values().copied().max().unwrap_or(0);
-    let mut replayed = 0;
-    let mut max_token = next_token.saturating_sub(1);
+    let cuts: HashMap<&str, u64> = snapshot
+        .types
+        .iter()
+        .map(|t| (t.entry_type.as_str(), t.cut))
+        .collect();
+    let mut last_lsn = cuts
+        .values()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(snapshot.floor);
+    let mut commands = Vec::new();
     for (i, (first, path)) in segments.iter().enumerate() {
         let mut bytes = Vec::new();
         File::open(path)
@@ -927,29 +698,18 @@ pub(crate) fn recover(dir: &Path, node: NodeId, limits: LogLimits) -> Result<Rec
             let record: LogRecord = postcard::from_bytes(payload)
                 .map_err(|e| storage(path, format!("corrupt log record {lsn}: {e}")))?;
             last_lsn = last_lsn.max(lsn);
-            if let LogRecord::Claim { token, .. } = &record {
-                max_token = max_token.max(*token);
-            }
-            if lsn <= cuts.get(record.entry_type()).copied().unwrap_or(0) {
+            if lsn <= cuts.get(record.entry_type.as_str()).copied().unwrap_or(0) {
                 continue;
             }
-            apply(&mut shards, record, &mut answers, node);
-            replayed += 1;
+            commands.push((lsn, record.entry_type, record.command));
         }
     }
     let wal = Wal::start(dir, last_lsn + 1, limits)?;
-    let answers = answers
-        .order
-        .into_iter()
-        .filter_map(|id| answers.map.remove(&id).map(|a| (id, a)))
-        .collect();
     Ok(Recovered {
-        shards: shards.into_values().collect(),
-        next_token: max_token + 1,
-        answers,
+        snapshot,
+        commands,
         wal,
         lock,
-        replayed,
     })
 }
 
@@ -993,17 +753,5 @@ mod tests {
         let (f, _, problem) = frames(&flipped);
         assert_eq!(f.len(), 2);
         assert!(problem.unwrap().contains("checksum"));
-    }
-
-    #[test]
-    fn wall_clock_deadlines_survive_conversion() {
-        let later = Instant::now() + Duration::from_secs(30);
-        let back = from_wall_ms(to_wall_ms(later));
-        let diff = if back > later {
-            back - later
-        } else {
-            later - back
-        };
-        assert!(diff < Duration::from_millis(5));
     }
 }

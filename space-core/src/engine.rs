@@ -1,6 +1,6 @@
 //! The space engine: every operation of docs/ARCHITECTURE.md section 4 over entry documents.
 //!
-//! Entries are kept per entry type in a [`Shard`]: one mutex around the type's store, its
+//! Entries are kept per entry type in a [`TypeCell`]: one mutex around the type's store, its
 //! waiting readers/takers/claimers (in arrival order) and its subscriptions. Everything that
 //! changes an entry happens under that lock, which gives the contract's guarantees plainly:
 //!
@@ -27,98 +27,18 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use space_query::{Fields, Query};
 
-use crate::durable::{
-    LogRecord, RecordImage, RemoveCause, ShardImage, Wal, from_wall_ms, to_wall_ms,
-};
+use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
+use crate::durable::{Snapshot, TypeImage, Wal};
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
-use crate::lease::{Lease, Now, timeout_deadline, wall_clock};
+use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
 use crate::notify::{
     DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, SubShared, Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
-use crate::store::{ClaimState, Record, Store, Totals};
-use crate::timers::{TimerKind, Timers};
-use crate::wire::{RequestId, Response};
-
-/// An entry as the engine hands it out: its key, version and fields.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Document {
-    /// The entry's key.
-    pub key: Key,
-    /// The entry's version (1 when written, bumped by claims and releases).
-    pub version: u64,
-    /// The entry's fields.
-    pub fields: Fields,
-}
-
-/// What a write returns.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    /// The node that stored the entry.
-    pub node: NodeId,
-    /// The entry's key.
-    pub key: Key,
-    /// The entry's version.
-    pub version: u64,
-    /// When the entry's lease runs out (`None`: forever).
-    pub expires: Option<SystemTime>,
-}
-
-/// Proof of a claim, needed to commit, release or renew it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ClaimTicket {
-    /// The claimed entry's type.
-    pub entry_type: String,
-    /// The claimed entry's key.
-    pub key: Key,
-    /// Identifies this claim: a later claim on the same entry has another token.
-    pub token: u64,
-}
-
-impl AsRef<ClaimTicket> for ClaimTicket {
-    fn as_ref(&self) -> &ClaimTicket {
-        self
-    }
-}
-
-/// A claimed entry: a copy of it, and the ticket to commit or release the claim.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ClaimedDocument {
-    /// The entry as claimed.
-    pub document: Document,
-    /// The claim.
-    pub ticket: ClaimTicket,
-    /// When the claim runs out unless renewed or committed.
-    pub expires: SystemTime,
-}
-
-/// An entry a take (or a commit) removed, with what it takes to put it back where it was
-/// ([`Engine::untake`]): a node keeps these for a request whose caller may still give it
-/// up, so that an answer nobody received loses nothing.
-#[derive(Clone, Debug)]
-pub struct Taken {
-    entry_type: Arc<str>,
-    seq: u64,
-    record: Record,
-}
-
-impl Taken {
-    /// A copy of the entry, as a take hands it out.
-    pub fn document(&self) -> Document {
-        self.record.document()
-    }
-
-    /// The entry, as a take hands it out.
-    pub fn into_document(self) -> Document {
-        self.record.into_document()
-    }
-
-    /// The entry's type.
-    pub fn entry_type(&self) -> &str {
-        &self.entry_type
-    }
-}
+use crate::state::{self, Answer, Answers, Cause, Command, HandOff, Outcome, Taken};
+use crate::store::{Record, Store, Totals};
+use crate::timers::Timers;
 
 /// Counters describing the engine's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +114,9 @@ pub struct EngineConfig {
     /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
     /// the size of the last snapshot, if larger), and older log segments are dropped.
     pub snapshot_after_bytes: u64,
+    /// Where the engine reads the time for leases, claims and expiries (the system clock
+    /// unless a test sets a [`Clock::manual`]).
+    pub clock: Clock,
 }
 
 impl Default for EngineConfig {
@@ -211,6 +134,7 @@ impl Default for EngineConfig {
             ranges: None,
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
+            clock: Clock::system(),
         }
     }
 }
@@ -240,17 +164,18 @@ impl Drop for Handle {
 
 struct Inner {
     config: EngineConfig,
-    /// Entry type → shard. Read on every operation without a lock; replaced (copied) only
-    /// when a new entry type appears, under `new_shard`.
-    shards: ArcSwap<HashMap<Arc<str>, Arc<Shard>, foldhash::fast::RandomState>>,
+    /// Entry type → cell. Read on every operation without a lock; replaced (copied) only
+    /// when a new entry type appears, under `new_type`.
+    cells: ArcSwap<HashMap<Arc<str>, Arc<TypeCell>, foldhash::fast::RandomState>>,
     /// Held while the map of entry types is replaced; holds the size at which empty types
     /// are next swept out (doubling, so sweeps stay amortized).
-    new_shard: Mutex<usize>,
+    new_type: Mutex<usize>,
     /// Blocked reads, takes and claims (counted by their waiters).
     waiters: Arc<AtomicUsize>,
     /// Events held by all subscriptions.
     events: Arc<EventBudget>,
-    timers: Arc<Timers>,
+    timers: Arc<Timers<TimerKind>>,
+    /// The next claim token to hand out (decided, then carried by the command).
     next_token: AtomicU64,
     next_sub: AtomicU64,
     /// Every live subscription by id (for resume, renew and cancel by id).
@@ -264,8 +189,23 @@ struct Inner {
     /// The engine's threads, joined when it closes.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     closed: std::sync::atomic::AtomicBool,
-    /// Answers of requests found in the log at recovery, for the node's retry handling.
-    recovered_answers: Mutex<Vec<(RequestId, Response)>>,
+    /// The answers of recent requests: part of the state, changed only by `apply`
+    /// (taken after an entry type's lock, never before one).
+    answers: Mutex<Answers>,
+}
+
+/// What a lease timer is for.
+enum TimerKind {
+    /// An entry's lease.
+    Entry { cell: Weak<TypeCell>, seq: u64 },
+    /// A claim's lease.
+    Claim {
+        cell: Weak<TypeCell>,
+        seq: u64,
+        token: u64,
+    },
+    /// A subscription's lease.
+    Subscription { sub: Weak<SubShared> },
 }
 
 impl Inner {
@@ -309,7 +249,7 @@ fn current_request() -> Option<RequestId> {
 }
 
 /// Everything about one entry type, behind one lock.
-pub(crate) struct Shard {
+pub(crate) struct TypeCell {
     name: Arc<str>,
     /// The `INDEXES` slice last declared for this type (a fast "already applied" check).
     declared: AtomicPtr<&'static str>,
@@ -326,7 +266,7 @@ struct TypeState {
     /// Waiters served under the lock, to be woken once it is released.
     wakes: Vec<(Arc<Waiter>, Wakeup)>,
     /// Set when the type was found empty and taken out of the map: whoever still holds
-    /// this shard looks the type up again.
+    /// this cell looks the type up again.
     retired: bool,
 }
 
@@ -354,7 +294,7 @@ enum Room {
 /// The number of entry types past which empty ones are swept out of the map.
 const SWEEP_TYPES_ABOVE: usize = 1024;
 
-impl Shard {
+impl TypeCell {
     /// Locks the entry type. Waiters served while the lock is held are woken when the
     /// returned guard is dropped, after the lock is released.
     fn lock(&self) -> Locked<'_> {
@@ -366,7 +306,7 @@ impl Shard {
     }
 }
 
-/// The lock on an entry type; see [`Shard::lock`].
+/// The lock on an entry type; see [`TypeCell::lock`].
 struct Locked<'a>(Option<std::sync::MutexGuard<'a, TypeState>>);
 
 impl std::ops::Deref for Locked<'_> {
@@ -447,44 +387,6 @@ enum Delivery {
     Claimed(ClaimedDocument),
 }
 
-/// The fate of a record offered to the waiters.
-enum Offered {
-    /// A taker took it.
-    Taken,
-    /// Keep it in the store (claimed, if a claimer got it).
-    Keep(Record),
-}
-
-impl Record {
-    /// The record as logged: deadlines in wall-clock time.
-    fn image(&self) -> RecordImage {
-        RecordImage {
-            key: self.key.clone(),
-            mapped_key: self.mapped_key,
-            version: self.version,
-            fields: self.fields.clone(),
-            expires: self.expires.map(to_wall_ms),
-            claim: self.claim.map(|c| (c.token, to_wall_ms(c.expires))),
-        }
-    }
-
-    fn document(&self) -> Document {
-        Document {
-            key: self.key.clone(),
-            version: self.version,
-            fields: self.fields.clone(),
-        }
-    }
-
-    fn into_document(self) -> Document {
-        Document {
-            key: self.key,
-            version: self.version,
-            fields: self.fields,
-        }
-    }
-}
-
 impl Default for Engine {
     fn default() -> Self {
         Engine::new(EngineConfig::default())
@@ -504,12 +406,12 @@ impl Engine {
         dir_lock: Option<std::fs::File>,
         next_token: u64,
     ) -> Engine {
-        let timers = Arc::new(Timers::new());
+        let timers = Arc::new(Timers::new(config.clock.clone()));
         let events = EventBudget::new(config.max_queued_events);
         let inner = Arc::new(Inner {
             config,
-            shards: ArcSwap::from_pointee(HashMap::default()),
-            new_shard: Mutex::new(SWEEP_TYPES_ABOVE),
+            cells: ArcSwap::from_pointee(HashMap::default()),
+            new_type: Mutex::new(SWEEP_TYPES_ABOVE),
             waiters: Arc::new(AtomicUsize::new(0)),
             events,
             timers: timers.clone(),
@@ -521,7 +423,7 @@ impl Engine {
             dir_lock: Mutex::new(dir_lock),
             threads: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
-            recovered_answers: Mutex::new(Vec::new()),
+            answers: Mutex::new(Answers::default()),
         });
         let weak = Arc::downgrade(&inner);
         match std::thread::Builder::new()
@@ -570,22 +472,26 @@ impl Engine {
             segment_bytes: config.log_segment_bytes.max(4096),
             snapshot_after_bytes: config.snapshot_after_bytes.max(4096),
         };
-        let recovered = crate::durable::recover(dir, config.node, limits)?;
+        let recovered = crate::durable::recover(dir, limits)?;
+        let mut next_token = recovered.snapshot.next_token;
+        for (_, _, command) in &recovered.commands {
+            if let Some(token) = command.token() {
+                next_token = next_token.max(token + 1);
+            }
+        }
         let engine = Self::build(
             config,
             Some(recovered.wal.clone()),
             Some(recovered.lock),
-            recovered.next_token,
+            next_token,
         );
-        let mut entries = 0usize;
-        for image in recovered.shards {
-            entries += engine.install(image);
-        }
-        *engine.inner.recovered_answers.lock() = recovered.answers;
+        let replayed = recovered.commands.len();
+        engine.recover_state(recovered.snapshot, recovered.commands);
+        let entries = engine.inner.totals.entries.load(Ordering::Relaxed);
         tracing::info!(
             dir = %dir.display(),
             entries,
-            replayed = recovered.replayed,
+            replayed,
             took_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
@@ -609,60 +515,81 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Puts a recovered entry type into the engine; returns how many entries it holds.
-    /// Entries whose lease ran out while the node was down are dropped; claims that ran out
-    /// are released.
-    fn install(&self, image: ShardImage) -> usize {
-        let ShardImage {
-            entry_type,
-            next_seq,
-            indexes,
-            records,
-            ..
-        } = image;
-        let installed = self.locked_in(&entry_type, Room::Always, |shard, st| {
-            for field in &indexes {
-                st.store.ensure_index(field);
-            }
-            st.store.skip_to(next_seq);
-            let now = Instant::now();
-            for (seq, img) in records {
-                let expires = img.expires.map(from_wall_ms);
-                if expires.is_some_and(|e| e <= now) {
-                    continue;
+    /// Rebuilds the state from a snapshot and the commands logged after it, replayed
+    /// through [`state::apply`] in log order, then arms the lease timers: what lapsed while
+    /// the node was down is expired by commands the timer decides, like any expiry.
+    fn recover_state(&self, snapshot: Snapshot, commands: Vec<(u64, String, Command)>) {
+        *self.inner.answers.lock() = snapshot.answers;
+        for image in snapshot.types {
+            let TypeImage {
+                entry_type,
+                next_seq,
+                indexes,
+                schema,
+                records,
+                ..
+            } = image;
+            self.each_type_always(&entry_type, |_, st| {
+                for field in &indexes {
+                    st.store.ensure_index(field);
                 }
-                let claim = img
-                    .claim
-                    .map(|(token, ms)| (token, from_wall_ms(ms)))
-                    .filter(|(_, e)| *e > now)
-                    .map(|(token, expires)| ClaimState { token, expires });
-                self.expiry_timer(shard, seq, expires);
-                if let Some(c) = claim {
-                    self.claim_timer(shard, seq, c.token, c.expires);
+                st.store.set_schema(schema);
+                st.store.skip_to(next_seq);
+                for (seq, record) in records {
+                    st.store.insert(seq, record);
                 }
-                st.store.insert(
-                    seq,
-                    Record {
-                        key: img.key,
-                        mapped_key: img.mapped_key,
-                        version: img.version + u64::from(img.claim.is_some() && claim.is_none()),
-                        fields: img.fields,
-                        expires,
-                        claim,
-                    },
+            });
+        }
+        for (lsn, entry_type, command) in commands {
+            self.each_type_always(&entry_type, |_, st| {
+                let mut answers = command.answers().then(|| self.inner.answers.lock());
+                state::apply(
+                    &st.name,
+                    &mut st.store,
+                    answers.as_deref_mut(),
+                    Some(lsn),
+                    command,
                 );
+            });
+        }
+        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        for cell in cells {
+            let st = cell.lock();
+            for (seq, record) in st.store.iter() {
+                self.expiry_timer(&cell, seq, record.expires);
+                if let Some(claim) = record.claim {
+                    self.claim_timer(&cell, seq, claim.token, claim.expires);
+                }
             }
-            st.store.len()
-        });
-        // Only a bounded creation can fail, and this one is not bounded.
-        installed.unwrap_or_default()
+        }
     }
 
-    /// Answers of requests found in the operation log at recovery, oldest first: a node
-    /// seeds its retry handling with them, so a client retrying after a crash gets its
-    /// first answer. Returns them once.
-    pub fn take_recovered_answers(&self) -> Vec<(RequestId, Response)> {
-        std::mem::take(&mut *self.inner.recovered_answers.lock())
+    /// Runs `f` on the locked store of `entry_type`, created past the limit of entry
+    /// types if need be (what recovery brings back always has a place).
+    fn each_type_always(&self, entry_type: &str, f: impl FnOnce(&Arc<TypeCell>, &mut TypeState)) {
+        // Only a bounded creation can fail, and this one is not bounded.
+        let _ = self.locked_in(entry_type, Room::Always, f);
+    }
+
+    /// The answer the request `id` got, if the state still keeps it (the answers of the
+    /// last 65,536 requests that changed the space, across restarts): a node gives a
+    /// retried request its first answer from here.
+    pub fn answer(&self, id: RequestId) -> Option<Answer> {
+        let mut answer = self.inner.answers.lock().get(id).cloned()?;
+        if let Answer::Receipts(receipts) = &mut answer {
+            for r in receipts {
+                r.node = self.inner.config.node;
+            }
+        }
+        Some(answer)
+    }
+
+    /// Every answer the state keeps, oldest first (see [`answer`](Self::answer)).
+    pub fn answers(&self) -> Vec<(RequestId, Answer)> {
+        let ids: Vec<RequestId> = self.inner.answers.lock().iter().map(|(id, _)| id).collect();
+        ids.into_iter()
+            .filter_map(|id| self.answer(id).map(|a| (id, a)))
+            .collect()
     }
 
     /// Whether changes are logged to a data directory.
@@ -711,46 +638,66 @@ impl Engine {
             return Ok(());
         };
         let floor = wal.appended();
-        let shards: Vec<Arc<Shard>> = self.inner.shards.load().values().cloned().collect();
-        let mut images = Vec::with_capacity(shards.len());
-        for shard in shards {
-            let st = shard.lock();
+        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        let mut types = Vec::with_capacity(cells.len());
+        for cell in cells {
+            let st = cell.lock();
             let cut = wal.appended();
-            let records = st.store.iter().map(|(seq, r)| (seq, r.image())).collect();
-            images.push(ShardImage {
-                entry_type: shard.name.to_string(),
+            let records = st.store.iter().map(|(seq, r)| (seq, r.clone())).collect();
+            types.push(TypeImage {
+                entry_type: cell.name.to_string(),
                 next_seq: st.store.last_seq(),
                 indexes: st.store.indexed_fields(),
+                schema: st.store.schema(),
                 cut,
                 records,
             });
         }
+        // Taken after every cut, so it holds the answers of everything under them; those
+        // of commands above a cut are not recorded twice on replay (see `state::apply`).
+        let answers = self.inner.answers.lock().clone();
         // The snapshot reflects only what the log already holds durably.
-        let top = images
+        let top = types
             .iter()
             .map(|i| i.cut)
             .max()
             .unwrap_or(floor)
             .max(floor);
         wal.wait_durable(top)?;
-        let next_token = self.inner.next_token.load(Ordering::Relaxed);
-        let bytes = crate::durable::write_snapshot(
-            wal.dir(),
-            &images,
-            next_token,
-            self.inner.config.node,
+        let snapshot = Snapshot {
+            next_token: self.inner.next_token.load(Ordering::Relaxed),
+            types,
+            answers,
             floor,
-        )?;
+        };
+        let bytes = crate::durable::write_snapshot(wal.dir(), &snapshot, self.inner.config.node)?;
         crate::durable::compact(wal.dir(), floor)?;
         wal.snapshot_written(bytes);
         Ok(())
     }
 
-    /// Appends a log record built by `record` (durable engines only).
-    fn log(&self, record: impl FnOnce() -> LogRecord) {
-        if let Some(wal) = &self.inner.wal {
-            wal.append(&record());
-        }
+    /// Appends `command` to the log (a durable engine) and applies it: the one way the
+    /// space changes (see [`crate::state`]). Called under the entry type's lock, so the
+    /// log holds each type's commands in the order they were applied.
+    fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
+        let lsn = self
+            .inner
+            .wal
+            .as_ref()
+            .map(|wal| wal.append(&st.name, &command));
+        let mut answers = command.answers().then(|| self.inner.answers.lock());
+        state::apply(
+            &st.name,
+            &mut st.store,
+            answers.as_deref_mut(),
+            lsn,
+            command,
+        )
+    }
+
+    /// "Now" on the engine's clock, read when first needed.
+    fn now(&self) -> Now<'_> {
+        Now::new(&self.inner.config.clock)
     }
 
     /// This engine's node id.
@@ -773,7 +720,7 @@ impl Engine {
     fn locked<R>(
         &self,
         entry_type: &str,
-        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
     ) -> Result<R> {
         self.locked_in(entry_type, Room::Bounded, f)
     }
@@ -784,7 +731,7 @@ impl Engine {
         &self,
         entry_type: &str,
         room: Room,
-        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
     ) -> Result<R> {
         let mut f = f;
         loop {
@@ -801,26 +748,26 @@ impl Engine {
     fn locked_if_exists<R>(
         &self,
         entry_type: &str,
-        f: impl FnOnce(&Arc<Shard>, &mut TypeState) -> R,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
     ) -> Option<R> {
         self.try_locked(entry_type, f).ok()
     }
 
     /// Runs `f` with the store of `entry_type` locked, or gives `f` back when the type has
     /// no store.
-    fn try_locked<R, F: FnOnce(&Arc<Shard>, &mut TypeState) -> R>(
+    fn try_locked<R, F: FnOnce(&Arc<TypeCell>, &mut TypeState) -> R>(
         &self,
         entry_type: &str,
         f: F,
     ) -> std::result::Result<R, F> {
         loop {
-            let shards = self.inner.shards.load();
-            let Some(shard) = shards.get(entry_type) else {
+            let cells = self.inner.cells.load();
+            let Some(cell) = cells.get(entry_type) else {
                 return Err(f);
             };
-            let mut guard = shard.lock();
+            let mut guard = cell.lock();
             if !guard.retired {
-                return Ok(f(shard, &mut guard));
+                return Ok(f(cell, &mut guard));
             }
         }
     }
@@ -832,8 +779,8 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Full`] at the engine's maximum of entry types.
     fn create_type(&self, entry_type: &str, room: Room) -> Result<()> {
-        let mut sweep_at = self.inner.new_shard.lock();
-        let current = self.inner.shards.load_full();
+        let mut sweep_at = self.inner.new_type.lock();
+        let current = self.inner.cells.load_full();
         if current.contains_key(entry_type) {
             return Ok(());
         }
@@ -843,8 +790,8 @@ impl Engine {
             Room::Always => None,
         };
         if next.len() >= *sweep_at || max.is_some_and(|m| next.len() >= m) {
-            next.retain(|_, shard| {
-                let mut st = shard.lock();
+            next.retain(|_, cell| {
+                let mut st = cell.lock();
                 if st.is_empty() {
                     st.retired = true;
                 }
@@ -860,7 +807,7 @@ impl Engine {
             });
         }
         let name: Arc<str> = Arc::from(entry_type);
-        let shard = Arc::new(Shard {
+        let cell = Arc::new(TypeCell {
             name: name.clone(),
             declared: AtomicPtr::new(std::ptr::null_mut()),
             state: std::sync::Mutex::new(TypeState {
@@ -872,8 +819,8 @@ impl Engine {
                 retired: false,
             }),
         });
-        next.insert(name, shard);
-        self.inner.shards.store(Arc::new(next));
+        next.insert(name, cell);
+        self.inner.cells.store(Arc::new(next));
         Ok(())
     }
 
@@ -883,27 +830,22 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
     pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) -> Result<()> {
-        self.locked(entry_type, |shard, st| self.declare(shard, st, fields))
+        self.locked(entry_type, |cell, st| self.declare(cell, st, fields))
     }
 
-    /// Declares `fields` as indexed, unless this very slice was declared on `shard` before.
-    fn declare(&self, shard: &Shard, st: &mut TypeState, fields: &'static [&'static str]) {
+    /// Declares `fields` as indexed, unless this very slice was declared on `cell` before.
+    fn declare(&self, cell: &TypeCell, st: &mut TypeState, fields: &'static [&'static str]) {
         if fields.is_empty() {
             return;
         }
         let ptr = fields.as_ptr().cast_mut();
-        if shard.declared.load(Ordering::Acquire) == ptr {
+        if cell.declared.load(Ordering::Acquire) == ptr {
             return;
         }
         for f in fields {
-            if st.store.ensure_index(f) {
-                self.log(|| LogRecord::Index {
-                    entry_type: shard.name.to_string(),
-                    field: (*f).to_owned(),
-                });
-            }
+            self.index(st, f);
         }
-        shard.declared.store(ptr, Ordering::Release);
+        cell.declared.store(ptr, Ordering::Release);
     }
 
     /// Adds an index on a top-level field of `entry_type`.
@@ -913,14 +855,19 @@ impl Engine {
     /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
     pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
         space_query::validate_path(field)?;
-        self.locked(entry_type, |_, st| {
-            if st.store.ensure_index(field) {
-                self.log(|| LogRecord::Index {
-                    entry_type: entry_type.to_owned(),
+        self.locked(entry_type, |_, st| self.index(st, field))
+    }
+
+    /// Indexes `field` of the locked type, unless it is indexed already.
+    fn index(&self, st: &mut TypeState, field: &str) {
+        if !st.store.has_index(field) {
+            self.execute(
+                st,
+                Command::Index {
                     field: field.to_owned(),
-                });
-            }
-        })
+                },
+            );
+        }
     }
 
     // ----- writes -----
@@ -951,17 +898,15 @@ impl Engine {
         key: Option<Key>,
         lease: Lease,
     ) -> Result<Receipt> {
-        let now = Now::new();
+        let now = self.now();
         let expires = lease.deadline(&now)?;
         check_document(entry_type, &fields)?;
         self.check_limits(entry_type, &[&fields])?;
         let key = NewKey::new(key);
-        self.locked(entry_type, |shard, st| {
-            self.declare(shard, st, indexes);
-            if Self::check_new(st, entry_type, &fields, key.user())? {
-                st.store.learn_kinds(&fields);
-            }
-            Ok(self.insert_new(shard, st, fields, key, expires, &now))
+        self.locked(entry_type, |cell, st| {
+            self.declare(cell, st, indexes);
+            let learn = Self::check_new(st, entry_type, &fields, key.user())?;
+            Ok(self.insert_new(cell, st, fields, key, expires, learn, &now))
         })?
     }
 
@@ -973,7 +918,7 @@ impl Engine {
         entries: Vec<(Fields, Option<Key>)>,
         lease: Lease,
     ) -> Result<Vec<Receipt>> {
-        let now = Now::new();
+        let now = self.now();
         let expires = lease.deadline(&now)?;
         for (fields, _) in &entries {
             check_document(entry_type, fields)?;
@@ -982,8 +927,8 @@ impl Engine {
             entry_type,
             &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
         )?;
-        self.locked(entry_type, |shard, st| {
-            self.declare(shard, st, indexes);
+        self.locked(entry_type, |cell, st| {
+            self.declare(cell, st, indexes);
             // Check everything first, so that an error leaves the space unchanged.
             let mut batch_keys = std::collections::HashSet::new();
             let mut learn = false;
@@ -1001,10 +946,7 @@ impl Engine {
             Ok(entries
                 .into_iter()
                 .map(|(fields, key)| {
-                    if learn {
-                        st.store.learn_kinds(&fields);
-                    }
-                    self.insert_new(shard, st, fields, NewKey::new(key), expires, &now)
+                    self.insert_new(cell, st, fields, NewKey::new(key), expires, learn, &now)
                 })
                 .collect())
         })?
@@ -1084,19 +1026,26 @@ impl Engine {
         }
     }
 
-    /// Announces, offers and (unless taken at once) stores a checked new entry whose kinds
-    /// the schema has learnt.
+    /// Brings a checked new entry into the space (see [`bring`](Self::bring)).
+    #[allow(clippy::too_many_arguments)]
     fn insert_new(
         &self,
-        shard: &Arc<Shard>,
+        cell: &Arc<TypeCell>,
         st: &mut TypeState,
         fields: Fields,
         key: NewKey,
-        expires: Option<Instant>,
+        expires: Option<Deadline>,
+        learn: bool,
         now: &Now,
     ) -> Receipt {
-        let seq = st.store.next_seq();
+        let seq = st.store.upcoming_seq();
         let (key, mapped_key) = key.finish(seq, self.inner.config.ranges.as_deref());
+        let receipt = Receipt {
+            node: self.inner.config.node,
+            key: key.clone(),
+            version: 1,
+            expires: expires.map(Deadline::to_system_time),
+        };
         let record = Record {
             key,
             mapped_key,
@@ -1105,155 +1054,181 @@ impl Engine {
             expires,
             claim: None,
         };
-        let receipt = Receipt {
-            node: self.inner.config.node,
-            key: record.key.clone(),
-            version: 1,
-            expires: wall_clock(expires, now),
-        };
-        self.log(|| LogRecord::Write {
-            entry_type: st.name.to_string(),
+        self.bring(
+            cell,
+            st,
             seq,
-            image: record.image(),
-            request: current_request(),
-        });
-        self.emit(&mut st.hub, EventKind::Written, &record);
-        self.expiry_timer(shard, seq, expires);
-        self.settle(shard, st, seq, record, now);
+            record,
+            Bring::New {
+                learn,
+                request: current_request(),
+            },
+            now,
+        );
         receipt
     }
 
-    /// Offers a record that just became visible to the waiters and stores it unless a
-    /// taker took it.
-    fn settle(&self, shard: &Arc<Shard>, st: &mut TypeState, seq: u64, record: Record, now: &Now) {
-        if let Offered::Keep(record) = self.offer(shard, st, seq, record, now) {
-            st.store.insert(seq, record);
-        }
-    }
-
-    /// Offers a visible record to the waiters: every matching reader gets a copy; then the
-    /// matching takers and claimers, in the order they started waiting, until one of them
-    /// gets the record itself (a claimer gets it claimed).
-    fn offer(
+    /// Brings `record` into the space as `seq` (a new entry, or one given back): announces
+    /// it as written, gives every waiting reader a copy, and hands it to the taker or
+    /// claimer that waited longest for it (the hand-off is part of the write's command);
+    /// stores it otherwise.
+    fn bring(
         &self,
-        shard: &Arc<Shard>,
+        cell: &Arc<TypeCell>,
         st: &mut TypeState,
         seq: u64,
-        mut record: Record,
+        record: Record,
+        how: Bring,
         now: &Now,
-    ) -> Offered {
-        let mut i = 0;
-        while i < st.waiters.len() {
-            let waiter = st.waiters[i].clone();
-            let is_matching_reader =
-                matches!(waiter.mode, WaitMode::Read) && waiter.query.matches(&record.fields);
-            if is_matching_reader || !waiter.slot.is_waiting() {
-                st.waiters.remove(i);
-            } else {
-                i += 1;
-            }
-            if is_matching_reader {
-                // A reader that gave up meanwhile just does not get its copy.
-                if let Ok(wakeup) = waiter.slot.offer(Delivery::Copy(record.document())) {
-                    st.wakes.push((waiter, wakeup));
-                }
-            }
+    ) {
+        let (learn, request) = match how {
+            Bring::New { learn, request } => (learn, request),
+            Bring::Back | Bring::Quietly => (false, None),
+        };
+        if !matches!(how, Bring::Quietly) {
+            self.emit(&mut st.hub, EventKind::Written, &record);
         }
-        let mut i = 0;
-        while i < st.waiters.len() {
-            let waiter = st.waiters[i].clone();
-            if !waiter.query.matches(&record.fields) {
-                i += 1;
-                continue;
-            }
-            st.waiters.remove(i);
-            match waiter.mode {
-                WaitMode::Read => {}
-                WaitMode::Take => {
-                    let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
-                    let key = record.key.clone();
-                    let version = record.version;
-                    let taken = Taken {
-                        entry_type: st.name.clone(),
-                        seq,
-                        record,
-                    };
-                    match waiter.slot.offer(Delivery::Taken(taken)) {
-                        Ok(wakeup) => {
-                            self.log(|| LogRecord::Remove {
-                                entry_type: st.name.to_string(),
-                                seq,
-                                cause: RemoveCause::Taken,
-                                request: waiter.request,
-                            });
-                            st.wakes.push((waiter, wakeup));
-                            for sub in targets {
-                                sub.push(self.inner.config.node, &key, EventKind::Taken, version);
-                            }
-                            return Offered::Taken;
-                        }
-                        Err(Delivery::Taken(t)) => record = t.record,
-                        Err(_) => unreachable!("a slot gives back what it was offered"),
-                    }
-                }
-                WaitMode::Claim(lease) => {
-                    let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-                    let expires = now.get() + lease;
-                    let mut document = record.document();
-                    document.version += 1;
-                    let claimed = claimed_document(shard, document, token, expires, now);
-                    if let Ok(wakeup) = waiter.slot.offer(Delivery::Claimed(claimed)) {
-                        let request = waiter.request;
-                        st.wakes.push((waiter, wakeup));
-                        self.mark_claimed(shard, st, seq, &mut record, (token, expires), request);
-                        return Offered::Keep(record);
-                    }
-                }
-            }
+        self.serve_readers(st, &record);
+        let waiter = self.first_waiting(st, &record.fields);
+        let to = waiter.as_ref().map(|(waiter, lease)| match lease {
+            None => HandOff::Taken {
+                request: waiter.request,
+            },
+            Some(lease) => HandOff::Claimed {
+                token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
+                expires: now.after(*lease).unwrap_or(Deadline::from_ms(u64::MAX)),
+                request: waiter.request,
+            },
+        });
+        let Record {
+            key,
+            mapped_key,
+            version,
+            fields,
+            expires,
+            ..
+        } = record;
+        let outcome = self.execute(
+            st,
+            Command::Write {
+                seq,
+                key,
+                mapped_key,
+                version,
+                fields,
+                expires,
+                learn,
+                to,
+                request,
+            },
+        );
+        self.expiry_timer(cell, seq, expires);
+        if let Some((waiter, _)) = waiter {
+            self.hand_over(cell, st, seq, outcome, waiter, now);
         }
-        Offered::Keep(record)
     }
 
-    fn mark_claimed(
+    /// Gives a record that is stored and visible to the waiters: every waiting reader gets
+    /// a copy, and the taker or claimer that waited longest gets the record itself (for a
+    /// release, or a hand-off that fell through).
+    fn offer_stored(&self, cell: &Arc<TypeCell>, st: &mut TypeState, seq: u64, now: &Now) {
+        let Some(record) = st.store.get(seq) else {
+            return;
+        };
+        if !st.waiters.is_empty() {
+            let record = record.clone();
+            self.serve_readers(st, &record);
+            if let Some((waiter, lease)) = self.first_waiting(st, &record.fields) {
+                let command = match lease {
+                    None => Command::Remove {
+                        seq,
+                        cause: Cause::Taken,
+                        request: waiter.request,
+                    },
+                    Some(lease) => Command::Claim {
+                        seq,
+                        token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
+                        expires: now.after(lease).unwrap_or(Deadline::from_ms(u64::MAX)),
+                        request: waiter.request,
+                    },
+                };
+                let outcome = self.execute(st, command);
+                self.hand_over(cell, st, seq, outcome, waiter, now);
+            }
+        }
+    }
+
+    /// Delivers what applying a hand-off (a take or claim for `waiter`) gave: the taken
+    /// record, or the claimed one still in the store. A waiter that gave up just before
+    /// gets nothing, and the entry comes back as it was (by a command), for the next one.
+    fn hand_over(
         &self,
-        shard: &Arc<Shard>,
+        cell: &Arc<TypeCell>,
         st: &mut TypeState,
         seq: u64,
-        record: &mut Record,
-        (token, expires): (u64, Instant),
-        request: Option<RequestId>,
+        outcome: Outcome,
+        waiter: Arc<Waiter>,
+        now: &Now,
     ) {
-        record.claim = Some(ClaimState { token, expires });
-        record.version += 1;
-        self.log(|| LogRecord::Claim {
-            entry_type: st.name.to_string(),
-            seq,
-            token,
-            expires: to_wall_ms(expires),
-            request,
-        });
-        self.emit(&mut st.hub, EventKind::Claimed, record);
-        self.claim_timer(shard, seq, token, expires);
+        match outcome {
+            Outcome::HandedOff(record) | Outcome::Removed(record) => {
+                let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
+                let (key, version) = (record.key.clone(), record.version);
+                let taken = Taken {
+                    entry_type: st.name.clone(),
+                    seq,
+                    record,
+                };
+                match waiter.slot.offer(Delivery::Taken(taken)) {
+                    Ok(wakeup) => {
+                        st.wakes.push((waiter, wakeup));
+                        for sub in targets {
+                            sub.push(self.inner.config.node, &key, EventKind::Taken, version);
+                        }
+                    }
+                    // It was never announced as taken: it is simply there again.
+                    Err(Delivery::Taken(taken)) => {
+                        self.bring(cell, st, seq, taken.record, Bring::Quietly, now);
+                    }
+                    Err(_) => unreachable!("a slot gives back what it was offered"),
+                }
+            }
+            Outcome::Stored | Outcome::Changed => {
+                let Some(record) = st.store.get(seq) else {
+                    return;
+                };
+                let claimed = state::claimed(&st.name, record);
+                self.emit(&mut st.hub, EventKind::Claimed, record);
+                if let Some(c) = record.claim {
+                    self.claim_timer(cell, seq, c.token, c.expires);
+                }
+                match waiter.slot.offer(Delivery::Claimed(claimed)) {
+                    Ok(wakeup) => st.wakes.push((waiter, wakeup)),
+                    Err(_) => self.unclaim(cell, st, seq, false, now),
+                }
+            }
+            Outcome::Missing => {}
+        }
     }
 
-    /// Schedules the expiry of entry `seq` of `shard`, if it has a lease.
-    fn expiry_timer(&self, shard: &Arc<Shard>, seq: u64, expires: Option<Instant>) {
+    /// Schedules the expiry of entry `seq` of `cell`, if it has a lease.
+    fn expiry_timer(&self, cell: &Arc<TypeCell>, seq: u64, expires: Option<Deadline>) {
         if let Some(at) = expires {
             self.inner.timers.schedule(
                 at,
                 TimerKind::Entry {
-                    shard: Arc::downgrade(shard),
+                    cell: Arc::downgrade(cell),
                     seq,
                 },
             );
         }
     }
 
-    fn claim_timer(&self, shard: &Arc<Shard>, seq: u64, token: u64, expires: Instant) {
+    fn claim_timer(&self, cell: &Arc<TypeCell>, seq: u64, token: u64, expires: Deadline) {
         self.inner.timers.schedule(
             expires,
             TimerKind::Claim {
-                shard: Arc::downgrade(shard),
+                cell: Arc::downgrade(cell),
                 seq,
                 token,
             },
@@ -1275,6 +1250,45 @@ impl Engine {
         });
     }
 
+    /// Gives a copy of `record` to every waiting reader whose query it matches (they stop
+    /// waiting); forgets waiters that gave up.
+    fn serve_readers(&self, st: &mut TypeState, record: &Record) {
+        let mut i = 0;
+        while i < st.waiters.len() {
+            let waiter = st.waiters[i].clone();
+            let is_matching_reader =
+                matches!(waiter.mode, WaitMode::Read) && waiter.query.matches(&record.fields);
+            if is_matching_reader || !waiter.slot.is_waiting() {
+                st.waiters.remove(i);
+            } else {
+                i += 1;
+            }
+            if is_matching_reader {
+                // A reader that gave up meanwhile just does not get its copy.
+                if let Ok(wakeup) = waiter.slot.offer(Delivery::Copy(record.document())) {
+                    st.wakes.push((waiter, wakeup));
+                }
+            }
+        }
+    }
+
+    /// Takes out of the queue the taker or claimer that has waited longest for an entry
+    /// with these fields, with its claim's lease (`None`: a taker).
+    fn first_waiting(
+        &self,
+        st: &mut TypeState,
+        fields: &Fields,
+    ) -> Option<(Arc<Waiter>, Option<Duration>)> {
+        let i = st.waiters.iter().position(|w| {
+            !matches!(w.mode, WaitMode::Read) && w.slot.is_waiting() && w.query.matches(fields)
+        })?;
+        let waiter = st.waiters.remove(i)?;
+        let lease = match waiter.mode {
+            WaitMode::Claim(lease) => Some(lease),
+            WaitMode::Read | WaitMode::Take => None,
+        };
+        Some((waiter, lease))
+    }
     /// Gives back a document that was taken but could not be used (it did not decode into
     /// the caller's type): it is written again with the same key and fields, so nothing is
     /// lost. It goes to the back of the order and keeps no lease.
@@ -1303,15 +1317,16 @@ impl Engine {
         found
     }
 
-    /// Removes a stored record and announces it as taken.
-    fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) -> Option<Taken> {
-        let record = st.store.remove(seq)?;
-        self.log(|| LogRecord::Remove {
-            entry_type: st.name.to_string(),
+    /// Removes a stored record for the current request and announces it as taken.
+    fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: Cause) -> Option<Taken> {
+        let command = Command::Remove {
             seq,
             cause,
             request: current_request(),
-        });
+        };
+        let Outcome::Removed(record) = self.execute(st, command) else {
+            return None;
+        };
         self.emit(&mut st.hub, EventKind::Taken, &record);
         Some(Taken {
             entry_type: st.name.clone(),
@@ -1323,7 +1338,7 @@ impl Engine {
     /// Registers a waiter; the caller holds the lock and has found nothing.
     fn wait_for(
         &self,
-        shard: &Arc<Shard>,
+        cell: &Arc<TypeCell>,
         st: &mut TypeState,
         query: &Query,
         mode: WaitMode,
@@ -1347,7 +1362,7 @@ impl Engine {
         st.waiters.push_back(waiter.clone());
         Ok(WaitGuard {
             engine: self.clone(),
-            shard: shard.clone(),
+            cell: cell.clone(),
             waiter,
             deadline,
             done: false,
@@ -1356,26 +1371,24 @@ impl Engine {
 
     fn begin(&self, query: &Query, mode: WaitMode, timeout: Duration) -> Result<Begun> {
         query.validate()?;
-        let run = |shard: &Arc<Shard>, st: &mut TypeState| {
-            let now = Now::new();
+        let run = |cell: &Arc<TypeCell>, st: &mut TypeState| {
+            let now = self.now();
             Self::check_kinds(st, query)?;
             if let Some(seq) = Self::first_match(st, query, &now) {
                 let delivery = match mode {
                     WaitMode::Read => st.store.get(seq).map(|r| Delivery::Copy(r.document())),
                     WaitMode::Take => self
-                        .remove_taken(st, seq, RemoveCause::Taken)
+                        .remove_taken(st, seq, Cause::Taken)
                         .map(Delivery::Taken),
-                    WaitMode::Claim(lease) => self.claim_stored(shard, st, seq, lease, &now),
+                    WaitMode::Claim(lease) => self.claim_stored(cell, st, seq, lease, &now),
                 };
                 return Ok(Begun::Done(delivery));
             }
             if timeout.is_zero() {
                 return Ok(Begun::Done(None));
             }
-            let deadline = timeout_deadline(&now, timeout);
-            Ok(Begun::Wait(
-                self.wait_for(shard, st, query, mode, deadline)?,
-            ))
+            let deadline = timeout_deadline(timeout);
+            Ok(Begun::Wait(self.wait_for(cell, st, query, mode, deadline)?))
         };
         if timeout.is_zero() {
             // Looking without waiting does not create the type.
@@ -1388,34 +1401,26 @@ impl Engine {
 
     fn claim_stored(
         &self,
-        shard: &Arc<Shard>,
+        cell: &Arc<TypeCell>,
         st: &mut TypeState,
         seq: u64,
         lease: Duration,
         now: &Now,
     ) -> Option<Delivery> {
-        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let expires = now.get() + lease;
-        let r = st.store.get_mut(seq)?;
-        r.claim = Some(ClaimState { token, expires });
-        r.version += 1;
-        self.log(|| LogRecord::Claim {
-            entry_type: st.name.to_string(),
+        let command = Command::Claim {
             seq,
-            token,
-            expires: to_wall_ms(expires),
+            token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
+            expires: now.after(lease)?,
             request: current_request(),
-        });
+        };
+        if let Outcome::Missing = self.execute(st, command) {
+            return None;
+        }
         let record = st.store.get(seq)?;
         self.emit(&mut st.hub, EventKind::Claimed, record);
-        self.claim_timer(shard, seq, token, expires);
-        Some(Delivery::Claimed(claimed_document(
-            shard,
-            record.document(),
-            token,
-            expires,
-            now,
-        )))
+        let claim = record.claim?;
+        self.claim_timer(cell, seq, claim.token, claim.expires);
+        Some(Delivery::Claimed(state::claimed(&st.name, record)))
     }
 
     /// A copy of the oldest visible entry matching `query`, waiting up to `timeout` for
@@ -1487,7 +1492,7 @@ impl Engine {
     ) -> Result<Pending<Option<ClaimedDocument>>> {
         let lease = match lease {
             Lease::For(d) => {
-                Lease::For(d).deadline(&Now::new())?;
+                Lease::For(d).deadline(&self.now())?;
                 d
             }
             Lease::Forever => {
@@ -1524,7 +1529,7 @@ impl Engine {
     fn take_now(&self, query: &Query, max: usize, max_bytes: usize) -> Result<Vec<Taken>> {
         query.validate()?;
         self.locked_if_exists(query.entry_type(), |_, st| {
-            let now = Now::new();
+            let now = self.now();
             Self::check_kinds(st, query)?;
             let mut seqs = Vec::new();
             let mut bytes = 0usize;
@@ -1538,7 +1543,7 @@ impl Engine {
             });
             Ok(seqs
                 .into_iter()
-                .filter_map(|seq| self.remove_taken(st, seq, RemoveCause::Taken))
+                .filter_map(|seq| self.remove_taken(st, seq, Cause::Taken))
                 .collect())
         })
         .unwrap_or(Ok(Vec::new()))
@@ -1579,7 +1584,7 @@ impl Engine {
             let mut last = None;
             let mut bytes = 0usize;
             st.store
-                .for_each_match(query.filter(), &Now::new(), |seq, r| {
+                .for_each_match(query.filter(), &self.now(), |seq, r| {
                     if after.is_some_and(|a| seq <= a) {
                         return true;
                     }
@@ -1608,7 +1613,7 @@ impl Engine {
             Self::check_kinds(st, query)?;
             let mut acc = A::default();
             st.store
-                .for_each_match(query.filter(), &Now::new(), |_, r| {
+                .for_each_match(query.filter(), &self.now(), |_, r| {
                     f(r, &mut acc);
                     true
                 });
@@ -1627,7 +1632,7 @@ impl Engine {
     /// A copy of the visible entry with this key.
     pub fn read_key(&self, entry_type: &str, key: &Key) -> Option<Document> {
         self.locked_if_exists(entry_type, |_, st| {
-            let seq = Self::visible_seq(st, key, &Now::new())?;
+            let seq = Self::visible_seq(st, key, &self.now())?;
             st.store.get(seq).map(Record::document)
         })
         .flatten()
@@ -1642,8 +1647,8 @@ impl Engine {
     /// As [`take_key`](Self::take_key), as a [`Taken`] entry.
     pub fn take_key_entry(&self, entry_type: &str, key: &Key) -> Option<Taken> {
         self.locked_if_exists(entry_type, |_, st| {
-            let seq = Self::visible_seq(st, key, &Now::new())?;
-            self.remove_taken(st, seq, RemoveCause::Taken)
+            let seq = Self::visible_seq(st, key, &self.now())?;
+            self.remove_taken(st, seq, Cause::Taken)
         })
         .flatten()
     }
@@ -1654,14 +1659,14 @@ impl Engine {
     fn with_claim<T>(
         &self,
         ticket: &ClaimTicket,
-        f: impl FnOnce(&Engine, &Arc<Shard>, &mut TypeState, u64) -> T,
+        f: impl FnOnce(&Engine, &Arc<TypeCell>, &mut TypeState, u64) -> T,
     ) -> Result<T> {
         let lost = || SpaceError::ClaimLost {
             entry_type: ticket.entry_type.clone(),
             key: ticket.key.clone(),
         };
-        self.locked_if_exists(&ticket.entry_type, |shard, st| {
-            let now = Now::new();
+        self.locked_if_exists(&ticket.entry_type, |cell, st| {
+            let now = self.now();
             let seq = st.store.seq_of(&ticket.key).ok_or_else(lost)?;
             let held = st.store.get(seq).is_some_and(|r| {
                 !r.expired(&now)
@@ -1671,7 +1676,7 @@ impl Engine {
             if !held {
                 return Err(lost());
             }
-            Ok(f(self, shard, st, seq))
+            Ok(f(self, cell, st, seq))
         })
         .unwrap_or_else(|| Err(lost()))
     }
@@ -1689,53 +1694,49 @@ impl Engine {
     /// vanished under the claim, which the claim prevents).
     pub fn commit_entry(&self, ticket: &ClaimTicket) -> Result<Option<Taken>> {
         self.with_claim(ticket, |engine, _, st, seq| {
-            engine.remove_taken(st, seq, RemoveCause::Committed)
+            engine.remove_taken(st, seq, Cause::Committed)
         })
     }
 
     /// Gives a claimed entry back to the space, where waiting takers see it at once.
     pub fn release(&self, ticket: &ClaimTicket) -> Result<()> {
-        self.with_claim(ticket, |engine, shard, st, seq| {
-            engine.unclaim(shard, st, seq)
+        self.with_claim(ticket, |engine, cell, st, seq| {
+            let now = engine.now();
+            engine.unclaim(cell, st, seq, false, &now)
         })
     }
 
     /// Extends a claim's lease from now.
     pub fn renew_claim(&self, ticket: &ClaimTicket, lease: Lease) -> Result<SystemTime> {
-        let now = Now::new();
+        let now = self.now();
         let Some(expires) = lease.deadline(&now)? else {
             return Err(SpaceError::InvalidLease {
                 reason: "a claim needs a finite lease".into(),
             });
         };
-        self.with_claim(ticket, |engine, shard, st, seq| {
-            if let Some(c) = st.store.get_mut(seq).and_then(|r| r.claim.as_mut()) {
-                c.expires = expires;
-            }
-            engine.log(|| LogRecord::RenewClaim {
-                entry_type: st.name.to_string(),
-                seq,
-                expires: to_wall_ms(expires),
-            });
-            engine.claim_timer(shard, seq, ticket.token, expires);
-            wall_clock(Some(expires), &now).unwrap_or(SystemTime::now())
+        self.with_claim(ticket, |engine, cell, st, seq| {
+            engine.execute(st, Command::RenewClaim { seq, expires });
+            engine.claim_timer(cell, seq, ticket.token, expires);
+            expires.to_system_time()
         })
     }
 
-    /// Makes a claimed record visible again and offers it to the waiters.
-    fn unclaim(&self, shard: &Arc<Shard>, st: &mut TypeState, seq: u64) {
-        let Some(mut record) = st.store.remove(seq) else {
-            return;
-        };
-        record.claim = None;
-        record.version += 1;
-        self.log(|| LogRecord::Unclaim {
-            entry_type: st.name.to_string(),
+    /// Makes the claimed record `seq` visible again (a release, or a claim whose lease ran
+    /// out: `lapsed`) and offers it to the waiters.
+    fn unclaim(&self, cell: &Arc<TypeCell>, st: &mut TypeState, seq: u64, lapsed: bool, now: &Now) {
+        let command = Command::Release {
             seq,
-            request: current_request(),
-        });
-        self.emit(&mut st.hub, EventKind::Released, &record);
-        self.settle(shard, st, seq, record, &Now::new());
+            lapsed,
+            request: if lapsed { None } else { current_request() },
+        };
+        if let Outcome::Missing = self.execute(st, command) {
+            return;
+        }
+        if let Some(record) = st.store.get(seq) {
+            let record = record.clone();
+            self.emit(&mut st.hub, EventKind::Released, &record);
+        }
+        self.offer_stored(cell, st, seq, now);
     }
 
     // ----- entry leases -----
@@ -1745,26 +1746,20 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::NotFound`] when no entry has this key (or it expired).
     pub fn renew(&self, entry_type: &str, key: &Key, lease: Lease) -> Result<Option<SystemTime>> {
-        let now = Now::new();
+        let now = self.now();
         let expires = lease.deadline(&now)?;
-        self.with_live_entry(entry_type, key, &now, |shard, st, seq| {
-            if let Some(r) = st.store.get_mut(seq) {
-                r.expires = expires;
-            }
-            self.log(|| LogRecord::Renew {
-                entry_type: entry_type.to_owned(),
-                seq,
-                expires: expires.map(to_wall_ms),
-            });
-            self.expiry_timer(shard, seq, expires);
-            wall_clock(expires, &now)
+        self.with_live_entry(entry_type, key, &now, |cell, st, seq| {
+            self.execute(st, Command::Renew { seq, expires });
+            self.expiry_timer(cell, seq, expires);
+            expires.map(Deadline::to_system_time)
         })
     }
 
     /// Cancels an entry's lease: the entry is removed at once, with an `Expired` event.
     pub fn cancel(&self, entry_type: &str, key: &Key) -> Result<()> {
-        self.with_live_entry(entry_type, key, &Now::new(), |_, st, seq| {
-            self.expire(st, seq, RemoveCause::Cancelled)
+        let now = self.now();
+        self.with_live_entry(entry_type, key, &now, |_, st, seq| {
+            self.expire(st, seq, Cause::Cancelled)
         })
     }
 
@@ -1777,32 +1772,37 @@ impl Engine {
         entry_type: &str,
         key: &Key,
         now: &Now,
-        f: impl FnOnce(&Arc<Shard>, &mut TypeState, u64) -> R,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState, u64) -> R,
     ) -> Result<R> {
         let not_found = || SpaceError::NotFound {
             entry_type: entry_type.to_owned(),
             key: key.clone(),
         };
-        self.locked_if_exists(entry_type, |shard, st| {
+        self.locked_if_exists(entry_type, |cell, st| {
             let seq = st
                 .store
                 .seq_of(key)
                 .filter(|&seq| st.store.get(seq).is_some_and(|r| !r.expired(now)))
                 .ok_or_else(not_found)?;
-            Ok(f(shard, st, seq))
+            Ok(f(cell, st, seq))
         })
         .unwrap_or_else(|| Err(not_found()))
     }
 
-    fn expire(&self, st: &mut TypeState, seq: u64, cause: RemoveCause) {
-        if let Some(mut record) = st.store.remove(seq) {
-            self.log(|| LogRecord::Remove {
-                entry_type: st.name.to_string(),
+    /// Removes an entry whose lease ran out or was cancelled, with an `Expired` event.
+    fn expire(&self, st: &mut TypeState, seq: u64, cause: Cause) {
+        let request = match cause {
+            Cause::Cancelled => current_request(),
+            _ => None,
+        };
+        if let Outcome::Removed(record) = self.execute(
+            st,
+            Command::Remove {
                 seq,
                 cause,
-                request: current_request(),
-            });
-            record.version += 1;
+                request,
+            },
+        ) {
             self.emit(&mut st.hub, EventKind::Expired, &record);
         }
     }
@@ -1818,7 +1818,7 @@ impl Engine {
         lease: Lease,
     ) -> Result<Subscription> {
         query.validate()?;
-        let now = Now::new();
+        let now = self.now();
         let expires = lease.deadline(&now)?;
         let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(SubShared::new(
@@ -1903,7 +1903,7 @@ impl Engine {
     }
 
     pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
-        let expires = lease.deadline(&Now::new())?;
+        let expires = lease.deadline(&self.now())?;
         if sub.is_closed() {
             return Err(SpaceError::SubscriptionClosed { id: sub.id });
         }
@@ -1923,15 +1923,15 @@ impl Engine {
 
     /// Counters over all entry types.
     pub fn stats(&self) -> Stats {
-        let shards: Vec<Arc<Shard>> = self.inner.shards.load().values().cloned().collect();
+        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
         let mut stats = Stats {
-            entry_types: shards.len() as u64,
+            entry_types: cells.len() as u64,
             timers: self.inner.timers.len() as u64,
             queued_events: self.inner.events.held() as u64,
             ..Stats::default()
         };
-        for shard in shards {
-            let st = shard.lock();
+        for cell in cells {
+            let st = cell.lock();
             stats.entries += st.store.len() as u64;
             stats.bytes += st.store.bytes() as u64;
             stats.waiters += st.waiters.len() as u64;
@@ -1940,19 +1940,21 @@ impl Engine {
         stats
     }
 
+    /// Carries out a lease timer that came due: the node's clock decides that an entry's
+    /// lease or a claim ran out, and the decision enters the log as a command.
     fn fire(&self, timer: TimerKind) {
-        let now = Now::new();
+        let now = self.now();
         match timer {
-            TimerKind::Entry { shard, seq } => {
-                let Some(shard) = shard.upgrade() else { return };
-                let mut st = shard.lock();
+            TimerKind::Entry { cell, seq } => {
+                let Some(cell) = cell.upgrade() else { return };
+                let mut st = cell.lock();
                 if st.store.get(seq).is_some_and(|r| r.expired(&now)) {
-                    self.expire(&mut st, seq, RemoveCause::Cancelled);
+                    self.expire(&mut st, seq, Cause::Expired);
                 }
             }
-            TimerKind::Claim { shard, seq, token } => {
-                let Some(shard) = shard.upgrade() else { return };
-                let mut guard = shard.lock();
+            TimerKind::Claim { cell, seq, token } => {
+                let Some(cell) = cell.upgrade() else { return };
+                let mut guard = cell.lock();
                 let st = &mut *guard;
                 let due = st
                     .store
@@ -1960,7 +1962,7 @@ impl Engine {
                     .and_then(|r| r.claim)
                     .is_some_and(|c| c.token == token && c.expires <= now.get());
                 if due {
-                    self.unclaim(&shard, st, seq);
+                    self.unclaim(&cell, st, seq, true, &now);
                 }
             }
             TimerKind::Subscription { sub } => {
@@ -1996,8 +1998,9 @@ impl Engine {
             record,
         } in taken
         {
-            let put_back = self.locked_in(&entry_type, Room::Always, |shard, st| {
+            let put_back = self.locked_in(&entry_type, Room::Always, |cell, st| {
                 let mut record = record;
+                record.claim = None;
                 if record.mapped_key && st.store.contains_key(&record.key) {
                     tracing::error!(
                         entry_type = %entry_type,
@@ -2010,20 +2013,12 @@ impl Engine {
                 // numbers started again: then at the end, found by its key.
                 let seq = if st.store.get(seq).is_some() {
                     record.mapped_key = true;
-                    st.store.next_seq()
+                    st.store.upcoming_seq()
                 } else {
-                    st.store.skip_to(seq);
                     seq
                 };
-                self.log(|| LogRecord::Write {
-                    entry_type: st.name.to_string(),
-                    seq,
-                    image: record.image(),
-                    request: None,
-                });
-                self.emit(&mut st.hub, EventKind::Written, &record);
-                self.expiry_timer(shard, seq, record.expires);
-                self.settle(shard, st, seq, record, &Now::new());
+                let now = self.now();
+                self.bring(cell, st, seq, record, Bring::Back, &now);
             });
             // Only a bounded creation can fail, and this one is not bounded.
             debug_assert!(put_back.is_ok());
@@ -2046,25 +2041,7 @@ pub(crate) fn check_document(entry_type: &str, fields: &Fields) -> Result<()> {
     })
 }
 
-fn claimed_document(
-    shard: &Shard,
-    document: Document,
-    token: u64,
-    expires: Instant,
-    now: &Now,
-) -> ClaimedDocument {
-    ClaimedDocument {
-        ticket: ClaimTicket {
-            entry_type: shard.name.to_string(),
-            key: document.key.clone(),
-            token,
-        },
-        document,
-        expires: wall_clock(Some(expires), now).unwrap_or_else(SystemTime::now),
-    }
-}
-
-fn reap(timers: &Timers, engine: &Weak<Inner>) {
+fn reap(timers: &Timers<TimerKind>, engine: &Weak<Inner>) {
     while let Some(due) = timers.wait_due() {
         let Some(inner) = engine.upgrade() else {
             return;
@@ -2091,6 +2068,19 @@ impl Delivery {
             _ => None,
         }
     }
+}
+
+/// How [`Engine::bring`] brings a record in.
+enum Bring {
+    /// A new entry, written by `request`; its fields teach the schema new kinds (`learn`).
+    New {
+        learn: bool,
+        request: Option<RequestId>,
+    },
+    /// An entry given back after its taker went away: announced as written again.
+    Back,
+    /// An entry whose hand-off fell through before anyone heard of it.
+    Quietly,
 }
 
 /// The key of an entry being written: the user's, or a fresh UUID v7 that gets the
@@ -2225,7 +2215,7 @@ impl<T: 'static> Pending<T> {
 /// was not collected.
 struct WaitGuard {
     engine: Engine,
-    shard: Arc<Shard>,
+    cell: Arc<TypeCell>,
     waiter: Arc<Waiter>,
     deadline: Option<Instant>,
     done: bool,
@@ -2262,7 +2252,7 @@ impl WaitGuard {
     }
 
     fn remove_waiter(&self) {
-        let mut st = self.shard.lock();
+        let mut st = self.cell.lock();
         if let Some(i) = st.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
             st.waiters.remove(i);
         }

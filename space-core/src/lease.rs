@@ -1,7 +1,9 @@
 //! Leases: how long an entry, claim or subscription lives.
 
 use std::cell::Cell;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +41,7 @@ impl Lease {
     ///
     /// # Errors
     /// [`SpaceError::InvalidLease`] for a zero lease or one longer than [`MAX_LEASE`].
-    pub(crate) fn deadline(self, now: &Now) -> Result<Option<Instant>> {
+    pub(crate) fn deadline(self, now: &Now) -> Result<Option<Deadline>> {
         match self {
             Lease::Forever => Ok(None),
             Lease::For(d) if d.is_zero() => Err(SpaceError::InvalidLease {
@@ -52,47 +54,137 @@ impl Lease {
                     MAX_LEASE.as_secs()
                 ),
             }),
-            Lease::For(d) => {
-                now.get()
-                    .checked_add(d)
-                    .map(Some)
-                    .ok_or_else(|| SpaceError::InvalidLease {
-                        reason: "the lease ends beyond what the clock can represent".into(),
-                    })
+            Lease::For(d) => now
+                .after(d)
+                .map(Some)
+                .ok_or_else(|| SpaceError::InvalidLease {
+                    reason: "the lease ends beyond what the clock can represent".into(),
+                }),
+        }
+    }
+}
+
+/// A point in time on the wall clock, in milliseconds since the Unix epoch: how the state
+/// and the log keep deadlines, so that they mean the same after a restart and on another
+/// node. Deadlines are decided once (by the node's clock, when a command is decided) and
+/// only compared afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub(crate) struct Deadline(u64);
+
+impl Deadline {
+    /// The deadline `ms` milliseconds after the Unix epoch.
+    pub(crate) fn from_ms(ms: u64) -> Deadline {
+        Deadline(ms)
+    }
+
+    /// The deadline as a wall-clock time, for reporting.
+    pub(crate) fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.0)
+    }
+
+    /// The time left from `now` until this deadline (zero once it passed).
+    pub(crate) fn left_from(self, now: Deadline) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(now.0))
+    }
+}
+
+/// Where the engine reads the time for the deadlines it decides (leases, claims) and the
+/// expiries its timer proposes.
+///
+/// [`Clock::system`] (the default) reads the system's wall clock. [`Clock::manual`] stands
+/// still until [`advance`](Clock::advance)d, for tests that must control when leases run
+/// out. Clones share the same time.
+#[derive(Clone, Debug, Default)]
+pub struct Clock(Option<Arc<AtomicU64>>);
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Clock {
+        Clock(None)
+    }
+
+    /// A clock that shows `start` until it is advanced.
+    pub fn manual(start: SystemTime) -> Clock {
+        let ms = start
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Clock(Some(Arc::new(AtomicU64::new(ms))))
+    }
+
+    /// Moves a manual clock forward by `by` (whole milliseconds); returns whether this clock
+    /// is manual (the system clock cannot be moved).
+    pub fn advance(&self, by: Duration) -> bool {
+        match &self.0 {
+            Some(ms) => {
+                let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+                let _ = ms.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+                    Some(m.saturating_add(by))
+                });
+                true
             }
+            None => false,
+        }
+    }
+
+    /// Whether this clock only moves when advanced.
+    pub fn is_manual(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The current time.
+    pub fn now(&self) -> SystemTime {
+        self.read().to_system_time()
+    }
+
+    pub(crate) fn read(&self) -> Deadline {
+        match &self.0 {
+            Some(ms) => Deadline(ms.load(Ordering::Acquire)),
+            None => Deadline(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            ),
         }
     }
 }
 
 /// "Now" for one operation, read from the clock at most once and only if needed: most
 /// operations on entries without leases never look at the time.
-pub(crate) struct Now(Cell<Option<Instant>>);
+pub(crate) struct Now<'a> {
+    clock: &'a Clock,
+    at: Cell<Option<Deadline>>,
+}
 
-impl Now {
-    pub(crate) fn new() -> Now {
-        Now(Cell::new(None))
+impl<'a> Now<'a> {
+    pub(crate) fn new(clock: &'a Clock) -> Now<'a> {
+        Now {
+            clock,
+            at: Cell::new(None),
+        }
     }
 
-    pub(crate) fn get(&self) -> Instant {
-        match self.0.get() {
+    pub(crate) fn get(&self) -> Deadline {
+        match self.at.get() {
             Some(t) => t,
             None => {
-                let t = Instant::now();
-                self.0.set(Some(t));
+                let t = self.clock.read();
+                self.at.set(Some(t));
                 t
             }
         }
     }
+
+    /// The deadline `d` from now, if the clock can represent it.
+    pub(crate) fn after(&self, d: Duration) -> Option<Deadline> {
+        let ms = u64::try_from(d.as_millis()).ok()?;
+        self.get().0.checked_add(ms).map(Deadline)
+    }
 }
 
-/// Converts an internal deadline into wall-clock time for reporting.
-pub(crate) fn wall_clock(deadline: Option<Instant>, now: &Now) -> Option<SystemTime> {
-    deadline.map(|d| SystemTime::now() + d.saturating_duration_since(now.get()))
-}
-
-/// The deadline for a blocking call's timeout: `None` when it may wait forever.
-pub(crate) fn timeout_deadline(now: &Now, timeout: Duration) -> Option<Instant> {
-    now.get().checked_add(timeout)
+/// The deadline for a blocking call's timeout, on the monotonic clock (waiting is not part
+/// of the state): `None` when it may wait forever.
+pub(crate) fn timeout_deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
 }
 
 #[cfg(test)]
@@ -101,14 +193,15 @@ mod tests {
 
     #[test]
     fn absurd_leases_are_refused_with_a_reason() {
-        let now = Now::new();
+        let clock = Clock::manual(SystemTime::now());
+        let now = Now::new(&clock);
         assert!(Lease::For(Duration::ZERO).deadline(&now).is_err());
         let err = Lease::For(Duration::MAX).deadline(&now).unwrap_err();
         assert!(err.to_string().contains("Lease::Forever"), "{err}");
         assert_eq!(Lease::FOREVER.deadline(&now).unwrap(), None);
         assert_eq!(
             Lease::secs(1).deadline(&now).unwrap(),
-            Some(now.get() + Duration::from_secs(1))
+            Some(Deadline(now.get().0 + 1000))
         );
     }
 }

@@ -16,6 +16,7 @@
 //! not wait, expired entries are never returned, each entry taken once) are those of
 //! docs/ARCHITECTURE.md section 4; the engine module documents how they are kept.
 
+mod document;
 mod durable;
 mod engine;
 mod entry;
@@ -26,21 +27,22 @@ mod notify;
 mod seq;
 mod signal;
 mod space;
+mod state;
 mod store;
 mod timers;
 pub mod wire;
 
-pub use engine::{
-    ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats, Taken,
-};
+pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};
+pub use engine::{Engine, EngineConfig, Pending, Stats};
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
-pub use lease::{Lease, MAX_LEASE};
+pub use lease::{Clock, Lease, MAX_LEASE};
 pub use notify::{
     DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, RemoteFeed, Subscription,
 };
 pub use space::{BlockingSpace, Claim, RemoteBackend, Space};
 pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
+pub use state::{Answer, Taken};
 
 /// Gives memory back once a map is mostly empty, so that a burst (of subscriptions, say)
 /// does not pin its peak footprint forever.

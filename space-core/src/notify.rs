@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::lease::Deadline;
+
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use space_query::{Fields, Percolator, Query};
@@ -131,7 +133,7 @@ struct Queue {
     closed: bool,
     /// Closed by a cancel (what was queued is discarded), not by its lease running out.
     cancelled: bool,
-    expires: Option<Instant>,
+    expires: Option<Deadline>,
 }
 
 /// The events all subscriptions of an engine hold in their logs, against a limit: past it,
@@ -203,7 +205,7 @@ impl SubShared {
         kinds: EventKinds,
         capacity: usize,
         budget: Arc<EventBudget>,
-        expires: Option<Instant>,
+        expires: Option<Deadline>,
     ) -> Self {
         SubShared {
             id,
@@ -329,11 +331,11 @@ impl SubShared {
         self.queue.lock().cancelled
     }
 
-    pub(crate) fn expires(&self) -> Option<Instant> {
+    pub(crate) fn expires(&self) -> Option<Deadline> {
         self.queue.lock().expires
     }
 
-    pub(crate) fn set_expires(&self, expires: Option<Instant>) {
+    pub(crate) fn set_expires(&self, expires: Option<Deadline>) {
         self.queue.lock().expires = expires;
     }
 

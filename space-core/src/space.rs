@@ -12,9 +12,8 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use space_query::{Fields, Query, from_fields, to_fields};
 
-use crate::engine::{
-    ClaimTicket, ClaimedDocument, Document, Engine, EngineConfig, Pending, Receipt, Stats,
-};
+use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt};
+use crate::engine::{Engine, EngineConfig, Pending, Stats};
 use crate::entry::{Entry, Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::Lease;

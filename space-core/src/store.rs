@@ -6,9 +6,10 @@
 //! top-level field to the ordered [`SeqSet`] of sequence numbers holding it, so an equality
 //! (or IN) on an indexed field visits only those records, still oldest first.
 
-use std::time::Instant;
+use serde::{Deserialize, Serialize};
 
-use crate::lease::Now;
+use crate::document::Document;
+use crate::lease::{Deadline, Now};
 use crate::seq::{SeqMap, SeqSet};
 
 use space_query::{Fields, Filter, IndexValue, Value, ValueKind};
@@ -20,7 +21,7 @@ use crate::entry::Key;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One stored entry.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub(crate) key: Key,
     /// The key is found through the key map (a user key, or a minted key that could not
@@ -29,16 +30,16 @@ pub(crate) struct Record {
     pub(crate) version: u64,
     pub(crate) fields: Fields,
     /// When the entry's lease runs out (`None`: forever).
-    pub(crate) expires: Option<Instant>,
+    pub(crate) expires: Option<Deadline>,
     /// Set while the entry is claimed (hidden from everyone else).
     pub(crate) claim: Option<ClaimState>,
 }
 
 /// A claim held on a record.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ClaimState {
     pub(crate) token: u64,
-    pub(crate) expires: Instant,
+    pub(crate) expires: Deadline,
 }
 
 impl Record {
@@ -49,6 +50,22 @@ impl Record {
     /// Visible to reads, takes, claims and counts: not claimed and not expired.
     pub(crate) fn visible(&self, now: &Now) -> bool {
         self.claim.is_none() && !self.expired(now)
+    }
+
+    pub(crate) fn document(&self) -> Document {
+        Document {
+            key: self.key.clone(),
+            version: self.version,
+            fields: self.fields.clone(),
+        }
+    }
+
+    pub(crate) fn into_document(self) -> Document {
+        Document {
+            key: self.key,
+            version: self.version,
+            fields: self.fields,
+        }
     }
 }
 
@@ -128,10 +145,10 @@ impl Store {
         }
     }
 
-    /// The next sequence number (write order).
-    pub(crate) fn next_seq(&mut self) -> u64 {
-        self.next_seq += 1;
-        self.next_seq
+    /// The sequence number the next new record gets (write order); applying a command
+    /// that brings it in moves the count on.
+    pub(crate) fn upcoming_seq(&self) -> u64 {
+        self.next_seq + 1
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -143,7 +160,7 @@ impl Store {
         self.next_seq
     }
 
-    /// Continues numbering after `seq` (recovery).
+    /// Continues numbering after `seq`.
     pub(crate) fn skip_to(&mut self, seq: u64) {
         self.next_seq = self.next_seq.max(seq);
     }
@@ -161,6 +178,11 @@ impl Store {
     /// Approximate bytes held by the records' documents.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Whether a top-level field is indexed.
+    pub(crate) fn has_index(&self, field: &str) -> bool {
+        self.indexes.iter().any(|i| i.field == field)
     }
 
     /// Adds an index on a top-level field, indexing existing records; returns false when
@@ -186,6 +208,18 @@ impl Store {
             .get(field)
             .copied()
             .filter(|k| !matches!(k, ValueKind::List | ValueKind::Map))
+    }
+
+    /// The schema: the kind of every field seen so far, sorted by name.
+    pub(crate) fn schema(&self) -> Vec<(String, ValueKind)> {
+        let mut out: Vec<_> = self.schema.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Restores a schema saved with [`schema`](Self::schema).
+    pub(crate) fn set_schema(&mut self, schema: Vec<(String, ValueKind)>) {
+        self.schema = schema.into_iter().collect();
     }
 
     /// Checks the document's field kinds against the schema without changing it. Returns
@@ -396,10 +430,14 @@ mod tests {
 
     fn matches(store: &Store, filter: &Filter) -> Vec<u64> {
         let mut out = Vec::new();
-        store.for_each_match(filter, &Now::new(), |seq, _| {
-            out.push(seq);
-            true
-        });
+        store.for_each_match(
+            filter,
+            &Now::new(&crate::lease::Clock::system()),
+            |seq, _| {
+                out.push(seq);
+                true
+            },
+        );
         out
     }
 
@@ -411,8 +449,9 @@ mod tests {
         indexed.ensure_index("tags");
         for i in 0..200 {
             let r = record(i % 5, if i % 3 == 0 { &["a", "b"] } else { &["b"] });
-            let seq = indexed.next_seq();
-            plain.next_seq();
+            let seq = indexed.upcoming_seq();
+            indexed.skip_to(seq);
+            plain.skip_to(seq);
             indexed.insert(seq, r.clone());
             plain.insert(seq, r);
         }

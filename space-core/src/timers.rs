@@ -8,66 +8,57 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::sync::Weak;
-use std::time::Instant;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::Shard;
-use crate::notify::SubShared;
+use crate::lease::{Clock, Deadline};
 
-/// What a timer is for.
-pub(crate) enum TimerKind {
-    /// An entry's lease.
-    Entry { shard: Weak<Shard>, seq: u64 },
-    /// A claim's lease.
-    Claim {
-        shard: Weak<Shard>,
-        seq: u64,
-        token: u64,
-    },
-    /// A subscription's lease.
-    Subscription { sub: Weak<SubShared> },
-}
+/// How long the reaper sleeps at most between looks at a manual clock (which moves
+/// without telling anyone).
+const MANUAL_CLOCK_POLL: Duration = Duration::from_millis(10);
 
-struct Timer {
-    at: Instant,
+struct Timer<K> {
+    at: Deadline,
     id: u64,
-    kind: TimerKind,
+    kind: K,
 }
 
-impl PartialEq for Timer {
+impl<K> PartialEq for Timer<K> {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.id) == (other.at, other.id)
     }
 }
-impl Eq for Timer {}
-impl PartialOrd for Timer {
+impl<K> Eq for Timer<K> {}
+impl<K> PartialOrd for Timer<K> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Timer {
+impl<K> Ord for Timer<K> {
     fn cmp(&self, other: &Self) -> Ordering {
         (self.at, self.id).cmp(&(other.at, other.id))
     }
 }
 
-struct Heap {
-    timers: BinaryHeap<Reverse<Timer>>,
+struct Heap<K> {
+    timers: BinaryHeap<Reverse<Timer<K>>>,
     next_id: u64,
     shutdown: bool,
 }
 
-/// The deadline heap shared by the engine and its reaper thread.
-pub(crate) struct Timers {
-    heap: Mutex<Heap>,
+/// The deadline heap shared by the engine and its reaper thread; `K` says what a timer is
+/// for. Deadlines are on the engine's [`Clock`].
+pub(crate) struct Timers<K> {
+    heap: Mutex<Heap<K>>,
     cv: Condvar,
+    clock: Clock,
 }
 
-impl Timers {
-    pub(crate) fn new() -> Self {
+impl<K> Timers<K> {
+    pub(crate) fn new(clock: Clock) -> Self {
         Timers {
+            clock,
             heap: Mutex::new(Heap {
                 timers: BinaryHeap::new(),
                 next_id: 0,
@@ -78,7 +69,7 @@ impl Timers {
     }
 
     /// Arranges for `kind` to fire at `at`.
-    pub(crate) fn schedule(&self, at: Instant, kind: TimerKind) {
+    pub(crate) fn schedule(&self, at: Deadline, kind: K) {
         let mut heap = self.heap.lock();
         heap.next_id += 1;
         let id = heap.next_id;
@@ -92,13 +83,13 @@ impl Timers {
 
     /// Blocks until at least one timer is due and returns all due ones; `None` once the
     /// engine has shut down.
-    pub(crate) fn wait_due(&self) -> Option<Vec<TimerKind>> {
+    pub(crate) fn wait_due(&self) -> Option<Vec<K>> {
         let mut heap = self.heap.lock();
         loop {
             if heap.shutdown {
                 return None;
             }
-            let now = Instant::now();
+            let now = self.clock.read();
             match heap.timers.peek().map(|Reverse(t)| t.at) {
                 Some(at) if at <= now => {
                     let mut due = Vec::new();
@@ -110,7 +101,14 @@ impl Timers {
                     return Some(due);
                 }
                 Some(at) => {
-                    self.cv.wait_until(&mut heap, at);
+                    let mut sleep = at.left_from(now);
+                    if self.clock.is_manual() {
+                        sleep = sleep.min(MANUAL_CLOCK_POLL);
+                    }
+                    self.cv.wait_for(&mut heap, sleep);
+                }
+                None if self.clock.is_manual() => {
+                    self.cv.wait_for(&mut heap, MANUAL_CLOCK_POLL);
                 }
                 None => self.cv.wait(&mut heap),
             }

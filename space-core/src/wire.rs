@@ -27,7 +27,8 @@ use space_query::{Fields, Query};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::engine::{ClaimTicket, ClaimedDocument, Document, Receipt, Stats};
+use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt};
+use crate::engine::Stats;
 use crate::entry::{Key, NodeId};
 use crate::error::SpaceError;
 use crate::lease::Lease;
@@ -42,22 +43,7 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The number of hash ranges the key space is split into.
 pub const RANGES: u32 = 1024;
 
-/// Identifies one logical request across retries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RequestId(pub u128);
-
-impl RequestId {
-    /// A fresh random id.
-    pub fn new() -> RequestId {
-        RequestId(uuid::Uuid::new_v4().as_u128())
-    }
-}
-
-impl Default for RequestId {
-    fn default() -> Self {
-        RequestId::new()
-    }
-}
+pub use crate::document::RequestId;
 
 /// What a read or take addresses: one key, or the oldest match of a query.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -209,6 +209,16 @@ impl<T> Future for InRequest<'_, T> {
     }
 }
 
+/// The wire form of an answer the engine's state kept.
+fn response_of(answer: space_core::Answer) -> Response {
+    match answer {
+        space_core::Answer::Receipts(r) => Response::Receipts(r),
+        space_core::Answer::Documents(d) => Response::Documents(d),
+        space_core::Answer::Claimed(c) => Response::Claimed(Some(c)),
+        space_core::Answer::Done => Response::Done,
+    }
+}
+
 impl NodeState {
     fn info(&self) -> NodeInfo {
         NodeInfo {
@@ -472,8 +482,8 @@ impl Node {
         };
         let dedupe = Dedupe::new(config.dedupe_capacity);
         // Answers found in the log: a client retrying across the crash gets them.
-        for (id, answer) in engine.take_recovered_answers() {
-            dedupe.seed(id, answer);
+        for (id, answer) in engine.answers() {
+            dedupe.seed(id, response_of(answer));
         }
         let cluster = Arc::new(cluster);
         if !config.peers.is_empty() {
