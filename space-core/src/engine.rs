@@ -33,7 +33,8 @@ use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
 use crate::notify::{
-    DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, SubShared, Subscription,
+    DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, Keeper, SubShared,
+    Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::state::{self, Answer, Answers, Cause, Command, HandOff, Outcome, Taken};
@@ -108,7 +109,7 @@ pub struct EngineConfig {
     /// past it a subscription drops its own oldest event (a gap) to take a new one.
     pub max_queued_events: Option<usize>,
     /// The ranges this node owns: keys it mints fall inside them (`None`: all ranges).
-    pub ranges: Option<Arc<crate::wire::RangeSet>>,
+    pub ranges: Option<Arc<crate::hash::RangeSet>>,
     /// Durable engines: a log segment is closed past this many bytes.
     pub log_segment_bytes: u64,
     /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
@@ -192,6 +193,9 @@ struct Inner {
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
     answers: Mutex<Answers>,
+    /// Every applied command's log place and outcome, for the determinism tests.
+    #[cfg(test)]
+    trace: Mutex<Vec<(u64, String)>>,
 }
 
 /// What a lease timer is for.
@@ -424,6 +428,8 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
             answers: Mutex::new(Answers::default()),
+            #[cfg(test)]
+            trace: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
         match std::thread::Builder::new()
@@ -542,14 +548,7 @@ impl Engine {
         }
         for (lsn, entry_type, command) in commands {
             self.each_type_always(&entry_type, |_, st| {
-                let mut answers = command.answers().then(|| self.inner.answers.lock());
-                state::apply(
-                    &st.name,
-                    &mut st.store,
-                    answers.as_deref_mut(),
-                    Some(lsn),
-                    command,
-                );
+                self.apply(st, Some(lsn), command);
             });
         }
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
@@ -685,14 +684,26 @@ impl Engine {
             .wal
             .as_ref()
             .map(|wal| wal.append(&st.name, &command));
+        self.apply(st, lsn, command)
+    }
+
+    /// Applies a command to the locked entry type through [`state::apply`] (live, after
+    /// it was appended at `lsn`, or replayed from the log).
+    fn apply(&self, st: &mut TypeState, lsn: Option<u64>, command: Command) -> Outcome {
         let mut answers = command.answers().then(|| self.inner.answers.lock());
-        state::apply(
+        let outcome = state::apply(
             &st.name,
             &mut st.store,
             answers.as_deref_mut(),
             lsn,
             command,
-        )
+        );
+        #[cfg(test)]
+        self.inner
+            .trace
+            .lock()
+            .push((lsn.unwrap_or(0), format!("{}: {outcome:?}", st.name)));
+        outcome
     }
 
     /// "Now" on the engine's clock, read when first needed.
@@ -1859,13 +1870,7 @@ impl Engine {
                 },
             );
         }
-        Ok(Subscription::local(shared, self.clone()))
-    }
-
-    /// Ends a subscription: it is matched no more, and what it queued is discarded.
-    pub(crate) fn unsubscribe(&self, sub: &Arc<SubShared>) {
-        self.remove_subscription(sub);
-        sub.close();
+        Ok(Subscription::local(shared, Box::new(self.clone())))
     }
 
     /// Ends a subscription whose lease ran out: it is matched no more, but what it was
@@ -1899,24 +1904,7 @@ impl Engine {
             .cloned()
             .ok_or(SpaceError::SubscriptionClosed { id })?;
         shared.rewind(last_seq);
-        Ok(Subscription::local(shared, self.clone()))
-    }
-
-    pub(crate) fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
-        let expires = lease.deadline(&self.now())?;
-        if sub.is_closed() {
-            return Err(SpaceError::SubscriptionClosed { id: sub.id });
-        }
-        sub.set_expires(expires);
-        if let Some(at) = expires {
-            self.inner.timers.schedule(
-                at,
-                TimerKind::Subscription {
-                    sub: Arc::downgrade(sub),
-                },
-            );
-        }
-        Ok(())
+        Ok(Subscription::local(shared, Box::new(self.clone())))
     }
 
     // ----- housekeeping -----
@@ -2026,6 +2014,78 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+impl Engine {
+    /// Everything the state holds, in a canonical order (entry types by name, records by
+    /// sequence number, answers oldest first), for comparing two states.
+    pub(crate) fn state_digest(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        cells.sort_by(|a, b| a.name.cmp(&b.name));
+        for cell in cells {
+            let st = cell.lock();
+            if st.store.len() == 0 && st.store.indexed_fields().is_empty() {
+                // An empty type is not state: the engine may forget it at any time.
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "type {} next {} indexes {:?} schema {:?}",
+                cell.name,
+                st.store.last_seq(),
+                st.store.indexed_fields(),
+                st.store.schema()
+            );
+            for (seq, r) in st.store.iter() {
+                let _ = writeln!(out, "  {seq} {r:?}");
+            }
+        }
+        for (id, answer) in self.inner.answers.lock().iter() {
+            let _ = writeln!(out, "answer {id:?} {answer:?}");
+        }
+        out
+    }
+
+    /// The log place and outcome of every command applied so far, in log order.
+    pub(crate) fn applied(&self) -> Vec<(u64, String)> {
+        let mut trace = self.inner.trace.lock().clone();
+        trace.sort_by_key(|(lsn, _)| *lsn);
+        trace
+    }
+
+    /// Fires the lease timers that are due by the engine's clock, now, on this thread.
+    pub(crate) fn fire_due(&self) {
+        for timer in self.inner.timers.take_due() {
+            self.fire(timer);
+        }
+    }
+}
+
+impl Keeper for Engine {
+    fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
+        let expires = lease.deadline(&self.now())?;
+        if sub.is_closed() {
+            return Err(SpaceError::SubscriptionClosed { id: sub.id });
+        }
+        sub.set_expires(expires);
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Subscription {
+                    sub: Arc::downgrade(sub),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&self, sub: &Arc<SubShared>) {
+        self.remove_subscription(sub);
+        sub.close();
+    }
+}
+
 /// Checks that an entry can be stored: a usable entry type name, field names a query can
 /// address, and nesting within the limit (before anything walks the document further).
 pub(crate) fn check_document(entry_type: &str, fields: &Fields) -> Result<()> {
@@ -2107,7 +2167,7 @@ impl NewKey {
 
     /// The final key, and whether the store must keep it in its key map. A minted key
     /// falls inside `ranges` when the engine owns only some.
-    fn finish(self, seq: u64, ranges: Option<&crate::wire::RangeSet>) -> (Key, bool) {
+    fn finish(self, seq: u64, ranges: Option<&crate::hash::RangeSet>) -> (Key, bool) {
         match self {
             NewKey::User(k) => (k, true),
             NewKey::Minted(base) => {

@@ -87,26 +87,6 @@ impl Key {
         Some(Key::Id(Uuid::from_u128(bits)))
     }
 
-    /// As [`with_seq`](Self::with_seq), choosing the key's free random bits so that its
-    /// range is one `owns` accepts (a node mints keys inside its own ranges, so that
-    /// FindFor finds the entry there). `None` when no choice lands in an owned range.
-    pub(crate) fn with_seq_in(base: Uuid, seq: u64, owns: &dyn Fn(u32) -> bool) -> Option<Key> {
-        let first = Key::with_seq(base, seq)?;
-        if owns(crate::wire::range_of(&first)) {
-            return Some(first);
-        }
-        // rand_a (12 bits at 64..76) and the low 14 bits of rand_b are free.
-        let fixed = match &first {
-            Key::Id(id) => id.as_u128() & !((0xfffu128 << 64) | 0x3fff),
-            Key::Name(_) => return None,
-        };
-        (0u128..(1 << 26)).find_map(|v| {
-            let bits = fixed | ((v & 0xfff) << 64) | (v >> 12);
-            let key = Key::Id(Uuid::from_u128(bits));
-            owns(crate::wire::range_of(&key)).then_some(key)
-        })
-    }
-
     /// The sequence number a minted key carries (only meaningful to the store that
     /// minted it, which checks that the entry there really has this key).
     pub(crate) fn seq_hint(&self) -> Option<u64> {

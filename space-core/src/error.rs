@@ -184,7 +184,7 @@ pub enum SpaceError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The request was given up by its caller ([`Request::Revoke`](crate::wire::Request))
+    /// The request was given up by its caller (a revoke)
     /// before it ran, so it did not run.
     #[error("the request was revoked by its caller and did not run")]
     Revoked,

@@ -5,6 +5,8 @@
 //! a published, platform-independent function, so the same key lands in the same range on
 //! every machine and every version; the test vectors below pin it.
 
+use uuid::Uuid;
+
 use crate::entry::Key;
 
 /// The canonical bytes of a key, as hashed.
@@ -28,6 +30,62 @@ fn canonical(key: &Key, mut f: impl FnMut(&[u8]) -> u32) -> u32 {
 /// The stable 32-bit hash of a key.
 pub fn hash32(key: &Key) -> u32 {
     canonical(key, |bytes| twox_hash::XxHash32::oneshot(0, bytes))
+}
+
+impl Key {
+    /// As [`with_seq`](Self::with_seq), choosing the key's free random bits so that its
+    /// range is one `owns` accepts (a node mints keys inside its own ranges, so that
+    /// FindFor finds the entry there). `None` when no choice lands in an owned range.
+    pub(crate) fn with_seq_in(base: Uuid, seq: u64, owns: &dyn Fn(u32) -> bool) -> Option<Key> {
+        let first = Key::with_seq(base, seq)?;
+        if owns(range_of(&first)) {
+            return Some(first);
+        }
+        // rand_a (12 bits at 64..76) and the low 14 bits of rand_b are free.
+        let fixed = match &first {
+            Key::Id(id) => id.as_u128() & !((0xfffu128 << 64) | 0x3fff),
+            Key::Name(_) => return None,
+        };
+        (0u128..(1 << 26)).find_map(|v| {
+            let bits = fixed | ((v & 0xfff) << 64) | (v >> 12);
+            let key = Key::Id(Uuid::from_u128(bits));
+            owns(range_of(&key)).then_some(key)
+        })
+    }
+}
+
+/// The number of hash ranges the key space is split into.
+pub const RANGES: u32 = 1024;
+
+/// The range of a key: `hash32(key) >> 22`, one of [`RANGES`].
+pub fn range_of(key: &Key) -> u32 {
+    hash32(key) >> 22
+}
+
+/// A set of ranges (one flag per range).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeSet(pub Vec<bool>);
+
+impl RangeSet {
+    /// Every range.
+    pub fn all() -> RangeSet {
+        RangeSet(vec![true; RANGES as usize])
+    }
+
+    /// Whether `range` is in the set.
+    pub fn contains(&self, range: u32) -> bool {
+        self.0.get(range as usize).copied().unwrap_or(false)
+    }
+
+    /// How many ranges the set holds.
+    pub fn len(&self) -> usize {
+        self.0.iter().filter(|&&b| b).count()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -56,9 +114,6 @@ mod tests {
             hash32(&Key::Name(String::new())),
             twox_hash::XxHash32::oneshot(0, &[2])
         );
-        assert_eq!(
-            crate::wire::range_of(&Key::Name("order-1".into())),
-            3_430_279_802 >> 22
-        );
+        assert_eq!(range_of(&Key::Name("order-1".into())), 3_430_279_802 >> 22);
     }
 }

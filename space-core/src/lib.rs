@@ -16,6 +16,8 @@
 //! not wait, expired entries are never returned, each entry taken once) are those of
 //! docs/ARCHITECTURE.md section 4; the engine module documents how they are kept.
 
+#[cfg(test)]
+mod determinism;
 mod document;
 mod durable;
 mod engine;

@@ -15,7 +15,7 @@
 //!   that fall off the log before delivery are *counted*, and the subscriber receives one
 //!   [`Notification::Gap`] naming the sequence numbers it missed before the next event;
 //! - it is the replay buffer: a subscriber that went away and comes back with the last
-//!   sequence number it saw ([`Engine::resume`](crate::Engine::resume)) receives what it
+//!   sequence number it saw (`Engine::resume`) receives what it
 //!   missed, or a gap for the part that is no longer in the log.
 
 use std::collections::VecDeque;
@@ -470,10 +470,19 @@ pub trait RemoteFeed: Send + Sync {
     fn detach(&self);
 }
 
+/// What keeps an in-process subscription: the engine, seen from here only as what a
+/// subscription asks of it.
+pub(crate) trait Keeper: Send + Sync {
+    /// Extends the subscription's lease.
+    fn renew_subscription(&self, sub: &Arc<SubShared>, lease: crate::Lease) -> crate::Result<()>;
+    /// Ends the subscription: matched no more, what it queued discarded.
+    fn unsubscribe(&self, sub: &Arc<SubShared>);
+}
+
 enum Backing {
     Local {
         shared: Arc<SubShared>,
-        engine: crate::engine::Engine,
+        engine: Box<dyn Keeper>,
     },
     Remote(Box<dyn RemoteFeed>),
 }
@@ -493,7 +502,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn local(shared: Arc<SubShared>, engine: crate::engine::Engine) -> Subscription {
+    pub(crate) fn local(shared: Arc<SubShared>, engine: Box<dyn Keeper>) -> Subscription {
         let query = shared.query.clone();
         Subscription {
             backing: Backing::Local { shared, engine },

@@ -115,6 +115,20 @@ impl<K> Timers<K> {
         }
     }
 
+    /// Takes the timers that are due now, without waiting.
+    #[cfg(test)]
+    pub(crate) fn take_due(&self) -> Vec<K> {
+        let now = self.clock.read();
+        let mut heap = self.heap.lock();
+        let mut due = Vec::new();
+        while heap.timers.peek().is_some_and(|Reverse(t)| t.at <= now) {
+            if let Some(Reverse(t)) = heap.timers.pop() {
+                due.push(t.kind);
+            }
+        }
+        due
+    }
+
     /// Stops the reaper thread.
     pub(crate) fn shutdown(&self) {
         self.heap.lock().shutdown = true;

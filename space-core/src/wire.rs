@@ -40,8 +40,7 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 pub const PROTOCOL_VERSION: u16 = 2;
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
-/// The number of hash ranges the key space is split into.
-pub const RANGES: u32 = 1024;
+pub use crate::hash::{RANGES, RangeSet, range_of};
 
 pub use crate::document::RequestId;
 
@@ -138,32 +137,6 @@ impl Topology {
     /// Which ranges node `index` owns, as a bitmap over the 1024 ranges.
     pub fn ranges_of(&self, index: usize) -> RangeSet {
         RangeSet(self.owners.iter().map(|&o| o as usize == index).collect())
-    }
-}
-
-/// A set of ranges (one flag per range).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RangeSet(pub Vec<bool>);
-
-impl RangeSet {
-    /// Every range.
-    pub fn all() -> RangeSet {
-        RangeSet(vec![true; RANGES as usize])
-    }
-
-    /// Whether `range` is in the set.
-    pub fn contains(&self, range: u32) -> bool {
-        self.0.get(range as usize).copied().unwrap_or(false)
-    }
-
-    /// How many ranges the set holds.
-    pub fn len(&self) -> usize {
-        self.0.iter().filter(|&&b| b).count()
-    }
-
-    /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -752,11 +725,6 @@ where
     SinkItem: Serialize,
 {
     tarpc::serde_transport::new(framed, Postcard::default())
-}
-
-/// The range of a key: `hash32(key) >> 22`, one of [`RANGES`].
-pub fn range_of(key: &Key) -> u32 {
-    crate::hash::hash32(key) >> 22
 }
 
 #[cfg(test)]
