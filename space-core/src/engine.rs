@@ -1,18 +1,26 @@
-//! The space engine: every operation of docs/ARCHITECTURE.md section 4 over entry documents.
+//! The space engine (the executor): every operation of docs/ARCHITECTURE.md section 4 over
+//! entry documents.
 //!
 //! Entries are kept per entry type in a [`TypeCell`]: one mutex around the type's store, its
-//! waiting readers/takers/claimers (in arrival order) and its subscriptions. Everything that
-//! changes an entry happens under that lock, which gives the contract's guarantees plainly:
+//! waiting readers/takers/claimers (in arrival order) and its subscriptions. Every change is
+//! *decided* here under that lock (the clock, minted keys, claim tokens, the oldest match,
+//! the waiter a new entry goes to), written down as a [`Command`], appended to the log of a
+//! durable engine, and *applied* by the pure [`state::apply`] (section 8); waiters and
+//! subscriptions are served from the [`Outcome`]. Holding the lock from decision to
+//! outcome gives the contract's guarantees plainly:
 //!
-//! - a write first announces itself to subscriptions, then is offered to waiters in the
-//!   order they started waiting (readers get copies, the first matching taker gets the
-//!   entry itself); only if nobody took it is it stored. So no wake-up is lost and the
-//!   longest waiting taker wins;
+//! - a write first announces itself to subscriptions and gives waiting readers copies;
+//!   the taker or claimer that waited longest gets the entry itself (the hand-off is part
+//!   of the write's command); only if nobody takes it is it stored. So no wake-up is lost
+//!   and the longest waiting taker wins;
 //! - reads, takes and claims pick the oldest visible match (the store iterates in write
 //!   order, through a field index where the query allows);
 //! - waiting is done outside the lock on a one-shot [`Slot`]; giving up (timeout or a
 //!   dropped future) and being served are mutually exclusive, and an entry handed to a
-//!   future that is then dropped goes back into the space.
+//!   future that is then dropped goes back into the space (by a command).
+//!
+//! Lease expiry and claim lapse are decided by the timer thread on the engine's [`Clock`]
+//! and enter the log as commands too.
 //!
 //! The typed, user-facing handle is [`Space`](crate::Space); this engine speaks documents
 //! so that the node can serve it over the network unchanged.
@@ -570,9 +578,10 @@ impl Engine {
         let _ = self.locked_in(entry_type, Room::Always, f);
     }
 
-    /// The answer the request `id` got, if the state still keeps it (the answers of the
-    /// last 65,536 requests that changed the space, across restarts): a node gives a
-    /// retried request its first answer from here.
+    /// The answer the request `id` got, if the state of this durable engine still keeps it
+    /// (the answers of the last 65,536 requests that changed the space, across restarts):
+    /// a node gives a request retried after a restart its first answer from here. An
+    /// in-memory engine keeps none (its node's own table serves retries while it runs).
     pub fn answer(&self, id: RequestId) -> Option<Answer> {
         let mut answer = self.inner.answers.lock().get(id).cloned()?;
         if let Answer::Receipts(receipts) = &mut answer {
@@ -690,7 +699,12 @@ impl Engine {
     /// Applies a command to the locked entry type through [`state::apply`] (live, after
     /// it was appended at `lsn`, or replayed from the log).
     fn apply(&self, st: &mut TypeState, lsn: Option<u64>, command: Command) -> Outcome {
-        let mut answers = command.answers().then(|| self.inner.answers.lock());
+        // Only a log needs the answers in the state: it outlives the process, and a replay
+        // must answer retries. Without one, the node's own table of recent answers serves
+        // retries, and keeping a second copy here would cost every call a copy of its
+        // answer.
+        let keep = self.inner.wal.is_some() && command.answers();
+        let mut answers = keep.then(|| self.inner.answers.lock());
         let outcome = state::apply(
             &st.name,
             &mut st.store,

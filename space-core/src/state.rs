@@ -168,9 +168,11 @@ pub(crate) fn apply(
     command: Command,
 ) -> Outcome {
     let mut answers = answers;
-    let mut answer = |request: Option<RequestId>, part: Part| {
+    // Answers are built only for requests that have an id (a node's calls), never on the
+    // in-process path.
+    let mut answer = |request: Option<RequestId>, part: &dyn Fn() -> Part| {
         if let (Some(id), Some(table)) = (request, answers.as_deref_mut()) {
-            table.record(id, lsn, part);
+            table.record(id, lsn, part());
         }
     };
     match command {
@@ -197,22 +199,21 @@ pub(crate) fn apply(
                 expires,
                 claim: None,
             };
-            answer(
-                request,
+            answer(request, &|| {
                 Part::Receipt(Receipt {
                     node: NodeId::default(),
                     key: record.key.clone(),
                     version: record.version,
                     expires: expires.map(Deadline::to_system_time),
-                }),
-            );
+                })
+            });
             match to {
                 None => {
                     store.insert(seq, record);
                     Outcome::Stored
                 }
                 Some(HandOff::Taken { request }) => {
-                    answer(request, Part::Document(record.document()));
+                    answer(request, &|| Part::Document(record.document()));
                     Outcome::HandedOff(record)
                 }
                 Some(HandOff::Claimed {
@@ -222,7 +223,7 @@ pub(crate) fn apply(
                 }) => {
                     record.claim = Some(ClaimState { token, expires });
                     record.version += 1;
-                    answer(request, Part::Claimed(claimed(entry_type, &record)));
+                    answer(request, &|| Part::Claimed(claimed(entry_type, &record)));
                     store.insert(seq, record);
                     Outcome::Stored
                 }
@@ -235,8 +236,8 @@ pub(crate) fn apply(
         } => match store.remove(seq) {
             Some(mut record) => {
                 match cause {
-                    Cause::Taken => answer(request, Part::Document(record.document())),
-                    Cause::Committed | Cause::Cancelled => answer(request, Part::Done),
+                    Cause::Taken => answer(request, &|| Part::Document(record.document())),
+                    Cause::Committed | Cause::Cancelled => answer(request, &|| Part::Done),
                     Cause::Expired => {}
                 }
                 if matches!(cause, Cause::Expired | Cause::Cancelled) {
@@ -255,8 +256,7 @@ pub(crate) fn apply(
             Some(record) if record.claim.is_none() => {
                 record.claim = Some(ClaimState { token, expires });
                 record.version += 1;
-                let part = Part::Claimed(claimed(entry_type, record));
-                answer(request, part);
+                answer(request, &|| Part::Claimed(claimed(entry_type, record)));
                 Outcome::Changed
             }
             _ => Outcome::Missing,
@@ -269,7 +269,7 @@ pub(crate) fn apply(
             Some(record) if record.claim.is_some() => {
                 record.claim = None;
                 record.version += 1;
-                answer(request, Part::Done);
+                answer(request, &|| Part::Done);
                 Outcome::Changed
             }
             _ => Outcome::Missing,
@@ -340,7 +340,7 @@ enum Part {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Answers {
     order: VecDeque<RequestId>,
-    map: HashMap<RequestId, (Answer, Option<u64>)>,
+    map: HashMap<RequestId, (Answer, Option<u64>), foldhash::fast::RandomState>,
 }
 
 impl Answers {

@@ -3,7 +3,7 @@
 //!
 //! Timers are hints. When one fires, the engine checks the current state (the lease may
 //! have been renewed, the entry taken, the claim committed) and does nothing if the
-//! deadline no longer holds. Reads never rely on the reaper: an entry whose lease has run
+//! deadline no longer holds; otherwise it decides the expiry (or lapse) as a command. Reads never rely on the reaper: an entry whose lease has run
 //! out is invisible from that instant, whether or not it has been removed yet.
 
 use std::cmp::{Ordering, Reverse};
