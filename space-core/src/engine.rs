@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use space_query::{Fields, Query};
 
 use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
-use crate::durable::{Snapshot, TypeImage, Wal};
+use crate::durable::{Checkpoints, ENGINE_LOG, Snapshot, TypeImage};
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
@@ -48,6 +48,7 @@ use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::state::{self, Answer, Answers, Cause, Command, HandOff, Outcome, Taken};
 use crate::store::{Record, Store, Totals};
 use crate::timers::Timers;
+use crate::wal::Wal;
 
 /// Counters describing the engine's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,8 +192,10 @@ struct Inner {
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
     /// Entries and bytes held, for the limits.
     totals: Arc<Totals>,
-    /// The operation log, when the engine is durable.
+    /// The write-ahead log the engine's log is on, when the engine is durable.
     wal: Option<Arc<Wal>>,
+    /// When snapshots are due (durable engines).
+    checkpoints: Option<Arc<Checkpoints>>,
     /// Held while the engine owns its data directory.
     dir_lock: Mutex<Option<std::fs::File>>,
     /// The engine's threads, joined when it closes.
@@ -230,6 +233,9 @@ impl Inner {
         self.timers.shutdown();
         if let Some(wal) = &self.wal {
             wal.shutdown();
+        }
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.shutdown();
         }
         let me = std::thread::current().id();
         let threads = std::mem::take(&mut *self.threads.lock());
@@ -420,6 +426,12 @@ impl Engine {
     ) -> Engine {
         let timers = Arc::new(Timers::new(config.clock.clone()));
         let events = EventBudget::new(config.max_queued_events);
+        let checkpoints = wal.as_ref().map(|wal| {
+            let checkpoints = Checkpoints::new(config.snapshot_after_bytes.max(4096));
+            let counter = checkpoints.clone();
+            wal.on_written(move |bytes| counter.written(bytes));
+            checkpoints
+        });
         let inner = Arc::new(Inner {
             config,
             cells: ArcSwap::from_pointee(HashMap::default()),
@@ -432,6 +444,7 @@ impl Engine {
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
             wal,
+            checkpoints,
             dir_lock: Mutex::new(dir_lock),
             threads: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -482,11 +495,7 @@ impl Engine {
     pub fn open(dir: impl AsRef<std::path::Path>, config: EngineConfig) -> Result<Engine> {
         let dir = dir.as_ref();
         let started = Instant::now();
-        let limits = crate::durable::LogLimits {
-            segment_bytes: config.log_segment_bytes.max(4096),
-            snapshot_after_bytes: config.snapshot_after_bytes.max(4096),
-        };
-        let recovered = crate::durable::recover(dir, limits)?;
+        let recovered = crate::durable::recover(dir, config.log_segment_bytes)?;
         let mut next_token = recovered.snapshot.next_token;
         for (_, _, command) in &recovered.commands {
             if let Some(token) = command.token() {
@@ -510,11 +519,13 @@ impl Engine {
             "recovered"
         );
         let weak = Arc::downgrade(&engine.inner);
-        let wal = recovered.wal;
+        let Some(checkpoints) = engine.inner.checkpoints.clone() else {
+            return Ok(engine);
+        };
         match std::thread::Builder::new()
             .name("space-checkpoint".into())
             .spawn(move || {
-                while wal.wait_snapshot_due() {
+                while checkpoints.wait_due() {
                     let Some(inner) = weak.upgrade() else { return };
                     if let Err(e) = Engine::internal(inner).checkpoint() {
                         tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
@@ -554,9 +565,9 @@ impl Engine {
                 }
             });
         }
-        for (lsn, entry_type, command) in commands {
+        for (index, entry_type, command) in commands {
             self.each_type_always(&entry_type, |_, st| {
-                self.apply(st, Some(lsn), command);
+                self.apply(st, Some(index), command);
             });
         }
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
@@ -645,12 +656,12 @@ impl Engine {
         let Some(wal) = &self.inner.wal else {
             return Ok(());
         };
-        let floor = wal.appended();
+        let floor = wal.last_index(ENGINE_LOG);
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
         let mut types = Vec::with_capacity(cells.len());
         for cell in cells {
             let st = cell.lock();
-            let cut = wal.appended();
+            let cut = wal.last_index(ENGINE_LOG);
             let records = st.store.iter().map(|(seq, r)| (seq, r.clone())).collect();
             types.push(TypeImage {
                 entry_type: cell.name.to_string(),
@@ -665,13 +676,7 @@ impl Engine {
         // of commands above a cut are not recorded twice on replay (see `state::apply`).
         let answers = self.inner.answers.lock().clone();
         // The snapshot reflects only what the log already holds durably.
-        let top = types
-            .iter()
-            .map(|i| i.cut)
-            .max()
-            .unwrap_or(floor)
-            .max(floor);
-        wal.wait_durable(top)?;
+        wal.wait_durable(wal.appended())?;
         let snapshot = Snapshot {
             next_token: self.inner.next_token.load(Ordering::Relaxed),
             types,
@@ -679,8 +684,10 @@ impl Engine {
             floor,
         };
         let bytes = crate::durable::write_snapshot(wal.dir(), &snapshot, self.inner.config.node)?;
-        crate::durable::compact(wal.dir(), floor)?;
-        wal.snapshot_written(bytes);
+        crate::durable::compact(wal, floor)?;
+        if let Some(checkpoints) = &self.inner.checkpoints {
+            checkpoints.snapshot_written(bytes);
+        }
         Ok(())
     }
 
@@ -688,17 +695,16 @@ impl Engine {
     /// space changes (see [`crate::state`]). Called under the entry type's lock, so the
     /// log holds each type's commands in the order they were applied.
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
-        let lsn = self
-            .inner
-            .wal
-            .as_ref()
-            .map(|wal| wal.append(&st.name, &command));
-        self.apply(st, lsn, command)
+        let index = self.inner.wal.as_ref().map(|wal| {
+            wal.append(ENGINE_LOG, &crate::durable::encode(&st.name, &command))
+                .index
+        });
+        self.apply(st, index, command)
     }
 
     /// Applies a command to the locked entry type through [`state::apply`] (live, after
-    /// it was appended at `lsn`, or replayed from the log).
-    fn apply(&self, st: &mut TypeState, lsn: Option<u64>, command: Command) -> Outcome {
+    /// it was appended at `index` of the engine's log, or replayed from there).
+    fn apply(&self, st: &mut TypeState, index: Option<u64>, command: Command) -> Outcome {
         // Only a log needs the answers in the state: it outlives the process, and a replay
         // must answer retries. Without one, the node's own table of recent answers serves
         // retries, and keeping a second copy here would cost every call a copy of its
@@ -709,14 +715,14 @@ impl Engine {
             &st.name,
             &mut st.store,
             answers.as_deref_mut(),
-            lsn,
+            index,
             command,
         );
         #[cfg(test)]
         self.inner
             .trace
             .lock()
-            .push((lsn.unwrap_or(0), format!("{}: {outcome:?}", st.name)));
+            .push((index.unwrap_or(0), format!("{}: {outcome:?}", st.name)));
         outcome
     }
 
@@ -1314,6 +1320,7 @@ impl Engine {
         };
         Some((waiter, lease))
     }
+
     /// Gives back a document that was taken but could not be used (it did not decode into
     /// the caller's type): it is written again with the same key and fields, so nothing is
     /// lost. It goes to the back of the order and keeps no lease.
@@ -2064,7 +2071,7 @@ impl Engine {
     /// The log place and outcome of every command applied so far, in log order.
     pub(crate) fn applied(&self) -> Vec<(u64, String)> {
         let mut trace = self.inner.trace.lock().clone();
-        trace.sort_by_key(|(lsn, _)| *lsn);
+        trace.sort_by_key(|(index, _)| *index);
         trace
     }
 

@@ -32,6 +32,7 @@ mod space;
 mod state;
 mod store;
 mod timers;
+mod wal;
 pub mod wire;
 
 pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};

@@ -156,7 +156,7 @@ pub(crate) enum Outcome {
 }
 
 /// Applies one command to the store of `entry_type`, recording answers in `answers`
-/// (needed only when [`Command::answers`]). `lsn` is the command's place in the log
+/// (needed only when [`Command::answers`]). `lsn` is the command's index in its log
 /// (`None` for an engine without one): an answer already holding a command at or past
 /// it is not recorded twice when the log is replayed over a snapshot. Pure: see the
 /// module documentation.
