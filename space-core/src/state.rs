@@ -156,7 +156,7 @@ pub(crate) enum Outcome {
 }
 
 /// Applies one command to the store of `entry_type`, recording answers in `answers`
-/// (needed only when [`Command::answers`]). `lsn` is the command's index in its log
+/// (needed only when [`Command::answers`]). `index` is the command's index in its log
 /// (`None` for an engine without one): an answer already holding a command at or past
 /// it is not recorded twice when the log is replayed over a snapshot. Pure: see the
 /// module documentation.
@@ -164,7 +164,7 @@ pub(crate) fn apply(
     entry_type: &str,
     store: &mut Store,
     answers: Option<&mut Answers>,
-    lsn: Option<u64>,
+    index: Option<u64>,
     command: Command,
 ) -> Outcome {
     let mut answers = answers;
@@ -172,7 +172,7 @@ pub(crate) fn apply(
     // in-process path.
     let mut answer = |request: Option<RequestId>, part: &dyn Fn() -> Part| {
         if let (Some(id), Some(table)) = (request, answers.as_deref_mut()) {
-            table.record(id, lsn, part());
+            table.record(id, index, part());
         }
     };
     match command {
@@ -344,9 +344,9 @@ pub(crate) struct Answers {
 }
 
 impl Answers {
-    fn record(&mut self, id: RequestId, lsn: Option<u64>, part: Part) {
-        if let (Some(lsn), Some((_, Some(last)))) = (lsn, self.map.get(&id))
-            && *last >= lsn
+    fn record(&mut self, id: RequestId, index: Option<u64>, part: Part) {
+        if let (Some(index), Some((_, Some(last)))) = (index, self.map.get(&id))
+            && *last >= index
         {
             return;
         }
@@ -373,7 +373,7 @@ impl Answers {
             (_, Part::Claimed(c)) => Answer::Claimed(c),
             (_, Part::Done) => Answer::Done,
         };
-        self.map.insert(id, (answer, lsn));
+        self.map.insert(id, (answer, index));
     }
 
     /// The answer of request `id`, if it is still kept.
