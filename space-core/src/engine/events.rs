@@ -1,0 +1,136 @@
+//! Notify: subscriptions of an entry type and the events told to them.
+
+use super::*;
+
+impl Engine {
+    /// The subscriptions that want to hear `kind` for this record.
+    pub(super) fn targets(
+        &self,
+        hub: &mut Hub,
+        kind: EventKind,
+        record: &Record,
+    ) -> Vec<Arc<SubShared>> {
+        let mut out = Vec::new();
+        hub.each_interested(kind, &record.fields, |sub| out.push(sub.clone()));
+        out
+    }
+
+    /// Announces a change to the subscriptions that want to hear it.
+    pub(super) fn emit(&self, hub: &mut Hub, kind: EventKind, record: &Record) {
+        let node = self.inner.config.node;
+        hub.each_interested(kind, &record.fields, |sub| {
+            sub.push(node, &record.key, kind, record.version)
+        });
+    }
+
+    /// Registers a subscription: every later change of a matching entry whose kind is in
+    /// `kinds` is queued for it, numbered 1, 2, 3, ...
+    pub fn subscribe(
+        &self,
+        query: &Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> Result<Subscription> {
+        query.validate()?;
+        let now = self.now();
+        let expires = lease.deadline(&now)?;
+        let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SubShared::new(
+            id,
+            Arc::from(query.entry_type()),
+            Arc::new(query.clone()),
+            kinds,
+            self.inner.config.queue_capacity,
+            self.inner.events.clone(),
+            expires,
+        ));
+        {
+            let mut all = self.inner.subscriptions.lock();
+            if let Some(max) = self.inner.config.max_subscriptions
+                && all.len() >= max
+            {
+                return Err(SpaceError::Busy {
+                    node: String::new(),
+                    reason: format!("it holds its maximum of {max} subscriptions"),
+                });
+            }
+            all.insert(id, shared.clone());
+        }
+        let added = self.locked(query.entry_type(), |_, st| {
+            Self::check_kinds(st, query)?;
+            st.hub.add(shared.clone())?;
+            Ok(())
+        });
+        if let Err(e) = added.and_then(|r| r) {
+            self.inner.subscriptions.lock().remove(&id);
+            return Err(e);
+        }
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Subscription {
+                    sub: Arc::downgrade(&shared),
+                },
+            );
+        }
+        Ok(Subscription::local(shared, Box::new(self.clone())))
+    }
+
+    /// Ends a subscription whose lease ran out: it is matched no more, but what it was
+    /// told while alive is still delivered, and then its stream ends.
+    pub(super) fn expire_subscription(&self, sub: &Arc<SubShared>) {
+        self.remove_subscription(sub);
+        sub.finish();
+    }
+
+    pub(super) fn remove_subscription(&self, sub: &Arc<SubShared>) {
+        self.locked_if_exists(&sub.entry_type, |_, st| st.hub.remove(sub.id));
+        let mut all = self.inner.subscriptions.lock();
+        all.remove(&sub.id);
+        crate::shrink_if_sparse(&mut all);
+    }
+
+    /// Picks up a subscription that was [detached](Subscription::detach) (a subscriber
+    /// that went away): delivery restarts after `last_seq`, the last sequence number the
+    /// subscriber saw (0 if none); events no longer in the subscription's log come back as
+    /// one [`Notification::Gap`](crate::Notification::Gap).
+    ///
+    /// # Errors
+    /// [`SpaceError::SubscriptionClosed`] when no live subscription has this id (it was
+    /// cancelled, or its lease ran out).
+    pub fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> {
+        let shared = self
+            .inner
+            .subscriptions
+            .lock()
+            .get(&id)
+            .cloned()
+            .ok_or(SpaceError::SubscriptionClosed { id })?;
+        shared.rewind(last_seq);
+        Ok(Subscription::local(shared, Box::new(self.clone())))
+    }
+}
+
+impl Keeper for Engine {
+    fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
+        let expires = lease.deadline(&self.now())?;
+        if sub.is_closed() {
+            return Err(SpaceError::SubscriptionClosed { id: sub.id });
+        }
+        sub.set_expires(expires);
+        if let Some(at) = expires {
+            self.inner.timers.schedule(
+                at,
+                TimerKind::Subscription {
+                    sub: Arc::downgrade(sub),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&self, sub: &Arc<SubShared>) {
+        self.remove_subscription(sub);
+        sub.close();
+    }
+}

@@ -1,0 +1,826 @@
+//! The space engine (the executor): every operation of docs/ARCHITECTURE.md section 4 over
+//! entry documents.
+//!
+//! Entries are kept per entry type in a [`TypeCell`]: one mutex around the type's store, its
+//! waiting readers/takers/claimers (in arrival order) and its subscriptions. Every change is
+//! *decided* here under that lock (the clock, minted keys, claim tokens, the oldest match,
+//! the waiter a new entry goes to), written down as a [`Command`], appended to the log of a
+//! durable engine, and *applied* by the pure [`state::apply`] (section 8); waiters and
+//! subscriptions are served from the [`Outcome`]. Holding the lock from decision to
+//! outcome gives the contract's guarantees plainly:
+//!
+//! - a write first announces itself to subscriptions and gives waiting readers copies;
+//!   the taker or claimer that waited longest gets the entry itself (the hand-off is part
+//!   of the write's command); only if nobody takes it is it stored. So no wake-up is lost
+//!   and the longest waiting taker wins;
+//! - reads, takes and claims pick the oldest visible match (the store iterates in write
+//!   order, through a field index where the query allows);
+//! - waiting is done outside the lock on a one-shot [`Slot`]; giving up (timeout or a
+//!   dropped future) and being served are mutually exclusive, and an entry handed to a
+//!   future that is then dropped goes back into the space (by a command).
+//!
+//! Lease expiry and claim lapse are decided by the timer thread on the engine's [`Clock`]
+//! and enter the log as commands too.
+//!
+//! This module holds the engine's types, the lookup and locking of entry types, and the
+//! one place a command is appended and applied ([`Engine::execute`]). The operations live
+//! beside it by responsibility: `writes` (new entries, hand-offs, entries given back,
+//! indexes), `takes` (reads, takes, claims and their commits and releases), `expiry`
+//! (lease timers, renewals, cancels), `events` (subscriptions), `waiting` (blocked calls
+//! and giving up), `log` (opening a durable engine, snapshots, the answer table).
+//!
+//! The typed, user-facing handle is [`Space`](crate::Space); this engine speaks documents
+//! so that the node can serve it over the network unchanged.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use space_query::{Fields, Query};
+
+use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
+use crate::durable::{Checkpoints, ENGINE_LOG, Snapshot, TypeImage};
+use crate::entry::{Key, NodeId};
+use crate::error::{Result, SpaceError};
+use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
+use crate::notify::{
+    DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, Keeper, SubShared,
+    Subscription,
+};
+use crate::signal::{Slot, SlotFuture, Wakeup};
+use crate::state::{self, Answer, Answers, Cause, Command, HandOff, Outcome, Taken};
+use crate::store::{Record, Store, Totals};
+use crate::timers::Timers;
+
+mod events;
+mod expiry;
+mod log;
+mod takes;
+mod waiting;
+mod writes;
+use crate::wal::Wal;
+
+/// Counters describing the engine's contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Entries stored (visible, claimed, or expired but not yet reaped).
+    pub entries: u64,
+    /// Approximate bytes of entry documents.
+    pub bytes: u64,
+    /// Entry types with a store.
+    pub entry_types: u64,
+    /// Blocked reads, takes and claims.
+    pub waiters: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Events the subscriptions hold (queued for delivery, or kept for a resume).
+    pub queued_events: u64,
+    /// Pending lease timers.
+    pub timers: u64,
+    /// Client connections open (filled in by a node).
+    pub connections: u64,
+    /// Clients with subscriptions pushed to them (filled in by a node).
+    pub subscribers: u64,
+    /// Members of a cluster that could not be reached for these counters (filled in by a
+    /// client that merges the counters of several nodes; empty when all answered).
+    pub unreachable: Vec<String>,
+}
+
+impl Stats {
+    /// Adds the counters of another node (entry types: the larger count, since types are
+    /// usually present on every node).
+    pub fn add(&mut self, other: &Stats) {
+        self.entries += other.entries;
+        self.bytes += other.bytes;
+        self.entry_types = self.entry_types.max(other.entry_types);
+        self.waiters += other.waiters;
+        self.subscriptions += other.subscriptions;
+        self.queued_events += other.queued_events;
+        self.timers += other.timers;
+        self.connections += other.connections;
+        self.subscribers += other.subscribers;
+        self.unreachable.extend(other.unreachable.iter().cloned());
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The node id stamped on receipts and events.
+    pub node: NodeId,
+    /// How many notifications a subscription queues before it reports a gap.
+    pub queue_capacity: usize,
+    /// Largest entry accepted, in bytes of document (`None`: no limit).
+    pub max_entry_bytes: Option<u64>,
+    /// Most entries held at once; writes beyond get [`SpaceError::Full`].
+    pub max_entries: Option<u64>,
+    /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
+    pub max_bytes: Option<u64>,
+    /// Most entry types held at once; a write that would add one more gets
+    /// [`SpaceError::Full`]. Entry types left empty (no entries, waiters, subscriptions or
+    /// declared indexes) are forgotten to make room.
+    pub max_entry_types: Option<usize>,
+    /// Most blocked reads, takes and claims at once; one more gets [`SpaceError::Busy`].
+    pub max_waiters: Option<usize>,
+    /// Most live subscriptions at once; one more gets [`SpaceError::Busy`].
+    pub max_subscriptions: Option<usize>,
+    /// Most events all subscriptions hold at once (delivery queues and replay logs);
+    /// past it a subscription drops its own oldest event (a gap) to take a new one.
+    pub max_queued_events: Option<usize>,
+    /// The ranges this node owns: keys it mints fall inside them (`None`: all ranges).
+    pub ranges: Option<Arc<crate::hash::RangeSet>>,
+    /// Durable engines: a log segment is closed past this many bytes.
+    pub log_segment_bytes: u64,
+    /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
+    /// the size of the last snapshot, if larger), and older log segments are dropped.
+    pub snapshot_after_bytes: u64,
+    /// Where the engine reads the time for leases, claims and expiries (the system clock
+    /// unless a test sets a [`Clock::manual`]).
+    pub clock: Clock,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            node: NodeId(0),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_entry_bytes: None,
+            max_entries: None,
+            max_bytes: None,
+            max_entry_types: None,
+            max_waiters: None,
+            max_subscriptions: None,
+            max_queued_events: None,
+            ranges: None,
+            log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
+            snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// The space engine over documents; cheap to clone (one shared instance).
+///
+/// The engine closes when the last clone goes (or on [`close`](Self::close)): its threads
+/// stop, a durable engine's log is written out and its data directory released before the
+/// drop returns, so the directory can be opened again at once.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    /// Shared by the clones users hold; absent in the engine's own threads, so that only a
+    /// user's drop closes the engine (never one of its threads, which could not wait for
+    /// itself).
+    _handle: Option<Arc<Handle>>,
+}
+
+/// Closes the engine when the last user-held clone drops.
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+struct Inner {
+    config: EngineConfig,
+    /// Entry type → cell. Read on every operation without a lock; replaced (copied) only
+    /// when a new entry type appears, under `new_type`.
+    cells: ArcSwap<HashMap<Arc<str>, Arc<TypeCell>, foldhash::fast::RandomState>>,
+    /// Held while the map of entry types is replaced; holds the size at which empty types
+    /// are next swept out (doubling, so sweeps stay amortized).
+    new_type: Mutex<usize>,
+    /// Blocked reads, takes and claims (counted by their waiters).
+    waiters: Arc<AtomicUsize>,
+    /// Events held by all subscriptions.
+    events: Arc<EventBudget>,
+    timers: Arc<Timers<TimerKind>>,
+    /// The next claim token to hand out (decided, then carried by the command).
+    next_token: AtomicU64,
+    next_sub: AtomicU64,
+    /// Every live subscription by id (for resume, renew and cancel by id).
+    subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
+    /// Entries and bytes held, for the limits.
+    totals: Arc<Totals>,
+    /// The write-ahead log the engine's log is on, when the engine is durable.
+    wal: Option<Arc<Wal>>,
+    /// When snapshots are due (durable engines).
+    checkpoints: Option<Arc<Checkpoints>>,
+    /// Held while the engine owns its data directory.
+    dir_lock: Mutex<Option<std::fs::File>>,
+    /// The engine's threads, joined when it closes.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
+    /// The answers of recent requests: part of the state, changed only by `apply`
+    /// (taken after an entry type's lock, never before one).
+    answers: Mutex<Answers>,
+    /// Every applied command's log place and outcome, for the determinism tests.
+    #[cfg(test)]
+    trace: Mutex<Vec<(u64, String)>>,
+}
+
+/// What a lease timer is for.
+enum TimerKind {
+    /// An entry's lease.
+    Entry { cell: Weak<TypeCell>, seq: u64 },
+    /// A claim's lease.
+    Claim {
+        cell: Weak<TypeCell>,
+        seq: u64,
+        token: u64,
+    },
+    /// A subscription's lease.
+    Subscription { sub: Weak<SubShared> },
+}
+
+impl Inner {
+    /// Stops the engine's threads and waits for them, writes out the log, and releases
+    /// the data directory. Once only.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.timers.shutdown();
+        if let Some(wal) = &self.wal {
+            wal.shutdown();
+        }
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.shutdown();
+        }
+        let me = std::thread::current().id();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        if let Some(wal) = &self.wal {
+            wal.close();
+        }
+        self.dir_lock.lock().take();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+thread_local! {
+    /// The id of the request the current thread is running (see [`Engine::with_request`]).
+    static REQUEST: std::cell::Cell<Option<RequestId>> = const { std::cell::Cell::new(None) };
+}
+
+fn current_request() -> Option<RequestId> {
+    REQUEST.with(|r| r.get())
+}
+
+/// Everything about one entry type, behind one lock.
+pub(crate) struct TypeCell {
+    name: Arc<str>,
+    /// The `INDEXES` slice last declared for this type (a fast "already applied" check).
+    declared: AtomicPtr<&'static str>,
+    state: std::sync::Mutex<TypeState>,
+}
+
+struct TypeState {
+    /// The entry type's name.
+    name: Arc<str>,
+    store: Store,
+    waiters: VecDeque<Arc<Waiter>>,
+    /// The type's subscriptions and their percolator.
+    hub: Hub,
+    /// Waiters served under the lock, to be woken once it is released.
+    wakes: Vec<(Arc<Waiter>, Wakeup)>,
+    /// Set when the type was found empty and taken out of the map: whoever still holds
+    /// this cell looks the type up again.
+    retired: bool,
+}
+
+impl TypeState {
+    /// Whether nothing would be lost by forgetting this entry type: no entries, nobody
+    /// waiting, no subscriptions, no declared indexes.
+    fn is_empty(&self) -> bool {
+        self.store.len() == 0
+            && self.waiters.is_empty()
+            && self.hub.len() == 0
+            && self.store.indexed_fields().is_empty()
+    }
+}
+
+/// Whether creating an entry type heeds the limit of entry types.
+#[derive(Clone, Copy)]
+enum Room {
+    /// A new type counts against the limit.
+    Bounded,
+    /// Entries coming back (recovered, or given back by a take whose caller went away)
+    /// always get their type.
+    Always,
+}
+
+/// The number of entry types past which empty ones are swept out of the map.
+const SWEEP_TYPES_ABOVE: usize = 1024;
+
+impl TypeCell {
+    /// Locks the entry type. Waiters served while the lock is held are woken when the
+    /// returned guard is dropped, after the lock is released.
+    fn lock(&self) -> Locked<'_> {
+        Locked(Some(
+            self.state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ))
+    }
+}
+
+/// The lock on an entry type; see [`TypeCell::lock`].
+struct Locked<'a>(Option<std::sync::MutexGuard<'a, TypeState>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = TypeState;
+    fn deref(&self) -> &TypeState {
+        self.0
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("only taken in drop"))
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut TypeState {
+        self.0
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("only taken in drop"))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.0.take() {
+            if guard.wakes.is_empty() {
+                return;
+            }
+            let wakes = std::mem::take(&mut guard.wakes);
+            drop(guard);
+            for (waiter, wakeup) in wakes {
+                waiter.slot.wake(wakeup);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum WaitMode {
+    Read,
+    Take,
+    Claim(Duration),
+}
+
+struct Waiter {
+    query: Query,
+    mode: WaitMode,
+    slot: Slot<Delivery>,
+    /// The request the waiter belongs to (logged with what it is handed).
+    request: Option<RequestId>,
+    /// Counts the waiter in the engine's total while it exists.
+    _counted: Counted,
+}
+
+/// One unit of a shared count, given back when dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    /// Takes one unit of `count` unless it is at `max` already.
+    fn take(count: &Arc<AtomicUsize>, max: Option<usize>) -> Option<Counted> {
+        let max = max.unwrap_or(usize::MAX);
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Counted(count.clone()))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a waiter is handed.
+enum Delivery {
+    Copy(Document),
+    Taken(Taken),
+    Claimed(ClaimedDocument),
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(EngineConfig::default())
+    }
+}
+
+impl Engine {
+    /// Starts an engine (and its lease reaper thread, which ends when the last clone of
+    /// the engine is dropped).
+    pub fn new(config: EngineConfig) -> Engine {
+        Self::build(config, None, None, 1)
+    }
+
+    fn build(
+        config: EngineConfig,
+        wal: Option<Arc<Wal>>,
+        dir_lock: Option<std::fs::File>,
+        next_token: u64,
+    ) -> Engine {
+        let timers = Arc::new(Timers::new(config.clock.clone()));
+        let events = EventBudget::new(config.max_queued_events);
+        let checkpoints = wal.as_ref().map(|wal| {
+            let checkpoints = Checkpoints::new(config.snapshot_after_bytes.max(4096));
+            let counter = checkpoints.clone();
+            wal.on_written(move |bytes| counter.written(bytes));
+            checkpoints
+        });
+        let inner = Arc::new(Inner {
+            config,
+            cells: ArcSwap::from_pointee(HashMap::default()),
+            new_type: Mutex::new(SWEEP_TYPES_ABOVE),
+            waiters: Arc::new(AtomicUsize::new(0)),
+            events,
+            timers: timers.clone(),
+            next_token: AtomicU64::new(next_token),
+            next_sub: AtomicU64::new(1),
+            subscriptions: Mutex::new(HashMap::new()),
+            totals: Arc::new(Totals::default()),
+            wal,
+            checkpoints,
+            dir_lock: Mutex::new(dir_lock),
+            threads: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            answers: Mutex::new(Answers::default()),
+            #[cfg(test)]
+            trace: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        match std::thread::Builder::new()
+            .name("space-reaper".into())
+            .spawn(move || expiry::reap(&timers, &weak))
+        {
+            Ok(t) => inner.threads.lock().push(t),
+            // Without the reaper, expired entries are still never returned (reads check
+            // deadlines); they are only removed later, lazily.
+            Err(e) => tracing::error!(error = %e, "could not start the lease reaper thread"),
+        }
+        Engine {
+            _handle: Some(Arc::new(Handle(inner.clone()))),
+            inner,
+        }
+    }
+
+    /// The engine as its own threads use it (their clones do not keep it open).
+    fn internal(inner: Arc<Inner>) -> Engine {
+        Engine {
+            inner,
+            _handle: None,
+        }
+    }
+
+    /// Closes the engine now, whatever other clones exist: its threads stop, a durable
+    /// engine's log is written out and its data directory released before this returns.
+    /// Dropping the last clone does the same. Changes made through a clone after this are
+    /// not logged, and waiting for their durability fails with [`SpaceError::Storage`].
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Runs `f` as part of the request `id`: the changes it makes are logged with the id,
+    /// so that after a crash the request's answer can be rebuilt from the log.
+    pub fn with_request<R>(&self, id: RequestId, f: impl FnOnce() -> R) -> R {
+        let previous = REQUEST.with(|r| r.replace(Some(id)));
+        let out = f();
+        REQUEST.with(|r| r.set(previous));
+        out
+    }
+
+    /// Appends `command` to the log (a durable engine) and applies it: the one way the
+    /// space changes (see [`crate::state`]). Called under the entry type's lock, so the
+    /// log holds each type's commands in the order they were applied.
+    fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
+        let index = self.inner.wal.as_ref().map(|wal| {
+            wal.append(ENGINE_LOG, &crate::durable::encode(&st.name, &command))
+                .index
+        });
+        self.apply(st, index, command)
+    }
+
+    /// Applies a command to the locked entry type through [`state::apply`] (live, after
+    /// it was appended at `index` of the engine's log, or replayed from there).
+    fn apply(&self, st: &mut TypeState, index: Option<u64>, command: Command) -> Outcome {
+        // Only a log needs the answers in the state: it outlives the process, and a replay
+        // must answer retries. Without one, the node's own table of recent answers serves
+        // retries, and keeping a second copy here would cost every call a copy of its
+        // answer.
+        let keep = self.inner.wal.is_some() && command.answers();
+        let mut answers = keep.then(|| self.inner.answers.lock());
+        let outcome = state::apply(
+            &st.name,
+            &mut st.store,
+            answers.as_deref_mut(),
+            index,
+            command,
+        );
+        #[cfg(test)]
+        self.inner
+            .trace
+            .lock()
+            .push((index.unwrap_or(0), format!("{}: {outcome:?}", st.name)));
+        outcome
+    }
+
+    /// "Now" on the engine's clock, read when first needed.
+    fn now(&self) -> Now<'_> {
+        Now::new(&self.inner.config.clock)
+    }
+
+    /// This engine's node id.
+    pub fn node(&self) -> NodeId {
+        self.inner.config.node
+    }
+
+    /// Runs `f` with the store of `entry_type` locked, creating the store if the type has
+    /// none yet.
+    ///
+    /// The store is borrowed from the current map of entry types without touching its
+    /// reference count (a shared counter every thread would fight over); a store retired
+    /// meanwhile (an empty type forgotten, see [`Self::create_type`]) is looked up again.
+    /// `f` must not wait: it runs while a reference to the map is held. Waiters it serves
+    /// are woken when the lock is released.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of
+    /// entry types.
+    fn locked<R>(
+        &self,
+        entry_type: &str,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
+    ) -> Result<R> {
+        self.locked_in(entry_type, Room::Bounded, f)
+    }
+
+    /// As [`locked`](Self::locked), creating the type past the limit of entry types when
+    /// `room` says so (entries coming back must always have a place).
+    fn locked_in<R>(
+        &self,
+        entry_type: &str,
+        room: Room,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
+    ) -> Result<R> {
+        let mut f = f;
+        loop {
+            match self.try_locked(entry_type, f) {
+                Ok(out) => return Ok(out),
+                Err(back) => f = back,
+            }
+            self.create_type(entry_type, room)?;
+        }
+    }
+
+    /// As [`locked`](Self::locked), but for a type without a store nothing runs (`None`):
+    /// for operations that only look, so that asking about a type does not create it.
+    fn locked_if_exists<R>(
+        &self,
+        entry_type: &str,
+        f: impl FnOnce(&Arc<TypeCell>, &mut TypeState) -> R,
+    ) -> Option<R> {
+        self.try_locked(entry_type, f).ok()
+    }
+
+    /// Runs `f` with the store of `entry_type` locked, or gives `f` back when the type has
+    /// no store.
+    fn try_locked<R, F: FnOnce(&Arc<TypeCell>, &mut TypeState) -> R>(
+        &self,
+        entry_type: &str,
+        f: F,
+    ) -> std::result::Result<R, F> {
+        loop {
+            let cells = self.inner.cells.load();
+            let Some(cell) = cells.get(entry_type) else {
+                return Err(f);
+            };
+            let mut guard = cell.lock();
+            if !guard.retired {
+                return Ok(f(cell, &mut guard));
+            }
+        }
+    }
+
+    /// Adds a store for `entry_type` (if another thread has not meanwhile). Past a size
+    /// that doubles each time, empty types are first swept out of the map (retired), so an
+    /// entry type used once and emptied does not cost memory forever.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] at the engine's maximum of entry types.
+    fn create_type(&self, entry_type: &str, room: Room) -> Result<()> {
+        let mut sweep_at = self.inner.new_type.lock();
+        let current = self.inner.cells.load_full();
+        if current.contains_key(entry_type) {
+            return Ok(());
+        }
+        let mut next = (*current).clone();
+        let max = match room {
+            Room::Bounded => self.inner.config.max_entry_types,
+            Room::Always => None,
+        };
+        if next.len() >= *sweep_at || max.is_some_and(|m| next.len() >= m) {
+            next.retain(|_, cell| {
+                let mut st = cell.lock();
+                if st.is_empty() {
+                    st.retired = true;
+                }
+                !st.retired
+            });
+            *sweep_at = (next.len() * 2).max(SWEEP_TYPES_ABOVE);
+        }
+        if let Some(max) = max
+            && next.len() >= max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds its maximum of {max} entry types"),
+            });
+        }
+        let name: Arc<str> = Arc::from(entry_type);
+        let cell = Arc::new(TypeCell {
+            name: name.clone(),
+            declared: AtomicPtr::new(std::ptr::null_mut()),
+            state: std::sync::Mutex::new(TypeState {
+                name: name.clone(),
+                store: Store::new(self.inner.totals.clone()),
+                waiters: VecDeque::new(),
+                hub: Hub::new(name.clone()),
+                wakes: Vec::new(),
+                retired: false,
+            }),
+        });
+        next.insert(name, cell);
+        self.inner.cells.store(Arc::new(next));
+        Ok(())
+    }
+
+    // ----- writes -----
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    // ----- reads, takes, claims -----
+
+    // ----- by key -----
+
+    // ----- claims -----
+
+    // ----- entry leases -----
+
+    // ----- notify -----
+
+    // ----- housekeeping -----
+
+    /// Counters over all entry types.
+    pub fn stats(&self) -> Stats {
+        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        let mut stats = Stats {
+            entry_types: cells.len() as u64,
+            timers: self.inner.timers.len() as u64,
+            queued_events: self.inner.events.held() as u64,
+            ..Stats::default()
+        };
+        for cell in cells {
+            let st = cell.lock();
+            stats.entries += st.store.len() as u64;
+            stats.bytes += st.store.bytes() as u64;
+            stats.waiters += st.waiters.len() as u64;
+            stats.subscriptions += st.hub.len() as u64;
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// Everything the state holds, in a canonical order (entry types by name, records by
+    /// sequence number, answers oldest first), for comparing two states.
+    pub(crate) fn state_digest(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        cells.sort_by(|a, b| a.name.cmp(&b.name));
+        for cell in cells {
+            let st = cell.lock();
+            if st.store.len() == 0 && st.store.indexed_fields().is_empty() {
+                // An empty type is not state: the engine may forget it at any time.
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "type {} next {} indexes {:?} schema {:?}",
+                cell.name,
+                st.store.last_seq(),
+                st.store.indexed_fields(),
+                st.store.schema()
+            );
+            for (seq, r) in st.store.iter() {
+                let _ = writeln!(out, "  {seq} {r:?}");
+            }
+        }
+        for (id, answer) in self.inner.answers.lock().iter() {
+            let _ = writeln!(out, "answer {id:?} {answer:?}");
+        }
+        out
+    }
+
+    /// The log place and outcome of every command applied so far, in log order.
+    pub(crate) fn applied(&self) -> Vec<(u64, String)> {
+        let mut trace = self.inner.trace.lock().clone();
+        trace.sort_by_key(|(index, _)| *index);
+        trace
+    }
+
+    /// Fires the lease timers that are due by the engine's clock, now, on this thread.
+    pub(crate) fn fire_due(&self) {
+        for timer in self.inner.timers.take_due() {
+            self.fire(timer);
+        }
+    }
+}
+
+/// Checks that an entry can be stored: a usable entry type name, field names a query can
+/// address, and nesting within the limit (before anything walks the document further).
+pub(crate) fn check_document(entry_type: &str, fields: &Fields) -> Result<()> {
+    space_query::validate_entry_type(entry_type).map_err(|reason| {
+        SpaceError::InvalidEntryType {
+            entry_type: entry_type.to_owned(),
+            reason: reason.to_owned(),
+        }
+    })?;
+    fields.validate().map_err(|problem| SpaceError::Document {
+        entry_type: entry_type.to_owned(),
+        problem,
+    })
+}
+
+/// How [`Engine::bring`] brings a record in.
+enum Bring {
+    /// A new entry, written by `request`; its fields teach the schema new kinds (`learn`).
+    New {
+        learn: bool,
+        request: Option<RequestId>,
+    },
+    /// An entry given back after its taker went away: announced as written again.
+    Back,
+    /// An entry whose hand-off fell through before anyone heard of it.
+    Quietly,
+}
+
+/// The key of an entry being written: the user's, or a fresh UUID v7 that gets the
+/// store's sequence number once the entry type is locked.
+enum NewKey {
+    User(Key),
+    Minted(uuid::Uuid),
+}
+
+enum Begun {
+    Done(Option<Delivery>),
+    Wait(WaitGuard),
+}
+
+/// The result of an operation that may have to wait: either ready now, or registered as a
+/// waiter. Finish it with [`wait`](Self::wait) (blocking the thread) or
+/// [`wait_async`](Self::wait_async).
+///
+/// Dropping a `Pending` gives up the wait; anything handed to it meanwhile goes back into
+/// the space.
+pub struct Pending<T> {
+    state: PendingState<T>,
+}
+
+type Finish<T> = Box<dyn FnOnce(Option<Delivery>) -> T + Send>;
+
+enum PendingState<T> {
+    Ready(T),
+    Wait { guard: WaitGuard, finish: Finish<T> },
+}
+
+/// A registered waiter; removes itself on drop and returns anything handed to it that
+/// was not collected.
+struct WaitGuard {
+    engine: Engine,
+    cell: Arc<TypeCell>,
+    waiter: Arc<Waiter>,
+    deadline: Option<Instant>,
+    done: bool,
+}

@@ -1,0 +1,521 @@
+//! Writes: deciding a new entry's command (sequence number, key, lease deadline, the
+//! waiter it is handed to) and bringing entries back; indexes.
+
+use super::*;
+
+impl Engine {
+    /// Makes sure the store of `entry_type` indexes `fields` (existing entries are indexed
+    /// on the spot). Cheap when the same static slice was declared before.
+    ///
+    /// # Errors
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
+    pub fn declare_indexes(&self, entry_type: &str, fields: &'static [&'static str]) -> Result<()> {
+        self.locked(entry_type, |cell, st| self.declare(cell, st, fields))
+    }
+
+    /// Declares `fields` as indexed, unless this very slice was declared on `cell` before.
+    pub(super) fn declare(
+        &self,
+        cell: &TypeCell,
+        st: &mut TypeState,
+        fields: &'static [&'static str],
+    ) {
+        if fields.is_empty() {
+            return;
+        }
+        let ptr = fields.as_ptr().cast_mut();
+        if cell.declared.load(Ordering::Acquire) == ptr {
+            return;
+        }
+        for f in fields {
+            self.index(st, f);
+        }
+        cell.declared.store(ptr, Ordering::Release);
+    }
+
+    /// Adds an index on a top-level field of `entry_type`.
+    ///
+    /// # Errors
+    /// [`SpaceError::Query`] for a field name no query could address, and
+    /// [`SpaceError::Full`] when the type is new and the engine holds its maximum of types.
+    pub fn create_index(&self, entry_type: &str, field: &str) -> Result<()> {
+        space_query::validate_path(field)?;
+        self.locked(entry_type, |_, st| self.index(st, field))
+    }
+
+    /// Indexes `field` of the locked type, unless it is indexed already.
+    pub(super) fn index(&self, st: &mut TypeState, field: &str) {
+        if !st.store.has_index(field) {
+            self.execute(
+                st,
+                Command::Index {
+                    field: field.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// Stores an entry. `key` is the user's routing key, or `None` to mint a UUID v7.
+    /// Never blocks beyond the entry type's lock.
+    ///
+    /// # Errors
+    /// [`SpaceError::InvalidLease`], [`SpaceError::FieldType`] when a field's kind
+    /// differs from earlier entries of the type, [`SpaceError::KeyExists`].
+    pub fn write(
+        &self,
+        entry_type: &str,
+        fields: Fields,
+        key: Option<Key>,
+        lease: Lease,
+    ) -> Result<Receipt> {
+        self.write_indexed(entry_type, &[], fields, key, lease)
+    }
+
+    /// [`write`](Self::write) for an entry type that declares indexed fields (see
+    /// [`declare_indexes`](Self::declare_indexes)).
+    pub fn write_indexed(
+        &self,
+        entry_type: &str,
+        indexes: &'static [&'static str],
+        fields: Fields,
+        key: Option<Key>,
+        lease: Lease,
+    ) -> Result<Receipt> {
+        let now = self.now();
+        let expires = lease.deadline(&now)?;
+        check_document(entry_type, &fields)?;
+        self.check_limits(entry_type, &[&fields])?;
+        let key = NewKey::new(key);
+        self.locked(entry_type, |cell, st| {
+            self.declare(cell, st, indexes);
+            let learn = Self::check_new(st, entry_type, &fields, key.user())?;
+            Ok(self.insert_new(cell, st, fields, key, expires, learn, &now))
+        })?
+    }
+
+    /// Stores several entries of one type: all of them, or (on any error) none.
+    pub fn write_all(
+        &self,
+        entry_type: &str,
+        indexes: &'static [&'static str],
+        entries: Vec<(Fields, Option<Key>)>,
+        lease: Lease,
+    ) -> Result<Vec<Receipt>> {
+        let now = self.now();
+        let expires = lease.deadline(&now)?;
+        for (fields, _) in &entries {
+            check_document(entry_type, fields)?;
+        }
+        self.check_limits(
+            entry_type,
+            &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
+        )?;
+        self.locked(entry_type, |cell, st| {
+            self.declare(cell, st, indexes);
+            // Check everything first, so that an error leaves the space unchanged.
+            let mut batch_keys = std::collections::HashSet::new();
+            let mut learn = false;
+            for (fields, key) in &entries {
+                learn |= Self::check_new(st, entry_type, fields, key.as_ref())?;
+                if let Some(k) = key
+                    && !batch_keys.insert(k)
+                {
+                    return Err(SpaceError::KeyExists {
+                        entry_type: entry_type.to_owned(),
+                        key: k.clone(),
+                    });
+                }
+            }
+            Ok(entries
+                .into_iter()
+                .map(|(fields, key)| {
+                    self.insert_new(cell, st, fields, NewKey::new(key), expires, learn, &now)
+                })
+                .collect())
+        })?
+    }
+
+    /// Refuses entries over the size limit, or that would take the engine over its limits.
+    pub(super) fn check_limits(&self, entry_type: &str, docs: &[&Fields]) -> Result<()> {
+        let config = &self.inner.config;
+        if config.max_entry_bytes.is_none()
+            && config.max_entries.is_none()
+            && config.max_bytes.is_none()
+        {
+            return Ok(());
+        }
+        let sizes: Vec<u64> = docs.iter().map(|f| f.approx_size() as u64).collect();
+        if let Some(limit) = config.max_entry_bytes
+            && let Some(&size) = sizes.iter().find(|&&s| s > limit)
+        {
+            return Err(SpaceError::TooLarge {
+                entry_type: entry_type.to_owned(),
+                size,
+                limit,
+            });
+        }
+        let held = self.inner.totals.entries.load(Ordering::Relaxed);
+        if let Some(max) = config.max_entries
+            && held + docs.len() as u64 > max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds {held} entries and its limit is {max}"),
+            });
+        }
+        let bytes = self.inner.totals.bytes.load(Ordering::Relaxed);
+        if let Some(max) = config.max_bytes
+            && bytes + sizes.iter().sum::<u64>() > max
+        {
+            return Err(SpaceError::Full {
+                reason: format!("it holds {bytes} bytes of entries and its limit is {max}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of documents held now, for placement decisions.
+    pub fn held_bytes(&self) -> u64 {
+        self.inner.totals.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Checks a new entry against the type's schema and keys; returns whether it has
+    /// fields the schema has not seen yet.
+    pub(super) fn check_new(
+        st: &TypeState,
+        entry_type: &str,
+        fields: &Fields,
+        key: Option<&Key>,
+    ) -> Result<bool> {
+        let learn = st
+            .store
+            .check_kinds(fields)
+            .map_err(|c| SpaceError::FieldType {
+                entry_type: entry_type.to_owned(),
+                field: c.field,
+                expected: c.expected,
+                found: c.found,
+            })?;
+        match key {
+            Some(k) if st.store.contains_key(k) => Err(SpaceError::KeyExists {
+                entry_type: entry_type.to_owned(),
+                key: k.clone(),
+            }),
+            _ => Ok(learn),
+        }
+    }
+
+    /// Brings a checked new entry into the space (see [`bring`](Self::bring)).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn insert_new(
+        &self,
+        cell: &Arc<TypeCell>,
+        st: &mut TypeState,
+        fields: Fields,
+        key: NewKey,
+        expires: Option<Deadline>,
+        learn: bool,
+        now: &Now,
+    ) -> Receipt {
+        let seq = st.store.upcoming_seq();
+        let (key, mapped_key) = key.finish(seq, self.inner.config.ranges.as_deref());
+        let receipt = Receipt {
+            node: self.inner.config.node,
+            key: key.clone(),
+            version: 1,
+            expires: expires.map(Deadline::to_system_time),
+        };
+        let record = Record {
+            key,
+            mapped_key,
+            version: 1,
+            fields,
+            expires,
+            claim: None,
+        };
+        self.bring(
+            cell,
+            st,
+            seq,
+            record,
+            Bring::New {
+                learn,
+                request: current_request(),
+            },
+            now,
+        );
+        receipt
+    }
+
+    /// Brings `record` into the space as `seq` (a new entry, or one given back): announces
+    /// it as written, gives every waiting reader a copy, and hands it to the taker or
+    /// claimer that waited longest for it (the hand-off is part of the write's command);
+    /// stores it otherwise.
+    pub(super) fn bring(
+        &self,
+        cell: &Arc<TypeCell>,
+        st: &mut TypeState,
+        seq: u64,
+        record: Record,
+        how: Bring,
+        now: &Now,
+    ) {
+        let (learn, request) = match how {
+            Bring::New { learn, request } => (learn, request),
+            Bring::Back | Bring::Quietly => (false, None),
+        };
+        if !matches!(how, Bring::Quietly) {
+            self.emit(&mut st.hub, EventKind::Written, &record);
+        }
+        self.serve_readers(st, &record);
+        let waiter = self.first_waiting(st, &record.fields);
+        let to = waiter.as_ref().map(|(waiter, lease)| match lease {
+            None => HandOff::Taken {
+                request: waiter.request,
+            },
+            Some(lease) => HandOff::Claimed {
+                token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
+                expires: now.after(*lease).unwrap_or(Deadline::from_ms(u64::MAX)),
+                request: waiter.request,
+            },
+        });
+        let Record {
+            key,
+            mapped_key,
+            version,
+            fields,
+            expires,
+            ..
+        } = record;
+        let outcome = self.execute(
+            st,
+            Command::Write {
+                seq,
+                key,
+                mapped_key,
+                version,
+                fields,
+                expires,
+                learn,
+                to,
+                request,
+            },
+        );
+        self.expiry_timer(cell, seq, expires);
+        if let Some((waiter, _)) = waiter {
+            self.hand_over(cell, st, seq, outcome, waiter, now);
+        }
+    }
+
+    /// Gives a record that is stored and visible to the waiters: every waiting reader gets
+    /// a copy, and the taker or claimer that waited longest gets the record itself (for a
+    /// release, or a hand-off that fell through).
+    pub(super) fn offer_stored(
+        &self,
+        cell: &Arc<TypeCell>,
+        st: &mut TypeState,
+        seq: u64,
+        now: &Now,
+    ) {
+        let Some(record) = st.store.get(seq) else {
+            return;
+        };
+        if !st.waiters.is_empty() {
+            let record = record.clone();
+            self.serve_readers(st, &record);
+            if let Some((waiter, lease)) = self.first_waiting(st, &record.fields) {
+                let command = match lease {
+                    None => Command::Remove {
+                        seq,
+                        cause: Cause::Taken,
+                        request: waiter.request,
+                    },
+                    Some(lease) => Command::Claim {
+                        seq,
+                        token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
+                        expires: now.after(lease).unwrap_or(Deadline::from_ms(u64::MAX)),
+                        request: waiter.request,
+                    },
+                };
+                let outcome = self.execute(st, command);
+                self.hand_over(cell, st, seq, outcome, waiter, now);
+            }
+        }
+    }
+
+    /// Delivers what applying a hand-off (a take or claim for `waiter`) gave: the taken
+    /// record, or the claimed one still in the store. A waiter that gave up just before
+    /// gets nothing, and the entry comes back as it was (by a command), for the next one.
+    pub(super) fn hand_over(
+        &self,
+        cell: &Arc<TypeCell>,
+        st: &mut TypeState,
+        seq: u64,
+        outcome: Outcome,
+        waiter: Arc<Waiter>,
+        now: &Now,
+    ) {
+        match outcome {
+            Outcome::HandedOff(record) | Outcome::Removed(record) => {
+                let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
+                let (key, version) = (record.key.clone(), record.version);
+                let taken = Taken {
+                    entry_type: st.name.clone(),
+                    seq,
+                    record,
+                };
+                match waiter.slot.offer(Delivery::Taken(taken)) {
+                    Ok(wakeup) => {
+                        st.wakes.push((waiter, wakeup));
+                        for sub in targets {
+                            sub.push(self.inner.config.node, &key, EventKind::Taken, version);
+                        }
+                    }
+                    // It was never announced as taken: it is simply there again.
+                    Err(Delivery::Taken(taken)) => {
+                        self.bring(cell, st, seq, taken.record, Bring::Quietly, now);
+                    }
+                    Err(_) => unreachable!("a slot gives back what it was offered"),
+                }
+            }
+            Outcome::Stored | Outcome::Changed => {
+                let Some(record) = st.store.get(seq) else {
+                    return;
+                };
+                let claimed = state::claimed(&st.name, record);
+                self.emit(&mut st.hub, EventKind::Claimed, record);
+                if let Some(c) = record.claim {
+                    self.claim_timer(cell, seq, c.token, c.expires);
+                }
+                match waiter.slot.offer(Delivery::Claimed(claimed)) {
+                    Ok(wakeup) => st.wakes.push((waiter, wakeup)),
+                    Err(_) => self.unclaim(cell, st, seq, false, now),
+                }
+            }
+            Outcome::Missing => {}
+        }
+    }
+
+    /// Gives a copy of `record` to every waiting reader whose query it matches (they stop
+    /// waiting); forgets waiters that gave up.
+    pub(super) fn serve_readers(&self, st: &mut TypeState, record: &Record) {
+        let mut i = 0;
+        while i < st.waiters.len() {
+            let waiter = st.waiters[i].clone();
+            let is_matching_reader =
+                matches!(waiter.mode, WaitMode::Read) && waiter.query.matches(&record.fields);
+            if is_matching_reader || !waiter.slot.is_waiting() {
+                st.waiters.remove(i);
+            } else {
+                i += 1;
+            }
+            if is_matching_reader {
+                // A reader that gave up meanwhile just does not get its copy.
+                if let Ok(wakeup) = waiter.slot.offer(Delivery::Copy(record.document())) {
+                    st.wakes.push((waiter, wakeup));
+                }
+            }
+        }
+    }
+
+    /// Takes out of the queue the taker or claimer that has waited longest for an entry
+    /// with these fields, with its claim's lease (`None`: a taker).
+    pub(super) fn first_waiting(
+        &self,
+        st: &mut TypeState,
+        fields: &Fields,
+    ) -> Option<(Arc<Waiter>, Option<Duration>)> {
+        let i = st.waiters.iter().position(|w| {
+            !matches!(w.mode, WaitMode::Read) && w.slot.is_waiting() && w.query.matches(fields)
+        })?;
+        let waiter = st.waiters.remove(i)?;
+        let lease = match waiter.mode {
+            WaitMode::Claim(lease) => Some(lease),
+            WaitMode::Read | WaitMode::Take => None,
+        };
+        Some((waiter, lease))
+    }
+
+    /// Gives back a document that was taken but could not be used (it did not decode into
+    /// the caller's type): it is written again with the same key and fields, so nothing is
+    /// lost. It goes to the back of the order and keeps no lease.
+    pub fn put_back(&self, entry_type: &str, document: Document) -> Result<Receipt> {
+        self.write(
+            entry_type,
+            document.fields,
+            Some(document.key),
+            Lease::Forever,
+        )
+    }
+
+    /// Puts entries that were taken back where they were (same key, place in the order,
+    /// lease), announced as written and offered to waiting takers: for a take whose caller
+    /// went away before it received them. An entry whose user key meanwhile belongs to a
+    /// newer entry is not put back twice; that is logged.
+    pub fn untake(&self, taken: Vec<Taken>) {
+        for Taken {
+            entry_type,
+            seq,
+            record,
+        } in taken
+        {
+            let put_back = self.locked_in(&entry_type, Room::Always, |cell, st| {
+                let mut record = record;
+                record.claim = None;
+                if record.mapped_key && st.store.contains_key(&record.key) {
+                    tracing::error!(
+                        entry_type = %entry_type,
+                        key = %record.key,
+                        "an entry given back is not put back: its key was written again meanwhile"
+                    );
+                    return;
+                }
+                // Back in its place, unless the type was forgotten while empty and its
+                // numbers started again: then at the end, found by its key.
+                let seq = if st.store.get(seq).is_some() {
+                    record.mapped_key = true;
+                    st.store.upcoming_seq()
+                } else {
+                    seq
+                };
+                let now = self.now();
+                self.bring(cell, st, seq, record, Bring::Back, &now);
+            });
+            // Only a bounded creation can fail, and this one is not bounded.
+            debug_assert!(put_back.is_ok());
+        }
+    }
+}
+
+impl NewKey {
+    pub(super) fn new(user: Option<Key>) -> NewKey {
+        match user {
+            Some(k) => NewKey::User(k),
+            None => NewKey::Minted(uuid::Uuid::now_v7()),
+        }
+    }
+
+    pub(super) fn user(&self) -> Option<&Key> {
+        match self {
+            NewKey::User(k) => Some(k),
+            NewKey::Minted(_) => None,
+        }
+    }
+
+    /// The final key, and whether the store must keep it in its key map. A minted key
+    /// falls inside `ranges` when the engine owns only some.
+    pub(super) fn finish(self, seq: u64, ranges: Option<&crate::hash::RangeSet>) -> (Key, bool) {
+        match self {
+            NewKey::User(k) => (k, true),
+            NewKey::Minted(base) => {
+                let key = match ranges {
+                    Some(r) => Key::with_seq_in(base, seq, &|range| r.contains(range)),
+                    None => Key::with_seq(base, seq),
+                };
+                match key {
+                    Some(k) => (k, false),
+                    None => (Key::Id(base), true),
+                }
+            }
+        }
+    }
+}
