@@ -31,8 +31,8 @@ use futures::stream::FuturesUnordered;
 use parking_lot::{Mutex, RwLock};
 use space_core::wire::{self, NodeInfo, Request, Response, Target, Topology};
 use space_core::{
-    BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, RemoteBackend,
-    Result, Space, SpaceError, Stats, Subscription,
+    BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, Result, Space,
+    SpaceError, Stats, Subscription, remote::RemoteBackend,
 };
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::Mutex;
+use space_core::remote::RemoteFeed;
 use space_core::wire::{self, Hello, Request, Response, SubscriberService, Welcome};
-use space_core::{EventKinds, Lease, NodeId, Notification, Query, RemoteFeed, Result, SpaceError};
+use space_core::{EventKinds, Lease, NodeId, Notification, Query, Result, SpaceError};
 use subtle::ConstantTimeEq;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};

@@ -8,8 +8,9 @@
 //!
 //! The crate is layered:
 //! - [`Entry`] and [`entry!`] declare Rust types as entries; [`Key`]s identify them;
-//! - [`Engine`] is the whole space over documents (field maps), one lock per entry type;
-//!   it is what the network node serves;
+//! - [`server::Engine`] is the whole space over documents (field maps), one lock per entry
+//!   type; it is what the network node serves (the [`server`] module holds what a server
+//!   needs beyond the typed handles, [`remote`] what a remote backend implements);
 //! - [`Space`] (async) and [`BlockingSpace`] (threads) are the typed handles users hold.
 //!
 //! The rules every operation keeps (oldest first, longest waiter wins, zero timeout does
@@ -36,16 +37,30 @@ mod wal;
 pub mod wire;
 
 pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};
-pub use engine::{Engine, EngineConfig, Pending, Stats};
+pub use engine::{EngineConfig, Stats};
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
 pub use lease::{Clock, Lease, MAX_LEASE};
 pub use notify::{
-    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, RemoteFeed, Subscription,
+    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
 };
-pub use space::{BlockingSpace, Claim, RemoteBackend, Space};
+pub use space::{BlockingSpace, Claim, Space};
 pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
-pub use state::{Answer, Taken};
+
+/// What a server hosting a space needs beyond the typed handles: the engine over documents
+/// (its operations, the answers its state keeps for retried requests, and what a take
+/// removed, to put back when its caller never got it). `space-node` is built on it.
+pub mod server {
+    pub use crate::engine::{Engine, Pending};
+    pub use crate::state::{Answer, Taken};
+}
+
+/// What a remote backend implements, so that [`Space`](crate::Space) and
+/// [`Subscription`](crate::Subscription) work over a network (`space-client` does).
+pub mod remote {
+    pub use crate::notify::RemoteFeed;
+    pub use crate::space::RemoteBackend;
+}
 
 /// Gives memory back once a map is mostly empty, so that a burst (of subscriptions, say)
 /// does not pin its peak footprint forever.

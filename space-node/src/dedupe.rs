@@ -18,8 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use space_core::SpaceError;
+use space_core::server::Taken;
 use space_core::wire::{RequestId, Response};
-use space_core::{SpaceError, Taken};
 use tokio::sync::Notify;
 
 /// What a request did, as far as a retry or a revoke needs to know.

@@ -1,6 +1,6 @@
 //! `space-node`: holds entries and serves the space over the network.
 //!
-//! A node is an [`Engine`](space_core::Engine) behind the one RPC service of
+//! A node is an [`Engine`](space_core::server::Engine) behind the one RPC service of
 //! [`space_core::wire`]: each connection starts with a handshake (protocol and token), then
 //! carries tarpc requests, each in its own task. Mutating requests carry a request id and a
 //! retried id gets the first answer ([`dedupe`] module docs). Subscriptions registered by

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use space_core::server::{Answer, Engine};
 use space_core::wire::{
     self, Envelope, Hello, NodeInfo, NodeStatus, Request, Response, SpaceService, Target, Welcome,
 };
-use space_core::{Engine, EngineConfig, NodeId, SpaceError, Stats};
+use space_core::{EngineConfig, NodeId, SpaceError, Stats};
 use subtle::ConstantTimeEq;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
@@ -210,12 +211,12 @@ impl<T> Future for InRequest<'_, T> {
 }
 
 /// The wire form of an answer the engine's state kept.
-fn response_of(answer: space_core::Answer) -> Response {
+fn response_of(answer: Answer) -> Response {
     match answer {
-        space_core::Answer::Receipts(r) => Response::Receipts(r),
-        space_core::Answer::Documents(d) => Response::Documents(d),
-        space_core::Answer::Claimed(c) => Response::Claimed(Some(c)),
-        space_core::Answer::Done => Response::Done,
+        Answer::Receipts(r) => Response::Receipts(r),
+        Answer::Documents(d) => Response::Documents(d),
+        Answer::Claimed(c) => Response::Claimed(Some(c)),
+        Answer::Done => Response::Done,
     }
 }
 
@@ -458,18 +459,16 @@ impl Node {
             Cluster::new(&config.peers, me, config.epoch, &config.labels)
         };
         config.node = cluster.node();
-        let engine_config = EngineConfig {
-            node: config.node,
-            ranges: (!config.peers.is_empty()).then(|| cluster.owned()),
-            max_entry_bytes: Some(config.max_entry_bytes),
-            max_entries: config.max_entries,
-            max_bytes: config.max_bytes,
-            max_entry_types: Some(config.max_entry_types),
-            max_waiters: Some(config.max_waiters),
-            max_subscriptions: Some(config.max_subscriptions),
-            max_queued_events: Some(config.max_queued_events),
-            ..EngineConfig::default()
-        };
+        let mut engine_config = EngineConfig::default();
+        engine_config.node = config.node;
+        engine_config.ranges = (!config.peers.is_empty()).then(|| cluster.owned());
+        engine_config.max_entry_bytes = Some(config.max_entry_bytes);
+        engine_config.max_entries = config.max_entries;
+        engine_config.max_bytes = config.max_bytes;
+        engine_config.max_entry_types = Some(config.max_entry_types);
+        engine_config.max_waiters = Some(config.max_waiters);
+        engine_config.max_subscriptions = Some(config.max_subscriptions);
+        engine_config.max_queued_events = Some(config.max_queued_events);
         let engine = match &config.data_dir {
             Some(dir) => {
                 let dir = dir.clone();

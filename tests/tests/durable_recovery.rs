@@ -108,10 +108,8 @@ fn a_directory_is_used_by_one_engine_at_a_time() {
 #[test]
 fn dropping_or_closing_a_space_releases_its_directory_at_once() {
     let dir = TempDir::new("release");
-    let busy = EngineConfig {
-        snapshot_after_bytes: 4096,
-        ..EngineConfig::default()
-    };
+    let mut busy = EngineConfig::default();
+    busy.snapshot_after_bytes = 4096;
     for round in 0..100 {
         let space = Space::open_with(&dir.0, busy.clone()).unwrap().blocking();
         // Keep the engine's threads busy: leases running out, snapshots being taken.
@@ -291,11 +289,9 @@ fn claims_survive_a_restart_and_run_out_after_it() {
 #[test]
 fn the_log_stays_bounded_under_a_long_write_take_loop() {
     let dir = TempDir::new("bounded");
-    let config = EngineConfig {
-        log_segment_bytes: 256 << 10,
-        snapshot_after_bytes: 512 << 10,
-        ..EngineConfig::default()
-    };
+    let mut config = EngineConfig::default();
+    config.log_segment_bytes = 256 << 10;
+    config.snapshot_after_bytes = 512 << 10;
     let space = Space::open_with(&dir.0, config.clone()).unwrap().blocking();
     let mut peak = 0;
     // About 30 MiB through the log: two records per entry, each carrying a 1 KiB field.

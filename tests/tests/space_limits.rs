@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use space_core::{
-    Engine, EngineConfig, EventKinds, Fields, Lease, Query, Space, SpaceError, Value,
-};
+use space_core::server::Engine;
+use space_core::{EngineConfig, EventKinds, Fields, Lease, Query, Space, SpaceError, Value};
 use space_tests::Job;
 
 fn doc(id: i64) -> Fields {
@@ -18,12 +17,11 @@ fn doc(id: i64) -> Fields {
 }
 
 fn limited(types: usize, waiters: usize, subscriptions: usize) -> Engine {
-    Engine::new(EngineConfig {
-        max_entry_types: Some(types),
-        max_waiters: Some(waiters),
-        max_subscriptions: Some(subscriptions),
-        ..EngineConfig::default()
-    })
+    let mut config = EngineConfig::default();
+    config.max_entry_types = Some(types);
+    config.max_waiters = Some(waiters);
+    config.max_subscriptions = Some(subscriptions);
+    Engine::new(config)
 }
 
 #[test]

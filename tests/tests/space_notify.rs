@@ -129,11 +129,9 @@ fn dropping_the_handle_unsubscribes() {
 
 #[test]
 fn a_slow_subscriber_gets_a_counted_gap_and_later_events() {
-    let space = Space::with_config(EngineConfig {
-        queue_capacity: 10,
-        ..EngineConfig::default()
-    })
-    .blocking();
+    let mut config = EngineConfig::default();
+    config.queue_capacity = 10;
+    let space = Space::with_config(config).blocking();
     let sub = space
         .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
         .unwrap();
@@ -161,11 +159,9 @@ fn a_slow_subscriber_gets_a_counted_gap_and_later_events() {
 
 #[test]
 fn a_subscriber_that_comes_back_gets_what_it_missed_or_a_gap() {
-    let space = Space::with_config(EngineConfig {
-        queue_capacity: 8,
-        ..EngineConfig::default()
-    })
-    .blocking();
+    let mut config = EngineConfig::default();
+    config.queue_capacity = 8;
+    let space = Space::with_config(config).blocking();
     let sub = space
         .notify_with_lease(&Query::of::<Job>(), EventKinds::WRITTEN, Lease::secs(60))
         .unwrap();

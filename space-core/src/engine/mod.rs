@@ -107,8 +107,11 @@ impl Stats {
     }
 }
 
-/// Engine settings.
+/// Engine settings. Start from [`EngineConfig::default`] and set the fields you need
+/// (`let mut config = EngineConfig::default(); config.max_entries = Some(1_000_000);`):
+/// new settings may be added without breaking that.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// The node id stamped on receipts and events.
     pub node: NodeId,

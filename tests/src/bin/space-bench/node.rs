@@ -380,7 +380,7 @@ fn recovery_time(dir: &std::path::Path, entries: usize) -> Result<(u64, f64)> {
         }
     }
     let start = Instant::now();
-    let engine = space_core::Engine::open(dir, space_core::EngineConfig::default())?;
+    let engine = space_core::server::Engine::open(dir, space_core::EngineConfig::default())?;
     let took = start.elapsed().as_secs_f64();
     let n = engine.stats().entries;
     drop(engine);
