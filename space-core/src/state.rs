@@ -19,10 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use space_query::Fields;
 
 use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
-use crate::entry::{Key, NodeId};
+use crate::entry::NodeId;
 use crate::lease::Deadline;
 use crate::store::{ClaimState, Record, Store};
 
@@ -60,15 +59,11 @@ pub(crate) enum HandOff {
 /// the write order); deadlines are absolute.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Command {
-    /// A new entry, or one given back where it was (same key, place and version).
+    /// A new entry, or one given back where it was (same key, place and version): the
+    /// record as it is stored (unclaimed; a hand-off to a claimer claims it).
     Write {
         seq: u64,
-        key: Key,
-        /// The key is found through the key map (see [`Record::mapped_key`]).
-        mapped_key: bool,
-        version: u64,
-        fields: Fields,
-        expires: Option<Deadline>,
+        record: Record,
         /// The entry brings field kinds the type's schema learns.
         learn: bool,
         to: Option<HandOff>,
@@ -160,6 +155,7 @@ pub(crate) enum Outcome {
 /// (`None` for an engine without one): an answer already holding a command at or past
 /// it is not recorded twice when the log is replayed over a snapshot. Pure: see the
 /// module documentation.
+#[inline]
 pub(crate) fn apply(
     entry_type: &str,
     store: &mut Store,
@@ -178,33 +174,22 @@ pub(crate) fn apply(
     match command {
         Command::Write {
             seq,
-            key,
-            mapped_key,
-            version,
-            fields,
-            expires,
+            mut record,
             learn,
             to,
             request,
         } => {
             store.skip_to(seq);
             if learn {
-                store.learn_kinds(&fields);
+                store.learn_kinds(&record.fields);
             }
-            let mut record = Record {
-                key,
-                mapped_key,
-                version,
-                fields,
-                expires,
-                claim: None,
-            };
+            record.claim = None;
             answer(request, &|| {
                 Part::Receipt(Receipt {
                     node: NodeId::default(),
                     key: record.key.clone(),
                     version: record.version,
-                    expires: expires.map(Deadline::to_system_time),
+                    expires: record.expires.map(Deadline::to_system_time),
                 })
             });
             match to {

@@ -513,6 +513,7 @@ impl Engine {
     /// Appends `command` to the log (a durable engine) and applies it: the one way the
     /// space changes (see [`crate::state`]). Called under the entry type's lock, so the
     /// log holds each type's commands in the order they were applied.
+    #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
         let index = self.inner.wal.as_ref().map(|wal| {
             wal.append(ENGINE_LOG, &crate::durable::encode(&st.name, &command))
@@ -523,6 +524,7 @@ impl Engine {
 
     /// Applies a command to the locked entry type through [`state::apply`] (live, after
     /// it was appended at `index` of the engine's log, or replayed from there).
+    #[inline]
     fn apply(&self, st: &mut TypeState, index: Option<u64>, command: Command) -> Outcome {
         // Only a log needs the answers in the state: it outlives the process, and a replay
         // must answer retries. Without one, the node's own table of recent answers serves

@@ -19,6 +19,7 @@ impl Engine {
     }
 
     /// Removes a stored record for the current request and announces it as taken.
+    #[inline]
     pub(super) fn remove_taken(&self, st: &mut TypeState, seq: u64, cause: Cause) -> Option<Taken> {
         let command = Command::Remove {
             seq,

@@ -206,6 +206,7 @@ impl Engine {
 
     /// Brings a checked new entry into the space (see [`bring`](Self::bring)).
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(super) fn insert_new(
         &self,
         cell: &Arc<TypeCell>,
@@ -250,6 +251,7 @@ impl Engine {
     /// it as written, gives every waiting reader a copy, and hands it to the taker or
     /// claimer that waited longest for it (the hand-off is part of the write's command);
     /// stores it otherwise.
+    #[inline]
     pub(super) fn bring(
         &self,
         cell: &Arc<TypeCell>,
@@ -278,23 +280,12 @@ impl Engine {
                 request: waiter.request,
             },
         });
-        let Record {
-            key,
-            mapped_key,
-            version,
-            fields,
-            expires,
-            ..
-        } = record;
+        let expires = record.expires;
         let outcome = self.execute(
             st,
             Command::Write {
                 seq,
-                key,
-                mapped_key,
-                version,
-                fields,
-                expires,
+                record,
                 learn,
                 to,
                 request,
