@@ -1,8 +1,9 @@
 //! The engine is a deterministic state machine over its log: random histories of every
 //! operation run on a live durable engine with a manual clock; the log they leave,
 //! replayed into a fresh engine through the same `apply`, must give the same state
-//! (entries, versions, order, claims, deadlines, schema, indexes, answer table) and the
-//! same outcome for every command.
+//! (entries, versions, order, claims, deadlines, schema, indexes, answer table), the
+//! same outcome for every command and the same events; and what live subscriptions
+//! received must be exactly those events, in log order.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -14,6 +15,7 @@ use crate::document::{ClaimTicket, RequestId};
 use crate::engine::{Engine, EngineConfig};
 use crate::entry::Key;
 use crate::lease::{Clock, Lease};
+use crate::notify::{EventKind, EventKinds, Notification, Subscription};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -288,12 +290,41 @@ fn check(ops: &[(Op, Option<u8>)]) {
     let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let clock = Clock::manual(start);
     let live = Engine::open(&dir.0, config(clock.clone())).expect("open");
+    let subscriptions: Vec<Subscription> = TYPES
+        .iter()
+        .map(|t| {
+            live.subscribe(
+                &Query::new(*t, Filter::All),
+                EventKinds::ALL,
+                Lease::Forever,
+            )
+            .expect("subscribe")
+        })
+        .collect();
     run(&live, &clock, ops);
     live.flush_blocking().expect("flush");
     // Closing stops the timer, so nothing changes the live state after this point.
     live.close();
     let live_state = live.state_digest();
     let live_applied = live.applied();
+    let live_told = live.told();
+    // Every subscription received exactly what applying the commands told, in order.
+    for (t, sub) in TYPES.iter().zip(&subscriptions) {
+        let mut received: Vec<(Key, EventKind, u64)> = Vec::new();
+        while let Some(n) = sub.try_recv() {
+            match n {
+                Notification::Event(e) => received.push((e.key, e.kind, e.version)),
+                Notification::Gap { .. } => panic!("a gap in a test this small"),
+            }
+        }
+        let told: Vec<(Key, EventKind, u64)> = live_told
+            .iter()
+            .filter(|e| e.1 == *t)
+            .map(|e| (e.2.clone(), e.3, e.4))
+            .collect();
+        assert_eq!(received, told, "events of {t}");
+    }
+    drop(subscriptions);
     drop(live);
     // Replay with a clock at the epoch: no timer is due, so the replayed state is what the
     // log says and nothing else.
@@ -301,6 +332,7 @@ fn check(ops: &[(Op, Option<u8>)]) {
         Engine::open(&dir.0, config(Clock::manual(SystemTime::UNIX_EPOCH))).expect("reopen");
     let replayed_state = replayed.state_digest();
     let replayed_applied = replayed.applied();
+    let replayed_told = replayed.told();
     replayed.close();
     assert_eq!(live_state, replayed_state, "replayed state differs");
     // The replay applies the commands after the last snapshot: their outcomes must be
@@ -311,6 +343,8 @@ fn check(ops: &[(Op, Option<u8>)]) {
         .filter(|(lsn, _)| *lsn >= first)
         .collect();
     assert_eq!(live_tail, replayed_applied, "outcomes differ");
+    let live_told_tail: Vec<_> = live_told.into_iter().filter(|e| e.0 >= first).collect();
+    assert_eq!(live_told_tail, replayed_told, "events differ");
 }
 
 proptest! {

@@ -2,27 +2,49 @@
 
 use super::*;
 
+/// Tells the subscriptions of an entry type that want to hear `kind` about `record`
+/// (numbered in the order the commands are applied, which is the log's order).
+pub(super) fn announce(inner: &Inner, hub: &mut Hub, kind: EventKind, record: &Record) {
+    let node = inner.config.node;
+    hub.each_interested(kind, &record.fields, |sub| {
+        sub.push(node, &record.key, kind, record.version)
+    });
+}
+
+/// The event a command's outcome tells once it is applied, with the sequence number of
+/// the record it concerns (a write is also told as written, before it is applied).
+pub(super) fn after(command: &Command) -> Option<(EventKind, u64)> {
+    match command {
+        Command::Write {
+            seq,
+            to: Some(HandOff::Taken { .. }),
+            ..
+        } => Some((EventKind::Taken, *seq)),
+        Command::Write {
+            seq,
+            to: Some(HandOff::Claimed { .. }),
+            ..
+        } => Some((EventKind::Claimed, *seq)),
+        Command::Remove {
+            seq,
+            cause: Cause::Taken | Cause::Committed,
+            ..
+        } => Some((EventKind::Taken, *seq)),
+        Command::Remove {
+            seq,
+            cause: Cause::Expired | Cause::Cancelled,
+            ..
+        } => Some((EventKind::Expired, *seq)),
+        Command::Claim { seq, .. } => Some((EventKind::Claimed, *seq)),
+        Command::Release { seq, .. } => Some((EventKind::Released, *seq)),
+        Command::Write { to: None, .. }
+        | Command::Renew { .. }
+        | Command::RenewClaim { .. }
+        | Command::Index { .. } => None,
+    }
+}
+
 impl Engine {
-    /// The subscriptions that want to hear `kind` for this record.
-    pub(super) fn targets(
-        &self,
-        hub: &mut Hub,
-        kind: EventKind,
-        record: &Record,
-    ) -> Vec<Arc<SubShared>> {
-        let mut out = Vec::new();
-        hub.each_interested(kind, &record.fields, |sub| out.push(sub.clone()));
-        out
-    }
-
-    /// Announces a change to the subscriptions that want to hear it.
-    pub(super) fn emit(&self, hub: &mut Hub, kind: EventKind, record: &Record) {
-        let node = self.inner.config.node;
-        hub.each_interested(kind, &record.fields, |sub| {
-            sub.push(node, &record.key, kind, record.version)
-        });
-    }
-
     /// Registers a subscription: every later change of a matching entry whose kind is in
     /// `kinds` is queued for it, numbered 1, 2, 3, ...
     pub fn subscribe(

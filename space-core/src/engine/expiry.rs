@@ -87,16 +87,14 @@ impl Engine {
             Cause::Cancelled => current_request(),
             _ => None,
         };
-        if let Outcome::Removed(record) = self.execute(
+        self.execute(
             st,
             Command::Remove {
                 seq,
                 cause,
                 request,
             },
-        ) {
-            self.emit(&mut st.hub, EventKind::Expired, &record);
-        }
+        );
     }
 
     /// Carries out a lease timer that came due: the node's clock decides that an entry's

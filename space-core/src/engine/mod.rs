@@ -224,7 +224,14 @@ struct Inner {
     /// Every applied command's log place and outcome, for the determinism tests.
     #[cfg(test)]
     trace: Mutex<Vec<(u64, String)>>,
+    /// Every event told, for the determinism tests: log index, type, key, kind, version.
+    #[cfg(test)]
+    told: Mutex<Vec<Told>>,
 }
+
+/// An event as the determinism tests see it: log index, type, key, kind, version.
+#[cfg(test)]
+pub(crate) type Told = (u64, String, Key, EventKind, u64);
 
 /// What a lease timer is for.
 enum TimerKind {
@@ -468,6 +475,8 @@ impl Engine {
             answers: Mutex::new(Answers::default()),
             #[cfg(test)]
             trace: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            told: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
         match std::thread::Builder::new()
@@ -526,6 +535,15 @@ impl Engine {
     /// it was appended at `index` of the engine's log, or replayed from there).
     #[inline]
     fn apply(&self, st: &mut TypeState, index: Option<u64>, command: Command) -> Outcome {
+        // Events come from what applying did, the same way live and on replay (where no
+        // subscription listens yet): a write is told before it is applied, the change
+        // that follows it (a hand-off, a removal, a claim, a release) after.
+        if let Command::Write { record, .. } = &command {
+            events::announce(&self.inner, &mut st.hub, EventKind::Written, record);
+            #[cfg(test)]
+            self.note_told(index, &st.name, EventKind::Written, record);
+        }
+        let then = events::after(&command);
         // Only a log needs the answers in the state: it outlives the process, and a replay
         // must answer retries. Without one, the node's own table of recent answers serves
         // retries, and keeping a second copy here would cost every call a copy of its
@@ -539,6 +557,18 @@ impl Engine {
             index,
             command,
         );
+        if let Some((kind, seq)) = then {
+            let record = match &outcome {
+                Outcome::HandedOff(r) | Outcome::Removed(r) => Some(r),
+                Outcome::Stored | Outcome::Changed => st.store.get(seq),
+                Outcome::Missing => None,
+            };
+            if let Some(record) = record {
+                events::announce(&self.inner, &mut st.hub, kind, record);
+                #[cfg(test)]
+                self.note_told(index, &st.name, kind, record);
+            }
+        }
         #[cfg(test)]
         self.inner
             .trace
@@ -755,6 +785,23 @@ impl Engine {
         trace
     }
 
+    fn note_told(&self, index: Option<u64>, entry_type: &str, kind: EventKind, record: &Record) {
+        self.inner.told.lock().push((
+            index.unwrap_or(0),
+            entry_type.to_owned(),
+            record.key.clone(),
+            kind,
+            record.version,
+        ));
+    }
+
+    /// Every event applying commands told so far, in log order within each entry type.
+    pub(crate) fn told(&self) -> Vec<Told> {
+        let mut told = self.inner.told.lock().clone();
+        told.sort_by_key(|t| t.0);
+        told
+    }
+
     /// Fires the lease timers that are due by the engine's clock, now, on this thread.
     pub(crate) fn fire_due(&self) {
         for timer in self.inner.timers.take_due() {
@@ -787,8 +834,6 @@ enum Bring {
     },
     /// An entry given back after its taker went away: announced as written again.
     Back,
-    /// An entry whose hand-off fell through before anyone heard of it.
-    Quietly,
 }
 
 /// The key of an entry being written: the user's, or a fresh UUID v7 that gets the

@@ -29,7 +29,6 @@ impl Engine {
         let Outcome::Removed(record) = self.execute(st, command) else {
             return None;
         };
-        self.emit(&mut st.hub, EventKind::Taken, &record);
         Some(Taken {
             entry_type: st.name.clone(),
             seq,
@@ -85,7 +84,6 @@ impl Engine {
             return None;
         }
         let record = st.store.get(seq)?;
-        self.emit(&mut st.hub, EventKind::Claimed, record);
         let claim = record.claim?;
         self.claim_timer(cell, seq, claim.token, claim.expires);
         Some(Delivery::Claimed(state::claimed(&st.name, record)))
@@ -411,10 +409,6 @@ impl Engine {
         };
         if let Outcome::Missing = self.execute(st, command) {
             return;
-        }
-        if let Some(record) = st.store.get(seq) {
-            let record = record.clone();
-            self.emit(&mut st.hub, EventKind::Released, &record);
         }
         self.offer_stored(cell, st, seq, now);
     }

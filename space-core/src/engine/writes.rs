@@ -263,11 +263,8 @@ impl Engine {
     ) {
         let (learn, request) = match how {
             Bring::New { learn, request } => (learn, request),
-            Bring::Back | Bring::Quietly => (false, None),
+            Bring::Back => (false, None),
         };
-        if !matches!(how, Bring::Quietly) {
-            self.emit(&mut st.hub, EventKind::Written, &record);
-        }
         self.serve_readers(st, &record);
         let waiter = self.first_waiting(st, &record.fields);
         let to = waiter.as_ref().map(|(waiter, lease)| match lease {
@@ -347,23 +344,17 @@ impl Engine {
     ) {
         match outcome {
             Outcome::HandedOff(record) | Outcome::Removed(record) => {
-                let targets = self.targets(&mut st.hub, EventKind::Taken, &record);
-                let (key, version) = (record.key.clone(), record.version);
                 let taken = Taken {
                     entry_type: st.name.clone(),
                     seq,
                     record,
                 };
                 match waiter.slot.offer(Delivery::Taken(taken)) {
-                    Ok(wakeup) => {
-                        st.wakes.push((waiter, wakeup));
-                        for sub in targets {
-                            sub.push(self.inner.config.node, &key, EventKind::Taken, version);
-                        }
-                    }
-                    // It was never announced as taken: it is simply there again.
+                    Ok(wakeup) => st.wakes.push((waiter, wakeup)),
+                    // The taker gave up meanwhile: the entry comes back where it was (told
+                    // as written again), for the next one.
                     Err(Delivery::Taken(taken)) => {
-                        self.bring(cell, st, seq, taken.record, Bring::Quietly, now);
+                        self.bring(cell, st, seq, taken.record, Bring::Back, now);
                     }
                     Err(_) => unreachable!("a slot gives back what it was offered"),
                 }
@@ -373,7 +364,6 @@ impl Engine {
                     return;
                 };
                 let claimed = state::claimed(&st.name, record);
-                self.emit(&mut st.hub, EventKind::Claimed, record);
                 if let Some(c) = record.claim {
                     self.claim_timer(cell, seq, c.token, c.expires);
                 }
