@@ -12,10 +12,13 @@ use proptest::prelude::*;
 use space_query::{Fields, Filter, Query, Value};
 
 use crate::document::{ClaimTicket, RequestId};
+use crate::durable::{ENGINE_LOG, decode, read_snapshot};
 use crate::engine::{Engine, EngineConfig};
 use crate::entry::Key;
 use crate::lease::{Clock, Lease};
 use crate::notify::{EventKind, EventKinds, Notification, Subscription};
+use crate::state::Command;
+use crate::wal::{ENTRY, frames, numbered, parse_record};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -347,6 +350,91 @@ fn check(ops: &[(Op, Option<u8>)]) {
     assert_eq!(live_told_tail, replayed_told, "events differ");
 }
 
+/// One entry of the engine's log as its segment holds it: index, command, and where its
+/// frame starts and how long it is in the file.
+struct Logged {
+    index: u64,
+    entry_type: String,
+    command: Command,
+    start: usize,
+    len: usize,
+}
+
+/// The engine's entries in the one segment of `dir`, oldest first.
+fn logged(dir: &std::path::Path) -> (PathBuf, Vec<Logged>) {
+    let segments = numbered(dir, "wal-", ".log").expect("list");
+    let (_, path) = segments.into_iter().last().expect("a segment");
+    let bytes = std::fs::read(&path).expect("read");
+    let (frames, _, problem) = frames(&bytes[16..]);
+    assert!(problem.is_none(), "{problem:?}");
+    let mut out = Vec::new();
+    for (_, payload) in frames {
+        let start = payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
+        let (log, kind, index, data) = parse_record(payload).expect("record");
+        if log == ENGINE_LOG && kind == ENTRY {
+            let (entry_type, command) = decode(data).expect("decode");
+            out.push(Logged {
+                index,
+                entry_type,
+                command,
+                start,
+                len: 16 + payload.len(),
+            });
+        }
+    }
+    (path, out)
+}
+
+/// A crash at any moment leaves the log cut somewhere (a record torn in half) and the
+/// snapshots that were complete by then; recovery must give exactly the state the
+/// commands before the cut make, applied one by one to an empty space.
+fn check_crash(ops: &[(Op, Option<u8>)], cut: u32) {
+    let dir = Dir::new();
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let clock = Clock::manual(start);
+    let live = Engine::open(&dir.0, config(clock.clone())).expect("open");
+    run(&live, &clock, ops);
+    live.flush_blocking().expect("flush");
+    live.close();
+    drop(live);
+    let (segment, entries) = logged(&dir.0);
+    // Writing a snapshot deletes the ones before it, and needs the log durable up to what
+    // it holds: a crash can only cut the log after what the newest snapshot holds.
+    let mut durable_to = 0;
+    for (_, path) in numbered(&dir.0, "snapshot-", ".snap").expect("list") {
+        durable_to = durable_to.max(read_snapshot(&path).expect("snapshot").durable_to);
+    }
+    let first = entries.iter().take_while(|e| e.index <= durable_to).count();
+    let kept = first + cut as usize % (entries.len() - first + 1);
+    if let Some(torn) = entries.get(kept) {
+        let at = torn.start + 1 + cut as usize % (torn.len - 1);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .expect("open segment");
+        f.set_len(at as u64).expect("cut");
+    }
+    let last = kept.checked_sub(1).map_or(0, |i| entries[i].index);
+    let epoch = || config(Clock::manual(SystemTime::UNIX_EPOCH));
+    let recovered = Engine::open(&dir.0, epoch()).expect("recover");
+    let reference_dir = Dir::new();
+    let reference = Engine::open(&reference_dir.0, epoch()).expect("open");
+    reference.replay(
+        entries
+            .into_iter()
+            .take(kept)
+            .map(|e| (e.index, e.entry_type, e.command))
+            .collect(),
+    );
+    assert_eq!(
+        recovered.state_digest(),
+        reference.state_digest(),
+        "the state recovered after a crash at entry {last} is not the state of the log up to it"
+    );
+    recovered.close();
+    reference.close();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("SPACE_DETERMINISM_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
@@ -356,5 +444,10 @@ proptest! {
     #[test]
     fn a_replayed_log_gives_the_live_state(ops in history()) {
         check(&ops);
+    }
+
+    #[test]
+    fn a_crash_recovers_the_state_of_the_durable_prefix(ops in history(), cut in any::<u32>()) {
+        check_crash(&ops, cut);
     }
 }

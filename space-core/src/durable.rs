@@ -66,6 +66,12 @@ pub(crate) fn encode(entry_type: &str, command: &Command) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// A command on an entry type, read back from the engine's log.
+pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<(String, Command), postcard::Error> {
+    let record: LogRecord = postcard::from_bytes(bytes)?;
+    Ok((record.entry_type, record.command))
+}
+
 fn snapshot_name(index: u64) -> String {
     format!("snapshot-{index:020}.snap")
 }
@@ -155,6 +161,7 @@ enum SnapshotFrame {
         next_token: u64,
         node: NodeId,
         floor: u64,
+        durable_to: u64,
     },
     Type {
         entry_type: String,
@@ -183,6 +190,9 @@ pub(crate) struct Snapshot {
     /// An index of the engine's log at or below every type's cut: the entries up to it
     /// are no longer needed.
     pub(crate) floor: u64,
+    /// The log was durable up to this index before the snapshot was written (it holds
+    /// nothing past it, answers included).
+    pub(crate) durable_to: u64,
 }
 
 /// Writes a snapshot (named after its floor). Returns its size in bytes.
@@ -199,6 +209,7 @@ pub(crate) fn write_snapshot(dir: &Path, snapshot: &Snapshot, node: NodeId) -> R
             next_token: snapshot.next_token,
             node,
             floor: snapshot.floor,
+            durable_to: snapshot.durable_to,
         },
     );
     let mut entries = 0u64;
@@ -244,7 +255,7 @@ pub(crate) fn write_snapshot(dir: &Path, snapshot: &Snapshot, node: NodeId) -> R
     Ok(buf.len() as u64)
 }
 
-fn read_snapshot(path: &Path) -> Result<Snapshot> {
+pub(crate) fn read_snapshot(path: &Path) -> Result<Snapshot> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -264,6 +275,7 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
         types: Vec::new(),
         answers: Answers::default(),
         floor: 0,
+        durable_to: 0,
     };
     let mut ended = false;
     for (_, payload) in frames {
@@ -271,10 +283,14 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
             .map_err(|e| storage(path, format!("corrupt snapshot frame: {e}")))?;
         match f {
             SnapshotFrame::Header {
-                next_token, floor, ..
+                next_token,
+                floor,
+                durable_to,
+                ..
             } => {
                 snap.next_token = next_token;
                 snap.floor = floor;
+                snap.durable_to = durable_to;
             }
             SnapshotFrame::Type {
                 entry_type,
@@ -367,6 +383,7 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
             types: Vec::new(),
             answers: Answers::default(),
             floor: 0,
+            durable_to: 0,
         },
     };
     let (wal, mut logs) = Wal::open(dir, segment_bytes)?;
@@ -391,16 +408,16 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
         if index <= snapshot.floor {
             continue;
         }
-        let record: LogRecord = postcard::from_bytes(&bytes).map_err(|e| {
+        let (entry_type, command) = decode(&bytes).map_err(|e| {
             storage(
                 dir,
                 format!("corrupt entry {index} of the engine's log: {e}"),
             )
         })?;
-        if index <= cuts.get(record.entry_type.as_str()).copied().unwrap_or(0) {
+        if index <= cuts.get(entry_type.as_str()).copied().unwrap_or(0) {
             continue;
         }
-        commands.push((index, record.entry_type, record.command));
+        commands.push((index, entry_type, command));
     }
     Ok(Recovered {
         snapshot,

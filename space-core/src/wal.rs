@@ -46,7 +46,7 @@ const FRAME_HEADER: usize = 16;
 const RECORD_HEADER: usize = 13;
 
 /// The kinds of record.
-const ENTRY: u8 = 0;
+pub(crate) const ENTRY: u8 = 0;
 const TRUNCATE: u8 = 1;
 const PURGE: u8 = 2;
 const META: u8 = 3;
@@ -139,7 +139,7 @@ fn record_header(log: LogId, kind: u8, number: u64) -> [u8; RECORD_HEADER] {
 }
 
 /// One record read back: its log, kind, number and data.
-fn parse_record(payload: &[u8]) -> Option<(LogId, u8, u64, &[u8])> {
+pub(crate) fn parse_record(payload: &[u8]) -> Option<(LogId, u8, u64, &[u8])> {
     if payload.len() < RECORD_HEADER {
         return None;
     }

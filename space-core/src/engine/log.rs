@@ -190,6 +190,7 @@ impl Engine {
         // Taken after every cut, so it holds the answers of everything under them; those
         // of commands above a cut are not recorded twice on replay (see `state::apply`).
         let answers = self.inner.answers.lock().clone();
+        let durable_to = wal.last_index(ENGINE_LOG);
         // The snapshot reflects only what the log already holds durably.
         wal.wait_durable(wal.appended())?;
         let snapshot = Snapshot {
@@ -197,6 +198,7 @@ impl Engine {
             types,
             answers,
             floor,
+            durable_to,
         };
         let bytes = crate::durable::write_snapshot(wal.dir(), &snapshot, self.inner.config.node)?;
         crate::durable::compact(wal, floor)?;

@@ -802,6 +802,20 @@ impl Engine {
         told
     }
 
+    /// Replays `commands` into this (fresh) engine, as recovery does after a snapshot.
+    pub(crate) fn replay(&self, commands: Vec<(u64, String, Command)>) {
+        self.recover_state(
+            Snapshot {
+                next_token: 1,
+                types: Vec::new(),
+                answers: Answers::default(),
+                floor: 0,
+                durable_to: 0,
+            },
+            commands,
+        );
+    }
+
     /// Fires the lease timers that are due by the engine's clock, now, on this thread.
     pub(crate) fn fire_due(&self) {
         for timer in self.inner.timers.take_due() {
