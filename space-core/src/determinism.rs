@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use space_query::{Fields, Filter, Query, Value};
 
 use crate::document::{ClaimTicket, RequestId};
-use crate::durable::{ENGINE_LOG, decode, read_snapshot};
+use crate::durable::{ENGINE_LOG, decode, read_snapshot, snapshots};
 use crate::engine::{Engine, EngineConfig};
 use crate::entry::Key;
 use crate::lease::{Clock, Lease};
@@ -401,7 +401,7 @@ fn check_crash(ops: &[(Op, Option<u8>)], cut: u32) {
     // Writing a snapshot deletes the ones before it, and needs the log durable up to what
     // it holds: a crash can only cut the log after what the newest snapshot holds.
     let mut durable_to = 0;
-    for (_, path) in numbered(&dir.0, "snapshot-", ".snap").expect("list") {
+    for (_, path) in snapshots(&dir.0, ENGINE_LOG).expect("list") {
         durable_to = durable_to.max(read_snapshot(&path).expect("snapshot").durable_to);
     }
     let first = entries.iter().take_while(|e| e.index <= durable_to).count();

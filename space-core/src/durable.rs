@@ -29,7 +29,7 @@ use crate::entry::NodeId;
 use crate::error::Result;
 use crate::state::{Answers, Command};
 use crate::store::Record;
-use crate::wal::{LogId, Wal, frame, frames, numbered, storage, sync_dir};
+use crate::wal::{LogContents, LogId, Wal, frame, frames, numbered, storage, sync_dir};
 
 pub use crate::wal::DEFAULT_SEGMENT_BYTES;
 
@@ -72,8 +72,12 @@ pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<(String, Command), pos
     Ok((record.entry_type, record.command))
 }
 
-fn snapshot_name(index: u64) -> String {
-    format!("snapshot-{index:020}.snap")
+fn snapshot_prefix(log: LogId) -> String {
+    format!("snapshot-{log:04}-")
+}
+
+fn snapshot_name(log: LogId, index: u64) -> String {
+    format!("{}{index:020}.snap", snapshot_prefix(log))
 }
 
 /// Decides when a snapshot is due: once the log grew by the configured bytes (or by the
@@ -195,8 +199,13 @@ pub(crate) struct Snapshot {
     pub(crate) durable_to: u64,
 }
 
-/// Writes a snapshot (named after its floor). Returns its size in bytes.
-pub(crate) fn write_snapshot(dir: &Path, snapshot: &Snapshot, node: NodeId) -> Result<u64> {
+/// Writes a snapshot of `log` (named after its floor). Returns its size in bytes.
+pub(crate) fn write_snapshot(
+    dir: &Path,
+    log: LogId,
+    snapshot: &Snapshot,
+    node: NodeId,
+) -> Result<u64> {
     let mut buf = SNAP_MAGIC.to_vec();
     let mut n = 0u64;
     let mut put = |buf: &mut Vec<u8>, f: &SnapshotFrame| {
@@ -244,8 +253,8 @@ pub(crate) fn write_snapshot(dir: &Path, snapshot: &Snapshot, node: NodeId) -> R
             entries,
         },
     );
-    let path = dir.join(snapshot_name(snapshot.floor));
-    let tmp = dir.join(format!("{}.tmp", snapshot_name(snapshot.floor)));
+    let path = dir.join(snapshot_name(log, snapshot.floor));
+    let tmp = dir.join(format!("{}.tmp", snapshot_name(log, snapshot.floor)));
     let mut f = File::create(&tmp).map_err(|e| storage(&tmp, e))?;
     f.write_all(&buf)
         .and_then(|()| f.sync_all())
@@ -338,23 +347,25 @@ pub(crate) fn read_snapshot(path: &Path) -> Result<Snapshot> {
 // ---------------------------------------------------------------------------------------
 // Recovery.
 
-/// What recovery hands the engine: the newest snapshot, and the commands logged after
-/// it, to be replayed through [`apply`](crate::state::apply) in log order.
+/// What recovery hands an engine: its newest snapshot, and the commands logged after it,
+/// to be replayed through [`apply`](crate::state::apply) in log order.
 pub(crate) struct Recovered {
     pub(crate) snapshot: Snapshot,
     /// `(index, entry type, command)`, oldest first; only commands above their type's cut.
     pub(crate) commands: Vec<(u64, String, Command)>,
-    pub(crate) wal: Arc<Wal>,
-    pub(crate) lock: File,
 }
 
-/// Opens a data directory: locks it, opens the write-ahead log (cutting a torn tail),
-/// loads the newest snapshot and decodes the engine's commands after it.
+/// Opens a data directory: creates and locks it, drops interrupted snapshots, and opens
+/// the write-ahead log (cutting a torn tail). Returns the log, what it holds per log, and
+/// the lock (held as long as the directory is in use).
 ///
 /// # Errors
 /// [`SpaceError::Storage`](crate::SpaceError::Storage) naming the file, for a directory in
-/// use by another process, a foreign or corrupt snapshot or segment, or an I/O failure.
-pub(crate) fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
+/// use by another process, a foreign or corrupt segment, or an I/O failure.
+pub(crate) fn open_dir(
+    dir: &Path,
+    segment_bytes: u64,
+) -> Result<(Arc<Wal>, HashMap<LogId, LogContents>, File)> {
     fs::create_dir_all(dir).map_err(|e| storage(dir, e))?;
     let lock_path = dir.join("LOCK");
     let lock = OpenOptions::new()
@@ -375,8 +386,22 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
             let _ = fs::remove_file(entry.path());
         }
     }
-    let snapshots = numbered(dir, "snapshot-", ".snap")?;
-    let snapshot = match snapshots.last() {
+    let (wal, logs) = Wal::open(dir, segment_bytes)?;
+    Ok((wal, logs, lock))
+}
+
+/// The snapshots of `log` in `dir`, oldest first (by the index they cover).
+pub(crate) fn snapshots(dir: &Path, log: LogId) -> Result<Vec<(u64, std::path::PathBuf)>> {
+    numbered(dir, &snapshot_prefix(log), ".snap")
+}
+
+/// Recovers one engine's log: its newest snapshot, and its commands after it (decoded).
+///
+/// # Errors
+/// [`SpaceError::Storage`](crate::SpaceError::Storage) naming the file, for a corrupt
+/// snapshot or entry, or a log purged past what its newest snapshot holds.
+pub(crate) fn recover_log(dir: &Path, log: LogId, contents: LogContents) -> Result<Recovered> {
+    let snapshot = match snapshots(dir, log)?.last() {
         Some((_, path)) => read_snapshot(path)?,
         None => Snapshot {
             next_token: 1,
@@ -386,54 +411,43 @@ pub(crate) fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
             durable_to: 0,
         },
     };
-    let (wal, mut logs) = Wal::open(dir, segment_bytes)?;
+    if contents.purged_before > snapshot.floor + 1 {
+        return Err(storage(
+            dir,
+            format!(
+                "log {log} was purged up to entry {} but its newest snapshot only covers {}: a snapshot file is missing",
+                contents.purged_before - 1,
+                snapshot.floor
+            ),
+        ));
+    }
     let cuts: HashMap<&str, u64> = snapshot
         .types
         .iter()
         .map(|t| (t.entry_type.as_str(), t.cut))
         .collect();
     let mut commands = Vec::new();
-    let log = logs.remove(&ENGINE_LOG).unwrap_or_default();
-    if log.purged_before > snapshot.floor + 1 {
-        return Err(storage(
-            dir,
-            format!(
-                "the log was purged up to entry {} but the newest snapshot only covers {}: a snapshot file is missing",
-                log.purged_before - 1,
-                snapshot.floor
-            ),
-        ));
-    }
-    for (index, bytes) in log.entries {
+    for (index, bytes) in contents.entries {
         if index <= snapshot.floor {
             continue;
         }
-        let (entry_type, command) = decode(&bytes).map_err(|e| {
-            storage(
-                dir,
-                format!("corrupt entry {index} of the engine's log: {e}"),
-            )
-        })?;
+        let (entry_type, command) = decode(&bytes)
+            .map_err(|e| storage(dir, format!("corrupt entry {index} of log {log}: {e}")))?;
         if index <= cuts.get(entry_type.as_str()).copied().unwrap_or(0) {
             continue;
         }
         commands.push((index, entry_type, command));
     }
-    Ok(Recovered {
-        snapshot,
-        commands,
-        wal,
-        lock,
-    })
+    Ok(Recovered { snapshot, commands })
 }
 
-/// After a snapshot at `floor`: the engine's entries up to it are purged, the segments no
-/// log needs any more deleted, and older snapshots removed.
-pub(crate) fn compact(wal: &Wal, floor: u64) -> Result<()> {
-    wal.purge(ENGINE_LOG, floor + 1);
+/// After a snapshot of `log` at `floor`: the log's entries up to it are purged, the
+/// segments no log needs any more deleted, and the log's older snapshots removed.
+pub(crate) fn compact(wal: &Wal, log: LogId, floor: u64) -> Result<()> {
+    wal.purge(log, floor + 1);
     wal.compact()?;
     let dir = wal.dir();
-    for (index, path) in numbered(dir, "snapshot-", ".snap")? {
+    for (index, path) in snapshots(dir, log)? {
         if index < floor {
             fs::remove_file(&path).map_err(|e| storage(&path, e))?;
         }

@@ -34,7 +34,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Result, SpaceError};
 
 /// Names one log among those sharing a node's write-ahead log.
-pub(crate) type LogId = u32;
+pub type LogId = u32;
 
 /// A segment is closed and a new one started past this size, by default.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;

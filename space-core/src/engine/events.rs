@@ -88,7 +88,7 @@ impl Engine {
             return Err(e);
         }
         if let Some(at) = expires {
-            self.inner.timers.schedule(
+            self.schedule(
                 at,
                 TimerKind::Subscription {
                     sub: Arc::downgrade(&shared),
@@ -141,7 +141,7 @@ impl Keeper for Engine {
         }
         sub.set_expires(expires);
         if let Some(at) = expires {
-            self.inner.timers.schedule(
+            self.schedule(
                 at,
                 TimerKind::Subscription {
                     sub: Arc::downgrade(sub),

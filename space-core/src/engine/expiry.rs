@@ -6,7 +6,7 @@ impl Engine {
     /// Schedules the expiry of entry `seq` of `cell`, if it has a lease.
     pub(super) fn expiry_timer(&self, cell: &Arc<TypeCell>, seq: u64, expires: Option<Deadline>) {
         if let Some(at) = expires {
-            self.inner.timers.schedule(
+            self.schedule(
                 at,
                 TimerKind::Entry {
                     cell: Arc::downgrade(cell),
@@ -23,7 +23,7 @@ impl Engine {
         token: u64,
         expires: Deadline,
     ) {
-        self.inner.timers.schedule(
+        self.schedule(
             expires,
             TimerKind::Claim {
                 cell: Arc::downgrade(cell),
@@ -132,14 +132,13 @@ impl Engine {
     }
 }
 
-pub(super) fn reap(timers: &Timers<TimerKind>, engine: &Weak<Inner>) {
+/// The timer thread: fires every due lease timer in the engine it belongs to.
+pub(super) fn reap(timers: &Timers<host::Due>) {
     while let Some(due) = timers.wait_due() {
-        let Some(inner) = engine.upgrade() else {
-            return;
-        };
-        let engine = Engine::internal(inner);
-        for timer in due {
-            engine.fire(timer);
+        for (engine, timer) in due {
+            if let Some(inner) = engine.upgrade() {
+                Engine::internal(inner).fire(timer);
+            }
         }
     }
 }

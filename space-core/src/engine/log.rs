@@ -4,62 +4,6 @@
 use super::*;
 
 impl Engine {
-    /// Opens a durable engine on a data directory (created if missing): recovers what the
-    /// directory holds (snapshot, then the operation log), and logs every change from now
-    /// on. Operations are durable once [`flush`](Self::flush) (or the Space handle, which
-    /// waits for it) returns. Blocks while it recovers.
-    ///
-    /// # Errors
-    /// [`SpaceError::Storage`] naming the file, for a directory in use by another process,
-    /// a foreign or corrupt file, or an I/O failure.
-    pub fn open(dir: impl AsRef<std::path::Path>, config: EngineConfig) -> Result<Engine> {
-        let dir = dir.as_ref();
-        let started = Instant::now();
-        let recovered = crate::durable::recover(dir, config.log_segment_bytes)?;
-        let mut next_token = recovered.snapshot.next_token;
-        for (_, _, command) in &recovered.commands {
-            if let Some(token) = command.token() {
-                next_token = next_token.max(token + 1);
-            }
-        }
-        let engine = Self::build(
-            config,
-            Some(recovered.wal.clone()),
-            Some(recovered.lock),
-            next_token,
-        );
-        let replayed = recovered.commands.len();
-        engine.recover_state(recovered.snapshot, recovered.commands);
-        let entries = engine.inner.totals.entries.load(Ordering::Relaxed);
-        tracing::info!(
-            dir = %dir.display(),
-            entries,
-            replayed,
-            took_ms = started.elapsed().as_millis() as u64,
-            "recovered"
-        );
-        let weak = Arc::downgrade(&engine.inner);
-        let Some(checkpoints) = engine.inner.checkpoints.clone() else {
-            return Ok(engine);
-        };
-        match std::thread::Builder::new()
-            .name("space-checkpoint".into())
-            .spawn(move || {
-                while checkpoints.wait_due() {
-                    let Some(inner) = weak.upgrade() else { return };
-                    if let Err(e) = Engine::internal(inner).checkpoint() {
-                        tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
-                    }
-                }
-            }) {
-            Ok(t) => engine.inner.threads.lock().push(t),
-            Err(e) => {
-                tracing::error!(error = %e, "could not start the checkpoint thread; the log will not be compacted")
-            }
-        }
-        Ok(engine)
-    }
-
     /// Rebuilds the state from a snapshot and the commands logged after it, replayed
     /// through [`state::apply`] in log order, then arms the lease timers: what lapsed while
     /// the node was down is expired by commands the timer decides, like any expiry.
@@ -137,7 +81,7 @@ impl Engine {
 
     /// Whether changes are logged to a data directory.
     pub fn is_durable(&self) -> bool {
-        self.inner.wal.is_some()
+        self.inner.durable.is_some()
     }
 
     /// Blocks until every change made so far is durable (no-op for an in-memory engine).
@@ -145,9 +89,20 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when the log cannot be written.
     pub fn flush_blocking(&self) -> Result<()> {
-        match &self.inner.wal {
+        match self.durable_wal()? {
             Some(wal) => wal.wait_durable(wal.appended()),
             None => Ok(()),
+        }
+    }
+
+    /// The write-ahead log to wait on: none for an in-memory engine, an error once closed.
+    fn durable_wal(&self) -> Result<Option<&Arc<Wal>>> {
+        match self.inner.wal() {
+            Some(wal) if self.inner.closed.load(Ordering::Acquire) => Err(crate::wal::storage(
+                wal.dir(),
+                "the space was closed: this change is not logged",
+            )),
+            wal => Ok(wal),
         }
     }
 
@@ -156,7 +111,7 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when the log cannot be written.
     pub async fn flush(&self) -> Result<()> {
-        match &self.inner.wal {
+        match self.durable_wal()? {
             Some(wal) => wal.durable(wal.appended()).await,
             None => Ok(()),
         }
@@ -168,15 +123,16 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when writing fails (the log is then kept).
     pub fn checkpoint(&self) -> Result<()> {
-        let Some(wal) = &self.inner.wal else {
+        let Some(durable) = &self.inner.durable else {
             return Ok(());
         };
-        let floor = wal.last_index(ENGINE_LOG);
+        let (wal, log) = (&durable.wal, durable.log);
+        let floor = wal.last_index(log);
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
         let mut types = Vec::with_capacity(cells.len());
         for cell in cells {
             let st = cell.lock();
-            let cut = wal.last_index(ENGINE_LOG);
+            let cut = wal.last_index(log);
             let records = st.store.iter().map(|(seq, r)| (seq, r.clone())).collect();
             types.push(TypeImage {
                 entry_type: cell.name.to_string(),
@@ -190,7 +146,7 @@ impl Engine {
         // Taken after every cut, so it holds the answers of everything under them; those
         // of commands above a cut are not recorded twice on replay (see `state::apply`).
         let answers = self.inner.answers.lock().clone();
-        let durable_to = wal.last_index(ENGINE_LOG);
+        let durable_to = wal.last_index(log);
         // The snapshot reflects only what the log already holds durably.
         wal.wait_durable(wal.appended())?;
         let snapshot = Snapshot {
@@ -200,11 +156,10 @@ impl Engine {
             floor,
             durable_to,
         };
-        let bytes = crate::durable::write_snapshot(wal.dir(), &snapshot, self.inner.config.node)?;
-        crate::durable::compact(wal, floor)?;
-        if let Some(checkpoints) = &self.inner.checkpoints {
-            checkpoints.snapshot_written(bytes);
-        }
+        let bytes =
+            crate::durable::write_snapshot(wal.dir(), log, &snapshot, self.inner.config.node)?;
+        crate::durable::compact(wal, log, floor)?;
+        self.inner.services.snapshot_written(bytes);
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use space_query::{Fields, Query};
 
 use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
-use crate::durable::{Checkpoints, ENGINE_LOG, Snapshot, TypeImage};
+use crate::durable::{Checkpoints, Snapshot, TypeImage};
 use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
@@ -58,7 +58,11 @@ use crate::timers::Timers;
 
 mod events;
 mod expiry;
+mod host;
 mod log;
+
+pub use host::LogHost;
+use host::Services;
 mod takes;
 mod waiting;
 mod writes;
@@ -201,7 +205,10 @@ struct Inner {
     waiters: Arc<AtomicUsize>,
     /// Events held by all subscriptions.
     events: Arc<EventBudget>,
-    timers: Arc<Timers<TimerKind>>,
+    /// The threads that serve the engine (shared with the other engines of its host).
+    services: Arc<Services>,
+    /// This engine, for its timers to find it again.
+    me: Weak<Inner>,
     /// The next claim token to hand out (decided, then carried by the command).
     next_token: AtomicU64,
     next_sub: AtomicU64,
@@ -209,14 +216,8 @@ struct Inner {
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
     /// Entries and bytes held, for the limits.
     totals: Arc<Totals>,
-    /// The write-ahead log the engine's log is on, when the engine is durable.
-    wal: Option<Arc<Wal>>,
-    /// When snapshots are due (durable engines).
-    checkpoints: Option<Arc<Checkpoints>>,
-    /// Held while the engine owns its data directory.
-    dir_lock: Mutex<Option<std::fs::File>>,
-    /// The engine's threads, joined when it closes.
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The engine's log, when it is durable.
+    durable: Option<Durable>,
     closed: std::sync::atomic::AtomicBool,
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
@@ -233,6 +234,14 @@ struct Inner {
 #[cfg(test)]
 pub(crate) type Told = (u64, String, Key, EventKind, u64);
 
+/// Where a durable engine's log is.
+struct Durable {
+    /// The host of the data directory, held until the engine closes.
+    host: Mutex<Option<Arc<LogHost>>>,
+    wal: Arc<Wal>,
+    log: crate::wal::LogId,
+}
+
 /// What a lease timer is for.
 enum TimerKind {
     /// An entry's lease.
@@ -248,30 +257,22 @@ enum TimerKind {
 }
 
 impl Inner {
-    /// Stops the engine's threads and waits for them, writes out the log, and releases
-    /// the data directory. Once only.
+    /// Closes the engine, once: an in-memory engine stops its threads; a durable one lets
+    /// go of its host, which (when no other engine holds it) stops its threads, writes
+    /// its log out and releases the data directory before this returns.
     fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.timers.shutdown();
-        if let Some(wal) = &self.wal {
-            wal.shutdown();
+        match &self.durable {
+            Some(durable) => drop(durable.host.lock().take()),
+            None => self.services.stop(),
         }
-        if let Some(checkpoints) = &self.checkpoints {
-            checkpoints.shutdown();
-        }
-        let me = std::thread::current().id();
-        let threads = std::mem::take(&mut *self.threads.lock());
-        for t in threads {
-            if t.thread().id() != me {
-                let _ = t.join();
-            }
-        }
-        if let Some(wal) = &self.wal {
-            wal.close();
-        }
-        self.dir_lock.lock().take();
+    }
+
+    /// The write-ahead log of a durable engine.
+    fn wal(&self) -> Option<&Arc<Wal>> {
+        self.durable.as_ref().map(|d| &d.wal)
     }
 }
 
@@ -439,38 +440,31 @@ impl Engine {
     /// Starts an engine (and its lease reaper thread, which ends when the last clone of
     /// the engine is dropped).
     pub fn new(config: EngineConfig) -> Engine {
-        Self::build(config, None, None, 1)
+        let services = Services::start(config.clock.clone(), None);
+        Self::build(config, services, None, 1)
     }
 
     fn build(
         config: EngineConfig,
-        wal: Option<Arc<Wal>>,
-        dir_lock: Option<std::fs::File>,
+        services: Arc<Services>,
+        durable: Option<Durable>,
         next_token: u64,
     ) -> Engine {
-        let timers = Arc::new(Timers::new(config.clock.clone()));
         let events = EventBudget::new(config.max_queued_events);
-        let checkpoints = wal.as_ref().map(|wal| {
-            let checkpoints = Checkpoints::new(config.snapshot_after_bytes.max(4096));
-            let counter = checkpoints.clone();
-            wal.on_written(move |bytes| counter.written(bytes));
-            checkpoints
-        });
-        let inner = Arc::new(Inner {
+        let is_durable = durable.is_some();
+        let inner = Arc::new_cyclic(|me| Inner {
             config,
             cells: ArcSwap::from_pointee(HashMap::default()),
             new_type: Mutex::new(SWEEP_TYPES_ABOVE),
             waiters: Arc::new(AtomicUsize::new(0)),
             events,
-            timers: timers.clone(),
+            services: services.clone(),
+            me: me.clone(),
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
-            wal,
-            checkpoints,
-            dir_lock: Mutex::new(dir_lock),
-            threads: Mutex::new(Vec::new()),
+            durable,
             closed: std::sync::atomic::AtomicBool::new(false),
             answers: Mutex::new(Answers::default()),
             #[cfg(test)]
@@ -478,15 +472,8 @@ impl Engine {
             #[cfg(test)]
             told: Mutex::new(Vec::new()),
         });
-        let weak = Arc::downgrade(&inner);
-        match std::thread::Builder::new()
-            .name("space-reaper".into())
-            .spawn(move || expiry::reap(&timers, &weak))
-        {
-            Ok(t) => inner.threads.lock().push(t),
-            // Without the reaper, expired entries are still never returned (reads check
-            // deadlines); they are only removed later, lazily.
-            Err(e) => tracing::error!(error = %e, "could not start the lease reaper thread"),
+        if is_durable {
+            services.serve(&inner);
         }
         Engine {
             _handle: Some(Arc::new(Handle(inner.clone()))),
@@ -524,8 +511,8 @@ impl Engine {
     /// log holds each type's commands in the order they were applied.
     #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
-        let index = self.inner.wal.as_ref().map(|wal| {
-            wal.append(ENGINE_LOG, &crate::durable::encode(&st.name, &command))
+        let index = self.log_to().map(|(wal, log)| {
+            wal.append(log, &crate::durable::encode(&st.name, &command))
                 .index
         });
         self.apply(st, index, command)
@@ -548,7 +535,7 @@ impl Engine {
         // must answer retries. Without one, the node's own table of recent answers serves
         // retries, and keeping a second copy here would cost every call a copy of its
         // answer.
-        let keep = self.inner.wal.is_some() && command.answers();
+        let keep = self.inner.durable.is_some() && command.answers();
         let mut answers = keep.then(|| self.inner.answers.lock());
         let outcome = state::apply(
             &st.name,
@@ -575,6 +562,21 @@ impl Engine {
             .lock()
             .push((index.unwrap_or(0), format!("{}: {outcome:?}", st.name)));
         outcome
+    }
+
+    /// The log a change goes to: none for an in-memory engine, or one closed (changes
+    /// made through a clone after [`close`](Self::close) are not logged).
+    fn log_to(&self) -> Option<(&Arc<Wal>, crate::wal::LogId)> {
+        let durable = self.inner.durable.as_ref()?;
+        (!self.inner.closed.load(Ordering::Relaxed)).then_some((&durable.wal, durable.log))
+    }
+
+    /// Arranges for `kind` to fire at `at` on the engine's timer.
+    fn schedule(&self, at: Deadline, kind: TimerKind) {
+        self.inner
+            .services
+            .timers
+            .schedule(at, (self.inner.me.clone(), kind));
     }
 
     /// "Now" on the engine's clock, read when first needed.
@@ -730,7 +732,7 @@ impl Engine {
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
         let mut stats = Stats {
             entry_types: cells.len() as u64,
-            timers: self.inner.timers.len() as u64,
+            timers: self.inner.services.timers.len() as u64,
             queued_events: self.inner.events.held() as u64,
             ..Stats::default()
         };
@@ -818,8 +820,10 @@ impl Engine {
 
     /// Fires the lease timers that are due by the engine's clock, now, on this thread.
     pub(crate) fn fire_due(&self) {
-        for timer in self.inner.timers.take_due() {
-            self.fire(timer);
+        for (engine, timer) in self.inner.services.timers.take_due() {
+            if let Some(inner) = engine.upgrade() {
+                Engine::internal(inner).fire(timer);
+            }
         }
     }
 }
