@@ -2,27 +2,11 @@
 //! their appends share fsyncs, each is snapshotted and compacted on its own, and each comes
 //! back after a restart exactly as it was, whatever the others did.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use space_core::server::{Engine, LogHost};
 use space_core::{EngineConfig, Fields, Filter, Lease, Query, SpaceError, Value};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("space-logs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use space_tests::TempDir;
 
 fn job(log: u32, n: i64) -> Fields {
     let mut f = Fields::new();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use space_core::{BlockingSpace, EngineConfig, Lease, Query, Space, SpaceError};
-use space_tests::Job;
+use space_tests::{Job, TempDir};
 
 fn job(id: u64) -> Job {
     Job {
@@ -30,24 +30,6 @@ fn ids(space: &BlockingSpace) -> Vec<u64> {
         .iter()
         .map(|j| j.id)
         .collect()
-}
-
-/// A fresh directory under the target dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("space-test-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {

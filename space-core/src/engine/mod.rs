@@ -571,6 +571,16 @@ impl Engine {
         (!self.inner.closed.load(Ordering::Relaxed)).then_some((&durable.wal, durable.log))
     }
 
+    /// Decides a new claim: its token, and its deadline `lease` from now (claim leases
+    /// are checked against the longest lease first, so the clock can always hold it).
+    fn claim_terms(&self, lease: Duration, now: &Now) -> (u64, Deadline) {
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        (
+            token,
+            now.after(lease).unwrap_or(Deadline::from_ms(u64::MAX)),
+        )
+    }
+
     /// Arranges for `kind` to fire at `at` on the engine's timer.
     fn schedule(&self, at: Deadline, kind: TimerKind) {
         self.inner

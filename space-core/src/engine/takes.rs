@@ -74,10 +74,11 @@ impl Engine {
         lease: Duration,
         now: &Now,
     ) -> Option<Delivery> {
+        let (token, expires) = self.claim_terms(lease, now);
         let command = Command::Claim {
             seq,
-            token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
-            expires: now.after(lease)?,
+            token,
+            expires,
             request: current_request(),
         };
         if let Outcome::Missing = self.execute(st, command) {

@@ -271,11 +271,14 @@ impl Engine {
             None => HandOff::Taken {
                 request: waiter.request,
             },
-            Some(lease) => HandOff::Claimed {
-                token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
-                expires: now.after(*lease).unwrap_or(Deadline::from_ms(u64::MAX)),
-                request: waiter.request,
-            },
+            Some(lease) => {
+                let (token, expires) = self.claim_terms(*lease, now);
+                HandOff::Claimed {
+                    token,
+                    expires,
+                    request: waiter.request,
+                }
+            }
         });
         let expires = record.expires;
         let outcome = self.execute(
@@ -317,12 +320,15 @@ impl Engine {
                         cause: Cause::Taken,
                         request: waiter.request,
                     },
-                    Some(lease) => Command::Claim {
-                        seq,
-                        token: self.inner.next_token.fetch_add(1, Ordering::Relaxed),
-                        expires: now.after(lease).unwrap_or(Deadline::from_ms(u64::MAX)),
-                        request: waiter.request,
-                    },
+                    Some(lease) => {
+                        let (token, expires) = self.claim_terms(lease, now);
+                        Command::Claim {
+                            seq,
+                            token,
+                            expires,
+                            request: waiter.request,
+                        }
+                    }
                 };
                 let outcome = self.execute(st, command);
                 self.hand_over(cell, st, seq, outcome, waiter, now);
