@@ -285,6 +285,20 @@ impl ConnectTo for Space {
     }
 }
 
+/// Runs `measure` (operations per second over `duration`) and returns its figure with the
+/// CPU time `server` spent per operation meanwhile, in microseconds (connecting included).
+pub async fn with_cpu(
+    server: &Process,
+    duration: Duration,
+    measure: impl std::future::Future<Output = Result<f64>>,
+) -> Result<(f64, f64)> {
+    let before = server.cpu_seconds();
+    let ops_per_s = measure.await?;
+    let cpu = server.cpu_seconds() - before;
+    let ops = ops_per_s * duration.as_secs_f64();
+    Ok((ops_per_s, cpu * 1e6 / ops.max(1.0)))
+}
+
 pub fn us(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 100.0).round() / 10.0
 }
@@ -296,18 +310,24 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
     } else {
         vec!["--threads", &threads]
     };
-    let (_node, node_addr) = start_node(&node_args)?;
-    let (_redis, redis_addr) = start_redis(&[])?;
+    let (node, node_addr) = start_node(&node_args)?;
+    let (redis_server, redis_addr) = start_redis(&[])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let duration = Duration::from_secs(seconds);
-    let mut rows: Vec<[f64; 8]> = Vec::new();
+    let mut rows: Vec<[f64; 10]> = Vec::new();
     for run in 1..=runs {
         let row = runtime.block_on(async {
-            let space = space_throughput(&node_addr, 1, duration).await?;
-            let redis = redis_throughput(&redis_addr, 1, duration).await?;
+            let (space, space_cpu) =
+                with_cpu(&node, duration, space_throughput(&node_addr, 1, duration)).await?;
+            let (redis, redis_cpu) = with_cpu(
+                &redis_server,
+                duration,
+                redis_throughput(&redis_addr, 1, duration),
+            )
+            .await?;
             let space_batch = space_throughput(&node_addr, BATCH, duration).await?;
             let redis_batch = redis_throughput(&redis_addr, BATCH, duration).await?;
             let s = space_rtt(&node_addr, rtt_samples).await?;
@@ -321,13 +341,17 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
                 us(&s, 0.99),
                 us(&r, 0.5),
                 us(&r, 0.99),
+                space_cpu,
+                redis_cpu,
             ])
         })?;
         println!(
-            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}) | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us",
+            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us",
             row[0],
             row[1],
             row[0] / row[1],
+            row[8],
+            row[9],
             row[2],
             row[3],
             row[2] / row[3],
@@ -352,6 +376,8 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             "space_ops_per_s": col(0).round(),
             "redis_ops_per_s": col(1).round(),
             "ratio": (ratio(0, 1) * 1000.0).round() / 1000.0,
+            "space_cpu_us_per_op": (col(8) * 10.0).round() / 10.0,
+            "redis_cpu_us_per_op": (col(9) * 10.0).round() / 10.0,
             "batch_space_ops_per_s": col(2).round(),
             "batch_redis_ops_per_s": col(3).round(),
             "batch_ratio": (ratio(2, 3) * 1000.0).round() / 1000.0,
@@ -395,8 +421,9 @@ pub fn run_durable(runs: usize, seconds: u64, recovery_entries: usize) -> Result
     let dir = std::env::temp_dir().join(format!("space-bench-durable-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let node_dir = dir.join("node");
-    let (_node, node_addr) = start_node(&["--data-dir", &node_dir.to_string_lossy()])?;
-    let (_redis, redis_addr) = start_redis(&["--appendonly", "yes", "--appendfsync", "always"])?;
+    let (node, node_addr) = start_node(&["--data-dir", &node_dir.to_string_lossy()])?;
+    let (redis_server, redis_addr) =
+        start_redis(&["--appendonly", "yes", "--appendfsync", "always"])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -404,16 +431,26 @@ pub fn run_durable(runs: usize, seconds: u64, recovery_entries: usize) -> Result
     let duration = Duration::from_secs(seconds);
     let mut rows = Vec::new();
     for run in 1..=runs {
-        let (space, redis) = runtime.block_on(async {
-            let space = space_throughput(&node_addr, 1, duration).await?;
-            let redis = redis_throughput(&redis_addr, 1, duration).await?;
-            anyhow::Ok((space, redis))
+        let row = runtime.block_on(async {
+            let (space, space_cpu) =
+                with_cpu(&node, duration, space_throughput(&node_addr, 1, duration)).await?;
+            let (redis, redis_cpu) = with_cpu(
+                &redis_server,
+                duration,
+                redis_throughput(&redis_addr, 1, duration),
+            )
+            .await?;
+            anyhow::Ok((space, redis, space_cpu, redis_cpu))
         })?;
         println!(
-            "run {run}: durable space {space:.0} ops/s vs redis (fsync always) {redis:.0} ({:.2})",
-            space / redis
+            "run {run}: durable space {:.0} ops/s vs redis (fsync always) {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op",
+            row.0,
+            row.1,
+            row.0 / row.1,
+            row.2,
+            row.3
         );
-        rows.push((space, redis));
+        rows.push(row);
     }
     let (n, took) = recovery_time(&dir.join("recovery"), recovery_entries)?;
     let per_million = took / (n.max(1) as f64 / 1_000_000.0);
@@ -429,6 +466,8 @@ pub fn run_durable(runs: usize, seconds: u64, recovery_entries: usize) -> Result
             "space_ops_per_s": median(rows.iter().map(|r| r.0).collect()).round(),
             "redis_ops_per_s": median(rows.iter().map(|r| r.1).collect()).round(),
             "ratio": (median(rows.iter().map(|r| r.0 / r.1).collect()) * 1000.0).round() / 1000.0,
+            "space_cpu_us_per_op": (median(rows.iter().map(|r| r.2).collect()) * 10.0).round() / 10.0,
+            "redis_cpu_us_per_op": (median(rows.iter().map(|r| r.3).collect()) * 10.0).round() / 10.0,
             "recovered_entries": n,
             "recovery_s": (took * 1000.0).round() / 1000.0,
             "recovery_s_per_million_entries": (per_million * 1000.0).round() / 1000.0,
