@@ -199,13 +199,9 @@ pub(crate) struct Snapshot {
     pub(crate) durable_to: u64,
 }
 
-/// Writes a snapshot of `log` (named after its floor). Returns its size in bytes.
-pub(crate) fn write_snapshot(
-    dir: &Path,
-    log: LogId,
-    snapshot: &Snapshot,
-    node: NodeId,
-) -> Result<u64> {
+/// A snapshot as bytes: the magic, then checksummed frames (header, each entry type and its
+/// entries, the answers, an end frame that counts them).
+pub(crate) fn snapshot_bytes(snapshot: &Snapshot, node: NodeId) -> Vec<u8> {
     let mut buf = SNAP_MAGIC.to_vec();
     let mut n = 0u64;
     let mut put = |buf: &mut Vec<u8>, f: &SnapshotFrame| {
@@ -253,6 +249,17 @@ pub(crate) fn write_snapshot(
             entries,
         },
     );
+    buf
+}
+
+/// Writes a snapshot of `log` (named after its floor). Returns its size in bytes.
+pub(crate) fn write_snapshot(
+    dir: &Path,
+    log: LogId,
+    snapshot: &Snapshot,
+    node: NodeId,
+) -> Result<u64> {
+    let buf = snapshot_bytes(snapshot, node);
     let path = dir.join(snapshot_name(log, snapshot.floor));
     let tmp = dir.join(format!("{}.tmp", snapshot_name(log, snapshot.floor)));
     let mut f = File::create(&tmp).map_err(|e| storage(&tmp, e))?;
@@ -269,6 +276,12 @@ pub(crate) fn read_snapshot(path: &Path) -> Result<Snapshot> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| storage(path, e))?;
+    parse_snapshot(&bytes, path)
+}
+
+/// Reads a snapshot from its bytes ([`snapshot_bytes`]); errors name `path` (where the
+/// bytes came from).
+pub(crate) fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot> {
     if bytes.len() < 8 || &bytes[..8] != SNAP_MAGIC {
         return Err(storage(
             path,

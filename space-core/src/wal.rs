@@ -447,9 +447,21 @@ impl Wal {
         Appended { lsn, index }
     }
 
+    /// Appends an entry to `log` at `index`, which the caller chose (a Raft log numbers its
+    /// own entries); the entries after it are expected to have been truncated first.
+    pub(crate) fn append_at(&self, log: LogId, index: u64, data: &[u8]) -> Appended {
+        let mut p = self.pending.lock();
+        p.logs.entry(log).or_default().last_index = index;
+        let lsn = self.push(&mut p, log, ENTRY, index, data);
+        let m = p.max_index.entry(log).or_insert(0);
+        *m = index.max(*m);
+        drop(p);
+        self.work.notify_one();
+        Appended { lsn, index }
+    }
+
     /// Drops the entries of `log` past `after`; its next entry gets `after + 1`. Returns
     /// the record's LSN. (A Raft log store needs it; the engine's own log never truncates.)
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn truncate(&self, log: LogId, after: u64) -> u64 {
         let mut p = self.pending.lock();
         let tail = p.logs.entry(log).or_default();

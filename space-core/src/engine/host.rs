@@ -179,6 +179,112 @@ impl LogHost {
     }
 }
 
+impl LogHost {
+    /// Opens log `log` for an owner that numbers and keeps its own entries (a Raft group's
+    /// log store) instead of an engine, and hands over what the write-ahead log holds of
+    /// it. The log shares the host's group commit with every other log on it. A log is
+    /// open once per host at a time.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the log is already open on this host.
+    pub fn open_log(self: &Arc<Self>, log: LogId) -> Result<(HostedLog, LogImage)> {
+        let contents = self.take(log)?;
+        let image = LogImage {
+            entries: contents.entries,
+            meta: contents.meta,
+        };
+        Ok((
+            HostedLog {
+                host: self.clone(),
+                log,
+            },
+            image,
+        ))
+    }
+}
+
+/// What the write-ahead log held of one log when it was opened: its entries (after its
+/// purge mark, without those truncated away) and its last metadata record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogImage {
+    /// The entries by index.
+    pub entries: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// The last metadata record written, if any.
+    pub meta: Option<Vec<u8>>,
+}
+
+/// A place in the write-ahead log's order: once it is durable, so is every record the
+/// call that returned it wrote (and everything written before).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogMark(u64);
+
+/// One log on a [`LogHost`]'s write-ahead log, kept by its own owner (see
+/// [`LogHost::open_log`]). Every call returns at once, before its record is durable; wait
+/// for the returned [`LogMark`] with [`durable`](Self::durable). Records of one log are
+/// durable in the order they were written. The log stays claimed after the handle is
+/// dropped: it can be opened again only once the host is reopened.
+pub struct HostedLog {
+    host: Arc<LogHost>,
+    log: LogId,
+}
+
+impl std::fmt::Debug for HostedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostedLog")
+            .field("dir", &self.host.dir)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl HostedLog {
+    /// This log's id on its host.
+    pub fn id(&self) -> LogId {
+        self.log
+    }
+
+    /// Writes `data` as the entry at `index`. Entries after `index` must have been
+    /// truncated first ([`truncate_after`](Self::truncate_after)); the log does not check.
+    pub fn append(&self, index: u64, data: &[u8]) -> LogMark {
+        LogMark(self.host.wal.append_at(self.log, index, data).lsn)
+    }
+
+    /// Drops the entries after `index`.
+    pub fn truncate_after(&self, index: u64) -> LogMark {
+        LogMark(self.host.wal.truncate(self.log, index))
+    }
+
+    /// Marks the entries before `index` as no longer needed; the files holding only such
+    /// entries (of every log on the host) are deleted by the host's compaction.
+    pub fn purge_before(&self, index: u64) -> LogMark {
+        LogMark(self.host.wal.purge(self.log, index))
+    }
+
+    /// Keeps `data` as this log's metadata (the last one written is what opening finds).
+    pub fn set_meta(&self, data: &[u8]) -> LogMark {
+        LogMark(self.host.wal.set_meta(self.log, data))
+    }
+
+    /// Waits, without blocking a thread, until the record of `mark` is durable (on disk
+    /// after `fdatasync`). Cancel-safe: dropping the future only stops the waiting.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the write-ahead log failed or was closed before it
+    /// got there.
+    pub async fn durable(&self, mark: LogMark) -> Result<()> {
+        self.host.wal.durable(mark.0).await
+    }
+
+    /// Deletes the log files every log on the host has purged.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when a file cannot be written or deleted.
+    pub fn compact(&self) -> Result<usize> {
+        self.host.wal.compact()
+    }
+}
+
 impl Drop for LogHost {
     fn drop(&mut self) {
         self.services.stop();

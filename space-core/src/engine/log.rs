@@ -117,6 +117,34 @@ impl Engine {
         }
     }
 
+    /// The state as a snapshot: every entry type with the log index its image is cut at
+    /// (`cut()`, read under the type's lock), then the answers (taken after every cut, so
+    /// they hold the answers of everything under them; those of commands above a cut are
+    /// not recorded twice on replay, see `state::apply`). Floor and durable mark are 0.
+    pub(super) fn capture(&self, cut: impl Fn() -> u64) -> Snapshot {
+        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
+        let mut types = Vec::with_capacity(cells.len());
+        for cell in cells {
+            let st = cell.lock();
+            let records = st.store.iter().map(|(seq, r)| (seq, r.clone())).collect();
+            types.push(TypeImage {
+                entry_type: cell.name.to_string(),
+                next_seq: st.store.last_seq(),
+                indexes: st.store.indexed_fields(),
+                schema: st.store.schema(),
+                cut: cut(),
+                records,
+            });
+        }
+        Snapshot {
+            next_token: self.inner.next_token.load(Ordering::Relaxed),
+            types,
+            answers: self.inner.answers.lock().clone(),
+            floor: 0,
+            durable_to: 0,
+        }
+    }
+
     /// Writes a snapshot of everything and drops the log segments it makes unnecessary.
     /// Runs by itself when the log has grown; callable directly (tests, shutdown).
     ///
@@ -128,34 +156,11 @@ impl Engine {
         };
         let (wal, log) = (&durable.wal, durable.log);
         let floor = wal.last_index(log);
-        let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
-        let mut types = Vec::with_capacity(cells.len());
-        for cell in cells {
-            let st = cell.lock();
-            let cut = wal.last_index(log);
-            let records = st.store.iter().map(|(seq, r)| (seq, r.clone())).collect();
-            types.push(TypeImage {
-                entry_type: cell.name.to_string(),
-                next_seq: st.store.last_seq(),
-                indexes: st.store.indexed_fields(),
-                schema: st.store.schema(),
-                cut,
-                records,
-            });
-        }
-        // Taken after every cut, so it holds the answers of everything under them; those
-        // of commands above a cut are not recorded twice on replay (see `state::apply`).
-        let answers = self.inner.answers.lock().clone();
-        let durable_to = wal.last_index(log);
+        let mut snapshot = self.capture(|| wal.last_index(log));
+        snapshot.floor = floor;
+        snapshot.durable_to = wal.last_index(log);
         // The snapshot reflects only what the log already holds durably.
         wal.wait_durable(wal.appended())?;
-        let snapshot = Snapshot {
-            next_token: self.inner.next_token.load(Ordering::Relaxed),
-            types,
-            answers,
-            floor,
-            durable_to,
-        };
         let bytes =
             crate::durable::write_snapshot(wal.dir(), log, &snapshot, self.inner.config.node)?;
         crate::durable::compact(wal, log, floor)?;

@@ -60,9 +60,11 @@ mod events;
 mod expiry;
 mod host;
 mod log;
+mod replica;
 
-pub use host::LogHost;
 use host::Services;
+pub use host::{HostedLog, LogHost, LogImage, LogMark};
+pub use replica::Applied;
 mod takes;
 mod waiting;
 mod writes;
@@ -218,6 +220,12 @@ struct Inner {
     totals: Arc<Totals>,
     /// The engine's log, when it is durable.
     durable: Option<Durable>,
+    /// Whether the state keeps the answer table (a log of the engine's own, or a
+    /// replicated one, outlives this process: a retry must find its first answer).
+    keeps_answers: bool,
+    /// A replicated log drives this engine: the log's leader decides expiries, so it arms
+    /// no lease timers of its own.
+    replica: bool,
     closed: std::sync::atomic::AtomicBool,
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
@@ -450,6 +458,18 @@ impl Engine {
         durable: Option<Durable>,
         next_token: u64,
     ) -> Engine {
+        Self::build_as(config, services, durable, next_token, false)
+    }
+
+    /// Builds an engine; a `replica` keeps answers and arms no lease timers (see
+    /// [`Engine::replica`]).
+    fn build_as(
+        config: EngineConfig,
+        services: Arc<Services>,
+        durable: Option<Durable>,
+        next_token: u64,
+        replica: bool,
+    ) -> Engine {
         let events = EventBudget::new(config.max_queued_events);
         let is_durable = durable.is_some();
         let inner = Arc::new_cyclic(|me| Inner {
@@ -464,6 +484,8 @@ impl Engine {
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
+            keeps_answers: replica || durable.is_some(),
+            replica,
             durable,
             closed: std::sync::atomic::AtomicBool::new(false),
             answers: Mutex::new(Answers::default()),
@@ -535,7 +557,7 @@ impl Engine {
         // must answer retries. Without one, the node's own table of recent answers serves
         // retries, and keeping a second copy here would cost every call a copy of its
         // answer.
-        let keep = self.inner.durable.is_some() && command.answers();
+        let keep = self.inner.keeps_answers && command.answers();
         let mut answers = keep.then(|| self.inner.answers.lock());
         let outcome = state::apply(
             &st.name,
@@ -583,6 +605,9 @@ impl Engine {
 
     /// Arranges for `kind` to fire at `at` on the engine's timer.
     fn schedule(&self, at: Deadline, kind: TimerKind) {
+        if self.inner.replica {
+            return;
+        }
         self.inner
             .services
             .timers
@@ -755,13 +780,12 @@ impl Engine {
         }
         stats
     }
-}
 
-#[cfg(test)]
-impl Engine {
-    /// Everything the state holds, in a canonical order (entry types by name, records by
-    /// sequence number, answers oldest first), for comparing two states.
-    pub(crate) fn state_digest(&self) -> String {
+    /// Everything the state holds, as text in a canonical order (entry types by name,
+    /// records by sequence number, answers oldest first): two engines hold the same state
+    /// exactly when their digests are equal (replicas, replays). Takes each entry type's
+    /// lock in turn; costly on a large state.
+    pub fn state_digest(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
         let mut cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
@@ -789,7 +813,10 @@ impl Engine {
         }
         out
     }
+}
 
+#[cfg(test)]
+impl Engine {
     /// The log place and outcome of every command applied so far, in log order.
     pub(crate) fn applied(&self) -> Vec<(u64, String)> {
         let mut trace = self.inner.trace.lock().clone();

@@ -1,0 +1,95 @@
+//! An engine whose state a replicated log drives (a shard's Raft group): its commands
+//! arrive already decided and committed, and are applied through the same
+//! [`state::apply`] as live calls and recovery (docs/ARCHITECTURE.md section 9).
+
+use super::*;
+
+/// What applying one logged command did, as the log's owner sees it (the answer a
+/// replicated call waits for).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Applied {
+    /// A write was stored, under this key.
+    Stored(Key),
+    /// A write went straight to the waiting taker or claimer named in its command.
+    HandedOff(Key),
+    /// The entry with this key left the space (taken, committed, expired or cancelled).
+    Removed(Key),
+    /// A claim, release, renewal or index took effect.
+    Changed,
+    /// Nothing had the command's entry (or the claim it names): nothing changed.
+    Missing,
+}
+
+impl Engine {
+    /// An in-memory engine that a replicated log drives: it keeps the answer table (so a
+    /// request retried on another replica gets its first answer) and arms no lease
+    /// timers (expiries are decided by the log's leader and arrive as commands). Reads
+    /// still never return an entry past its deadline.
+    pub fn replica(config: EngineConfig) -> Engine {
+        let services = Services::start(config.clock.clone(), None);
+        Self::build_as(config, services, None, 1, true)
+    }
+
+    /// An engine like [`replica`](Self::replica) holding the state of `image` (made by
+    /// [`image`](Self::image), on this or another replica).
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the image is damaged or not an image of a space.
+    pub fn replica_from_image(config: EngineConfig, image: &[u8]) -> Result<Engine> {
+        let snapshot = crate::durable::parse_snapshot(image, std::path::Path::new("snapshot"))?;
+        let engine = Engine::replica(config);
+        engine
+            .inner
+            .next_token
+            .store(snapshot.next_token, Ordering::Relaxed);
+        engine.recover_state(snapshot, Vec::new());
+        Ok(engine)
+    }
+
+    /// Applies the command logged at `index` (bytes a durable engine's log holds, or a
+    /// replicated log carries) through the one apply. Commands must come in log order,
+    /// from one caller at a time. Blocks only on the entry type's lock.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the bytes are not a command (nothing changes).
+    pub fn apply_logged(&self, index: u64, command: &[u8]) -> Result<Applied> {
+        let (entry_type, command) = crate::durable::decode(command).map_err(|e| {
+            crate::wal::storage(
+                std::path::Path::new("replicated log"),
+                format!("entry {index} is not a command: {e}"),
+            )
+        })?;
+        if let Some(token) = command.token() {
+            self.inner
+                .next_token
+                .fetch_max(token + 1, Ordering::Relaxed);
+        }
+        let key_of = |record: &Record| record.key.clone();
+        let mut applied = Applied::Missing;
+        self.each_type_always(&entry_type, |_, st| {
+            let written = match &command {
+                Command::Write { record, .. } => Some(record.key.clone()),
+                _ => None,
+            };
+            applied = match self.apply(st, Some(index), command) {
+                Outcome::Stored => written.map_or(Applied::Changed, Applied::Stored),
+                Outcome::HandedOff(r) => Applied::HandedOff(key_of(&r)),
+                Outcome::Removed(r) => Applied::Removed(key_of(&r)),
+                Outcome::Changed => Applied::Changed,
+                Outcome::Missing => Applied::Missing,
+            };
+        });
+        Ok(applied)
+    }
+
+    /// The whole state (entries, claims, deadlines, schemas, indexes, answers) as bytes,
+    /// cut at log index `applied` (the last command applied): what a snapshot of a
+    /// replicated log holds. Call it between applies.
+    pub fn image(&self, applied: u64) -> Vec<u8> {
+        let mut snapshot = self.capture(|| applied);
+        snapshot.floor = applied;
+        snapshot.durable_to = applied;
+        crate::durable::snapshot_bytes(&snapshot, self.inner.config.node)
+    }
+}
