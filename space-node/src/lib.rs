@@ -12,6 +12,7 @@
 mod cluster;
 mod dedupe;
 mod push;
+pub mod replica;
 mod server;
 mod stall;
 

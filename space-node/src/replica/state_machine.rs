@@ -1,0 +1,226 @@
+//! A shard group's state machine: a replica engine that applies what the group
+//! committed, through the engine's one apply.
+//!
+//! Snapshots are the engine's state image cut at the last applied entry, with Raft's
+//! metadata (last log id, membership). The newest one is kept in a file of the node's
+//! data directory (`group-<id>.snap`, written whole and renamed into place), so that a
+//! restarted member starts from it and Raft replays only the log after it.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use space_core::EngineConfig;
+use space_core::server::{Applied, Engine};
+
+use super::{LogId, Shard, io_error};
+
+/// A snapshot as it is kept and sent: Raft's metadata and the engine's image.
+#[derive(Clone, Serialize, Deserialize)]
+struct Kept {
+    meta: SnapshotMetaOf<Shard>,
+    #[serde(with = "serde_bytes")]
+    image: Vec<u8>,
+}
+
+/// The replica engine of a group, replaced whole when a snapshot is installed. Clone it
+/// to read the engine from outside the state machine.
+#[derive(Clone)]
+pub struct EngineSlot(Arc<Mutex<Engine>>);
+
+impl EngineSlot {
+    /// The engine now holding the group's state.
+    pub fn engine(&self) -> Engine {
+        self.0.lock().clone()
+    }
+}
+
+/// A shard group's state machine (openraft's `RaftStateMachine`) over a replica engine.
+pub struct StateMachine {
+    engine: EngineSlot,
+    config: EngineConfig,
+    applied: Option<LogId>,
+    membership: StoredMembershipOf<Shard>,
+    /// The newest snapshot, shared with the builders that make the next one.
+    current: Arc<Mutex<Option<Kept>>>,
+    /// Where the newest snapshot is kept (none: in memory only).
+    file: Option<PathBuf>,
+}
+
+impl StateMachine {
+    /// A state machine for group `group` whose snapshots live in `dir` (`None`: in memory
+    /// only); starts from the snapshot kept there, if any. Blocks while it reads it.
+    ///
+    /// # Errors
+    /// An `io::Error` naming the file when the kept snapshot cannot be read or is damaged.
+    pub fn open(
+        group: u64,
+        dir: Option<&std::path::Path>,
+        config: EngineConfig,
+    ) -> io::Result<StateMachine> {
+        let file = dir.map(|d| d.join(format!("group-{group:04}.snap")));
+        let mut machine = StateMachine {
+            engine: EngineSlot(Arc::new(Mutex::new(Engine::replica(config.clone())))),
+            config,
+            applied: None,
+            membership: StoredMembershipOf::<Shard>::default(),
+            current: Arc::new(Mutex::new(None)),
+            file: file.clone(),
+        };
+        if let Some(path) = file.filter(|p| p.exists()) {
+            let bytes =
+                std::fs::read(&path).map_err(|e| io_error(format!("{}: {e}", path.display())))?;
+            let kept: Kept = postcard::from_bytes(&bytes)
+                .map_err(|e| io_error(format!("{}: damaged snapshot: {e}", path.display())))?;
+            machine.load(kept)?;
+        }
+        Ok(machine)
+    }
+
+    /// The slot holding this group's engine, for reading it from outside.
+    pub fn engine(&self) -> EngineSlot {
+        self.engine.clone()
+    }
+
+    /// Replaces the state with a snapshot's.
+    fn load(&mut self, kept: Kept) -> io::Result<()> {
+        let engine =
+            Engine::replica_from_image(self.config.clone(), &kept.image).map_err(io_error)?;
+        let old = std::mem::replace(&mut *self.engine.0.lock(), engine);
+        old.close();
+        self.applied = kept.meta.last_log_id;
+        self.membership = kept.meta.last_membership.clone();
+        *self.current.lock() = Some(kept);
+        Ok(())
+    }
+}
+
+/// Writes `kept` to `file` whole (a temporary file, fsynced, renamed into place).
+fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
+    let bytes = postcard::to_stdvec(kept).map_err(io_error)?;
+    let tmp = file.with_extension("snap.tmp");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Makes one snapshot: the image was cut when the builder was made (between two
+/// applies), so building only writes it down.
+pub struct SnapshotBuilder {
+    kept: Kept,
+    current: Arc<Mutex<Option<Kept>>>,
+    file: Option<PathBuf>,
+}
+
+impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<Shard, Vec<u8>>> {
+        if let Some(file) = self.file.clone() {
+            let kept = self.kept.clone();
+            tokio::task::spawn_blocking(move || keep(&file, &kept))
+                .await
+                .map_err(io_error)??;
+        }
+        *self.current.lock() = Some(self.kept.clone());
+        Ok(SnapshotOf::<Shard, Vec<u8>> {
+            meta: self.kept.meta.clone(),
+            snapshot: self.kept.image.clone(),
+        })
+    }
+}
+
+impl RaftStateMachine<Shard> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembershipOf<Shard>)> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<Shard>>> + Unpin + OptionalSend,
+    {
+        let engine = self.engine.engine();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let index = entry.log_id.index;
+            let applied = match entry.payload {
+                EntryPayload::Normal(proposal) => {
+                    // Every replica gets the same bytes and runs the same code: a command
+                    // that does not decode is refused alike everywhere, so the replicas
+                    // stay equal.
+                    engine.apply_logged(index, &proposal.0).unwrap_or_else(|e| {
+                        tracing::error!(index, error = %e, "a committed command does not apply");
+                        Applied::Missing
+                    })
+                }
+                EntryPayload::Membership(membership) => {
+                    self.membership =
+                        StoredMembershipOf::<Shard>::new(Some(entry.log_id), membership);
+                    Applied::Changed
+                }
+                EntryPayload::Blank => Applied::Changed,
+            };
+            self.applied = Some(entry.log_id);
+            if let Some(responder) = responder {
+                responder.send(applied);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        let applied_index = self.applied.as_ref().map_or(0, |l| l.index);
+        SnapshotBuilder {
+            kept: Kept {
+                meta: SnapshotMetaOf::<Shard> {
+                    last_log_id: self.applied,
+                    last_membership: self.membership.clone(),
+                },
+                image: self.engine.engine().image(applied_index),
+            },
+            current: self.current.clone(),
+            file: self.file.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<Shard>,
+        snapshot: Vec<u8>,
+    ) -> io::Result<()> {
+        let kept = Kept {
+            meta: meta.clone(),
+            image: snapshot,
+        };
+        if let Some(file) = self.file.clone() {
+            let kept = kept.clone();
+            tokio::task::spawn_blocking(move || keep(&file, &kept))
+                .await
+                .map_err(io_error)??;
+        }
+        self.load(kept)
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<Shard, Vec<u8>>>> {
+        Ok(self
+            .current
+            .lock()
+            .clone()
+            .map(|k| SnapshotOf::<Shard, Vec<u8>> {
+                meta: k.meta,
+                snapshot: k.image,
+            }))
+    }
+}
