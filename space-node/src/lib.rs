@@ -11,6 +11,7 @@
 
 mod cluster;
 mod dedupe;
+mod handshake;
 mod push;
 pub mod replica;
 mod server;

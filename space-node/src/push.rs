@@ -20,10 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use space_core::wire::{self, Endpoint, Hello, SubscriberServiceClient, Welcome};
+use space_core::wire::{self, Endpoint, SubscriberServiceClient};
 use space_core::{NodeId, Notification, SpaceError, Subscription};
 use tarpc::{client, context};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Most notifications sent in one delivery.
@@ -131,28 +130,8 @@ async fn connect(
     endpoint: &Endpoint,
     max_frame: usize,
 ) -> std::io::Result<SubscriberServiceClient> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint.addr))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connecting to the subscriber timed out",
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    let mut framed = wire::framed(stream, max_frame);
-    wire::send_frame(&mut framed, &Hello::new(Some(endpoint.token()), max_frame)).await?;
-    match wire::recv_frame::<_, Welcome>(&mut framed).await? {
-        Some(Welcome::Accepted { .. }) => {}
-        Some(Welcome::Refused { reason } | Welcome::Busy { reason }) => {
-            return Err(std::io::Error::other(reason));
-        }
-        None => {
-            return Err(std::io::Error::other(
-                "the subscriber closed the connection",
-            ));
-        }
-    }
+    let (framed, _, _) =
+        crate::handshake::dial(endpoint.addr, Some(endpoint.token()), max_frame).await?;
     Ok(SubscriberServiceClient::new(client::Config::default(), wire::transport(framed)).spawn())
 }
 

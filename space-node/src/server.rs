@@ -16,16 +16,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use space_core::server::{Answer, Engine};
 use space_core::wire::{
-    self, Envelope, Hello, NodeInfo, NodeStatus, Request, Response, SpaceService, Target, Welcome,
+    self, Envelope, NodeInfo, NodeStatus, Request, Response, SpaceService, Target,
 };
 use space_core::{EngineConfig, NodeId, SpaceError, Stats};
-use subtle::ConstantTimeEq;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cluster::Cluster;
 use crate::dedupe::{Dedupe, Finished, Outcome};
+use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
 use crate::push::{PushConfig, Pushers};
 use crate::stall::FrameDeadline;
 
@@ -128,11 +128,6 @@ pub enum NodeError {
         source: std::io::Error,
     },
 }
-
-/// Largest handshake frame: a `Hello` is tens of bytes (plus the token).
-const HANDSHAKE_MAX_FRAME: usize = 4096;
-/// How long a new connection has to send its `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running node's shared state.
 pub(crate) struct NodeState {
@@ -389,14 +384,6 @@ fn needs_token(addr: &SocketAddr) -> bool {
     !addr.ip().is_loopback()
 }
 
-fn token_matches(expected: &Option<String>, given: &Option<String>) -> bool {
-    match (expected, given) {
-        (None, _) => true,
-        (Some(e), Some(g)) => bool::from(e.as_bytes().ct_eq(g.as_bytes())),
-        (Some(_), None) => false,
-    }
-}
-
 /// A node bound to its address, ready to serve.
 pub struct Node {
     state: Arc<NodeState>,
@@ -562,63 +549,20 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let stream = FrameDeadline::new(stream, state.config.frame_timeout);
     let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::recv_frame::<_, Hello>(&mut framed))
-        .await
-        .map_err(|_| "no handshake in time".to_string())?
-        .map_err(|e| format!("bad handshake: {e}"))?
-        .ok_or_else(|| "closed before the handshake".to_string())?;
-    let refusal = if hello.magic != wire::MAGIC {
-        Some("this is a space node; the connection did not speak its protocol".to_string())
-    } else if hello.version != wire::PROTOCOL_VERSION {
-        Some(format!(
-            "protocol version {} is not supported (this node speaks {})",
-            hello.version,
-            wire::PROTOCOL_VERSION
-        ))
-    } else if !token_matches(&state.config.token, &hello.token) {
-        Some("wrong or missing auth token".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = refusal {
-        let _ = wire::send_frame(
-            &mut framed,
-            &Welcome::Refused {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(reason);
-    }
-    if open > state.config.max_connections {
-        let reason = format!(
-            "the node serves its maximum of {} connections",
-            state.config.max_connections
-        );
-        let _ = wire::send_frame(
-            &mut framed,
-            &Welcome::Busy {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(reason);
-    }
-    wire::send_frame(
+    let hello = handshake::accept(
         &mut framed,
-        &Welcome::Accepted {
+        Door {
+            token: &state.config.token,
             node: state.config.node,
             limits: wire::Limits {
                 max_frame: state.config.max_frame as u64,
                 max_entry_bytes: state.config.max_entry_bytes,
             },
+            open,
+            max_connections: state.config.max_connections,
         },
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    framed
-        .codec_mut()
-        .set_max_frame_length(state.config.max_frame);
+    .await?;
     let transport = wire::server_transport(framed);
     let max_in_flight = state.config.max_in_flight;
     // Answers stay well within what the client reads (and what this node sends).

@@ -161,6 +161,11 @@ impl LogHost {
         }))
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// The number of times the write-ahead log was made durable (`fdatasync` calls), for
     /// all the logs on it.
     pub fn syncs(&self) -> u64 {

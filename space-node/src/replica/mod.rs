@@ -12,13 +12,19 @@
 //!   one apply, and makes and installs snapshots from the engine's state image.
 
 mod log_store;
+mod peer;
 mod state_machine;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+use space_core::EngineConfig;
 pub use space_core::server::Applied;
+use space_core::server::LogHost;
 
 pub use log_store::LogStore;
-pub use state_machine::StateMachine;
+pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
+pub use state_machine::{EngineSlot, StateMachine};
 
 /// A command for a shard's log: the bytes of a command the leader's engine decided (see
 /// [`Engine::apply_logged`](space_core::server::Engine::apply_logged)).
@@ -37,9 +43,13 @@ openraft::declare_raft_types!(
     pub Shard:
         D = Proposal,
         R = Applied,
-        NodeId = u64,
+        NodeId = MemberId,
         Node = Member,
 );
+
+/// A member of shard groups: a node, by the id Raft knows it as (issued once, never
+/// reused for another node).
+pub type MemberId = u64;
 
 /// A member of a shard group as Raft knows it: the address its node serves peers on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +72,85 @@ pub type LogId = openraft::alias::LogIdOf<Shard>;
 pub type Vote = openraft::alias::VoteOf<Shard>;
 /// A Raft node running one shard group on this node.
 pub type ShardGroup = openraft::Raft<Shard, StateMachine>;
+
+/// Why a member of a shard group could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// Its log or snapshot cannot be read, or its log is already open.
+    #[error("group {group}: storage: {reason}")]
+    Storage {
+        /// The group.
+        group: GroupId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Raft refused to start (its settings or its stored state are inconsistent).
+    #[error("group {group}: raft: {reason}")]
+    Raft {
+        /// The group.
+        group: GroupId,
+        /// What Raft said.
+        reason: String,
+    },
+}
+
+/// Raft settings for shard groups: heartbeats every 50 ms and elections after 150-300 ms
+/// of silence (a leader's death is noticed and replaced in well under a second); a
+/// snapshot after 10,000 entries, keeping 1,000 entries behind it for followers that lag
+/// a little (further behind, they get the snapshot).
+pub fn raft_settings() -> Result<Arc<openraft::Config>, ReplicaError> {
+    let config = openraft::Config {
+        cluster_name: "space".into(),
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| ReplicaError::Raft {
+            group: 0,
+            reason: e.to_string(),
+        })
+}
+
+/// Starts this node's member `id` of group `group`: its Raft log is log `group + 1` of
+/// `host`'s write-ahead log (log 0 is a standalone engine's), its snapshots are kept in
+/// `host`'s directory, and it reaches the other members through `router`. Returns the
+/// Raft node and the slot of the replica engine its committed log drives. Blocks while it
+/// reads its snapshot.
+///
+/// # Errors
+/// [`ReplicaError`] when the log is already open, a stored file is damaged, or Raft
+/// refuses the stored state.
+pub async fn start_member(
+    id: MemberId,
+    group: GroupId,
+    host: &Arc<LogHost>,
+    router: &PeerRouter,
+    raft: Arc<openraft::Config>,
+    engine: EngineConfig,
+) -> Result<(ShardGroup, EngineSlot), ReplicaError> {
+    let storage = |reason: String| ReplicaError::Storage { group, reason };
+    let (log, image) = host
+        .open_log(group + 1)
+        .map_err(|e| storage(e.to_string()))?;
+    let store = LogStore::open(log, image).map_err(|e| storage(e.to_string()))?;
+    let machine =
+        StateMachine::open(group, Some(host.dir()), engine).map_err(|e| storage(e.to_string()))?;
+    let slot = machine.engine();
+    let node = ShardGroup::new(id, raft, router.network(group), store, machine)
+        .await
+        .map_err(|e| ReplicaError::Raft {
+            group,
+            reason: e.to_string(),
+        })?;
+    Ok((node, slot))
+}
 
 /// An `io::Error` for what a store finds wrong (openraft's storage traits speak
 /// `io::Error`).

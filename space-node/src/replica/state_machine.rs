@@ -60,7 +60,7 @@ impl StateMachine {
     /// # Errors
     /// An `io::Error` naming the file when the kept snapshot cannot be read or is damaged.
     pub fn open(
-        group: u64,
+        group: super::GroupId,
         dir: Option<&std::path::Path>,
         config: EngineConfig,
     ) -> io::Result<StateMachine> {

@@ -66,3 +66,255 @@ impl StoreBuilder<Shard, LogStore, StateMachine, Guard> for OnDisk {
 async fn log_store_and_state_machine_pass_openrafts_storage_suite() {
     Suite::test_all(OnDisk).await.expect("storage suite");
 }
+
+/// Commands as a durable engine logs them: 300 writes (some leased), 100 takes and 20
+/// claims. Returns them in log order and the number of entries they leave.
+fn some_commands() -> (Vec<Vec<u8>>, u64) {
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    use std::time::Duration;
+    let dir = Dir::new("source");
+    let engine = space_core::server::Engine::open(&dir.0, EngineConfig::default()).unwrap();
+    let jobs = Query::new("Job", Filter::All);
+    for n in 0..300 {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        let lease = if n % 5 == 0 {
+            Lease::For(Duration::from_secs(3600))
+        } else {
+            Lease::Forever
+        };
+        engine.write("Job", f, None, lease).unwrap();
+    }
+    for _ in 0..100 {
+        engine.take(&jobs, Duration::ZERO).unwrap().wait().unwrap();
+    }
+    for _ in 0..20 {
+        engine
+            .claim(&jobs, Lease::For(Duration::from_secs(600)), Duration::ZERO)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let left = engine.stats().entries;
+    engine.close();
+    drop(engine);
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
+    let (_log, image) = host.open_log(0).unwrap();
+    (image.entries.into_values().collect(), left)
+}
+
+/// One member of a test group: a data directory, its host, its Raft node and peer port.
+struct TestMember {
+    id: super::MemberId,
+    addr: std::net::SocketAddr,
+    raft: super::ShardGroup,
+    slot: super::EngineSlot,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+const GROUP: super::GroupId = 3;
+
+/// Starts member `id` on `dir`, serving peers at `addr` (port 0: any free port).
+async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) -> TestMember {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The directory may still be held for a moment by a member that was just stopped.
+    let host = {
+        let mut tries = 0;
+        loop {
+            match LogHost::open(dir, &EngineConfig::default()) {
+                Ok(host) => break host,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let mut settings = (*super::raft_settings().unwrap()).clone();
+    // Small enough that the test's log is snapshotted and purged: a member that was away
+    // catches up from a snapshot.
+    settings.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(100);
+    settings.max_in_snapshot_log_to_keep = 10;
+    let settings = Arc::new(settings.validate().unwrap());
+    let router = super::PeerRouter::new(None);
+    let (raft, slot) =
+        super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
+            .await
+            .unwrap();
+    let groups = super::Groups::default();
+    groups.insert(GROUP, raft.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let door = super::PeerDoor {
+        token: None,
+        node: space_core::NodeId::default(),
+        max_connections: 64,
+    };
+    let served = tokio::spawn(super::serve_peers(listener, groups, door, async {
+        let _ = stopped.await;
+    }));
+    TestMember {
+        id,
+        addr,
+        raft,
+        slot,
+        stop: Some(stop),
+        served,
+    }
+}
+
+impl TestMember {
+    /// Stops the member as a crash would leave it: Raft stopped, its port closed.
+    async fn stop(mut self) {
+        let _ = self.raft.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.served.await;
+    }
+}
+
+/// Asserts that `member`'s state is `digest` (without printing whole states).
+fn same_state(member: &TestMember, digest: &str) {
+    let mine = member.slot.engine().state_digest();
+    assert!(
+        mine == digest,
+        "member {} holds another state: {} lines against {}, first difference at line {:?}",
+        member.id,
+        mine.lines().count(),
+        digest.lines().count(),
+        mine.lines().zip(digest.lines()).position(|(a, b)| a != b)
+    );
+}
+
+/// Waits until `member` has applied up to `index`.
+async fn applied(member: &TestMember, index: u64) {
+    member
+        .raft
+        .wait(Some(std::time::Duration::from_secs(10)))
+        .applied_index_at_least(Some(index), "applied")
+        .await
+        .unwrap_or_else(|e| panic!("member {} did not apply {index}: {e}", member.id));
+}
+
+/// Waits for a leader among `members`; returns its position.
+async fn leader_of(members: &[TestMember]) -> usize {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for (i, m) in members.iter().enumerate() {
+            if m.raft.current_leader().await == Some(m.id)
+                && m.raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                    .is_ok()
+            {
+                return i;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Proposes `commands` through the leader; returns the last log index.
+async fn propose(leader: &TestMember, commands: &[Vec<u8>]) -> u64 {
+    let mut last = 0;
+    for bytes in commands {
+        let written = leader
+            .raft
+            .client_write(super::Proposal(bytes.clone()))
+            .await
+            .unwrap();
+        last = written.log_id.index;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_three_replicates_fails_over_and_brings_a_member_back() {
+    let (commands, left) = some_commands();
+    let (first, rest) = commands.split_at(200);
+    let (second, third) = rest.split_at(120);
+    let dirs: Vec<Dir> = (0..3).map(|_| Dir::new("member")).collect();
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                super::Member {
+                    addr: m.addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    members[0].raft.initialize(membership).await.unwrap();
+
+    // Every member applies what the leader committed, to the same state.
+    let leader = leader_of(&members).await;
+    let index = propose(&members[leader], first).await;
+    for m in &members {
+        applied(m, index).await;
+    }
+    let digest = members[0].slot.engine().state_digest();
+    for m in &members[1..] {
+        same_state(m, &digest);
+    }
+
+    // The leader dies; the other two elect a new one and go on.
+    let old = members.remove(leader);
+    let (old_id, old_addr) = (old.id, old.addr);
+    let old_applied = old
+        .raft
+        .wait(None)
+        .metrics(|_| true, "now")
+        .await
+        .unwrap()
+        .last_applied
+        .map_or(0, |l| l.index);
+    old.stop().await;
+    let leader = leader_of(&members).await;
+    let index = propose(&members[leader], second).await;
+    for m in &members {
+        applied(m, index).await;
+    }
+    // The log the old leader lacks is gone from the others: only a snapshot can bring it.
+    let purged = members[leader]
+        .raft
+        .wait(Some(std::time::Duration::from_secs(10)))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index > old_applied),
+            "the log purged past what the old leader applied",
+        )
+        .await
+        .map(|m| m.purged.map_or(0, |p| p.index))
+        .unwrap_or(0);
+    assert!(
+        purged > old_applied,
+        "the log was purged to {purged}, the old leader applied {old_applied}"
+    );
+
+    // It comes back from its directory, behind a purged log: it catches up (from a
+    // snapshot) and holds the same state as the others.
+    let dir = &dirs[usize::try_from(old_id - 1).unwrap()].0;
+    members.push(start_member(old_id, dir, &old_addr.to_string()).await);
+    let leader = leader_of(&members).await;
+    let index = propose(&members[leader], third).await;
+    for m in &members {
+        applied(m, index).await;
+    }
+    let digest = members[leader].slot.engine().state_digest();
+    for m in &members {
+        same_state(m, &digest);
+        assert_eq!(m.slot.engine().stats().entries, left, "member {}", m.id);
+    }
+    for m in members {
+        m.stop().await;
+    }
+}

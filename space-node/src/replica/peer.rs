@@ -1,0 +1,402 @@
+//! Raft traffic between nodes: every shard group's messages to one peer travel over one
+//! connection (openraft-multi's adapter binds a group and a target to the shared
+//! [`PeerRouter`]); the serving side runs each message as its own task, so groups never
+//! wait for each other.
+//!
+//! A peer connection starts with the node's handshake (the same token as the data port).
+//! Snapshots travel whole in one message, within the peer frame limit.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use openraft::alias::SnapshotMetaOf;
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkFactory};
+use openraft_multi::{GroupNetworkAdapter, GroupRouter};
+use parking_lot::{Mutex, RwLock};
+use serde_bytes::ByteBuf;
+use space_core::NodeId;
+use space_core::wire;
+use tarpc::server::{BaseChannel, Channel};
+use tarpc::{client, context};
+use tokio::net::TcpListener;
+
+use super::{Member, MemberId, Shard, ShardGroup, Vote};
+use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
+
+/// A shard group's id, the same on every node.
+pub type GroupId = u32;
+
+/// Largest message between peers (a snapshot travels in one).
+pub const PEER_MAX_FRAME: usize = 256 << 20;
+
+/// The messages Raft sends between the members of a group, tagged with the group.
+#[tarpc::service]
+pub(crate) trait PeerService {
+    /// Append entries (or a heartbeat) to `group`'s log on this node.
+    async fn append(
+        group: GroupId,
+        rpc: AppendEntriesRequest<Shard>,
+    ) -> Result<AppendEntriesResponse<Shard>, String>;
+    /// Ask this node's member of `group` for its vote.
+    async fn vote(group: GroupId, rpc: VoteRequest<Shard>) -> Result<VoteResponse<Shard>, String>;
+    /// Ask whether this node's member of `group` would vote (no term change).
+    async fn pre_vote(
+        group: GroupId,
+        rpc: VoteRequest<Shard>,
+    ) -> Result<VoteResponse<Shard>, String>;
+    /// Install a snapshot of `group`'s state.
+    async fn snapshot(
+        group: GroupId,
+        vote: Vote,
+        meta: SnapshotMetaOf<Shard>,
+        image: ByteBuf,
+    ) -> Result<SnapshotResponse<Shard>, String>;
+}
+
+/// The groups this node runs, by id, for peers' messages to reach. Cloning shares them.
+#[derive(Clone, Default)]
+pub struct Groups(Arc<RwLock<HashMap<GroupId, ShardGroup>>>);
+
+impl Groups {
+    /// Lets peers reach `raft` as group `group`.
+    pub fn insert(&self, group: GroupId, raft: ShardGroup) {
+        self.0.write().insert(group, raft);
+    }
+
+    /// Stops serving group `group` to peers; returns its Raft node.
+    pub fn remove(&self, group: GroupId) -> Option<ShardGroup> {
+        self.0.write().remove(&group)
+    }
+
+    /// Group `group`'s Raft node on this node.
+    pub fn get(&self, group: GroupId) -> Option<ShardGroup> {
+        self.0.read().get(&group).cloned()
+    }
+
+    fn find(&self, group: GroupId) -> Result<ShardGroup, String> {
+        self.get(group)
+            .ok_or_else(|| format!("group {group} does not run on this node"))
+    }
+}
+
+#[derive(Clone)]
+struct PeerServer {
+    groups: Groups,
+}
+
+impl PeerService for PeerServer {
+    async fn append(
+        self,
+        _: context::Context,
+        group: GroupId,
+        rpc: AppendEntriesRequest<Shard>,
+    ) -> Result<AppendEntriesResponse<Shard>, String> {
+        let raft = self.groups.find(group)?;
+        raft.append_entries(rpc).await.map_err(|e| e.to_string())
+    }
+
+    async fn vote(
+        self,
+        _: context::Context,
+        group: GroupId,
+        rpc: VoteRequest<Shard>,
+    ) -> Result<VoteResponse<Shard>, String> {
+        let raft = self.groups.find(group)?;
+        raft.vote(rpc).await.map_err(|e| e.to_string())
+    }
+
+    async fn pre_vote(
+        self,
+        _: context::Context,
+        group: GroupId,
+        rpc: VoteRequest<Shard>,
+    ) -> Result<VoteResponse<Shard>, String> {
+        let raft = self.groups.find(group)?;
+        raft.pre_vote(rpc).await.map_err(|e| e.to_string())
+    }
+
+    async fn snapshot(
+        self,
+        _: context::Context,
+        group: GroupId,
+        vote: Vote,
+        meta: SnapshotMetaOf<Shard>,
+        image: ByteBuf,
+    ) -> Result<SnapshotResponse<Shard>, String> {
+        let raft = self.groups.find(group)?;
+        let snapshot = openraft::alias::SnapshotOf::<Shard, Vec<u8>> {
+            meta,
+            snapshot: image.into_vec(),
+        };
+        raft.install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Who may connect to the peer port, and as whom this node answers.
+#[derive(Clone, Debug)]
+pub struct PeerDoor {
+    /// The token peers must give (the node's), if any.
+    pub token: Option<String>,
+    /// This node's id.
+    pub node: NodeId,
+    /// The most peer connections served at once.
+    pub max_connections: usize,
+}
+
+/// Serves peers' Raft messages for `groups` on `listener` until `shutdown` completes.
+/// Each connection, and each message on it, runs as its own task.
+pub async fn serve_peers(
+    listener: TcpListener,
+    groups: Groups,
+    door: PeerDoor,
+    shutdown: impl Future<Output = ()>,
+) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, from)) => {
+                    let (groups, door, open) = (groups.clone(), door.clone(), open.clone());
+                    tokio::spawn(async move {
+                        let count = open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+                        if let Err(reason) = serve_peer(stream, groups, &door, count).await {
+                            tracing::debug!(%from, %reason, "peer connection closed");
+                        }
+                        open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_peer(
+    stream: tokio::net::TcpStream,
+    groups: Groups,
+    door: &PeerDoor,
+    open: usize,
+) -> Result<(), String> {
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
+    handshake::accept(
+        &mut framed,
+        Door {
+            token: &door.token,
+            node: door.node,
+            limits: wire::Limits {
+                max_frame: PEER_MAX_FRAME as u64,
+                max_entry_bytes: PEER_MAX_FRAME as u64,
+            },
+            open,
+            max_connections: door.max_connections,
+        },
+    )
+    .await?;
+    BaseChannel::with_defaults(wire::server_transport(framed))
+        .execute(PeerServer { groups }.serve())
+        .for_each(|answer| async {
+            tokio::spawn(answer);
+        })
+        .await;
+    Ok(())
+}
+
+/// The connections to peers that all groups of this node share: one per peer, made when
+/// first needed and made again after it fails. Cloning shares them.
+#[derive(Clone)]
+pub struct PeerRouter {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    token: Option<String>,
+    /// Where each peer is, as group memberships name it.
+    addrs: Mutex<HashMap<MemberId, String>>,
+    /// The live connection to each peer.
+    clients: Mutex<HashMap<MemberId, PeerServiceClient>>,
+}
+
+impl PeerRouter {
+    /// A router that gives `token` to peers.
+    pub fn new(token: Option<String>) -> PeerRouter {
+        PeerRouter {
+            inner: Arc::new(RouterInner {
+                token,
+                addrs: Mutex::new(HashMap::new()),
+                clients: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The network through which group `group` reaches its members.
+    pub fn network(&self, group: GroupId) -> GroupNetwork {
+        GroupNetwork {
+            router: self.clone(),
+            group,
+        }
+    }
+
+    /// The connection to `target`, made if there is none.
+    async fn client(&self, target: MemberId) -> Result<PeerServiceClient, Unreachable<Shard>> {
+        if let Some(client) = self.inner.clients.lock().get(&target) {
+            return Ok(client.clone());
+        }
+        let addr = self
+            .inner
+            .addrs
+            .lock()
+            .get(&target)
+            .cloned()
+            .ok_or_else(|| Unreachable::from_string(format!("no address for node {target}")))?;
+        let (framed, _, _) =
+            handshake::dial(addr.as_str(), self.inner.token.clone(), PEER_MAX_FRAME)
+                .await
+                .map_err(|e| Unreachable::from_string(format!("node {target} at {addr}: {e}")))?;
+        let client =
+            PeerServiceClient::new(client::Config::default(), wire::transport(framed)).spawn();
+        self.inner.clients.lock().insert(target, client.clone());
+        Ok(client)
+    }
+
+    /// Drops the connection to `target` after it failed; the next message makes a new one.
+    fn forget(&self, target: MemberId) {
+        self.inner.clients.lock().remove(&target);
+    }
+
+    /// Sends one message to `target` within `ttl`: the connection's failure is
+    /// `Unreachable` (openraft backs off), the peer's refusal a network error.
+    async fn call<T, F, Fut>(
+        &self,
+        target: MemberId,
+        ttl: Duration,
+        send: F,
+    ) -> Result<T, RPCError<Shard>>
+    where
+        F: FnOnce(PeerServiceClient, context::Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, String>, tarpc::client::RpcError>>,
+    {
+        let client = self.client(target).await?;
+        let mut ctx = context::current();
+        ctx.deadline = Instant::now() + ttl;
+        match send(client, ctx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(refused)) => Err(RPCError::Network(
+                openraft::error::NetworkError::from_string(refused),
+            )),
+            Err(e) => {
+                if !matches!(e, tarpc::client::RpcError::DeadlineExceeded) {
+                    self.forget(target);
+                }
+                Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {target}: {e}"
+                ))))
+            }
+        }
+    }
+}
+
+impl GroupRouter<Shard, GroupId> for PeerRouter {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &self,
+        target: MemberId,
+        group: GroupId,
+        rpc: AppendEntriesRequest<Shard>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<Shard>, RPCError<Shard>> {
+        self.call(target, option.hard_ttl(), |c, ctx| async move {
+            c.append(ctx, group, rpc).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &self,
+        target: MemberId,
+        group: GroupId,
+        rpc: VoteRequest<Shard>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Shard>, RPCError<Shard>> {
+        self.call(target, option.hard_ttl(), |c, ctx| async move {
+            c.vote(ctx, group, rpc).await
+        })
+        .await
+    }
+
+    async fn pre_vote(
+        &self,
+        target: MemberId,
+        group: GroupId,
+        rpc: VoteRequest<Shard>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Shard>, RPCError<Shard>> {
+        self.call(target, option.hard_ttl(), |c, ctx| async move {
+            c.pre_vote(ctx, group, rpc).await
+        })
+        .await
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: MemberId,
+        group: GroupId,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<Shard, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<Shard>, StreamingError<Shard>> {
+        let meta = snapshot.meta;
+        let image = ByteBuf::from(snapshot.snapshot);
+        let send = self.call(target, option.hard_ttl(), |c, ctx| async move {
+            c.snapshot(ctx, group, vote, meta, image).await
+        });
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = send => sent.map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::RemoteError(r) => StreamingError::Network(
+                    openraft::error::NetworkError::from_string(r.to_string()),
+                ),
+            }),
+        }
+    }
+}
+
+/// How one group reaches its members (openraft's network factory): through the node's
+/// shared [`PeerRouter`].
+pub struct GroupNetwork {
+    router: PeerRouter,
+    group: GroupId,
+}
+
+impl RaftNetworkFactory<Shard> for GroupNetwork {
+    type Network = GroupNetworkAdapter<Shard, GroupId, PeerRouter>;
+
+    async fn new_client(&mut self, target: MemberId, node: &Member) -> Self::Network {
+        self.router
+            .inner
+            .addrs
+            .lock()
+            .insert(target, node.addr.clone());
+        GroupNetworkAdapter::new(self.router.clone(), target, self.group)
+    }
+}
