@@ -51,7 +51,9 @@ pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
 /// (its operations, the answers its state keeps for retried requests, and what a take
 /// removed, to put back when its caller never got it). `space-node` is built on it.
 pub mod server {
-    pub use crate::engine::{Applied, Engine, HostedLog, LogHost, LogImage, LogMark, Pending};
+    pub use crate::engine::{
+        Applied, Engine, HostedLog, LogHost, LogImage, LogMark, Pending, Proposals,
+    };
     pub use crate::state::{Answer, Taken};
     pub use crate::wal::LogId;
 }

@@ -79,9 +79,10 @@ impl Engine {
             .collect()
     }
 
-    /// Whether changes are logged to a data directory.
+    /// Whether changes are logged (to a data directory, or a replicated log this engine
+    /// leads): calls then wait for [`flush`](Self::flush) before answering.
     pub fn is_durable(&self) -> bool {
-        self.inner.durable.is_some()
+        self.inner.durable.is_some() || self.inner.proposals.is_some()
     }
 
     /// Blocks until every change made so far is durable (no-op for an in-memory engine).
@@ -89,6 +90,9 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when the log cannot be written.
     pub fn flush_blocking(&self) -> Result<()> {
+        if let Some(proposals) = &self.inner.proposals {
+            return proposals.settled_blocking();
+        }
         match self.durable_wal()? {
             Some(wal) => wal.wait_durable(wal.appended()),
             None => Ok(()),
@@ -111,6 +115,9 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when the log cannot be written.
     pub async fn flush(&self) -> Result<()> {
+        if let Some(proposals) = &self.inner.proposals {
+            return proposals.settled().await;
+        }
         match self.durable_wal()? {
             Some(wal) => wal.durable(wal.appended()).await,
             None => Ok(()),

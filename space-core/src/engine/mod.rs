@@ -64,7 +64,8 @@ mod replica;
 
 use host::Services;
 pub use host::{HostedLog, LogHost, LogImage, LogMark};
-pub use replica::Applied;
+use replica::Mode;
+pub use replica::{Applied, Proposals};
 mod takes;
 mod waiting;
 mod writes;
@@ -226,6 +227,9 @@ struct Inner {
     /// A replicated log drives this engine: the log's leader decides expiries, so it arms
     /// no lease timers of its own.
     replica: bool,
+    /// This engine leads a replicated log: its commands are proposed there (and applied
+    /// here at once); waiting for durability waits for their commit.
+    proposals: Option<Arc<dyn Proposals>>,
     closed: std::sync::atomic::AtomicBool,
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
@@ -458,18 +462,22 @@ impl Engine {
         durable: Option<Durable>,
         next_token: u64,
     ) -> Engine {
-        Self::build_as(config, services, durable, next_token, false)
+        Self::build_as(config, services, durable, next_token, Mode::Local)
     }
 
-    /// Builds an engine; a `replica` keeps answers and arms no lease timers (see
-    /// [`Engine::replica`]).
+    /// Builds an engine in `mode` (see [`Mode`]).
     fn build_as(
         config: EngineConfig,
         services: Arc<Services>,
         durable: Option<Durable>,
         next_token: u64,
-        replica: bool,
+        mode: Mode,
     ) -> Engine {
+        let (replica, proposals) = match mode {
+            Mode::Local => (false, None),
+            Mode::Replica => (true, None),
+            Mode::Leading(p) => (false, Some(p)),
+        };
         let events = EventBudget::new(config.max_queued_events);
         let is_durable = durable.is_some();
         let inner = Arc::new_cyclic(|me| Inner {
@@ -484,8 +492,9 @@ impl Engine {
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::default()),
-            keeps_answers: replica || durable.is_some(),
+            keeps_answers: replica || proposals.is_some() || durable.is_some(),
             replica,
+            proposals,
             durable,
             closed: std::sync::atomic::AtomicBool::new(false),
             answers: Mutex::new(Answers::default()),
@@ -533,6 +542,10 @@ impl Engine {
     /// log holds each type's commands in the order they were applied.
     #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
+        if let Some(proposals) = &self.inner.proposals {
+            proposals.propose(crate::durable::encode(&st.name, &command));
+            return self.apply(st, None, command);
+        }
         let index = self.log_to().map(|(wal, log)| {
             wal.append(log, &crate::durable::encode(&st.name, &command))
                 .index

@@ -21,14 +21,72 @@ pub enum Applied {
     Missing,
 }
 
+/// Where the commands of an engine that leads a replicated log go (see
+/// [`Engine::leading`]): the log orders them and tells when they are committed.
+pub trait Proposals: Send + Sync + 'static {
+    /// Takes the next command. The engine calls it under the entry type's lock, so each
+    /// type's commands reach the log in the order they were applied. Returns at once.
+    fn propose(&self, command: Vec<u8>);
+
+    /// Waits until every command proposed so far is committed. Cancel-safe.
+    ///
+    /// # Errors
+    /// A [`SpaceError`] when they may never be (this engine no longer leads the log):
+    /// the caller's request has an unknown outcome and is retried with its id elsewhere.
+    fn settled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+    /// The same as [`settled`](Self::settled), blocking the thread.
+    ///
+    /// # Errors
+    /// As [`settled`](Self::settled).
+    fn settled_blocking(&self) -> Result<()>;
+}
+
+/// How an engine's changes are kept (see the constructors).
+pub(super) enum Mode {
+    /// In memory, or in its own log on a data directory.
+    Local,
+    /// Driven by a replicated log ([`Engine::replica`]).
+    Replica,
+    /// Leading a replicated log ([`Engine::leading`]).
+    Leading(Arc<dyn Proposals>),
+}
+
 impl Engine {
+    /// An engine that leads a replicated log, starting from the log's committed state
+    /// `image` (made by [`image`](Self::image) on the replica that holds it). It decides
+    /// and applies like any engine (waiters, lease timers, subscriptions live here), and
+    /// every command it applies goes to `proposals`; [`flush`](Self::flush) waits for
+    /// their commit. Close it when the leadership ends: its state may hold commands the
+    /// log never commits.
+    ///
+    /// # Errors
+    /// [`SpaceError::Storage`] when the image is damaged.
+    pub fn leading(
+        config: EngineConfig,
+        image: &[u8],
+        proposals: Arc<dyn Proposals>,
+    ) -> Result<Engine> {
+        let snapshot = crate::durable::parse_snapshot(image, std::path::Path::new("snapshot"))?;
+        let services = Services::start(config.clock.clone(), None);
+        let engine = Self::build_as(
+            config,
+            services,
+            None,
+            snapshot.next_token,
+            Mode::Leading(proposals),
+        );
+        engine.recover_state(snapshot, Vec::new());
+        Ok(engine)
+    }
+
     /// An in-memory engine that a replicated log drives: it keeps the answer table (so a
     /// request retried on another replica gets its first answer) and arms no lease
     /// timers (expiries are decided by the log's leader and arrive as commands). Reads
     /// still never return an entry past its deadline.
     pub fn replica(config: EngineConfig) -> Engine {
         let services = Services::start(config.clock.clone(), None);
-        Self::build_as(config, services, None, 1, true)
+        Self::build_as(config, services, None, 1, Mode::Replica)
     }
 
     /// An engine like [`replica`](Self::replica) holding the state of `image` (made by

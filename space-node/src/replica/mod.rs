@@ -11,6 +11,7 @@
 //! - [`StateMachine`] applies committed commands to a replica engine through the engine's
 //!   one apply, and makes and installs snapshots from the engine's state image.
 
+mod leader;
 mod log_store;
 mod peer;
 mod state_machine;
@@ -22,18 +23,37 @@ use space_core::EngineConfig;
 pub use space_core::server::Applied;
 use space_core::server::LogHost;
 
+pub use leader::{Leadership, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
 pub use state_machine::{EngineSlot, StateMachine};
 
 /// A command for a shard's log: the bytes of a command the leader's engine decided (see
-/// [`Engine::apply_logged`](space_core::server::Engine::apply_logged)).
+/// [`Engine::apply_logged`](space_core::server::Engine::apply_logged)), and which
+/// leadership proposed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proposal(#[serde(with = "serde_bytes")] pub Vec<u8>);
+pub struct Proposal {
+    /// The proposing leadership and the command's place in its order; the leader learns
+    /// from it that its command is committed.
+    pub origin: Option<Origin>,
+    /// The command.
+    #[serde(with = "serde_bytes")]
+    pub command: Vec<u8>,
+}
+
+/// Where a proposal comes from: the term of the leadership that proposed it (one leader
+/// per term), and its number among that leadership's proposals (from 1, in log order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The leader's term.
+    pub term: u64,
+    /// The proposal's number in that term.
+    pub seq: u64,
+}
 
 impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "command of {} bytes", self.0.len())
+        write!(f, "command of {} bytes", self.command.len())
     }
 }
 
@@ -118,11 +138,22 @@ pub fn raft_settings() -> Result<Arc<openraft::Config>, ReplicaError> {
         })
 }
 
+/// This node's member of one shard group.
+#[derive(Clone)]
+pub struct GroupMember {
+    /// Its Raft node.
+    pub raft: ShardGroup,
+    /// The replica engine its committed log drives.
+    pub replica: EngineSlot,
+    /// While it leads: the engine that serves the group's calls.
+    pub leadership: Leadership,
+}
+
 /// Starts this node's member `id` of group `group`: its Raft log is log `group + 1` of
 /// `host`'s write-ahead log (log 0 is a standalone engine's), its snapshots are kept in
-/// `host`'s directory, and it reaches the other members through `router`. Returns the
-/// Raft node and the slot of the replica engine its committed log drives. Blocks while it
-/// reads its snapshot.
+/// `host`'s directory, and it reaches the other members through `router`. Whenever it
+/// becomes the leader, a serving engine configured by `engine` starts (see
+/// [`follow_leadership`]). Blocks while it reads its snapshot.
 ///
 /// # Errors
 /// [`ReplicaError`] when the log is already open, a stored file is damaged, or Raft
@@ -134,22 +165,34 @@ pub async fn start_member(
     router: &PeerRouter,
     raft: Arc<openraft::Config>,
     engine: EngineConfig,
-) -> Result<(ShardGroup, EngineSlot), ReplicaError> {
+) -> Result<GroupMember, ReplicaError> {
     let storage = |reason: String| ReplicaError::Storage { group, reason };
     let (log, image) = host
         .open_log(group + 1)
         .map_err(|e| storage(e.to_string()))?;
     let store = LogStore::open(log, image).map_err(|e| storage(e.to_string()))?;
-    let machine =
-        StateMachine::open(group, Some(host.dir()), engine).map_err(|e| storage(e.to_string()))?;
-    let slot = machine.engine();
-    let node = ShardGroup::new(id, raft, router.network(group), store, machine)
+    let machine = StateMachine::open(group, Some(host.dir()), engine.clone())
+        .map_err(|e| storage(e.to_string()))?;
+    let replica = machine.engine();
+    let leadership = machine.leadership();
+    let raft = ShardGroup::new(id, raft, router.network(group), store, machine)
         .await
         .map_err(|e| ReplicaError::Raft {
             group,
             reason: e.to_string(),
         })?;
-    Ok((node, slot))
+    tokio::spawn(follow_leadership(
+        id,
+        raft.clone(),
+        replica.clone(),
+        leadership.clone(),
+        engine,
+    ));
+    Ok(GroupMember {
+        raft,
+        replica,
+        leadership,
+    })
 }
 
 /// An `io::Error` for what a store finds wrong (openraft's storage traits speak

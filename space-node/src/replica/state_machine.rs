@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use space_core::EngineConfig;
 use space_core::server::{Applied, Engine};
 
+use super::leader::Leadership;
 use super::{LogId, Shard, io_error};
 
 /// A snapshot as it is kept and sent: Raft's metadata and the engine's image.
@@ -51,6 +52,8 @@ pub struct StateMachine {
     current: Arc<Mutex<Option<Kept>>>,
     /// Where the newest snapshot is kept (none: in memory only).
     file: Option<PathBuf>,
+    /// This member's leadership, told which of its proposals are committed.
+    leadership: Leadership,
 }
 
 impl StateMachine {
@@ -72,6 +75,7 @@ impl StateMachine {
             membership: StoredMembershipOf::<Shard>::default(),
             current: Arc::new(Mutex::new(None)),
             file: file.clone(),
+            leadership: Leadership::default(),
         };
         if let Some(path) = file.filter(|p| p.exists()) {
             let bytes =
@@ -86,6 +90,16 @@ impl StateMachine {
     /// The slot holding this group's engine, for reading it from outside.
     pub fn engine(&self) -> EngineSlot {
         self.engine.clone()
+    }
+
+    /// The index of the last entry applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.as_ref().map_or(0, |l| l.index)
+    }
+
+    /// This member's leadership (shared): what leads the group from this member.
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.clone()
     }
 
     /// Replaces the state with a snapshot's.
@@ -160,10 +174,14 @@ impl RaftStateMachine<Shard> for StateMachine {
                     // Every replica gets the same bytes and runs the same code: a command
                     // that does not decode is refused alike everywhere, so the replicas
                     // stay equal.
-                    engine.apply_logged(index, &proposal.0).unwrap_or_else(|e| {
+                    let applied = engine.apply_logged(index, &proposal.command).unwrap_or_else(|e| {
                         tracing::error!(index, error = %e, "a committed command does not apply");
                         Applied::Missing
-                    })
+                    });
+                    if let Some(origin) = proposal.origin {
+                        self.leadership.committed(origin);
+                    }
+                    applied
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership =

@@ -109,6 +109,7 @@ struct TestMember {
     addr: std::net::SocketAddr,
     raft: super::ShardGroup,
     slot: super::EngineSlot,
+    leadership: super::Leadership,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
 }
@@ -141,12 +142,11 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
     settings.max_in_snapshot_log_to_keep = 10;
     let settings = Arc::new(settings.validate().unwrap());
     let router = super::PeerRouter::new(None);
-    let (raft, slot) =
-        super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
-            .await
-            .unwrap();
+    let member = super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
+        .await
+        .unwrap();
     let groups = super::Groups::default();
-    groups.insert(GROUP, raft.clone());
+    groups.insert(GROUP, member.raft.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let door = super::PeerDoor {
         token: None,
@@ -159,8 +159,9 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
     TestMember {
         id,
         addr,
-        raft,
-        slot,
+        raft: member.raft,
+        slot: member.replica,
+        leadership: member.leadership,
         stop: Some(stop),
         served,
     }
@@ -177,16 +178,23 @@ impl TestMember {
     }
 }
 
-/// Asserts that `member`'s state is `digest` (without printing whole states).
-fn same_state(member: &TestMember, digest: &str) {
-    let mine = member.slot.engine().state_digest();
+/// Asserts that two state digests are equal, without printing whole states.
+fn same_digest(mine: &str, expected: &str, who: &str) {
     assert!(
-        mine == digest,
-        "member {} holds another state: {} lines against {}, first difference at line {:?}",
-        member.id,
+        mine == expected,
+        "{who} holds another state: {} lines against {}, first difference at line {:?}",
         mine.lines().count(),
-        digest.lines().count(),
-        mine.lines().zip(digest.lines()).position(|(a, b)| a != b)
+        expected.lines().count(),
+        mine.lines().zip(expected.lines()).position(|(a, b)| a != b)
+    );
+}
+
+/// Asserts that `member`'s replica holds the state `digest`.
+fn same_state(member: &TestMember, digest: &str) {
+    same_digest(
+        &member.slot.engine().state_digest(),
+        digest,
+        &format!("member {}", member.id),
     );
 }
 
@@ -225,7 +233,10 @@ async fn propose(leader: &TestMember, commands: &[Vec<u8>]) -> u64 {
     for bytes in commands {
         let written = leader
             .raft
-            .client_write(super::Proposal(bytes.clone()))
+            .client_write(super::Proposal {
+                origin: None,
+                command: bytes.clone(),
+            })
             .await
             .unwrap();
         last = written.log_id.index;
@@ -314,6 +325,183 @@ async fn a_group_of_three_replicates_fails_over_and_brings_a_member_back() {
         same_state(m, &digest);
         assert_eq!(m.slot.engine().stats().entries, left, "member {}", m.id);
     }
+    for m in members {
+        m.stop().await;
+    }
+}
+
+/// Waits (at most 10 s) until what `engine` did is committed.
+async fn committed(engine: &space_core::server::Engine) -> space_core::Result<()> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), engine.flush())
+        .await
+        .expect("the engine's calls were neither committed nor failed in 10 s")
+}
+
+/// Waits until one of `members` serves the group (leads, with its serving engine up);
+/// returns its position and the engine.
+async fn serving(members: &[TestMember]) -> (usize, space_core::server::Engine) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for (i, m) in members.iter().enumerate() {
+            if let Some(engine) = m.leadership.serving() {
+                return (i, engine);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nobody serves the group"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every member applied the leader's whole log; asserts they hold one state
+/// and returns its digest.
+async fn converged(members: &[TestMember], leader: usize) -> String {
+    let last = members[leader]
+        .raft
+        .wait(None)
+        .metrics(|_| true, "now")
+        .await
+        .unwrap()
+        .last_log_index
+        .unwrap_or(0);
+    for m in members {
+        applied(m, last).await;
+    }
+    let digest = members[leader].slot.engine().state_digest();
+    for m in members {
+        same_state(m, &digest);
+    }
+    digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_continues() {
+    use space_core::wire::RequestId;
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    let jobs = Query::new("Job", Filter::All);
+    let dirs: Vec<Dir> = (0..3).map(|_| Dir::new("serve")).collect();
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                super::Member {
+                    addr: m.addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    members[0].raft.initialize(membership).await.unwrap();
+
+    // Writes, takes and claims on the leader's engine; answered once committed.
+    let (leader, engine) = serving(&members).await;
+    for n in 0..100 {
+        let lease = if n % 4 == 0 {
+            Lease::For(Duration::from_secs(3600))
+        } else {
+            Lease::Forever
+        };
+        engine
+            .with_request(RequestId::new(), || {
+                engine.write("Job", job(n), None, lease)
+            })
+            .unwrap();
+    }
+    let take_id = RequestId::new();
+    let taken = engine
+        .with_request(take_id, || engine.take(&jobs, Duration::ZERO))
+        .unwrap()
+        .wait()
+        .unwrap();
+    for _ in 0..29 {
+        engine.take(&jobs, Duration::ZERO).unwrap().wait().unwrap();
+    }
+    for i in 0..5 {
+        let claimed = engine
+            .claim(&jobs, Lease::For(Duration::from_secs(600)), Duration::ZERO)
+            .unwrap()
+            .wait()
+            .unwrap();
+        if i < 2 {
+            engine.commit(&claimed.ticket).unwrap();
+        }
+    }
+    // A blocking take is handed the write it waits for.
+    let waiting = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            engine
+                .take(
+                    &Query::parse("Job", "n:1000").unwrap(),
+                    Duration::from_secs(10),
+                )
+                .unwrap()
+                .wait()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while engine.stats().waiters == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the take never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine
+        .write("Job", job(1000), None, Lease::Forever)
+        .unwrap();
+    let handed = waiting
+        .join()
+        .unwrap()
+        .expect("the waiting take got the write");
+    assert_eq!(handed.fields.get("n"), Some(&Value::I64(1000)));
+    committed(&engine).await.unwrap();
+
+    let digest = converged(&members, leader).await;
+    same_digest(&engine.state_digest(), &digest, "the leader's engine");
+    assert_eq!(members[leader].slot.engine().stats().entries, 100 - 30 - 2);
+
+    // The leader stops: its engine's unfinished calls fail, and the next leader serves
+    // the committed state, answers included.
+    let old = members.remove(leader);
+    old.stop().await;
+    engine
+        .write("Job", job(2000), None, Lease::Forever)
+        .unwrap();
+    assert!(
+        matches!(
+            committed(&engine).await,
+            Err(space_core::SpaceError::WrongNode { .. })
+        ),
+        "a call on a leadership that ended was answered as committed"
+    );
+    let (leader, next) = serving(&members).await;
+    assert_eq!(next.stats().entries, 100 - 30 - 2);
+    match next.answer(take_id) {
+        Some(space_core::server::Answer::Documents(docs)) => {
+            assert_eq!(docs[0], taken);
+        }
+        other => panic!("the take's answer did not survive the failover: {other:?}"),
+    }
+    for _ in 0..10 {
+        next.take(&jobs, Duration::ZERO).unwrap().wait().unwrap();
+    }
+    committed(&next).await.unwrap();
+    let digest = converged(&members, leader).await;
+    same_digest(&next.state_digest(), &digest, "the next leader's engine");
+    assert_eq!(members[0].slot.engine().stats().entries, 100 - 30 - 2 - 10);
     for m in members {
         m.stop().await;
     }
