@@ -5,15 +5,20 @@ use serde::{Deserialize, Serialize};
 
 pub mod hostile;
 pub mod process;
+pub mod proxy;
 
 /// A fresh directory under the system's temporary directory (emptied first, created),
 /// removed when dropped.
 pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
-    /// A directory named after `name` and this process.
+    /// A directory named after `name` and this process (and numbered, so that one
+    /// process may make several of the same name).
     pub fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("space-test-{name}-{}", std::process::id()));
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("space-test-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::create_dir_all(&dir);
         TempDir(dir)

@@ -228,6 +228,9 @@ struct RouterInner {
     token: Option<String>,
     /// Where each peer is, as group memberships name it.
     addrs: Mutex<HashMap<MemberId, String>>,
+    /// Where to reach a peer instead of where memberships say (see
+    /// [`PeerRouter::route_via`]).
+    routes: Mutex<HashMap<MemberId, String>>,
     /// The live connection to each peer.
     clients: Mutex<HashMap<MemberId, PeerServiceClient>>,
 }
@@ -239,9 +242,18 @@ impl PeerRouter {
             inner: Arc::new(RouterInner {
                 token,
                 addrs: Mutex::new(HashMap::new()),
+                routes: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Reaches member `target` at `addr` rather than at the address group memberships
+    /// name for it (a translated address, or a fault-injecting proxy in tests). Takes
+    /// effect from the next connection.
+    pub fn route_via(&self, target: MemberId, addr: String) {
+        self.inner.routes.lock().insert(target, addr);
+        self.forget(target);
     }
 
     /// The network through which group `group` reaches its members.
@@ -257,12 +269,9 @@ impl PeerRouter {
         if let Some(client) = self.inner.clients.lock().get(&target) {
             return Ok(client.clone());
         }
-        let addr = self
-            .inner
-            .addrs
-            .lock()
-            .get(&target)
-            .cloned()
+        let routed = self.inner.routes.lock().get(&target).cloned();
+        let addr = routed
+            .or_else(|| self.inner.addrs.lock().get(&target).cloned())
             .ok_or_else(|| Unreachable::from_string(format!("no address for node {target}")))?;
         let (framed, _, _) =
             handshake::dial(addr.as_str(), self.inner.token.clone(), PEER_MAX_FRAME)

@@ -1,51 +1,27 @@
 //! The log store and state machine against openraft's own storage suite, on a real data
 //! directory (real files, real fsync).
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 use space_core::EngineConfig;
 use space_core::server::LogHost;
+use space_tests::TempDir;
 
 use super::{LogStore, Shard, StateMachine};
-
-/// A fresh data directory, removed when dropped.
-pub(super) struct Dir(pub(super) PathBuf);
-
-impl Dir {
-    pub(super) fn new(name: &str) -> Dir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "space-replica-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temporary directory");
-        Dir(path)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What keeps a built store's directory and host alive.
 struct Guard {
     _host: Arc<LogHost>,
-    _dir: Dir,
+    _dir: TempDir,
 }
 
 struct OnDisk;
 
 impl StoreBuilder<Shard, LogStore, StateMachine, Guard> for OnDisk {
     async fn build(&self) -> Result<(Guard, LogStore, StateMachine), StorageError<Shard>> {
-        let dir = Dir::new("suite");
+        let dir = TempDir::new("suite");
         let host = LogHost::open(&dir.0, &EngineConfig::default()).expect("host");
         let (log, image) = host.open_log(7).expect("log");
         let store = LogStore::open(log, image).expect("store");
@@ -72,7 +48,7 @@ async fn log_store_and_state_machine_pass_openrafts_storage_suite() {
 fn some_commands() -> (Vec<Vec<u8>>, u64) {
     use space_core::{Fields, Filter, Lease, Query, Value};
     use std::time::Duration;
-    let dir = Dir::new("source");
+    let dir = TempDir::new("source");
     let engine = space_core::server::Engine::open(&dir.0, EngineConfig::default()).unwrap();
     let jobs = Query::new("Job", Filter::All);
     for n in 0..300 {
@@ -110,6 +86,7 @@ struct TestMember {
     raft: super::ShardGroup,
     slot: super::EngineSlot,
     leadership: super::Leadership,
+    router: super::PeerRouter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
 }
@@ -162,6 +139,7 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
         raft: member.raft,
         slot: member.replica,
         leadership: member.leadership,
+        router,
         stop: Some(stop),
         served,
     }
@@ -249,7 +227,7 @@ async fn a_group_of_three_replicates_fails_over_and_brings_a_member_back() {
     let (commands, left) = some_commands();
     let (first, rest) = commands.split_at(200);
     let (second, third) = rest.split_at(120);
-    let dirs: Vec<Dir> = (0..3).map(|_| Dir::new("member")).collect();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("member")).collect();
     let mut members = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
@@ -387,7 +365,7 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
         f
     };
     let jobs = Query::new("Job", Filter::All);
-    let dirs: Vec<Dir> = (0..3).map(|_| Dir::new("serve")).collect();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("serve")).collect();
     let mut members = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
@@ -502,6 +480,132 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
     let digest = converged(&members, leader).await;
     same_digest(&next.state_digest(), &digest, "the next leader's engine");
     assert_eq!(members[0].slot.engine().stats().entries, 100 - 30 - 2 - 10);
+    for m in members {
+        m.stop().await;
+    }
+}
+
+/// Starts three members and a group of them, every peer link through its own proxy
+/// (`links[i][j]`: what member `i` sends to member `j`).
+async fn group_behind_proxies(
+    dirs: &[TempDir],
+) -> (Vec<TestMember>, Vec<Vec<Option<space_tests::proxy::Proxy>>>) {
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    let mut links = Vec::new();
+    for from in &members {
+        let mut row = Vec::new();
+        for to in &members {
+            if from.id == to.id {
+                row.push(None);
+                continue;
+            }
+            let proxy = space_tests::proxy::Proxy::start(to.addr).await.unwrap();
+            from.router.route_via(to.id, proxy.addr().to_string());
+            row.push(Some(proxy));
+        }
+        links.push(row);
+    }
+    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                super::Member {
+                    addr: m.addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    members[0].raft.initialize(membership).await.unwrap();
+    (members, links)
+}
+
+/// Sets every link to and from member `i`.
+fn isolate(
+    links: &[Vec<Option<space_tests::proxy::Proxy>>],
+    i: usize,
+    link: space_tests::proxy::Link,
+) {
+    for (j, row) in links.iter().enumerate() {
+        if let Some(p) = &row[i] {
+            p.set(link);
+        }
+        if j == i {
+            for p in row.iter().flatten() {
+                p.set(link);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
+    use space_core::{Fields, Lease, Value};
+    use space_tests::proxy::Link;
+    use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("partition")).collect();
+    let (members, links) = group_behind_proxies(&dirs).await;
+    let (old, engine) = serving(&members).await;
+    for n in 0..20 {
+        engine.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    committed(&engine).await.unwrap();
+
+    // The leader is cut off (a partition: connections hang, nothing passes).
+    isolate(&links, old, Link::Blackhole);
+    engine.write("Job", job(100), None, Lease::Forever).unwrap();
+    let minority = tokio::time::timeout(Duration::from_secs(3), engine.flush()).await;
+    assert!(
+        !matches!(minority, Ok(Ok(()))),
+        "the cut-off leader acknowledged a write"
+    );
+    // The other two elect a leader and go on.
+    let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        if let Some(e) = majority
+            .iter()
+            .find_map(|i| members[*i].leadership.serving())
+        {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the majority elected nobody"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for n in 20..30 {
+        next.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    committed(&next).await.unwrap();
+
+    // Healed: the old leader learns of the new term, steps down, its write is never
+    // acknowledged, and all three hold the majority's state.
+    isolate(&links, old, Link::Open);
+    let ended = tokio::time::timeout(Duration::from_secs(10), engine.flush())
+        .await
+        .expect("the old leader's call neither failed nor was answered");
+    assert!(
+        matches!(ended, Err(space_core::SpaceError::WrongNode { .. })),
+        "the old leader's call: {ended:?}"
+    );
+    let leader = (0..3)
+        .find(|i| members[*i].leadership.serving().is_some())
+        .unwrap();
+    converged(&members, leader).await;
+    for m in &members {
+        assert_eq!(m.slot.engine().stats().entries, 30, "member {}", m.id);
+    }
+    drop(links);
     for m in members {
         m.stop().await;
     }
