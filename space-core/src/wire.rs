@@ -37,7 +37,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 pub use crate::hash::{RANGES, RangeSet, range_of};
@@ -446,6 +446,9 @@ pub struct Hello {
     pub token: Option<String>,
     /// The largest frame the connecting side reads: answers are kept within it.
     pub max_frame: u64,
+    /// The connecting side is a node of the same cluster and carries the Raft messages of
+    /// replicated shards (a node's peer service), not calls of the space.
+    pub peer: bool,
 }
 
 impl Hello {
@@ -457,6 +460,15 @@ impl Hello {
             version: PROTOCOL_VERSION,
             token,
             max_frame: max_frame as u64,
+            peer: false,
+        }
+    }
+
+    /// The hello of a node opening a peer connection to another node of its cluster.
+    pub fn new_peer(token: Option<String>, max_frame: usize) -> Hello {
+        Hello {
+            peer: true,
+            ..Hello::new(token, max_frame)
         }
     }
 }
@@ -469,6 +481,7 @@ impl std::fmt::Debug for Hello {
             .field("version", &self.version)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_frame", &self.max_frame)
+            .field("peer", &self.peer)
             .finish()
     }
 }

@@ -39,6 +39,10 @@ pub(crate) struct Door<'a> {
     /// Connections open counting this one, and the most accepted.
     pub(crate) open: usize,
     pub(crate) max_connections: usize,
+    /// Whether clients' calls are served here.
+    pub(crate) clients: bool,
+    /// Whether other nodes' Raft messages are served here.
+    pub(crate) peers: bool,
 }
 
 /// Reads the connection's hello and answers it. On success the frame limit is the
@@ -62,6 +66,10 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         ))
     } else if !token_matches(door.token, &hello.token) {
         Some("wrong or missing auth token".to_string())
+    } else if hello.peer && !door.peers {
+        Some("this node serves no replicated shards: no peer connections".to_string())
+    } else if !hello.peer && !door.clients {
+        Some("this port serves only other nodes of the cluster".to_string())
     } else {
         None
     };
@@ -104,24 +112,23 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(hello)
 }
 
-/// Connects to `addr` and says hello with `token`, reading frames of up to `max_frame`
-/// bytes; returns the framed connection once accepted, with the other side's id and
-/// limits.
+/// Connects to `addr` and says `hello` (whose frame limit is what this side reads);
+/// returns the framed connection once accepted, with the other side's id and limits.
 ///
 /// # Errors
 /// An `io::Error` when connecting fails or times out, or the other side refuses (its
 /// reason is the error's text).
 pub(crate) async fn dial(
     addr: impl tokio::net::ToSocketAddrs,
-    token: Option<String>,
-    max_frame: usize,
+    hello: Hello,
 ) -> std::io::Result<(Framed<TcpStream, LengthDelimitedCodec>, NodeId, Limits)> {
+    let max_frame = usize::try_from(hello.max_frame).unwrap_or(usize::MAX);
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))??;
     stream.set_nodelay(true)?;
     let mut framed = wire::framed(stream, max_frame);
-    wire::send_frame(&mut framed, &Hello::new(token, max_frame)).await?;
+    wire::send_frame(&mut framed, &hello).await?;
     match wire::recv_frame::<_, Welcome>(&mut framed).await? {
         Some(Welcome::Accepted { node, limits }) => Ok((framed, node, limits)),
         Some(Welcome::Refused { reason } | Welcome::Busy { reason }) => {

@@ -130,8 +130,8 @@ async fn connect(
     endpoint: &Endpoint,
     max_frame: usize,
 ) -> std::io::Result<SubscriberServiceClient> {
-    let (framed, _, _) =
-        crate::handshake::dial(endpoint.addr, Some(endpoint.token()), max_frame).await?;
+    let hello = wire::Hello::new(Some(endpoint.token()), max_frame);
+    let (framed, _, _) = crate::handshake::dial(endpoint.addr, hello).await?;
     Ok(SubscriberServiceClient::new(client::Config::default(), wire::transport(framed)).spawn())
 }
 

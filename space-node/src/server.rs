@@ -560,6 +560,9 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
             },
             open,
             max_connections: state.config.max_connections,
+            clients: true,
+            // Replicated shards are served on a peer port of their own for now.
+            peers: false,
         },
     )
     .await?;

@@ -205,16 +205,29 @@ async fn serve_peer(
             },
             open,
             max_connections: door.max_connections,
+            clients: false,
+            peers: true,
         },
     )
     .await?;
+    serve_peer_messages(framed, groups).await;
+    Ok(())
+}
+
+/// Serves the Raft messages of a peer connection whose handshake is done, each as its own
+/// task, until the peer closes it.
+async fn serve_peer_messages<S>(
+    framed: tokio_util::codec::Framed<S, tokio_util::codec::LengthDelimitedCodec>,
+    groups: Groups,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     BaseChannel::with_defaults(wire::server_transport(framed))
         .execute(PeerServer { groups }.serve())
         .for_each(|answer| async {
             tokio::spawn(answer);
         })
         .await;
-    Ok(())
 }
 
 /// The connections to peers that all groups of this node share: one per peer, made when
@@ -273,10 +286,10 @@ impl PeerRouter {
         let addr = routed
             .or_else(|| self.inner.addrs.lock().get(&target).cloned())
             .ok_or_else(|| Unreachable::from_string(format!("no address for node {target}")))?;
-        let (framed, _, _) =
-            handshake::dial(addr.as_str(), self.inner.token.clone(), PEER_MAX_FRAME)
-                .await
-                .map_err(|e| Unreachable::from_string(format!("node {target} at {addr}: {e}")))?;
+        let hello = wire::Hello::new_peer(self.inner.token.clone(), PEER_MAX_FRAME);
+        let (framed, _, _) = handshake::dial(addr.as_str(), hello)
+            .await
+            .map_err(|e| Unreachable::from_string(format!("node {target} at {addr}: {e}")))?;
         let client =
             PeerServiceClient::new(client::Config::default(), wire::transport(framed)).spawn();
         self.inner.clients.lock().insert(target, client.clone());

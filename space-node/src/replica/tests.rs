@@ -610,3 +610,54 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
         m.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens() {
+    use crate::handshake::dial;
+    use space_core::wire::Hello;
+    // A peer port with a token.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_port = listener.local_addr().unwrap();
+    let door = super::PeerDoor {
+        token: Some("secret".into()),
+        node: space_core::NodeId::default(),
+        max_connections: 8,
+    };
+    tokio::spawn(super::serve_peers(
+        listener,
+        super::Groups::default(),
+        door,
+        std::future::pending(),
+    ));
+    let refused = |r: std::io::Result<_>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        refused(dial(peer_port, Hello::new(Some("secret".into()), 1 << 20)).await)
+            .contains("only other nodes"),
+        "a client's hello was accepted on a peer port"
+    );
+    assert!(
+        refused(dial(peer_port, Hello::new_peer(Some("wrong".into()), 1 << 20)).await)
+            .contains("token"),
+        "a peer with the wrong token was accepted"
+    );
+    assert!(
+        dial(peer_port, Hello::new_peer(Some("secret".into()), 1 << 20))
+            .await
+            .is_ok()
+    );
+    // A node's data port.
+    let node = crate::Node::bind(crate::NodeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..crate::NodeConfig::default()
+    })
+    .await
+    .unwrap();
+    let data_port = node.local_addr().unwrap();
+    tokio::spawn(node.serve(std::future::pending()));
+    assert!(
+        refused(dial(data_port, Hello::new_peer(None, 1 << 20)).await)
+            .contains("no peer connections"),
+        "a peer's hello was accepted on a data port"
+    );
+    assert!(dial(data_port, Hello::new(None, 1 << 20)).await.is_ok());
+}
