@@ -74,7 +74,7 @@ fn a_replica_applying_the_log_holds_the_engines_state() {
     let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
     let (_log, image) = host.open_log(0).unwrap();
     assert!(image.entries.len() > 250, "{} entries", image.entries.len());
-    let replica = Engine::replica(EngineConfig::default());
+    let replica = Engine::replica(None, EngineConfig::default());
     let half = image.entries.len() / 2;
     let mut handed_image = None;
     let mut stored = 0;
@@ -94,7 +94,7 @@ fn a_replica_applying_the_log_holds_the_engines_state() {
 
     // A replica that starts from an image taken halfway and applies the rest agrees too.
     let (cut, bytes) = handed_image.unwrap();
-    let late = Engine::replica_from_image(EngineConfig::default(), &bytes).unwrap();
+    let late = Engine::replica_from_image(None, EngineConfig::default(), &bytes).unwrap();
     for (index, bytes) in image.entries.range(cut + 1..) {
         late.apply_logged(*index, bytes).unwrap();
     }
@@ -111,5 +111,5 @@ fn a_replica_applying_the_log_holds_the_engines_state() {
     let mut damaged = bytes.clone();
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0x55;
-    assert!(Engine::replica_from_image(EngineConfig::default(), &damaged).is_err());
+    assert!(Engine::replica_from_image(None, EngineConfig::default(), &damaged).is_err());
 }

@@ -123,7 +123,7 @@ impl Drop for Services {
 pub struct LogHost {
     dir: PathBuf,
     wal: Arc<Wal>,
-    services: Arc<Services>,
+    pub(super) services: Arc<Services>,
     /// What opening the write-ahead log found, per log, until its engine takes it.
     recovered: Mutex<HashMap<LogId, LogContents>>,
     opened: Mutex<HashSet<LogId>>,

@@ -210,6 +210,8 @@ struct Inner {
     events: Arc<EventBudget>,
     /// The threads that serve the engine (shared with the other engines of its host).
     services: Arc<Services>,
+    /// Whether those threads are this engine's own (stopped when it closes).
+    owns_services: bool,
     /// This engine, for its timers to find it again.
     me: Weak<Inner>,
     /// The next claim token to hand out (decided, then carried by the command).
@@ -278,7 +280,9 @@ impl Inner {
         }
         match &self.durable {
             Some(durable) => drop(durable.host.lock().take()),
-            None => self.services.stop(),
+            None if self.owns_services => self.services.stop(),
+            // Threads shared with the other engines of a host go with the host.
+            None => {}
         }
     }
 
@@ -462,13 +466,22 @@ impl Engine {
         durable: Option<Durable>,
         next_token: u64,
     ) -> Engine {
-        Self::build_as(config, services, durable, next_token, Mode::Local)
+        let owns_services = durable.is_none();
+        Self::build_as(
+            config,
+            services,
+            owns_services,
+            durable,
+            next_token,
+            Mode::Local,
+        )
     }
 
     /// Builds an engine in `mode` (see [`Mode`]).
     fn build_as(
         config: EngineConfig,
         services: Arc<Services>,
+        owns_services: bool,
         durable: Option<Durable>,
         next_token: u64,
         mode: Mode,
@@ -487,6 +500,7 @@ impl Engine {
             waiters: Arc::new(AtomicUsize::new(0)),
             events,
             services: services.clone(),
+            owns_services,
             me: me.clone(),
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),

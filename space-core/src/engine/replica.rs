@@ -3,6 +3,7 @@
 //! [`state::apply`] as live calls and recovery (docs/ARCHITECTURE.md section 9).
 
 use super::*;
+use host::LogHost;
 
 /// What applying one logged command did, as the log's owner sees it (the answer a
 /// replicated call waits for).
@@ -58,20 +59,23 @@ impl Engine {
     /// and applies like any engine (waiters, lease timers, subscriptions live here), and
     /// every command it applies goes to `proposals`; [`flush`](Self::flush) waits for
     /// their commit. Close it when the leadership ends: its state may hold commands the
-    /// log never commits.
+    /// log never commits. On `host` it shares the host's threads (its lease timers run
+    /// on the host's timer thread) and clock.
     ///
     /// # Errors
     /// [`SpaceError::Storage`] when the image is damaged.
     pub fn leading(
+        host: Option<&LogHost>,
         config: EngineConfig,
         image: &[u8],
         proposals: Arc<dyn Proposals>,
     ) -> Result<Engine> {
         let snapshot = crate::durable::parse_snapshot(image, std::path::Path::new("snapshot"))?;
-        let services = Services::start(config.clock.clone(), None);
+        let (config, services, owns) = Self::services_on(host, config);
         let engine = Self::build_as(
             config,
             services,
+            owns,
             None,
             snapshot.next_token,
             Mode::Leading(proposals),
@@ -83,10 +87,31 @@ impl Engine {
     /// An in-memory engine that a replicated log drives: it keeps the answer table (so a
     /// request retried on another replica gets its first answer) and arms no lease
     /// timers (expiries are decided by the log's leader and arrive as commands). Reads
-    /// still never return an entry past its deadline.
-    pub fn replica(config: EngineConfig) -> Engine {
-        let services = Services::start(config.clock.clone(), None);
-        Self::build_as(config, services, None, 1, Mode::Replica)
+    /// still never return an entry past its deadline. On `host` it shares the host's
+    /// threads and clock with every engine there (a node's many groups cost no thread
+    /// each); without one it has threads of its own.
+    pub fn replica(host: Option<&LogHost>, config: EngineConfig) -> Engine {
+        let (config, services, owns) = Self::services_on(host, config);
+        Self::build_as(config, services, owns, None, 1, Mode::Replica)
+    }
+
+    /// The threads an engine runs on: `host`'s (with its clock), shared with the other
+    /// engines there, or (no host) threads of its own. Also says whether they are its
+    /// own.
+    fn services_on(
+        host: Option<&LogHost>,
+        mut config: EngineConfig,
+    ) -> (EngineConfig, Arc<Services>, bool) {
+        match host {
+            Some(host) => {
+                config.clock = host.services.clock.clone();
+                (config, host.services.clone(), false)
+            }
+            None => {
+                let services = Services::start(config.clock.clone(), None);
+                (config, services, true)
+            }
+        }
     }
 
     /// An engine like [`replica`](Self::replica) holding the state of `image` (made by
@@ -94,9 +119,13 @@ impl Engine {
     ///
     /// # Errors
     /// [`SpaceError::Storage`] when the image is damaged or not an image of a space.
-    pub fn replica_from_image(config: EngineConfig, image: &[u8]) -> Result<Engine> {
+    pub fn replica_from_image(
+        host: Option<&LogHost>,
+        config: EngineConfig,
+        image: &[u8],
+    ) -> Result<Engine> {
         let snapshot = crate::durable::parse_snapshot(image, std::path::Path::new("snapshot"))?;
-        let engine = Engine::replica(config);
+        let engine = Engine::replica(host, config);
         engine
             .inner
             .next_token

@@ -21,7 +21,7 @@ use std::time::Duration;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use parking_lot::{Condvar, Mutex};
-use space_core::server::{Engine, Proposals};
+use space_core::server::{Engine, LogHost, Proposals};
 use space_core::{EngineConfig, SpaceError};
 
 use super::{EngineSlot, MemberId, Origin, Proposal, ShardGroup};
@@ -184,13 +184,15 @@ impl Leadership {
 }
 
 /// Follows member `id`'s Raft state for as long as `raft` runs: when it becomes the
-/// leader of a term, starts a session and its serving engine from the committed state
-/// (after applying everything before the term); when it stops leading, ends them.
+/// leader of a term, starts a session and its serving engine (on `host`'s threads, if
+/// given) from the committed state (after applying everything before the term); when it
+/// stops leading, ends them.
 pub async fn follow_leadership(
     id: MemberId,
     raft: ShardGroup,
     slot: EngineSlot,
     leadership: Leadership,
+    host: Option<Arc<LogHost>>,
     config: EngineConfig,
 ) {
     let mut metrics = raft.metrics();
@@ -207,7 +209,7 @@ pub async fn follow_leadership(
         }
         if leads
             && leadership.term().is_none()
-            && let Err(e) = lead(&raft, &slot, &leadership, term, &config).await
+            && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
             tracing::warn!(member = id, term, error = %e, "could not start leading");
         }
@@ -226,6 +228,7 @@ async fn lead(
     slot: &EngineSlot,
     leadership: &Leadership,
     term: u64,
+    host: Option<&LogHost>,
     config: &EngineConfig,
 ) -> Result<(), String> {
     raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)
@@ -242,8 +245,8 @@ async fn lead(
         .await
         .map_err(|e| e.to_string())?;
     let (session, mut outbox) = Session::new(term);
-    let engine =
-        Engine::leading(config.clone(), &image, session.clone()).map_err(|e| e.to_string())?;
+    let engine = Engine::leading(host, config.clone(), &image, session.clone())
+        .map_err(|e| e.to_string())?;
     *leadership.0.lock() = Some(Lead {
         session: session.clone(),
         engine,

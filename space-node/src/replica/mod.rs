@@ -171,7 +171,7 @@ pub async fn start_member(
         .open_log(group + 1)
         .map_err(|e| storage(e.to_string()))?;
     let store = LogStore::open(log, image).map_err(|e| storage(e.to_string()))?;
-    let machine = StateMachine::open(group, Some(host.dir()), engine.clone())
+    let machine = StateMachine::open(group, Some(host), engine.clone())
         .map_err(|e| storage(e.to_string()))?;
     let replica = machine.engine();
     let leadership = machine.leadership();
@@ -186,6 +186,7 @@ pub async fn start_member(
         raft.clone(),
         replica.clone(),
         leadership.clone(),
+        Some(host.clone()),
         engine,
     ));
     Ok(GroupMember {

@@ -17,7 +17,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use space_core::EngineConfig;
-use space_core::server::{Applied, Engine};
+use space_core::server::{Applied, Engine, LogHost};
 
 use super::leader::Leadership;
 use super::{LogId, Shard, io_error};
@@ -52,24 +52,29 @@ pub struct StateMachine {
     current: Arc<Mutex<Option<Kept>>>,
     /// Where the newest snapshot is kept (none: in memory only).
     file: Option<PathBuf>,
+    /// The host whose threads the engines run on (none: threads of their own).
+    host: Option<Arc<LogHost>>,
     /// This member's leadership, told which of its proposals are committed.
     leadership: Leadership,
 }
 
 impl StateMachine {
-    /// A state machine for group `group` whose snapshots live in `dir` (`None`: in memory
-    /// only); starts from the snapshot kept there, if any. Blocks while it reads it.
+    /// A state machine for group `group` whose snapshots live in `host`'s directory and
+    /// whose engines run on `host`'s threads (`None`: in memory only, threads of their
+    /// own); starts from the snapshot kept there, if any. Blocks while it reads it.
     ///
     /// # Errors
     /// An `io::Error` naming the file when the kept snapshot cannot be read or is damaged.
     pub fn open(
         group: super::GroupId,
-        dir: Option<&std::path::Path>,
+        host: Option<&Arc<LogHost>>,
         config: EngineConfig,
     ) -> io::Result<StateMachine> {
-        let file = dir.map(|d| d.join(format!("group-{group:04}.snap")));
+        let file = host.map(|h| h.dir().join(format!("group-{group:04}.snap")));
+        let replica = Engine::replica(host.map(|h| &**h), config.clone());
         let mut machine = StateMachine {
-            engine: EngineSlot(Arc::new(Mutex::new(Engine::replica(config.clone())))),
+            engine: EngineSlot(Arc::new(Mutex::new(replica))),
+            host: host.cloned(),
             config,
             applied: None,
             membership: StoredMembershipOf::<Shard>::default(),
@@ -97,6 +102,11 @@ impl StateMachine {
         self.applied.as_ref().map_or(0, |l| l.index)
     }
 
+    /// The host whose threads this group's engines run on, if any.
+    pub fn host(&self) -> Option<Arc<LogHost>> {
+        self.host.clone()
+    }
+
     /// This member's leadership (shared): what leads the group from this member.
     pub fn leadership(&self) -> Leadership {
         self.leadership.clone()
@@ -105,7 +115,8 @@ impl StateMachine {
     /// Replaces the state with a snapshot's.
     fn load(&mut self, kept: Kept) -> io::Result<()> {
         let engine =
-            Engine::replica_from_image(self.config.clone(), &kept.image).map_err(io_error)?;
+            Engine::replica_from_image(self.host.as_deref(), self.config.clone(), &kept.image)
+                .map_err(io_error)?;
         let old = std::mem::replace(&mut *self.engine.0.lock(), engine);
         old.close();
         self.applied = kept.meta.last_log_id;

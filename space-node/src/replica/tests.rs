@@ -26,7 +26,7 @@ impl StoreBuilder<Shard, LogStore, StateMachine, Guard> for OnDisk {
         let (log, image) = host.open_log(7).expect("log");
         let store = LogStore::open(log, image).expect("store");
         let machine =
-            StateMachine::open(7, Some(&dir.0), EngineConfig::default()).expect("state machine");
+            StateMachine::open(7, Some(&host), EngineConfig::default()).expect("state machine");
         Ok((
             Guard {
                 _host: host,
