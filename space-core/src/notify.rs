@@ -123,6 +123,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
 struct Queue {
     /// The latest events, oldest first, with consecutive sequence numbers.
     log: VecDeque<Event>,
+    /// For each event of `log`, the mark its gate must have released (0: none needed).
+    marks: VecDeque<u64>,
     /// Sequence number of the next event.
     next_seq: u64,
     /// Sequence number of the next event to deliver.
@@ -187,8 +189,37 @@ pub(crate) struct SubShared {
     pub(crate) kinds: EventKinds,
     capacity: usize,
     budget: Arc<EventBudget>,
+    /// Holds back events until the commands that told them are committed (a serving
+    /// engine of a replicated log).
+    gate: Option<Arc<EventGate>>,
     queue: Mutex<Queue>,
     cv: Condvar,
+}
+
+/// Where the events of an engine that leads a replicated log wait until the commands
+/// that told them are committed: each event carries the number of its command's
+/// proposal (its mark), and is delivered once the gate has released that mark.
+#[derive(Default)]
+pub(crate) struct EventGate {
+    released: std::sync::atomic::AtomicU64,
+    /// Async receivers waiting for a release.
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl EventGate {
+    fn lets_through(&self, mark: u64) -> bool {
+        mark <= self.released.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Releases every event marked up to `upto`.
+    pub(crate) fn release(&self, upto: u64) {
+        self.released
+            .fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        for w in wakers {
+            w.wake();
+        }
+    }
 }
 
 impl Drop for SubShared {
@@ -214,8 +245,10 @@ impl SubShared {
             kinds,
             capacity: capacity.max(1),
             budget,
+            gate: None,
             queue: Mutex::new(Queue {
                 log: VecDeque::new(),
+                marks: VecDeque::new(),
                 next_seq: 1,
                 cursor: 1,
                 dropped: 0,
@@ -228,8 +261,15 @@ impl SubShared {
         }
     }
 
-    /// Logs an event (called under the entry type's lock, which orders the events).
-    pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64) {
+    /// The subscription with its events held behind `gate` (see [`EventGate`]).
+    pub(crate) fn with_gate(mut self, gate: Option<Arc<EventGate>>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Logs an event (called under the entry type's lock, which orders the events),
+    /// delivered once the subscription's gate (if any) has released `mark`.
+    pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
         let mut q = self.queue.lock();
         if q.closed {
             return;
@@ -240,12 +280,14 @@ impl SubShared {
         // its oldest one.
         let grow = q.log.len() < self.capacity && self.budget.take();
         if !grow {
+            q.marks.pop_front();
             match q.log.pop_front() {
                 Some(old) if old.seq >= q.cursor => q.dropped += 1,
                 Some(_) => {}
                 None => self.budget.force(),
             }
         }
+        q.marks.push_back(mark);
         q.log.push_back(Event {
             seq,
             node,
@@ -262,8 +304,9 @@ impl SubShared {
         }
     }
 
-    /// The next notification to deliver: a gap if the cursor is behind the log.
-    fn pop(q: &mut Queue) -> Option<Notification> {
+    /// The next notification to deliver: a gap if the cursor is behind the log; none
+    /// while the next event is held by the gate.
+    fn pop(q: &mut Queue, gate: Option<&EventGate>) -> Option<Notification> {
         if q.cursor >= q.next_seq {
             return None;
         }
@@ -276,7 +319,13 @@ impl SubShared {
             q.cursor = first;
             return Some(gap);
         }
-        let event = q.log.get((q.cursor - first) as usize).cloned()?;
+        let at = (q.cursor - first) as usize;
+        if let (Some(gate), Some(mark)) = (gate, q.marks.get(at))
+            && !gate.lets_through(*mark)
+        {
+            return None;
+        }
+        let event = q.log.get(at).cloned()?;
         q.cursor += 1;
         Some(Notification::Event(event))
     }
@@ -301,6 +350,7 @@ impl SubShared {
         q.cancelled = true;
         self.budget.release(q.log.len());
         q.log.clear();
+        q.marks.clear();
         q.cursor = q.next_seq;
         let waker = q.waker.take();
         drop(q);
@@ -345,25 +395,41 @@ impl SubShared {
     }
 
     pub(crate) fn try_recv(&self) -> Option<Notification> {
-        Self::pop(&mut self.queue.lock())
+        Self::pop(&mut self.queue.lock(), self.gate.as_deref())
+    }
+
+    /// Whether events wait behind the gate (the queue is not empty, but nothing is
+    /// deliverable yet).
+    fn held(&self, q: &Queue) -> bool {
+        self.gate.is_some() && q.cursor < q.next_seq
     }
 
     /// Blocks until a notification arrives, the subscription closes (`None`), or the
     /// deadline passes (`None`).
     pub(crate) fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        let gate = self.gate.as_deref();
         let mut q = self.queue.lock();
         loop {
-            if let Some(n) = Self::pop(&mut q) {
+            if let Some(n) = Self::pop(&mut q, gate) {
                 return Some(n);
             }
             if q.closed {
                 return None;
             }
-            match deadline {
+            // Held events are looked at again shortly (a release wakes only async
+            // receivers).
+            let soon = Instant::now() + Duration::from_millis(5);
+            let until = match (deadline, self.held(&q)) {
+                (d, false) => d,
+                (None, true) => Some(soon),
+                (Some(d), true) => Some(d.min(soon)),
+            };
+            match until {
                 None => self.cv.wait(&mut q),
-                Some(d) => {
-                    if self.cv.wait_until(&mut q, d).timed_out() {
-                        return Self::pop(&mut q);
+                Some(until) => {
+                    self.cv.wait_until(&mut q, until);
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Self::pop(&mut q, gate);
                     }
                 }
             }
@@ -372,13 +438,22 @@ impl SubShared {
 
     pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
         let mut q = self.queue.lock();
-        if let Some(n) = Self::pop(&mut q) {
+        if let Some(n) = Self::pop(&mut q, self.gate.as_deref()) {
             return Poll::Ready(Some(n));
         }
         if q.closed {
             return Poll::Ready(None);
         }
         q.waker = Some(cx.waker().clone());
+        if let Some(gate) = &self.gate
+            && self.held(&q)
+        {
+            gate.wakers.lock().push(cx.waker().clone());
+            // A release between the pop above and now would have found no waker.
+            if let Some(n) = Self::pop(&mut q, Some(gate)) {
+                return Poll::Ready(Some(n));
+            }
+        }
         Poll::Pending
     }
 }
@@ -710,10 +785,10 @@ mod tests {
         );
         let key = Key::mint();
         for _ in 0..8 {
-            a.push(NodeId(0), &key, EventKind::Written, 1);
+            a.push(NodeId(0), &key, EventKind::Written, 1, 0);
         }
         for _ in 0..8 {
-            b.push(NodeId(0), &key, EventKind::Written, 1);
+            b.push(NodeId(0), &key, EventKind::Written, 1, 0);
         }
         assert_eq!(
             budget.held(),
@@ -741,7 +816,7 @@ mod tests {
         let s = shared(3);
         let key = Key::mint();
         for _ in 0..10 {
-            s.push(NodeId(0), &key, EventKind::Written, 1);
+            s.push(NodeId(0), &key, EventKind::Written, 1, 0);
         }
         let got: Vec<_> = std::iter::from_fn(|| s.try_recv()).collect();
         assert_eq!(
@@ -754,7 +829,7 @@ mod tests {
         let seqs: Vec<u64> = got[1..].iter().map(|n| n.event().unwrap().seq).collect();
         assert_eq!(seqs, vec![8, 9, 10]);
         assert_eq!(s.dropped(), 7);
-        s.push(NodeId(0), &key, EventKind::Taken, 2);
+        s.push(NodeId(0), &key, EventKind::Taken, 2, 0);
         assert_eq!(s.try_recv().unwrap().event().unwrap().seq, 11);
     }
 
@@ -763,7 +838,7 @@ mod tests {
         let s = shared(4);
         let key = Key::mint();
         for _ in 0..3 {
-            s.push(NodeId(0), &key, EventKind::Written, 1);
+            s.push(NodeId(0), &key, EventKind::Written, 1, 0);
         }
         assert_eq!(std::iter::from_fn(|| s.try_recv()).count(), 3);
         s.rewind(1);
@@ -772,7 +847,7 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![2, 3]);
         for _ in 0..4 {
-            s.push(NodeId(0), &key, EventKind::Written, 1);
+            s.push(NodeId(0), &key, EventKind::Written, 1, 0);
         }
         s.rewind(1);
         assert_eq!(
@@ -788,8 +863,62 @@ mod tests {
     #[test]
     fn close_discards_and_ends() {
         let s = shared(8);
-        s.push(NodeId(0), &Key::mint(), EventKind::Written, 1);
+        s.push(NodeId(0), &Key::mint(), EventKind::Written, 1, 0);
         s.close();
         assert_eq!(s.recv_until(None), None);
+    }
+
+    #[test]
+    fn a_gate_holds_events_until_their_mark_is_released() {
+        let gate = Arc::new(EventGate::default());
+        let s = Arc::new(
+            SubShared::new(
+                1,
+                "T".into(),
+                Arc::new(Query::for_type("T")),
+                EventKinds::ALL,
+                16,
+                EventBudget::new(None),
+                None,
+            )
+            .with_gate(Some(gate.clone())),
+        );
+        let key = Key::mint();
+        s.push(NodeId(0), &key, EventKind::Written, 1, 1);
+        s.push(NodeId(0), &key, EventKind::Taken, 2, 2);
+        assert!(
+            s.try_recv().is_none(),
+            "an event went out before its release"
+        );
+        gate.release(1);
+        assert!(matches!(s.try_recv(), Some(Notification::Event(e)) if e.seq == 1));
+        assert!(s.try_recv().is_none());
+
+        // An async receiver is woken by the release.
+        let waiting = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                futures::executor::block_on(futures::future::poll_fn(|cx| s.poll_recv(cx)))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished());
+        gate.release(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !waiting.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(waiting.is_finished(), "the release woke no async receiver");
+        assert!(matches!(waiting.join().unwrap(), Some(Notification::Event(e)) if e.seq == 2));
+
+        // A blocking receiver sees a release too.
+        s.push(NodeId(0), &key, EventKind::Written, 3, 3);
+        let blocked = {
+            let s = s.clone();
+            std::thread::spawn(move || s.recv_until(Some(Instant::now() + Duration::from_secs(5))))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        gate.release(3);
+        assert!(matches!(blocked.join().unwrap(), Some(Notification::Event(e)) if e.seq == 3));
     }
 }

@@ -18,7 +18,9 @@ fn threads() -> usize {
 struct AtOnce;
 
 impl Proposals for AtOnce {
-    fn propose(&self, _command: Vec<u8>) {}
+    fn propose(&self, _command: Vec<u8>) -> u64 {
+        0
+    }
     fn settled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
         Box::pin(async { Ok(()) })
     }

@@ -6,9 +6,16 @@ use super::*;
 /// (numbered in the order the commands are applied, which is the log's order).
 pub(super) fn announce(inner: &Inner, hub: &mut Hub, kind: EventKind, record: &Record) {
     let node = inner.config.node;
+    let mark = EVENT_MARK.with(std::cell::Cell::get);
     hub.each_interested(kind, &record.fields, |sub| {
-        sub.push(node, &record.key, kind, record.version)
+        sub.push(node, &record.key, kind, record.version, mark)
     });
+}
+
+thread_local! {
+    /// The proposal whose commit releases the events told now (a serving engine of a
+    /// replicated log sets it around applying each command it proposed; 0: none).
+    pub(super) static EVENT_MARK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// The event a command's outcome tells once it is applied, with the sequence number of
@@ -57,15 +64,18 @@ impl Engine {
         let now = self.now();
         let expires = lease.deadline(&now)?;
         let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::new(SubShared::new(
-            id,
-            Arc::from(query.entry_type()),
-            Arc::new(query.clone()),
-            kinds,
-            self.inner.config.queue_capacity,
-            self.inner.events.clone(),
-            expires,
-        ));
+        let shared = Arc::new(
+            SubShared::new(
+                id,
+                Arc::from(query.entry_type()),
+                Arc::new(query.clone()),
+                kinds,
+                self.inner.config.queue_capacity,
+                self.inner.events.clone(),
+                expires,
+            )
+            .with_gate(self.inner.gate.clone()),
+        );
         {
             let mut all = self.inner.subscriptions.lock();
             if let Some(max) = self.inner.config.max_subscriptions

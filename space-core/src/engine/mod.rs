@@ -48,7 +48,7 @@ use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
 use crate::notify::{
-    DEFAULT_QUEUE_CAPACITY, EventBudget, EventKind, EventKinds, Hub, Keeper, SubShared,
+    DEFAULT_QUEUE_CAPACITY, EventBudget, EventGate, EventKind, EventKinds, Hub, Keeper, SubShared,
     Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
@@ -232,6 +232,8 @@ struct Inner {
     /// This engine leads a replicated log: its commands are proposed there (and applied
     /// here at once); waiting for durability waits for their commit.
     proposals: Option<Arc<dyn Proposals>>,
+    /// Holds back this leading engine's events until their commands are committed.
+    gate: Option<Arc<EventGate>>,
     closed: std::sync::atomic::AtomicBool,
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
@@ -508,6 +510,7 @@ impl Engine {
             totals: Arc::new(Totals::default()),
             keeps_answers: replica || proposals.is_some() || durable.is_some(),
             replica,
+            gate: proposals.as_ref().map(|_| Arc::new(EventGate::default())),
             proposals,
             durable,
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -557,8 +560,12 @@ impl Engine {
     #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
         if let Some(proposals) = &self.inner.proposals {
-            proposals.propose(crate::durable::encode(&st.name, &command));
-            return self.apply(st, None, command);
+            let mark = proposals.propose(crate::durable::encode(&st.name, &command));
+            // The events this command tells wait for its commit.
+            events::EVENT_MARK.with(|m| m.set(mark));
+            let outcome = self.apply(st, None, command);
+            events::EVENT_MARK.with(|m| m.set(0));
+            return outcome;
         }
         let index = self.log_to().map(|(wal, log)| {
             wal.append(log, &crate::durable::encode(&st.name, &command))

@@ -25,9 +25,12 @@ pub enum Applied {
 /// Where the commands of an engine that leads a replicated log go (see
 /// [`Engine::leading`]): the log orders them and tells when they are committed.
 pub trait Proposals: Send + Sync + 'static {
-    /// Takes the next command. The engine calls it under the entry type's lock, so each
-    /// type's commands reach the log in the order they were applied. Returns at once.
-    fn propose(&self, command: Vec<u8>);
+    /// Takes the next command; returns its number among the proposals (from 1, in the
+    /// log's order). The engine calls it under the entry type's lock, so each type's
+    /// commands reach the log in the order they were applied. Returns at once. The
+    /// events the command tells are held until [`Engine::release_events`] releases its
+    /// number.
+    fn propose(&self, command: Vec<u8>) -> u64;
 
     /// Waits until every command proposed so far is committed. Cancel-safe.
     ///
@@ -168,6 +171,14 @@ impl Engine {
             };
         });
         Ok(applied)
+    }
+
+    /// Releases the events told by the proposals numbered up to `upto` (now committed) to
+    /// the subscriptions of this leading engine. Other engines hold nothing back.
+    pub fn release_events(&self, upto: u64) {
+        if let Some(gate) = &self.inner.gate {
+            gate.release(upto);
+        }
     }
 
     /// The whole state (entries, claims, deadlines, schemas, indexes, answers) as bytes,

@@ -87,7 +87,7 @@ impl Session {
 }
 
 impl Proposals for Session {
-    fn propose(&self, command: Vec<u8>) {
+    fn propose(&self, command: Vec<u8>) -> u64 {
         // Numbered and queued under one lock, so the numbers follow the log's order.
         let mut outbox = self.outbox.lock();
         outbox.0 += 1;
@@ -100,6 +100,7 @@ impl Proposals for Session {
             command,
         });
         self.proposed.store(seq, Ordering::Release);
+        seq
     }
 
     fn settled(&self) -> Pin<Box<dyn std::future::Future<Output = space_core::Result<()>> + Send>> {
@@ -161,6 +162,7 @@ impl Leadership {
                 .committed
                 .fetch_max(origin.seq, Ordering::AcqRel);
             lead.session.wake();
+            lead.engine.release_events(origin.seq);
         }
     }
 

@@ -554,10 +554,27 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("partition")).collect();
     let (members, links) = group_behind_proxies(&dirs).await;
     let (old, engine) = serving(&members).await;
+    let sub = engine
+        .subscribe(
+            &space_core::Query::for_type("Job"),
+            space_core::EventKinds::ALL,
+            Lease::Forever,
+        )
+        .unwrap();
     for n in 0..20 {
         engine.write("Job", job(n), None, Lease::Forever).unwrap();
     }
     committed(&engine).await.unwrap();
+    // Committed writes are told.
+    let mut told = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while told < 20 && tokio::time::Instant::now() < deadline {
+        match sub.try_recv() {
+            Some(_) => told += 1,
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    assert_eq!(told, 20, "committed writes were not told");
 
     // The leader is cut off (a partition: connections hang, nothing passes).
     isolate(&links, old, Link::Blackhole);
@@ -566,6 +583,11 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     assert!(
         !matches!(minority, Ok(Ok(()))),
         "the cut-off leader acknowledged a write"
+    );
+    // ... nor told it to a subscriber.
+    assert!(
+        sub.try_recv().is_none(),
+        "a write that was never committed was told"
     );
     // The other two elect a leader and go on.
     let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
