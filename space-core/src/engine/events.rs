@@ -6,8 +6,8 @@ use super::*;
 /// (numbered in the order the commands are applied, which is the log's order).
 pub(super) fn announce(inner: &Inner, hub: &mut Hub, kind: EventKind, record: &Record) {
     let node = inner.config.node;
-    let mark = EVENT_MARK.with(std::cell::Cell::get);
     hub.each_interested(kind, &record.fields, |sub| {
+        let mark = EVENT_MARK.with(std::cell::Cell::get);
         sub.push(node, &record.key, kind, record.version, mark)
     });
 }
