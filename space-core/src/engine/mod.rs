@@ -235,6 +235,8 @@ struct Inner {
     /// Holds back this leading engine's events until their commands are committed.
     gate: Option<Arc<EventGate>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Tells [`Engine::closed`] waiters that the engine closed.
+    on_close: tokio::sync::Notify,
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
     answers: Mutex<Answers>,
@@ -280,6 +282,7 @@ impl Inner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.on_close.notify_waiters();
         match &self.durable {
             Some(durable) => drop(durable.host.lock().take()),
             None if self.owns_services => self.services.stop(),
@@ -514,6 +517,7 @@ impl Engine {
             proposals,
             durable,
             closed: std::sync::atomic::AtomicBool::new(false),
+            on_close: tokio::sync::Notify::new(),
             answers: Mutex::new(Answers::default()),
             #[cfg(test)]
             trace: Mutex::new(Vec::new()),
@@ -543,6 +547,22 @@ impl Engine {
     /// not logged, and waiting for their durability fails with [`SpaceError::Storage`].
     pub fn close(&self) {
         self.inner.close();
+    }
+
+    /// Completes once the engine is closed (at once if it is). A server races the calls
+    /// that wait in an engine with this: when a replicated log's leadership ends and its
+    /// serving engine closes, those calls are answered with an error instead of waiting
+    /// out their timeouts (dropping a wait gives back what it was handed). Cancel-safe.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.inner.on_close.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Runs `f` as part of the request `id`: the changes it makes are logged with the id,

@@ -451,10 +451,31 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
     same_digest(&engine.state_digest(), &digest, "the leader's engine");
     assert_eq!(members[leader].slot.engine().stats().entries, 100 - 30 - 2);
 
-    // The leader stops: its engine's unfinished calls fail, and the next leader serves
-    // the committed state, answers included.
+    // The leader stops: its engine's unfinished calls fail (a waiting take, raced with
+    // the engine's end as a server does, ends at once), and the next leader serves the
+    // committed state, answers included.
+    let blocked = {
+        let engine = engine.clone();
+        let pending = engine
+            .take(
+                &Query::parse("Job", "n:5000").unwrap(),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        tokio::spawn(async move {
+            tokio::select! {
+                taken = pending.wait_async() => Some(taken),
+                () = engine.closed() => None,
+            }
+        })
+    };
     let old = members.remove(leader);
     old.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("a take waiting on a leader that stopped went on waiting")
+        .unwrap();
+    assert!(ended.is_none(), "the waiting take got {ended:?}");
     engine
         .write("Job", job(2000), None, Lease::Forever)
         .unwrap();
