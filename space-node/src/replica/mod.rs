@@ -14,6 +14,7 @@
 mod leader;
 mod log_store;
 mod peer;
+mod shards;
 mod state_machine;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use space_core::server::LogHost;
 pub use leader::{Leadership, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
+pub use shards::{Layout, ShardSet};
 pub use state_machine::{EngineSlot, StateMachine};
 
 /// A command for a shard's log: the bytes of a command the leader's engine decided (see
@@ -102,6 +104,12 @@ pub enum ReplicaError {
     Storage {
         /// The group.
         group: GroupId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The cluster's layout is not usable.
+    #[error("cluster layout: {reason}")]
+    Layout {
         /// What is wrong.
         reason: String,
     },

@@ -704,3 +704,168 @@ async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens()
     );
     assert!(dial(data_port, Hello::new(None, 1 << 20)).await.is_ok());
 }
+
+/// One node of a sharded test cluster: its directory, host, shard set and peer port.
+struct TestNode {
+    set: super::ShardSet,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _host: Arc<LogHost>,
+    _dir: TempDir,
+}
+
+impl TestNode {
+    /// Whether this node serves shard `shard` now (leads it, its serving engine up).
+    fn serves(&self, shard: super::GroupId) -> Option<space_core::server::Engine> {
+        self.set.member(shard)?.leadership.serving()
+    }
+
+    async fn stop(mut self) {
+        self.set.stop().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts `n` nodes holding `shards` shards of `replication` replicas, and creates them.
+async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestNode> {
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let layout = super::Layout::new(addrs, shards, replication).unwrap();
+    let settings = super::raft_settings().unwrap();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let dir = TempDir::new("sharded");
+        let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
+        layout.save(&dir.0).unwrap();
+        let router = super::PeerRouter::new(None);
+        let set = super::ShardSet::start(
+            layout.clone(),
+            i as u64 + 1,
+            &host,
+            &router,
+            settings.clone(),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let door = super::PeerDoor {
+            token: None,
+            node: space_core::NodeId(i as u64 + 1),
+            max_connections: 64,
+        };
+        tokio::spawn(super::serve_peers(listener, set.groups(), door, async {
+            let _ = stopped.await;
+        }));
+        nodes.push(TestNode {
+            set,
+            stop: Some(stop),
+            _host: host,
+            _dir: dir,
+        });
+    }
+    for node in &nodes {
+        node.set.create().await.unwrap();
+    }
+    nodes
+}
+
+/// Waits until every shard is served by one of `nodes`; returns how many each serves.
+async fn all_served(nodes: &[TestNode], shards: u32) -> Vec<usize> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut led = vec![0; nodes.len()];
+        let mut served = 0;
+        for shard in 0..shards {
+            if let Some(i) = nodes.iter().position(|n| n.serves(shard).is_some()) {
+                led[i] += 1;
+                served += 1;
+            }
+        }
+        if served == shards as usize {
+            return led;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{served} of {shards} shards served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
+    use std::time::{Duration, Instant};
+    const SHARDS: u32 = 24;
+    let mut nodes = sharded_cluster(3, SHARDS, 3).await;
+    let led = all_served(&nodes, SHARDS).await;
+    assert!(
+        led.iter().all(|n| *n >= SHARDS as usize / 6),
+        "leaders are not spread: {led:?}"
+    );
+    // Every shard commits a write through its leader.
+    for shard in 0..SHARDS {
+        let engine = nodes.iter().find_map(|n| n.serves(shard)).unwrap();
+        let mut f = space_core::Fields::new();
+        f.push("shard", space_core::Value::I64(i64::from(shard)));
+        engine
+            .write("Job", f, None, space_core::Lease::Forever)
+            .unwrap();
+        committed(&engine).await.unwrap();
+    }
+
+    // The first node stops: each shard it led gets a leader among the other two.
+    let gone = nodes.remove(0);
+    let moved: Vec<super::GroupId> = (0..SHARDS).filter(|s| gone.serves(*s).is_some()).collect();
+    gone.stop().await;
+    let stopped = Instant::now();
+    let mut took = Vec::new();
+    let mut waiting = moved.clone();
+    while !waiting.is_empty() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "shards {waiting:?} found no new leader"
+        );
+        waiting.retain(|s| {
+            if nodes.iter().any(|n| n.serves(*s).is_some()) {
+                took.push(stopped.elapsed());
+                false
+            } else {
+                true
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+    eprintln!(
+        "failover of {} shards after a node stopped: p50 {:?}, p99 {:?}",
+        took.len(),
+        at(0.5),
+        at(0.99)
+    );
+    // The moved shards serve: a write commits with two of three replicas.
+    for shard in moved {
+        let engine = nodes.iter().find_map(|n| n.serves(shard)).unwrap();
+        assert_eq!(engine.stats().entries, 1, "shard {shard} lost its entry");
+        engine
+            .write(
+                "Job",
+                space_core::Fields::new(),
+                None,
+                space_core::Lease::Forever,
+            )
+            .unwrap();
+        committed(&engine).await.unwrap();
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -1,0 +1,338 @@
+//! Shards: how the 1024 ranges are grouped into Raft groups and where their replicas
+//! live ([`Layout`], fixed when the cluster is created and kept in the data directory),
+//! and a node's members of all the shards it replicates ([`ShardSet`]), on one log host.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use space_core::EngineConfig;
+use space_core::server::LogHost;
+use space_core::wire::RANGES;
+
+use super::{GroupId, GroupMember, Groups, Member, MemberId, PeerRouter, ReplicaError};
+
+/// The file a node keeps its cluster's layout in, in its data directory.
+const LAYOUT_FILE: &str = "cluster.json";
+
+/// The shape of a replicated cluster, fixed at its creation: its nodes (member id `i + 1`
+/// is `nodes[i]`), how many shards the ranges are grouped into, and how many replicas
+/// each shard has. Shard `s` holds ranges `s * 1024 / shards` up to
+/// `(s + 1) * 1024 / shards`; its replicas are the `replication` nodes from position
+/// `s mod nodes` on, so that replicas, and the first leaders, spread evenly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// The nodes' addresses, in member-id order.
+    pub nodes: Vec<String>,
+    /// How many shards (Raft groups) the ranges are grouped into.
+    pub shards: u32,
+    /// Replicas per shard.
+    pub replication: usize,
+}
+
+impl Layout {
+    /// A layout of `nodes` in `shards` shards of `replication` replicas.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Layout`] when there are no nodes, a node is listed twice, the
+    /// shard count is not between 1 and 1024, or the replication factor is not 1, 3 or 5
+    /// or exceeds the number of nodes.
+    pub fn new(
+        nodes: Vec<String>,
+        shards: u32,
+        replication: usize,
+    ) -> Result<Layout, ReplicaError> {
+        let bad = |reason: String| Err(ReplicaError::Layout { reason });
+        if nodes.is_empty() {
+            return bad("a cluster needs at least one node".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = nodes.iter().find(|n| !seen.insert(*n)) {
+            return bad(format!("node {twice} is listed twice"));
+        }
+        if !(1..=RANGES).contains(&shards) {
+            return bad(format!("{shards} shards: between 1 and {RANGES}"));
+        }
+        if ![1, 3, 5].contains(&replication) {
+            return bad(format!("replication factor {replication}: 1, 3 or 5"));
+        }
+        if replication > nodes.len() {
+            return bad(format!(
+                "replication factor {replication} needs at least {replication} nodes, not {}",
+                nodes.len()
+            ));
+        }
+        Ok(Layout {
+            nodes,
+            shards,
+            replication,
+        })
+    }
+
+    /// The ranges shard `shard` holds.
+    pub fn ranges_of(&self, shard: GroupId) -> std::ops::Range<u32> {
+        let at = |s: u32| (u64::from(s) * u64::from(RANGES) / u64::from(self.shards)) as u32;
+        at(shard)..at(shard + 1)
+    }
+
+    /// The shard holding range `range`.
+    pub fn shard_of_range(&self, range: u32) -> GroupId {
+        // The last shard whose first range, floor(s * R / S), is at or below `range`:
+        // s * R < (range + 1) * S, so s = ceil((range + 1) * S / R) - 1.
+        let (r, s, n) = (
+            u64::from(range.min(RANGES - 1)),
+            u64::from(self.shards),
+            u64::from(RANGES),
+        );
+        (((r + 1) * s).div_ceil(n) - 1) as GroupId
+    }
+
+    /// The members that replicate shard `shard`, the first one first.
+    pub fn replicas(&self, shard: GroupId) -> Vec<MemberId> {
+        let n = self.nodes.len();
+        (0..self.replication)
+            .map(|k| ((shard as usize + k) % n) as MemberId + 1)
+            .collect()
+    }
+
+    /// The member id of the node at `addr`.
+    pub fn member_id(&self, addr: &str) -> Option<MemberId> {
+        self.nodes
+            .iter()
+            .position(|n| n == addr)
+            .map(|i| i as MemberId + 1)
+    }
+
+    /// The address of member `id`.
+    pub fn address(&self, id: MemberId) -> Option<&str> {
+        let i = usize::try_from(id.checked_sub(1)?).ok()?;
+        self.nodes.get(i).map(String::as_str)
+    }
+
+    /// Keeps the layout in `dir` (written whole, then renamed into place).
+    ///
+    /// # Errors
+    /// [`ReplicaError::Storage`] when it cannot be written.
+    pub fn save(&self, dir: &Path) -> Result<(), ReplicaError> {
+        let storage = |e: std::io::Error| ReplicaError::Storage {
+            group: 0,
+            reason: format!("{}: {e}", dir.join(LAYOUT_FILE).display()),
+        };
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| storage(std::io::Error::other(e)))?;
+        let tmp = dir.join(format!("{LAYOUT_FILE}.tmp"));
+        std::fs::write(&tmp, bytes).map_err(storage)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(storage)?;
+        std::fs::rename(&tmp, dir.join(LAYOUT_FILE)).map_err(storage)?;
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(storage)
+    }
+
+    /// The layout kept in `dir`, if there is one.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Storage`] when the file cannot be read or is not a layout.
+    pub fn load(dir: &Path) -> Result<Option<Layout>, ReplicaError> {
+        let path = dir.join(LAYOUT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ReplicaError::Storage {
+                    group: 0,
+                    reason: format!("{}: {e}", path.display()),
+                });
+            }
+        };
+        let layout: Layout = serde_json::from_slice(&bytes).map_err(|e| ReplicaError::Storage {
+            group: 0,
+            reason: format!("{}: not a cluster layout: {e}", path.display()),
+        })?;
+        Layout::new(layout.nodes, layout.shards, layout.replication).map(Some)
+    }
+}
+
+/// A node's members of every shard it replicates, on one log host (one write-ahead log
+/// and one timer thread for all of them) and one peer router.
+pub struct ShardSet {
+    layout: Layout,
+    me: MemberId,
+    members: BTreeMap<GroupId, GroupMember>,
+    groups: Groups,
+}
+
+impl ShardSet {
+    /// Starts member `me`'s part of `layout` on `host`: every shard it replicates,
+    /// recovered from the host's write-ahead log and snapshots.
+    ///
+    /// # Errors
+    /// [`ReplicaError`] when a shard's stored state cannot be read or `me` is not in the
+    /// layout.
+    pub async fn start(
+        layout: Layout,
+        me: MemberId,
+        host: &Arc<LogHost>,
+        router: &PeerRouter,
+        raft: Arc<openraft::Config>,
+        engine: EngineConfig,
+    ) -> Result<ShardSet, ReplicaError> {
+        if layout.address(me).is_none() {
+            return Err(ReplicaError::Layout {
+                reason: format!("member {me} is not in the layout"),
+            });
+        }
+        let groups = Groups::default();
+        let mut members = BTreeMap::new();
+        for shard in 0..layout.shards {
+            if !layout.replicas(shard).contains(&me) {
+                continue;
+            }
+            let member =
+                super::start_member(me, shard, host, router, raft.clone(), engine.clone()).await?;
+            groups.insert(shard, member.raft.clone());
+            members.insert(shard, member);
+        }
+        Ok(ShardSet {
+            layout,
+            me,
+            members,
+            groups,
+        })
+    }
+
+    /// Creates the shards this member is first replica of (each becomes a Raft group of
+    /// its replicas, and this member campaigns first, so first leaders spread like first
+    /// replicas). A shard already created is left as it is.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Raft`] when Raft refuses for another reason.
+    pub async fn create(&self) -> Result<(), ReplicaError> {
+        for (shard, member) in &self.members {
+            let replicas = self.layout.replicas(*shard);
+            if replicas.first() != Some(&self.me) {
+                continue;
+            }
+            let membership: BTreeMap<MemberId, Member> = replicas
+                .iter()
+                .map(|id| {
+                    (
+                        *id,
+                        Member {
+                            addr: self.layout.address(*id).unwrap_or_default().to_owned(),
+                        },
+                    )
+                })
+                .collect();
+            if member.raft.is_initialized().await.unwrap_or(false) {
+                continue;
+            }
+            member
+                .raft
+                .initialize(membership)
+                .await
+                .map_err(|e| ReplicaError::Raft {
+                    group: *shard,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The groups, for the peer service to reach them.
+    pub fn groups(&self) -> Groups {
+        self.groups.clone()
+    }
+
+    /// This node's member of shard `shard`, if it replicates it.
+    pub fn member(&self, shard: GroupId) -> Option<&GroupMember> {
+        self.members.get(&shard)
+    }
+
+    /// Every shard this node replicates, with its member.
+    pub fn members(&self) -> impl Iterator<Item = (GroupId, &GroupMember)> {
+        self.members.iter().map(|(s, m)| (*s, m))
+    }
+
+    /// Stops every member (Raft and serving engines).
+    pub async fn stop(&self) {
+        for member in self.members.values() {
+            let _ = member.raft.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect()
+    }
+
+    #[test]
+    fn shards_partition_the_ranges_and_spread_their_replicas() {
+        for shards in [1, 3, 7, 64, 1000, 1024] {
+            let layout = Layout::new(nodes(5), shards, 3).unwrap();
+            let mut next = 0;
+            for s in 0..shards {
+                let r = layout.ranges_of(s);
+                assert_eq!(r.start, next, "{shards} shards: shard {s} leaves a hole");
+                assert!(!r.is_empty(), "{shards} shards: shard {s} is empty");
+                next = r.end;
+                for range in r {
+                    assert_eq!(
+                        layout.shard_of_range(range),
+                        s,
+                        "{shards} shards, range {range}"
+                    );
+                }
+            }
+            assert_eq!(next, RANGES);
+        }
+        let layout = Layout::new(nodes(3), 64, 3).unwrap();
+        let mut first = [0; 3];
+        for s in 0..64 {
+            let replicas = layout.replicas(s);
+            let distinct: std::collections::HashSet<_> = replicas.iter().collect();
+            assert_eq!(distinct.len(), 3);
+            first[replicas[0] as usize - 1] += 1;
+        }
+        assert!(first.iter().all(|n| (21..=22).contains(n)), "{first:?}");
+        assert_eq!(layout.member_id("127.0.0.1:7001"), Some(2));
+        assert_eq!(layout.address(3), Some("127.0.0.1:7002"));
+        assert_eq!(layout.address(0), None);
+        assert_eq!(layout.address(4), None);
+    }
+
+    #[test]
+    fn a_layout_is_checked_and_kept() {
+        assert!(Layout::new(vec![], 64, 1).is_err());
+        assert!(Layout::new(nodes(3), 0, 3).is_err());
+        assert!(Layout::new(nodes(3), 1025, 3).is_err());
+        assert!(Layout::new(nodes(3), 64, 2).is_err());
+        assert!(Layout::new(nodes(3), 64, 5).is_err());
+        let mut twice = nodes(3);
+        twice[2] = twice[0].clone();
+        assert!(Layout::new(twice, 64, 3).is_err());
+
+        let dir = space_tests::TempDir::new("layout");
+        assert_eq!(Layout::load(&dir.0).unwrap(), None);
+        let layout = Layout::new(nodes(5), 64, 5).unwrap();
+        layout.save(&dir.0).unwrap();
+        assert_eq!(Layout::load(&dir.0).unwrap(), Some(layout));
+        std::fs::write(dir.0.join(LAYOUT_FILE), b"{\"nodes\": 3}").unwrap();
+        assert!(matches!(
+            Layout::load(&dir.0),
+            Err(ReplicaError::Storage { .. })
+        ));
+    }
+}
