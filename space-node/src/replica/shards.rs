@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
-use space_core::EngineConfig;
-use space_core::server::LogHost;
-use space_core::wire::RANGES;
+use space_core::server::{Answer, Engine, LogHost};
+use space_core::wire::{NodeInfo, RANGES, RangeSet, RequestId, Topology, range_of};
+use space_core::{EngineConfig, Key, NodeId, SpaceError};
 
 use super::{GroupId, GroupMember, Groups, Member, MemberId, PeerRouter, ReplicaError};
 
@@ -167,7 +168,8 @@ pub struct ShardSet {
 
 impl ShardSet {
     /// Starts member `me`'s part of `layout` on `host`: every shard it replicates,
-    /// recovered from the host's write-ahead log and snapshots.
+    /// recovered from the host's write-ahead log and snapshots. Each shard's engines are
+    /// configured by `engine`, minting keys inside the shard's ranges.
     ///
     /// # Errors
     /// [`ReplicaError`] when a shard's stored state cannot be read or `me` is not in the
@@ -191,8 +193,13 @@ impl ShardSet {
             if !layout.replicas(shard).contains(&me) {
                 continue;
             }
-            let member =
-                super::start_member(me, shard, host, router, raft.clone(), engine.clone()).await?;
+            // Keys a shard's engines mint fall inside the shard's ranges.
+            let mut config = engine.clone();
+            let ranges = layout.ranges_of(shard);
+            config.ranges = Some(Arc::new(RangeSet(
+                (0..RANGES).map(|r| ranges.contains(&r)).collect(),
+            )));
+            let member = super::start_member(me, shard, host, router, raft.clone(), config).await?;
             groups.insert(shard, member.raft.clone());
             members.insert(shard, member);
         }
@@ -260,6 +267,89 @@ impl ShardSet {
     /// Every shard this node replicates, with its member.
     pub fn members(&self) -> impl Iterator<Item = (GroupId, &GroupMember)> {
         self.members.iter().map(|(s, m)| (*s, m))
+    }
+
+    /// The leader of shard `shard` as this node last heard (none: unknown, or a shard
+    /// this node does not replicate), and the shard's term.
+    fn leader_of(&self, shard: GroupId) -> (Option<MemberId>, u64) {
+        match self.members.get(&shard) {
+            Some(m) => {
+                let metrics = m.raft.metrics();
+                let m = metrics.borrow_watched();
+                (m.current_leader, m.current_term)
+            }
+            None => (None, 0),
+        }
+    }
+
+    /// The topology as this node sees it: every range's owner is its shard's leader (its
+    /// first replica while unknown); the epoch is the sum of the shards' terms, so it
+    /// grows whenever a leader changes.
+    pub fn topology(&self) -> Topology {
+        let mut epoch = 0;
+        let mut owner_of_shard = Vec::with_capacity(self.layout.shards as usize);
+        for shard in 0..self.layout.shards {
+            let (leader, term) = self.leader_of(shard);
+            epoch += term;
+            let owner = leader.unwrap_or_else(|| self.layout.replicas(shard)[0]);
+            owner_of_shard.push((owner - 1) as u32);
+        }
+        let nodes = self
+            .layout
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, address)| NodeInfo {
+                node: NodeId(i as u64 + 1),
+                address: address.clone(),
+                labels: Vec::new(),
+            })
+            .collect();
+        let owners = (0..RANGES)
+            .map(|r| owner_of_shard[self.layout.shard_of_range(r) as usize])
+            .collect();
+        Topology {
+            epoch,
+            nodes,
+            owners,
+        }
+    }
+
+    /// The engine serving `key`'s shard here.
+    ///
+    /// # Errors
+    /// [`SpaceError::WrongNode`] when this node does not lead that shard (now), with the
+    /// leader's address when known.
+    pub fn serving_for(&self, key: &Key) -> Result<Engine, SpaceError> {
+        let shard = self.layout.shard_of_range(range_of(key));
+        if let Some(engine) = self
+            .members
+            .get(&shard)
+            .and_then(|m| m.leadership.serving())
+        {
+            return Ok(engine);
+        }
+        let (leader, term) = self.leader_of(shard);
+        Err(SpaceError::WrongNode {
+            epoch: term,
+            owner: leader
+                .and_then(|l| self.layout.address(l))
+                .map(str::to_owned),
+        })
+    }
+
+    /// The engines of the shards this node serves now.
+    pub fn serving(&self) -> Vec<(GroupId, Engine)> {
+        self.members
+            .iter()
+            .filter_map(|(s, m)| m.leadership.serving().map(|e| (*s, e)))
+            .collect()
+    }
+
+    /// The first answer request `id` got, if a shard this node serves keeps it: a
+    /// request retried on a new leader is answered from here rather than run again.
+    pub fn answer(&self, id: RequestId) -> Option<Answer> {
+        self.serving().into_iter().find_map(|(_, e)| e.answer(id))
     }
 
     /// Stops every member (Raft and serving engines).

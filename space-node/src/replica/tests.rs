@@ -810,20 +810,84 @@ async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
         led.iter().all(|n| *n >= SHARDS as usize / 6),
         "leaders are not spread: {led:?}"
     );
-    // Every shard commits a write through its leader.
+    // Every shard commits a write through its leader; the key it mints is the shard's,
+    // and the other nodes send it to that leader.
+    let mut keys = Vec::new();
     for shard in 0..SHARDS {
-        let engine = nodes.iter().find_map(|n| n.serves(shard)).unwrap();
+        let leader = nodes
+            .iter()
+            .position(|n| n.serves(shard).is_some())
+            .unwrap();
+        let engine = nodes[leader].serves(shard).unwrap();
         let mut f = space_core::Fields::new();
         f.push("shard", space_core::Value::I64(i64::from(shard)));
-        engine
+        let receipt = engine
             .write("Job", f, None, space_core::Lease::Forever)
             .unwrap();
         committed(&engine).await.unwrap();
+        let layout = nodes[0].set.layout();
+        assert_eq!(
+            layout.shard_of_range(space_core::wire::range_of(&receipt.key)),
+            shard
+        );
+        assert!(nodes[leader].set.serving_for(&receipt.key).is_ok());
+        for (i, other) in nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+            match other.set.serving_for(&receipt.key) {
+                Err(space_core::SpaceError::WrongNode { owner, .. }) => {
+                    // The leader may not have told this follower yet; then it names none.
+                    if let Some(owner) = owner {
+                        assert_eq!(
+                            Some(owner.as_str()),
+                            layout.address(leader as u64 + 1),
+                            "node {i}"
+                        );
+                    }
+                }
+                Err(e) => panic!("node {i}: {e}"),
+                Ok(_) => panic!("node {i} served another node's shard"),
+            }
+        }
+        keys.push(receipt.key);
     }
+    // Every node's topology names each range's leader.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for node in &nodes {
+        loop {
+            let topology = node.set.topology();
+            let right = keys.iter().enumerate().all(|(shard, key)| {
+                let owner = topology.owner_of(key).map(|n| n.address.clone());
+                let leader = nodes.iter().position(|n| n.serves(shard as u32).is_some());
+                owner.as_deref() == leader.and_then(|l| node.set.layout().address(l as u64 + 1))
+            });
+            if right {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a topology does not name the leaders"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let epoch_before = nodes[1].set.topology().epoch;
 
     // The first node stops: each shard it led gets a leader among the other two.
+    // A take on a shard of the node about to stop, answered before it stops.
+    let taken_shard = (0..SHARDS).find(|s| nodes[0].serves(*s).is_some()).unwrap();
+    let take_id = space_core::wire::RequestId::new();
+    let engine = nodes[0].serves(taken_shard).unwrap();
+    let taken = engine
+        .with_request(take_id, || {
+            engine.take(&space_core::Query::for_type("Job"), Duration::ZERO)
+        })
+        .unwrap()
+        .wait()
+        .expect("the shard's entry");
+    committed(&engine).await.unwrap();
+
     let gone = nodes.remove(0);
     let moved: Vec<super::GroupId> = (0..SHARDS).filter(|s| gone.serves(*s).is_some()).collect();
+    let gone_addr = gone.set.layout().address(1).unwrap_or_default().to_owned();
     gone.stop().await;
     let stopped = Instant::now();
     let mut took = Vec::new();
@@ -851,10 +915,39 @@ async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
         at(0.5),
         at(0.99)
     );
+    // A survivor's topology moved them, under a higher epoch.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let topology = nodes[0].set.topology();
+        let moved_right = moved.iter().all(|s| {
+            let owner = topology
+                .owner_of(&keys[*s as usize])
+                .map(|n| n.address.clone());
+            owner.as_deref() != Some(gone_addr.as_str())
+        });
+        if moved_right && topology.epoch > epoch_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the topology still names the stopped node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The take's retry on the shard's new leader gets its first answer.
+    let new_leader = nodes
+        .iter()
+        .find(|n| n.serves(taken_shard).is_some())
+        .unwrap();
+    match new_leader.set.answer(take_id) {
+        Some(space_core::server::Answer::Documents(docs)) => assert_eq!(docs, vec![taken]),
+        other => panic!("the take's answer did not move with its shard: {other:?}"),
+    }
     // The moved shards serve: a write commits with two of three replicas.
     for shard in moved {
         let engine = nodes.iter().find_map(|n| n.serves(shard)).unwrap();
-        assert_eq!(engine.stats().entries, 1, "shard {shard} lost its entry");
+        let held = if shard == taken_shard { 0 } else { 1 };
+        assert_eq!(engine.stats().entries, held, "shard {shard} lost its entry");
         engine
             .write(
                 "Job",
