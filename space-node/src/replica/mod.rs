@@ -11,6 +11,7 @@
 //! - [`StateMachine`] applies committed commands to a replica engine through the engine's
 //!   one apply, and makes and installs snapshots from the engine's state image.
 
+mod across;
 mod leader;
 mod log_store;
 mod peer;
@@ -24,6 +25,7 @@ use space_core::EngineConfig;
 pub use space_core::server::Applied;
 use space_core::server::LogHost;
 
+pub use across::{claim_across, read_across, take_across};
 pub use leader::{Leadership, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
