@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod history;
 pub mod hostile;
 pub mod process;
 pub mod proxy;

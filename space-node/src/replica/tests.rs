@@ -333,25 +333,34 @@ async fn serving(members: &[TestMember]) -> (usize, space_core::server::Engine) 
     }
 }
 
-/// Waits until every member applied the leader's whole log; asserts they hold one state
-/// and returns its digest.
+/// Waits until every member applied the leader's whole log and all hold one state (at
+/// most 10 s); returns its digest.
 async fn converged(members: &[TestMember], leader: usize) -> String {
-    let last = members[leader]
-        .raft
-        .wait(None)
-        .metrics(|_| true, "now")
-        .await
-        .unwrap()
-        .last_log_index
-        .unwrap_or(0);
-    for m in members {
-        applied(m, last).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let last = members[leader]
+            .raft
+            .wait(None)
+            .metrics(|_| true, "now")
+            .await
+            .unwrap()
+            .last_log_index
+            .unwrap_or(0);
+        for m in members {
+            applied(m, last).await;
+        }
+        let digest = members[leader].slot.engine().state_digest();
+        let same = members
+            .iter()
+            .all(|m| m.slot.engine().state_digest() == digest);
+        if same || tokio::time::Instant::now() >= deadline {
+            for m in members {
+                same_state(m, &digest);
+            }
+            return digest;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let digest = members[leader].slot.engine().state_digest();
-    for m in members {
-        same_state(m, &digest);
-    }
-    digest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,6 +574,11 @@ fn isolate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     use space_core::{Fields, Lease, Value};
+    use space_tests::history::{Ended, Op, check};
+    let id_of = |doc: &space_core::Document| match doc.fields.get("n") {
+        Some(Value::I64(n)) => *n as u64,
+        other => panic!("{other:?}"),
+    };
     use space_tests::proxy::Link;
     use std::time::Duration;
     let job = |n: i64| {
@@ -582,10 +596,18 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
             Lease::Forever,
         )
         .unwrap();
+    // Every write and take is recorded; the checker reads the history at the end.
+    let history = space_tests::history::History::default();
     for n in 0..20 {
         engine.write("Job", job(n), None, Lease::Forever).unwrap();
     }
     committed(&engine).await.unwrap();
+    for n in 0..20 {
+        history.record(Op::Write {
+            id: n as u64,
+            ended: Ended::Ok,
+        });
+    }
     // Committed writes are told.
     let mut told = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -601,10 +623,14 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     isolate(&links, old, Link::Blackhole);
     engine.write("Job", job(100), None, Lease::Forever).unwrap();
     let minority = tokio::time::timeout(Duration::from_secs(3), engine.flush()).await;
-    assert!(
-        !matches!(minority, Ok(Ok(()))),
-        "the cut-off leader acknowledged a write"
-    );
+    history.record(Op::Write {
+        id: 100,
+        ended: if matches!(minority, Ok(Ok(()))) {
+            Ended::Ok
+        } else {
+            Ended::Unknown
+        },
+    });
     // ... nor told it to a subscriber.
     assert!(
         sub.try_recv().is_none(),
@@ -629,7 +655,28 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     for n in 20..30 {
         next.write("Job", job(n), None, Lease::Forever).unwrap();
     }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(
+            next.take(&space_core::Query::for_type("Job"), Duration::ZERO)
+                .unwrap()
+                .wait()
+                .expect("an entry"),
+        );
+    }
     committed(&next).await.unwrap();
+    for n in 20..30 {
+        history.record(Op::Write {
+            id: n as u64,
+            ended: Ended::Ok,
+        });
+    }
+    for doc in got {
+        history.record(Op::Take {
+            got: Some(id_of(&doc)),
+            ended: Ended::Ok,
+        });
+    }
 
     // Healed: the old leader learns of the new term, steps down, its write is never
     // acknowledged, and all three hold the majority's state.
@@ -637,16 +684,27 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     let ended = tokio::time::timeout(Duration::from_secs(10), engine.flush())
         .await
         .expect("the old leader's call neither failed nor was answered");
-    assert!(
-        matches!(ended, Err(space_core::SpaceError::WrongNode { .. })),
-        "the old leader's call: {ended:?}"
-    );
     let leader = (0..3)
         .find(|i| members[*i].leadership.serving().is_some())
         .unwrap();
     converged(&members, leader).await;
+    let left: Vec<u64> = members[0]
+        .slot
+        .engine()
+        .contents(&space_core::Query::for_type("Job"))
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
+    let verdict = check(&history.ops(), &left);
+    assert!(verdict.is_clean(), "{verdict:?}");
+    assert_eq!(verdict.acknowledged, 30);
+    assert!(
+        matches!(ended, Err(space_core::SpaceError::WrongNode { .. })),
+        "the old leader's call: {ended:?}"
+    );
     for m in &members {
-        assert_eq!(m.slot.engine().stats().entries, 30, "member {}", m.id);
+        assert_eq!(m.slot.engine().stats().entries, 25, "member {}", m.id);
     }
     drop(links);
     for m in members {
