@@ -223,10 +223,30 @@ impl Cluster {
         let mut reroutes = 0;
         loop {
             let addr = self.owner_addr(key)?;
-            match revoke::call(&self.node(&addr).await?, request.clone()).await {
-                Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
+            let answer = match self.node(&addr).await {
+                Ok(conn) => revoke::call(&conn, request.clone()).await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                // The owner moved (a replicated shard's leader changed), or the node that
+                // owned it is gone and another may own it now: ask for the topology and
+                // go on at the new owner. A call that fails with `Down` never reached
+                // its node, so sending it again is safe.
+                Err(
+                    e @ (SpaceError::WrongNode { .. }
+                    | SpaceError::Unavailable { .. }
+                    | SpaceError::Down { .. }),
+                ) if reroutes < REROUTES => {
                     reroutes += 1;
                     self.refresh().await?;
+                    if self.owner_addr(key)? == addr {
+                        if matches!(e, SpaceError::Down { .. }) {
+                            // Nobody else owns it: fail fast.
+                            return Err(e);
+                        }
+                        // An election may be under way: give it a moment.
+                        tokio::time::sleep(Duration::from_millis(50 * reroutes as u64)).await;
+                    }
                 }
                 other => return other,
             }

@@ -188,6 +188,13 @@ pub enum SpaceError {
     /// before it ran, so it did not run.
     #[error("the request was revoked by its caller and did not run")]
     Revoked,
+    /// The node cannot serve this now (a replicated shard without a leader here, or a
+    /// call a replicated node does not serve yet); another node, or a later try, may.
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
     /// The peer sent something this side does not understand.
     #[error("protocol error: {reason}")]
     Protocol {

@@ -385,6 +385,11 @@ pub struct Taken {
 }
 
 impl Taken {
+    /// The taken entry's key.
+    pub fn key(&self) -> &crate::Key {
+        &self.record.key
+    }
+
     /// A copy of the entry, as a take hands it out.
     pub fn document(&self) -> Document {
         self.record.document()

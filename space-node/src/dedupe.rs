@@ -180,6 +180,7 @@ impl Dedupe {
     /// Runs `op` once for `id`: the first call runs it, retries get its answer. A revoke
     /// that arrives while it runs stops it (`op` is dropped, which gives back anything it
     /// was handed) and it answers [`SpaceError::Revoked`].
+    #[cfg(test)]
     pub(crate) async fn run<F>(
         &self,
         id: RequestId,
@@ -187,6 +188,23 @@ impl Dedupe {
     ) -> Result<Response, SpaceError>
     where
         F: std::future::Future<Output = Finished>,
+    {
+        self.run_then(id, op, std::future::ready).await
+    }
+
+    /// As [`run`](Self::run), with `then` run on what `op` finished (making it durable)
+    /// before it is answered. `then` is not stopped by a revoke: once `op` has changed
+    /// the space, the change is seen through, and a revoke that arrived meanwhile gets
+    /// the outcome to undo.
+    pub(crate) async fn run_then<F, G>(
+        &self,
+        id: RequestId,
+        op: impl FnOnce() -> F,
+        then: impl FnOnce(Finished) -> G,
+    ) -> Result<Response, SpaceError>
+    where
+        F: std::future::Future<Output = Finished>,
+        G: std::future::Future<Output = Finished>,
     {
         let running = loop {
             match self.begin(id) {
@@ -196,18 +214,18 @@ impl Dedupe {
             }
         };
         let cancel = running.cancel.clone();
-        tokio::select! {
+        let finished = tokio::select! {
             biased;
-            finished = op() => {
-                let answer = answer_of(&finished);
-                running.settle(Slot::Done(Box::new(finished)));
-                answer
-            }
+            finished = op() => finished,
             () = cancel.notified() => {
                 running.settle(Slot::Revoked);
-                Err(SpaceError::Revoked)
+                return Err(SpaceError::Revoked);
             }
-        }
+        };
+        let finished = then(finished).await;
+        let answer = answer_of(&finished);
+        running.settle(Slot::Done(Box::new(finished)));
+        answer
     }
 
     /// Gives up request `id` for its caller; returns its outcome when it had finished, for
@@ -355,6 +373,44 @@ mod tests {
         }
         assert!(d.revoke(id).await.is_none(), "nothing finished to undo");
         assert_eq!(running.await.unwrap(), Err(SpaceError::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_revoke_while_a_change_is_made_durable_gets_it_to_undo() {
+        let d = Arc::new(Dedupe::new(10));
+        let id = RequestId::new();
+        let (durable, made_durable) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.run_then(
+                    id,
+                    || async { Ok(Outcome::Answer(Response::Count(3))) },
+                    |finished| async move {
+                        let _ = made_durable.await;
+                        finished
+                    },
+                )
+                .await
+            }
+        });
+        while !matches!(d.inner.lock().slots.get(&id), Some(Slot::Running { .. })) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let revoke = tokio::spawn({
+            let d = d.clone();
+            async move { d.revoke(id).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = durable.send(());
+        assert_eq!(running.await.unwrap(), Ok(Response::Count(3)));
+        assert!(
+            matches!(
+                revoke.await.unwrap(),
+                Some(Ok(Outcome::Answer(Response::Count(3))))
+            ),
+            "the revoke did not get the change to undo"
+        );
     }
 
     #[tokio::test]

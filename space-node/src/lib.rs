@@ -15,6 +15,7 @@ mod handshake;
 mod push;
 pub mod replica;
 mod server;
+mod sharded;
 mod stall;
 
 pub use server::{Node, NodeConfig, NodeError};

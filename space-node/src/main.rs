@@ -100,6 +100,19 @@ struct Args {
     /// The epoch of the static topology (raise it when the member list changes).
     #[arg(long, default_value_t = 1)]
     epoch: u64,
+    /// A replicated cluster's nodes, comma separated, the same list (and order) on every
+    /// node, this node's --advertise (or --listen) address among them; needs --data-dir.
+    /// The ranges are grouped into shards, each a Raft group of --replication nodes.
+    /// Used to create the cluster: afterwards a node restarts from its data directory.
+    #[arg(long, value_delimiter = ',', conflicts_with = "peers")]
+    initial_cluster: Vec<String>,
+    /// Shards of a replicated cluster (fixed when it is created).
+    #[arg(long, default_value_t = 64)]
+    shards: u32,
+    /// Replicas per shard of a replicated cluster: 1, 3 or 5 (default 3, or 1 with fewer
+    /// than 3 nodes).
+    #[arg(long)]
+    replication: Option<usize>,
     /// Keep entries durably in this directory (recovered at start).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -199,6 +212,9 @@ async fn serve(args: Args) -> Result<()> {
         data_dir,
         peers: args.peers,
         epoch: args.epoch,
+        initial_cluster: args.initial_cluster,
+        shards: args.shards,
+        replication: args.replication,
         listen: args.listen,
         advertise: args.advertise,
         node: NodeId(args.node_id),

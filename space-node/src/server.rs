@@ -27,7 +27,9 @@ use crate::cluster::Cluster;
 use crate::dedupe::{Dedupe, Finished, Outcome};
 use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
 use crate::push::{PushConfig, Pushers};
+use crate::replica::{Layout, PeerRouter, ReplicaError, ShardSet, raft_settings};
 use crate::stall::FrameDeadline;
+use space_core::server::LogHost;
 
 /// Everything a node needs to know to run.
 #[derive(Clone, Debug)]
@@ -78,6 +80,15 @@ pub struct NodeConfig {
     pub peers: Vec<String>,
     /// The epoch of the static topology.
     pub epoch: u64,
+    /// A replicated cluster's nodes (addresses, the same list on every node, this node's
+    /// among them): the ranges are grouped into shards replicated by Raft. Used when the
+    /// data directory holds no cluster yet; afterwards the node restarts from it alone.
+    pub initial_cluster: Vec<String>,
+    /// Shards of a replicated cluster created by this node.
+    pub shards: u32,
+    /// Replicas per shard of a replicated cluster created by this node (default: 3, or 1
+    /// with fewer than 3 nodes).
+    pub replication: Option<usize>,
 }
 
 impl Default for NodeConfig {
@@ -105,6 +116,9 @@ impl Default for NodeConfig {
             data_dir: None,
             peers: Vec::new(),
             epoch: 1,
+            initial_cluster: Vec::new(),
+            shards: 64,
+            replication: None,
         }
     }
 }
@@ -132,7 +146,13 @@ pub enum NodeError {
 /// A running node's shared state.
 pub(crate) struct NodeState {
     pub(crate) config: NodeConfig,
+    /// The node's engine. A replicated node's calls go to its shards instead, and this
+    /// one holds nothing.
     pub(crate) engine: Engine,
+    /// A replicated node's shards.
+    pub(crate) shards: Option<Arc<ShardSet>>,
+    /// Where a replicated node's next keyless write goes, among the shards it leads.
+    pub(crate) next_shard: AtomicUsize,
     dedupe: Dedupe,
     pushers: Arc<Pushers>,
     address: String,
@@ -163,18 +183,30 @@ impl SpaceService for Service {
             let id = envelope.id;
             state
                 .dedupe
-                .run(id, || async {
-                    // The changes are logged with the request id; the answer goes out only
-                    // once they are durable.
-                    let finished = InRequest {
-                        engine: &state.engine,
-                        id,
-                        inner: Box::pin(state.handle(request, budget)),
-                    }
-                    .await;
-                    state.engine.flush().await?;
-                    finished
-                })
+                .run_then(
+                    id,
+                    || async {
+                        // A retry that crossed a shard's failover: its first answer is in
+                        // the shard's replicated answer table.
+                        if let Some(answer) = state.shards.as_ref().and_then(|s| s.answer(id)) {
+                            return Ok(Outcome::Answer(response_of(answer)));
+                        }
+                        // The changes are logged with the request id.
+                        InRequest {
+                            engine: &state.engine,
+                            id,
+                            inner: Box::pin(state.handle(request, budget)),
+                        }
+                        .await
+                    },
+                    // The answer goes out only once the changes are durable (committed).
+                    |finished| async {
+                        match state.flush().await {
+                            Ok(()) => finished,
+                            Err(e) => Err(e),
+                        }
+                    },
+                )
                 .await
         } else {
             state
@@ -235,13 +267,52 @@ impl NodeState {
     /// Undoes what a revoked request did that its caller never saw.
     fn undo(&self, finished: Finished) {
         match finished {
-            Ok(Outcome::Taken(taken)) => self.engine.untake(taken),
-            Ok(Outcome::Committed(Some(taken))) => self.engine.untake(vec![taken]),
+            Ok(Outcome::Taken(taken)) => {
+                for t in taken {
+                    if let Some(engine) = self.engine_for(t.key()) {
+                        engine.untake(vec![t]);
+                    }
+                }
+            }
+            Ok(Outcome::Committed(Some(taken))) => {
+                if let Some(engine) = self.engine_for(taken.key()) {
+                    engine.untake(vec![taken]);
+                }
+            }
             Ok(Outcome::Answer(Response::Claimed(Some(claimed)))) => {
                 // Fails only if the claim already ended, and then the entry is back anyway.
-                let _ = self.engine.release(&claimed.ticket);
+                if let Some(engine) = self.engine_for(&claimed.ticket.key) {
+                    let _ = engine.release(&claimed.ticket);
+                }
             }
             _ => {}
+        }
+    }
+
+    /// Client connections open now.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The engine that holds `key` here: the node's, or its shard's while this node
+    /// leads it.
+    fn engine_for(&self, key: &space_core::Key) -> Option<Engine> {
+        match &self.shards {
+            Some(shards) => shards.serving_for(key).ok(),
+            None => Some(self.engine.clone()),
+        }
+    }
+
+    /// Waits until every change made so far is durable (committed, for shards).
+    async fn flush(&self) -> Result<(), SpaceError> {
+        match &self.shards {
+            Some(shards) => {
+                for (_, engine) in shards.serving() {
+                    engine.flush().await?;
+                }
+                Ok(())
+            }
+            None => self.engine.flush().await,
         }
     }
 
@@ -249,11 +320,24 @@ impl NodeState {
     /// wrong-node error when another member of the cluster owns the key. Answers that
     /// carry many documents stop at `budget` bytes of them.
     pub(crate) async fn handle(&self, request: Request, budget: usize) -> Finished {
-        let engine = &self.engine;
-        let cluster = &self.cluster;
-        if let Some(key) = request.routing_key() {
-            cluster.check(key)?;
+        if let Some(shards) = &self.shards {
+            return self.handle_sharded(shards, request, budget).await;
         }
+        if let Some(key) = request.routing_key() {
+            self.cluster.check(key)?;
+        }
+        self.handle_on(&self.engine, request, budget).await
+    }
+
+    /// Runs one request on `engine` (the node's, or the shard's that the request's key
+    /// belongs to).
+    pub(crate) async fn handle_on(
+        &self,
+        engine: &Engine,
+        request: Request,
+        budget: usize,
+    ) -> Finished {
+        let cluster = &self.cluster;
         let answer = match request {
             Request::WriteDirect {
                 entry_type,
@@ -305,7 +389,7 @@ impl NodeState {
             Request::Revoke(id) => {
                 if let Some(finished) = self.dedupe.revoke(id).await {
                     self.undo(finished);
-                    engine.flush().await?;
+                    self.flush().await?;
                 }
                 Response::Done
             }
@@ -377,6 +461,102 @@ impl NodeState {
         };
         Ok(Outcome::Answer(answer))
     }
+}
+
+/// The data directory of a replicated node: one that was given `--initial-cluster`, or
+/// whose directory holds a cluster already. `None` for a standalone or static node.
+fn replicated_dir(config: &NodeConfig) -> Result<Option<&std::path::Path>, NodeError> {
+    let Some(dir) = config.data_dir.as_deref() else {
+        if config.initial_cluster.is_empty() {
+            return Ok(None);
+        }
+        return Err(NodeError::Config(
+            "a replicated cluster (--initial-cluster) needs --data-dir".into(),
+        ));
+    };
+    let created = Layout::load(dir)
+        .map_err(|e| NodeError::Config(e.to_string()))?
+        .is_some();
+    if !created && config.initial_cluster.is_empty() {
+        return Ok(None);
+    }
+    if !config.peers.is_empty() {
+        return Err(NodeError::Config(
+            "--peers (a static cluster) and a replicated cluster exclude each other".into(),
+        ));
+    }
+    Ok(Some(dir))
+}
+
+/// Starts a replicated node's shards from `dir`: the layout kept there, or a new one from
+/// the configuration; creates the shards this node is first replica of.
+async fn start_shards(
+    config: &NodeConfig,
+    dir: &std::path::Path,
+    address: &str,
+    engine: &EngineConfig,
+) -> Result<Arc<ShardSet>, NodeError> {
+    let bad = |e: ReplicaError| NodeError::Config(e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| {
+        NodeError::Storage(SpaceError::Storage {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    let layout = match Layout::load(dir).map_err(bad)? {
+        Some(layout) => {
+            if !config.initial_cluster.is_empty() && config.initial_cluster != layout.nodes {
+                return Err(NodeError::Config(format!(
+                    "{} holds a cluster of {:?}, not {:?}",
+                    dir.display(),
+                    layout.nodes,
+                    config.initial_cluster
+                )));
+            }
+            layout
+        }
+        None => {
+            let n = config.initial_cluster.len();
+            let replication = config.replication.unwrap_or(if n >= 3 { 3 } else { 1 });
+            let layout = Layout::new(config.initial_cluster.clone(), config.shards, replication)
+                .map_err(bad)?;
+            layout.save(dir).map_err(bad)?;
+            layout
+        }
+    };
+    let me = layout.member_id(address).ok_or_else(|| {
+        NodeError::Config(format!(
+            "this node's address {address} is not among the cluster's nodes {:?}; pass --advertise with its address in the list",
+            layout.nodes
+        ))
+    })?;
+    let host = {
+        let dir = dir.to_path_buf();
+        let config = engine.clone();
+        tokio::task::spawn_blocking(move || LogHost::open(dir, &config))
+            .await
+            .map_err(|e| NodeError::Config(format!("recovery did not finish: {e}")))?
+            .map_err(NodeError::Storage)?
+    };
+    let router = PeerRouter::new(config.token.clone());
+    let set = ShardSet::start(
+        layout,
+        me,
+        &host,
+        &router,
+        raft_settings().map_err(bad)?,
+        engine.clone(),
+    )
+    .await
+    .map_err(bad)?;
+    let set = Arc::new(set);
+    let creating = set.clone();
+    tokio::spawn(async move {
+        if let Err(e) = creating.create().await {
+            tracing::error!(error = %e, "could not create this node's shards");
+        }
+    });
+    Ok(set)
 }
 
 /// Whether listening on `addr` needs a token: anything but loopback does.
@@ -456,7 +636,14 @@ impl Node {
         engine_config.max_waiters = Some(config.max_waiters);
         engine_config.max_subscriptions = Some(config.max_subscriptions);
         engine_config.max_queued_events = Some(config.max_queued_events);
+        let shards = match replicated_dir(&config)? {
+            Some(dir) => Some(start_shards(&config, dir, &address, &engine_config).await?),
+            None => None,
+        };
         let engine = match &config.data_dir {
+            // A replicated node keeps its shards in the data directory; its own engine
+            // holds nothing.
+            Some(_) if shards.is_some() => Engine::new(engine_config),
             Some(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || Engine::open(dir, engine_config))
@@ -488,6 +675,8 @@ impl Node {
                 connections: Arc::new(AtomicUsize::new(0)),
                 config,
                 engine,
+                shards,
+                next_shard: AtomicUsize::new(0),
                 address,
             }),
             listener,
@@ -561,11 +750,16 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
             open,
             max_connections: state.config.max_connections,
             clients: true,
-            // Replicated shards are served on a peer port of their own for now.
-            peers: false,
+            peers: state.shards.is_some(),
         },
     )
     .await?;
+    if hello.peer {
+        if let Some(shards) = &state.shards {
+            crate::replica::serve_peer_messages(framed, shards.groups()).await;
+        }
+        return Ok(());
+    }
     let transport = wire::server_transport(framed);
     let max_in_flight = state.config.max_in_flight;
     // Answers stay well within what the client reads (and what this node sends).

@@ -541,6 +541,11 @@ impl Engine {
         }
     }
 
+    /// Whether `other` is a clone of this engine.
+    pub fn same_as(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Closes the engine now, whatever other clones exist: its threads stop, a durable
     /// engine's log is written out and its data directory released before this returns.
     /// Dropping the last clone does the same. Changes made through a clone after this are

@@ -28,6 +28,7 @@ use space_core::server::LogHost;
 pub use across::{claim_across, read_across, take_across};
 pub use leader::{Leadership, Session, follow_leadership};
 pub use log_store::LogStore;
+pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
 pub use shards::{Layout, ShardSet};
 pub use state_machine::{EngineSlot, StateMachine};

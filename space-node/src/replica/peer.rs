@@ -214,9 +214,9 @@ async fn serve_peer(
     Ok(())
 }
 
-/// Serves the Raft messages of a peer connection whose handshake is done, each as its own
-/// task, until the peer closes it.
-async fn serve_peer_messages<S>(
+/// Serves the Raft messages of a peer connection whose handshake is done (on a port of
+/// its own, or a node's data port), each as its own task, until the peer closes it.
+pub(crate) async fn serve_peer_messages<S>(
     framed: tokio_util::codec::Framed<S, tokio_util::codec::LengthDelimitedCodec>,
     groups: Groups,
 ) where

@@ -1,0 +1,192 @@
+//! A replicated node's calls: each goes to the engine of the shard it concerns, served
+//! here while this node leads that shard (docs/ARCHITECTURE.md section 9).
+//!
+//! Calls by key go to the key's shard (`WrongNode` naming its leader otherwise); keyless
+//! writes go to the shards this node leads, in turn, and mint keys inside them; reads,
+//! takes and claims by query, counts, contents and stats cover the shards this node
+//! leads (a client asks every node). Subscriptions are not served by replicated nodes
+//! yet (`Unavailable`).
+
+use std::sync::atomic::Ordering;
+
+use space_core::server::Engine;
+use space_core::wire::{Request, Response, Target};
+use space_core::{Fields, Key, SpaceError, Stats};
+
+use crate::dedupe::{Finished, Outcome};
+
+/// An entry to write: its fields and its user key, if any.
+type NewEntry = (Fields, Option<Key>);
+
+/// A contents cursor of a replicated node: the shard in the top 16 bits, the position
+/// within the shard's engine below.
+const SHARD_SHIFT: u32 = 48;
+const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
+use crate::replica::{ShardSet, claim_across, read_across, take_across};
+use crate::server::NodeState;
+
+impl NodeState {
+    /// Runs one request of a replicated node on the shards it concerns.
+    pub(crate) async fn handle_sharded(
+        &self,
+        shards: &ShardSet,
+        request: Request,
+        budget: usize,
+    ) -> Finished {
+        if let Some(key) = request.routing_key() {
+            let engine = shards.serving_for(key)?;
+            return self.handle_on(&engine, request, budget).await;
+        }
+        let serving: Vec<Engine> = shards.serving().into_iter().map(|(_, e)| e).collect();
+        let answer = match request {
+            Request::WriteDirect {
+                entry_type,
+                indexes,
+                entries,
+                lease,
+                labels,
+            } => {
+                if let Some((k, v)) = labels.iter().find(|l| !self.config.labels.contains(l)) {
+                    return Err(SpaceError::Full {
+                        reason: format!("this node does not carry the label {k}={v}"),
+                    });
+                }
+                // Keyed entries go to their shard, keyless ones to the next shard led here.
+                let keyless = if entries.iter().any(|(_, k)| k.is_none()) {
+                    if serving.is_empty() {
+                        return Err(SpaceError::Unavailable {
+                            reason: "this node leads no shard now".into(),
+                        });
+                    }
+                    Some(
+                        serving[self.next_shard.fetch_add(1, Ordering::Relaxed) % serving.len()]
+                            .clone(),
+                    )
+                } else {
+                    None
+                };
+                let mut groups: Vec<(Engine, Vec<(usize, NewEntry)>)> = Vec::new();
+                for (i, entry) in entries.into_iter().enumerate() {
+                    let engine = match &entry.1 {
+                        Some(key) => shards.serving_for(key)?,
+                        None => keyless.clone().ok_or_else(|| SpaceError::Unavailable {
+                            reason: "no shard for a keyless entry".into(),
+                        })?,
+                    };
+                    match groups.iter_mut().find(|(e, _)| e.same_as(&engine)) {
+                        Some((_, batch)) => batch.push((i, entry)),
+                        None => groups.push((engine, vec![(i, entry)])),
+                    }
+                }
+                let mut receipts = Vec::new();
+                for (engine, batch) in groups {
+                    for field in &indexes {
+                        engine.create_index(&entry_type, field)?;
+                    }
+                    let (positions, batch): (Vec<usize>, Vec<NewEntry>) = batch.into_iter().unzip();
+                    let written = engine.write_all(&entry_type, &[], batch, lease)?;
+                    receipts.extend(positions.into_iter().zip(written));
+                }
+                receipts.sort_by_key(|(i, _)| *i);
+                Response::Receipts(receipts.into_iter().map(|(_, r)| r).collect())
+            }
+            Request::ReadDirect {
+                target: Target::Query(q),
+                timeout,
+            } => Response::Document(read_across(&serving, &q, timeout).await?.map(|(_, d)| d)),
+            Request::TakeDirect {
+                target: Target::Query(q),
+                max,
+                timeout,
+            } => {
+                let taken = take_across(&serving, &q, max.max(1) as usize, budget, timeout).await?;
+                return Ok(Outcome::Taken(taken.map(|(_, t)| t).unwrap_or_default()));
+            }
+            Request::Claim {
+                query,
+                lease,
+                timeout,
+            } => Response::Claimed(
+                claim_across(&serving, &query, lease, timeout)
+                    .await?
+                    .map(|(_, c)| c),
+            ),
+            Request::Count(q) => {
+                let mut total = 0;
+                for engine in &serving {
+                    total += engine.count(&q)?;
+                }
+                Response::Count(total)
+            }
+            Request::Contents {
+                query,
+                after,
+                limit,
+            } => {
+                // Shard by shard in shard order. The cursor holds the shard in its top
+                // 16 bits and the position within the shard below.
+                let limit = limit.clamp(1, 10_000) as usize;
+                let (start, mut from) = match after {
+                    Some(c) => ((c >> SHARD_SHIFT) as u32, Some(c & POSITION)),
+                    None => (0, None),
+                };
+                let mut documents = Vec::new();
+                let mut next = None;
+                for (shard, engine) in shards.serving() {
+                    if shard < start {
+                        continue;
+                    }
+                    if shard > start {
+                        from = None;
+                    }
+                    let (page, more) = engine.contents_page_within(
+                        &query,
+                        from,
+                        limit - documents.len(),
+                        budget,
+                    )?;
+                    documents.extend(page);
+                    if let Some(more) = more {
+                        next = Some(u64::from(shard) << SHARD_SHIFT | more);
+                        break;
+                    }
+                    if documents.len() >= limit {
+                        next = Some(u64::from(shard + 1) << SHARD_SHIFT);
+                        break;
+                    }
+                }
+                Response::Page { documents, next }
+            }
+            Request::FindFor(key) => {
+                let topology = shards.topology();
+                match topology.owner_of(&key) {
+                    Some(node) => Response::Node(node.clone()),
+                    None => {
+                        return Err(SpaceError::Unavailable {
+                            reason: "no leader is known for this key's shard".into(),
+                        });
+                    }
+                }
+            }
+            Request::Topology => Response::Topology(shards.topology()),
+            Request::Stats => {
+                let mut total = Stats {
+                    connections: self.connections() as u64,
+                    ..Stats::default()
+                };
+                for engine in &serving {
+                    total.add(&engine.stats());
+                }
+                Response::Stats(total)
+            }
+            Request::Subscribe { .. } | Request::Resume { .. } => {
+                return Err(SpaceError::Unavailable {
+                    reason: "subscriptions are not served by replicated nodes yet".into(),
+                });
+            }
+            // The rest concerns the node, not a shard.
+            other => return self.handle_on(&self.engine, other, budget).await,
+        };
+        Ok(Outcome::Answer(answer))
+    }
+}
