@@ -136,7 +136,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=error,openraft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
