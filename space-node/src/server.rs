@@ -289,6 +289,16 @@ impl NodeState {
         }
     }
 
+    /// Refuses keyless entries asking for labels this node does not carry.
+    pub(crate) fn check_labels(&self, labels: &[(String, String)]) -> Result<(), SpaceError> {
+        match labels.iter().find(|l| !self.config.labels.contains(l)) {
+            Some((k, v)) => Err(SpaceError::Full {
+                reason: format!("this node does not carry the label {k}={v}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Client connections open now.
     pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
@@ -349,11 +359,7 @@ impl NodeState {
                 for key in entries.iter().filter_map(|(_, k)| k.as_ref()) {
                     cluster.check(key)?;
                 }
-                if let Some((k, v)) = labels.iter().find(|l| !self.config.labels.contains(l)) {
-                    return Err(SpaceError::Full {
-                        reason: format!("this node does not carry the label {k}={v}"),
-                    });
-                }
+                self.check_labels(&labels)?;
                 for field in &indexes {
                     engine.create_index(&entry_type, field)?;
                 }

@@ -46,11 +46,7 @@ impl NodeState {
                 lease,
                 labels,
             } => {
-                if let Some((k, v)) = labels.iter().find(|l| !self.config.labels.contains(l)) {
-                    return Err(SpaceError::Full {
-                        reason: format!("this node does not carry the label {k}={v}"),
-                    });
-                }
+                self.check_labels(&labels)?;
                 // Keyed entries go to their shard, keyless ones to the next shard led here.
                 let keyless = if entries.iter().any(|(_, k)| k.is_none()) {
                     if serving.is_empty() {

@@ -176,6 +176,18 @@ fn same_state(member: &TestMember, digest: &str) {
     );
 }
 
+/// Makes `members` one group (through the first of them).
+async fn form_group(members: &[TestMember]) {
+    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
+        .iter()
+        .map(|m| {
+            let addr = m.addr.to_string();
+            (m.id, super::Member { addr })
+        })
+        .collect();
+    members[0].raft.initialize(membership).await.unwrap();
+}
+
 /// Waits until `member` has applied up to `index`.
 async fn applied(member: &TestMember, index: u64) {
     member
@@ -232,18 +244,7 @@ async fn a_group_of_three_replicates_fails_over_and_brings_a_member_back() {
     for (i, dir) in dirs.iter().enumerate() {
         members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
     }
-    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
-        .iter()
-        .map(|m| {
-            (
-                m.id,
-                super::Member {
-                    addr: m.addr.to_string(),
-                },
-            )
-        })
-        .collect();
-    members[0].raft.initialize(membership).await.unwrap();
+    form_group(&members).await;
 
     // Every member applies what the leader committed, to the same state.
     let leader = leader_of(&members).await;
@@ -379,18 +380,7 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
     for (i, dir) in dirs.iter().enumerate() {
         members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
     }
-    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
-        .iter()
-        .map(|m| {
-            (
-                m.id,
-                super::Member {
-                    addr: m.addr.to_string(),
-                },
-            )
-        })
-        .collect();
-    members[0].raft.initialize(membership).await.unwrap();
+    form_group(&members).await;
 
     // Writes, takes and claims on the leader's engine; answered once committed.
     let (leader, engine) = serving(&members).await;
@@ -538,18 +528,7 @@ async fn group_behind_proxies(
         }
         links.push(row);
     }
-    let membership: std::collections::BTreeMap<super::MemberId, super::Member> = members
-        .iter()
-        .map(|m| {
-            (
-                m.id,
-                super::Member {
-                    addr: m.addr.to_string(),
-                },
-            )
-        })
-        .collect();
-    members[0].raft.initialize(membership).await.unwrap();
+    form_group(&members).await;
     (members, links)
 }
 
