@@ -29,7 +29,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use parking_lot::{Mutex, RwLock};
-use space_core::wire::{self, NodeInfo, Request, Response, Target, Topology};
+use space_core::wire::{self, NodeInfo, Request, RequestId, Response, Target, Topology};
 use space_core::{
     BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, Result, Space,
     SpaceError, Stats, Subscription, remote::RemoteBackend,
@@ -46,6 +46,9 @@ type NewEntry = (space_core::Fields, Option<Key>);
 const TAKE_CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// Topology refreshes allowed per call before a wrong-node answer is returned as it is.
 const REROUTES: usize = 3;
+/// Most times one call by query is made again on a node whose shards changed while it
+/// waited (each change ends the wait; a failover brings a burst of them).
+const MAX_ASKS: usize = 1_000;
 
 /// A cluster of nodes, as one client sees it.
 pub struct Cluster {
@@ -187,8 +190,12 @@ impl Cluster {
             };
             match answer {
                 Ok(Response::Topology(t)) => {
+                    // A replicated cluster's epochs are each node's own view (the sum of
+                    // the terms it has seen), so a lower one from a live node is still
+                    // better than a topology naming owners that are down.
+                    let stale = self.names_down_owner(&self.topology.read());
                     let mut current = self.topology.write();
-                    if t.epoch >= current.epoch {
+                    if t.epoch >= current.epoch || stale {
                         *current = t;
                     }
                     return Ok(current.clone());
@@ -201,6 +208,20 @@ impl Cluster {
             node: String::new(),
             reason: "no node to ask for the topology".into(),
         }))
+    }
+
+    /// Whether `topology` names an owner that could not be reached a moment ago.
+    fn names_down_owner(&self, topology: &Topology) -> bool {
+        let down: Vec<bool> = topology
+            .nodes
+            .iter()
+            .map(|n| self.is_down(&n.address))
+            .collect();
+        down.iter().any(|d| *d)
+            && topology
+                .owners
+                .iter()
+                .any(|o| down.get(*o as usize).copied().unwrap_or(false))
     }
 
     /// The owner of `key`'s range, as the cached topology has it.
@@ -221,10 +242,13 @@ impl Cluster {
     /// Sends `request` to the owner of `key`, following topology changes.
     async fn to_owner(&self, key: &Key, request: Request) -> Result<Response> {
         let mut reroutes = 0;
+        // One id for every attempt: an attempt a failover cut off may have been done, and
+        // the new owner answers a repeated id with its first answer.
+        let id = RequestId::new();
         loop {
             let addr = self.owner_addr(key)?;
             let answer = match self.node(&addr).await {
-                Ok(conn) => revoke::call(&conn, request.clone()).await,
+                Ok(conn) => revoke::call_as(&conn, id, request.clone()).await,
                 Err(e) => Err(e),
             };
             match answer {
@@ -514,6 +538,8 @@ impl Cluster {
         // A keyless batch may go to any member: one found down is passed over.
         let movable = labels.is_empty() && batch.iter().all(|(_, k)| k.is_none());
         let mut moves = 0;
+        // One id for every attempt (see `to_owner`).
+        let id = RequestId::new();
         loop {
             // A type's indexes are declared once per node, with the first write there.
             let first = self
@@ -527,7 +553,7 @@ impl Cluster {
                 lease,
                 labels: labels.to_vec(),
             };
-            match self.node(&addr).await?.call(request).await {
+            match self.node(&addr).await?.call_with_id(id, request).await {
                 Ok(Response::Receipts(r)) => return Ok(r),
                 Ok(other) => return Err(unexpected(other)),
                 Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
@@ -563,11 +589,14 @@ impl Cluster {
             .live_in_turn(&self.next_taker)
             .into_iter()
             .map(|addr| {
-                let request = Request::ReadDirect {
-                    target: Target::Query(query.clone()),
-                    timeout,
-                };
-                async move { self.node(&addr).await?.call(request).await }
+                let query = &query;
+                async move {
+                    self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
+                        target: Target::Query(query.clone()),
+                        timeout,
+                    })
+                    .await
+                }
             })
             .collect();
         let (mut answered, mut error) = (false, None);
@@ -602,16 +631,15 @@ impl Cluster {
         let mut calls: FuturesUnordered<_> = addrs
             .into_iter()
             .map(|addr| {
-                let request = Request::Claim {
-                    query: query.clone(),
-                    lease,
-                    timeout,
-                };
+                let query = &query;
                 async move {
-                    let answer = match self.node(&addr).await {
-                        Ok(conn) => revoke::call(&conn, request).await,
-                        Err(e) => Err(e),
-                    };
+                    let answer = self
+                        .query_on(&addr, timeout, |timeout| Request::Claim {
+                            query: query.clone(),
+                            lease,
+                            timeout,
+                        })
+                        .await;
                     (addr, answer)
                 }
             })
@@ -704,14 +732,45 @@ impl Cluster {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Document>> {
-        let request = Request::TakeDirect {
-            target: Target::Query(query),
-            max: u32::try_from(max).unwrap_or(u32::MAX),
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        let request = |timeout| Request::TakeDirect {
+            target: Target::Query(query.clone()),
+            max,
             timeout,
         };
-        match revoke::call(&self.node(addr).await?, request).await? {
+        match self.query_on(addr, timeout, request).await? {
             Response::Documents(d) => Ok(d),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// A call by query on the node at `addr` that may wait up to `timeout`: `request`
+    /// makes it for the time left. When the shards that node leads change while it
+    /// waits (a replicated cluster's failover), the node ends the wait, having done
+    /// nothing (`WrongNode`), and the call is made again for the time left.
+    async fn query_on(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        request: impl Fn(Duration) -> Request,
+    ) -> Result<Response> {
+        let deadline = Instant::now() + timeout;
+        let mut again = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match revoke::call(&self.node(addr).await?, request(left)).await {
+                // Leaderships change in bursts (a failover moves many shards): asked
+                // again while its time lasts, and a few times once it is out.
+                Err(SpaceError::WrongNode { .. })
+                    if again < REROUTES || (again < MAX_ASKS && Instant::now() < deadline) =>
+                {
+                    again += 1;
+                    // A stale topology is refreshed; a failed refresh is no reason to
+                    // stop (the call itself says whether the node is reachable).
+                    let _ = self.refresh().await;
+                }
+                answer => return answer,
+            }
         }
     }
 

@@ -117,10 +117,18 @@ pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T>
 /// guarded: given up before its answer arrives, or failed without one (`Unreachable`,
 /// `TimedOut`), it is revoked.
 pub(crate) async fn call(conn: &Arc<Connection>, request: Request) -> Result<Response> {
+    call_as(conn, RequestId::new(), request).await
+}
+
+/// As [`call`], with request id `id` (the same for every attempt of one request).
+pub(crate) async fn call_as(
+    conn: &Arc<Connection>,
+    id: RequestId,
+    request: Request,
+) -> Result<Response> {
     if !revocable(&request) {
-        return conn.call(request).await;
+        return conn.call_with_id(id, request).await;
     }
-    let id = RequestId::new();
     let guard = CallGuard::new(conn.clone(), id);
     let answer = conn.call_with_id(id, request).await;
     match &answer {

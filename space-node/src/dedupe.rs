@@ -224,7 +224,17 @@ impl Dedupe {
         };
         let finished = then(finished).await;
         let answer = answer_of(&finished);
-        running.settle(Slot::Done(Box::new(finished)));
+        if matches!(
+            answer,
+            Err(SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. })
+        ) {
+            // Not done here, or done by a shard leadership that ended (its outcome is in
+            // the shard's log): the id is not kept, so a retry runs again, and finds the
+            // first answer in the shard's replicated answer table if there is one.
+            drop(running);
+        } else {
+            running.settle(Slot::Done(Box::new(finished)));
+        }
         answer
     }
 
@@ -304,6 +314,30 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_wrong_node_answer_is_not_kept_so_a_retry_runs_again() {
+        let d = Dedupe::new(10);
+        let runs = AtomicUsize::new(0);
+        let id = RequestId::new();
+        let op = || async {
+            if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(SpaceError::WrongNode {
+                    epoch: 2,
+                    owner: None,
+                })
+            } else {
+                Ok(Outcome::Answer(Response::Done))
+            }
+        };
+        assert!(matches!(
+            d.run(id, op).await,
+            Err(SpaceError::WrongNode { .. })
+        ));
+        assert_eq!(d.run(id, op).await, Ok(Response::Done));
+        assert_eq!(d.run(id, op).await, Ok(Response::Done));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
 
     #[tokio::test]
     async fn a_retry_gets_the_first_answer() {

@@ -113,6 +113,11 @@ struct Args {
     /// than 3 nodes).
     #[arg(long)]
     replication: Option<usize>,
+    /// Reach the replicated cluster's member listed as MEMBER at ADDR instead, as
+    /// MEMBER=ADDR (repeatable): for a tunnel or a translated address (tests put a
+    /// fault-injecting proxy there).
+    #[arg(long = "peer-via", value_parser = parse_route)]
+    peer_routes: Vec<(String, String)>,
     /// Keep entries durably in this directory (recovered at start).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -125,6 +130,15 @@ struct Args {
     /// Worker threads serving requests (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+fn parse_route(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((member, via)) if !member.is_empty() && !via.is_empty() => {
+            Ok((member.to_owned(), via.to_owned()))
+        }
+        _ => Err(format!("expected MEMBER=ADDR, got {s:?}")),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -215,6 +229,7 @@ async fn serve(args: Args) -> Result<()> {
         initial_cluster: args.initial_cluster,
         shards: args.shards,
         replication: args.replication,
+        peer_routes: args.peer_routes,
         listen: args.listen,
         advertise: args.advertise,
         node: NodeId(args.node_id),

@@ -89,6 +89,10 @@ pub struct NodeConfig {
     /// Replicas per shard of a replicated cluster created by this node (default: 3, or 1
     /// with fewer than 3 nodes).
     pub replication: Option<usize>,
+    /// Peers of a replicated cluster reached elsewhere than at their listed address:
+    /// (the member's address in the cluster list, where to reach it instead), for a
+    /// tunnel, a translated address, or a fault-injecting proxy in tests.
+    pub peer_routes: Vec<(String, String)>,
 }
 
 impl Default for NodeConfig {
@@ -119,6 +123,7 @@ impl Default for NodeConfig {
             initial_cluster: Vec::new(),
             shards: 64,
             replication: None,
+            peer_routes: Vec::new(),
         }
     }
 }
@@ -181,33 +186,35 @@ impl SpaceService for Service {
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
             let id = envelope.id;
-            state
-                .dedupe
-                .run_then(
-                    id,
-                    || async {
-                        // A retry that crossed a shard's failover: its first answer is in
-                        // the shard's replicated answer table.
-                        if let Some(answer) = state.shards.as_ref().and_then(|s| s.answer(id)) {
-                            return Ok(Outcome::Answer(response_of(answer)));
+            crate::sharded::tracking_engines(state.dedupe.run_then(
+                id,
+                || async {
+                    // A retry that crossed a shard's failover: its first answer is in
+                    // the shard's replicated answer table.
+                    if let Some(answer) = state.shards.as_ref().and_then(|s| s.answer(id)) {
+                        return Ok(Outcome::Answer(response_of(answer)));
+                    }
+                    // The changes are logged with the request id.
+                    InRequest {
+                        engine: &state.engine,
+                        id,
+                        inner: Box::pin(state.handle(request, budget)),
+                    }
+                    .await
+                },
+                // The answer goes out only once the changes are durable (committed).
+                |finished| async {
+                    match (state.flush().await, &state.shards) {
+                        (Ok(()), _) => finished,
+                        // A leadership ended before the changes were known committed.
+                        (Err(e @ SpaceError::WrongNode { .. }), Some(shards)) => {
+                            settle_after_step_down(shards, id, e).await
                         }
-                        // The changes are logged with the request id.
-                        InRequest {
-                            engine: &state.engine,
-                            id,
-                            inner: Box::pin(state.handle(request, budget)),
-                        }
-                        .await
-                    },
-                    // The answer goes out only once the changes are durable (committed).
-                    |finished| async {
-                        match state.flush().await {
-                            Ok(()) => finished,
-                            Err(e) => Err(e),
-                        }
-                    },
-                )
-                .await
+                        (Err(e), _) => Err(e),
+                    }
+                },
+            ))
+            .await
         } else {
             state
                 .handle(request, budget)
@@ -235,6 +242,37 @@ impl<T> Future for InRequest<'_, T> {
         this.engine
             .with_request(this.id, || this.inner.as_mut().poll(cx))
     }
+}
+
+/// How long a request whose shard leadership ended waits for the shard to settle, to
+/// learn whether its changes were committed.
+const SETTLE_AFTER_STEP_DOWN: Duration = Duration::from_secs(5);
+
+/// The answer of request `id` whose changes were made by a shard leadership that ended
+/// before they were known committed (`err` says so): the first answer the shard's log
+/// committed for it, as this node's replica applies it once the shard has a new leader;
+/// `err` when the log holds none (nothing was done, and a retry runs it anew).
+///
+/// # Errors
+/// `err` when nothing was committed; [`SpaceError::Unavailable`] when it cannot be known
+/// within [`SETTLE_AFTER_STEP_DOWN`] (the outcome is unknown).
+async fn settle_after_step_down(
+    shards: &ShardSet,
+    id: wire::RequestId,
+    err: SpaceError,
+) -> Finished {
+    for (shard, engine) in crate::sharded::used() {
+        if !engine.is_closed() {
+            continue;
+        }
+        if let Some(answer) = shards
+            .settled_answer(shard, id, SETTLE_AFTER_STEP_DOWN)
+            .await?
+        {
+            return Ok(Outcome::Answer(response_of(answer)));
+        }
+    }
+    Err(err)
 }
 
 /// The wire form of an answer the engine's state kept.
@@ -308,16 +346,19 @@ impl NodeState {
     /// leads it.
     fn engine_for(&self, key: &space_core::Key) -> Option<Engine> {
         match &self.shards {
-            Some(shards) => shards.serving_for(key).ok(),
+            Some(shards) => crate::sharded::serving_for(shards, key).ok(),
             None => Some(self.engine.clone()),
         }
     }
 
-    /// Waits until every change made so far is durable (committed, for shards).
+    /// Waits until every change made so far is durable (for shards: until what the
+    /// request being served did is committed).
     async fn flush(&self) -> Result<(), SpaceError> {
         match &self.shards {
-            Some(shards) => {
-                for (_, engine) in shards.serving() {
+            // The engines the request was handed, serving or not any more: one whose
+            // leadership ended fails unless what the request did there was committed.
+            Some(_) => {
+                for (_, engine) in crate::sharded::used() {
                     engine.flush().await?;
                 }
                 Ok(())
@@ -545,6 +586,15 @@ async fn start_shards(
             .map_err(NodeError::Storage)?
     };
     let router = PeerRouter::new(config.token.clone());
+    for (member, via) in &config.peer_routes {
+        let id = layout.member_id(member).ok_or_else(|| {
+            NodeError::Config(format!(
+                "--peer-via names {member}, which is not among the cluster's nodes {:?}",
+                layout.nodes
+            ))
+        })?;
+        router.route_via(id, via.clone());
+    }
     let set = ShardSet::start(
         layout,
         me,

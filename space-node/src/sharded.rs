@@ -7,10 +7,11 @@
 //! leads (a client asks every node). Subscriptions are not served by replicated nodes
 //! yet (`Unavailable`).
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 use space_core::server::Engine;
-use space_core::wire::{Request, Response, Target};
+use space_core::wire::{Request, Response, Target, range_of};
 use space_core::{Fields, Key, SpaceError, Stats};
 
 use crate::dedupe::{Finished, Outcome};
@@ -22,8 +23,43 @@ type NewEntry = (Fields, Option<Key>);
 /// within the shard's engine below.
 const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
-use crate::replica::{ShardSet, claim_across, read_across, take_across};
+use crate::replica::{GroupId, ShardSet, claim_across, read_across, take_across};
 use crate::server::NodeState;
+
+tokio::task_local! {
+    /// The shard engines the request being served was handed: its answer waits until
+    /// what it did there is committed, even if a leadership ended meanwhile.
+    static USED: RefCell<Vec<(GroupId, Engine)>>;
+}
+
+/// Runs `request` (a request's whole service, answer included) keeping track of the
+/// shard engines it is handed (see [`used`]).
+pub(crate) async fn tracking_engines<T>(request: impl Future<Output = T>) -> T {
+    USED.scope(RefCell::new(Vec::new()), request).await
+}
+
+/// Records that the request being served was handed `engine`, of shard `shard`.
+fn note_used(shard: GroupId, engine: &Engine) {
+    let _ = USED.try_with(|used| {
+        let mut used = used.borrow_mut();
+        if !used.iter().any(|(_, e)| e.same_as(engine)) {
+            used.push((shard, engine.clone()));
+        }
+    });
+}
+
+/// The shard engines the request being served was handed so far, with their shards.
+pub(crate) fn used() -> Vec<(GroupId, Engine)> {
+    USED.try_with(|used| used.borrow().clone())
+        .unwrap_or_default()
+}
+
+/// The engine serving `key` here, recorded as used by the request being served.
+pub(crate) fn serving_for(shards: &ShardSet, key: &Key) -> Result<Engine, SpaceError> {
+    let engine = shards.serving_for(key)?;
+    note_used(shards.layout().shard_of_range(range_of(key)), &engine);
+    Ok(engine)
+}
 
 impl NodeState {
     /// Runs one request of a replicated node on the shards it concerns.
@@ -34,10 +70,19 @@ impl NodeState {
         budget: usize,
     ) -> Finished {
         if let Some(key) = request.routing_key() {
-            let engine = shards.serving_for(key)?;
+            let engine = serving_for(shards, key)?;
             return self.handle_on(&engine, request, budget).await;
         }
-        let serving: Vec<Engine> = shards.serving().into_iter().map(|(_, e)| e).collect();
+        // Watched from before the serving shards are listed, so no change is missed.
+        let changed = shards.changes().next();
+        let led = shards.serving();
+        // The engine at `i` of `serving` changed the space for this request.
+        let used_at = |i: usize| {
+            if let Some((shard, engine)) = led.get(i) {
+                note_used(*shard, engine);
+            }
+        };
+        let serving: Vec<Engine> = led.iter().map(|(_, e)| e.clone()).collect();
         let answer = match request {
             Request::WriteDirect {
                 entry_type,
@@ -54,17 +99,16 @@ impl NodeState {
                             reason: "this node leads no shard now".into(),
                         });
                     }
-                    Some(
-                        serving[self.next_shard.fetch_add(1, Ordering::Relaxed) % serving.len()]
-                            .clone(),
-                    )
+                    let at = self.next_shard.fetch_add(1, Ordering::Relaxed) % serving.len();
+                    used_at(at);
+                    Some(serving[at].clone())
                 } else {
                     None
                 };
                 let mut groups: Vec<(Engine, Vec<(usize, NewEntry)>)> = Vec::new();
                 for (i, entry) in entries.into_iter().enumerate() {
                     let engine = match &entry.1 {
-                        Some(key) => shards.serving_for(key)?,
+                        Some(key) => serving_for(shards, key)?,
                         None => keyless.clone().ok_or_else(|| SpaceError::Unavailable {
                             reason: "no shard for a keyless entry".into(),
                         })?,
@@ -89,23 +133,46 @@ impl NodeState {
             Request::ReadDirect {
                 target: Target::Query(q),
                 timeout,
-            } => Response::Document(read_across(&serving, &q, timeout).await?.map(|(_, d)| d)),
+            } => Response::Document(
+                until_changed(shards, changed, read_across(&serving, &q, timeout))
+                    .await?
+                    .map(|(_, d)| d),
+            ),
             Request::TakeDirect {
                 target: Target::Query(q),
                 max,
                 timeout,
             } => {
-                let taken = take_across(&serving, &q, max.max(1) as usize, budget, timeout).await?;
-                return Ok(Outcome::Taken(taken.map(|(_, t)| t).unwrap_or_default()));
+                let taken = until_changed(
+                    shards,
+                    changed,
+                    take_across(&serving, &q, max.max(1) as usize, budget, timeout),
+                )
+                .await?;
+                return Ok(Outcome::Taken(
+                    taken
+                        .map(|(i, t)| {
+                            used_at(i);
+                            t
+                        })
+                        .unwrap_or_default(),
+                ));
             }
             Request::Claim {
                 query,
                 lease,
                 timeout,
             } => Response::Claimed(
-                claim_across(&serving, &query, lease, timeout)
-                    .await?
-                    .map(|(_, c)| c),
+                until_changed(
+                    shards,
+                    changed,
+                    claim_across(&serving, &query, lease, timeout),
+                )
+                .await?
+                .map(|(i, c)| {
+                    used_at(i);
+                    c
+                }),
             ),
             Request::Count(q) => {
                 let mut total = 0;
@@ -184,5 +251,25 @@ impl NodeState {
             other => return self.handle_on(&self.engine, other, budget).await,
         };
         Ok(Outcome::Answer(answer))
+    }
+}
+
+/// Runs `call`, a wait across the shards this node served when it began, unless the
+/// shards served here change first (`changed` resolves): a shard whose leader stepped
+/// down can no longer answer, and one this node now leads is not waited on. The call is
+/// then dropped, which gives back anything it was handed, and fails with
+/// [`SpaceError::WrongNode`] (nothing done) so that its caller asks again.
+async fn until_changed<T>(
+    shards: &ShardSet,
+    changed: impl Future<Output = ()>,
+    call: impl Future<Output = Result<T, SpaceError>>,
+) -> Result<T, SpaceError> {
+    tokio::select! {
+        biased;
+        answer = call => answer,
+        () = changed => Err(SpaceError::WrongNode {
+            epoch: shards.topology().epoch,
+            owner: None,
+        }),
     }
 }

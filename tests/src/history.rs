@@ -106,6 +106,9 @@ pub struct Verdict {
     pub out_of_order: usize,
     /// Acknowledged writes a subscription that saw no gap was never told of.
     pub untold: usize,
+    /// The acknowledged writes neither taken nor left, for the record (as many as
+    /// `lost` plus what unknown takes may account for).
+    pub missing: Vec<u64>,
 }
 
 impl Verdict {
@@ -148,11 +151,13 @@ pub fn check(ops: &[Op], left: &[u64]) -> Verdict {
         acknowledged: written.values().filter(|e| **e == Ended::Ok).count(),
         ..Verdict::default()
     };
-    let missing = written
+    verdict.missing = written
         .iter()
         .filter(|(id, e)| **e == Ended::Ok && !taken.contains_key(id) && !left_set.contains(id))
-        .count();
-    verdict.lost = missing.saturating_sub(unknown_takes);
+        .map(|(id, _)| *id)
+        .collect();
+    verdict.missing.sort_unstable();
+    verdict.lost = verdict.missing.len().saturating_sub(unknown_takes);
     verdict.duplicated = taken
         .iter()
         .filter(|(id, n)| **n > 1 || left_set.contains(id))

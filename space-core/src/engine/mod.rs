@@ -554,6 +554,11 @@ impl Engine {
         self.inner.close();
     }
 
+    /// Whether the engine was closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
     /// Completes once the engine is closed (at once if it is). A server races the calls
     /// that wait in an engine with this: when a replicated log's leadership ends and its
     /// serving engine closes, those calls are answered with an error instead of waiting

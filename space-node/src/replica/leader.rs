@@ -145,7 +145,40 @@ impl Proposals for Session {
 /// this member leads. Shared by the state machine (which reports commits) and the
 /// watcher that follows the member's Raft state. Cloning shares it.
 #[derive(Clone, Default)]
-pub struct Leadership(Arc<Mutex<Option<Lead>>>);
+pub struct Leadership {
+    lead: Arc<Mutex<Option<Lead>>>,
+    /// Told whenever this member starts or stops leading (set once, by its node).
+    changes: Arc<std::sync::OnceLock<ServingChanges>>,
+}
+
+/// A counter that grows whenever one of a node's members starts or stops leading, so
+/// that a call waiting across the shards a node serves learns that the set changed.
+/// Cloning shares it.
+#[derive(Clone)]
+pub struct ServingChanges(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for ServingChanges {
+    fn default() -> ServingChanges {
+        ServingChanges(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl ServingChanges {
+    /// Resolves at the first change after this call. Cancel-safe.
+    pub fn next(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut changes = self.0.subscribe();
+        async move {
+            // An error means the sender is gone: nothing will change any more.
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn bump(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+}
 
 struct Lead {
     session: Arc<Session>,
@@ -153,9 +186,21 @@ struct Lead {
 }
 
 impl Leadership {
+    /// Tells `changes` whenever this member starts or stops leading (the first call
+    /// counts; later ones are ignored).
+    pub fn report_changes_to(&self, changes: ServingChanges) {
+        let _ = self.changes.set(changes);
+    }
+
+    fn changed(&self) {
+        if let Some(changes) = self.changes.get() {
+            changes.bump();
+        }
+    }
+
     /// Reports that the proposal `origin` is committed.
     pub(super) fn committed(&self, origin: Origin) {
-        if let Some(lead) = &*self.0.lock()
+        if let Some(lead) = &*self.lead.lock()
             && lead.session.term == origin.term
         {
             lead.session
@@ -168,20 +213,22 @@ impl Leadership {
 
     /// The engine serving the group's calls while this member leads.
     pub fn serving(&self) -> Option<Engine> {
-        self.0.lock().as_ref().map(|l| l.engine.clone())
+        self.lead.lock().as_ref().map(|l| l.engine.clone())
     }
 
     /// Ends the current leadership, if any: its engine is closed and its waiting calls
     /// fail.
     fn end(&self) {
-        if let Some(lead) = self.0.lock().take() {
+        let ended = self.lead.lock().take();
+        if let Some(lead) = ended {
             lead.session.end();
             lead.engine.close();
+            self.changed();
         }
     }
 
     fn term(&self) -> Option<u64> {
-        self.0.lock().as_ref().map(|l| l.session.term)
+        self.lead.lock().as_ref().map(|l| l.session.term)
     }
 }
 
@@ -213,7 +260,7 @@ pub async fn follow_leadership(
             && leadership.term().is_none()
             && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
-            tracing::warn!(member = id, term, error = %e, "could not start leading");
+            tracing::debug!(member = id, term, error = %e, "could not start leading");
         }
         if metrics.changed().await.is_err() {
             // Raft stopped.
@@ -249,10 +296,11 @@ async fn lead(
     let (session, mut outbox) = Session::new(term);
     let engine = Engine::leading(host, config.clone(), &image, session.clone())
         .map_err(|e| e.to_string())?;
-    *leadership.0.lock() = Some(Lead {
+    *leadership.lead.lock() = Some(Lead {
         session: session.clone(),
         engine,
     });
+    leadership.changed();
     let raft = raft.clone();
     tokio::spawn(async move {
         // Proposals enter the log in the order they were numbered.

@@ -26,7 +26,7 @@ pub use space_core::server::Applied;
 use space_core::server::LogHost;
 
 pub use across::{claim_across, read_across, take_across};
-pub use leader::{Leadership, Session, follow_leadership};
+pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};

@@ -12,7 +12,9 @@ use space_core::server::{Answer, Engine, LogHost};
 use space_core::wire::{NodeInfo, RANGES, RangeSet, RequestId, Topology, range_of};
 use space_core::{EngineConfig, Key, NodeId, SpaceError};
 
-use super::{GroupId, GroupMember, Groups, Member, MemberId, PeerRouter, ReplicaError};
+use super::{
+    GroupId, GroupMember, Groups, Member, MemberId, PeerRouter, ReplicaError, ServingChanges,
+};
 
 /// The file a node keeps its cluster's layout in, in its data directory.
 const LAYOUT_FILE: &str = "cluster.json";
@@ -164,6 +166,7 @@ pub struct ShardSet {
     me: MemberId,
     members: BTreeMap<GroupId, GroupMember>,
     groups: Groups,
+    changes: ServingChanges,
 }
 
 impl ShardSet {
@@ -188,6 +191,7 @@ impl ShardSet {
             });
         }
         let groups = Groups::default();
+        let changes = ServingChanges::default();
         let mut members = BTreeMap::new();
         for shard in 0..layout.shards {
             if !layout.replicas(shard).contains(&me) {
@@ -200,6 +204,7 @@ impl ShardSet {
                 (0..RANGES).map(|r| ranges.contains(&r)).collect(),
             )));
             let member = super::start_member(me, shard, host, router, raft.clone(), config).await?;
+            member.leadership.report_changes_to(changes.clone());
             groups.insert(shard, member.raft.clone());
             members.insert(shard, member);
         }
@@ -208,7 +213,14 @@ impl ShardSet {
             me,
             members,
             groups,
+            changes,
         })
+    }
+
+    /// Grows whenever this node starts or stops leading a shard: a call waiting across
+    /// the shards served here ends when it changes, for its caller to ask again.
+    pub fn changes(&self) -> &ServingChanges {
+        &self.changes
     }
 
     /// Creates the shards this member is first replica of (each becomes a Raft group of
@@ -350,6 +362,47 @@ impl ShardSet {
     /// request retried on a new leader is answered from here rather than run again.
     pub fn answer(&self, id: RequestId) -> Option<Answer> {
         self.serving().into_iter().find_map(|(_, e)| e.answer(id))
+    }
+
+    /// The first answer request `id` got from shard `shard`, as this node's replica of
+    /// the shard has applied it, once the replica has applied an entry of the shard's
+    /// current term (so that, after a leadership ended, every command of the ended term
+    /// that will ever be committed is applied here). Waits up to `within` for that.
+    ///
+    /// # Errors
+    /// [`SpaceError::Unavailable`] when the shard is not replicated here or the replica
+    /// does not get there within `within`.
+    pub async fn settled_answer(
+        &self,
+        shard: GroupId,
+        id: RequestId,
+        within: std::time::Duration,
+    ) -> Result<Option<Answer>, SpaceError> {
+        let unknown = || SpaceError::Unavailable {
+            reason: format!(
+                "the leadership of shard {shard} changed and the request's outcome is not known yet"
+            ),
+        };
+        let member = self.members.get(&shard).ok_or_else(unknown)?;
+        let mut metrics = member.raft.metrics();
+        let caught_up = async {
+            loop {
+                {
+                    let m = metrics.borrow_watched();
+                    let applied_term = m.last_applied.map(|l| l.leader_id.term);
+                    if m.current_leader.is_some() && applied_term == Some(m.current_term) {
+                        return true;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(within, caught_up).await {
+            Ok(true) => Ok(member.replica.engine().answer(id)),
+            _ => Err(unknown()),
+        }
     }
 
     /// Stops every member (Raft and serving engines).

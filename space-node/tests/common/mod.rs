@@ -2,6 +2,8 @@
 //! other binaries of the workspace.
 #![allow(dead_code)]
 
+pub mod replicated;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -31,7 +33,7 @@ impl NodeProcess {
     fn start_args(args: &[&str]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_space-node"))
             .args(args)
-            .env("RUST_LOG", "warn,tarpc=error")
+            .env("RUST_LOG", "warn,tarpc=off,openraft=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

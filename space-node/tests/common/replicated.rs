@@ -1,0 +1,145 @@
+//! Helpers for tests of replicated clusters: entry types, starting nodes, and recording
+//! and checking histories of operations.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use space_client::{Query, Space, SpaceError};
+use space_tests::TempDir;
+use space_tests::history::{Ended, History, Op, Verdict, check};
+
+use super::NodeProcess;
+
+/// A job: an entry without a user key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Unique in a test.
+    pub id: u64,
+}
+space_client::entry!(Job, "Job");
+
+/// An order: an entry keyed by its number.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    /// Its key.
+    pub number: String,
+}
+space_client::entry!(Order, "Order", key = number);
+
+/// Shards of the test clusters.
+pub const SHARDS: &str = "8";
+
+/// Starts node `addr` of `cluster` on `dir` (or restarts it from there).
+pub fn start(addr: &str, dir: &TempDir, cluster: &str) -> NodeProcess {
+    NodeProcess::start_at(
+        addr,
+        &[
+            "--data-dir",
+            &dir.0.to_string_lossy(),
+            "--initial-cluster",
+            cluster,
+            "--shards",
+            SHARDS,
+        ],
+    )
+}
+
+/// How a call ended, for the history: a call that never reached a node certainly did
+/// nothing; one that may have reached it, perhaps did.
+pub fn ended(e: &SpaceError) -> Ended {
+    match e {
+        // A node answers wrong-node only for what it did not do (a call whose shard
+        // leadership ended is answered from the shard's log once it has a new leader);
+        // unavailable may mean that the outcome could not be learnt: unknown.
+        SpaceError::Down { .. } | SpaceError::WrongNode { .. } | SpaceError::Rejected { .. } => {
+            Ended::Failed
+        }
+        _ => Ended::Unknown,
+    }
+}
+
+/// Writes `ids`, retrying refused writes for up to 20 s; records each write's end.
+pub async fn write_all(space: &Space, ids: std::ops::Range<u64>, history: &History) {
+    for id in ids {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match space.write(&Job { id }).await {
+                Ok(_) => {
+                    history.record(Op::Write {
+                        id,
+                        ended: Ended::Ok,
+                    });
+                    break;
+                }
+                Err(e) if ended(&e) == Ended::Failed && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    history.record(Op::Write {
+                        id,
+                        ended: ended(&e),
+                    });
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Takes `n` entries (or gives up after 20 s), recording each take's end.
+pub async fn take_some(space: &Space, n: usize, history: &History) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = 0;
+    while got < n && Instant::now() < deadline {
+        match space
+            .take::<Job>(&Query::of::<Job>(), Duration::from_millis(500))
+            .await
+        {
+            Ok(Some(job)) => {
+                got += 1;
+                history.record(Op::Take {
+                    got: Some(job.id),
+                    ended: Ended::Ok,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                history.record(Op::Take {
+                    got: None,
+                    ended: ended(&e),
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    got
+}
+
+/// What is left in the cluster, read until two reads agree.
+pub async fn left(space: &Space) -> Vec<u64> {
+    let mut previous = None;
+    for _ in 0..100 {
+        if let Ok(jobs) = space.contents::<Job>(&Query::of::<Job>()).await {
+            let mut ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+            ids.sort_unstable();
+            if previous.as_ref() == Some(&ids) {
+                return ids;
+            }
+            previous = Some(ids);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the contents never settled");
+}
+
+/// The history's verdict once it is clean, or the last one after `patience`.
+pub async fn clean_within(space: &Space, history: &History, patience: Duration) -> Verdict {
+    let deadline = Instant::now() + patience;
+    loop {
+        let verdict = check(&history.ops(), &left(space).await);
+        if verdict.is_clean() || Instant::now() >= deadline {
+            return verdict;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

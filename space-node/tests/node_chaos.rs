@@ -1,0 +1,345 @@
+//! Chaos: replicated clusters of real `space-node` processes (3 and 5 nodes, replication
+//! 3, durable) under repeated faults while writers, takers and claimers work: kill -9 of
+//! a node (every node leads some shards, so each kill is a leader kill) and its restart
+//! from its data directory, SIGSTOP/SIGCONT pauses longer than the election timeout, and
+//! partitions that isolate a node (or, with 5 nodes, a minority of two) from its peers.
+//! Peer traffic between nodes goes through one fault-injecting proxy per direction of
+//! each pair (`--peer-via`), so a partition is a set of black-holed links.
+//!
+//! Every operation is recorded as acknowledged, failed or unknown; once the faults heal,
+//! the checker reads the history and what is left: no acknowledged write lost, no entry
+//! taken twice, nothing unexpected. Each scenario runs `SPACE_CHAOS_SECONDS` of faults
+//! (12 by default, the form CI runs; 120 for the long form).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::replicated::{Job, SHARDS, clean_within, ended};
+use common::{NodeProcess, free_addrs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use space_client::{Lease, Query, Space, connect};
+use space_tests::TempDir;
+use space_tests::history::{Ended, History, Op};
+use space_tests::proxy::{Link, Proxy};
+
+/// A cluster whose nodes' peer links pass through proxies the test controls.
+struct Chaos {
+    addrs: Vec<String>,
+    dirs: Vec<TempDir>,
+    nodes: Vec<Option<NodeProcess>>,
+    /// `links[i][j]`: node i's peer traffic to node j (none for i == j).
+    links: Vec<Vec<Option<Proxy>>>,
+}
+
+impl Chaos {
+    async fn start(n: usize) -> Chaos {
+        let addrs = free_addrs(n);
+        let mut links = Vec::new();
+        for i in 0..n {
+            let mut row = Vec::new();
+            for (j, addr) in addrs.iter().enumerate() {
+                row.push(if i == j {
+                    None
+                } else {
+                    Some(Proxy::start(addr.parse().unwrap()).await.unwrap())
+                });
+            }
+            links.push(row);
+        }
+        let mut chaos = Chaos {
+            dirs: (0..n).map(|_| TempDir::new("chaos")).collect(),
+            nodes: (0..n).map(|_| None).collect(),
+            addrs,
+            links,
+        };
+        for i in 0..n {
+            chaos.start_node(i);
+        }
+        chaos
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let mut args = vec![
+            "--data-dir".to_owned(),
+            self.dirs[i].0.to_string_lossy().into_owned(),
+            "--initial-cluster".to_owned(),
+            self.addrs.join(","),
+            "--shards".to_owned(),
+            SHARDS.to_owned(),
+        ];
+        for (j, link) in self.links[i].iter().enumerate() {
+            if let Some(proxy) = link {
+                args.push("--peer-via".to_owned());
+                args.push(format!("{}={}", self.addrs[j], proxy.addr()));
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let addr = self.addrs[i].clone();
+        self.nodes[i] = Some(tokio::task::block_in_place(|| {
+            NodeProcess::start_at(&addr, &args)
+        }));
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            tokio::task::block_in_place(|| node.kill());
+        }
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(node) = &self.nodes[i] {
+            let status = std::process::Command::new("kill")
+                .args([signal, &node.pid().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
+    /// Black-holes every link between `side` and the other nodes.
+    fn partition(&self, side: &[usize]) {
+        for (i, row) in self.links.iter().enumerate() {
+            for (j, link) in row.iter().enumerate() {
+                if let Some(proxy) = link
+                    && side.contains(&i) != side.contains(&j)
+                {
+                    proxy.set(Link::Blackhole);
+                }
+            }
+        }
+    }
+
+    fn heal(&self) {
+        for proxy in self.links.iter().flatten().flatten() {
+            proxy.set(Link::Open);
+        }
+    }
+}
+
+/// The faults one scenario may inject.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill,
+    Pause,
+    Partition,
+}
+
+/// Injects faults, one at a time, until `until`; at most `minority` nodes are affected
+/// at once. Returns what it did.
+async fn nemesis(
+    chaos: &mut Chaos,
+    rng: &mut StdRng,
+    until: Instant,
+    minority: usize,
+) -> Vec<String> {
+    let n = chaos.addrs.len();
+    let mut done = Vec::new();
+    let settle = Duration::from_millis(1_500);
+    while Instant::now() < until {
+        let fault = [Fault::Kill, Fault::Pause, Fault::Partition][rng.random_range(0..3)];
+        let mut side: Vec<usize> = Vec::new();
+        let size = rng.random_range(1..=minority);
+        while side.len() < size {
+            let i = rng.random_range(0..n);
+            if !side.contains(&i) {
+                side.push(i);
+            }
+        }
+        let hold = Duration::from_millis(rng.random_range(800..2_500));
+        done.push(format!("{fault:?} {side:?} for {hold:?}"));
+        match fault {
+            Fault::Kill => {
+                for &i in &side {
+                    chaos.kill(i);
+                }
+                tokio::time::sleep(hold).await;
+                for &i in &side {
+                    chaos.start_node(i);
+                }
+            }
+            Fault::Pause => {
+                for &i in &side {
+                    chaos.signal(i, "-STOP");
+                }
+                tokio::time::sleep(hold).await;
+                for &i in &side {
+                    chaos.signal(i, "-CONT");
+                }
+            }
+            Fault::Partition => {
+                chaos.partition(&side);
+                tokio::time::sleep(hold).await;
+                chaos.heal();
+            }
+        }
+        tokio::time::sleep(settle).await;
+    }
+    done
+}
+
+/// Writers, takers and claimers, recording every operation until `stop`.
+fn workers(
+    space: &Space,
+    history: &Arc<History>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let next_id = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (space, history, stop, next_id) = (
+            space.clone(),
+            history.clone(),
+            stop.clone(),
+            next_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let ended = match space.write(&Job { id }).await {
+                    Ok(_) => Ended::Ok,
+                    Err(e) => ended(&e),
+                };
+                history.record(Op::Write { id, ended });
+                if ended != Ended::Ok {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let (space2, history2, stop2) = (space.clone(), history.clone(), stop.clone());
+    tasks.push(tokio::spawn(async move {
+        while !stop2.load(Ordering::Relaxed) {
+            match space2
+                .take::<Job>(&Query::of::<Job>(), Duration::from_millis(300))
+                .await
+            {
+                Ok(got) => history2.record(Op::Take {
+                    got: got.map(|j| j.id),
+                    ended: Ended::Ok,
+                }),
+                Err(e) => {
+                    history2.record(Op::Take {
+                        got: None,
+                        ended: ended(&e),
+                    });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }));
+    let (space, history, stop) = (space.clone(), history.clone(), stop.clone());
+    tasks.push(tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let claim = space
+                .claim::<Job>(
+                    &Query::of::<Job>(),
+                    Lease::secs(3),
+                    Duration::from_millis(300),
+                )
+                .await;
+            let op = match claim {
+                Ok(None) => continue,
+                Ok(Some(claim)) => match space.commit(&claim).await {
+                    Ok(()) => Op::Take {
+                        got: Some(claim.entry.id),
+                        ended: Ended::Ok,
+                    },
+                    Err(e) => Op::Take {
+                        got: None,
+                        ended: ended(&e),
+                    },
+                },
+                Err(e) => Op::Take {
+                    got: None,
+                    ended: ended(&e),
+                },
+            };
+            history.record(op);
+        }
+    }));
+    tasks
+}
+
+/// One scenario: `n` nodes, faults touching at most `minority` of them at once.
+async fn scenario(n: usize, minority: usize, seed: u64) {
+    let seconds: u64 = std::env::var("SPACE_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let mut chaos = Chaos::start(n).await;
+    let space = connect(&chaos.addrs.join(",")).await.unwrap();
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = workers(&space, &history, &stop);
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let faults = nemesis(&mut chaos, &mut rng, until, minority).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Everything healed: every node runs, no link is cut.
+    chaos.heal();
+
+    // A claim whose answer a fault cut off is hidden until it lapses (30 s at most).
+    let verdict = clean_within(&space, &history, Duration::from_secs(45)).await;
+    let ops = history.ops();
+    let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|o| f(o)).count();
+    eprintln!(
+        "{n} nodes, seed {seed}: {} faults {faults:?}; {} writes ({} unknown), {} takes; {verdict:?}",
+        faults.len(),
+        count(&|o| matches!(o, Op::Write { .. })),
+        count(&|o| matches!(
+            o,
+            Op::Write {
+                ended: Ended::Unknown,
+                ..
+            }
+        )),
+        count(&|o| matches!(o, Op::Take { got: Some(_), .. })),
+    );
+    if !verdict.is_clean() {
+        // The operations around each missing write, for the record.
+        for id in &verdict.missing {
+            if let Some(at) = ops
+                .iter()
+                .position(|o| matches!(o, Op::Write { id: w, .. } if w == id))
+            {
+                eprintln!(
+                    "around the write of {id}: {:?}",
+                    &ops[at.saturating_sub(8)..(at + 8).min(ops.len())]
+                );
+            }
+        }
+    }
+    assert!(
+        verdict.is_clean(),
+        "seed {seed}, faults {faults:?}: {verdict:?}"
+    );
+    assert!(
+        verdict.acknowledged > 0,
+        "no write was acknowledged: {verdict:?}"
+    );
+}
+
+fn seed() -> u64 {
+    std::env::var("SPACE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_under_kills_pauses_and_partitions_lose_nothing() {
+    scenario(3, 1, seed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
+    scenario(5, 2, seed()).await;
+}
