@@ -239,17 +239,46 @@ impl Cluster {
         self.owner(key).map(|n| n.address)
     }
 
+    /// Completes once the node at `addr` cannot be reached and the topology names another
+    /// owner for `key` (never, while `addr` is reachable or still the owner: a static
+    /// cluster's owners do not change when a node dies). Polls every 100 ms.
+    async fn owner_moved_from(&self, key: &Key, addr: &str) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.is_down(addr) {
+                let _ = self.refresh().await;
+                if self.owner_addr(key).is_ok_and(|owner| owner != addr) {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Sends `request` to the owner of `key`, following topology changes.
     async fn to_owner(&self, key: &Key, request: Request) -> Result<Response> {
         let mut reroutes = 0;
         // One id for every attempt: an attempt a failover cut off may have been done, and
         // the new owner answers a repeated id with its first answer.
         let id = RequestId::new();
+        let mut moves = 0;
         loop {
             let addr = self.owner_addr(key)?;
-            let answer = match self.node(&addr).await {
-                Ok(conn) => revoke::call_as(&conn, id, request.clone()).await,
-                Err(e) => Err(e),
+            let call = async {
+                match self.node(&addr).await {
+                    Ok(conn) => revoke::call_as(&conn, id, request.clone()).await,
+                    Err(e) => Err(e),
+                }
+            };
+            let answer = tokio::select! {
+                answer = call => answer,
+                () = self.owner_moved_from(key, &addr), if moves < REROUTES => {
+                    // The owner died with the call under way, and the key has a new
+                    // owner (a replicated shard's new leader): the call is given up there
+                    // and sent to the new owner, which answers the same id with its first
+                    // answer if the old owner's change was committed.
+                    moves += 1;
+                    continue;
+                }
             };
             match answer {
                 // The owner moved (a replicated shard's leader changed), or the node that

@@ -244,13 +244,15 @@ pub async fn follow_leadership(
     host: Option<Arc<LogHost>>,
     config: EngineConfig,
 ) {
-    let mut metrics = raft.metrics();
+    // The server metrics change only with the vote, state and membership, not with every
+    // entry appended or applied (which would wake this for each command).
+    let mut metrics = raft.server_metrics();
     loop {
         let (leads, term) = {
             let m = metrics.borrow_watched();
             (
                 m.state == ServerState::Leader && m.current_leader == Some(id),
-                m.current_term,
+                m.vote.leader_id.term,
             )
         };
         if !leads || leadership.term().is_some_and(|t| t != term) {

@@ -8,6 +8,7 @@
 //! cargo run --release -p space-tests --bin space-bench -- durable [--runs R] [--seconds S]
 //! cargo run --release -p space-tests --bin space-bench -- cluster [--runs R] [--seconds S]
 //! cargo run --release -p space-tests --bin space-bench -- hostile [--runs R] [--seconds S]
+//! cargo run --release -p space-tests --bin space-bench -- replicated [--runs R] [--kills K] [--shards S]
 //! ```
 
 mod cluster;
@@ -15,6 +16,7 @@ mod hostile;
 mod inproc;
 mod node;
 mod notify;
+mod replicated;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -92,6 +94,23 @@ enum Workload {
         #[arg(long, default_value_t = 2_000)]
         wakeup_samples: usize,
     },
+    /// A replicated cluster (3 durable nodes, replication 3) against the same at
+    /// replication 1 and a NATS JetStream work queue replicated 3 times; and the time
+    /// from kill -9 of a shard's leader to the first successful take on that shard.
+    Replicated {
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Leader kills for the failover times.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Shards of each cluster.
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+    },
     /// A well-behaved client's round trips on a node, idle and beside a hostile client.
     Hostile {
         /// Runs; medians are reported.
@@ -131,5 +150,11 @@ fn main() -> Result<()> {
             wakeup_samples,
         } => cluster::run(runs, seconds, wakeup_samples),
         Workload::Hostile { runs, seconds } => hostile::run(runs, seconds),
+        Workload::Replicated {
+            runs,
+            seconds,
+            kills,
+            shards,
+        } => replicated::run(runs, seconds, kills, shards),
     }
 }
