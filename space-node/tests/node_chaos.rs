@@ -264,8 +264,12 @@ fn workers(
     tasks
 }
 
+/// One scenario at a time: each has the machine's cores to itself.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One scenario: `n` nodes, faults touching at most `minority` of them at once.
 async fn scenario(n: usize, minority: usize, seed: u64) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let seconds: u64 = std::env::var("SPACE_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
