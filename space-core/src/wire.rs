@@ -140,6 +140,25 @@ impl Topology {
     }
 }
 
+/// One shard of a replicated cluster (a Raft group holding a run of ranges), as one node
+/// sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// The shard's number.
+    pub shard: u32,
+    /// Its ranges: `first..=last`.
+    pub first_range: u32,
+    /// The last of its ranges.
+    pub last_range: u32,
+    /// The nodes holding a replica, first replica first.
+    pub replicas: Vec<NodeId>,
+    /// Its leader, when the node asked knows it (it replicates the shard and has heard
+    /// from a leader).
+    pub leader: Option<NodeId>,
+    /// Its Raft term as the node asked knows it (0: it does not replicate the shard).
+    pub term: u64,
+}
+
 /// A node's state, as its peers see it (for placement).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -278,6 +297,9 @@ pub enum Request {
     NodeStatus,
     /// Counters.
     Stats,
+    /// A replicated cluster's shards, as the node asked sees them (none from a node that
+    /// is not replicated).
+    Shards,
 }
 
 impl Request {
@@ -293,6 +315,7 @@ impl Request {
                 | Request::Topology
                 | Request::NodeStatus
                 | Request::Stats
+                | Request::Shards
                 | Request::Revoke(_)
         )
     }
@@ -405,6 +428,8 @@ pub enum Response {
     NodeStatus(NodeStatus),
     /// Counters.
     Stats(Stats),
+    /// A replicated cluster's shards.
+    Shards(Vec<ShardInfo>),
 }
 
 /// A request with its id.

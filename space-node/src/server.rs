@@ -499,6 +499,8 @@ impl NodeState {
                 Response::Done
             }
             Request::Topology => Response::Topology(cluster.topology()),
+            // Not a replicated node: no shards.
+            Request::Shards => Response::Shards(Vec::new()),
             Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(Stats {
                 connections: self.connections.load(Ordering::Relaxed) as u64,

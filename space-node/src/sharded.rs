@@ -232,6 +232,7 @@ impl NodeState {
                 }
             }
             Request::Topology => Response::Topology(shards.topology()),
+            Request::Shards => Response::Shards(shards.shard_infos()),
             Request::Stats => {
                 let mut total = Stats {
                     connections: self.connections() as u64,

@@ -10,10 +10,21 @@ use std::time::{Duration, Instant};
 
 use common::replicated::{Order, clean_within, start, take_some, write_all};
 use common::{NodeProcess, free_addrs};
-use space_client::wire::{Request, Response};
-use space_client::{ClientConfig, Connection, Key, Query, connect};
+use space_client::wire::{Request, Response, ShardInfo};
+use space_client::{ClientConfig, Connection, Key, NodeId, Query, connect};
 use space_tests::TempDir;
 use space_tests::history::History;
+
+/// The shards as the node at `addr` sees them.
+async fn shards_of(addr: &str) -> Vec<ShardInfo> {
+    let conn = Connection::open(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    match conn.call(Request::Shards).await.unwrap() {
+        Response::Shards(shards) => shards,
+        other => panic!("shards were asked for, not {other:?}"),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_directory() {
@@ -46,6 +57,37 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
         verdict.acknowledged, 400,
         "writes were refused: {verdict:?}"
     );
+
+    // The topology shows every shard's new leader among the two left.
+    let shards = shards_of(&addrs[0]).await;
+    assert_eq!(shards.len(), 8);
+    let mut next = 0;
+    for shard in &shards {
+        assert_eq!(
+            shard.first_range, next,
+            "shard {} leaves a hole",
+            shard.shard
+        );
+        next = shard.last_range + 1;
+        assert_eq!(shard.replicas.len(), 3);
+        assert!(shard.term >= 1);
+        assert!(
+            shard.leader.is_some_and(|l| l != NodeId(3)),
+            "shard {} is led by {:?}",
+            shard.shard,
+            shard.leader
+        );
+    }
+    assert_eq!(next, 1024);
+    let cli =
+        std::process::Command::new(common::workspace_binary("space-client", "--bin", "space"))
+            .args(["--node", &addrs[0], "--json", "topology"])
+            .output()
+            .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(shown["shards"].as_array().map(Vec::len), Some(8), "{shown}");
+    assert!(shown["shards"][0]["leader"].is_u64(), "{shown}");
 
     // It comes back from its directory alone and catches up.
     nodes[2] = Some(NodeProcess::start_at(

@@ -300,9 +300,20 @@ async fn one_handle_serves_ten_thousand_blocked_calls() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Ten thousand writes at once queue behind each other on a debug node sharing 2
+    // cores with other tests: the writer's handle allows each more than the default 10 s.
+    let writer = space_client::connect_with(
+        &addr,
+        space_client::ClientConfig {
+            call_timeout: Duration::from_secs(60),
+            ..space_client::ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
     let writers: Vec<_> = (0..N)
         .map(|id| {
-            let space = space.clone();
+            let space = writer.clone();
             tokio::spawn(async move { space.write(&Job { id }).await })
         })
         .collect();

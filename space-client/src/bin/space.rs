@@ -18,9 +18,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use space_client::wire::{Request, Response, Target, Topology};
+use space_client::wire::{Request, Response, ShardInfo, Target, Topology};
 use space_client::{
-    ClientConfig, Cluster, EventKind, EventKinds, Key, Lease, Notification, Query, QueryError,
+    ClientConfig, Cluster, EventKind, EventKinds, Key, Lease, NodeId, Notification, Query,
+    QueryError,
 };
 use space_query::Fields;
 
@@ -162,7 +163,16 @@ fn print_documents(docs: &[space_client::wire::Document], as_json: bool) -> Resu
     Ok(())
 }
 
-fn print_topology(t: &Topology, as_json: bool) {
+/// The node ids of `nodes` as text: `1,2,3`.
+fn ids(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_topology(t: &Topology, shards: &[ShardInfo], as_json: bool) {
     // Ranges as runs: first..=last owned by one node.
     let mut runs: Vec<(usize, usize, u32)> = Vec::new();
     for (range, &owner) in t.owners.iter().enumerate() {
@@ -181,7 +191,22 @@ fn print_topology(t: &Topology, as_json: bool) {
                 json!({"node": n.node.0, "address": n.address, "labels": n.labels, "ranges": ranges})
             })
             .collect();
-        println!("{}", json!({"epoch": t.epoch, "nodes": nodes}));
+        let shards: Vec<_> = shards
+            .iter()
+            .map(|s| {
+                json!({
+                    "shard": s.shard,
+                    "ranges": [s.first_range, s.last_range],
+                    "replicas": s.replicas.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "leader": s.leader.map(|n| n.0),
+                    "term": s.term,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"epoch": t.epoch, "nodes": nodes, "shards": shards})
+        );
         return;
     }
     println!("epoch {}", t.epoch);
@@ -201,6 +226,19 @@ fn print_topology(t: &Topology, as_json: bool) {
             n.node,
             n.address,
             owned.join(", ")
+        );
+    }
+    for s in shards {
+        let leader = s
+            .leader
+            .map_or_else(|| "unknown".to_owned(), |n| n.0.to_string());
+        println!(
+            "shard {}: ranges {}-{}, leader {leader}, term {}, replicas {}",
+            s.shard,
+            s.first_range,
+            s.last_range,
+            s.term,
+            ids(&s.replicas)
         );
     }
 }
@@ -355,7 +393,11 @@ async fn run(cli: Cli) -> Result<()> {
             let Response::Topology(t) = conn.call(Request::Topology).await? else {
                 bail!("unexpected answer")
             };
-            print_topology(&t, cli.json);
+            // A replicated cluster's shards, as the node asked sees them.
+            let Response::Shards(shards) = conn.call(Request::Shards).await? else {
+                bail!("unexpected answer")
+            };
+            print_topology(&t, &shards, cli.json);
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use space_core::server::{Answer, Engine, LogHost};
-use space_core::wire::{NodeInfo, RANGES, RangeSet, RequestId, Topology, range_of};
+use space_core::wire::{NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology, range_of};
 use space_core::{EngineConfig, Key, NodeId, SpaceError};
 
 use super::{
@@ -325,6 +325,30 @@ impl ShardSet {
             nodes,
             owners,
         }
+    }
+
+    /// Every shard as this node sees it: its ranges, replicas, leader and term (leader
+    /// unknown and term 0 for shards it does not replicate).
+    pub fn shard_infos(&self) -> Vec<ShardInfo> {
+        (0..self.layout.shards)
+            .map(|shard| {
+                let ranges = self.layout.ranges_of(shard);
+                let (leader, term) = self.leader_of(shard);
+                ShardInfo {
+                    shard,
+                    first_range: ranges.start,
+                    last_range: ranges.end.saturating_sub(1),
+                    replicas: self
+                        .layout
+                        .replicas(shard)
+                        .iter()
+                        .map(|m| NodeId(*m))
+                        .collect(),
+                    leader: leader.map(NodeId),
+                    term,
+                }
+            })
+            .collect()
     }
 
     /// The engine serving `key`'s shard here.
