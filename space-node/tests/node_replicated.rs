@@ -15,6 +15,20 @@ use space_client::{ClientConfig, Connection, Key, NodeId, Query, connect};
 use space_tests::TempDir;
 use space_tests::history::History;
 
+/// A replicated cluster of three nodes on fresh directories: their addresses,
+/// directories and processes.
+fn three_nodes() -> (Vec<String>, Vec<TempDir>, Vec<Option<NodeProcess>>) {
+    let addrs = free_addrs(3);
+    let cluster = addrs.join(",");
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+    let nodes = addrs
+        .iter()
+        .zip(&dirs)
+        .map(|(a, d)| Some(start(a, d, &cluster)))
+        .collect();
+    (addrs, dirs, nodes)
+}
+
 /// The shards as the node at `addr` sees them.
 async fn shards_of(addr: &str) -> Vec<ShardInfo> {
     let conn = Connection::open(addr, ClientConfig::default())
@@ -28,14 +42,7 @@ async fn shards_of(addr: &str) -> Vec<ShardInfo> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_directory() {
-    let addrs = free_addrs(3);
-    let cluster = addrs.join(",");
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
-    let mut nodes: Vec<Option<NodeProcess>> = addrs
-        .iter()
-        .zip(&dirs)
-        .map(|(a, d)| Some(start(a, d, &cluster)))
-        .collect();
+    let (addrs, dirs, mut nodes) = three_nodes();
     let space = connect(&addrs[0]).await.unwrap();
     let history = History::default();
 
@@ -100,14 +107,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_take_follows_the_shards_a_failover_moves() {
-    let addrs = free_addrs(3);
-    let cluster = addrs.join(",");
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated-wait")).collect();
-    let mut nodes: Vec<Option<NodeProcess>> = addrs
-        .iter()
-        .zip(&dirs)
-        .map(|(a, d)| Some(start(a, d, &cluster)))
-        .collect();
+    let (addrs, _dirs, mut nodes) = three_nodes();
     let space = connect(&addrs[0]).await.unwrap();
     // The shards have leaders once writes go through.
     let history = History::default();

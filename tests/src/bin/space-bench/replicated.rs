@@ -34,7 +34,7 @@ use space_client::{ClientConfig, Connection, Key};
 
 use crate::inproc::median;
 use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput};
-use space_tests::process::node_binary;
+use space_tests::process::start_node_at;
 
 /// Nodes of each cluster.
 const NODES: usize = 3;
@@ -115,14 +115,7 @@ impl Cluster {
     fn start_node(&mut self, i: usize, replication: Option<usize>) -> Result<()> {
         let dir = self.dirs[i].to_string_lossy().into_owned();
         let cluster = self.addrs.join(",");
-        let mut args = vec![
-            "--listen",
-            &self.addrs[i],
-            "--data-dir",
-            &dir,
-            "--threads",
-            MEMBER_THREADS,
-        ];
+        let mut args = vec!["--data-dir", &dir, "--threads", MEMBER_THREADS];
         let replication = replication.map(|r| r.to_string());
         let shards = self.shards.to_string();
         if let Some(r) = &replication {
@@ -135,7 +128,7 @@ impl Cluster {
                 &shards,
             ]);
         }
-        let (process, _) = start_node_with(&args)?;
+        let (process, _) = start_node_at(&self.addrs[i], &args)?;
         self.nodes[i] = Some(process);
         Ok(())
     }
@@ -147,27 +140,6 @@ impl Cluster {
     fn cpu_seconds(&self) -> f64 {
         self.nodes.iter().flatten().map(Process::cpu_seconds).sum()
     }
-}
-
-/// Starts `space-node` with `args` (its `--listen` among them) and waits for its address.
-fn start_node_with(args: &[&str]) -> Result<(Process, String)> {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(node_binary()?)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting space-node")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("unexpected first line from space-node: {line:?}"))?
-        .to_owned();
-    Ok((Process(child), addr))
 }
 
 /// Waits until a write and a take through `seeds` succeed (every node up, leaders
