@@ -63,11 +63,13 @@ fn free_addrs(n: usize) -> Result<Vec<String>> {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    /// A fresh directory named after `name`, this process and a count of those made.
     fn new(name: &str) -> Result<Scratch> {
+        static MADE: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "space-bench-{name}-{}-{}",
             std::process::id(),
-            Instant::now().elapsed().as_nanos()
+            MADE.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
