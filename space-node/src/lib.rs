@@ -11,6 +11,7 @@
 
 mod cluster;
 mod dedupe;
+mod engines_used;
 mod handshake;
 mod push;
 pub mod replica;

@@ -186,7 +186,7 @@ impl SpaceService for Service {
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
             let id = envelope.id;
-            crate::sharded::tracking_engines(state.dedupe.run_then(
+            crate::engines_used::tracking_engines(state.dedupe.run_then(
                 id,
                 || async {
                     // A retry that crossed a shard's failover: its first answer is in
@@ -261,7 +261,7 @@ async fn settle_after_step_down(
     id: wire::RequestId,
     err: SpaceError,
 ) -> Finished {
-    for (shard, engine) in crate::sharded::used() {
+    for (shard, engine) in crate::engines_used::used() {
         if !engine.is_closed() {
             continue;
         }
@@ -346,7 +346,7 @@ impl NodeState {
     /// leads it.
     fn engine_for(&self, key: &space_core::Key) -> Option<Engine> {
         match &self.shards {
-            Some(shards) => crate::sharded::serving_for(shards, key).ok(),
+            Some(shards) => crate::engines_used::serving_for(shards, key).ok(),
             None => Some(self.engine.clone()),
         }
     }
@@ -358,7 +358,7 @@ impl NodeState {
             // The engines the request was handed, serving or not any more: one whose
             // leadership ended fails unless what the request did there was committed.
             Some(_) => {
-                for (_, engine) in crate::sharded::used() {
+                for (_, engine) in crate::engines_used::used() {
                     engine.flush().await?;
                 }
                 Ok(())

@@ -7,11 +7,10 @@
 //! leads (a client asks every node). Subscriptions are not served by replicated nodes
 //! yet (`Unavailable`).
 
-use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 use space_core::server::Engine;
-use space_core::wire::{Request, Response, Target, range_of};
+use space_core::wire::{Request, Response, Target};
 use space_core::{Fields, Key, SpaceError, Stats};
 
 use crate::dedupe::{Finished, Outcome};
@@ -23,43 +22,9 @@ type NewEntry = (Fields, Option<Key>);
 /// within the shard's engine below.
 const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
-use crate::replica::{GroupId, ShardSet, claim_across, read_across, take_across};
+use crate::engines_used::{note_used, serving_for};
+use crate::replica::{ShardSet, claim_across, read_across, take_across};
 use crate::server::NodeState;
-
-tokio::task_local! {
-    /// The shard engines the request being served was handed: its answer waits until
-    /// what it did there is committed, even if a leadership ended meanwhile.
-    static USED: RefCell<Vec<(GroupId, Engine)>>;
-}
-
-/// Runs `request` (a request's whole service, answer included) keeping track of the
-/// shard engines it is handed (see [`used`]).
-pub(crate) async fn tracking_engines<T>(request: impl Future<Output = T>) -> T {
-    USED.scope(RefCell::new(Vec::new()), request).await
-}
-
-/// Records that the request being served was handed `engine`, of shard `shard`.
-fn note_used(shard: GroupId, engine: &Engine) {
-    let _ = USED.try_with(|used| {
-        let mut used = used.borrow_mut();
-        if !used.iter().any(|(_, e)| e.same_as(engine)) {
-            used.push((shard, engine.clone()));
-        }
-    });
-}
-
-/// The shard engines the request being served was handed so far, with their shards.
-pub(crate) fn used() -> Vec<(GroupId, Engine)> {
-    USED.try_with(|used| used.borrow().clone())
-        .unwrap_or_default()
-}
-
-/// The engine serving `key` here, recorded as used by the request being served.
-pub(crate) fn serving_for(shards: &ShardSet, key: &Key) -> Result<Engine, SpaceError> {
-    let engine = shards.serving_for(key)?;
-    note_used(shards.layout().shard_of_range(range_of(key)), &engine);
-    Ok(engine)
-}
 
 impl NodeState {
     /// Runs one request of a replicated node on the shards it concerns.
