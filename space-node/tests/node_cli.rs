@@ -4,10 +4,11 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{NodeProcess, workspace_binary};
+use common::NodeProcess;
+use space_tests::process::cli_binary;
 
 fn space(node: &NodeProcess, args: &[&str]) -> Output {
-    Command::new(workspace_binary("space-client", "--bin", "space"))
+    Command::new(cli_binary().expect("the space CLI"))
         .args(["--node", &node.addr])
         .args(args)
         .output()
@@ -66,7 +67,7 @@ fn the_cli_writes_reads_takes_counts_watches_and_reports() {
     assert!(err.contains("                                 ^"), "{err}");
 
     // watch prints one JSON line per event
-    let watcher = Command::new(workspace_binary("space-client", "--bin", "space"))
+    let watcher = Command::new(cli_binary().expect("the space CLI"))
         .args([
             "--node",
             &node.addr,
@@ -116,7 +117,7 @@ fn the_cli_writes_reads_takes_counts_watches_and_reports() {
     assert!(stdout(&space(&node, &["topology"])).contains("1024 ranges"));
 
     // An unreachable node: a clear error.
-    let gone = Command::new(workspace_binary("space-client", "--bin", "space"))
+    let gone = Command::new(cli_binary().expect("the space CLI"))
         .args(["--node", "127.0.0.1:1", "count", "Order"])
         .output()
         .unwrap();

@@ -135,7 +135,7 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
     }
     // The CLI's topology shows each member with a third of the ranges, all 1024 covered.
     let out =
-        std::process::Command::new(common::workspace_binary("space-client", "--bin", "space"))
+        std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
             .args(["--node", &addrs[1], "--json", "topology"])
             .output()
             .unwrap();

@@ -87,7 +87,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
     }
     assert_eq!(next, 1024);
     let cli =
-        std::process::Command::new(common::workspace_binary("space-client", "--bin", "space"))
+        std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
             .args(["--node", &addrs[0], "--json", "topology"])
             .output()
             .unwrap();

@@ -5,15 +5,18 @@ mod common;
 
 use std::process::Command;
 
-use common::{NodeProcess, workspace_binary};
+use common::NodeProcess;
+use space_tests::process::{Program, program};
 
 #[test]
 fn the_worker_pool_example_runs_against_a_node() {
     let node = NodeProcess::start(&[]);
-    let out = Command::new(workspace_binary("space-client", "--example", "worker_pool"))
-        .args(["3", "400000", "--connect", &node.addr])
-        .output()
-        .expect("run the example");
+    let out = Command::new(
+        program("space-client", Program::Example("worker_pool")).expect("the worker_pool example"),
+    )
+    .args(["3", "400000", "--connect", &node.addr])
+    .output()
+    .expect("run the example");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

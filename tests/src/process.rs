@@ -47,34 +47,59 @@ impl Drop for Process {
     }
 }
 
+/// A program target of the workspace: a binary or an example.
+#[derive(Debug, Clone, Copy)]
+pub enum Program<'a> {
+    /// `--bin NAME`
+    Bin(&'a str),
+    /// `--example NAME`
+    Example(&'a str),
+}
+
 /// The `space-node` binary of the profile this program was built in: release for
 /// `space-bench` (built if missing), debug for tests (brought up to date).
 pub fn node_binary() -> Result<PathBuf> {
-    binary("space-node", "space-node", cfg!(debug_assertions))
+    program("space-node", Program::Bin("space-node"))
 }
 
-/// The binary `name` of the workspace's `package`, of the profile this program was built
-/// in; built with cargo if missing, or always when `refresh` (a no-op when it is up to
-/// date).
-pub fn binary(package: &str, name: &str, refresh: bool) -> Result<PathBuf> {
+/// The `space` command-line tool, found like [`node_binary`].
+pub fn cli_binary() -> Result<PathBuf> {
+    program("space-client", Program::Bin("space"))
+}
+
+/// The program `target` of the workspace's `package`, of the profile this program was
+/// built in.
+///
+/// Debug (test) builds bring every binary and example of the workspace up to date with
+/// `cargo build --workspace --bins --examples`: the features it resolves are those of
+/// `cargo test --workspace`, so the programs share the tests' dependencies instead of a
+/// second build of them (a no-op when up to date). Release builds (`space-bench`) build
+/// only the one program, and only when it is missing.
+pub fn program(package: &str, target: Program<'_>) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/space-bench, or target/<profile>/deps/<test>.
     let mut dir = exe.parent().context("no directory")?.to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
-    let path = dir.join(name);
-    if refresh || !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", package, "--bin", name]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status()?;
-        if !status.success() || !path.exists() {
-            bail!("could not build {name}; run: cargo build --release -p {package}");
-        }
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let (path, kind, name) = match target {
+        Program::Bin(name) => (dir.join(name), "--bin", name),
+        Program::Example(name) => (dir.join("examples").join(name), "--example", name),
+    };
+    if release && path.exists() {
+        return Ok(path);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    if release {
+        build.args(["build", "--release", "-p", package, kind, name]);
+    } else {
+        build.args(["build", "--workspace", "--bins", "--examples"]);
+    }
+    let status = build.status()?;
+    if !status.success() || !path.exists() {
+        bail!("could not build {name}; run: cargo build -p {package} {kind} {name}");
     }
     Ok(path)
 }

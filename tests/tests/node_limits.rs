@@ -18,7 +18,7 @@ use space_tests::hostile::{
     answer_to, call_bytes, churn_entry_types, deep_document_call, deep_query_call,
     far_deadline_call, frame, raw, read_frame,
 };
-use space_tests::process::{Process, binary, node_binary, start_node};
+use space_tests::process::{Process, cli_binary, node_binary, start_node};
 
 /// A node started with `args`, and its address.
 fn node(args: &[&str]) -> (Process, String) {
@@ -27,7 +27,7 @@ fn node(args: &[&str]) -> (Process, String) {
 
 /// The `space` command-line tool, up to date.
 fn cli() -> std::path::PathBuf {
-    binary("space-client", "space", true).expect("build the space CLI")
+    cli_binary().expect("build the space CLI")
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -125,24 +125,3 @@ pub fn start_cluster(addrs: &[String], epoch: u64, extra: &[&[&str]]) -> Vec<Nod
         })
         .collect()
 }
-
-/// A binary of another package of the workspace (an example or a bin), brought up to date
-/// by cargo in this test's target directory (a no-op after `cargo test --workspace`).
-pub fn workspace_binary(package: &str, kind: &str, name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "-p", package, kind, name]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo");
-    assert!(status.success(), "building {package} {kind} {name} failed");
-    match kind {
-        "--example" => profile_dir.join("examples").join(name),
-        _ => profile_dir.join(name),
-    }
-}
