@@ -363,7 +363,7 @@ impl Cluster {
     /// took or claimed on any node goes back ([`revoke`](crate::revoke)).
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         if matches!(request, Request::TakeDirect { .. } | Request::Claim { .. }) {
-            revoke::guarded(self.call_waiting(request)).await
+            revoke::guarded(Some(self.reach()), self.call_waiting(request)).await
         } else {
             self.call_waiting(request).await
         }
@@ -787,13 +787,19 @@ impl Cluster {
         let mut again = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match revoke::call(&self.node(addr).await?, request(left)).await {
+            let conn = self.node(addr).await?;
+            let id = RequestId::new();
+            match revoke::call_as(&conn, id, request(left)).await {
                 // Leaderships change in bursts (a failover moves many shards): asked
                 // again while its time lasts, and a few times once it is out.
                 Err(SpaceError::WrongNode { .. })
                     if again < REROUTES || (again < MAX_ASKS && Instant::now() < deadline) =>
                 {
                     again += 1;
+                    // The node did nothing it knows of, but a shard whose leadership
+                    // ended may have handed the wait an entry just before: revoked, so
+                    // the shard's leader of the moment gives it back.
+                    revoke::abandon(&conn, id);
                     // A stale topology is refreshed; a failed refresh is no reason to
                     // stop (the call itself says whether the node is reachable).
                     let _ = self.refresh().await;
@@ -881,6 +887,23 @@ impl Cluster {
             .get_or_try_init(|| Endpoint::start(&self.config))
             .await
             .cloned()
+    }
+
+    /// Connections to the members this client can reach, made when asked: where the
+    /// revokes of a replicated cluster go ([`revoke`](crate::revoke)).
+    fn reach(self: &Arc<Self>) -> revoke::Members {
+        let cluster = self.clone();
+        Arc::new(move || {
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                cluster
+                    .members()
+                    .await
+                    .into_iter()
+                    .filter_map(|(_, conn)| conn.ok())
+                    .collect()
+            })
+        })
     }
 
     /// The members and a connection to each (or why there is none).

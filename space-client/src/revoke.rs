@@ -18,10 +18,17 @@
 //! Revokes are sent in the background, on the client's runtime, with the connection's
 //! usual retries; a node keeps what a revoke needs for its latest requests (the answer
 //! table), so a revoke must arrive before that many newer requests did.
+//!
+//! On a replicated cluster what a call did lives in its shard's replicated answers, and
+//! the node that ran it may have stopped leading that shard (or died) before the answer
+//! came back. Its revoke then goes to every member too, until the leaders of all shards
+//! have given back what the call did there ([`Response::Revoked`]).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use space_core::wire::{Request, RequestId, Response};
 use space_core::{Result, SpaceError};
@@ -34,16 +41,26 @@ tokio::task_local! {
     static OPERATION: Arc<Operation>;
 }
 
+/// Connections to every member of the cluster a call went to (those that can be reached):
+/// where a revoke goes when the node that ran the call does not lead every shard.
+pub(crate) type Members = Arc<dyn Fn() -> BoxFuture<'static, Vec<Arc<Connection>>> + Send + Sync>;
+
 /// The calls of one operation that completed: revoked unless the operation succeeds.
 struct Operation {
     completed: Mutex<Vec<(Arc<Connection>, RequestId)>>,
     /// The runtime the operation runs on (where its revokes are sent from, even when its
     /// future is dropped elsewhere).
     runtime: Option<Handle>,
+    /// The cluster's members, for revokes on a replicated cluster.
+    members: Option<Members>,
 }
 
 /// Sends revokes for `calls`, newest first, in the background on `runtime`.
-fn revoke_all(runtime: Option<&Handle>, calls: Vec<(Arc<Connection>, RequestId)>) {
+fn revoke_all(
+    runtime: Option<&Handle>,
+    calls: Vec<(Arc<Connection>, RequestId)>,
+    members: Option<Members>,
+) {
     if calls.is_empty() {
         return;
     }
@@ -53,43 +70,128 @@ fn revoke_all(runtime: Option<&Handle>, calls: Vec<(Arc<Connection>, RequestId)>
     };
     drop(runtime.spawn(async move {
         for (conn, id) in calls.into_iter().rev() {
-            revoke(&conn, id).await;
+            revoke(&conn, id, members.as_ref()).await;
         }
     }));
+}
+
+/// Revokes call `id` made on `conn`, in the background: for a call that answered
+/// without a result but may have done something meanwhile (a wait ended by a shard's
+/// failover).
+pub(crate) fn abandon(conn: &Arc<Connection>, id: RequestId) {
+    let (runtime, members) = OPERATION
+        .try_with(|op| (op.runtime.clone(), op.members.clone()))
+        .unwrap_or_else(|_| (Handle::try_current().ok(), None));
+    revoke_all(runtime.as_ref(), vec![(conn.clone(), id)], members);
 }
 
 /// How long a revoke keeps trying to reach its node (one that is down for longer has lost
 /// the answer table a revoke needs, unless it keeps its data durably).
 const REVOKE_FOR: Duration = Duration::from_secs(60);
 
-/// Revokes call `id` on `conn`, retrying while the node cannot be reached.
-async fn revoke(conn: &Arc<Connection>, id: RequestId) {
+/// Whether `e` says the node could not be reached (the revoke is tried again).
+fn unreachable(e: &SpaceError) -> bool {
+    matches!(
+        e,
+        SpaceError::Down { .. } | SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
+    )
+}
+
+/// The shards of a replicated cluster where a revoke was done, as nodes answered it.
+#[derive(Default)]
+struct Coverage {
+    covered: BTreeSet<u32>,
+    /// The cluster's number of shards, once a replicated node answered.
+    shards: Option<u32>,
+}
+
+impl Coverage {
+    fn note(&mut self, answer: &Result<Response>, addr: &str) {
+        match answer {
+            Ok(Response::Revoked { shards, of }) => {
+                self.covered.extend(shards);
+                self.shards = Some(*of);
+            }
+            Ok(_) => {}
+            Err(e) if unreachable(e) => {
+                tracing::debug!(node = %addr, error = %e, "a revoke waits for a node");
+            }
+            Err(e) => tracing::warn!(node = %addr, error = %e, "a node refused a revoke"),
+        }
+    }
+
+    /// Whether every shard of a replicated cluster was covered.
+    fn complete(&self) -> bool {
+        self.shards
+            .is_some_and(|n| self.covered.len() >= n as usize)
+    }
+}
+
+/// Revokes call `id` made on `conn`, retrying while nodes cannot be reached.
+///
+/// The node that ran the call is asked until it answers (it stops the call if it still
+/// runs there). A node that is not replicated has then undone everything. On a
+/// replicated cluster, each node answers for the shards it leads; every member of
+/// `members` is asked as well, round after round, until the shards covered add up to
+/// all of them.
+async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>) {
     let give_up = Instant::now() + REVOKE_FOR;
     let mut backoff = Duration::from_millis(50);
+    let (mut origin_answered, mut origin_unreachable) = (false, false);
+    let mut coverage = Coverage::default();
     loop {
-        match conn.call(Request::Revoke(id)).await {
-            Ok(_) => return,
-            Err(
-                e @ (SpaceError::Down { .. }
-                | SpaceError::Unreachable { .. }
-                | SpaceError::TimedOut { .. }),
-            ) if Instant::now() + backoff < give_up => {
-                tracing::debug!(node = %conn.addr(), error = %e, "a revoke waits for its node");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+        if !origin_answered {
+            let answer = conn.call(Request::Revoke(id)).await;
+            match &answer {
+                Ok(Response::Revoked { .. }) => origin_answered = true,
+                // A node that is not replicated undid everything the call did.
+                Ok(_) => return,
+                Err(e) if unreachable(e) => origin_unreachable = true,
+                Err(e) => {
+                    tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
+                    return;
+                }
             }
-            Err(e) => {
-                tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
-                return;
+            coverage.note(&answer, conn.addr());
+        }
+        if let Some(members) = members
+            && !coverage.complete()
+            && (coverage.shards.is_some() || origin_unreachable)
+        {
+            for member in members().await {
+                if member.addr() == conn.addr() && origin_answered {
+                    continue;
+                }
+                let answer = member.call(Request::Revoke(id)).await;
+                coverage.note(&answer, member.addr());
             }
         }
+        if origin_answered && coverage.complete() {
+            return;
+        }
+        if Instant::now() + backoff >= give_up {
+            tracing::warn!(
+                node = %conn.addr(),
+                covered = ?coverage.covered,
+                shards = ?coverage.shards,
+                "could not revoke an abandoned call everywhere; claims it made lapse with their leases"
+            );
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
 /// Runs one take or claim so that the removing calls it made are revoked unless it returns
 /// `Ok` to its caller: if it fails, or the future is dropped first, what they took goes
 /// back and what they claimed is released.
-pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T> {
+///
+/// `members` reaches the cluster's other nodes, for revokes on a replicated cluster.
+pub(crate) async fn guarded<T>(
+    members: Option<Members>,
+    op: impl Future<Output = Result<T>>,
+) -> Result<T> {
     struct Disarm(Option<Arc<Operation>>);
     impl Drop for Disarm {
         fn drop(&mut self) {
@@ -97,6 +199,7 @@ pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T>
                 revoke_all(
                     op.runtime.as_ref(),
                     std::mem::take(&mut *op.completed.lock()),
+                    op.members.clone(),
                 );
             }
         }
@@ -104,6 +207,7 @@ pub(crate) async fn guarded<T>(op: impl Future<Output = Result<T>>) -> Result<T>
     let operation = Arc::new(Operation {
         completed: Mutex::new(Vec::new()),
         runtime: Handle::try_current().ok(),
+        members,
     });
     let mut guard = Disarm(Some(operation.clone()));
     let result = OPERATION.scope(operation, op).await;
@@ -155,14 +259,17 @@ fn revocable(request: &Request) -> bool {
 struct CallGuard {
     call: Option<(Arc<Connection>, RequestId)>,
     runtime: Option<Handle>,
+    members: Option<Members>,
 }
 
 impl CallGuard {
-    /// Guards the call `id` on `conn` (made on the current runtime).
+    /// Guards the call `id` on `conn` (made on the current runtime, in the current
+    /// operation if there is one).
     fn new(conn: Arc<Connection>, id: RequestId) -> CallGuard {
         CallGuard {
             call: Some((conn, id)),
             runtime: Handle::try_current().ok(),
+            members: OPERATION.try_with(|op| op.members.clone()).ok().flatten(),
         }
     }
 
@@ -178,7 +285,7 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            revoke_all(self.runtime.as_ref(), vec![call]);
+            revoke_all(self.runtime.as_ref(), vec![call], self.members.take());
         }
     }
 }

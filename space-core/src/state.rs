@@ -68,6 +68,10 @@ pub(crate) enum Command {
         learn: bool,
         to: Option<HandOff>,
         request: Option<RequestId>,
+        /// The entry is given back from what request `gives_back` took (a take or commit
+        /// its caller gave up): the request's answer records it, so that it is given back
+        /// once only, whichever leader is asked.
+        gives_back: Option<RequestId>,
     },
     /// An entry leaves the space.
     Remove {
@@ -101,8 +105,14 @@ impl Command {
     /// Whether applying the command records an answer (it carries a request id).
     pub(crate) fn answers(&self) -> bool {
         match self {
-            Command::Write { to, request, .. } => {
+            Command::Write {
+                to,
+                request,
+                gives_back,
+                ..
+            } => {
                 request.is_some()
+                    || gives_back.is_some()
                     || matches!(
                         to,
                         Some(
@@ -164,6 +174,17 @@ pub(crate) fn apply(
     command: Command,
 ) -> Outcome {
     let mut answers = answers;
+    if let (
+        Command::Write {
+            gives_back: Some(id),
+            record,
+            ..
+        },
+        Some(table),
+    ) = (&command, answers.as_deref_mut())
+    {
+        table.mark_given_back(*id, entry_type, &record.key);
+    }
     // Answers are built only for requests that have an id (a node's calls), never on the
     // in-process path.
     let mut answer = |request: Option<RequestId>, part: &dyn Fn() -> Part| {
@@ -178,6 +199,7 @@ pub(crate) fn apply(
             learn,
             to,
             request,
+            gives_back: _,
         } => {
             store.skip_to(seq);
             if learn {
@@ -198,7 +220,7 @@ pub(crate) fn apply(
                     Outcome::Stored
                 }
                 Some(HandOff::Taken { request }) => {
-                    answer(request, &|| Part::Document(record.document()));
+                    answer(request, &|| Part::Taken(held(entry_type, seq, &record)));
                     Outcome::HandedOff(record)
                 }
                 Some(HandOff::Claimed {
@@ -221,8 +243,13 @@ pub(crate) fn apply(
         } => match store.remove(seq) {
             Some(mut record) => {
                 match cause {
-                    Cause::Taken => answer(request, &|| Part::Document(record.document())),
-                    Cause::Committed | Cause::Cancelled => answer(request, &|| Part::Done),
+                    Cause::Taken => {
+                        answer(request, &|| Part::Taken(held(entry_type, seq, &record)))
+                    }
+                    Cause::Committed => {
+                        answer(request, &|| Part::Committed(held(entry_type, seq, &record)));
+                    }
+                    Cause::Cancelled => answer(request, &|| Part::Done),
                     Cause::Expired => {}
                 }
                 if matches!(cause, Cause::Expired | Cause::Cancelled) {
@@ -309,15 +336,64 @@ pub enum Answer {
     Claimed(ClaimedDocument),
     /// A commit, release or cancel took effect.
     Done,
+    /// The request's caller gave it up, and what it took was given back
+    /// ([`Engine::give_back`](crate::Engine::give_back)): a retry is answered
+    /// [`SpaceError::Revoked`](crate::SpaceError::Revoked).
+    Revoked,
+}
+
+/// An entry a request removed, kept whole with the request's answer so that the entry
+/// can be given back where it was if the request's caller gives the request up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Held {
+    entry_type: Arc<str>,
+    seq: u64,
+    record: Record,
+    /// Given back already (by a command that names the request).
+    given_back: bool,
+}
+
+fn held(entry_type: &str, seq: u64, record: &Record) -> Held {
+    Held {
+        entry_type: entry_type.into(),
+        seq,
+        record: record.clone(),
+        given_back: false,
+    }
+}
+
+/// An answer as the table keeps it: what the request removed is kept whole.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Kept {
+    Receipts(Vec<Receipt>),
+    /// What a take removed (oldest first).
+    Taken(Vec<Held>),
+    Claimed(ClaimedDocument),
+    /// What a commit removed.
+    Committed(Held),
+    Done,
 }
 
 /// One command's share of a request's answer (a take of several entries, or a write of
 /// several, answers with all of them).
 enum Part {
     Receipt(Receipt),
-    Document(Document),
+    Taken(Held),
     Claimed(ClaimedDocument),
+    Committed(Held),
     Done,
+}
+
+/// What giving a request up undoes, as its answer says
+/// ([`Answers::to_give_back`]).
+pub(crate) enum GiveBack {
+    /// Entries it took (or committed) that are not given back yet.
+    Entries(Vec<Taken>),
+    /// The claim it made (released, if it is still held).
+    Claim(ClaimTicket),
+    /// Nothing: it removed and claimed nothing, all of it is back, or its answer is
+    /// not kept.
+    Nothing,
 }
 
 /// The answers of the last [`ANSWERS_KEPT`] requests, by request id, each with the log
@@ -325,7 +401,7 @@ enum Part {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Answers {
     order: VecDeque<RequestId>,
-    map: HashMap<RequestId, (Answer, Option<u64>), foldhash::fast::RandomState>,
+    map: HashMap<RequestId, (Kept, Option<u64>), foldhash::fast::RandomState>,
 }
 
 impl Answers {
@@ -344,33 +420,113 @@ impl Answers {
                 self.map.remove(&old);
             }
         }
-        let answer = match (prev, part) {
-            (Some(Answer::Receipts(mut v)), Part::Receipt(r)) => {
+        let kept = match (prev, part) {
+            (Some(Kept::Receipts(mut v)), Part::Receipt(r)) => {
                 v.push(r);
-                Answer::Receipts(v)
+                Kept::Receipts(v)
             }
-            (Some(Answer::Documents(mut v)), Part::Document(d)) => {
-                v.push(d);
-                Answer::Documents(v)
+            (Some(Kept::Taken(mut v)), Part::Taken(h)) => {
+                v.push(h);
+                Kept::Taken(v)
             }
-            (_, Part::Receipt(r)) => Answer::Receipts(vec![r]),
-            (_, Part::Document(d)) => Answer::Documents(vec![d]),
-            (_, Part::Claimed(c)) => Answer::Claimed(c),
-            (_, Part::Done) => Answer::Done,
+            (_, Part::Receipt(r)) => Kept::Receipts(vec![r]),
+            (_, Part::Taken(h)) => Kept::Taken(vec![h]),
+            (_, Part::Claimed(c)) => Kept::Claimed(c),
+            (_, Part::Committed(h)) => Kept::Committed(h),
+            (_, Part::Done) => Kept::Done,
         };
-        self.map.insert(id, (answer, index));
+        self.map.insert(id, (kept, index));
     }
 
     /// The answer of request `id`, if it is still kept.
-    pub(crate) fn get(&self, id: RequestId) -> Option<&Answer> {
-        self.map.get(&id).map(|(a, _)| a)
+    pub(crate) fn get(&self, id: RequestId) -> Option<Answer> {
+        let (kept, _) = self.map.get(&id)?;
+        Some(match kept {
+            Kept::Receipts(r) => Answer::Receipts(r.clone()),
+            Kept::Taken(held) if held.iter().any(|h| h.given_back) => Answer::Revoked,
+            Kept::Taken(held) => {
+                Answer::Documents(held.iter().map(|h| h.record.document()).collect())
+            }
+            Kept::Claimed(c) => Answer::Claimed(c.clone()),
+            Kept::Committed(h) if h.given_back => Answer::Revoked,
+            Kept::Committed(_) | Kept::Done => Answer::Done,
+        })
     }
 
-    /// Every kept answer, oldest first.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (RequestId, &Answer)> {
+    /// Every kept answer as it is kept (given-back marks included), oldest first: for
+    /// comparing states.
+    pub(crate) fn describe(&self) -> impl Iterator<Item = String> + '_ {
+        self.order.iter().filter_map(|id| {
+            self.map
+                .get(id)
+                .map(|(k, _)| format!("answer {id:?} {k:?}"))
+        })
+    }
+
+    /// The ids of every kept answer, oldest first.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.order
             .iter()
-            .filter_map(|id| self.map.get(id).map(|(a, _)| (*id, a)))
+            .copied()
+            .filter(|id| self.map.contains_key(id))
+    }
+
+    /// What giving request `id` up undoes: the entries it removed that are not back yet,
+    /// or the claim it made.
+    pub(crate) fn to_give_back(&self, id: RequestId) -> GiveBack {
+        let taken = |h: &Held| Taken {
+            entry_type: h.entry_type.clone(),
+            seq: h.seq,
+            record: h.record.clone(),
+            request: Some(id),
+        };
+        match self.map.get(&id) {
+            Some((Kept::Taken(held), _)) => {
+                GiveBack::Entries(held.iter().filter(|h| !h.given_back).map(taken).collect())
+            }
+            Some((Kept::Committed(h), _)) if !h.given_back => GiveBack::Entries(vec![taken(h)]),
+            Some((Kept::Claimed(c), _)) => GiveBack::Claim(c.ticket.clone()),
+            _ => GiveBack::Nothing,
+        }
+        .nothing_if_empty()
+    }
+
+    /// Whether the entry `key` of `entry_type` that request `id` removed was given back.
+    pub(crate) fn given_back(&self, id: RequestId, entry_type: &str, key: &crate::Key) -> bool {
+        self.held(id)
+            .any(|h| h.given_back && *h.entry_type == *entry_type && h.record.key == *key)
+    }
+
+    fn held(&self, id: RequestId) -> impl Iterator<Item = &Held> {
+        let held: &[Held] = match self.map.get(&id) {
+            Some((Kept::Taken(held), _)) => held,
+            Some((Kept::Committed(h), _)) => std::slice::from_ref(h),
+            _ => &[],
+        };
+        held.iter()
+    }
+
+    /// Notes that the entry `key` of `entry_type` that request `id` removed is back.
+    fn mark_given_back(&mut self, id: RequestId, entry_type: &str, key: &crate::Key) {
+        let held: &mut [Held] = match self.map.get_mut(&id) {
+            Some((Kept::Taken(held), _)) => held,
+            Some((Kept::Committed(h), _)) => std::slice::from_mut(h),
+            _ => &mut [],
+        };
+        for h in held {
+            if *h.entry_type == *entry_type && h.record.key == *key {
+                h.given_back = true;
+            }
+        }
+    }
+}
+
+impl GiveBack {
+    fn nothing_if_empty(self) -> GiveBack {
+        match self {
+            GiveBack::Entries(e) if e.is_empty() => GiveBack::Nothing,
+            other => other,
+        }
     }
 }
 
@@ -382,6 +538,9 @@ pub struct Taken {
     pub(crate) entry_type: Arc<str>,
     pub(crate) seq: u64,
     pub(crate) record: Record,
+    /// The request that removed it, when it had an id: giving the entry back notes it in
+    /// that request's answer.
+    pub(crate) request: Option<RequestId>,
 }
 
 impl Taken {

@@ -216,7 +216,10 @@ pub enum Request {
     /// across nodes): if it is still running it stops (a wait ends; anything handed to it
     /// goes back); if it finished, the entries it took are put back where they were and
     /// a claim it made is released. A request that arrives after its revoke is refused
-    /// with [`SpaceError::Revoked`]. Answers `Done`.
+    /// with [`SpaceError::Revoked`]. A node that is not replicated answers `Done`; a
+    /// replicated node gives back what the request did on every shard it leads (whichever
+    /// leader did it: the shard's answers say) and answers [`Response::Revoked`] with
+    /// those shards, so that the caller asks on until every shard was covered.
     Revoke(RequestId),
     /// Remove a claimed entry for good.
     Commit(ClaimTicket),
@@ -430,6 +433,14 @@ pub enum Response {
     Stats(Stats),
     /// A replicated cluster's shards.
     Shards(Vec<ShardInfo>),
+    /// A replicated node's answer to a revoke: the shards it leads, where what the revoked
+    /// request did is given back (committed), of how many shards in all.
+    Revoked {
+        /// The shards covered.
+        shards: Vec<u32>,
+        /// The cluster's number of shards.
+        of: u32,
+    },
 }
 
 /// A request with its id.

@@ -137,12 +137,10 @@ impl Dedupe {
     }
 
     /// Records an answer given before (found in the log at recovery).
-    pub(crate) fn seed(&self, id: RequestId, answer: Response) {
-        self.inner.lock().settle(
-            id,
-            Slot::Done(Box::new(Ok(Outcome::Answer(answer)))),
-            self.capacity,
-        );
+    pub(crate) fn seed(&self, id: RequestId, finished: Finished) {
+        self.inner
+            .lock()
+            .settle(id, Slot::Done(Box::new(finished)), self.capacity);
     }
 
     /// How many finished answers are kept.

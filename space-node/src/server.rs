@@ -192,7 +192,7 @@ impl SpaceService for Service {
                     // A retry that crossed a shard's failover: its first answer is in
                     // the shard's replicated answer table.
                     if let Some(answer) = state.shards.as_ref().and_then(|s| s.answer(id)) {
-                        return Ok(Outcome::Answer(response_of(answer)));
+                        return finished_of(answer);
                     }
                     // The changes are logged with the request id.
                     InRequest {
@@ -269,20 +269,21 @@ async fn settle_after_step_down(
             .settled_answer(shard, id, SETTLE_AFTER_STEP_DOWN)
             .await?
         {
-            return Ok(Outcome::Answer(response_of(answer)));
+            return finished_of(answer);
         }
     }
     Err(err)
 }
 
-/// The wire form of an answer the engine's state kept.
-fn response_of(answer: Answer) -> Response {
-    match answer {
+/// A request's end as the answer the engine's state kept for it says.
+fn finished_of(answer: Answer) -> Finished {
+    Ok(Outcome::Answer(match answer {
         Answer::Receipts(r) => Response::Receipts(r),
         Answer::Documents(d) => Response::Documents(d),
         Answer::Claimed(c) => Response::Claimed(Some(c)),
         Answer::Done => Response::Done,
-    }
+        Answer::Revoked => return Err(SpaceError::Revoked),
+    }))
 }
 
 impl NodeState {
@@ -300,6 +301,13 @@ impl NodeState {
             held_bytes: self.engine.held_bytes(),
             max_bytes: self.config.max_bytes,
         }
+    }
+
+    /// Stops request `id` if it still runs here, and refuses it if it comes again
+    /// ([`Request::Revoke`] on a replicated node, which gives back what a finished one
+    /// did from its shards' answers instead).
+    pub(crate) async fn stop_request(&self, id: wire::RequestId) {
+        drop(self.dedupe.revoke(id).await);
     }
 
     /// Undoes what a revoked request did that its caller never saw.
@@ -436,8 +444,11 @@ impl NodeState {
             Request::Revoke(id) => {
                 if let Some(finished) = self.dedupe.revoke(id).await {
                     self.undo(finished);
-                    self.flush().await?;
                 }
+                // A durable engine's answers know what the request did even across a
+                // restart; given back once only.
+                engine.give_back(id);
+                self.flush().await?;
                 Response::Done
             }
             Request::Commit(t) => return Ok(Outcome::Committed(engine.commit_entry(&t)?)),
@@ -714,7 +725,7 @@ impl Node {
         let dedupe = Dedupe::new(config.dedupe_capacity);
         // Answers found in the log: a client retrying across the crash gets them.
         for (id, answer) in engine.answers() {
-            dedupe.seed(id, response_of(answer));
+            dedupe.seed(id, finished_of(answer));
         }
         let cluster = Arc::new(cluster);
         if !config.peers.is_empty() {

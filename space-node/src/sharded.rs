@@ -208,6 +208,24 @@ impl NodeState {
                 }
                 Response::Stats(total)
             }
+            Request::Revoke(id) => {
+                // A wait still running here stops (what it was handed goes back). What
+                // the request took or claimed, here or on an earlier leader, is given back
+                // from each shard's answers by its leader of the moment: this node covers
+                // the shards it leads, once the give-back is committed.
+                self.stop_request(id).await;
+                let mut covered = Vec::new();
+                for (shard, engine) in &led {
+                    engine.give_back(id);
+                    if engine.flush().await.is_ok() {
+                        covered.push(*shard);
+                    }
+                }
+                Response::Revoked {
+                    shards: covered,
+                    of: shards.shard_count(),
+                }
+            }
             Request::Subscribe { .. } | Request::Resume { .. } => {
                 return Err(SpaceError::Unavailable {
                     reason: "subscriptions are not served by replicated nodes yet".into(),

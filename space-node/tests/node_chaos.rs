@@ -343,10 +343,6 @@ async fn three_nodes_under_kills_pauses_and_partitions_lose_nothing() {
     scenario(3, 1, seed()).await;
 }
 
-// Known failure, not fixed yet (issue 12): with seed 12966734292044856269 one CI run lost
-// an acknowledged write (partitions of one and two nodes, a kill). Run it with
-// `cargo test -p space-node --test node_chaos -- --ignored`.
-#[ignore = "finds a lost acknowledged write under minority partitions: not fixed yet"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
     scenario(5, 2, seed()).await;

@@ -8,12 +8,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::replicated::{Order, clean_within, start, take_some, write_all};
+use common::replicated::{Job, Order, SHARDS, clean_within, start, take_some, write_all};
 use common::{NodeProcess, free_addrs};
 use space_client::wire::{Request, Response, ShardInfo};
 use space_client::{ClientConfig, Connection, Key, NodeId, Query, connect};
 use space_tests::TempDir;
-use space_tests::history::History;
+use space_tests::history::{Ended, History, Op};
+use space_tests::proxy::{Link, Proxy};
 
 /// A replicated cluster of three nodes on fresh directories: their addresses,
 /// directories and processes.
@@ -155,4 +156,99 @@ async fn a_waiting_take_follows_the_shards_a_failover_moves() {
     }
     let taken = waiting.await.unwrap();
     assert_eq!(taken, Ok(Some(order)), "the waiting take missed the entry");
+}
+
+/// A take whose node did it (its shard committed it) but whose answer never came back,
+/// and the node died before its caller gave the take up: the revoke cannot reach that
+/// node, so it goes to the other members until the leaders of every shard gave back
+/// what the take did. The entry comes back from the shard's new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
+    let addrs = free_addrs(3);
+    // Clients reach the first node through a proxy that can hold its answers (it
+    // advertises the proxy's address); its peers reach it directly.
+    let proxy = Proxy::start(addrs[0].parse().unwrap()).await.unwrap();
+    let listed = [proxy.addr().to_string(), addrs[1].clone(), addrs[2].clone()];
+    let cluster = listed.join(",");
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+    let dir = |i: usize| dirs[i].0.to_string_lossy().into_owned();
+    let mut first = Some(NodeProcess::start_at(
+        &addrs[0],
+        &[
+            "--data-dir",
+            &dir(0),
+            "--initial-cluster",
+            &cluster,
+            "--shards",
+            SHARDS,
+            "--advertise",
+            &listed[0],
+        ],
+    ));
+    let direct = format!("{}={}", listed[0], addrs[0]);
+    let _others: Vec<NodeProcess> = (1..3)
+        .map(|i| {
+            NodeProcess::start_at(
+                &addrs[i],
+                &[
+                    "--data-dir",
+                    &dir(i),
+                    "--initial-cluster",
+                    &cluster,
+                    "--shards",
+                    SHARDS,
+                    "--peer-via",
+                    &direct,
+                ],
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shards_of(&listed[1])
+        .await
+        .iter()
+        .all(|s| s.leader.is_some())
+    {
+        assert!(Instant::now() < deadline, "the shards never had leaders");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let space = connect(&listed[1]).await.unwrap();
+    let history = History::default();
+    write_all(&space, 0..60, &history).await;
+    let verdict = clean_within(&space, &history, Duration::from_secs(10)).await;
+    assert!(
+        verdict.is_clean() && verdict.acknowledged == 60,
+        "the writes did not all land: {verdict:?}"
+    );
+
+    // Takes go to the nodes in turn; the one sent to the first node is done there, and
+    // its answer is held. Then that node dies, and only then is the take given up.
+    proxy.set(Link::HoldReplies);
+    let mut gave_up = false;
+    let jobs = Query::of::<Job>();
+    for _ in 0..6 {
+        let mut take = std::pin::pin!(space.take::<Job>(&jobs, Duration::from_millis(100)));
+        match tokio::time::timeout(Duration::from_secs(1), &mut take).await {
+            Ok(Ok(Some(job))) => history.record(Op::Take {
+                got: Some(job.id),
+                ended: Ended::Ok,
+            }),
+            Ok(other) => panic!("a take on a full space got {other:?}"),
+            Err(_) => {
+                proxy.set(Link::Blackhole);
+                if let Some(node) = first.take() {
+                    node.kill();
+                }
+                proxy.set(Link::Cut);
+                gave_up = true;
+                // The take is dropped here, given up.
+                break;
+            }
+        }
+    }
+    assert!(gave_up, "no take went to the first node");
+
+    // Nothing acknowledged is missing once the first node's shards have new leaders.
+    let verdict = clean_within(&space, &history, Duration::from_secs(20)).await;
+    assert!(verdict.is_clean(), "{verdict:?}");
 }

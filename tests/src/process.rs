@@ -47,6 +47,17 @@ impl Drop for Process {
     }
 }
 
+/// Prefixes of the environment variables cargo sets for one package's test run.
+const PER_PACKAGE_VARS: [&str; 7] = [
+    "CARGO_PKG_",
+    "CARGO_MANIFEST_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "OUT_DIR",
+];
+
 /// A program target of the workspace: a binary or an example.
 #[derive(Debug, Clone, Copy)]
 pub enum Program<'a> {
@@ -92,6 +103,14 @@ pub fn program(package: &str, target: Program<'_>) -> Result<PathBuf> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(cargo);
+    // What cargo sets for the running test names its package; build scripts that watch
+    // such variables (ring's does) would otherwise build again for every test package.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if PER_PACKAGE_VARS.iter().any(|p| name.starts_with(p)) {
+            build.env_remove(name.as_ref());
+        }
+    }
     if release {
         build.args(["build", "--release", "-p", package, kind, name]);
     } else {

@@ -1,8 +1,9 @@
 //! A fault-injecting TCP proxy for tests. Every connection to it is forwarded to one
 //! target; the test decides what the link does: pass everything, cut (every connection
-//! dropped, new ones refused: what a dead peer looks like), or black-hole (connections
+//! dropped, new ones refused: what a dead peer looks like), black-hole (connections
 //! held open, nothing passes either way: a partition TCP cannot see, until it heals and
-//! what was held flows on).
+//! what was held flows on), or hold only what the target sends back (requests arrive and
+//! are served; their answers are lost on the way).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,15 @@ pub enum Link {
     Cut,
     /// Connections stay open and nothing passes.
     Blackhole,
+    /// What is sent to the target passes; what it sends back is held, as in a black-hole.
+    HoldReplies,
+}
+
+/// Which way a pump copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    ToTarget,
+    FromTarget,
 }
 
 /// A proxy to one target, running on the current tokio runtime until dropped.
@@ -50,7 +60,10 @@ impl Proxy {
                         let _ = outbound.set_nodelay(true);
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
-                        tokio::join!(pump(ri, wo, link.clone()), pump(ro, wi, link));
+                        tokio::join!(
+                            pump(ri, wo, link.clone(), Way::ToTarget),
+                            pump(ro, wi, link, Way::FromTarget)
+                        );
                     }
                 });
             }
@@ -77,38 +90,41 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies from `from` to `to` while the link is open; holds while it is black-holed;
-/// stops (closing `to`) when it is cut or either side ends.
+/// Copies from `from` to `to` (the `way` it goes) while the link is open; holds while it
+/// is black-holed (or holds replies, and this is the way back); stops (closing `to`) when
+/// it is cut or either side ends.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut link: watch::Receiver<Link>,
+    way: Way,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let now = *link.borrow_and_update();
-        match now {
+        let holds = match *link.borrow_and_update() {
             Link::Cut => break,
-            Link::Blackhole => {
-                if link.changed().await.is_err() {
-                    break;
-                }
+            Link::Open => false,
+            Link::Blackhole => true,
+            Link::HoldReplies => way == Way::FromTarget,
+        };
+        if holds {
+            if link.changed().await.is_err() {
+                break;
             }
-            Link::Open => {
-                tokio::select! {
-                    read = from.read(&mut buf) => match read {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            // Bytes read before a black-hole began are still delivered;
-                            // nothing more is read until it heals.
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    },
-                    changed = link.changed() => if changed.is_err() { break },
+            continue;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // Bytes read before a black-hole began are still delivered; nothing
+                    // more is read until it heals.
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
-            }
+            },
+            changed = link.changed() => if changed.is_err() { break },
         }
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), to.shutdown()).await;

@@ -62,7 +62,7 @@ impl Engine {
     /// a node gives a request retried after a restart its first answer from here. An
     /// in-memory engine keeps none (its node's own table serves retries while it runs).
     pub fn answer(&self, id: RequestId) -> Option<Answer> {
-        let mut answer = self.inner.answers.lock().get(id).cloned()?;
+        let mut answer = self.inner.answers.lock().get(id)?;
         if let Answer::Receipts(receipts) = &mut answer {
             for r in receipts {
                 r.node = self.inner.config.node;
@@ -73,7 +73,7 @@ impl Engine {
 
     /// Every answer the state keeps, oldest first (see [`answer`](Self::answer)).
     pub fn answers(&self) -> Vec<(RequestId, Answer)> {
-        let ids: Vec<RequestId> = self.inner.answers.lock().iter().map(|(id, _)| id).collect();
+        let ids: Vec<RequestId> = self.inner.answers.lock().ids().collect();
         ids.into_iter()
             .filter_map(|id| self.answer(id).map(|a| (id, a)))
             .collect()

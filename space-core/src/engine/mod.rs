@@ -52,7 +52,7 @@ use crate::notify::{
     Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
-use crate::state::{self, Answer, Answers, Cause, Command, HandOff, Outcome, Taken};
+use crate::state::{self, Answer, Answers, Cause, Command, GiveBack, HandOff, Outcome, Taken};
 use crate::store::{Record, Store, Totals};
 use crate::timers::Timers;
 
@@ -872,8 +872,8 @@ impl Engine {
                 let _ = writeln!(out, "  {seq} {r:?}");
             }
         }
-        for (id, answer) in self.inner.answers.lock().iter() {
-            let _ = writeln!(out, "answer {id:?} {answer:?}");
+        for line in self.inner.answers.lock().describe() {
+            let _ = writeln!(out, "{line}");
         }
         out
     }
@@ -951,8 +951,9 @@ enum Bring {
         learn: bool,
         request: Option<RequestId>,
     },
-    /// An entry given back after its taker went away: announced as written again.
-    Back,
+    /// An entry given back after its taker went away: announced as written again. When
+    /// the taker was a request with an id, its answer notes the entry is back.
+    Back { gives_back: Option<RequestId> },
 }
 
 /// The key of an entry being written: the user's, or a fresh UUID v7 that gets the

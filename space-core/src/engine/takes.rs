@@ -33,6 +33,7 @@ impl Engine {
             entry_type: st.name.clone(),
             seq,
             record,
+            request: current_request(),
         })
     }
 

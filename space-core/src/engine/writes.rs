@@ -261,9 +261,9 @@ impl Engine {
         how: Bring,
         now: &Now,
     ) {
-        let (learn, request) = match how {
-            Bring::New { learn, request } => (learn, request),
-            Bring::Back => (false, None),
+        let (learn, request, gives_back) = match how {
+            Bring::New { learn, request } => (learn, request, None),
+            Bring::Back { gives_back } => (false, None, gives_back),
         };
         self.serve_readers(st, &record);
         let waiter = self.first_waiting(st, &record.fields);
@@ -289,6 +289,7 @@ impl Engine {
                 learn,
                 to,
                 request,
+                gives_back,
             },
         );
         self.expiry_timer(cell, seq, expires);
@@ -354,13 +355,17 @@ impl Engine {
                     entry_type: st.name.clone(),
                     seq,
                     record,
+                    request: waiter.request,
                 };
                 match waiter.slot.offer(Delivery::Taken(taken)) {
                     Ok(wakeup) => st.wakes.push((waiter, wakeup)),
                     // The taker gave up meanwhile: the entry comes back where it was (told
                     // as written again), for the next one.
                     Err(Delivery::Taken(taken)) => {
-                        self.bring(cell, st, seq, taken.record, Bring::Back, now);
+                        let back = Bring::Back {
+                            gives_back: taken.request,
+                        };
+                        self.bring(cell, st, seq, taken.record, back, now);
                     }
                     Err(_) => unreachable!("a slot gives back what it was offered"),
                 }
@@ -434,18 +439,56 @@ impl Engine {
         )
     }
 
+    /// Undoes what request `id` took or claimed, as this engine's answers record it: puts
+    /// back what it took or committed (that is not back yet), releases what it claimed
+    /// (if the claim still holds). For a caller that gave the request up without its
+    /// answer: on a replicated shard, the leader of the moment gives back what an earlier
+    /// leader took, once, however often it is asked. Returns whether the request is known
+    /// here (its answer is kept).
+    ///
+    /// Does not block. Only an engine that keeps answers (durable, replicated) knows
+    /// requests; any other returns `false`.
+    pub fn give_back(&self, id: RequestId) -> bool {
+        if !self.inner.keeps_answers {
+            return false;
+        }
+        let what = self.inner.answers.lock().to_give_back(id);
+        match what {
+            GiveBack::Entries(taken) => self.untake(taken),
+            // Fails only if the claim already ended, and then the entry is back anyway.
+            GiveBack::Claim(ticket) => drop(self.release(&ticket)),
+            GiveBack::Nothing => return self.inner.answers.lock().get(id).is_some(),
+        }
+        true
+    }
+
     /// Puts entries that were taken back where they were (same key, place in the order,
     /// lease), announced as written and offered to waiting takers: for a take whose caller
     /// went away before it received them. An entry whose user key meanwhile belongs to a
-    /// newer entry is not put back twice; that is logged.
+    /// newer entry is not put back twice; that is logged. An entry that a request with an
+    /// id took is noted as given back in that request's answer, and one noted so already
+    /// is not put back again.
     pub fn untake(&self, taken: Vec<Taken>) {
         for Taken {
             entry_type,
             seq,
             record,
+            request,
         } in taken
         {
             let put_back = self.locked_in(&entry_type, Room::Always, |cell, st| {
+                // Checked under the type's lock, where giving back is applied: two give-backs
+                // of one request do not both put the entry back.
+                if let Some(id) = request
+                    && self.inner.keeps_answers
+                    && self
+                        .inner
+                        .answers
+                        .lock()
+                        .given_back(id, &entry_type, &record.key)
+                {
+                    return;
+                }
                 let mut record = record;
                 record.claim = None;
                 if record.mapped_key && st.store.contains_key(&record.key) {
@@ -465,7 +508,10 @@ impl Engine {
                     seq
                 };
                 let now = self.now();
-                self.bring(cell, st, seq, record, Bring::Back, &now);
+                let back = Bring::Back {
+                    gives_back: request,
+                };
+                self.bring(cell, st, seq, record, back, &now);
             });
             // Only a bounded creation can fail, and this one is not bounded.
             debug_assert!(put_back.is_ok());

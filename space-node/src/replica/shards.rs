@@ -374,7 +374,12 @@ impl ShardSet {
         })
     }
 
-    /// The engines of the shards this node serves now.
+    /// The cluster's number of shards.
+    pub fn shard_count(&self) -> u32 {
+        self.layout.shards
+    }
+
+    /// The shards this node leads now, with their serving engines.
     pub fn serving(&self) -> Vec<(GroupId, Engine)> {
         self.members
             .iter()

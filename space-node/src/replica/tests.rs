@@ -493,13 +493,34 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
         }
         other => panic!("the take's answer did not survive the failover: {other:?}"),
     }
+    // The take's caller gave it up: the next leader gives back what the first one took,
+    // once however often it is asked, and a retry learns that it was given up.
+    for _ in 0..2 {
+        assert!(
+            next.give_back(take_id),
+            "the take is not known after the failover"
+        );
+        committed(&next).await.unwrap();
+        assert_eq!(next.stats().entries, 100 - 30 - 2 + 1);
+    }
+    assert_eq!(
+        next.answer(take_id),
+        Some(space_core::server::Answer::Revoked)
+    );
+    assert!(
+        !next.give_back(RequestId::new()),
+        "an unknown request was given back"
+    );
     for _ in 0..10 {
         next.take(&jobs, Duration::ZERO).unwrap().wait().unwrap();
     }
     committed(&next).await.unwrap();
     let digest = converged(&members, leader).await;
     same_digest(&next.state_digest(), &digest, "the next leader's engine");
-    assert_eq!(members[0].slot.engine().stats().entries, 100 - 30 - 2 - 10);
+    assert_eq!(
+        members[0].slot.engine().stats().entries,
+        100 - 30 - 2 + 1 - 10
+    );
     for m in members {
         m.stop().await;
     }
