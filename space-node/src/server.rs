@@ -619,6 +619,7 @@ async fn start_shards(
     .await
     .map_err(bad)?;
     let set = Arc::new(set);
+    tokio::spawn(crate::replica::rebalance(Arc::downgrade(&set)));
     let creating = set.clone();
     tokio::spawn(async move {
         if let Err(e) = creating.create().await {

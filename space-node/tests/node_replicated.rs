@@ -104,6 +104,34 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
     ));
     let verdict = clean_within(&space, &history, Duration::from_secs(40)).await;
     assert!(verdict.is_clean(), "after the restart: {verdict:?}");
+
+    // Its preferred shards' leadership comes back to it: leaders spread evenly again
+    // (8 shards on 3 nodes: 3, 3 and 2).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shards = shards_of(&addrs[0]).await;
+        let led = |n: u64| {
+            shards
+                .iter()
+                .filter(|s| s.leader == Some(NodeId(n)))
+                .count()
+        };
+        let mut spread = [led(1), led(2), led(3)];
+        spread.sort_unstable();
+        if spread == [2, 3, 3] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leaders did not spread again: {spread:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let verdict = clean_within(&space, &history, Duration::from_secs(40)).await;
+    assert!(
+        verdict.is_clean(),
+        "after the leaders moved back: {verdict:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

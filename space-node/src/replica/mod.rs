@@ -30,7 +30,7 @@ pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
-pub use shards::{Layout, ShardSet};
+pub use shards::{Layout, ShardSet, rebalance};
 pub use state_machine::{EngineSlot, StateMachine};
 
 /// A command for a shard's log: the bytes of a command the leader's engine decided (see

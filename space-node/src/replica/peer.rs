@@ -16,7 +16,8 @@ use openraft::alias::SnapshotMetaOf;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RaftNetworkFactory};
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
@@ -52,6 +53,12 @@ pub(crate) trait PeerService {
         group: GroupId,
         rpc: VoteRequest<Shard>,
     ) -> Result<VoteResponse<Shard>, String>;
+    /// `group`'s leader hands its leadership to this node's member (which takes it once
+    /// its log holds the leader's last entry).
+    async fn transfer_leader(
+        group: GroupId,
+        rpc: TransferLeaderRequest<Shard>,
+    ) -> Result<TransferLeaderResponse<Shard>, String>;
     /// Install a snapshot of `group`'s state.
     async fn snapshot(
         group: GroupId,
@@ -121,6 +128,18 @@ impl PeerService for PeerServer {
     ) -> Result<VoteResponse<Shard>, String> {
         let raft = self.groups.find(group)?;
         raft.pre_vote(rpc).await.map_err(|e| e.to_string())
+    }
+
+    async fn transfer_leader(
+        self,
+        _: context::Context,
+        group: GroupId,
+        rpc: TransferLeaderRequest<Shard>,
+    ) -> Result<TransferLeaderResponse<Shard>, String> {
+        let raft = self.groups.find(group)?;
+        raft.handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn snapshot(
@@ -371,6 +390,19 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
     ) -> Result<VoteResponse<Shard>, RPCError<Shard>> {
         self.call(target, option.hard_ttl(), |c, ctx| async move {
             c.pre_vote(ctx, group, rpc).await
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        target: MemberId,
+        group: GroupId,
+        rpc: TransferLeaderRequest<Shard>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<Shard>, RPCError<Shard>> {
+        self.call(target, option.hard_ttl(), |c, ctx| async move {
+            c.transfer_leader(ctx, group, rpc).await
         })
         .await
     }

@@ -2,10 +2,12 @@
 //! live ([`Layout`], fixed when the cluster is created and kept in the data directory),
 //! and a node's members of all the shards it replicates ([`ShardSet`]), on one log host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use space_core::server::{Answer, Engine, LogHost};
@@ -18,6 +20,13 @@ use super::{
 
 /// The file a node keeps its cluster's layout in, in its data directory.
 const LAYOUT_FILE: &str = "cluster.json";
+
+/// How often a node looks for a shard to hand back to its preferred leader.
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// How many entries a preferred leader's log may lack and still be handed the
+/// leadership (the leader goes on appending while it hands over).
+const HAND_BACK_LAG: u64 = 16;
 
 /// The shape of a replicated cluster, fixed at its creation: its nodes (member id `i + 1`
 /// is `nodes[i]`), how many shards the ranges are grouped into, and how many replicas
@@ -434,10 +443,75 @@ impl ShardSet {
         }
     }
 
+    /// One look for a shard to hand back: the first shard this node leads whose preferred
+    /// leader (its first replica: first replicas spread evenly over the nodes) is another
+    /// node whose log is within [`HAND_BACK_LAG`] entries of the leader's, at this look
+    /// and the one before (`ready` carries them over), is handed to it. Returns that shard.
+    async fn hand_back_one(&self, ready: &mut BTreeSet<GroupId>) -> Option<(GroupId, MemberId)> {
+        let mut now_ready = BTreeSet::new();
+        let mut handed = None;
+        for (shard, member) in &self.members {
+            let Some(&preferred) = self.layout.replicas(*shard).first() else {
+                continue;
+            };
+            if preferred == self.me {
+                continue;
+            }
+            let caught_up = {
+                let m = member.raft.metrics();
+                let m = m.borrow_watched();
+                let leads = m.state == ServerState::Leader && m.current_leader == Some(self.me);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&preferred).cloned().flatten())
+                    .map(|l| l.index);
+                leads && matched.is_some_and(|i| i + HAND_BACK_LAG >= m.last_log_index.unwrap_or(0))
+            };
+            if !caught_up {
+                continue;
+            }
+            now_ready.insert(*shard);
+            if handed.is_none()
+                && ready.contains(shard)
+                && member
+                    .raft
+                    .trigger()
+                    .transfer_leader(preferred)
+                    .await
+                    .is_ok()
+            {
+                handed = Some((*shard, preferred));
+            }
+        }
+        *ready = now_ready;
+        handed
+    }
+
     /// Stops every member (Raft and serving engines).
     pub async fn stop(&self) {
         for member in self.members.values() {
             let _ = member.raft.shutdown().await;
+        }
+    }
+}
+
+/// Hands leaderships back to their preferred leaders for as long as `set` runs: a node
+/// that comes back after a failover moved its shards away gets its share of leaders
+/// back, one shard per [`REBALANCE_EVERY`] from each node that holds more.
+pub async fn rebalance(set: Weak<ShardSet>) {
+    let mut ready = BTreeSet::new();
+    loop {
+        tokio::time::sleep(REBALANCE_EVERY).await;
+        let Some(set) = set.upgrade() else {
+            return;
+        };
+        if let Some((shard, to)) = set.hand_back_one(&mut ready).await {
+            tracing::info!(
+                shard,
+                to,
+                "handing a shard's leadership back to its preferred leader"
+            );
         }
     }
 }
