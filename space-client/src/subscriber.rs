@@ -256,6 +256,16 @@ impl SubscriberService for Subscriber {
 }
 
 impl FeedState {
+    /// Tells the subscriber that it may have missed events (of unknown numbers).
+    fn announce_gap(&self) {
+        if let Some(tx) = self.spare.lock().clone() {
+            let _ = tx.try_send(Notification::Gap {
+                first_seq: 0,
+                last_seq: 0,
+            });
+        }
+    }
+
     pub(crate) fn new(spec: Spec, spare: Option<flume::Sender<Notification>>) -> Arc<FeedState> {
         Arc::new(FeedState {
             spec,
@@ -372,6 +382,10 @@ pub(crate) async fn keep_alive<M, F>(
                     endpoint.detach(&part);
                     state.parts.lock().retain(|p| !Arc::ptr_eq(p, &part));
                     state.unreached(part.conn.addr());
+                    // What that node matched meanwhile (a restarted node of a replicated
+                    // cluster may lead shards again before it has the subscription back)
+                    // is unknown: the subscriber is told so.
+                    state.announce_gap();
                 }
                 Err(e) => {
                     tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");

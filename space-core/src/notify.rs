@@ -181,6 +181,10 @@ impl EventBudget {
     }
 }
 
+/// The mark of a log place that holds no event but a gap a relay announced
+/// ([`SubShared::push_gap`]).
+const GAP_MARK: u64 = u64::MAX;
+
 /// The shared state of one subscription: its query and its queue.
 pub(crate) struct SubShared {
     pub(crate) id: u64,
@@ -270,6 +274,23 @@ impl SubShared {
     /// Logs an event (called under the entry type's lock, which orders the events),
     /// delivered once the subscription's gate (if any) has released `mark`.
     pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
+        self.enqueue(node, key, kind, version, mark);
+    }
+
+    /// Logs a gap of one sequence number in the subscription's stream: told as
+    /// [`Notification::Gap`] in its place (a relay that cannot tell what it may have
+    /// missed, [`Engine::relay`](crate::Engine::relay)).
+    pub(crate) fn push_gap(&self) {
+        self.enqueue(
+            NodeId::default(),
+            &Key::Name(String::new()),
+            EventKind::Written,
+            0,
+            GAP_MARK,
+        );
+    }
+
+    fn enqueue(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
         let mut q = self.queue.lock();
         if q.closed {
             return;
@@ -320,6 +341,14 @@ impl SubShared {
             return Some(gap);
         }
         let at = (q.cursor - first) as usize;
+        if q.marks.get(at) == Some(&GAP_MARK) {
+            let seq = q.cursor;
+            q.cursor += 1;
+            return Some(Notification::Gap {
+                first_seq: seq,
+                last_seq: seq,
+            });
+        }
         if let (Some(gate), Some(mark)) = (gate, q.marks.get(at))
             && !gate.lets_through(*mark)
         {

@@ -303,6 +303,15 @@ impl NodeState {
         }
     }
 
+    /// Starts pushing `sub` to `endpoint`; returns the subscription's id.
+    pub(crate) fn push_to(
+        &self,
+        sub: space_core::Subscription,
+        endpoint: wire::Endpoint,
+    ) -> Result<u64, SpaceError> {
+        self.pushers.start(sub, endpoint)
+    }
+
     /// Stops request `id` if it still runs here, and refuses it if it comes again
     /// ([`Request::Revoke`] on a replicated node, which gives back what a finished one
     /// did from its shards' answers instead).
@@ -548,14 +557,13 @@ fn replicated_dir(config: &NodeConfig) -> Result<Option<&std::path::Path>, NodeE
     Ok(Some(dir))
 }
 
-/// Starts a replicated node's shards from `dir`: the layout kept there, or a new one from
-/// the configuration; creates the shards this node is first replica of.
-async fn start_shards(
+/// A replicated node's layout, kept in `dir` or made from the configuration (and kept
+/// there), and the node's member id in it (also its node id).
+fn cluster_layout(
     config: &NodeConfig,
     dir: &std::path::Path,
     address: &str,
-    engine: &EngineConfig,
-) -> Result<Arc<ShardSet>, NodeError> {
+) -> Result<(Layout, crate::replica::MemberId), NodeError> {
     let bad = |e: ReplicaError| NodeError::Config(e.to_string());
     std::fs::create_dir_all(dir).map_err(|e| {
         NodeError::Storage(SpaceError::Storage {
@@ -590,6 +598,19 @@ async fn start_shards(
             layout.nodes
         ))
     })?;
+    Ok((layout, me))
+}
+
+/// Starts member `me` of a replicated cluster of `layout` on `dir`; creates the shards
+/// this node is first replica of.
+async fn start_shards(
+    config: &NodeConfig,
+    dir: &std::path::Path,
+    layout: Layout,
+    me: crate::replica::MemberId,
+    engine: &EngineConfig,
+) -> Result<Arc<ShardSet>, NodeError> {
+    let bad = |e: ReplicaError| NodeError::Config(e.to_string());
     let host = {
         let dir = dir.to_path_buf();
         let config = engine.clone();
@@ -680,6 +701,16 @@ impl Node {
             .clone()
             .unwrap_or_else(|| local.to_string());
         let mut config = config;
+        let replicated = match replicated_dir(&config)? {
+            Some(dir) => {
+                let dir = dir.to_path_buf();
+                let (layout, me) = cluster_layout(&config, &dir, &address)?;
+                // A replicated node's id is its member id, as the topology names it.
+                config.node = NodeId(me);
+                Some((dir, layout, me))
+            }
+            None => None,
+        };
         let cluster = if config.peers.is_empty() {
             Cluster::single(NodeInfo {
                 node: config.node,
@@ -706,8 +737,10 @@ impl Node {
         engine_config.max_waiters = Some(config.max_waiters);
         engine_config.max_subscriptions = Some(config.max_subscriptions);
         engine_config.max_queued_events = Some(config.max_queued_events);
-        let shards = match replicated_dir(&config)? {
-            Some(dir) => Some(start_shards(&config, dir, &address, &engine_config).await?),
+        let shards = match replicated {
+            Some((dir, layout, me)) => {
+                Some(start_shards(&config, &dir, layout, me, &engine_config).await?)
+            }
             None => None,
         };
         let engine = match &config.data_dir {

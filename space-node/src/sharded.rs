@@ -4,8 +4,8 @@
 //! Calls by key go to the key's shard (`WrongNode` naming its leader otherwise); keyless
 //! writes go to the shards this node leads, in turn, and mint keys inside them; reads,
 //! takes and claims by query, counts, contents and stats cover the shards this node
-//! leads (a client asks every node). Subscriptions are not served by replicated nodes
-//! yet (`Unavailable`).
+//! leads (a client asks every node). A subscription is told of the changes of the
+//! shards this node leads (a client subscribes on every node; see `relay`).
 
 use std::sync::atomic::Ordering;
 
@@ -226,10 +226,20 @@ impl NodeState {
                     of: shards.shard_count(),
                 }
             }
-            Request::Subscribe { .. } | Request::Resume { .. } => {
-                return Err(SpaceError::Unavailable {
-                    reason: "subscriptions are not served by replicated nodes yet".into(),
-                });
+            Request::Subscribe {
+                query,
+                kinds,
+                lease,
+                endpoint,
+            } => {
+                let Some(set) = self.shards.clone() else {
+                    return Err(SpaceError::Unavailable {
+                        reason: "this node's shards are not running".into(),
+                    });
+                };
+                let sub =
+                    crate::replica::relay::subscribe(&self.engine, &set, &query, kinds, lease)?;
+                Response::Subscribed(self.push_to(sub, endpoint)?)
             }
             // The rest concerns the node, not a shard.
             other => return self.handle_on(&self.engine, other, budget).await,

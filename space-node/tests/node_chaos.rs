@@ -8,20 +8,24 @@
 //!
 //! Every operation is recorded as acknowledged, failed or unknown; once the faults heal,
 //! the checker reads the history and what is left: no acknowledged write lost, no entry
-//! taken twice, nothing unexpected. Each scenario runs `SPACE_CHAOS_SECONDS` of faults
+//! taken twice, nothing unexpected. A subscriber listens throughout: it must be told
+//! every acknowledged write at least once, or be told of a gap, and each node's numbers
+//! must rise. Each scenario runs `SPACE_CHAOS_SECONDS` of faults
 //! (12 by default, the form CI runs; 120 for the long form).
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::replicated::{Job, SHARDS, clean_within, ended};
 use common::{NodeProcess, free_addrs};
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use space_client::{Lease, Query, Space, connect};
+use space_client::{EventKinds, Key, Lease, Notification, Query, Space, Subscription, connect};
 use space_tests::TempDir;
 use space_tests::history::{Ended, History, Op};
 use space_tests::proxy::{Link, Proxy};
@@ -185,14 +189,16 @@ async fn nemesis(
 fn workers(
     space: &Space,
     history: &Arc<History>,
+    acknowledged: &Arc<Mutex<HashSet<Key>>>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let next_id = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..2 {
-        let (space, history, stop, next_id) = (
+        let (space, history, acknowledged, stop, next_id) = (
             space.clone(),
             history.clone(),
+            acknowledged.clone(),
             stop.clone(),
             next_id.clone(),
         );
@@ -200,7 +206,10 @@ fn workers(
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let ended = match space.write(&Job { id }).await {
-                    Ok(_) => Ended::Ok,
+                    Ok(receipt) => {
+                        acknowledged.lock().unwrap().insert(receipt.key);
+                        Ended::Ok
+                    }
                     Err(e) => ended(&e),
                 };
                 history.record(Op::Write { id, ended });
@@ -264,6 +273,48 @@ fn workers(
     tasks
 }
 
+/// What a subscription was told: each node's sequence numbers in order (between two
+/// gaps: a restarted node's subscription, registered again after a gap, numbers anew),
+/// the keys told, and the gaps announced.
+#[derive(Default)]
+struct Heard {
+    seqs: HashMap<(u64, usize), Vec<u64>>,
+    keys: HashSet<Key>,
+    gaps: usize,
+}
+
+impl Heard {
+    /// Nodes whose numbers did not rise.
+    fn out_of_order(&self) -> Vec<u64> {
+        self.seqs
+            .iter()
+            .filter(|(_, s)| s.windows(2).any(|w| w[1] <= w[0]))
+            .map(|((node, _), _)| *node)
+            .collect()
+    }
+}
+
+/// Records what `sub` is told, until it ends or the task is aborted.
+fn listen(mut sub: Subscription, heard: Arc<Mutex<Heard>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(n) = sub.next().await {
+            let mut heard = heard.lock().unwrap();
+            match n {
+                Notification::Event(e) => {
+                    let since_gap = heard.gaps;
+                    heard
+                        .seqs
+                        .entry((e.node.0, since_gap))
+                        .or_default()
+                        .push(e.seq);
+                    heard.keys.insert(e.key);
+                }
+                Notification::Gap { .. } => heard.gaps += 1,
+            }
+        }
+    })
+}
+
 /// One scenario at a time: each has the machine's cores to itself.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -278,7 +329,14 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
     let space = connect(&chaos.addrs.join(",")).await.unwrap();
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = workers(&space, &history, &stop);
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let heard = Arc::new(Mutex::new(Heard::default()));
+    let sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    let listener = listen(sub, heard.clone());
+    let tasks = workers(&space, &history, &acknowledged, &stop);
 
     let mut rng = StdRng::seed_from_u64(seed);
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -324,6 +382,44 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
     assert!(
         verdict.is_clean(),
         "seed {seed}, faults {faults:?}: {verdict:?}"
+    );
+
+    // The subscription: told every acknowledged write at least once, or told of a gap;
+    // each node's numbers rise.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (untold, gaps) = loop {
+        let (untold, gaps) = {
+            let heard = heard.lock().unwrap();
+            let untold = acknowledged
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|k| !heard.keys.contains(*k))
+                .count();
+            (untold, heard.gaps)
+        };
+        if untold == 0
+            || Instant::now() >= deadline
+            || (gaps > 0 && deadline - Instant::now() < Duration::from_secs(25))
+        {
+            break (untold, gaps);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    listener.abort();
+    let out_of_order = heard.lock().unwrap().out_of_order();
+    eprintln!(
+        "seed {seed}: the subscription was told {} of {} acknowledged writes, {gaps} gaps",
+        verdict.acknowledged - untold.min(verdict.acknowledged),
+        verdict.acknowledged
+    );
+    assert!(
+        out_of_order.is_empty(),
+        "seed {seed}: the numbers of nodes {out_of_order:?} did not rise"
+    );
+    assert!(
+        untold == 0 || gaps > 0,
+        "seed {seed}: {untold} acknowledged writes were never told, and no gap was announced"
     );
     assert!(
         verdict.acknowledged > 0,

@@ -16,6 +16,9 @@ use space_tests::TempDir;
 use space_tests::history::{Ended, History, Op};
 use space_tests::proxy::{Link, Proxy};
 
+/// One test at a time: each starts three nodes, and the machine may have two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A replicated cluster of three nodes on fresh directories: their addresses,
 /// directories and processes.
 fn three_nodes() -> (Vec<String>, Vec<TempDir>, Vec<Option<NodeProcess>>) {
@@ -43,7 +46,9 @@ async fn shards_of(addr: &str) -> Vec<ShardInfo> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_directory() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
     let space = connect(&addrs[0]).await.unwrap();
     let history = History::default();
 
@@ -136,6 +141,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_take_follows_the_shards_a_failover_moves() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, _dirs, mut nodes) = three_nodes();
     let space = connect(&addrs[0]).await.unwrap();
     // The shards have leaders once writes go through.
@@ -192,6 +198,7 @@ async fn a_waiting_take_follows_the_shards_a_failover_moves() {
 /// what the take did. The entry comes back from the shard's new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let addrs = free_addrs(3);
     // Clients reach the first node through a proxy that can hold its answers (it
     // advertises the proxy's address); its peers reach it directly.
@@ -279,4 +286,78 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
     // Nothing acknowledged is missing once the first node's shards have new leaders.
     let verdict = clean_within(&space, &history, Duration::from_secs(20)).await;
     assert!(verdict.is_clean(), "{verdict:?}");
+}
+
+/// Waits until every shard has a leader, as the node at `addr` sees them.
+async fn until_led(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shards_of(addr).await.iter().all(|s| s.leader.is_some()) {
+        assert!(Instant::now() < deadline, "the shards never had leaders");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A subscription on a replicated cluster is told of every acknowledged write, before
+/// and after a node dies (its shards' new leaders tell what it may not have pushed);
+/// each node's numbers rise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_told_of_every_write_across_a_failover() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use futures::StreamExt;
+    use space_client::{EventKinds, Notification};
+    use std::collections::{HashMap, HashSet};
+
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs[0]).await.unwrap();
+    let mut sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    let mut written = HashSet::new();
+    for id in 0..30 {
+        written.insert(space.write(&Job { id }).await.unwrap().key);
+    }
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    for id in 30..60 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match space.write(&Job { id }).await {
+                Ok(receipt) => {
+                    written.insert(receipt.key);
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "write {id}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut last_seq: HashMap<u64, u64> = HashMap::new();
+    let mut untold = written.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !untold.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sub.next()).await {
+            Ok(Some(Notification::Event(e))) => {
+                let last = last_seq.insert(e.node.0, e.seq).unwrap_or(0);
+                assert!(
+                    e.seq > last,
+                    "node {} told {} after {last}",
+                    e.node.0,
+                    e.seq
+                );
+                untold.remove(&e.key);
+            }
+            Ok(Some(Notification::Gap { .. })) => {}
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!(
+                "{} of {} writes were never told (nodes told up to {last_seq:?}); untold: {untold:?}",
+                untold.len(),
+                written.len()
+            ),
+        }
+    }
 }

@@ -15,6 +15,7 @@ mod across;
 mod leader;
 mod log_store;
 mod peer;
+pub(crate) mod relay;
 mod shards;
 mod state_machine;
 

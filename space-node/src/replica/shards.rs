@@ -383,6 +383,24 @@ impl ShardSet {
         })
     }
 
+    /// The shards this node replicates.
+    pub fn replicated(&self) -> Vec<GroupId> {
+        self.members.keys().copied().collect()
+    }
+
+    /// This node's replica engine of `shard`: it applies the shard's committed log (a
+    /// snapshot installed replaces it).
+    pub fn replica_engine(&self, shard: GroupId) -> Option<Engine> {
+        self.members.get(&shard).map(|m| m.replica.engine())
+    }
+
+    /// Whether this node serves `shard` now (leads it, with its serving engine started).
+    pub fn leads(&self, shard: GroupId) -> bool {
+        self.members
+            .get(&shard)
+            .is_some_and(|m| m.leadership.serving().is_some())
+    }
+
     /// The cluster's number of shards.
     pub fn shard_count(&self) -> u32 {
         self.layout.shards

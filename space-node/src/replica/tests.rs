@@ -765,7 +765,7 @@ async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens()
 
 /// One node of a sharded test cluster: its directory, host, shard set and peer port.
 struct TestNode {
-    set: super::ShardSet,
+    set: Arc<super::ShardSet>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _host: Arc<LogHost>,
     _dir: TempDir,
@@ -823,7 +823,7 @@ async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestN
             let _ = stopped.await;
         }));
         nodes.push(TestNode {
-            set,
+            set: Arc::new(set),
             stop: Some(stop),
             _host: host,
             _dir: dir,
@@ -1016,6 +1016,98 @@ async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
             .unwrap();
         committed(&engine).await.unwrap();
     }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// A replicated node tells a subscription of the changes of the shards it leads; one
+/// that takes a shard over first tells what the shard committed in the last moments,
+/// which the old leader may not have pushed (at least once, never not at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
+    use space_core::server::Engine;
+    use space_core::{EventKinds, Fields, Filter, Lease, Notification, Query, Value};
+    use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    let jobs = Query::new("Job", Filter::All);
+    let mut nodes = sharded_cluster(3, 1, 3).await;
+    all_served(&nodes, 1).await;
+    let leader = nodes.iter().position(|n| n.serves(0).is_some()).unwrap();
+    // Each follower's own engine holds a subscription its relay feeds.
+    let mut told = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if i == leader {
+            continue;
+        }
+        let own = Engine::new(EngineConfig::default());
+        let sub =
+            super::relay::subscribe(&own, &node.set, &jobs, EventKinds::WRITTEN, Lease::Forever)
+                .unwrap();
+        told.push((node.set.clone(), own, sub));
+    }
+    let engine = nodes[leader].serves(0).unwrap();
+    for n in 0..5 {
+        engine.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    committed(&engine).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while told
+        .iter()
+        .any(|(set, _, _)| set.replica_engine(0).unwrap().stats().entries < 5)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the followers never applied the writes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Followers tell nothing of a shard they do not lead.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (_, _, sub) in &told {
+        assert_eq!(sub.try_recv(), None, "a follower told of its shard");
+    }
+
+    // The leader goes; whichever follower takes over tells the five writes, then new ones.
+    nodes.remove(leader).stop().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        if let Some(i) = told.iter().position(|(set, _, _)| set.leads(0)) {
+            break i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no follower took over"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let engine = nodes.iter().find_map(|n| n.serves(0)).unwrap();
+    for n in 5..8 {
+        engine.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    committed(&engine).await.unwrap();
+    let (_, _, sub) = &told[next];
+    let mut events = 0;
+    let mut seqs = Vec::new();
+    while events < 8 {
+        match sub.recv_timeout(Duration::from_secs(10)) {
+            Some(Notification::Event(e)) => {
+                seqs.push(e.seq);
+                events += 1;
+            }
+            // Something older than what it kept may be missing: said, never silent.
+            Some(Notification::Gap { first_seq, .. }) => seqs.push(first_seq),
+            None => panic!("the new leader told {events} of 8 writes"),
+        }
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "numbers skip: {seqs:?}"
+    );
     for node in nodes {
         node.stop().await;
     }
