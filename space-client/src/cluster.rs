@@ -256,16 +256,34 @@ impl Cluster {
 
     /// Sends `request` to the owner of `key`, following topology changes.
     async fn to_owner(&self, key: &Key, request: Request) -> Result<Response> {
-        let mut reroutes = 0;
         // One id for every attempt: an attempt a failover cut off may have been done, and
-        // the new owner answers a repeated id with its first answer.
+        // the new owner answers a repeated id with its first answer. So attempts are not
+        // revoked one by one: the call is, if it ends (or is dropped) without an answer.
         let id = RequestId::new();
+        let mut guard = revoke::Resent::new(id, &request);
+        let answer = self.to_owner_as(key, id, request, &mut guard).await;
+        guard.finish(&answer);
+        answer
+    }
+
+    /// The attempts of [`to_owner`](Self::to_owner), each noted in `guard`.
+    async fn to_owner_as(
+        &self,
+        key: &Key,
+        id: RequestId,
+        request: Request,
+        guard: &mut revoke::Resent,
+    ) -> Result<Response> {
+        let mut reroutes = 0;
         let mut moves = 0;
         loop {
             let addr = self.owner_addr(key)?;
             let call = async {
                 match self.node(&addr).await {
-                    Ok(conn) => revoke::call_as(&conn, id, request.clone()).await,
+                    Ok(conn) => {
+                        guard.at(&conn);
+                        conn.call_with_id(id, request.clone()).await
+                    }
                     Err(e) => Err(e),
                 }
             };

@@ -230,18 +230,57 @@ pub(crate) async fn call_as(
     id: RequestId,
     request: Request,
 ) -> Result<Response> {
-    if !revocable(&request) {
-        return conn.call_with_id(id, request).await;
-    }
-    let guard = CallGuard::new(conn.clone(), id);
+    let mut guard = Resent::new(id, &request);
+    guard.at(conn);
     let answer = conn.call_with_id(id, request).await;
-    match &answer {
-        // Sent, and no answer came back: it may have been done.
-        Err(SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }) => drop(guard),
-        // The node answered, or nothing was sent (Down, Busy, a check on this side).
-        _ => guard.answered(),
-    }
+    guard.finish(&answer);
     answer
+}
+
+/// The guard of a request sent, perhaps again and again with the same id (to a new
+/// owner after a failover), until an attempt answers: revoked once if the whole call is
+/// given up without an answer, never attempt by attempt, since a later attempt gets the
+/// answer of an earlier one that was done (and a revoke would undo what it answers).
+pub(crate) struct Resent {
+    id: RequestId,
+    revocable: bool,
+    guard: Option<CallGuard>,
+}
+
+impl Resent {
+    /// Guards request `request` of id `id` (a take or claim, or a commit inside an
+    /// operation; anything else needs no guard).
+    pub(crate) fn new(id: RequestId, request: &Request) -> Resent {
+        Resent {
+            id,
+            revocable: revocable(request),
+            guard: None,
+        }
+    }
+
+    /// The next attempt goes to `conn` (where a revoke goes first).
+    pub(crate) fn at(&mut self, conn: &Arc<Connection>) {
+        if !self.revocable {
+            return;
+        }
+        match &mut self.guard {
+            Some(guard) => guard.call = Some((conn.clone(), self.id)),
+            None => self.guard = Some(CallGuard::new(conn.clone(), self.id)),
+        }
+    }
+
+    /// The call ended with `answer`: with no answer (`Unreachable`, `TimedOut`: it may
+    /// have been done) it is revoked; otherwise the node answered, or nothing was sent,
+    /// and it goes to its operation.
+    pub(crate) fn finish(mut self, answer: &Result<Response>) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        match answer {
+            Err(SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }) => drop(guard),
+            _ => guard.answered(),
+        }
+    }
 }
 
 /// Whether a call of `request` must be revoked when its caller gives it up.

@@ -190,8 +190,14 @@ impl SpaceService for Service {
                 id,
                 || async {
                     // A retry that crossed a shard's failover: its first answer is in
-                    // the shard's replicated answer table.
-                    if let Some(answer) = state.shards.as_ref().and_then(|s| s.answer(id)) {
+                    // the shard's replicated answer table. The serving engine's table
+                    // holds what is not committed yet too (a retry of a request whose
+                    // first run was dropped before it answered): the answer waits for
+                    // the engine's changes to commit like any other.
+                    if let Some((shard, engine, answer)) =
+                        state.shards.as_ref().and_then(|s| s.answer(id))
+                    {
+                        crate::engines_used::note_used(shard, &engine);
                         return finished_of(answer);
                     }
                     // The changes are logged with the request id.

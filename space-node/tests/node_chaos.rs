@@ -443,3 +443,69 @@ async fn three_nodes_under_kills_pauses_and_partitions_lose_nothing() {
 async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
     scenario(5, 2, seed()).await;
 }
+
+/// A request retried with its id while its first run, dropped before it answered, is
+/// not committed yet (its leader is cut off from its peers): the retry must not be
+/// answered from the leader's uncommitted state. It waits for the commit like the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
+    use space_client::wire::{Fields, Request, RequestId, Response};
+    use space_client::{ClientConfig, Connection};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let chaos = Chaos::start(3).await;
+    let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    // Every shard has a leader; a key of a shard the first node leads.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (warm, key) = loop {
+        if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await {
+            let mut found = (0..10_000)
+                .map(|i| Key::Name(format!("o-{i}")))
+                .filter(|k| t.owner_of(k).is_some_and(|o| o.address == chaos.addrs[0]));
+            if let (Some(a), Some(b)) = (found.next(), found.next()) {
+                break (a, b);
+            }
+        }
+        assert!(Instant::now() < deadline, "the first node leads no shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let write = |key: Key| Request::WriteDirect {
+        entry_type: "Order".into(),
+        indexes: Vec::new(),
+        entries: vec![(Fields::new(), Some(key))],
+        lease: Lease::Forever,
+        labels: Vec::new(),
+    };
+    // The first node serves the keys' shard: a write there is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        conn.call(write(warm.clone())).await,
+        Ok(Response::Receipts(_))
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the first node never served the key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Cut off from its peers, the first node cannot commit; the first run is dropped.
+    chaos.partition(&[0]);
+    let id = RequestId::new();
+    let first = tokio::time::timeout(
+        Duration::from_millis(500),
+        conn.call_with_id(id, write(key.clone())),
+    )
+    .await;
+    assert!(
+        first.is_err(),
+        "a write was answered without its peers: {first:?}"
+    );
+    let retry =
+        tokio::time::timeout(Duration::from_secs(2), conn.call_with_id(id, write(key))).await;
+    assert!(
+        !matches!(retry, Ok(Ok(Response::Receipts(_)))),
+        "the retry was acknowledged before its write was committed: {retry:?}"
+    );
+    chaos.heal();
+}

@@ -414,10 +414,15 @@ impl ShardSet {
             .collect()
     }
 
-    /// The first answer request `id` got, if a shard this node serves keeps it: a
-    /// request retried on a new leader is answered from here rather than run again.
-    pub fn answer(&self, id: RequestId) -> Option<Answer> {
-        self.serving().into_iter().find_map(|(_, e)| e.answer(id))
+    /// The first answer request `id` got, if a shard this node serves keeps it, with
+    /// that shard and its serving engine: a request retried on a new leader is answered
+    /// from here rather than run again. The serving engine's answers include changes not
+    /// committed yet: the answer may go out only once the engine's changes are
+    /// (`Engine::flush`).
+    pub fn answer(&self, id: RequestId) -> Option<(GroupId, Engine, Answer)> {
+        self.serving()
+            .into_iter()
+            .find_map(|(shard, e)| e.answer(id).map(|a| (shard, e, a)))
     }
 
     /// The first answer request `id` got from shard `shard`, as this node's replica of
