@@ -186,6 +186,12 @@ impl SpaceService for Service {
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
             let id = envelope.id;
+            // A write batch answers with one receipt per entry; a shard's answer table
+            // holds only that shard's part of a batch that spanned several.
+            let entries = match &request {
+                Request::WriteDirect { entries, .. } => Some(entries.len()),
+                _ => None,
+            };
             crate::engines_used::tracking_engines(state.dedupe.run_then(
                 id,
                 || async {
@@ -198,7 +204,7 @@ impl SpaceService for Service {
                         state.shards.as_ref().and_then(|s| s.answer(id))
                     {
                         crate::engines_used::note_used(shard, &engine);
-                        return finished_of(answer);
+                        return whole(finished_of(answer), entries);
                     }
                     // The changes are logged with the request id.
                     InRequest {
@@ -214,7 +220,7 @@ impl SpaceService for Service {
                         (Ok(()), _) => finished,
                         // A leadership ended before the changes were known committed.
                         (Err(e @ SpaceError::WrongNode { .. }), Some(shards)) => {
-                            settle_after_step_down(shards, id, e).await
+                            whole(settle_after_step_down(shards, id, e).await, entries)
                         }
                         (Err(e), _) => Err(e),
                     }
@@ -279,6 +285,24 @@ async fn settle_after_step_down(
         }
     }
     Err(err)
+}
+
+/// `finished`, found in one shard's answers for a write of `entries` entries, unless it
+/// holds only part of the batch (the batch spanned shards): then what the rest did is
+/// not known from here, and the write's outcome is reported unknown (`Unavailable`)
+/// rather than acknowledged whole.
+fn whole(finished: Finished, entries: Option<usize>) -> Finished {
+    match (&finished, entries) {
+        (Ok(Outcome::Answer(Response::Receipts(r))), Some(n)) if r.len() < n => {
+            Err(SpaceError::Unavailable {
+                reason: format!(
+                    "{} of the batch's {n} entries are known written; the outcome of the others is not known",
+                    r.len()
+                ),
+            })
+        }
+        _ => finished,
+    }
 }
 
 /// A request's end as the answer the engine's state kept for it says.
@@ -898,5 +922,34 @@ async fn run_or_spawn(response: impl Future<Output = ()> + Send + 'static) {
     let mut response = Box::pin(response);
     if futures::poll!(response.as_mut()).is_pending() {
         tokio::spawn(response);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use space_core::Receipt;
+
+    fn receipts(n: usize) -> Finished {
+        Ok(Outcome::Answer(Response::Receipts(
+            (0..n)
+                .map(|i| Receipt {
+                    node: NodeId(1),
+                    key: space_core::Key::Name(format!("k{i}")),
+                    version: 1,
+                    expires: None,
+                })
+                .collect(),
+        )))
+    }
+
+    #[test]
+    fn one_shards_part_of_a_batch_is_not_taken_for_the_whole_answer() {
+        assert!(matches!(
+            whole(receipts(2), Some(3)),
+            Err(SpaceError::Unavailable { .. })
+        ));
+        assert!(whole(receipts(3), Some(3)).is_ok());
+        assert!(whole(Ok(Outcome::Answer(Response::Done)), None).is_ok());
     }
 }
