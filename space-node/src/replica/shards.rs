@@ -2,7 +2,7 @@
 //! live ([`Layout`], fixed when the cluster is created and kept in the data directory),
 //! and a node's members of all the shards it replicates ([`ShardSet`]), on one log host.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -23,6 +23,12 @@ const LAYOUT_FILE: &str = "cluster.json";
 
 /// How often a node looks for a shard to hand back to its preferred leader.
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// How many looks in a row a returning preferred leader must be caught up before it is
+/// handed the leadership: longer than a client takes to register its subscriptions on a
+/// node that came back (it renews them every 10 s by default), so that the node does not
+/// lead before it knows whom to tell of its shards' changes.
+const HAND_BACK_AFTER: u32 = 15;
 
 /// How many entries a preferred leader's log may lack and still be handed the
 /// leadership (the leader goes on appending while it hands over).
@@ -468,10 +474,14 @@ impl ShardSet {
 
     /// One look for a shard to hand back: the first shard this node leads whose preferred
     /// leader (its first replica: first replicas spread evenly over the nodes) is another
-    /// node whose log is within [`HAND_BACK_LAG`] entries of the leader's, at this look
-    /// and the one before (`ready` carries them over), is handed to it. Returns that shard.
-    async fn hand_back_one(&self, ready: &mut BTreeSet<GroupId>) -> Option<(GroupId, MemberId)> {
-        let mut now_ready = BTreeSet::new();
+    /// node whose log is within [`HAND_BACK_LAG`] entries of the leader's, at
+    /// [`HAND_BACK_AFTER`] looks in a row (`ready` counts them), is handed to it. Returns
+    /// that shard.
+    async fn hand_back_one(
+        &self,
+        ready: &mut BTreeMap<GroupId, u32>,
+    ) -> Option<(GroupId, MemberId)> {
+        let mut now_ready = BTreeMap::new();
         let mut handed = None;
         for (shard, member) in &self.members {
             let Some(&preferred) = self.layout.replicas(*shard).first() else {
@@ -494,9 +504,10 @@ impl ShardSet {
             if !caught_up {
                 continue;
             }
-            now_ready.insert(*shard);
+            let looks = ready.get(shard).copied().unwrap_or(0) + 1;
+            now_ready.insert(*shard, looks);
             if handed.is_none()
-                && ready.contains(shard)
+                && looks >= HAND_BACK_AFTER
                 && member
                     .raft
                     .trigger()
@@ -523,7 +534,7 @@ impl ShardSet {
 /// that comes back after a failover moved its shards away gets its share of leaders
 /// back, one shard per [`REBALANCE_EVERY`] from each node that holds more.
 pub async fn rebalance(set: Weak<ShardSet>) {
-    let mut ready = BTreeSet::new();
+    let mut ready = BTreeMap::new();
     loop {
         tokio::time::sleep(REBALANCE_EVERY).await;
         let Some(set) = set.upgrade() else {
