@@ -67,14 +67,6 @@ pub struct Cluster {
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
 }
 
-/// Whether `e` says a node could not be reached (rather than that it refused the call).
-fn is_unreachable(e: &SpaceError) -> bool {
-    matches!(
-        e,
-        SpaceError::Down { .. } | SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
-    )
-}
-
 fn unexpected(r: Response) -> SpaceError {
     SpaceError::Protocol {
         reason: format!("unexpected answer {r:?}"),
@@ -347,7 +339,7 @@ impl Cluster {
         for (addr, answer) in futures::future::join_all(calls).await {
             match answer {
                 Ok(a) => answers.push(a),
-                Err(e) if is_unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     unreachable.push(addr);
                     last = Some(e);
                 }
@@ -652,7 +644,7 @@ impl Cluster {
                 Ok(Response::Document(Some(d))) => return Ok(Response::Document(Some(d))),
                 Ok(Response::Document(None)) => answered = true,
                 Ok(other) => return Err(unexpected(other)),
-                Err(e) if is_unreachable(&e) => error = Some(e),
+                Err(e) if e.is_unreachable() => error = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -697,7 +689,7 @@ impl Cluster {
                 Ok(Response::Claimed(Some(c))) => return Ok(Some(c)),
                 Ok(Response::Claimed(None)) => answered = true,
                 Ok(other) => return Err(unexpected(other)),
-                Err(e) if is_unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     tracing::debug!(node = %addr, error = %e, "a claim across nodes could not reach one node");
                     error = Some(e);
                 }
@@ -736,7 +728,7 @@ impl Cluster {
         let mut got = match self.sweep(&addrs[..look], &query, max).await {
             Ok(got) => got,
             // The node looked at first is gone: the claims below wait on the others.
-            Err(e) if look < addrs.len() && is_unreachable(&e) => Vec::new(),
+            Err(e) if look < addrs.len() && e.is_unreachable() => Vec::new(),
             Err(e) => return Err(e),
         };
         if !got.is_empty() || timeout.is_zero() {
@@ -844,7 +836,7 @@ impl Cluster {
                     got.extend(docs);
                 }
                 // A node lost on the way: the others still serve (its call revokes itself).
-                Err(e) if is_unreachable(&e) => skipped = Some(e),
+                Err(e) if e.is_unreachable() => skipped = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -861,7 +853,7 @@ impl Cluster {
         for addr in self.live_in_turn(&AtomicUsize::new(0)) {
             let conn = match self.node(&addr).await {
                 Ok(conn) => conn,
-                Err(e) if is_unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
                     failure = Some(e);
                     continue;
@@ -968,7 +960,7 @@ impl Cluster {
             };
             match result {
                 Ok(()) => registered += 1,
-                Err(e) if is_unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     tracing::warn!(node = %addr, error = %e, "subscribing without a member that could not be reached");
                     state.unreached(&addr);
                     last = Some(e);

@@ -89,14 +89,6 @@ pub(crate) fn abandon(conn: &Arc<Connection>, id: RequestId) {
 /// the answer table a revoke needs, unless it keeps its data durably).
 const REVOKE_FOR: Duration = Duration::from_secs(60);
 
-/// Whether `e` says the node could not be reached (the revoke is tried again).
-fn unreachable(e: &SpaceError) -> bool {
-    matches!(
-        e,
-        SpaceError::Down { .. } | SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
-    )
-}
-
 /// The shards of a replicated cluster where a revoke was done, as nodes answered it.
 #[derive(Default)]
 struct Coverage {
@@ -113,7 +105,7 @@ impl Coverage {
                 self.shards = Some(*of);
             }
             Ok(_) => {}
-            Err(e) if unreachable(e) => {
+            Err(e) if e.is_unreachable() => {
                 tracing::debug!(node = %addr, error = %e, "a revoke waits for a node");
             }
             Err(e) => tracing::warn!(node = %addr, error = %e, "a node refused a revoke"),
@@ -146,7 +138,7 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
                 Ok(Response::Revoked { .. }) => origin_answered = true,
                 // A node that is not replicated undid everything the call did.
                 Ok(_) => return,
-                Err(e) if unreachable(e) => origin_unreachable = true,
+                Err(e) if e.is_unreachable() => origin_unreachable = true,
                 Err(e) => {
                     tracing::warn!(node = %conn.addr(), error = %e, "could not revoke an abandoned call");
                     return;

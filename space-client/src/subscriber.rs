@@ -256,12 +256,20 @@ impl SubscriberService for Subscriber {
 }
 
 impl FeedState {
-    /// Tells the subscriber that it may have missed events (of unknown numbers).
+    /// Tells the subscriber that it may have missed events (of unknown numbers): at once,
+    /// or, when the stream is full (the subscriber is behind), once it has room, without
+    /// holding up the caller.
     fn announce_gap(&self) {
-        if let Some(tx) = self.spare.lock().clone() {
-            let _ = tx.try_send(Notification::Gap {
-                first_seq: 0,
-                last_seq: 0,
+        let Some(tx) = self.spare.lock().clone() else {
+            return;
+        };
+        let gap = Notification::Gap {
+            first_seq: 0,
+            last_seq: 0,
+        };
+        if let Err(flume::TrySendError::Full(gap)) = tx.try_send(gap) {
+            tokio::spawn(async move {
+                let _ = tx.send_async(gap).await;
             });
         }
     }

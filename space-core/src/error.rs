@@ -203,6 +203,18 @@ pub enum SpaceError {
     },
 }
 
+impl SpaceError {
+    /// Whether the error says a node could not be reached (`Down`, `Unreachable`,
+    /// `TimedOut`), rather than that it refused the call: a caller may try it again, or
+    /// another node.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            SpaceError::Down { .. } | SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }
+        )
+    }
+}
+
 impl From<QueryError> for SpaceError {
     fn from(e: QueryError) -> Self {
         SpaceError::Query(e)

@@ -271,17 +271,11 @@ impl SubShared {
         self
     }
 
-    /// Logs an event (called under the entry type's lock, which orders the events),
-    /// delivered once the subscription's gate (if any) has released `mark`.
-    pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
-        self.enqueue(node, key, kind, version, mark);
-    }
-
     /// Logs a gap of one sequence number in the subscription's stream: told as
     /// [`Notification::Gap`] in its place (a relay that cannot tell what it may have
     /// missed, [`Engine::relay`](crate::Engine::relay)).
     pub(crate) fn push_gap(&self) {
-        self.enqueue(
+        self.push(
             NodeId::default(),
             &Key::Name(String::new()),
             EventKind::Written,
@@ -290,7 +284,9 @@ impl SubShared {
         );
     }
 
-    fn enqueue(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
+    /// Logs an event (called under the entry type's lock, which orders the events),
+    /// delivered once the subscription's gate (if any) has released `mark`.
+    pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
         let mut q = self.queue.lock();
         if q.closed {
             return;

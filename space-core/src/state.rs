@@ -463,6 +463,11 @@ impl Answers {
         })
     }
 
+    /// Whether the answer of request `id` is kept.
+    pub(crate) fn contains(&self, id: RequestId) -> bool {
+        self.map.contains_key(&id)
+    }
+
     /// The ids of every kept answer, oldest first.
     pub(crate) fn ids(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.order

@@ -238,15 +238,7 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
             )
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !shards_of(&listed[1])
-        .await
-        .iter()
-        .all(|s| s.leader.is_some())
-    {
-        assert!(Instant::now() < deadline, "the shards never had leaders");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_led(&listed[1]).await;
     let space = connect(&listed[1]).await.unwrap();
     let history = History::default();
     write_all(&space, 0..60, &history).await;

@@ -457,7 +457,7 @@ impl Engine {
             GiveBack::Entries(taken) => self.untake(taken),
             // Fails only if the claim already ended, and then the entry is back anyway.
             GiveBack::Claim(ticket) => drop(self.release(&ticket)),
-            GiveBack::Nothing => return self.inner.answers.lock().get(id).is_some(),
+            GiveBack::Nothing => return self.inner.answers.lock().contains(id),
         }
         true
     }

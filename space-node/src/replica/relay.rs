@@ -163,17 +163,24 @@ impl Relay {
         alive
     }
 
+    /// Relays until the subscription ends: follows the shards at every change of the
+    /// shards this node leads and every [`LOOK_EVERY`]; between looks, relays (or keeps)
+    /// what the parts hold as it comes.
     async fn run(mut self, shards: Weak<ShardSet>) {
+        let mut tick = tokio::time::interval(LOOK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = true;
         loop {
-            let changed = match shards.upgrade() {
-                Some(set) => {
-                    if !self.sync(&set) {
-                        return;
-                    }
-                    set.changes().next()
-                }
-                None => return,
+            let Some(set) = shards.upgrade() else {
+                return;
             };
+            // Watched before looking, so that no change is missed.
+            let changed = set.changes().next();
+            let alive = if look { self.sync(&set) } else { self.drain() };
+            drop(set);
+            if !alive {
+                return;
+            }
             let next = async {
                 if self.parts.is_empty() {
                     return std::future::pending().await;
@@ -187,14 +194,15 @@ impl Relay {
             };
             tokio::select! {
                 (shard, Some(n)) = next => {
+                    look = false;
                     if let Some(part) = self.parts.get_mut(&shard)
                         && !take_in(&self.node, self.id, part, n, Instant::now())
                     {
                         return;
                     }
                 }
-                () = changed => {}
-                () = tokio::time::sleep(LOOK_EVERY) => {}
+                () = changed => look = true,
+                _ = tick.tick() => look = true,
             }
         }
     }
