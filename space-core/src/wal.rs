@@ -632,8 +632,9 @@ impl Wal {
     /// [`SpaceError::Storage`] when the log cannot be written or a file deleted.
     pub(crate) fn compact(&self) -> Result<usize> {
         let tails: HashMap<LogId, Tail> = self.pending.lock().logs.clone();
-        let dead = {
-            let segments = self.segments.lock();
+        // The closed segments at the front that hold nothing any log still needs. Counted
+        // again just before deleting: another compaction may have deleted some meanwhile.
+        let dead_in = |segments: &[Segment]| {
             let closed = segments.len().saturating_sub(1);
             segments[..closed]
                 .iter()
@@ -644,7 +645,7 @@ impl Wal {
                 })
                 .count()
         };
-        if dead == 0 {
+        if dead_in(&self.segments.lock()) == 0 {
             return Ok(0);
         }
         let mut last = 0;
@@ -660,7 +661,7 @@ impl Wal {
         let gone: Vec<Segment> = {
             let mut segments = self.segments.lock();
             // The segment being written is never among them, whatever its records.
-            let dead = dead.min(segments.len().saturating_sub(1));
+            let dead = dead_in(&segments);
             segments.drain(..dead).collect()
         };
         for s in &gone {
@@ -911,6 +912,34 @@ mod tests {
         expect(&logs[&2], 351..=400, 2);
         assert_eq!(logs[&2].meta.as_deref(), Some(&b"term 3"[..]));
         assert_eq!(wal.append(1, b"x").index, 401);
+        wal.close();
+    }
+
+    /// Two compactions at once (checkpoints of two logs on one host) delete each dead
+    /// segment once, and never one that a log still needs.
+    #[test]
+    fn compactions_at_the_same_time_delete_only_dead_segments() {
+        let dir = Dir::new("compact-twice");
+        let (wal, _) = Wal::open(&dir.0, 4096).unwrap();
+        let mut kept_from = 1;
+        for round in 0..20u64 {
+            for i in round * 100 + 1..=round * 100 + 100 {
+                wal.append(1, &data(1, i));
+            }
+            wal.wait_durable(wal.appended()).unwrap();
+            // The log needs only its last 20 entries.
+            kept_from = round * 100 + 81;
+            wal.purge(1, kept_from);
+            std::thread::scope(|s| {
+                let a = s.spawn(|| wal.compact());
+                let b = s.spawn(|| wal.compact());
+                a.join().unwrap().unwrap();
+                b.join().unwrap().unwrap();
+            });
+        }
+        wal.close();
+        let (wal, logs) = Wal::open(&dir.0, 4096).unwrap();
+        expect(&logs[&1], kept_from..=2000, 1);
         wal.close();
     }
 

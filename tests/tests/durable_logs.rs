@@ -149,3 +149,33 @@ fn the_directory_is_free_once_the_host_and_its_engines_are_gone() {
     assert_eq!(jobs(&a, 1), vec![1]);
     assert_eq!(jobs(&b, 2), vec![1, 2]);
 }
+
+#[test]
+fn checkpoints_of_one_log_at_the_same_time_both_succeed() {
+    // The host's checkpoint worker may snapshot a log while its owner asks for one too
+    // (at shutdown, or by hand): both must succeed, and the log must come back whole.
+    let dir = TempDir::new("twice");
+    let config = EngineConfig::default();
+    let host = LogHost::open(&dir.0, &config).unwrap();
+    let engine = Engine::open_on(&host, 1, config.clone()).unwrap();
+    for round in 0..50 {
+        engine
+            .write("Job", job(1, round), None, Lease::Forever)
+            .unwrap();
+        engine.flush_blocking().unwrap();
+        std::thread::scope(|s| {
+            let a = s.spawn(|| engine.checkpoint());
+            let b = s.spawn(|| engine.checkpoint());
+            for (who, outcome) in [("first", a.join()), ("second", b.join())] {
+                if let Err(e) = outcome.unwrap() {
+                    panic!("round {round}: the {who} checkpoint failed: {e}");
+                }
+            }
+        });
+    }
+    drop(engine);
+    drop(host);
+    let host = LogHost::open(&dir.0, &config).unwrap();
+    let engine = Engine::open_on(&host, 1, config.clone()).unwrap();
+    assert_eq!(jobs(&engine, 1), (0..50).collect::<Vec<_>>());
+}

@@ -346,6 +346,7 @@ impl Engine {
                 host: Mutex::new(Some(host.clone())),
                 wal: host.wal.clone(),
                 log,
+                checkpointing: Mutex::new(()),
             }),
             next_token,
         );

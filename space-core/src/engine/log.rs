@@ -153,7 +153,8 @@ impl Engine {
     }
 
     /// Writes a snapshot of everything and drops the log segments it makes unnecessary.
-    /// Runs by itself when the log has grown; callable directly (tests, shutdown).
+    /// Runs by itself when the log has grown; callable directly (tests, shutdown). Blocks
+    /// while another checkpoint of the same log is being written.
     ///
     /// # Errors
     /// [`SpaceError::Storage`] when writing fails (the log is then kept).
@@ -161,6 +162,7 @@ impl Engine {
         let Some(durable) = &self.inner.durable else {
             return Ok(());
         };
+        let _one_at_a_time = durable.checkpointing.lock();
         let (wal, log) = (&durable.wal, durable.log);
         let floor = wal.last_index(log);
         let mut snapshot = self.capture(|| wal.last_index(log));

@@ -258,6 +258,9 @@ struct Durable {
     host: Mutex<Option<Arc<LogHost>>>,
     wal: Arc<Wal>,
     log: crate::wal::LogId,
+    /// Held while a snapshot of this log is written: the host's checkpoint worker and a
+    /// direct [`Engine::checkpoint`] would otherwise write and rename the same file.
+    checkpointing: Mutex<()>,
 }
 
 /// What a lease timer is for.
