@@ -156,8 +156,9 @@ pub(crate) struct NodeState {
     pub(crate) engine: Engine,
     /// A replicated node's shards.
     pub(crate) shards: Option<Arc<ShardSet>>,
-    /// Where a replicated node's next keyless write goes, among the shards it leads.
-    pub(crate) next_shard: AtomicUsize,
+    /// Keyless writes this replicated node made: whose turn it is among the shards it
+    /// leads (see `sharded`).
+    pub(crate) keyless_written: AtomicUsize,
     dedupe: Dedupe,
     pushers: Arc<Pushers>,
     address: String,
@@ -809,7 +810,7 @@ impl Node {
                 config,
                 engine,
                 shards,
-                next_shard: AtomicUsize::new(0),
+                keyless_written: AtomicUsize::new(0),
                 address,
             }),
             listener,
