@@ -37,7 +37,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 pub use crate::hash::{RANGES, RangeSet, range_of};
@@ -485,6 +485,9 @@ pub struct Hello {
     /// The connecting side is a node of the same cluster and carries the Raft messages of
     /// replicated shards (a node's peer service), not calls of the space.
     pub peer: bool,
+    /// For a peer: the fingerprint of its cluster's layout (nodes, shards, replication);
+    /// a node refuses peers of another cluster. 0 for clients.
+    pub cluster: u64,
 }
 
 impl Hello {
@@ -497,13 +500,16 @@ impl Hello {
             token,
             max_frame: max_frame as u64,
             peer: false,
+            cluster: 0,
         }
     }
 
-    /// The hello of a node opening a peer connection to another node of its cluster.
-    pub fn new_peer(token: Option<String>, max_frame: usize) -> Hello {
+    /// The hello of a node opening a peer connection to another node of its cluster,
+    /// whose layout has the fingerprint `cluster`.
+    pub fn new_peer(token: Option<String>, max_frame: usize, cluster: u64) -> Hello {
         Hello {
             peer: true,
+            cluster,
             ..Hello::new(token, max_frame)
         }
     }

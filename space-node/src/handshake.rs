@@ -41,8 +41,9 @@ pub(crate) struct Door<'a> {
     pub(crate) max_connections: usize,
     /// Whether clients' calls are served here.
     pub(crate) clients: bool,
-    /// Whether other nodes' Raft messages are served here.
-    pub(crate) peers: bool,
+    /// When other nodes' Raft messages are served here: the fingerprint of this node's
+    /// cluster layout, which a peer's must match.
+    pub(crate) peers: Option<u64>,
 }
 
 /// Reads the connection's hello and answers it. On success the frame limit is the
@@ -66,8 +67,13 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         ))
     } else if !token_matches(door.token, &hello.token) {
         Some("wrong or missing auth token".to_string())
-    } else if hello.peer && !door.peers {
+    } else if hello.peer && door.peers.is_none() {
         Some("this node serves no replicated shards: no peer connections".to_string())
+    } else if hello.peer && door.peers != Some(hello.cluster) {
+        Some(
+            "a node of another cluster: its layout (nodes, shards, replication) is not this node's"
+                .to_string(),
+        )
     } else if !hello.peer && !door.clients {
         Some("this port serves only other nodes of the cluster".to_string())
     } else {

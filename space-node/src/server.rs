@@ -650,7 +650,7 @@ async fn start_shards(
             .map_err(|e| NodeError::Config(format!("recovery did not finish: {e}")))?
             .map_err(NodeError::Storage)?
     };
-    let router = PeerRouter::new(config.token.clone());
+    let router = PeerRouter::new(config.token.clone(), layout.fingerprint());
     for (member, via) in &config.peer_routes {
         let id = layout.member_id(member).ok_or_else(|| {
             NodeError::Config(format!(
@@ -884,7 +884,7 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
             open,
             max_connections: state.config.max_connections,
             clients: true,
-            peers: state.shards.is_some(),
+            peers: state.shards.as_ref().map(|s| s.layout().fingerprint()),
         },
     )
     .await?;

@@ -170,6 +170,11 @@ pub struct PeerDoor {
     pub node: NodeId,
     /// The most peer connections served at once.
     pub max_connections: usize,
+    /// The fingerprint of this node's cluster layout ([`Layout::fingerprint`]), which
+    /// peers' must match.
+    ///
+    /// [`Layout::fingerprint`]: super::Layout::fingerprint
+    pub cluster: u64,
 }
 
 /// Serves peers' Raft messages for `groups` on `listener` until `shutdown` completes.
@@ -225,7 +230,7 @@ async fn serve_peer(
             open,
             max_connections: door.max_connections,
             clients: false,
-            peers: true,
+            peers: Some(door.cluster),
         },
     )
     .await?;
@@ -258,6 +263,8 @@ pub struct PeerRouter {
 
 struct RouterInner {
     token: Option<String>,
+    /// The fingerprint of this node's cluster layout, told to peers.
+    cluster: u64,
     /// Where each peer is, as group memberships name it.
     addrs: Mutex<HashMap<MemberId, String>>,
     /// Where to reach a peer instead of where memberships say (see
@@ -268,11 +275,13 @@ struct RouterInner {
 }
 
 impl PeerRouter {
-    /// A router that gives `token` to peers.
-    pub fn new(token: Option<String>) -> PeerRouter {
+    /// A router that gives `token` to peers, as a node of the cluster whose layout has the
+    /// fingerprint `cluster`.
+    pub fn new(token: Option<String>, cluster: u64) -> PeerRouter {
         PeerRouter {
             inner: Arc::new(RouterInner {
                 token,
+                cluster,
                 addrs: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
@@ -305,7 +314,8 @@ impl PeerRouter {
         let addr = routed
             .or_else(|| self.inner.addrs.lock().get(&target).cloned())
             .ok_or_else(|| Unreachable::from_string(format!("no address for node {target}")))?;
-        let hello = wire::Hello::new_peer(self.inner.token.clone(), PEER_MAX_FRAME);
+        let hello =
+            wire::Hello::new_peer(self.inner.token.clone(), PEER_MAX_FRAME, self.inner.cluster);
         let (framed, _, _) = handshake::dial(addr.as_str(), hello)
             .await
             .map_err(|e| Unreachable::from_string(format!("node {target} at {addr}: {e}")))?;

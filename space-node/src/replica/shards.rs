@@ -128,6 +128,18 @@ impl Layout {
         self.nodes.get(i).map(String::as_str)
     }
 
+    /// A fingerprint of the layout (its nodes, shard count and replication factor), the
+    /// same on every node created with the same `--initial-cluster` and settings. Peers
+    /// show it when they connect: a node whose layout differs (another cluster at a reused
+    /// address, or a node created with other settings) is refused, since the same group
+    /// id would name different ranges.
+    pub fn fingerprint(&self) -> u64 {
+        // The JSON of a layout is deterministic (fields in order, no maps), and xxHash64
+        // is a fixed algorithm: fingerprints do not change between builds.
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        twox_hash::XxHash64::oneshot(0, &bytes)
+    }
+
     /// Keeps the layout in `dir` (written whole, then renamed into place).
     ///
     /// # Errors

@@ -92,6 +92,8 @@ struct TestMember {
 }
 
 const GROUP: super::GroupId = 3;
+/// The layout fingerprint the one-group tests' nodes show each other.
+const ONE_GROUP_CLUSTER: u64 = 7;
 
 /// Starts member `id` on `dir`, serving peers at `addr` (port 0: any free port).
 async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) -> TestMember {
@@ -118,7 +120,7 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
     settings.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(100);
     settings.max_in_snapshot_log_to_keep = 10;
     let settings = Arc::new(settings.validate().unwrap());
-    let router = super::PeerRouter::new(None);
+    let router = super::PeerRouter::new(None, ONE_GROUP_CLUSTER);
     let member = super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
         .await
         .unwrap();
@@ -129,6 +131,7 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
         token: None,
         node: space_core::NodeId::default(),
         max_connections: 64,
+        cluster: ONE_GROUP_CLUSTER,
     };
     let served = tokio::spawn(super::serve_peers(listener, groups, door, async {
         let _ = stopped.await;
@@ -723,6 +726,7 @@ async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens()
         token: Some("secret".into()),
         node: space_core::NodeId::default(),
         max_connections: 8,
+        cluster: ONE_GROUP_CLUSTER,
     };
     tokio::spawn(super::serve_peers(
         listener,
@@ -737,14 +741,34 @@ async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens()
         "a client's hello was accepted on a peer port"
     );
     assert!(
-        refused(dial(peer_port, Hello::new_peer(Some("wrong".into()), 1 << 20)).await)
-            .contains("token"),
+        refused(
+            dial(
+                peer_port,
+                Hello::new_peer(Some("wrong".into()), 1 << 20, ONE_GROUP_CLUSTER)
+            )
+            .await
+        )
+        .contains("token"),
         "a peer with the wrong token was accepted"
     );
     assert!(
-        dial(peer_port, Hello::new_peer(Some("secret".into()), 1 << 20))
+        refused(
+            dial(
+                peer_port,
+                Hello::new_peer(Some("secret".into()), 1 << 20, ONE_GROUP_CLUSTER + 1)
+            )
             .await
-            .is_ok()
+        )
+        .contains("another cluster"),
+        "a peer of another cluster was accepted"
+    );
+    assert!(
+        dial(
+            peer_port,
+            Hello::new_peer(Some("secret".into()), 1 << 20, ONE_GROUP_CLUSTER)
+        )
+        .await
+        .is_ok()
     );
     // A node's data port.
     let node = crate::Node::bind(crate::NodeConfig {
@@ -756,11 +780,34 @@ async fn peer_ports_and_data_ports_each_refuse_the_other_kind_and_wrong_tokens()
     let data_port = node.local_addr().unwrap();
     tokio::spawn(node.serve(std::future::pending()));
     assert!(
-        refused(dial(data_port, Hello::new_peer(None, 1 << 20)).await)
+        refused(dial(data_port, Hello::new_peer(None, 1 << 20, ONE_GROUP_CLUSTER)).await)
             .contains("no peer connections"),
         "a peer's hello was accepted on a data port"
     );
     assert!(dial(data_port, Hello::new(None, 1 << 20)).await.is_ok());
+}
+
+#[test]
+fn a_layouts_fingerprint_changes_with_its_nodes_shards_and_replication() {
+    let nodes = |n: usize| {
+        (1..=n)
+            .map(|i| format!("10.0.0.{i}:7000"))
+            .collect::<Vec<_>>()
+    };
+    let layout = super::Layout::new(nodes(3), 64, 3).unwrap();
+    assert_eq!(
+        layout.fingerprint(),
+        super::Layout::new(nodes(3), 64, 3).unwrap().fingerprint(),
+        "the same layout, created on another node, has another fingerprint"
+    );
+    for other in [
+        super::Layout::new(nodes(3), 32, 3).unwrap(),
+        super::Layout::new(nodes(3), 64, 1).unwrap(),
+        super::Layout::new(nodes(5), 64, 3).unwrap(),
+        super::Layout::new(nodes(3).into_iter().rev().collect(), 64, 3).unwrap(),
+    ] {
+        assert_ne!(layout.fingerprint(), other.fingerprint(), "{other:?}");
+    }
 }
 
 /// One node of a sharded test cluster: its directory, host, shard set and peer port.
@@ -802,7 +849,7 @@ async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestN
         let dir = TempDir::new("sharded");
         let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
         layout.save(&dir.0).unwrap();
-        let router = super::PeerRouter::new(None);
+        let router = super::PeerRouter::new(None, layout.fingerprint());
         let set = super::ShardSet::start(
             layout.clone(),
             i as u64 + 1,
@@ -818,6 +865,7 @@ async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestN
             token: None,
             node: space_core::NodeId(i as u64 + 1),
             max_connections: 64,
+            cluster: layout.fingerprint(),
         };
         tokio::spawn(super::serve_peers(listener, set.groups(), door, async {
             let _ = stopped.await;
