@@ -847,20 +847,16 @@ impl Cluster {
     }
 
     /// Every match on every node (node after node, page by page).
+    ///
+    /// On a replicated cluster each node lists the shards it leads; a shard that no node
+    /// listed (no leader could be reached) makes the listing fail with
+    /// [`SpaceError::Unavailable`] rather than come back without its entries.
     async fn contents(&self, query: Query) -> Result<Response> {
         let mut documents = Vec::new();
         let (mut reached, mut failure) = (false, None);
+        // A replicated cluster's nodes each list the shards they lead.
+        let (mut shards, mut shard_count) = (std::collections::BTreeSet::new(), 0);
         for addr in self.live_in_turn(&AtomicUsize::new(0)) {
-            let conn = match self.node(&addr).await {
-                Ok(conn) => conn,
-                Err(e) if e.is_unreachable() => {
-                    tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
-                    failure = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            reached = true;
             let mut after = None;
             loop {
                 let request = Request::Contents {
@@ -868,12 +864,29 @@ impl Cluster {
                     after,
                     limit: 1000,
                 };
-                match conn.call(request).await? {
+                let answer = match self.node(&addr).await {
+                    Ok(conn) => conn.call(request).await,
+                    Err(e) => Err(e),
+                };
+                let answer = match answer {
+                    Err(e) if e.is_unreachable() => {
+                        tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
+                        failure = Some(e);
+                        break;
+                    }
+                    answer => answer?,
+                };
+                reached = true;
+                match answer {
                     Response::Page {
                         documents: page,
                         next,
+                        listed,
+                        of,
                     } => {
                         documents.extend(page);
+                        shards.extend(listed);
+                        shard_count = shard_count.max(of);
                         match next {
                             Some(n) => after = Some(n),
                             None => break,
@@ -883,13 +896,32 @@ impl Cluster {
                 }
             }
         }
-        match failure {
-            Some(e) if !reached => Err(e),
-            _ => Ok(Response::Page {
-                documents,
-                next: None,
-            }),
+        if let Some(e) = failure
+            && !reached
+        {
+            return Err(e);
         }
+        if shard_count > 0 {
+            // A replicated cluster: every shard must have been listed by its leader.
+            let missing: Vec<u32> = (0..shard_count).filter(|s| !shards.contains(s)).collect();
+            if !missing.is_empty() {
+                return Err(SpaceError::Unavailable {
+                    reason: format!(
+                        "shards {missing:?} of {shard_count} had no leader that could be reached (an election, or too few nodes up): a listing without them would be incomplete"
+                    ),
+                });
+            }
+            // A shard whose leadership moved while the nodes were asked in turn was
+            // listed by both leaders.
+            let mut seen = std::collections::HashSet::new();
+            documents.retain(|d| seen.insert(d.key.clone()));
+        }
+        Ok(Response::Page {
+            documents,
+            next: None,
+            listed: Vec::new(),
+            of: 0,
+        })
     }
 
     async fn endpoint(&self) -> Result<Arc<Endpoint>> {

@@ -660,8 +660,7 @@ impl Space {
                                 limit: 1000,
                             })
                             .await?;
-                        let (documents, next) =
-                            expect!(resp, Response::Page { documents, next } => (documents, next))?;
+                        let (documents, next) = expect!(resp, Response::Page { documents, next, .. } => (documents, next))?;
                         for d in documents {
                             out.push(decode(d.fields)?);
                         }

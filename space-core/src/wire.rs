@@ -420,6 +420,13 @@ pub enum Response {
         documents: Vec<Document>,
         /// Pass as `after` for the next page; `None` when this was the last.
         next: Option<u64>,
+        /// A replicated node's page: the shards whose entries it listed to their end (it
+        /// lists only the shards it leads). Empty from other nodes.
+        listed: Vec<u32>,
+        /// A replicated node's page: the cluster's number of shards, so that a client
+        /// listing every node can tell a shard nobody listed (it had no leader). 0 from
+        /// other nodes.
+        of: u32,
     },
     /// A node.
     Node(NodeInfo),

@@ -516,7 +516,12 @@ impl NodeState {
                     limit.clamp(1, 10_000) as usize,
                     budget,
                 )?;
-                Response::Page { documents, next }
+                Response::Page {
+                    documents,
+                    next,
+                    listed: Vec::new(),
+                    of: 0,
+                }
             }
             Request::FindFor(key) => {
                 Response::Node(cluster.owner(&key).unwrap_or_else(|| self.info()))

@@ -177,6 +177,7 @@ impl NodeState {
                 };
                 let mut documents = Vec::new();
                 let mut next = None;
+                let mut listed = Vec::new();
                 for (shard, engine) in shards.serving() {
                     if shard < start {
                         continue;
@@ -195,12 +196,18 @@ impl NodeState {
                         next = Some(u64::from(shard) << SHARD_SHIFT | more);
                         break;
                     }
+                    listed.push(shard);
                     if documents.len() >= limit {
                         next = Some(u64::from(shard + 1) << SHARD_SHIFT);
                         break;
                     }
                 }
-                Response::Page { documents, next }
+                Response::Page {
+                    documents,
+                    next,
+                    listed,
+                    of: shards.shard_count(),
+                }
             }
             Request::FindFor(key) => {
                 let topology = shards.topology();

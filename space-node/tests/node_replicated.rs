@@ -353,3 +353,49 @@ async fn a_subscription_is_told_of_every_write_across_a_failover() {
         }
     }
 }
+
+/// A listing on a replicated cluster is made of what each shard's leader lists: while a
+/// shard has no leader that can be reached, listing fails rather than comes back without
+/// that shard's entries; once a new leader is elected it lists everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_while_a_shard_has_no_leader_fails_rather_than_misses_its_entries() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs[0]).await.unwrap();
+    let history = History::default();
+    write_all(&space, 0..300, &history).await;
+    let all = Query::of::<Job>();
+    assert_eq!(space.contents::<Job>(&all).await.unwrap().len(), 300);
+
+    // Its leaders gone, a third of the shards have none until an election (which takes
+    // a leader lease, 300 ms, at least).
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    match space.contents::<Job>(&all).await {
+        Err(space_client::SpaceError::Unavailable { reason }) => {
+            assert!(reason.contains("no leader"), "{reason}");
+        }
+        other => panic!(
+            "a listing without the dead node's shards was not refused: {:?}",
+            other.map(|jobs| jobs.len())
+        ),
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        match space.contents::<Job>(&all).await {
+            Ok(jobs) => break jobs,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no listing after the failover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut ids: Vec<u64> = listed.iter().map(|j| j.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..300).collect::<Vec<_>>());
+}

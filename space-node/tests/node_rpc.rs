@@ -190,7 +190,9 @@ async fn every_operation_works_through_the_client() {
     let mut after = None;
     let mut seen = 0;
     loop {
-        let Response::Page { documents, next } = conn
+        let Response::Page {
+            documents, next, ..
+        } = conn
             .call(Request::Contents {
                 query: Query::of::<Job>(),
                 after,

@@ -354,6 +354,8 @@ fn fuzz_answers_and_pushes_as_a_client_decodes_them() {
         Response::Page {
             documents,
             next: Some(9),
+            listed: vec![0, 5],
+            of: 64,
         },
         Response::Stats(space_core::Stats::default()),
     ];
