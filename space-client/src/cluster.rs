@@ -20,7 +20,7 @@
 //!
 //! With one node all of this reduces to talking to that node.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -442,13 +442,21 @@ impl Cluster {
                 .map(Response::Claimed),
             Request::Count(q) => {
                 let mut total = 0;
+                // A replicated cluster's nodes each count the shards they lead (a shard
+                // counted by two leaders in turn counts once).
+                let (mut by_shard, mut shard_count) = (BTreeMap::new(), 0);
                 for answer in self.gather(&Request::Count(q)).await?.0 {
                     match answer {
                         Response::Count(n) => total += n,
+                        Response::ShardCounts { counts, of } => {
+                            by_shard.extend(counts);
+                            shard_count = shard_count.max(of);
+                        }
                         other => return Err(unexpected(other)),
                     }
                 }
-                Ok(Response::Count(total))
+                every_shard_covered(by_shard.keys(), shard_count, "count")?;
+                Ok(Response::Count(total + by_shard.values().sum::<u64>()))
             }
             Request::Contents { query, .. } => self.contents(query).await,
             Request::FindFor(key) => self.owner(&key).map(Response::Node),
@@ -855,7 +863,7 @@ impl Cluster {
         let mut documents = Vec::new();
         let (mut reached, mut failure) = (false, None);
         // A replicated cluster's nodes each list the shards they lead.
-        let (mut shards, mut shard_count) = (std::collections::BTreeSet::new(), 0);
+        let (mut shards, mut shard_count) = (BTreeSet::new(), 0);
         for addr in self.live_in_turn(&AtomicUsize::new(0)) {
             let mut after = None;
             loop {
@@ -901,16 +909,8 @@ impl Cluster {
         {
             return Err(e);
         }
+        every_shard_covered(shards.iter(), shard_count, "listing")?;
         if shard_count > 0 {
-            // A replicated cluster: every shard must have been listed by its leader.
-            let missing: Vec<u32> = (0..shard_count).filter(|s| !shards.contains(s)).collect();
-            if !missing.is_empty() {
-                return Err(SpaceError::Unavailable {
-                    reason: format!(
-                        "shards {missing:?} of {shard_count} had no leader that could be reached (an election, or too few nodes up): a listing without them would be incomplete"
-                    ),
-                });
-            }
             // A shard whose leadership moved while the nodes were asked in turn was
             // listed by both leaders.
             let mut seen = std::collections::HashSet::new();
@@ -1216,4 +1216,24 @@ impl Connect for Space {
         let addr = addr.to_owned();
         async move { connect(&addr).await }
     }
+}
+
+/// Whether `covered` names every one of a replicated cluster's `of` shards (`of` is 0 for
+/// other clusters: nothing to check); an `Unavailable` error naming the missing shards
+/// otherwise, since a `what` without them would be silently incomplete.
+fn every_shard_covered<'a>(
+    covered: impl IntoIterator<Item = &'a u32>,
+    of: u32,
+    what: &str,
+) -> Result<()> {
+    let covered: BTreeSet<u32> = covered.into_iter().copied().collect();
+    let missing: Vec<u32> = (0..of).filter(|s| !covered.contains(s)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(SpaceError::Unavailable {
+        reason: format!(
+            "shards {missing:?} of {of} had no leader that could be reached (an election, or too few nodes up): a {what} without them would be incomplete"
+        ),
+    })
 }

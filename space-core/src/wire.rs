@@ -414,6 +414,15 @@ pub enum Response {
     Expires(Option<SystemTime>),
     /// A count.
     Count(u64),
+    /// A replicated node's count: the matches in each shard it leads, and the cluster's
+    /// number of shards (so that a client counting on every node can tell a shard nobody
+    /// counted).
+    ShardCounts {
+        /// Each shard led here, and its matches.
+        counts: Vec<(u32, u64)>,
+        /// The cluster's number of shards.
+        of: u32,
+    },
     /// A page of contents and the cursor of the next one.
     Page {
         /// The entries.

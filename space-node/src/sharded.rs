@@ -156,13 +156,13 @@ impl NodeState {
                     c
                 }),
             ),
-            Request::Count(q) => {
-                let mut total = 0;
-                for engine in &serving {
-                    total += engine.count(&q)?;
-                }
-                Response::Count(total)
-            }
+            Request::Count(q) => Response::ShardCounts {
+                counts: led
+                    .iter()
+                    .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
+                    .collect::<Result<_, SpaceError>>()?,
+                of: shards.shard_count(),
+            },
             Request::Contents {
                 query,
                 after,

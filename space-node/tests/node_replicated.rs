@@ -354,11 +354,12 @@ async fn a_subscription_is_told_of_every_write_across_a_failover() {
     }
 }
 
-/// A listing on a replicated cluster is made of what each shard's leader lists: while a
-/// shard has no leader that can be reached, listing fails rather than comes back without
-/// that shard's entries; once a new leader is elected it lists everything.
+/// A listing or a count on a replicated cluster is made of what each shard's leader
+/// lists or counts: while a shard has no leader that can be reached, they fail rather
+/// than come back without that shard's entries; once a new leader is elected they cover
+/// everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listing_while_a_shard_has_no_leader_fails_rather_than_misses_its_entries() {
+async fn a_listing_or_count_while_a_shard_has_no_leader_fails_rather_than_misses_its_entries() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, _dirs, mut nodes) = three_nodes();
     until_led(&addrs[0]).await;
@@ -367,6 +368,7 @@ async fn a_listing_while_a_shard_has_no_leader_fails_rather_than_misses_its_entr
     write_all(&space, 0..300, &history).await;
     let all = Query::of::<Job>();
     assert_eq!(space.contents::<Job>(&all).await.unwrap().len(), 300);
+    assert_eq!(space.count(&all).await.unwrap(), 300);
 
     // Its leaders gone, a third of the shards have none until an election (which takes
     // a leader lease, 300 ms, at least).
@@ -381,6 +383,12 @@ async fn a_listing_while_a_shard_has_no_leader_fails_rather_than_misses_its_entr
             "a listing without the dead node's shards was not refused: {:?}",
             other.map(|jobs| jobs.len())
         ),
+    }
+    match space.count(&all).await {
+        Err(space_client::SpaceError::Unavailable { reason }) => {
+            assert!(reason.contains("no leader"), "{reason}");
+        }
+        other => panic!("a count without the dead node's shards was not refused: {other:?}"),
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let listed = loop {
@@ -398,4 +406,5 @@ async fn a_listing_while_a_shard_has_no_leader_fails_rather_than_misses_its_entr
     let mut ids: Vec<u64> = listed.iter().map(|j| j.id).collect();
     ids.sort_unstable();
     assert_eq!(ids, (0..300).collect::<Vec<_>>());
+    assert_eq!(space.count(&all).await.unwrap(), 300);
 }

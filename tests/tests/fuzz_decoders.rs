@@ -357,6 +357,10 @@ fn fuzz_answers_and_pushes_as_a_client_decodes_them() {
             listed: vec![0, 5],
             of: 64,
         },
+        Response::ShardCounts {
+            counts: vec![(0, 3), (5, 1)],
+            of: 64,
+        },
         Response::Stats(space_core::Stats::default()),
     ];
     let mut corpus: Vec<Vec<u8>> = answers
