@@ -178,7 +178,20 @@ impl RaftStateMachine<Shard> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<Shard>>> + Unpin + OptionalSend,
     {
         let engine = self.engine.engine();
-        while let Some((entry, responder)) = entries.try_next().await? {
+        // The leader's proposals this batch committed, told once at its end: each report
+        // wakes every call waiting on the leadership.
+        let mut last_origin = None;
+        loop {
+            let (entry, responder) = match entries.try_next().await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(origin) = last_origin {
+                        self.leadership.committed(origin);
+                    }
+                    return Err(e);
+                }
+            };
             let index = entry.log_id.index;
             let applied = match entry.payload {
                 EntryPayload::Normal(proposal) => {
@@ -189,8 +202,8 @@ impl RaftStateMachine<Shard> for StateMachine {
                         tracing::error!(index, error = %e, "a committed command does not apply");
                         Applied::Missing
                     });
-                    if let Some(origin) = proposal.origin {
-                        self.leadership.committed(origin);
+                    if proposal.origin.is_some() {
+                        last_origin = proposal.origin;
                     }
                     applied
                 }
@@ -205,6 +218,9 @@ impl RaftStateMachine<Shard> for StateMachine {
             if let Some(responder) = responder {
                 responder.send(applied);
             }
+        }
+        if let Some(origin) = last_origin {
+            self.leadership.committed(origin);
         }
         Ok(())
     }
