@@ -913,7 +913,7 @@ impl Cluster {
         if shard_count > 0 {
             // A shard whose leadership moved while the nodes were asked in turn was
             // listed by both leaders.
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = HashSet::new();
             documents.retain(|d| seen.insert(d.key.clone()));
         }
         Ok(Response::Page {

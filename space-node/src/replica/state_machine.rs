@@ -178,9 +178,9 @@ impl RaftStateMachine<Shard> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<Shard>>> + Unpin + OptionalSend,
     {
         let engine = self.engine.engine();
-        // The leader's proposals this batch committed, told once at its end: each report
-        // wakes every call waiting on the leadership.
-        let mut last_origin = None;
+        // The leader's proposals this batch committed, told once per term at its end (or
+        // where the term changes): each report wakes every call waiting on the leadership.
+        let mut last_origin: Option<super::Origin> = None;
         loop {
             let (entry, responder) = match entries.try_next().await {
                 Ok(Some(next)) => next,
@@ -202,8 +202,13 @@ impl RaftStateMachine<Shard> for StateMachine {
                         tracing::error!(index, error = %e, "a committed command does not apply");
                         Applied::Missing
                     });
-                    if proposal.origin.is_some() {
-                        last_origin = proposal.origin;
+                    if let Some(origin) = proposal.origin {
+                        if let Some(last) = last_origin
+                            && last.term != origin.term
+                        {
+                            self.leadership.committed(last);
+                        }
+                        last_origin = Some(origin);
                     }
                     applied
                 }
