@@ -193,7 +193,7 @@ impl SpaceService for Service {
                 Request::WriteDirect { entries, .. } => Some(entries.len()),
                 _ => None,
             };
-            crate::engines_used::tracking_engines(state.dedupe.run_then(
+            let answer = crate::engines_used::tracking_engines(state.dedupe.run_then(
                 id,
                 || async {
                     // A retry that crossed a shard's failover: its first answer is in
@@ -227,7 +227,9 @@ impl SpaceService for Service {
                     }
                 },
             ))
-            .await
+            .await;
+            tracing::trace!(request = ?id, ?answer, "answered");
+            answer
         } else {
             state
                 .handle(request, budget)

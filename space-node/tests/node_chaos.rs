@@ -189,7 +189,7 @@ async fn nemesis(
 fn workers(
     space: &Space,
     history: &Arc<History>,
-    acknowledged: &Arc<Mutex<HashSet<Key>>>,
+    acknowledged: &Arc<Mutex<HashMap<Key, u64>>>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let next_id = Arc::new(AtomicU64::new(0));
@@ -207,7 +207,7 @@ fn workers(
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let ended = match space.write(&Job { id }).await {
                     Ok(receipt) => {
-                        acknowledged.lock().unwrap().insert(receipt.key);
+                        acknowledged.lock().unwrap().insert(receipt.key, id);
                         Ended::Ok
                     }
                     Err(e) => ended(&e),
@@ -329,7 +329,7 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
     let space = connect(&chaos.addrs.join(",")).await.unwrap();
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let acknowledged = Arc::new(Mutex::new(HashMap::new()));
     let heard = Arc::new(Mutex::new(Heard::default()));
     let sub = space
         .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
@@ -372,8 +372,14 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
                 .iter()
                 .position(|o| matches!(o, Op::Write { id: w, .. } if w == id))
             {
+                let key = acknowledged
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, i)| *i == id)
+                    .map(|(k, _)| k.clone());
                 eprintln!(
-                    "around the write of {id}: {:?}",
+                    "around the write of {id} (key {key:?}): {:?}",
                     &ops[at.saturating_sub(8)..(at + 8).min(ops.len())]
                 );
             }
@@ -393,7 +399,7 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
             let untold = acknowledged
                 .lock()
                 .unwrap()
-                .iter()
+                .keys()
                 .filter(|k| !heard.keys.contains(*k))
                 .count();
             (untold, heard.gaps)

@@ -155,6 +155,7 @@ impl Engine {
                 .next_token
                 .fetch_max(token + 1, Ordering::Relaxed);
         }
+        tracing::trace!(index, %entry_type, ?command, "applying a committed command");
         let key_of = |record: &Record| record.key.clone();
         let mut applied = Applied::Missing;
         self.each_type_always(&entry_type, |_, st| {

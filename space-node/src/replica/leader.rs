@@ -26,14 +26,18 @@ use space_core::{EngineConfig, SpaceError};
 
 use super::{EngineSlot, MemberId, Origin, Proposal, ShardGroup};
 
-/// One leadership (one term) of this member: numbers its proposals and learns which are
-/// committed.
+/// One leadership of this member (a term in which it leads): numbers its proposals and
+/// learns which are committed.
 pub struct Session {
     /// This session, for the futures that wait on it.
     this: std::sync::Weak<Session>,
     term: u64,
-    /// Proposals in order; the number of the last one is `proposed`.
-    outbox: Mutex<(u64, tokio::sync::mpsc::UnboundedSender<Proposal>)>,
+    /// This member, the leader.
+    leader: MemberId,
+    /// Proposals in order, and the queue they enter the log from (none once the session
+    /// ended: what its engine still decides goes nowhere); the number of the last one is
+    /// `proposed`.
+    outbox: Mutex<(u64, Option<tokio::sync::mpsc::UnboundedSender<Proposal>>)>,
     proposed: AtomicU64,
     committed: AtomicU64,
     ended: AtomicBool,
@@ -42,13 +46,17 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(term: u64) -> (Arc<Session>, tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+    fn new(
+        term: u64,
+        leader: MemberId,
+    ) -> (Arc<Session>, tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (
             Arc::new_cyclic(|this| Session {
                 this: this.clone(),
                 term,
-                outbox: Mutex::new((0, tx)),
+                leader,
+                outbox: Mutex::new((0, Some(tx))),
                 proposed: AtomicU64::new(0),
                 committed: AtomicU64::new(0),
                 ended: AtomicBool::new(false),
@@ -67,7 +75,14 @@ impl Session {
 
     fn end(&self) {
         self.ended.store(true, Ordering::Release);
+        // Proposals queued already still go to the log, under this leadership only.
+        self.outbox.lock().1 = None;
         self.wake();
+    }
+
+    /// Whether `origin` is one of this session's proposals.
+    fn proposed_here(&self, origin: &Origin) -> bool {
+        (origin.term, origin.leader) == (self.term, self.leader)
     }
 
     /// Whether everything up to `seq` is committed; an error once the session ended
@@ -92,13 +107,16 @@ impl Proposals for Session {
         let mut outbox = self.outbox.lock();
         outbox.0 += 1;
         let seq = outbox.0;
-        let _ = outbox.1.send(Proposal {
-            origin: Some(Origin {
-                term: self.term,
-                seq,
-            }),
-            command,
-        });
+        if let Some(queue) = &outbox.1 {
+            let _ = queue.send(Proposal {
+                origin: Some(Origin {
+                    term: self.term,
+                    leader: self.leader,
+                    seq,
+                }),
+                command,
+            });
+        }
         self.proposed.store(seq, Ordering::Release);
         seq
     }
@@ -201,7 +219,7 @@ impl Leadership {
     /// Reports that the proposal `origin` is committed.
     pub(super) fn committed(&self, origin: Origin) {
         if let Some(lead) = &*self.lead.lock()
-            && lead.session.term == origin.term
+            && lead.session.proposed_here(&origin)
         {
             lead.session
                 .committed
@@ -295,7 +313,15 @@ async fn lead(
         })
         .await
         .map_err(|e| e.to_string())?;
-    let (session, mut outbox) = Session::new(term);
+    // Proposals enter the log only under this leadership: once it ends, one still
+    // queued is refused rather than appended under a later one (whose engine never
+    // decided it).
+    let leader = raft.as_leader().map_err(|e| e.to_string())?;
+    let under = leader.to_committed_leader_id();
+    if under.term != term {
+        return Err(format!("the leadership of term {term} already ended"));
+    }
+    let (session, mut outbox) = Session::new(term, under.node_id);
     let engine = Engine::leading(host, config.clone(), &image, session.clone())
         .map_err(|e| e.to_string())?;
     *leadership.lead.lock() = Some(Lead {
@@ -307,7 +333,7 @@ async fn lead(
     tokio::spawn(async move {
         // Proposals enter the log in the order they were numbered.
         while let Some(proposal) = outbox.recv().await {
-            if raft.client_write_ff(proposal, None).await.is_err() {
+            if raft.write(proposal).with_leader(under).await.is_err() {
                 session.end();
                 return;
             }

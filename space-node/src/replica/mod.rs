@@ -47,14 +47,25 @@ pub struct Proposal {
     pub command: Vec<u8>,
 }
 
-/// Where a proposal comes from: the term of the leadership that proposed it (one leader
-/// per term), and its number among that leadership's proposals (from 1, in log order).
+/// Where a proposal comes from: the leadership that proposed it, named by its term and
+/// its leader (openraft may elect several leaders in one term, one after the other: a
+/// candidate of a higher member id wins the term over a lower one), and its number among
+/// that leadership's proposals (from 1, in log order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
     /// The leader's term.
     pub term: u64,
-    /// The proposal's number in that term.
+    /// The leader.
+    pub leader: MemberId,
+    /// The proposal's number in that leadership.
     pub seq: u64,
+}
+
+impl Origin {
+    /// Whether `other` comes from the same leadership.
+    pub fn same_leadership(&self, other: &Origin) -> bool {
+        (self.term, self.leader) == (other.term, other.leader)
+    }
 }
 
 impl std::fmt::Display for Proposal {

@@ -467,9 +467,15 @@ impl ShardSet {
         let caught_up = async {
             loop {
                 {
+                    // An entry of the current leader applied: everything committed
+                    // before its leadership is applied too (term alone does not name a
+                    // leadership: a term may have several leaders, one after the other).
                     let m = metrics.borrow_watched();
-                    let applied_term = m.last_applied.map(|l| l.leader_id.term);
-                    if m.current_leader.is_some() && applied_term == Some(m.current_term) {
+                    let applied = m
+                        .last_applied
+                        .map(|l| (l.leader_id.term, l.leader_id.node_id));
+                    let leader = m.current_leader.map(|l| (m.current_term, l));
+                    if leader.is_some() && applied == leader {
                         return true;
                     }
                 }

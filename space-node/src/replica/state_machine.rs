@@ -178,8 +178,8 @@ impl RaftStateMachine<Shard> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<Shard>>> + Unpin + OptionalSend,
     {
         let engine = self.engine.engine();
-        // The leader's proposals this batch committed, told once per term at its end (or
-        // where the term changes): each report wakes every call waiting on the leadership.
+        // The leader's proposals this batch committed, told once per leadership at its end
+        // (or where the leadership changes): each report wakes every call waiting on the leadership.
         let mut last_origin: Option<super::Origin> = None;
         loop {
             let (entry, responder) = match entries.try_next().await {
@@ -204,7 +204,7 @@ impl RaftStateMachine<Shard> for StateMachine {
                     });
                     if let Some(origin) = proposal.origin {
                         if let Some(last) = last_origin
-                            && last.term != origin.term
+                            && !last.same_leadership(&origin)
                         {
                             self.leadership.committed(last);
                         }
@@ -219,6 +219,7 @@ impl RaftStateMachine<Shard> for StateMachine {
                 }
                 EntryPayload::Blank => Applied::Changed,
             };
+            tracing::trace!(log_id = %entry.log_id, ?applied, "applied");
             self.applied = Some(entry.log_id);
             if let Some(responder) = responder {
                 responder.send(applied);

@@ -1160,3 +1160,78 @@ async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
         node.stop().await;
     }
 }
+
+/// Moves the group's leadership from `members[from]` to `members[to]` and waits until
+/// `to` serves it; returns its serving engine.
+async fn hand_over(members: &[TestMember], from: usize, to: usize) -> space_core::server::Engine {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(engine) = members[to].leadership.serving() {
+            return engine;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "member {} never took the leadership over",
+            members[to].id
+        );
+        let _ = members[from]
+            .raft
+            .trigger()
+            .transfer_leader(members[to].id)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A leader whose leadership ended and came back to it in a later term: what its first
+/// leadership's engine still decides (a late drop handing an entry back, a lease timer)
+/// is never committed under the second, whose engine never decided it. Before proposals
+/// were tied to their leadership, such a change entered the new term's log: the replicas
+/// then held what no serving engine did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_ended_leadership_still_decides_is_not_committed_under_a_later_one() {
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("later")).collect();
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    form_group(&members).await;
+    let (first, old) = serving(&members).await;
+    old.write("Job", job(1), None, Lease::Forever).unwrap();
+    committed(&old).await.unwrap();
+    let other = (first + 1) % members.len();
+    hand_over(&members, first, other).await;
+    let new = hand_over(&members, other, first).await;
+    assert!(!new.same_as(&old), "the leadership did not change");
+
+    // The first leadership's engine decides a change after it ended.
+    old.write("Job", job(2), None, Lease::Forever).unwrap();
+    assert!(
+        committed(&old).await.is_err(),
+        "an ended leadership committed"
+    );
+    new.write("Job", job(3), None, Lease::Forever).unwrap();
+    committed(&new).await.unwrap();
+    converged(&members, first).await;
+    let replica = members[first].slot.engine();
+    let two = Query::new("Job", Filter::Eq("n".into(), Value::I64(2)));
+    assert_eq!(
+        replica.count(&two).unwrap(),
+        0,
+        "the ended leadership's write was committed under the next one"
+    );
+    assert_eq!(
+        replica.count(&Query::new("Job", Filter::All)).unwrap(),
+        new.count(&Query::new("Job", Filter::All)).unwrap(),
+        "the replicas and the serving engine differ"
+    );
+    for m in members {
+        m.stop().await;
+    }
+}

@@ -31,11 +31,27 @@ impl NodeProcess {
     }
 
     fn start_args(args: &[&str]) -> NodeProcess {
+        // `SPACE_TEST_NODE_LOG=<filter>` logs each node at that level into a file of
+        // `SPACE_TEST_NODE_LOG_DIR` (default: the temporary directory), for diagnosis.
+        let (filter, stderr) = match std::env::var("SPACE_TEST_NODE_LOG") {
+            Ok(filter) => {
+                let dir = std::env::var("SPACE_TEST_NODE_LOG_DIR")
+                    .map_or_else(|_| std::env::temp_dir(), std::path::PathBuf::from);
+                let listen = args.get(1).copied().unwrap_or("node").replace(':', "-");
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let file = std::fs::File::create(dir.join(format!("node-{listen}-{nanos}.log")))
+                    .expect("create a node log file");
+                (filter, Stdio::from(file))
+            }
+            Err(_) => ("warn,tarpc=off,openraft=error".to_owned(), Stdio::inherit()),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_space-node"))
             .args(args)
-            .env("RUST_LOG", "warn,tarpc=off,openraft=error")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start space-node");
         let stdout = child.stdout.take().expect("stdout");
