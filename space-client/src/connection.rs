@@ -332,9 +332,10 @@ impl Connection {
             });
         }
         let wait = request.wait().min(wire::MAX_CALL_WAIT);
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             id,
             request: Arc::new(request),
+            retry: false,
         };
         let give_up = Instant::now() + self.config.retry_for;
         let mut backoff = Duration::from_millis(20);
@@ -344,6 +345,8 @@ impl Connection {
         loop {
             let failure = match self.current_client().await {
                 Ok(client) => {
+                    // Sent again: the node looks for the first run's answer first.
+                    envelope.retry = sent;
                     sent = true;
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;

@@ -467,6 +467,10 @@ pub struct Envelope {
     /// The operation (shared, so a client keeps it for a retry without copying it; it
     /// travels as the plain request).
     pub request: std::sync::Arc<Request>,
+    /// The request may have reached the node before (its connection broke before the
+    /// answer came back): a node that no longer knows the id looks for its first answer
+    /// before it runs it again (see the node's replicated answers).
+    pub retry: bool,
 }
 
 /// The service every node serves.
@@ -811,6 +815,7 @@ mod tests {
                 max: 3,
                 timeout: Duration::from_millis(250),
             }),
+            retry: false,
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
         let back: Envelope = postcard::from_bytes(&bytes).unwrap();

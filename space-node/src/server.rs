@@ -186,7 +186,7 @@ impl SpaceService for Service {
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
-            let id = envelope.id;
+            let (id, retry) = (envelope.id, envelope.retry);
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
             let entries = match &request {
@@ -206,6 +206,21 @@ impl SpaceService for Service {
                     {
                         crate::engines_used::note_used(shard, &engine);
                         return whole(finished_of(answer), entries);
+                    }
+                    // Sent again after its connection broke: its first run may have been
+                    // committed on a shard this node led then and does not lead now (it
+                    // restarted, or the leadership moved); its replica of that shard has
+                    // the answer once caught up. Run again, it would take a second entry
+                    // or write a second copy.
+                    if retry && let Some(shards) = &state.shards {
+                        match shards
+                            .settled_answer_anywhere(id, SETTLE_AFTER_STEP_DOWN)
+                            .await
+                        {
+                            Ok(Some(answer)) => return whole(finished_of(answer), entries),
+                            Ok(None) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                     // The changes are logged with the request id.
                     InRequest {

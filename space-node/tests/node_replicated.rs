@@ -408,3 +408,77 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_fails_rather_than_misses
     assert_eq!(ids, (0..300).collect::<Vec<_>>());
     assert_eq!(space.count(&all).await.unwrap(), 300);
 }
+
+/// A take by query whose node died after the take was committed, before its answer got
+/// back: the client sends it again (same id) to the restarted node, which leads nothing
+/// yet (its shards' leadership comes back only later). The retry gets the first run's
+/// answer, from the node's replica of the shard the take ran on; run again, the take
+/// would have taken a second entry (or none), and the first one would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
+    use space_client::wire::{Envelope, RequestId, Target};
+    use space_tests::hostile::{answer_to, envelope_bytes};
+    use std::sync::Arc;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let history = History::default();
+    write_all(&space, 0..40, &history).await;
+
+    // A take on the first node that gets an entry (it holds some of them).
+    let take = |id: RequestId, retry: bool| Envelope {
+        id,
+        request: Arc::new(Request::TakeDirect {
+            target: Target::Query(Query::of::<Job>()),
+            max: 1,
+            timeout: Duration::ZERO,
+        }),
+        retry,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (id, first) = loop {
+        let id = RequestId::new();
+        let call = envelope_bytes(take(id, false), Instant::now() + Duration::from_secs(10));
+        let addr = addrs[0].clone();
+        let answer = tokio::task::spawn_blocking(move || answer_to(&addr, &call))
+            .await
+            .unwrap();
+        if let Some(Ok(Response::Documents(d))) = answer
+            && !d.is_empty()
+        {
+            break (id, d);
+        }
+        assert!(Instant::now() < deadline, "the first node took nothing");
+        // Entries may be on the other nodes' shards: write more.
+        write_all(&space, 1_000..1_010, &history).await;
+    };
+
+    // The node dies and comes back; the client sends the take again.
+    if let Some(node) = nodes[0].take() {
+        node.kill();
+    }
+    nodes[0] = Some(start(&addrs[0], &dirs[0], &addrs.join(",")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let call = envelope_bytes(take(id, true), Instant::now() + Duration::from_secs(10));
+        let addr = addrs[0].clone();
+        match tokio::task::spawn_blocking(move || answer_to(&addr, &call))
+            .await
+            .unwrap()
+        {
+            // Not caught up with its shards' leaders yet: unknown, asked again.
+            Some(Err(space_client::SpaceError::Unavailable { .. })) | None
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(
+        again,
+        Some(Ok(Response::Documents(first.clone()))),
+        "the take sent again did not get its first answer ({first:?})"
+    );
+}

@@ -54,17 +54,25 @@ pub fn raw(addr: &str) -> Result<TcpStream, Welcome> {
 
 /// The bytes of one call of `request` with the given deadline.
 pub fn call_bytes(request: Request, deadline: Instant) -> Vec<u8> {
+    envelope_bytes(
+        Envelope {
+            id: RequestId::new(),
+            request: Arc::new(request),
+            retry: false,
+        },
+        deadline,
+    )
+}
+
+/// The bytes of one call of `envelope` (a request with the id and retry mark the caller
+/// chose) with the given deadline.
+pub fn envelope_bytes(envelope: Envelope, deadline: Instant) -> Vec<u8> {
     let mut context = tarpc::context::current();
     context.deadline = deadline;
     let message = tarpc::ClientMessage::Request(tarpc::Request {
         context,
         id: 1,
-        message: SpaceServiceRequest::Call {
-            envelope: Envelope {
-                id: RequestId::new(),
-                request: Arc::new(request),
-            },
-        },
+        message: SpaceServiceRequest::Call { envelope },
     });
     wire::encode(&message)
 }

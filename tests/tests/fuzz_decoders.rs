@@ -226,6 +226,7 @@ fn call_bytes(request: Request) -> Vec<u8> {
             envelope: Envelope {
                 id: RequestId::new(),
                 request: Arc::new(request),
+                retry: false,
             },
         },
     }))

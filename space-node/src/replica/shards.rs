@@ -490,6 +490,34 @@ impl ShardSet {
         }
     }
 
+    /// The first answer request `id` got on any shard this node holds a replica of, as
+    /// the replica has applied it once caught up with the shard's current leader (see
+    /// [`settled_answer`](Self::settled_answer)); all shards are looked at together. For a
+    /// request that may have run here before this node restarted or stopped leading the
+    /// shard it ran on: a request by query or a keyless write runs on shards its node
+    /// leads, all of which it holds a replica of.
+    ///
+    /// # Errors
+    /// [`SpaceError::Unavailable`] when a shard's replica does not catch up within
+    /// `within` (its outcome there cannot be known).
+    pub async fn settled_answer_anywhere(
+        &self,
+        id: RequestId,
+        within: std::time::Duration,
+    ) -> Result<Option<Answer>, SpaceError> {
+        let looks = self
+            .members
+            .keys()
+            .map(|shard| self.settled_answer(*shard, id, within));
+        let mut answer = None;
+        for found in futures::future::join_all(looks).await {
+            if let Some(a) = found? {
+                answer.get_or_insert(a);
+            }
+        }
+        Ok(answer)
+    }
+
     /// One look for a shard to hand back: the first shard this node leads whose preferred
     /// leader (its first replica: first replicas spread evenly over the nodes) is another
     /// node whose log is within [`HAND_BACK_LAG`] entries of the leader's, at
