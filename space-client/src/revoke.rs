@@ -262,14 +262,19 @@ impl Resent {
     }
 
     /// The call ended with `answer`: with no answer (`Unreachable`, `TimedOut`: it may
-    /// have been done) it is revoked; otherwise the node answered, or nothing was sent,
-    /// and it goes to its operation.
+    /// have been done) or an unknown outcome (`Unavailable`: a replicated node could not
+    /// learn what it did, e.g. across a failover or a restart) it is revoked; otherwise
+    /// the node answered, or nothing was sent, and it goes to its operation.
     pub(crate) fn finish(mut self, answer: &Result<Response>) {
         let Some(guard) = self.guard.take() else {
             return;
         };
         match answer {
-            Err(SpaceError::Unreachable { .. } | SpaceError::TimedOut { .. }) => drop(guard),
+            Err(
+                SpaceError::Unreachable { .. }
+                | SpaceError::TimedOut { .. }
+                | SpaceError::Unavailable { .. },
+            ) => drop(guard),
             _ => guard.answered(),
         }
     }

@@ -187,6 +187,7 @@ impl SpaceService for Service {
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
             let (id, retry) = (envelope.id, envelope.retry);
+            let keyless = request.routing_key().is_none();
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
             let entries = match &request {
@@ -200,27 +201,17 @@ impl SpaceService for Service {
                     // the shard's replicated answer table. The serving engine's table
                     // holds what is not committed yet too (a retry of a request whose
                     // first run was dropped before it answered): the answer waits for
-                    // the engine's changes to commit like any other.
-                    if let Some((shard, engine, answer)) =
-                        state.shards.as_ref().and_then(|s| s.answer(id))
-                    {
+                    // the engine's changes to commit like any other. A request by key
+                    // goes to its key's shard, which answers it or says who leads it; one
+                    // sent again without a key may have run on any shard of this node.
+                    let known = match &state.shards {
+                        Some(shards) if retry && keyless => shards.answer_sent_again(id)?,
+                        Some(shards) => shards.answer(id),
+                        None => None,
+                    };
+                    if let Some((shard, engine, answer)) = known {
                         crate::engines_used::note_used(shard, &engine);
                         return whole(finished_of(answer), entries);
-                    }
-                    // Sent again after its connection broke: its first run may have been
-                    // committed on a shard this node led then and does not lead now (it
-                    // restarted, or the leadership moved); its replica of that shard has
-                    // the answer once caught up. Run again, it would take a second entry
-                    // or write a second copy.
-                    if retry && let Some(shards) = &state.shards {
-                        match shards
-                            .settled_answer_anywhere(id, SETTLE_AFTER_STEP_DOWN)
-                            .await
-                        {
-                            Ok(Some(answer)) => return whole(finished_of(answer), entries),
-                            Ok(None) => {}
-                            Err(e) => return Err(e),
-                        }
                     }
                     // The changes are logged with the request id.
                     InRequest {

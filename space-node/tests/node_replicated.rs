@@ -411,13 +411,16 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_fails_rather_than_misses
 
 /// A take by query whose node died after the take was committed, before its answer got
 /// back: the client sends it again (same id) to the restarted node, which leads nothing
-/// yet (its shards' leadership comes back only later). The retry gets the first run's
-/// answer, from the node's replica of the shard the take ran on; run again, the take
-/// would have taken a second entry (or none), and the first one would be lost.
+/// yet (its shards' leadership comes back only later) and whose replicas may still be
+/// replaying their logs. The retry must not run again (it would take a second entry, or
+/// none, and the first would be lost): the node answers with the first answer, or says
+/// the outcome is unknown; the client then revokes the take, and the shard's leader
+/// gives the entry back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
+async fn a_take_sent_again_to_its_restarted_node_is_not_run_twice() {
     use space_client::wire::{Envelope, RequestId, Target};
     use space_tests::hostile::{answer_to, envelope_bytes};
+    use std::collections::BTreeSet;
     use std::sync::Arc;
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, dirs, mut nodes) = three_nodes();
@@ -436,15 +439,15 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
         }),
         retry,
     };
+    let send = |envelope: Envelope| {
+        let call = envelope_bytes(envelope, Instant::now() + Duration::from_secs(10));
+        let addr = addrs[0].clone();
+        tokio::task::spawn_blocking(move || answer_to(&addr, &call))
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     let (id, first) = loop {
         let id = RequestId::new();
-        let call = envelope_bytes(take(id, false), Instant::now() + Duration::from_secs(10));
-        let addr = addrs[0].clone();
-        let answer = tokio::task::spawn_blocking(move || answer_to(&addr, &call))
-            .await
-            .unwrap();
-        if let Some(Ok(Response::Documents(d))) = answer
+        if let Some(Ok(Response::Documents(d))) = send(take(id, false)).await.unwrap()
             && !d.is_empty()
         {
             break (id, d);
@@ -459,26 +462,48 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
         node.kill();
     }
     nodes[0] = Some(start(&addrs[0], &dirs[0], &addrs.join(",")));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let again = loop {
-        let call = envelope_bytes(take(id, true), Instant::now() + Duration::from_secs(10));
-        let addr = addrs[0].clone();
-        match tokio::task::spawn_blocking(move || answer_to(&addr, &call))
-            .await
-            .unwrap()
-        {
-            // Not caught up with its shards' leaders yet: unknown, asked again.
-            Some(Err(space_client::SpaceError::Unavailable { .. })) | None
-                if Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other,
+    let again = send(take(id, true)).await.unwrap();
+    match &again {
+        Some(Ok(Response::Documents(d))) => {
+            assert_eq!(d, &first, "the take sent again was run again");
+            return;
         }
-    };
-    assert_eq!(
-        again,
-        Some(Ok(Response::Documents(first.clone()))),
-        "the take sent again did not get its first answer ({first:?})"
-    );
+        Some(Err(space_client::SpaceError::Unavailable { .. })) => {}
+        other => panic!("the take sent again was answered {other:?}"),
+    }
+
+    // Unknown outcome: revoked on every node until all shards are covered, the entry the
+    // first run took is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut covered = BTreeSet::new();
+    while covered.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the revoke covered only {covered:?}"
+        );
+        for addr in &addrs {
+            if let Ok(conn) = Connection::open(addr, ClientConfig::default()).await
+                && let Ok(Response::Revoked { shards, .. }) = conn.call(Request::Revoke(id)).await
+            {
+                covered.extend(shards);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let taken = first[0].fields.get("id").cloned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(jobs) = space.contents::<Job>(&Query::of::<Job>()).await
+            && jobs
+                .iter()
+                .any(|j| Some(space_client::wire::Value::I64(j.id as i64)) == taken)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the entry the first run took ({first:?}) never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -443,6 +443,39 @@ impl ShardSet {
             .find_map(|(shard, e)| e.answer(id).map(|a| (shard, e, a)))
     }
 
+    /// As [`answer`](Self::answer), for a request sent again after its connection broke
+    /// (it may have run before this node restarted, or on a shard it has stopped leading
+    /// since). Only a shard's leader knows every answer its shard committed; a replica may
+    /// lag (a restarted one replays its log before it learns how far the leader got). So
+    /// unless this node leads every shard it holds a replica of (all the shards a request
+    /// by query or a keyless write can have run on here), a request it finds no answer
+    /// for has an unknown outcome: the caller revokes it, which every shard's leader
+    /// undoes.
+    ///
+    /// # Errors
+    /// [`SpaceError::Unavailable`] when the answer is not found and this node does not
+    /// lead all its shards.
+    pub fn answer_sent_again(
+        &self,
+        id: RequestId,
+    ) -> Result<Option<(GroupId, Engine, Answer)>, SpaceError> {
+        let serving = self.serving();
+        if let Some(found) = serving
+            .iter()
+            .find_map(|(shard, e)| e.answer(id).map(|a| (*shard, e.clone(), a)))
+        {
+            return Ok(Some(found));
+        }
+        if serving.len() < self.members.len() {
+            return Err(SpaceError::Unavailable {
+                reason: "a request sent again may have been done by a shard this node does \
+                         not lead now: its outcome is not known here"
+                    .into(),
+            });
+        }
+        Ok(None)
+    }
+
     /// The first answer request `id` got from shard `shard`, as this node's replica of
     /// the shard has applied it, once the replica has applied an entry of the shard's
     /// current term (so that, after a leadership ended, every command of the ended term
@@ -488,34 +521,6 @@ impl ShardSet {
             Ok(true) => Ok(member.replica.engine().answer(id)),
             _ => Err(unknown()),
         }
-    }
-
-    /// The first answer request `id` got on any shard this node holds a replica of, as
-    /// the replica has applied it once caught up with the shard's current leader (see
-    /// [`settled_answer`](Self::settled_answer)); all shards are looked at together. For a
-    /// request that may have run here before this node restarted or stopped leading the
-    /// shard it ran on: a request by query or a keyless write runs on shards its node
-    /// leads, all of which it holds a replica of.
-    ///
-    /// # Errors
-    /// [`SpaceError::Unavailable`] when a shard's replica does not catch up within
-    /// `within` (its outcome there cannot be known).
-    pub async fn settled_answer_anywhere(
-        &self,
-        id: RequestId,
-        within: std::time::Duration,
-    ) -> Result<Option<Answer>, SpaceError> {
-        let looks = self
-            .members
-            .keys()
-            .map(|shard| self.settled_answer(*shard, id, within));
-        let mut answer = None;
-        for found in futures::future::join_all(looks).await {
-            if let Some(a) = found? {
-                answer.get_or_insert(a);
-            }
-        }
-        Ok(answer)
     }
 
     /// One look for a shard to hand back: the first shard this node leads whose preferred
