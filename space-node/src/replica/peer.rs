@@ -4,7 +4,9 @@
 //! wait for each other.
 //!
 //! A peer connection starts with the node's handshake (the same token as the data port).
-//! Snapshots travel whole in one message, within the peer frame limit.
+//! Snapshots travel in chunks of [`SNAPSHOT_CHUNK`] bytes, one message each, so that a
+//! shard of any size can be sent and the other groups' messages on the connection
+//! (heartbeats above all) pass between its chunks.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,8 +37,13 @@ use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
 /// A shard group's id, the same on every node.
 pub type GroupId = u32;
 
-/// Largest message between peers (a snapshot travels in one).
+/// Largest message between peers (a batch of log entries).
 pub const PEER_MAX_FRAME: usize = 256 << 20;
+
+/// Bytes of a snapshot sent in one message: small enough that a heartbeat of another
+/// group waits behind at most one chunk on the shared connection (about 10 ms on a
+/// 1 Gbit/s link), large enough that the round trip per chunk costs little.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 
 /// The messages Raft sends between the members of a group, tagged with the group.
 #[tarpc::service]
@@ -59,13 +66,23 @@ pub(crate) trait PeerService {
         group: GroupId,
         rpc: TransferLeaderRequest<Shard>,
     ) -> Result<TransferLeaderResponse<Shard>, String>;
-    /// Install a snapshot of `group`'s state.
+    /// One chunk of a snapshot of `group`'s state. Chunks come in order, the first at
+    /// offset 0 (which starts the snapshot over); the last installs it, and answers.
     async fn snapshot(
         group: GroupId,
-        vote: Vote,
-        meta: SnapshotMetaOf<Shard>,
-        image: ByteBuf,
-    ) -> Result<SnapshotResponse<Shard>, String>;
+        chunk: SnapshotChunk,
+    ) -> Result<Option<SnapshotResponse<Shard>>, String>;
+}
+
+/// One chunk of a snapshot: `bytes` at `offset` of an image of `total` bytes, sent under
+/// `vote` with the snapshot's `meta`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SnapshotChunk {
+    vote: Vote,
+    meta: SnapshotMetaOf<Shard>,
+    offset: u64,
+    total: u64,
+    bytes: ByteBuf,
 }
 
 /// The groups this node runs, by id, for peers' messages to reach. Cloning shares them.
@@ -97,6 +114,72 @@ impl Groups {
 #[derive(Clone)]
 struct PeerServer {
     groups: Groups,
+    /// The snapshots being received on this connection, by group.
+    incoming: Arc<Mutex<HashMap<GroupId, Incoming>>>,
+}
+
+/// A snapshot being received chunk by chunk.
+struct Incoming {
+    vote: Vote,
+    meta: SnapshotMetaOf<Shard>,
+    total: u64,
+    image: Vec<u8>,
+}
+
+impl PeerServer {
+    /// Adds a chunk to `group`'s snapshot; returns the snapshot once it is whole.
+    ///
+    /// # Errors
+    /// A chunk that does not follow the one before (another snapshot, or a gap): the
+    /// snapshot is dropped, and the sender starts over.
+    fn receive(&self, group: GroupId, chunk: SnapshotChunk) -> Result<Option<Incoming>, String> {
+        let SnapshotChunk {
+            vote,
+            meta,
+            offset,
+            total,
+            bytes,
+        } = chunk;
+        let mut incoming = self.incoming.lock();
+        if offset == 0 {
+            incoming.insert(
+                group,
+                Incoming {
+                    vote,
+                    meta,
+                    total,
+                    image: Vec::new(),
+                },
+            );
+        } else {
+            let follows = incoming.get(&group).is_some_and(|i| {
+                i.vote == vote
+                    && i.meta == meta
+                    && i.total == total
+                    && i.image.len() as u64 == offset
+            });
+            if !follows {
+                incoming.remove(&group);
+                return Err(format!(
+                    "group {group}: a snapshot chunk at offset {offset} does not follow the chunks received"
+                ));
+            }
+        }
+        let Some(snapshot) = incoming.get_mut(&group) else {
+            return Err(format!("group {group}: no snapshot is being received"));
+        };
+        if offset + bytes.len() as u64 > snapshot.total {
+            incoming.remove(&group);
+            return Err(format!(
+                "group {group}: a snapshot chunk runs past the snapshot's {total} bytes"
+            ));
+        }
+        snapshot.image.extend_from_slice(&bytes);
+        if snapshot.image.len() as u64 == snapshot.total {
+            return Ok(incoming.remove(&group));
+        }
+        Ok(None)
+    }
 }
 
 impl PeerService for PeerServer {
@@ -146,17 +229,19 @@ impl PeerService for PeerServer {
         self,
         _: context::Context,
         group: GroupId,
-        vote: Vote,
-        meta: SnapshotMetaOf<Shard>,
-        image: ByteBuf,
-    ) -> Result<SnapshotResponse<Shard>, String> {
+        chunk: SnapshotChunk,
+    ) -> Result<Option<SnapshotResponse<Shard>>, String> {
         let raft = self.groups.find(group)?;
-        let snapshot = openraft::alias::SnapshotOf::<Shard, Vec<u8>> {
-            meta,
-            snapshot: image.into_vec(),
+        let Some(whole) = self.receive(group, chunk)? else {
+            return Ok(None);
         };
-        raft.install_full_snapshot(vote, snapshot)
+        let snapshot = openraft::alias::SnapshotOf::<Shard, Vec<u8>> {
+            meta: whole.meta,
+            snapshot: whole.image,
+        };
+        raft.install_full_snapshot(whole.vote, snapshot)
             .await
+            .map(Some)
             .map_err(|e| e.to_string())
     }
 }
@@ -247,7 +332,13 @@ pub(crate) async fn serve_peer_messages<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     BaseChannel::with_defaults(wire::server_transport(framed))
-        .execute(PeerServer { groups }.serve())
+        .execute(
+            PeerServer {
+                groups,
+                incoming: Arc::default(),
+            }
+            .serve(),
+        )
         .for_each(|answer| async {
             tokio::spawn(answer);
         })
@@ -272,6 +363,8 @@ struct RouterInner {
     routes: Mutex<HashMap<MemberId, String>>,
     /// The live connection to each peer.
     clients: Mutex<HashMap<MemberId, PeerServiceClient>>,
+    /// Bytes of a snapshot per message ([`SNAPSHOT_CHUNK`]; smaller in tests).
+    snapshot_chunk: std::sync::atomic::AtomicUsize,
 }
 
 impl PeerRouter {
@@ -285,8 +378,17 @@ impl PeerRouter {
                 addrs: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
+                snapshot_chunk: std::sync::atomic::AtomicUsize::new(SNAPSHOT_CHUNK),
             }),
         }
+    }
+
+    /// Sends snapshots in chunks of `bytes` (at least 1).
+    #[cfg(test)]
+    pub(crate) fn set_snapshot_chunk(&self, bytes: usize) {
+        self.inner
+            .snapshot_chunk
+            .store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reaches member `target` at `addr` rather than at the address group memberships
@@ -426,11 +528,44 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<Shard>, StreamingError<Shard>> {
-        let meta = snapshot.meta;
-        let image = ByteBuf::from(snapshot.snapshot);
-        let send = self.call(target, option.hard_ttl(), |c, ctx| async move {
-            c.snapshot(ctx, group, vote, meta, image).await
-        });
+        let (meta, image) = (snapshot.meta, snapshot.snapshot);
+        let chunk = self
+            .inner
+            .snapshot_chunk
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let total = image.len() as u64;
+        // Chunk after chunk, each answered before the next goes (at least one, for an
+        // empty image); the last one's answer is the snapshot's.
+        let send = async {
+            let mut offset = 0;
+            loop {
+                let end = (offset + chunk).min(image.len());
+                let chunk = SnapshotChunk {
+                    vote,
+                    meta: meta.clone(),
+                    offset: offset as u64,
+                    total,
+                    bytes: ByteBuf::from(image[offset..end].to_vec()),
+                };
+                let answer = self
+                    .call(target, option.hard_ttl(), |c, ctx| async move {
+                        c.snapshot(ctx, group, chunk).await
+                    })
+                    .await?;
+                offset = end;
+                match answer {
+                    Some(installed) => return Ok(installed),
+                    None if offset < image.len() => {}
+                    None => {
+                        return Err(RPCError::Network(
+                            openraft::error::NetworkError::from_string(format!(
+                                "node {target} did not install the snapshot after its last chunk"
+                            )),
+                        ));
+                    }
+                }
+            }
+        };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             sent = send => sent.map_err(|e| match e {
@@ -462,5 +597,46 @@ impl RaftNetworkFactory<Shard> for GroupNetwork {
             .lock()
             .insert(target, node.addr.clone());
         GroupNetworkAdapter::new(self.router.clone(), target, self.group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_chunks_are_taken_in_order_and_a_first_chunk_starts_over() {
+        let server = PeerServer {
+            groups: Groups::default(),
+            incoming: Arc::default(),
+        };
+        let vote = Vote::new(1, 1);
+        let meta = SnapshotMetaOf::<Shard>::default();
+        let chunk = |offset: u64, total: u64, bytes: &[u8]| SnapshotChunk {
+            vote,
+            meta: meta.clone(),
+            offset,
+            total,
+            bytes: ByteBuf::from(bytes.to_vec()),
+        };
+        let receive = |offset: u64, bytes: &[u8]| {
+            server
+                .receive(7, chunk(offset, 6, bytes))
+                .map(|whole| whole.map(|w| w.image))
+        };
+        assert_eq!(receive(0, b"ab"), Ok(None));
+        // A gap: refused, and the snapshot is dropped.
+        assert!(receive(4, b"ef").is_err());
+        assert!(receive(2, b"cd").is_err(), "a dropped snapshot went on");
+        // Started over, in order: whole at the last chunk.
+        assert_eq!(receive(0, b"ab"), Ok(None));
+        assert_eq!(receive(2, b"cd"), Ok(None));
+        assert_eq!(receive(4, b"ef"), Ok(Some(b"abcdef".to_vec())));
+        // Past the end: refused.
+        assert_eq!(receive(0, b"abcd"), Ok(None));
+        assert!(receive(4, b"efgh").is_err());
+        // An empty snapshot is whole at once.
+        let empty = server.receive(8, chunk(0, 0, b""));
+        assert!(matches!(empty, Ok(Some(w)) if w.image.is_empty()));
     }
 }

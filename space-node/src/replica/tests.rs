@@ -121,6 +121,8 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
     settings.max_in_snapshot_log_to_keep = 10;
     let settings = Arc::new(settings.validate().unwrap());
     let router = super::PeerRouter::new(None, ONE_GROUP_CLUSTER);
+    // Snapshots travel in many chunks.
+    router.set_snapshot_chunk(512);
     let member = super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
         .await
         .unwrap();
