@@ -205,12 +205,17 @@ impl SpaceService for Service {
                     // goes to its key's shard, which answers it or says who leads it; one
                     // sent again without a key may have run on any shard of this node.
                     let known = match &state.shards {
-                        Some(shards) if retry && keyless => shards.answer_sent_again(id)?,
-                        Some(shards) => shards.answer(id),
+                        Some(shards) if retry && keyless => {
+                            shards.answer_sent_again(id, SETTLE_AFTER_STEP_DOWN).await?
+                        }
+                        Some(shards) => shards.answer(id).map(|(s, e, a)| (s, Some(e), a)),
                         None => None,
                     };
                     if let Some((shard, engine, answer)) = known {
-                        crate::engines_used::note_used(shard, &engine);
+                        // A serving engine's answer waits for its changes to commit.
+                        if let Some(engine) = engine {
+                            crate::engines_used::note_used(shard, &engine);
+                        }
                         return whole(finished_of(answer), entries);
                     }
                     // The changes are logged with the request id.

@@ -66,6 +66,10 @@ pub(crate) trait PeerService {
         group: GroupId,
         rpc: TransferLeaderRequest<Shard>,
     ) -> Result<TransferLeaderResponse<Shard>, String>;
+    /// The index up to which a reader must have applied `group`'s log to see everything
+    /// committed before this call: openraft's read index, from this node's member, which
+    /// must lead the group (confirmed by a majority).
+    async fn read_index(group: GroupId) -> Result<u64, String>;
     /// One chunk of a snapshot of `group`'s state. Chunks come in order, the first at
     /// offset 0 (which starts the snapshot over); the last installs it, and answers.
     async fn snapshot(
@@ -222,6 +226,14 @@ impl PeerService for PeerServer {
         let raft = self.groups.find(group)?;
         raft.handle_transfer_leader(rpc)
             .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn read_index(self, _: context::Context, group: GroupId) -> Result<u64, String> {
+        let raft = self.groups.find(group)?;
+        raft.get_read_linearizer(openraft::ReadPolicy::ReadIndex)
+            .await
+            .map(|l| l.read_log_id().index())
             .map_err(|e| e.to_string())
     }
 
@@ -425,6 +437,24 @@ impl PeerRouter {
             PeerServiceClient::new(client::Config::default(), wire::transport(framed)).spawn();
         self.inner.clients.lock().insert(target, client.clone());
         Ok(client)
+    }
+
+    /// `group`'s read index from its leader `leader` (see `PeerService::read_index`),
+    /// within `ttl`.
+    ///
+    /// # Errors
+    /// The leader cannot be reached, or is not the leader.
+    pub(crate) async fn read_index(
+        &self,
+        leader: MemberId,
+        group: GroupId,
+        ttl: Duration,
+    ) -> Result<u64, String> {
+        self.call(leader, ttl, |c, ctx| async move {
+            c.read_index(ctx, group).await
+        })
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Drops the connection to `target` after it failed; the next message makes a new one.

@@ -194,6 +194,8 @@ pub struct ShardSet {
     members: BTreeMap<GroupId, GroupMember>,
     groups: Groups,
     changes: ServingChanges,
+    /// The connections to the other members (for read indexes).
+    router: PeerRouter,
 }
 
 impl ShardSet {
@@ -241,6 +243,7 @@ impl ShardSet {
             members,
             groups,
             changes,
+            router: router.clone(),
         })
     }
 
@@ -445,35 +448,65 @@ impl ShardSet {
 
     /// As [`answer`](Self::answer), for a request sent again after its connection broke
     /// (it may have run before this node restarted, or on a shard it has stopped leading
-    /// since). Only a shard's leader knows every answer its shard committed; a replica may
-    /// lag (a restarted one replays its log before it learns how far the leader got). So
-    /// unless this node leads every shard it holds a replica of (all the shards a request
-    /// by query or a keyless write can have run on here), a request it finds no answer
-    /// for has an unknown outcome: the caller revokes it, which every shard's leader
-    /// undoes.
+    /// since): also looks in the replicas of the shards this node does not lead. A replica
+    /// may lag (a restarted one replays its log before it learns how far the leader got),
+    /// so each is read once it has applied its shard's read index, asked of the shard's
+    /// leader (openraft's read index, confirmed by a majority): everything committed
+    /// before, the first run's commands included if they ever will be, is applied then.
+    /// All shards are looked at together; an answer from a replica is committed already
+    /// (no engine to wait on).
     ///
     /// # Errors
-    /// [`SpaceError::Unavailable`] when the answer is not found and this node does not
-    /// lead all its shards.
-    pub fn answer_sent_again(
+    /// [`SpaceError::Unavailable`] when a shard's leader is not known, cannot be reached,
+    /// or its replica here does not catch up within `within`: the outcome is unknown, and
+    /// the caller revokes the request (every shard's leader undoes it).
+    pub async fn answer_sent_again(
         &self,
         id: RequestId,
-    ) -> Result<Option<(GroupId, Engine, Answer)>, SpaceError> {
+        within: std::time::Duration,
+    ) -> Result<Option<(GroupId, Option<Engine>, Answer)>, SpaceError> {
         let serving = self.serving();
         if let Some(found) = serving
             .iter()
-            .find_map(|(shard, e)| e.answer(id).map(|a| (*shard, e.clone(), a)))
+            .find_map(|(shard, e)| e.answer(id).map(|a| (*shard, Some(e.clone()), a)))
         {
             return Ok(Some(found));
         }
-        if serving.len() < self.members.len() {
-            return Err(SpaceError::Unavailable {
-                reason: "a request sent again may have been done by a shard this node does \
-                         not lead now: its outcome is not known here"
-                    .into(),
+        let unknown = |shard: GroupId| SpaceError::Unavailable {
+            reason: format!(
+                "a request sent again may have been done by shard {shard}, whose leader could \
+                 not be asked how far its log is committed: its outcome is not known here"
+            ),
+        };
+        let looks = self
+            .members
+            .iter()
+            .filter(|(shard, _)| !serving.iter().any(|(s, _)| s == *shard))
+            .map(|(shard, member)| async move {
+                let leader = member.raft.metrics().borrow_watched().current_leader;
+                let leader = leader
+                    .filter(|l| *l != self.me)
+                    .ok_or_else(|| unknown(*shard))?;
+                let index = self
+                    .router
+                    .read_index(leader, *shard, within)
+                    .await
+                    .map_err(|_| unknown(*shard))?;
+                member
+                    .raft
+                    .wait(Some(within))
+                    .applied_index_at_least(Some(index), "the leader's read index")
+                    .await
+                    .map_err(|_| unknown(*shard))?;
+                Ok::<_, SpaceError>(member.replica.engine().answer(id).map(|a| (*shard, a)))
             });
+        let mut answer = None;
+        for found in futures::future::join_all(looks).await {
+            if let Some((shard, a)) = found? {
+                answer.get_or_insert((shard, None, a));
+            }
         }
-        Ok(None)
+        Ok(answer)
     }
 
     /// The first answer request `id` got from shard `shard`, as this node's replica of
