@@ -114,6 +114,10 @@ async fn pump(
             continue;
         }
         tokio::select! {
+            // A change of the link is seen before bytes that are ready: what is sent
+            // after a black-hole began does not pass.
+            biased;
+            changed = link.changed() => if changed.is_err() { break },
             read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
@@ -124,7 +128,6 @@ async fn pump(
                     }
                 }
             },
-            changed = link.changed() => if changed.is_err() { break },
         }
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), to.shutdown()).await;
