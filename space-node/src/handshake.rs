@@ -80,6 +80,8 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         None
     };
     if let Some(reason) = refusal {
+        // A wrong token (or a stranger on the port) is worth an operator's attention.
+        tracing::warn!(%reason, "refused a connection");
         let _ = wire::send_frame(
             framed,
             &Welcome::Refused {

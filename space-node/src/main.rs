@@ -34,9 +34,10 @@ struct Args {
     /// Address clients are told to use (default: the listening address).
     #[arg(long)]
     advertise: Option<String>,
-    /// This node's id.
-    #[arg(long, default_value_t = 1)]
-    node_id: u64,
+    /// This node's id (default 1). A cluster node's id is its position in --peers or
+    /// --initial-cluster, so it is refused with those.
+    #[arg(long, conflicts_with_all = ["peers", "initial_cluster"])]
+    node_id: Option<u64>,
     /// A label this node carries, as key=value (repeatable), for FindPlaceFor.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -234,7 +235,7 @@ async fn serve(args: Args) -> Result<()> {
         peer_routes: args.peer_routes,
         listen: args.listen,
         advertise: args.advertise,
-        node: NodeId(args.node_id),
+        node: NodeId(args.node_id.unwrap_or(1)),
         labels: args.labels,
         token,
         max_frame: args.max_frame_bytes,

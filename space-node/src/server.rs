@@ -844,9 +844,25 @@ impl Node {
     /// subscriptions and returns. Requests already running finish on their own tasks.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let state = self.state;
+        let config = &state.config;
+        let durability = match (&config.data_dir, &state.shards) {
+            (Some(_), Some(_)) => "replicated",
+            (Some(_), None) => "durable",
+            (None, _) => "memory",
+        };
         tracing::info!(
-            node = %state.config.node,
+            version = %env!("CARGO_PKG_VERSION"),
+            node = %config.node,
             address = %state.address,
+            %durability,
+            data_dir = ?config.data_dir,
+            auth = config.token.is_some(),
+            max_entries = ?config.max_entries,
+            max_bytes = ?config.max_bytes,
+            max_entry_bytes = config.max_entry_bytes,
+            max_connections = config.max_connections,
+            max_waiters = config.max_waiters,
+            max_subscriptions = config.max_subscriptions,
             dedupe_capacity = state.dedupe.capacity(),
             "serving"
         );
@@ -871,6 +887,16 @@ impl Node {
             }
         }
         state.pushers.cancel_all();
+        if config.data_dir.is_none() {
+            // What a memory-mode node holds goes with it.
+            let entries = state.engine.stats().entries;
+            if entries > 0 {
+                tracing::warn!(
+                    entries,
+                    "stopping a memory-mode node: its entries are discarded"
+                );
+            }
+        }
         tracing::info!("stopped");
     }
 }
