@@ -594,6 +594,7 @@ enum Backing {
 /// / [`try_recv`](Self::try_recv) from threads, or use it as a `futures::Stream` from async
 /// code. Dropping it (or [`cancel`](Self::cancel)) unsubscribes at once. The same type is
 /// returned by the in-process space and by a remote one.
+#[must_use = "dropping a subscription unsubscribes at once"]
 pub struct Subscription {
     backing: Backing,
     query: Arc<Query>,

@@ -75,9 +75,23 @@ pub struct Space {
     backend: Backend,
 }
 
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.backend {
+            Backend::Local(_) => f.debug_struct("Space").field("in_process", &true).finish(),
+            Backend::Remote(remote) => f
+                .debug_struct("Space")
+                .field("in_process", &false)
+                .field("node", &remote.node())
+                .finish(),
+        }
+    }
+}
+
 /// A claimed entry: hidden from everyone else until [`Space::commit`] removes it or
 /// [`Space::release`] (or the claim's lease running out) puts it back.
 #[derive(Clone, Debug, PartialEq)]
+#[must_use = "a claim left alone hides its entry until its lease runs out: commit or release it"]
 pub struct Claim<T> {
     /// The claimed entry.
     pub entry: T,
@@ -879,7 +893,7 @@ both_forms! {
 ///
 /// Do not call it from inside an async task (it would block the task's thread); use the
 /// async form there.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BlockingSpace(Space);
 
 impl BlockingSpace {
@@ -904,5 +918,15 @@ mod tests {
     fn handles_are_send_sync_clone() {
         assert_send_sync_clone::<Space>();
         assert_send_sync_clone::<BlockingSpace>();
+    }
+
+    #[test]
+    fn handles_say_what_they_are_in_debug_output() {
+        let space = Space::new();
+        assert_eq!(format!("{space:?}"), "Space { in_process: true }");
+        assert_eq!(
+            format!("{:?}", space.blocking()),
+            "BlockingSpace(Space { in_process: true })"
+        );
     }
 }

@@ -179,9 +179,7 @@ fn a_corrupt_snapshot_is_reported_by_name() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     fs::write(&snapshot, bytes).unwrap();
-    let err = Space::open(&dir.0)
-        .err()
-        .expect("a corrupt snapshot must not load");
+    let err = Space::open(&dir.0).expect_err("a corrupt snapshot must not load");
     let name = snapshot.file_name().unwrap().to_string_lossy().into_owned();
     assert!(matches!(err, SpaceError::Storage { .. }), "{err}");
     assert!(
