@@ -9,6 +9,11 @@ use crate::value::{Value, ValueKind};
 /// A Rust type that names an entry type. Queries are always for one entry type.
 ///
 /// `space-core`'s `Entry` trait builds on this; declare both with its `entry!` macro.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not declared as an entry type of the space",
+    label = "not declared with `entry!`",
+    note = "declare it next to the struct: `space_client::entry!({Self}, \"{Self}\");`"
+)]
 pub trait EntryType {
     /// The stable name of the entry type, such as `"OrderMessage"`. It is what the space
     /// stores and matches on, so it must not change when the Rust type is renamed.

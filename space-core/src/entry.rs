@@ -26,6 +26,11 @@ use uuid::Uuid;
 /// entries (a bag). With a key field, the key is the entry's identity: writing a second
 /// entry with a key that is present fails with [`SpaceError::KeyExists`](crate::SpaceError).
 /// Indexed fields make equality queries on them touch only the matching entries.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not declared as an entry of the space",
+    label = "not declared with `entry!`",
+    note = "declare it next to the struct: `space_client::entry!({Self}, \"{Self}\");` (options: `key = field`, `index = [field, ...]`)"
+)]
 pub trait Entry: EntryType + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Top-level fields to index for equality lookups.
     const INDEXES: &'static [&'static str] = &[];
@@ -37,9 +42,19 @@ pub trait Entry: EntryType + Serialize + DeserializeOwned + Send + Sync + 'stati
 }
 
 /// Declares a struct as an [`Entry`] in one line:
-/// `entry!(Type, "StableName" [, key = field] [, index = [field, ...]])`.
+/// `entry!(Type, "StableName" [, key = field] [, index = [field, ...]])`, the options in
+/// either order. A key or index field the struct does not have is a compile error:
+///
+/// ```compile_fail
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Order { id: String }
+/// space_core::entry!(Order, "Order", index = [status]); // no field `status`
+/// ```
 #[macro_export]
 macro_rules! entry {
+    ($ty:ty, $name:literal, index = [$($field:ident),* $(,)?], key = $key:ident $(,)?) => {
+        $crate::entry!($ty, $name, key = $key, index = [$($field),*]);
+    };
     ($ty:ty, $name:literal $(, key = $key:ident)? $(, index = [$($field:ident),* $(,)?])? $(,)?) => {
         impl $crate::EntryType for $ty {
             const ENTRY_TYPE: &'static str = $name;
@@ -52,6 +67,10 @@ macro_rules! entry {
                 }
             )?
         }
+        // Every indexed field is a field of the struct.
+        const _: fn(&$ty) = |_entry: &$ty| {
+            $($(let _ = &_entry.$field;)*)?
+        };
     };
 }
 
@@ -169,6 +188,32 @@ impl fmt::Display for NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct KeyFirst {
+        id: String,
+        kind: String,
+    }
+    crate::entry!(KeyFirst, "KeyFirst", key = id, index = [kind]);
+
+    #[derive(Serialize, Deserialize)]
+    struct IndexFirst {
+        id: String,
+        kind: String,
+    }
+    crate::entry!(IndexFirst, "IndexFirst", index = [kind, id], key = id);
+
+    #[test]
+    fn entry_takes_its_options_in_either_order() {
+        assert_eq!(KeyFirst::INDEXES, ["kind"]);
+        assert_eq!(IndexFirst::INDEXES, ["kind", "id"]);
+        let entry = IndexFirst {
+            id: "o-1".into(),
+            kind: "x".into(),
+        };
+        assert_eq!(entry.key(), Some(Key::Name("o-1".into())));
+        assert_eq!(IndexFirst::ENTRY_TYPE, "IndexFirst");
+    }
 
     #[test]
     fn keys_print_and_parse() {
