@@ -124,3 +124,64 @@ fn the_cli_writes_reads_takes_counts_watches_and_reports() {
     assert!(!gone.status.success());
     assert!(String::from_utf8_lossy(&gone.stderr).contains("unreachable"));
 }
+
+/// Exit codes tell found, nothing and error apart; durations read as people write them;
+/// errors come as JSON with `--json`; ping says the node answers.
+#[test]
+fn exit_codes_durations_json_errors_and_ping() {
+    let node = NodeProcess::start(&[]);
+    let code = |o: &Output| o.status.code();
+
+    // Nothing there: exit code 1, after the wait asked for.
+    let started = std::time::Instant::now();
+    let empty = space(&node, &["take", "Job", "--timeout", "300ms"]);
+    assert_eq!(code(&empty), Some(1), "{empty:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(code(&space(&node, &["read", "Job"])), Some(1));
+
+    // A lease as a duration; a found entry: exit code 0.
+    let written = space(&node, &["write", "Job", r#"{"n":1}"#, "--lease", "1m"]);
+    assert_eq!(code(&written), Some(0), "{written:?}");
+    let read = space(&node, &["--json", "read", "Job", "n:1", "--timeout", "5s"]);
+    assert_eq!(code(&read), Some(0), "{read:?}");
+    let doc: serde_json::Value = serde_json::from_str(stdout(&read).trim()).unwrap();
+    assert_eq!(doc["fields"]["n"], 1);
+    assert_eq!(
+        code(&space(&node, &["take", "Job", "--timeout", "forever"])),
+        Some(0)
+    );
+
+    // Not a duration: exit code 2, saying what a duration looks like.
+    let bad = space(&node, &["write", "Job", r#"{"n":2}"#, "--lease", "soon"]);
+    assert_eq!(code(&bad), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("500ms, 5s or 1m"),
+        "{bad:?}"
+    );
+
+    // An error with --json: one JSON object on stdout, exit code 2; the node's typed
+    // error as its detail.
+    let refused = space(
+        &node,
+        &[
+            "--json",
+            "write",
+            "Job",
+            r#"{"n": {"a": 1}}"#,
+            "--lease",
+            "9999d",
+        ],
+    );
+    assert_eq!(code(&refused), Some(2), "{refused:?}");
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&refused.stdout).trim()).unwrap();
+    assert!(err["error"]["message"].is_string(), "{err}");
+    assert!(err["error"]["detail"].is_object(), "{err}");
+
+    // Ping: the node answers.
+    let ping = space(&node, &["--json", "ping"]);
+    let said: serde_json::Value = serde_json::from_str(stdout(&ping).trim()).unwrap();
+    assert_eq!(said["address"], node.addr.as_str());
+    assert!(said["round_trip_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
+    assert!(stdout(&space(&node, &["ping"])).contains("answered in"));
+}

@@ -149,14 +149,7 @@ fn absurd_values_get_typed_errors_and_no_panics() {
     // The CLI with an absurd timeout: no panic, the entry comes back.
     space.write(&Job { id: 3 }).unwrap();
     let out = std::process::Command::new(cli())
-        .args([
-            "--node",
-            &addr,
-            "take",
-            "Job",
-            "--timeout-ms",
-            &u64::MAX.to_string(),
-        ])
+        .args(["--node", &addr, "take", "Job", "--timeout", "forever"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

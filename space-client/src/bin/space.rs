@@ -3,7 +3,7 @@
 //! ```text
 //! space write Order '{"id": "o-1", "status": "ReadyToShip", "amount": 150}'
 //! space read Order 'status:ReadyToShip AND amount:>100'
-//! space take Order 'status:ReadyToShip' --timeout-ms 5000
+//! space take Order 'status:ReadyToShip' --timeout 5s
 //! space count Order
 //! space watch Order 'amount:>100' --kinds written,taken
 //! space stats
@@ -11,7 +11,12 @@
 //! ```
 //!
 //! `--node HOST:PORT` (default 127.0.0.1:7700, or `SPACE_NODE`), `--token` (or
-//! `SPACE_AUTH_TOKEN`), and `--json` for machine-readable output: one JSON value per line.
+//! `SPACE_AUTH_TOKEN`), and `--json` for machine-readable output: one JSON value per line,
+//! errors included (`{"error": {"message": ..., "detail": ...}}`). Durations are written
+//! `500ms`, `5s`, `1m`, `2h` (or `forever` where it means something).
+//!
+//! Exit codes: 0 when the command did what it was asked (a read or take found something),
+//! 1 when a read or take found nothing, 2 on an error (bad input, or what the node said).
 
 use std::time::Duration;
 
@@ -28,7 +33,8 @@ use space_query::Fields;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Talks to a space node: write, read, take, count, watch, stats, topology."
+    about = "Talks to a space node: write, read, take, count, watch, stats, topology, ping.",
+    after_help = "Exit codes: 0 done (found), 1 nothing found, 2 error."
 )]
 struct Cli {
     /// The node to talk to.
@@ -60,9 +66,9 @@ enum Command {
         /// A user key (default: the node mints a UUID v7).
         #[arg(long)]
         key: Option<String>,
-        /// Lease in milliseconds (default: forever).
-        #[arg(long)]
-        lease_ms: Option<u64>,
+        /// How long the entry lives: `30s`, `5m`, ... or `forever`.
+        #[arg(long, value_parser = parse_duration, default_value = "forever")]
+        lease: Duration,
     },
     /// Read a copy of the oldest matching entry.
     Read {
@@ -71,9 +77,9 @@ enum Command {
         /// The query (text syntax); empty or `*` for any entry of the type.
         #[arg(default_value = "*")]
         query: String,
-        /// How long to wait for a match.
-        #[arg(long, default_value_t = 0)]
-        timeout_ms: u64,
+        /// How long to wait for a match: `0s` (default), `500ms`, `5s`, ... or `forever`.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        timeout: Duration,
     },
     /// Take (remove) the oldest matching entries.
     Take {
@@ -82,9 +88,9 @@ enum Command {
         /// The query (text syntax).
         #[arg(default_value = "*")]
         query: String,
-        /// How long to wait for a match.
-        #[arg(long, default_value_t = 0)]
-        timeout_ms: u64,
+        /// How long to wait for a match: `0s` (default), `500ms`, `5s`, ... or `forever`.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        timeout: Duration,
         /// Take up to this many.
         #[arg(long, default_value_t = 1)]
         max: u32,
@@ -115,6 +121,25 @@ enum Command {
     Stats,
     /// Which node owns which ranges.
     Topology,
+    /// Whether the node answers, and how fast.
+    Ping,
+}
+
+/// A duration as `500ms`, `5s`, `1m`, `2h` ([`humantime`]'s syntax), or `forever`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim().eq_ignore_ascii_case("forever") {
+        return Ok(Duration::MAX);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration such as 500ms, 5s or 1m ({e})"))
+}
+
+/// What a command found, for its exit code.
+enum Found {
+    /// It did what it was asked (exit code 0).
+    Done,
+    /// A read or take found nothing (exit code 1).
+    Nothing,
 }
 
 fn parse_query(entry_type: &str, text: &str) -> Result<Query> {
@@ -243,7 +268,7 @@ fn print_topology(t: &Topology, shards: &[ShardInfo], as_json: bool) {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<Found> {
     let config = ClientConfig {
         token: cli.token.clone(),
         retry_for: Duration::from_secs(2),
@@ -255,11 +280,15 @@ async fn run(cli: Cli) -> Result<()> {
             entry_type,
             entry,
             key,
-            lease_ms,
+            lease,
         } => {
             let fields: Fields =
                 serde_json::from_str(&entry).context("the entry must be a JSON object")?;
-            let lease = lease_ms.map_or(Lease::Forever, Lease::millis);
+            let lease = if lease == Duration::MAX {
+                Lease::Forever
+            } else {
+                Lease::For(lease)
+            };
             let key: Option<Key> = key.map(|k| k.parse().unwrap_or_else(|never| match never {}));
             let Response::Receipts(receipts) = conn
                 .call(Request::WriteDirect {
@@ -287,24 +316,26 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Read {
             entry_type,
             query,
-            timeout_ms,
+            timeout,
         } => {
             let query = parse_query(&entry_type, &query)?;
             let answer = conn
                 .call(Request::ReadDirect {
                     target: Target::Query(query),
-                    timeout: Duration::from_millis(timeout_ms),
+                    timeout,
                 })
                 .await?;
             let Response::Document(doc) = answer else {
                 bail!("unexpected answer")
             };
-            print_documents(&doc.into_iter().collect::<Vec<_>>(), cli.json)?;
+            let docs: Vec<_> = doc.into_iter().collect();
+            print_documents(&docs, cli.json)?;
+            return Ok(found(&docs));
         }
         Command::Take {
             entry_type,
             query,
-            timeout_ms,
+            timeout,
             max,
         } => {
             let query = parse_query(&entry_type, &query)?;
@@ -312,13 +343,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .call(Request::TakeDirect {
                     target: Target::Query(query),
                     max: max.max(1),
-                    timeout: Duration::from_millis(timeout_ms),
+                    timeout,
                 })
                 .await?;
             let Response::Documents(docs) = answer else {
                 bail!("unexpected answer")
             };
             print_documents(&docs, cli.json)?;
+            return Ok(found(&docs));
         }
         Command::Count { entry_type, query } => {
             let query = parse_query(&entry_type, &query)?;
@@ -399,15 +431,58 @@ async fn run(cli: Cli) -> Result<()> {
             };
             print_topology(&t, &shards, cli.json);
         }
+        Command::Ping => {
+            let started = std::time::Instant::now();
+            let Response::NodeStatus(status) = conn.call(Request::NodeStatus).await? else {
+                bail!("unexpected answer")
+            };
+            let round_trip = started.elapsed().as_secs_f64() * 1e3;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"node": status.info.node.0, "address": status.info.address, "round_trip_ms": round_trip})
+                );
+            } else {
+                println!(
+                    "{} at {} answered in {round_trip:.1} ms",
+                    status.info.node, status.info.address
+                );
+            }
+        }
     }
-    Ok(())
+    Ok(Found::Done)
+}
+
+/// Whether a read or take found something.
+fn found<T>(docs: &[T]) -> Found {
+    if docs.is_empty() {
+        Found::Nothing
+    } else {
+        Found::Done
+    }
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let as_json = cli.json;
+    match run(cli).await {
+        Ok(Found::Done) => {}
+        Ok(Found::Nothing) => std::process::exit(1),
+        Err(e) => {
+            if as_json {
+                // The node's typed error, when it was one, as the wire carries it.
+                let detail = e
+                    .downcast_ref::<space_client::SpaceError>()
+                    .and_then(|e| serde_json::to_value(e).ok());
+                println!(
+                    "{}",
+                    json!({"error": {"message": format!("{e:#}"), "detail": detail}})
+                );
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            std::process::exit(2);
+        }
     }
 }
