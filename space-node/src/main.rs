@@ -26,8 +26,13 @@ enum LogFormat {
 
 /// A space node: holds entries and serves the space over the network.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
+    /// A TOML file of settings, one per option, named as the options are without their
+    /// dashes (`max-entries = 100000`, `label = ["zone=a"]`, `auth-token-file = "..."`);
+    /// options given on the command line win over the file's.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address to listen on. Anything but loopback requires an auth token.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
@@ -189,8 +194,53 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The command line with the settings of a `--config FILE` (if one is given) put before
+/// it, as options: those given on the command line come later and win.
+fn with_config_file(argv: Vec<String>) -> Result<Vec<String>> {
+    let path = argv.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=").map(str::to_owned).or_else(|| {
+            (a == "--config")
+                .then(|| argv.get(i + 1).cloned())
+                .flatten()
+        })
+    });
+    let Some(path) = path else {
+        return Ok(argv);
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{path} is not TOML"))?;
+    let known: Vec<String> = <Args as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let mut args = vec![argv.first().cloned().unwrap_or_default()];
+    for (name, value) in table {
+        let flag = name.replace('_', "-");
+        if flag == "config" || !known.contains(&flag) {
+            bail!("{path}: {name:?} is not an option of space-node (see --help)");
+        }
+        let values = match value {
+            toml::Value::Array(items) => items,
+            one => vec![one],
+        };
+        for value in values {
+            match value {
+                toml::Value::String(s) => args.extend([format!("--{flag}"), s]),
+                toml::Value::Integer(n) => args.extend([format!("--{flag}"), n.to_string()]),
+                toml::Value::Float(x) => args.extend([format!("--{flag}"), x.to_string()]),
+                toml::Value::Boolean(true) => args.push(format!("--{flag}")),
+                toml::Value::Boolean(false) => {}
+                other => bail!("{path}: {name:?} cannot be {}", other.type_str()),
+            }
+        }
+    }
+    args.extend(argv.into_iter().skip(1));
+    Ok(args)
+}
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(with_config_file(std::env::args().collect())?);
     init_logs(args.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {

@@ -20,15 +20,17 @@ space_client::entry!(Job, "Job");
 async fn a_node_says_how_it_runs_what_it_refuses_and_what_it_discards() {
     let dir = TempDir::new("operators");
     let log = dir.0.join("node.log");
-    let mut node = Command::new(env!("CARGO_BIN_EXE_space-node"))
-        .args(["--listen", "127.0.0.1:0", "--auth-token", "s3cret"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut node = Running(
+        Command::new(env!("CARGO_BIN_EXE_space-node"))
+            .args(["--listen", "127.0.0.1:0", "--auth-token", "s3cret"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    BufReader::new(node.stdout.take().unwrap())
+    BufReader::new(node.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line
@@ -53,12 +55,12 @@ async fn a_node_says_how_it_runs_what_it_refuses_and_what_it_discards() {
     }
     drop(space);
     let stopped = Command::new("kill")
-        .args(["-TERM", &node.id().to_string()])
+        .args(["-TERM", &node.0.id().to_string()])
         .status()
         .unwrap();
     assert!(stopped.success());
     assert!(
-        node.wait().unwrap().success(),
+        node.0.wait().unwrap().success(),
         "the node did not stop cleanly"
     );
 
@@ -95,29 +97,34 @@ async fn a_node_says_how_it_runs_what_it_refuses_and_what_it_discards() {
     );
 }
 
+/// Runs `space-node` with `args`, which it should refuse: a node that accepted them
+/// would run on, so it is given 10 s to exit.
+fn refused(args: &[&str]) -> std::process::Output {
+    let mut node = Command::new(env!("CARGO_BIN_EXE_space-node"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = node.kill();
+    node.wait_with_output().unwrap()
+}
+
 #[test]
 fn a_node_id_is_refused_where_the_cluster_list_decides_it() {
     for cluster in ["--peers", "--initial-cluster"] {
-        let mut node = Command::new(env!("CARGO_BIN_EXE_space-node"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--node-id",
-                "2",
-                cluster,
-                "127.0.0.1:1,127.0.0.1:2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A node that accepted the flags would run on: given 10 s to refuse them.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while node.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = node.kill();
-        let out = node.wait_with_output().unwrap();
+        let out = refused(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "2",
+            cluster,
+            "127.0.0.1:1,127.0.0.1:2",
+        ]);
         assert!(
             !out.status.success(),
             "--node-id with {cluster} was accepted"
@@ -128,4 +135,82 @@ fn a_node_id_is_refused_where_the_cluster_list_decides_it() {
             "the refusal does not name the flags: {said}"
         );
     }
+}
+
+/// A node process, killed when dropped (a failing test leaves none behind).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `space-node` with `args`; its address, once it says it listens.
+fn start_with(args: &[&str]) -> (Running, String) {
+    let mut node = Command::new(env!("CARGO_BIN_EXE_space-node"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Running(node), addr)
+}
+
+/// How many of `n` writes the node at `addr` accepts.
+async fn accepted(addr: &str, n: u64) -> u64 {
+    let space = space_client::connect(addr).await.unwrap();
+    let mut ok = 0;
+    for i in 0..n {
+        match space.write(&Job { n: i }).await {
+            Ok(_) => ok += 1,
+            Err(space_client::SpaceError::Full { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_options_and_the_command_line_wins() {
+    let dir = TempDir::new("config");
+    let file = dir.0.join("node.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\nmax-entries = 2\nlabel = [\"zone=a\"]\nlog_format = \"text\"\n",
+    )
+    .unwrap();
+    let config = file.to_string_lossy().into_owned();
+
+    let (node, addr) = start_with(&["--config", &config]);
+    assert_eq!(
+        accepted(&addr, 3).await,
+        2,
+        "the file's max-entries was not applied"
+    );
+    drop(node);
+
+    let (node, addr) = start_with(&["--config", &config, "--max-entries", "5"]);
+    assert_eq!(accepted(&addr, 3).await, 3, "the command line did not win");
+    drop(node);
+
+    // A setting that is not an option: refused, named.
+    std::fs::write(&file, "max_entrys = 1\n").unwrap();
+    let out = refused(&["--config", &config, "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"max_entrys\" is not an option"),
+        "{out:?}"
+    );
 }
