@@ -98,7 +98,8 @@ fn deep_requests_get_typed_errors_and_never_crash_the_node() {
         .args(["--node", &addr, "count", "Job", &text])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Exit code 2: an error (1 means found nothing).
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("deeper than 64"), "{stderr}");
 }
