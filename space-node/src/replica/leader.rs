@@ -80,9 +80,18 @@ impl Session {
         self.wake();
     }
 
+    /// The origin of this session's proposal number `seq`.
+    fn origin(&self, seq: u64) -> Origin {
+        Origin {
+            term: self.term,
+            leader: self.leader,
+            seq,
+        }
+    }
+
     /// Whether `origin` is one of this session's proposals.
     fn proposed_here(&self, origin: &Origin) -> bool {
-        (origin.term, origin.leader) == (self.term, self.leader)
+        origin.same_leadership(&self.origin(0))
     }
 
     /// Whether everything up to `seq` is committed; an error once the session ended
@@ -109,11 +118,7 @@ impl Proposals for Session {
         let seq = outbox.0;
         if let Some(queue) = &outbox.1 {
             let _ = queue.send(Proposal {
-                origin: Some(Origin {
-                    term: self.term,
-                    leader: self.leader,
-                    seq,
-                }),
+                origin: Some(self.origin(seq)),
                 command,
             });
         }

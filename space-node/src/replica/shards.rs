@@ -511,8 +511,10 @@ impl ShardSet {
 
     /// The first answer request `id` got from shard `shard`, as this node's replica of
     /// the shard has applied it, once the replica has applied an entry of the shard's
-    /// current term (so that, after a leadership ended, every command of the ended term
-    /// that will ever be committed is applied here). Waits up to `within` for that.
+    /// current leader (so that, after this node's leadership ended, every command of it
+    /// that will ever be committed is applied here). Waits up to `within` for that. Only
+    /// for a leadership that ended in this process: a restarted node's stored state
+    /// can make an old leadership look current (see `answer_sent_again`).
     ///
     /// # Errors
     /// [`SpaceError::Unavailable`] when the shard is not replicated here or the replica
