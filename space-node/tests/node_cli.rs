@@ -178,6 +178,33 @@ fn exit_codes_durations_json_errors_and_ping() {
     assert!(err["error"]["message"].is_string(), "{err}");
     assert!(err["error"]["detail"].is_object(), "{err}");
 
+    // By key: read leaves it, take removes it, a second take finds nothing (an older
+    // entry is there, which a query would find first).
+    assert_eq!(
+        code(&space(&node, &["write", "Job", r#"{"n":8}"#])),
+        Some(0)
+    );
+    let keyed = space(&node, &["write", "Job", r#"{"n":7}"#, "--key", "job-7"]);
+    assert_eq!(code(&keyed), Some(0), "{keyed:?}");
+    let read = space(&node, &["--json", "read", "Job", "--key", "job-7"]);
+    let doc: serde_json::Value = serde_json::from_str(stdout(&read).trim()).unwrap();
+    assert_eq!(
+        (doc["key"].as_str(), doc["fields"]["n"].as_i64()),
+        (Some("job-7"), Some(7))
+    );
+    assert_eq!(
+        code(&space(&node, &["take", "Job", "--key", "job-7"])),
+        Some(0)
+    );
+    assert_eq!(
+        code(&space(&node, &["take", "Job", "--key", "job-7"])),
+        Some(1)
+    );
+    assert_eq!(
+        code(&space(&node, &["read", "Job", "n:7", "--key", "job-7"])),
+        Some(2)
+    );
+
     // Ping: the node answers.
     let ping = space(&node, &["--json", "ping"]);
     let said: serde_json::Value = serde_json::from_str(stdout(&ping).trim()).unwrap();

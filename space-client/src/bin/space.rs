@@ -80,6 +80,9 @@ enum Command {
         /// How long to wait for a match: `0s` (default), `500ms`, `5s`, ... or `forever`.
         #[arg(long, value_parser = parse_duration, default_value = "0s")]
         timeout: Duration,
+        /// The entry with this key instead of a match of the query (no wait).
+        #[arg(long, conflicts_with_all = ["query", "timeout"])]
+        key: Option<String>,
     },
     /// Take (remove) the oldest matching entries.
     Take {
@@ -94,6 +97,9 @@ enum Command {
         /// Take up to this many.
         #[arg(long, default_value_t = 1)]
         max: u32,
+        /// The entry with this key instead of matches of the query (no wait).
+        #[arg(long, conflicts_with_all = ["query", "timeout", "max"])]
+        key: Option<String>,
     },
     /// Count matching entries.
     Count {
@@ -317,14 +323,10 @@ async fn run(cli: Cli) -> Result<Found> {
             entry_type,
             query,
             timeout,
+            key,
         } => {
-            let query = parse_query(&entry_type, &query)?;
-            let answer = conn
-                .call(Request::ReadDirect {
-                    target: Target::Query(query),
-                    timeout,
-                })
-                .await?;
+            let target = target_of(entry_type, &query, key)?;
+            let answer = conn.call(Request::ReadDirect { target, timeout }).await?;
             let Response::Document(doc) = answer else {
                 bail!("unexpected answer")
             };
@@ -337,11 +339,12 @@ async fn run(cli: Cli) -> Result<Found> {
             query,
             timeout,
             max,
+            key,
         } => {
-            let query = parse_query(&entry_type, &query)?;
+            let target = target_of(entry_type, &query, key)?;
             let answer = conn
                 .call(Request::TakeDirect {
-                    target: Target::Query(query),
+                    target,
                     max: max.max(1),
                     timeout,
                 })
@@ -451,6 +454,17 @@ async fn run(cli: Cli) -> Result<Found> {
         }
     }
     Ok(Found::Done)
+}
+
+/// What a read or take is for: the entry of `key`, or the matches of `query`.
+fn target_of(entry_type: String, query: &str, key: Option<String>) -> Result<Target> {
+    Ok(match key {
+        Some(key) => Target::Key {
+            entry_type,
+            key: key.parse().unwrap_or_else(|never| match never {}),
+        },
+        None => Target::Query(parse_query(&entry_type, query)?),
+    })
 }
 
 /// Whether a read or take found something.
