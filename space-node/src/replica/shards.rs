@@ -465,6 +465,9 @@ impl ShardSet {
         id: RequestId,
         within: std::time::Duration,
     ) -> Result<Option<(GroupId, Option<Engine>, Answer)>, SpaceError> {
+        // One look at what this node serves, for the serving engines and the replicas
+        // alike (not `answer`, which looks again): a shard that began to be served
+        // between two looks would be missed by both.
         let serving = self.serving();
         if let Some(found) = serving
             .iter()

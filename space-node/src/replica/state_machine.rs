@@ -178,8 +178,9 @@ impl RaftStateMachine<Shard> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<Shard>>> + Unpin + OptionalSend,
     {
         let engine = self.engine.engine();
-        // The leader's proposals this batch committed, told once per leadership at its end
-        // (or where the leadership changes): each report wakes every call waiting on the leadership.
+        // The leader's proposals this batch committed, told once per leadership at its
+        // end (or where the leadership changes): each report wakes every call waiting on
+        // the leadership.
         let mut last_origin: Option<super::Origin> = None;
         loop {
             let (entry, responder) = match entries.try_next().await {
