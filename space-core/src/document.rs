@@ -77,4 +77,7 @@ pub struct ClaimedDocument {
     pub ticket: ClaimTicket,
     /// When the claim runs out unless renewed or committed.
     pub expires: SystemTime,
+    /// How many times the entry has been claimed, this claim included (a claim that
+    /// lapsed or was released counts): 1 the first time.
+    pub claims: u32,
 }

@@ -40,7 +40,7 @@ pub const DEFAULT_SNAPSHOT_AFTER_BYTES: u64 = 64 << 20;
 /// The engine's log among those on the node's write-ahead log.
 pub(crate) const ENGINE_LOG: LogId = 0;
 
-const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP3";
+const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP4";
 
 /// One log entry as written: a command on one entry type (borrowed, so that appending
 /// copies nothing but the encoding).

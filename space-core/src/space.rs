@@ -99,6 +99,9 @@ pub struct Claim<T> {
     pub key: Key,
     /// When the claim runs out unless renewed or committed.
     pub expires: SystemTime,
+    /// How many times the entry has been claimed, this claim included: 1 the first
+    /// time, more when earlier claims were released or lapsed (a worker's attempt count).
+    pub claims: u32,
     ticket: ClaimTicket,
 }
 
@@ -356,6 +359,7 @@ impl Space {
                 entry,
                 key: c.ticket.key.clone(),
                 expires: c.expires,
+                claims: c.claims,
                 ticket: c.ticket,
             }),
             Err(e) => {

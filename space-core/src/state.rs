@@ -229,6 +229,7 @@ pub(crate) fn apply(
                     request,
                 }) => {
                     record.claim = Some(ClaimState { token, expires });
+                    record.claims = record.claims.saturating_add(1);
                     record.version += 1;
                     answer(request, &|| Part::Claimed(claimed(entry_type, &record)));
                     store.insert(seq, record);
@@ -267,6 +268,7 @@ pub(crate) fn apply(
         } => match store.get_mut(seq) {
             Some(record) if record.claim.is_none() => {
                 record.claim = Some(ClaimState { token, expires });
+                record.claims = record.claims.saturating_add(1);
                 record.version += 1;
                 answer(request, &|| Part::Claimed(claimed(entry_type, record)));
                 Outcome::Changed
@@ -322,6 +324,7 @@ pub(crate) fn claimed(entry_type: &str, record: &Record) -> ClaimedDocument {
             token,
         },
         expires: expires.to_system_time(),
+        claims: record.claims,
     }
 }
 

@@ -33,6 +33,9 @@ pub(crate) struct Record {
     pub(crate) expires: Option<Deadline>,
     /// Set while the entry is claimed (hidden from everyone else).
     pub(crate) claim: Option<ClaimState>,
+    /// How many times the entry was claimed (a claim that lapsed or was released
+    /// included): a worker's attempt count.
+    pub(crate) claims: u32,
 }
 
 /// A claim held on a record.
@@ -425,6 +428,7 @@ mod tests {
             fields: f,
             expires: None,
             claim: None,
+            claims: 0,
         }
     }
 

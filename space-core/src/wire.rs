@@ -37,7 +37,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 pub use crate::hash::{RANGES, RangeSet, range_of};

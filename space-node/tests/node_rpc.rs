@@ -113,6 +113,7 @@ async fn every_operation_works_through_the_client() {
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(claim.claims, 2, "the node counts the entry's claims");
     space.commit(&claim).await.unwrap();
     assert!(matches!(
         space.commit(&claim).await,

@@ -150,6 +150,30 @@ fn an_expired_claim_puts_the_entry_back_and_a_late_commit_fails_clearly() {
 }
 
 #[test]
+fn a_claim_counts_the_claims_of_its_entry_released_and_lapsed_ones_included() {
+    let space = Space::new().blocking();
+    space.write(&job(1)).unwrap();
+    let claim = |lease| {
+        space
+            .claim::<Job>(&jobs(), lease, Duration::from_secs(5))
+            .unwrap()
+            .expect("the entry is claimable")
+    };
+    let first = claim(Lease::secs(30));
+    assert_eq!(first.claims, 1);
+    space.release(&first).unwrap();
+    let second = claim(Lease::millis(30));
+    assert_eq!(second.claims, 2);
+    // The claim lapses; the next one waits for it and counts it.
+    let third = claim(Lease::secs(30));
+    assert_eq!(third.claims, 3);
+    space.commit(&third).unwrap();
+    // A new entry starts again from one.
+    space.write(&job(2)).unwrap();
+    assert_eq!(claim(Lease::secs(30)).claims, 1);
+}
+
+#[test]
 fn a_blocked_claim_is_served_by_a_write() {
     let space = Space::new().blocking();
     let claimer = {

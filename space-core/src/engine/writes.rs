@@ -232,6 +232,7 @@ impl Engine {
             fields,
             expires,
             claim: None,
+            claims: 0,
         };
         self.bring(
             cell,
