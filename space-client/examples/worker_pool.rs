@@ -1,8 +1,8 @@
 //! A worker pool on the in-process space.
 //!
 //! A master splits a job (count the primes below a limit) into tasks and writes them into
-//! the space; N worker threads take tasks, do the work, and write results; the master takes
-//! the results and adds them up. A notify subscriber watches the results being written and
+//! the space; a pool of N workers (the client's worker helper) claims tasks, does the work,
+//! writes results and commits the tasks; the master takes the results and adds them up. A notify subscriber watches the results being written and
 //! reports progress. Nobody calls anybody: they coordinate only through entries.
 //!
 //! ```text
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use space_client::{
-    BlockingSpace, EventKinds, Lease, Notification, Query, Space, connect_blocking,
+    BlockingSpace, EventKinds, Job, Notification, Query, Shutdown, Space, Work, connect_blocking,
 };
 
 /// Count the primes in `[from, to)`.
@@ -34,16 +34,8 @@ struct Outcome {
     job: u64,
     from: u64,
     primes: u64,
-    worker: usize,
 }
 space_client::entry!(Outcome, "example.Outcome", index = [job]);
-
-/// Written once by the master: workers that see it finish.
-#[derive(Debug, Serialize, Deserialize)]
-struct Shutdown {
-    job: u64,
-}
-space_client::entry!(Shutdown, "example.Shutdown");
 
 const TASK_SIZE: u64 = 50_000;
 
@@ -61,34 +53,16 @@ fn is_prime(n: u64) -> bool {
     true
 }
 
-/// A worker: take a task, do it, write the outcome; stop when the master says so.
-fn worker(space: BlockingSpace, id: usize, job: u64) -> space_client::Result<usize> {
-    let tasks = Query::of::<Task>().eq("job", job);
-    let shutdown = Query::of::<Shutdown>().eq("job", job);
-    let mut done = 0;
-    loop {
-        // A claim, not a plain take: if this worker died mid-task, the task would come
-        // back to the space when the claim's lease ran out, for another worker to do.
-        match space.claim::<Task>(&tasks, Lease::secs(60), Duration::from_millis(100))? {
-            Some(claim) => {
-                let t = &claim.entry;
-                let primes = (t.from..t.to).filter(|&n| is_prime(n)).count() as u64;
-                space.write(&Outcome {
-                    job,
-                    from: t.from,
-                    primes,
-                    worker: id,
-                })?;
-                space.commit(&claim)?;
-                done += 1;
-            }
-            None => {
-                if space.read_if_exists::<Shutdown>(&shutdown)?.is_some() {
-                    return Ok(done);
-                }
-            }
-        }
-    }
+/// Does one task: counts its primes and writes the outcome.
+fn work(space: &BlockingSpace, job: Job<Task>) -> space_client::Result<()> {
+    let t = &job.entry;
+    let primes = (t.from..t.to).filter(|&n| is_prime(n)).count() as u64;
+    space.write(&Outcome {
+        job: t.job,
+        from: t.from,
+        primes,
+    })?;
+    Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -143,12 +117,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    let pool: Vec<_> = (0..workers)
-        .map(|id| {
-            let space = space.clone();
-            std::thread::spawn(move || worker(space, id, job))
+    // The workers: a pool that claims tasks, does them and commits them. A claim, not a
+    // plain take: if a worker died mid-task, its task would come back to the space when
+    // the claim's lease ran out, for another worker to do.
+    let shutdown = Shutdown::new();
+    let pool = {
+        let (space, shutdown) = (space.clone(), shutdown.clone());
+        let doer = space.clone();
+        std::thread::spawn(move || {
+            space
+                .worker::<Task>(&Query::of::<Task>().eq("job", job))
+                .concurrency(workers)
+                .lease(Duration::from_secs(60))
+                .shutdown_on(&shutdown)
+                .run(move |task| work(&doer, task))
         })
-        .collect();
+    };
 
     // The master: write the tasks, then collect every outcome.
     let tasks: Vec<Task> = (0..tasks_total)
@@ -169,17 +153,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         collected += batch.len() as u64;
         primes += batch.iter().map(|o| o.primes).sum::<u64>();
     }
-    space.write(&Shutdown { job })?;
-    let mut per_worker = Vec::new();
-    for w in pool {
-        per_worker.push(w.join().map_err(|_| "a worker panicked")??);
-    }
+    shutdown.stop();
+    let report = pool.join().map_err(|_| "the worker pool panicked")??;
     progress
         .join()
         .map_err(|_| "the progress reporter panicked")?;
 
     println!(
-        "{primes} primes below {limit}: {tasks_total} tasks over {workers} workers {per_worker:?} in {:.2?} ({})",
+        "{primes} primes below {limit}: {tasks_total} tasks over {workers} workers ({report}) in {:.2?} ({})",
         start.elapsed(),
         node.as_deref()
             .map_or("in-process".to_owned(), |a| format!("on node {a}"))

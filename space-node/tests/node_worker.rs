@@ -1,0 +1,186 @@
+//! The worker helper against a real node: 8 workers and 10,000 jobs of which 1% always
+//! fail, and a worker killed mid-job.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use serde::{Deserialize, Serialize};
+use space_client::{DeadLetter, Job, Query, Shutdown, Space, Work, WorkerReport, connect};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Payment {
+    id: u64,
+}
+space_client::entry!(Payment, "worker.Payment");
+
+const JOBS: u64 = 10_000;
+const MAX_ATTEMPTS: u32 = 3;
+
+fn payments() -> Query {
+    Query::of::<Payment>()
+}
+
+fn dead_letters() -> Query {
+    Query::of::<DeadLetter>().eq("entry_type", "worker.Payment")
+}
+
+fn always_fails(id: u64) -> bool {
+    id % 100 == 42
+}
+
+/// Waits until `done` says the work is over, then stops the pool and returns its report.
+async fn stop_when(
+    pool: tokio::task::JoinHandle<space_client::Result<WorkerReport>>,
+    shutdown: &Shutdown,
+    mut done: impl AsyncFnMut() -> bool,
+) -> WorkerReport {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline && !pool.is_finished(),
+            "the pool did not finish its jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.stop();
+    pool.await
+        .expect("the pool's task")
+        .expect("the pool stopped cleanly")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_workers_do_every_good_job_once_and_dead_letter_every_bad_one() {
+    let node = NodeProcess::start(&[]);
+    let space = connect(&node.addr).await.unwrap();
+    let jobs: Vec<Payment> = (0..JOBS).map(|id| Payment { id }).collect();
+    for chunk in jobs.chunks(500) {
+        space.write_all(chunk).await.unwrap();
+    }
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..JOBS).map(|_| AtomicU32::new(0)).collect());
+    let good = Arc::new(AtomicU64::new(0));
+    let shutdown = Shutdown::new();
+    let pool = tokio::spawn({
+        let (runs, good) = (runs.clone(), good.clone());
+        space
+            .worker::<Payment>(&payments())
+            .concurrency(8)
+            .lease(Duration::from_secs(5))
+            .max_attempts(MAX_ATTEMPTS)
+            .backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .poll(Duration::from_millis(200))
+            .shutdown_on(&shutdown)
+            .run(move |job: Job<Payment>| {
+                let (runs, good) = (runs.clone(), good.clone());
+                async move {
+                    let id = job.entry.id;
+                    runs[id as usize].fetch_add(1, Ordering::SeqCst);
+                    if always_fails(id) {
+                        return Err(format!(
+                            "payment {id} was declined (attempt {})",
+                            job.attempt
+                        ));
+                    }
+                    good.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+    });
+    let bad = JOBS / 100;
+    let report = stop_when(pool, &shutdown, async || {
+        good.load(Ordering::SeqCst) == JOBS - bad
+            && space.count(&dead_letters()).await.unwrap() == bad
+            && space.count(&payments()).await.unwrap() == 0
+    })
+    .await;
+
+    assert_eq!(report.done, JOBS - bad, "{report}");
+    assert_eq!(report.dead_lettered, bad, "{report}");
+    assert_eq!(
+        report.retried,
+        bad * u64::from(MAX_ATTEMPTS - 1),
+        "{report}"
+    );
+    assert_eq!((report.lost, report.aborted), (0, 0), "{report}");
+    for (id, runs) in runs.iter().enumerate() {
+        let expected = if always_fails(id as u64) {
+            MAX_ATTEMPTS
+        } else {
+            1
+        };
+        assert_eq!(runs.load(Ordering::SeqCst), expected, "job {id}");
+    }
+    let letters: Vec<DeadLetter> = space.contents(&dead_letters()).await.unwrap();
+    assert_eq!(letters.len() as u64, bad);
+    for letter in &letters {
+        let payment: Payment = letter.entry().unwrap();
+        assert!(always_fails(payment.id), "{letter:?}");
+        assert_eq!(letter.attempts, MAX_ATTEMPTS);
+        assert_eq!(
+            letter.error,
+            format!(
+                "payment {} was declined (attempt {MAX_ATTEMPTS})",
+                payment.id
+            )
+        );
+    }
+    assert_eq!(space.count(&payments()).await.unwrap(), 0);
+}
+
+#[test]
+fn a_worker_killed_mid_job_loses_nothing() {
+    let node = NodeProcess::start(&[]);
+    let lease = Duration::from_secs(1);
+    // The doomed worker runs on a runtime of its own, with its own connection; dropping
+    // the runtime ends it mid-job as a crash would: no commit, no release, no renewal.
+    let doomed = tokio::runtime::Runtime::new().unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    doomed.block_on(async {
+        let space = connect(&node.addr).await.unwrap();
+        space.write(&Payment { id: 7 }).await.unwrap();
+        tokio::spawn(space.worker::<Payment>(&payments()).lease(lease).run(
+            move |job: Job<Payment>| {
+                let started_tx = started_tx.clone();
+                async move {
+                    let _ = started_tx.send(job.entry.id);
+                    std::future::pending::<()>().await;
+                    Ok::<(), String>(())
+                }
+            },
+        ));
+    });
+    assert_eq!(started.recv_timeout(Duration::from_secs(10)), Ok(7));
+    doomed.shutdown_background();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let space: Space = connect(&node.addr).await.unwrap();
+        let rescued = Arc::new(AtomicU32::new(0));
+        let shutdown = Shutdown::new();
+        let pool = tokio::spawn({
+            let rescued = rescued.clone();
+            space
+                .worker::<Payment>(&payments())
+                .lease(lease)
+                .poll(Duration::from_millis(200))
+                .shutdown_on(&shutdown)
+                .run(move |job: Job<Payment>| {
+                    let rescued = rescued.clone();
+                    async move {
+                        assert_eq!((job.entry.id, job.attempt), (7, 2));
+                        rescued.fetch_add(1, Ordering::SeqCst);
+                        Ok::<(), String>(())
+                    }
+                })
+        });
+        let report = stop_when(pool, &shutdown, async || {
+            rescued.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(report.done, 1, "{report}");
+        assert_eq!(space.count(&payments()).await.unwrap(), 0);
+    });
+}
