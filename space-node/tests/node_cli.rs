@@ -212,3 +212,129 @@ fn exit_codes_durations_json_errors_and_ping() {
     assert!(said["round_trip_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
     assert!(stdout(&space(&node, &["ping"])).contains("answered in"));
 }
+
+/// Runs `space` with `input` on its stdin.
+fn space_with_stdin(node: &NodeProcess, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(cli_binary().expect("the space CLI"))
+        .args(["--node", &node.addr])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run space");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("space's output")
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// Batches from stdin with a key field, listings, and a claim's life: claim, release,
+/// claim again, commit; renew and cancel by key; each with its exit code.
+#[test]
+fn batches_from_stdin_contents_claims_renewals_and_cancels() {
+    let node = NodeProcess::start(&[]);
+    let code = |o: &Output| o.status.code();
+    let lines = "{\"id\":\"a\",\"n\":1}\n\n{\"id\":\"b\",\"n\":2}\n{\"id\":7,\"n\":3}\n";
+    let written = space_with_stdin(
+        &node,
+        &["--json", "write", "Order", "-", "--key-field", "id"],
+        lines,
+    );
+    let keys: Vec<_> = json_lines(&written)
+        .iter()
+        .map(|r| r["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys, ["a", "b", "7"]);
+    // A line that is not an object: exit code 2, naming the line; nothing of its batch
+    // is written.
+    let bad = space_with_stdin(&node, &["write", "Order", "-"], "{\"n\":4}\n[1,2]\n");
+    assert_eq!(code(&bad), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("line 2"),
+        "{bad:?}"
+    );
+    let missing = space(
+        &node,
+        &["write", "Order", r#"{"n":5}"#, "--key-field", "id"],
+    );
+    assert_eq!(code(&missing), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no key field \"id\""));
+
+    // Contents: everything, or the first few; nothing matching is exit code 1.
+    let all = json_lines(&space(&node, &["--json", "contents", "Order"]));
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(all[0]["fields"]["n"], 1);
+    let two = json_lines(&space(
+        &node,
+        &["--json", "contents", "Order", "--limit", "2"],
+    ));
+    assert_eq!(two.len(), 2);
+    assert_eq!(
+        code(&space(&node, &["contents", "Order", "n:>10"])),
+        Some(1)
+    );
+
+    // A claim: printed with its token and count; it hides the entry until released.
+    let claim = |query: &str| {
+        let out = space(&node, &["--json", "claim", "Order", query, "--lease", "1m"]);
+        json_lines(&out).remove(0)
+    };
+    let first = claim("n:1");
+    assert_eq!(
+        (first["key"].as_str(), first["claims"].as_u64()),
+        (Some("a"), Some(1))
+    );
+    let token = first["token"].as_u64().unwrap().to_string();
+    assert_eq!(stdout(&space(&node, &["count", "Order"])).trim(), "2");
+    stdout(&space(&node, &["release", "Order", "a", &token]));
+    let second = claim("n:1");
+    assert_eq!(second["claims"], 2);
+    let token = second["token"].as_u64().unwrap().to_string();
+    let wrong = space(
+        &node,
+        &["renew", "Order", "a", "--lease", "1m", "--claim", "999999"],
+    );
+    assert_eq!(code(&wrong), Some(2), "{wrong:?}");
+    stdout(&space(
+        &node,
+        &["renew", "Order", "a", "--lease", "2m", "--claim", &token],
+    ));
+    stdout(&space(&node, &["commit", "Order", "a", &token]));
+    let again = space(&node, &["--json", "commit", "Order", "a", &token]);
+    assert_eq!(code(&again), Some(2));
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&again.stdout).trim()).unwrap();
+    assert!(err["error"]["detail"].is_object(), "{err}");
+    let nothing = space(&node, &["claim", "Order", "n:1"]);
+    assert_eq!(code(&nothing), Some(1), "{nothing:?}");
+
+    // Renew and cancel by key.
+    let renewed = json_lines(&space(
+        &node,
+        &["--json", "renew", "Order", "b", "--lease", "1h"],
+    ));
+    assert_eq!(renewed[0]["renewed"], "b");
+    assert!(
+        renewed[0]["expires"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    stdout(&space(&node, &["cancel", "Order", "7"]));
+    assert_eq!(stdout(&space(&node, &["count", "Order"])).trim(), "1");
+    let gone = space(&node, &["cancel", "Order", "7"]);
+    assert_eq!(code(&gone), Some(2), "{gone:?}");
+    let syntax = space(&node, &["claim", "Order", "n:>"]);
+    assert_eq!(code(&syntax), Some(2));
+}

@@ -4,7 +4,11 @@
 //! space write Order '{"id": "o-1", "status": "ReadyToShip", "amount": 150}'
 //! space read Order 'status:ReadyToShip AND amount:>100'
 //! space take Order 'status:ReadyToShip' --timeout 5s
+//! space claim Order 'status:New' --lease 1m
+//! space commit Order o-1 42
+//! echo '{"id": "o-2"}' | space write Order - --key-field id
 //! space count Order
+//! space contents Order --limit 10
 //! space watch Order 'amount:>100' --kinds written,taken
 //! space stats
 //! space topology
@@ -15,8 +19,9 @@
 //! errors included (`{"error": {"message": ..., "detail": ...}}`). Durations are written
 //! `500ms`, `5s`, `1m`, `2h` (or `forever` where it means something).
 //!
-//! Exit codes: 0 when the command did what it was asked (a read or take found something),
-//! 1 when a read or take found nothing, 2 on an error (bad input, or what the node said).
+//! Exit codes: 0 when the command did what it was asked (a read, take, claim or listing
+//! found something), 1 when it found nothing, 2 on an error (bad input, or what the node
+//! said).
 
 use std::time::Duration;
 
@@ -33,7 +38,7 @@ use space_query::Fields;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Talks to a space node: write, read, take, count, watch, stats, topology, ping.",
+    about = "Talks to a space node: write, read, take, claim, commit, release, renew, cancel, count, contents, watch, stats, topology, ping.",
     after_help = "Exit codes: 0 done (found), 1 nothing found, 2 error."
 )]
 struct Cli {
@@ -57,15 +62,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write an entry given as a JSON object.
+    /// Write an entry given as a JSON object, or `-`: one entry per line of stdin (JSON
+    /// lines), written in batches of 256 (each batch all or nothing).
     Write {
         /// The entry type.
         entry_type: String,
-        /// The entry, a JSON object.
+        /// The entry, a JSON object; `-` reads JSON lines from stdin.
         entry: String,
-        /// A user key (default: the node mints a UUID v7).
-        #[arg(long)]
+        /// A user key (default: the node mints a UUID v7). One entry only.
+        #[arg(long, conflicts_with = "key_field")]
         key: Option<String>,
+        /// The entry type's key field: each entry's key is the value of this field.
+        #[arg(long)]
+        key_field: Option<String>,
         /// How long the entry lives: `30s`, `5m`, ... or `forever`.
         #[arg(long, value_parser = parse_duration, default_value = "forever")]
         lease: Duration,
@@ -100,6 +109,71 @@ enum Command {
         /// The entry with this key instead of matches of the query (no wait).
         #[arg(long, conflicts_with_all = ["query", "timeout", "max"])]
         key: Option<String>,
+    },
+    /// Claim the oldest matching entry for a while (a leased take); prints it with the
+    /// claim's token, for `commit`, `release` or `renew --claim`.
+    Claim {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax).
+        #[arg(default_value = "")]
+        query: String,
+        /// The claim's lease: `30s` (default), `5m`, ...
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        lease: Duration,
+        /// How long to wait for a match: `0s` (default), `500ms`, `5s`, ... or `forever`.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        timeout: Duration,
+    },
+    /// Remove a claimed entry for good.
+    Commit {
+        /// The entry type.
+        entry_type: String,
+        /// The entry's key.
+        key: String,
+        /// The claim's token, as `claim` printed it.
+        claim_token: u64,
+    },
+    /// Put a claimed entry back.
+    Release {
+        /// The entry type.
+        entry_type: String,
+        /// The entry's key.
+        key: String,
+        /// The claim's token, as `claim` printed it.
+        claim_token: u64,
+    },
+    /// Extend an entry's lease from now, or a claim's with `--claim`.
+    Renew {
+        /// The entry type.
+        entry_type: String,
+        /// The entry's key.
+        key: String,
+        /// The new lease from now: `30s`, `5m`, ... or `forever` (an entry's only).
+        #[arg(long, value_parser = parse_duration)]
+        lease: Duration,
+        /// Renew the claim with this token (as `claim` printed it) instead of the
+        /// entry's lease.
+        #[arg(long, value_name = "CLAIM_TOKEN")]
+        claim: Option<u64>,
+    },
+    /// Remove an entry by key at once (an `expired` event).
+    Cancel {
+        /// The entry type.
+        entry_type: String,
+        /// The entry's key.
+        key: String,
+    },
+    /// List matching entries, oldest first (fetched from the nodes page by page).
+    Contents {
+        /// The entry type.
+        entry_type: String,
+        /// The query (text syntax).
+        #[arg(default_value = "")]
+        query: String,
+        /// Print at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Count matching entries.
     Count {
@@ -286,37 +360,49 @@ async fn run(cli: Cli) -> Result<Found> {
             entry_type,
             entry,
             key,
+            key_field,
             lease,
         } => {
-            let fields: Fields =
-                serde_json::from_str(&entry).context("the entry must be a JSON object")?;
-            let lease = if lease == Duration::MAX {
-                Lease::Forever
-            } else {
-                Lease::For(lease)
-            };
+            let lease = lease_of(lease);
             let key: Option<Key> = key.map(|k| k.parse().unwrap_or_else(|never| match never {}));
-            let Response::Receipts(receipts) = conn
-                .call(Request::WriteDirect {
-                    entry_type,
-                    indexes: Vec::new(),
-                    entries: vec![(fields, key)],
-                    lease,
-                    labels: Vec::new(),
-                })
-                .await?
-            else {
-                bail!("unexpected answer");
-            };
-            for r in receipts {
-                if cli.json {
-                    println!(
-                        "{}",
-                        json!({"node": r.node.0, "key": r.key.to_string(), "version": r.version})
-                    );
-                } else {
-                    println!("written {} on {}", r.key, r.node);
+            if entry == "-" {
+                if key.is_some() {
+                    bail!("--key names one entry's key: with entries from stdin, use --key-field");
                 }
+                let mut batch = Vec::new();
+                for (n, line) in std::io::stdin().lines().enumerate() {
+                    let line = line.context("reading stdin")?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let fields: Fields = serde_json::from_str(&line).with_context(|| {
+                        format!("line {}: an entry must be a JSON object", n + 1)
+                    })?;
+                    let key = key_of(&fields, key_field.as_deref())
+                        .with_context(|| format!("line {}", n + 1))?;
+                    batch.push((fields, key));
+                    if batch.len() == WRITE_BATCH {
+                        write(
+                            &conn,
+                            &entry_type,
+                            std::mem::take(&mut batch),
+                            lease,
+                            cli.json,
+                        )
+                        .await?;
+                    }
+                }
+                if !batch.is_empty() {
+                    write(&conn, &entry_type, batch, lease, cli.json).await?;
+                }
+            } else {
+                let fields: Fields =
+                    serde_json::from_str(&entry).context("the entry must be a JSON object")?;
+                let key = match key {
+                    Some(key) => Some(key),
+                    None => key_of(&fields, key_field.as_deref())?,
+                };
+                write(&conn, &entry_type, vec![(fields, key)], lease, cli.json).await?;
             }
         }
         Command::Read {
@@ -352,6 +438,132 @@ async fn run(cli: Cli) -> Result<Found> {
             let Response::Documents(docs) = answer else {
                 bail!("unexpected answer")
             };
+            print_documents(&docs, cli.json)?;
+            return Ok(found(&docs));
+        }
+        Command::Claim {
+            entry_type,
+            query,
+            lease,
+            timeout,
+        } => {
+            let query = parse_query(&entry_type, &query)?;
+            let answer = conn
+                .call(Request::Claim {
+                    query,
+                    lease: Lease::For(lease),
+                    timeout,
+                })
+                .await?;
+            let Response::Claimed(claimed) = answer else {
+                bail!("unexpected answer")
+            };
+            let Some(c) = claimed else {
+                if !cli.json {
+                    println!("(nothing)");
+                }
+                return Ok(Found::Nothing);
+            };
+            let expires = humantime::format_rfc3339_millis(c.expires);
+            if cli.json {
+                let mut doc = document_json(&c.document);
+                doc["token"] = json!(c.ticket.token);
+                doc["claims"] = json!(c.claims);
+                doc["expires"] = json!(expires.to_string());
+                println!("{doc}");
+            } else {
+                println!(
+                    "{} (v{}) {}\nclaimed with token {} until {expires} (claim #{})",
+                    c.document.key,
+                    c.document.version,
+                    serde_json::to_string(&c.document.fields)?,
+                    c.ticket.token,
+                    c.claims
+                );
+            }
+        }
+        Command::Commit {
+            entry_type,
+            key,
+            claim_token,
+        } => {
+            let ticket = ticket(entry_type, &key, claim_token);
+            conn.call(Request::Commit(ticket)).await?;
+            done(cli.json, "committed", &key);
+        }
+        Command::Release {
+            entry_type,
+            key,
+            claim_token,
+        } => {
+            let ticket = ticket(entry_type, &key, claim_token);
+            conn.call(Request::Release(ticket)).await?;
+            done(cli.json, "released", &key);
+        }
+        Command::Renew {
+            entry_type,
+            key,
+            lease,
+            claim,
+        } => {
+            let request = match claim {
+                Some(token) => {
+                    if lease == Duration::MAX {
+                        bail!("a claim's lease is finite: give one such as 30s");
+                    }
+                    Request::RenewClaim(ticket(entry_type, &key, token), Lease::For(lease))
+                }
+                None => Request::Renew {
+                    entry_type,
+                    key: parse_key(&key),
+                    lease: lease_of(lease),
+                },
+            };
+            let expires = match conn.call(request).await? {
+                Response::Expires(at) => at,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            let until = expires.map_or_else(
+                || "forever".to_owned(),
+                |at| humantime::format_rfc3339_millis(at).to_string(),
+            );
+            if cli.json {
+                println!("{}", json!({"renewed": key, "expires": until}));
+            } else {
+                println!("renewed {key} until {until}");
+            }
+        }
+        Command::Cancel { entry_type, key } => {
+            conn.call(Request::Cancel {
+                entry_type,
+                key: parse_key(&key),
+            })
+            .await?;
+            done(cli.json, "cancelled", &key);
+        }
+        Command::Contents {
+            entry_type,
+            query,
+            limit,
+        } => {
+            let query = parse_query(&entry_type, &query)?;
+            // The client lists every node page by page and answers with the whole list.
+            let Response::Page {
+                documents: mut docs,
+                ..
+            } = conn
+                .call(Request::Contents {
+                    query,
+                    after: None,
+                    limit: u32::MAX,
+                })
+                .await?
+            else {
+                bail!("unexpected answer")
+            };
+            if let Some(limit) = limit {
+                docs.truncate(limit);
+            }
             print_documents(&docs, cli.json)?;
             return Ok(found(&docs));
         }
@@ -456,12 +668,97 @@ async fn run(cli: Cli) -> Result<Found> {
     Ok(Found::Done)
 }
 
+/// Entries written per request from stdin.
+const WRITE_BATCH: usize = 256;
+
+/// A lease from a parsed duration (`forever` is `Duration::MAX`).
+fn lease_of(d: Duration) -> Lease {
+    if d == Duration::MAX {
+        Lease::Forever
+    } else {
+        Lease::For(d)
+    }
+}
+
+/// A key as typed: a UUID is a minted key, anything else a user key.
+fn parse_key(key: &str) -> Key {
+    key.parse().unwrap_or_else(|never| match never {})
+}
+
+/// The ticket of a claim named on the command line.
+fn ticket(entry_type: String, key: &str, token: u64) -> space_client::ClaimTicket {
+    space_client::ClaimTicket {
+        entry_type,
+        key: parse_key(key),
+        token,
+    }
+}
+
+/// An entry's key from its key field, when the type has one.
+fn key_of(fields: &Fields, key_field: Option<&str>) -> Result<Option<Key>> {
+    let Some(name) = key_field else {
+        return Ok(None);
+    };
+    match fields.get(name) {
+        // As the typed client keys them: a string, or an integer's digits.
+        Some(space_query::Value::Str(s)) => Ok(Some(Key::Name(s.clone()))),
+        Some(space_query::Value::I64(i)) => Ok(Some(Key::Name(i.to_string()))),
+        Some(space_query::Value::U64(u)) => Ok(Some(Key::Name(u.to_string()))),
+        Some(other) => {
+            bail!("the key field {name:?} must be a string or an integer, not {other:?}")
+        }
+        None => bail!("the entry has no key field {name:?}"),
+    }
+}
+
+/// Writes one batch and prints its receipts.
+async fn write(
+    conn: &std::sync::Arc<Cluster>,
+    entry_type: &str,
+    entries: Vec<(Fields, Option<Key>)>,
+    lease: Lease,
+    as_json: bool,
+) -> Result<()> {
+    let Response::Receipts(receipts) = conn
+        .call(Request::WriteDirect {
+            entry_type: entry_type.to_owned(),
+            indexes: Vec::new(),
+            entries,
+            lease,
+            labels: Vec::new(),
+        })
+        .await?
+    else {
+        bail!("unexpected answer");
+    };
+    for r in receipts {
+        if as_json {
+            println!(
+                "{}",
+                json!({"node": r.node.0, "key": r.key.to_string(), "version": r.version})
+            );
+        } else {
+            println!("written {} on {}", r.key, r.node);
+        }
+    }
+    Ok(())
+}
+
+/// Prints what a command did to the entry of `key`.
+fn done(as_json: bool, what: &str, key: &str) {
+    if as_json {
+        println!("{}", json!({ what: key }));
+    } else {
+        println!("{what} {key}");
+    }
+}
+
 /// What a read or take is for: the entry of `key`, or the matches of `query`.
 fn target_of(entry_type: String, query: &str, key: Option<String>) -> Result<Target> {
     Ok(match key {
         Some(key) => Target::Key {
             entry_type,
-            key: key.parse().unwrap_or_else(|never| match never {}),
+            key: parse_key(&key),
         },
         None => Target::Query(parse_query(&entry_type, query)?),
     })
