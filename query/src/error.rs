@@ -115,6 +115,16 @@ pub enum QueryError {
         /// The kind of the literal in the query.
         literal_kind: ValueKind,
     },
+    /// A field the entry type does not have (its Rust declaration lists its fields).
+    #[error("entry type {entry_type:?} has no field {field:?}; its fields are {known:?}")]
+    UnknownField {
+        /// The entry type.
+        entry_type: String,
+        /// The field path as given.
+        field: String,
+        /// The fields the type has at that level (dotted paths).
+        known: Vec<String>,
+    },
     /// A template could not be turned into a query.
     #[error("template: {0}")]
     Template(DocumentError),

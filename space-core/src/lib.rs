@@ -27,6 +27,7 @@ mod error;
 mod hash;
 mod lease;
 mod notify;
+mod schema;
 mod seq;
 mod signal;
 mod space;

@@ -193,10 +193,19 @@ fn check_type<T: Entry>(query: &Query) -> Result<()> {
             requested: T::ENTRY_TYPE.to_owned(),
         });
     }
-    Ok(query.validate()?)
+    query.validate()?;
+    crate::schema::check_query::<T>(query)
+}
+
+/// Checks a query of a call that names no Rust type: its form, and its fields against
+/// the Rust type this process declared for its entry type (see `schema`).
+fn check_untyped(query: &Query) -> Result<()> {
+    query.validate()?;
+    crate::schema::check_named(query)
 }
 
 fn encode<T: Entry>(entry: &T) -> Result<(Fields, Option<Key>)> {
+    crate::schema::declare::<T>();
     let fields = to_fields(entry).map_err(|problem| SpaceError::Document {
         entry_type: T::ENTRY_TYPE.to_owned(),
         problem,
@@ -693,8 +702,8 @@ impl Space {
     }
 
     fn op_count(&self, query: &Query) -> Call<u64> {
-        if let Err(e) = query.validate() {
-            return Call::Done(Err(e.into()));
+        if let Err(e) = check_untyped(query) {
+            return Call::Done(Err(e));
         }
         match &self.backend {
             Backend::Local(engine) => Call::Done(engine.count(query)),
@@ -707,8 +716,8 @@ impl Space {
     }
 
     fn op_notify(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Call<Subscription> {
-        if let Err(e) = query.validate() {
-            return Call::Done(Err(e.into()));
+        if let Err(e) = check_untyped(query) {
+            return Call::Done(Err(e));
         }
         match &self.backend {
             Backend::Local(engine) => Call::Done(engine.subscribe(query, kinds, lease)),

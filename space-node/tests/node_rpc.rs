@@ -287,3 +287,32 @@ async fn notify_is_pushed_to_the_client_in_order() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Against a node too, a typo or a literal of the wrong kind fails at once, before any
+/// entry of the type was written.
+#[tokio::test]
+async fn a_typo_or_a_kind_mismatch_fails_at_once_remotely() {
+    let node = NodeProcess::start(&[]);
+    let space = space_client::connect(&node.addr).await.unwrap();
+    let started = Instant::now();
+    let err = space
+        .take::<Job>(&Query::of::<Job>().eq("knd", "a"), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::Query(space_client::QueryError::UnknownField { field, .. }) if field == "knd"),
+        "{err:?}"
+    );
+    let err = space
+        .read::<Job>(
+            &Query::of::<Job>().eq("id", "seven"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::Query(space_client::QueryError::WrongType { field, .. }) if field == "id"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "no wait");
+}

@@ -91,6 +91,48 @@ fn absurd_leases_get_clear_errors() {
     );
 }
 
+/// Before anything of the type was ever written, a query naming a field the Rust type
+/// lacks, or comparing a field with a literal of another kind, fails at once: a worker that
+/// starts first is told, instead of waiting for matches that can never come.
+#[test]
+fn a_typo_or_a_kind_mismatch_fails_at_once_before_any_write() {
+    let space = Space::new().blocking();
+    let typo = Query::of::<Order>().eq("stauts", "New");
+    let err = space
+        .take::<Order>(&typo, Duration::from_secs(30))
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::Query(QueryError::UnknownField { field, known, .. })
+            if field == "stauts" && known.contains(&"status".to_owned())),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "invalid query: entry type \"Order\" has no field \"stauts\"; its fields are [\"amount\", \"note\", \"number\", \"status\"]"
+    );
+    let mismatch = Query::of::<Order>().gt("amount", "100");
+    let err = space
+        .claim::<Order>(&mismatch, Lease::secs(30), Duration::from_secs(30))
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::Query(QueryError::WrongType { field, .. }) if field == "amount"),
+        "{err:?}"
+    );
+    // Calls that name no Rust type know the fields once the process used the type.
+    assert!(matches!(
+        space.count(&typo),
+        Err(SpaceError::Query(QueryError::UnknownField { .. }))
+    ));
+    assert!(matches!(
+        space.notify(&mismatch, space_core::EventKinds::WRITTEN),
+        Err(SpaceError::Query(QueryError::WrongType { .. }))
+    ));
+    // Fields that exist, literals that fit: fine, and nothing was written by the errors.
+    let fine = Query::of::<Order>().eq("status", "New").gt("amount", 100);
+    assert_eq!(space.count(&fine).unwrap(), 0);
+    assert_eq!(space.count(&Query::for_type("Order")).unwrap(), 0);
+}
+
 #[test]
 fn invalid_queries_and_type_mismatches_are_refused() {
     let space = Space::new().blocking();
