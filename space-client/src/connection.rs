@@ -51,6 +51,25 @@ pub struct ClientConfig {
     /// After a node could not be reached, new calls to it fail at once for this long;
     /// the next call after it tries to connect again.
     pub probe_after: Duration,
+    /// How notify events reach this client.
+    pub delivery: Delivery,
+}
+
+/// How notify events travel from the nodes to a client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Pushed to the client's endpoint; when a node cannot connect to it (a client behind
+    /// NAT, or advertising an address the node cannot reach), carried over the client's
+    /// own connection instead, from then on.
+    #[default]
+    Auto,
+    /// Pushed to the client's endpoint only: a node that cannot connect to it refuses the
+    /// subscription ([`SpaceError::EndpointUnreachable`](space_core::SpaceError)).
+    Push,
+    /// Carried over the client's own connection (long polls): for clients that cannot
+    /// accept connections at all. Costs a waiting request per subscription and node.
+    Poll,
 }
 
 impl Default for ClientConfig {
@@ -65,6 +84,7 @@ impl Default for ClientConfig {
             subscriber_advertise: None,
             subscription_lease: Duration::from_secs(30),
             probe_after: Duration::from_millis(500),
+            delivery: Delivery::Auto,
         }
     }
 }

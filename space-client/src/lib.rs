@@ -30,7 +30,7 @@ pub mod worker;
 pub use cluster::{
     Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, space_of,
 };
-pub use connection::{ClientConfig, Connection};
+pub use connection::{ClientConfig, Connection, Delivery};
 pub use worker::{BlockingWorker, DeadLetter, Job, Shutdown, Work, Worker, WorkerReport};
 /// The wire types (requests, answers, documents) for tools that speak to a node directly.
 pub mod wire {

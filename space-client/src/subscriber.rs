@@ -32,7 +32,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::connection::{ClientConfig, Connection, Runtime};
+use crate::connection::{ClientConfig, Connection, Delivery, Runtime};
 
 /// Notifications buffered per subscription on the client before deliveries wait.
 pub(crate) const FEED_CAPACITY: usize = 65_536;
@@ -75,11 +75,18 @@ pub(crate) struct FeedState {
     detached: AtomicBool,
 }
 
+/// How long one poll of a polled subscription waits for an event.
+const POLL_WAIT: Duration = Duration::from_secs(10);
+
 /// The endpoint nodes push events to.
 pub(crate) struct Endpoint {
     /// Its address and secret, as handed to nodes.
     pub(crate) advertised: wire::Endpoint,
     feeds: Mutex<HashMap<(NodeId, u64), Arc<Part>>>,
+    delivery: Delivery,
+    /// A node could not reach the endpoint (with `Delivery::Auto`): later subscriptions
+    /// are polled at once.
+    push_refused: AtomicBool,
 }
 
 impl Endpoint {
@@ -102,6 +109,8 @@ impl Endpoint {
                 secret: uuid::Uuid::new_v4().as_u128(),
             },
             feeds: Mutex::new(HashMap::new()),
+            delivery: config.delivery,
+            push_refused: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&endpoint);
         let max_frame = config.max_frame;
@@ -138,6 +147,15 @@ impl Endpoint {
         });
         self.feeds.lock().insert((part.node, id), part.clone());
         part
+    }
+
+    /// Whether new subscriptions are polled rather than pushed.
+    fn polls(&self) -> bool {
+        match self.delivery {
+            Delivery::Poll => true,
+            Delivery::Push => false,
+            _ => self.push_refused.load(Ordering::Acquire),
+        }
     }
 
     /// Forgets a part: its pushes are no longer wanted.
@@ -297,7 +315,10 @@ impl FeedState {
         let Some(tx) = self.spare.lock().clone() else {
             return Err(SpaceError::SubscriptionClosed { id: 0 });
         };
+        let mut polled = endpoint.polls();
         let (id, last_seq) = match resume {
+            // A polled subscription picks up where it was by polling after `last_seq`.
+            Some((id, last_seq)) if polled => (id, last_seq),
             Some((id, last_seq)) => {
                 conn.call(Request::Resume {
                     id,
@@ -308,13 +329,30 @@ impl FeedState {
                 (id, last_seq)
             }
             None => {
-                let request = Request::Subscribe {
+                let subscribe = |endpoint| Request::Subscribe {
                     query: self.spec.query.clone(),
                     kinds: self.spec.kinds,
                     lease: self.spec.lease,
-                    endpoint: endpoint.advertised,
+                    endpoint,
                 };
-                match conn.call(request).await? {
+                let pushed = if polled {
+                    None
+                } else {
+                    Some(endpoint.advertised)
+                };
+                let answer = match conn.call(subscribe(pushed)).await {
+                    Err(SpaceError::EndpointUnreachable {
+                        endpoint: addr,
+                        reason,
+                    }) if endpoint.delivery == Delivery::Auto => {
+                        tracing::info!(node = %conn.addr(), endpoint = %addr, %reason, "the node cannot reach this client's subscriber endpoint: its events come over the client's connection from now on");
+                        endpoint.push_refused.store(true, Ordering::Release);
+                        polled = true;
+                        conn.call(subscribe(None)).await?
+                    }
+                    answer => answer?,
+                };
+                match answer {
                     Response::Subscribed(id) => (id, 0),
                     other => {
                         return Err(SpaceError::Protocol {
@@ -325,6 +363,9 @@ impl FeedState {
             }
         };
         let part = endpoint.attach(conn.clone(), id, tx, last_seq);
+        if polled {
+            tokio::spawn(poll(part.clone()));
+        }
         self.parts.lock().push(part);
         self.unreached.lock().retain(|a| a != conn.addr());
         Ok(())
@@ -345,6 +386,53 @@ impl FeedState {
 
     fn alive(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && !self.detached.load(Ordering::Acquire)
+    }
+}
+
+/// Fetches a polled part's events over its connection until it ends, is detached or
+/// cancelled, or its node lost it (the renewals then register it again, with a gap).
+async fn poll(part: Arc<Part>) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if part.tx.lock().is_none() {
+            return;
+        }
+        let request = Request::Poll {
+            id: part.id,
+            after: part.last_seq.load(Ordering::Acquire),
+            wait: POLL_WAIT,
+        };
+        match part.conn.call(request).await {
+            Ok(Response::Notifications {
+                notifications,
+                ended,
+            }) => {
+                pause = Duration::from_millis(50);
+                let Some(tx) = part.tx.lock().clone() else {
+                    return;
+                };
+                for n in notifications {
+                    let (_, last) = seq_range(&n);
+                    if last <= part.last_seq.load(Ordering::Acquire) {
+                        continue; // sent again after a lost answer
+                    }
+                    part.last_seq.store(last, Ordering::Release);
+                    if tx.send_async(n).await.is_err() {
+                        return;
+                    }
+                }
+                if ended {
+                    part.tx.lock().take();
+                    return;
+                }
+            }
+            Err(SpaceError::SubscriptionClosed { .. }) => return,
+            other => {
+                tracing::debug!(subscription = part.id, node = %part.node, answer = ?other.err(), "a poll failed; polling again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 

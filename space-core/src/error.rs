@@ -195,6 +195,16 @@ pub enum SpaceError {
         /// Why.
         reason: String,
     },
+    /// The node could not connect to the endpoint a subscription's events were to be
+    /// pushed to (a client behind NAT, or advertising an address the node cannot reach):
+    /// subscribe with events carried over the client's own connection instead.
+    #[error("the node cannot reach the subscriber endpoint {endpoint}: {reason}")]
+    EndpointUnreachable {
+        /// The endpoint's address.
+        endpoint: String,
+        /// What connecting to it said.
+        reason: String,
+    },
     /// The peer sent something this side does not understand.
     #[error("protocol error: {reason}")]
     Protocol {

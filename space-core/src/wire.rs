@@ -38,6 +38,8 @@ use crate::notify::{EventKinds, Notification};
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 6;
+/// The longest a [`Request::Poll`] waits for an event.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 pub use crate::hash::{RANGES, RangeSet, range_of};
@@ -265,7 +267,9 @@ pub enum Request {
         /// Labels the node must carry.
         labels: Vec<(String, String)>,
     },
-    /// Register a subscription whose events the node pushes to `endpoint`.
+    /// Register a subscription. With an `endpoint` the node pushes its events there, once
+    /// it has made sure it can connect to it ([`SpaceError::EndpointUnreachable`] if not);
+    /// without one the client fetches them over its own connection ([`Request::Poll`]).
     Subscribe {
         /// The query.
         query: Query,
@@ -273,8 +277,21 @@ pub enum Request {
         kinds: EventKinds,
         /// The subscription's lease.
         lease: Lease,
-        /// Where the client serves [`SubscriberService`], and its secret.
-        endpoint: Endpoint,
+        /// Where the client serves [`SubscriberService`], and its secret; `None` for a
+        /// subscription whose events are polled.
+        endpoint: Option<Endpoint>,
+    },
+    /// The next events of a polled subscription after sequence number `after` (what the
+    /// client has; events up to it are not sent again, later ones are, so an answer lost
+    /// on the way is delivered again), waiting up to `wait` for the first. A polled
+    /// subscription not polled for the node's subscriber timeout is cancelled.
+    Poll {
+        /// The subscription id.
+        id: u64,
+        /// The last sequence number the client has (0: none).
+        after: u64,
+        /// How long to wait for an event (at most [`MAX_POLL_WAIT`]).
+        wait: Duration,
     },
     /// Pick up a subscription after `last_seq`, delivering to `endpoint`.
     Resume {
@@ -392,6 +409,7 @@ impl Request {
             Request::ReadDirect { timeout, .. }
             | Request::TakeDirect { timeout, .. }
             | Request::Claim { timeout, .. } => *timeout,
+            Request::Poll { wait, .. } => (*wait).min(MAX_POLL_WAIT),
             _ => Duration::ZERO,
         }
     }
@@ -441,6 +459,14 @@ pub enum Response {
     Node(NodeInfo),
     /// A subscription's id.
     Subscribed(u64),
+    /// A polled subscription's next events; `ended` when its lease ended after them (or
+    /// it was cancelled): no more will come.
+    Notifications {
+        /// The events and gaps, in order.
+        notifications: Vec<Notification>,
+        /// Whether the subscription is over.
+        ended: bool,
+    },
     /// The topology.
     Topology(Topology),
     /// A node's state.

@@ -14,6 +14,14 @@
 //! `subscriber_timeout` costs nothing any more: its subscriptions are cancelled. A
 //! subscription that ends by its lease delivers what it matched and then tells the
 //! endpoint it ended.
+//!
+//! Before a subscription is accepted, the node connects to its endpoint (or has a
+//! connection to it already): an endpoint it cannot reach is refused at once with
+//! [`SpaceError::EndpointUnreachable`], never accepted and then left silent. A client that
+//! cannot accept connections subscribes without an endpoint and *polls* instead
+//! ([`Pushers::poll`]): each poll answers the events after the sequence number the client
+//! has (so an answer lost on the way is sent again), waiting for the first; a polled
+//! subscription not polled for `subscriber_timeout` is cancelled.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +38,10 @@ const BATCH: usize = 256;
 
 /// How long one delivery may take.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the node tries to connect to a new subscription's endpoint before it refuses
+/// the subscription.
+const REACH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How the node pushes: its id, frame limit, and how long an endpoint may stay away.
 #[derive(Clone, Copy, Debug)]
@@ -71,7 +83,35 @@ impl Link {
 
 struct Pusher {
     subscription: Arc<Subscription>,
-    link: watch::Sender<Arc<Link>>,
+    delivery: Delivery,
+}
+
+/// How a subscription's events leave the node.
+enum Delivery {
+    /// Pushed to an endpoint, over the link the watch holds (a resume may change it).
+    Push(watch::Sender<Arc<Link>>),
+    /// Fetched by the client's polls.
+    Poll(Arc<Mutex<Polled>>),
+}
+
+/// The state of a polled subscription.
+struct Polled {
+    /// The last sequence number answered to a poll.
+    answered_to: u64,
+    /// When the last poll began or ended.
+    last_poll: Instant,
+    /// Polls running now (a polled subscription is not idle while one waits).
+    polling: usize,
+}
+
+impl Pusher {
+    /// The link of a pushed subscription.
+    fn link(&self) -> Option<Arc<Link>> {
+        match &self.delivery {
+            Delivery::Push(link) => Some(link.borrow().clone()),
+            Delivery::Poll(_) => None,
+        }
+    }
 }
 
 /// The node's remote subscriptions, their pushers, and the links to their endpoints.
@@ -114,6 +154,13 @@ impl Tables {
         Ok(link)
     }
 
+    /// Forgets a pusher, and its place on its link.
+    fn remove(&mut self, id: u64) {
+        if let Some(link) = self.pushers.remove(&id).and_then(|p| p.link()) {
+            self.unlink(&link);
+        }
+    }
+
     /// Gives back a subscription's place on `link`, and the link once it has none.
     fn unlink(&mut self, link: &Link) {
         let left = link
@@ -143,45 +190,164 @@ impl Pushers {
         }
     }
 
-    /// Starts pushing `subscription`'s events to `endpoint`.
+    /// Starts delivering `subscription`'s events: pushed to `endpoint`, once the node
+    /// has connected to it, or, without one, to the client's polls.
     ///
     /// # Errors
-    /// [`SpaceError::Busy`] when the endpoint's client holds its maximum of subscriptions
-    /// (the subscription is then cancelled).
-    pub(crate) fn start(
+    /// [`SpaceError::EndpointUnreachable`] when the node cannot connect to the endpoint,
+    /// and [`SpaceError::Busy`] when the endpoint's client holds its maximum of
+    /// subscriptions (the subscription is then cancelled).
+    pub(crate) async fn start(
         self: &Arc<Self>,
         subscription: Subscription,
-        endpoint: Endpoint,
+        endpoint: Option<Endpoint>,
     ) -> Result<u64, SpaceError> {
         let id = subscription.id();
         let subscription = Arc::new(subscription);
-        let rx = {
-            let mut tables = self.map.lock();
-            let link = tables.link(endpoint, self.config.max_per_endpoint)?;
-            let (tx, rx) = watch::channel(link);
-            tables.pushers.insert(
-                id,
-                Pusher {
-                    subscription: subscription.clone(),
-                    link: tx,
-                },
-            );
-            rx
+        let Some(endpoint) = endpoint else {
+            return Ok(self.start_polled(subscription));
         };
+        let link = {
+            let mut tables = self.map.lock();
+            match tables.link(endpoint, self.config.max_per_endpoint) {
+                Ok(link) => link,
+                Err(e) => {
+                    subscription.cancel();
+                    return Err(e);
+                }
+            }
+        };
+        let reached = tokio::time::timeout(REACH_TIMEOUT, link.client(self.config.max_frame))
+            .await
+            .map_err(|_| format!("no connection within {REACH_TIMEOUT:?}"))
+            .and_then(|dialled| dialled.map_err(|e| e.to_string()));
+        if let Err(reason) = reached {
+            self.map.lock().unlink(&link);
+            subscription.cancel();
+            tracing::info!(endpoint = %endpoint.addr, %reason, "refused a subscription whose endpoint cannot be reached");
+            return Err(SpaceError::EndpointUnreachable {
+                endpoint: endpoint.addr.to_string(),
+                reason,
+            });
+        }
+        let (tx, rx) = watch::channel(link);
+        self.map.lock().pushers.insert(
+            id,
+            Pusher {
+                subscription: subscription.clone(),
+                delivery: Delivery::Push(tx),
+            },
+        );
         let pushers = self.clone();
         tokio::spawn(async move {
             push(pushers.config, subscription.clone(), rx).await;
-            {
-                let mut tables = pushers.map.lock();
-                if let Some(p) = tables.pushers.remove(&id) {
-                    let link = p.link.borrow().clone();
-                    tables.unlink(&link);
-                }
-            }
+            pushers.map.lock().remove(id);
             subscription.cancel();
             tracing::debug!(subscription = id, "pusher finished");
         });
         Ok(id)
+    }
+
+    /// Keeps a polled subscription until it ends, or is not polled for the subscriber
+    /// timeout.
+    fn start_polled(self: &Arc<Self>, subscription: Arc<Subscription>) -> u64 {
+        let id = subscription.id();
+        let polled = Arc::new(Mutex::new(Polled {
+            answered_to: 0,
+            last_poll: Instant::now(),
+            polling: 0,
+        }));
+        self.map.lock().pushers.insert(
+            id,
+            Pusher {
+                subscription: subscription.clone(),
+                delivery: Delivery::Poll(polled.clone()),
+            },
+        );
+        let pushers = self.clone();
+        let timeout = self.config.subscriber_timeout;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(
+                    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                )
+                .await;
+                if subscription.is_cancelled() || !pushers.map.lock().pushers.contains_key(&id) {
+                    break;
+                }
+                let idle = {
+                    let p = polled.lock();
+                    p.polling == 0 && p.last_poll.elapsed() >= timeout
+                };
+                if idle {
+                    tracing::info!(
+                        subscription = id,
+                        "a polled subscription was not polled for the subscriber timeout; cancelling it"
+                    );
+                    break;
+                }
+            }
+            pushers.map.lock().remove(id);
+            subscription.cancel();
+        });
+        id
+    }
+
+    /// Answers a poll of subscription `id`: the events after `after`, waiting up to
+    /// `wait` for the first; and whether the subscription is over.
+    ///
+    /// # Errors
+    /// [`SpaceError::SubscriptionClosed`] when there is no such polled subscription.
+    pub(crate) async fn poll(
+        &self,
+        id: u64,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(Vec<Notification>, bool), SpaceError> {
+        let found = self
+            .map
+            .lock()
+            .pushers
+            .get(&id)
+            .and_then(|p| match &p.delivery {
+                Delivery::Poll(polled) => Some((p.subscription.clone(), polled.clone())),
+                Delivery::Push(_) => None,
+            });
+        let Some((sub, polled)) = found else {
+            return Err(SpaceError::SubscriptionClosed { id });
+        };
+        {
+            let mut p = polled.lock();
+            p.polling += 1;
+            p.last_poll = Instant::now();
+            if after < p.answered_to {
+                // The last answer did not arrive: send it again.
+                sub.rewind(after);
+            }
+        }
+        let mut batch = Vec::new();
+        let mut ended = false;
+        match tokio::time::timeout(wait.min(wire::MAX_POLL_WAIT), sub.recv_async()).await {
+            Ok(Some(n)) => batch.push(n),
+            Ok(None) => ended = true,
+            Err(_) => {}
+        }
+        while !ended && batch.len() < BATCH {
+            match sub.try_recv() {
+                Some(n) => batch.push(n),
+                None => break,
+            }
+        }
+        {
+            let mut p = polled.lock();
+            p.polling -= 1;
+            p.last_poll = Instant::now();
+            p.answered_to = batch.last().map_or(after.max(p.answered_to), seq_of);
+        }
+        if ended {
+            self.map.lock().remove(id);
+        }
+        Ok((batch, ended))
     }
 
     /// Redirects a subscription to `endpoint` and re-delivers after `last_seq`.
@@ -196,20 +362,29 @@ impl Pushers {
         endpoint: Endpoint,
     ) -> Result<(), SpaceError> {
         let mut tables = self.map.lock();
-        let Some(old) = tables.pushers.get(&id).map(|p| p.link.borrow().clone()) else {
+        let Some(pusher) = tables.pushers.get(&id) else {
             return Err(SpaceError::SubscriptionClosed { id });
+        };
+        let Some(old) = pusher.link() else {
+            return Err(SpaceError::Protocol {
+                reason: format!(
+                    "subscription {id} is polled: poll it after the last sequence number instead of resuming it"
+                ),
+            });
         };
         if old.endpoint != endpoint {
             let link = tables.link(endpoint, self.config.max_per_endpoint)?;
             tables.unlink(&old);
-            if let Some(p) = tables.pushers.get(&id) {
-                p.link.send_replace(link);
+            if let Some(Delivery::Push(tx)) = tables.pushers.get(&id).map(|p| &p.delivery) {
+                tx.send_replace(link);
             }
         }
         if let Some(p) = tables.pushers.get(&id) {
             p.subscription.rewind(last_seq);
             // Wake the pusher even when the endpoint stayed the same.
-            p.link.send_modify(|_| {});
+            if let Delivery::Push(tx) = &p.delivery {
+                tx.send_modify(|_| {});
+            }
         }
         Ok(())
     }

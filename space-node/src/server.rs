@@ -348,12 +348,12 @@ impl NodeState {
     }
 
     /// Starts pushing `sub` to `endpoint`; returns the subscription's id.
-    pub(crate) fn push_to(
+    pub(crate) async fn push_to(
         &self,
         sub: space_core::Subscription,
-        endpoint: wire::Endpoint,
+        endpoint: Option<wire::Endpoint>,
     ) -> Result<u64, SpaceError> {
-        self.pushers.start(sub, endpoint)
+        self.pushers.start(sub, endpoint).await
     }
 
     /// Stops request `id` if it still runs here, and refuses it if it comes again
@@ -549,7 +549,14 @@ impl NodeState {
                 endpoint,
             } => {
                 let sub = engine.subscribe(&query, kinds, lease)?;
-                Response::Subscribed(self.pushers.start(sub, endpoint)?)
+                Response::Subscribed(self.push_to(sub, endpoint).await?)
+            }
+            Request::Poll { id, after, wait } => {
+                let (notifications, ended) = self.pushers.poll(id, after, wait).await?;
+                Response::Notifications {
+                    notifications,
+                    ended,
+                }
             }
             Request::Resume {
                 id,

@@ -263,7 +263,7 @@ impl NodeState {
                 };
                 let sub =
                     crate::replica::relay::subscribe(&self.engine, &set, &query, kinds, lease)?;
-                Response::Subscribed(self.push_to(sub, endpoint)?)
+                Response::Subscribed(self.push_to(sub, endpoint).await?)
             }
             // The rest concerns the node, not a shard.
             other => return self.handle_on(&self.engine, other, budget).await,

@@ -338,3 +338,66 @@ fn batches_from_stdin_contents_claims_renewals_and_cancels() {
     let syntax = space(&node, &["claim", "Order", "n:>"]);
     assert_eq!(code(&syntax), Some(2));
 }
+
+/// `space watch` does not wait in silence for a node that is gone: it exits with an
+/// error.
+#[test]
+fn watch_exits_with_an_error_when_its_node_goes_away() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    /// The watch process, killed if the test fails before it exits.
+    struct Watch(std::process::Child);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let node = NodeProcess::start(&[]);
+    let mut watch = Watch(
+        Command::new(cli_binary().expect("the space CLI"))
+            .args(["--node", &node.addr, "watch", "Alert"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run space watch"),
+    );
+    let (tx, printed) = std::sync::mpsc::channel();
+    let out = watch.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Once an event is printed, the subscription is in place.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        stdout(&space(&node, &["write", "Alert", r#"{"level":1}"#]));
+        if printed
+            .recv_timeout(Duration::from_secs(1))
+            .is_ok_and(|l| l.contains("Written"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "watch printed nothing");
+    }
+    node.kill();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = watch.0.try_wait().expect("the watch's status") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "space watch kept waiting after its node went away"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(2));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watch.0.stderr.take().expect("stderr"), &mut stderr)
+        .unwrap();
+    assert!(stderr.contains("went away"), "{stderr}");
+}

@@ -204,10 +204,10 @@ fn requests() -> Vec<Request> {
             query: query(),
             kinds: space_core::EventKinds::ALL,
             lease: Lease::Forever,
-            endpoint: wire::Endpoint {
+            endpoint: Some(wire::Endpoint {
                 addr: "127.0.0.1:9".parse().unwrap(),
                 secret: 7,
-            },
+            }),
         },
         Request::Revoke(RequestId::new()),
         Request::Contents {

@@ -183,7 +183,8 @@ enum Command {
         #[arg(default_value = "*")]
         query: String,
     },
-    /// Print every later change of matching entries, one line each, until interrupted.
+    /// Print every later change of matching entries, one line each, until interrupted;
+    /// exits with an error (code 2) when the node goes away.
     Watch {
         /// The entry type.
         entry_type: String,
@@ -593,9 +594,24 @@ async fn run(cli: Cli) -> Result<Found> {
                 .subscribe(query, EventKinds::of(&kinds), Lease::Forever)
                 .await?;
             let mut seen = 0;
+            // The node is asked every two seconds whether it is there: one that went away
+            // ends the watch with an error, rather than a wait in silence for events that
+            // cannot come.
+            let mut look = tokio::time::interval(Duration::from_secs(2));
             while count.is_none_or(|c| seen < c) {
-                let Some(n) = sub.recv_async().await else {
-                    break;
+                let next = tokio::select! {
+                    n = sub.recv_async() => n,
+                    _ = look.tick() => {
+                        if let Err(e) = conn.call(Request::NodeStatus).await
+                            && e.is_unreachable()
+                        {
+                            bail!("the node {} went away: {e}", cli.node);
+                        }
+                        continue;
+                    }
+                };
+                let Some(n) = next else {
+                    bail!("the subscription ended");
                 };
                 seen += 1;
                 match n {

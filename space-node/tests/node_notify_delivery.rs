@@ -1,0 +1,132 @@
+//! Notify that cannot fail in silence: a node refuses a subscription whose endpoint it
+//! cannot reach, a client falls back to carrying events over its own connection, and
+//! polled subscriptions deliver and end like pushed ones.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use serde::{Deserialize, Serialize};
+use space_client::{
+    ClientConfig, Delivery, EventKinds, Lease, Notification, Query, Space, SpaceError, connect_with,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Alert {
+    level: u32,
+}
+space_client::entry!(Alert, "delivery.Alert");
+
+fn config(delivery: Delivery, advertise: Option<&str>) -> ClientConfig {
+    ClientConfig {
+        delivery,
+        subscriber_advertise: advertise.map(|a| a.parse().expect("an address")),
+        ..ClientConfig::default()
+    }
+}
+
+/// Writes `n` alerts and checks that the subscription is told each, in order.
+async fn written_and_told(space: &Space, sub: &space_client::Subscription, n: u32) {
+    for level in 0..n {
+        space.write(&Alert { level }).await.unwrap();
+    }
+    let mut told = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while told < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let next = tokio::time::timeout(left, sub.recv_async()).await;
+        match next {
+            Ok(Some(Notification::Event(e))) => {
+                told += 1;
+                assert_eq!(e.seq, u64::from(told), "in order, without holes");
+            }
+            other => panic!("after {told} of {n} events: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_the_node_cannot_reach_is_refused_at_once_naming_it() {
+    let node = NodeProcess::start(&[]);
+    // Nothing listens there: the connection is refused.
+    let space = connect_with(&node.addr, config(Delivery::Push, Some("127.0.0.1:1")))
+        .await
+        .unwrap();
+    let err = space
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::EndpointUnreachable { endpoint, .. } if endpoint == "127.0.0.1:1"),
+        "{err:?}"
+    );
+    // Something listens there but never answers (as a black hole would): refused too,
+    // after the node's few seconds of trying.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let space = connect_with(&node.addr, config(Delivery::Push, Some(&addr)))
+        .await
+        .unwrap();
+    let err = space
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::EndpointUnreachable { endpoint, .. } if *endpoint == addr),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&addr), "{err}");
+    // Nothing was left registered on the node.
+    let stats = space.stats().await.unwrap();
+    assert_eq!(stats.subscriptions, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_node_cannot_reach_gets_its_events_over_its_own_connection() {
+    let node = NodeProcess::start(&[]);
+    let space = connect_with(&node.addr, config(Delivery::Auto, Some("127.0.0.1:1")))
+        .await
+        .unwrap();
+    let sub = space
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .expect("falls back to polling");
+    written_and_told(&space, &sub, 300).await;
+    // Later subscriptions poll at once.
+    let again = space
+        .notify(&Query::of::<Alert>().gt("level", 1000), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    space.write(&Alert { level: 5000 }).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), again.recv_async()).await {
+        Ok(Some(Notification::Event(e))) => assert_eq!(e.seq, 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_subscription_delivers_and_ends_with_its_lease() {
+    let node = NodeProcess::start(&[]);
+    let space = connect_with(&node.addr, config(Delivery::Poll, None))
+        .await
+        .unwrap();
+    let sub = space
+        .notify_with_lease(
+            &Query::of::<Alert>(),
+            EventKinds::WRITTEN,
+            Lease::For(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    written_and_told(&space, &sub, 50).await;
+    // When the lease ends, the stream ends (and does not hang).
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while sub.recv_async().await.is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the polled stream did not end with its lease"
+    );
+}
