@@ -13,7 +13,8 @@
 //! exactly, a missing field never equals anything, list fields are multi-valued.
 //!
 //! Many queries are matched against each written entry by the [`Percolator`] (notify at
-//! scale), and [`tantivy_form`] gives every query its reference meaning as a tantivy query.
+//! scale), and `tantivy_form` (with the `tantivy` feature) gives every query its reference
+//! meaning as a tantivy query, which the tests check the other two against.
 //!
 //! This crate knows nothing of spaces or networks.
 
@@ -26,6 +27,7 @@ mod names;
 mod percolator;
 mod query;
 mod ser;
+#[cfg(feature = "tantivy")]
 pub mod tantivy_form;
 pub mod text;
 mod value;

@@ -38,9 +38,10 @@ pub mod wire {
     pub use space_core::{ClaimTicket, ClaimedDocument, Document, Fields, Receipt, Stats, Value};
 }
 pub use space_core::{
-    BlockingSpace, Claim, ClaimTicket, Entry, EntryType, Event, EventKind, EventKinds, Filter,
-    IntoKey, Key, Lease, NodeId, Notification, Query, QueryError, Receipt, Result, Space,
-    SpaceError, Stats, Subscription, entry,
+    BlockingSpace, Claim, ClaimTicket, DocumentError, EngineConfig, Entry, EntryType, Event,
+    EventKind, EventKinds, Fields, Filter, IntoKey, Key, Lease, MAX_LEASE, NodeId, Notification,
+    Query, QueryError, Receipt, Result, Space, SpaceError, Stats, Subscription, Value, ValueKind,
+    entry,
 };
 
 /// The README's examples, compiled and run as doc tests so that they stay true.

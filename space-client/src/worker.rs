@@ -72,6 +72,7 @@ use tokio_util::sync::CancellationToken;
 ///
 /// Find them with `Query::of::<DeadLetter>().eq("entry_type", "my.Type")`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The failed entry's type.
     pub entry_type: String,
@@ -99,6 +100,7 @@ impl DeadLetter {
 
 /// One claimed entry handed to a worker's handler.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Job<T> {
     /// The entry.
     pub entry: T,
@@ -132,6 +134,7 @@ impl Shutdown {
 
 /// What a worker pool did before it stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerReport {
     /// Entries handled and committed.
     pub done: u64,

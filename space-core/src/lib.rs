@@ -46,7 +46,9 @@ pub use notify::{
     DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
 };
 pub use space::{BlockingSpace, Claim, Space};
-pub use space_query::{EntryType, Fields, Filter, Query, QueryError, Value};
+pub use space_query::{
+    DocumentError, EntryType, Fields, Filter, Query, QueryError, Value, ValueKind,
+};
 
 /// What a server hosting a space needs beyond the typed handles: the engine over documents
 /// (its operations, the answers its state keeps for retried requests, and what a take

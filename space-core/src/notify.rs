@@ -32,8 +32,9 @@ use space_query::{Fields, Percolator, Query};
 
 use crate::entry::{Key, NodeId};
 
-/// What happened to an entry.
+/// What happened to an entry (more kinds may come: match with a wildcard arm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum EventKind {
     /// A new entry was written (or an entry came back after a cancelled hand-off).
     Written,
