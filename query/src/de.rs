@@ -8,11 +8,20 @@ use crate::error::DocumentError;
 use crate::value::{FieldName, Fields, Value};
 
 /// Rebuilds a `T` from a document value.
+///
+/// # Errors
+///
+/// When the value does not have the shape `T` reads (a missing field, a value of another
+/// kind).
 pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, DocumentError> {
     T::deserialize(value)
 }
 
 /// Rebuilds an entry struct from its document fields.
+///
+/// # Errors
+///
+/// As [`from_value`].
 pub fn from_fields<T: DeserializeOwned>(fields: Fields) -> Result<T, DocumentError> {
     T::deserialize(Value::Map(fields))
 }

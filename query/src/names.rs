@@ -3,6 +3,10 @@
 use crate::error::{QueryError, Result};
 
 /// Checks a dotted field path: non-empty segments of letters, digits, `_` and `-`.
+///
+/// # Errors
+///
+/// `QueryError::InvalidField` saying what is wrong with the path.
 pub fn validate_path(field: &str) -> Result<()> {
     let bad = |reason: &str| {
         Err(QueryError::InvalidField {
@@ -38,6 +42,10 @@ pub const MAX_ENTRY_TYPE_BYTES: usize = 256;
 
 /// Checks an entry type name: not empty, at most [`MAX_ENTRY_TYPE_BYTES`] bytes, no
 /// control characters. Says why not, if it is not usable.
+///
+/// # Errors
+///
+/// Why the name is not a valid entry type name.
 pub fn validate_entry_type(name: &str) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         Err("the entry type name is empty")

@@ -221,6 +221,10 @@ impl Filter {
     /// non-scalar literals, ranges with comparable ordered bounds, text with words; and
     /// that AND, OR and NOT nest at most [`MAX_DEPTH`](crate::MAX_DEPTH) levels (checked
     /// first, and without walking past the limit).
+    ///
+    /// # Errors
+    ///
+    /// The first problem found: the error names the field and says why.
     pub fn validate(&self) -> Result<()> {
         if !self.within_depth(1) {
             return Err(QueryError::TooDeep {
@@ -245,6 +249,10 @@ impl Filter {
     }
 
     /// Calls `f` on every leaf predicate (not on `All`, `And`, `Or`, `Not`).
+    ///
+    /// # Errors
+    ///
+    /// The first error `f` returns; the walk stops there.
     pub fn visit_leaves(&self, f: &mut dyn FnMut(&Filter) -> Result<()>) -> Result<()> {
         match self {
             Filter::All => Ok(()),
@@ -486,6 +494,10 @@ impl Query {
 
     /// Checks field names and literals; see [`Filter::validate`]. The space calls this
     /// before it runs a query, so a bad query is an error, never a silent non-match.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found: the error names the field and says why.
     pub fn validate(&self) -> Result<()> {
         if let Err(reason) = validate_entry_type(&self.entry_type) {
             return Err(QueryError::InvalidField {
@@ -499,6 +511,10 @@ impl Query {
     /// Checks the query's literals against the kinds of value each field holds, as told
     /// by `kind_of(field)` (`None` for a field not seen yet). A number compared with a
     /// string field is a [`QueryError::WrongType`].
+    ///
+    /// # Errors
+    ///
+    /// `QueryError::WrongType` for the first literal of another kind than its field holds.
     pub fn check_kinds(&self, kind_of: &dyn Fn(&str) -> Option<ValueKind>) -> Result<()> {
         self.filter.visit_leaves(&mut |leaf| {
             let Some(field) = leaf.field() else {

@@ -171,6 +171,10 @@ impl Cluster {
     }
 
     /// Asks the nodes (then the seeds) for the topology and keeps the newest.
+    ///
+    /// # Errors
+    ///
+    /// The last error met when no node or seed answered.
     pub async fn refresh(&self) -> Result<Topology> {
         let mut candidates = self.addresses();
         candidates.extend(self.seeds.iter().cloned());
@@ -370,7 +374,7 @@ impl Cluster {
     ///
     /// # Cancel safety
     /// A take or claim whose future is dropped (or that fails) loses nothing: everything it
-    /// took or claimed on any node goes back ([`revoke`](crate::revoke)).
+    /// took or claimed on any node goes back (the client's revokes).
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
         if matches!(request, Request::TakeDirect { .. } | Request::Claim { .. }) {
             revoke::guarded(Some(self.reach()), self.call_waiting(request)).await
@@ -1063,6 +1067,11 @@ impl Cluster {
     }
 
     /// Picks up a detached subscription of a one-node cluster after `last_seq`.
+    ///
+    /// # Errors
+    ///
+    /// `SubscriptionClosed` when the node no longer has it; the node could not be reached;
+    /// a cluster of several nodes (a subscription there has a part on each).
     pub async fn resume(self: &Arc<Self>, id: u64, last_seq: u64) -> Result<Subscription> {
         let addrs = self.addresses();
         let [addr] = &addrs[..] else {
@@ -1163,6 +1172,11 @@ pub async fn connect(addr: &str) -> Result<Space> {
 
 /// [`connect`] with settings (token, timeouts, subscriber endpoint). `addr` may list
 /// several seed addresses separated by commas.
+///
+/// # Errors
+///
+/// `Down` or `Unreachable` when no seed answers; `Rejected` when the node refuses the
+/// handshake (a wrong token, another protocol version).
 pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<Space> {
     let seeds: Vec<&str> = addr
         .split(',')
@@ -1174,11 +1188,19 @@ pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<Space> {
 
 /// A blocking handle on the node (or cluster) at `addr`, for plain threads: the client runs
 /// its own small runtime. Do not call it from inside an async task.
+///
+/// # Errors
+///
+/// As [`connect`]; also when the client's runtime cannot start.
 pub fn connect_blocking(addr: &str) -> Result<BlockingSpace> {
     connect_blocking_with(addr, ClientConfig::default())
 }
 
 /// [`connect_blocking`] with settings.
+///
+/// # Errors
+///
+/// As [`connect_blocking`].
 pub fn connect_blocking_with(addr: &str, config: ClientConfig) -> Result<BlockingSpace> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -338,6 +338,10 @@ impl Connection {
 
     /// As [`call`](Self::call), with a request id the caller chose (to retry a request
     /// across calls: the node answers a repeated id with its first answer).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call).
     pub async fn call_with_id(
         self: &Arc<Self>,
         id: RequestId,

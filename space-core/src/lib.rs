@@ -61,8 +61,8 @@ pub mod server {
     pub use crate::wal::LogId;
 }
 
-/// What a remote backend implements, so that [`Space`](crate::Space) and
-/// [`Subscription`](crate::Subscription) work over a network (`space-client` does).
+/// What a remote backend implements, so that [`Space`] and
+/// [`Subscription`] work over a network (`space-client` does).
 pub mod remote {
     pub use crate::notify::RemoteFeed;
     pub use crate::space::RemoteBackend;

@@ -564,6 +564,10 @@ pub trait RemoteFeed: Send + Sync {
     /// reached): their changes are not reported until it is.
     fn unreached(&self) -> Vec<String>;
     /// Extends the lease on the node.
+    ///
+    /// # Errors
+    ///
+    /// When the subscription is gone, or the lease is unusable.
     fn renew(&self, lease: crate::Lease) -> crate::Result<()>;
     /// Ends the subscription on the node.
     fn cancel(&self);

@@ -258,6 +258,11 @@ impl Space {
     }
 
     /// [`open`](Self::open) with settings.
+    ///
+    /// # Errors
+    ///
+    /// `Storage` when the directory cannot be created or locked, or its log and snapshot
+    /// cannot be read (a damaged or foreign file is named).
     pub fn open_with(dir: impl AsRef<std::path::Path>, config: EngineConfig) -> Result<Space> {
         Engine::open(dir, config).map(Space::from_engine)
     }
@@ -811,30 +816,64 @@ both_forms! {
     /// Stores a copy of `entry` with no time limit; returns its receipt (node, key,
     /// version). Never waits for other operations beyond a brief lock (in-process) or one
     /// round trip (remote).
+    ///
+    /// # Errors
+    ///
+    /// The entry does not encode as a document, or holds a field of another kind than
+    /// earlier entries of its type (`Document`, `FieldType`); its key exists (`KeyExists`);
+    /// the space is full (`Full`, `TooLarge`); the node could not be reached (`Down`: not
+    /// written; `Unreachable`/`TimedOut`: unknown).
     fn write<T>(&self, entry: &T) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever, &[]));
 
     /// Stores a copy of `entry` that expires after `lease`.
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write); also `InvalidLease` for a zero or absurd lease.
     fn write_with_lease<T>(&self, entry: &T, lease: Lease) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, lease, &[]));
 
     /// Stores a copy of a keyless `entry` on a node that carries all of `labels`
     /// (`[("zone", "a")]`), as FindPlaceFor chooses; fails with [`SpaceError::Full`] when
     /// no node carries them or has room. An in-process space is one place: labels do not
     /// apply there.
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write); `Full` when no node carries the labels or has room.
     fn write_labelled<T>(&self, entry: &T, labels: &[(&str, &str)]) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever, labels));
 
     /// Stores all of `entries`, or none of them if any is refused.
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write), for any of the entries (then none is stored).
     fn write_all<T>(&self, entries: &[T]) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), Lease::Forever, &[]));
 
     /// Stores all of `entries` with one lease, or none of them.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_all`](Self::write_all); also `InvalidLease`.
     fn write_all_with_lease<T>(&self, entries: &[T], lease: Lease) -> Result<Vec<Receipt>> = |s| s.changes(s.op_write(&entries.iter().collect::<Vec<_>>(), lease, &[]));
 
     /// A copy of the oldest matching entry, waiting up to `timeout` for one to be written;
     /// `Ok(None)` on timeout. A zero timeout does not wait.
     ///
     /// Blocking/cancel: waits at most `timeout`; dropping the async form gives up the wait.
+    ///
+    /// # Errors
+    ///
+    /// A query that is malformed, names a field the type lacks or compares one with a
+    /// literal of another kind (`Query`), or is for another entry type (`TypeMismatch`); a
+    /// matching entry that does not decode as `T` (`Document`); too many waiters (`Busy`);
+    /// the node could not be reached.
     fn read<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.op_read(query, timeout);
 
     /// A copy of the oldest matching entry if there is one now; never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](Self::read).
     fn read_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.op_read(query, Duration::ZERO);
 
     /// Removes and returns the oldest matching entry, waiting up to `timeout`. Each entry
@@ -842,13 +881,26 @@ both_forms! {
     ///
     /// Blocking/cancel: waits at most `timeout`. Dropping the async form gives up the
     /// wait; an entry handed to it meanwhile goes back into the space.
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](Self::read); when the outcome is unknown (`Unreachable`, `TimedOut`) a
+    /// taken entry is given back.
     fn take<T>(&self, query: &Query, timeout: Duration) -> Result<Option<T>> = |s| s.changes(s.op_take(query, timeout));
 
     /// Removes and returns the oldest matching entry if there is one now; never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take).
     fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.changes(s.op_take(query, Duration::ZERO));
 
     /// Removes at least one (waiting up to `timeout` for it) and at most `max` matching
     /// entries, oldest first. Empty on timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take); `ZeroMax` when `max` is zero.
     fn take_all<T>(&self, query: &Query, max: usize, timeout: Duration) -> Result<Vec<T>> = |s| if max == 0 { Call::Done(Err(SpaceError::ZeroMax)) } else { s.changes(s.op_take_all(query, max, timeout)) };
 
     /// Claims the oldest matching entry for `lease` (a leased take), waiting up to
@@ -856,48 +908,111 @@ both_forms! {
     ///
     /// Blocking/cancel: as [`take`](Self::take); a claim handed to a dropped future is
     /// released.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take); `InvalidLease` for a lease that is not finite and positive.
     fn claim<T>(&self, query: &Query, lease: Lease, timeout: Duration) -> Result<Option<Claim<T>>> = |s| s.changes(s.op_claim(query, lease, timeout));
 
     /// Removes a claimed entry for good. Fails with [`SpaceError::ClaimLost`] when the
     /// claim's lease ran out first.
+    ///
+    /// # Errors
+    ///
+    /// `ClaimLost` when the claim's lease ran out first (the entry is back in the space, or
+    /// claimed by someone else); the node could not be reached.
     fn commit(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Request::Commit(claim.as_ref().clone()))));
 
     /// Puts a claimed entry back into the space.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit`](Self::commit).
     fn release(&self, claim: &impl AsRef<ClaimTicket>) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Request::Release(claim.as_ref().clone()))));
 
     /// Extends a claim's lease from now; returns the new expiry.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit`](Self::commit); also `InvalidLease`.
     fn renew_claim(&self, claim: &impl AsRef<ClaimTicket>, lease: Lease) -> Result<SystemTime> = |s| s.changes(s.renew_claim_call(claim.as_ref(), lease));
 
     /// A copy of the entry with this key, if it is visible.
+    ///
+    /// # Errors
+    ///
+    /// `Document` when the entry does not decode as `T`; the node could not be reached.
     fn read_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.op_read_key(key);
 
     /// Removes and returns the entry with this key, if it is visible.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_key`](Self::read_key).
     fn take_key<T>(&self, key: &Key) -> Result<Option<T>> = |s| s.changes(s.op_take_key(key));
 
     /// Copies of every matching entry, oldest first: a snapshot, not a live view (fetched
     /// page by page from a node).
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](Self::read); `Unavailable` when a cluster's listing could not cover
+    /// every shard.
     fn contents<T>(&self, query: &Query) -> Result<Vec<T>> = |s| s.op_contents(query);
 
     /// The number of visible matching entries.
+    ///
+    /// # Errors
+    ///
+    /// A malformed query, or one that names a field the type lacks (`Query`); `Unavailable`
+    /// as for [`contents`](Self::contents); the node could not be reached.
     fn count(&self, query: &Query) -> Result<u64> = |s| s.op_count(query);
 
     /// Subscribes to the changes of matching entries whose kind is in `kinds`, from now
     /// on, for as long as the returned [`Subscription`] lives.
+    ///
+    /// # Errors
+    ///
+    /// A malformed query (`Query`), an unusable lease; too many subscriptions (`Busy`);
+    /// `EndpointUnreachable` when a node cannot reach this client's subscriber endpoint and
+    /// the client pushes only (`Delivery::Push`); the node could not be reached.
     fn notify(&self, query: &Query, kinds: EventKinds) -> Result<Subscription> = |s| s.op_notify(query, kinds, Lease::Forever);
 
     /// As [`notify`](Self::notify), with a lease after which the subscription ends.
+    ///
+    /// # Errors
+    ///
+    /// As [`notify`](Self::notify).
     fn notify_with_lease(&self, query: &Query, kinds: EventKinds, lease: Lease) -> Result<Subscription> = |s| s.op_notify(query, kinds, lease);
 
     /// Picks up a detached subscription after `last_seq`; see [`Engine::resume`].
+    ///
+    /// # Errors
+    ///
+    /// `SubscriptionClosed` when the subscription is gone (its lease ended, or it was not
+    /// resumed in time).
     fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = |s| s.op_resume(id, last_seq);
 
     /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` when no visible entry has the key; `InvalidLease`; the node could not be
+    /// reached.
     fn renew<T>(&self, key: &Key, lease: Lease) -> Result<Option<SystemTime>> = |s| s.changes(s.op_ticket(Space::entry_request::<T>(key, Some(lease))));
 
     /// Cancels an entry's lease: the entry is removed at once (an `Expired` event).
+    ///
+    /// # Errors
+    ///
+    /// As [`renew`](Self::renew).
     fn cancel<T>(&self, key: &Key) -> Result<()> = |s| s.changes(Space::unit(s.op_ticket(Space::entry_request::<T>(key, None))));
 
     /// Counters: entries, bytes, waiters, subscriptions.
+    ///
+    /// # Errors
+    ///
+    /// The node could not be reached.
     fn stats(&self) -> Result<Stats> = |s| s.op_stats();
 }
 

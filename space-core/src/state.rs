@@ -340,7 +340,7 @@ pub enum Answer {
     /// A commit, release or cancel took effect.
     Done,
     /// The request's caller gave it up, and what it took was given back
-    /// ([`Engine::give_back`](crate::Engine::give_back)): a retry is answered
+    /// ([`Engine::give_back`](crate::server::Engine::give_back)): a retry is answered
     /// [`SpaceError::Revoked`](crate::SpaceError::Revoked).
     Revoked,
 }
@@ -539,7 +539,7 @@ impl GiveBack {
 }
 
 /// An entry a take (or a commit) removed, with what it takes to put it back where it was
-/// ([`Engine::untake`](crate::Engine::untake)): a node keeps these for a request whose
+/// ([`Engine::untake`](crate::server::Engine::untake)): a node keeps these for a request whose
 /// caller may still give it up, so that an answer nobody received loses nothing.
 #[derive(Clone, Debug)]
 pub struct Taken {

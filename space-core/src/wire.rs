@@ -637,6 +637,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SpaceError> {
 }
 
 /// Sends one postcard-encoded frame.
+///
+/// # Errors
+///
+/// The stream's I/O errors; a value that does not encode.
 pub async fn send_frame<S, T>(
     framed: &mut Framed<S, LengthDelimitedCodec>,
     value: &T,
@@ -649,6 +653,10 @@ where
 }
 
 /// Receives one postcard-encoded frame; `None` when the peer closed the connection.
+///
+/// # Errors
+///
+/// The stream's I/O errors; a frame larger than the limit, or that does not decode.
 pub async fn recv_frame<S, T>(
     framed: &mut Framed<S, LengthDelimitedCodec>,
 ) -> std::io::Result<Option<T>>

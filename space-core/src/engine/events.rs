@@ -54,6 +54,10 @@ pub(super) fn after(command: &Command) -> Option<(EventKind, u64)> {
 impl Engine {
     /// Registers a subscription: every later change of a matching entry whose kind is in
     /// `kinds` is queued for it, numbered 1, 2, 3, ...
+    ///
+    /// # Errors
+    ///
+    /// A malformed query, an unusable lease, or too many subscriptions (`Busy`).
     pub fn subscribe(
         &self,
         query: &Query,

@@ -48,6 +48,10 @@ impl Engine {
     }
 
     /// Cancels an entry's lease: the entry is removed at once, with an `Expired` event.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` when no visible entry has the key.
     pub fn cancel(&self, entry_type: &str, key: &Key) -> Result<()> {
         let now = self.now();
         self.with_live_entry(entry_type, key, &now, |_, st, seq| {

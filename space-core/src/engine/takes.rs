@@ -105,6 +105,11 @@ impl Engine {
 
     /// Removes and returns the oldest visible entry matching `query`, waiting up to
     /// `timeout`. Each entry is taken at most once.
+    ///
+    /// # Errors
+    ///
+    /// A malformed query, or one with a literal of another kind than its field holds
+    /// (`Query`); too many waiters (`Busy`).
     pub fn take(&self, query: &Query, timeout: Duration) -> Result<Pending<Option<Document>>> {
         Ok(self
             .begin(query, WaitMode::Take, timeout)?
@@ -115,6 +120,10 @@ impl Engine {
     /// that [`untake`](Self::untake) can put back; and stopping before the entries exceed
     /// `max_bytes` of documents in all (the first entry is always taken), so that an answer
     /// fits in a frame.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take).
     pub fn take_entries(
         &self,
         query: &Query,
@@ -152,6 +161,10 @@ impl Engine {
     /// Claims the oldest visible matching entry for `lease`: it stays stored but hidden
     /// until [`commit`](Self::commit) removes it or [`release`](Self::release) (or the
     /// lease running out) puts it back.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take); `InvalidLease` for a lease that is not finite and positive.
     pub fn claim(
         &self,
         query: &Query,
@@ -181,6 +194,10 @@ impl Engine {
 
     /// Takes at least one (waiting up to `timeout` for the first) and at most `max`
     /// matching entries, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// As [`take`](Self::take); `ZeroMax` when `max` is zero.
     pub fn take_all(
         &self,
         query: &Query,
@@ -223,6 +240,10 @@ impl Engine {
     }
 
     /// Copies of every visible entry matching `query`, oldest first (a snapshot).
+    ///
+    /// # Errors
+    ///
+    /// A malformed query, or one with a literal of another kind than its field holds.
     pub fn contents(&self, query: &Query) -> Result<Vec<Document>> {
         self.scan(query, |r, out: &mut Vec<Document>| out.push(r.document()))
     }
@@ -230,6 +251,10 @@ impl Engine {
     /// A page of at most `limit` matching entries, oldest first, after the cursor `after`
     /// of the previous page (`None`: from the start). Returns the entries and the cursor
     /// of the next page (`None` when this is the last one).
+    ///
+    /// # Errors
+    ///
+    /// As [`contents`](Self::contents).
     pub fn contents_page(
         &self,
         query: &Query,
@@ -241,6 +266,10 @@ impl Engine {
 
     /// As [`contents_page`](Self::contents_page), ending the page before its documents
     /// exceed `max_bytes` (a page holds at least one entry), so that it fits in a frame.
+    ///
+    /// # Errors
+    ///
+    /// As [`contents`](Self::contents).
     pub fn contents_page_within(
         &self,
         query: &Query,
@@ -276,6 +305,10 @@ impl Engine {
     }
 
     /// The number of visible entries matching `query`.
+    ///
+    /// # Errors
+    ///
+    /// As [`contents`](Self::contents).
     pub fn count(&self, query: &Query) -> Result<u64> {
         self.scan(query, |_, n: &mut u64| *n += 1)
     }
@@ -365,6 +398,10 @@ impl Engine {
 
     /// As [`commit`](Self::commit), handing out the removed entry (`None` only if it
     /// vanished under the claim, which the claim prevents).
+    ///
+    /// # Errors
+    ///
+    /// `ClaimLost` when the claim ran out, or the entry is held by another claim.
     pub fn commit_entry(&self, ticket: &ClaimTicket) -> Result<Option<Taken>> {
         self.with_claim(ticket, |engine, _, st, seq| {
             engine.remove_taken(st, seq, Cause::Committed)
@@ -372,6 +409,10 @@ impl Engine {
     }
 
     /// Gives a claimed entry back to the space, where waiting takers see it at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit_entry`](Self::commit_entry).
     pub fn release(&self, ticket: &ClaimTicket) -> Result<()> {
         self.with_claim(ticket, |engine, cell, st, seq| {
             let now = engine.now();
@@ -380,6 +421,10 @@ impl Engine {
     }
 
     /// Extends a claim's lease from now.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit_entry`](Self::commit_entry); also `InvalidLease`.
     pub fn renew_claim(&self, ticket: &ClaimTicket, lease: Lease) -> Result<SystemTime> {
         let now = self.now();
         let Some(expires) = lease.deadline(&now)? else {

@@ -73,6 +73,11 @@ impl Engine {
 
     /// [`write`](Self::write) for an entry type that declares indexed fields (see
     /// [`declare_indexes`](Self::declare_indexes)).
+    ///
+    /// # Errors
+    ///
+    /// A document that does not fit its type (`FieldType`, `InvalidEntryType`, `Document`)
+    /// or the limits (`TooLarge`, `Full`); a key that exists (`KeyExists`); an unusable lease.
     pub fn write_indexed(
         &self,
         entry_type: &str,
@@ -94,6 +99,11 @@ impl Engine {
     }
 
     /// Stores several entries of one type: all of them, or (on any error) none.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_indexed`](Self::write_indexed), for any of the documents (then none is
+    /// stored).
     pub fn write_all(
         &self,
         entry_type: &str,
@@ -431,6 +441,10 @@ impl Engine {
     /// Gives back a document that was taken but could not be used (it did not decode into
     /// the caller's type): it is written again with the same key and fields, so nothing is
     /// lost. It goes to the back of the order and keeps no lease.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_indexed`](Self::write_indexed).
     pub fn put_back(&self, entry_type: &str, document: Document) -> Result<Receipt> {
         self.write(
             entry_type,
