@@ -38,7 +38,7 @@ mod wal;
 pub mod wire;
 
 pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};
-pub use engine::{EngineConfig, Stats};
+pub use engine::{EngineConfig, Stats, TypeStats};
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
 pub use lease::{Clock, Lease, MAX_LEASE};

@@ -401,3 +401,101 @@ fn watch_exits_with_an_error_when_its_node_goes_away() {
         .unwrap();
     assert!(stderr.contains("went away"), "{stderr}");
 }
+
+/// `space types` lists the entry types with their counts; a watch stopped with Ctrl-C
+/// is picked up with `--resume`, and gets what was written meanwhile.
+#[test]
+fn types_and_a_watch_resumed_after_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::time::Duration;
+
+    struct Watch(std::process::Child);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let node = NodeProcess::start(&[]);
+    assert_eq!(space(&node, &["types"]).status.code(), Some(1), "none yet");
+
+    let mut watch = Watch(
+        Command::new(cli_binary().expect("the space CLI"))
+            .args(["--node", &node.addr, "--json", "watch", "Alert"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run space watch"),
+    );
+    let mut said = BufReader::new(watch.0.stderr.take().expect("stderr")).lines();
+    let first = said.next().expect("a line").expect("text");
+    let id: u64 = first
+        .strip_prefix("watching as subscription ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{first}"));
+    let (tx, printed) = std::sync::mpsc::channel();
+    let out = watch.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    for level in 1..=3 {
+        stdout(&space(
+            &node,
+            &["write", "Alert", &format!(r#"{{"level":{level}}}"#)],
+        ));
+        let line = printed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["seq"], level, "{line}");
+    }
+    // Ctrl-C: the watch leaves its subscription on the node and exits cleanly.
+    let interrupted = Command::new("kill")
+        .args(["-INT", &watch.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = watch.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+
+    for level in 4..=5 {
+        stdout(&space(
+            &node,
+            &["write", "Alert", &format!(r#"{{"level":{level}}}"#)],
+        ));
+    }
+    let resumed = space(
+        &node,
+        &[
+            "--json",
+            "watch",
+            "Alert",
+            "--resume",
+            &id.to_string(),
+            "--after",
+            "3",
+            "--count",
+            "2",
+        ],
+    );
+    let seqs: Vec<_> = json_lines(&resumed)
+        .iter()
+        .map(|e| e["seq"].clone())
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+
+    let types = json_lines(&space(&node, &["--json", "types"]));
+    assert_eq!(types.len(), 1, "{types:?}");
+    assert_eq!(
+        (
+            types[0]["entry_type"].as_str(),
+            types[0]["entries"].as_u64()
+        ),
+        (Some("Alert"), Some(5))
+    );
+    assert!(types[0]["bytes"].as_u64().is_some_and(|b| b > 0));
+}

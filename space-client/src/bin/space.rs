@@ -38,7 +38,7 @@ use space_query::Fields;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Talks to a space node: write, read, take, claim, commit, release, renew, cancel, count, contents, watch, stats, topology, ping.",
+    about = "Talks to a space node: write, read, take, claim, commit, release, renew, cancel, count, contents, types, watch, stats, topology, ping.",
     after_help = "Exit codes: 0 done (found), 1 nothing found, 2 error."
 )]
 struct Cli {
@@ -197,7 +197,18 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+        /// Pick up subscription ID (as a watch stopped with Ctrl-C printed it) instead of
+        /// subscribing anew: its events after `--after` are delivered (or a gap for those
+        /// the node no longer holds). The node keeps a stopped watch's subscription for
+        /// its subscriber timeout (30 s by default).
+        #[arg(long, value_name = "ID")]
+        resume: Option<u64>,
+        /// With `--resume`: the last sequence number already seen.
+        #[arg(long, value_name = "SEQ", default_value = "0", requires = "resume")]
+        after: u64,
     },
+    /// Entry types that hold entries, with their counts and bytes.
+    Types,
     /// The node's counters.
     Stats,
     /// Which node owns which ranges.
@@ -584,23 +595,43 @@ async fn run(cli: Cli) -> Result<Found> {
             query,
             kinds,
             count,
+            resume,
+            after,
         } => {
             let query = parse_query(&entry_type, &query)?;
             let kinds = kinds
                 .iter()
                 .map(|k| parse_kind(k))
                 .collect::<Result<Vec<_>>>()?;
-            let sub = conn
-                .subscribe(query, EventKinds::of(&kinds), Lease::Forever)
-                .await?;
+            let sub = match resume {
+                Some(id) => conn.resume(id, after).await?,
+                None => {
+                    conn.subscribe(query, EventKinds::of(&kinds), Lease::Forever)
+                        .await?
+                }
+            };
+            let id = sub.id();
+            eprintln!(
+                "watching as subscription {id}: after Ctrl-C, --resume {id} --after <the last seq seen> picks it up"
+            );
+            let mut sub = Some(sub);
             let mut seen = 0;
             // The node is asked every two seconds whether it is there: one that went away
             // ends the watch with an error, rather than a wait in silence for events that
             // cannot come.
             let mut look = tokio::time::interval(Duration::from_secs(2));
-            while count.is_none_or(|c| seen < c) {
+            while let Some(watching) = sub.as_ref()
+                && count.is_none_or(|c| seen < c)
+            {
                 let next = tokio::select! {
-                    n = sub.recv_async() => n,
+                    n = watching.recv_async() => n,
+                    _ = tokio::signal::ctrl_c() => {
+                        // Left on the node for a resume, not cancelled.
+                        if let Some(sub) = sub.take() {
+                            sub.detach();
+                        }
+                        break;
+                    }
                     _ = look.tick() => {
                         if let Err(e) = conn.call(Request::NodeStatus).await
                             && e.is_unreachable()
@@ -637,6 +668,27 @@ async fn run(cli: Cli) -> Result<Found> {
                         last_seq,
                     } => println!("gap: events #{first_seq}..#{last_seq} were dropped"),
                 }
+            }
+        }
+        Command::Types => {
+            let Response::Stats(s) = conn.call(Request::Stats).await? else {
+                bail!("unexpected answer")
+            };
+            for t in &s.types {
+                if cli.json {
+                    println!(
+                        "{}",
+                        json!({"entry_type": t.entry_type, "entries": t.entries, "bytes": t.bytes})
+                    );
+                } else {
+                    println!("{} {} entries, {} bytes", t.entry_type, t.entries, t.bytes);
+                }
+            }
+            if s.types.is_empty() {
+                if !cli.json {
+                    println!("(nothing)");
+                }
+                return Ok(Found::Nothing);
             }
         }
         Command::Stats => {

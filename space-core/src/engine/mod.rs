@@ -95,6 +95,19 @@ pub struct Stats {
     /// Members of a cluster that could not be reached for these counters (filled in by a
     /// client that merges the counters of several nodes; empty when all answered).
     pub unreachable: Vec<String>,
+    /// The entry types that hold entries, by name, with their counters.
+    pub types: Vec<TypeStats>,
+}
+
+/// One entry type's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeStats {
+    /// The entry type.
+    pub entry_type: String,
+    /// Entries stored (visible, claimed, or expired but not yet reaped).
+    pub entries: u64,
+    /// Approximate bytes of their documents.
+    pub bytes: u64,
 }
 
 impl Stats {
@@ -111,6 +124,18 @@ impl Stats {
         self.connections += other.connections;
         self.subscribers += other.subscribers;
         self.unreachable.extend(other.unreachable.iter().cloned());
+        for t in &other.types {
+            match self
+                .types
+                .binary_search_by(|mine| mine.entry_type.cmp(&t.entry_type))
+            {
+                Ok(i) => {
+                    self.types[i].entries += t.entries;
+                    self.types[i].bytes += t.bytes;
+                }
+                Err(i) => self.types.insert(i, t.clone()),
+            }
+        }
     }
 }
 
@@ -840,11 +865,20 @@ impl Engine {
         };
         for cell in cells {
             let st = cell.lock();
-            stats.entries += st.store.len() as u64;
-            stats.bytes += st.store.bytes() as u64;
+            let (entries, bytes) = (st.store.len() as u64, st.store.bytes() as u64);
+            stats.entries += entries;
+            stats.bytes += bytes;
             stats.waiters += st.waiters.len() as u64;
             stats.subscriptions += st.hub.len() as u64;
+            if entries > 0 {
+                stats.types.push(TypeStats {
+                    entry_type: cell.name.to_string(),
+                    entries,
+                    bytes,
+                });
+            }
         }
+        stats.types.sort_by(|a, b| a.entry_type.cmp(&b.entry_type));
         stats
     }
 
