@@ -311,6 +311,10 @@ pub enum Request {
     },
     /// End a subscription.
     CancelSubscription(u64),
+    /// The kinds of value each top-level field of an entry type's entries held so far
+    /// (what the node learned from writes); for tools that warn about a field no entry
+    /// ever had.
+    Schema(String),
     /// The node's view of the cluster.
     Topology,
     /// The node's own state (labels, room), asked by its peers for placement.
@@ -457,6 +461,8 @@ pub enum Response {
     },
     /// A node.
     Node(NodeInfo),
+    /// An entry type's learned fields and their kinds, by name.
+    Schema(Vec<(String, space_query::ValueKind)>),
     /// A subscription's id.
     Subscribed(u64),
     /// A polled subscription's next events; `ended` when its lease ended after them (or

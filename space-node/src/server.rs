@@ -577,6 +577,7 @@ impl NodeState {
             Request::Topology => Response::Topology(cluster.topology()),
             // Not a replicated node: no shards.
             Request::Shards => Response::Shards(Vec::new()),
+            Request::Schema(entry_type) => Response::Schema(engine.schema(&entry_type)),
             Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(Stats {
                 connections: self.connections.load(Ordering::Relaxed) as u64,

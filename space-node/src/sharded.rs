@@ -222,6 +222,16 @@ impl NodeState {
             }
             Request::Topology => Response::Topology(shards.topology()),
             Request::Shards => Response::Shards(shards.shard_infos()),
+            Request::Schema(entry_type) => {
+                // What the shards led here learned; the first kind seen wins.
+                let mut fields = std::collections::BTreeMap::new();
+                for engine in &serving {
+                    for (name, kind) in engine.schema(&entry_type) {
+                        fields.entry(name).or_insert(kind);
+                    }
+                }
+                Response::Schema(fields.into_iter().collect())
+            }
             Request::Stats => {
                 let mut total = Stats {
                     connections: self.connections() as u64,

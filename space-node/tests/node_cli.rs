@@ -499,3 +499,36 @@ fn types_and_a_watch_resumed_after_ctrl_c() {
     );
     assert!(types[0]["bytes"].as_u64().is_some_and(|b| b > 0));
 }
+
+/// The CLI says when a query names a field no entry of the type ever had, and a literal
+/// of another kind than the field holds is an error.
+#[test]
+fn the_cli_notes_fields_never_seen_and_refuses_kinds_that_cannot_match() {
+    let node = NodeProcess::start(&[]);
+    let fresh = space(&node, &["count", "Order", "status:New"]);
+    assert!(
+        String::from_utf8_lossy(&fresh.stderr)
+            .contains("no entry of type \"Order\" was written yet"),
+        "{fresh:?}"
+    );
+    stdout(&space(
+        &node,
+        &["write", "Order", r#"{"status":"New","amount":5}"#],
+    ));
+    let typo = space(&node, &["count", "Order", "stauts:New"]);
+    assert_eq!(stdout(&typo).trim(), "0");
+    let note = String::from_utf8_lossy(&typo.stderr).into_owned();
+    assert!(
+        note.contains("has had a field \"stauts\"") && note.contains("fields seen: amount, status"),
+        "{note}"
+    );
+    let fine = space(&node, &["count", "Order", "status:New AND amount:>1"]);
+    assert_eq!(stdout(&fine).trim(), "1");
+    assert!(fine.stderr.is_empty(), "{fine:?}");
+    let kind = space(&node, &["read", "Order", "amount:lots"]);
+    assert_eq!(kind.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&kind.stderr).contains("holds number values"),
+        "{kind:?}"
+    );
+}

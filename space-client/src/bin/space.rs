@@ -424,6 +424,9 @@ async fn run(cli: Cli) -> Result<Found> {
             key,
         } => {
             let target = target_of(entry_type, &query, key)?;
+            if let Target::Query(q) = &target {
+                note_unseen_fields(&conn, q).await;
+            }
             let answer = conn.call(Request::ReadDirect { target, timeout }).await?;
             let Response::Document(doc) = answer else {
                 bail!("unexpected answer")
@@ -440,6 +443,9 @@ async fn run(cli: Cli) -> Result<Found> {
             key,
         } => {
             let target = target_of(entry_type, &query, key)?;
+            if let Target::Query(q) = &target {
+                note_unseen_fields(&conn, q).await;
+            }
             let answer = conn
                 .call(Request::TakeDirect {
                     target,
@@ -460,6 +466,7 @@ async fn run(cli: Cli) -> Result<Found> {
             timeout,
         } => {
             let query = parse_query(&entry_type, &query)?;
+            note_unseen_fields(&conn, &query).await;
             let answer = conn
                 .call(Request::Claim {
                     query,
@@ -559,6 +566,7 @@ async fn run(cli: Cli) -> Result<Found> {
             limit,
         } => {
             let query = parse_query(&entry_type, &query)?;
+            note_unseen_fields(&conn, &query).await;
             // The client lists every node page by page and answers with the whole list.
             let Response::Page {
                 documents: mut docs,
@@ -581,6 +589,7 @@ async fn run(cli: Cli) -> Result<Found> {
         }
         Command::Count { entry_type, query } => {
             let query = parse_query(&entry_type, &query)?;
+            note_unseen_fields(&conn, &query).await;
             let Response::Count(n) = conn.call(Request::Count(query)).await? else {
                 bail!("unexpected answer")
             };
@@ -599,6 +608,7 @@ async fn run(cli: Cli) -> Result<Found> {
             after,
         } => {
             let query = parse_query(&entry_type, &query)?;
+            note_unseen_fields(&conn, &query).await;
             let kinds = kinds
                 .iter()
                 .map(|k| parse_kind(k))
@@ -734,6 +744,44 @@ async fn run(cli: Cli) -> Result<Found> {
         }
     }
     Ok(Found::Done)
+}
+
+/// Says on stderr which fields of `query` no entry of its type ever had (the node's
+/// learned schema): a typo there matches nothing, and the node cannot tell a typo from a
+/// field no entry has had yet.
+async fn note_unseen_fields(conn: &std::sync::Arc<Cluster>, query: &Query) {
+    let entry_type = query.entry_type();
+    let Ok(Response::Schema(seen)) = conn.call(Request::Schema(entry_type.to_owned())).await else {
+        return;
+    };
+    let mut named = Vec::new();
+    let _ = query.filter().visit_leaves(&mut |leaf| {
+        if let Some(field) = leaf.field() {
+            let top = field.split('.').next().unwrap_or(field);
+            if !named.iter().any(|n| n == top) {
+                named.push(top.to_owned());
+            }
+        }
+        Ok(())
+    });
+    if named.is_empty() {
+        return;
+    }
+    if seen.is_empty() {
+        eprintln!(
+            "note: no entry of type {entry_type:?} was written yet: its fields are not known"
+        );
+        return;
+    }
+    let known: Vec<&str> = seen.iter().map(|(name, _)| name.as_str()).collect();
+    for field in named {
+        if !known.contains(&field.as_str()) {
+            eprintln!(
+                "note: no entry of type {entry_type:?} has had a field {field:?} (fields seen: {})",
+                known.join(", ")
+            );
+        }
+    }
 }
 
 /// Entries written per request from stdin.

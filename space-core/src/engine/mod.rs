@@ -882,6 +882,13 @@ impl Engine {
         stats
     }
 
+    /// The kinds of value each top-level field of `entry_type`'s entries held so far (the
+    /// learned schema), by field name; empty for a type nothing was written to.
+    pub fn schema(&self, entry_type: &str) -> Vec<(String, space_query::ValueKind)> {
+        self.locked_if_exists(entry_type, |_, st| st.store.schema())
+            .unwrap_or_default()
+    }
+
     /// Everything the state holds, as text in a canonical order (entry types by name,
     /// records by sequence number, answers oldest first): two engines hold the same state
     /// exactly when their digests are equal (replicas, replays). Takes each entry type's
