@@ -184,3 +184,69 @@ fn a_worker_killed_mid_job_loses_nothing() {
         assert_eq!(space.count(&payments()).await.unwrap(), 0);
     });
 }
+
+/// A pool rides out its node's restart: the calls that could not reach it pause their
+/// slot, and the pool goes on with the node once it is back; every job is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_survives_its_node_restarting() {
+    let dir = std::env::temp_dir().join(format!("space-worker-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.to_string_lossy().into_owned();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let node = NodeProcess::start_at(&addr, &["--data-dir", &data_dir]);
+    let config = space_client::ClientConfig {
+        retry_for: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        ..space_client::ClientConfig::default()
+    };
+    let space = space_client::connect_with(&addr, config).await.unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let shutdown = Shutdown::new();
+    let pool = tokio::spawn({
+        let done = done.clone();
+        space
+            .worker::<Payment>(&payments())
+            .concurrency(4)
+            .lease(Duration::from_secs(2))
+            .backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .poll(Duration::from_millis(200))
+            .shutdown_on(&shutdown)
+            .run(move |_job: Job<Payment>| {
+                let done = done.clone();
+                async move {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), String>(())
+                }
+            })
+    });
+    let first: Vec<Payment> = (0..100).map(|id| Payment { id }).collect();
+    space.write_all(&first).await.unwrap();
+    while done.load(Ordering::SeqCst) < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.kill();
+    // Down for longer than a call's retries: the slots meet the errors and pause.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!pool.is_finished(), "the pool stopped on a transient error");
+    let _node = NodeProcess::start_at(&addr, &["--data-dir", &data_dir]);
+    let second: Vec<Payment> = (100..200).map(|id| Payment { id }).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match space.write_all(&second).await {
+            Ok(_) => break,
+            Err(e) if e.is_unreachable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let report = stop_when(pool, &shutdown, async || {
+        done.load(Ordering::SeqCst) >= 200 && space.count(&payments()).await.unwrap() == 0
+    })
+    .await;
+    assert!(report.done >= 200, "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
