@@ -24,6 +24,42 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A `space` process running in the background (a watch), killed if a test fails before
+/// it exits.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `space` with `args` in the background; its stdout lines arrive on the receiver.
+fn background(
+    node: &NodeProcess,
+    args: &[&str],
+) -> (Background, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Background(
+        Command::new(cli_binary().expect("the space CLI"))
+            .args(["--node", &node.addr])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run space"),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let out = child.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
 #[test]
 fn the_cli_writes_reads_takes_counts_watches_and_reports() {
     let node = NodeProcess::start(&[]);
@@ -343,34 +379,10 @@ fn batches_from_stdin_contents_claims_renewals_and_cancels() {
 /// error.
 #[test]
 fn watch_exits_with_an_error_when_its_node_goes_away() {
-    use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
 
-    /// The watch process, killed if the test fails before it exits.
-    struct Watch(std::process::Child);
-    impl Drop for Watch {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     let node = NodeProcess::start(&[]);
-    let mut watch = Watch(
-        Command::new(cli_binary().expect("the space CLI"))
-            .args(["--node", &node.addr, "watch", "Alert"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run space watch"),
-    );
-    let (tx, printed) = std::sync::mpsc::channel();
-    let out = watch.0.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut watch, printed) = background(&node, &["watch", "Alert"]);
     // Once an event is printed, the subscription is in place.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -409,25 +421,10 @@ fn types_and_a_watch_resumed_after_ctrl_c() {
     use std::io::{BufRead, BufReader};
     use std::time::Duration;
 
-    struct Watch(std::process::Child);
-    impl Drop for Watch {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     let node = NodeProcess::start(&[]);
     assert_eq!(space(&node, &["types"]).status.code(), Some(1), "none yet");
 
-    let mut watch = Watch(
-        Command::new(cli_binary().expect("the space CLI"))
-            .args(["--node", &node.addr, "--json", "watch", "Alert"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run space watch"),
-    );
+    let (mut watch, printed) = background(&node, &["--json", "watch", "Alert"]);
     let mut said = BufReader::new(watch.0.stderr.take().expect("stderr")).lines();
     let first = said.next().expect("a line").expect("text");
     let id: u64 = first
@@ -435,13 +432,6 @@ fn types_and_a_watch_resumed_after_ctrl_c() {
         .and_then(|rest| rest.split(':').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{first}"));
-    let (tx, printed) = std::sync::mpsc::channel();
-    let out = watch.0.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     for level in 1..=3 {
         stdout(&space(
             &node,

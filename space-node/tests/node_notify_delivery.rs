@@ -46,17 +46,23 @@ async fn written_and_told(space: &Space, sub: &space_client::Subscription, n: u3
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_the_node_cannot_reach_is_refused_at_once_naming_it() {
-    let node = NodeProcess::start(&[]);
-    // Nothing listens there: the connection is refused.
-    let space = connect_with(&node.addr, config(Delivery::Push, Some("127.0.0.1:1")))
+/// What subscribing from a client that pushes only to `advertise` says.
+async fn refused(node: &NodeProcess, advertise: &str) -> (Space, SpaceError) {
+    let space = connect_with(&node.addr, config(Delivery::Push, Some(advertise)))
         .await
         .unwrap();
     let err = space
         .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
         .await
         .unwrap_err();
+    (space, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_the_node_cannot_reach_is_refused_at_once_naming_it() {
+    let node = NodeProcess::start(&[]);
+    // Nothing listens there: the connection is refused.
+    let (_, err) = refused(&node, "127.0.0.1:1").await;
     assert!(
         matches!(&err, SpaceError::EndpointUnreachable { endpoint, .. } if endpoint == "127.0.0.1:1"),
         "{err:?}"
@@ -65,13 +71,7 @@ async fn an_endpoint_the_node_cannot_reach_is_refused_at_once_naming_it() {
     // after the node's few seconds of trying.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap().to_string();
-    let space = connect_with(&node.addr, config(Delivery::Push, Some(&addr)))
-        .await
-        .unwrap();
-    let err = space
-        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
-        .await
-        .unwrap_err();
+    let (space, err) = refused(&node, &addr).await;
     assert!(
         matches!(&err, SpaceError::EndpointUnreachable { endpoint, .. } if *endpoint == addr),
         "{err:?}"
