@@ -294,6 +294,16 @@ async fn until_led(addr: &str) {
 /// each node's numbers rise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_is_told_of_every_write_across_a_failover() {
+    told_of_every_write_across_a_failover(space_client::Delivery::Push).await;
+}
+
+/// The same with the events carried over the client's connection (polled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_subscription_is_told_of_every_write_across_a_failover() {
+    told_of_every_write_across_a_failover(space_client::Delivery::Poll).await;
+}
+
+async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery) {
     let _alone = ONE_AT_A_TIME.lock().await;
     use futures::StreamExt;
     use space_client::{EventKinds, Notification};
@@ -301,7 +311,11 @@ async fn a_subscription_is_told_of_every_write_across_a_failover() {
 
     let (addrs, _dirs, mut nodes) = three_nodes();
     until_led(&addrs[0]).await;
-    let space = connect(&addrs[0]).await.unwrap();
+    let config = ClientConfig {
+        delivery,
+        ..ClientConfig::default()
+    };
+    let space = space_client::connect_with(&addrs[0], config).await.unwrap();
     let mut sub = space
         .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
         .await
@@ -485,4 +499,79 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
             .filter(|o| matches!(o, Op::Write { id, .. } if *id >= 1_000))
             .count();
     assert_eq!(left(&space).await.len(), written - 1);
+}
+
+/// A worker pool on a replicated cluster does every job and dead-letters the ones that
+/// always fail, while a node is killed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_goes_on_across_a_failover() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use space_client::{DeadLetter, Job as Work, Shutdown, Work as _};
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let jobs: Vec<Job> = (0..400).map(|id| Job { id }).collect();
+    for chunk in jobs.chunks(100) {
+        space.write_all(chunk).await.unwrap();
+    }
+    let fails = |id: u64| id % 50 == 7;
+    let done = Arc::new(Mutex::new(HashSet::new()));
+    let shutdown = Shutdown::new();
+    let pool = tokio::spawn({
+        let done = done.clone();
+        space
+            .worker::<Job>(&Query::of::<Job>())
+            .concurrency(8)
+            .lease(Duration::from_secs(3))
+            .max_attempts(2)
+            .backoff(Duration::from_millis(20), Duration::from_millis(100))
+            .poll(Duration::from_millis(200))
+            .shutdown_on(&shutdown)
+            .run(move |job: Work<Job>| {
+                let done = done.clone();
+                async move {
+                    if fails(job.entry.id) {
+                        return Err(format!("job {} fails", job.entry.id));
+                    }
+                    done.lock().unwrap().insert(job.entry.id);
+                    Ok(())
+                }
+            })
+    });
+    while done.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    let letters = Query::of::<DeadLetter>().eq("entry_type", "Job");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let good = done.lock().unwrap().len();
+        let left = space.count(&Query::of::<Job>()).await;
+        let dead: Result<Vec<DeadLetter>, _> = space.contents(&letters).await;
+        if good == 392
+            && left.is_ok_and(|n| n == 0)
+            && dead.is_ok_and(|d| {
+                d.iter()
+                    .filter_map(|l| l.entry::<Job>().ok())
+                    .map(|j| j.id)
+                    .collect::<HashSet<_>>()
+                    == (0..400).filter(|&id| fails(id)).collect()
+            })
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && !pool.is_finished(),
+            "{good} of 392 good jobs done"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.stop();
+    let report = pool.await.unwrap().unwrap();
+    assert!(report.done >= 392, "{report}");
 }
