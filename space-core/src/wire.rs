@@ -327,6 +327,36 @@ pub enum Request {
 }
 
 impl Request {
+    /// The request's kind, for metrics and logs: one fixed word per variant.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::WriteDirect { .. } => "write",
+            Request::ReadDirect { .. } => "read",
+            Request::TakeDirect { .. } => "take",
+            Request::Claim { .. } => "claim",
+            Request::Revoke(_) => "revoke",
+            Request::Commit(_) => "commit",
+            Request::Release(_) => "release",
+            Request::RenewClaim(..) => "renew_claim",
+            Request::Renew { .. } => "renew",
+            Request::Cancel { .. } => "cancel",
+            Request::Count(_) => "count",
+            Request::Contents { .. } => "contents",
+            Request::FindFor(_) => "find_for",
+            Request::FindPlaceFor { .. } => "find_place_for",
+            Request::Subscribe { .. } => "subscribe",
+            Request::Poll { .. } => "poll",
+            Request::Resume { .. } => "resume",
+            Request::RenewSubscription { .. } => "renew_subscription",
+            Request::CancelSubscription(_) => "cancel_subscription",
+            Request::Schema(_) => "schema",
+            Request::Topology => "topology",
+            Request::NodeStatus => "node_status",
+            Request::Stats => "stats",
+            Request::Shards => "shards",
+        }
+    }
+
     /// Whether a retried request must get the first answer rather than run again.
     pub fn mutates(&self) -> bool {
         !matches!(

@@ -9,6 +9,7 @@
 //! Run it with the binary (`cargo run --release -p space-node -- --help`) or embed it with
 //! [`Node::bind`] and [`Node::serve`].
 
+mod admin;
 mod cluster;
 mod dedupe;
 mod engines_used;

@@ -39,6 +39,12 @@ struct Args {
     /// Address clients are told to use (default: the listening address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Where to serve the admin endpoints (`/metrics`, `/health/live`, `/health/ready`):
+    /// an address (port 0: any free port, logged at startup), or `off` (no endpoints, no
+    /// metrics kept). Anything but loopback requires an auth token, which every admin
+    /// request must then carry as `Authorization: Bearer <token>`.
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_admin_listen)]
+    admin_listen: AdminListen,
     /// This node's id (default 1). A cluster node's id is its position in --peers or
     /// --initial-cluster, so it is refused with those.
     #[arg(long, conflicts_with_all = ["peers", "initial_cluster"])]
@@ -239,6 +245,23 @@ fn with_config_file(argv: Vec<String>) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// Where the admin endpoints are served, if anywhere.
+#[derive(Clone, Copy, Debug)]
+enum AdminListen {
+    On(SocketAddr),
+    Off,
+}
+
+fn parse_admin_listen(s: &str) -> Result<AdminListen, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(AdminListen::Off);
+    }
+    s.trim()
+        .parse()
+        .map(AdminListen::On)
+        .map_err(|e| format!("{s:?} is neither an address such as 127.0.0.1:9100 nor off ({e})"))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse_from(with_config_file(std::env::args().collect())?);
     init_logs(args.log_format);
@@ -304,6 +327,10 @@ async fn serve(args: Args) -> Result<()> {
         ..NodeConfig::default()
     };
     let node = Node::bind(config).await?;
+    if let AdminListen::On(addr) = args.admin_listen {
+        let bound = node.serve_admin(addr).await?;
+        tracing::info!(admin = %bound, "admin endpoints: /metrics, /health/live, /health/ready");
+    }
     // The first line on stdout names the address: tools starting the node on port 0 read it.
     println!("listening on {}", node.local_addr()?);
     node.serve(shutdown_signal()).await;

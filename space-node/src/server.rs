@@ -181,6 +181,17 @@ impl SpaceService for Service {
         _ctx: context::Context,
         envelope: Envelope,
     ) -> Result<Response, SpaceError> {
+        let operation = envelope.request.kind();
+        let started = std::time::Instant::now();
+        let answer = self.answer(envelope).await;
+        crate::admin::count_operation(operation, answer.is_ok(), started.elapsed());
+        answer
+    }
+}
+
+impl Service {
+    /// Runs one request (deduplicated when it mutates) and gives its answer.
+    async fn answer(self, envelope: Envelope) -> Result<Response, SpaceError> {
         let state = self.state;
         let budget = self.reply_budget;
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
@@ -846,6 +857,28 @@ impl Node {
     /// The address the node listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Serves the admin endpoints (`/metrics`, `/health/live`, `/health/ready`; see
+    /// `admin`) on `addr`, from now until the process ends; returns the bound address.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] beyond loopback without a token, or when the metrics
+    /// recorder cannot be installed; [`NodeError::Listen`] when `addr` cannot be bound.
+    pub async fn serve_admin(&self, addr: SocketAddr) -> Result<SocketAddr, NodeError> {
+        if needs_token(&addr) && self.state.config.token.as_deref().is_none_or(str::is_empty) {
+            return Err(NodeError::Config(format!(
+                "the admin listener on {addr} (beyond loopback) requires an auth token: pass --auth-token or --auth-token-file"
+            )));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| NodeError::Listen { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| NodeError::Listen { addr, source })?;
+        crate::admin::serve(listener, self.state.clone()).map_err(NodeError::Config)?;
+        Ok(bound)
     }
 
     /// Serves until `shutdown` completes: accepts connections, then stops accepting, ends

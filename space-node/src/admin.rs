@@ -1,0 +1,209 @@
+//! The admin listener: `/metrics` in the Prometheus text format, and `/health/live` and
+//! `/health/ready` for orchestrators.
+//!
+//! Metrics go through the `metrics` facade into `metrics-exporter-prometheus`, installed
+//! as the process's recorder when the admin listener starts; without it every metric call
+//! is a no-op. Operations are counted where every request is answered
+//! ([`count_operation`]); the contents of the space (entries and bytes per entry type,
+//! waiters, subscriptions, connections) are read from the node's counters at each scrape.
+//! Labels are bounded: operation kinds, outcomes and entry type names, never keys or
+//! queries.
+//!
+//! The same token rule as the data port: beyond loopback the node needs a token, and with
+//! a token every admin request must carry it (`Authorization: Bearer <token>`).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+use space_core::wire::{Request, Response as Answer};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::dedupe::Outcome;
+use crate::server::NodeState;
+
+/// Latency buckets of the operation histogram, in seconds (100 µs to 30 s).
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Counts one answered request: its kind, whether it succeeded, how long it took.
+pub(crate) fn count_operation(operation: &'static str, ok: bool, took: Duration) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!("space_operations_total", "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("space_operation_duration_seconds", "operation" => operation)
+        .record(took.as_secs_f64());
+}
+
+/// The process's Prometheus recorder, installed on first use.
+fn recorder() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .map_err(|e| e.to_string())?
+                .install_recorder()
+                .map_err(|e| e.to_string())?;
+            describe();
+            // Histograms keep their samples until upkeep folds them in.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "space_operations_total",
+        "Requests answered, by operation and outcome (ok or error)"
+    );
+    describe_histogram!(
+        "space_operation_duration_seconds",
+        Unit::Seconds,
+        "Time from a request's arrival to its answer, by operation (blocking ones included)"
+    );
+    describe_gauge!("space_entries", "Entries stored, by entry type");
+    describe_gauge!(
+        "space_entry_bytes",
+        Unit::Bytes,
+        "Approximate bytes of stored entries, by entry type"
+    );
+    describe_gauge!("space_waiters", "Blocked reads, takes and claims");
+    describe_gauge!("space_subscriptions", "Live subscriptions");
+    describe_gauge!("space_queued_events", "Events held for subscribers");
+    describe_gauge!("space_connections", "Client connections open");
+    describe_gauge!(
+        "space_shards_led",
+        "Shards this node leads (replicated nodes)"
+    );
+}
+
+struct Admin {
+    state: Arc<NodeState>,
+    handle: PrometheusHandle,
+    /// Entry types reported at the last scrape: one gone since is reported as empty.
+    types: Mutex<BTreeSet<String>>,
+}
+
+/// Serves the admin endpoints on `listener` until the process ends.
+///
+/// # Errors
+/// When the Prometheus recorder cannot be installed.
+pub(crate) fn serve(listener: TcpListener, state: Arc<NodeState>) -> Result<(), String> {
+    let admin = Arc::new(Admin {
+        state,
+        handle: recorder()?,
+        types: Mutex::new(BTreeSet::new()),
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(admin);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the admin listener stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Refuses a request without the node's token, when it has one.
+fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
+    let expected = admin.state.config.token.as_deref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        None
+    } else {
+        tracing::warn!("refused an admin request without the node's token");
+        Some((StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response())
+    }
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&admin, &headers) {
+        return refusal;
+    }
+    if let Ok(Outcome::Answer(Answer::Stats(stats))) =
+        admin.state.handle(Request::Stats, usize::MAX).await
+    {
+        let mut gone = std::mem::take(&mut *admin.types.lock());
+        for t in &stats.types {
+            gone.remove(&t.entry_type);
+            let entry_type = t.entry_type.clone();
+            metrics::gauge!("space_entries", "entry_type" => entry_type.clone())
+                .set(t.entries as f64);
+            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type).set(t.bytes as f64);
+        }
+        for entry_type in gone {
+            metrics::gauge!("space_entries", "entry_type" => entry_type.clone()).set(0.0);
+            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type).set(0.0);
+        }
+        *admin.types.lock() = stats.types.iter().map(|t| t.entry_type.clone()).collect();
+        metrics::gauge!("space_waiters").set(stats.waiters as f64);
+        metrics::gauge!("space_subscriptions").set(stats.subscriptions as f64);
+        metrics::gauge!("space_queued_events").set(stats.queued_events as f64);
+        metrics::gauge!("space_connections").set(stats.connections as f64);
+    }
+    if let Some(shards) = &admin.state.shards {
+        metrics::gauge!("space_shards_led").set(shards.serving().len() as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.handle.render(),
+    )
+        .into_response()
+}
+
+async fn live(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&admin, &headers) {
+        return refusal;
+    }
+    (StatusCode::OK, "live\n").into_response()
+}
+
+/// Ready: a standalone node always; a replicated one once every shard has a leader.
+async fn ready(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&admin, &headers) {
+        return refusal;
+    }
+    let leaderless = admin.state.shards.as_ref().map_or(0, |shards| {
+        shards
+            .shard_infos()
+            .iter()
+            .filter(|s| s.leader.is_none())
+            .count()
+    });
+    if leaderless == 0 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {leaderless} shards have no leader\n"),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,155 @@
+//! The admin endpoints of a real node: `/metrics` parses as the Prometheus text format and
+//! its counters move as the operations done; `/health` answers; the token guards them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{NodeProcess, free_addrs};
+use serde::{Deserialize, Serialize};
+use space_client::{ClientConfig, Query, SpaceError, connect_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Reading {
+    sensor: String,
+    value: u64,
+}
+space_client::entry!(Reading, "metrics.Reading", key = sensor);
+
+/// A GET of `path` on `addr`: the status code and the body.
+async fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// The samples of a scrape, parsed as the Prometheus text format.
+async fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let (status, body) = get(addr, "/metrics", None).await;
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("the Prometheus text format")
+}
+
+/// The value of `name` whose labels include all of `labels` (0 when there is none yet).
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_operations_done_and_health_answers() {
+    let admin = free_addrs(1).remove(0);
+    let node = NodeProcess::start(&["--admin-listen", &admin]);
+    assert_eq!(get(&admin, "/health/live", None).await.0, 200);
+    assert_eq!(get(&admin, "/health/ready", None).await.0, 200);
+    let space = connect_with(&node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let ok_writes = [("operation", "write"), ("outcome", "ok")];
+    let before = scrape(&admin).await;
+
+    for i in 0..1_000 {
+        space
+            .write(&Reading {
+                sensor: format!("s-{i}"),
+                value: i,
+            })
+            .await
+            .unwrap();
+    }
+    // A refused write counts as an error.
+    let again = space
+        .write(&Reading {
+            sensor: "s-0".into(),
+            value: 0,
+        })
+        .await;
+    assert!(
+        matches!(again, Err(SpaceError::KeyExists { .. })),
+        "{again:?}"
+    );
+    let taken = space
+        .take::<Reading>(&Query::of::<Reading>(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(taken.is_some());
+
+    let after = scrape(&admin).await;
+    let rose = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(rose("space_operations_total", &ok_writes), 1_000.0);
+    assert_eq!(
+        rose(
+            "space_operations_total",
+            &[("operation", "write"), ("outcome", "error")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        rose(
+            "space_operations_total",
+            &[("operation", "take"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    // Every write's latency is in the histogram.
+    assert_eq!(
+        rose(
+            "space_operation_duration_seconds",
+            &[("operation", "write")]
+        ),
+        1_001.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "space_entries",
+            &[("entry_type", "metrics.Reading")]
+        ),
+        999.0
+    );
+    assert!(
+        value(
+            &after,
+            "space_entry_bytes",
+            &[("entry_type", "metrics.Reading")]
+        ) > 0.0
+    );
+    assert!(value(&after, "space_connections", &[]) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoints_want_the_token_when_the_node_has_one() {
+    let admin = free_addrs(1).remove(0);
+    let _node = NodeProcess::start(&["--admin-listen", &admin, "--auth-token", "s3cret"]);
+    assert_eq!(get(&admin, "/metrics", None).await.0, 401);
+    assert_eq!(get(&admin, "/health/live", Some("wrong")).await.0, 401);
+    assert_eq!(get(&admin, "/health/live", Some("s3cret")).await.0, 200);
+    let (status, body) = get(&admin, "/metrics", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("space_connections"), "{body}");
+}
