@@ -56,7 +56,8 @@ enum Workload {
         runs: usize,
     },
     /// A space node against Redis on loopback: 50 connections writing and taking, batches
-    /// of 16 against pipelines of 16, and single round-trip latency.
+    /// of 16 against pipelines of 16, and single round-trip latency; and the same node
+    /// with its metrics off (`--admin-listen off`), for what keeping them costs.
     Node {
         /// Runs; medians are reported.
         #[arg(long, default_value_t = 3)]

@@ -310,14 +310,22 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
     } else {
         vec!["--threads", &threads]
     };
+    // The node as it runs by default (metrics kept, admin endpoints served), and the
+    // same with `--admin-listen off`: what keeping metrics costs.
     let (node, node_addr) = start_node(&node_args)?;
+    let unmetered_args: Vec<&str> = node_args
+        .iter()
+        .copied()
+        .chain(["--admin-listen", "off"])
+        .collect();
+    let (unmetered_node, unmetered_addr) = start_node(&unmetered_args)?;
     let (redis_server, redis_addr) = start_redis(&[])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let duration = Duration::from_secs(seconds);
-    let mut rows: Vec<[f64; 10]> = Vec::new();
+    let mut rows: Vec<[f64; 12]> = Vec::new();
     for run in 1..=runs {
         let row = runtime.block_on(async {
             let (space, space_cpu) =
@@ -330,6 +338,12 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             .await?;
             let space_batch = space_throughput(&node_addr, BATCH, duration).await?;
             let redis_batch = redis_throughput(&redis_addr, BATCH, duration).await?;
+            let (unmetered, unmetered_cpu) = with_cpu(
+                &unmetered_node,
+                duration,
+                space_throughput(&unmetered_addr, 1, duration),
+            )
+            .await?;
             let s = space_rtt(&node_addr, rtt_samples).await?;
             let r = redis_rtt(&redis_addr, rtt_samples).await?;
             anyhow::Ok([
@@ -343,10 +357,12 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
                 us(&r, 0.99),
                 space_cpu,
                 redis_cpu,
+                unmetered,
+                unmetered_cpu,
             ])
         })?;
         println!(
-            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us",
+            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us | metrics off {:.0} ops/s (on/off {:.3}), CPU {:.1} us/op",
             row[0],
             row[1],
             row[0] / row[1],
@@ -358,7 +374,10 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             row[4],
             row[5],
             row[6],
-            row[7]
+            row[7],
+            row[10],
+            row[0] / row[10],
+            row[11]
         );
         rows.push(row);
     }
@@ -385,6 +404,9 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             "rtt_p99_us": col(5),
             "redis_rtt_p50_us": col(6),
             "redis_rtt_p99_us": col(7),
+            "metrics_off_ops_per_s": col(10).round(),
+            "metrics_ratio": (ratio(0, 10) * 1000.0).round() / 1000.0,
+            "metrics_off_cpu_us_per_op": (col(11) * 10.0).round() / 10.0,
         })
     );
     Ok(())
