@@ -95,6 +95,24 @@ fn describe() {
         "space_shards_led",
         "Shards this node leads (replicated nodes)"
     );
+    describe_histogram!(
+        "space_log_fsync_seconds",
+        Unit::Seconds,
+        "Time to write and fdatasync one group commit of the write-ahead log"
+    );
+    describe_histogram!(
+        "space_log_batch_bytes",
+        Unit::Bytes,
+        "Bytes made durable by one group commit"
+    );
+    describe_gauge!(
+        "space_shard_term",
+        "Each shard's Raft term as this node knows it (replicated nodes)"
+    );
+    describe_gauge!(
+        "space_shard_leader",
+        "Each shard's leader as this node knows it (its node id; 0: none known)"
+    );
 }
 
 struct Admin {
@@ -170,6 +188,12 @@ async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Respons
     }
     if let Some(shards) = &admin.state.shards {
         metrics::gauge!("space_shards_led").set(shards.serving().len() as f64);
+        for s in shards.shard_infos() {
+            let shard = s.shard.to_string();
+            metrics::gauge!("space_shard_term", "shard" => shard.clone()).set(s.term as f64);
+            metrics::gauge!("space_shard_leader", "shard" => shard)
+                .set(s.leader.map_or(0.0, |n| n.0 as f64));
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -153,3 +153,58 @@ async fn the_admin_endpoints_want_the_token_when_the_node_has_one() {
     assert_eq!(status, 200);
     assert!(body.contains("space_connections"), "{body}");
 }
+
+/// A replicated node (a cluster of one, replication 1) reports its write-ahead log's group
+/// commits and each shard's term and leader, and is ready once every shard has a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_node_reports_its_log_and_its_shards() {
+    let addrs = free_addrs(2);
+    let (addr, admin) = (&addrs[0], &addrs[1]);
+    let dir = space_tests::TempDir::new("metrics");
+    let _node = NodeProcess::start_at(
+        addr,
+        &[
+            "--data-dir",
+            &dir.0.to_string_lossy(),
+            "--initial-cluster",
+            addr,
+            "--replication",
+            "1",
+            "--shards",
+            "4",
+            "--admin-listen",
+            admin,
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(admin, "/health/ready", None).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let space = connect_with(addr, ClientConfig::default()).await.unwrap();
+    let before = scrape(admin).await;
+    for i in 0..100 {
+        space
+            .write(&Reading {
+                sensor: format!("r-{i}"),
+                value: i,
+            })
+            .await
+            .unwrap();
+    }
+    let after = scrape(admin).await;
+    let commits = value(&after, "space_log_fsync_seconds", &[])
+        - value(&before, "space_log_fsync_seconds", &[]);
+    assert!(
+        (1.0..=200.0).contains(&commits),
+        "{commits} group commits for 100 acknowledged writes"
+    );
+    for shard in ["0", "1", "2", "3"] {
+        assert_eq!(
+            value(&after, "space_shard_leader", &[("shard", shard)]),
+            1.0
+        );
+        assert!(value(&after, "space_shard_term", &[("shard", shard)]) >= 1.0);
+    }
+    assert_eq!(value(&after, "space_shards_led", &[]), 4.0);
+}
