@@ -522,3 +522,28 @@ fn the_cli_notes_fields_never_seen_and_refuses_kinds_that_cannot_match() {
         "{kind:?}"
     );
 }
+
+/// `space stats --watch` prints the counters again at each interval.
+#[test]
+fn stats_watch_prints_the_counters_at_each_interval() {
+    let node = NodeProcess::start(&[]);
+    stdout(&space(&node, &["write", "Alert", r#"{"level":1}"#]));
+    stdout(&space(&node, &["write", "Alert", r#"{"level":2}"#]));
+    let out = space(
+        &node,
+        &["--json", "stats", "--watch", "100ms", "--count", "3"],
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["entries"], 2, "{line}");
+        assert!(line["entries_per_s"].is_number(), "{line}");
+    }
+    let text = stdout(&space(
+        &node,
+        &["stats", "--watch", "100ms", "--count", "1"],
+    ));
+    assert!(text.starts_with("2 entries"), "{text}");
+    let bad = space(&node, &["stats", "--watch", "0s", "--count", "1"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

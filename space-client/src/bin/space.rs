@@ -209,8 +209,16 @@ enum Command {
     },
     /// Entry types that hold entries, with their counts and bytes.
     Types,
-    /// The node's counters.
-    Stats,
+    /// The node's counters (of the whole cluster when it has several nodes).
+    Stats {
+        /// Print them again at this interval (`1s`, `500ms`...) until interrupted, with
+        /// the operations per second since the last print.
+        #[arg(long, value_parser = parse_duration, value_name = "EVERY", num_args = 0..=1, default_missing_value = "1s")]
+        watch: Option<Duration>,
+        /// With `--watch`: stop after this many prints.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+    },
     /// Which node owns which ranges.
     Topology,
     /// Whether the node answers, and how fast.
@@ -701,17 +709,65 @@ async fn run(cli: Cli) -> Result<Found> {
                 return Ok(Found::Nothing);
             }
         }
-        Command::Stats => {
-            let Response::Stats(s) = conn.call(Request::Stats).await? else {
-                bail!("unexpected answer")
+        Command::Stats { watch, count } => {
+            let Some(every) = watch else {
+                let Response::Stats(s) = conn.call(Request::Stats).await? else {
+                    bail!("unexpected answer")
+                };
+                if cli.json {
+                    println!("{}", serde_json::to_string(&s)?);
+                } else {
+                    println!(
+                        "entries {}\nbytes {}\nentry types {}\nwaiters {}\nsubscriptions {}\ntimers {}",
+                        s.entries, s.bytes, s.entry_types, s.waiters, s.subscriptions, s.timers
+                    );
+                }
+                return Ok(Found::Done);
             };
-            if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                println!(
-                    "entries {}\nbytes {}\nentry types {}\nwaiters {}\nsubscriptions {}\ntimers {}",
-                    s.entries, s.bytes, s.entry_types, s.waiters, s.subscriptions, s.timers
-                );
+            if every.is_zero() || every == Duration::MAX {
+                bail!("--watch needs an interval such as 1s");
+            }
+            // A line per interval: the counters, and how the entries moved since the last.
+            let mut ticks = tokio::time::interval(every);
+            let mut last: Option<(space_client::Stats, std::time::Instant)> = None;
+            let mut printed = 0;
+            while count.is_none_or(|c| printed < c) {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+                let Response::Stats(s) = conn.call(Request::Stats).await? else {
+                    bail!("unexpected answer")
+                };
+                let now = std::time::Instant::now();
+                let change = last.as_ref().map_or(0.0, |(before, at)| {
+                    (s.entries as f64 - before.entries as f64)
+                        / now.duration_since(*at).as_secs_f64().max(1e-3)
+                });
+                if cli.json {
+                    println!(
+                        "{}",
+                        json!({"entries": s.entries, "bytes": s.bytes, "entry_types": s.entry_types, "waiters": s.waiters, "subscriptions": s.subscriptions, "connections": s.connections, "entries_per_s": change.round(), "unreachable": s.unreachable})
+                    );
+                } else {
+                    println!(
+                        "{} entries ({:+.0}/s), {} bytes, {} types, {} waiters, {} subscriptions, {} connections{}",
+                        s.entries,
+                        change,
+                        s.bytes,
+                        s.entry_types,
+                        s.waiters,
+                        s.subscriptions,
+                        s.connections,
+                        if s.unreachable.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", unreachable: {}", s.unreachable.join(", "))
+                        }
+                    );
+                }
+                printed += 1;
+                last = Some((s, now));
             }
         }
         Command::Topology => {
