@@ -105,6 +105,18 @@ fn describe() {
         Unit::Bytes,
         "Bytes made durable by one group commit"
     );
+    describe_counter!(
+        "space_events_delivered_total",
+        "Notify events delivered to subscribers (pushed and acknowledged, or polled)"
+    );
+    describe_counter!(
+        "space_event_gaps_total",
+        "Gaps delivered to subscribers: events dropped for a subscriber that fell behind"
+    );
+    describe_counter!(
+        "space_rejected_connections_total",
+        "Connections refused at the handshake, by reason (token, version, protocol, connections, handshake, other_cluster, not_replicated, peers_only)"
+    );
     describe_gauge!(
         "space_shard_term",
         "Each shard's Raft term as this node knows it (replicated nodes)"

@@ -46,6 +46,12 @@ pub(crate) struct Door<'a> {
     pub(crate) peers: Option<u64>,
 }
 
+/// Counts a refused connection by `why` (a fixed word) and gives back `reason`.
+fn rejected(why: &'static str, reason: String) -> String {
+    metrics::counter!("space_rejected_connections_total", "reason" => why).increment(1);
+    reason
+}
+
 /// Reads the connection's hello and answers it. On success the frame limit is the
 /// door's; the hello is returned. Otherwise the refusal was sent and is returned.
 pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
@@ -54,34 +60,50 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Hello, String> {
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::recv_frame::<_, Hello>(framed))
         .await
-        .map_err(|_| "no handshake in time".to_string())?
-        .map_err(|e| format!("bad handshake: {e}"))?
-        .ok_or_else(|| "closed before the handshake".to_string())?;
+        .map_err(|_| rejected("handshake", "no handshake in time".to_string()))?
+        .map_err(|e| rejected("handshake", format!("bad handshake: {e}")))?
+        .ok_or_else(|| rejected("handshake", "closed before the handshake".to_string()))?;
+    // Why a connection is refused: a fixed word for the metrics, and the words for the
+    // other side.
     let refusal = if hello.magic != wire::MAGIC {
-        Some("this is a space node; the connection did not speak its protocol".to_string())
+        Some((
+            "protocol",
+            "this is a space node; the connection did not speak its protocol".to_string(),
+        ))
     } else if hello.version != wire::PROTOCOL_VERSION {
-        Some(format!(
-            "protocol version {} is not supported (this node speaks {})",
-            hello.version,
-            wire::PROTOCOL_VERSION
+        Some((
+            "version",
+            format!(
+                "protocol version {} is not supported (this node speaks {})",
+                hello.version,
+                wire::PROTOCOL_VERSION
+            ),
         ))
     } else if !token_matches(door.token, &hello.token) {
-        Some("wrong or missing auth token".to_string())
+        Some(("token", "wrong or missing auth token".to_string()))
     } else if hello.peer && door.peers.is_none() {
-        Some("this node serves no replicated shards: no peer connections".to_string())
+        Some((
+            "not_replicated",
+            "this node serves no replicated shards: no peer connections".to_string(),
+        ))
     } else if hello.peer && door.peers != Some(hello.cluster) {
-        Some(
+        Some((
+            "other_cluster",
             "a node of another cluster: its layout (nodes, shards, replication) is not this node's"
                 .to_string(),
-        )
+        ))
     } else if !hello.peer && !door.clients {
-        Some("this port serves only other nodes of the cluster".to_string())
+        Some((
+            "peers_only",
+            "this port serves only other nodes of the cluster".to_string(),
+        ))
     } else {
         None
     };
-    if let Some(reason) = refusal {
+    if let Some((why, reason)) = refusal {
         // A wrong token (or a stranger on the port) is worth an operator's attention.
         tracing::warn!(%reason, "refused a connection");
+        let reason = rejected(why, reason);
         let _ = wire::send_frame(
             framed,
             &Welcome::Refused {
@@ -92,9 +114,12 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(reason);
     }
     if door.open > door.max_connections {
-        let reason = format!(
-            "the node serves its maximum of {} connections",
-            door.max_connections
+        let reason = rejected(
+            "connections",
+            format!(
+                "the node serves its maximum of {} connections",
+                door.max_connections
+            ),
         );
         let _ = wire::send_frame(
             framed,

@@ -347,6 +347,7 @@ impl Pushers {
         if ended {
             self.map.lock().remove(id);
         }
+        count_delivered(&batch);
         Ok((batch, ended))
     }
 
@@ -445,6 +446,16 @@ impl Backoff {
     }
 }
 
+/// Counts the events and gaps a subscriber was given (pushed or polled).
+fn count_delivered(batch: &[Notification]) {
+    let gaps = batch
+        .iter()
+        .filter(|n| matches!(n, Notification::Gap { .. }))
+        .count();
+    metrics::counter!("space_events_delivered_total").increment((batch.len() - gaps) as u64);
+    metrics::counter!("space_event_gaps_total").increment(gaps as u64);
+}
+
 fn seq_of(n: &Notification) -> u64 {
     match n {
         Notification::Event(e) => e.seq,
@@ -511,6 +522,7 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut link: watch::Recei
         match delivered {
             Ok(true) if batch.is_empty() => return, // the end was told
             Ok(true) => {
+                count_delivered(&batch);
                 tracing::trace!(
                     subscription = id,
                     last = batch.last().map(seq_of),

@@ -69,6 +69,10 @@ async fn metrics_count_the_operations_done_and_health_answers() {
         .await
         .unwrap();
     let ok_writes = [("operation", "write"), ("outcome", "ok")];
+    let sub = space
+        .notify(&Query::of::<Reading>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
     let before = scrape(&admin).await;
 
     for i in 0..1_000 {
@@ -97,7 +101,25 @@ async fn metrics_count_the_operations_done_and_health_answers() {
         .unwrap();
     assert!(taken.is_some());
 
-    let after = scrape(&admin).await;
+    // The subscriber was told of every write.
+    for _ in 0..1_000 {
+        let told = tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await;
+        assert!(matches!(
+            told,
+            Ok(Some(space_client::Notification::Event(_)))
+        ));
+    }
+    // A batch's acknowledgement reaches the node after the events reach the subscriber.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = scrape(&admin).await;
+        let delivered = value(&after, "space_events_delivered_total", &[])
+            - value(&before, "space_events_delivered_total", &[]);
+        if delivered >= 1_000.0 || std::time::Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let rose = |name: &str, labels: &[(&str, &str)]| {
         value(&after, name, labels) - value(&before, name, labels)
     };
@@ -140,18 +162,36 @@ async fn metrics_count_the_operations_done_and_health_answers() {
         ) > 0.0
     );
     assert!(value(&after, "space_connections", &[]) >= 1.0);
+    assert_eq!(rose("space_events_delivered_total", &[]), 1_000.0);
+    assert_eq!(rose("space_event_gaps_total", &[]), 0.0);
+    assert_eq!(value(&after, "space_subscriptions", &[]), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoints_want_the_token_when_the_node_has_one() {
     let admin = free_addrs(1).remove(0);
-    let _node = NodeProcess::start(&["--admin-listen", &admin, "--auth-token", "s3cret"]);
+    let node = NodeProcess::start(&["--admin-listen", &admin, "--auth-token", "s3cret"]);
     assert_eq!(get(&admin, "/metrics", None).await.0, 401);
     assert_eq!(get(&admin, "/health/live", Some("wrong")).await.0, 401);
     assert_eq!(get(&admin, "/health/live", Some("s3cret")).await.0, 200);
+    // A client with the wrong token is refused, and counted by reason.
+    let wrong = ClientConfig {
+        token: Some("guess".into()),
+        ..ClientConfig::default()
+    };
+    assert!(connect_with(&node.addr, wrong).await.is_err());
     let (status, body) = get(&admin, "/metrics", Some("s3cret")).await;
     assert_eq!(status, 200);
     assert!(body.contains("space_connections"), "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert!(
+        value(
+            &scrape,
+            "space_rejected_connections_total",
+            &[("reason", "token")]
+        ) >= 1.0,
+        "{body}"
+    );
 }
 
 /// A replicated node (a cluster of one, replication 1) reports its write-ahead log's group
