@@ -247,4 +247,61 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
         assert!(value(&after, "space_shard_term", &[("shard", shard)]) >= 1.0);
     }
     assert_eq!(value(&after, "space_shards_led", &[]), 4.0);
+
+    // Every metric the Grafana dashboard in the repository draws is one the node serves
+    // (a subscriber told of a write and a refused connection make the last ones appear).
+    let sub = space
+        .notify(&Query::of::<Reading>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    space
+        .write(&Reading {
+            sensor: "last".into(),
+            value: 0,
+        })
+        .await
+        .unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await;
+    assert!(matches!(
+        told,
+        Ok(Some(space_client::Notification::Event(_)))
+    ));
+    // A connection that closes before its handshake is refused (reason "handshake").
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana/space-dashboard.json"))
+            .expect("the dashboard is JSON");
+    let mut drawn = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expression");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("space_") {
+                    drawn.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    assert!(drawn.len() >= 10, "{drawn:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get(admin, "/metrics", None).await;
+        let served: std::collections::BTreeSet<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let missing: Vec<_> = drawn
+            .iter()
+            .filter(|m| !served.contains(m.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard draws metrics the node does not serve: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
