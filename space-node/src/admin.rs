@@ -23,12 +23,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
-use space_core::wire::{Request, Response as Answer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::dedupe::Outcome;
-use crate::server::NodeState;
+use futures::future::BoxFuture;
+use space_core::Stats;
+use space_core::wire::ShardInfo;
 
 /// Latency buckets of the operation histogram, in seconds (100 µs to 30 s).
 const BUCKETS: &[f64] = &[
@@ -127,8 +127,18 @@ fn describe() {
     );
 }
 
+/// What the admin endpoints read of a node (the server implements it).
+pub(crate) trait Observed: Send + Sync + 'static {
+    /// The token admin requests must carry, if the node has one.
+    fn token(&self) -> Option<&str>;
+    /// The node's counters (what `Request::Stats` answers).
+    fn stats(&self) -> BoxFuture<'_, Option<Stats>>;
+    /// A replicated node's shards as it sees them, and how many it leads.
+    fn shards(&self) -> Option<(Vec<ShardInfo>, usize)>;
+}
+
 struct Admin {
-    state: Arc<NodeState>,
+    state: Arc<dyn Observed>,
     handle: PrometheusHandle,
     /// Entry types reported at the last scrape: one gone since is reported as empty.
     types: Mutex<BTreeSet<String>>,
@@ -138,7 +148,7 @@ struct Admin {
 ///
 /// # Errors
 /// When the Prometheus recorder cannot be installed.
-pub(crate) fn serve(listener: TcpListener, state: Arc<NodeState>) -> Result<(), String> {
+pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(), String> {
     let admin = Arc::new(Admin {
         state,
         handle: recorder()?,
@@ -159,7 +169,7 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<NodeState>) -> Result<(), 
 
 /// Refuses a request without the node's token, when it has one.
 fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
-    let expected = admin.state.config.token.as_deref()?;
+    let expected = admin.state.token()?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -177,9 +187,7 @@ async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Respons
     if let Some(refusal) = refused(&admin, &headers) {
         return refusal;
     }
-    if let Ok(Outcome::Answer(Answer::Stats(stats))) =
-        admin.state.handle(Request::Stats, usize::MAX).await
-    {
+    if let Some(stats) = admin.state.stats().await {
         let mut gone = std::mem::take(&mut *admin.types.lock());
         for t in &stats.types {
             gone.remove(&t.entry_type);
@@ -198,9 +206,9 @@ async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Respons
         metrics::gauge!("space_queued_events").set(stats.queued_events as f64);
         metrics::gauge!("space_connections").set(stats.connections as f64);
     }
-    if let Some(shards) = &admin.state.shards {
-        metrics::gauge!("space_shards_led").set(shards.serving().len() as f64);
-        for s in shards.shard_infos() {
+    if let Some((shards, led)) = admin.state.shards() {
+        metrics::gauge!("space_shards_led").set(led as f64);
+        for s in shards {
             let shard = s.shard.to_string();
             metrics::gauge!("space_shard_term", "shard" => shard.clone()).set(s.term as f64);
             metrics::gauge!("space_shard_leader", "shard" => shard)
@@ -226,12 +234,8 @@ async fn ready(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response 
     if let Some(refusal) = refused(&admin, &headers) {
         return refusal;
     }
-    let leaderless = admin.state.shards.as_ref().map_or(0, |shards| {
-        shards
-            .shard_infos()
-            .iter()
-            .filter(|s| s.leader.is_none())
-            .count()
+    let leaderless = admin.state.shards().map_or(0, |(shards, _)| {
+        shards.iter().filter(|s| s.leader.is_none()).count()
     });
     if leaderless == 0 {
         (StatusCode::OK, "ready\n").into_response()

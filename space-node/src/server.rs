@@ -167,6 +167,27 @@ pub(crate) struct NodeState {
     connections: Arc<AtomicUsize>,
 }
 
+impl crate::admin::Observed for NodeState {
+    fn token(&self) -> Option<&str> {
+        self.config.token.as_deref()
+    }
+
+    fn stats(&self) -> futures::future::BoxFuture<'_, Option<Stats>> {
+        Box::pin(async move {
+            match self.handle(Request::Stats, usize::MAX).await {
+                Ok(Outcome::Answer(Response::Stats(stats))) => Some(stats),
+                _ => None,
+            }
+        })
+    }
+
+    fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize)> {
+        self.shards
+            .as_ref()
+            .map(|shards| (shards.shard_infos(), shards.serving().len()))
+    }
+}
+
 /// The tarpc service: one per connection, sharing the node's state.
 #[derive(Clone)]
 struct Service {
