@@ -299,6 +299,37 @@ pub async fn with_cpu(
     Ok((ops_per_s, cpu * 1e6 / ops.max(1.0)))
 }
 
+/// What keeping metrics costs: the node with metrics (`on`) and the same without
+/// (`off`), measured in turns of half the duration (on, off, off, on, on, off) so that the
+/// machine's drift weighs on both alike. Returns the throughput with and without, and the
+/// CPU per operation without.
+async fn metrics_cost(
+    on: (&Process, &str),
+    off: (&Process, &str),
+    duration: Duration,
+) -> Result<[f64; 3]> {
+    let slice = duration / 2;
+    // Operations, and CPU microseconds, of each node (0: on, 1: off).
+    let mut done = [(0.0f64, 0.0f64); 2];
+    for first_on in [true, false, true] {
+        for metered in [first_on, !first_on] {
+            let (process, addr) = if metered { on } else { off };
+            let (rate, cpu_per_op) =
+                with_cpu(process, slice, space_throughput(addr, 1, slice)).await?;
+            let ops = rate * slice.as_secs_f64();
+            let k = usize::from(!metered);
+            done[k].0 += ops;
+            done[k].1 += cpu_per_op * ops;
+        }
+    }
+    let seconds = slice.as_secs_f64() * 3.0;
+    Ok([
+        done[0].0 / seconds,
+        done[1].0 / seconds,
+        done[1].1 / done[1].0.max(1.0),
+    ])
+}
+
 pub fn us(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 100.0).round() / 10.0
 }
@@ -310,9 +341,12 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
     } else {
         vec!["--threads", &threads]
     };
-    // The node as it runs by default (metrics kept, admin endpoints served), and the
-    // same with `--admin-listen off`: what keeping metrics costs.
     let (node, node_addr) = start_node(&node_args)?;
+    // What keeping metrics costs: two more nodes that serve only that comparison, in
+    // turns, so that they have the same history (a node that served the measurements
+    // above is slower than a fresh one): one as nodes run by default (metrics kept, admin
+    // endpoints served), one with `--admin-listen off`.
+    let (metered_node, metered_addr) = start_node(&node_args)?;
     let unmetered_args: Vec<&str> = node_args
         .iter()
         .copied()
@@ -325,7 +359,7 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
         .enable_all()
         .build()?;
     let duration = Duration::from_secs(seconds);
-    let mut rows: Vec<[f64; 12]> = Vec::new();
+    let mut rows: Vec<[f64; 13]> = Vec::new();
     for run in 1..=runs {
         let row = runtime.block_on(async {
             let (space, space_cpu) =
@@ -338,10 +372,10 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             .await?;
             let space_batch = space_throughput(&node_addr, BATCH, duration).await?;
             let redis_batch = redis_throughput(&redis_addr, BATCH, duration).await?;
-            let (unmetered, unmetered_cpu) = with_cpu(
-                &unmetered_node,
+            let [metered, unmetered, unmetered_cpu] = metrics_cost(
+                (&metered_node, &metered_addr),
+                (&unmetered_node, &unmetered_addr),
                 duration,
-                space_throughput(&unmetered_addr, 1, duration),
             )
             .await?;
             let s = space_rtt(&node_addr, rtt_samples).await?;
@@ -359,10 +393,11 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
                 redis_cpu,
                 unmetered,
                 unmetered_cpu,
+                metered,
             ])
         })?;
         println!(
-            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us | metrics off {:.0} ops/s (on/off {:.3}), CPU {:.1} us/op",
+            "run {run}: space {:.0} ops/s vs redis {:.0} ({:.2}), server CPU {:.1} vs {:.1} us/op | batches of {BATCH}: space {:.0} vs redis {:.0} ({:.2}) | rtt p50/p99 space {}/{} us, redis {}/{} us | metrics on/off in turns {:.0}/{:.0} ops/s ({:.3}), CPU off {:.1} us/op",
             row[0],
             row[1],
             row[0] / row[1],
@@ -375,8 +410,9 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             row[5],
             row[6],
             row[7],
+            row[12],
             row[10],
-            row[0] / row[10],
+            row[12] / row[10],
             row[11]
         );
         rows.push(row);
@@ -405,7 +441,8 @@ pub fn run(runs: usize, seconds: u64, rtt_samples: usize) -> Result<()> {
             "redis_rtt_p50_us": col(6),
             "redis_rtt_p99_us": col(7),
             "metrics_off_ops_per_s": col(10).round(),
-            "metrics_ratio": (ratio(0, 10) * 1000.0).round() / 1000.0,
+            "metrics_on_ops_per_s": col(12).round(),
+            "metrics_ratio": (ratio(12, 10) * 1000.0).round() / 1000.0,
             "metrics_off_cpu_us_per_op": (col(11) * 10.0).round() / 10.0,
         })
     );
