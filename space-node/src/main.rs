@@ -245,6 +245,13 @@ fn with_config_file(argv: Vec<String>) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// The node's allocator. A node allocates and frees small buffers at a high rate for as
+/// long as it runs; with glibc's allocator its throughput fell to two thirds of a fresh
+/// node's after about a million requests (`_int_malloc` walking fragmented bins was 10%
+/// of its CPU, against 2% on a fresh node).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the admin endpoints are served, if anywhere.
 #[derive(Clone, Copy, Debug)]
 enum AdminListen {
