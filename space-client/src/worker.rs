@@ -558,7 +558,11 @@ impl<T: Entry> Pool<T> {
                     entry: entry_json.unwrap_or_default(),
                 };
                 tracing::warn!(key = %claim.key, attempts = attempt, error = %letter.error, "worker: moving an entry that kept failing to the dead letters");
-                self.space.write(&letter).await?;
+                if let Err(e) = self.space.write(&letter).await {
+                    // Not written: the claim lapses and the entry, claimed again, is
+                    // dead-lettered then (a space out of reach pauses nothing else).
+                    return self.settle(Err(e), report);
+                }
                 let committed = self.space.commit(&ticket).await;
                 if committed.is_ok() {
                     report.dead_lettered += 1;
@@ -579,7 +583,7 @@ impl<T: Entry> Pool<T> {
         }
     }
 
-    /// What settling a claim (commit, release, cut) that failed means: a claim that ran
+    /// What settling a claim (commit, release, cut, or its dead letter) that failed means: a claim that ran
     /// out, or a space out of reach, is counted and the slot goes on (the claim lapses and
     /// the entry comes back); anything else stops the pool.
     fn settle(&self, result: Result<()>, report: &mut WorkerReport) -> Result<()> {

@@ -104,6 +104,24 @@ struct Polled {
     polling: usize,
 }
 
+/// A poll under way on a polled subscription: counted from its start to its end or drop.
+struct Polling<'a>(&'a Mutex<Polled>);
+
+impl<'a> Polling<'a> {
+    fn start(polled: &'a Mutex<Polled>) -> Polling<'a> {
+        polled.lock().polling += 1;
+        Polling(polled)
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        let mut p = self.0.lock();
+        p.polling -= 1;
+        p.last_poll = Instant::now();
+    }
+}
+
 impl Pusher {
     /// The link of a pushed subscription.
     fn link(&self) -> Option<Arc<Link>> {
@@ -318,13 +336,15 @@ impl Pushers {
         };
         {
             let mut p = polled.lock();
-            p.polling += 1;
             p.last_poll = Instant::now();
             if after < p.answered_to {
                 // The last answer did not arrive: send it again.
                 sub.rewind(after);
             }
         }
+        // Counted as polling while it waits, however the wait ends: a poll whose client
+        // went away is dropped here, and must not keep the subscription from going idle.
+        let _polling = Polling::start(&polled);
         let mut batch = Vec::new();
         let mut ended = false;
         match tokio::time::timeout(wait.min(wire::MAX_POLL_WAIT), sub.recv_async()).await {
@@ -340,8 +360,6 @@ impl Pushers {
         }
         {
             let mut p = polled.lock();
-            p.polling -= 1;
-            p.last_poll = Instant::now();
             p.answered_to = batch.last().map_or(after.max(p.answered_to), seq_of);
         }
         if ended {

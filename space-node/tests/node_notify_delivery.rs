@@ -130,3 +130,45 @@ async fn a_polled_subscription_delivers_and_ends_with_its_lease() {
         "the polled stream did not end with its lease"
     );
 }
+
+/// A client that goes away in the middle of a poll leaves nothing behind: once the poll
+/// it left waiting ends (the client asked for 10 s), its polled subscription is cancelled
+/// after the node's subscriber timeout like any unpolled one.
+#[test]
+fn a_poll_cut_off_by_its_client_going_away_does_not_keep_the_subscription() {
+    let node = NodeProcess::start(&["--subscriber-timeout-ms", "300"]);
+    let client = tokio::runtime::Runtime::new().unwrap();
+    client.block_on(async {
+        let space = connect_with(&node.addr, config(Delivery::Poll, None))
+            .await
+            .unwrap();
+        let sub = space
+            .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+            .await
+            .unwrap();
+        // Let the first poll start waiting on the node, then leave it there.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::mem::forget(sub);
+        std::mem::forget(space);
+    });
+    // The client vanishes mid-poll, as a crash would.
+    client.shutdown_background();
+    let observer = tokio::runtime::Runtime::new().unwrap();
+    observer.block_on(async {
+        let space = connect_with(&node.addr, config(Delivery::Push, None))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            let stats = space.stats().await.unwrap();
+            if stats.subscriptions == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node kept the subscription of a client gone mid-poll: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

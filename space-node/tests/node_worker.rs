@@ -250,3 +250,66 @@ async fn a_pool_survives_its_node_restarting() {
     assert!(report.done >= 200, "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A dead letter that cannot be written because the node is out of reach for a moment
+/// does not stop the pool: the claim lapses, the entry is claimed again, and the dead
+/// letter is written once the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_write_that_meets_a_paused_node_does_not_stop_the_pool() {
+    let node = NodeProcess::start(&[]);
+    let config = space_client::ClientConfig {
+        retry_for: Duration::from_millis(500),
+        call_timeout: Duration::from_millis(500),
+        ..space_client::ClientConfig::default()
+    };
+    let space = space_client::connect_with(&node.addr, config)
+        .await
+        .unwrap();
+    space.write(&Payment { id: 42 }).await.unwrap();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let paused_rx = Arc::new(std::sync::Mutex::new(paused_rx));
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = Shutdown::new();
+    let pool = tokio::spawn(
+        space
+            .worker::<Payment>(&payments())
+            .lease(Duration::from_secs(2))
+            .max_attempts(1)
+            .poll(Duration::from_millis(200))
+            .shutdown_on(&shutdown)
+            .run(move |job: Job<Payment>| {
+                let (started_tx, paused_rx) = (started_tx.clone(), paused_rx.clone());
+                async move {
+                    let _ = started_tx.send(job.attempt);
+                    if job.attempt == 1 {
+                        // Fail once the node is paused: the dead letter meets it.
+                        let paused =
+                            tokio::task::spawn_blocking(move || paused_rx.lock().unwrap().recv());
+                        let _ = paused.await;
+                    }
+                    Err::<(), String>(format!("payment {} declined", job.entry.id))
+                }
+            }),
+    );
+    assert_eq!(started.recv().await, Some(1));
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &node.pid().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(signal("-STOP").success());
+    paused_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(signal("-CONT").success());
+    assert!(
+        !pool.is_finished(),
+        "the pool stopped on a node out of reach"
+    );
+    let report = stop_when(pool, &shutdown, async || {
+        space.count(&dead_letters()).await.is_ok_and(|n| n >= 1)
+            && space.count(&payments()).await.is_ok_and(|n| n == 0)
+    })
+    .await;
+    assert!(report.dead_lettered >= 1, "{report}");
+}
