@@ -44,8 +44,44 @@ type NewEntry = (space_core::Fields, Option<Key>);
 
 /// How long a claim taken on behalf of a cross-node take may live before it is committed.
 const TAKE_CLAIM_LEASE: Duration = Duration::from_secs(30);
-/// Topology refreshes allowed per call before a wrong-node answer is returned as it is.
+/// Topology refreshes a call makes at once on wrong-node answers; past them it goes on
+/// while the client's retry window lasts ([`Reroutes`]).
 const REROUTES: usize = 3;
+
+/// Longest pause between two asks of an owner that says it does not own the key yet.
+const MOST_REROUTE_PAUSE: Duration = Duration::from_millis(500);
+
+/// How a call follows wrong-node and unavailable answers: [`REROUTES`] times at once, then
+/// on while [`ClientConfig::retry_for`] lasts from the call's start. A replicated shard's
+/// election (at a cluster's start, or after its leader died) takes hundreds of
+/// milliseconds, during which its members answer `WrongNode` with no owner, or the old one.
+struct Reroutes {
+    done: usize,
+    until: Instant,
+}
+
+impl Reroutes {
+    fn new(retry_for: Duration) -> Reroutes {
+        Reroutes {
+            done: 0,
+            until: Instant::now() + retry_for,
+        }
+    }
+
+    /// Whether the call may be rerouted once more; counts it.
+    fn another(&mut self) -> bool {
+        let allowed = self.done < REROUTES || Instant::now() < self.until;
+        if allowed {
+            self.done += 1;
+        }
+        allowed
+    }
+
+    /// How long to wait before asking the same owner again: longer each time.
+    fn pause(&self) -> Duration {
+        (Duration::from_millis(50) * self.done as u32).min(MOST_REROUTE_PAUSE)
+    }
+}
 /// Most times one call by query is made again on a node whose shards changed while it
 /// waited (each change ends the wait; a failover brings a burst of them).
 const MAX_ASKS: usize = 1_000;
@@ -270,7 +306,7 @@ impl Cluster {
         request: Request,
         guard: &mut revoke::Resent,
     ) -> Result<Response> {
-        let mut reroutes = 0;
+        let mut reroutes = Reroutes::new(self.config.retry_for);
         let mut moves = 0;
         loop {
             let addr = self.owner_addr(key)?;
@@ -303,8 +339,7 @@ impl Cluster {
                     e @ (SpaceError::WrongNode { .. }
                     | SpaceError::Unavailable { .. }
                     | SpaceError::Down { .. }),
-                ) if reroutes < REROUTES => {
-                    reroutes += 1;
+                ) if reroutes.another() => {
                     self.refresh().await?;
                     if self.owner_addr(key)? == addr {
                         if matches!(e, SpaceError::Down { .. }) {
@@ -312,7 +347,7 @@ impl Cluster {
                             return Err(e);
                         }
                         // An election may be under way: give it a moment.
-                        tokio::time::sleep(Duration::from_millis(50 * reroutes as u64)).await;
+                        tokio::time::sleep(reroutes.pause()).await;
                     }
                 }
                 other => return other,
@@ -585,7 +620,7 @@ impl Cluster {
         labels: &[(String, String)],
     ) -> Result<Vec<space_core::Receipt>> {
         let mut addr = addr.to_owned();
-        let mut reroutes = 0;
+        let mut reroutes = Reroutes::new(self.config.retry_for);
         // A keyless batch may go to any member: one found down is passed over.
         let movable = labels.is_empty() && batch.iter().all(|(_, k)| k.is_none());
         let mut moves = 0;
@@ -607,13 +642,27 @@ impl Cluster {
             match self.node(&addr).await?.call_with_id(id, request).await {
                 Ok(Response::Receipts(r)) => return Ok(r),
                 Ok(other) => return Err(unexpected(other)),
-                Err(SpaceError::WrongNode { .. }) if reroutes < REROUTES => {
-                    reroutes += 1;
-                    self.refresh().await?;
-                    // Keyed batches all have the same owner; follow it.
-                    if let Some(k) = batch.iter().find_map(|(_, k)| k.as_ref()) {
-                        addr = self.owner_addr(k)?;
+                Err(SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. })
+                    if reroutes.another() =>
+                {
+                    // Nothing was written there: its indexes go with the next write.
+                    if first {
+                        self.declared
+                            .lock()
+                            .remove(&(addr.clone(), entry_type.to_owned()));
                     }
+                    self.refresh().await?;
+                    // Keyed batches all have the same owner; follow it. A keyless one goes
+                    // to the next member.
+                    let next = match batch.iter().find_map(|(_, k)| k.as_ref()) {
+                        Some(k) => self.owner_addr(k)?,
+                        None => self.next_node(),
+                    };
+                    if next == addr {
+                        // An election may be under way: give it a moment.
+                        tokio::time::sleep(reroutes.pause()).await;
+                    }
+                    addr = next;
                 }
                 Err(e) => {
                     if first {

@@ -575,3 +575,29 @@ async fn a_worker_pool_goes_on_across_a_failover() {
     let report = pool.await.unwrap().unwrap();
     assert!(report.done >= 392, "{report}");
 }
+
+/// A client that starts with its cluster writes at once: while the shards elect their
+/// first leaders, wrong-node answers are followed for the client's retry window (an
+/// election under way), not given back after a few immediate tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_while_the_first_leaders_are_elected_succeed() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, _nodes) = three_nodes();
+    let space = space_client::connect_with(&addrs.join(","), ClientConfig::default())
+        .await
+        .unwrap();
+    for i in 0..40 {
+        let number = format!("early-{i}");
+        space
+            .write(&Order {
+                number: number.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("write {number} while leaders are elected: {e:?}"));
+    }
+    let keyless: Vec<Job> = (0..20).map(|id| Job { id }).collect();
+    space
+        .write_all(&keyless)
+        .await
+        .expect("a keyless batch while leaders are elected");
+}
