@@ -415,6 +415,12 @@ impl SubShared {
         self.queue.lock().expires = expires;
     }
 
+    /// Events told to this subscription that its subscriber has not had yet.
+    pub(crate) fn lag(&self) -> u64 {
+        let q = self.queue.lock();
+        q.next_seq.saturating_sub(q.cursor)
+    }
+
     /// Number of events dropped because the subscriber fell behind.
     pub(crate) fn dropped(&self) -> u64 {
         self.queue.lock().dropped
@@ -517,6 +523,12 @@ impl Hub {
 
     pub(crate) fn len(&self) -> usize {
         self.subs.len()
+    }
+
+    /// The most events one of these subscriptions was told that its subscriber has not
+    /// had yet.
+    pub(crate) fn lag(&self) -> u64 {
+        self.subs.values().map(|s| s.lag()).max().unwrap_or(0)
     }
 
     /// Calls `f` for each subscription that wants to hear `kind` about an entry with these

@@ -37,7 +37,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).

@@ -1,5 +1,9 @@
-//! The admin listener: `/metrics` in the Prometheus text format, and `/health/live` and
-//! `/health/ready` for orchestrators.
+//! The admin listener: `/` the admin page (the cluster's picture, live), `/metrics` in
+//! the Prometheus text format, and `/health/live` and `/health/ready` for orchestrators.
+//!
+//! The page is one HTML file embedded in the binary (its script and styles inline, nothing
+//! fetched from elsewhere). It reads `/api/picture` once, then follows `/api/stream`, a
+//! stream of server-sent events carrying each new picture (see `picture`).
 //!
 //! Metrics go through the `metrics` facade into `metrics-exporter-prometheus`, installed
 //! as the process's recorder when the admin listener starts; without it every metric call
@@ -10,16 +14,18 @@
 //! queries.
 //!
 //! The same token rule as the data port: beyond loopback the node needs a token, and with
-//! a token every admin request must carry it (`Authorization: Bearer <token>`).
+//! a token every admin request must carry it: `Authorization: Bearer <token>`, or, for a
+//! browser, `?token=<token>` in the address (the page passes it on to its own requests).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
@@ -28,7 +34,13 @@ use tokio::net::TcpListener;
 
 use futures::future::BoxFuture;
 use space_core::Stats;
-use space_core::wire::ShardInfo;
+use space_core::wire::{ShardInfo, Topology};
+use tokio::sync::watch;
+
+use crate::picture::{self, Picture};
+
+/// The admin page: one file, its script and styles inline.
+const PAGE: &str = include_str!("../assets/admin.html");
 
 /// Latency buckets of the operation histogram, in seconds (100 µs to 30 s).
 const BUCKETS: &[f64] = &[
@@ -131,6 +143,10 @@ fn describe() {
 pub(crate) trait Observed: Send + Sync + 'static {
     /// The token admin requests must carry, if the node has one.
     fn token(&self) -> Option<&str>;
+    /// The address clients reach the node at (as its topology names it).
+    fn address(&self) -> &str;
+    /// The cluster's topology as the node sees it.
+    fn topology(&self) -> BoxFuture<'_, Option<Topology>>;
     /// The node's counters (what `Request::Stats` answers).
     fn stats(&self) -> BoxFuture<'_, Option<Stats>>;
     /// A replicated node's shards as it sees them, and how many it leads.
@@ -142,6 +158,8 @@ struct Admin {
     handle: PrometheusHandle,
     /// Entry types reported at the last scrape: one gone since is reported as empty.
     types: Mutex<BTreeSet<String>>,
+    /// The cluster's latest picture, drawn every second.
+    picture: watch::Receiver<Arc<Picture>>,
 }
 
 /// Serves the admin endpoints on `listener` until the process ends.
@@ -150,11 +168,15 @@ struct Admin {
 /// When the Prometheus recorder cannot be installed.
 pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(), String> {
     let admin = Arc::new(Admin {
-        state,
         handle: recorder()?,
         types: Mutex::new(BTreeSet::new()),
+        picture: picture::start(state.clone()),
+        state,
     });
     let app = Router::new()
+        .route("/", get(page))
+        .route("/api/picture", get(current_picture))
+        .route("/api/stream", get(stream))
         .route("/metrics", get(metrics))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -167,13 +189,19 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(
     Ok(())
 }
 
-/// Refuses a request without the node's token, when it has one.
-fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
+/// Refuses a request without the node's token, when it has one: in the `Authorization`
+/// header, or as `token=` in the query (for the page in a browser).
+fn refused(admin: &Admin, headers: &HeaderMap, query: Option<&str>) -> Option<Response> {
     let expected = admin.state.token()?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| {
+            query?
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("token="))
+        })
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         None
@@ -183,8 +211,12 @@ fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refused(&admin, &headers) {
+async fn metrics(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
         return refusal;
     }
     if let Some(stats) = admin.state.stats().await {
@@ -222,16 +254,24 @@ async fn metrics(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Respons
         .into_response()
 }
 
-async fn live(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refused(&admin, &headers) {
+async fn live(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
         return refusal;
     }
     (StatusCode::OK, "live\n").into_response()
 }
 
 /// Ready: a standalone node always; a replicated one once every shard has a leader.
-async fn ready(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refused(&admin, &headers) {
+async fn ready(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
         return refusal;
     }
     let leaderless = admin.state.shards().map_or(0, |(shards, _)| {
@@ -246,4 +286,57 @@ async fn ready(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response 
         )
             .into_response()
     }
+}
+
+async fn page(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
+        return refusal;
+    }
+    Html(PAGE).into_response()
+}
+
+/// The latest picture, as JSON.
+async fn current_picture(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
+        return refusal;
+    }
+    let picture = admin.picture.borrow().clone();
+    match serde_json::to_string(&*picture) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Each new picture as a server-sent event (`event: picture`, its JSON as data), the
+/// current one first, until the viewer goes away.
+async fn stream(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
+        return refusal;
+    }
+    let mut pictures = admin.picture.clone();
+    pictures.mark_changed();
+    let events = futures::stream::unfold(pictures, |mut pictures| async move {
+        pictures.changed().await.ok()?;
+        let picture = pictures.borrow_and_update().clone();
+        let event = match serde_json::to_string(&*picture) {
+            Ok(json) => Event::default().event("picture").data(json),
+            Err(e) => Event::default().event("error").data(e.to_string()),
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), pictures))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

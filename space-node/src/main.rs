@@ -336,7 +336,7 @@ async fn serve(args: Args) -> Result<()> {
     let node = Node::bind(config).await?;
     if let AdminListen::On(addr) = args.admin_listen {
         let bound = node.serve_admin(addr).await?;
-        tracing::info!(admin = %bound, "admin endpoints: /metrics, /health/live, /health/ready");
+        tracing::info!(admin = %bound, "admin endpoints: / (the admin page), /metrics, /health/live, /health/ready");
     }
     // The first line on stdout names the address: tools starting the node on port 0 read it.
     println!("listening on {}", node.local_addr()?);

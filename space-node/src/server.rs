@@ -165,11 +165,26 @@ pub(crate) struct NodeState {
     cluster: Arc<Cluster>,
     /// Client connections open now.
     connections: Arc<AtomicUsize>,
+    /// Requests received since the node started.
+    operations: std::sync::atomic::AtomicU64,
 }
 
 impl crate::admin::Observed for NodeState {
     fn token(&self) -> Option<&str> {
         self.config.token.as_deref()
+    }
+
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    fn topology(&self) -> futures::future::BoxFuture<'_, Option<wire::Topology>> {
+        Box::pin(async move {
+            match self.handle(Request::Topology, usize::MAX).await {
+                Ok(Outcome::Answer(Response::Topology(t))) => Some(t),
+                _ => None,
+            }
+        })
     }
 
     fn stats(&self) -> futures::future::BoxFuture<'_, Option<Stats>> {
@@ -204,6 +219,7 @@ impl SpaceService for Service {
     ) -> Result<Response, SpaceError> {
         let operation = envelope.request.kind();
         let started = std::time::Instant::now();
+        self.state.operations.fetch_add(1, Ordering::Relaxed);
         let answer = self.answer(envelope).await;
         crate::admin::count_operation(operation, answer.is_ok(), started.elapsed());
         answer
@@ -435,6 +451,11 @@ impl NodeState {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// Requests received since the node started.
+    pub(crate) fn operations(&self) -> u64 {
+        self.operations.load(Ordering::Relaxed)
+    }
+
     /// The engine that holds `key` here: the node's, or its shard's while this node
     /// leads it.
     fn engine_for(&self, key: &space_core::Key) -> Option<Engine> {
@@ -612,7 +633,8 @@ impl NodeState {
             Request::Schema(entry_type) => Response::Schema(engine.schema(&entry_type)),
             Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(Stats {
-                connections: self.connections.load(Ordering::Relaxed) as u64,
+                connections: self.connections() as u64,
+                operations: self.operations(),
                 subscribers: self.pushers.endpoints() as u64,
                 ..engine.stats()
             }),
@@ -865,6 +887,7 @@ impl Node {
                     max_per_endpoint: config.max_subscriptions_per_client,
                 })),
                 connections: Arc::new(AtomicUsize::new(0)),
+                operations: 0.into(),
                 config,
                 engine,
                 shards,

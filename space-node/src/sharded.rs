@@ -235,6 +235,7 @@ impl NodeState {
             Request::Stats => {
                 let mut total = Stats {
                     connections: self.connections() as u64,
+                    operations: self.operations(),
                     ..Stats::default()
                 };
                 for engine in &serving {

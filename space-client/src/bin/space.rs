@@ -212,7 +212,7 @@ enum Command {
     /// The node's counters (of the whole cluster when it has several nodes).
     Stats {
         /// Print them again at this interval (`1s`, `500ms`...) until interrupted, with
-        /// the operations per second since the last print.
+        /// the entries and operations per second since the last print.
         #[arg(long, value_parser = parse_duration, value_name = "EVERY", num_args = 0..=1, default_missing_value = "1s")]
         watch: Option<Duration>,
         /// With `--watch`: stop after this many prints.
@@ -740,24 +740,30 @@ async fn run(cli: Cli) -> Result<Found> {
                     bail!("unexpected answer")
                 };
                 let now = std::time::Instant::now();
-                let change = last.as_ref().map_or(0.0, |(before, at)| {
-                    (s.entries as f64 - before.entries as f64)
-                        / now.duration_since(*at).as_secs_f64().max(1e-3)
+                // Entries and requests per second since the last print.
+                let (change, ops) = last.as_ref().map_or((0.0, 0.0), |(before, at)| {
+                    let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+                    (
+                        (s.entries as f64 - before.entries as f64) / secs,
+                        s.operations.saturating_sub(before.operations) as f64 / secs,
+                    )
                 });
                 if cli.json {
                     println!(
                         "{}",
-                        json!({"entries": s.entries, "bytes": s.bytes, "entry_types": s.entry_types, "waiters": s.waiters, "subscriptions": s.subscriptions, "connections": s.connections, "entries_per_s": change.round(), "unreachable": s.unreachable})
+                        json!({"entries": s.entries, "bytes": s.bytes, "entry_types": s.entry_types, "waiters": s.waiters, "subscriptions": s.subscriptions, "subscriber_lag": s.subscriber_lag, "connections": s.connections, "entries_per_s": change.round(), "operations_per_s": ops.round(), "unreachable": s.unreachable})
                     );
                 } else {
                     println!(
-                        "{} entries ({:+.0}/s), {} bytes, {} types, {} waiters, {} subscriptions, {} connections{}",
+                        "{} entries ({:+.0}/s), {:.0} ops/s, {} bytes, {} types, {} waiters, {} subscriptions (lag {}), {} connections{}",
                         s.entries,
                         change,
+                        ops,
                         s.bytes,
                         s.entry_types,
                         s.waiters,
                         s.subscriptions,
+                        s.subscriber_lag,
                         s.connections,
                         if s.unreachable.is_empty() {
                             String::new()

@@ -86,12 +86,18 @@ pub struct Stats {
     pub subscriptions: u64,
     /// Events the subscriptions hold (queued for delivery, or kept for a resume).
     pub queued_events: u64,
+    /// The subscriber lag: the most events one subscription has been told that its
+    /// subscriber has not had yet (over several nodes, the largest).
+    pub subscriber_lag: u64,
     /// Pending lease timers.
     pub timers: u64,
     /// Client connections open (filled in by a node).
     pub connections: u64,
     /// Clients with subscriptions pushed to them (filled in by a node).
     pub subscribers: u64,
+    /// Requests the node has received since it started (filled in by a node; summed over
+    /// several nodes). Two readings a second apart give operations per second.
+    pub operations: u64,
     /// Members of a cluster that could not be reached for these counters (filled in by a
     /// client that merges the counters of several nodes; empty when all answered).
     pub unreachable: Vec<String>,
@@ -120,6 +126,8 @@ impl Stats {
         self.waiters += other.waiters;
         self.subscriptions += other.subscriptions;
         self.queued_events += other.queued_events;
+        self.subscriber_lag = self.subscriber_lag.max(other.subscriber_lag);
+        self.operations += other.operations;
         self.timers += other.timers;
         self.connections += other.connections;
         self.subscribers += other.subscribers;
@@ -870,6 +878,7 @@ impl Engine {
             stats.bytes += bytes;
             stats.waiters += st.waiters.len() as u64;
             stats.subscriptions += st.hub.len() as u64;
+            stats.subscriber_lag = stats.subscriber_lag.max(st.hub.lag());
             if entries > 0 {
                 stats.types.push(TypeStats {
                     entry_type: cell.name.to_string(),
