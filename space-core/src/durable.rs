@@ -268,6 +268,12 @@ pub(crate) fn write_snapshot(
         .map_err(|e| storage(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| storage(&path, e))?;
     sync_dir(dir)?;
+    // A standalone durable space has one log: its snapshots are reported as shard "all".
+    metrics::gauge!("space_snapshot_bytes", "shard" => "all").set(buf.len() as f64);
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("space_snapshot_created_timestamp_seconds", "shard" => "all").set(at);
     Ok(buf.len() as u64)
 }
 

@@ -38,6 +38,7 @@ mod wal;
 pub mod wire;
 
 pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};
+pub use durable::DEFAULT_SNAPSHOT_AFTER_BYTES;
 pub use engine::{EngineConfig, Stats, TypeStats};
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};

@@ -38,6 +38,7 @@ use space_core::wire::{ShardInfo, Topology};
 use tokio::sync::watch;
 
 use crate::picture::{self, Picture};
+use crate::replica::ShardProgress;
 
 /// The admin page: one file, its script and styles inline.
 const PAGE: &str = include_str!("../assets/admin.html");
@@ -107,6 +108,36 @@ fn describe() {
         "space_shards_led",
         "Shards this node leads (replicated nodes)"
     );
+    describe_gauge!(
+        "space_subscriber_lag_events",
+        "The most events one subscription was told that its subscriber has not had yet"
+    );
+    describe_gauge!(
+        "space_shard_last_log_index",
+        "Index of the last entry in each shard's log on this node (replicated nodes)"
+    );
+    describe_gauge!(
+        "space_shard_commit_index",
+        "Index of the last entry of each shard this node knows committed (replicated nodes)"
+    );
+    describe_gauge!(
+        "space_shard_applied_index",
+        "Index of the last entry of each shard this node applied (replicated nodes)"
+    );
+    describe_gauge!(
+        "space_replication_lag_entries",
+        "Entries of the leader's log a follower lacks, by shard and follower node id (reported by the shard's leader; 0 elsewhere)"
+    );
+    describe_gauge!(
+        "space_snapshot_bytes",
+        Unit::Bytes,
+        "Size of the newest snapshot, by shard (\"all\" for a standalone durable node)"
+    );
+    describe_gauge!(
+        "space_snapshot_created_timestamp_seconds",
+        Unit::Seconds,
+        "When the newest snapshot was made, in seconds since the Unix epoch, by shard; its age is time() minus this"
+    );
     describe_histogram!(
         "space_log_fsync_seconds",
         Unit::Seconds,
@@ -151,6 +182,8 @@ pub(crate) trait Observed: Send + Sync + 'static {
     fn stats(&self) -> BoxFuture<'_, Option<Stats>>;
     /// A replicated node's shards as it sees them, and how many it leads.
     fn shards(&self) -> Option<(Vec<ShardInfo>, usize)>;
+    /// How far each shard this node replicates has come (empty when not replicated).
+    fn progress(&self) -> Vec<ShardProgress>;
 }
 
 struct Admin {
@@ -158,6 +191,9 @@ struct Admin {
     handle: PrometheusHandle,
     /// Entry types reported at the last scrape: one gone since is reported as empty.
     types: Mutex<BTreeSet<String>>,
+    /// (shard, follower) lags reported at the last scrape: one this node no longer leads
+    /// is reported as 0 (its leader of the moment reports it).
+    lags: Mutex<BTreeSet<(u32, u64)>>,
     /// The cluster's latest picture, drawn every second.
     picture: watch::Receiver<Arc<Picture>>,
 }
@@ -170,6 +206,7 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(
     let admin = Arc::new(Admin {
         handle: recorder()?,
         types: Mutex::new(BTreeSet::new()),
+        lags: Mutex::new(BTreeSet::new()),
         picture: picture::start(state.clone()),
         state,
     });
@@ -237,7 +274,9 @@ async fn metrics(
         metrics::gauge!("space_subscriptions").set(stats.subscriptions as f64);
         metrics::gauge!("space_queued_events").set(stats.queued_events as f64);
         metrics::gauge!("space_connections").set(stats.connections as f64);
+        metrics::gauge!("space_subscriber_lag_events").set(stats.subscriber_lag as f64);
     }
+    report_progress(&admin);
     if let Some((shards, led)) = admin.state.shards() {
         metrics::gauge!("space_shards_led").set(led as f64);
         for s in shards {
@@ -252,6 +291,32 @@ async fn metrics(
         admin.handle.render(),
     )
         .into_response()
+}
+
+/// Each shard's log indexes, and each follower's lag on the shards this node leads.
+fn report_progress(admin: &Admin) {
+    let mut gone = std::mem::take(&mut *admin.lags.lock());
+    let mut reported = BTreeSet::new();
+    for p in admin.state.progress() {
+        let shard = p.shard.to_string();
+        metrics::gauge!("space_shard_last_log_index", "shard" => shard.clone())
+            .set(p.last_log as f64);
+        metrics::gauge!("space_shard_commit_index", "shard" => shard.clone())
+            .set(p.committed as f64);
+        metrics::gauge!("space_shard_applied_index", "shard" => shard.clone())
+            .set(p.applied as f64);
+        for (follower, lag) in p.followers {
+            gone.remove(&(p.shard, follower));
+            reported.insert((p.shard, follower));
+            metrics::gauge!("space_replication_lag_entries", "shard" => shard.clone(), "follower" => follower.to_string())
+                .set(lag as f64);
+        }
+    }
+    for (shard, follower) in gone {
+        metrics::gauge!("space_replication_lag_entries", "shard" => shard.to_string(), "follower" => follower.to_string())
+            .set(0.0);
+    }
+    *admin.lags.lock() = reported;
 }
 
 async fn live(

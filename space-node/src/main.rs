@@ -97,6 +97,13 @@ struct Args {
     /// Most entry types held (empty ones are forgotten); writes of more get a Full error.
     #[arg(long, default_value_t = 10_000)]
     max_entry_types: usize,
+    /// A durable node (--data-dir, not replicated) snapshots its state once its log grew
+    /// by this many bytes (or by the size of the last snapshot, if larger).
+    #[arg(long, default_value_t = space_core::DEFAULT_SNAPSHOT_AFTER_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_after_bytes: u64,
+    /// A replicated node snapshots each shard once its log grew by this many entries.
+    #[arg(long, default_value_t = space_node::replica::SNAPSHOT_AFTER_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_after_entries: u64,
     /// How long a frame may take to arrive once it has begun, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     frame_timeout_ms: u64,
@@ -329,6 +336,8 @@ async fn serve(args: Args) -> Result<()> {
         frame_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
         subscriber_timeout: Duration::from_millis(args.subscriber_timeout_ms.max(1)),
         max_entry_bytes: args.max_entry_bytes,
+        snapshot_after_bytes: args.snapshot_after_bytes,
+        snapshot_after_entries: args.snapshot_after_entries,
         max_entries: args.max_entries,
         max_bytes: args.max_bytes,
         ..NodeConfig::default()

@@ -65,6 +65,11 @@ pub struct NodeConfig {
     /// How long a subscriber endpoint may stay unreachable before its subscriptions are
     /// cancelled.
     pub subscriber_timeout: Duration,
+    /// A durable standalone node snapshots its state once its log grew by this many bytes
+    /// (or by the size of the last snapshot, if larger).
+    pub snapshot_after_bytes: u64,
+    /// A replicated node snapshots a shard once its log grew by this many entries.
+    pub snapshot_after_entries: u64,
     /// Largest entry accepted, in bytes.
     pub max_entry_bytes: u64,
     /// Most entries held.
@@ -113,6 +118,8 @@ impl Default for NodeConfig {
             max_entry_types: 10_000,
             frame_timeout: Duration::from_secs(30),
             subscriber_timeout: Duration::from_secs(30),
+            snapshot_after_bytes: space_core::DEFAULT_SNAPSHOT_AFTER_BYTES,
+            snapshot_after_entries: crate::replica::SNAPSHOT_AFTER_ENTRIES,
             max_entry_bytes: 1 << 20,
             max_entries: None,
             max_bytes: None,
@@ -194,6 +201,13 @@ impl crate::admin::Observed for NodeState {
                 _ => None,
             }
         })
+    }
+
+    fn progress(&self) -> Vec<crate::replica::ShardProgress> {
+        self.shards
+            .as_ref()
+            .map(|shards| shards.progress())
+            .unwrap_or_default()
     }
 
     fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize)> {
@@ -745,7 +759,7 @@ async fn start_shards(
         me,
         &host,
         &router,
-        raft_settings().map_err(bad)?,
+        raft_settings(config.snapshot_after_entries).map_err(bad)?,
         engine.clone(),
     )
     .await
@@ -848,6 +862,7 @@ impl Node {
         engine_config.max_waiters = Some(config.max_waiters);
         engine_config.max_subscriptions = Some(config.max_subscriptions);
         engine_config.max_queued_events = Some(config.max_queued_events);
+        engine_config.snapshot_after_bytes = config.snapshot_after_bytes;
         let shards = match replicated {
             Some((dir, layout, me)) => {
                 Some(start_shards(&config, &dir, layout, me, &engine_config).await?)

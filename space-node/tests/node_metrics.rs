@@ -59,6 +59,62 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
         .sum()
 }
 
+/// Metrics the dashboard draws that a node serves only in a cluster with followers and
+/// snapshots (checked by `a_leader_reports_each_followers_replication_lag`).
+const ONLY_WITH_FOLLOWERS: &[&str] = &[
+    "space_replication_lag_entries",
+    "space_shard_commit_index",
+    "space_shard_applied_index",
+    "space_shard_last_log_index",
+    "space_snapshot_bytes",
+    "space_snapshot_created_timestamp_seconds",
+];
+
+/// Every metric the Grafana dashboard draws.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana/space-dashboard.json"))
+            .expect("the dashboard is JSON");
+    let mut drawn = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expression");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("space_") {
+                    drawn.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    drawn
+}
+
+/// Waits up to 10 s until the node's admin endpoint at `admin` serves every one of
+/// `metrics`.
+async fn until_served(admin: &str, metrics: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get(admin, "/metrics", None).await;
+        let served: std::collections::BTreeSet<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let missing: Vec<_> = metrics
+            .iter()
+            .filter(|m| !served.contains(m.as_str()))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard draws metrics the node does not serve: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_operations_done_and_health_answers() {
     let admin = free_addrs(1).remove(0);
@@ -268,40 +324,285 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
     ));
     // A connection that closes before its handshake is refused (reason "handshake").
     drop(tokio::net::TcpStream::connect(addr).await.unwrap());
-    let dashboard: serde_json::Value =
-        serde_json::from_str(include_str!("../../docs/grafana/space-dashboard.json"))
-            .expect("the dashboard is JSON");
-    let mut drawn = std::collections::BTreeSet::new();
-    for panel in dashboard["panels"].as_array().expect("panels") {
-        for target in panel["targets"].as_array().expect("targets") {
-            let expr = target["expr"].as_str().expect("an expression");
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("space_") {
-                    drawn.insert(word.to_owned());
-                }
-            }
-        }
-    }
+    let drawn = dashboard_metrics();
     assert!(drawn.len() >= 10, "{drawn:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let here: Vec<String> = drawn
+        .into_iter()
+        .filter(|m| !ONLY_WITH_FOLLOWERS.contains(&m.as_str()))
+        .collect();
+    until_served(admin, &here).await;
+}
+
+/// A subscriber that does not keep up shows as lag, then as a gap counted when it is told
+/// of the events it lost; a durable node reports its snapshots' size and time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_shows_lag_and_gaps_and_snapshots_are_reported() {
+    use space_client::wire::{Request, Response};
+    use space_client::{Connection, EventKinds, Lease, Notification};
+
+    let admin = free_addrs(1).remove(0);
+    let dir = space_tests::TempDir::new("metrics-snapshots");
+    let node = NodeProcess::start(&[
+        "--admin-listen",
+        &admin,
+        "--data-dir",
+        &dir.0.to_string_lossy(),
+        "--snapshot-after-bytes",
+        "16384",
+        "--max-queued-events",
+        "100",
+    ]);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let conn = Connection::open(&node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    // A polled subscription nobody polls: the slowest subscriber there is.
+    let Response::Subscribed(id) = conn
+        .call(Request::Subscribe {
+            query: Query::of::<Reading>(),
+            kinds: EventKinds::WRITTEN,
+            lease: Lease::For(Duration::from_secs(120)),
+            endpoint: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not subscribed")
+    };
+    let space = connect_with(&node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let before = scrape(&admin).await;
+    for i in 0..1_000 {
+        space
+            .write(&Reading {
+                sensor: format!("slow-{i}"),
+                value: i,
+            })
+            .await
+            .unwrap();
+    }
+    let behind = scrape(&admin).await;
+    let lag = value(&behind, "space_subscriber_lag_events", &[]);
+    assert!(
+        (100.0..=1_000.0).contains(&lag),
+        "a subscriber that took none of 1,000 events (100 held) lags: {lag}"
+    );
+
+    // Polled now: what fell off the queue arrives as a gap, and is counted.
+    let Response::Notifications { notifications, .. } = conn
+        .call(Request::Poll {
+            id,
+            after: 0,
+            wait: Duration::from_secs(1),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("no notifications")
+    };
+    assert!(
+        matches!(notifications.first(), Some(Notification::Gap { .. })),
+        "the poll begins with a gap: {:?}",
+        notifications.first()
+    );
+    let after = scrape(&admin).await;
+    let gaps = value(&after, "space_event_gaps_total", &[])
+        - value(&before, "space_event_gaps_total", &[]);
+    assert!(gaps >= 1.0, "the gap is counted: {gaps}");
+    assert!(
+        value(&after, "space_subscriber_lag_events", &[]) < lag,
+        "the lag falls once events are taken"
+    );
+
+    // About 1,000 logged writes are more than 16 KiB of log: a snapshot was made.
+    let bytes = value(&after, "space_snapshot_bytes", &[("shard", "all")]);
+    assert!(bytes > 0.0, "a snapshot of some bytes: {bytes}");
+    let made = value(
+        &after,
+        "space_snapshot_created_timestamp_seconds",
+        &[("shard", "all")],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (started - 1.0..=now + 1.0).contains(&made),
+        "made during the test: {made} not in {started}..{now}"
+    );
+}
+
+/// On a cluster of three, each shard's log indexes and snapshots are reported, and its
+/// leader reports each follower's lag: a paused follower falls behind by the writes it missed, and
+/// catches up when it wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_reports_each_followers_replication_lag() {
+    let addrs = free_addrs(4);
+    let (data, admin) = (&addrs[..3], &addrs[3]);
+    let cluster = data.join(",");
+    let dirs: Vec<_> = (0..3)
+        .map(|i| space_tests::TempDir::new(&format!("metrics-lag-{i}")))
+        .collect();
+    let nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| {
+            let mut args = vec![
+                "--data-dir".to_owned(),
+                dirs[i].0.to_string_lossy().into_owned(),
+                "--initial-cluster".to_owned(),
+                cluster.clone(),
+                "--shards".to_owned(),
+                "4".to_owned(),
+                "--snapshot-after-entries".to_owned(),
+                "20".to_owned(),
+            ];
+            if i == 0 {
+                args.extend(["--admin-listen".to_owned(), admin.clone()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            NodeProcess::start_at(&data[i], &args)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(admin, "/health/ready", None).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let space = connect_with(&cluster, ClientConfig::default())
+        .await
+        .unwrap();
+    // The writes go to node 1's shards only (shard s holds ranges s * 256 up to
+    // (s + 1) * 256): a write to a shard node 3 led would wait for its new leader.
+    let shard_of = |sensor: &str| {
+        use space_client::IntoKey;
+        (space_client::wire::range_of(&sensor.to_key()) / 256).to_string()
+    };
+    let write = |from: u64, n: u64, only: Option<Vec<String>>| {
+        let space = space.clone();
+        async move {
+            let mut done = 0;
+            for i in from..from + n {
+                let sensor = format!("lag-{i}");
+                if only
+                    .as_ref()
+                    .is_some_and(|o| !o.contains(&shard_of(&sensor)))
+                {
+                    continue;
+                }
+                space.write(&Reading { sensor, value: i }).await.unwrap();
+                done += 1;
+            }
+            done
+        }
+    };
+    assert_eq!(write(0, 200, None).await, 200);
+    let shards: Vec<String> = (0..4).map(|s| s.to_string()).collect();
+    let scrape1 = scrape(admin).await;
+    // The shards node 1 leads.
+    let mine: Vec<&String> = shards
+        .iter()
+        .filter(|s| value(&scrape1, "space_shard_leader", &[("shard", s)]) == 1.0)
+        .collect();
+    assert!(!mine.is_empty(), "node 1 leads a shard");
+    for s in &shards {
+        let (last, committed, applied) = (
+            value(&scrape1, "space_shard_last_log_index", &[("shard", s)]),
+            value(&scrape1, "space_shard_commit_index", &[("shard", s)]),
+            value(&scrape1, "space_shard_applied_index", &[("shard", s)]),
+        );
+        assert!(
+            applied >= 1.0 && committed >= applied && last >= committed,
+            "shard {s}: last {last}, committed {committed}, applied {applied}"
+        );
+    }
+
+    // Every shard's log grew past 20 entries: each was snapshot on node 1.
+    for s in &shards {
+        let bytes = value(&scrape1, "space_snapshot_bytes", &[("shard", s)]);
+        let made = value(
+            &scrape1,
+            "space_snapshot_created_timestamp_seconds",
+            &[("shard", s)],
+        );
+        assert!(
+            bytes > 0.0 && made > 0.0,
+            "shard {s}: snapshot of {bytes} bytes made at {made}"
+        );
+    }
+
+    // Node 3 pauses: the shards node 1 leads go on without it, and it falls behind.
+    let pid = nodes[2].pid().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    let written = write(200, 200, Some(mine.iter().map(|s| (*s).clone()).collect())).await;
+    assert!(written >= 20, "{written} writes to node 1's shards");
+    let paused = scrape(admin).await;
+    signal("-CONT");
+    let behind: f64 = mine
+        .iter()
+        .map(|s| {
+            value(
+                &paused,
+                "space_replication_lag_entries",
+                &[("shard", s), ("follower", "3")],
+            )
+        })
+        .sum();
+    let up_to_date: f64 = mine
+        .iter()
+        .map(|s| {
+            value(
+                &paused,
+                "space_replication_lag_entries",
+                &[("shard", s), ("follower", "2")],
+            )
+        })
+        .sum();
+    assert!(
+        behind >= 20.0,
+        "node 3, paused, lacks the writes to node 1's shards: {behind}"
+    );
+    assert!(
+        up_to_date < behind,
+        "node 2 kept up ({up_to_date}) where node 3 fell behind ({behind})"
+    );
+    // The dashboard's replication panels draw what this node serves.
+    let replication: Vec<String> = ONLY_WITH_FOLLOWERS
+        .iter()
+        .map(|m| (*m).to_owned())
+        .collect();
+    assert!(replication.iter().all(|m| dashboard_metrics().contains(m)));
+    until_served(admin, &replication).await;
+    // Awake, it catches up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, body) = get(admin, "/metrics", None).await;
-        let served: std::collections::BTreeSet<&str> = body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split(['{', ' ']).next())
-            .collect();
-        let missing: Vec<_> = drawn
+        let now = scrape(admin).await;
+        let lag: f64 = mine
             .iter()
-            .filter(|m| !served.contains(m.as_str()))
-            .collect();
-        if missing.is_empty() {
+            .map(|s| {
+                value(
+                    &now,
+                    "space_replication_lag_entries",
+                    &[("shard", s), ("follower", "3")],
+                )
+            })
+            .sum();
+        if lag == 0.0 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the dashboard draws metrics the node does not serve: {missing:?}"
+            "node 3 never caught up: {lag}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(nodes);
 }

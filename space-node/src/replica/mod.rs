@@ -31,7 +31,7 @@ pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
-pub use shards::{Layout, ShardSet, rebalance};
+pub use shards::{Layout, ShardProgress, ShardSet, rebalance};
 pub use state_machine::{EngineSlot, StateMachine};
 
 /// A command for a shard's log: the bytes of a command the leader's engine decided (see
@@ -138,6 +138,9 @@ pub enum ReplicaError {
     },
 }
 
+/// Entries a shard's log grows by before it is snapshot, by default.
+pub const SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
+
 /// Raft settings for shard groups: heartbeats every 100 ms and elections after 200-300 ms
 /// of silence. A leader's death is replaced in about 0.6 s: a voter refuses other
 /// candidates until its leader lease (the longest election timeout) has passed, so the
@@ -145,15 +148,19 @@ pub enum ReplicaError {
 /// an idle node spends (64 groups, two followers each): at 50 ms they kept 0.6 of 2
 /// cores busy on an idle 3-node cluster, at 100 ms 0.3, with the same failover time; a
 /// longer heartbeat would have to lengthen the lease, and failover with it. A
-/// snapshot after 10,000 entries, keeping 1,000 entries behind it for followers that lag
-/// a little (further behind, they get the snapshot).
-pub fn raft_settings() -> Result<Arc<openraft::Config>, ReplicaError> {
+/// snapshot after `snapshot_after_entries` entries ([`SNAPSHOT_AFTER_ENTRIES`] by
+/// default), keeping 1,000 entries behind it for followers that lag a little (further
+/// behind, they get the snapshot).
+///
+/// # Errors
+/// [`ReplicaError::Raft`] when openraft refuses the settings (no snapshot interval).
+pub fn raft_settings(snapshot_after_entries: u64) -> Result<Arc<openraft::Config>, ReplicaError> {
     let config = openraft::Config {
         cluster_name: "space".into(),
         heartbeat_interval: 100,
         election_timeout_min: 200,
         election_timeout_max: 300,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_after_entries),
         max_in_snapshot_log_to_keep: 1_000,
         ..Default::default()
     };

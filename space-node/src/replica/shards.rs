@@ -186,6 +186,22 @@ impl Layout {
     }
 }
 
+/// How far one shard's log has come on this node, from its Raft metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardProgress {
+    /// The shard.
+    pub shard: GroupId,
+    /// The index of the last entry in this member's log.
+    pub last_log: u64,
+    /// The index of the last entry this member knows committed.
+    pub committed: u64,
+    /// The index of the last entry this member applied.
+    pub applied: u64,
+    /// When this member leads the shard: each follower, and how many entries of the
+    /// leader's log it lacks.
+    pub followers: Vec<(MemberId, u64)>,
+}
+
 /// A node's members of every shard it replicates, on one log host (one write-ahead log
 /// and one timer thread for all of them) and one peer router.
 pub struct ShardSet {
@@ -355,6 +371,39 @@ impl ShardSet {
             nodes,
             owners,
         }
+    }
+
+    /// How far each shard this node replicates has come here, with each follower's lag
+    /// for the shards it leads.
+    pub fn progress(&self) -> Vec<ShardProgress> {
+        self.members
+            .iter()
+            .map(|(shard, member)| {
+                let metrics = member.raft.metrics();
+                let m = metrics.borrow_watched();
+                let last_log = m.last_log_index.unwrap_or(0);
+                let followers = m
+                    .replication
+                    .as_ref()
+                    .map(|r| {
+                        r.iter()
+                            .filter(|(id, _)| **id != self.me)
+                            .map(|(id, matched)| {
+                                let have = matched.as_ref().map_or(0, |l| l.index);
+                                (*id, last_log.saturating_sub(have))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ShardProgress {
+                    shard: *shard,
+                    last_log,
+                    committed: m.local_committed.as_ref().map_or(0, |l| l.index),
+                    applied: m.last_applied.as_ref().map_or(0, |l| l.index),
+                    followers,
+                }
+            })
+            .collect()
     }
 
     /// Every shard as this node sees it: its ranges, replicas, leader and term (leader

@@ -56,6 +56,8 @@ pub struct StateMachine {
     host: Option<Arc<LogHost>>,
     /// This member's leadership, told which of its proposals are committed.
     leadership: Leadership,
+    /// The group.
+    group: super::GroupId,
 }
 
 impl StateMachine {
@@ -81,12 +83,17 @@ impl StateMachine {
             current: Arc::new(Mutex::new(None)),
             file: file.clone(),
             leadership: Leadership::default(),
+            group,
         };
         if let Some(path) = file.filter(|p| p.exists()) {
             let bytes =
                 std::fs::read(&path).map_err(|e| io_error(format!("{}: {e}", path.display())))?;
             let kept: Kept = postcard::from_bytes(&bytes)
                 .map_err(|e| io_error(format!("{}: damaged snapshot: {e}", path.display())))?;
+            let made = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|_| std::time::SystemTime::now());
+            report_snapshot(group, &kept, made);
             machine.load(kept)?;
         }
         Ok(machine)
@@ -126,6 +133,16 @@ impl StateMachine {
     }
 }
 
+/// Reports a shard's newest snapshot: its size, and when it was made.
+fn report_snapshot(group: super::GroupId, kept: &Kept, made: std::time::SystemTime) {
+    let shard = group.to_string();
+    metrics::gauge!("space_snapshot_bytes", "shard" => shard.clone()).set(kept.image.len() as f64);
+    let at = made
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("space_snapshot_created_timestamp_seconds", "shard" => shard).set(at);
+}
+
 /// Writes `kept` to `file` whole (a temporary file, fsynced, renamed into place).
 fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
     let bytes = postcard::to_stdvec(kept).map_err(io_error)?;
@@ -142,6 +159,7 @@ fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
 /// Makes one snapshot: the image was cut when the builder was made (between two
 /// applies), so building only writes it down.
 pub struct SnapshotBuilder {
+    group: super::GroupId,
     kept: Kept,
     current: Arc<Mutex<Option<Kept>>>,
     file: Option<PathBuf>,
@@ -157,6 +175,7 @@ impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
                 .await
                 .map_err(io_error)??;
         }
+        report_snapshot(self.group, &self.kept, std::time::SystemTime::now());
         *self.current.lock() = Some(self.kept.clone());
         Ok(SnapshotOf::<Shard, Vec<u8>> {
             meta: self.kept.meta.clone(),
@@ -244,6 +263,7 @@ impl RaftStateMachine<Shard> for StateMachine {
             },
             current: self.current.clone(),
             file: self.file.clone(),
+            group: self.group,
         }
     }
 
@@ -262,6 +282,7 @@ impl RaftStateMachine<Shard> for StateMachine {
                 .await
                 .map_err(io_error)??;
         }
+        report_snapshot(self.group, &kept, std::time::SystemTime::now());
         self.load(kept)
     }
 

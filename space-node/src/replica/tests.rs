@@ -114,7 +114,7 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
             }
         }
     };
-    let mut settings = (*super::raft_settings().unwrap()).clone();
+    let mut settings = (*super::raft_settings(super::SNAPSHOT_AFTER_ENTRIES).unwrap()).clone();
     // Small enough that the test's log is snapshotted and purged: a member that was away
     // catches up from a snapshot.
     settings.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(100);
@@ -845,7 +845,7 @@ async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestN
         .map(|l| l.local_addr().unwrap().to_string())
         .collect();
     let layout = super::Layout::new(addrs, shards, replication).unwrap();
-    let settings = super::raft_settings().unwrap();
+    let settings = super::raft_settings(super::SNAPSHOT_AFTER_ENTRIES).unwrap();
     let mut nodes = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let dir = TempDir::new("sharded");
