@@ -230,17 +230,20 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(
 /// header, or as `token=` in the query (for the page in a browser).
 fn refused(admin: &Admin, headers: &HeaderMap, query: Option<&str>) -> Option<Response> {
     let expected = admin.state.token()?;
-    let given = headers
+    let given: std::borrow::Cow<'_, [u8]> = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.as_bytes().into())
         .or_else(|| {
-            query?
+            // As a browser sends it: percent-encoded.
+            let raw = query?
                 .split('&')
-                .find_map(|pair| pair.strip_prefix("token="))
+                .find_map(|pair| pair.strip_prefix("token="))?;
+            Some(percent_encoding::percent_decode_str(raw).into())
         })
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        .unwrap_or_default();
+    if bool::from(given.ct_eq(expected.as_bytes())) {
         None
     } else {
         tracing::warn!("refused an admin request without the node's token");

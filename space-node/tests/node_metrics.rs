@@ -225,18 +225,50 @@ async fn metrics_count_the_operations_done_and_health_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoints_want_the_token_when_the_node_has_one() {
+    the_token_is_wanted("s3cret").await;
+    // A token with characters a browser percent-encodes in an address.
+    the_token_is_wanted("s3cret/+=").await;
+}
+
+async fn the_token_is_wanted(token: &str) {
+    let in_address: String = token
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect();
     let admin = free_addrs(1).remove(0);
-    let node = NodeProcess::start(&["--admin-listen", &admin, "--auth-token", "s3cret"]);
+    let node = NodeProcess::start(&["--admin-listen", &admin, "--auth-token", token]);
     assert_eq!(get(&admin, "/metrics", None).await.0, 401);
     assert_eq!(get(&admin, "/health/live", Some("wrong")).await.0, 401);
-    assert_eq!(get(&admin, "/health/live", Some("s3cret")).await.0, 200);
+    assert_eq!(get(&admin, "/health/live", Some(token)).await.0, 200);
+    // The page and its data, from a browser: the token in the address.
+    assert_eq!(get(&admin, "/", None).await.0, 401);
+    assert_eq!(get(&admin, "/?token=guess", None).await.0, 401);
+    let (status, page) = get(&admin, &format!("/?token={in_address}"), None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>space"), "{page}");
+    assert_eq!(
+        get(&admin, &format!("/api/picture?token={in_address}x"), None)
+            .await
+            .0,
+        401
+    );
+    let (status, picture) = get(
+        &admin,
+        &format!("/api/picture?x=1&token={in_address}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{picture}");
     // A client with the wrong token is refused, and counted by reason.
     let wrong = ClientConfig {
         token: Some("guess".into()),
         ..ClientConfig::default()
     };
     assert!(connect_with(&node.addr, wrong).await.is_err());
-    let (status, body) = get(&admin, "/metrics", Some("s3cret")).await;
+    let (status, body) = get(&admin, "/metrics", Some(token)).await;
     assert_eq!(status, 200);
     assert!(body.contains("space_connections"), "{body}");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
