@@ -214,6 +214,38 @@ pub enum SpaceError {
 }
 
 impl SpaceError {
+    /// The variant's name in snake case (`not_found`, `wrong_node`...): a short, fixed
+    /// word for logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SpaceError::Query(_) => "query",
+            SpaceError::Document { .. } => "document",
+            SpaceError::InvalidEntryType { .. } => "invalid_entry_type",
+            SpaceError::FieldType { .. } => "field_type",
+            SpaceError::TypeMismatch { .. } => "type_mismatch",
+            SpaceError::InvalidLease { .. } => "invalid_lease",
+            SpaceError::KeyExists { .. } => "key_exists",
+            SpaceError::NotFound { .. } => "not_found",
+            SpaceError::ClaimLost { .. } => "claim_lost",
+            SpaceError::SubscriptionClosed { .. } => "subscription_closed",
+            SpaceError::ZeroMax => "zero_max",
+            SpaceError::TooLarge { .. } => "too_large",
+            SpaceError::RequestTooLarge { .. } => "request_too_large",
+            SpaceError::Busy { .. } => "busy",
+            SpaceError::Full { .. } => "full",
+            SpaceError::Down { .. } => "down",
+            SpaceError::Unreachable { .. } => "unreachable",
+            SpaceError::TimedOut { .. } => "timed_out",
+            SpaceError::Rejected { .. } => "rejected",
+            SpaceError::WrongNode { .. } => "wrong_node",
+            SpaceError::Storage { .. } => "storage",
+            SpaceError::Revoked => "revoked",
+            SpaceError::Unavailable { .. } => "unavailable",
+            SpaceError::EndpointUnreachable { .. } => "endpoint_unreachable",
+            SpaceError::Protocol { .. } => "protocol",
+        }
+    }
+
     /// Whether the error says a node could not be reached (`Down`, `Unreachable`,
     /// `TimedOut`), rather than that it refused the call: a caller may try it again, or
     /// another node.

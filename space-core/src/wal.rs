@@ -590,6 +590,8 @@ impl Wal {
                     *m = index.max(*m);
                 }
             }
+            let appended = last_lsn.saturating_sub(self.durable.load(Ordering::Acquire));
+            metrics::counter!("space_log_appends_total").increment(appended);
             self.durable.store(last_lsn, Ordering::Release);
             self.wake_waiters();
             segment_bytes += batch.len() as u64;

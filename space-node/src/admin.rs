@@ -33,8 +33,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use futures::future::BoxFuture;
-use space_core::Stats;
 use space_core::wire::{ShardInfo, Topology};
+use space_core::{SpaceError, Stats};
 use tokio::sync::watch;
 
 use crate::picture::{self, Picture};
@@ -49,9 +49,16 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
-/// Counts one answered request: its kind, whether it succeeded, how long it took.
-pub(crate) fn count_operation(operation: &'static str, ok: bool, took: Duration) {
-    let outcome = if ok { "ok" } else { "error" };
+/// Counts one answered request: its kind, whether it succeeded (the error's kind when
+/// not), how long it took.
+pub(crate) fn count_operation(operation: &'static str, error: Option<&SpaceError>, took: Duration) {
+    let outcome = match error {
+        None => "ok",
+        Some(e) => {
+            metrics::counter!("space_rejected_requests_total", "reason" => e.kind()).increment(1);
+            "error"
+        }
+    };
     metrics::counter!("space_operations_total", "operation" => operation, "outcome" => outcome)
         .increment(1);
     metrics::histogram!("space_operation_duration_seconds", "operation" => operation)
@@ -100,7 +107,10 @@ fn describe() {
         Unit::Bytes,
         "Approximate bytes of stored entries, by entry type"
     );
-    describe_gauge!("space_waiters", "Blocked reads, takes and claims");
+    describe_gauge!(
+        "space_waiters",
+        "Blocked reads, takes and claims, by entry type"
+    );
     describe_gauge!("space_subscriptions", "Live subscriptions");
     describe_gauge!("space_queued_events", "Events held for subscribers");
     describe_gauge!("space_connections", "Client connections open");
@@ -155,6 +165,14 @@ fn describe() {
     describe_counter!(
         "space_event_gaps_total",
         "Gaps delivered to subscribers: events dropped for a subscriber that fell behind"
+    );
+    describe_counter!(
+        "space_rejected_requests_total",
+        "Requests answered with an error, by the error's kind (busy, full, not_found, wrong_node, query...)"
+    );
+    describe_counter!(
+        "space_log_appends_total",
+        "Records appended to the write-ahead log and made durable"
     );
     describe_counter!(
         "space_rejected_connections_total",
@@ -266,14 +284,16 @@ async fn metrics(
             let entry_type = t.entry_type.clone();
             metrics::gauge!("space_entries", "entry_type" => entry_type.clone())
                 .set(t.entries as f64);
-            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type).set(t.bytes as f64);
+            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type.clone())
+                .set(t.bytes as f64);
+            metrics::gauge!("space_waiters", "entry_type" => entry_type).set(t.waiters as f64);
         }
         for entry_type in gone {
             metrics::gauge!("space_entries", "entry_type" => entry_type.clone()).set(0.0);
-            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type).set(0.0);
+            metrics::gauge!("space_entry_bytes", "entry_type" => entry_type.clone()).set(0.0);
+            metrics::gauge!("space_waiters", "entry_type" => entry_type).set(0.0);
         }
         *admin.types.lock() = stats.types.iter().map(|t| t.entry_type.clone()).collect();
-        metrics::gauge!("space_waiters").set(stats.waiters as f64);
         metrics::gauge!("space_subscriptions").set(stats.subscriptions as f64);
         metrics::gauge!("space_queued_events").set(stats.queued_events as f64);
         metrics::gauge!("space_connections").set(stats.connections as f64);

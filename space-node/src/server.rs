@@ -235,7 +235,7 @@ impl SpaceService for Service {
         let started = std::time::Instant::now();
         self.state.operations.fetch_add(1, Ordering::Relaxed);
         let answer = self.answer(envelope).await;
-        crate::admin::count_operation(operation, answer.is_ok(), started.elapsed());
+        crate::admin::count_operation(operation, answer.as_ref().err(), started.elapsed());
         answer
     }
 }

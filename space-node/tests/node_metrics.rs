@@ -220,6 +220,38 @@ async fn metrics_count_the_operations_done_and_health_answers() {
     assert!(value(&after, "space_connections", &[]) >= 1.0);
     assert_eq!(rose("space_events_delivered_total", &[]), 1_000.0);
     assert_eq!(rose("space_event_gaps_total", &[]), 0.0);
+    // The refused write is counted by the error's kind.
+    assert_eq!(
+        rose("space_rejected_requests_total", &[("reason", "key_exists")]),
+        1.0
+    );
+
+    // A take that waits shows as a waiter of its entry type while it waits.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Awaited {
+        id: u64,
+    }
+    space_client::entry!(Awaited, "metrics.Awaited");
+    let waiting = {
+        let space = space.clone();
+        tokio::spawn(async move {
+            space
+                .take::<Awaited>(&Query::of::<Awaited>(), Duration::from_secs(30))
+                .await
+        })
+    };
+    let awaited = [("entry_type", "metrics.Awaited")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while value(&scrape(&admin).await, "space_waiters", &awaited) != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the take never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    space.write(&Awaited { id: 1 }).await.unwrap();
+    assert!(waiting.await.unwrap().unwrap().is_some());
+    assert_eq!(value(&scrape(&admin).await, "space_waiters", &awaited), 0.0);
     assert_eq!(value(&after, "space_subscriptions", &[]), 1.0);
 }
 
@@ -354,6 +386,17 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
         told,
         Ok(Some(space_client::Notification::Event(_)))
     ));
+    // A write of a key that is there is refused (reason "key_exists").
+    let again = space
+        .write(&Reading {
+            sensor: "r-0".into(),
+            value: 0,
+        })
+        .await;
+    assert!(
+        matches!(again, Err(SpaceError::KeyExists { .. })),
+        "{again:?}"
+    );
     // A connection that closes before its handshake is refused (reason "handshake").
     drop(tokio::net::TcpStream::connect(addr).await.unwrap());
     let drawn = dashboard_metrics();
@@ -450,6 +493,13 @@ async fn a_slow_subscriber_shows_lag_and_gaps_and_snapshots_are_reported() {
         "the lag falls once events are taken"
     );
 
+    // Every write was a record of the write-ahead log.
+    let appended = value(&after, "space_log_appends_total", &[])
+        - value(&before, "space_log_appends_total", &[]);
+    assert!(
+        appended >= 1_000.0,
+        "{appended} records appended for 1,000 writes"
+    );
     // About 1,000 logged writes are more than 16 KiB of log: a snapshot was made.
     let bytes = value(&after, "space_snapshot_bytes", &[("shard", "all")]);
     assert!(bytes > 0.0, "a snapshot of some bytes: {bytes}");

@@ -101,7 +101,7 @@ pub struct Stats {
     /// Members of a cluster that could not be reached for these counters (filled in by a
     /// client that merges the counters of several nodes; empty when all answered).
     pub unreachable: Vec<String>,
-    /// The entry types that hold entries, by name, with their counters.
+    /// The entry types that hold entries or have waiters, by name, with their counters.
     pub types: Vec<TypeStats>,
 }
 
@@ -114,6 +114,8 @@ pub struct TypeStats {
     pub entries: u64,
     /// Approximate bytes of their documents.
     pub bytes: u64,
+    /// Blocked reads, takes and claims on the type.
+    pub waiters: u64,
 }
 
 impl Stats {
@@ -140,6 +142,7 @@ impl Stats {
                 Ok(i) => {
                     self.types[i].entries += t.entries;
                     self.types[i].bytes += t.bytes;
+                    self.types[i].waiters += t.waiters;
                 }
                 Err(i) => self.types.insert(i, t.clone()),
             }
@@ -876,14 +879,16 @@ impl Engine {
             let (entries, bytes) = (st.store.len() as u64, st.store.bytes() as u64);
             stats.entries += entries;
             stats.bytes += bytes;
-            stats.waiters += st.waiters.len() as u64;
+            let waiters = st.waiters.len() as u64;
+            stats.waiters += waiters;
             stats.subscriptions += st.hub.len() as u64;
             stats.subscriber_lag = stats.subscriber_lag.max(st.hub.lag());
-            if entries > 0 {
+            if entries > 0 || waiters > 0 {
                 stats.types.push(TypeStats {
                     entry_type: cell.name.to_string(),
                     entries,
                     bytes,
+                    waiters,
                 });
             }
         }
