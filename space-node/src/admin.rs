@@ -22,8 +22,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -32,13 +33,11 @@ use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use futures::future::BoxFuture;
-use space_core::wire::{ShardInfo, Topology};
-use space_core::{SpaceError, Stats};
+use space_core::SpaceError;
 use tokio::sync::watch;
 
+use crate::observed::Observed;
 use crate::picture::{self, Picture};
-use crate::replica::ShardProgress;
 
 /// The admin page: one file, its script and styles inline.
 const PAGE: &str = include_str!("../assets/admin.html");
@@ -188,22 +187,6 @@ fn describe() {
     );
 }
 
-/// What the admin endpoints read of a node (the server implements it).
-pub(crate) trait Observed: Send + Sync + 'static {
-    /// The token admin requests must carry, if the node has one.
-    fn token(&self) -> Option<&str>;
-    /// The address clients reach the node at (as its topology names it).
-    fn address(&self) -> &str;
-    /// The cluster's topology as the node sees it.
-    fn topology(&self) -> BoxFuture<'_, Option<Topology>>;
-    /// The node's counters (what `Request::Stats` answers).
-    fn stats(&self) -> BoxFuture<'_, Option<Stats>>;
-    /// A replicated node's shards as it sees them, and how many it leads.
-    fn shards(&self) -> Option<(Vec<ShardInfo>, usize)>;
-    /// How far each shard this node replicates has come (empty when not replicated).
-    fn progress(&self) -> Vec<ShardProgress>;
-}
-
 struct Admin {
     state: Arc<dyn Observed>,
     handle: PrometheusHandle,
@@ -235,6 +218,7 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(
         .route("/metrics", get(metrics))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), guard))
         .with_state(admin);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -242,6 +226,14 @@ pub(crate) fn serve(listener: TcpListener, state: Arc<dyn Observed>) -> Result<(
         }
     });
     Ok(())
+}
+
+/// Lets through only requests with the node's token, when it has one (every endpoint).
+async fn guard(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    match refused(&admin, request.headers(), request.uri().query()) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
+    }
 }
 
 /// Refuses a request without the node's token, when it has one: in the `Authorization`
@@ -269,14 +261,7 @@ fn refused(admin: &Admin, headers: &HeaderMap, query: Option<&str>) -> Option<Re
     }
 }
 
-async fn metrics(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     if let Some(stats) = admin.state.stats().await {
         let mut gone = std::mem::take(&mut *admin.types.lock());
         for t in &stats.types {
@@ -342,26 +327,12 @@ fn report_progress(admin: &Admin) {
     *admin.lags.lock() = reported;
 }
 
-async fn live(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn live() -> Response {
     (StatusCode::OK, "live\n").into_response()
 }
 
 /// Ready: a standalone node always; a replicated one once every shard has a leader.
-async fn ready(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn ready(State(admin): State<Arc<Admin>>) -> Response {
     let leaderless = admin.state.shards().map_or(0, |(shards, _)| {
         shards.iter().filter(|s| s.leader.is_none()).count()
     });
@@ -376,26 +347,12 @@ async fn ready(
     }
 }
 
-async fn page(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn page() -> Response {
     Html(PAGE).into_response()
 }
 
 /// The latest picture, as JSON.
-async fn current_picture(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn current_picture(State(admin): State<Arc<Admin>>) -> Response {
     let picture = admin.picture.borrow().clone();
     match serde_json::to_string(&*picture) {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
@@ -405,14 +362,7 @@ async fn current_picture(
 
 /// Each new picture as a server-sent event (`event: picture`, its JSON as data), the
 /// current one first, until the viewer goes away.
-async fn stream(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refusal) = refused(&admin, &headers, query.as_deref()) {
-        return refusal;
-    }
+async fn stream(State(admin): State<Arc<Admin>>) -> Response {
     let mut pictures = admin.picture.clone();
     pictures.mark_changed();
     let events = futures::stream::unfold(pictures, |mut pictures| async move {

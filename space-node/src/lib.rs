@@ -14,6 +14,7 @@ mod cluster;
 mod dedupe;
 mod engines_used;
 mod handshake;
+mod observed;
 mod picture;
 mod push;
 pub mod replica;

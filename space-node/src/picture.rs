@@ -19,7 +19,7 @@ use space_core::wire::{Request, Response, ShardInfo, Topology};
 use space_core::{NodeId, Stats, TypeStats};
 use tokio::sync::watch;
 
-use crate::admin::Observed;
+use crate::observed::Observed;
 
 /// How often the picture is drawn again.
 pub(crate) const EVERY: Duration = Duration::from_secs(1);

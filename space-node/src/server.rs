@@ -176,7 +176,7 @@ pub(crate) struct NodeState {
     operations: std::sync::atomic::AtomicU64,
 }
 
-impl crate::admin::Observed for NodeState {
+impl crate::observed::Observed for NodeState {
     fn token(&self) -> Option<&str> {
         self.config.token.as_deref()
     }

@@ -59,6 +59,19 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
         .sum()
 }
 
+/// Writes readings `prefix-i` for each `i` of `ids`.
+async fn write_readings(space: &space_client::Space, prefix: &str, ids: std::ops::Range<u64>) {
+    for i in ids {
+        space
+            .write(&Reading {
+                sensor: format!("{prefix}-{i}"),
+                value: i,
+            })
+            .await
+            .unwrap();
+    }
+}
+
 /// Metrics the dashboard draws that a node serves only in a cluster with followers and
 /// snapshots (checked by `a_leader_reports_each_followers_replication_lag`).
 const ONLY_WITH_FOLLOWERS: &[&str] = &[
@@ -131,15 +144,7 @@ async fn metrics_count_the_operations_done_and_health_answers() {
         .unwrap();
     let before = scrape(&admin).await;
 
-    for i in 0..1_000 {
-        space
-            .write(&Reading {
-                sensor: format!("s-{i}"),
-                value: i,
-            })
-            .await
-            .unwrap();
-    }
+    write_readings(&space, "s", 0..1_000).await;
     // A refused write counts as an error.
     let again = space
         .write(&Reading {
@@ -343,15 +348,7 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
     }
     let space = connect_with(addr, ClientConfig::default()).await.unwrap();
     let before = scrape(admin).await;
-    for i in 0..100 {
-        space
-            .write(&Reading {
-                sensor: format!("r-{i}"),
-                value: i,
-            })
-            .await
-            .unwrap();
-    }
+    write_readings(&space, "r", 0..100).await;
     let after = scrape(admin).await;
     let commits = value(&after, "space_log_fsync_seconds", &[])
         - value(&before, "space_log_fsync_seconds", &[]);
@@ -451,15 +448,7 @@ async fn a_slow_subscriber_shows_lag_and_gaps_and_snapshots_are_reported() {
         .await
         .unwrap();
     let before = scrape(&admin).await;
-    for i in 0..1_000 {
-        space
-            .write(&Reading {
-                sensor: format!("slow-{i}"),
-                value: i,
-            })
-            .await
-            .unwrap();
-    }
+    write_readings(&space, "slow", 0..1_000).await;
     let behind = scrape(&admin).await;
     let lag = value(&behind, "space_subscriber_lag_events", &[]);
     assert!(
