@@ -601,3 +601,93 @@ async fn writes_made_while_the_first_leaders_are_elected_succeed() {
         .await
         .expect("a keyless batch while leaders are elected");
 }
+
+/// A shard without a quorum (two of its three nodes dead) cannot commit: its leader
+/// refuses new commands with a typed `Unavailable` (nothing done), which the client
+/// returns once its retry window is out; a write to a shard whose leader died fails
+/// typed too. Nothing is acknowledged, and nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
+    use space_client::{IntoKey, SpaceError};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let retry_for = Duration::from_secs(2);
+    let config = ClientConfig {
+        retry_for,
+        call_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let space = space_client::connect_with(&addrs[0], config).await.unwrap();
+    // Keys of the shards node 1 leads, and of the others.
+    let led_by_1: Vec<u32> = shards_of(&addrs[0])
+        .await
+        .iter()
+        .filter(|s| s.leader == Some(NodeId(1)))
+        .map(|s| s.shard)
+        .collect();
+    assert!(!led_by_1.is_empty(), "node 1 leads a shard");
+    let shards: u32 = SHARDS.parse().unwrap();
+    let shard_of = |number: &str| space_client::wire::range_of(&number.to_key()) * shards / 1024;
+    let mut mine = Vec::new();
+    let mut theirs = Vec::new();
+    for i in 0.. {
+        let number = format!("alone-{i}");
+        if led_by_1.contains(&shard_of(&number)) {
+            mine.push(number);
+        } else {
+            theirs.push(number);
+        }
+        if mine.len() >= 3 && theirs.len() >= 3 {
+            break;
+        }
+    }
+    mine.truncate(3);
+    theirs.truncate(3);
+    for node in nodes.iter_mut().skip(1) {
+        if let Some(node) = node.take() {
+            node.kill();
+        }
+    }
+    // The leader notices it lost its majority within a second.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for number in mine.iter().chain(&theirs) {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            space.write(&Order {
+                number: number.clone(),
+            }),
+        )
+        .await;
+        let took = started.elapsed();
+        let e = match answer {
+            Ok(Err(e)) => e,
+            Ok(Ok(r)) => panic!("a write without a quorum was acknowledged: {r:?}"),
+            Err(_) => panic!("a write without a quorum hung for 30 s"),
+        };
+        assert!(
+            took < retry_for + Duration::from_secs(3),
+            "{number}: {e:?} only after {took:?}"
+        );
+        if mine.contains(number) {
+            match &e {
+                SpaceError::Unavailable { reason } => {
+                    assert!(reason.contains("no quorum"), "{number}: {reason}");
+                }
+                other => panic!("{number}, on node 1's shard: {other:?} after {took:?}"),
+            }
+        } else {
+            assert!(
+                matches!(
+                    e,
+                    SpaceError::Down { .. }
+                        | SpaceError::Unavailable { .. }
+                        | SpaceError::WrongNode { .. }
+                        | SpaceError::TimedOut { .. }
+                ),
+                "{number}: {e:?}"
+            );
+        }
+    }
+}

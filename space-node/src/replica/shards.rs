@@ -30,6 +30,11 @@ const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 /// lead before it knows whom to tell of its shards' changes.
 const HAND_BACK_AFTER: u32 = 15;
 
+/// How long a shard's leader may go without a majority's acknowledgement before it
+/// refuses new commands as having no quorum: ten heartbeats, over three election
+/// timeouts (a majority that is there answers every heartbeat).
+const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
+
 /// How many entries a preferred leader's log may lack and still be handed the
 /// leadership (the leader goes on appending while it hands over).
 const HAND_BACK_LAG: u64 = 16;
@@ -437,11 +442,10 @@ impl ShardSet {
     /// leader's address when known.
     pub fn serving_for(&self, key: &Key) -> Result<Engine, SpaceError> {
         let shard = self.layout.shard_of_range(range_of(key));
-        if let Some(engine) = self
-            .members
-            .get(&shard)
-            .and_then(|m| m.leadership.serving())
+        if let Some(member) = self.members.get(&shard)
+            && let Some(engine) = member.leadership.serving()
         {
+            self.check_quorum(shard, member)?;
             return Ok(engine);
         }
         let (leader, term) = self.leader_of(shard);
@@ -451,6 +455,34 @@ impl ShardSet {
                 .and_then(|l| self.layout.address(l))
                 .map(str::to_owned),
         })
+    }
+
+    /// Refuses new commands for `shard`, which this node leads, when no majority of its
+    /// replicas has acknowledged the leader for [`QUORUM_LOST_AFTER`]: they could not
+    /// commit, and would wait out their caller's time. Refused, nothing is done, and the
+    /// caller may try again (an election may give the shard a leader with a quorum).
+    ///
+    /// # Errors
+    /// [`SpaceError::Unavailable`] naming the shard and how long it has been.
+    fn check_quorum(&self, shard: GroupId, member: &GroupMember) -> Result<(), SpaceError> {
+        if self.layout.replication < 2 {
+            return Ok(());
+        }
+        let metrics = member.raft.metrics();
+        let silent = metrics
+            .borrow_watched()
+            .last_quorum_acked
+            .as_ref()
+            .map(|at| openraft::Instant::elapsed(&**at));
+        match silent {
+            Some(silent) if silent > QUORUM_LOST_AFTER => Err(SpaceError::Unavailable {
+                reason: format!(
+                    "shard {shard} has no quorum: no majority of its replicas answered its leader for {} ms",
+                    silent.as_millis()
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The shards this node replicates.
