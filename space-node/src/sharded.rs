@@ -76,14 +76,27 @@ impl NodeState {
                 // Keyed entries go to their shard, keyless ones to the shard whose turn
                 // it is (the first of `serving`).
                 let keyless = if entries.iter().any(|(_, k)| k.is_none()) {
-                    let Some(engine) = serving.first() else {
-                        return Err(SpaceError::Unavailable {
-                            reason: "this node leads no shard now".into(),
-                        });
+                    // The first led shard that has its quorum (one without could not
+                    // commit them).
+                    let mut refusal = SpaceError::Unavailable {
+                        reason: "this node leads no shard now".into(),
+                    };
+                    let mut chosen = None;
+                    for (i, (shard, _)) in led.iter().enumerate() {
+                        match shards.check_quorum(*shard) {
+                            Ok(()) => {
+                                chosen = Some(i);
+                                break;
+                            }
+                            Err(e) => refusal = e,
+                        }
+                    }
+                    let Some(i) = chosen else {
+                        return Err(refusal);
                     };
                     self.keyless_written.fetch_add(1, Ordering::Relaxed);
-                    used_at(0);
-                    Some(engine.clone())
+                    used_at(i);
+                    Some(serving[i].clone())
                 } else {
                     None
                 };

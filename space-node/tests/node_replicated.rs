@@ -690,4 +690,21 @@ async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
             );
         }
     }
+    // A keyless write: node 1's shards cannot take it, and the others are dead.
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), space.write(&Job { id: 1 })).await;
+    let took = started.elapsed();
+    // Refused by node 1 (no quorum, nothing done), it was moved to the others, which
+    // are down: either is a sure "not written", unlike a time-out.
+    match answer {
+        Ok(Err(SpaceError::Unavailable { reason })) => {
+            assert!(reason.contains("no quorum"), "{reason}");
+        }
+        Ok(Err(SpaceError::Down { .. })) => {}
+        other => panic!("a keyless write without a quorum: {other:?} after {took:?}"),
+    }
+    assert!(
+        took < retry_for + Duration::from_secs(3),
+        "only after {took:?}"
+    );
 }
