@@ -639,7 +639,11 @@ impl Cluster {
                 lease,
                 labels: labels.to_vec(),
             };
-            match self.node(&addr).await?.call_with_id(id, request).await {
+            let answer = match self.node(&addr).await {
+                Ok(conn) => conn.call_with_id(id, request).await,
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(Response::Receipts(r)) => return Ok(r),
                 Ok(other) => return Err(unexpected(other)),
                 Err(SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. })
@@ -676,6 +680,19 @@ impl Cluster {
                         moves += 1;
                         addr = self.next_node();
                         continue;
+                    }
+                    if let (SpaceError::Down { .. }, Some(k)) =
+                        (&e, batch.iter().find_map(|(_, k)| k.as_ref()))
+                    {
+                        // Its owner is dead, and nothing was sent there: once the keys
+                        // have a new owner (a replicated shard's new leader), the batch
+                        // goes there, with the same id.
+                        let _ = self.refresh().await;
+                        let next = self.owner_addr(k)?;
+                        if next != addr && reroutes.another() {
+                            addr = next;
+                            continue;
+                        }
                     }
                     return Err(e);
                 }

@@ -708,3 +708,69 @@ async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
         "only after {took:?}"
     );
 }
+
+/// A batch of keyed entries whose shard's leader died goes to the shard's new leader: the
+/// client's topology, still naming the dead node, is refreshed, and the batch is sent
+/// again with the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_batch_follows_its_shard_to_its_new_leader() {
+    use space_client::IntoKey;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = space_client::connect_with(&addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    // Twenty keys of one shard node 3 leads.
+    let shard = shards_of(&addrs[0])
+        .await
+        .iter()
+        .find(|s| s.leader == Some(NodeId(3)))
+        .map(|s| s.shard)
+        .expect("node 3 leads a shard");
+    let shards: u32 = SHARDS.parse().unwrap();
+    let orders: Vec<Order> = (0..)
+        .map(|i| format!("moved-{i}"))
+        .filter(|n| space_client::wire::range_of(&n.to_key()) * shards / 1024 == shard)
+        .take(20)
+        .map(|number| Order { number })
+        .collect();
+    space
+        .write(&Order {
+            number: "first".into(),
+        })
+        .await
+        .unwrap();
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    // The cluster elects new leaders; the client's topology still names node 3.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shards_of(&addrs[0])
+        .await
+        .iter()
+        .all(|s| s.leader.is_some_and(|l| l != NodeId(3)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node 3's shards were never led again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let receipts = space
+        .write_all(&orders)
+        .await
+        .expect("the batch goes to the shard's new leader");
+    assert_eq!(receipts.len(), 20);
+    for order in &orders {
+        assert!(
+            space
+                .read_key::<Order>(&order.number.to_key())
+                .await
+                .unwrap()
+                .is_some(),
+            "{} was written",
+            order.number
+        );
+    }
+}
