@@ -220,19 +220,26 @@ fn junk_on_the_wire_is_refused_quickly_without_hurting_anyone() {
     for _ in 0..20 {
         junk_rounds(&node.addr, &mut rng);
     }
-    let before = node.resident_bytes();
-    for round in 0..200 {
-        for (name, took) in junk_rounds(&node.addr, &mut rng) {
-            assert!(
-                took < Duration::from_millis(100),
-                "round {round}: {name} took {took:?}"
-            );
+    // Two spans of 200 rounds: memory that junk leaks grows in both, where bounded
+    // growth shows in one at most: the allocator committing memory in steps (mimalloc's
+    // segments), and what the node keeps as it warms up beside the other client (seen:
+    // about 2 MiB a span over the first three spans, then none).
+    let mut grown = Vec::new();
+    for span in 0..2 {
+        let before = node.resident_bytes();
+        for round in 0..200 {
+            for (name, took) in junk_rounds(&node.addr, &mut rng) {
+                assert!(
+                    took < Duration::from_millis(100),
+                    "span {span}, round {round}: {name} took {took:?}"
+                );
+            }
         }
+        grown.push(node.resident_bytes().saturating_sub(before));
     }
-    let after = node.resident_bytes();
     assert!(
-        after < before + 4 * 1024 * 1024,
-        "node memory grew from {before} to {after} bytes"
+        grown.iter().min().is_some_and(|g| *g < 4 * 1024 * 1024),
+        "node memory grew by {grown:?} bytes in each of two spans of 200 rounds of junk"
     );
 
     // Bad requests on a good connection: typed errors, and the connection stays usable.
