@@ -623,6 +623,9 @@ impl Cluster {
         let mut reroutes = Reroutes::new(self.config.retry_for);
         // A keyless batch may go to any member: one found down is passed over.
         let movable = labels.is_empty() && batch.iter().all(|(_, k)| k.is_none());
+        let keyed = batch.iter().all(|(_, k)| k.is_some());
+        // Whether an attempt reached a node (it may have run there).
+        let mut reached = false;
         let mut moves = 0;
         // One id for every attempt (see `to_owner`).
         let id = RequestId::new();
@@ -646,8 +649,14 @@ impl Cluster {
             match answer {
                 Ok(Response::Receipts(r)) => return Ok(r),
                 Ok(other) => return Err(unexpected(other)),
-                Err(SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. })
-                    if reroutes.another() =>
+                // `Unavailable` is followed for keyed entries only: they go to their shards
+                // whatever node is asked, and each shard answers a repeated id once. A
+                // keyless batch answered `Unavailable` may have been written (a node asked
+                // again after a lost answer that cannot tell, says so): sent to another
+                // node, another shard would write it again.
+                Err(e @ (SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. }))
+                    if (keyed || matches!(e, SpaceError::WrongNode { .. }))
+                        && reroutes.another() =>
                 {
                     // Nothing was written there: its indexes go with the next write.
                     if first {
@@ -655,12 +664,14 @@ impl Cluster {
                             .lock()
                             .remove(&(addr.clone(), entry_type.to_owned()));
                     }
+                    reached = true;
                     self.refresh().await?;
-                    // Keyed batches all have the same owner; follow it. A keyless one goes
-                    // to the next member.
+                    // Keyed batches all have the same owner; follow it. A keyless one is
+                    // asked again where it was: another node that has not seen its id
+                    // would not look for an earlier run of it, and could write it twice.
                     let next = match batch.iter().find_map(|(_, k)| k.as_ref()) {
                         Some(k) => self.owner_addr(k)?,
-                        None => self.next_node(),
+                        None => addr.clone(),
                     };
                     if next == addr {
                         // An election may be under way: give it a moment.
@@ -675,8 +686,10 @@ impl Cluster {
                             .remove(&(addr.clone(), entry_type.to_owned()));
                     }
                     let others = self.addresses().len();
-                    if movable && matches!(e, SpaceError::Down { .. }) && moves < others {
-                        // Nothing was sent there: the next live member takes the batch.
+                    if movable && !reached && matches!(e, SpaceError::Down { .. }) && moves < others
+                    {
+                        // Nothing was sent there, nor anywhere before: the next live member
+                        // takes the batch.
                         moves += 1;
                         addr = self.next_node();
                         continue;
