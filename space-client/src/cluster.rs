@@ -646,6 +646,12 @@ impl Cluster {
                 Ok(conn) => conn.call_with_id(id, request).await,
                 Err(e) => Err(e),
             };
+            if first && answer.is_err() {
+                // Not written there (or not known to be): its indexes go with the next write.
+                self.declared
+                    .lock()
+                    .remove(&(addr.clone(), entry_type.to_owned()));
+            }
             match answer {
                 Ok(Response::Receipts(r)) => return Ok(r),
                 Ok(other) => return Err(unexpected(other)),
@@ -658,12 +664,6 @@ impl Cluster {
                     if (keyed || matches!(e, SpaceError::WrongNode { .. }))
                         && reroutes.another() =>
                 {
-                    // Nothing was written there: its indexes go with the next write.
-                    if first {
-                        self.declared
-                            .lock()
-                            .remove(&(addr.clone(), entry_type.to_owned()));
-                    }
                     reached = true;
                     self.refresh().await?;
                     // Keyed batches all have the same owner; follow it. A keyless one is
@@ -680,11 +680,6 @@ impl Cluster {
                     addr = next;
                 }
                 Err(e) => {
-                    if first {
-                        self.declared
-                            .lock()
-                            .remove(&(addr.clone(), entry_type.to_owned()));
-                    }
                     let others = self.addresses().len();
                     if movable && !reached && matches!(e, SpaceError::Down { .. }) && moves < others
                     {
