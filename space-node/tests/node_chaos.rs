@@ -384,6 +384,19 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
                 );
             }
         }
+        // And every operation on each entry seen twice, with its neighbours.
+        for id in &verdict.twice {
+            for (at, op) in ops.iter().enumerate() {
+                if matches!(op, Op::Write { id: w, .. } | Op::Take { got: Some(w), .. } if w == id)
+                {
+                    eprintln!(
+                        "entry {id} seen twice; op {at} of {}: {:?}",
+                        ops.len(),
+                        &ops[at.saturating_sub(6)..(at + 6).min(ops.len())]
+                    );
+                }
+            }
+        }
     }
     assert!(
         verdict.is_clean(),

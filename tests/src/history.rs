@@ -109,6 +109,8 @@ pub struct Verdict {
     /// The acknowledged writes neither taken nor left, for the record (as many as
     /// `lost` plus what unknown takes may account for).
     pub missing: Vec<u64>,
+    /// The entries taken twice, taken and left, or left twice, for the record.
+    pub twice: Vec<u64>,
 }
 
 impl Verdict {
@@ -158,11 +160,24 @@ pub fn check(ops: &[Op], left: &[u64]) -> Verdict {
         .collect();
     verdict.missing.sort_unstable();
     verdict.lost = verdict.missing.len().saturating_sub(unknown_takes);
-    verdict.duplicated = taken
+    let mut left_count: BTreeMap<u64, usize> = BTreeMap::new();
+    for id in left {
+        *left_count.entry(*id).or_default() += 1;
+    }
+    verdict.twice = taken
         .iter()
         .filter(|(id, n)| **n > 1 || left_set.contains(id))
-        .count()
-        + left.len().saturating_sub(left_set.len());
+        .map(|(id, _)| *id)
+        .chain(
+            left_count
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(id, _)| *id),
+        )
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    verdict.duplicated = verdict.twice.len();
     let possible = |id: &u64| matches!(written.get(id), Some(Ended::Ok | Ended::Unknown));
     verdict.unexpected = taken
         .keys()
