@@ -94,6 +94,25 @@ impl Session {
         origin.same_leadership(&self.origin(0))
     }
 
+    /// Notes that this session's proposal `seq` is committed. Proposals enter the log in
+    /// the order they were numbered, so they commit one after the other; false when `seq`
+    /// skips one. openraft refuses a proposal without a word when the leader's lease ran
+    /// out (no majority heard from for an election timeout) though it stays the leader of
+    /// its term, and takes the next ones once its followers answer again: the skipped one
+    /// was decided by the serving engine and never logged, and must not be counted as
+    /// committed when the later ones are.
+    pub(super) fn note_committed(&self, seq: u64) -> bool {
+        let done = self.committed.load(Ordering::Acquire);
+        if seq <= done {
+            return true;
+        }
+        if seq != done + 1 {
+            return false;
+        }
+        self.committed.store(seq, Ordering::Release);
+        true
+    }
+
     /// Whether everything up to `seq` is committed; an error once the session ended
     /// before it was.
     fn settled_to(&self, seq: u64) -> Option<Result<(), SpaceError>> {
@@ -172,6 +191,17 @@ pub struct Leadership {
     lead: Arc<Mutex<Option<Lead>>>,
     /// Told whenever this member starts or stops leading (set once, by its node).
     changes: Arc<std::sync::OnceLock<ServingChanges>>,
+    /// A term whose leadership was given up because the log lost one of its proposals.
+    given_up: Arc<GivenUp>,
+}
+
+/// The term in which this member gave its leadership up (it is not served again: its
+/// proposals could not be told from the lost one's), and the signal that tells the
+/// watcher to hand the term over.
+#[derive(Default)]
+struct GivenUp {
+    term: Mutex<Option<u64>>,
+    told: tokio::sync::Notify,
 }
 
 /// A counter that grows whenever one of a node's members starts or stops leading, so
@@ -208,6 +238,16 @@ struct Lead {
     engine: Engine,
 }
 
+impl Lead {
+    /// Ends the leadership: the engine is closed first, so that a call that learns the
+    /// session ended finds its engine closed (its server then learns its outcome from
+    /// the log, see `settle_after_step_down`), then the session's calls fail.
+    fn close(self) {
+        self.engine.close();
+        self.session.end();
+    }
+}
+
 impl Leadership {
     /// Tells `changes` whenever this member starts or stops leading (the first call
     /// counts; later ones are ignored).
@@ -221,17 +261,58 @@ impl Leadership {
         }
     }
 
-    /// Reports that the proposal `origin` is committed.
+    /// The session that proposed `origin`, if it is this member's current one.
+    pub(super) fn session_of(&self, origin: &Origin) -> Option<Arc<Session>> {
+        self.lead
+            .lock()
+            .as_ref()
+            .filter(|lead| lead.session.proposed_here(origin))
+            .map(|lead| lead.session.clone())
+    }
+
+    /// Tells the calls waiting on the session that proposed `origin` what is committed
+    /// (as its [`Session::note_committed`] counted it), and releases their events.
     pub(super) fn committed(&self, origin: Origin) {
         if let Some(lead) = &*self.lead.lock()
             && lead.session.proposed_here(&origin)
         {
-            lead.session
-                .committed
-                .fetch_max(origin.seq, Ordering::AcqRel);
             lead.session.wake();
-            lead.engine.release_events(origin.seq);
+            lead.engine
+                .release_events(lead.session.committed.load(Ordering::Acquire));
         }
+    }
+
+    /// `session` lost a proposal (see [`Session::note_committed`]): its serving engine
+    /// holds a change the log does not, so the leadership is given up. Its calls fail
+    /// and learn their outcome from the log; the term is not served again, and the
+    /// watcher hands it to another member.
+    pub(super) fn lost_proposal(&self, session: &Arc<Session>) {
+        let ended = {
+            let mut lead = self.lead.lock();
+            if !lead
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(&l.session, session))
+            {
+                return;
+            }
+            lead.take()
+        };
+        tracing::warn!(
+            term = session.term,
+            "a proposal of this leadership was refused by the log while later ones were \
+             taken: the leadership is given up"
+        );
+        *self.given_up.term.lock() = Some(session.term);
+        if let Some(lead) = ended {
+            lead.close();
+            self.changed();
+        }
+        self.given_up.told.notify_one();
+    }
+
+    /// The term this member gave up, if any.
+    fn given_up(&self) -> Option<u64> {
+        *self.given_up.term.lock()
     }
 
     /// The engine serving the group's calls while this member leads.
@@ -244,13 +325,13 @@ impl Leadership {
     fn end(&self) {
         let ended = self.lead.lock().take();
         if let Some(lead) = ended {
-            lead.session.end();
-            lead.engine.close();
+            lead.close();
             self.changed();
         }
     }
 
-    fn term(&self) -> Option<u64> {
+    /// The term this member serves, if it serves the group.
+    pub(super) fn term(&self) -> Option<u64> {
         self.lead.lock().as_ref().map(|l| l.session.term)
     }
 }
@@ -281,17 +362,49 @@ pub async fn follow_leadership(
         if !leads || leadership.term().is_some_and(|t| t != term) {
             leadership.end();
         }
-        if leads
+        // A term given up is not served again, but handed to another member (until one
+        // takes it, or the term ends otherwise).
+        let given_up = leads && leadership.given_up() == Some(term);
+        if given_up {
+            hand_term_over(&raft, id).await;
+        } else if leads
             && leadership.term().is_none()
             && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
             tracing::debug!(member = id, term, error = %e, "could not start leading");
         }
-        if metrics.changed().await.is_err() {
-            // Raft stopped.
-            leadership.end();
-            return;
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                // Raft stopped.
+                leadership.end();
+                return;
+            },
+            () = leadership.given_up.told.notified() => {}
+            () = tokio::time::sleep(HAND_OVER_AGAIN), if given_up => {}
         }
+    }
+}
+
+/// How long a leader that gave its term up waits for the member it handed the term to
+/// before it tries again.
+const HAND_OVER_AGAIN: Duration = Duration::from_millis(300);
+
+/// Asks the follower whose log is furthest along to take the leadership over.
+async fn hand_term_over(raft: &ShardGroup, me: MemberId) {
+    let to = {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        m.replication.as_ref().and_then(|followers| {
+            followers
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
+                .map(|(id, _)| *id)
+        })
+    };
+    if let Some(to) = to {
+        tracing::info!(to, "handing a given-up term over");
+        let _ = raft.trigger().transfer_leader(to).await;
     }
 }
 
@@ -345,4 +458,53 @@ async fn lead(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proposal the log skipped (openraft refused it while the leader's lease was out,
+    /// then took the next ones) is never counted as committed: the calls waiting on it
+    /// and on the later ones fail (their server learns their outcome from the log), and
+    /// the term is given up. Counting the highest committed number, as before, told
+    /// the skipped proposal's call that it was committed.
+    #[tokio::test]
+    async fn a_proposal_the_log_skipped_is_never_counted_committed() {
+        let (session, _outbox) = Session::new(4, 1);
+        for _ in 0..3 {
+            session.propose(Vec::new());
+        }
+        assert!(session.note_committed(1));
+        assert_eq!(session.settled_to(1).map(|r| r.is_ok()), Some(true));
+        assert!(
+            !session.note_committed(3),
+            "proposal 3 was counted though 2 never committed"
+        );
+        assert!(
+            session.settled_to(2).is_none(),
+            "a call waiting for proposal 2 was answered"
+        );
+
+        let leadership = Leadership::default();
+        let engine = Engine::leading(
+            None,
+            EngineConfig::default(),
+            &Engine::replica(None, EngineConfig::default()).image(0),
+            session.clone(),
+        )
+        .unwrap();
+        *leadership.lead.lock() = Some(Lead {
+            session: session.clone(),
+            engine: engine.clone(),
+        });
+        leadership.lost_proposal(&session);
+        assert!(leadership.serving().is_none());
+        assert!(engine.is_closed());
+        assert!(matches!(
+            session.settled_to(3),
+            Some(Err(SpaceError::WrongNode { .. }))
+        ));
+        assert_eq!(leadership.given_up(), Some(4));
+    }
 }

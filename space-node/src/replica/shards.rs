@@ -627,12 +627,18 @@ impl ShardSet {
                     // An entry of the current leader applied: everything committed
                     // before its leadership is applied too (term alone does not name a
                     // leadership: a term may have several leaders, one after the other).
+                    // That leader is another member, or this one serving a later
+                    // leadership: one that gave its term up (`Leadership::lost_proposal`)
+                    // may still be the leader of that term, committing what it proposed.
                     let m = metrics.borrow_watched();
                     let applied = m
                         .last_applied
                         .map(|l| (l.leader_id.term, l.leader_id.node_id));
                     let leader = m.current_leader.map(|l| (m.current_term, l));
-                    if leader.is_some() && applied == leader {
+                    let moved_on = leader.is_some_and(|(term, l)| {
+                        l != self.me || member.leadership.term() == Some(term)
+                    });
+                    if moved_on && applied == leader {
                         return true;
                     }
                 }

@@ -201,6 +201,9 @@ impl RaftStateMachine<Shard> for StateMachine {
         // end (or where the leadership changes): each report wakes every call waiting on
         // the leadership.
         let mut last_origin: Option<super::Origin> = None;
+        // This member's session that proposed the entries being applied, if it did:
+        // each of its proposals is counted, in order (a skipped one was lost).
+        let mut session = None;
         loop {
             let (entry, responder) = match entries.try_next().await {
                 Ok(Some(next)) => next,
@@ -223,10 +226,14 @@ impl RaftStateMachine<Shard> for StateMachine {
                         Applied::Missing
                     });
                     if let Some(origin) = proposal.origin {
-                        if let Some(last) = last_origin
-                            && !last.same_leadership(&origin)
-                        {
-                            self.leadership.committed(last);
+                        if last_origin.is_none_or(|last| !last.same_leadership(&origin)) {
+                            if let Some(last) = last_origin {
+                                self.leadership.committed(last);
+                            }
+                            session = self.leadership.session_of(&origin);
+                        }
+                        if let Some(lost) = session.take_if(|s| !s.note_committed(origin.seq)) {
+                            self.leadership.lost_proposal(&lost);
                         }
                         last_origin = Some(origin);
                     }
