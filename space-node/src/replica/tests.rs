@@ -97,6 +97,16 @@ const ONE_GROUP_CLUSTER: u64 = 7;
 
 /// Starts member `id` on `dir`, serving peers at `addr` (port 0: any free port).
 async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) -> TestMember {
+    start_member_tuned(id, dir, addr, |_| {}).await
+}
+
+/// As [`start_member`], with Raft settings changed by `tune`.
+async fn start_member_tuned(
+    id: super::MemberId,
+    dir: &std::path::Path,
+    addr: &str,
+    tune: impl FnOnce(&mut openraft::Config),
+) -> TestMember {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     // The directory may still be held for a moment by a member that was just stopped.
@@ -119,6 +129,7 @@ async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) ->
     // catches up from a snapshot.
     settings.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(100);
     settings.max_in_snapshot_log_to_keep = 10;
+    tune(&mut settings);
     let settings = Arc::new(settings.validate().unwrap());
     let router = super::PeerRouter::new(None, ONE_GROUP_CLUSTER);
     // Snapshots travel in many chunks.
@@ -536,9 +547,17 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
 async fn group_behind_proxies(
     dirs: &[TempDir],
 ) -> (Vec<TestMember>, Vec<Vec<Option<space_tests::proxy::Proxy>>>) {
+    group_behind_proxies_tuned(dirs, |_| {}).await
+}
+
+/// As [`group_behind_proxies`], with every member's Raft settings changed by `tune`.
+async fn group_behind_proxies_tuned(
+    dirs: &[TempDir],
+    tune: impl Fn(&mut openraft::Config),
+) -> (Vec<TestMember>, Vec<Vec<Option<space_tests::proxy::Proxy>>>) {
     let mut members = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+        members.push(start_member_tuned(i as u64 + 1, &dir.0, "127.0.0.1:0", &tune).await);
     }
     let mut links = Vec::new();
     for from in &members {
@@ -1233,6 +1252,85 @@ async fn what_an_ended_leadership_still_decides_is_not_committed_under_a_later_o
         new.count(&Query::new("Job", Filter::All)).unwrap(),
         "the replicas and the serving engine differ"
     );
+    for m in members {
+        m.stop().await;
+    }
+}
+
+/// A leader that hears from no majority for longer than its lease stays the leader of
+/// its term, and openraft refuses what it proposes meanwhile without a word. Once its
+/// followers answer again in that term, its later proposals commit. A call the serving
+/// engine decided while the lease was out was never logged: it must not be acknowledged
+/// when those later proposals commit. Before, it was: a take handed out an entry the
+/// replicas kept, and the entry came back after the next failover (the chaos test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_refused_while_the_lease_ran_out_is_never_acknowledged() {
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    use space_tests::proxy::Link;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    // Cut off, the followers do not start a term of their own: their pre-votes find no
+    // majority.
+    let pre_vote = |c: &mut openraft::Config| c.enable_pre_vote = Some(true);
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("lease")).collect();
+    let (members, links) = group_behind_proxies_tuned(&dirs, pre_vote).await;
+    let (leader, engine) = serving(&members).await;
+    let first_term = members[leader].leadership.term().unwrap_or_default();
+    engine.write("Job", job(1), None, Lease::Forever).unwrap();
+    committed(&engine).await.unwrap();
+
+    // Every link cut for longer than the lease: the leader's lease runs out.
+    for proxy in links.iter().flatten().flatten() {
+        proxy.set(Link::Blackhole);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    engine.write("Job", job(2), None, Lease::Forever).unwrap();
+    let second = tokio::spawn({
+        let engine = engine.clone();
+        async move { committed(&engine).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for proxy in links.iter().flatten().flatten() {
+        proxy.set(Link::Open);
+    }
+    let _ = members[leader].raft.trigger().heartbeat().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    engine.write("Job", job(3), None, Lease::Forever).unwrap();
+    let third = committed(&engine).await;
+    let second = second.await.unwrap();
+    let term = |m: &TestMember| m.leadership.term();
+
+    // What was acknowledged is what the group holds; the group goes on, served in a
+    // later term.
+    let (now, serving_engine) = serving(&members).await;
+    assert!(
+        term(&members[now]).is_some_and(|t| t > first_term),
+        "the term whose proposal was lost is served again"
+    );
+    serving_engine
+        .write("Job", job(4), None, Lease::Forever)
+        .unwrap();
+    committed(&serving_engine).await.unwrap();
+    let digest = converged(&members, now).await;
+    let replica = members[now].slot.engine();
+    for (n, answer) in [(2, second), (3, third)] {
+        let held = replica
+            .count(&Query::new("Job", Filter::Eq("n".into(), Value::I64(n))))
+            .unwrap();
+        if answer.is_ok() {
+            assert_eq!(
+                held, 1,
+                "write {n} was acknowledged, the group does not hold it"
+            );
+        }
+        assert!(held <= 1, "write {n} is held {held} times");
+    }
+    for m in &members {
+        same_state(m, &digest);
+    }
     for m in members {
         m.stop().await;
     }
