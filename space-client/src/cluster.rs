@@ -286,6 +286,15 @@ impl Cluster {
         }
     }
 
+    /// Whether a call by key that failed with `e` at its owner, still named the owner
+    /// by the topology, waits for another: a node that answered (wrong node, or
+    /// unavailable during an election) is asked again; a dead owner is waited out only
+    /// on a cluster whose ranges fail over (a replicated shard elects a new leader),
+    /// while on a static one the call fails at once.
+    fn awaits_new_owner(&self, e: &SpaceError) -> bool {
+        !matches!(e, SpaceError::Down { .. }) || self.topology.read().failover
+    }
+
     /// Sends `request` to the owner of `key`, following topology changes.
     async fn to_owner(&self, key: &Key, request: Request) -> Result<Response> {
         // One id for every attempt: an attempt a failover cut off may have been done, and
@@ -342,8 +351,7 @@ impl Cluster {
                 ) if reroutes.another() => {
                     self.refresh().await?;
                     if self.owner_addr(key)? == addr {
-                        if matches!(e, SpaceError::Down { .. }) {
-                            // Nobody else owns it: fail fast.
+                        if !self.awaits_new_owner(&e) {
                             return Err(e);
                         }
                         // An election may be under way: give it a moment.
@@ -691,14 +699,19 @@ impl Cluster {
                     }
                     if let (SpaceError::Down { .. }, Some(k)) =
                         (&e, batch.iter().find_map(|(_, k)| k.as_ref()))
+                        && reroutes.another()
                     {
                         // Its owner is dead, and nothing was sent there: once the keys
                         // have a new owner (a replicated shard's new leader), the batch
                         // goes there, with the same id.
                         let _ = self.refresh().await;
                         let next = self.owner_addr(k)?;
-                        if next != addr && reroutes.another() {
+                        if next != addr {
                             addr = next;
+                            continue;
+                        }
+                        if self.awaits_new_owner(&e) {
+                            tokio::time::sleep(reroutes.pause()).await;
                             continue;
                         }
                     }

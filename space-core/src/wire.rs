@@ -37,7 +37,7 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
@@ -108,6 +108,10 @@ pub struct Topology {
     pub nodes: Vec<NodeInfo>,
     /// For each range, the index in `nodes` of its primary.
     pub owners: Vec<u32>,
+    /// Whether a range whose primary is lost gets another: on a replicated cluster its
+    /// shard elects a new leader within about a second, so a call to a dead primary is
+    /// worth making again; on a static cluster the range waits for its node.
+    pub failover: bool,
 }
 
 impl Topology {
@@ -122,6 +126,7 @@ impl Topology {
             epoch,
             nodes,
             owners,
+            failover: false,
         }
     }
 

@@ -162,6 +162,7 @@ impl Painter {
             epoch: 0,
             nodes: Vec::new(),
             owners: Vec::new(),
+            failover: false,
         });
         let me = topology
             .nodes

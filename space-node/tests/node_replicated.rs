@@ -774,3 +774,61 @@ async fn a_keyed_batch_follows_its_shard_to_its_new_leader() {
         );
     }
 }
+
+/// Calls by key made the moment their shard's leader dies, before the others have
+/// elected the next: the client waits for the new leader (within its retry window)
+/// rather than failing `Down` at once, as a call to a dead node of a static cluster does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_by_key_made_as_their_leader_dies_go_to_the_next_one() {
+    use space_client::IntoKey;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = space_client::connect_with(&addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    // Keys of one shard node 3 leads.
+    let shard = shards_of(&addrs[0])
+        .await
+        .iter()
+        .find(|s| s.leader == Some(NodeId(3)))
+        .map(|s| s.shard)
+        .expect("node 3 leads a shard");
+    let shards: u32 = SHARDS.parse().unwrap();
+    let mut keys = (0..)
+        .map(|i| format!("dying-{i}"))
+        .filter(|n| space_client::wire::range_of(&n.to_key()) * shards / 1024 == shard);
+    let first = Order {
+        number: keys.next().unwrap(),
+    };
+    space.write(&first).await.unwrap();
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    // At once: the client's topology names node 3, and so do the others' for a moment.
+    let started = Instant::now();
+    let read = space
+        .read_key::<Order>(&first.number.to_key())
+        .await
+        .expect("a read by key waits for the shard's next leader");
+    assert_eq!(read, Some(first));
+    let second = Order {
+        number: keys.next().unwrap(),
+    };
+    space
+        .write(&second)
+        .await
+        .expect("a keyed write waits for the shard's next leader");
+    assert!(
+        space
+            .read_key::<Order>(&second.number.to_key())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        started.elapsed() < ClientConfig::default().retry_for,
+        "took {:?}",
+        started.elapsed()
+    );
+}

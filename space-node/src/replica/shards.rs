@@ -375,6 +375,8 @@ impl ShardSet {
             epoch,
             nodes,
             owners,
+            // With one replica, a shard whose node is lost has nobody to elect.
+            failover: self.layout.replication > 1,
         }
     }
 
