@@ -709,6 +709,27 @@ async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
     );
 }
 
+/// Keys (`prefix-0`, `prefix-1`...) that all fall in one shard `leader` leads, as the node
+/// at `addr` sees the shards.
+async fn keys_of_a_shard_led_by(
+    addr: &str,
+    leader: NodeId,
+    prefix: &str,
+) -> impl Iterator<Item = String> {
+    use space_client::IntoKey;
+    let shard = shards_of(addr)
+        .await
+        .iter()
+        .find(|s| s.leader == Some(leader))
+        .map(|s| s.shard)
+        .unwrap_or_else(|| panic!("node {leader:?} leads no shard"));
+    let shards: u32 = SHARDS.parse().unwrap();
+    let prefix = prefix.to_owned();
+    (0..)
+        .map(move |i| format!("{prefix}-{i}"))
+        .filter(move |n| space_client::wire::range_of(&n.to_key()) * shards / 1024 == shard)
+}
+
 /// A batch of keyed entries whose shard's leader died goes to the shard's new leader: the
 /// client's topology, still naming the dead node, is refreshed, and the batch is sent
 /// again with the same id.
@@ -722,16 +743,8 @@ async fn a_keyed_batch_follows_its_shard_to_its_new_leader() {
         .await
         .unwrap();
     // Twenty keys of one shard node 3 leads.
-    let shard = shards_of(&addrs[0])
+    let orders: Vec<Order> = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "moved")
         .await
-        .iter()
-        .find(|s| s.leader == Some(NodeId(3)))
-        .map(|s| s.shard)
-        .expect("node 3 leads a shard");
-    let shards: u32 = SHARDS.parse().unwrap();
-    let orders: Vec<Order> = (0..)
-        .map(|i| format!("moved-{i}"))
-        .filter(|n| space_client::wire::range_of(&n.to_key()) * shards / 1024 == shard)
         .take(20)
         .map(|number| Order { number })
         .collect();
@@ -787,17 +800,7 @@ async fn calls_by_key_made_as_their_leader_dies_go_to_the_next_one() {
     let space = space_client::connect_with(&addrs[0], ClientConfig::default())
         .await
         .unwrap();
-    // Keys of one shard node 3 leads.
-    let shard = shards_of(&addrs[0])
-        .await
-        .iter()
-        .find(|s| s.leader == Some(NodeId(3)))
-        .map(|s| s.shard)
-        .expect("node 3 leads a shard");
-    let shards: u32 = SHARDS.parse().unwrap();
-    let mut keys = (0..)
-        .map(|i| format!("dying-{i}"))
-        .filter(|n| space_client::wire::range_of(&n.to_key()) * shards / 1024 == shard);
+    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "dying").await;
     let first = Order {
         number: keys.next().unwrap(),
     };
