@@ -709,6 +709,21 @@ async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
     );
 }
 
+/// Three nodes once every shard has a leader, and a client of them.
+async fn three_nodes_led() -> (
+    Vec<String>,
+    Vec<TempDir>,
+    Vec<Option<NodeProcess>>,
+    space_client::Space,
+) {
+    let (addrs, dirs, nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = space_client::connect_with(&addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    (addrs, dirs, nodes, space)
+}
+
 /// Keys (`prefix-0`, `prefix-1`...) that all fall in one shard `leader` leads, as the node
 /// at `addr` sees the shards.
 async fn keys_of_a_shard_led_by(
@@ -737,11 +752,7 @@ async fn keys_of_a_shard_led_by(
 async fn a_keyed_batch_follows_its_shard_to_its_new_leader() {
     use space_client::IntoKey;
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (addrs, _dirs, mut nodes) = three_nodes();
-    until_led(&addrs[0]).await;
-    let space = space_client::connect_with(&addrs[0], ClientConfig::default())
-        .await
-        .unwrap();
+    let (addrs, _dirs, mut nodes, space) = three_nodes_led().await;
     // Twenty keys of one shard node 3 leads.
     let orders: Vec<Order> = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "moved")
         .await
@@ -795,11 +806,7 @@ async fn a_keyed_batch_follows_its_shard_to_its_new_leader() {
 async fn calls_by_key_made_as_their_leader_dies_go_to_the_next_one() {
     use space_client::IntoKey;
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (addrs, _dirs, mut nodes) = three_nodes();
-    until_led(&addrs[0]).await;
-    let space = space_client::connect_with(&addrs[0], ClientConfig::default())
-        .await
-        .unwrap();
+    let (addrs, _dirs, mut nodes, space) = three_nodes_led().await;
     let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "dying").await;
     let first = Order {
         number: keys.next().unwrap(),
