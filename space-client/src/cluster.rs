@@ -81,7 +81,23 @@ impl Reroutes {
     fn pause(&self) -> Duration {
         (Duration::from_millis(50) * self.done as u32).min(MOST_REROUTE_PAUSE)
     }
+
+    /// How long to wait, after `e` from an owner the topology still names, before the
+    /// topology is asked again: a dead owner's shard names its next leader within about
+    /// a second, so it is asked often (each ask is one small call to a live member);
+    /// a live owner that answered is given longer each time.
+    fn pause_after(&self, e: &SpaceError) -> Duration {
+        if matches!(e, SpaceError::Down { .. }) {
+            DEAD_OWNER_POLL
+        } else {
+            self.pause()
+        }
+    }
 }
+
+/// How often a call whose owner died asks for the topology while it waits for the
+/// owner's shard to elect its next leader.
+const DEAD_OWNER_POLL: Duration = Duration::from_millis(20);
 /// Most times one call by query is made again on a node whose shards changed while it
 /// waited (each change ends the wait; a failover brings a burst of them).
 const MAX_ASKS: usize = 1_000;
@@ -355,7 +371,7 @@ impl Cluster {
                             return Err(e);
                         }
                         // An election may be under way: give it a moment.
-                        tokio::time::sleep(reroutes.pause()).await;
+                        tokio::time::sleep(reroutes.pause_after(&e)).await;
                     }
                 }
                 other => return other,
@@ -711,7 +727,7 @@ impl Cluster {
                             continue;
                         }
                         if self.awaits_new_owner(&e) {
-                            tokio::time::sleep(reroutes.pause()).await;
+                            tokio::time::sleep(reroutes.pause_after(&e)).await;
                             continue;
                         }
                     }
