@@ -148,25 +148,27 @@ pub fn check(ops: &[Op], left: &[u64]) -> Verdict {
             Op::Told { notes, .. } => told.push(notes),
         }
     }
-    let left_set: BTreeSet<u64> = left.iter().copied().collect();
+    // How many times each entry was left.
+    let mut left_count: BTreeMap<u64, usize> = BTreeMap::new();
+    for id in left {
+        *left_count.entry(*id).or_default() += 1;
+    }
     let mut verdict = Verdict {
         acknowledged: written.values().filter(|e| **e == Ended::Ok).count(),
         ..Verdict::default()
     };
     verdict.missing = written
         .iter()
-        .filter(|(id, e)| **e == Ended::Ok && !taken.contains_key(id) && !left_set.contains(id))
+        .filter(|(id, e)| {
+            **e == Ended::Ok && !taken.contains_key(id) && !left_count.contains_key(id)
+        })
         .map(|(id, _)| *id)
         .collect();
     verdict.missing.sort_unstable();
     verdict.lost = verdict.missing.len().saturating_sub(unknown_takes);
-    let mut left_count: BTreeMap<u64, usize> = BTreeMap::new();
-    for id in left {
-        *left_count.entry(*id).or_default() += 1;
-    }
     verdict.twice = taken
         .iter()
-        .filter(|(id, n)| **n > 1 || left_set.contains(id))
+        .filter(|(id, n)| **n > 1 || left_count.contains_key(id))
         .map(|(id, _)| *id)
         .chain(
             left_count
@@ -181,7 +183,7 @@ pub fn check(ops: &[Op], left: &[u64]) -> Verdict {
     let possible = |id: &u64| matches!(written.get(id), Some(Ended::Ok | Ended::Unknown));
     verdict.unexpected = taken
         .keys()
-        .chain(left_set.iter())
+        .chain(left_count.keys())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .filter(|id| !possible(id))
@@ -269,6 +271,11 @@ mod tests {
         let mut and_left = base.clone();
         and_left.push(take(Some(2), Ended::Ok));
         assert_eq!(check(&and_left, &[1, 2]).duplicated, 1);
+        // Left twice (written twice); each is named once.
+        let left_twice = check(&base, &[1, 2, 2]);
+        assert_eq!(left_twice.duplicated, 1);
+        assert_eq!(left_twice.twice, vec![2]);
+        assert_eq!(check(&twice, &[1, 2]).twice, vec![1]);
         // A failed write's entry, and one never written.
         assert_eq!(check(&base, &[1, 2, 3]).unexpected, 1);
         assert_eq!(check(&base, &[1, 2, 9]).unexpected, 1);

@@ -289,13 +289,11 @@ impl Leadership {
     pub(super) fn lost_proposal(&self, session: &Arc<Session>) {
         let ended = {
             let mut lead = self.lead.lock();
-            if !lead
-                .as_ref()
-                .is_some_and(|l| Arc::ptr_eq(&l.session, session))
-            {
-                return;
+            match lead.take_if(|l| Arc::ptr_eq(&l.session, session)) {
+                Some(ended) => ended,
+                // Not the current session: its leadership ended already.
+                None => return,
             }
-            lead.take()
         };
         tracing::warn!(
             term = session.term,
@@ -303,10 +301,8 @@ impl Leadership {
              taken: the leadership is given up"
         );
         *self.given_up.term.lock() = Some(session.term);
-        if let Some(lead) = ended {
-            lead.close();
-            self.changed();
-        }
+        ended.close();
+        self.changed();
         self.given_up.told.notify_one();
     }
 
