@@ -528,3 +528,75 @@ async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
     );
     chaos.heal();
 }
+
+/// A node cut off from its peers for several election timeouts, then back: the shards
+/// the others lead keep their leaders and terms. (A member that campaigned alone while
+/// cut off would come back with a higher term and depose every leader it follows; with
+/// pre-vote it asks first, is refused while the leaders are heard from, and its term
+/// stays.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_and_back_deposes_no_leader() {
+    use space_client::wire::{Request, Response, ShardInfo, Topology};
+    use space_client::{ClientConfig, Connection};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let chaos = Chaos::start(3).await;
+    let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    let shards = async || match conn.call(Request::Shards).await {
+        Ok(Response::Shards(shards)) => shards,
+        other => panic!("the first node did not list its shards: {other:?}"),
+    };
+    let Ok(Response::Topology(Topology { nodes, .. })) = conn.call(Request::Topology).await else {
+        panic!("the first node gave no topology");
+    };
+    let cut_off = nodes
+        .iter()
+        .find(|n| n.address == chaos.addrs[2])
+        .expect("the third node is a member")
+        .node;
+    // Every shard led, and the same leaders for a second (the first elections are over).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before: Vec<ShardInfo> = loop {
+        let first = shards().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let again = shards().await;
+        if first.iter().all(|s| s.leader.is_some()) && first == again {
+            break again;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shards never settled: {again:?}"
+        );
+    };
+    let kept: Vec<&ShardInfo> = before
+        .iter()
+        .filter(|s| s.leader != Some(cut_off))
+        .collect();
+    assert!(
+        !kept.is_empty(),
+        "the third node leads every shard: {before:?}"
+    );
+
+    // Five times the longest election timeout alone, then back.
+    chaos.partition(&[2]);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    chaos.heal();
+    // Long enough for the node's messages to reach every leader many times over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let after = shards().await;
+    for was in kept {
+        let now = after
+            .iter()
+            .find(|s| s.shard == was.shard)
+            .expect("every shard is listed");
+        assert_eq!(
+            (now.leader, now.term),
+            (was.leader, was.term),
+            "shard {} changed leader or term when node {cut_off:?} came back \
+             (before: {before:?}, after: {after:?})",
+            was.shard
+        );
+    }
+}

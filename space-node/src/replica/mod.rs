@@ -147,7 +147,10 @@ pub const SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
 /// first candidate's election fails and its next one wins. Heartbeats are most of what
 /// an idle node spends (64 groups, two followers each): at 50 ms they kept 0.6 of 2
 /// cores busy on an idle 3-node cluster, at 100 ms 0.3, with the same failover time; a
-/// longer heartbeat would have to lengthen the lease, and failover with it. A
+/// longer heartbeat would have to lengthen the lease, and failover with it. Pre-vote
+/// is on: a member that has not heard from its leader asks the others whether they would
+/// vote before it starts a term, so a member cut off (or paused, or restarted) campaigns
+/// without raising its term and, once back, deposes no leader the others still hear. A
 /// snapshot after `snapshot_after_entries` entries ([`SNAPSHOT_AFTER_ENTRIES`] by
 /// default), keeping 1,000 entries behind it for followers that lag a little (further
 /// behind, they get the snapshot).
@@ -162,6 +165,7 @@ pub fn raft_settings(snapshot_after_entries: u64) -> Result<Arc<openraft::Config
         election_timeout_max: 300,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_after_entries),
         max_in_snapshot_log_to_keep: 1_000,
+        enable_pre_vote: Some(true),
         ..Default::default()
     };
     config
