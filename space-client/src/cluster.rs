@@ -57,6 +57,8 @@ const MOST_REROUTE_PAUSE: Duration = Duration::from_millis(500);
 /// milliseconds, during which its members answer `WrongNode` with no owner, or the old one.
 struct Reroutes {
     done: usize,
+    /// Pauses given so far to owners that answered: each one is longer.
+    answered_pauses: u32,
     until: Instant,
 }
 
@@ -64,6 +66,7 @@ impl Reroutes {
     fn new(retry_for: Duration) -> Reroutes {
         Reroutes {
             done: 0,
+            answered_pauses: 0,
             until: Instant::now() + retry_for,
         }
     }
@@ -77,16 +80,20 @@ impl Reroutes {
         allowed
     }
 
-    /// How long to wait before asking the same owner again: longer each time.
-    fn pause(&self) -> Duration {
-        (Duration::from_millis(50) * self.done as u32).min(MOST_REROUTE_PAUSE)
+    /// How long to wait before asking an owner that answered it does not serve the key
+    /// (yet) again: 50 ms longer each time, up to [`MOST_REROUTE_PAUSE`]. Only such
+    /// pauses lengthen it: a new leader found after a dead owner was waited out gets
+    /// the short first pause while it starts serving.
+    fn pause(&mut self) -> Duration {
+        self.answered_pauses = self.answered_pauses.saturating_add(1);
+        (Duration::from_millis(50) * self.answered_pauses).min(MOST_REROUTE_PAUSE)
     }
 
     /// How long to wait, after `e` from an owner the topology still names, before the
     /// topology is asked again: a dead owner's shard names its next leader within about
     /// a second, so it is asked often (each ask is one small call to a live member);
     /// a live owner that answered is given longer each time.
-    fn pause_after(&self, e: &SpaceError) -> Duration {
+    fn pause_after(&mut self, e: &SpaceError) -> Duration {
         if matches!(e, SpaceError::Down { .. }) {
             DEAD_OWNER_POLL
         } else {
@@ -1361,4 +1368,34 @@ fn every_shard_covered<'a>(
             "shards {missing:?} of {of} had no leader that could be reached (an election, or too few nodes up): a {what} without them would be incomplete"
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that waited out a dead owner (many quick asks) and then finds the shard's
+    /// new leader not serving yet gives it the short first pause, not the longest: the
+    /// dead owner's asks do not lengthen the pauses given to owners that answer.
+    #[test]
+    fn waiting_out_a_dead_owner_does_not_lengthen_the_next_pause() {
+        let mut reroutes = Reroutes::new(Duration::from_secs(10));
+        let down = SpaceError::Down {
+            node: "127.0.0.1:1".into(),
+            reason: "connection refused".into(),
+        };
+        for _ in 0..30 {
+            assert!(reroutes.another());
+            assert_eq!(reroutes.pause_after(&down), DEAD_OWNER_POLL);
+        }
+        let not_yet = SpaceError::WrongNode {
+            epoch: 7,
+            owner: None,
+        };
+        let pauses: Vec<Duration> = (0..12).map(|_| reroutes.pause_after(&not_yet)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(50));
+        assert_eq!(pauses[1], Duration::from_millis(100));
+        assert_eq!(pauses[9], MOST_REROUTE_PAUSE);
+        assert_eq!(pauses[11], MOST_REROUTE_PAUSE);
+    }
 }
