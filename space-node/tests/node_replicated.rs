@@ -842,3 +842,78 @@ async fn calls_by_key_made_as_their_leader_dies_go_to_the_next_one() {
         started.elapsed()
     );
 }
+
+/// Leases and claims keep their absolute deadlines across a failover: the shard's next
+/// leader ends an entry's lease, and lets a claim lapse, when the old leader would have,
+/// not a lease's length after it took over; and a claim made on the old leader is
+/// committed on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_claims_keep_their_deadlines_across_a_failover() {
+    use space_client::{IntoKey, Lease};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes, space) = three_nodes_led().await;
+    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "leased").await;
+    let [leased, lapsing, committed] = [(); 3].map(|()| Order {
+        number: keys.next().unwrap(),
+    });
+    let key = |o: &Order| o.number.to_key();
+    space.write(&lapsing).await.unwrap();
+    space.write(&committed).await.unwrap();
+    let lease = Duration::from_secs(8);
+    let started = Instant::now();
+    space
+        .write_with_lease(&leased, Lease::For(lease))
+        .await
+        .unwrap();
+    let claim = async |o: &Order| {
+        let query = Query::parse("Order", &format!("number:{}", o.number)).unwrap();
+        space
+            .claim::<Order>(&query, Lease::For(lease), Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} could not be claimed", o.number))
+    };
+    let _lapsing_claim = claim(&lapsing).await;
+    let kept_claim = claim(&committed).await;
+
+    // Some way into the lease, the shard's leader dies.
+    tokio::time::sleep_until((started + lease * 3 / 8).into()).await;
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    // On the next leader: the leased entry is there, the claimed one hidden, and the
+    // claim made on the old leader commits.
+    assert_eq!(
+        space.read_key::<Order>(&key(&leased)).await.unwrap(),
+        Some(leased.clone())
+    );
+    assert_eq!(space.read_key::<Order>(&key(&lapsing)).await.unwrap(), None);
+    space
+        .commit(&kept_claim)
+        .await
+        .expect("a claim made on the old leader commits on the new one");
+    assert!(
+        started.elapsed() < lease,
+        "the failover took the whole lease ({:?}): the deadlines cannot be told apart",
+        started.elapsed()
+    );
+
+    // Past the deadline (a lease counted again from the new leader's start would run
+    // about 3 s longer): the lease has ended and the claim lapsed.
+    tokio::time::sleep_until((started + lease + Duration::from_millis(1_500)).into()).await;
+    assert_eq!(
+        space.read_key::<Order>(&key(&leased)).await.unwrap(),
+        None,
+        "the entry outlived its lease"
+    );
+    assert_eq!(
+        space.take_key::<Order>(&key(&lapsing)).await.unwrap(),
+        Some(lapsing),
+        "the claim did not lapse at its deadline"
+    );
+    assert_eq!(
+        space.read_key::<Order>(&key(&committed)).await.unwrap(),
+        None,
+        "the committed claim's entry came back"
+    );
+}
