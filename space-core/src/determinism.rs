@@ -15,7 +15,7 @@ use crate::document::{ClaimTicket, RequestId};
 use crate::durable::{ENGINE_LOG, decode, read_snapshot, snapshots};
 use crate::engine::{Engine, EngineConfig};
 use crate::entry::Key;
-use crate::lease::{Clock, Lease};
+use crate::lease::{Clock, Deadline, Lease};
 use crate::notify::{EventKind, EventKinds, Notification, Subscription};
 use crate::state::Command;
 use crate::wal::{ENTRY, frames, numbered, parse_record};
@@ -354,6 +354,7 @@ fn check(ops: &[(Op, Option<u8>)]) {
 /// frame starts and how long it is in the file.
 struct Logged {
     index: u64,
+    at: Deadline,
     entry_type: String,
     command: Command,
     start: usize,
@@ -372,9 +373,10 @@ fn logged(dir: &std::path::Path) -> (PathBuf, Vec<Logged>) {
         let start = payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
         let (log, kind, index, data) = parse_record(payload).expect("record");
         if log == ENGINE_LOG && kind == ENTRY {
-            let (entry_type, command) = decode(data).expect("decode");
+            let (at, entry_type, command) = decode(data).expect("decode");
             out.push(Logged {
                 index,
+                at,
                 entry_type,
                 command,
                 start,
@@ -423,7 +425,7 @@ fn check_crash(ops: &[(Op, Option<u8>)], cut: u32) {
         entries
             .into_iter()
             .take(kept)
-            .map(|e| (e.index, e.entry_type, e.command))
+            .map(|e| (e.index, e.at, e.entry_type, e.command))
             .collect(),
     );
     assert_eq!(

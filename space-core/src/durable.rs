@@ -27,6 +27,7 @@ use space_query::ValueKind;
 
 use crate::entry::NodeId;
 use crate::error::Result;
+use crate::lease::Deadline;
 use crate::state::{Answers, Command};
 use crate::store::Record;
 use crate::wal::{LogContents, LogId, Wal, frame, frames, numbered, storage, sync_dir};
@@ -40,12 +41,13 @@ pub const DEFAULT_SNAPSHOT_AFTER_BYTES: u64 = 64 << 20;
 /// The engine's log among those on the node's write-ahead log.
 pub(crate) const ENGINE_LOG: LogId = 0;
 
-const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP4";
+const SNAP_MAGIC: &[u8; 8] = b"SPCSNAP5";
 
 /// One log entry as written: a command on one entry type (borrowed, so that appending
 /// copies nothing but the encoding).
 #[derive(Serialize)]
 struct RecordRef<'a> {
+    at: u64,
     entry_type: &'a str,
     command: &'a Command,
 }
@@ -53,23 +55,34 @@ struct RecordRef<'a> {
 /// One log entry as read back.
 #[derive(Deserialize)]
 struct LogRecord {
+    at: u64,
     entry_type: String,
     command: Command,
 }
 
-/// The bytes of a command on `entry_type`, as the engine's log holds them.
-pub(crate) fn encode(entry_type: &str, command: &Command) -> Vec<u8> {
+/// The bytes of a command on `entry_type` decided at `at` (the deciding engine's clock),
+/// as the engine's log holds them and a replicated log carries them. Whoever applies
+/// them applies them at that time, so what depends on time (which answers are old enough
+/// to forget) comes out the same on every replica and on every replay.
+pub(crate) fn encode(at: Deadline, entry_type: &str, command: &Command) -> Vec<u8> {
     postcard::to_stdvec(&RecordRef {
+        at: at.to_ms(),
         entry_type,
         command,
     })
     .unwrap_or_default()
 }
 
-/// A command on an entry type, read back from the engine's log.
-pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<(String, Command), postcard::Error> {
+/// A command on an entry type, and when it was decided, read back from a log.
+pub(crate) fn decode(
+    bytes: &[u8],
+) -> std::result::Result<(Deadline, String, Command), postcard::Error> {
     let record: LogRecord = postcard::from_bytes(bytes)?;
-    Ok((record.entry_type, record.command))
+    Ok((
+        Deadline::from_ms(record.at),
+        record.entry_type,
+        record.command,
+    ))
 }
 
 fn snapshot_prefix(log: LogId) -> String {
@@ -370,8 +383,9 @@ pub(crate) fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot> {
 /// to be replayed through [`apply`](crate::state::apply) in log order.
 pub(crate) struct Recovered {
     pub(crate) snapshot: Snapshot,
-    /// `(index, entry type, command)`, oldest first; only commands above their type's cut.
-    pub(crate) commands: Vec<(u64, String, Command)>,
+    /// `(index, when decided, entry type, command)`, oldest first; only commands above
+    /// their type's cut.
+    pub(crate) commands: Vec<(u64, Deadline, String, Command)>,
 }
 
 /// Opens a data directory: creates and locks it, drops interrupted snapshots, and opens
@@ -450,12 +464,12 @@ pub(crate) fn recover_log(dir: &Path, log: LogId, contents: LogContents) -> Resu
         if index <= snapshot.floor {
             continue;
         }
-        let (entry_type, command) = decode(&bytes)
+        let (at, entry_type, command) = decode(&bytes)
             .map_err(|e| storage(dir, format!("corrupt entry {index} of log {log}: {e}")))?;
         if index <= cuts.get(entry_type.as_str()).copied().unwrap_or(0) {
             continue;
         }
-        commands.push((index, entry_type, command));
+        commands.push((index, at, entry_type, command));
     }
     Ok(Recovered { snapshot, commands })
 }

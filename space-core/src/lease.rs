@@ -77,6 +77,11 @@ impl Deadline {
         Deadline(ms)
     }
 
+    /// The deadline in milliseconds after the Unix epoch.
+    pub(crate) fn to_ms(self) -> u64 {
+        self.0
+    }
+
     /// The deadline as a wall-clock time, for reporting.
     pub(crate) fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.0)

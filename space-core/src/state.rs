@@ -18,6 +18,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
@@ -25,8 +27,16 @@ use crate::entry::NodeId;
 use crate::lease::Deadline;
 use crate::store::{ClaimState, Record, Store};
 
-/// The number of requests whose answers the state keeps.
+/// The number of requests whose answers the state keeps, at most.
 pub(crate) const ANSWERS_KEPT: usize = 65_536;
+
+/// How long the answer of a request decided at a known time (a replicated log's commands
+/// carry their leader's time) is kept: a minute, six times a client's default
+/// `retry_for`, by which a request sent again, or given up and revoked, has long been
+/// asked about. Older answers are forgotten even below [`ANSWERS_KEPT`], so a node's
+/// answer tables (one per shard, two for a shard it leads) grow with its rate of
+/// requests rather than with its shard count.
+pub(crate) const ANSWERS_KEPT_FOR: Duration = Duration::from_secs(60);
 
 /// Why an entry left the space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,14 +173,16 @@ pub(crate) enum Outcome {
 /// Applies one command to the store of `entry_type`, recording answers in `answers`
 /// (needed only when [`Command::answers`]). `index` is the command's index in its log
 /// (`None` for an engine without one): an answer already holding a command at or past
-/// it is not recorded twice when the log is replayed over a snapshot. Pure: see the
-/// module documentation.
+/// it is not recorded twice when the log is replayed over a snapshot. `at` is when the
+/// command was decided, as its log holds it (`None` without a log): answers decided
+/// [`ANSWERS_KEPT_FOR`] before it are forgotten. Pure: see the module documentation.
 #[inline]
 pub(crate) fn apply(
     entry_type: &str,
     store: &mut Store,
     answers: Option<&mut Answers>,
     index: Option<u64>,
+    at: Option<Deadline>,
     command: Command,
 ) -> Outcome {
     let mut answers = answers;
@@ -189,7 +201,7 @@ pub(crate) fn apply(
     // in-process path.
     let mut answer = |request: Option<RequestId>, part: &dyn Fn() -> Part| {
         if let (Some(id), Some(table)) = (request, answers.as_deref_mut()) {
-            table.record(id, index, part());
+            table.record(id, index, at, part());
         }
     };
     match command {
@@ -400,15 +412,38 @@ pub(crate) enum GiveBack {
 }
 
 /// The answers of the last [`ANSWERS_KEPT`] requests, by request id, each with the log
-/// place of the last command that added to it; the oldest are forgotten first.
+/// place of the last command that added to it; the oldest are forgotten first, and
+/// those older than [`ANSWERS_KEPT_FOR`] when a newer one is recorded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Answers {
-    order: VecDeque<RequestId>,
+    /// Request ids, oldest first, with the time their first command was decided (when
+    /// the command carried one).
+    order: VecDeque<(RequestId, Option<Deadline>)>,
     map: HashMap<RequestId, (Kept, Option<u64>), foldhash::fast::RandomState>,
 }
 
 impl Answers {
-    fn record(&mut self, id: RequestId, index: Option<u64>, part: Part) {
+    /// Forgets the oldest answers while more than [`ANSWERS_KEPT`] are kept, or while
+    /// the oldest was decided longer than [`ANSWERS_KEPT_FOR`] before `now` (or at an
+    /// unknown time, when `now` is known).
+    fn forget_old(&mut self, now: Option<Deadline>) {
+        let horizon = now.map(|n| {
+            n.to_ms()
+                .saturating_sub(ANSWERS_KEPT_FOR.as_millis() as u64)
+        });
+        while let Some(&(oldest, at)) = self.order.front() {
+            // An answer without a time (not decided by a logged command) is as old as
+            // any: it never holds younger answers back.
+            let too_old = horizon.is_some_and(|h| at.is_none_or(|at| at.to_ms() < h));
+            if self.order.len() <= ANSWERS_KEPT && !too_old {
+                break;
+            }
+            self.order.pop_front();
+            self.map.remove(&oldest);
+        }
+    }
+
+    fn record(&mut self, id: RequestId, index: Option<u64>, at: Option<Deadline>, part: Part) {
         if let (Some(index), Some((_, Some(last)))) = (index, self.map.get(&id))
             && *last >= index
         {
@@ -416,12 +451,8 @@ impl Answers {
         }
         let prev = self.map.remove(&id).map(|(a, _)| a);
         if prev.is_none() {
-            self.order.push_back(id);
-            if self.order.len() > ANSWERS_KEPT
-                && let Some(old) = self.order.pop_front()
-            {
-                self.map.remove(&old);
-            }
+            self.order.push_back((id, at));
+            self.forget_old(at);
         }
         let kept = match (prev, part) {
             (Some(Kept::Receipts(mut v)), Part::Receipt(r)) => {
@@ -459,10 +490,10 @@ impl Answers {
     /// Every kept answer as it is kept (given-back marks included), oldest first: for
     /// comparing states.
     pub(crate) fn describe(&self) -> impl Iterator<Item = String> + '_ {
-        self.order.iter().filter_map(|id| {
+        self.order.iter().filter_map(|(id, at)| {
             self.map
                 .get(id)
-                .map(|(k, _)| format!("answer {id:?} {k:?}"))
+                .map(|(k, _)| format!("answer {id:?} at {at:?} {k:?}"))
         })
     }
 
@@ -475,7 +506,7 @@ impl Answers {
     pub(crate) fn ids(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.order
             .iter()
-            .copied()
+            .map(|(id, _)| *id)
             .filter(|id| self.map.contains_key(id))
     }
 
@@ -570,5 +601,50 @@ impl Taken {
     /// The entry's type.
     pub fn entry_type(&self) -> &str {
         &self.entry_type
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers decided more than [`ANSWERS_KEPT_FOR`] before the newest are forgotten
+    /// when it is recorded; younger ones stay.
+    #[test]
+    fn answers_older_than_the_window_are_forgotten() {
+        let start = 1_000_000_000;
+        let at = |secs: u64| Some(Deadline::from_ms(start + secs * 1000));
+        let window = ANSWERS_KEPT_FOR.as_secs();
+        let mut answers = Answers::default();
+        let untimed = RequestId::new();
+        answers.record(untimed, Some(1), None, Part::Done);
+        let ids: Vec<RequestId> = (0..4).map(|_| RequestId::new()).collect();
+        answers.record(ids[0], Some(2), at(0), Part::Done);
+        // An answer without a time holds no younger one back: it goes first.
+        assert!(!answers.contains(untimed));
+        answers.record(ids[1], Some(3), at(window / 2), Part::Done);
+        // Exactly the window after the first: still kept.
+        answers.record(ids[2], Some(4), at(window), Part::Done);
+        assert!(answers.contains(ids[0]));
+        // Past it: the first goes.
+        answers.record(ids[3], Some(5), at(window + 1), Part::Done);
+        assert!(!answers.contains(ids[0]));
+        assert!(ids[1..].iter().all(|id| answers.contains(*id)));
+        assert_eq!(answers.ids().count(), 3);
+    }
+
+    /// Without times, only the count bounds the answers kept.
+    #[test]
+    fn untimed_answers_are_bounded_by_count() {
+        let mut answers = Answers::default();
+        let first = RequestId::new();
+        answers.record(first, None, None, Part::Done);
+        for _ in 0..ANSWERS_KEPT - 1 {
+            answers.record(RequestId::new(), None, None, Part::Done);
+        }
+        assert!(answers.contains(first));
+        answers.record(RequestId::new(), None, None, Part::Done);
+        assert!(!answers.contains(first));
+        assert_eq!(answers.ids().count(), ANSWERS_KEPT);
     }
 }

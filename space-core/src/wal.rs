@@ -39,7 +39,7 @@ pub type LogId = u32;
 /// A segment is closed and a new one started past this size, by default.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
-const WAL_MAGIC: &[u8; 8] = b"SPCWAL03";
+const WAL_MAGIC: &[u8; 8] = b"SPCWAL04";
 /// Bytes of a frame before its record: length, checksum, LSN.
 const FRAME_HEADER: usize = 16;
 /// Bytes of a record before its data: log id, kind, number.

@@ -36,8 +36,9 @@ use crate::notify::{EventKinds, Notification};
 
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// The protocol version this build speaks (peers too: a shard's commands between nodes
+/// carry the time their leader decided them since version 9).
+pub const PROTOCOL_VERSION: u16 = 9;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).

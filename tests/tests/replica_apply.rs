@@ -113,3 +113,65 @@ fn a_replica_applying_the_log_holds_the_engines_state() {
     damaged[middle] ^= 0x55;
     assert!(Engine::replica_from_image(None, EngineConfig::default(), &damaged).is_err());
 }
+
+/// Answers decided more than a minute before a newer one are forgotten, by the times
+/// the log holds: alike live, when the engine recovers its directory (whatever its clock
+/// says then), and on a replica applying the same log.
+#[test]
+fn answers_older_than_a_minute_are_forgotten_alike_live_on_replay_and_on_replicas() {
+    use space_core::Clock;
+    use std::time::SystemTime;
+    let dir = TempDir::new("replica-answers");
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let clock = Clock::manual(start);
+    let config = || {
+        let mut config = EngineConfig::default();
+        config.clock = clock.clone();
+        config
+    };
+    let engine = Engine::open(&dir.0, config()).unwrap();
+    let write = |n| {
+        let id = RequestId::new();
+        engine
+            .with_request(id, || engine.write("Job", job(n), None, Lease::Forever))
+            .unwrap();
+        id
+    };
+    let first = write(1);
+    clock.advance(Duration::from_secs(30));
+    let second = write(2);
+    clock.advance(Duration::from_secs(30));
+    let third = write(3);
+    // Exactly a minute after the first: it is still answered.
+    assert!(engine.answer(first).is_some());
+    clock.advance(Duration::from_secs(1));
+    let fourth = write(4);
+    assert!(
+        engine.answer(first).is_none(),
+        "a minute-old answer is kept"
+    );
+    for id in [second, third, fourth] {
+        assert!(engine.answer(id).is_some(), "a younger answer is forgotten");
+    }
+    let live = engine.state_digest();
+    engine.close();
+    drop(engine);
+
+    // Recovered an hour later: the log's times decide, not the clock's.
+    clock.advance(Duration::from_secs(3600));
+    let recovered = Engine::open(&dir.0, config()).unwrap();
+    assert!(recovered.answer(first).is_none());
+    assert!(recovered.answer(second).is_some());
+    assert_eq!(recovered.state_digest(), live);
+    recovered.close();
+    drop(recovered);
+
+    // A replica applying the same log agrees.
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
+    let (_log, image) = host.open_log(0).unwrap();
+    let replica = Engine::replica(None, EngineConfig::default());
+    for (index, bytes) in &image.entries {
+        replica.apply_logged(*index, bytes).unwrap();
+    }
+    assert_eq!(replica.state_digest(), live);
+}

@@ -332,7 +332,7 @@ impl Engine {
             }
         };
         let mut next_token = recovered.snapshot.next_token;
-        for (_, _, command) in &recovered.commands {
+        for (_, _, _, command) in &recovered.commands {
             if let Some(token) = command.token() {
                 next_token = next_token.max(token + 1);
             }

@@ -7,7 +7,11 @@ impl Engine {
     /// Rebuilds the state from a snapshot and the commands logged after it, replayed
     /// through [`state::apply`] in log order, then arms the lease timers: what lapsed while
     /// the node was down is expired by commands the timer decides, like any expiry.
-    pub(super) fn recover_state(&self, snapshot: Snapshot, commands: Vec<(u64, String, Command)>) {
+    pub(super) fn recover_state(
+        &self,
+        snapshot: Snapshot,
+        commands: Vec<(u64, Deadline, String, Command)>,
+    ) {
         *self.inner.answers.lock() = snapshot.answers;
         for image in snapshot.types {
             let TypeImage {
@@ -29,9 +33,9 @@ impl Engine {
                 }
             });
         }
-        for (index, entry_type, command) in commands {
+        for (index, at, entry_type, command) in commands {
             self.each_type_always(&entry_type, |_, st| {
-                self.apply(st, Some(index), command);
+                self.apply(st, Some(index), Some(at), command);
             });
         }
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();

@@ -628,25 +628,40 @@ impl Engine {
     /// log holds each type's commands in the order they were applied.
     #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
+        // The time a logged command is decided goes into the log with it.
+        let clock = &self.inner.config.clock;
         if let Some(proposals) = &self.inner.proposals {
-            let mark = proposals.propose(crate::durable::encode(&st.name, &command));
+            let at = clock.read();
+            let mark = proposals.propose(crate::durable::encode(at, &st.name, &command));
             // The events this command tells wait for its commit.
             events::EVENT_MARK.with(|m| m.set(mark));
-            let outcome = self.apply(st, None, command);
+            let outcome = self.apply(st, None, Some(at), command);
             events::EVENT_MARK.with(|m| m.set(0));
             return outcome;
         }
-        let index = self.log_to().map(|(wal, log)| {
-            wal.append(log, &crate::durable::encode(&st.name, &command))
-                .index
-        });
-        self.apply(st, index, command)
+        match self.log_to() {
+            Some((wal, log)) => {
+                let at = clock.read();
+                let index = wal
+                    .append(log, &crate::durable::encode(at, &st.name, &command))
+                    .index;
+                self.apply(st, Some(index), Some(at), command)
+            }
+            None => self.apply(st, None, None, command),
+        }
     }
 
     /// Applies a command to the locked entry type through [`state::apply`] (live, after
-    /// it was appended at `index` of the engine's log, or replayed from there).
+    /// it was appended at `index` of the engine's log, or replayed from there), decided
+    /// at `at`.
     #[inline]
-    fn apply(&self, st: &mut TypeState, index: Option<u64>, command: Command) -> Outcome {
+    fn apply(
+        &self,
+        st: &mut TypeState,
+        index: Option<u64>,
+        at: Option<Deadline>,
+        command: Command,
+    ) -> Outcome {
         // Events come from what applying did, the same way live and on replay (where no
         // subscription listens yet): a write is told before it is applied, the change
         // that follows it (a hand-off, a removal, a claim, a release) after.
@@ -667,6 +682,7 @@ impl Engine {
             &mut st.store,
             answers.as_deref_mut(),
             index,
+            at,
             command,
         );
         if let Some((kind, seq)) = then {
@@ -964,7 +980,7 @@ impl Engine {
     }
 
     /// Replays `commands` into this (fresh) engine, as recovery does after a snapshot.
-    pub(crate) fn replay(&self, commands: Vec<(u64, String, Command)>) {
+    pub(crate) fn replay(&self, commands: Vec<(u64, Deadline, String, Command)>) {
         self.recover_state(
             Snapshot {
                 next_token: 1,

@@ -144,7 +144,7 @@ impl Engine {
     /// # Errors
     /// [`SpaceError::Storage`] when the bytes are not a command (nothing changes).
     pub fn apply_logged(&self, index: u64, command: &[u8]) -> Result<Applied> {
-        let (entry_type, command) = crate::durable::decode(command).map_err(|e| {
+        let (at, entry_type, command) = crate::durable::decode(command).map_err(|e| {
             crate::wal::storage(
                 std::path::Path::new("replicated log"),
                 format!("entry {index} is not a command: {e}"),
@@ -163,7 +163,7 @@ impl Engine {
                 Command::Write { record, .. } => Some(record.key.clone()),
                 _ => None,
             };
-            applied = match self.apply(st, Some(index), command) {
+            applied = match self.apply(st, Some(index), Some(at), command) {
                 Outcome::Stored => written.map_or(Applied::Changed, Applied::Stored),
                 Outcome::HandedOff(r) => Applied::HandedOff(key_of(&r)),
                 Outcome::Removed(r) => Applied::Removed(key_of(&r)),
