@@ -264,6 +264,8 @@ pub(crate) struct Wal {
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
     syncs: AtomicU64,
+    /// Of those, the ones that made appends of more than one log durable at once.
+    shared_syncs: AtomicU64,
     /// Called by the writer after each group it made durable (with the bytes written).
     on_written: Mutex<Option<OnWritten>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -391,6 +393,7 @@ impl Wal {
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            shared_syncs: AtomicU64::new(0),
             on_written: Mutex::new(None),
             writer: Mutex::new(None),
         });
@@ -517,6 +520,11 @@ impl Wal {
         self.syncs.load(Ordering::Relaxed)
     }
 
+    /// How many of those made appends of more than one log durable at once.
+    pub(crate) fn shared_syncs(&self) -> u64 {
+        self.shared_syncs.load(Ordering::Relaxed)
+    }
+
     fn check_failed(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
             let reason = self.failure.lock().clone().unwrap_or_default();
@@ -584,6 +592,9 @@ impl Wal {
                 return;
             }
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            if max_index.len() > 1 {
+                self.shared_syncs.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(current) = self.segments.lock().last_mut() {
                 for (log, index) in max_index {
                     let m = current.max_index.entry(log).or_insert(0);

@@ -75,14 +75,13 @@ fn engines_on_one_host_share_fsyncs_and_recover_independently() {
             });
         }
     });
-    let writes = u64::from(LOGS) * EACH as u64;
-    let syncs = host.syncs();
     // Every flush waited for its own appends; what the others appended meanwhile rode on
-    // the same fdatasync.
+    // the same fdatasync. (How many fdatasyncs that saves depends on how the writers'
+    // threads are scheduled; that many of them carried several logs at once does not.)
+    let (syncs, shared) = (host.syncs(), host.shared_syncs());
     assert!(
-        syncs < writes / 10,
-        "{syncs} fsyncs for {} flushes of {LOGS} logs: the logs do not share them",
-        writes / 10
+        shared * 5 >= syncs,
+        "{shared} of {syncs} fsyncs carried more than one log's appends: the logs do not share them"
     );
     // The checkpoint worker serves every engine on the host: each log has snapshots of
     // its own, and the write-ahead log was compacted past what they hold.

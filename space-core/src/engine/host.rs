@@ -172,6 +172,12 @@ impl LogHost {
         self.wal.syncs()
     }
 
+    /// How many of those `fdatasync` calls made appends of more than one log durable at
+    /// once (one call covering every log's appends is what sharing the log buys).
+    pub fn shared_syncs(&self) -> u64 {
+        self.wal.shared_syncs()
+    }
+
     /// Claims log `log` for one engine and hands over what the write-ahead log held for it.
     fn take(&self, log: LogId) -> Result<LogContents> {
         if !self.opened.lock().insert(log) {
