@@ -303,6 +303,15 @@ impl Service {
             .await;
             tracing::trace!(request = ?id, ?answer, "answered");
             answer
+        } else if let (Some(shards), Request::ReadDirect { .. }) = (&state.shards, &request) {
+            // A read on a replicated node is answered once the shards it read from
+            // confirm it (see `ShardSet::confirm_read`).
+            crate::engines_used::tracking_engines(async {
+                let answer = state.handle(request, budget).await?.into_response();
+                shards.confirm_read(&crate::engines_used::used()).await?;
+                Ok(answer)
+            })
+            .await
         } else {
             state
                 .handle(request, budget)

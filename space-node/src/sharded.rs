@@ -131,7 +131,10 @@ impl NodeState {
             } => Response::Document(
                 until_changed(shards, changed, read_across(&serving, &q, timeout))
                     .await?
-                    .map(|(_, d)| d),
+                    .map(|(i, d)| {
+                        used_at(i);
+                        d
+                    }),
             ),
             Request::TakeDirect {
                 target: Target::Query(q),

@@ -463,65 +463,88 @@ async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
     scenario(5, 2, seed()).await;
 }
 
+/// Two keys of two different shards the node at `addr` leads, as `conn`'s node sees the
+/// topology once every shard has a leader.
+async fn keys_led_by(conn: &Arc<space_client::Connection>, addr: &str) -> [Key; 2] {
+    use space_client::wire::{Request, Response, range_of};
+    let shards: u32 = SHARDS.parse().unwrap();
+    let shard_of = |k: &Key| range_of(k) * shards / 1024;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await {
+            let mut found = (0..10_000)
+                .map(|i| Key::Name(format!("o-{i}")))
+                .filter(|k| t.owner_of(k).is_some_and(|o| o.address == addr));
+            if let Some(a) = found.next()
+                && let Some(b) = found.find(|b| shard_of(b) != shard_of(&a))
+            {
+                return [a, b];
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} leads no shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A write request of one `Order` with `key`.
+fn write_order(key: Key) -> space_client::wire::Request {
+    space_client::wire::Request::WriteDirect {
+        entry_type: "Order".into(),
+        indexes: Vec::new(),
+        entries: vec![(space_client::wire::Fields::new(), Some(key))],
+        lease: Lease::Forever,
+        labels: Vec::new(),
+    }
+}
+
+/// Writes an `Order` with `key` through `conn`, asking again until its node serves the
+/// key's shard (its first leaders may still be being elected).
+async fn write_once_served(conn: &Arc<space_client::Connection>, key: &Key) {
+    use space_client::wire::Response;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        conn.call(write_order(key.clone())).await,
+        Ok(Response::Receipts(_))
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the node never served the key {key:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A request retried with its id while its first run, dropped before it answered, is
 /// not committed yet (its leader is cut off from its peers): the retry must not be
 /// answered from the leader's uncommitted state. It waits for the commit like the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
-    use space_client::wire::{Fields, Request, RequestId, Response};
+    use space_client::wire::{RequestId, Response};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
     let chaos = Chaos::start(3).await;
     let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
         .await
         .unwrap();
-    // Every shard has a leader; a key of a shard the first node leads.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (warm, key) = loop {
-        if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await {
-            let mut found = (0..10_000)
-                .map(|i| Key::Name(format!("o-{i}")))
-                .filter(|k| t.owner_of(k).is_some_and(|o| o.address == chaos.addrs[0]));
-            if let (Some(a), Some(b)) = (found.next(), found.next()) {
-                break (a, b);
-            }
-        }
-        assert!(Instant::now() < deadline, "the first node leads no shard");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let write = |key: Key| Request::WriteDirect {
-        entry_type: "Order".into(),
-        indexes: Vec::new(),
-        entries: vec![(Fields::new(), Some(key))],
-        lease: Lease::Forever,
-        labels: Vec::new(),
-    };
-    // The first node serves the keys' shard: a write there is acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(
-        conn.call(write(warm.clone())).await,
-        Ok(Response::Receipts(_))
-    ) {
-        assert!(
-            Instant::now() < deadline,
-            "the first node never served the key"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let [warm, key] = keys_led_by(&conn, &chaos.addrs[0]).await;
+    write_once_served(&conn, &warm).await;
     // Cut off from its peers, the first node cannot commit; the first run is dropped.
     chaos.partition(&[0]);
     let id = RequestId::new();
     let first = tokio::time::timeout(
         Duration::from_millis(500),
-        conn.call_with_id(id, write(key.clone())),
+        conn.call_with_id(id, write_order(key.clone())),
     )
     .await;
     assert!(
         first.is_err(),
         "a write was answered without its peers: {first:?}"
     );
-    let retry =
-        tokio::time::timeout(Duration::from_secs(2), conn.call_with_id(id, write(key))).await;
+    let retry = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn.call_with_id(id, write_order(key)),
+    )
+    .await;
     assert!(
         !matches!(retry, Ok(Ok(Response::Receipts(_)))),
         "the retry was acknowledged before its write was committed: {retry:?}"
@@ -599,4 +622,94 @@ async fn a_node_cut_off_and_back_deposes_no_leader() {
             was.shard
         );
     }
+}
+
+/// Reads are linearizable: a leader cut off from its replicas answers no read of a
+/// change it decided but cannot commit (a dirty read), nor, once the others have
+/// elected a leader who changed an entry, the entry as it was (a stale read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_answers_no_dirty_or_stale_read() {
+    use space_client::wire::{Request, Response, Target};
+    use space_client::{ClientConfig, Connection};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let chaos = Chaos::start(3).await;
+    let open = async |addr: &str| {
+        Connection::open(addr, ClientConfig::default())
+            .await
+            .unwrap()
+    };
+    let (cut, writer) = (open(&chaos.addrs[0]).await, open(&chaos.addrs[0]).await);
+    // Two shards the first node leads: one for the entry the others will take, one for
+    // the write that will not commit.
+    let [kept, uncommitted] = keys_led_by(&cut, &chaos.addrs[0]).await;
+    write_once_served(&cut, &kept).await;
+    let read = |key: &Key| Request::ReadDirect {
+        target: Target::Key {
+            entry_type: "Order".into(),
+            key: key.clone(),
+        },
+        timeout: Duration::ZERO,
+    };
+    let found = |answer: &Result<Response, space_client::SpaceError>| {
+        matches!(answer, Ok(Response::Document(Some(_))))
+    };
+    assert!(
+        found(&cut.call(read(&kept)).await),
+        "the write was not read back"
+    );
+
+    chaos.partition(&[0]);
+    // Decided by the cut-off leader, never committed: no read may tell of it.
+    let write = tokio::spawn({
+        let uncommitted = uncommitted.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                writer.call(write_order(uncommitted)),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dirty = tokio::spawn({
+        let (cut, request) = (cut.clone(), read(&uncommitted));
+        async move { cut.call(request).await }
+    });
+
+    // Meanwhile the others elect a leader for the kept entry's shard (either of them),
+    // who takes it; the cut-off node is asked for it at once.
+    let others = [open(&chaos.addrs[1]).await, open(&chaos.addrs[2]).await];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for turn in 0.. {
+        let take = others[turn % 2]
+            .call(Request::TakeDirect {
+                target: Target::Key {
+                    entry_type: "Order".into(),
+                    key: kept.clone(),
+                },
+                max: 1,
+                timeout: Duration::ZERO,
+            })
+            .await;
+        match take {
+            Ok(Response::Documents(d)) if d.len() == 1 => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the majority never took the entry: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stale = cut.call(read(&kept)).await;
+    assert!(
+        !found(&stale),
+        "the cut-off leader read an entry a newer leader took: {stale:?}"
+    );
+    let dirty = dirty.await.unwrap();
+    assert!(
+        !found(&dirty),
+        "a write its leader could not commit was read: {dirty:?}"
+    );
+    chaos.heal();
+    let _ = write.await;
 }

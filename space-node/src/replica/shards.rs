@@ -35,6 +35,10 @@ const HAND_BACK_AFTER: u32 = 15;
 /// timeouts (a majority that is there answers every heartbeat).
 const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a read waits for what it saw on a shard to be committed before it is
+/// refused (a leader cut off from its replicas commits nothing).
+const READ_COMMIT_WAIT: Duration = Duration::from_secs(1);
+
 /// How many entries a preferred leader's log may lack and still be handed the
 /// leadership (the leader goes on appending while it hands over).
 const HAND_BACK_LAG: u64 = 16;
@@ -490,6 +494,50 @@ impl ShardSet {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Confirms a read that the serving engines `used` (of shards this node leads)
+    /// answered, before the answer goes out: reads are linearizable. For each engine,
+    /// what the read saw is committed (it waits for the engine's proposals so far, up to
+    /// [`READ_COMMIT_WAIT`]), so it never tells of a change a failover could undo; and
+    /// then this node still leads the shard by openraft's leader lease (a majority
+    /// acknowledged it within the last election timeout, so none of them can have
+    /// elected another leader since the read, who might have changed what it saw). A
+    /// lease read costs no message to the other replicas. Cancel-safe.
+    ///
+    /// # Errors
+    /// [`SpaceError::WrongNode`] when a leadership ended first, or
+    /// [`SpaceError::Unavailable`] when a shard's commit or lease cannot be confirmed in
+    /// time: either way the read is not answered, and its caller asks again.
+    pub async fn confirm_read(&self, used: &[(GroupId, Engine)]) -> Result<(), SpaceError> {
+        for (shard, engine) in used {
+            match tokio::time::timeout(READ_COMMIT_WAIT, engine.flush()).await {
+                Ok(committed) => committed?,
+                Err(_) => {
+                    return Err(SpaceError::Unavailable {
+                        reason: format!(
+                            "shard {shard}: what a read saw was not committed within {} ms",
+                            READ_COMMIT_WAIT.as_millis()
+                        ),
+                    });
+                }
+            }
+            let Some(member) = self.members.get(shard) else {
+                continue;
+            };
+            if let Err(e) = member
+                .raft
+                .ensure_linearizable(openraft::ReadPolicy::LeaseRead)
+                .await
+            {
+                return Err(SpaceError::Unavailable {
+                    reason: format!(
+                        "shard {shard}: this node's leadership cannot be confirmed for a read: {e}"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The shards this node replicates.
