@@ -17,7 +17,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,12 +29,13 @@ use crate::store::{ClaimState, Record, Store};
 /// The number of requests whose answers the state keeps, at most.
 pub(crate) const ANSWERS_KEPT: usize = 65_536;
 
-/// How long the answer of a request decided at a known time (a replicated log's commands
-/// carry their leader's time) is kept: a minute, six times a client's default
-/// `retry_for`, by which a request sent again, or given up and revoked, has long been
-/// asked about. Older answers are forgotten even below [`ANSWERS_KEPT`], so a node's
-/// answer tables (one per shard, two for a shard it leads) grow with its rate of
-/// requests rather than with its shard count.
+/// The longest the answer of a request decided at a known time (every logged command
+/// carries the time it was decided; a shard's, its leader's) is kept: a minute, six
+/// times a client's default `retry_for`, by which a request sent again, or given up and
+/// revoked, has long been asked about. Older answers are forgotten even below
+/// [`ANSWERS_KEPT`] (which may forget them sooner), so a node's answer tables (one per
+/// shard, two for a shard it leads) grow with its rate of requests rather than with its
+/// shard count.
 pub(crate) const ANSWERS_KEPT_FOR: Duration = Duration::from_secs(60);
 
 /// Why an entry left the space.
