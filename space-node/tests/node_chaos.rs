@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::replicated::{Job, SHARDS, clean_within, ended};
-use common::{NodeProcess, free_addrs};
+use common::{NodeProcess, Signal, free_addrs};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -94,13 +94,9 @@ impl Chaos {
         }
     }
 
-    fn signal(&self, i: usize, signal: &str) {
+    fn signal(&self, i: usize, signal: Signal) {
         if let Some(node) = &self.nodes[i] {
-            let status = std::process::Command::new("kill")
-                .args([signal, &node.pid().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success(), "kill {signal} failed");
+            node.signal(signal);
         }
     }
 
@@ -167,11 +163,11 @@ async fn nemesis(
             }
             Fault::Pause => {
                 for &i in &side {
-                    chaos.signal(i, "-STOP");
+                    chaos.signal(i, Signal::Stop);
                 }
                 tokio::time::sleep(hold).await;
                 for &i in &side {
-                    chaos.signal(i, "-CONT");
+                    chaos.signal(i, Signal::Continue);
                 }
             }
             Fault::Partition => {

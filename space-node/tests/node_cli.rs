@@ -2,10 +2,12 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::NodeProcess;
-use space_tests::process::cli_binary;
+use space_tests::process::{Signal, cli_binary, exit_within, signal};
 
 fn space(node: &NodeProcess, args: &[&str]) -> Output {
     Command::new(cli_binary().expect("the space CLI"))
@@ -40,7 +42,6 @@ fn background(
     node: &NodeProcess,
     args: &[&str],
 ) -> (Background, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead, BufReader};
     let mut child = Background(
         Command::new(cli_binary().expect("the space CLI"))
             .args(["--node", &node.addr])
@@ -379,7 +380,7 @@ fn batches_from_stdin_contents_claims_renewals_and_cancels() {
 /// error.
 #[test]
 fn watch_exits_with_an_error_when_its_node_goes_away() {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     let node = NodeProcess::start(&[]);
     let (mut watch, printed) = background(&node, &["watch", "Alert"]);
@@ -396,17 +397,9 @@ fn watch_exits_with_an_error_when_its_node_goes_away() {
         assert!(Instant::now() < deadline, "watch printed nothing");
     }
     node.kill();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = watch.0.try_wait().expect("the watch's status") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "space watch kept waiting after its node went away"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(&mut watch.0, Duration::from_secs(30))
+        .expect("the watch's status")
+        .expect("space watch kept waiting after its node went away");
     assert_eq!(status.code(), Some(2));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut watch.0.stderr.take().expect("stderr"), &mut stderr)
@@ -414,13 +407,47 @@ fn watch_exits_with_an_error_when_its_node_goes_away() {
     assert!(stderr.contains("went away"), "{stderr}");
 }
 
+/// Presses Ctrl-C on a background `space`: its exit code, once it has exited (`None`
+/// when killed by a signal); fails if it still runs 10 s later.
+fn interrupt(watch: &mut Background) -> Option<i32> {
+    signal(watch.0.id(), Signal::Interrupt).expect("Ctrl-C");
+    let status = exit_within(&mut watch.0, Duration::from_secs(10))
+        .expect("the status of space")
+        .expect("space went on after Ctrl-C");
+    status.code()
+}
+
+/// Ctrl-C ends a watch even when it comes while the watch is busy asking its node
+/// whether it is there (the node paused, so the question waits), not only while it
+/// waits for events.
+#[test]
+fn ctrl_c_ends_a_watch_whatever_it_is_doing() {
+    let node = NodeProcess::start(&[]);
+    for args in [&["watch", "Alert"][..], &["stats", "--watch", "1s"][..]] {
+        let (mut watch, printed) = background(&node, args);
+        // Listening: the watch says so; the stats watch has printed its first line.
+        if args[0] == "watch" {
+            let mut said = BufReader::new(watch.0.stderr.take().expect("stderr")).lines();
+            said.next().expect("a line").expect("text");
+        } else {
+            printed
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a line");
+        }
+        signal(node.pid(), Signal::Stop).expect("pause the node");
+        // The watch asks every 2 s whether its node is there, the stats watch every 1 s
+        // for its counters; either question now waits for the paused node.
+        std::thread::sleep(Duration::from_secs(3));
+        let code = interrupt(&mut watch);
+        signal(node.pid(), Signal::Continue).expect("resume the node");
+        assert_eq!(code, Some(0), "space {args:?} after Ctrl-C");
+    }
+}
+
 /// `space types` lists the entry types with their counts; a watch stopped with Ctrl-C
 /// is picked up with `--resume`, and gets what was written meanwhile.
 #[test]
 fn types_and_a_watch_resumed_after_ctrl_c() {
-    use std::io::{BufRead, BufReader};
-    use std::time::Duration;
-
     let node = NodeProcess::start(&[]);
     assert_eq!(space(&node, &["types"]).status.code(), Some(1), "none yet");
 
@@ -444,13 +471,7 @@ fn types_and_a_watch_resumed_after_ctrl_c() {
         assert_eq!(event["seq"], level, "{line}");
     }
     // Ctrl-C: the watch leaves its subscription on the node and exits cleanly.
-    let interrupted = Command::new("kill")
-        .args(["-INT", &watch.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(interrupted.success());
-    let status = watch.0.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(interrupt(&mut watch), Some(0));
 
     for level in 4..=5 {
         stdout(&space(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NodeProcess, free_addrs};
+use common::{NodeProcess, Signal, free_addrs};
 use serde::{Deserialize, Serialize};
 use space_client::{ClientConfig, Query, SpaceError, connect_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -605,18 +605,11 @@ async fn a_leader_reports_each_followers_replication_lag() {
     }
 
     // Node 3 pauses: the shards node 1 leads go on without it, and it falls behind.
-    let pid = nodes[2].pid().to_string();
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-    };
-    signal("-STOP");
+    nodes[2].signal(Signal::Stop);
     let written = write(200, 200, Some(mine.iter().map(|s| (*s).clone()).collect())).await;
     assert!(written >= 20, "{written} writes to node 1's shards");
     let paused = scrape(admin).await;
-    signal("-CONT");
+    nodes[2].signal(Signal::Continue);
     let behind: f64 = mine
         .iter()
         .map(|s| {

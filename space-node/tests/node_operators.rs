@@ -5,10 +5,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use space_client::{ClientConfig, connect_with};
 use space_tests::TempDir;
+use space_tests::process::{Signal, exit_within, signal};
 
 #[derive(Serialize, Deserialize)]
 struct Job {
@@ -54,14 +56,11 @@ async fn a_node_says_how_it_runs_what_it_refuses_and_what_it_discards() {
         space.write(&Job { n }).await.unwrap();
     }
     drop(space);
-    let stopped = Command::new("kill")
-        .args(["-TERM", &node.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
+    signal(node.0.id(), Signal::Terminate).unwrap();
+    let stopped = exit_within(&mut node.0, Duration::from_secs(30)).unwrap();
     assert!(
-        node.0.wait().unwrap().success(),
-        "the node did not stop cleanly"
+        stopped.is_some_and(|s| s.success()),
+        "the node did not stop cleanly: {stopped:?}"
     );
 
     let text = std::fs::read_to_string(&log).unwrap();

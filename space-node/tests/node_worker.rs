@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
+use common::{NodeProcess, Signal};
 use serde::{Deserialize, Serialize};
 use space_client::{DeadLetter, Job, Query, Shutdown, Space, Work, WorkerReport, connect};
 
@@ -292,16 +292,10 @@ async fn a_dead_letter_write_that_meets_a_paused_node_does_not_stop_the_pool() {
             }),
     );
     assert_eq!(started.recv().await, Some(1));
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &node.pid().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(signal("-STOP").success());
+    node.signal(Signal::Stop);
     paused_tx.send(()).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(signal("-CONT").success());
+    node.signal(Signal::Continue);
     assert!(
         !pool.is_finished(),
         "the pool stopped on a node out of reach"

@@ -3,7 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -44,6 +45,62 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A signal a test sends a process.
+#[derive(Debug, Clone, Copy)]
+pub enum Signal {
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGTERM: asked to stop.
+    Terminate,
+    /// SIGSTOP: paused, as a machine that freezes.
+    Stop,
+    /// SIGCONT: resumed after [`Signal::Stop`].
+    Continue,
+}
+
+/// Sends `signal` to the process `pid`.
+///
+/// # Errors
+///
+/// When the process does not exist (any more) or may not be signalled.
+pub fn signal(pid: u32, signal: Signal) -> Result<()> {
+    let number = match signal {
+        Signal::Interrupt => libc::SIGINT,
+        Signal::Terminate => libc::SIGTERM,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Continue => libc::SIGCONT,
+    };
+    let pid = libc::pid_t::try_from(pid).context("a process id out of range")?;
+    // SAFETY: kill(2) only reads its two integer arguments.
+    if unsafe { libc::kill(pid, number) } != 0 {
+        bail!(
+            "sending {signal:?} to process {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Waits up to `limit` for `child` to exit: its status, or `None` if it still runs. A test
+/// that waits for a process this way fails, rather than hang, when the process does not
+/// end.
+///
+/// # Errors
+///
+/// When the child's status cannot be read.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= until {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -101,6 +158,15 @@ pub fn program(package: &str, target: Program<'_>) -> Result<PathBuf> {
     if release && path.exists() {
         return Ok(path);
     }
+    // One workspace build brings every debug program up to date: a test that starts
+    // programs many times (the CLI's) asks cargo once per test process, not every time.
+    static DEBUG_BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = DEBUG_BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !release && *built && path.exists() {
+        return Ok(path);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(cargo);
     // What cargo sets for the running test names its package; build scripts that watch
@@ -120,6 +186,7 @@ pub fn program(package: &str, target: Program<'_>) -> Result<PathBuf> {
     if !status.success() || !path.exists() {
         bail!("could not build {name}; run: cargo build -p {package} {kind} {name}");
     }
+    *built = !release;
     Ok(path)
 }
 

@@ -234,6 +234,65 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration such as 500ms, 5s or 1m ({e})"))
 }
 
+/// Prints one notification of a watch: a line of JSON, or of text.
+fn print_notification(n: &Notification, as_json: bool) {
+    match n {
+        Notification::Event(e) if as_json => println!(
+            "{}",
+            json!({"seq": e.seq, "node": e.node.0, "entry_type": &*e.entry_type, "key": e.key.to_string(), "kind": format!("{:?}", e.kind), "version": e.version})
+        ),
+        Notification::Event(e) => println!(
+            "#{} {:?} {} {} on {}",
+            e.seq, e.kind, e.entry_type, e.key, e.node
+        ),
+        Notification::Gap {
+            first_seq,
+            last_seq,
+        } if as_json => println!(
+            "{}",
+            json!({"gap": {"first_seq": first_seq, "last_seq": last_seq}})
+        ),
+        Notification::Gap {
+            first_seq,
+            last_seq,
+        } => println!("gap: events #{first_seq}..#{last_seq} were dropped"),
+    }
+}
+
+/// Ctrl-C, listened for from the moment [`CtrlC::listen`] returns until the program ends.
+///
+/// One pressed while the command is busy elsewhere (printing, or asking the node whether
+/// it is there) is kept for [`CtrlC::pressed`]. A `tokio::signal::ctrl_c()` made afresh
+/// for each wait would miss it, and, its handler having replaced the default, the program
+/// would go on running.
+struct CtrlC {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    signal: tokio::signal::windows::CtrlC,
+}
+
+impl CtrlC {
+    /// Starts listening for Ctrl-C (SIGINT on Unix).
+    fn listen() -> Result<Self> {
+        #[cfg(unix)]
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+        #[cfg(windows)]
+        let signal = tokio::signal::windows::ctrl_c();
+        Ok(CtrlC {
+            signal: signal.context("listening for Ctrl-C")?,
+        })
+    }
+
+    /// Waits for a Ctrl-C pressed since [`CtrlC::listen`] or the last call. Cancel-safe.
+    async fn pressed(&mut self) {
+        // `None` only once the runtime shuts down: then no Ctrl-C can come.
+        if self.signal.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// What a command found, for its exit code.
 enum Found {
     /// It did what it was asked (exit code 0).
@@ -629,63 +688,48 @@ async fn run(cli: Cli) -> Result<Found> {
                 }
             };
             let id = sub.id();
+            // Listening before the line that invites Ctrl-C, so that none is missed.
+            let mut ctrl_c = CtrlC::listen()?;
             eprintln!(
                 "watching as subscription {id}: after Ctrl-C, --resume {id} --after <the last seq seen> picks it up"
             );
-            let mut sub = Some(sub);
-            let mut seen = 0;
             // The node is asked every two seconds whether it is there: one that went away
             // ends the watch with an error, rather than a wait in silence for events that
             // cannot come.
             let mut look = tokio::time::interval(Duration::from_secs(2));
-            while let Some(watching) = sub.as_ref()
-                && count.is_none_or(|c| seen < c)
-            {
-                let next = tokio::select! {
-                    n = watching.recv_async() => n,
-                    _ = tokio::signal::ctrl_c() => {
-                        // Left on the node for a resume, not cancelled.
-                        if let Some(sub) = sub.take() {
-                            sub.detach();
+            let watching = async {
+                let mut seen = 0;
+                while count.is_none_or(|c| seen < c) {
+                    let next = tokio::select! {
+                        n = sub.recv_async() => n,
+                        _ = look.tick() => {
+                            if let Err(e) = conn.call(Request::NodeStatus).await
+                                && e.is_unreachable()
+                            {
+                                bail!("the node {} went away: {e}", cli.node);
+                            }
+                            continue;
                         }
-                        break;
-                    }
-                    _ = look.tick() => {
-                        if let Err(e) = conn.call(Request::NodeStatus).await
-                            && e.is_unreachable()
-                        {
-                            bail!("the node {} went away: {e}", cli.node);
-                        }
-                        continue;
-                    }
-                };
-                let Some(n) = next else {
-                    bail!("the subscription ended");
-                };
-                seen += 1;
-                match n {
-                    Notification::Event(e) if cli.json => println!(
-                        "{}",
-                        json!({"seq": e.seq, "node": e.node.0, "entry_type": &*e.entry_type, "key": e.key.to_string(), "kind": format!("{:?}", e.kind), "version": e.version})
-                    ),
-                    Notification::Event(e) => println!(
-                        "#{} {:?} {} {} on {}",
-                        e.seq, e.kind, e.entry_type, e.key, e.node
-                    ),
-                    Notification::Gap {
-                        first_seq,
-                        last_seq,
-                    } if cli.json => {
-                        println!(
-                            "{}",
-                            json!({"gap": {"first_seq": first_seq, "last_seq": last_seq}})
-                        )
-                    }
-                    Notification::Gap {
-                        first_seq,
-                        last_seq,
-                    } => println!("gap: events #{first_seq}..#{last_seq} were dropped"),
+                    };
+                    let Some(n) = next else {
+                        bail!("the subscription ended");
+                    };
+                    seen += 1;
+                    print_notification(&n, cli.json);
                 }
+                Ok(())
+            };
+            // Ctrl-C ends the watch whatever it was doing, and leaves the subscription on
+            // the node for a resume rather than cancel it.
+            let interrupted = tokio::select! {
+                done = watching => {
+                    done?;
+                    false
+                }
+                () = ctrl_c.pressed() => true,
+            };
+            if interrupted {
+                sub.detach();
             }
         }
         Command::Types => {
@@ -729,51 +773,56 @@ async fn run(cli: Cli) -> Result<Found> {
             }
             // A line per interval: the counters, and how the entries moved since the last.
             let mut ticks = tokio::time::interval(every);
-            let mut last: Option<(space_client::Stats, std::time::Instant)> = None;
-            let mut printed = 0;
-            while count.is_none_or(|c| printed < c) {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    _ = tokio::signal::ctrl_c() => break,
+            let mut ctrl_c = CtrlC::listen()?;
+            let watching = async {
+                let mut last: Option<(space_client::Stats, std::time::Instant)> = None;
+                let mut printed = 0;
+                while count.is_none_or(|c| printed < c) {
+                    ticks.tick().await;
+                    let Response::Stats(s) = conn.call(Request::Stats).await? else {
+                        bail!("unexpected answer")
+                    };
+                    let now = std::time::Instant::now();
+                    // Entries and requests per second since the last print.
+                    let (change, ops) = last.as_ref().map_or((0.0, 0.0), |(before, at)| {
+                        let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+                        (
+                            (s.entries as f64 - before.entries as f64) / secs,
+                            s.operations.saturating_sub(before.operations) as f64 / secs,
+                        )
+                    });
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"entries": s.entries, "bytes": s.bytes, "entry_types": s.entry_types, "waiters": s.waiters, "subscriptions": s.subscriptions, "subscriber_lag": s.subscriber_lag, "connections": s.connections, "entries_per_s": change.round(), "operations_per_s": ops.round(), "unreachable": s.unreachable})
+                        );
+                    } else {
+                        println!(
+                            "{} entries ({:+.0}/s), {:.0} ops/s, {} bytes, {} types, {} waiters, {} subscriptions (lag {}), {} connections{}",
+                            s.entries,
+                            change,
+                            ops,
+                            s.bytes,
+                            s.entry_types,
+                            s.waiters,
+                            s.subscriptions,
+                            s.subscriber_lag,
+                            s.connections,
+                            if s.unreachable.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", unreachable: {}", s.unreachable.join(", "))
+                            }
+                        );
+                    }
+                    printed += 1;
+                    last = Some((s, now));
                 }
-                let Response::Stats(s) = conn.call(Request::Stats).await? else {
-                    bail!("unexpected answer")
-                };
-                let now = std::time::Instant::now();
-                // Entries and requests per second since the last print.
-                let (change, ops) = last.as_ref().map_or((0.0, 0.0), |(before, at)| {
-                    let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
-                    (
-                        (s.entries as f64 - before.entries as f64) / secs,
-                        s.operations.saturating_sub(before.operations) as f64 / secs,
-                    )
-                });
-                if cli.json {
-                    println!(
-                        "{}",
-                        json!({"entries": s.entries, "bytes": s.bytes, "entry_types": s.entry_types, "waiters": s.waiters, "subscriptions": s.subscriptions, "subscriber_lag": s.subscriber_lag, "connections": s.connections, "entries_per_s": change.round(), "operations_per_s": ops.round(), "unreachable": s.unreachable})
-                    );
-                } else {
-                    println!(
-                        "{} entries ({:+.0}/s), {:.0} ops/s, {} bytes, {} types, {} waiters, {} subscriptions (lag {}), {} connections{}",
-                        s.entries,
-                        change,
-                        ops,
-                        s.bytes,
-                        s.entry_types,
-                        s.waiters,
-                        s.subscriptions,
-                        s.subscriber_lag,
-                        s.connections,
-                        if s.unreachable.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", unreachable: {}", s.unreachable.join(", "))
-                        }
-                    );
-                }
-                printed += 1;
-                last = Some((s, now));
+                Ok(())
+            };
+            tokio::select! {
+                done = watching => done?,
+                () = ctrl_c.pressed() => {}
             }
         }
         Command::Topology => {

@@ -7,6 +7,8 @@ pub mod replicated;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+pub use space_tests::process::Signal;
+
 /// A running node process; killed when dropped.
 pub struct NodeProcess {
     child: Child,
@@ -91,13 +93,18 @@ impl NodeProcess {
         let _ = self.child.wait();
     }
 
-    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    /// Sends the node `signal`; fails the test when it cannot.
+    pub fn signal(&self, signal: Signal) {
+        space_tests::process::signal(self.pid(), signal).expect("signal the node");
+    }
+
+    /// Sends SIGTERM and waits up to a minute for the process to exit; returns whether it
+    /// exited cleanly (a node still running then is killed, and did not).
     pub fn terminate(mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let status = self.child.wait().expect("wait");
-        status.success()
+        self.signal(Signal::Terminate);
+        space_tests::process::exit_within(&mut self.child, std::time::Duration::from_secs(60))
+            .expect("wait")
+            .is_some_and(|status| status.success())
     }
 }
 
