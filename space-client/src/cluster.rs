@@ -105,6 +105,9 @@ impl Reroutes {
 /// How often a call whose owner died asks for the topology while it waits for the
 /// owner's shard to elect its next leader.
 const DEAD_OWNER_POLL: Duration = Duration::from_millis(20);
+/// How often a listing or count that a shard without a leader left incomplete is made
+/// again, while the client's retry window lasts.
+const COVER_POLL: Duration = Duration::from_millis(100);
 /// Most times one call by query is made again on a node whose shards changed while it
 /// waited (each change ends the wait; a failover brings a burst of them).
 const MAX_ASKS: usize = 1_000;
@@ -510,25 +513,10 @@ impl Cluster {
                 .claim(query, lease, timeout)
                 .await
                 .map(Response::Claimed),
-            Request::Count(q) => {
-                let mut total = 0;
-                // A replicated cluster's nodes each count the shards they lead (a shard
-                // counted by two leaders in turn counts once).
-                let (mut by_shard, mut shard_count) = (BTreeMap::new(), 0);
-                for answer in self.gather(&Request::Count(q)).await?.0 {
-                    match answer {
-                        Response::Count(n) => total += n,
-                        Response::ShardCounts { counts, of } => {
-                            by_shard.extend(counts);
-                            shard_count = shard_count.max(of);
-                        }
-                        other => return Err(unexpected(other)),
-                    }
-                }
-                every_shard_covered(by_shard.keys(), shard_count, "count")?;
-                Ok(Response::Count(total + by_shard.values().sum::<u64>()))
+            Request::Count(q) => self.until_covered(|| self.count(q.clone())).await,
+            Request::Contents { query, .. } => {
+                self.until_covered(|| self.contents(query.clone())).await
             }
-            Request::Contents { query, .. } => self.contents(query).await,
             Request::FindFor(key) => self.owner(&key).map(Response::Node),
             Request::Stats => {
                 let (answers, unreachable) = self.gather(&Request::Stats).await?;
@@ -966,6 +954,49 @@ impl Cluster {
             Some(e) if !reached => Err(e),
             _ => Ok(got),
         }
+    }
+
+    /// Runs `attempt`, a listing or count made of what each shard's leader answers, again
+    /// while it fails [`SpaceError::Unavailable`] (a shard had no leader that could be
+    /// reached: an election under way) or [`SpaceError::WrongNode`] (a node's leadership
+    /// of a shard it listed ended, or could not be confirmed) and
+    /// [`ClientConfig::retry_for`] lasts.
+    async fn until_covered<F: Future<Output = Result<Response>>>(
+        &self,
+        attempt: impl Fn() -> F,
+    ) -> Result<Response> {
+        let until = Instant::now() + self.config.retry_for;
+        loop {
+            match attempt().await {
+                Err(SpaceError::Unavailable { .. } | SpaceError::WrongNode { .. })
+                    if Instant::now() < until =>
+                {
+                    let _ = self.refresh().await;
+                    tokio::time::sleep(COVER_POLL).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// The matches on every node, counted: each node counts the shards it leads (a
+    /// shard counted by two leaders in turn counts once); a shard no node counted makes
+    /// the count fail with [`SpaceError::Unavailable`] rather than come back short.
+    async fn count(&self, query: Query) -> Result<Response> {
+        let mut total = 0;
+        let (mut by_shard, mut shard_count) = (BTreeMap::new(), 0);
+        for answer in self.gather(&Request::Count(query)).await?.0 {
+            match answer {
+                Response::Count(n) => total += n,
+                Response::ShardCounts { counts, of } => {
+                    by_shard.extend(counts);
+                    shard_count = shard_count.max(of);
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        every_shard_covered(by_shard.keys(), shard_count, "count")?;
+        Ok(Response::Count(total + by_shard.values().sum::<u64>()))
     }
 
     /// Every match on every node (node after node, page by page).

@@ -37,7 +37,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a node may take to answer, on top of the call's own timeout.
     pub call_timeout: Duration,
-    /// How long to keep reconnecting before a call fails with `Unreachable`.
+    /// How long to keep reconnecting before a call fails with `Unreachable`; on a
+    /// replicated cluster, also how long a call follows a shard's failover (a call by key
+    /// to the shard's next leader, a count or listing until every shard has a leader)
+    /// before it fails with `Unavailable`.
     pub retry_for: Duration,
     /// Largest frame sent or accepted.
     pub max_frame: usize,

@@ -172,13 +172,24 @@ impl NodeState {
                     c
                 }),
             ),
-            Request::Count(q) => Response::ShardCounts {
-                counts: led
+            Request::Count(q) => {
+                let counts = led
                     .iter()
                     .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
-                    .collect::<Result<_, SpaceError>>()?,
-                of: shards.shard_count(),
-            },
+                    .collect::<Result<Vec<_>, SpaceError>>()?;
+                // A count is a read: a shard's count is given only once its leadership
+                // confirms it (see `ShardSet::confirm_read`); the others are left to
+                // their leaders of the moment, which the client asks too.
+                let confirmed = shards.confirm_each(&led).await;
+                Response::ShardCounts {
+                    counts: counts
+                        .into_iter()
+                        .zip(confirmed)
+                        .filter_map(|(count, confirmed)| confirmed.is_ok().then_some(count))
+                        .collect(),
+                    of: shards.shard_count(),
+                }
+            }
             Request::Contents {
                 query,
                 after,
@@ -194,6 +205,7 @@ impl NodeState {
                 let mut documents = Vec::new();
                 let mut next = None;
                 let mut listed = Vec::new();
+                let mut read_from = Vec::new();
                 for (shard, engine) in shards.serving() {
                     if shard < start {
                         continue;
@@ -207,6 +219,7 @@ impl NodeState {
                         limit - documents.len(),
                         budget,
                     )?;
+                    read_from.push((shard, engine));
                     documents.extend(page);
                     if let Some(more) = more {
                         next = Some(u64::from(shard) << SHARD_SHIFT | more);
@@ -218,6 +231,10 @@ impl NodeState {
                         break;
                     }
                 }
+                // A page is a read: given once the shards it read confirm it (see
+                // `ShardSet::confirm_read`), or not at all (the listing fails, and may be
+                // asked again).
+                shards.confirm_read(&read_from).await?;
                 Response::Page {
                     documents,
                     next,

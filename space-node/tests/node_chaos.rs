@@ -701,6 +701,29 @@ async fn a_leader_cut_off_answers_no_dirty_or_stale_read() {
         !found(&stale),
         "the cut-off leader read an entry a newer leader took: {stale:?}"
     );
+    // Counts and listings are reads too: the cut-off leader counts and lists neither the
+    // taken entry nor the uncommitted one.
+    let orders = Query::for_type("Order");
+    match cut.call(Request::Count(orders.clone())).await {
+        Ok(Response::ShardCounts { counts, .. }) => assert_eq!(
+            counts.iter().map(|(_, n)| n).sum::<u64>(),
+            0,
+            "the cut-off leader counted stale or uncommitted entries: {counts:?}"
+        ),
+        Ok(other) => panic!("a count answered {other:?}"),
+        Err(_) => {}
+    }
+    let listed = cut
+        .call(Request::Contents {
+            query: orders,
+            after: None,
+            limit: 100,
+        })
+        .await;
+    assert!(
+        !matches!(&listed, Ok(Response::Page { documents, .. }) if !documents.is_empty()),
+        "the cut-off leader listed stale or uncommitted entries: {listed:?}"
+    );
     let dirty = dirty.await.unwrap();
     assert!(
         !found(&dirty),

@@ -510,34 +510,48 @@ impl ShardSet {
     /// [`SpaceError::Unavailable`] when a shard's commit or lease cannot be confirmed in
     /// time: either way the read is not answered, and its caller asks again.
     pub async fn confirm_read(&self, used: &[(GroupId, Engine)]) -> Result<(), SpaceError> {
-        for (shard, engine) in used {
-            match tokio::time::timeout(READ_COMMIT_WAIT, engine.flush()).await {
-                Ok(committed) => committed?,
-                Err(_) => {
-                    return Err(SpaceError::Unavailable {
-                        reason: format!(
-                            "shard {shard}: what a read saw was not committed within {} ms",
-                            READ_COMMIT_WAIT.as_millis()
-                        ),
-                    });
-                }
-            }
-            let Some(member) = self.members.get(shard) else {
-                continue;
-            };
-            if let Err(e) = member
-                .raft
-                .ensure_linearizable(openraft::ReadPolicy::LeaseRead)
-                .await
-            {
+        self.confirm_each(used).await.into_iter().collect()
+    }
+
+    /// [`ShardSet::confirm_read`] shard by shard, all at once: whether each engine of
+    /// `used` confirms what was read from it, in `used`'s order. For an answer made of
+    /// parts per shard (a count), which keeps the confirmed parts and leaves the others
+    /// to their shards' leaders of the moment. Cancel-safe.
+    pub async fn confirm_each(&self, used: &[(GroupId, Engine)]) -> Vec<Result<(), SpaceError>> {
+        futures::future::join_all(
+            used.iter()
+                .map(|(shard, engine)| self.confirm(*shard, engine)),
+        )
+        .await
+    }
+
+    /// Confirms a read of `shard` from its serving `engine` (see
+    /// [`ShardSet::confirm_read`]).
+    async fn confirm(&self, shard: GroupId, engine: &Engine) -> Result<(), SpaceError> {
+        match tokio::time::timeout(READ_COMMIT_WAIT, engine.flush()).await {
+            Ok(committed) => committed?,
+            Err(_) => {
                 return Err(SpaceError::Unavailable {
                     reason: format!(
-                        "shard {shard}: this node's leadership cannot be confirmed for a read: {e}"
+                        "shard {shard}: what a read saw was not committed within {} ms",
+                        READ_COMMIT_WAIT.as_millis()
                     ),
                 });
             }
         }
-        Ok(())
+        let Some(member) = self.members.get(&shard) else {
+            return Ok(());
+        };
+        member
+            .raft
+            .ensure_linearizable(openraft::ReadPolicy::LeaseRead)
+            .await
+            .map(|_| ())
+            .map_err(|e| SpaceError::Unavailable {
+                reason: format!(
+                    "shard {shard}: this node's leadership cannot be confirmed for a read: {e}"
+                ),
+            })
     }
 
     /// The shards this node replicates.
