@@ -41,6 +41,9 @@ use crate::subscriber::{self, Endpoint, FEED_CAPACITY, Feed, FeedState, Spec};
 
 /// A document to write, with its user key if it has one.
 type NewEntry = (space_core::Fields, Option<Key>);
+/// Where part of a write goes: a node, and on a replicated cluster the shard of its
+/// keyed entries.
+type WriteTarget = (String, Option<u32>);
 
 /// How long a claim taken on behalf of a cross-node take may live before it is committed.
 const TAKE_CLAIM_LEASE: Duration = Duration::from_secs(30);
@@ -591,8 +594,13 @@ impl Cluster {
         labels: Vec<(String, String)>,
     ) -> Result<Response> {
         // Group by target node: keyed entries by their owner, keyless ones together, on a
-        // node chosen in turn, or by FindPlaceFor when labels are asked for.
-        let mut groups: HashMap<String, Vec<(usize, NewEntry)>> = HashMap::new();
+        // node chosen in turn, or by FindPlaceFor when labels are asked for. On a
+        // replicated cluster keyed entries are grouped by shard too: each shard's part is
+        // a request of its own, which follows its shard's leader across a failover and,
+        // sent again, is answered from the shard's replicated answers, so a batch is
+        // completed shard by shard whatever leaders change meanwhile.
+        let sharded = self.topology.read().shards > 0;
+        let mut groups: HashMap<WriteTarget, Vec<(usize, NewEntry)>> = HashMap::new();
         let keyless = if labels.is_empty() {
             self.next_node()
         } else {
@@ -609,19 +617,30 @@ impl Cluster {
             }
         };
         for (i, (fields, key)) in entries.into_iter().enumerate() {
-            let addr = match &key {
-                Some(k) => self.owner_addr(k)?,
-                None => keyless.clone(),
+            let target = match &key {
+                Some(k) => (
+                    self.owner_addr(k)?,
+                    sharded.then(|| self.topology.read().shard_of(k)).flatten(),
+                ),
+                None => (keyless.clone(), None),
             };
-            groups.entry(addr).or_default().push((i, (fields, key)));
+            groups.entry(target).or_default().push((i, (fields, key)));
         }
-        let mut receipts = Vec::new();
-        for (addr, group) in groups {
+        // The groups are written at once; each is tried whatever became of the others.
+        let written = futures::future::join_all(groups.into_iter().map(|((addr, _), group)| {
             let (positions, batch): (Vec<usize>, Vec<_>) = group.into_iter().unzip();
-            let got = self
-                .write_group(&addr, &entry_type, &indexes, batch, lease, &labels)
-                .await?;
-            receipts.extend(positions.into_iter().zip(got));
+            let (entry_type, indexes, labels) = (&entry_type, &indexes, &labels);
+            async move {
+                let got = self
+                    .write_group(&addr, entry_type, indexes, batch, lease, labels)
+                    .await?;
+                Ok::<_, SpaceError>(positions.into_iter().zip(got))
+            }
+        }))
+        .await;
+        let mut receipts = Vec::new();
+        for group in written {
+            receipts.extend(group?);
         }
         receipts.sort_by_key(|(i, _)| *i);
         Ok(Response::Receipts(

@@ -62,6 +62,26 @@ pub fn range_of(key: &Key) -> u32 {
     hash32(key) >> 22
 }
 
+/// The first range of shard `shard` when the ranges are grouped into `shards` shards
+/// (between 1 and [`RANGES`]) of consecutive ranges: `shard * RANGES / shards`, so shard
+/// `s` holds the ranges from its first up to the next shard's first.
+pub fn first_range_of_shard(shard: u32, shards: u32) -> u32 {
+    (u64::from(shard) * u64::from(RANGES) / u64::from(shards.max(1))) as u32
+}
+
+/// The shard holding `range` when the ranges are grouped into `shards` shards (see
+/// [`first_range_of_shard`]).
+pub fn shard_of_range(range: u32, shards: u32) -> u32 {
+    // The last shard whose first range, floor(s * R / S), is at or below `range`:
+    // s * R < (range + 1) * S, so s = ceil((range + 1) * S / R) - 1.
+    let (r, s, n) = (
+        u64::from(range.min(RANGES - 1)),
+        u64::from(shards.max(1)),
+        u64::from(RANGES),
+    );
+    (((r + 1) * s).div_ceil(n) - 1) as u32
+}
+
 /// A set of ranges (one flag per range).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RangeSet(pub Vec<bool>);

@@ -37,13 +37,14 @@ use crate::notify::{EventKinds, Notification};
 /// The first bytes of every handshake.
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks (peers too: a shard's commands between nodes
-/// carry the time their leader decided them since version 9).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// carry the time their leader decided them since version 9; a topology names its shard
+/// count since version 10).
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
-pub use crate::hash::{RANGES, RangeSet, range_of};
+pub use crate::hash::{RANGES, RangeSet, first_range_of_shard, range_of, shard_of_range};
 
 pub use crate::document::RequestId;
 
@@ -113,6 +114,10 @@ pub struct Topology {
     /// shard elects a new leader within about a second, so a call to a dead primary is
     /// worth making again; on a static cluster the range waits for its node.
     pub failover: bool,
+    /// A replicated cluster's shards: its ranges are grouped into this many runs (see
+    /// [`shard_of_range`]), each owned by its shard's leader. 0 on a static cluster,
+    /// whose ranges are not grouped.
+    pub shards: u32,
 }
 
 impl Topology {
@@ -128,7 +133,13 @@ impl Topology {
             nodes,
             owners,
             failover: false,
+            shards: 0,
         }
+    }
+
+    /// The shard of `key`'s range on a replicated cluster; `None` on a static one.
+    pub fn shard_of(&self, key: &Key) -> Option<u32> {
+        (self.shards > 0).then(|| shard_of_range(range_of(key), self.shards))
     }
 
     /// The index in `nodes` of the primary of `range`.

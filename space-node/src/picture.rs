@@ -163,6 +163,7 @@ impl Painter {
             nodes: Vec::new(),
             owners: Vec::new(),
             failover: false,
+            shards: 0,
         });
         let me = topology
             .nodes

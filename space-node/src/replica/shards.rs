@@ -11,7 +11,10 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use space_core::server::{Answer, Engine, LogHost};
-use space_core::wire::{NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology, range_of};
+use space_core::wire::{
+    NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology, first_range_of_shard, range_of,
+    shard_of_range,
+};
 use space_core::{EngineConfig, Key, NodeId, SpaceError};
 
 use super::{
@@ -99,20 +102,12 @@ impl Layout {
 
     /// The ranges shard `shard` holds.
     pub fn ranges_of(&self, shard: GroupId) -> std::ops::Range<u32> {
-        let at = |s: u32| (u64::from(s) * u64::from(RANGES) / u64::from(self.shards)) as u32;
-        at(shard)..at(shard + 1)
+        first_range_of_shard(shard, self.shards)..first_range_of_shard(shard + 1, self.shards)
     }
 
     /// The shard holding range `range`.
     pub fn shard_of_range(&self, range: u32) -> GroupId {
-        // The last shard whose first range, floor(s * R / S), is at or below `range`:
-        // s * R < (range + 1) * S, so s = ceil((range + 1) * S / R) - 1.
-        let (r, s, n) = (
-            u64::from(range.min(RANGES - 1)),
-            u64::from(self.shards),
-            u64::from(RANGES),
-        );
-        (((r + 1) * s).div_ceil(n) - 1) as GroupId
+        shard_of_range(range, self.shards)
     }
 
     /// The members that replicate shard `shard`, the first one first.
@@ -381,6 +376,7 @@ impl ShardSet {
             owners,
             // With one replica, a shard whose node is lost has nobody to elect.
             failover: self.layout.replication > 1,
+            shards: self.layout.shards,
         }
     }
 

@@ -31,6 +31,11 @@ pub const SHARDS: &str = "8";
 
 /// Starts node `addr` of `cluster` on `dir` (or restarts it from there).
 pub fn start(addr: &str, dir: &TempDir, cluster: &str) -> NodeProcess {
+    start_with_shards(addr, dir, cluster, SHARDS)
+}
+
+/// [`start`] for a cluster of `shards` shards.
+pub fn start_with_shards(addr: &str, dir: &TempDir, cluster: &str, shards: &str) -> NodeProcess {
     NodeProcess::start_at(
         addr,
         &[
@@ -39,7 +44,7 @@ pub fn start(addr: &str, dir: &TempDir, cluster: &str) -> NodeProcess {
             "--initial-cluster",
             cluster,
             "--shards",
-            SHARDS,
+            shards,
         ],
     )
 }
