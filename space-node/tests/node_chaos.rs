@@ -532,10 +532,15 @@ async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
         conn.call_with_id(id, write_order(key.clone())),
     )
     .await;
+    // Not answered, or answered that nothing was done (the shard's leadership moved or
+    // ended here just then): never acknowledged.
     assert!(
-        first.is_err(),
-        "a write was answered without its peers: {first:?}"
+        !matches!(first, Ok(Ok(Response::Receipts(_)))),
+        "a write was acknowledged without its peers: {first:?}"
     );
+    if let Ok(answer) = &first {
+        eprintln!("the first run was answered at once: {answer:?}");
+    }
     let retry = tokio::time::timeout(
         Duration::from_secs(2),
         conn.call_with_id(id, write_order(key)),
