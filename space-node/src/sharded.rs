@@ -43,6 +43,15 @@ impl NodeState {
         request: Request,
         budget: usize,
     ) -> Finished {
+        if let Request::WriteDirect {
+            entry_type,
+            indexes,
+            ..
+        } = &request
+            && !indexes.is_empty()
+        {
+            shards.declare_indexes(entry_type, indexes)?;
+        }
         if let Some(key) = request.routing_key() {
             let engine = serving_for(shards, key)?;
             return self.handle_on(&engine, request, budget).await;
@@ -65,12 +74,13 @@ impl NodeState {
         };
         let serving: Vec<Engine> = led.iter().map(|(_, e)| e.clone()).collect();
         let answer = match request {
+            // Its indexes were declared on every led shard above.
             Request::WriteDirect {
                 entry_type,
-                indexes,
                 entries,
                 lease,
                 labels,
+                ..
             } => {
                 self.check_labels(&labels)?;
                 // Keyed entries go to their shard, keyless ones to the shard whose turn
@@ -115,9 +125,6 @@ impl NodeState {
                 }
                 let mut receipts = Vec::new();
                 for (engine, batch) in groups {
-                    for field in &indexes {
-                        engine.create_index(&entry_type, field)?;
-                    }
                     let (positions, batch): (Vec<usize>, Vec<NewEntry>) = batch.into_iter().unzip();
                     let written = engine.write_all(&entry_type, &[], batch, lease)?;
                     receipts.extend(positions.into_iter().zip(written));

@@ -581,6 +581,23 @@ impl ShardSet {
             .collect()
     }
 
+    /// Indexes `fields` of `entry_type` in every shard this node leads. A client declares
+    /// a type's indexes with its first write to a node, which goes to one shard: the
+    /// others led here get them too (through their logs, so their replicas, and the next
+    /// leaders that start from them, have them as well).
+    ///
+    /// # Errors
+    /// As [`Engine::create_index`]: a field no query could address, or a shard full of
+    /// types.
+    pub fn declare_indexes(&self, entry_type: &str, fields: &[String]) -> Result<(), SpaceError> {
+        for (_, engine) in self.serving() {
+            for field in fields {
+                engine.create_index(entry_type, field)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The first answer request `id` got, if a shard this node serves keeps it, with
     /// that shard and its serving engine: a request retried on a new leader is answered
     /// from here rather than run again. The serving engine's answers include changes not

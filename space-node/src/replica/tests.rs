@@ -1335,3 +1335,27 @@ async fn a_proposal_refused_while_the_lease_ran_out_is_never_acknowledged() {
         m.stop().await;
     }
 }
+
+/// A type's indexes, declared with a client's first write to a node (which goes to one
+/// shard), reach every shard the node leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
+    let nodes = sharded_cluster(1, 4, 1).await;
+    all_served(&nodes, 4).await;
+    nodes[0]
+        .set
+        .declare_indexes("Order", &["status".to_owned()])
+        .unwrap();
+    let led = nodes[0].set.serving();
+    assert_eq!(led.len(), 4);
+    for (shard, engine) in led {
+        let digest = engine.state_digest();
+        assert!(
+            digest.contains(r#"type Order next 0 indexes ["status"]"#),
+            "shard {shard}: {digest}"
+        );
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
