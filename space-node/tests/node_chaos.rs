@@ -462,9 +462,9 @@ async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
 /// Two keys of two different shards the node at `addr` leads, as `conn`'s node sees the
 /// topology once every shard has a leader.
 async fn keys_led_by(conn: &Arc<space_client::Connection>, addr: &str) -> [Key; 2] {
-    use space_client::wire::{Request, Response, range_of};
+    use space_client::wire::{Request, Response, range_of, shard_of_range};
     let shards: u32 = SHARDS.parse().unwrap();
-    let shard_of = |k: &Key| range_of(k) * shards / 1024;
+    let shard_of = |k: &Key| shard_of_range(range_of(k), shards);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Response::Topology(t)) = conn.call(Request::Topology).await {

@@ -639,7 +639,9 @@ async fn a_write_to_a_shard_without_quorum_fails_typed_within_the_deadline() {
     let led_by_1 = shards_led_by(&addrs[0], NodeId(1)).await;
     assert!(!led_by_1.is_empty(), "node 1 leads a shard");
     let shards: u32 = SHARDS.parse().unwrap();
-    let shard_of = |number: &str| space_client::wire::range_of(&number.to_key()) * shards / 1024;
+    let shard_of = |number: &str| {
+        space_client::wire::shard_of_range(space_client::wire::range_of(&number.to_key()), shards)
+    };
     let mut mine = Vec::new();
     let mut theirs = Vec::new();
     for i in 0.. {

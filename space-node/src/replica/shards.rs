@@ -587,12 +587,16 @@ impl ShardSet {
     /// leaders that start from them, have them as well).
     ///
     /// # Errors
-    /// As [`Engine::create_index`]: a field no query could address, or a shard full of
-    /// types.
+    /// [`SpaceError::Query`] for a field no query could address. A shard full of types is
+    /// passed over: the write that goes there fails on its own when it adds the type, and
+    /// one that goes elsewhere is no reason to fail.
     pub fn declare_indexes(&self, entry_type: &str, fields: &[String]) -> Result<(), SpaceError> {
         for (_, engine) in self.serving() {
             for field in fields {
-                engine.create_index(entry_type, field)?;
+                match engine.create_index(entry_type, field) {
+                    Ok(()) | Err(SpaceError::Full { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())

@@ -855,6 +855,16 @@ impl TestNode {
 
 /// Starts `n` nodes holding `shards` shards of `replication` replicas, and creates them.
 async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestNode> {
+    sharded_cluster_of(n, shards, replication, EngineConfig::default()).await
+}
+
+/// [`sharded_cluster`] whose engines are configured by `engine`.
+async fn sharded_cluster_of(
+    n: usize,
+    shards: u32,
+    replication: usize,
+    engine: EngineConfig,
+) -> Vec<TestNode> {
     let mut listeners = Vec::new();
     for _ in 0..n {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -877,7 +887,7 @@ async fn sharded_cluster(n: usize, shards: u32, replication: usize) -> Vec<TestN
             &host,
             &router,
             settings.clone(),
-            EngineConfig::default(),
+            engine.clone(),
         )
         .await
         .unwrap();
@@ -1337,18 +1347,30 @@ async fn a_proposal_refused_while_the_lease_ran_out_is_never_acknowledged() {
 }
 
 /// A type's indexes, declared with a client's first write to a node (which goes to one
-/// shard), reach every shard the node leads.
+/// shard), reach every shard the node leads; one shard full of types does not keep them
+/// from the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
-    let nodes = sharded_cluster(1, 4, 1).await;
+    let mut engine = EngineConfig::default();
+    engine.max_entry_types = Some(1);
+    let nodes = sharded_cluster_of(1, 4, 1, engine).await;
     all_served(&nodes, 4).await;
+    let (full, engine) = nodes[0].set.serving().remove(0);
+    engine
+        .write(
+            "Other",
+            space_core::Fields::new(),
+            None,
+            space_core::Lease::Forever,
+        )
+        .unwrap();
     nodes[0]
         .set
         .declare_indexes("Order", &["status".to_owned()])
         .unwrap();
     let led = nodes[0].set.serving();
     assert_eq!(led.len(), 4);
-    for (shard, engine) in led {
+    for (shard, engine) in led.into_iter().filter(|(s, _)| *s != full) {
         let digest = engine.state_digest();
         assert!(
             digest.contains(r#"type Order next 0 indexes ["status"]"#),
