@@ -33,7 +33,15 @@ async fn first_across<T: Send + 'static>(
             return Ok(Some((i, got)));
         }
     }
-    if timeout.is_zero() || engines.is_empty() {
+    if timeout.is_zero() {
+        return Ok(None);
+    }
+    if engines.is_empty() {
+        // A node that leads no shard now (an election under way, or its shards not
+        // formed yet) has nothing to wait on but its time: answering at once would end
+        // a blocking call that its caller meant to wait. Its caller races the wait with
+        // the node's leaderships changing, and asks again when they do.
+        tokio::time::sleep(timeout).await;
         return Ok(None);
     }
     // Waiting on all of them.
@@ -168,6 +176,24 @@ mod tests {
 
     fn held(engines: &[Engine]) -> Vec<u64> {
         engines.iter().map(|e| e.stats().entries).collect()
+    }
+
+    #[tokio::test]
+    async fn a_wait_on_no_engine_lasts_its_timeout() {
+        // A node leading no shard still holds a blocking call for its time (its caller
+        // ends it when the node's leaderships change), rather than answering "nothing".
+        let jobs = Query::new("Job", Filter::All);
+        let wait = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let claimed = claim_across(&[], &jobs, Lease::Forever, wait)
+            .await
+            .unwrap();
+        assert!(claimed.is_none());
+        assert!(
+            started.elapsed() >= wait,
+            "answered after {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
