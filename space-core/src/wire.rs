@@ -38,8 +38,8 @@ use crate::notify::{EventKinds, Notification};
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks (peers too: a shard's commands between nodes
 /// carry the time their leader decided them since version 9; a topology names its shard
-/// count since version 10).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// count since version 10; a node tells of its cluster's meta group since version 11).
+pub const PROTOCOL_VERSION: u16 = 11;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
@@ -176,6 +176,26 @@ pub struct ShardInfo {
     pub leader: Option<NodeId>,
     /// Its Raft term as the node asked knows it (0: it does not replicate the shard).
     pub term: u64,
+}
+
+/// A replicated cluster's meta group, as one node sees it: the Raft group, on every node,
+/// that holds the cluster's layout (its nodes, shards, their ranges and replicas). Shard
+/// groups are formed only from the layout it committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaGroupInfo {
+    /// Its voting members.
+    pub voters: Vec<NodeId>,
+    /// Its other members, which replicate it without voting.
+    pub learners: Vec<NodeId>,
+    /// Its leader, when the node asked knows it.
+    pub leader: Option<NodeId>,
+    /// Its Raft term as the node asked knows it.
+    pub term: u64,
+    /// The version of the layout it committed, as the node asked has applied it (0: none
+    /// applied yet, and the node's shards are not formed).
+    pub layout_version: u64,
+    /// The committed layout's fingerprint (0 while none is applied).
+    pub layout_fingerprint: u64,
 }
 
 /// A node's state, as its peers see it (for placement).
@@ -341,6 +361,9 @@ pub enum Request {
     /// A replicated cluster's shards, as the node asked sees them (none from a node that
     /// is not replicated).
     Shards,
+    /// A replicated cluster's meta group (the Raft group holding its layout), as the node
+    /// asked sees it (none from a node that is not replicated).
+    MetaGroup,
 }
 
 impl Request {
@@ -371,6 +394,7 @@ impl Request {
             Request::NodeStatus => "node_status",
             Request::Stats => "stats",
             Request::Shards => "shards",
+            Request::MetaGroup => "meta_group",
         }
     }
 
@@ -387,6 +411,7 @@ impl Request {
                 | Request::NodeStatus
                 | Request::Stats
                 | Request::Shards
+                | Request::MetaGroup
                 | Request::Revoke(_)
         )
     }
@@ -528,6 +553,8 @@ pub enum Response {
     Stats(Stats),
     /// A replicated cluster's shards.
     Shards(Vec<ShardInfo>),
+    /// A replicated cluster's meta group (none from a node that is not replicated).
+    MetaGroup(Option<MetaGroupInfo>),
     /// A replicated node's answer to a revoke: the shards it leads, where what the revoked
     /// request did is given back (committed), of how many shards in all.
     Revoked {

@@ -651,8 +651,9 @@ impl NodeState {
                 Response::Done
             }
             Request::Topology => Response::Topology(cluster.topology()),
-            // Not a replicated node: no shards.
+            // Not a replicated node: no shards, no meta group.
             Request::Shards => Response::Shards(Vec::new()),
+            Request::MetaGroup => Response::MetaGroup(None),
             Request::Schema(entry_type) => Response::Schema(engine.schema(&entry_type)),
             Request::NodeStatus => Response::NodeStatus(self.status()),
             Request::Stats => Response::Stats(Stats {

@@ -262,6 +262,7 @@ impl NodeState {
             }
             Request::Topology => Response::Topology(shards.topology()),
             Request::Shards => Response::Shards(shards.shard_infos()),
+            Request::MetaGroup => Response::MetaGroup(Some(shards.meta_group())),
             Request::Schema(entry_type) => {
                 // What the shards led here learned; the first kind seen wins.
                 let mut fields = std::collections::BTreeMap::new();

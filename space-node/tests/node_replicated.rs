@@ -108,6 +108,15 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
     let shown: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     assert_eq!(shown["shards"].as_array().map(Vec::len), Some(8), "{shown}");
     assert!(shown["shards"][0]["leader"].is_u64(), "{shown}");
+    // The meta group holds the layout the shards were formed from; it elected a leader
+    // among the two left if it had lost its own.
+    let meta = &shown["meta_group"];
+    assert_eq!(meta["voters"], serde_json::json!([1, 2, 3]), "{shown}");
+    assert_eq!(meta["layout_version"], 1, "{shown}");
+    assert!(
+        meta["leader"] == 1 || meta["leader"] == 2,
+        "the meta group's leader: {shown}"
+    );
 
     // It comes back from its directory alone and catches up.
     nodes[2] = Some(NodeProcess::start_at(
@@ -116,6 +125,13 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
     ));
     let verdict = clean_within(&space, &history, Duration::from_secs(40)).await;
     assert!(verdict.is_clean(), "after the restart: {verdict:?}");
+    let restarted = Connection::open(&addrs[2], ClientConfig::default())
+        .await
+        .unwrap();
+    match restarted.call(Request::MetaGroup).await.unwrap() {
+        Response::MetaGroup(Some(meta)) => assert_eq!(meta.layout_version, 1, "{meta:?}"),
+        other => panic!("a replicated node tells of its meta group: {other:?}"),
+    }
 
     // Its preferred shards' leadership comes back to it: leaders spread evenly again
     // (8 shards on 3 nodes: 3, 3 and 2).

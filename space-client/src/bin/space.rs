@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use space_client::wire::{Request, Response, ShardInfo, Target, Topology};
+use space_client::wire::{MetaGroupInfo, Request, Response, ShardInfo, Target, Topology};
 use space_client::{
     ClientConfig, Cluster, EventKind, EventKinds, Key, Lease, NodeId, Notification, Query,
     QueryError,
@@ -356,7 +356,29 @@ fn ids(nodes: &[NodeId]) -> String {
         .join(",")
 }
 
-fn print_topology(t: &Topology, shards: &[ShardInfo], as_json: bool) {
+/// The meta group as one line: `meta group: leader 1, term 2, voters 1,2,3, learners 4,
+/// layout version 1`.
+fn meta_line(m: &MetaGroupInfo) -> String {
+    let leader = m
+        .leader
+        .map_or_else(|| "unknown".to_owned(), |n| n.0.to_string());
+    let layout = match m.layout_version {
+        0 => "no layout applied yet".to_owned(),
+        v => format!("layout version {v} ({:016x})", m.layout_fingerprint),
+    };
+    let learners = if m.learners.is_empty() {
+        String::new()
+    } else {
+        format!(", learners {}", ids(&m.learners))
+    };
+    format!(
+        "meta group: leader {leader}, term {}, voters {}{learners}, {layout}",
+        m.term,
+        ids(&m.voters)
+    )
+}
+
+fn print_topology(t: &Topology, shards: &[ShardInfo], meta: Option<&MetaGroupInfo>, as_json: bool) {
     // Ranges as runs: first..=last owned by one node.
     let mut runs: Vec<(usize, usize, u32)> = Vec::new();
     for (range, &owner) in t.owners.iter().enumerate() {
@@ -387,13 +409,26 @@ fn print_topology(t: &Topology, shards: &[ShardInfo], as_json: bool) {
                 })
             })
             .collect();
+        let meta = meta.map(|m| {
+            json!({
+                "leader": m.leader.map(|n| n.0),
+                "term": m.term,
+                "voters": m.voters.iter().map(|n| n.0).collect::<Vec<_>>(),
+                "learners": m.learners.iter().map(|n| n.0).collect::<Vec<_>>(),
+                "layout_version": m.layout_version,
+                "layout_fingerprint": format!("{:016x}", m.layout_fingerprint),
+            })
+        });
         println!(
             "{}",
-            json!({"epoch": t.epoch, "nodes": nodes, "shards": shards})
+            json!({"epoch": t.epoch, "nodes": nodes, "shards": shards, "meta_group": meta})
         );
         return;
     }
     println!("epoch {}", t.epoch);
+    if let Some(m) = meta {
+        println!("{}", meta_line(m));
+    }
     for (i, n) in t.nodes.iter().enumerate() {
         let owned: Vec<String> = runs
             .iter()
@@ -833,7 +868,10 @@ async fn run(cli: Cli) -> Result<Found> {
             let Response::Shards(shards) = conn.call(Request::Shards).await? else {
                 bail!("unexpected answer")
             };
-            print_topology(&t, &shards, cli.json);
+            let Response::MetaGroup(meta) = conn.call(Request::MetaGroup).await? else {
+                bail!("unexpected answer")
+            };
+            print_topology(&t, &shards, meta.as_ref(), cli.json);
         }
         Command::Ping => {
             let started = std::time::Instant::now();

@@ -14,6 +14,7 @@
 mod across;
 mod leader;
 mod log_store;
+mod meta;
 mod peer;
 pub(crate) mod relay;
 mod shards;
@@ -29,6 +30,7 @@ use space_core::server::LogHost;
 pub use across::{claim_across, read_across, take_across};
 pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
+pub use meta::{CommittedLayout, META_GROUP, MetaGroup};
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
 pub use shards::{Layout, ShardProgress, ShardSet, rebalance};

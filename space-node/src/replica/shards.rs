@@ -12,11 +12,12 @@ use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use space_core::server::{Answer, Engine, LogHost};
 use space_core::wire::{
-    NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology, first_range_of_shard, range_of,
-    shard_of_range,
+    MetaGroupInfo, NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology,
+    first_range_of_shard, range_of, shard_of_range,
 };
 use space_core::{EngineConfig, Key, NodeId, SpaceError};
 
+use super::meta::{META_GROUP, MetaGroup};
 use super::{
     GroupId, GroupMember, Groups, Member, MemberId, PeerRouter, ReplicaError, ServingChanges,
 };
@@ -206,11 +207,13 @@ pub struct ShardProgress {
     pub followers: Vec<(MemberId, u64)>,
 }
 
-/// A node's members of every shard it replicates, on one log host (one write-ahead log
-/// and one timer thread for all of them) and one peer router.
+/// A node's members of every shard it replicates and of the meta group, on one log host
+/// (one write-ahead log and one timer thread for all of them) and one peer router.
 pub struct ShardSet {
     layout: Layout,
     me: MemberId,
+    /// The group holding the layout: shards are formed from what it committed.
+    meta: MetaGroup,
     members: BTreeMap<GroupId, GroupMember>,
     groups: Groups,
     changes: ServingChanges,
@@ -241,6 +244,9 @@ impl ShardSet {
         }
         let groups = Groups::default();
         let changes = ServingChanges::default();
+        let meta =
+            MetaGroup::start(&layout, me, host, router, raft.clone(), engine.clone()).await?;
+        groups.insert(META_GROUP, meta.member().raft.clone());
         let mut members = BTreeMap::new();
         for shard in 0..layout.shards {
             if !layout.replicas(shard).contains(&me) {
@@ -260,6 +266,7 @@ impl ShardSet {
         Ok(ShardSet {
             layout,
             me,
+            meta,
             members,
             groups,
             changes,
@@ -273,15 +280,21 @@ impl ShardSet {
         &self.changes
     }
 
-    /// Creates the shards this member is first replica of (each becomes a Raft group of
-    /// its replicas, and this member campaigns first, so first leaders spread like first
-    /// replicas). A shard already created is left as it is.
+    /// Creates the meta group when this member is its first voter, waits until the meta
+    /// group has committed the layout and this node's replica of it has applied it (as
+    /// long as that takes: a quorum of the meta group's voters must be up), then creates
+    /// the shards this member is first replica of (each becomes a Raft group of its
+    /// replicas, and this member campaigns first, so first leaders spread like first
+    /// replicas). A group already created is left as it is. Cancel-safe.
     ///
     /// # Errors
-    /// [`ReplicaError::Raft`] when Raft refuses for another reason.
+    /// [`ReplicaError::Layout`] when the meta group committed a layout other than this
+    /// node's; [`ReplicaError::Raft`] when Raft refuses for another reason.
     pub async fn create(&self) -> Result<(), ReplicaError> {
+        self.meta.create().await?;
+        let agreed = self.meta.agreed().await?;
         for (shard, member) in &self.members {
-            let replicas = self.layout.replicas(*shard);
+            let replicas = agreed.layout.replicas(*shard);
             if replicas.first() != Some(&self.me) {
                 continue;
             }
@@ -291,7 +304,7 @@ impl ShardSet {
                     (
                         *id,
                         Member {
-                            addr: self.layout.address(*id).unwrap_or_default().to_owned(),
+                            addr: agreed.layout.address(*id).unwrap_or_default().to_owned(),
                         },
                     )
                 })
@@ -314,6 +327,11 @@ impl ShardSet {
     /// The layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The meta group, as this node sees it.
+    pub fn meta_group(&self) -> MetaGroupInfo {
+        self.meta.info()
     }
 
     /// The groups, for the peer service to reach them.
@@ -784,17 +802,19 @@ impl ShardSet {
         handed
     }
 
-    /// Stops every member (Raft and serving engines).
+    /// Stops every member (Raft and serving engines), the meta group's too.
     pub async fn stop(&self) {
         for member in self.members.values() {
             let _ = member.raft.shutdown().await;
         }
+        self.meta.stop().await;
     }
 }
 
 /// Hands leaderships back to their preferred leaders for as long as `set` runs: a node
 /// that comes back after a failover moved its shards away gets its share of leaders
-/// back, one shard per [`REBALANCE_EVERY`] from each node that holds more.
+/// back, one shard per [`REBALANCE_EVERY`] from each node that holds more. Also does the
+/// meta group leader's part when this node leads it (see `MetaGroup::tend`).
 pub async fn rebalance(set: Weak<ShardSet>) {
     let mut ready = BTreeMap::new();
     loop {
@@ -802,6 +822,7 @@ pub async fn rebalance(set: Weak<ShardSet>) {
         let Some(set) = set.upgrade() else {
             return;
         };
+        set.meta.tend().await;
         if let Some((shard, to)) = set.hand_back_one(&mut ready).await {
             tracing::info!(
                 shard,

@@ -865,6 +865,23 @@ async fn sharded_cluster_of(
     replication: usize,
     engine: EngineConfig,
 ) -> Vec<TestNode> {
+    let (layout, listeners) = sharded_layout(n, shards, replication).await;
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        nodes.push(start_sharded_node(&layout, i, listener, engine.clone()).await);
+    }
+    for node in &nodes {
+        node.set.create().await.unwrap();
+    }
+    nodes
+}
+
+/// A layout of `n` nodes on loopback, with the listeners its nodes are to serve peers on.
+async fn sharded_layout(
+    n: usize,
+    shards: u32,
+    replication: usize,
+) -> (super::Layout, Vec<tokio::net::TcpListener>) {
     let mut listeners = Vec::new();
     for _ in 0..n {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -874,44 +891,114 @@ async fn sharded_cluster_of(
         .map(|l| l.local_addr().unwrap().to_string())
         .collect();
     let layout = super::Layout::new(addrs, shards, replication).unwrap();
+    (layout, listeners)
+}
+
+/// Starts node `i` (member `i + 1`) of `layout`, serving peers on `listener`; its groups
+/// are not created.
+async fn start_sharded_node(
+    layout: &super::Layout,
+    i: usize,
+    listener: tokio::net::TcpListener,
+    engine: EngineConfig,
+) -> TestNode {
     let settings = super::raft_settings(super::SNAPSHOT_AFTER_ENTRIES).unwrap();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let dir = TempDir::new("sharded");
-        let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
-        layout.save(&dir.0).unwrap();
-        let router = super::PeerRouter::new(None, layout.fingerprint());
-        let set = super::ShardSet::start(
-            layout.clone(),
-            i as u64 + 1,
-            &host,
-            &router,
-            settings.clone(),
-            engine.clone(),
-        )
-        .await
-        .unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let door = super::PeerDoor {
-            token: None,
-            node: space_core::NodeId(i as u64 + 1),
-            max_connections: 64,
-            cluster: layout.fingerprint(),
-        };
-        tokio::spawn(super::serve_peers(listener, set.groups(), door, async {
-            let _ = stopped.await;
-        }));
-        nodes.push(TestNode {
-            set: Arc::new(set),
-            stop: Some(stop),
-            _host: host,
-            _dir: dir,
-        });
+    let dir = TempDir::new("sharded");
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
+    layout.save(&dir.0).unwrap();
+    let router = super::PeerRouter::new(None, layout.fingerprint());
+    let set = super::ShardSet::start(
+        layout.clone(),
+        i as u64 + 1,
+        &host,
+        &router,
+        settings,
+        engine,
+    )
+    .await
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let door = super::PeerDoor {
+        token: None,
+        node: space_core::NodeId(i as u64 + 1),
+        max_connections: 64,
+        cluster: layout.fingerprint(),
+    };
+    tokio::spawn(super::serve_peers(listener, set.groups(), door, async {
+        let _ = stopped.await;
+    }));
+    TestNode {
+        set: Arc::new(set),
+        stop: Some(stop),
+        _host: host,
+        _dir: dir,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_are_formed_only_from_the_layout_the_meta_group_committed() {
+    use std::time::Duration;
+    const SHARDS: u32 = 8;
+    let (layout, listeners) = sharded_layout(4, SHARDS, 3).await;
+    let mut listeners: Vec<Option<_>> = listeners.into_iter().map(Some).collect();
+    // Node 1 (the meta group's first voter) and node 4 (not a voter) alone: the meta
+    // group has no quorum, commits no layout, and no shard is formed.
+    let mut nodes: Vec<Option<TestNode>> = vec![None, None, None, None];
+    for i in [0, 3] {
+        let listener = listeners[i].take().unwrap();
+        nodes[i] = Some(start_sharded_node(&layout, i, listener, EngineConfig::default()).await);
+    }
+    let first = nodes[0].as_ref().unwrap().set.clone();
+    let creating = tokio::time::timeout(Duration::from_millis(1500), first.create()).await;
+    assert!(
+        creating.is_err(),
+        "shards were created without the meta group: {creating:?}"
+    );
+    for (shard, member) in first.members() {
+        assert!(
+            !member.raft.is_initialized().await.unwrap(),
+            "shard {shard} was formed before the meta group committed the layout"
+        );
+    }
+    assert_eq!(first.meta_group().layout_version, 0);
+
+    // With nodes 2 and 3 the meta group elects a leader, which writes the layout; then
+    // the shards form, and the fourth node learns the layout as a learner.
+    for i in [1, 2] {
+        let listener = listeners[i].take().unwrap();
+        nodes[i] = Some(start_sharded_node(&layout, i, listener, EngineConfig::default()).await);
+    }
+    let nodes: Vec<TestNode> = nodes.into_iter().map(Option::unwrap).collect();
     for node in &nodes {
-        node.set.create().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), node.set.create())
+            .await
+            .expect("the meta group commits the layout")
+            .unwrap();
     }
-    nodes
+    all_served(&nodes, SHARDS).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: Vec<_> = nodes.iter().map(|n| n.set.meta_group()).collect();
+        let settled = seen.iter().all(|m| {
+            m.voters == [1, 2, 3].map(space_core::NodeId)
+                && m.learners == [space_core::NodeId(4)]
+                && m.layout_version == 1
+                && m.layout_fingerprint == layout.fingerprint()
+                && m.leader.is_some()
+                && m.leader == seen[0].leader
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the meta group did not settle: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
 }
 
 /// Waits until every shard is served by one of `nodes`; returns how many each serves.
