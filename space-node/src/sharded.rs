@@ -135,14 +135,23 @@ impl NodeState {
             Request::ReadDirect {
                 target: Target::Query(q),
                 timeout,
-            } => Response::Document(
-                until_changed(shards, changed, read_across(&serving, &q, timeout))
-                    .await?
-                    .map(|(i, d)| {
+            } => {
+                let found = until_changed(shards, changed, read_across(&serving, &q, timeout))
+                    .await?;
+                match found {
+                    Some((i, document)) => {
                         used_at(i);
-                        d
-                    }),
-            ),
+                        Response::Document(Some(document))
+                    }
+                    None => {
+                        // "Nothing matches" is a read of every shard searched: each
+                        // confirms it like a match (a leader cut off from its replicas
+                        // must not deny a write a newer leader acknowledged).
+                        (0..led.len()).for_each(used_at);
+                        Response::Document(None)
+                    }
+                }
+            }
             Request::TakeDirect {
                 target: Target::Query(q),
                 max,

@@ -484,8 +484,13 @@ async fn keys_led_by(conn: &Arc<space_client::Connection>, addr: &str) -> [Key; 
 
 /// A write request of one `Order` with `key`.
 fn write_order(key: Key) -> space_client::wire::Request {
+    write_of("Order", key)
+}
+
+/// A write request of one entry of `entry_type` with `key`.
+fn write_of(entry_type: &str, key: Key) -> space_client::wire::Request {
     space_client::wire::Request::WriteDirect {
-        entry_type: "Order".into(),
+        entry_type: entry_type.into(),
         indexes: Vec::new(),
         entries: vec![(space_client::wire::Fields::new(), Some(key))],
         lease: Lease::Forever,
@@ -705,6 +710,28 @@ async fn a_leader_cut_off_answers_no_dirty_or_stale_read() {
     assert!(
         !found(&stale),
         "the cut-off leader read an entry a newer leader took: {stale:?}"
+    );
+    // The majority acknowledges a write of a type the cut-off leader never held: asked by
+    // query, the cut-off leader must not say that nothing matches.
+    for turn in 0.. {
+        match others[turn % 2].call(write_of("Fresh", kept.clone())).await {
+            Ok(Response::Receipts(_)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the majority never acknowledged the write: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let denied = cut
+        .call(Request::ReadDirect {
+            target: Target::Query(Query::for_type("Fresh")),
+            timeout: Duration::ZERO,
+        })
+        .await;
+    assert!(
+        !matches!(denied, Ok(Response::Document(None))),
+        "the cut-off leader denied a write the majority acknowledged"
     );
     // Counts and listings are reads too: the cut-off leader counts and lists neither the
     // taken entry nor the uncommitted one.
