@@ -752,26 +752,66 @@ impl Cluster {
     }
 
     /// A copy of a match from any node: the nodes race, the first match wins.
+    ///
+    /// On a replicated cluster each node searches the shards it leads, and "nothing" is
+    /// the answer only once every shard was searched by a leader that confirmed it: while
+    /// a shard was not (an election under way), the read is asked again without waiting
+    /// (the caller's wait was spent) for as long as [`ClientConfig::retry_for`] lasts,
+    /// then fails with [`SpaceError::Unavailable`].
     async fn read(&self, query: Query, timeout: Duration) -> Result<Response> {
+        let mut wait = timeout;
+        let mut until = None;
+        loop {
+            let (found, searched, of) = self.read_once(&query, wait).await?;
+            if found.is_some() {
+                return Ok(Response::Document(found));
+            }
+            match every_shard_covered(&searched, of, "read") {
+                Ok(()) => return Ok(Response::Document(None)),
+                Err(e) => {
+                    let until =
+                        *until.get_or_insert_with(|| Instant::now() + self.config.retry_for);
+                    if Instant::now() >= until {
+                        return Err(e);
+                    }
+                    wait = Duration::ZERO;
+                    let _ = self.refresh().await;
+                    tokio::time::sleep(COVER_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// One read on every live node at once: the first match, or none with the shards the
+    /// nodes searched (a replicated cluster's) and the cluster's number of shards (0 for
+    /// nodes that are not replicated).
+    async fn read_once(
+        &self,
+        query: &Query,
+        timeout: Duration,
+    ) -> Result<(Option<Document>, BTreeSet<u32>, u32)> {
         let mut calls: FuturesUnordered<_> = self
             .live_in_turn(&self.next_taker)
             .into_iter()
-            .map(|addr| {
-                let query = &query;
-                async move {
-                    self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
-                        target: Target::Query(query.clone()),
-                        timeout,
-                    })
-                    .await
-                }
+            .map(|addr| async move {
+                self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
+                    target: Target::Query(query.clone()),
+                    timeout,
+                })
+                .await
             })
             .collect();
         let (mut answered, mut error) = (false, None);
+        let (mut searched, mut of) = (BTreeSet::new(), 0);
         while let Some(answer) = calls.next().await {
             match answer {
-                Ok(Response::Document(Some(d))) => return Ok(Response::Document(Some(d))),
+                Ok(Response::Document(Some(d))) => return Ok((Some(d), searched, of)),
                 Ok(Response::Document(None)) => answered = true,
+                Ok(Response::NoneInShards { searched: s, of: n }) => {
+                    answered = true;
+                    searched.extend(s);
+                    of = of.max(n);
+                }
                 Ok(other) => return Err(unexpected(other)),
                 Err(e) if e.is_unreachable() => error = Some(e),
                 Err(e) => return Err(e),
@@ -779,7 +819,7 @@ impl Cluster {
         }
         match error {
             Some(e) if !answered => Err(e),
-            _ => Ok(Response::Document(None)),
+            _ => Ok((None, searched, of)),
         }
     }
 

@@ -38,7 +38,8 @@ use crate::notify::{EventKinds, Notification};
 pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks (peers too: a shard's commands between nodes
 /// carry the time their leader decided them since version 9; a topology names its shard
-/// count since version 10; a node tells of its cluster's meta group since version 11).
+/// count since version 10; a node tells of its cluster's meta group, and a replicated node
+/// which shards a read by query that found nothing searched, since version 11).
 pub const PROTOCOL_VERSION: u16 = 11;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
@@ -514,6 +515,15 @@ pub enum Response {
     ShardCounts {
         /// Each shard led here, and its matches.
         counts: Vec<(u32, u64)>,
+        /// The cluster's number of shards.
+        of: u32,
+    },
+    /// A replicated node's answer to a read by query that found nothing: the shards it
+    /// searched whose leadership confirmed it, and the cluster's number of shards (so
+    /// that a client reading on every node can tell a shard nobody searched).
+    NoneInShards {
+        /// The shards searched.
+        searched: Vec<u32>,
         /// The cluster's number of shards.
         of: u32,
     },

@@ -136,8 +136,8 @@ impl NodeState {
                 target: Target::Query(q),
                 timeout,
             } => {
-                let found = until_changed(shards, changed, read_across(&serving, &q, timeout))
-                    .await?;
+                let found =
+                    until_changed(shards, changed, read_across(&serving, &q, timeout)).await?;
                 match found {
                     Some((i, document)) => {
                         used_at(i);
@@ -146,9 +146,18 @@ impl NodeState {
                     None => {
                         // "Nothing matches" is a read of every shard searched: each
                         // confirms it like a match (a leader cut off from its replicas
-                        // must not deny a write a newer leader acknowledged).
-                        (0..led.len()).for_each(used_at);
-                        Response::Document(None)
+                        // must not deny a write a newer leader acknowledged). Those that
+                        // do are named; the client asks the others' leaders of the
+                        // moment, and again while a shard had none.
+                        let confirmed = shards.confirm_each(&led).await;
+                        Response::NoneInShards {
+                            searched: led
+                                .iter()
+                                .zip(confirmed)
+                                .filter_map(|((shard, _), c)| c.is_ok().then_some(*shard))
+                                .collect(),
+                            of: shards.shard_count(),
+                        }
                     }
                 }
             }

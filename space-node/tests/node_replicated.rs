@@ -401,10 +401,11 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
     }
 }
 
-/// A listing or a count on a replicated cluster is made of what each shard's leader
-/// lists or counts: while a shard has no leader that can be reached, they never come back
-/// without that shard's entries. A client that may wait (`retry_for`) asks until a new
-/// leader is elected, and gets everything; one that may not fails typed.
+/// A listing, a count or a read by query on a replicated cluster is made of what each
+/// shard's leader lists, counts or finds: while a shard has no leader that can be
+/// reached, they never come back without that shard's entries. A client that may wait
+/// (`retry_for`) asks until a new leader is elected, and gets everything; one that may
+/// not fails typed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_typed() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -426,11 +427,31 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_ty
     assert_eq!(space.contents::<Job>(&all).await.unwrap().len(), 300);
     assert_eq!(space.count(&all).await.unwrap(), 300);
     assert_eq!(hasty.count(&all).await.unwrap(), 300);
+    // The one order, in a shard the third node leads: a read by query that says nothing
+    // matches while that shard has no leader would be wrong.
+    let order = Order {
+        number: keys_of_a_shard_led_by(&addrs[0], NodeId(3), "read")
+            .await
+            .next()
+            .expect("a key of the shard"),
+    };
+    space.write(&order).await.unwrap();
+    let orders = Query::of::<Order>();
 
     // Its leaders gone, a third of the shards have none until an election (which takes
     // a leader lease, 300 ms, at least).
     if let Some(node) = nodes[2].take() {
         node.kill();
+    }
+    let reading = {
+        let (space, orders) = (space.clone(), orders.clone());
+        tokio::spawn(async move { space.read::<Order>(&orders, Duration::ZERO).await })
+    };
+    match hasty.read::<Order>(&orders, Duration::ZERO).await {
+        Err(space_client::SpaceError::Unavailable { reason }) => {
+            assert!(reason.contains("no leader"), "{reason}");
+        }
+        other => panic!("a read without the dead node's shards was not refused: {other:?}"),
     }
     match hasty.contents::<Job>(&all).await {
         Err(space_client::SpaceError::Unavailable { reason }) => {
@@ -453,6 +474,11 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_ty
     ids.sort_unstable();
     assert_eq!(ids, (0..300).collect::<Vec<_>>());
     assert_eq!(space.count(&all).await.unwrap(), 300);
+    assert_eq!(
+        reading.await.unwrap().unwrap(),
+        Some(order),
+        "a read by query during the election missed the order"
+    );
 }
 
 /// A take by query whose node died after the take was committed, before its answer got
