@@ -117,6 +117,17 @@ async fn a_killed_node_loses_nothing_acknowledged_and_comes_back_from_its_direct
         meta["leader"] == 1 || meta["leader"] == 2,
         "the meta group's leader: {shown}"
     );
+    let text =
+        std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
+            .args(["--node", &addrs[0], "topology"])
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("meta group: leader ")
+            && l.contains("voters 1,2,3, layout version 1")),
+        "{text}"
+    );
 
     // It comes back from its directory alone and catches up.
     nodes[2] = Some(NodeProcess::start_at(
