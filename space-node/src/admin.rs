@@ -331,19 +331,17 @@ async fn live() -> Response {
     (StatusCode::OK, "live\n").into_response()
 }
 
-/// Ready: a standalone node always; a replicated one once every shard has a leader.
+/// Ready: a standalone node always; a replicated one once its meta group has committed
+/// the cluster's layout and every shard it replicates has a leader (see
+/// `NodeState::unready`).
 async fn ready(State(admin): State<Arc<Admin>>) -> Response {
-    let leaderless = admin.state.shards().map_or(0, |(shards, _)| {
-        shards.iter().filter(|s| s.leader.is_none()).count()
-    });
-    if leaderless == 0 {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    match admin.state.unready() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {leaderless} shards have no leader\n"),
+            format!("not ready: {reason}\n"),
         )
-            .into_response()
+            .into_response(),
     }
 }
 

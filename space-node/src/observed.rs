@@ -21,4 +21,6 @@ pub(crate) trait Observed: Send + Sync + 'static {
     fn shards(&self) -> Option<(Vec<ShardInfo>, usize)>;
     /// How far each shard this node replicates has come (empty when not replicated).
     fn progress(&self) -> Vec<ShardProgress>;
+    /// Why the node is not ready to serve, if it is not.
+    fn unready(&self) -> Option<String>;
 }

@@ -210,6 +210,24 @@ impl crate::observed::Observed for NodeState {
             .unwrap_or_default()
     }
 
+    /// A replicated node is ready once its meta group has committed the cluster's layout
+    /// (its shards are formed from it) and every shard it replicates has a leader. It
+    /// knows the leaders of those only: on a cluster of more nodes than replicas, the
+    /// others are no concern of its own.
+    fn unready(&self) -> Option<String> {
+        let shards = self.shards.as_ref()?;
+        if shards.meta_group().layout_version == 0 {
+            return Some("the meta group has not committed the cluster's layout yet".into());
+        }
+        let me = self.config.node;
+        let leaderless = shards
+            .shard_infos()
+            .iter()
+            .filter(|s| s.replicas.contains(&me) && s.leader.is_none())
+            .count();
+        (leaderless > 0).then(|| format!("{leaderless} shards replicated here have no leader"))
+    }
+
     fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize)> {
         self.shards
             .as_ref()

@@ -319,6 +319,57 @@ async fn the_token_is_wanted(token: &str) {
     );
 }
 
+/// Each node of a cluster of more nodes than replicas (two nodes, replication 1: each
+/// replicates half the shards) is ready once the meta group has committed the layout and
+/// the shards it replicates have leaders; the others' leaders it does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_is_ready_once_its_own_shards_have_leaders() {
+    let addrs = free_addrs(4);
+    let (data, admins) = (&addrs[..2], &addrs[2..]);
+    let cluster = data.join(",");
+    let dirs = [
+        space_tests::TempDir::new("ready-1"),
+        space_tests::TempDir::new("ready-2"),
+    ];
+    let start = |i: usize| {
+        NodeProcess::start_at(
+            &data[i],
+            &[
+                "--data-dir",
+                &dirs[i].0.to_string_lossy(),
+                "--initial-cluster",
+                &cluster,
+                "--replication",
+                "1",
+                "--shards",
+                "4",
+                "--admin-listen",
+                &admins[i],
+            ],
+        )
+    };
+    // Alone, the first node has no meta group quorum (its voters are both nodes).
+    let _first = start(0);
+    let (status, body) = get(&admins[0], "/health/ready", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("meta group"), "{body}");
+    let _second = start(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for admin in admins {
+        loop {
+            let (status, body) = get(admin, "/health/ready", None).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{admin} never ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A replicated node (a cluster of one, replication 1) reports its write-ahead log's group
 /// commits and each shard's term and leader, and is ready once every shard has a leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
