@@ -536,12 +536,35 @@ impl Cluster {
                 Ok(Response::Stats(total))
             }
             Request::Topology => self.refresh().await.map(Response::Topology),
+            Request::Shards => self.shards().await,
             // Placement, status, and subscription bookkeeping: any live node answers.
             other => {
                 let addr = self.next_node();
                 revoke::call(&self.node(&addr).await?, other).await
             }
         }
+    }
+
+    /// A replicated cluster's shards, from every live node: a node knows the leader and
+    /// term of the shards it replicates only (on a cluster of more nodes than replicas,
+    /// not all of them), so each shard is described as the node that saw its latest term
+    /// (and its leader) sees it.
+    async fn shards(&self) -> Result<Response> {
+        let mut merged: BTreeMap<u32, wire::ShardInfo> = BTreeMap::new();
+        for answer in self.gather(&Request::Shards).await?.0 {
+            let Response::Shards(shards) = answer else {
+                return Err(unexpected(answer));
+            };
+            for shard in shards {
+                let newer = merged.get(&shard.shard).is_none_or(|seen| {
+                    (shard.term, shard.leader.is_some()) > (seen.term, seen.leader.is_some())
+                });
+                if newer {
+                    merged.insert(shard.shard, shard);
+                }
+            }
+        }
+        Ok(Response::Shards(merged.into_values().collect()))
     }
 
     /// A live node for keyless writes, in turn.

@@ -368,6 +368,16 @@ async fn each_node_is_ready_once_its_own_shards_have_leaders() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Each node knows the leaders of its own shards; `space topology` shows them all.
+    let shown =
+        std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
+            .args(["--node", &data[0], "--json", "topology"])
+            .output()
+            .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shards = shown["shards"].as_array().expect("shards");
+    assert_eq!(shards.len(), 4, "{shown}");
+    assert!(shards.iter().all(|s| s["leader"].is_u64()), "{shown}");
 }
 
 /// A replicated node (a cluster of one, replication 1) reports its write-ahead log's group
