@@ -237,6 +237,11 @@ impl Cluster {
 
     /// Asks the nodes (then the seeds) for the topology and keeps the newest.
     ///
+    /// A replicated node knows the leaders of the shards it replicates only (on a cluster
+    /// of more nodes than replicas, not all of them): the owners of a replicated
+    /// cluster's ranges are completed from every live node's shards (see
+    /// [`with_shard_leaders`]).
+    ///
     /// # Errors
     ///
     /// The last error met when no node or seed answered.
@@ -248,6 +253,16 @@ impl Cluster {
             let answer = match self.node(&addr).await {
                 Ok(conn) => conn.call(Request::Topology).await,
                 Err(e) => Err(e),
+            };
+            let answer = match answer {
+                Ok(Response::Topology(t)) if t.shards > 0 => match self.shards().await {
+                    Ok(Response::Shards(shards)) => {
+                        Ok(Response::Topology(with_shard_leaders(t, &shards)))
+                    }
+                    // The topology as the node gave it is still worth having.
+                    _ => Ok(Response::Topology(t)),
+                },
+                answer => answer,
             };
             match answer {
                 Ok(Response::Topology(t)) => {
@@ -1466,6 +1481,29 @@ impl Connect for Space {
 /// Whether `covered` names every one of a replicated cluster's `of` shards (`of` is 0 for
 /// other clusters: nothing to check); an `Unavailable` error naming the missing shards
 /// otherwise, since a `what` without them would be silently incomplete.
+/// `topology` (a replicated cluster's, as one node saw it) with each range owned by its
+/// shard's leader as `shards` names it (the nodes' views merged), and an epoch no lower
+/// than the sum of their terms.
+fn with_shard_leaders(mut topology: Topology, shards: &[wire::ShardInfo]) -> Topology {
+    let mut terms = 0;
+    for shard in shards {
+        terms += shard.term;
+        let Some(owner) = shard
+            .leader
+            .and_then(|leader| topology.nodes.iter().position(|n| n.node == leader))
+        else {
+            continue;
+        };
+        for range in shard.first_range..=shard.last_range {
+            if let Some(o) = topology.owners.get_mut(range as usize) {
+                *o = owner as u32;
+            }
+        }
+    }
+    topology.epoch = topology.epoch.max(terms);
+    topology
+}
+
 fn every_shard_covered<'a>(
     covered: impl IntoIterator<Item = &'a u32>,
     of: u32,

@@ -1052,3 +1052,69 @@ async fn leases_and_claims_keep_their_deadlines_across_a_failover() {
         "the committed claim's entry came back"
     );
 }
+
+/// On a cluster of more nodes than replicas, a node does not know the leaders of the
+/// shards it does not replicate. A client whose topology came from such a node still
+/// reaches a shard whose first replica died: it learns the shard's new leader from the
+/// nodes that replicate it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_by_key_finds_its_shards_new_leader_among_five_nodes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let addrs = free_addrs(5);
+    let cluster = addrs.join(",");
+    let dirs: Vec<TempDir> = (0..5).map(|_| TempDir::new("five")).collect();
+    let mut nodes: Vec<Option<NodeProcess>> = addrs
+        .iter()
+        .zip(&dirs)
+        .map(|(a, d)| Some(start_with_shards(a, d, &cluster, "5")))
+        .collect();
+    // Shard 2 of 5 is replicated by nodes 3, 4 and 5 (first replica 3), not by node 1,
+    // whose topology the client is given.
+    let space = connect(&addrs[0]).await.unwrap();
+    let shards: u32 = 5;
+    let key_of_shard_2 = (0..)
+        .map(|i| format!("five-{i}"))
+        .find(|n| {
+            use space_client::IntoKey;
+            space_client::wire::shard_of_range(space_client::wire::range_of(&n.to_key()), shards)
+                == 2
+        })
+        .expect("a key of shard 2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = space
+        .write(&Order {
+            number: format!("{key_of_shard_2}-first"),
+        })
+        .await
+    {
+        assert!(Instant::now() < deadline, "the cluster never served: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its first replica leads it (the first replicas campaign first, and get their
+    // shards back).
+    while !shards_of(&addrs[2])
+        .await
+        .iter()
+        .any(|s| s.shard == 2 && s.leader == Some(NodeId(3)))
+    {
+        assert!(Instant::now() < deadline, "node 3 never led shard 2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    let order = Order {
+        number: key_of_shard_2,
+    };
+    space
+        .write(&order)
+        .await
+        .expect("the write reaches the shard's new leader");
+    assert_eq!(
+        space
+            .read_key::<Order>(&Key::Name(order.number.clone()))
+            .await
+            .unwrap(),
+        Some(order),
+    );
+}
