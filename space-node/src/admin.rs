@@ -185,6 +185,18 @@ fn describe() {
         "space_shard_leader",
         "Each shard's leader as this node knows it (its node id; 0: none known)"
     );
+    describe_gauge!(
+        "space_meta_group_leader",
+        "The meta group's leader as this node knows it (its node id; 0: none known; replicated nodes)"
+    );
+    describe_gauge!(
+        "space_meta_group_term",
+        "The meta group's Raft term as this node knows it (replicated nodes)"
+    );
+    describe_gauge!(
+        "space_layout_version",
+        "The version of the cluster layout this node's replica of the meta group applied (0: none yet; replicated nodes)"
+    );
 }
 
 struct Admin {
@@ -285,6 +297,11 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         metrics::gauge!("space_subscriber_lag_events").set(stats.subscriber_lag as f64);
     }
     report_progress(&admin);
+    if let Some(meta) = admin.state.meta_group() {
+        metrics::gauge!("space_meta_group_leader").set(meta.leader.map_or(0.0, |n| n.0 as f64));
+        metrics::gauge!("space_meta_group_term").set(meta.term as f64);
+        metrics::gauge!("space_layout_version").set(meta.layout_version as f64);
+    }
     if let Some((shards, led)) = admin.state.shards() {
         metrics::gauge!("space_shards_led").set(led as f64);
         for s in shards {

@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 use space_core::Stats;
-use space_core::wire::{ShardInfo, Topology};
+use space_core::wire::{MetaGroupInfo, ShardInfo, Topology};
 
 use crate::replica::ShardProgress;
 
@@ -23,4 +23,6 @@ pub(crate) trait Observed: Send + Sync + 'static {
     fn progress(&self) -> Vec<ShardProgress>;
     /// Why the node is not ready to serve, if it is not.
     fn unready(&self) -> Option<String>;
+    /// A replicated node's meta group as it sees it.
+    fn meta_group(&self) -> Option<MetaGroupInfo>;
 }

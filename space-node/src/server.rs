@@ -216,7 +216,7 @@ impl crate::observed::Observed for NodeState {
     /// others are no concern of its own.
     fn unready(&self) -> Option<String> {
         let shards = self.shards.as_ref()?;
-        if shards.meta_group().layout_version == 0 {
+        if self.meta_group()?.layout_version == 0 {
             return Some("the meta group has not committed the cluster's layout yet".into());
         }
         let me = self.config.node;
@@ -226,6 +226,10 @@ impl crate::observed::Observed for NodeState {
             .filter(|s| s.replicas.contains(&me) && s.leader.is_none())
             .count();
         (leaderless > 0).then(|| format!("{leaderless} shards replicated here have no leader"))
+    }
+
+    fn meta_group(&self) -> Option<wire::MetaGroupInfo> {
+        self.shards.as_ref().map(|shards| shards.meta_group())
     }
 
     fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize)> {

@@ -425,6 +425,10 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
         assert!(value(&after, "space_shard_term", &[("shard", shard)]) >= 1.0);
     }
     assert_eq!(value(&after, "space_shards_led", &[]), 4.0);
+    // A cluster of one: its meta group is led by the node, at the layout's first version.
+    assert_eq!(value(&after, "space_meta_group_leader", &[]), 1.0);
+    assert!(value(&after, "space_meta_group_term", &[]) >= 1.0);
+    assert_eq!(value(&after, "space_layout_version", &[]), 1.0);
 
     // Every metric the Grafana dashboard in the repository draws is one the node serves
     // (a subscriber told of a write and a refused connection make the last ones appear).

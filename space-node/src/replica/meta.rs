@@ -118,8 +118,8 @@ impl MetaGroup {
     }
 
     /// What the meta group's leader has to do, done once if this node leads it: write
-    /// the layout when none is committed yet (and wait until it is), and add one node of
-    /// the layout that is not a member yet as a learner. Does nothing on a follower.
+    /// the layout when none is committed yet (and wait until it is), and add the nodes of
+    /// the layout that are not members yet as learners, one after the other. Does nothing on a follower.
     /// Called while a node waits for the layout and then for as long as it runs, so that
     /// a leader elected after the layout was written adds the learners its predecessor
     /// did not.
@@ -146,9 +146,10 @@ impl MetaGroup {
                 .map(|(id, _)| *id)
                 .collect()
         };
-        let missing = (1..=self.layout.nodes.len() as MemberId).find(|id| !members.contains(id));
-        if let Some(id) = missing {
-            // One membership change at a time; the next look adds the next node.
+        let missing = (1..=self.layout.nodes.len() as MemberId).filter(|id| !members.contains(id));
+        for id in missing {
+            // One membership change at a time: each returns once it is committed. One
+            // refused (the leadership moved) is left to the next look.
             if let Err(e) = self
                 .member
                 .raft
@@ -156,6 +157,7 @@ impl MetaGroup {
                 .await
             {
                 tracing::debug!(error = %e, learner = id, "the meta group did not add a learner yet");
+                break;
             }
         }
     }
