@@ -18,6 +18,22 @@ struct Reading {
 space_client::entry!(Reading, "metrics.Reading", key = sensor);
 
 /// A GET of `path` on `addr`: the status code and the body.
+/// Waits up to 20 s until the node whose admin endpoints are at `admin` is ready.
+async fn until_ready(admin: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(admin, "/health/ready", None).await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{admin} never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
@@ -354,19 +370,8 @@ async fn each_node_is_ready_once_its_own_shards_have_leaders() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("meta group"), "{body}");
     let _second = start(1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for admin in admins {
-        loop {
-            let (status, body) = get(admin, "/health/ready", None).await;
-            if status == 200 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{admin} never ready: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ready(admin).await;
     }
     // Each node knows the leaders of its own shards; `space topology` shows them all.
     let shown =
@@ -402,11 +407,7 @@ async fn a_replicated_node_reports_its_log_and_its_shards() {
             admin,
         ],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while get(admin, "/health/ready", None).await.0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ready(admin).await;
     let space = connect_with(addr, ClientConfig::default()).await.unwrap();
     let before = scrape(admin).await;
     write_readings(&space, "r", 0..100).await;
@@ -602,11 +603,7 @@ async fn a_leader_reports_each_followers_replication_lag() {
             NodeProcess::start_at(&data[i], &args)
         })
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while get(admin, "/health/ready", None).await.0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ready(admin).await;
     let space = connect_with(&cluster, ClientConfig::default())
         .await
         .unwrap();
