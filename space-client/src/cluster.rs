@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -238,8 +238,8 @@ impl Cluster {
     /// Asks the nodes (then the seeds) for the topology and keeps the newest.
     ///
     /// A replicated node knows the leaders of the shards it replicates only (on a cluster
-    /// of more nodes than replicas, not all of them): the owners of a replicated
-    /// cluster's ranges are completed from every live node's shards (see
+    /// of more nodes than replicas, not all of them): there the owners of the ranges are
+    /// completed from every live node's shards (see [`guesses_owners`] and
     /// [`with_shard_leaders`]).
     ///
     /// # Errors
@@ -255,7 +255,7 @@ impl Cluster {
                 Err(e) => Err(e),
             };
             let answer = match answer {
-                Ok(Response::Topology(t)) if t.shards > 0 => match self.shards().await {
+                Ok(Response::Topology(t)) if guesses_owners(&t) => match self.shards().await {
                     Ok(Response::Shards(shards)) => {
                         Ok(Response::Topology(with_shard_leaders(t, &shards)))
                     }
@@ -793,31 +793,30 @@ impl Cluster {
     ///
     /// On a replicated cluster each node searches the shards it leads, and "nothing" is
     /// the answer only once every shard was searched by a leader that confirmed it: while
-    /// a shard was not (an election under way), the read is asked again without waiting
-    /// (the caller's wait was spent) for as long as [`ClientConfig::retry_for`] lasts,
-    /// then fails with [`SpaceError::Unavailable`].
+    /// a shard was not (an election under way), the read is asked again (see
+    /// [`until_covered`](Self::until_covered)), without waiting: the first attempt spent
+    /// the caller's wait.
     async fn read(&self, query: Query, timeout: Duration) -> Result<Response> {
-        let mut wait = timeout;
-        let mut until = None;
-        loop {
-            let (found, searched, of) = self.read_once(&query, wait).await?;
-            if found.is_some() {
-                return Ok(Response::Document(found));
-            }
-            match every_shard_covered(&searched, of, "read") {
-                Ok(()) => return Ok(Response::Document(None)),
-                Err(e) => {
-                    let until =
-                        *until.get_or_insert_with(|| Instant::now() + self.config.retry_for);
-                    if Instant::now() >= until {
-                        return Err(e);
-                    }
-                    wait = Duration::ZERO;
-                    let _ = self.refresh().await;
-                    tokio::time::sleep(COVER_POLL).await;
-                }
-            }
+        let waited = AtomicBool::new(false);
+        self.until_covered(|| {
+            let wait = if waited.swap(true, Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                timeout
+            };
+            self.read_covered(&query, wait)
+        })
+        .await
+    }
+
+    /// One read on every live node at once ([`read_once`](Self::read_once)), its "nothing"
+    /// refused with [`SpaceError::Unavailable`] unless every shard was searched.
+    async fn read_covered(&self, query: &Query, timeout: Duration) -> Result<Response> {
+        let (found, searched, of) = self.read_once(query, timeout).await?;
+        if found.is_none() {
+            every_shard_covered(&searched, of, "read")?;
         }
+        Ok(Response::Document(found))
     }
 
     /// One read on every live node at once: the first match, or none with the shards the
@@ -1053,20 +1052,22 @@ impl Cluster {
         }
     }
 
-    /// Runs `attempt`, a listing or count made of what each shard's leader answers, again
-    /// while it fails [`SpaceError::Unavailable`] (a shard had no leader that could be
-    /// reached: an election under way) or [`SpaceError::WrongNode`] (a node's leadership
-    /// of a shard it listed ended, or could not be confirmed) and
-    /// [`ClientConfig::retry_for`] lasts.
+    /// Runs `attempt`, a read, listing or count made of what each shard's leader answers,
+    /// again while it fails [`SpaceError::Unavailable`] (a shard had no leader that could
+    /// be reached: an election under way) or [`SpaceError::WrongNode`] (a node's
+    /// leadership of a shard it listed ended, or could not be confirmed), for
+    /// [`ClientConfig::retry_for`] from the first failure (a blocking read's first
+    /// attempt may have waited long before it).
     async fn until_covered<F: Future<Output = Result<Response>>>(
         &self,
         attempt: impl Fn() -> F,
     ) -> Result<Response> {
-        let until = Instant::now() + self.config.retry_for;
+        let mut until = None;
         loop {
             match attempt().await {
                 Err(SpaceError::Unavailable { .. } | SpaceError::WrongNode { .. })
-                    if Instant::now() < until =>
+                    if Instant::now()
+                        < *until.get_or_insert_with(|| Instant::now() + self.config.retry_for) =>
                 {
                     let _ = self.refresh().await;
                     tokio::time::sleep(COVER_POLL).await;
@@ -1478,9 +1479,15 @@ impl Connect for Space {
     }
 }
 
-/// Whether `covered` names every one of a replicated cluster's `of` shards (`of` is 0 for
-/// other clusters: nothing to check); an `Unavailable` error naming the missing shards
-/// otherwise, since a `what` without them would be silently incomplete.
+/// Whether a node's `topology` may name owners wrongly: a replicated node names the
+/// first replica as the owner of the shards it does not replicate. That is their owner
+/// with one replica (no failover); with 3 or 5 replicas it may be wrong after a failover,
+/// unless every node replicates every shard, as with 3 nodes (replicas are at most as
+/// many as nodes).
+fn guesses_owners(topology: &Topology) -> bool {
+    topology.shards > 0 && topology.failover && topology.nodes.len() > 3
+}
+
 /// `topology` (a replicated cluster's, as one node saw it) with each range owned by its
 /// shard's leader as `shards` names it (the nodes' views merged), and an epoch no lower
 /// than the sum of their terms.
@@ -1504,6 +1511,9 @@ fn with_shard_leaders(mut topology: Topology, shards: &[wire::ShardInfo]) -> Top
     topology
 }
 
+/// Whether `covered` names every one of a replicated cluster's `of` shards (`of` is 0 for
+/// other clusters: nothing to check); an `Unavailable` error naming the missing shards
+/// otherwise, since a `what` without them would be silently incomplete.
 fn every_shard_covered<'a>(
     covered: impl IntoIterator<Item = &'a u32>,
     of: u32,

@@ -149,13 +149,8 @@ impl NodeState {
                         // must not deny a write a newer leader acknowledged). Those that
                         // do are named; the client asks the others' leaders of the
                         // moment, and again while a shard had none.
-                        let confirmed = shards.confirm_each(&led).await;
                         Response::NoneInShards {
-                            searched: led
-                                .iter()
-                                .zip(confirmed)
-                                .filter_map(|((shard, _), c)| c.is_ok().then_some(*shard))
-                                .collect(),
+                            searched: shards.confirmed(&led).await,
                             of: shards.shard_count(),
                         }
                     }
@@ -205,12 +200,11 @@ impl NodeState {
                 // A count is a read: a shard's count is given only once its leadership
                 // confirms it (see `ShardSet::confirm_read`); the others are left to
                 // their leaders of the moment, which the client asks too.
-                let confirmed = shards.confirm_each(&led).await;
+                let confirmed = shards.confirmed(&led).await;
                 Response::ShardCounts {
                     counts: counts
                         .into_iter()
-                        .zip(confirmed)
-                        .filter_map(|(count, confirmed)| confirmed.is_ok().then_some(count))
+                        .filter(|(shard, _)| confirmed.contains(shard))
                         .collect(),
                     of: shards.shard_count(),
                 }

@@ -86,13 +86,6 @@ impl MetaGroup {
         (1..=layout.nodes.len().min(MAX_VOTERS) as MemberId).collect()
     }
 
-    /// The member a Raft group knows by `id`, from the layout.
-    fn as_member(&self, id: MemberId) -> Member {
-        Member {
-            addr: self.layout.address(id).unwrap_or_default().to_owned(),
-        }
-    }
-
     /// Creates the meta group, when this node is its first voter and it is not created
     /// yet: its voters form the group, and the first of them campaigns first.
     ///
@@ -105,8 +98,10 @@ impl MetaGroup {
         {
             return Ok(());
         }
-        let membership: BTreeMap<MemberId, Member> =
-            voters.iter().map(|id| (*id, self.as_member(*id))).collect();
+        let membership: BTreeMap<MemberId, Member> = voters
+            .iter()
+            .map(|id| (*id, self.layout.member(*id)))
+            .collect();
         self.member
             .raft
             .initialize(membership)
@@ -119,10 +114,10 @@ impl MetaGroup {
 
     /// What the meta group's leader has to do, done once if this node leads it: write
     /// the layout when none is committed yet (and wait until it is), and add the nodes of
-    /// the layout that are not members yet as learners, one after the other. Does nothing on a follower.
-    /// Called while a node waits for the layout and then for as long as it runs, so that
-    /// a leader elected after the layout was written adds the learners its predecessor
-    /// did not.
+    /// the layout that are not members yet as learners, one after the other. Does nothing
+    /// on a follower. Called while a node waits for the layout and then for as long as it
+    /// runs, so that a leader elected after the layout was written adds the learners its
+    /// predecessor did not.
     pub async fn tend(&self) {
         let Some(engine) = self.member.leadership.serving() else {
             return;
@@ -153,7 +148,7 @@ impl MetaGroup {
             if let Err(e) = self
                 .member
                 .raft
-                .add_learner(id, self.as_member(id), false)
+                .add_learner(id, self.layout.member(id), false)
                 .await
             {
                 tracing::debug!(error = %e, learner = id, "the meta group did not add a learner yet");

@@ -127,6 +127,14 @@ impl Layout {
             .map(|i| i as MemberId + 1)
     }
 
+    /// Member `id` as a Raft group knows it (its address; empty for an id not in the
+    /// layout).
+    pub fn member(&self, id: MemberId) -> Member {
+        Member {
+            addr: self.address(id).unwrap_or_default().to_owned(),
+        }
+    }
+
     /// The address of member `id`.
     pub fn address(&self, id: MemberId) -> Option<&str> {
         let i = usize::try_from(id.checked_sub(1)?).ok()?;
@@ -300,14 +308,7 @@ impl ShardSet {
             }
             let membership: BTreeMap<MemberId, Member> = replicas
                 .iter()
-                .map(|id| {
-                    (
-                        *id,
-                        Member {
-                            addr: agreed.layout.address(*id).unwrap_or_default().to_owned(),
-                        },
-                    )
-                })
+                .map(|id| (*id, agreed.layout.member(*id)))
                 .collect();
             if member.raft.is_initialized().await.unwrap_or(false) {
                 continue;
@@ -527,11 +528,20 @@ impl ShardSet {
         self.confirm_each(used).await.into_iter().collect()
     }
 
-    /// [`ShardSet::confirm_read`] shard by shard, all at once: whether each engine of
-    /// `used` confirms what was read from it, in `used`'s order. For an answer made of
-    /// parts per shard (a count), which keeps the confirmed parts and leaves the others
-    /// to their shards' leaders of the moment. Cancel-safe.
-    pub async fn confirm_each(&self, used: &[(GroupId, Engine)]) -> Vec<Result<(), SpaceError>> {
+    /// The shards of `used` whose engines confirm what was read from them
+    /// ([`ShardSet::confirm_read`] shard by shard, all at once), in `used`'s order. For an
+    /// answer made of parts per shard (a count, a read that found nothing), which keeps
+    /// the confirmed parts and leaves the others to their shards' leaders of the moment.
+    /// Cancel-safe.
+    pub async fn confirmed(&self, used: &[(GroupId, Engine)]) -> Vec<GroupId> {
+        used.iter()
+            .zip(self.confirm_each(used).await)
+            .filter_map(|((shard, _), confirmed)| confirmed.is_ok().then_some(*shard))
+            .collect()
+    }
+
+    /// Whether each engine of `used` confirms what was read from it, in `used`'s order.
+    async fn confirm_each(&self, used: &[(GroupId, Engine)]) -> Vec<Result<(), SpaceError>> {
         futures::future::join_all(
             used.iter()
                 .map(|(shard, engine)| self.confirm(*shard, engine)),
