@@ -570,6 +570,73 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
     assert_eq!(left(&space).await.len(), written - 1);
 }
 
+/// A leader killed together with a follower of its shards (the one left has no quorum to
+/// elect another) and restarted from its directory leads those shards again only once
+/// elected, in a later term: it never takes its old leadership up again. A leadership
+/// restored in its old term shares that term with the one that died, whose last
+/// proposals (logged but never known committed) could commit after the restored serving
+/// engine was started without them, and be counted as the new leadership's own: calls
+/// answered before their commands committed, and entries missing from the engine that
+/// serves (seen once as an acknowledged write lost in the 5-node chaos test, after two
+/// nodes were killed at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_leads_again_only_in_a_later_term() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    // A shard node 1 leads, as node 2 sees it (leaders are spread over the nodes).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shards_led_by(&addrs[1], NodeId(1)).await.is_empty() {
+        assert!(Instant::now() < deadline, "node 1 never led a shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let number = keys_of_a_shard_led_by(&addrs[1], NodeId(1), "order")
+        .await
+        .next()
+        .unwrap();
+    let shard_of = async |number: &str| {
+        use space_client::IntoKey;
+        let shards: u32 = SHARDS.parse().unwrap();
+        let shard = space_client::wire::shard_of_range(
+            space_client::wire::range_of(&number.to_key()),
+            shards,
+        );
+        shards_of(&addrs[1])
+            .await
+            .into_iter()
+            .find(|s| s.shard == shard)
+            .expect("every shard is listed")
+    };
+    let before = shard_of(&number).await;
+    assert_eq!(before.leader, Some(NodeId(1)));
+
+    // Nodes 1 and 3 die at once; node 1 comes back, node 3 does not.
+    for i in [0, 2] {
+        if let Some(node) = nodes[i].take() {
+            node.kill();
+        }
+    }
+    nodes[0] = Some(start(&addrs[0], &dirs[0], &addrs.join(",")));
+
+    // The shard is served again (by node 1 or 2): a write to it is committed by its
+    // leader of the moment, whose term node 2 then knows. It is a later term.
+    let space = connect(&addrs[..2].join(",")).await.unwrap();
+    space
+        .write(&Order {
+            number: number.clone(),
+        })
+        .await
+        .unwrap();
+    let now = shard_of(&number).await;
+    assert!(
+        now.term > before.term,
+        "shard {} is led by {:?} in term {}, the term node 1 led it in before it died",
+        now.shard,
+        now.leader,
+        now.term
+    );
+}
+
 /// A worker pool on a replicated cluster does every job and dead-letters the ones that
 /// always fail, while a node is killed under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,17 @@ pub const SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
 /// default), keeping 1,000 entries behind it for followers that lag a little (further
 /// behind, they get the snapshot).
 ///
+/// A restarted leader does not take its old leadership up again (openraft's leader
+/// restore is off): it leads again only once elected, in a later term. Every leadership
+/// is then one term of one member, which starts with a blank entry of its own: its
+/// serving engine starts from everything committed before it, and its proposals are told
+/// from every earlier leadership's by (term, leader). A leadership restored after a
+/// restart would share its term with the one that died, whose last proposals (logged
+/// here or on a follower, never known committed) could commit after the restored
+/// engine's image was cut: missing from the engine that serves, and counted as the new
+/// session's proposals of the same numbers, so that its calls were answered before their
+/// own commands committed.
+///
 /// # Errors
 /// [`ReplicaError::Raft`] when openraft refuses the settings (no snapshot interval).
 pub fn raft_settings(snapshot_after_entries: u64) -> Result<Arc<openraft::Config>, ReplicaError> {
@@ -168,6 +179,7 @@ pub fn raft_settings(snapshot_after_entries: u64) -> Result<Arc<openraft::Config
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_after_entries),
         max_in_snapshot_log_to_keep: 1_000,
         enable_pre_vote: Some(true),
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     config
