@@ -348,6 +348,9 @@ pub async fn follow_leadership(
     // entry appended or applied (which would wake this for each command).
     let mut metrics = raft.server_metrics();
     loop {
+        // Whether this member leads but could not start serving: tried again after a
+        // pause, since nothing in the server metrics changes while it stays the leader.
+        let mut lead_failed = false;
         let (leads, term) = {
             let m = metrics.borrow_watched();
             (
@@ -367,7 +370,8 @@ pub async fn follow_leadership(
             && leadership.term().is_none()
             && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
-            tracing::debug!(member = id, term, error = %e, "could not start leading");
+            tracing::info!(member = id, term, error = %e, "could not start leading; trying again");
+            lead_failed = true;
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() {
@@ -377,9 +381,17 @@ pub async fn follow_leadership(
             },
             () = leadership.given_up.told.notified() => {}
             () = tokio::time::sleep(HAND_OVER_AGAIN), if given_up => {}
+            () = tokio::time::sleep(LEAD_AGAIN), if lead_failed => {}
         }
     }
 }
+
+/// How long a leader that could not start serving (its leadership not confirmed by a
+/// majority in time: a follower slow to answer, a link cut) waits before it tries again.
+/// Before, it waited for a change of its Raft state, which a leader that stays the leader
+/// never sees: it led without serving, and calls to its shards failed until the next
+/// election.
+const LEAD_AGAIN: Duration = Duration::from_millis(100);
 
 /// How long a leader that gave its term up waits for the member it handed the term to
 /// before it tries again.
