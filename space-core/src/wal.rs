@@ -268,6 +268,9 @@ pub(crate) struct Wal {
     shared_syncs: AtomicU64,
     /// Called by the writer after each group it made durable (with the bytes written).
     on_written: Mutex<Option<OnWritten>>,
+    /// How much longer each `fdatasync` is made to take, in microseconds (a slow disk,
+    /// for fault tests; zero in service).
+    sync_delay_micros: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -395,6 +398,7 @@ impl Wal {
             syncs: AtomicU64::new(0),
             shared_syncs: AtomicU64::new(0),
             on_written: Mutex::new(None),
+            sync_delay_micros: AtomicU64::new(0),
             writer: Mutex::new(None),
         });
         let writer = wal.clone();
@@ -558,6 +562,13 @@ impl Wal {
         }
     }
 
+    /// Makes each `fdatasync` take `delay` longer from now on: the disk of a fault test
+    /// turns slow (every append waits that much longer to become durable).
+    pub(crate) fn slow_down(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.sync_delay_micros.store(micros, Ordering::Relaxed);
+    }
+
     fn write_loop(&self, mut file: File) {
         let mut segment_bytes = 16u64;
         loop {
@@ -581,6 +592,10 @@ impl Wal {
             };
             let started = std::time::Instant::now();
             let written = file.write_all(&batch).and_then(|()| file.sync_data());
+            let delay = self.sync_delay_micros.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(delay));
+            }
             // No-ops unless the process installed a metrics recorder (a node's admin
             // listener does).
             metrics::histogram!("space_log_fsync_seconds").record(started.elapsed().as_secs_f64());
@@ -807,6 +822,28 @@ mod tests {
         }
         // Appending goes on after the last index of each log.
         assert_eq!(wal.append(3, b"next").index, EACH + 1);
+        wal.close();
+    }
+
+    /// A slowed disk (fault tests): an append becomes durable only once the slower
+    /// `fdatasync` is over, and what it wrote comes back as written.
+    #[test]
+    fn a_slowed_disk_makes_appends_wait_for_it() {
+        let dir = Dir::new("slow");
+        let (wal, _) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        let delay = std::time::Duration::from_millis(200);
+        wal.slow_down(delay);
+        let started = std::time::Instant::now();
+        let at = wal.append(1, &data(1, 1));
+        wal.wait_durable(at.lsn).unwrap();
+        assert!(
+            started.elapsed() >= delay,
+            "durable after {:?}, before the slowed fdatasync ended",
+            started.elapsed()
+        );
+        wal.close();
+        let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        expect(&logs[&1], 1..=1, 1);
         wal.close();
     }
 

@@ -104,6 +104,10 @@ struct Args {
     /// A replicated node snapshots each shard once its log grew by this many entries.
     #[arg(long, default_value_t = space_node::replica::SNAPSHOT_AFTER_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_after_entries: u64,
+    /// Fault injection for tests: each fsync of the data directory's log takes this many
+    /// milliseconds longer (a slow disk). Zero, the default, in service.
+    #[arg(long, default_value_t = 0)]
+    fault_sync_delay_ms: u64,
     /// How long a frame may take to arrive once it has begun, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     frame_timeout_ms: u64,
@@ -338,6 +342,7 @@ async fn serve(args: Args) -> Result<()> {
         max_entry_bytes: args.max_entry_bytes,
         snapshot_after_bytes: args.snapshot_after_bytes,
         snapshot_after_entries: args.snapshot_after_entries,
+        sync_delay: Duration::from_millis(args.fault_sync_delay_ms),
         max_entries: args.max_entries,
         max_bytes: args.max_bytes,
         ..NodeConfig::default()

@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub snapshot_after_bytes: u64,
     /// A replicated node snapshots a shard once its log grew by this many entries.
     pub snapshot_after_entries: u64,
+    /// Fault injection: each `fdatasync` of the data directory's log takes this much
+    /// longer (a slow disk; zero in service).
+    pub sync_delay: Duration,
     /// Largest entry accepted, in bytes.
     pub max_entry_bytes: u64,
     /// Most entries held.
@@ -120,6 +123,7 @@ impl Default for NodeConfig {
             subscriber_timeout: Duration::from_secs(30),
             snapshot_after_bytes: space_core::DEFAULT_SNAPSHOT_AFTER_BYTES,
             snapshot_after_entries: crate::replica::SNAPSHOT_AFTER_ENTRIES,
+            sync_delay: Duration::ZERO,
             max_entry_bytes: 1 << 20,
             max_entries: None,
             max_bytes: None,
@@ -895,6 +899,7 @@ impl Node {
         engine_config.max_subscriptions = Some(config.max_subscriptions);
         engine_config.max_queued_events = Some(config.max_queued_events);
         engine_config.snapshot_after_bytes = config.snapshot_after_bytes;
+        engine_config.sync_delay = config.sync_delay;
         let shards = match replicated {
             Some((dir, layout, me)) => {
                 Some(start_shards(&config, &dir, layout, me, &engine_config).await?)

@@ -2,7 +2,9 @@
 //! 3, durable) under repeated faults while writers, takers and claimers work: kill -9 of
 //! a node (every node leads some shards, so each kill is a leader kill) and its restart
 //! from its data directory, SIGSTOP/SIGCONT pauses longer than the election timeout, and
-//! partitions that isolate a node (or, with 5 nodes, a minority of two) from its peers.
+//! partitions that isolate a node (or, with 5 nodes, a minority of two) from its peers;
+//! the last node runs on a slow disk throughout (each fsync of its log held 100 ms longer,
+//! `--fault-sync-delay-ms`).
 //! Peer traffic between nodes goes through one fault-injecting proxy per direction of
 //! each pair (`--peer-via`), so a partition is a set of black-holed links.
 //!
@@ -37,10 +39,17 @@ struct Chaos {
     nodes: Vec<Option<NodeProcess>>,
     /// `links[i][j]`: node i's peer traffic to node j (none for i == j).
     links: Vec<Vec<Option<Proxy>>>,
+    /// The node whose disk is slow (each fsync of its log held [`SLOW_FSYNC_MS`] longer),
+    /// across its restarts.
+    slow_disk: Option<usize>,
 }
 
+/// How much longer each fsync takes on a slow disk, in milliseconds.
+const SLOW_FSYNC_MS: &str = "100";
+
 impl Chaos {
-    async fn start(n: usize) -> Chaos {
+    /// `n` nodes, node `slow_disk` (if any) on a slow disk.
+    async fn start(n: usize, slow_disk: Option<usize>) -> Chaos {
         let addrs = free_addrs(n);
         let mut links = Vec::new();
         for i in 0..n {
@@ -59,6 +68,7 @@ impl Chaos {
             nodes: (0..n).map(|_| None).collect(),
             addrs,
             links,
+            slow_disk,
         };
         for i in 0..n {
             chaos.start_node(i);
@@ -75,6 +85,10 @@ impl Chaos {
             "--shards".to_owned(),
             SHARDS.to_owned(),
         ];
+        if self.slow_disk == Some(i) {
+            args.push("--fault-sync-delay-ms".to_owned());
+            args.push(SLOW_FSYNC_MS.to_owned());
+        }
         for (j, link) in self.links[i].iter().enumerate() {
             if let Some(proxy) = link {
                 args.push("--peer-via".to_owned());
@@ -321,7 +335,8 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
-    let mut chaos = Chaos::start(n).await;
+    // The last node's disk is slow throughout.
+    let mut chaos = Chaos::start(n, Some(n - 1)).await;
     let space = connect(&chaos.addrs.join(",")).await.unwrap();
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -349,7 +364,7 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
     let ops = history.ops();
     let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|o| f(o)).count();
     eprintln!(
-        "{n} nodes, seed {seed}: {} faults {faults:?}; {} writes ({} unknown), {} takes; {verdict:?}",
+        "{n} nodes (node {n} on a slow disk), seed {seed}: {} faults {faults:?}; {} writes ({} unknown), {} takes; {verdict:?}",
         faults.len(),
         count(&|o| matches!(o, Op::Write { .. })),
         count(&|o| matches!(
@@ -523,7 +538,7 @@ async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
     use space_client::wire::{RequestId, Response};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3).await;
+    let chaos = Chaos::start(3, None).await;
     let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
         .await
         .unwrap();
@@ -568,7 +583,7 @@ async fn a_node_cut_off_and_back_deposes_no_leader() {
     use space_client::wire::{Request, Response, ShardInfo, Topology};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3).await;
+    let chaos = Chaos::start(3, None).await;
     let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
         .await
         .unwrap();
@@ -638,7 +653,7 @@ async fn a_leader_cut_off_answers_no_dirty_or_stale_read() {
     use space_client::wire::{Request, Response, Target};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3).await;
+    let chaos = Chaos::start(3, None).await;
     let open = async |addr: &str| {
         Connection::open(addr, ClientConfig::default())
             .await

@@ -147,6 +147,7 @@ impl LogHost {
     pub fn open(dir: impl AsRef<std::path::Path>, config: &EngineConfig) -> Result<Arc<LogHost>> {
         let dir = dir.as_ref();
         let (wal, recovered, lock) = crate::durable::open_dir(dir, config.log_segment_bytes)?;
+        wal.slow_down(config.sync_delay);
         let checkpoints = Checkpoints::new(config.snapshot_after_bytes.max(4096));
         let counter = checkpoints.clone();
         wal.on_written(move |bytes| counter.written(bytes));

@@ -184,6 +184,9 @@ pub struct EngineConfig {
     /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
     /// the size of the last snapshot, if larger), and older log segments are dropped.
     pub snapshot_after_bytes: u64,
+    /// Durable engines: each `fdatasync` of the write-ahead log is made to take this much
+    /// longer, a slow disk for fault tests (zero, the default, in service).
+    pub sync_delay: std::time::Duration,
     /// Where the engine reads the time for leases, claims and expiries (the system clock
     /// unless a test sets a [`Clock::manual`]).
     pub clock: Clock,
@@ -204,6 +207,7 @@ impl Default for EngineConfig {
             ranges: None,
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
+            sync_delay: std::time::Duration::ZERO,
             clock: Clock::system(),
         }
     }

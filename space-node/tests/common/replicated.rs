@@ -120,21 +120,27 @@ pub async fn take_some(space: &Space, n: usize, history: &History) -> usize {
     got
 }
 
-/// What is left in the cluster, read until two reads agree.
+/// What is left in the cluster, read until two reads agree (for a minute at most: a
+/// listing that keeps failing fails the test rather than holding it).
 pub async fn left(space: &Space) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut previous = None;
-    for _ in 0..100 {
-        if let Ok(jobs) = space.contents::<Job>(&Query::of::<Job>()).await {
-            let mut ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
-            ids.sort_unstable();
-            if previous.as_ref() == Some(&ids) {
-                return ids;
+    let mut failure = None;
+    while Instant::now() < deadline {
+        match space.contents::<Job>(&Query::of::<Job>()).await {
+            Ok(jobs) => {
+                let mut ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+                ids.sort_unstable();
+                if previous.as_ref() == Some(&ids) {
+                    return ids;
+                }
+                previous = Some(ids);
             }
-            previous = Some(ids);
+            Err(e) => failure = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the contents never settled");
+    panic!("the contents never settled within a minute; the last failure: {failure:?}");
 }
 
 /// The history's verdict once it is clean, or the last one after `patience`.
