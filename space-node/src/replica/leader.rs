@@ -347,6 +347,9 @@ pub async fn follow_leadership(
     // The server metrics change only with the vote, state and membership, not with every
     // entry appended or applied (which would wake this for each command).
     let mut metrics = raft.server_metrics();
+    // The term in which starting to serve failed last: told once per term at info (a
+    // leader cut off tries every [`LEAD_AGAIN`] until it is deposed).
+    let mut failed_in = None;
     loop {
         // Whether this member leads but could not start serving: tried again after a
         // pause, since nothing in the server metrics changes while it stays the leader.
@@ -370,7 +373,12 @@ pub async fn follow_leadership(
             && leadership.term().is_none()
             && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
-            tracing::info!(member = id, term, error = %e, "could not start leading; trying again");
+            if failed_in == Some(term) {
+                tracing::debug!(member = id, term, error = %e, "could not start leading yet");
+            } else {
+                tracing::info!(member = id, term, error = %e, "could not start leading; trying again");
+            }
+            failed_in = Some(term);
             lead_failed = true;
         }
         tokio::select! {
