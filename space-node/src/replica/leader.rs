@@ -193,6 +193,10 @@ pub struct Leadership {
     changes: Arc<std::sync::OnceLock<ServingChanges>>,
     /// A term whose leadership was given up because the log lost one of its proposals.
     given_up: Arc<GivenUp>,
+    /// Tests: until when starts of serving are made to fail (as when a majority does not
+    /// confirm the leadership in time).
+    #[cfg(test)]
+    failing_starts: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// The term in which this member gave its leadership up (it is not served again: its
@@ -304,6 +308,13 @@ impl Leadership {
         ended.close();
         self.changed();
         self.given_up.told.notify_one();
+    }
+
+    /// Tests: starts of serving fail until `until`, as when a majority does not confirm
+    /// the leadership in time.
+    #[cfg(test)]
+    pub(super) fn fail_starts_until(&self, until: std::time::Instant) {
+        *self.failing_starts.lock() = Some(until);
     }
 
     /// The term this member gave up, if any.
@@ -434,6 +445,14 @@ async fn lead(
     host: Option<&LogHost>,
     config: &EngineConfig,
 ) -> Result<(), String> {
+    #[cfg(test)]
+    if leadership
+        .failing_starts
+        .lock()
+        .is_some_and(|until| std::time::Instant::now() < until)
+    {
+        return Err("a start made to fail by a test".into());
+    }
     raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)
         .await
         .map_err(|e| e.to_string())?;

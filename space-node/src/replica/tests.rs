@@ -233,6 +233,33 @@ async fn leader_of(members: &[TestMember]) -> usize {
     }
 }
 
+/// A leader whose starts of serving fail for a while (its leadership not confirmed by a
+/// majority in time) serves once it tries again, though its Raft state does not change.
+/// Before, it waited for such a change: a leader that stayed the leader never served,
+/// and every call to its shard failed until the next election (the chaos test, with a
+/// slow disk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_start_failed_serves_once_it_tries_again() {
+    let dir = TempDir::new("start-again");
+    let member = start_member(1, &dir.0, "127.0.0.1:0").await;
+    // Every start fails for a second: longer than the member's Raft state takes to
+    // settle once it is elected, so the last change it sees comes while starts fail.
+    member
+        .leadership
+        .fail_starts_until(std::time::Instant::now() + std::time::Duration::from_secs(1));
+    form_group(std::slice::from_ref(&member)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while member.leadership.serving().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(member.raft.current_leader().await, Some(1));
+    member.stop().await;
+}
+
 /// Proposes `commands` through the leader; returns the last log index.
 async fn propose(leader: &TestMember, commands: &[Vec<u8>]) -> u64 {
     let mut last = 0;
