@@ -17,7 +17,6 @@ struct Reading {
 }
 space_client::entry!(Reading, "metrics.Reading", key = sensor);
 
-/// A GET of `path` on `addr`: the status code and the body.
 /// Waits up to 20 s until the node whose admin endpoints are at `admin` is ready.
 async fn until_ready(admin: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -34,6 +33,7 @@ async fn until_ready(admin: &str) {
     }
 }
 
+/// A GET of `path` on `addr`: the status code and the body.
 async fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
