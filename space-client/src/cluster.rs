@@ -1025,25 +1025,33 @@ impl Cluster {
         }
     }
 
-    /// Takes what is there now on `addrs`, node after node, up to `max`.
+    /// Takes what is there now on `addrs`, node after node, up to `max`. A replicated
+    /// node takes from one of its shards per call, so the nodes are swept again while a
+    /// pass found something and `max` is not reached.
     async fn sweep(&self, addrs: &[String], query: &Query, max: usize) -> Result<Vec<Document>> {
         let mut got = Vec::new();
         let (mut reached, mut skipped) = (false, None);
-        for addr in addrs {
-            if got.len() >= max {
-                break;
-            }
-            match self
-                .take_on(addr, query.clone(), max - got.len(), Duration::ZERO)
-                .await
-            {
-                Ok(docs) => {
-                    reached = true;
-                    got.extend(docs);
+        let mut found_in_pass = true;
+        while found_in_pass && got.len() < max {
+            found_in_pass = false;
+            for addr in addrs {
+                if got.len() >= max {
+                    break;
                 }
-                // A node lost on the way: the others still serve (its call revokes itself).
-                Err(e) if e.is_unreachable() => skipped = Some(e),
-                Err(e) => return Err(e),
+                match self
+                    .take_on(addr, query.clone(), max - got.len(), Duration::ZERO)
+                    .await
+                {
+                    Ok(docs) => {
+                        reached = true;
+                        found_in_pass |= !docs.is_empty();
+                        got.extend(docs);
+                    }
+                    // A node lost on the way: the others still serve (its call revokes
+                    // itself).
+                    Err(e) if e.is_unreachable() => skipped = Some(e),
+                    Err(e) => return Err(e),
+                }
             }
         }
         match skipped {

@@ -113,16 +113,18 @@ pub struct Topology {
     pub owners: Vec<u32>,
     /// Whether a range whose primary is lost gets another: on a replicated cluster its
     /// shard elects a new leader within about a second, so a call to a dead primary is
-    /// worth making again; on a static cluster the range waits for its node.
+    /// worth making again; with one copy (replication 1, or a standalone node) the range
+    /// waits for its node.
     pub failover: bool,
     /// A replicated cluster's shards: its ranges are grouped into this many runs (see
-    /// [`shard_of_range`]), each owned by its shard's leader. 0 on a static cluster,
+    /// [`shard_of_range`]), each owned by its shard's leader. 0 for a standalone node,
     /// whose ranges are not grouped.
     pub shards: u32,
 }
 
 impl Topology {
-    /// The static topology of `nodes`, in that order: the ranges split evenly, node `i`
+    /// A fixed topology of `nodes`, in that order (a standalone node's: one node owning
+    /// everything): the ranges split evenly, node `i`
     /// owning ranges `i * 1024 / n` up to `(i + 1) * 1024 / n`.
     pub fn even(nodes: Vec<NodeInfo>, epoch: u64) -> Topology {
         let n = nodes.len().max(1) as u64;

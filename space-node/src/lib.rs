@@ -10,10 +10,10 @@
 //! [`Node::bind`] and [`Node::serve`].
 
 mod admin;
-mod cluster;
 mod dedupe;
 mod engines_used;
 mod handshake;
+mod members;
 mod observed;
 mod picture;
 mod push;

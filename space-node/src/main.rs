@@ -45,9 +45,9 @@ struct Args {
     /// request must then carry as `Authorization: Bearer <token>`.
     #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_admin_listen)]
     admin_listen: AdminListen,
-    /// This node's id (default 1). A cluster node's id is its position in --peers or
-    /// --initial-cluster, so it is refused with those.
-    #[arg(long, conflicts_with_all = ["peers", "initial_cluster"])]
+    /// This node's id (default 1). A cluster node's id is its position in
+    /// --initial-cluster, so it is refused with it.
+    #[arg(long, conflicts_with = "initial_cluster")]
     node_id: Option<u64>,
     /// A label this node carries, as key=value (repeatable), for FindPlaceFor.
     #[arg(long = "label", value_parser = parse_label)]
@@ -115,19 +115,15 @@ struct Args {
     /// in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     subscriber_timeout_ms: u64,
-    /// The cluster's members, comma separated, the same list (and order) on every node;
-    /// this node's --advertise (or --listen) address must be among them. Node ids are the
-    /// positions in the list (1, 2, ...), and the 1024 ranges are split evenly in order.
-    #[arg(long, value_delimiter = ',')]
-    peers: Vec<String>,
-    /// The epoch of the static topology (raise it when the member list changes).
-    #[arg(long, default_value_t = 1)]
-    epoch: u64,
+    /// Gone: the static cluster of earlier versions. Refused with a message that says
+    /// what replaces it (--initial-cluster; --replication 1 keeps one copy per range).
+    #[arg(long, hide = true)]
+    peers: Option<String>,
     /// A replicated cluster's nodes, comma separated, the same list (and order) on every
     /// node, this node's --advertise (or --listen) address among them; needs --data-dir.
     /// The ranges are grouped into shards, each a Raft group of --replication nodes.
     /// Used to create the cluster: afterwards a node restarts from its data directory.
-    #[arg(long, value_delimiter = ',', conflicts_with = "peers")]
+    #[arg(long, value_delimiter = ',')]
     initial_cluster: Vec<String>,
     /// Shards of a replicated cluster (fixed when it is created).
     #[arg(long, default_value_t = 64)]
@@ -311,6 +307,13 @@ async fn serve(args: Args) -> Result<()> {
         }
         (None, None) => None,
     };
+    if args.peers.is_some() {
+        bail!(
+            "--peers (the static cluster) is gone: create the cluster with --initial-cluster \
+             ADDRS --data-dir DIR, and add --replication 1 for one copy of each range as \
+             --peers kept"
+        );
+    }
     let data_dir = match (args.durability, args.data_dir) {
         (Some(Durability::Durable), None) => bail!("--durability durable needs --data-dir DIR"),
         (Some(Durability::Memory), _) => None,
@@ -318,8 +321,6 @@ async fn serve(args: Args) -> Result<()> {
     };
     let config = NodeConfig {
         data_dir,
-        peers: args.peers,
-        epoch: args.epoch,
         initial_cluster: args.initial_cluster,
         shards: args.shards,
         replication: args.replication,

@@ -23,9 +23,9 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cluster::Cluster;
 use crate::dedupe::{Dedupe, Finished, Outcome};
 use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
+use crate::members::Members;
 use crate::push::{PushConfig, Pushers};
 use crate::replica::{Layout, PeerRouter, ReplicaError, ShardSet, raft_settings};
 use crate::stall::FrameDeadline;
@@ -83,11 +83,6 @@ pub struct NodeConfig {
     pub dedupe_capacity: usize,
     /// Where the node keeps its entries durably; `None`: in memory only.
     pub data_dir: Option<std::path::PathBuf>,
-    /// The cluster's members (addresses, in order; this node among them); empty for a
-    /// node on its own.
-    pub peers: Vec<String>,
-    /// The epoch of the static topology.
-    pub epoch: u64,
     /// A replicated cluster's nodes (addresses, the same list on every node, this node's
     /// among them): the ranges are grouped into shards replicated by Raft. Used when the
     /// data directory holds no cluster yet; afterwards the node restarts from it alone.
@@ -129,8 +124,6 @@ impl Default for NodeConfig {
             max_bytes: None,
             dedupe_capacity: 65_536,
             data_dir: None,
-            peers: Vec::new(),
-            epoch: 1,
             initial_cluster: Vec::new(),
             shards: 64,
             replication: None,
@@ -173,7 +166,8 @@ pub(crate) struct NodeState {
     dedupe: Dedupe,
     pushers: Arc<Pushers>,
     address: String,
-    cluster: Arc<Cluster>,
+    /// The cluster's members and their latest status, for FindPlaceFor.
+    pub(crate) members: Arc<Members>,
     /// Client connections open now.
     connections: Arc<AtomicUsize>,
     /// Requests received since the node started.
@@ -436,10 +430,15 @@ impl NodeState {
         }
     }
 
-    fn status(&self) -> NodeStatus {
+    pub(crate) fn status(&self) -> NodeStatus {
         NodeStatus {
             info: self.info(),
-            held_bytes: self.engine.held_bytes(),
+            // A replicated node's own engine holds nothing: what it holds is in the
+            // shards it serves.
+            held_bytes: match &self.shards {
+                Some(shards) => shards.serving().iter().map(|(_, e)| e.held_bytes()).sum(),
+                None => self.engine.held_bytes(),
+            },
             max_bytes: self.config.max_bytes,
         }
     }
@@ -530,15 +529,11 @@ impl NodeState {
         }
     }
 
-    /// Runs one request on the engine. Requests addressed by key are refused with a
-    /// wrong-node error when another member of the cluster owns the key. Answers that
-    /// carry many documents stop at `budget` bytes of them.
+    /// Runs one request: on the shards of a replicated node (see `sharded`), else on the
+    /// node's engine. Answers that carry many documents stop at `budget` bytes of them.
     pub(crate) async fn handle(&self, request: Request, budget: usize) -> Finished {
         if let Some(shards) = &self.shards {
             return self.handle_sharded(shards, request, budget).await;
-        }
-        if let Some(key) = request.routing_key() {
-            self.cluster.check(key)?;
         }
         self.handle_on(&self.engine, request, budget).await
     }
@@ -551,7 +546,6 @@ impl NodeState {
         request: Request,
         budget: usize,
     ) -> Finished {
-        let cluster = &self.cluster;
         let answer = match request {
             Request::WriteDirect {
                 entry_type,
@@ -560,9 +554,6 @@ impl NodeState {
                 lease,
                 labels,
             } => {
-                for key in entries.iter().filter_map(|(_, k)| k.as_ref()) {
-                    cluster.check(key)?;
-                }
                 self.check_labels(&labels)?;
                 for field in &indexes {
                     engine.create_index(&entry_type, field)?;
@@ -638,12 +629,15 @@ impl NodeState {
                     of: 0,
                 }
             }
-            Request::FindFor(key) => {
-                Response::Node(cluster.owner(&key).unwrap_or_else(|| self.info()))
-            }
-            Request::FindPlaceFor { key, size, labels } => {
-                Response::Node(cluster.place(key.as_ref(), size, &labels, self.status())?)
-            }
+            // A standalone node owns every key.
+            Request::FindFor(_) => Response::Node(self.info()),
+            Request::FindPlaceFor { key, size, labels } => Response::Node(self.members.place(
+                key.map(|_| 0),
+                &[0],
+                size,
+                &labels,
+                self.status(),
+            )?),
             Request::Subscribe {
                 query,
                 kinds,
@@ -676,7 +670,7 @@ impl NodeState {
                 self.pushers.cancel(id);
                 Response::Done
             }
-            Request::Topology => Response::Topology(cluster.topology()),
+            Request::Topology => Response::Topology(self.members.alone()),
             // Not a replicated node: no shards, no meta group.
             Request::Shards => Response::Shards(Vec::new()),
             Request::MetaGroup => Response::MetaGroup(None),
@@ -694,7 +688,7 @@ impl NodeState {
 }
 
 /// The data directory of a replicated node: one that was given `--initial-cluster`, or
-/// whose directory holds a cluster already. `None` for a standalone or static node.
+/// whose directory holds a cluster already. `None` for a standalone node.
 fn replicated_dir(config: &NodeConfig) -> Result<Option<&std::path::Path>, NodeError> {
     let Some(dir) = config.data_dir.as_deref() else {
         if config.initial_cluster.is_empty() {
@@ -709,11 +703,6 @@ fn replicated_dir(config: &NodeConfig) -> Result<Option<&std::path::Path>, NodeE
         .is_some();
     if !created && config.initial_cluster.is_empty() {
         return Ok(None);
-    }
-    if !config.peers.is_empty() {
-        return Err(NodeError::Config(
-            "--peers (a static cluster) and a replicated cluster exclude each other".into(),
-        ));
     }
     Ok(Some(dir))
 }
@@ -872,25 +861,16 @@ impl Node {
             }
             None => None,
         };
-        let cluster = if config.peers.is_empty() {
-            Cluster::single(NodeInfo {
+        let members = Arc::new(match &replicated {
+            Some((_, layout, me)) => Members::new(&layout.nodes, (me - 1) as usize, &config.labels),
+            None => Members::single(NodeInfo {
                 node: config.node,
                 address: address.clone(),
                 labels: config.labels.clone(),
-            })
-        } else {
-            let me = config.peers.iter().position(|p| *p == address).ok_or_else(|| {
-                NodeError::Config(format!(
-                    "this node's address {address} is not in --peers {:?}; pass --advertise with its address in the list",
-                    config.peers
-                ))
-            })?;
-            Cluster::new(&config.peers, me, config.epoch, &config.labels)
-        };
-        config.node = cluster.node();
+            }),
+        });
         let mut engine_config = EngineConfig::default();
         engine_config.node = config.node;
-        engine_config.ranges = (!config.peers.is_empty()).then(|| cluster.owned());
         engine_config.max_entry_bytes = Some(config.max_entry_bytes);
         engine_config.max_entries = config.max_entries;
         engine_config.max_bytes = config.max_bytes;
@@ -924,13 +904,12 @@ impl Node {
         for (id, answer) in engine.answers() {
             dedupe.seed(id, finished_of(answer));
         }
-        let cluster = Arc::new(cluster);
-        if !config.peers.is_empty() {
-            cluster.start_polling(config.token.clone());
+        if shards.is_some() {
+            members.start_polling(config.token.clone());
         }
         Ok(Node {
             state: Arc::new(NodeState {
-                cluster,
+                members,
                 dedupe,
                 pushers: Arc::new(Pushers::new(PushConfig {
                     node: config.node,

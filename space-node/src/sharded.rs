@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 
 use space_core::server::Engine;
-use space_core::wire::{Request, Response, Target};
+use space_core::wire::{Request, Response, Target, range_of};
 use space_core::{Fields, Key, SpaceError, Stats};
 
 use crate::dedupe::{Finished, Outcome};
@@ -272,7 +272,19 @@ impl NodeState {
                     }
                 }
             }
-            Request::Topology => Response::Topology(shards.topology()),
+            Request::Topology => Response::Topology(self.members.labelled(shards.topology())),
+            Request::FindPlaceFor { key, size, labels } => {
+                // The key's shard's leader, or (keyless) one of the nodes leading a shard.
+                let topology = shards.topology();
+                let owner = key.map(|k| topology.owner_of_range(range_of(&k)).unwrap_or(0));
+                let mut leaders: Vec<usize> = topology.owners.iter().map(|&o| o as usize).collect();
+                leaders.sort_unstable();
+                leaders.dedup();
+                Response::Node(
+                    self.members
+                        .place(owner, &leaders, size, &labels, self.status())?,
+                )
+            }
             Request::Shards => Response::Shards(shards.shard_infos()),
             Request::MetaGroup => Response::MetaGroup(Some(shards.meta_group())),
             Request::Schema(entry_type) => {

@@ -1,6 +1,7 @@
-//! Three real nodes on loopback: keys spread by hash, FindFor and FindPlaceFor agree with
-//! where entries are, labels and full nodes steer placement, a client with a stale topology
-//! recovers, and takes and subscriptions work across the nodes.
+//! Three real nodes on loopback, a cluster keeping one copy of each range (replication 1):
+//! keys spread by hash, FindFor and FindPlaceFor agree with where entries are, labels and
+//! full nodes steer placement, a client with a stale topology recovers, and takes and
+//! subscriptions work across the nodes.
 
 mod common;
 
@@ -58,6 +59,8 @@ async fn count_on(conn: &Arc<Connection>, entry_type: &str) -> u64 {
         .unwrap()
     {
         Response::Count(n) => n,
+        // A replicated node counts the shards it leads.
+        Response::ShardCounts { counts, .. } => counts.iter().map(|(_, n)| n).sum(),
         other => panic!("{other:?}"),
     }
 }
@@ -94,7 +97,7 @@ async fn settled(conn: &Arc<Connection>, nodes: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_spread_by_hash_and_find_for_agrees() {
     let addrs = free_addrs(3);
-    let _nodes = start_cluster(&addrs, 1, &[]);
+    let _nodes = start_cluster(&addrs, &[]);
     let space = connect(&addrs[0]).await.unwrap();
     let mut keys = Vec::new();
     for i in 0..300 {
@@ -127,13 +130,14 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
             } else {
                 let err = held.unwrap_err();
                 assert!(
-                    matches!(err, SpaceError::WrongNode { epoch: 1, .. }),
+                    matches!(err, SpaceError::WrongNode { owner: Some(ref o), .. } if *o == owner.address),
                     "{err}"
                 );
             }
         }
     }
-    // The CLI's topology shows each member with a third of the ranges, all 1024 covered.
+    // The CLI's topology shows each member with the ranges of its shards (8 shards over 3
+    // nodes: 3, 3 and 2 of 128 ranges each), all 1024 covered.
     let out =
         std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
             .args(["--node", &addrs[1], "--json", "topology"])
@@ -145,7 +149,7 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
         String::from_utf8_lossy(&out.stderr)
     );
     let topo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(topo["epoch"], 1);
+    assert!(topo["epoch"].as_u64().unwrap() >= 1, "terms of 1 or more");
     let nodes = topo["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3);
     let mut covered = 0;
@@ -156,7 +160,7 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
             .iter()
             .map(|r| r[1].as_u64().unwrap() - r[0].as_u64().unwrap() + 1)
             .sum();
-        assert!((341..=342).contains(&owned), "{n}");
+        assert!(owned == 256 || owned == 384, "{n}");
         covered += owned;
     }
     assert_eq!(covered, 1024);
@@ -172,7 +176,7 @@ async fn keys_spread_by_hash_and_find_for_agrees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_contents_and_take_all_gather_from_every_node() {
     let addrs = free_addrs(3);
-    let _nodes = start_cluster(&addrs, 1, &[]);
+    let _nodes = start_cluster(&addrs, &[]);
     let space = connect(&addrs[0]).await.unwrap();
     for i in 0..90 {
         space
@@ -246,7 +250,6 @@ async fn placement_follows_find_place_for_labels_and_room() {
     let addrs = free_addrs(3);
     let _nodes = start_cluster(
         &addrs,
-        1,
         &[&[], &["--max-bytes", "1"], &["--label", "zone=a"]],
     );
     let conn = direct(&addrs[0]).await;
@@ -306,7 +309,7 @@ async fn placement_follows_find_place_for_labels_and_room() {
 #[test]
 fn a_client_with_a_stale_topology_recovers_by_itself() {
     let addrs = free_addrs(3);
-    let nodes = start_cluster(&addrs, 1, &[]);
+    let nodes = start_cluster(&addrs, &[]);
     let space = connect_blocking(&addrs[0]).unwrap();
     for i in 0..30 {
         space
@@ -316,11 +319,11 @@ fn a_client_with_a_stale_topology_recovers_by_itself() {
             })
             .unwrap();
     }
-    // The cluster restarts with its members in another order and a new epoch: every
-    // range has a new owner, and the client still holds the old topology.
+    // The cluster is created anew (fresh directories) with its members in another order:
+    // most ranges have a new owner, and the client still holds the old topology.
     drop(nodes);
     let rotated = vec![addrs[2].clone(), addrs[0].clone(), addrs[1].clone()];
-    let _nodes = start_cluster(&rotated, 2, &[]);
+    let _nodes = start_cluster(&rotated, &[]);
     for i in 0..30 {
         space
             .write(&Order {
@@ -344,7 +347,7 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
     const ENTRIES: u64 = 100_000;
     const WORKERS: usize = 4;
     let addrs = free_addrs(3);
-    let _nodes = start_cluster(&addrs, 1, &[]);
+    let _nodes = start_cluster(&addrs, &[]);
     let seeds = addrs.join(",");
     let subscriber = connect_blocking(&seeds).unwrap();
     let sub = subscriber
@@ -546,7 +549,7 @@ async fn a_revoke_ends_a_wait_undoes_a_take_and_bars_a_late_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_won_on_one_node_leaves_no_claim_behind_on_the_others() {
     let addrs = free_addrs(3);
-    let _nodes = start_cluster(&addrs, 1, &[]);
+    let _nodes = start_cluster(&addrs, &[]);
     let conns: Vec<_> = futures::future::join_all(addrs.iter().map(|a| direct(a))).await;
     let space = connect(&addrs.join(",")).await.unwrap();
     for round in 0..20u64 {
@@ -608,7 +611,7 @@ async fn a_take_won_on_one_node_leaves_no_claim_behind_on_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
     let addrs = free_addrs(3);
-    let mut nodes = start_cluster(&addrs, 1, &[]);
+    let mut cluster_nodes = start_cluster(&addrs, &[]);
     let space = connect(&addrs.join(",")).await.unwrap();
     let cluster = space_client::Cluster::open(&[&addrs[0]], ClientConfig::default())
         .await
@@ -626,16 +629,22 @@ async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
         6
     );
     let dead = addrs[2].clone();
-    nodes.pop().unwrap().kill();
+    cluster_nodes.nodes.pop().unwrap().kill();
     // (Once the client has seen its connection close: a call already on its way when a
     // node dies retries to learn whether it was done.)
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Keyless writes, takes by query, counts: all served by the live members.
+    // Keyless writes and takes by query: served by the live members.
     for id in 0..30 {
         space.write(&Job { id }).await.unwrap();
     }
-    assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30);
+    // A count covers every shard: with the dead member's shards unled (one copy each,
+    // nobody to elect), it fails typed rather than answer short.
+    let err = space.count(&Query::of::<Job>()).await.unwrap_err();
+    assert!(
+        matches!(&err, SpaceError::Unavailable { reason } if reason.contains("no leader")),
+        "{err}"
+    );
     let stats = space.stats().await.unwrap();
     assert_eq!(stats.entries, 30);
     assert_eq!(

@@ -144,6 +144,6 @@ async fn dropped_claims_on_one_node_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_takes_on_three_nodes_lose_nothing() {
     let addrs = free_addrs(3);
-    let _nodes = start_cluster(&addrs, 1, &[]);
+    let _nodes = start_cluster(&addrs, &[]);
     dropped_calls_lose_nothing(&addrs.join(","), 40, false).await;
 }

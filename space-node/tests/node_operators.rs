@@ -115,25 +115,41 @@ fn refused(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_node_id_is_refused_where_the_cluster_list_decides_it() {
-    for cluster in ["--peers", "--initial-cluster"] {
-        let out = refused(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--node-id",
-            "2",
-            cluster,
-            "127.0.0.1:1,127.0.0.1:2",
-        ]);
-        assert!(
-            !out.status.success(),
-            "--node-id with {cluster} was accepted"
-        );
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            said.contains("--node-id") && said.contains(cluster),
-            "the refusal does not name the flags: {said}"
-        );
-    }
+    let out = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--node-id",
+        "2",
+        "--initial-cluster",
+        "127.0.0.1:1,127.0.0.1:2",
+    ]);
+    assert!(
+        !out.status.success(),
+        "--node-id with --initial-cluster was accepted"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--node-id") && said.contains("--initial-cluster"),
+        "the refusal does not name the flags: {said}"
+    );
+}
+
+/// The static cluster's flag is refused with what replaces it, not taken for something
+/// else or met with a bare "unexpected argument".
+#[test]
+fn the_static_cluster_flag_is_refused_with_what_replaces_it() {
+    let out = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--peers",
+        "127.0.0.1:1,127.0.0.1:2",
+    ]);
+    assert!(!out.status.success(), "--peers was accepted");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--initial-cluster") && said.contains("--replication 1"),
+        "the refusal does not say what replaces --peers: {said}"
+    );
 }
 
 /// A node process, killed when dropped (a failing test leaves none behind).

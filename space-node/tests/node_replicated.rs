@@ -1003,7 +1003,7 @@ async fn a_keyed_batch_over_shards_that_fail_over_to_different_nodes_is_written_
 
 /// Calls by key made the moment their shard's leader dies, before the others have
 /// elected the next: the client waits for the new leader (within its retry window)
-/// rather than failing `Down` at once, as a call to a dead node of a static cluster does.
+/// rather than failing `Down` at once, as a call to a dead node does with replication 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_by_key_made_as_their_leader_dies_go_to_the_next_one() {
     use space_client::IntoKey;

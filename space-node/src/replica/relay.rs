@@ -1,6 +1,6 @@
 //! Notify on a replicated node (docs/ARCHITECTURE.md section 9).
 //!
-//! A client subscribes on every node, as with a static cluster; each node tells it of the
+//! A client subscribes on every node; each node tells it of the
 //! changes of the shards that node leads. A subscription is registered on the node's own
 //! engine (which holds no entries: its queue, numbering, lease, resume and push are those
 //! of any subscription), and a relay task feeds it from the node's *replica* engines,

@@ -460,7 +460,8 @@ impl ShardSet {
     ///
     /// # Errors
     /// [`SpaceError::WrongNode`] when this node does not lead that shard (now), with the
-    /// leader's address when known.
+    /// leader's address when known; for a shard not replicated here, its first replica's
+    /// (which knows the leader; with replication 1 it is the leader).
     pub fn serving_for(&self, key: &Key) -> Result<Engine, SpaceError> {
         let shard = self.layout.shard_of_range(range_of(key));
         if let Some(engine) = self
@@ -472,9 +473,15 @@ impl ShardSet {
             return Ok(engine);
         }
         let (leader, term) = self.leader_of(shard);
+        let replicated_here = self.members.contains_key(&shard);
+        let owner = match leader {
+            Some(leader) => Some(leader),
+            None if !replicated_here => self.layout.replicas(shard).first().copied(),
+            None => None,
+        };
         Err(SpaceError::WrongNode {
             epoch: term,
-            owner: leader
+            owner: owner
                 .and_then(|l| self.layout.address(l))
                 .map(str::to_owned),
         })

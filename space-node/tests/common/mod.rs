@@ -134,17 +134,87 @@ pub fn free_addrs(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Starts a cluster of the given members; `extra[i]` are node i's extra arguments.
-pub fn start_cluster(addrs: &[String], epoch: u64, extra: &[&[&str]]) -> Vec<NodeProcess> {
-    let peers = addrs.join(",");
-    let epoch = epoch.to_string();
-    addrs
+/// A cluster that keeps one copy of each range (`--replication 1`), each node on a
+/// fresh data directory of its own (removed with the cluster).
+pub struct Cluster {
+    /// The nodes, in member order.
+    pub nodes: Vec<NodeProcess>,
+    _dirs: Vec<space_tests::TempDir>,
+}
+
+/// Starts a cluster of one copy per range (8 shards) on `addrs`; `extra[i]` are node i's
+/// extra arguments. Returns once every node has the layout committed by the meta group
+/// and every shard it holds led (a minute at most, else it panics).
+pub fn start_cluster(addrs: &[String], extra: &[&[&str]]) -> Cluster {
+    let list = addrs.join(",");
+    let dirs: Vec<space_tests::TempDir> = addrs
         .iter()
+        .map(|_| space_tests::TempDir::new("cluster"))
+        .collect();
+    let nodes = addrs
+        .iter()
+        .zip(&dirs)
         .enumerate()
-        .map(|(i, a)| {
-            let mut args = vec!["--peers", &peers, "--epoch", &epoch];
+        .map(|(i, (addr, dir))| {
+            let dir = dir.0.to_string_lossy();
+            let mut args = vec![
+                "--data-dir",
+                &dir,
+                "--initial-cluster",
+                &list,
+                "--replication",
+                "1",
+                "--shards",
+                replicated::SHARDS,
+            ];
             args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
-            NodeProcess::start_at(a, &args)
+            NodeProcess::start_at(addr, &args)
         })
-        .collect()
+        .collect();
+    // Its own runtime on its own thread: callers may be inside a runtime or not.
+    let addrs = addrs.to_vec();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            for (i, addr) in addrs.iter().enumerate() {
+                until_serving(addr, i as u64 + 1).await;
+            }
+        });
+    })
+    .join()
+    .expect("the cluster never served");
+    Cluster { nodes, _dirs: dirs }
+}
+
+/// Waits until the node at `addr`, member `me`, has the cluster's layout from its meta
+/// group and a leader for every shard it holds.
+async fn until_serving(addr: &str, me: u64) {
+    use space_client::wire::{Request, Response};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let conn = space_client::Connection::open(addr, space_client::ClientConfig::default())
+        .await
+        .expect("connect to a starting node");
+    loop {
+        let laid_out = matches!(
+            conn.call(Request::MetaGroup).await,
+            Ok(Response::MetaGroup(Some(m))) if m.layout_version > 0
+        );
+        let led = match conn.call(Request::Shards).await {
+            Ok(Response::Shards(shards)) => shards
+                .iter()
+                .all(|s| !s.replicas.contains(&space_client::NodeId(me)) || s.leader.is_some()),
+            _ => false,
+        };
+        if laid_out && led {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node at {addr} did not serve within a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

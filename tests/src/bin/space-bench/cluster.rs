@@ -1,4 +1,5 @@
-//! `cluster`: three nodes in a static cluster against one node on its own, in one run.
+//! `cluster`: three nodes keeping one copy of each range (replication 1) against one node
+//! on its own, all durable, in one run.
 //!
 //! - 50 client connections moving 128-byte entries, half writing (keyless writes, spread
 //!   over the nodes in turn) and half taking by query (a take sweeps the nodes, then waits
@@ -8,10 +9,11 @@
 //!   start of the write to the taker holding the entry is recorded.
 //!
 //! All four processes (three nodes and the single node) and the bench client share the
-//! machine, so on a small machine the ratio mostly shows what routing costs. Each side runs
-//! as it would be deployed on these cores: the single node with its default of one worker
-//! thread per core, and each of the three members with [`MEMBER_THREADS`] (their share of
-//! the cores; more threads than cores only adds context switches between the members).
+//! machine, so on a small machine the ratio mostly shows what routing and the shards' Raft
+//! groups cost. Each side runs as it would be deployed on these cores: the single node
+//! with its default of one worker thread per core, and each of the three members with one
+//! (their share of the cores; more threads than cores only adds context switches between
+//! the members).
 
 use std::time::{Duration, Instant};
 
@@ -21,36 +23,11 @@ use serde_json::json;
 use space_client::Query;
 
 use crate::inproc::median;
-use crate::node::{
-    Blob, CONNECTIONS, PAYLOAD, Process, space_throughput, start_node, start_node_at, us,
-};
+use crate::node::{Blob, CONNECTIONS, PAYLOAD, space_throughput, start_node, us};
+use crate::replicated::{Cluster, NODES as MEMBERS, Scratch, ready};
 
-/// Cluster members.
-const MEMBERS: usize = 3;
-
-/// Worker threads of each member (`space-node --threads`).
-const MEMBER_THREADS: &str = "1";
-
-/// Starts a static cluster of `MEMBERS` nodes on free loopback ports; returns the
-/// processes and the comma-separated member list (usable as client seeds).
-fn start_cluster(args: &[&str]) -> Result<(Vec<Process>, String)> {
-    let listeners = (0..MEMBERS)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let addrs = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.to_string()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    drop(listeners);
-    let peers = addrs.join(",");
-    let mut nodes = Vec::new();
-    for addr in &addrs {
-        let mut node_args = vec!["--peers", &peers, "--epoch", "1"];
-        node_args.extend_from_slice(args);
-        nodes.push(start_node_at(addr, &node_args)?.0);
-    }
-    Ok((nodes, peers))
-}
+/// Shards of the cluster (the default of `space-node --initial-cluster`).
+const SHARDS: u32 = 64;
 
 /// Blocking-take wake-ups through `seeds`: `samples` times, a taker waits, a writer writes
 /// one entry, and the time from the write's start to the take's return is recorded.
@@ -91,12 +68,15 @@ async fn wakeups(seeds: &str, samples: usize) -> Result<Histogram<u64>> {
 
 /// Runs the cluster workload `runs` times and prints the medians as JSON.
 pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
-    let (_cluster, seeds) = start_cluster(&["--threads", MEMBER_THREADS])?;
-    let (_single, single) = start_node(&[])?;
+    let cluster = Cluster::start(1, SHARDS)?;
+    let seeds = cluster.seeds();
+    let scratch = Scratch::new("single")?;
+    let (_single, single) = start_node(&["--data-dir", &scratch.0.to_string_lossy()])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    runtime.block_on(ready(&seeds))?;
     let duration = Duration::from_secs(seconds);
     let mut rows: Vec<[f64; 6]> = Vec::new();
     for run in 1..=runs {
@@ -138,7 +118,8 @@ pub fn run(runs: usize, seconds: u64, wakeup_samples: usize) -> Result<()> {
         json!({
             "workload": "cluster",
             "nodes": MEMBERS,
-            "member_threads": MEMBER_THREADS.parse::<u32>()?,
+            "replication": 1,
+            "shards": SHARDS,
             "connections": CONNECTIONS,
             "entry_bytes": PAYLOAD,
             "runs": runs,

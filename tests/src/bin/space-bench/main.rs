@@ -82,8 +82,9 @@ enum Workload {
         #[arg(long, default_value_t = 1_000_000)]
         recovery_entries: usize,
     },
-    /// Three nodes in a static cluster against one node: 50 connections writing and taking
-    /// through the cluster-aware client, and the wake-up latency of a blocking take.
+    /// Three durable nodes keeping one copy of each range (replication 1) against one
+    /// durable node: 50 connections writing and taking through the cluster-aware client,
+    /// and the wake-up latency of a blocking take.
     Cluster {
         /// Runs (alternating which configuration goes first); medians are reported.
         #[arg(long, default_value_t = 6)]

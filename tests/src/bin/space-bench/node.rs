@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use space_client::{Query, Space};
-pub use space_tests::process::{Process, start_node, start_node_at};
+pub use space_tests::process::{Process, start_node};
 
 use crate::inproc::median;
 

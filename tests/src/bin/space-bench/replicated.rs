@@ -37,7 +37,7 @@ use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput};
 use space_tests::process::start_node_at;
 
 /// Nodes of each cluster.
-const NODES: usize = 3;
+pub(crate) const NODES: usize = 3;
 /// Worker threads of each node (`space-node --threads`).
 const MEMBER_THREADS: &str = "1";
 
@@ -60,11 +60,11 @@ fn free_addrs(n: usize) -> Result<Vec<String>> {
 }
 
 /// A directory removed when dropped.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
     /// A fresh directory named after `name`, this process and a count of those made.
-    fn new(name: &str) -> Result<Scratch> {
+    pub(crate) fn new(name: &str) -> Result<Scratch> {
         static MADE: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "space-bench-{name}-{}-{}",
@@ -84,7 +84,7 @@ impl Drop for Scratch {
 }
 
 /// A replicated cluster of real nodes, each on its own data directory.
-struct Cluster {
+pub(crate) struct Cluster {
     shards: u32,
     addrs: Vec<String>,
     dirs: Vec<PathBuf>,
@@ -93,7 +93,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(replication: usize, shards: u32) -> Result<Cluster> {
+    /// A cluster of `NODES` durable nodes at `replication` in `shards` shards.
+    pub(crate) fn start(replication: usize, shards: u32) -> Result<Cluster> {
         let scratch = Scratch::new(&format!("rf{replication}"))?;
         let addrs = free_addrs(NODES)?;
         let dirs = (0..NODES)
@@ -135,7 +136,8 @@ impl Cluster {
         Ok(())
     }
 
-    fn seeds(&self) -> String {
+    /// The nodes' addresses, comma separated (client seeds).
+    pub(crate) fn seeds(&self) -> String {
         self.addrs.join(",")
     }
 
@@ -146,7 +148,7 @@ impl Cluster {
 
 /// Waits until a write and a take through `seeds` succeed (every node up, leaders
 /// elected).
-async fn ready(seeds: &str) -> Result<()> {
+pub(crate) async fn ready(seeds: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {

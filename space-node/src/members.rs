@@ -1,0 +1,166 @@
+//! What a node knows of the cluster's members for placement: each member's latest status
+//! (its labels, the bytes it holds and its limit), polled every [`POLL`], so that any
+//! node can answer FindPlaceFor for the whole cluster and fill the labels into the
+//! topology it gives out. Which member owns which range is not decided here: a replicated
+//! node reads it from its shards (their leaders, docs/ARCHITECTURE.md section 9), and a
+//! standalone node owns everything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use space_client::{ClientConfig, Connection};
+use space_core::SpaceError;
+use space_core::wire::{NodeInfo, NodeStatus, Request, Response, Topology};
+
+/// The members (this node among them) and what was last heard from each.
+pub(crate) struct Members {
+    /// In member order (node id `i + 1` at `i`).
+    nodes: Vec<NodeInfo>,
+    /// This node's index in `nodes`.
+    me: usize,
+    /// The latest status of each member (this node's own is filled on demand).
+    status: Mutex<Vec<Option<NodeStatus>>>,
+}
+
+/// How often a node asks the other members for their status.
+const POLL: Duration = Duration::from_millis(300);
+
+impl Members {
+    /// The members at `addresses` (in order, node ids 1, 2, ...), this node being the one
+    /// at `me`, carrying `labels`.
+    pub(crate) fn new(addresses: &[String], me: usize, labels: &[(String, String)]) -> Members {
+        let nodes: Vec<NodeInfo> = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| NodeInfo {
+                node: space_core::NodeId(i as u64 + 1),
+                address: address.clone(),
+                labels: if i == me { labels.to_vec() } else { Vec::new() },
+            })
+            .collect();
+        Members {
+            status: Mutex::new(vec![None; nodes.len()]),
+            nodes,
+            me,
+        }
+    }
+
+    /// A standalone node: the only member.
+    pub(crate) fn single(info: NodeInfo) -> Members {
+        Members {
+            nodes: vec![info],
+            me: 0,
+            status: Mutex::new(vec![None]),
+        }
+    }
+
+    /// The topology of a standalone node: it owns every range.
+    pub(crate) fn alone(&self) -> Topology {
+        Topology::even(vec![self.nodes[self.me].clone()], 1)
+    }
+
+    /// `topology` (whose nodes are these members, in order) with each member's labels as
+    /// last heard from it.
+    pub(crate) fn labelled(&self, mut topology: Topology) -> Topology {
+        let status = self.status.lock();
+        for (i, node) in topology.nodes.iter_mut().enumerate() {
+            if i == self.me {
+                node.labels = self.nodes[i].labels.clone();
+            } else if let Some(Some(s)) = status.get(i) {
+                node.labels = s.info.labels.clone();
+            }
+        }
+        topology
+    }
+
+    /// A member with room for `size` more bytes that carries all of `labels`: the owner
+    /// of the key (`Some(index)`) if one is given, else the one of `candidates` (indexes)
+    /// with the most room. `me` is this node's current status.
+    pub(crate) fn place(
+        &self,
+        owner: Option<usize>,
+        candidates: &[usize],
+        size: u64,
+        labels: &[(String, String)],
+        me: NodeStatus,
+    ) -> Result<NodeInfo, SpaceError> {
+        let mut statuses = self.status.lock().clone();
+        statuses[self.me] = Some(me);
+        let room = |s: &NodeStatus| {
+            s.max_bytes
+                .map_or(u64::MAX, |m| m.saturating_sub(s.held_bytes))
+        };
+        let fits =
+            |s: &NodeStatus| labels.iter().all(|l| s.info.labels.contains(l)) && room(s) >= size;
+        if let Some(owner) = owner {
+            return match statuses.get(owner) {
+                Some(Some(s)) if fits(s) => Ok(s.info.clone()),
+                Some(Some(s)) => Err(SpaceError::Full {
+                    reason: format!(
+                        "the key's owner (node {}) has no room for {size} bytes or lacks the labels {labels:?}",
+                        s.info.node.0
+                    ),
+                }),
+                _ => Err(SpaceError::Unreachable {
+                    node: self
+                        .nodes
+                        .get(owner)
+                        .map_or_else(|| format!("member {owner}"), |n| n.address.clone()),
+                    reason: "its status is not known yet".into(),
+                }),
+            };
+        }
+        candidates
+            .iter()
+            .filter_map(|&i| statuses.get(i).cloned().flatten())
+            .filter(|s| fits(s))
+            .max_by_key(room)
+            .map(|s| s.info)
+            .ok_or_else(|| SpaceError::Full {
+                reason: if labels.is_empty() {
+                    format!("no node has room for {size} more bytes")
+                } else {
+                    format!("no node with the labels {labels:?} has room for {size} more bytes")
+                },
+            })
+    }
+
+    /// Polls the other members' status until the process ends.
+    pub(crate) fn start_polling(self: &Arc<Self>, token: Option<String>) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if i == self.me {
+                continue;
+            }
+            let members = self.clone();
+            let address = node.address.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                let config = ClientConfig {
+                    token,
+                    retry_for: Duration::ZERO,
+                    connect_timeout: Duration::from_secs(1),
+                    ..ClientConfig::default()
+                };
+                let mut conn: Option<Arc<Connection>> = None;
+                loop {
+                    if conn.is_none() {
+                        conn = Connection::open(&address, config.clone()).await.ok();
+                    }
+                    let status = match &conn {
+                        Some(c) => match c.call(Request::NodeStatus).await {
+                            Ok(Response::NodeStatus(s)) => Some(s),
+                            _ => {
+                                conn = None;
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    members.status.lock()[i] = status;
+                    tokio::time::sleep(POLL).await;
+                }
+            });
+        }
+    }
+}
