@@ -32,7 +32,7 @@ use parking_lot::{Mutex, RwLock};
 use space_core::wire::{self, NodeInfo, Request, RequestId, Response, Target, Topology};
 use space_core::{
     BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, Result, Space,
-    SpaceError, Stats, Subscription, remote::RemoteBackend,
+    SpaceError, Stats, Subscription, SubscriptionPosition, remote::RemoteBackend,
 };
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
@@ -1348,6 +1348,102 @@ impl Cluster {
             Lease::Forever,
         ))
     }
+
+    /// Picks up a detached subscription where `position` says it stands: on each member
+    /// that still has it, after the last event handed out there; a member that lost it (a
+    /// restart, or its lease ran out there) or that the position does not name gets it
+    /// anew, after a gap. The subscription is kept alive from then on (renewed, as one
+    /// made without a lease).
+    ///
+    /// # Errors
+    ///
+    /// `SubscriptionClosed` when no member has it any more (subscribe again); a member's
+    /// refusal; `Unreachable` when no member could be reached.
+    pub async fn resume_at(
+        self: &Arc<Self>,
+        position: SubscriptionPosition,
+    ) -> Result<Subscription> {
+        let endpoint = self.endpoint().await?;
+        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let lease = self.config.subscription_lease;
+        let spec = Spec {
+            query: position.query.clone(),
+            kinds: position.kinds,
+            lease: Lease::For(lease),
+        };
+        let state = FeedState::new(spec, Some(tx));
+        let (mut resumed, mut lost, mut last) = (0, Vec::new(), None);
+        for (addr, conn) in self.members().await {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(e) => {
+                    state.unreached(&addr);
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let part = position.parts.iter().find(|p| p.node == conn.node());
+            let result = match part {
+                Some(p) => {
+                    let at = Some((p.id, p.last_seq));
+                    match state.register(&endpoint, conn.clone(), at).await {
+                        Ok(()) => {
+                            resumed += 1;
+                            Ok(())
+                        }
+                        Err(SpaceError::SubscriptionClosed { id }) => {
+                            // Before any of its events: something may be missing.
+                            lost.push(id);
+                            state.announce_gap();
+                            state.register(&endpoint, conn, None).await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => {
+                    lost.push(0);
+                    state.announce_gap();
+                    state.register(&endpoint, conn, None).await
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_unreachable() => {
+                    state.unreached(&addr);
+                    last = Some(e);
+                }
+                Err(e) => {
+                    Subscription::remote(
+                        position.query,
+                        Box::new(Feed::new(rx, state, endpoint, self.runtime.clone())),
+                    )
+                    .cancel();
+                    return Err(e);
+                }
+            }
+        }
+        let subscription = self.feed(
+            position.query,
+            state.clone(),
+            rx,
+            endpoint,
+            Some(lease),
+            Lease::Forever,
+        );
+        if resumed == 0 {
+            subscription.cancel();
+            return Err(match last {
+                Some(e) if lost.is_empty() => e,
+                _ => SpaceError::SubscriptionClosed {
+                    id: position.parts.first().map_or(0, |p| p.id),
+                },
+            });
+        }
+        if !lost.is_empty() {
+            tracing::info!(lost = ?lost, "resumed a subscription that some members had lost: registered there anew, after a gap");
+        }
+        Ok(subscription)
+    }
 }
 
 /// The [`RemoteBackend`] of a [`Space`] on a cluster (of one or more nodes).
@@ -1394,6 +1490,16 @@ impl RemoteBackend for Remote {
         self.cluster
             .runtime
             .bind(async move { cluster.resume(id, last_seq).await })
+    }
+
+    fn resume_at(
+        &self,
+        position: SubscriptionPosition,
+    ) -> BoxFuture<'static, Result<Subscription>> {
+        let cluster = self.cluster.clone();
+        self.cluster
+            .runtime
+            .bind(async move { cluster.resume_at(position).await })
     }
 }
 

@@ -143,8 +143,8 @@ pub mod wire {
 pub use space_core::{
     BlockingSpace, Claim, ClaimTicket, DocumentError, EngineConfig, Entry, EntryType, Event,
     EventKind, EventKinds, Fields, Filter, IntoKey, Key, Lease, MAX_LEASE, NodeId, Notification,
-    Query, QueryError, Receipt, Result, Space, SpaceError, Stats, Subscription, TypeStats, Value,
-    ValueKind, entry,
+    PartPosition, Query, QueryError, Receipt, Result, Space, SpaceError, Stats, Subscription,
+    SubscriptionPosition, TypeStats, Value, ValueKind, entry,
 };
 
 /// The README's examples, compiled and run as doc tests so that they stay true.

@@ -277,7 +277,7 @@ impl FeedState {
     /// Tells the subscriber that it may have missed events (of unknown numbers): at once,
     /// or, when the stream is full (the subscriber is behind), once it has room, without
     /// holding up the caller.
-    fn announce_gap(&self) {
+    pub(crate) fn announce_gap(&self) {
         let Some(tx) = self.spare.lock().clone() else {
             return;
         };
@@ -316,17 +316,25 @@ impl FeedState {
             return Err(SpaceError::SubscriptionClosed { id: 0 });
         };
         let mut polled = endpoint.polls();
-        let (id, last_seq) = match resume {
+        let part = match resume {
             // A polled subscription picks up where it was by polling after `last_seq`.
-            Some((id, last_seq)) if polled => (id, last_seq),
+            Some((id, last_seq)) if polled => endpoint.attach(conn.clone(), id, tx, last_seq),
             Some((id, last_seq)) => {
-                conn.call(Request::Resume {
-                    id,
-                    last_seq,
-                    endpoint: endpoint.advertised,
-                })
-                .await?;
-                (id, last_seq)
+                // In place before the node re-delivers: a part this endpoint held
+                // detached would otherwise take the re-delivery and drop it.
+                let part = endpoint.attach(conn.clone(), id, tx, last_seq);
+                let resumed = conn
+                    .call(Request::Resume {
+                        id,
+                        last_seq,
+                        endpoint: endpoint.advertised,
+                    })
+                    .await;
+                if let Err(e) = resumed {
+                    endpoint.detach(&part);
+                    return Err(e);
+                }
+                part
             }
             None => {
                 let subscribe = |endpoint| Request::Subscribe {
@@ -353,7 +361,7 @@ impl FeedState {
                     answer => answer?,
                 };
                 match answer {
-                    Response::Subscribed(id) => (id, 0),
+                    Response::Subscribed(id) => endpoint.attach(conn.clone(), id, tx, 0),
                     other => {
                         return Err(SpaceError::Protocol {
                             reason: format!("unexpected answer {other:?}"),
@@ -362,7 +370,6 @@ impl FeedState {
                 }
             }
         };
-        let part = endpoint.attach(conn.clone(), id, tx, last_seq);
         if polled {
             tokio::spawn(poll(part.clone()));
         }
@@ -564,6 +571,14 @@ impl Feed {
 impl RemoteFeed for Feed {
     fn id(&self) -> u64 {
         self.state.parts.lock().first().map_or(0, |p| p.id)
+    }
+
+    fn parts(&self) -> (EventKinds, Vec<(NodeId, u64)>) {
+        let parts = self.state.parts.lock();
+        (
+            self.state.spec.kinds,
+            parts.iter().map(|p| (p.node, p.id)).collect(),
+        )
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {

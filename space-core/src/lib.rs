@@ -44,7 +44,8 @@ pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
 pub use lease::{Clock, Lease, MAX_LEASE};
 pub use notify::{
-    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, Subscription,
+    DEFAULT_QUEUE_CAPACITY, Event, EventKind, EventKinds, Notification, PartPosition, Subscription,
+    SubscriptionPosition,
 };
 pub use space::{BlockingSpace, Claim, Space};
 pub use space_query::{

@@ -557,11 +557,38 @@ impl Hub {
     }
 }
 
+/// Where a subscription stands, to pick it up later with `Space::resume_at` (after
+/// [`Subscription::detach_at`], or from a process that started again): what it matches,
+/// and on each node its id there and the last sequence number handed to the subscriber.
+/// It serializes, so that a worker can keep it with its own progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionPosition {
+    /// The subscription's query (a node that lost the subscription gets it anew).
+    pub query: Query,
+    /// The kinds of events it wants.
+    pub kinds: EventKinds,
+    /// Its registration on each node.
+    pub parts: Vec<PartPosition>,
+}
+
+/// A subscription's registration on one node, in a [`SubscriptionPosition`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartPosition {
+    /// The node (its events carry this id).
+    pub node: NodeId,
+    /// The subscription's id on that node.
+    pub id: u64,
+    /// The last sequence number of that node's events handed to the subscriber (0: none).
+    pub last_seq: u64,
+}
+
 /// A subscription held on a node, from the client's side: what a remote [`Subscription`]
 /// is backed by. Implemented by `space-client`.
 pub trait RemoteFeed: Send + Sync {
     /// The subscription's id on its node.
     fn id(&self) -> u64;
+    /// The kinds of events it wants, and its id on each node it is registered on.
+    fn parts(&self) -> (EventKinds, Vec<(NodeId, u64)>);
     /// Blocks until the next notification, the subscription closes, or the deadline.
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification>;
     /// The next notification if one has arrived.
@@ -617,6 +644,9 @@ pub struct Subscription {
     query: Arc<Query>,
     /// Set by [`detach`](Self::detach): dropping then does not unsubscribe.
     detached: bool,
+    /// The last sequence number of each node's events handed out (for
+    /// [`position`](Self::position)).
+    handed: Mutex<Vec<(NodeId, u64)>>,
 }
 
 impl Subscription {
@@ -626,6 +656,7 @@ impl Subscription {
             backing: Backing::Local { shared, engine },
             query,
             detached: false,
+            handed: Mutex::new(Vec::new()),
         }
     }
 
@@ -635,6 +666,7 @@ impl Subscription {
             backing: Backing::Remote(feed),
             query: Arc::new(query),
             detached: false,
+            handed: Mutex::new(Vec::new()),
         }
     }
 
@@ -652,9 +684,53 @@ impl Subscription {
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
-        match &self.backing {
+        self.hand(match &self.backing {
             Backing::Local { shared, .. } => shared.recv_until(deadline),
             Backing::Remote(feed) => feed.recv_until(deadline),
+        })
+    }
+
+    /// Notes the sequence number of an event about to be handed out.
+    fn hand(&self, n: Option<Notification>) -> Option<Notification> {
+        if let Some(Notification::Event(e)) = &n {
+            let mut handed = self.handed.lock();
+            match handed.iter_mut().find(|(node, _)| *node == e.node) {
+                Some((_, seq)) => *seq = (*seq).max(e.seq),
+                None => handed.push((e.node, e.seq)),
+            }
+        }
+        n
+    }
+
+    /// Where the subscription stands: on each node, its id there and the last sequence
+    /// number handed out from that node (what is still queued on this side is not
+    /// counted, so a resume gets it again).
+    pub fn position(&self) -> SubscriptionPosition {
+        let handed = self.handed.lock().clone();
+        let seen = |node: NodeId| {
+            handed
+                .iter()
+                .find(|(n, _)| *n == node)
+                .map_or(0, |(_, seq)| *seq)
+        };
+        let (kinds, parts) = match &self.backing {
+            Backing::Local { shared, .. } => {
+                let node = handed.first().map_or(NodeId::default(), |(n, _)| *n);
+                (shared.kinds, vec![(node, shared.id)])
+            }
+            Backing::Remote(feed) => feed.parts(),
+        };
+        SubscriptionPosition {
+            query: (*self.query).clone(),
+            kinds,
+            parts: parts
+                .into_iter()
+                .map(|(node, id)| PartPosition {
+                    node,
+                    id,
+                    last_seq: seen(node),
+                })
+                .collect(),
         }
     }
 
@@ -671,10 +747,10 @@ impl Subscription {
 
     /// The next notification if one is queued; never waits.
     pub fn try_recv(&self) -> Option<Notification> {
-        match &self.backing {
+        self.hand(match &self.backing {
             Backing::Local { shared, .. } => shared.try_recv(),
             Backing::Remote(feed) => feed.try_recv(),
-        }
+        })
     }
 
     /// How many events were dropped because this subscriber fell behind (each drop is also
@@ -754,6 +830,17 @@ impl Subscription {
         self.detached = true;
         self.id()
     }
+
+    /// [`detach`](Self::detach), returning where the subscription stands on every node
+    /// (see [`position`](Self::position)): `Space::resume_at` picks it up from there,
+    /// on a cluster as on one node. Each node keeps a detached subscription's events
+    /// until its lease runs out (a subscription made without a lease has one of the
+    /// client's `subscription_lease`, renewed while it is held).
+    pub fn detach_at(self) -> SubscriptionPosition {
+        let position = self.position();
+        self.detach();
+        position
+    }
 }
 
 impl Drop for Subscription {
@@ -770,6 +857,7 @@ impl Subscription {
             Backing::Local { shared, .. } => shared.poll_recv(cx),
             Backing::Remote(feed) => feed.poll_recv(cx),
         }
+        .map(|n| self.hand(n))
     }
 
     /// Waits for the next notification without blocking a thread; `None` once the

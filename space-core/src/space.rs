@@ -17,7 +17,7 @@ use crate::engine::{Engine, EngineConfig, Pending, Stats};
 use crate::entry::{Entry, Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::Lease;
-use crate::notify::{EventKinds, Subscription};
+use crate::notify::{EventKinds, Subscription, SubscriptionPosition};
 use crate::wire::{Request, Response, Target};
 
 /// A node reached over the network, as `Space` sees it. Implemented by `space-client`.
@@ -39,6 +39,9 @@ pub trait RemoteBackend: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Subscription>>;
     /// Picks up a detached subscription after `last_seq`.
     fn resume(&self, id: u64, last_seq: u64) -> BoxFuture<'static, Result<Subscription>>;
+    /// Picks up a detached subscription where `position` says it stands on each node.
+    fn resume_at(&self, position: SubscriptionPosition)
+    -> BoxFuture<'static, Result<Subscription>>;
 }
 
 #[derive(Clone)]
@@ -737,6 +740,21 @@ impl Space {
         }
     }
 
+    fn op_resume_at(&self, position: &SubscriptionPosition) -> Call<Subscription> {
+        match &self.backend {
+            Backend::Local(engine) => Call::Done(match position.parts[..] {
+                [part] => engine.resume(part.id, part.last_seq),
+                _ => Err(SpaceError::Protocol {
+                    reason: format!(
+                        "a position on {} nodes cannot be resumed in-process, where a subscription has one part",
+                        position.parts.len()
+                    ),
+                }),
+            }),
+            Backend::Remote(r) => Call::Remote(r.resume_at(position.clone())),
+        }
+    }
+
     fn op_stats(&self) -> Call<Stats> {
         match &self.backend {
             Backend::Local(engine) => Call::Done(Ok(engine.stats())),
@@ -992,6 +1010,18 @@ both_forms! {
     /// `SubscriptionClosed` when the subscription is gone (its lease ended, or it was not
     /// resumed in time).
     fn resume(&self, id: u64, last_seq: u64) -> Result<Subscription> = |s| s.op_resume(id, last_seq);
+
+    /// Picks up a subscription detached with
+    /// [`Subscription::detach_at`](crate::Subscription::detach_at) where `position` says
+    /// it stands: on each node, the events after the last one handed out (those no longer
+    /// kept come as a gap). A node that lost the subscription (its lease ran out, or the
+    /// node restarted) gets it anew, and a gap says something may be missing from it.
+    ///
+    /// # Errors
+    ///
+    /// `SubscriptionClosed` when no node has it any more; a node's refusal; the nodes
+    /// could not be reached.
+    fn resume_at(&self, position: &SubscriptionPosition) -> Result<Subscription> = |s| s.op_resume_at(position);
 
     /// Extends an entry's lease from now; returns the new expiry (`None`: forever).
     ///

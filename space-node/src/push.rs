@@ -86,10 +86,21 @@ struct Pusher {
     delivery: Delivery,
 }
 
+/// Where a pushed subscription's events go: the link to its endpoint and, after a resume,
+/// the sequence number the subscriber last had. The pusher itself rewinds the
+/// subscription to it when it takes the route up, after dropping the batch it held: a
+/// rewind made from outside could land before the pusher takes a batch from the rewound
+/// log, and the pusher, clearing that batch for the resume, would lose it.
+#[derive(Clone)]
+struct Route {
+    link: Arc<Link>,
+    resume_after: Option<u64>,
+}
+
 /// How a subscription's events leave the node.
 enum Delivery {
-    /// Pushed to an endpoint, over the link the watch holds (a resume may change it).
-    Push(watch::Sender<Arc<Link>>),
+    /// Pushed to an endpoint, over the route the watch holds (a resume changes it).
+    Push(watch::Sender<Route>),
     /// Fetched by the client's polls.
     Poll(Arc<Mutex<Polled>>),
 }
@@ -126,7 +137,7 @@ impl Pusher {
     /// The link of a pushed subscription.
     fn link(&self) -> Option<Arc<Link>> {
         match &self.delivery {
-            Delivery::Push(link) => Some(link.borrow().clone()),
+            Delivery::Push(route) => Some(route.borrow().link.clone()),
             Delivery::Poll(_) => None,
         }
     }
@@ -248,7 +259,10 @@ impl Pushers {
                 reason,
             });
         }
-        let (tx, rx) = watch::channel(link);
+        let (tx, rx) = watch::channel(Route {
+            link,
+            resume_after: None,
+        });
         self.map.lock().pushers.insert(
             id,
             Pusher {
@@ -391,19 +405,20 @@ impl Pushers {
                 ),
             });
         };
-        if old.endpoint != endpoint {
+        let link = if old.endpoint == endpoint {
+            old
+        } else {
             let link = tables.link(endpoint, self.config.max_per_endpoint)?;
             tables.unlink(&old);
-            if let Some(Delivery::Push(tx)) = tables.pushers.get(&id).map(|p| &p.delivery) {
-                tx.send_replace(link);
-            }
-        }
-        if let Some(p) = tables.pushers.get(&id) {
-            p.subscription.rewind(last_seq);
-            // Wake the pusher even when the endpoint stayed the same.
-            if let Delivery::Push(tx) = &p.delivery {
-                tx.send_modify(|_| {});
-            }
+            link
+        };
+        // The pusher rewinds the subscription when it takes the new route up (see
+        // `Route`); it is woken even when the endpoint stayed the same.
+        if let Some(Delivery::Push(tx)) = tables.pushers.get(&id).map(|p| &p.delivery) {
+            tx.send_replace(Route {
+                link,
+                resume_after: Some(last_seq),
+            });
         }
         Ok(())
     }
@@ -481,7 +496,18 @@ fn seq_of(n: &Notification) -> u64 {
     }
 }
 
-async fn push(config: PushConfig, sub: Arc<Subscription>, mut link: watch::Receiver<Arc<Link>>) {
+/// Takes up a changed route: the batch held is dropped, and after a resume the
+/// subscription is rewound to where its subscriber stands, so that what the batch held is
+/// delivered again from the log over the new route.
+fn take_up(route: &mut watch::Receiver<Route>, sub: &Subscription, batch: &mut Vec<Notification>) {
+    let resume_after = route.borrow_and_update().resume_after;
+    batch.clear();
+    if let Some(last_seq) = resume_after {
+        sub.rewind(last_seq);
+    }
+}
+
+async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Receiver<Route>) {
     let id = sub.id();
     let mut batch: Vec<Notification> = Vec::new();
     let mut backoff = Backoff::new();
@@ -496,10 +522,12 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut link: watch::Recei
                     None if sub.is_cancelled() => return,
                     None => ended = true,
                 },
-                changed = link.changed() => {
+                changed = route.changed() => {
                     if changed.is_err() {
                         return;
                     }
+                    take_up(&mut route, &sub, &mut batch);
+                    ended = false;
                     continue;
                 }
             }
@@ -510,14 +538,12 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut link: watch::Recei
                 }
             }
         }
-        if link.has_changed().unwrap_or(false) {
-            // Resumed (elsewhere): the rewound log re-delivers what this batch held.
-            link.borrow_and_update();
-            batch.clear();
+        if route.has_changed().unwrap_or(false) {
+            take_up(&mut route, &sub, &mut batch);
             ended = false;
             continue;
         }
-        let current = link.borrow().clone();
+        let current = route.borrow().link.clone();
         let delivered = match current.client(config.max_frame).await {
             Ok(c) => {
                 let mut ctx = context::current();

@@ -349,9 +349,8 @@ async fn a_polled_subscription_is_told_of_every_write_across_a_failover() {
 
 async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery) {
     let _alone = ONE_AT_A_TIME.lock().await;
-    use futures::StreamExt;
-    use space_client::{EventKinds, Notification};
-    use std::collections::{HashMap, HashSet};
+    use space_client::EventKinds;
+    use std::collections::HashSet;
 
     let (addrs, _dirs, mut nodes) = three_nodes();
     until_led(&addrs[0]).await;
@@ -360,7 +359,7 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
         ..ClientConfig::default()
     };
     let space = space_client::connect_with(&addrs[0], config).await.unwrap();
-    let mut sub = space
+    let sub = space
         .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
         .await
         .unwrap();
@@ -372,25 +371,37 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
         node.kill();
     }
     for id in 30..60 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match space.write(&Job { id }).await {
-                Ok(receipt) => {
-                    written.insert(receipt.key);
-                    break;
-                }
-                Err(e) => assert!(Instant::now() < deadline, "write {id}: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        written.insert(write_retrying(&space, id).await);
     }
+    told_all(&sub, written).await;
+}
 
-    let mut last_seq: HashMap<u64, u64> = HashMap::new();
-    let mut untold = written.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Writes job `id` through `space`, trying again for up to 20 s (while a failover is under
+/// way); returns its key.
+async fn write_retrying(space: &space_client::Space, id: u64) -> Key {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match space.write(&Job { id }).await {
+            Ok(receipt) => return receipt.key,
+            Err(e) => assert!(Instant::now() < deadline, "write {id}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Receives from `sub` until every key of `untold` was told (or a minute passed);
+/// checks that each node's sequence numbers rise, and returns how many gaps came.
+async fn told_all(
+    sub: &space_client::Subscription,
+    mut untold: std::collections::HashSet<Key>,
+) -> usize {
+    use space_client::Notification;
+    let mut last_seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut gaps = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !untold.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, sub.next()).await {
+        match tokio::time::timeout(left, sub.recv_async()).await {
             Ok(Some(Notification::Event(e))) => {
                 let last = last_seq.insert(e.node.0, e.seq).unwrap_or(0);
                 assert!(
@@ -401,15 +412,95 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
                 );
                 untold.remove(&e.key);
             }
-            Ok(Some(Notification::Gap { .. })) => {}
+            Ok(Some(Notification::Gap { .. })) => gaps += 1,
             Ok(None) => panic!("the subscription ended"),
-            Err(_) => panic!(
-                "{} of {} writes were never told (nodes told up to {last_seq:?}); untold: {untold:?}",
-                untold.len(),
-                written.len()
-            ),
+            Err(_) => panic!("{} writes were never told: {untold:?}", untold.len()),
         }
     }
+    gaps
+}
+
+/// A subscription detached with its position (`detach_at`) and picked up by another
+/// client with it (`resume_at`, the position having gone through JSON, as a worker
+/// would keep it) is told, from every node, of everything after what it was handed: the
+/// writes made while it was detached included, with no gap. A node that lost it
+/// meanwhile (restarted) gets it anew, after a gap, and the others still tell theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_subscription_resumes_where_it_stood_on_every_node() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use space_client::{EventKinds, Notification, SubscriptionPosition};
+    use std::collections::HashSet;
+
+    let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let seeds = addrs.join(",");
+    let space = connect(&seeds).await.unwrap();
+    let sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    for id in 0..30 {
+        written.push(space.write(&Job { id }).await.unwrap().key);
+    }
+    // Ten events handed out, then detached.
+    let mut handed = HashSet::new();
+    while handed.len() < 10 {
+        match tokio::time::timeout(Duration::from_secs(20), sub.recv_async()).await {
+            Ok(Some(Notification::Event(e))) => {
+                handed.insert(e.key);
+            }
+            other => panic!("an event was expected, not {other:?}"),
+        }
+    }
+    let position = sub.detach_at();
+    assert_eq!(position.parts.len(), 3, "a part on each node: {position:?}");
+    for id in 30..40 {
+        written.push(space.write(&Job { id }).await.unwrap().key);
+    }
+    // The same client picks it up: told of everything not handed out, without a gap.
+    let sub = space.resume_at(&position).await.unwrap();
+    let untold: HashSet<Key> = written
+        .iter()
+        .filter(|k| !handed.contains(*k))
+        .cloned()
+        .collect();
+    assert_eq!(untold.len(), 30);
+    assert_eq!(told_all(&sub, untold).await, 0, "nothing was lost: no gap");
+
+    // Detached again; another client picks it up from a position kept as JSON.
+    let kept = serde_json::to_string(&sub.detach_at()).unwrap();
+    let mut detached = HashSet::new();
+    for id in 40..60 {
+        detached.insert(space.write(&Job { id }).await.unwrap().key);
+    }
+    let position: SubscriptionPosition = serde_json::from_str(&kept).unwrap();
+    let other = connect(&seeds).await.unwrap();
+    let sub = other.resume_at(&position).await.unwrap();
+    assert_eq!(
+        told_all(&sub, detached).await,
+        0,
+        "nothing was lost: no gap"
+    );
+
+    // Detached again; node 3 restarts (its part is gone, and what it was told meanwhile
+    // with it); resumed: a gap first, then every write made from then on, on every node.
+    let position = sub.detach_at();
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
+    until_led(&addrs[2]).await;
+    let sub = other.resume_at(&position).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
+        Ok(Some(Notification::Gap { .. })) => {}
+        other => panic!("a gap was expected first, not {other:?}"),
+    }
+    let mut later = HashSet::new();
+    for id in 60..80 {
+        later.insert(write_retrying(&other, id).await);
+    }
+    told_all(&sub, later).await;
 }
 
 /// A listing, a count or a read by query on a replicated cluster is made of what each
