@@ -317,8 +317,17 @@ impl FeedState {
         };
         let mut polled = endpoint.polls();
         let part = match resume {
-            // A polled subscription picks up where it was by polling after `last_seq`.
-            Some((id, last_seq)) if polled => endpoint.attach(conn.clone(), id, tx, last_seq),
+            // A polled subscription picks up where it was by polling after `last_seq`,
+            // once a renewal of its lease shows the node still has it (one it lost is
+            // found now, not at the next poll).
+            Some((id, last_seq)) if polled => {
+                conn.call(Request::RenewSubscription {
+                    id,
+                    lease: self.spec.lease,
+                })
+                .await?;
+                endpoint.attach(conn.clone(), id, tx, last_seq)
+            }
             Some((id, last_seq)) => {
                 // In place before the node re-delivers: a part this endpoint held
                 // detached would otherwise take the re-delivery and drop it.

@@ -427,14 +427,30 @@ async fn told_all(
 /// meanwhile (restarted) gets it anew, after a gap, and the others still tell theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_subscription_resumes_where_it_stood_on_every_node() {
+    resumes_where_it_stood(space_client::Delivery::Push).await;
+}
+
+/// The same with the events carried over the client's connection (polled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_polled_subscription_resumes_where_it_stood_on_every_node() {
+    resumes_where_it_stood(space_client::Delivery::Poll).await;
+}
+
+async fn resumes_where_it_stood(delivery: space_client::Delivery) {
     let _alone = ONE_AT_A_TIME.lock().await;
+    let config = ClientConfig {
+        delivery,
+        ..ClientConfig::default()
+    };
     use space_client::{EventKinds, Notification, SubscriptionPosition};
     use std::collections::HashSet;
 
     let (addrs, dirs, mut nodes) = three_nodes();
     until_led(&addrs[0]).await;
     let seeds = addrs.join(",");
-    let space = connect(&seeds).await.unwrap();
+    let space = space_client::connect_with(&seeds, config.clone())
+        .await
+        .unwrap();
     let sub = space
         .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
         .await
@@ -475,7 +491,7 @@ async fn a_detached_subscription_resumes_where_it_stood_on_every_node() {
         detached.insert(space.write(&Job { id }).await.unwrap().key);
     }
     let position: SubscriptionPosition = serde_json::from_str(&kept).unwrap();
-    let other = connect(&seeds).await.unwrap();
+    let other = space_client::connect_with(&seeds, config).await.unwrap();
     let sub = other.resume_at(&position).await.unwrap();
     assert_eq!(
         told_all(&sub, detached).await,
