@@ -31,13 +31,13 @@ use futures::stream::FuturesUnordered;
 use parking_lot::{Mutex, RwLock};
 use space_core::wire::{self, NodeInfo, Request, RequestId, Response, Target, Topology};
 use space_core::{
-    BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Notification, Query, Result, Space,
-    SpaceError, Stats, Subscription, SubscriptionPosition, remote::RemoteBackend,
+    BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Query, Result, Space, SpaceError,
+    Stats, Subscription, SubscriptionPosition, remote::RemoteBackend,
 };
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
 use crate::revoke;
-use crate::subscriber::{self, Endpoint, FEED_CAPACITY, Feed, FeedState, Spec};
+use crate::subscriber::{self, Delivered, Endpoint, Feed, FeedState, Spec, feed_channel};
 
 /// A document to write, with its user key if it has one.
 type NewEntry = (space_core::Fields, Option<Key>);
@@ -1227,7 +1227,7 @@ impl Cluster {
             Lease::Forever => (Lease::For(self.config.subscription_lease), true),
             finite => (finite, false),
         };
-        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let (tx, rx) = feed_channel();
         let spec = Spec {
             query: query.clone(),
             kinds,
@@ -1274,7 +1274,7 @@ impl Cluster {
         self: &Arc<Self>,
         query: Query,
         state: Arc<FeedState>,
-        rx: flume::Receiver<Notification>,
+        rx: flume::Receiver<Delivered>,
         endpoint: Arc<Endpoint>,
         keep_alive: Option<Duration>,
         lease: Lease,
@@ -1328,7 +1328,7 @@ impl Cluster {
         };
         let endpoint = self.endpoint().await?;
         let conn = self.node(addr).await?;
-        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let (tx, rx) = feed_channel();
         let spec = Spec {
             query: Query::for_type(""),
             kinds: EventKinds::ALL,
@@ -1364,7 +1364,7 @@ impl Cluster {
         position: SubscriptionPosition,
     ) -> Result<Subscription> {
         let endpoint = self.endpoint().await?;
-        let (tx, rx) = flume::bounded(FEED_CAPACITY);
+        let (tx, rx) = feed_channel();
         let lease = self.config.subscription_lease;
         let spec = Spec {
             query: position.query.clone(),

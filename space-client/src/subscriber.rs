@@ -26,7 +26,9 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use space_core::remote::RemoteFeed;
 use space_core::wire::{self, Hello, Request, Response, SubscriberService, Welcome};
-use space_core::{EventKinds, Lease, NodeId, Notification, Query, Result, SpaceError};
+use space_core::{
+    EventKinds, Lease, NodeId, Notification, PartPosition, Query, Result, SpaceError,
+};
 use subtle::ConstantTimeEq;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
@@ -35,21 +37,51 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::connection::{ClientConfig, Connection, Delivery, Runtime};
 
 /// Notifications buffered per subscription on the client before deliveries wait.
-pub(crate) const FEED_CAPACITY: usize = 65_536;
+const FEED_CAPACITY: usize = 65_536;
 
 /// How long a subscription with a lease waits, past the lease, for its nodes to say it
 /// ended before it ends by itself (a node that cannot be reached cannot say so).
 const END_GRACE: Duration = Duration::from_secs(10);
+
+/// A notification on its way to the subscriber, with the count of what its registration
+/// handed out (none for a gap the client announces itself).
+pub(crate) struct Delivered {
+    handed: Option<Arc<AtomicU64>>,
+    notification: Notification,
+}
+
+/// The channel a subscription's parts push into.
+pub(crate) type FeedSender = flume::Sender<Delivered>;
+
+/// A new channel for a subscription's parts and its receiving side.
+pub(crate) fn feed_channel() -> (FeedSender, flume::Receiver<Delivered>) {
+    flume::bounded(FEED_CAPACITY)
+}
 
 /// A subscription's registration on one node.
 pub(crate) struct Part {
     node: NodeId,
     id: u64,
     conn: Arc<Connection>,
-    tx: Mutex<Option<flume::Sender<Notification>>>,
+    tx: Mutex<Option<FeedSender>>,
     /// The last sequence number received from this node: deliveries at or below it are
     /// repeats (after a retried delivery).
     last_seq: AtomicU64,
+    /// The last sequence number of this registration handed to the subscriber (what a
+    /// resume picks up after; a registration made anew counts from 0 again, as the node
+    /// numbers its events from 1 again).
+    handed: Arc<AtomicU64>,
+}
+
+impl Part {
+    /// Passes a notification on to the subscriber; false when the stream is gone.
+    async fn pass(&self, tx: &FeedSender, notification: Notification) -> bool {
+        let delivered = Delivered {
+            handed: Some(self.handed.clone()),
+            notification,
+        };
+        tx.send_async(delivered).await.is_ok()
+    }
 }
 
 /// What registers a subscription on a node.
@@ -69,7 +101,7 @@ pub(crate) struct FeedState {
     unreached: Mutex<Vec<String>>,
     /// Hands new parts their sender; dropped when no part may be added any more, so that
     /// the stream ends once the parts' senders are gone too.
-    spare: Mutex<Option<flume::Sender<Notification>>>,
+    spare: Mutex<Option<FeedSender>>,
     dropped: AtomicU64,
     closed: AtomicBool,
     detached: AtomicBool,
@@ -131,19 +163,14 @@ impl Endpoint {
 
     /// Registers subscription `id` of the node behind `conn`, its pushes (after
     /// `last_seq`) going to `tx`.
-    fn attach(
-        &self,
-        conn: Arc<Connection>,
-        id: u64,
-        tx: flume::Sender<Notification>,
-        last_seq: u64,
-    ) -> Arc<Part> {
+    fn attach(&self, conn: Arc<Connection>, id: u64, tx: FeedSender, last_seq: u64) -> Arc<Part> {
         let part = Arc::new(Part {
             node: conn.node(),
             id,
             conn,
             tx: Mutex::new(Some(tx)),
             last_seq: AtomicU64::new(last_seq),
+            handed: Arc::new(AtomicU64::new(last_seq)),
         });
         self.feeds.lock().insert((part.node, id), part.clone());
         part
@@ -258,7 +285,7 @@ impl SubscriberService for Subscriber {
                 continue; // a repeat after a retried delivery
             }
             part.last_seq.store(last, Ordering::Release);
-            if tx.send_async(n).await.is_err() {
+            if !part.pass(&tx, n).await {
                 return false;
             }
         }
@@ -281,9 +308,12 @@ impl FeedState {
         let Some(tx) = self.spare.lock().clone() else {
             return;
         };
-        let gap = Notification::Gap {
-            first_seq: 0,
-            last_seq: 0,
+        let gap = Delivered {
+            handed: None,
+            notification: Notification::Gap {
+                first_seq: 0,
+                last_seq: 0,
+            },
         };
         if let Err(flume::TrySendError::Full(gap)) = tx.try_send(gap) {
             tokio::spawn(async move {
@@ -292,7 +322,7 @@ impl FeedState {
         }
     }
 
-    pub(crate) fn new(spec: Spec, spare: Option<flume::Sender<Notification>>) -> Arc<FeedState> {
+    pub(crate) fn new(spec: Spec, spare: Option<FeedSender>) -> Arc<FeedState> {
         Arc::new(FeedState {
             spec,
             parts: Mutex::new(Vec::new()),
@@ -433,7 +463,7 @@ async fn poll(part: Arc<Part>) {
                         continue; // sent again after a lost answer
                     }
                     part.last_seq.store(last, Ordering::Release);
-                    if tx.send_async(n).await.is_err() {
+                    if !part.pass(&tx, n).await {
                         return;
                     }
                 }
@@ -537,8 +567,8 @@ pub(crate) async fn end_after(state: Weak<FeedState>, endpoint: Arc<Endpoint>, l
 
 /// A remote subscription's receiving side: the merged stream of its parts.
 pub(crate) struct Feed {
-    rx: flume::Receiver<Notification>,
-    stream: Mutex<flume::r#async::RecvStream<'static, Notification>>,
+    rx: flume::Receiver<Delivered>,
+    stream: Mutex<flume::r#async::RecvStream<'static, Delivered>>,
     state: Arc<FeedState>,
     endpoint: Arc<Endpoint>,
     runtime: Runtime,
@@ -546,7 +576,7 @@ pub(crate) struct Feed {
 
 impl Feed {
     pub(crate) fn new(
-        rx: flume::Receiver<Notification>,
+        rx: flume::Receiver<Delivered>,
         state: Arc<FeedState>,
         endpoint: Arc<Endpoint>,
         runtime: Runtime,
@@ -560,7 +590,15 @@ impl Feed {
         }
     }
 
-    fn counted(&self, n: Option<Notification>) -> Option<Notification> {
+    /// Hands a notification out: notes its number as its registration's last one handed
+    /// out, and counts what a gap lost.
+    fn counted(&self, delivered: Option<Delivered>) -> Option<Notification> {
+        let n = delivered.map(|d| {
+            if let Some(handed) = &d.handed {
+                handed.fetch_max(seq_range(&d.notification).1, Ordering::AcqRel);
+            }
+            d.notification
+        });
         if let Some(Notification::Gap {
             first_seq,
             last_seq,
@@ -582,12 +620,14 @@ impl RemoteFeed for Feed {
         self.state.parts.lock().first().map_or(0, |p| p.id)
     }
 
-    fn parts(&self) -> (EventKinds, Vec<(NodeId, u64)>) {
+    fn parts(&self) -> (EventKinds, Vec<PartPosition>) {
         let parts = self.state.parts.lock();
-        (
-            self.state.spec.kinds,
-            parts.iter().map(|p| (p.node, p.id)).collect(),
-        )
+        let position = |p: &Arc<Part>| PartPosition {
+            node: p.node,
+            id: p.id,
+            last_seq: p.handed.load(Ordering::Acquire),
+        };
+        (self.state.spec.kinds, parts.iter().map(position).collect())
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {

@@ -415,6 +415,11 @@ impl SubShared {
         self.queue.lock().expires = expires;
     }
 
+    /// The sequence number of the last notification handed to the subscriber (0: none).
+    pub(crate) fn handed(&self) -> u64 {
+        self.queue.lock().cursor.saturating_sub(1)
+    }
+
     /// Events told to this subscription that its subscriber has not had yet.
     pub(crate) fn lag(&self) -> u64 {
         let q = self.queue.lock();
@@ -587,8 +592,9 @@ pub struct PartPosition {
 pub trait RemoteFeed: Send + Sync {
     /// The subscription's id on its node.
     fn id(&self) -> u64;
-    /// The kinds of events it wants, and its id on each node it is registered on.
-    fn parts(&self) -> (EventKinds, Vec<(NodeId, u64)>);
+    /// The kinds of events it wants, and on each node it is registered on its id there
+    /// and the last sequence number handed to the subscriber from that registration.
+    fn parts(&self) -> (EventKinds, Vec<PartPosition>);
     /// Blocks until the next notification, the subscription closes, or the deadline.
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification>;
     /// The next notification if one has arrived.
@@ -617,6 +623,8 @@ pub trait RemoteFeed: Send + Sync {
 /// What keeps an in-process subscription: the engine, seen from here only as what a
 /// subscription asks of it.
 pub(crate) trait Keeper: Send + Sync {
+    /// The node its events carry.
+    fn node(&self) -> NodeId;
     /// Extends the subscription's lease.
     fn renew_subscription(&self, sub: &Arc<SubShared>, lease: crate::Lease) -> crate::Result<()>;
     /// Ends the subscription: matched no more, what it queued discarded.
@@ -644,9 +652,6 @@ pub struct Subscription {
     query: Arc<Query>,
     /// Set by [`detach`](Self::detach): dropping then does not unsubscribe.
     detached: bool,
-    /// The last sequence number of each node's events handed out (for
-    /// [`position`](Self::position)).
-    handed: Mutex<Vec<(NodeId, u64)>>,
 }
 
 impl Subscription {
@@ -656,7 +661,6 @@ impl Subscription {
             backing: Backing::Local { shared, engine },
             query,
             detached: false,
-            handed: Mutex::new(Vec::new()),
         }
     }
 
@@ -666,7 +670,6 @@ impl Subscription {
             backing: Backing::Remote(feed),
             query: Arc::new(query),
             detached: false,
-            handed: Mutex::new(Vec::new()),
         }
     }
 
@@ -684,53 +687,32 @@ impl Subscription {
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
-        self.hand(match &self.backing {
+        match &self.backing {
             Backing::Local { shared, .. } => shared.recv_until(deadline),
             Backing::Remote(feed) => feed.recv_until(deadline),
-        })
-    }
-
-    /// Notes the sequence number of an event about to be handed out.
-    fn hand(&self, n: Option<Notification>) -> Option<Notification> {
-        if let Some(Notification::Event(e)) = &n {
-            let mut handed = self.handed.lock();
-            match handed.iter_mut().find(|(node, _)| *node == e.node) {
-                Some((_, seq)) => *seq = (*seq).max(e.seq),
-                None => handed.push((e.node, e.seq)),
-            }
         }
-        n
     }
 
     /// Where the subscription stands: on each node, its id there and the last sequence
-    /// number handed out from that node (what is still queued on this side is not
-    /// counted, so a resume gets it again).
+    /// number handed out from that registration (what is still queued on this side is
+    /// not counted, so a resume gets it again; a node that registered the subscription
+    /// anew, numbering from 1 again, counts from there).
     pub fn position(&self) -> SubscriptionPosition {
-        let handed = self.handed.lock().clone();
-        let seen = |node: NodeId| {
-            handed
-                .iter()
-                .find(|(n, _)| *n == node)
-                .map_or(0, |(_, seq)| *seq)
-        };
         let (kinds, parts) = match &self.backing {
-            Backing::Local { shared, .. } => {
-                let node = handed.first().map_or(NodeId::default(), |(n, _)| *n);
-                (shared.kinds, vec![(node, shared.id)])
-            }
+            Backing::Local { shared, engine } => (
+                shared.kinds,
+                vec![PartPosition {
+                    node: engine.node(),
+                    id: shared.id,
+                    last_seq: shared.handed(),
+                }],
+            ),
             Backing::Remote(feed) => feed.parts(),
         };
         SubscriptionPosition {
             query: (*self.query).clone(),
             kinds,
-            parts: parts
-                .into_iter()
-                .map(|(node, id)| PartPosition {
-                    node,
-                    id,
-                    last_seq: seen(node),
-                })
-                .collect(),
+            parts,
         }
     }
 
@@ -747,10 +729,10 @@ impl Subscription {
 
     /// The next notification if one is queued; never waits.
     pub fn try_recv(&self) -> Option<Notification> {
-        self.hand(match &self.backing {
+        match &self.backing {
             Backing::Local { shared, .. } => shared.try_recv(),
             Backing::Remote(feed) => feed.try_recv(),
-        })
+        }
     }
 
     /// How many events were dropped because this subscriber fell behind (each drop is also
@@ -857,7 +839,6 @@ impl Subscription {
             Backing::Local { shared, .. } => shared.poll_recv(cx),
             Backing::Remote(feed) => feed.poll_recv(cx),
         }
-        .map(|n| self.hand(n))
     }
 
     /// Waits for the next notification without blocking a thread; `None` once the

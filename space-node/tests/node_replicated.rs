@@ -376,6 +376,83 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
     told_all(&sub, written).await;
 }
 
+/// A node that restarted numbers a subscription's events from 1 again once the client
+/// registered it there anew (its renewals do that). A position taken before any of those
+/// events was handed out resumes that registration from its start: what the old one had
+/// reached must not skip the new one's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_counts_a_registration_made_anew_from_its_start() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use space_client::{EventKinds, Notification};
+    use std::collections::HashSet;
+    let config = ClientConfig {
+        // Renewed every second: a node that lost the subscription soon has it again.
+        subscription_lease: Duration::from_secs(3),
+        ..ClientConfig::default()
+    };
+    let third_part = |sub: &space_client::Subscription| {
+        sub.position()
+            .parts
+            .into_iter()
+            .find(|p| p.node == NodeId(3))
+    };
+    let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let seeds = addrs.join(",");
+    let space = space_client::connect_with(&seeds, config).await.unwrap();
+    let sub = space
+        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    let mut written = HashSet::new();
+    for id in 0..60 {
+        written.insert(space.write(&Job { id }).await.unwrap().key);
+    }
+    assert_eq!(told_all(&sub, written).await, 0);
+    let before = third_part(&sub).expect("a part on node 3");
+    assert!(before.last_seq > 0, "node 3 told nothing: {before:?}");
+
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
+    // A renewal finds that node 3 lost its part: a gap, then it is registered anew.
+    match tokio::time::timeout(Duration::from_secs(30), sub.recv_async()).await {
+        Ok(Some(Notification::Gap { .. })) => {}
+        other => panic!("a gap was expected, not {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let anew = loop {
+        if let Some(part) = third_part(&sub) {
+            break part;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never had the subscription again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        anew.last_seq, 0,
+        "nothing of the new registration was handed out"
+    );
+
+    // Once node 3 leads shards again (they are handed back to it), its events are told
+    // by the new registration; the subscriber detaches before having any of them.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while shards_led_by(&addrs[0], NodeId(3)).await.is_empty() {
+        assert!(Instant::now() < deadline, "node 3 never led again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut later = HashSet::new();
+    for id in 60..90 {
+        later.insert(write_retrying(&space, id).await);
+    }
+    let position = sub.detach_at();
+    let sub = space.resume_at(&position).await.unwrap();
+    assert_eq!(told_all(&sub, later).await, 0, "nothing was lost: no gap");
+}
+
 /// Writes job `id` through `space`, trying again for up to 20 s (while a failover is under
 /// way); returns its key.
 async fn write_retrying(space: &space_client::Space, id: u64) -> Key {

@@ -204,6 +204,44 @@ fn a_subscriber_that_comes_back_gets_what_it_missed_or_a_gap() {
     ));
 }
 
+/// In-process, a position names the engine's node, the subscription, and the last
+/// number handed out (not what is merely queued): `resume_at` picks up after it.
+#[test]
+fn a_position_resumes_after_what_was_handed_out_in_process() {
+    let space = Space::new().blocking();
+    let sub = space
+        .notify_with_lease(&Query::of::<Job>(), EventKinds::WRITTEN, Lease::secs(60))
+        .unwrap();
+    for i in 0..5 {
+        space.write(&job(i, "a")).unwrap();
+    }
+    let first: Vec<u64> = (0..2)
+        .map(|_| {
+            sub.recv_timeout(Duration::from_secs(1))
+                .unwrap()
+                .event()
+                .unwrap()
+                .seq
+        })
+        .collect();
+    assert_eq!(first, vec![1, 2]);
+    let position = sub.detach_at();
+    assert_eq!(position.parts.len(), 1);
+    assert_eq!(position.parts[0].node, space.to_async().node());
+    assert_eq!(
+        position.parts[0].last_seq, 2,
+        "3 to 5 were queued, not handed out"
+    );
+    space.write(&job(5, "a")).unwrap();
+    let back = space.resume_at(&position).unwrap();
+    let replayed: Vec<u64> = drain(&back)
+        .iter()
+        .map(|n| n.event().unwrap().seq)
+        .collect();
+    assert_eq!(replayed, vec![3, 4, 5, 6]);
+    assert_eq!(back.position().parts[0].last_seq, 6);
+}
+
 #[test]
 fn many_subscriptions_of_every_shape_each_see_exactly_their_matches() {
     let space = Space::new().blocking();

@@ -168,6 +168,10 @@ impl Engine {
 }
 
 impl Keeper for Engine {
+    fn node(&self) -> NodeId {
+        Engine::node(self)
+    }
+
     fn renew_subscription(&self, sub: &Arc<SubShared>, lease: Lease) -> Result<()> {
         let expires = lease.deadline(&self.now())?;
         if sub.is_closed() {
