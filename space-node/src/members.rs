@@ -126,13 +126,14 @@ impl Members {
             })
     }
 
-    /// Polls the other members' status until the process ends.
+    /// Polls the other members' status for as long as these members are held (the
+    /// polling holds them weakly: it ends with the node).
     pub(crate) fn start_polling(self: &Arc<Self>, token: Option<String>) {
         for (i, node) in self.nodes.iter().enumerate() {
             if i == self.me {
                 continue;
             }
-            let members = self.clone();
+            let members = Arc::downgrade(self);
             let address = node.address.clone();
             let token = token.clone();
             tokio::spawn(async move {
@@ -157,10 +158,37 @@ impl Members {
                         },
                         None => None,
                     };
-                    members.status.lock()[i] = status;
+                    let Some(held) = members.upgrade() else {
+                        return;
+                    };
+                    held.status.lock()[i] = status;
+                    drop(held);
                     tokio::time::sleep(POLL).await;
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status polling ends with the node: it does not keep the members alive.
+    #[tokio::test]
+    async fn polling_lets_go_of_the_members_when_the_node_does() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = listener.local_addr().unwrap().to_string();
+        let addresses = ["127.0.0.1:1".to_owned(), other];
+        let members = Arc::new(Members::new(&addresses, 0, &[]));
+        members.start_polling(None);
+        // The polling tasks start and try the other member once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = Arc::downgrade(&members);
+        drop(members);
+        assert!(
+            held.upgrade().is_none(),
+            "a polling task still holds the members"
+        );
     }
 }
