@@ -58,7 +58,7 @@ impl NodeState {
         }
         // Watched from before the serving shards are listed, so no change is missed.
         let changed = shards.changes().next();
-        let mut led = shards.serving();
+        let mut led = shards.serving().to_vec();
         // The shard that takes keyless writes now comes first: calls by query look there
         // first, where the newest entries are.
         if !led.is_empty() {
@@ -225,7 +225,7 @@ impl NodeState {
                 let mut next = None;
                 let mut listed = Vec::new();
                 let mut read_from = Vec::new();
-                for (shard, engine) in shards.serving() {
+                for (shard, engine) in shards.serving().iter().cloned() {
                     if shard < start {
                         continue;
                     }

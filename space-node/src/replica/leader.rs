@@ -235,6 +235,11 @@ impl ServingChanges {
     fn bump(&self) {
         self.0.send_modify(|n| *n += 1);
     }
+
+    /// How many changes there were so far.
+    pub fn count(&self) -> u64 {
+        *self.0.borrow()
+    }
 }
 
 struct Lead {

@@ -225,9 +225,16 @@ pub struct ShardSet {
     members: BTreeMap<GroupId, GroupMember>,
     groups: Groups,
     changes: ServingChanges,
+    /// What [`serving`](ShardSet::serving) last found, with the count of `changes` read
+    /// before it looked: every call of every request asks, and the list changes only
+    /// when a leadership starts or ends.
+    serving: parking_lot::Mutex<(u64, Serving)>,
     /// The connections to the other members (for read indexes).
     router: PeerRouter,
 }
+
+/// The shards a node leads, with their serving engines, in shard order.
+pub type Serving = Arc<[(GroupId, Engine)]>;
 
 impl ShardSet {
     /// Starts member `me`'s part of `layout` on `host`: every shard it replicates,
@@ -278,6 +285,7 @@ impl ShardSet {
             members,
             groups,
             changes,
+            serving: parking_lot::Mutex::new((u64::MAX, Arc::from([]))),
             router: router.clone(),
         })
     }
@@ -608,12 +616,22 @@ impl ShardSet {
         self.layout.shards
     }
 
-    /// The shards this node leads now, with their serving engines.
-    pub fn serving(&self) -> Vec<(GroupId, Engine)> {
-        self.members
-            .iter()
-            .filter_map(|(s, m)| m.leadership.serving().map(|e| (*s, e)))
-            .collect()
+    /// The shards this node leads now, with their serving engines. Looked up again only
+    /// after a leadership started or ended: the count of changes is read before the
+    /// members are looked at, and a leadership changes before it is counted, so a list
+    /// that missed a change is kept under an older count than the one that follows it.
+    pub fn serving(&self) -> Serving {
+        let count = self.changes.count();
+        let mut kept = self.serving.lock();
+        if kept.0 != count {
+            let found: Serving = self
+                .members
+                .iter()
+                .filter_map(|(s, m)| m.leadership.serving().map(|e| (*s, e)))
+                .collect();
+            *kept = (count, found);
+        }
+        kept.1.clone()
     }
 
     /// Indexes `fields` of `entry_type` in every shard this node leads. A client declares
@@ -626,7 +644,7 @@ impl ShardSet {
     /// passed over: the write that goes there fails on its own when it adds the type, and
     /// one that goes elsewhere is no reason to fail.
     pub fn declare_indexes(&self, entry_type: &str, fields: &[String]) -> Result<(), SpaceError> {
-        for (_, engine) in self.serving() {
+        for (_, engine) in self.serving().iter() {
             for field in fields {
                 match engine.create_index(entry_type, field) {
                     Ok(()) | Err(SpaceError::Full { .. }) => {}
@@ -644,8 +662,8 @@ impl ShardSet {
     /// (`Engine::flush`).
     pub fn answer(&self, id: RequestId) -> Option<(GroupId, Engine, Answer)> {
         self.serving()
-            .into_iter()
-            .find_map(|(shard, e)| e.answer(id).map(|a| (shard, e, a)))
+            .iter()
+            .find_map(|(shard, e)| e.answer(id).map(|a| (*shard, e.clone(), a)))
     }
 
     /// As [`answer`](Self::answer), for a request sent again after its connection broke

@@ -1469,7 +1469,7 @@ async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
     engine.max_entry_types = Some(1);
     let nodes = sharded_cluster_of(1, 4, 1, engine).await;
     all_served(&nodes, 4).await;
-    let (full, engine) = nodes[0].set.serving().remove(0);
+    let (full, engine) = nodes[0].set.serving()[0].clone();
     engine
         .write(
             "Other",
@@ -1484,7 +1484,7 @@ async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
         .unwrap();
     let led = nodes[0].set.serving();
     assert_eq!(led.len(), 4);
-    for (shard, engine) in led.into_iter().filter(|(s, _)| *s != full) {
+    for (shard, engine) in led.iter().filter(|(s, _)| *s != full) {
         let digest = engine.state_digest();
         assert!(
             digest.contains(r#"type Order next 0 indexes ["status"]"#),
