@@ -11,7 +11,8 @@
 //! its node and that node's sequence number. A subscription asked for without a lease is
 //! kept alive by renewing every part's lease; a member that could not be reached when it
 //! subscribed, or that lost its part (a restart, or it gave up on an unreachable endpoint),
-//! gets the subscription registered again on the next renewal, and until then
+//! gets the subscription registered again on the next renewal (a polled part a poll finds
+//! lost is cancelled there and a gap told at once), and until then
 //! [`Subscription::unreached`](space_core::Subscription::unreached) names it. A
 //! subscription with a lease ends when the lease does: each node delivers what it matched
 //! and then tells the endpoint it ended; once every part ended, the stream ends.
@@ -337,8 +338,8 @@ impl FeedState {
     /// Registers the subscription on the node behind `conn` (its pushes after `last_seq`
     /// join the stream; `resume` picks up subscription `id` there instead of registering).
     pub(crate) async fn register(
-        &self,
-        endpoint: &Endpoint,
+        self: &Arc<Self>,
+        endpoint: &Arc<Endpoint>,
         conn: Arc<Connection>,
         resume: Option<(u64, u64)>,
     ) -> Result<()> {
@@ -346,22 +347,22 @@ impl FeedState {
             return Err(SpaceError::SubscriptionClosed { id: 0 });
         };
         let mut polled = endpoint.polls();
-        let part = match resume {
-            // A polled subscription picks up where it was by polling after `last_seq`,
-            // once a renewal of its lease shows the node still has it (one it lost is
-            // found now, not at the next poll).
-            Some((id, last_seq)) if polled => {
-                conn.call(Request::RenewSubscription {
-                    id,
-                    lease: self.spec.lease,
-                })
-                .await?;
-                endpoint.attach(conn.clone(), id, tx, last_seq)
+        // A polled subscription picks up where it was by polling after `last_seq`, once a
+        // renewal of its lease shows the node still has it (one it lost is found now, not
+        // at the next poll).
+        let resume_polled = |id: u64, last_seq: u64, tx: FeedSender| {
+            let (conn, lease) = (conn.clone(), self.spec.lease);
+            async move {
+                conn.call(Request::RenewSubscription { id, lease }).await?;
+                Ok::<_, SpaceError>(endpoint.attach(conn, id, tx, last_seq))
             }
+        };
+        let part = match resume {
+            Some((id, last_seq)) if polled => resume_polled(id, last_seq, tx).await?,
             Some((id, last_seq)) => {
                 // In place before the node re-delivers: a part this endpoint held
                 // detached would otherwise take the re-delivery and drop it.
-                let part = endpoint.attach(conn.clone(), id, tx, last_seq);
+                let part = endpoint.attach(conn.clone(), id, tx.clone(), last_seq);
                 let resumed = conn
                     .call(Request::Resume {
                         id,
@@ -369,11 +370,22 @@ impl FeedState {
                         endpoint: endpoint.advertised,
                     })
                     .await;
-                if let Err(e) = resumed {
-                    endpoint.detach(&part);
-                    return Err(e);
+                match resumed {
+                    Ok(_) => part,
+                    // Made by a client that polled: it is polled from here too. (A
+                    // subscription the node pushes is not polled, and a poll of it finds
+                    // it lost, see `poll`.)
+                    Err(SpaceError::Protocol { reason }) => {
+                        tracing::debug!(subscription = id, node = %conn.addr(), %reason, "resuming a polled subscription by polling it");
+                        endpoint.detach(&part);
+                        polled = true;
+                        resume_polled(id, last_seq, tx).await?
+                    }
+                    Err(e) => {
+                        endpoint.detach(&part);
+                        return Err(e);
+                    }
                 }
-                part
             }
             None => {
                 let subscribe = |endpoint| Request::Subscribe {
@@ -410,7 +422,7 @@ impl FeedState {
             }
         };
         if polled {
-            tokio::spawn(poll(part.clone()));
+            tokio::spawn(poll(part.clone(), Arc::downgrade(self), endpoint.clone()));
         }
         self.parts.lock().push(part);
         self.unreached.lock().retain(|a| a != conn.addr());
@@ -430,14 +442,41 @@ impl FeedState {
         self.spare.lock().take();
     }
 
+    /// A node no longer has `part` (it restarted, its lease there ran out, or it never
+    /// was the kind of subscription it was taken for): it is forgotten, and cancelled on
+    /// the node in case it still runs there; the subscriber is told it may have missed
+    /// events; the member is registered anew at the next renewal.
+    fn lost(&self, part: &Arc<Part>, endpoint: &Endpoint) {
+        let had = {
+            let mut parts = self.parts.lock();
+            let before = parts.len();
+            parts.retain(|p| !Arc::ptr_eq(p, part));
+            parts.len() < before
+        };
+        if !had {
+            return; // cancelled, detached or lost already
+        }
+        tracing::info!(subscription = part.id, node = %part.node, "a node lost a subscription; registering it again");
+        endpoint.detach(part);
+        self.unreached(part.conn.addr());
+        let (conn, id) = (part.conn.clone(), part.id);
+        tokio::spawn(async move {
+            let _ = conn.call(Request::CancelSubscription(id)).await;
+        });
+        // What that node matched meanwhile (a restarted node of a replicated cluster may
+        // lead shards again before it has the subscription back) is unknown: the
+        // subscriber is told so.
+        self.announce_gap();
+    }
+
     fn alive(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && !self.detached.load(Ordering::Acquire)
     }
 }
 
 /// Fetches a polled part's events over its connection until it ends, is detached or
-/// cancelled, or its node lost it (the renewals then register it again, with a gap).
-async fn poll(part: Arc<Part>) {
+/// cancelled, or its node lost it (then it is registered again, after a gap).
+async fn poll(part: Arc<Part>, state: Weak<FeedState>, endpoint: Arc<Endpoint>) {
     let mut pause = Duration::from_millis(50);
     loop {
         if part.tx.lock().is_none() {
@@ -472,7 +511,12 @@ async fn poll(part: Arc<Part>) {
                     return;
                 }
             }
-            Err(SpaceError::SubscriptionClosed { .. }) => return,
+            Err(SpaceError::SubscriptionClosed { .. }) => {
+                if let Some(state) = state.upgrade() {
+                    state.lost(&part, &endpoint);
+                }
+                return;
+            }
             other => {
                 tracing::debug!(subscription = part.id, node = %part.node, answer = ?other.err(), "a poll failed; polling again");
                 tokio::time::sleep(pause).await;
@@ -519,16 +563,7 @@ pub(crate) async fn keep_alive<M, F>(
             };
             match part.conn.call(request).await {
                 Ok(_) => {}
-                Err(SpaceError::SubscriptionClosed { .. }) => {
-                    tracing::info!(subscription = part.id, node = %part.node, "a node lost a subscription; registering it again");
-                    endpoint.detach(&part);
-                    state.parts.lock().retain(|p| !Arc::ptr_eq(p, &part));
-                    state.unreached(part.conn.addr());
-                    // What that node matched meanwhile (a restarted node of a replicated
-                    // cluster may lead shards again before it has the subscription back)
-                    // is unknown: the subscriber is told so.
-                    state.announce_gap();
-                }
+                Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, &endpoint),
                 Err(e) => {
                     tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
                 }

@@ -172,3 +172,83 @@ fn a_poll_cut_off_by_its_client_going_away_does_not_keep_the_subscription() {
         }
     });
 }
+
+/// Receives the next notification, waiting up to 20 s.
+async fn next(sub: &space_client::Subscription) -> Option<Notification> {
+    tokio::time::timeout(Duration::from_secs(20), sub.recv_async())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A subscription made by a client that polls, detached with its position, is picked up
+/// by a client that pushes: it goes on being polled, from where it stood, without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_subscription_is_resumed_by_a_client_that_pushes() {
+    let node = NodeProcess::start(&[]);
+    let poller = connect_with(&node.addr, config(Delivery::Poll, None))
+        .await
+        .unwrap();
+    let sub = poller
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    for level in 0..5 {
+        poller.write(&Alert { level }).await.unwrap();
+    }
+    for seq in 1..=2 {
+        assert!(matches!(next(&sub).await, Some(Notification::Event(e)) if e.seq == seq));
+    }
+    let position = sub.detach_at();
+    for level in 5..8 {
+        poller.write(&Alert { level }).await.unwrap();
+    }
+    let pusher = connect_with(&node.addr, config(Delivery::Push, None))
+        .await
+        .unwrap();
+    let sub = pusher.resume_at(&position).await.unwrap();
+    for seq in 3..=8 {
+        match next(&sub).await {
+            Some(Notification::Event(e)) => assert_eq!(e.seq, seq, "in order, without a gap"),
+            other => panic!("event {seq} was expected, not {other:?}"),
+        }
+    }
+}
+
+/// A subscription the node pushes, picked up by a client that polls: the node does not
+/// poll a pushed subscription, so the client says it may have missed events (a gap),
+/// subscribes anew, and is told of every later write; it is not left waiting in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_subscription_resumed_by_a_client_that_polls_says_what_it_lost() {
+    let node = NodeProcess::start(&[]);
+    let pusher = connect_with(&node.addr, config(Delivery::Push, None))
+        .await
+        .unwrap();
+    let sub = pusher
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    written_and_told(&pusher, &sub, 3).await;
+    let position = sub.detach_at();
+    let poller = connect_with(
+        &node.addr,
+        ClientConfig {
+            // Renewed (and registered anew where lost) every second.
+            subscription_lease: Duration::from_secs(3),
+            ..config(Delivery::Poll, None)
+        },
+    )
+    .await
+    .unwrap();
+    let sub = poller.resume_at(&position).await.unwrap();
+    assert!(
+        matches!(next(&sub).await, Some(Notification::Gap { .. })),
+        "a gap first"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sub.unreached().is_empty() || sub.position().parts.is_empty() {
+        assert!(Instant::now() < deadline, "never registered anew");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    written_and_told(&poller, &sub, 3).await;
+}
