@@ -119,11 +119,54 @@ pub(crate) struct KindConflict {
     pub(crate) found: ValueKind,
 }
 
-/// Entries and bytes held by all the stores of an engine, for its limits.
+/// Entries and bytes held by all the stores of an engine, for its limits; also counted
+/// in `also` (what a node holds in all its replicas), when given.
 #[derive(Default)]
 pub(crate) struct Totals {
     pub(crate) entries: std::sync::atomic::AtomicU64,
     pub(crate) bytes: std::sync::atomic::AtomicU64,
+    pub(crate) also: Option<std::sync::Arc<Totals>>,
+}
+
+impl Totals {
+    /// Nothing held yet, counted also in `also` when given.
+    pub(crate) fn counted_in(also: Option<std::sync::Arc<Totals>>) -> Totals {
+        Totals {
+            entries: 0.into(),
+            bytes: 0.into(),
+            also,
+        }
+    }
+
+    fn add(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.entries.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        if let Some(also) = &self.also {
+            also.add(bytes);
+        }
+    }
+
+    fn sub(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.entries.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(bytes, Relaxed);
+        if let Some(also) = &self.also {
+            also.sub(bytes);
+        }
+    }
+}
+
+impl Drop for Totals {
+    /// An engine that goes (a replica replaced by a snapshot's) takes what it held out
+    /// of the count it was part of.
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(also) = &self.also {
+            also.entries.fetch_sub(*self.entries.get_mut(), Relaxed);
+            also.bytes.fetch_sub(*self.bytes.get_mut(), Relaxed);
+        }
+    }
 }
 
 /// The records of one entry type.
@@ -289,12 +332,7 @@ impl Store {
         }
         let size = record.fields.approx_size();
         self.bytes += size;
-        self.totals
-            .entries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.totals
-            .bytes
-            .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+        self.totals.add(size as u64);
         if record.mapped_key {
             self.mapped_keys.insert(record.key.clone(), seq);
         }
@@ -308,12 +346,7 @@ impl Store {
         }
         let size = record.fields.approx_size();
         self.bytes -= size;
-        self.totals
-            .entries
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.totals
-            .bytes
-            .fetch_sub(size as u64, std::sync::atomic::Ordering::Relaxed);
+        self.totals.sub(size as u64);
         if record.mapped_key {
             self.mapped_keys.remove(&record.key);
         }

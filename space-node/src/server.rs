@@ -433,10 +433,10 @@ impl NodeState {
     pub(crate) fn status(&self) -> NodeStatus {
         NodeStatus {
             info: self.info(),
-            // A replicated node's own engine holds nothing: what it holds is in the
-            // shards it serves.
+            // A replicated node's own engine holds nothing: what it holds is in its
+            // replicas of the shards (what its limits bound).
             held_bytes: match &self.shards {
-                Some(shards) => shards.serving().iter().map(|(_, e)| e.held_bytes()).sum(),
+                Some(shards) => shards.held_bytes(),
                 None => self.engine.held_bytes(),
             },
             max_bytes: self.config.max_bytes,
@@ -880,6 +880,11 @@ impl Node {
         engine_config.max_queued_events = Some(config.max_queued_events);
         engine_config.snapshot_after_bytes = config.snapshot_after_bytes;
         engine_config.sync_delay = config.sync_delay;
+        if replicated.is_some() {
+            // `--max-entries` and `--max-bytes` bound what the node holds in all the
+            // shards it replicates, not each shard.
+            engine_config.holdings = Some(space_core::Holdings::default());
+        }
         let shards = match replicated {
             Some((dir, layout, me)) => {
                 Some(start_shards(&config, &dir, layout, me, &engine_config).await?)

@@ -711,3 +711,54 @@ async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
         .unwrap_err();
     assert!(matches!(err, SpaceError::Down { .. }), "{err}");
 }
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Blob {
+    number: String,
+    body: String,
+}
+space_client::entry!(Blob, "Blob", key = number);
+
+/// `--max-bytes` bounds what a node holds in all its shards, not each shard: keyed writes
+/// spread over every shard stop with `Full` once each node holds its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_bounds_a_node_across_its_shards() {
+    const LIMIT: u64 = 6_000;
+    let limit = LIMIT.to_string();
+    let bounded: &[&str] = &["--max-bytes", &limit];
+    let addrs = free_addrs(3);
+    let _nodes = start_cluster(&addrs, &[bounded, bounded, bounded]);
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let (mut stored, mut refusals) = (0, Vec::new());
+    for i in 0..100 {
+        let blob = Blob {
+            number: format!("blob-{i}"),
+            body: "x".repeat(1_000),
+        };
+        match space.write(&blob).await {
+            Ok(_) => stored += 1,
+            Err(SpaceError::Full { reason }) => refusals.push(reason),
+            Err(e) => panic!("write {i}: {e}"),
+        }
+    }
+    // About a thousand bytes each: at most five per node.
+    assert!(stored <= 15, "{stored} stored, over three nodes' limits");
+    assert!(stored >= 3, "{stored} stored");
+    assert!(
+        refusals.iter().all(|r| r.contains("the node holds")),
+        "{refusals:?}"
+    );
+    for addr in &addrs {
+        let Response::NodeStatus(status) =
+            direct(addr).await.call(Request::NodeStatus).await.unwrap()
+        else {
+            panic!("a status was asked for")
+        };
+        assert!(
+            status.held_bytes <= LIMIT,
+            "{addr} holds {}",
+            status.held_bytes
+        );
+        assert!(status.held_bytes > 0, "{addr} holds nothing");
+    }
+}

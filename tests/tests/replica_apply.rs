@@ -175,3 +175,40 @@ fn answers_older_than_a_minute_are_forgotten_alike_live_on_replay_and_on_replica
     }
     assert_eq!(replica.state_digest(), live);
 }
+
+/// Replicas given one `Holdings` (a node's replicas of its shards) count what they hold
+/// there together, and a replica that goes (replaced by a snapshot's) takes its part out.
+#[test]
+fn replicas_count_what_they_hold_into_the_nodes_holdings() {
+    let source = Engine::new(EngineConfig::default());
+    for n in 0..10 {
+        source.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    let image = source.image(0);
+    let holdings = space_core::Holdings::default();
+    let mut config = EngineConfig::default();
+    config.holdings = Some(holdings.clone());
+    let first = Engine::replica_from_image(None, config.clone(), &image).unwrap();
+    let second = Engine::replica_from_image(None, config, &image).unwrap();
+    assert_eq!(holdings.entries(), 20);
+    assert_eq!(
+        holdings.bytes(),
+        first.held_bytes() + second.held_bytes(),
+        "{holdings:?}"
+    );
+    assert!(holdings.bytes() > 0);
+    second
+        .take(&Query::new("Job", Filter::All), Duration::ZERO)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(holdings.entries(), 19);
+    second.close();
+    drop(second);
+    assert_eq!(
+        holdings.entries(),
+        10,
+        "the replica that went took its part out"
+    );
+    assert_eq!(holdings.bytes(), first.held_bytes());
+}

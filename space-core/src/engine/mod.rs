@@ -150,6 +150,32 @@ impl Stats {
     }
 }
 
+/// Entries and bytes held by a node's replica engines together (see
+/// [`EngineConfig::holdings`]). Cloning shares the count.
+#[derive(Clone, Default)]
+pub struct Holdings(Arc<Totals>);
+
+impl Holdings {
+    /// Entries held.
+    pub fn entries(&self) -> u64 {
+        self.0.entries.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of documents held.
+    pub fn bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Holdings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holdings")
+            .field("entries", &self.entries())
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
 /// Engine settings. Start from [`EngineConfig::default`] and set the fields you need
 /// (`let mut config = EngineConfig::default(); config.max_entries = Some(1_000_000);`):
 /// new settings may be added without breaking that.
@@ -166,6 +192,11 @@ pub struct EngineConfig {
     pub max_entries: Option<u64>,
     /// Most bytes of documents held at once; writes beyond get [`SpaceError::Full`].
     pub max_bytes: Option<u64>,
+    /// What a node holds in all the replicas it keeps (a replicated node's shards): each
+    /// replica engine given it counts its entries there too, and an engine that leads a
+    /// replicated log checks `max_entries` and `max_bytes` against it rather than
+    /// against itself, so that the limits bound the node, not each shard.
+    pub holdings: Option<Holdings>,
     /// Most entry types held at once; a write that would add one more gets
     /// [`SpaceError::Full`]. Entry types left empty (no entries, waiters, subscriptions or
     /// declared indexes) are forgotten to make room.
@@ -200,6 +231,7 @@ impl Default for EngineConfig {
             max_entry_bytes: None,
             max_entries: None,
             max_bytes: None,
+            holdings: None,
             max_entry_types: None,
             max_waiters: None,
             max_subscriptions: None,
@@ -541,6 +573,12 @@ impl Engine {
         };
         let events = EventBudget::new(config.max_queued_events);
         let is_durable = durable.is_some();
+        // Only replicas count into the node's holdings: a leading engine holds the same
+        // entries as its shard's replica on the node.
+        let holdings = match &config.holdings {
+            Some(h) if replica => Some(h.0.clone()),
+            _ => None,
+        };
         let inner = Arc::new_cyclic(|me| Inner {
             config,
             cells: ArcSwap::from_pointee(HashMap::default()),
@@ -553,7 +591,7 @@ impl Engine {
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
-            totals: Arc::new(Totals::default()),
+            totals: Arc::new(Totals::counted_in(holdings)),
             keeps_answers: replica || proposals.is_some() || durable.is_some(),
             replica,
             gate: proposals.as_ref().map(|_| Arc::new(EventGate::default())),

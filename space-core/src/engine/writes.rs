@@ -164,20 +164,29 @@ impl Engine {
                 limit,
             });
         }
-        let held = self.inner.totals.entries.load(Ordering::Relaxed);
+        // A leading engine of a replicated node: the node's replicas hold what counts
+        // (what this engine decided and the log has not committed yet is not in them:
+        // the limits may be passed by what is in flight).
+        let (held, bytes, holder) = match &config.holdings {
+            Some(h) if self.inner.proposals.is_some() => (h.entries(), h.bytes(), "the node"),
+            _ => (
+                self.inner.totals.entries.load(Ordering::Relaxed),
+                self.inner.totals.bytes.load(Ordering::Relaxed),
+                "it",
+            ),
+        };
         if let Some(max) = config.max_entries
             && held + docs.len() as u64 > max
         {
             return Err(SpaceError::Full {
-                reason: format!("it holds {held} entries and its limit is {max}"),
+                reason: format!("{holder} holds {held} entries and its limit is {max}"),
             });
         }
-        let bytes = self.inner.totals.bytes.load(Ordering::Relaxed);
         if let Some(max) = config.max_bytes
             && bytes + sizes.iter().sum::<u64>() > max
         {
             return Err(SpaceError::Full {
-                reason: format!("it holds {bytes} bytes of entries and its limit is {max}"),
+                reason: format!("{holder} holds {bytes} bytes of entries and its limit is {max}"),
             });
         }
         Ok(())

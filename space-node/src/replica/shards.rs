@@ -259,8 +259,10 @@ impl ShardSet {
         }
         let groups = Groups::default();
         let changes = ServingChanges::default();
-        let meta =
-            MetaGroup::start(&layout, me, host, router, raft.clone(), engine.clone()).await?;
+        // The layout is not what a node's limits count.
+        let mut meta_engine = engine.clone();
+        meta_engine.holdings = None;
+        let meta = MetaGroup::start(&layout, me, host, router, raft.clone(), meta_engine).await?;
         groups.insert(META_GROUP, meta.member().raft.clone());
         let mut members = BTreeMap::new();
         for shard in 0..layout.shards {
@@ -609,6 +611,15 @@ impl ShardSet {
         self.members
             .get(&shard)
             .is_some_and(|m| m.leadership.serving().is_some())
+    }
+
+    /// Bytes of documents this node holds in its replicas of every shard (what
+    /// `--max-bytes` bounds).
+    pub fn held_bytes(&self) -> u64 {
+        self.members
+            .values()
+            .map(|m| m.replica.engine().held_bytes())
+            .sum()
     }
 
     /// The cluster's number of shards.
