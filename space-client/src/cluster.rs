@@ -32,7 +32,8 @@ use parking_lot::{Mutex, RwLock};
 use space_core::wire::{self, NodeInfo, Request, RequestId, Response, Target, Topology};
 use space_core::{
     BlockingSpace, Document, EventKinds, Key, Lease, NodeId, Query, Result, Space, SpaceError,
-    Stats, Subscription, SubscriptionPosition, remote::RemoteBackend,
+    Stats, Subscription, SubscriptionPosition,
+    remote::{RemoteBackend, RemoteFeed},
 };
 
 use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
@@ -1249,11 +1250,7 @@ impl Cluster {
                     last = Some(e);
                 }
                 Err(e) => {
-                    Subscription::remote(
-                        query,
-                        Box::new(Feed::new(rx, state, endpoint, self.runtime.clone())),
-                    )
-                    .cancel();
+                    Feed::new(rx, state, endpoint, self.runtime.clone()).cancel();
                     return Err(e);
                 }
             }
@@ -1386,25 +1383,23 @@ impl Cluster {
             let result = match part {
                 Some(p) => {
                     let at = Some((p.id, p.last_seq));
-                    match state.register(&endpoint, conn.clone(), at).await {
-                        Ok(()) => {
-                            resumed += 1;
-                            Ok(())
-                        }
-                        Err(SpaceError::SubscriptionClosed { id }) => {
-                            // Before any of its events: something may be missing.
-                            lost.push(id);
-                            state.announce_gap();
-                            state.register(&endpoint, conn, None).await
-                        }
-                        Err(e) => Err(e),
-                    }
+                    state.register(&endpoint, conn.clone(), at).await
                 }
-                None => {
-                    lost.push(0);
+                None => Err(SpaceError::SubscriptionClosed { id: 0 }),
+            };
+            let result = match result {
+                Ok(()) => {
+                    resumed += 1;
+                    Ok(())
+                }
+                // Lost there, or never there: registered anew, after a gap announced
+                // before any of its events (something may be missing).
+                Err(SpaceError::SubscriptionClosed { id }) => {
+                    lost.push(id);
                     state.announce_gap();
                     state.register(&endpoint, conn, None).await
                 }
+                Err(e) => Err(e),
             };
             match result {
                 Ok(()) => {}
@@ -1413,11 +1408,7 @@ impl Cluster {
                     last = Some(e);
                 }
                 Err(e) => {
-                    Subscription::remote(
-                        position.query,
-                        Box::new(Feed::new(rx, state, endpoint, self.runtime.clone())),
-                    )
-                    .cancel();
+                    Feed::new(rx, state, endpoint, self.runtime.clone()).cancel();
                     return Err(e);
                 }
             }

@@ -880,11 +880,6 @@ impl Node {
         engine_config.max_queued_events = Some(config.max_queued_events);
         engine_config.snapshot_after_bytes = config.snapshot_after_bytes;
         engine_config.sync_delay = config.sync_delay;
-        if replicated.is_some() {
-            // `--max-entries` and `--max-bytes` bound what the node holds in all the
-            // shards it replicates, not each shard.
-            engine_config.holdings = Some(space_core::Holdings::default());
-        }
         let shards = match replicated {
             Some((dir, layout, me)) => {
                 Some(start_shards(&config, &dir, layout, me, &engine_config).await?)

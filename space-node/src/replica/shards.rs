@@ -15,7 +15,7 @@ use space_core::wire::{
     MetaGroupInfo, NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology,
     first_range_of_shard, range_of, shard_of_range,
 };
-use space_core::{EngineConfig, Key, NodeId, SpaceError};
+use space_core::{EngineConfig, Holdings, Key, NodeId, SpaceError};
 
 use super::meta::{META_GROUP, MetaGroup};
 use super::{
@@ -229,6 +229,8 @@ pub struct ShardSet {
     /// before it looked: every call of every request asks, and the list changes only
     /// when a leadership starts or ends.
     serving: parking_lot::Mutex<(u64, Serving)>,
+    /// What this node's replicas of every shard hold together.
+    holdings: Holdings,
     /// The connections to the other members (for read indexes).
     router: PeerRouter,
 }
@@ -239,7 +241,9 @@ pub type Serving = Arc<[(GroupId, Engine)]>;
 impl ShardSet {
     /// Starts member `me`'s part of `layout` on `host`: every shard it replicates,
     /// recovered from the host's write-ahead log and snapshots. Each shard's engines are
-    /// configured by `engine`, minting keys inside the shard's ranges.
+    /// configured by `engine`, minting keys inside the shard's ranges, and count what
+    /// their replicas hold into one `Holdings` (`engine`'s, or a new one), so that
+    /// `max_entries` and `max_bytes` bound the node, not each shard.
     ///
     /// # Errors
     /// [`ReplicaError`] when a shard's stored state cannot be read or `me` is not in the
@@ -250,7 +254,7 @@ impl ShardSet {
         host: &Arc<LogHost>,
         router: &PeerRouter,
         raft: Arc<openraft::Config>,
-        engine: EngineConfig,
+        mut engine: EngineConfig,
     ) -> Result<ShardSet, ReplicaError> {
         if layout.address(me).is_none() {
             return Err(ReplicaError::Layout {
@@ -262,6 +266,7 @@ impl ShardSet {
         // The layout is not what a node's limits count.
         let mut meta_engine = engine.clone();
         meta_engine.holdings = None;
+        let holdings = engine.holdings.get_or_insert_default().clone();
         let meta = MetaGroup::start(&layout, me, host, router, raft.clone(), meta_engine).await?;
         groups.insert(META_GROUP, meta.member().raft.clone());
         let mut members = BTreeMap::new();
@@ -288,6 +293,7 @@ impl ShardSet {
             groups,
             changes,
             serving: parking_lot::Mutex::new((u64::MAX, Arc::from([]))),
+            holdings,
             router: router.clone(),
         })
     }
@@ -616,10 +622,7 @@ impl ShardSet {
     /// Bytes of documents this node holds in its replicas of every shard (what
     /// `--max-bytes` bounds).
     pub fn held_bytes(&self) -> u64 {
-        self.members
-            .values()
-            .map(|m| m.replica.engine().held_bytes())
-            .sum()
+        self.holdings.bytes()
     }
 
     /// The cluster's number of shards.
