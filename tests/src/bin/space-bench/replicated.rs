@@ -34,7 +34,7 @@ use space_client::{ClientConfig, Connection, Key};
 
 use crate::inproc::median;
 use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput};
-use space_tests::process::start_node_at;
+use space_tests::process::{cpu_seconds_of, start_node_at};
 
 /// Nodes of each cluster.
 pub(crate) const NODES: usize = 3;
@@ -175,13 +175,33 @@ pub(crate) async fn ready(seeds: &str) -> Result<()> {
     }
 }
 
-/// Space throughput through `cluster` and its nodes' CPU microseconds per op.
-async fn measure_space(cluster: &Cluster, duration: Duration) -> Result<(f64, f64)> {
-    let cpu = cluster.cpu_seconds();
+/// One system's measurement.
+#[derive(Clone, Copy)]
+struct Measured {
+    /// Operations per second.
+    rate: f64,
+    /// The servers' CPU microseconds per operation.
+    server_us: f64,
+    /// This process's (the clients') CPU microseconds per operation.
+    client_us: f64,
+}
+
+/// CPU seconds this process (the bench's clients) has used so far.
+fn client_cpu_seconds() -> f64 {
+    cpu_seconds_of(std::process::id())
+}
+
+/// Space throughput through `cluster`, its nodes' and its clients' CPU per op.
+async fn measure_space(cluster: &Cluster, duration: Duration) -> Result<Measured> {
+    let (server, client) = (cluster.cpu_seconds(), client_cpu_seconds());
     let rate = space_throughput(&cluster.seeds(), 1, duration).await?;
     // The CPU time covers the warm-up and the draining too: a little over the count.
-    let ops = rate * duration.as_secs_f64();
-    Ok((rate, (cluster.cpu_seconds() - cpu) * 1e6 / ops.max(1.0)))
+    let ops = (rate * duration.as_secs_f64()).max(1.0);
+    Ok(Measured {
+        rate,
+        server_us: (cluster.cpu_seconds() - server) * 1e6 / ops,
+        client_us: (client_cpu_seconds() - client) * 1e6 / ops,
+    })
 }
 
 /// Three `nats-server` processes in one cluster, JetStream on, each on its own store.
@@ -192,7 +212,23 @@ struct Nats {
 }
 
 impl Nats {
+    /// Starts the three servers, again on other ports (a few times) when one of them
+    /// never listens: a port found free may be taken before its server binds it (by
+    /// another process's outgoing connection, for one).
     fn start() -> Result<Nats> {
+        let mut tries = 0;
+        loop {
+            match Nats::start_once() {
+                Err(e) if tries < 2 && e.to_string().starts_with(NOT_LISTENING) => {
+                    tries += 1;
+                    eprintln!("{e}: starting NATS again on other ports");
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once() -> Result<Nats> {
         let scratch = Scratch::new("nats")?;
         let client = free_addrs(NODES)?;
         let routes = free_addrs(NODES)?;
@@ -236,11 +272,14 @@ impl Nats {
     }
 }
 
+/// How [`wait_listening`]'s error starts.
+const NOT_LISTENING: &str = "nothing listens on";
+
 fn wait_listening(addr: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {
-            bail!("nothing listens on {addr}");
+            bail!("{NOT_LISTENING} {addr}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -293,8 +332,8 @@ async fn work_queue(
 }
 
 /// JetStream R3 work-queue throughput (acknowledged publishes + acknowledged fetches per
-/// second) and the servers' CPU microseconds per op.
-async fn measure_jetstream(nats: &Nats, duration: Duration) -> Result<(f64, f64)> {
+/// second), the servers' and the clients' CPU per op.
+async fn measure_jetstream(nats: &Nats, duration: Duration) -> Result<Measured> {
     let mut contexts = Vec::new();
     for i in 0..CONNECTIONS {
         let url = &nats.client_urls[i % nats.client_urls.len()];
@@ -342,20 +381,26 @@ async fn measure_jetstream(nats: &Nats, duration: Duration) -> Result<(f64, f64)
     }
     drop(consumer);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (start_ops, cpu, start) = (
+    let (start_ops, server, client, start) = (
         ops.load(Ordering::Relaxed),
         nats.cpu_seconds(),
+        client_cpu_seconds(),
         Instant::now(),
     );
     tokio::time::sleep(duration).await;
     let moved = ops.load(Ordering::Relaxed) - start_ops;
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_us = (nats.cpu_seconds() - cpu) * 1e6 / (moved.max(1) as f64);
+    let per_op = 1e6 / (moved.max(1) as f64);
+    let measured = Measured {
+        rate: moved as f64 / elapsed,
+        server_us: (nats.cpu_seconds() - server) * per_op,
+        client_us: (client_cpu_seconds() - client) * per_op,
+    };
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await??;
     }
-    Ok((moved as f64 / elapsed, cpu_us))
+    Ok(measured)
 }
 
 /// The node that leads the shard of `key`, as `seeds`' topology says.
@@ -421,14 +466,14 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     // Each system runs alone while it is measured: an idle cluster's timers (64 groups
     // tick many times a second) would otherwise take cores from the one measured.
-    let space = |replication: usize| -> Result<(f64, f64)> {
+    let space = |replication: usize| -> Result<Measured> {
         let cluster = Cluster::start(replication, shards)?;
         runtime.block_on(async {
             ready(&cluster.seeds()).await?;
             measure_space(&cluster, duration).await
         })
     };
-    let jetstream = || -> Result<(f64, f64)> {
+    let jetstream = || -> Result<Measured> {
         let nats = Nats::start()?;
         runtime.block_on(async {
             let js = async_nats::jetstream::new(
@@ -438,21 +483,30 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
             measure_jetstream(&nats, duration).await
         })
     };
-    let mut rows: Vec<[f64; 6]> = Vec::new();
+    let mut rows: Vec<[f64; 8]> = Vec::new();
     for run in 1..=runs {
-        let (r3, r3_cpu) = space(3)?;
-        let (r1, r1_cpu) = space(1)?;
-        let (js, js_cpu) = jetstream()?;
-        let row = [r3, r1, js, r3_cpu, r1_cpu, js_cpu];
+        let (r3, r1, js) = (space(3)?, space(1)?, jetstream()?);
+        let row = [
+            r3.rate,
+            r1.rate,
+            js.rate,
+            r3.server_us,
+            r1.server_us,
+            js.server_us,
+            r3.client_us,
+            js.client_us,
+        ];
         println!(
-            "run {run}: rf3 {:.0} ops/s, rf1 {:.0}, JetStream R3 {:.0} (ratio {:.2}) | CPU us/op rf3 {:.1}, rf1 {:.1}, JetStream {:.1}",
+            "run {run}: rf3 {:.0} ops/s, rf1 {:.0}, JetStream R3 {:.0} (ratio {:.2}) | server CPU us/op rf3 {:.1}, rf1 {:.1}, JetStream {:.1} | client CPU us/op rf3 {:.1}, JetStream {:.1}",
             row[0],
             row[1],
             row[2],
             row[0] / row[2],
             row[3],
             row[4],
-            row[5]
+            row[5],
+            row[6],
+            row[7]
         );
         rows.push(row);
     }
@@ -483,6 +537,8 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
             "space_cpu_us_per_op": col(3),
             "rf1_cpu_us_per_op": col(4),
             "jetstream_cpu_us_per_op": col(5),
+            "space_client_cpu_us_per_op": col(6),
+            "jetstream_client_cpu_us_per_op": col(7),
             "failover_kills": kills,
             "failover_p50_ms": ms(&failover, 0.5),
             "failover_p99_ms": ms(&failover, 0.99),
