@@ -143,13 +143,17 @@ pub enum ReplicaError {
 /// Entries a shard's log grows by before it is snapshot, by default.
 pub const SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
 
-/// Raft settings for shard groups: heartbeats every 100 ms and elections after 200-300 ms
-/// of silence. A leader's death is replaced in about 0.6 s: a voter refuses other
-/// candidates until its leader lease (the longest election timeout) has passed, so the
-/// first candidate's election fails and its next one wins. Heartbeats are most of what
-/// an idle node spends (64 groups, two followers each): at 50 ms they kept 0.6 of 2
-/// cores busy on an idle 3-node cluster, at 100 ms 0.3, with the same failover time; a
-/// longer heartbeat would have to lengthen the lease, and failover with it. Pre-vote
+/// Raft settings for shard groups: heartbeats every 150 ms, a leader lease of 300 ms,
+/// and elections after 160-300 ms more of silence. openraft counts a follower's election
+/// timeout from the end of the lease its leader's last heartbeat gave (the longest
+/// election timeout), and a voter refuses other candidates until that lease has passed:
+/// a leader's death is replaced 460-600 ms after its last heartbeat, about 0.55 s after
+/// the death. Each group's fixed cost is most of what an idle node spends (64 groups,
+/// two followers each): openraft runs every group's core loop at each tick
+/// (`heartbeat * 13 / 64`, 30 ms here) and each heartbeat costs both ends a message. An
+/// idle 3-node cluster kept 0.6 of 2 cores busy with heartbeats every 50 ms, 0.35 at 100
+/// ms and 0.30 at 150 ms, with the same failover time; at 200 ms 0.26, but failover's
+/// p99 rose to 0.7 s and a lease of 300 ms would be renewed with 60 ms to spare. Pre-vote
 /// is on: a member that has not heard from its leader asks the others whether they would
 /// vote before it starts a term, so a member cut off (or paused, or restarted) campaigns
 /// without raising its term and, once back, deposes no leader the others still hear. A
@@ -173,8 +177,8 @@ pub const SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
 pub fn raft_settings(snapshot_after_entries: u64) -> Result<Arc<openraft::Config>, ReplicaError> {
     let config = openraft::Config {
         cluster_name: "space".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 200,
+        heartbeat_interval: 150,
+        election_timeout_min: 160,
         election_timeout_max: 300,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_after_entries),
         max_in_snapshot_log_to_keep: 1_000,

@@ -35,7 +35,7 @@ const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 const HAND_BACK_AFTER: u32 = 15;
 
 /// How long a shard's leader may go without a majority's acknowledgement before it
-/// refuses new commands as having no quorum: ten heartbeats, over three election
+/// refuses new commands as having no quorum: over six heartbeats and three election
 /// timeouts (a majority that is there answers every heartbeat).
 const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 
