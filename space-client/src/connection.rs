@@ -261,6 +261,24 @@ impl Connection {
         }))
     }
 
+    /// A connection to node `node` at `addr` that has not been made (for unit tests of
+    /// what holds connections; a call through it dials `addr`).
+    #[cfg(test)]
+    pub(crate) fn unmade(addr: &str, node: NodeId) -> Arc<Connection> {
+        Arc::new(Connection {
+            addr: addr.to_owned(),
+            config: ClientConfig::default(),
+            node,
+            limits: Limits {
+                max_frame: 0,
+                max_entry_bytes: 0,
+            },
+            client: Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
+            down_since: Mutex::new(None),
+        })
+    }
+
     /// The node's id.
     pub fn node(&self) -> NodeId {
         self.node

@@ -15,7 +15,10 @@
 //! lost is cancelled there and a gap told at once), and until then
 //! [`Subscription::unreached`](space_core::Subscription::unreached) names it. A
 //! subscription with a lease ends when the lease does: each node delivers what it matched
-//! and then tells the endpoint it ended; once every part ended, the stream ends.
+//! and then tells the endpoint it ended; once every part ended, the stream ends. A
+//! detached subscription is no longer renewed: its nodes keep it (and queue its events for
+//! whoever resumes it) for its lease at most, and the endpoint answers their pushes for it
+//! for as long, then forgets it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,9 +75,18 @@ pub(crate) struct Part {
     /// resume picks up after; a registration made anew counts from 0 again, as the node
     /// numbers its events from 1 again).
     handed: Arc<AtomicU64>,
+    /// Once its subscription is detached: when the node lets go of it (its lease there
+    /// runs out), so that the endpoint may forget it too; `None` while attached, or
+    /// when the node keeps it for ever.
+    forget_after: Mutex<Option<Instant>>,
 }
 
 impl Part {
+    /// Whether the node has let go of this detached registration by `now`.
+    fn forgotten(&self, now: Instant) -> bool {
+        self.forget_after.lock().is_some_and(|t| t <= now)
+    }
+
     /// Passes a notification on to the subscriber; false when the stream is gone.
     async fn pass(&self, tx: &FeedSender, notification: Notification) -> bool {
         let delivered = Delivered {
@@ -97,6 +109,8 @@ pub(crate) struct Spec {
 /// The state of one subscription across the nodes.
 pub(crate) struct FeedState {
     spec: Spec,
+    /// The lease the nodes hold the subscription for since it was last given or renewed.
+    lease: Mutex<Lease>,
     parts: Mutex<Vec<Arc<Part>>>,
     /// Members without a part (could not be reached, or lost it).
     unreached: Mutex<Vec<String>>,
@@ -115,6 +129,9 @@ const POLL_WAIT: Duration = Duration::from_secs(10);
 pub(crate) struct Endpoint {
     /// Its address and secret, as handed to nodes.
     pub(crate) advertised: wire::Endpoint,
+    /// The pushed registrations, by node and subscription id: attached, or detached until
+    /// the node lets go of them (a push for one is then kept by the node for a resume).
+    /// Polled ones are not here: nothing pushes to them.
     feeds: Mutex<HashMap<(NodeId, u64), Arc<Part>>>,
     delivery: Delivery,
     /// A node could not reach the endpoint (with `Delivery::Auto`): later subscriptions
@@ -162,9 +179,17 @@ impl Endpoint {
         Ok(endpoint)
     }
 
-    /// Registers subscription `id` of the node behind `conn`, its pushes (after
-    /// `last_seq`) going to `tx`.
-    fn attach(&self, conn: Arc<Connection>, id: u64, tx: FeedSender, last_seq: u64) -> Arc<Part> {
+    /// Registers subscription `id` of the node behind `conn`, its events (after
+    /// `last_seq`) going to `tx`; a pushed one is looked up by the pushes (and detached
+    /// registrations the nodes let go of are forgotten).
+    fn attach(
+        &self,
+        conn: Arc<Connection>,
+        id: u64,
+        tx: FeedSender,
+        last_seq: u64,
+        pushed: bool,
+    ) -> Arc<Part> {
         let part = Arc::new(Part {
             node: conn.node(),
             id,
@@ -172,8 +197,14 @@ impl Endpoint {
             tx: Mutex::new(Some(tx)),
             last_seq: AtomicU64::new(last_seq),
             handed: Arc::new(AtomicU64::new(last_seq)),
+            forget_after: Mutex::new(None),
         });
-        self.feeds.lock().insert((part.node, id), part.clone());
+        if pushed {
+            let now = Instant::now();
+            let mut feeds = self.feeds.lock();
+            feeds.retain(|_, p| !p.forgotten(now));
+            feeds.insert((part.node, id), part.clone());
+        }
         part
     }
 
@@ -197,7 +228,7 @@ impl Endpoint {
     async fn part(&self, node: NodeId, id: u64) -> Option<Arc<Part>> {
         for _ in 0..100 {
             if let Some(p) = self.feeds.lock().get(&(node, id)) {
-                return Some(p.clone());
+                return (!p.forgotten(Instant::now())).then(|| p.clone());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -325,6 +356,7 @@ impl FeedState {
 
     pub(crate) fn new(spec: Spec, spare: Option<FeedSender>) -> Arc<FeedState> {
         Arc::new(FeedState {
+            lease: Mutex::new(spec.lease),
             spec,
             parts: Mutex::new(Vec::new()),
             unreached: Mutex::new(Vec::new()),
@@ -354,7 +386,7 @@ impl FeedState {
             let (conn, lease) = (conn.clone(), self.spec.lease);
             async move {
                 conn.call(Request::RenewSubscription { id, lease }).await?;
-                Ok::<_, SpaceError>(endpoint.attach(conn, id, tx, last_seq))
+                Ok::<_, SpaceError>(endpoint.attach(conn, id, tx, last_seq, false))
             }
         };
         let part = match resume {
@@ -362,7 +394,7 @@ impl FeedState {
             Some((id, last_seq)) => {
                 // In place before the node re-delivers: a part this endpoint held
                 // detached would otherwise take the re-delivery and drop it.
-                let part = endpoint.attach(conn.clone(), id, tx.clone(), last_seq);
+                let part = endpoint.attach(conn.clone(), id, tx.clone(), last_seq, true);
                 let resumed = conn
                     .call(Request::Resume {
                         id,
@@ -412,7 +444,7 @@ impl FeedState {
                     answer => answer?,
                 };
                 match answer {
-                    Response::Subscribed(id) => endpoint.attach(conn.clone(), id, tx, 0),
+                    Response::Subscribed(id) => endpoint.attach(conn.clone(), id, tx, 0, !polled),
                     other => {
                         return Err(SpaceError::Protocol {
                             reason: format!("unexpected answer {other:?}"),
@@ -698,6 +730,16 @@ impl RemoteFeed for Feed {
     }
 
     fn renew(&self, lease: Lease) -> Result<()> {
+        {
+            // The longest lease given is the one some node may hold it for (a renewal
+            // can fail on some nodes only).
+            let mut held = self.state.lease.lock();
+            if let (Lease::For(given), Lease::For(before)) = (lease, *held) {
+                *held = Lease::For(given.max(before));
+            } else {
+                *held = Lease::Forever;
+            }
+        }
         let parts = self.state.parts.lock().clone();
         let call = self.runtime.bind(async move {
             for part in parts {
@@ -723,8 +765,90 @@ impl RemoteFeed for Feed {
     fn detach(&self) {
         self.state.detached.store(true, Ordering::Release);
         self.state.seal();
+        // Not renewed from here on, the subscription stays on its nodes for its lease at
+        // most: the endpoint keeps its pushed parts as long (a push for one is kept by
+        // the node for whoever resumes it), then forgets them, whether or not a node
+        // told it the end (a node that died or restarted does not; nor does one whose
+        // subscription another client resumed).
+        let forget_after = match *self.state.lease.lock() {
+            Lease::For(lease) => Instant::now().checked_add(lease),
+            Lease::Forever => None,
+        };
         for part in self.state.parts.lock().iter() {
             part.tx.lock().take();
+            *part.forget_after.lock() = forget_after;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A feed of subscription `id` with a part on each of nodes 1 and 2, pushed or polled,
+    /// as `register` leaves them.
+    fn feed_of(endpoint: &Arc<Endpoint>, id: u64, lease: Lease, pushed: bool) -> Feed {
+        let (tx, rx) = feed_channel();
+        let spec = Spec {
+            query: Query::for_type("job"),
+            kinds: EventKinds::WRITTEN,
+            lease,
+        };
+        let state = FeedState::new(spec, Some(tx.clone()));
+        for node in [1, 2] {
+            let conn = Connection::unmade(&format!("127.0.0.1:{node}"), NodeId(node));
+            let part = endpoint.attach(conn, id, tx.clone(), 0, pushed);
+            state.parts.lock().push(part);
+        }
+        Feed::new(
+            rx,
+            state,
+            endpoint.clone(),
+            Runtime::Borrowed(tokio::runtime::Handle::current()),
+        )
+    }
+
+    /// Only the parts nodes push to are held by the endpoint; a detached subscription's
+    /// stay there (a push for them is kept by the node for a resume) for as long as the
+    /// nodes hold the subscription (its lease, as last renewed), and are forgotten then,
+    /// though no node said it ended (a node that restarted, or whose subscription another
+    /// client resumed, never does).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_endpoint_forgets_detached_parts_once_their_nodes_let_go_of_them() {
+        let endpoint = Endpoint::start(&ClientConfig::default()).await.unwrap();
+        let held = || endpoint.feeds.lock().len();
+
+        let polled = feed_of(&endpoint, 1, Lease::For(Duration::from_secs(30)), false);
+        assert_eq!(held(), 0, "nothing pushes to polled parts");
+        polled.detach();
+        drop(polled);
+        assert_eq!(held(), 0);
+
+        let short = feed_of(&endpoint, 2, Lease::For(Duration::from_millis(300)), true);
+        // Renewed for longer (the nodes cannot be reached here: a renewal that fails on
+        // some nodes may have reached others), then detached: held for the longer lease.
+        let renewed = feed_of(&endpoint, 3, Lease::For(Duration::from_millis(300)), true);
+        let _ = renewed.renew(Lease::For(Duration::from_secs(60)));
+        let forever = feed_of(&endpoint, 4, Lease::Forever, true);
+        assert_eq!(held(), 6);
+        for feed in [&short, &renewed, &forever] {
+            feed.detach();
+        }
+        drop((short, renewed, forever));
+        assert_eq!(held(), 6, "detached parts stay while their nodes hold them");
+        assert!(endpoint.part(NodeId(1), 2).await.is_some());
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // A push for a part whose lease ran out finds it gone, and the next registration
+        // forgets it.
+        assert!(endpoint.part(NodeId(1), 2).await.is_none());
+        assert!(endpoint.part(NodeId(1), 3).await.is_some());
+        let alive = feed_of(&endpoint, 5, Lease::For(Duration::from_secs(30)), true);
+        assert_eq!(
+            held(),
+            2 + 2 + 2,
+            "the short-leased parts are forgotten; the renewed, the unleased and the new stay"
+        );
+        drop(alive);
     }
 }
