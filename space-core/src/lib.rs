@@ -39,7 +39,7 @@ pub mod wire;
 
 pub use document::{ClaimTicket, ClaimedDocument, Document, Receipt};
 pub use durable::DEFAULT_SNAPSHOT_AFTER_BYTES;
-pub use engine::{EngineConfig, Holdings, Stats, TypeStats};
+pub use engine::{EngineConfig, Holdings, RoomCheck, Stats, TypeStats};
 pub use entry::{Entry, IntoKey, Key, NodeId};
 pub use error::{Result, SpaceError};
 pub use lease::{Clock, Lease, MAX_LEASE};

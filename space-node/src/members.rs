@@ -5,13 +5,13 @@
 //! node reads it from its shards (their leaders, docs/ARCHITECTURE.md section 9), and a
 //! standalone node owns everything.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use space_client::{ClientConfig, Connection};
-use space_core::SpaceError;
 use space_core::wire::{NodeInfo, NodeStatus, Request, Response, Topology};
+use space_core::{RoomCheck, SpaceError};
 
 /// The members (this node among them) and what was last heard from each.
 pub(crate) struct Members {
@@ -21,6 +21,12 @@ pub(crate) struct Members {
     me: usize,
     /// The latest status of each member (this node's own is filled on demand).
     status: Mutex<Vec<Option<NodeStatus>>>,
+}
+
+/// Bytes a member has room for, by its status.
+fn room(s: &NodeStatus) -> u64 {
+    s.max_bytes
+        .map_or(u64::MAX, |m| m.saturating_sub(s.held_bytes))
 }
 
 /// How often a node asks the other members for their status.
@@ -87,10 +93,6 @@ impl Members {
     ) -> Result<NodeInfo, SpaceError> {
         let mut statuses = self.status.lock().clone();
         statuses[self.me] = Some(me);
-        let room = |s: &NodeStatus| {
-            s.max_bytes
-                .map_or(u64::MAX, |m| m.saturating_sub(s.held_bytes))
-        };
         let fits =
             |s: &NodeStatus| labels.iter().all(|l| s.info.labels.contains(l)) && room(s) >= size;
         if let Some(owner) = owner {
@@ -124,6 +126,27 @@ impl Members {
                     format!("no node with the labels {labels:?} has room for {size} more bytes")
                 },
             })
+    }
+
+    /// Whether the members at `others` (indexes: the other replicas of a shard) have room
+    /// for a write, as last heard from them (every [`POLL`]: what was written since is
+    /// not counted). A member whose status is not known yet is not held against it.
+    pub(crate) fn room_check(self: &Arc<Self>, others: Vec<usize>) -> RoomCheck {
+        let members: Weak<Members> = Arc::downgrade(self);
+        RoomCheck::new(move |size| {
+            let members = members.upgrade()?;
+            let status = members.status.lock();
+            others.iter().find_map(|&i| {
+                let s = status.get(i)?.as_ref()?;
+                let max = s.max_bytes?;
+                (room(s) < size).then(|| {
+                    format!(
+                        "node {}, a replica of the shard, holds {} bytes of entries and its limit is {max}",
+                        s.info.node.0, s.held_bytes
+                    )
+                })
+            })
+        })
     }
 
     /// Polls the other members' status for as long as these members are held (the

@@ -752,13 +752,15 @@ fn cluster_layout(
 }
 
 /// Starts member `me` of a replicated cluster of `layout` on `dir`; creates the shards
-/// this node is first replica of.
+/// this node is first replica of. A shard's leading engine checks the room of its other
+/// replicas' nodes as `members` last heard it.
 async fn start_shards(
     config: &NodeConfig,
     dir: &std::path::Path,
     layout: Layout,
     me: crate::replica::MemberId,
     engine: &EngineConfig,
+    members: &Arc<Members>,
 ) -> Result<Arc<ShardSet>, NodeError> {
     let bad = |e: ReplicaError| NodeError::Config(e.to_string());
     let host = {
@@ -786,6 +788,10 @@ async fn start_shards(
         &router,
         raft_settings(config.snapshot_after_entries).map_err(bad)?,
         engine.clone(),
+        &|others| {
+            let indexes = others.iter().map(|id| (*id - 1) as usize).collect();
+            Some(members.room_check(indexes))
+        },
     )
     .await
     .map_err(bad)?;
@@ -882,7 +888,7 @@ impl Node {
         engine_config.sync_delay = config.sync_delay;
         let shards = match replicated {
             Some((dir, layout, me)) => {
-                Some(start_shards(&config, &dir, layout, me, &engine_config).await?)
+                Some(start_shards(&config, &dir, layout, me, &engine_config, &members).await?)
             }
             None => None,
         };

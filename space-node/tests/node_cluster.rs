@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::replicated::Blob;
 use common::{NodeProcess, free_addrs, start_cluster};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
@@ -711,13 +712,6 @@ async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
         .unwrap_err();
     assert!(matches!(err, SpaceError::Down { .. }), "{err}");
 }
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Blob {
-    number: String,
-    body: String,
-}
-space_client::entry!(Blob, "Blob", key = number);
 
 /// `--max-bytes` bounds what a node holds in all its shards, not each shard: keyed writes
 /// spread over every shard stop with `Full` once each node holds its limit.

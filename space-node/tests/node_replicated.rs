@@ -9,9 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::replicated::{
-    Job, Order, SHARDS, clean_within, left, start, start_with_shards, take_some, write_all,
+    Blob, Job, Order, SHARDS, clean_within, left, start, start_with_shards, take_some, write_all,
 };
-use common::{NodeProcess, free_addrs};
+use common::{NodeProcess, free_addrs, start_cluster_of};
 use space_client::wire::{Request, Response, ShardInfo};
 use space_client::{ClientConfig, Connection, Key, NodeId, Query, connect};
 use space_tests::TempDir;
@@ -1374,5 +1374,62 @@ async fn a_call_by_key_finds_its_shards_new_leader_among_five_nodes() {
             .await
             .unwrap(),
         Some(order),
+    );
+}
+
+/// A node's `--max-bytes` bounds what it holds of the shards other nodes lead, too: on
+/// five nodes at replication 3, a leader checks the room of its shard's other replicas'
+/// nodes (as their status last said: one status poll's writes may pass it) before it
+/// decides a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_limit_bounds_the_writes_other_nodes_lead() {
+    const LIMIT: u64 = 6_000;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let addrs = free_addrs(5);
+    let limit = LIMIT.to_string();
+    let bounded: &[&str] = &["--max-bytes", &limit];
+    let _cluster = start_cluster_of(&addrs, "3", "5", &[&[], &[], &[], &[], bounded]);
+    // Shard s of 5 is replicated by nodes s + 1 to s + 3 (its first replica leads it
+    // first): node 5 follows shards 2 and 3, which nodes 3 and 4 lead.
+    let shards: u32 = 5;
+    let mut keys = (0..).map(|i| format!("parcel-{i}")).filter(|n| {
+        use space_client::IntoKey;
+        let shard =
+            space_client::wire::shard_of_range(space_client::wire::range_of(&n.to_key()), shards);
+        shard == 2 || shard == 3
+    });
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let (mut stored, mut refusals) = (0, Vec::new());
+    for _ in 0..60 {
+        let blob = Blob {
+            number: keys.next().unwrap(),
+            body: "x".repeat(1_000),
+        };
+        match space.write(&blob).await {
+            Ok(_) => stored += 1,
+            Err(space_client::SpaceError::Full { reason }) => refusals.push(reason),
+            Err(e) => panic!("{e}"),
+        }
+        // Written at a pace a status poll (every 300 ms) follows.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !refusals.is_empty() && refusals.iter().all(|r| r.contains("node 5")),
+        "{stored} stored; refusals: {refusals:?}"
+    );
+    let Response::NodeStatus(status) = Connection::open(&addrs[4], ClientConfig::default())
+        .await
+        .unwrap()
+        .call(Request::NodeStatus)
+        .await
+        .unwrap()
+    else {
+        panic!("a status was asked for")
+    };
+    // Within what a poll's worth of writes adds (about 8 at this pace).
+    assert!(
+        status.held_bytes <= LIMIT + 10_000,
+        "node 5 holds {} bytes",
+        status.held_bytes
     );
 }

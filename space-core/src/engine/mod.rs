@@ -176,6 +176,31 @@ impl std::fmt::Debug for Holdings {
     }
 }
 
+/// Whether the other nodes that replicate a shard have room for a write, asked by the
+/// engine that leads the shard before it decides the write (see
+/// [`EngineConfig::replicas_room`]). Cloning shares the check.
+#[derive(Clone)]
+pub struct RoomCheck(Arc<dyn Fn(u64) -> Option<String> + Send + Sync>);
+
+impl RoomCheck {
+    /// A check that gives, for a write of that many bytes of documents, why a replica
+    /// has no room for it, or `None` when they all have.
+    pub fn new(check: impl Fn(u64) -> Option<String> + Send + Sync + 'static) -> RoomCheck {
+        RoomCheck(Arc::new(check))
+    }
+
+    /// Why a write of `bytes` bytes of documents does not fit on some replica.
+    pub fn refusal(&self, bytes: u64) -> Option<String> {
+        (self.0)(bytes)
+    }
+}
+
+impl std::fmt::Debug for RoomCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoomCheck")
+    }
+}
+
 /// Engine settings. Start from [`EngineConfig::default`] and set the fields you need
 /// (`let mut config = EngineConfig::default(); config.max_entries = Some(1_000_000);`):
 /// new settings may be added without breaking that.
@@ -197,6 +222,11 @@ pub struct EngineConfig {
     /// replicated log checks `max_entries` and `max_bytes` against it rather than
     /// against itself, so that the limits bound the node, not each shard.
     pub holdings: Option<Holdings>,
+    /// For an engine that leads a replicated log: whether the nodes of the log's other
+    /// replicas have room for a write, asked after this node's own limits; a refusal
+    /// fails the write [`SpaceError::Full`] with its reason (each node's limits bound
+    /// what it holds of every shard it replicates, not only of those it leads).
+    pub replicas_room: Option<RoomCheck>,
     /// Most entry types held at once; a write that would add one more gets
     /// [`SpaceError::Full`]. Entry types left empty (no entries, waiters, subscriptions or
     /// declared indexes) are forgotten to make room.
@@ -232,6 +262,7 @@ impl Default for EngineConfig {
             max_entries: None,
             max_bytes: None,
             holdings: None,
+            replicas_room: None,
             max_entry_types: None,
             max_waiters: None,
             max_subscriptions: None,

@@ -182,12 +182,18 @@ impl Engine {
                 reason: format!("{holder} holds {held} entries and its limit is {max}"),
             });
         }
+        let size: u64 = sizes.iter().sum();
         if let Some(max) = config.max_bytes
-            && bytes + sizes.iter().sum::<u64>() > max
+            && bytes + size > max
         {
             return Err(SpaceError::Full {
                 reason: format!("{holder} holds {bytes} bytes of entries and its limit is {max}"),
             });
+        }
+        if self.inner.proposals.is_some()
+            && let Some(reason) = config.replicas_room.as_ref().and_then(|r| r.refusal(size))
+        {
+            return Err(SpaceError::Full { reason });
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use space_core::wire::{
     MetaGroupInfo, NodeInfo, RANGES, RangeSet, RequestId, ShardInfo, Topology,
     first_range_of_shard, range_of, shard_of_range,
 };
-use space_core::{EngineConfig, Holdings, Key, NodeId, SpaceError};
+use space_core::{EngineConfig, Holdings, Key, NodeId, RoomCheck, SpaceError};
 
 use super::meta::{META_GROUP, MetaGroup};
 use super::{
@@ -243,7 +243,9 @@ impl ShardSet {
     /// recovered from the host's write-ahead log and snapshots. Each shard's engines are
     /// configured by `engine`, minting keys inside the shard's ranges, and count what
     /// their replicas hold into one `Holdings` (`engine`'s, or a new one), so that
-    /// `max_entries` and `max_bytes` bound the node, not each shard.
+    /// `max_entries` and `max_bytes` bound the node, not each shard; `replicas_room`
+    /// gives, for a shard's other replicas, the check of their nodes' room its leading
+    /// engine makes (see [`EngineConfig::replicas_room`]).
     ///
     /// # Errors
     /// [`ReplicaError`] when a shard's stored state cannot be read or `me` is not in the
@@ -255,6 +257,7 @@ impl ShardSet {
         router: &PeerRouter,
         raft: Arc<openraft::Config>,
         mut engine: EngineConfig,
+        replicas_room: &(dyn Fn(&[MemberId]) -> Option<RoomCheck> + Sync),
     ) -> Result<ShardSet, ReplicaError> {
         if layout.address(me).is_none() {
             return Err(ReplicaError::Layout {
@@ -276,6 +279,13 @@ impl ShardSet {
             }
             // Keys a shard's engines mint fall inside the shard's ranges.
             let mut config = engine.clone();
+            let others: Vec<MemberId> = layout
+                .replicas(shard)
+                .iter()
+                .copied()
+                .filter(|id| *id != me)
+                .collect();
+            config.replicas_room = replicas_room(&others);
             let ranges = layout.ranges_of(shard);
             config.ranges = Some(Arc::new(RangeSet(
                 (0..RANGES).map(|r| ranges.contains(&r)).collect(),

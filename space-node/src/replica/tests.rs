@@ -941,6 +941,7 @@ async fn start_sharded_node(
         &router,
         settings,
         engine,
+        &|_| None,
     )
     .await
     .unwrap();

@@ -134,8 +134,8 @@ pub fn free_addrs(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// A cluster that keeps one copy of each range (`--replication 1`), each node on a
-/// fresh data directory of its own (removed with the cluster).
+/// A cluster of real nodes, each on a fresh data directory of its own (removed with the
+/// cluster).
 pub struct Cluster {
     /// The nodes, in member order.
     pub nodes: Vec<NodeProcess>,
@@ -146,6 +146,16 @@ pub struct Cluster {
 /// extra arguments. Returns once every node has the layout committed by the meta group
 /// and every shard it holds led (a minute at most, else it panics).
 pub fn start_cluster(addrs: &[String], extra: &[&[&str]]) -> Cluster {
+    start_cluster_of(addrs, "1", replicated::SHARDS, extra)
+}
+
+/// [`start_cluster`] with `replication` copies of each of `shards` shards.
+pub fn start_cluster_of(
+    addrs: &[String],
+    replication: &str,
+    shards: &str,
+    extra: &[&[&str]],
+) -> Cluster {
     let list = addrs.join(",");
     let dirs: Vec<space_tests::TempDir> = addrs
         .iter()
@@ -163,9 +173,9 @@ pub fn start_cluster(addrs: &[String], extra: &[&[&str]]) -> Cluster {
                 "--initial-cluster",
                 &list,
                 "--replication",
-                "1",
+                replication,
                 "--shards",
-                replicated::SHARDS,
+                shards,
             ];
             args.extend_from_slice(extra.get(i).copied().unwrap_or(&[]));
             NodeProcess::start_at(addr, &args)

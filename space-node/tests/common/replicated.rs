@@ -26,6 +26,16 @@ pub struct Order {
 }
 space_client::entry!(Order, "Order", key = number);
 
+/// An entry with a body of any size (a limit's tests), keyed by its number.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Blob {
+    /// Its key.
+    pub number: String,
+    /// What makes it large.
+    pub body: String,
+}
+space_client::entry!(Blob, "Blob", key = number);
+
 /// Shards of the test clusters.
 pub const SHARDS: &str = "8";
 
