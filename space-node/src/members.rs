@@ -17,6 +17,9 @@ use space_core::{RoomCheck, SpaceError};
 pub(crate) struct Members {
     /// In member order (node id `i + 1` at `i`).
     nodes: Vec<NodeInfo>,
+    /// Where each member is reached, when not at its listed address (`--peer-via`): its
+    /// status is asked there, as its Raft messages go.
+    via: Vec<Option<String>>,
     /// This node's index in `nodes`.
     me: usize,
     /// The latest status of each member (this node's own is filled on demand).
@@ -34,8 +37,14 @@ const POLL: Duration = Duration::from_millis(300);
 
 impl Members {
     /// The members at `addresses` (in order, node ids 1, 2, ...), this node being the one
-    /// at `me`, carrying `labels`.
-    pub(crate) fn new(addresses: &[String], me: usize, labels: &[(String, String)]) -> Members {
+    /// at `me`, carrying `labels`; `routes` name members reached elsewhere (listed
+    /// address, address to reach it at).
+    pub(crate) fn new(
+        addresses: &[String],
+        me: usize,
+        labels: &[(String, String)],
+        routes: &[(String, String)],
+    ) -> Members {
         let nodes: Vec<NodeInfo> = addresses
             .iter()
             .enumerate()
@@ -45,9 +54,19 @@ impl Members {
                 labels: if i == me { labels.to_vec() } else { Vec::new() },
             })
             .collect();
+        let via = addresses
+            .iter()
+            .map(|a| {
+                routes
+                    .iter()
+                    .find(|(member, _)| member == a)
+                    .map(|(_, via)| via.clone())
+            })
+            .collect();
         Members {
             status: Mutex::new(vec![None; nodes.len()]),
             nodes,
+            via,
             me,
         }
     }
@@ -56,6 +75,7 @@ impl Members {
     pub(crate) fn single(info: NodeInfo) -> Members {
         Members {
             nodes: vec![info],
+            via: vec![None],
             me: 0,
             status: Mutex::new(vec![None]),
         }
@@ -149,15 +169,16 @@ impl Members {
         })
     }
 
-    /// Polls the other members' status for as long as these members are held (the
-    /// polling holds them weakly: it ends with the node).
+    /// Polls the other members' status, each where it is reached (its route, else its
+    /// listed address), for as long as these members are held (the polling holds them
+    /// weakly: it ends with the node).
     pub(crate) fn start_polling(self: &Arc<Self>, token: Option<String>) {
         for (i, node) in self.nodes.iter().enumerate() {
             if i == self.me {
                 continue;
             }
             let members = Arc::downgrade(self);
-            let address = node.address.clone();
+            let address = self.via[i].clone().unwrap_or_else(|| node.address.clone());
             let token = token.clone();
             tokio::spawn(async move {
                 let config = ClientConfig {
@@ -203,7 +224,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let other = listener.local_addr().unwrap().to_string();
         let addresses = ["127.0.0.1:1".to_owned(), other];
-        let members = Arc::new(Members::new(&addresses, 0, &[]));
+        let members = Arc::new(Members::new(&addresses, 0, &[], &[]));
         members.start_polling(None);
         // The polling tasks start and try the other member once.
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -868,7 +868,12 @@ impl Node {
             None => None,
         };
         let members = Arc::new(match &replicated {
-            Some((_, layout, me)) => Members::new(&layout.nodes, (me - 1) as usize, &config.labels),
+            Some((_, layout, me)) => Members::new(
+                &layout.nodes,
+                (me - 1) as usize,
+                &config.labels,
+                &config.peer_routes,
+            ),
             None => Members::single(NodeInfo {
                 node: config.node,
                 address: address.clone(),

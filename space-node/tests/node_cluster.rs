@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::replicated::Blob;
 use common::{NodeProcess, free_addrs, start_cluster};
@@ -754,5 +754,54 @@ async fn max_bytes_bounds_a_node_across_its_shards() {
             status.held_bytes
         );
         assert!(status.held_bytes > 0, "{addr} holds nothing");
+    }
+}
+
+/// A node asks the other members for their status where it reaches them (`--peer-via`),
+/// as its Raft messages go: once that link is cut, it no longer places entries on the
+/// member behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_asks_for_statuses_where_its_peer_route_leads() {
+    use space_tests::proxy::{Link, Proxy};
+    let addrs = free_addrs(3);
+    let proxy = Proxy::start(addrs[1].parse().unwrap()).await.unwrap();
+    let route = format!("{}={}", addrs[1], proxy.addr());
+    let _cluster = start_cluster(
+        &addrs,
+        &[&["--peer-via", &route], &["--label", "zone=b"], &[]],
+    );
+    let first = direct(&addrs[0]).await;
+    let place = || {
+        first.call(Request::FindPlaceFor {
+            key: None,
+            size: 10,
+            labels: vec![("zone".into(), "b".into())],
+        })
+    };
+    let placed_on_second = |answer: &Result<Response, SpaceError>| matches!(answer, Ok(Response::Node(n)) if n.address == addrs[1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = place().await;
+        if placed_on_second(&answer) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never placed on node 2: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.set(Link::Cut);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = place().await;
+        if matches!(answer, Err(SpaceError::Full { .. })) {
+            break;
+        }
+        assert!(
+            placed_on_second(&answer) && Instant::now() < deadline,
+            "still placed on node 2, or something else: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
