@@ -23,7 +23,7 @@
 //! has (so an answer lost on the way is sent again), waiting for the first; a polled
 //! subscription not polled for `subscriber_timeout` is cancelled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,12 @@ const DELIVERY_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the node tries to connect to a new subscription's endpoint before it refuses
 /// the subscription.
 const REACH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a node remembers that a polled subscription ended, and where (so that a poll
+/// retried after the answer saying so was lost gets that answer again), and for how many
+/// subscriptions at most.
+const ENDED_KEPT: Duration = Duration::from_secs(60);
+const ENDED_KEPT_MOST: usize = 1024;
 
 /// How the node pushes: its id, frame limit, and how long an endpoint may stay away.
 #[derive(Clone, Copy, Debug)]
@@ -153,9 +159,34 @@ pub(crate) struct Pushers {
 struct Tables {
     pushers: HashMap<u64, Pusher>,
     links: HashMap<Endpoint, Arc<Link>>,
+    /// Polled subscriptions that ended, oldest first: (id, the last sequence number
+    /// answered, when).
+    ended: VecDeque<(u64, u64, Instant)>,
 }
 
 impl Tables {
+    /// Notes that polled subscription `id` ended after sequence number `last`.
+    fn ended(&mut self, id: u64, last: u64) {
+        let now = Instant::now();
+        while self.ended.len() >= ENDED_KEPT_MOST
+            || self
+                .ended
+                .front()
+                .is_some_and(|(_, _, at)| now.duration_since(*at) > ENDED_KEPT)
+        {
+            self.ended.pop_front();
+        }
+        self.ended.push_back((id, last, now));
+    }
+
+    /// Where polled subscription `id` ended, if it did lately.
+    fn ended_after(&self, id: u64) -> Option<u64> {
+        self.ended
+            .iter()
+            .find(|(ended, _, at)| *ended == id && at.elapsed() <= ENDED_KEPT)
+            .map(|(_, last, _)| *last)
+    }
+
     /// The link to `endpoint` (made if missing), with room for one more subscription.
     fn link(&mut self, endpoint: Endpoint, max: usize) -> Result<Arc<Link>, SpaceError> {
         let link = self
@@ -326,10 +357,13 @@ impl Pushers {
     }
 
     /// Answers a poll of subscription `id`: the events after `after`, waiting up to
-    /// `wait` for the first; and whether the subscription is over.
+    /// `wait` for the first; and whether the subscription is over. A poll of a
+    /// subscription that ended lately, made again after everything it was answered (the
+    /// answer that said it ended was lost), is told again that it is over.
     ///
     /// # Errors
-    /// [`SpaceError::SubscriptionClosed`] when there is no such polled subscription.
+    /// [`SpaceError::SubscriptionClosed`] when there is no such polled subscription (or
+    /// the poll asks for events of one that ended that are gone with it).
     pub(crate) async fn poll(
         &self,
         id: u64,
@@ -346,7 +380,10 @@ impl Pushers {
                 Delivery::Push(_) => None,
             });
         let Some((sub, polled)) = found else {
-            return Err(SpaceError::SubscriptionClosed { id });
+            return match self.map.lock().ended_after(id) {
+                Some(last) if after >= last => Ok((Vec::new(), true)),
+                _ => Err(SpaceError::SubscriptionClosed { id }),
+            };
         };
         {
             let mut p = polled.lock();
@@ -372,12 +409,15 @@ impl Pushers {
                 None => break,
             }
         }
-        {
+        let answered_to = {
             let mut p = polled.lock();
             p.answered_to = batch.last().map_or(after.max(p.answered_to), seq_of);
-        }
+            p.answered_to
+        };
         if ended {
-            self.map.lock().remove(id);
+            let mut tables = self.map.lock();
+            tables.remove(id);
+            tables.ended(id, answered_to);
         }
         count_delivered(&batch);
         Ok((batch, ended))

@@ -252,3 +252,71 @@ async fn a_pushed_subscription_resumed_by_a_client_that_polls_says_what_it_lost(
     }
     written_and_told(&poller, &sub, 3).await;
 }
+
+/// A poll made again after the answer that said its subscription ended was lost (the
+/// connection dropped) is told again that it ended, rather than that the subscription is
+/// unknown, which a client takes for a lost subscription (a gap). Events it would have
+/// lost are not made up: a poll asking for ones the ended subscription took with it is
+/// still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_retried_after_its_subscription_ended_is_told_the_end_again() {
+    use space_client::wire::{Request, Response};
+    let node = NodeProcess::start(&[]);
+    let conn = space_client::Connection::open(&node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let Response::Subscribed(id) = conn
+        .call(Request::Subscribe {
+            query: Query::of::<Alert>(),
+            kinds: EventKinds::WRITTEN,
+            lease: Lease::For(Duration::from_secs(1)),
+            endpoint: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not subscribed")
+    };
+    let space = connect_with(&node.addr, config(Delivery::Poll, None))
+        .await
+        .unwrap();
+    space.write(&Alert { level: 1 }).await.unwrap();
+    let poll = |after| {
+        conn.call(Request::Poll {
+            id,
+            after,
+            wait: Duration::from_secs(2),
+        })
+    };
+    let mut after = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Response::Notifications {
+            notifications,
+            ended,
+        } = poll(after).await.unwrap()
+        else {
+            panic!("no notifications")
+        };
+        if let Some(Notification::Event(e)) = notifications.last() {
+            after = e.seq;
+        }
+        if ended {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never ended");
+    }
+    assert_eq!(after, 1, "the write was told");
+    // The answer saying it ended is lost; the client polls again.
+    match poll(after).await {
+        Ok(Response::Notifications {
+            notifications,
+            ended: true,
+        }) if notifications.is_empty() => {}
+        other => panic!("the end was not told again: {other:?}"),
+    }
+    assert!(
+        matches!(poll(0).await, Err(SpaceError::SubscriptionClosed { .. })),
+        "an event gone with the subscription is not answered as told"
+    );
+}
