@@ -1522,12 +1522,15 @@ pub async fn connect(addr: &str) -> Result<Space> {
 /// `Down` or `Unreachable` when no seed answers; `Rejected` when the node refuses the
 /// handshake (a wrong token, another protocol version).
 pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<Space> {
-    let seeds: Vec<&str> = addr
-        .split(',')
+    Ok(space_of(Cluster::open(&seeds(addr), config).await?))
+}
+
+/// The seed addresses `addr` lists, separated by commas (blanks around them ignored).
+pub fn seeds(addr: &str) -> Vec<&str> {
+    addr.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .collect();
-    Ok(space_of(Cluster::open(&seeds, config).await?))
+        .collect()
 }
 
 /// A blocking handle on the node (or cluster) at `addr`, for plain threads: the client runs
@@ -1555,11 +1558,7 @@ pub fn connect_blocking_with(addr: &str, config: ClientConfig) -> Result<Blockin
             reason: format!("cannot start the client's runtime: {e}"),
         })?;
     let runtime = Runtime::Owned(Arc::new(OwnedRuntime(Some(rt))));
-    let seeds: Vec<String> = addr
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let seeds: Vec<String> = seeds(addr).into_iter().map(str::to_owned).collect();
     let open = runtime.bind({
         let runtime = runtime.clone();
         async move {

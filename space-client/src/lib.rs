@@ -131,7 +131,8 @@ mod subscriber;
 pub mod worker;
 
 pub use cluster::{
-    Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, space_of,
+    Cluster, Connect, connect, connect_blocking, connect_blocking_with, connect_with, seeds,
+    space_of,
 };
 pub use connection::{ClientConfig, Connection, Delivery};
 pub use worker::{BlockingWorker, DeadLetter, Job, Shutdown, Work, Worker, WorkerReport};

@@ -568,3 +568,21 @@ fn stats_watch_prints_the_counters_at_each_interval() {
     let bad = space(&node, &["stats", "--watch", "0s", "--count", "1"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// `--node` takes a cluster's nodes separated by commas, as the library's `connect` does:
+/// one that does not answer is passed over.
+#[test]
+fn the_cli_takes_a_list_of_nodes_and_passes_over_one_that_is_down() {
+    let node = NodeProcess::start(&[]);
+    let down = common::free_addrs(1).remove(0);
+    let listed = format!("{down}, {}", node.addr);
+    let run = |args: &[&str]| {
+        Command::new(cli_binary().expect("the space CLI"))
+            .args(["--node", &listed])
+            .args(args)
+            .output()
+            .expect("run space")
+    };
+    stdout(&run(&["write", "Job", r#"{"n":1}"#]));
+    assert_eq!(stdout(&run(&["count", "Job"])).trim(), "1");
+}

@@ -42,7 +42,8 @@ use space_query::Fields;
     after_help = "Exit codes: 0 done (found), 1 nothing found, 2 error."
 )]
 struct Cli {
-    /// The node to talk to.
+    /// The node to talk to, or a cluster's nodes separated by commas (the first that
+    /// answers is asked for the topology).
     #[arg(
         long,
         env = "SPACE_NODE",
@@ -468,7 +469,7 @@ async fn run(cli: Cli) -> Result<Found> {
         retry_for: Duration::from_secs(2),
         ..ClientConfig::default()
     };
-    let conn = Cluster::open(&[cli.node.as_str()], config).await?;
+    let conn = Cluster::open(&space_client::seeds(&cli.node), config).await?;
     match cli.command {
         Command::Write {
             entry_type,
