@@ -586,3 +586,25 @@ fn the_cli_takes_a_list_of_nodes_and_passes_over_one_that_is_down() {
     stdout(&run(&["write", "Job", r#"{"n":1}"#]));
     assert_eq!(stdout(&run(&["count", "Job"])).trim(), "1");
 }
+
+/// Output piped into a program that stops reading (`space contents Job | head -1`) ends
+/// the tool quietly, as with other Unix tools: no panic on a closed stdout.
+#[test]
+fn output_into_a_closed_pipe_ends_the_cli_quietly() {
+    let node = NodeProcess::start(&[]);
+    for n in 0..50 {
+        stdout(&space(&node, &["write", "Job", &format!(r#"{{"n":{n}}}"#)]));
+    }
+    let mut child = Command::new(cli_binary().expect("the space CLI"))
+        .args(["--node", &node.addr, "contents", "Job"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run space");
+    // The reader goes away before the tool writes.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("space ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(output.status.code(), Some(101), "{output:?}");
+}

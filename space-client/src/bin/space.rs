@@ -1041,6 +1041,14 @@ fn found<T>(docs: &[T]) -> Found {
 
 #[tokio::main]
 async fn main() {
+    // Output piped into a program that stops reading (`space contents Job | head`) ends
+    // the tool quietly, as it does other Unix tools, not in a panic at the next print.
+    // SAFETY: it sets the process's disposition of SIGPIPE to the default; no handler of
+    // the program's is replaced (Rust's runtime only ignores the signal).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let as_json = cli.json;
     match run(cli).await {
