@@ -81,6 +81,34 @@ where
     WF: std::future::Future<Output = Result<()>> + Send + 'static,
     TF: std::future::Future<Output = Result<()>> + Send + 'static,
 {
+    Ok(run_sampled(duration, || (), writer, taker).await?.rate)
+}
+
+/// A measured window: operations per second, and what a sample read at its start and
+/// at its end (CPU time, for one).
+pub struct Window<C> {
+    /// Operations per second over the window.
+    pub rate: f64,
+    /// The sample when the window opened.
+    pub start: C,
+    /// The sample when it closed.
+    pub end: C,
+}
+
+/// [`run_for`], reading `sample` when the measured window opens and when it closes (the
+/// warm-up before it and the stopping after it are left out).
+async fn run_sampled<W, T, WF, TF, C>(
+    duration: Duration,
+    sample: impl Fn() -> C,
+    writer: W,
+    taker: T,
+) -> Result<Window<C>>
+where
+    W: Fn(usize, Arc<AtomicBool>, Arc<AtomicU64>) -> WF,
+    T: Fn(usize, Arc<AtomicBool>, Arc<AtomicU64>) -> TF,
+    WF: std::future::Future<Output = Result<()>> + Send + 'static,
+    TF: std::future::Future<Output = Result<()>> + Send + 'static,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -90,27 +118,43 @@ where
     }
     // Warm up, then measure a window.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let start_ops = ops.load(Ordering::Relaxed);
-    let start = Instant::now();
+    let (start_ops, start, start_sample) = (ops.load(Ordering::Relaxed), Instant::now(), sample());
     tokio::time::sleep(duration).await;
-    let moved = ops.load(Ordering::Relaxed) - start_ops;
+    let (moved, end_sample) = (ops.load(Ordering::Relaxed) - start_ops, sample());
     let rate = moved as f64 / start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await??;
     }
-    Ok(rate)
+    Ok(Window {
+        rate,
+        start: start_sample,
+        end: end_sample,
+    })
 }
 
 pub async fn space_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {
+    Ok(space_throughput_sampled(addr, batch, duration, || ())
+        .await?
+        .rate)
+}
+
+/// [`space_throughput`], reading `sample` when the measured window opens and closes.
+pub async fn space_throughput_sampled<C>(
+    addr: &str,
+    batch: usize,
+    duration: Duration,
+    sample: impl Fn() -> C,
+) -> Result<Window<C>> {
     let mut spaces = Vec::new();
     for _ in 0..CONNECTIONS {
         spaces.push(Space::connect_to(addr).await?);
     }
     let spaces = Arc::new(spaces);
     let (ws, ts) = (spaces.clone(), spaces.clone());
-    let rate = run_for(
+    let window = run_sampled(
         duration,
+        sample,
         move |i, stop, ops| {
             let space = ws[i].clone();
             async move {
@@ -161,7 +205,7 @@ pub async fn space_throughput(addr: &str, batch: usize, duration: Duration) -> R
         .await?
         .is_empty()
     {}
-    Ok(rate)
+    Ok(window)
 }
 
 async fn redis_throughput(addr: &str, batch: usize, duration: Duration) -> Result<f64> {

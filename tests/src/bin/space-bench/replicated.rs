@@ -33,7 +33,7 @@ use space_client::wire::{Request, Response};
 use space_client::{ClientConfig, Connection, Key};
 
 use crate::inproc::median;
-use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput};
+use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput_sampled};
 use space_tests::process::{cpu_seconds_of, start_node_at};
 
 /// Nodes of each cluster.
@@ -191,16 +191,16 @@ fn client_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id())
 }
 
-/// Space throughput through `cluster`, its nodes' and its clients' CPU per op.
+/// Space throughput through `cluster`, its nodes' and its clients' CPU per op, over the
+/// measured window only (as JetStream's).
 async fn measure_space(cluster: &Cluster, duration: Duration) -> Result<Measured> {
-    let (server, client) = (cluster.cpu_seconds(), client_cpu_seconds());
-    let rate = space_throughput(&cluster.seeds(), 1, duration).await?;
-    // The CPU time covers the warm-up and the draining too: a little over the count.
-    let ops = (rate * duration.as_secs_f64()).max(1.0);
+    let cpu = || (cluster.cpu_seconds(), client_cpu_seconds());
+    let window = space_throughput_sampled(&cluster.seeds(), 1, duration, cpu).await?;
+    let ops = (window.rate * duration.as_secs_f64()).max(1.0);
     Ok(Measured {
-        rate,
-        server_us: (cluster.cpu_seconds() - server) * 1e6 / ops,
-        client_us: (client_cpu_seconds() - client) * 1e6 / ops,
+        rate: window.rate,
+        server_us: (window.end.0 - window.start.0) * 1e6 / ops,
+        client_us: (window.end.1 - window.start.1) * 1e6 / ops,
     })
 }
 
