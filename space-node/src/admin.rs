@@ -118,10 +118,6 @@ fn describe() {
         "Shards this node leads (replicated nodes)"
     );
     describe_gauge!(
-        "space_shards_quiet",
-        "Shards whose member on this node is quiet: idle, its Raft timers stopped (replicated nodes)"
-    );
-    describe_gauge!(
         "space_subscriber_lag_events",
         "The most events one subscription was told that its subscriber has not had yet"
     );
@@ -306,9 +302,8 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         metrics::gauge!("space_meta_group_term").set(meta.term as f64);
         metrics::gauge!("space_layout_version").set(meta.layout_version as f64);
     }
-    if let Some((shards, led, quiet)) = admin.state.shards() {
+    if let Some((shards, led)) = admin.state.shards() {
         metrics::gauge!("space_shards_led").set(led as f64);
-        metrics::gauge!("space_shards_quiet").set(quiet as f64);
         for s in shards {
             let shard = s.shard.to_string();
             metrics::gauge!("space_shard_term", "shard" => shard.clone()).set(s.term as f64);

@@ -35,11 +35,6 @@ fn room(s: &NodeStatus) -> u64 {
 /// How often a node asks the other members for their status.
 const POLL: Duration = Duration::from_millis(300);
 
-/// How long a member has to answer a status poll (and a connection to it to be made)
-/// before it is taken for lost: a paused process accepts connections but answers
-/// nothing.
-const POLL_TIMEOUT: Duration = Duration::from_secs(1);
-
 impl Members {
     /// The members at `addresses` (in order, node ids 1, 2, ...), this node being the one
     /// at `me`, carrying `labels`; `routes` name members reached elsewhere (listed
@@ -176,13 +171,8 @@ impl Members {
 
     /// Polls the other members' status, each where it is reached (its route, else its
     /// listed address), for as long as these members are held (the polling holds them
-    /// weakly: it ends with the node). A member that answered and then does not (within
-    /// [`POLL_TIMEOUT`]) is told to `lost`, by its index.
-    pub(crate) fn start_polling(
-        self: &Arc<Self>,
-        token: Option<String>,
-        lost: Arc<dyn Fn(usize) + Send + Sync>,
-    ) {
+    /// weakly: it ends with the node).
+    pub(crate) fn start_polling(self: &Arc<Self>, token: Option<String>) {
         for (i, node) in self.nodes.iter().enumerate() {
             if i == self.me {
                 continue;
@@ -190,13 +180,11 @@ impl Members {
             let members = Arc::downgrade(self);
             let address = self.via[i].clone().unwrap_or_else(|| node.address.clone());
             let token = token.clone();
-            let lost = lost.clone();
             tokio::spawn(async move {
                 let config = ClientConfig {
                     token,
                     retry_for: Duration::ZERO,
-                    connect_timeout: POLL_TIMEOUT,
-                    call_timeout: POLL_TIMEOUT,
+                    connect_timeout: Duration::from_secs(1),
                     ..ClientConfig::default()
                 };
                 let mut conn: Option<Arc<Connection>> = None;
@@ -217,13 +205,8 @@ impl Members {
                     let Some(held) = members.upgrade() else {
                         return;
                     };
-                    let gone = status.is_none();
-                    let was = std::mem::replace(&mut held.status.lock()[i], status);
+                    held.status.lock()[i] = status;
                     drop(held);
-                    if gone && was.is_some() {
-                        tracing::info!(member = i + 1, "a member stopped answering");
-                        lost(i);
-                    }
                     tokio::time::sleep(POLL).await;
                 }
             });
@@ -242,7 +225,7 @@ mod tests {
         let other = listener.local_addr().unwrap().to_string();
         let addresses = ["127.0.0.1:1".to_owned(), other];
         let members = Arc::new(Members::new(&addresses, 0, &[], &[]));
-        members.start_polling(None, Arc::new(|_| {}));
+        members.start_polling(None);
         // The polling tasks start and try the other member once.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let held = Arc::downgrade(&members);

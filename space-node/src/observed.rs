@@ -17,9 +17,8 @@ pub(crate) trait Observed: Send + Sync + 'static {
     fn topology(&self) -> BoxFuture<'_, Option<Topology>>;
     /// The node's counters (what `Request::Stats` answers).
     fn stats(&self) -> BoxFuture<'_, Option<Stats>>;
-    /// A replicated node's shards as it sees them, how many it leads, and how many of
-    /// its members are quiet (idle, their Raft timers stopped).
-    fn shards(&self) -> Option<(Vec<ShardInfo>, usize, usize)>;
+    /// A replicated node's shards as it sees them, and how many it leads.
+    fn shards(&self) -> Option<(Vec<ShardInfo>, usize)>;
     /// How far each shard this node replicates has come (empty when not replicated).
     fn progress(&self) -> Vec<ShardProgress>;
     /// Why the node is not ready to serve, if it is not.

@@ -180,7 +180,7 @@ impl Painter {
             async move {
                 if mine {
                     let stats = observed.stats().await.unwrap_or_default();
-                    let shards = observed.shards().map(|(s, _, _)| s).unwrap_or_default();
+                    let shards = observed.shards().map(|(s, _)| s).unwrap_or_default();
                     return (address, None, Ok(Answer { stats, shards }));
                 }
                 let asked = tokio::time::timeout(PATIENCE, ask(&address, kept, token)).await;

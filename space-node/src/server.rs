@@ -230,10 +230,10 @@ impl crate::observed::Observed for NodeState {
         self.shards.as_ref().map(|shards| shards.meta_group())
     }
 
-    fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize, usize)> {
+    fn shards(&self) -> Option<(Vec<wire::ShardInfo>, usize)> {
         self.shards
             .as_ref()
-            .map(|shards| (shards.shard_infos(), shards.serving().len(), shards.quiet()))
+            .map(|shards| (shards.shard_infos(), shards.serving().len()))
     }
 }
 
@@ -797,8 +797,6 @@ async fn start_shards(
     .map_err(bad)?;
     let set = Arc::new(set);
     tokio::spawn(crate::replica::rebalance(Arc::downgrade(&set)));
-    let waking = set.clone();
-    tokio::spawn(async move { waking.wake_peers().await });
     let creating = set.clone();
     tokio::spawn(async move {
         if let Err(e) = creating.create().await {
@@ -917,16 +915,8 @@ impl Node {
         for (id, answer) in engine.answers() {
             dedupe.seed(id, finished_of(answer));
         }
-        if let Some(set) = &shards {
-            let set = Arc::downgrade(set);
-            members.start_polling(
-                config.token.clone(),
-                Arc::new(move |i| {
-                    if let Some(set) = set.upgrade() {
-                        set.member_lost(i as crate::replica::MemberId + 1);
-                    }
-                }),
-            );
+        if shards.is_some() {
+            members.start_polling(config.token.clone());
         }
         Ok(Node {
             state: Arc::new(NodeState {

@@ -8,7 +8,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::admin::{scrape, value};
 use common::replicated::{
     Blob, Job, Order, SHARDS, clean_within, left, start, start_with_shards, take_some, write_all,
 };
@@ -1433,91 +1432,4 @@ async fn a_replicas_limit_bounds_the_writes_other_nodes_lead() {
         "node 5 holds {} bytes",
         status.held_bytes
     );
-}
-
-/// Waits up to 20 s until every node whose admin endpoints are in `admins` reports all
-/// `shards` of its members quiet (idle, their Raft timers stopped).
-async fn until_quiet(admins: &[String], shards: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut quiet = Vec::new();
-        for admin in admins {
-            quiet.push(value(&scrape(admin).await, "space_shards_quiet", &[]));
-        }
-        if quiet.iter().all(|q| *q == shards) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the shards never all went quiet: {quiet:?} of {shards} per node"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// An idle cluster's shards go quiet (their Raft timers stop: an idle shard costs no
-/// CPU); a call wakes its shard and is served; and when the leader of quiet shards dies,
-/// the other replicas, whose timers stopped too, learn it from the node's status polls and
-/// elect a new leader: a take of an entry of such a shard succeeds soon after the kill.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiet_shards_wake_to_serve_and_fail_over_when_their_leader_dies() {
-    let _alone = ONE_AT_A_TIME.lock().await;
-    let addrs = free_addrs(6);
-    let (nodes, admins) = addrs.split_at(3);
-    let extra: Vec<[&str; 2]> = admins
-        .iter()
-        .map(|a| ["--admin-listen", a.as_str()])
-        .collect();
-    let extra: Vec<&[&str]> = extra.iter().map(|a| &a[..]).collect();
-    let mut cluster = start_cluster_of(nodes, "3", SHARDS, &extra);
-    let shards: f64 = SHARDS.parse().unwrap();
-    until_quiet(admins, shards).await;
-    let quiet = shards_of(&nodes[0]).await;
-
-    // A write to a quiet shard node 3 leads wakes it, and is served by the same leader
-    // in the same term.
-    let space = connect(&nodes[0]).await.unwrap();
-    let number = keys_of_a_shard_led_by(&nodes[0], NodeId(3), "quiet")
-        .await
-        .next()
-        .unwrap();
-    let order = Order { number };
-    space.write(&order).await.unwrap();
-    let key: Key = order.number.parse().unwrap();
-    assert_eq!(
-        space.read_key::<Order>(&key).await.unwrap(),
-        Some(order.clone())
-    );
-    let leaders_before: Vec<_> = shards_of(&nodes[0]).await;
-    assert_eq!(
-        quiet, leaders_before,
-        "waking a shard changed a leader or term"
-    );
-
-    // Idle again, the shards go quiet again; then node 3 dies.
-    until_quiet(admins, shards).await;
-    let killed = Instant::now();
-    cluster.nodes.remove(2).kill();
-    let taken = space
-        .take::<Order>(&Query::of::<Order>(), Duration::from_secs(15))
-        .await;
-    assert_eq!(
-        taken,
-        Ok(Some(order)),
-        "the entry of the dead leader's shard"
-    );
-    eprintln!("taken {:?} after the kill", killed.elapsed());
-
-    // Only node 3's shards changed leader.
-    let after = shards_of(&nodes[0]).await;
-    for (was, now) in leaders_before.iter().zip(&after) {
-        if was.leader != Some(NodeId(3)) {
-            assert_eq!(
-                (was.leader, was.term),
-                (now.leader, now.term),
-                "shard {} changed leader though its leader lived",
-                was.shard
-            );
-        }
-    }
 }

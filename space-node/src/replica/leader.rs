@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use space_core::server::{Engine, LogHost, Proposals};
 use space_core::{EngineConfig, SpaceError};
 
-use super::{EngineSlot, Hush, MemberId, Origin, Proposal, ShardGroup};
+use super::{EngineSlot, MemberId, Origin, Proposal, ShardGroup};
 
 /// One leadership of this member (a term in which it leads): numbers its proposals and
 /// learns which are committed.
@@ -357,7 +357,6 @@ pub async fn follow_leadership(
     raft: ShardGroup,
     slot: EngineSlot,
     leadership: Leadership,
-    hush: Arc<Hush>,
     host: Option<Arc<LogHost>>,
     config: EngineConfig,
 ) {
@@ -385,20 +384,10 @@ pub async fn follow_leadership(
         // takes it, or the term ends otherwise).
         let given_up = leads && leadership.given_up() == Some(term);
         if given_up {
-            hush.touch();
             hand_term_over(&raft, id).await;
         } else if leads
             && leadership.term().is_none()
-            && let Err(e) = lead(
-                &raft,
-                &slot,
-                &leadership,
-                &hush,
-                term,
-                host.as_deref(),
-                &config,
-            )
-            .await
+            && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
         {
             if failed_in == Some(term) {
                 tracing::debug!(member = id, term, error = %e, "could not start leading yet");
@@ -457,7 +446,6 @@ async fn lead(
     raft: &ShardGroup,
     slot: &EngineSlot,
     leadership: &Leadership,
-    hush: &Arc<Hush>,
     term: u64,
     host: Option<&LogHost>,
     config: &EngineConfig,
@@ -500,12 +488,9 @@ async fn lead(
     });
     leadership.changed();
     let raft = raft.clone();
-    let hush = hush.clone();
     tokio::spawn(async move {
         // Proposals enter the log in the order they were numbered.
         while let Some(proposal) = outbox.recv().await {
-            hush.touch();
-            super::hush::renew_lease(&raft).await;
             if raft.write(proposal).with_leader(under).await.is_err() {
                 session.end();
                 return;

@@ -12,7 +12,6 @@
 //!   one apply, and makes and installs snapshots from the engine's state image.
 
 mod across;
-mod hush;
 mod leader;
 mod log_store;
 mod meta;
@@ -29,7 +28,6 @@ pub use space_core::server::Applied;
 use space_core::server::LogHost;
 
 pub use across::{claim_across, read_across, take_across};
-pub use hush::Hush;
 pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use meta::{CommittedLayout, META_GROUP, MetaGroup};
@@ -206,8 +204,6 @@ pub struct GroupMember {
     pub replica: EngineSlot,
     /// While it leads: the engine that serves the group's calls.
     pub leadership: Leadership,
-    /// Whether the group is quiet (its timers stopped while idle), and what wakes it.
-    pub hush: Arc<Hush>,
 }
 
 /// Starts this node's member `id` of group `group`: its Raft log is log `group + 1` of
@@ -242,13 +238,11 @@ pub async fn start_member(
             group,
             reason: e.to_string(),
         })?;
-    let hush = Arc::new(Hush::new(raft.clone()));
     tokio::spawn(follow_leadership(
         id,
         raft.clone(),
         replica.clone(),
         leadership.clone(),
-        hush.clone(),
         Some(host.clone()),
         engine,
     ));
@@ -256,7 +250,6 @@ pub async fn start_member(
         raft,
         replica,
         leadership,
-        hush,
     })
 }
 

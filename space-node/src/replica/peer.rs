@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use openraft::alias::SnapshotMetaOf;
-use openraft::async_runtime::WatchReceiver;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
@@ -32,7 +31,7 @@ use tarpc::server::{BaseChannel, Channel};
 use tarpc::{client, context};
 use tokio::net::TcpListener;
 
-use super::{GroupMember, Hush, Member, MemberId, Shard, ShardGroup, Vote};
+use super::{Member, MemberId, Shard, ShardGroup, Vote};
 use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
 
 /// A shard group's id, the same on every node.
@@ -71,20 +70,6 @@ pub(crate) trait PeerService {
     /// committed before this call: openraft's read index, from this node's member, which
     /// must lead the group (confirmed by a majority).
     async fn read_index(group: GroupId) -> Result<u64, String>;
-    /// `group`'s leader `leader`, in `term`, whose log ends at index `last`, asks this
-    /// node's member to go quiet (stop its timers, see `hush`). It agrees only when it
-    /// follows that leader in that term and has logged and applied that same log; says
-    /// whether it did.
-    async fn quiesce(
-        group: GroupId,
-        term: u64,
-        leader: MemberId,
-        last: u64,
-    ) -> Result<bool, String>;
-    /// A node that started asks this node to wake the groups of `groups` (at most
-    /// [`MAX_WAKE`] of them) it leads, so that a quiet leader among them tells it at once
-    /// that it leads.
-    async fn wake(groups: Vec<GroupId>) -> Result<(), String>;
     /// One chunk of a snapshot of `group`'s state. Chunks come in order, the first at
     /// offset 0 (which starts the snapshot over); the last installs it, and answers.
     async fn snapshot(
@@ -92,9 +77,6 @@ pub(crate) trait PeerService {
         chunk: SnapshotChunk,
     ) -> Result<Option<SnapshotResponse<Shard>>, String>;
 }
-
-/// The most groups one `wake` message names (every shard and the meta group).
-pub const MAX_WAKE: usize = 1025;
 
 /// One chunk of a snapshot: `bytes` at `offset` of an image of `total` bytes, sent under
 /// `vote` with the snapshot's `meta`.
@@ -109,43 +91,27 @@ pub(crate) struct SnapshotChunk {
 
 /// The groups this node runs, by id, for peers' messages to reach. Cloning shares them.
 #[derive(Clone, Default)]
-pub struct Groups(Arc<RwLock<HashMap<GroupId, Reachable>>>);
-
-/// A group's Raft node and quiet state, as peers' messages reach them.
-type Reachable = (ShardGroup, Arc<Hush>);
+pub struct Groups(Arc<RwLock<HashMap<GroupId, ShardGroup>>>);
 
 impl Groups {
-    /// Lets peers reach `member` as group `group`.
-    pub fn insert(&self, group: GroupId, member: &GroupMember) {
-        self.0
-            .write()
-            .insert(group, (member.raft.clone(), member.hush.clone()));
+    /// Lets peers reach `raft` as group `group`.
+    pub fn insert(&self, group: GroupId, raft: ShardGroup) {
+        self.0.write().insert(group, raft);
     }
 
     /// Stops serving group `group` to peers; returns its Raft node.
     pub fn remove(&self, group: GroupId) -> Option<ShardGroup> {
-        self.0.write().remove(&group).map(|(raft, _)| raft)
+        self.0.write().remove(&group)
     }
 
     /// Group `group`'s Raft node on this node.
     pub fn get(&self, group: GroupId) -> Option<ShardGroup> {
-        self.0.read().get(&group).map(|(raft, _)| raft.clone())
+        self.0.read().get(&group).cloned()
     }
 
-    /// Group `group`'s Raft node and quiet state, left as they are.
-    fn still(&self, group: GroupId) -> Result<Reachable, String> {
-        self.0
-            .read()
-            .get(&group)
-            .cloned()
-            .ok_or_else(|| format!("group {group} does not run on this node"))
-    }
-
-    /// Group `group`'s Raft node, woken (a peer's message is activity, see `hush`).
     fn find(&self, group: GroupId) -> Result<ShardGroup, String> {
-        let (raft, hush) = self.still(group)?;
-        hush.touch();
-        Ok(raft)
+        self.get(group)
+            .ok_or_else(|| format!("group {group} does not run on this node"))
     }
 }
 
@@ -227,12 +193,8 @@ impl PeerService for PeerServer {
         group: GroupId,
         rpc: AppendEntriesRequest<Shard>,
     ) -> Result<AppendEntriesResponse<Shard>, String> {
-        let (raft, hush) = self.groups.still(group)?;
-        let appended = raft.append_entries(rpc).await.map_err(|e| e.to_string());
-        // Woken once the append renewed the leader's lease here: a pre-vote that finds
-        // the group awake finds the lease fresh too, and is refused.
-        hush.touch();
-        appended
+        let raft = self.groups.find(group)?;
+        raft.append_entries(rpc).await.map_err(|e| e.to_string())
     }
 
     async fn vote(
@@ -251,22 +213,7 @@ impl PeerService for PeerServer {
         group: GroupId,
         rpc: VoteRequest<Shard>,
     ) -> Result<VoteResponse<Shard>, String> {
-        let (raft, hush) = self.groups.still(group)?;
-        if leads(&raft) {
-            // A leader that was quiet let its lease run out, and openraft would grant
-            // the pre-vote: a member cut off and back would depose it. It wakes, and
-            // renews its lease with a majority first (then refuses); one that cannot
-            // has lost its majority, and the pre-vote goes as openraft decides.
-            hush.touch();
-            super::hush::renew_lease(&raft).await;
-        } else if hush.is_quiet() {
-            // A quiet follower's group was whole and idle when it went quiet, and its
-            // leader was alive (were it gone, this node's status polls would have woken
-            // the group): no election is needed.
-            return Err(format!(
-                "group {group} is quiet here: its leader was heard from, no election is needed"
-            ));
-        }
+        let raft = self.groups.find(group)?;
         raft.pre_vote(rpc).await.map_err(|e| e.to_string())
     }
 
@@ -290,48 +237,6 @@ impl PeerService for PeerServer {
             .map_err(|e| e.to_string())
     }
 
-    async fn quiesce(
-        self,
-        _: context::Context,
-        group: GroupId,
-        term: u64,
-        leader: MemberId,
-        last: u64,
-    ) -> Result<bool, String> {
-        let (raft, hush) = self.groups.still(group)?;
-        let seen = hush.activity();
-        let agrees = {
-            let m = raft.metrics();
-            let m = m.borrow_watched();
-            m.state == openraft::ServerState::Follower
-                && m.current_leader == Some(leader)
-                && m.current_term == term
-                && m.last_log_index == Some(last)
-                && m.last_applied.as_ref().map(|l| l.index) == Some(last)
-        };
-        Ok(agrees && hush.hush_if_still(seen))
-    }
-
-    async fn wake(self, _: context::Context, groups: Vec<GroupId>) -> Result<(), String> {
-        if groups.len() > MAX_WAKE {
-            return Err(format!(
-                "{} groups to wake: at most {MAX_WAKE}",
-                groups.len()
-            ));
-        }
-        for group in groups {
-            // Only the groups this node leads: a quiet follower woken would call an
-            // election at once (its timer ran out long ago). A group this node does not
-            // run is none of its business.
-            if let Ok((raft, hush)) = self.groups.still(group)
-                && leads(&raft)
-            {
-                hush.touch();
-            }
-        }
-        Ok(())
-    }
-
     async fn snapshot(
         self,
         _: context::Context,
@@ -351,13 +256,6 @@ impl PeerService for PeerServer {
             .map(Some)
             .map_err(|e| e.to_string())
     }
-}
-
-/// Whether this node's member of `raft`'s group leads it (as its metrics last said).
-fn leads(raft: &ShardGroup) -> bool {
-    let m = raft.metrics();
-    let m = m.borrow_watched();
-    m.state == openraft::ServerState::Leader
 }
 
 /// Who may connect to the peer port, and as whom this node answers.
@@ -555,42 +453,6 @@ impl PeerRouter {
         self.call(leader, ttl, |c, ctx| async move {
             c.read_index(ctx, group).await
         })
-        .await
-        .map_err(|e| e.to_string())
-    }
-
-    /// Asks `target`'s member of `group` to go quiet (see `PeerService::quiesce`), within
-    /// `ttl`; whether it did.
-    pub(crate) async fn quiesce(
-        &self,
-        target: MemberId,
-        group: GroupId,
-        (term, leader, last): (u64, MemberId, u64),
-        ttl: Duration,
-    ) -> bool {
-        self.call(target, ttl, |c, ctx| async move {
-            c.quiesce(ctx, group, term, leader, last).await
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    /// Asks `target` to wake its members of `groups` (see `PeerService::wake`), within
-    /// `ttl`.
-    ///
-    /// # Errors
-    /// `target` cannot be reached or refused.
-    pub(crate) async fn wake(
-        &self,
-        target: MemberId,
-        groups: Vec<GroupId>,
-        ttl: Duration,
-    ) -> Result<(), String> {
-        self.call(
-            target,
-            ttl,
-            |c, ctx| async move { c.wake(ctx, groups).await },
-        )
         .await
         .map_err(|e| e.to_string())
     }

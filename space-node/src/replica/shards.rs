@@ -43,14 +43,6 @@ const QUORUM_LOST_AFTER: Duration = Duration::from_secs(1);
 /// refused (a leader cut off from its replicas commits nothing).
 const READ_COMMIT_WAIT: Duration = Duration::from_secs(1);
 
-/// How long a leader waits for a follower to agree to go quiet, and a starting node for
-/// a peer to wake its shards.
-const QUIESCE_WAIT: Duration = Duration::from_millis(500);
-
-/// How far apart the replicas of a quiet shard whose leader is gone wake, in the order
-/// of its replicas: the first one elects itself before the next one's timer runs.
-const WAKE_STAGGER: Duration = Duration::from_millis(250);
-
 /// How many entries a preferred leader's log may lack and still be handed the
 /// leadership (the leader goes on appending while it hands over).
 const HAND_BACK_LAG: u64 = 16;
@@ -279,7 +271,7 @@ impl ShardSet {
         meta_engine.holdings = None;
         let holdings = engine.holdings.get_or_insert_default().clone();
         let meta = MetaGroup::start(&layout, me, host, router, raft.clone(), meta_engine).await?;
-        groups.insert(META_GROUP, meta.member());
+        groups.insert(META_GROUP, meta.member().raft.clone());
         let mut members = BTreeMap::new();
         for shard in 0..layout.shards {
             if !layout.replicas(shard).contains(&me) {
@@ -300,7 +292,7 @@ impl ShardSet {
             )));
             let member = super::start_member(me, shard, host, router, raft.clone(), config).await?;
             member.leadership.report_changes_to(changes.clone());
-            groups.insert(shard, &member);
+            groups.insert(shard, member.raft.clone());
             members.insert(shard, member);
         }
         Ok(ShardSet {
@@ -535,16 +527,12 @@ impl ShardSet {
         if self.layout.replication < 2 {
             return Ok(());
         }
-        // A command is activity: a quiet shard wakes, and is counted silent only from
-        // then (its leader stopped asking for acknowledgements while it was quiet).
-        member.hush.touch();
         let metrics = member.raft.metrics();
         let silent = metrics
             .borrow_watched()
             .last_quorum_acked
             .as_ref()
-            .map(|at| openraft::Instant::elapsed(&**at))
-            .map(|acked| member.hush.since_woken().map_or(acked, |w| w.min(acked)));
+            .map(|at| openraft::Instant::elapsed(&**at));
         match silent {
             Some(silent) if silent > QUORUM_LOST_AFTER => Err(SpaceError::Unavailable {
                 reason: format!(
@@ -611,35 +599,16 @@ impl ShardSet {
         let Some(member) = self.members.get(&shard) else {
             return Ok(());
         };
-        member.hush.touch();
-        let leased = member
+        member
             .raft
             .ensure_linearizable(openraft::ReadPolicy::LeaseRead)
-            .await;
-        let confirmed = match leased {
-            Ok(_) => Ok(()),
-            // The lease ran out (a shard that was quiet asked nobody for a while): one
-            // round of heartbeats a majority answers confirms the leadership instead.
-            Err(_) => tokio::time::timeout(
-                READ_COMMIT_WAIT,
-                member
-                    .raft
-                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
-            )
             .await
-            .map_err(|_| {
-                format!(
-                    "no majority answered within {} ms",
-                    READ_COMMIT_WAIT.as_millis()
-                )
+            .map(|_| ())
+            .map_err(|e| SpaceError::Unavailable {
+                reason: format!(
+                    "shard {shard}: this node's leadership cannot be confirmed for a read: {e}"
+                ),
             })
-            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-        };
-        confirmed.map_err(|e| SpaceError::Unavailable {
-            reason: format!(
-                "shard {shard}: this node's leadership cannot be confirmed for a read: {e}"
-            ),
-        })
     }
 
     /// The shards this node replicates.
@@ -878,10 +847,6 @@ impl ShardSet {
             now_ready.insert(*shard, looks);
             if handed.is_none()
                 && looks >= HAND_BACK_AFTER
-                && {
-                    member.hush.touch();
-                    true
-                }
                 && member
                     .raft
                     .trigger()
@@ -896,120 +861,6 @@ impl ShardSet {
         handed
     }
 
-    /// One look for shards to quiet (see `hush`): each shard this node leads that is
-    /// awake, whose log did not grow since the last look (`last_looks` keeps what each
-    /// look saw), and that every replica has logged and applied whole, is asked quiet of
-    /// its followers and, when they all agree, goes quiet. Returns how many went quiet.
-    async fn hush_idle(&self, last_looks: &mut BTreeMap<GroupId, u64>) -> usize {
-        let mut looks = BTreeMap::new();
-        let mut asks = Vec::new();
-        for (shard, member) in &self.members {
-            if member.hush.is_quiet() {
-                continue;
-            }
-            let seen = member.hush.activity();
-            let still = {
-                let m = member.raft.metrics();
-                let m = m.borrow_watched();
-                let leads = m.state == ServerState::Leader && m.current_leader == Some(self.me);
-                let Some(last) = m.last_log_index.filter(|_| leads) else {
-                    continue;
-                };
-                looks.insert(*shard, last);
-                let whole = m.last_applied.as_ref().map(|l| l.index) == Some(last)
-                    && m.replication.as_ref().is_some_and(|r| {
-                        r.values()
-                            .all(|matched| matched.as_ref().map(|l| l.index) == Some(last))
-                    });
-                (last_looks.get(shard) == Some(&last) && whole).then_some((m.current_term, last))
-            };
-            if let Some((term, last)) = still {
-                asks.push(async move {
-                    let followers = self
-                        .layout
-                        .replicas(*shard)
-                        .into_iter()
-                        .filter(|id| *id != self.me);
-                    let agreed = futures::future::join_all(followers.map(|to| {
-                        self.router
-                            .quiesce(to, *shard, (term, self.me, last), QUIESCE_WAIT)
-                    }))
-                    .await;
-                    agreed.into_iter().all(|yes| yes) && member.hush.hush_if_still(seen)
-                });
-            }
-        }
-        *last_looks = looks;
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .filter(|quiet| *quiet)
-            .count()
-    }
-
-    /// Member `lost` stopped answering this node's status polls: the shards it led here
-    /// wake, so that they elect another leader (a quiet follower does not notice its
-    /// leader die, see `hush`). The first of each shard's other replicas wakes at once,
-    /// the next ones [`WAKE_STAGGER`] apart, so that they do not split the vote.
-    pub fn member_lost(&self, lost: MemberId) {
-        for (shard, member) in &self.members {
-            if !member.hush.is_quiet() || self.leader_of(*shard).0 != Some(lost) {
-                continue;
-            }
-            let place = self
-                .layout
-                .replicas(*shard)
-                .into_iter()
-                .filter(|id| *id != lost)
-                .position(|id| id == self.me)
-                .unwrap_or(0);
-            tracing::debug!(
-                shard,
-                lost,
-                place,
-                "waking a quiet shard whose leader is gone"
-            );
-            if place == 0 {
-                member.hush.touch();
-            } else {
-                let hush = member.hush.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(WAKE_STAGGER * place as u32).await;
-                    hush.touch();
-                });
-            }
-        }
-    }
-
-    /// Asks the other replicas of this node's shards to wake them (see `hush`): a node
-    /// that starts does so, so that a quiet leader tells it that it leads before its
-    /// election timer runs out. A few times, a moment apart (a peer may not be up yet,
-    /// nor this node's peer port). Best effort.
-    pub async fn wake_peers(&self) {
-        let mut shared: BTreeMap<MemberId, Vec<GroupId>> = BTreeMap::new();
-        for shard in self.members.keys() {
-            for id in self.layout.replicas(*shard) {
-                if id != self.me {
-                    shared.entry(id).or_default().push(*shard);
-                }
-            }
-        }
-        for _ in 0..3 {
-            futures::future::join_all(
-                shared
-                    .iter()
-                    .map(|(id, groups)| self.router.wake(*id, groups.clone(), QUIESCE_WAIT)),
-            )
-            .await;
-            tokio::time::sleep(WAKE_STAGGER).await;
-        }
-    }
-
-    /// How many of this node's shard members are quiet.
-    pub fn quiet(&self) -> usize {
-        self.members.values().filter(|m| m.hush.is_quiet()).count()
-    }
-
     /// Stops every member (Raft and serving engines), the meta group's too.
     pub async fn stop(&self) {
         for member in self.members.values() {
@@ -1022,11 +873,9 @@ impl ShardSet {
 /// Hands leaderships back to their preferred leaders for as long as `set` runs: a node
 /// that comes back after a failover moved its shards away gets its share of leaders
 /// back, one shard per [`REBALANCE_EVERY`] from each node that holds more. Also does the
-/// meta group leader's part when this node leads it (see `MetaGroup::tend`), and quiets
-/// the idle shards this node leads (see `hush`).
+/// meta group leader's part when this node leads it (see `MetaGroup::tend`).
 pub async fn rebalance(set: Weak<ShardSet>) {
     let mut ready = BTreeMap::new();
-    let mut last_looks = BTreeMap::new();
     loop {
         tokio::time::sleep(REBALANCE_EVERY).await;
         let Some(set) = set.upgrade() else {
@@ -1040,7 +889,6 @@ pub async fn rebalance(set: Weak<ShardSet>) {
                 "handing a shard's leadership back to its preferred leader"
             );
         }
-        set.hush_idle(&mut last_looks).await;
     }
 }
 

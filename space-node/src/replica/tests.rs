@@ -46,13 +46,14 @@ async fn log_store_and_state_machine_pass_openrafts_storage_suite() {
 /// Commands as a durable engine logs them: 300 writes (some leased), 100 takes and 20
 /// claims. Returns them in log order and the number of entries they leave.
 fn some_commands() -> (Vec<Vec<u8>>, u64) {
-    use space_core::{Filter, Lease, Query};
+    use space_core::{Fields, Filter, Lease, Query, Value};
     use std::time::Duration;
     let dir = TempDir::new("source");
     let engine = space_core::server::Engine::open(&dir.0, EngineConfig::default()).unwrap();
     let jobs = Query::new("Job", Filter::All);
     for n in 0..300 {
-        let f = job(n);
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
         let lease = if n % 5 == 0 {
             Lease::For(Duration::from_secs(3600))
         } else {
@@ -85,7 +86,6 @@ struct TestMember {
     raft: super::ShardGroup,
     slot: super::EngineSlot,
     leadership: super::Leadership,
-    hush: Arc<super::Hush>,
     router: super::PeerRouter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
@@ -138,7 +138,7 @@ async fn start_member_tuned(
         .await
         .unwrap();
     let groups = super::Groups::default();
-    groups.insert(GROUP, &member);
+    groups.insert(GROUP, member.raft.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let door = super::PeerDoor {
         token: None,
@@ -155,7 +155,6 @@ async fn start_member_tuned(
         raft: member.raft,
         slot: member.replica,
         leadership: member.leadership,
-        hush: member.hush,
         router,
         stop: Some(stop),
         served,
@@ -203,24 +202,6 @@ async fn form_group(members: &[TestMember]) {
         })
         .collect();
     members[0].raft.initialize(membership).await.unwrap();
-}
-
-/// A job entry numbered `n`.
-fn job(n: i64) -> space_core::Fields {
-    let mut f = space_core::Fields::new();
-    f.push("n", space_core::Value::I64(n));
-    f
-}
-
-/// Three members on fresh directories (named after `name`), made one group.
-async fn three_members(name: &str) -> (Vec<TempDir>, Vec<TestMember>) {
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new(name)).collect();
-    let mut members = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
-    }
-    form_group(&members).await;
-    (dirs, members)
 }
 
 /// Waits until `member` has applied up to `index`.
@@ -429,8 +410,13 @@ async fn converged(members: &[TestMember], leader: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_continues() {
     use space_core::wire::RequestId;
-    use space_core::{Filter, Lease, Query, Value};
+    use space_core::{Fields, Filter, Lease, Query, Value};
     use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
     let jobs = Query::new("Job", Filter::All);
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("serve")).collect();
     let mut members = Vec::new();
@@ -638,7 +624,7 @@ fn isolate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
-    use space_core::{Lease, Value};
+    use space_core::{Fields, Lease, Value};
     use space_tests::history::{Ended, Op, check};
     let id_of = |doc: &space_core::Document| match doc.fields.get("n") {
         Some(Value::I64(n)) => *n as u64,
@@ -646,6 +632,11 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_goes_on() {
     };
     use space_tests::proxy::Link;
     use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("partition")).collect();
     let (members, links) = group_behind_proxies(&dirs).await;
     let (old, engine) = serving(&members).await;
@@ -1230,8 +1221,13 @@ async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
     use space_core::server::Engine;
-    use space_core::{EventKinds, Filter, Lease, Notification, Query};
+    use space_core::{EventKinds, Fields, Filter, Lease, Notification, Query, Value};
     use std::time::Duration;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
     let jobs = Query::new("Job", Filter::All);
     let mut nodes = sharded_cluster(3, 1, 3).await;
     all_served(&nodes, 1).await;
@@ -1340,8 +1336,18 @@ async fn hand_over(members: &[TestMember], from: usize, to: usize) -> space_core
 /// then held what no serving engine did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_an_ended_leadership_still_decides_is_not_committed_under_a_later_one() {
-    use space_core::{Filter, Lease, Query, Value};
-    let (_dirs, members) = three_members("later").await;
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("later")).collect();
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    form_group(&members).await;
     let (first, old) = serving(&members).await;
     old.write("Job", job(1), None, Lease::Forever).unwrap();
     committed(&old).await.unwrap();
@@ -1384,8 +1390,13 @@ async fn what_an_ended_leadership_still_decides_is_not_committed_under_a_later_o
 /// replicas kept, and the entry came back after the next failover (the chaos test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_refused_while_the_lease_ran_out_is_never_acknowledged() {
-    use space_core::{Filter, Lease, Query, Value};
+    use space_core::{Fields, Filter, Lease, Query, Value};
     use space_tests::proxy::Link;
+    let job = |n: i64| {
+        let mut f = Fields::new();
+        f.push("n", Value::I64(n));
+        f
+    };
     // Cut off, the followers do not start a term of their own: their pre-votes find no
     // majority.
     let pre_vote = |c: &mut openraft::Config| c.enable_pre_vote = Some(true);
@@ -1406,10 +1417,7 @@ async fn a_proposal_refused_while_the_lease_ran_out_is_never_acknowledged() {
         let engine = engine.clone();
         async move { committed(&engine).await }
     });
-    // Cut for longer than the leader waits to renew its lease before it proposes
-    // anyway: the proposal is refused.
-    tokio::time::sleep(super::hush::LEASE_RENEWAL_WAIT + std::time::Duration::from_millis(300))
-        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     for proxy in links.iter().flatten().flatten() {
         proxy.set(Link::Open);
     }
@@ -1486,51 +1494,5 @@ async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
     }
     for node in nodes {
         node.stop().await;
-    }
-}
-
-/// A leader whose group went quiet (its timers stopped while idle, so that no majority
-/// acknowledged it for longer than its lease) renews its lease before it proposes:
-/// openraft refuses a proposal without a word while the lease is out, and the leadership
-/// would be given up, its call failing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_leader_renews_its_lease_before_it_proposes() {
-    use space_core::Lease;
-    let (_dirs, members) = three_members("quiet").await;
-    let (leader, engine) = serving(&members).await;
-    engine.write("Job", job(1), None, Lease::Forever).unwrap();
-    committed(&engine).await.unwrap();
-    let term = members[leader].leadership.term();
-
-    // A member touched after its idleness was seen does not go quiet.
-    let seen = members[leader].hush.activity();
-    members[leader].hush.touch();
-    assert!(!members[leader].hush.hush_if_still(seen));
-    assert!(!members[leader].hush.is_quiet());
-
-    // The group goes quiet, followers first (as a leader asks them), and stays so for
-    // longer than the lease.
-    let (followers, leader_last): (Vec<_>, Vec<_>) =
-        members.iter().enumerate().partition(|(i, _)| *i != leader);
-    for (_, m) in followers.into_iter().chain(leader_last) {
-        assert!(m.hush.hush_if_still(m.hush.activity()));
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
-
-    engine.write("Job", job(2), None, Lease::Forever).unwrap();
-    committed(&engine)
-        .await
-        .expect("a quiet leader's proposal was refused");
-    assert_eq!(
-        members[leader].leadership.term(),
-        term,
-        "the leadership changed"
-    );
-    assert!(
-        !members[leader].hush.is_quiet(),
-        "the leader is still quiet"
-    );
-    for m in members {
-        m.stop().await;
     }
 }

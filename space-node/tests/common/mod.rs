@@ -2,7 +2,6 @@
 //! other binaries of the workspace.
 #![allow(dead_code)]
 
-pub mod admin;
 pub mod replicated;
 
 use std::io::{BufRead, BufReader};
