@@ -89,6 +89,8 @@ where
 pub struct Window<C> {
     /// Operations per second over the window.
     pub rate: f64,
+    /// Operations counted in the window.
+    pub ops: u64,
     /// The sample when the window opened.
     pub start: C,
     /// The sample when it closed.
@@ -96,8 +98,9 @@ pub struct Window<C> {
 }
 
 /// [`run_for`], reading `sample` when the measured window opens and when it closes (the
-/// warm-up before it and the stopping after it are left out).
-async fn run_sampled<W, T, WF, TF, C>(
+/// warm-up before it and the stopping after it are left out). Every system a bench
+/// compares is measured through it, so that all are timed and sampled alike.
+pub(crate) async fn run_sampled<W, T, WF, TF, C>(
     duration: Duration,
     sample: impl Fn() -> C,
     writer: W,
@@ -128,6 +131,7 @@ where
     }
     Ok(Window {
         rate,
+        ops: moved,
         start: start_sample,
         end: end_sample,
     })

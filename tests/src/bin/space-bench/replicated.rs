@@ -21,7 +21,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,7 +33,7 @@ use space_client::wire::{Request, Response};
 use space_client::{ClientConfig, Connection, Key};
 
 use crate::inproc::median;
-use crate::node::{CONNECTIONS, PAYLOAD, Process, space_throughput_sampled};
+use crate::node::{CONNECTIONS, PAYLOAD, Process, Window, run_sampled, space_throughput_sampled};
 use space_tests::process::{cpu_seconds_of, start_node_at};
 
 /// Nodes of each cluster.
@@ -186,6 +186,19 @@ struct Measured {
     client_us: f64,
 }
 
+impl Measured {
+    /// The measurement of a window sampled with `(servers' CPU seconds, clients' CPU
+    /// seconds)`.
+    fn of(window: &Window<(f64, f64)>) -> Measured {
+        let per_op = 1e6 / (window.ops.max(1) as f64);
+        Measured {
+            rate: window.rate,
+            server_us: (window.end.0 - window.start.0) * per_op,
+            client_us: (window.end.1 - window.start.1) * per_op,
+        }
+    }
+}
+
 /// CPU seconds this process (the bench's clients) has used so far.
 fn client_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id())
@@ -196,12 +209,7 @@ fn client_cpu_seconds() -> f64 {
 async fn measure_space(cluster: &Cluster, duration: Duration) -> Result<Measured> {
     let cpu = || (cluster.cpu_seconds(), client_cpu_seconds());
     let window = space_throughput_sampled(&cluster.seeds(), 1, duration, cpu).await?;
-    let ops = (window.rate * duration.as_secs_f64()).max(1.0);
-    Ok(Measured {
-        rate: window.rate,
-        server_us: (window.end.0 - window.start.0) * 1e6 / ops,
-        client_us: (window.end.1 - window.start.1) * 1e6 / ops,
-    })
+    Ok(Measured::of(&window))
 }
 
 /// Three `nats-server` processes in one cluster, JetStream on, each on its own store.
@@ -340,25 +348,30 @@ async fn measure_jetstream(nats: &Nats, duration: Duration) -> Result<Measured> 
         let client = async_nats::connect(url.as_str()).await?;
         contexts.push(async_nats::jetstream::new(client));
     }
-    let consumer = work_queue(&contexts[0]).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for (i, js) in contexts.into_iter().enumerate() {
-        let (stop, ops) = (stop.clone(), ops.clone());
-        if i % 2 == 0 {
-            tasks.push(tokio::spawn(async move {
+    drop(work_queue(&contexts[0]).await?);
+    let contexts = Arc::new(contexts);
+    let (publishers, fetchers) = (contexts.clone(), contexts);
+    let cpu = || (nats.cpu_seconds(), client_cpu_seconds());
+    let window = run_sampled(
+        duration,
+        cpu,
+        // Connection 2i publishes, 2i + 1 fetches.
+        move |i, stop, ops| {
+            let js = publishers[2 * i].clone();
+            async move {
                 let payload = vec![7u8; PAYLOAD];
                 while !stop.load(Ordering::Relaxed) {
                     js.publish(SUBJECT, payload.clone().into()).await?.await?;
                     ops.fetch_add(1, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
-            }));
-        } else {
-            let consumer: async_nats::jetstream::consumer::PullConsumer =
-                js.get_consumer_from_stream(CONSUMER, STREAM).await?;
-            tasks.push(tokio::spawn(async move {
+            }
+        },
+        move |i, stop, ops| {
+            let js = fetchers[2 * i + 1].clone();
+            async move {
+                let consumer: async_nats::jetstream::consumer::PullConsumer =
+                    js.get_consumer_from_stream(CONSUMER, STREAM).await?;
                 while !stop.load(Ordering::Relaxed) {
                     let mut batch = consumer
                         .fetch()
@@ -376,31 +389,11 @@ async fn measure_jetstream(nats: &Nats, duration: Duration) -> Result<Measured> 
                     }
                 }
                 anyhow::Ok(())
-            }));
-        }
-    }
-    drop(consumer);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (start_ops, server, client, start) = (
-        ops.load(Ordering::Relaxed),
-        nats.cpu_seconds(),
-        client_cpu_seconds(),
-        Instant::now(),
-    );
-    tokio::time::sleep(duration).await;
-    let moved = ops.load(Ordering::Relaxed) - start_ops;
-    let elapsed = start.elapsed().as_secs_f64();
-    let per_op = 1e6 / (moved.max(1) as f64);
-    let measured = Measured {
-        rate: moved as f64 / elapsed,
-        server_us: (nats.cpu_seconds() - server) * per_op,
-        client_us: (client_cpu_seconds() - client) * per_op,
-    };
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    Ok(measured)
+            }
+        },
+    )
+    .await?;
+    Ok(Measured::of(&window))
 }
 
 /// The node that leads the shard of `key`, as `seeds`' topology says.
