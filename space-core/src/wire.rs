@@ -210,6 +210,10 @@ pub struct NodeStatus {
     pub held_bytes: u64,
     /// Its limit, if it has one.
     pub max_bytes: Option<u64>,
+    /// Entries held.
+    pub held_entries: u64,
+    /// Its limit on entries, if it has one.
+    pub max_entries: Option<u64>,
 }
 
 /// One operation, as sent to a node.

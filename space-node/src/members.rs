@@ -32,6 +32,27 @@ fn room(s: &NodeStatus) -> u64 {
         .map_or(u64::MAX, |m| m.saturating_sub(s.held_bytes))
 }
 
+/// Why a member, by its status, has no room for `entries` more entries holding `bytes`
+/// bytes of documents (its `--max-entries`, then its `--max-bytes`); `None` if it has.
+fn no_room(s: &NodeStatus, entries: u64, bytes: u64) -> Option<String> {
+    let node = s.info.node.0;
+    if let Some(max) = s.max_entries
+        && s.held_entries.saturating_add(entries) > max
+    {
+        return Some(format!(
+            "node {node} holds {} entries and its limit is {max}",
+            s.held_entries
+        ));
+    }
+    let max = s.max_bytes?;
+    (room(s) < bytes).then(|| {
+        format!(
+            "node {node} holds {} bytes of entries and its limit is {max}",
+            s.held_bytes
+        )
+    })
+}
+
 /// How often a node asks the other members for their status.
 const POLL: Duration = Duration::from_millis(300);
 
@@ -100,7 +121,8 @@ impl Members {
         topology
     }
 
-    /// A member with room for `size` more bytes that carries all of `labels`: the owner
+    /// A member with room for one more entry of `size` bytes (under its `--max-entries`
+    /// and `--max-bytes`) that carries all of `labels`: the owner
     /// of the key (`Some(index)`) if one is given, else the one of `candidates` (indexes)
     /// with the most room. `me` is this node's current status.
     pub(crate) fn place(
@@ -113,16 +135,20 @@ impl Members {
     ) -> Result<NodeInfo, SpaceError> {
         let mut statuses = self.status.lock().clone();
         statuses[self.me] = Some(me);
-        let fits =
-            |s: &NodeStatus| labels.iter().all(|l| s.info.labels.contains(l)) && room(s) >= size;
+        let fits = |s: &NodeStatus| {
+            labels.iter().all(|l| s.info.labels.contains(l)) && no_room(s, 1, size).is_none()
+        };
         if let Some(owner) = owner {
             return match statuses.get(owner) {
                 Some(Some(s)) if fits(s) => Ok(s.info.clone()),
                 Some(Some(s)) => Err(SpaceError::Full {
-                    reason: format!(
-                        "the key's owner (node {}) has no room for {size} bytes or lacks the labels {labels:?}",
-                        s.info.node.0
-                    ),
+                    reason: match no_room(s, 1, size) {
+                        Some(why) => format!("the key's owner has no room: {why}"),
+                        None => format!(
+                            "the key's owner (node {}) lacks the labels {labels:?}",
+                            s.info.node.0
+                        ),
+                    },
                 }),
                 _ => Err(SpaceError::Unreachable {
                     node: self
@@ -141,30 +167,27 @@ impl Members {
             .map(|s| s.info)
             .ok_or_else(|| SpaceError::Full {
                 reason: if labels.is_empty() {
-                    format!("no node has room for {size} more bytes")
+                    format!("no node has room for another entry of {size} bytes")
                 } else {
-                    format!("no node with the labels {labels:?} has room for {size} more bytes")
+                    format!(
+                        "no node with the labels {labels:?} has room for another entry of {size} bytes"
+                    )
                 },
             })
     }
 
     /// Whether the members at `others` (indexes: the other replicas of a shard) have room
-    /// for a write, as last heard from them (every [`POLL`]: what was written since is
-    /// not counted). A member whose status is not known yet is not held against it.
+    /// for a write, under their `--max-entries` and `--max-bytes`, as last heard from them
+    /// (every [`POLL`]: what was written since is not counted). A member whose status is
+    /// not known yet is not held against it.
     pub(crate) fn room_check(self: &Arc<Self>, others: Vec<usize>) -> RoomCheck {
         let members: Weak<Members> = Arc::downgrade(self);
-        RoomCheck::new(move |size| {
+        RoomCheck::new(move |entries, size| {
             let members = members.upgrade()?;
             let status = members.status.lock();
             others.iter().find_map(|&i| {
                 let s = status.get(i)?.as_ref()?;
-                let max = s.max_bytes?;
-                (room(s) < size).then(|| {
-                    format!(
-                        "node {}, a replica of the shard, holds {} bytes of entries and its limit is {max}",
-                        s.info.node.0, s.held_bytes
-                    )
-                })
+                no_room(s, entries, size).map(|why| format!("a replica of the shard: {why}"))
             })
         })
     }

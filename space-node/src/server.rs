@@ -440,6 +440,11 @@ impl NodeState {
                 None => self.engine.held_bytes(),
             },
             max_bytes: self.config.max_bytes,
+            held_entries: match &self.shards {
+                Some(shards) => shards.held_entries(),
+                None => self.engine.held_entries(),
+            },
+            max_entries: self.config.max_entries,
         }
     }
 

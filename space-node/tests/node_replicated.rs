@@ -12,7 +12,7 @@ use common::replicated::{
     Blob, Job, Order, SHARDS, clean_within, left, start, start_with_shards, take_some, write_all,
 };
 use common::{NodeProcess, free_addrs, start_cluster_of};
-use space_client::wire::{Request, Response, ShardInfo};
+use space_client::wire::{NodeStatus, Request, Response, ShardInfo};
 use space_client::{ClientConfig, Connection, Key, NodeId, Query, connect};
 use space_tests::TempDir;
 use space_tests::history::{Ended, History, Op};
@@ -1384,10 +1384,35 @@ async fn a_call_by_key_finds_its_shards_new_leader_among_five_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicas_limit_bounds_the_writes_other_nodes_lead() {
     const LIMIT: u64 = 6_000;
+    let status = writes_beside_a_limited_replica("--max-bytes", LIMIT).await;
+    // Within what a poll's worth of writes adds (about 8 at this pace).
+    assert!(
+        status.held_bytes <= LIMIT + 10_000,
+        "node 5 holds {} bytes",
+        status.held_bytes
+    );
+}
+
+/// As [`a_replicas_limit_bounds_the_writes_other_nodes_lead`], for `--max-entries`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_entry_limit_bounds_the_writes_other_nodes_lead() {
+    const LIMIT: u64 = 6;
+    let status = writes_beside_a_limited_replica("--max-entries", LIMIT).await;
+    assert!(
+        status.held_entries <= LIMIT + 10,
+        "node 5 holds {} entries",
+        status.held_entries
+    );
+}
+
+/// Starts five nodes at replication 3, node 5 with `flag` at `limit`, and writes 60
+/// entries of 1 KB to the two shards node 5 follows, at a pace its status polls follow:
+/// some are refused, each naming node 5. Returns node 5's status after.
+async fn writes_beside_a_limited_replica(flag: &str, limit: u64) -> NodeStatus {
     let _alone = ONE_AT_A_TIME.lock().await;
     let addrs = free_addrs(5);
-    let limit = LIMIT.to_string();
-    let bounded: &[&str] = &["--max-bytes", &limit];
+    let limit = limit.to_string();
+    let bounded: &[&str] = &[flag, &limit];
     let _cluster = start_cluster_of(&addrs, "3", "5", &[&[], &[], &[], &[], bounded]);
     // Shard s of 5 is replicated by nodes s + 1 to s + 3 (its first replica leads it
     // first): node 5 follows shards 2 and 3, which nodes 3 and 4 lead.
@@ -1426,10 +1451,5 @@ async fn a_replicas_limit_bounds_the_writes_other_nodes_lead() {
     else {
         panic!("a status was asked for")
     };
-    // Within what a poll's worth of writes adds (about 8 at this pace).
-    assert!(
-        status.held_bytes <= LIMIT + 10_000,
-        "node 5 holds {} bytes",
-        status.held_bytes
-    );
+    status
 }

@@ -180,18 +180,19 @@ impl std::fmt::Debug for Holdings {
 /// engine that leads the shard before it decides the write (see
 /// [`EngineConfig::replicas_room`]). Cloning shares the check.
 #[derive(Clone)]
-pub struct RoomCheck(Arc<dyn Fn(u64) -> Option<String> + Send + Sync>);
+pub struct RoomCheck(Arc<dyn Fn(u64, u64) -> Option<String> + Send + Sync>);
 
 impl RoomCheck {
-    /// A check that gives, for a write of that many bytes of documents, why a replica
-    /// has no room for it, or `None` when they all have.
-    pub fn new(check: impl Fn(u64) -> Option<String> + Send + Sync + 'static) -> RoomCheck {
+    /// A check that gives, for a write of that many entries and bytes of documents, why
+    /// a replica has no room for it, or `None` when they all have.
+    pub fn new(check: impl Fn(u64, u64) -> Option<String> + Send + Sync + 'static) -> RoomCheck {
         RoomCheck(Arc::new(check))
     }
 
-    /// Why a write of `bytes` bytes of documents does not fit on some replica.
-    pub fn refusal(&self, bytes: u64) -> Option<String> {
-        (self.0)(bytes)
+    /// Why a write of `entries` entries holding `bytes` bytes of documents does not fit
+    /// on some replica.
+    pub fn refusal(&self, entries: u64, bytes: u64) -> Option<String> {
+        (self.0)(entries, bytes)
     }
 }
 

@@ -191,7 +191,10 @@ impl Engine {
             });
         }
         if self.inner.proposals.is_some()
-            && let Some(reason) = config.replicas_room.as_ref().and_then(|r| r.refusal(size))
+            && let Some(reason) = config
+                .replicas_room
+                .as_ref()
+                .and_then(|r| r.refusal(docs.len() as u64, size))
         {
             return Err(SpaceError::Full { reason });
         }
@@ -201,6 +204,11 @@ impl Engine {
     /// Bytes of documents held now, for placement decisions.
     pub fn held_bytes(&self) -> u64 {
         self.inner.totals.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries held now (what `max_entries` bounds).
+    pub fn held_entries(&self) -> u64 {
+        self.inner.totals.entries.load(Ordering::Relaxed)
     }
 
     /// Checks a new entry against the type's schema and keys; returns whether it has

@@ -635,6 +635,12 @@ impl ShardSet {
         self.holdings.bytes()
     }
 
+    /// Entries this node holds in its replicas of every shard (what `--max-entries`
+    /// bounds).
+    pub fn held_entries(&self) -> u64 {
+        self.holdings.entries()
+    }
+
     /// The cluster's number of shards.
     pub fn shard_count(&self) -> u32 {
         self.layout.shards
