@@ -176,6 +176,18 @@ impl std::fmt::Debug for Holdings {
     }
 }
 
+/// The first subscription id an engine hands out: the wall-clock time in microseconds
+/// when it starts (ids then count up by one). A node's subscriptions do not outlive its
+/// process, and their ids are not used again by the next one: a client that renews,
+/// resumes or cancels a subscription a restarted node lost finds it gone (and registers
+/// it anew) instead of reaching another subscription that took its id. Below 2^53 for
+/// centuries, so the ids stay exact as JSON numbers.
+fn first_subscription_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |t| u64::try_from(t.as_micros()).unwrap_or(1).max(1))
+}
+
 /// Whether the other nodes that replicate a shard have room for a write, asked by the
 /// engine that leads the shard before it decides the write (see
 /// [`EngineConfig::replicas_room`]). Cloning shares the check.
@@ -320,6 +332,7 @@ struct Inner {
     me: Weak<Inner>,
     /// The next claim token to hand out (decided, then carried by the command).
     next_token: AtomicU64,
+    /// The next subscription id ([`first_subscription_id`] at first).
     next_sub: AtomicU64,
     /// Every live subscription by id (for resume, renew and cancel by id).
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
@@ -621,7 +634,7 @@ impl Engine {
             owns_services,
             me: me.clone(),
             next_token: AtomicU64::new(next_token),
-            next_sub: AtomicU64::new(1),
+            next_sub: AtomicU64::new(first_subscription_id()),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::counted_in(holdings)),
             keeps_answers: replica || proposals.is_some() || durable.is_some(),
