@@ -316,3 +316,42 @@ async fn a_typo_or_a_kind_mismatch_fails_at_once_remotely() {
     );
     assert!(started.elapsed() < Duration::from_secs(30), "no wait");
 }
+
+/// A claim from before a node restarted (in memory) commits nothing after it: an entry
+/// written again under the same key and claimed by another worker keeps that claim, and
+/// the old ticket is told its claim is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_from_before_a_restart_does_not_commit_a_later_claim() {
+    let addr = common::free_addrs(1).remove(0);
+    let node = NodeProcess::start_at(&addr, &[]);
+    let order = Order {
+        number: "o-7".into(),
+        amount: 7.0,
+    };
+    let all = Query::of::<Order>();
+    let claim_one = |space: Space| {
+        let (order, all) = (order.clone(), all.clone());
+        async move {
+            space.write(&order).await.unwrap();
+            let claim = space
+                .claim::<Order>(&all, Lease::secs(30), Duration::ZERO)
+                .await
+                .unwrap()
+                .expect("the order is claimed");
+            (space, claim)
+        }
+    };
+    let (old, old_claim) = claim_one(Space::connect(&addr).await.unwrap()).await;
+    node.kill();
+    let _node = NodeProcess::start_at(&addr, &[]);
+    let (new, new_claim) = claim_one(Space::connect(&addr).await.unwrap()).await;
+    assert!(
+        matches!(
+            old.commit(&old_claim).await,
+            Err(SpaceError::ClaimLost { .. })
+        ),
+        "the ticket from before the restart commits the later claim"
+    );
+    new.commit(&new_claim).await.unwrap();
+    assert_eq!(new.count(&all).await.unwrap(), 0);
+}

@@ -176,13 +176,16 @@ impl std::fmt::Debug for Holdings {
     }
 }
 
-/// The first subscription id an engine hands out: the wall-clock time in microseconds
-/// when it starts (ids then count up by one). A node's subscriptions do not outlive its
-/// process, and their ids are not used again by the next one: a client that renews,
-/// resumes or cancels a subscription a restarted node lost finds it gone (and registers
-/// it anew) instead of reaching another subscription that took its id. Below 2^53 for
-/// centuries, so the ids stay exact as JSON numbers.
-fn first_subscription_id() -> u64 {
+/// Where an engine that starts with nothing counts its subscription ids and claim tokens
+/// from: the wall-clock time in microseconds (then up by one each). Neither a node's
+/// subscriptions nor, in memory, its claims outlive its process, and the next process
+/// hands out none of the last one's numbers: a client that renews, resumes or cancels a
+/// subscription a restarted node lost finds it gone (and registers it anew) instead of
+/// reaching another subscription that took its id, and a claim ticket from before a
+/// restart cannot commit or release a later claim of an entry written again under the
+/// same key. (A durable engine's tokens continue from its log.) Below 2^53 for
+/// centuries, so the numbers stay exact as JSON numbers.
+fn fresh_numbers_from() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |t| u64::try_from(t.as_micros()).unwrap_or(1).max(1))
@@ -332,7 +335,7 @@ struct Inner {
     me: Weak<Inner>,
     /// The next claim token to hand out (decided, then carried by the command).
     next_token: AtomicU64,
-    /// The next subscription id ([`first_subscription_id`] at first).
+    /// The next subscription id ([`fresh_numbers_from`] at first).
     next_sub: AtomicU64,
     /// Every live subscription by id (for resume, renew and cancel by id).
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
@@ -582,7 +585,7 @@ impl Engine {
     /// the engine is dropped).
     pub fn new(config: EngineConfig) -> Engine {
         let services = Services::start(config.clock.clone(), None);
-        Self::build(config, services, None, 1)
+        Self::build(config, services, None, fresh_numbers_from())
     }
 
     fn build(
@@ -634,7 +637,7 @@ impl Engine {
             owns_services,
             me: me.clone(),
             next_token: AtomicU64::new(next_token),
-            next_sub: AtomicU64::new(first_subscription_id()),
+            next_sub: AtomicU64::new(fresh_numbers_from()),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::counted_in(holdings)),
             keeps_answers: replica || proposals.is_some() || durable.is_some(),
