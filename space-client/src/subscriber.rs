@@ -11,8 +11,9 @@
 //! its node and that node's sequence number. A subscription asked for without a lease is
 //! kept alive by renewing every part's lease; a member that could not be reached when it
 //! subscribed, or that lost its part (a restart, or it gave up on an unreachable endpoint),
-//! gets the subscription registered again on the next renewal (a polled part a poll finds
-//! lost is cancelled there and a gap told at once), and until then
+//! gets the subscription registered again on the next renewal (hurried while a node's
+//! push connection has just ended, see [`keep_alive`]; a polled part a poll finds lost is
+//! cancelled there and a gap told at once), and until then
 //! [`Subscription::unreached`](space_core::Subscription::unreached) names it. A
 //! subscription with a lease ends when the lease does: each node delivers what it matched
 //! and then tells the endpoint it ended; once every part ended, the stream ends. A
@@ -137,6 +138,9 @@ pub(crate) struct Endpoint {
     /// A node could not reach the endpoint (with `Delivery::Auto`): later subscriptions
     /// are polled at once.
     push_refused: AtomicBool,
+    /// Counts the nodes' push connections that ended (a node that died or restarted
+    /// drops its own): the renewals look at every part at once then (`keep_alive`).
+    pushes_ended: tokio::sync::watch::Sender<u64>,
 }
 
 impl Endpoint {
@@ -161,6 +165,7 @@ impl Endpoint {
             feeds: Mutex::new(HashMap::new()),
             delivery: config.delivery,
             push_refused: AtomicBool::new(false),
+            pushes_ended: tokio::sync::watch::Sender::new(0),
         });
         let weak = Arc::downgrade(&endpoint);
         let max_frame = config.max_frame;
@@ -275,11 +280,12 @@ async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame:
         return;
     }
     BaseChannel::with_defaults(wire::server_transport(framed))
-        .execute(Subscriber(endpoint).serve())
+        .execute(Subscriber(endpoint.clone()).serve())
         .for_each(|response| async move {
             tokio::spawn(response);
         })
         .await;
+    endpoint.pushes_ended.send_modify(|n| *n += 1);
 }
 
 fn seq_range(n: &Notification) -> (u64, u64) {
@@ -569,9 +575,18 @@ fn cancel_parts(parts: Vec<Arc<Part>>, endpoint: &Endpoint, runtime: &Runtime) {
     }
 }
 
+/// The first pause between renewals after a node's push connection ended; it doubles
+/// while a member still cannot be reached or has no part, up to the regular pause.
+const RENEW_SOON: Duration = Duration::from_millis(250);
+
 /// Keeps a subscription without a lease alive while its handle lives: renews every part at
 /// a third of the lease, and registers it again on members that lost their part or could
-/// not be reached (`members` lists the cluster's members and connects to one).
+/// not be reached (`members` lists the cluster's members and connects to one). When a
+/// node's push connection to the endpoint ends (a node that died or restarted), every
+/// part is renewed at once, then again after [`RENEW_SOON`], doubling, for as long as a
+/// member cannot be reached or has no part: a node that restarted (and lost its parts)
+/// has the subscription back within moments of its return, not at the next regular
+/// renewal.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
@@ -581,43 +596,79 @@ pub(crate) async fn keep_alive<M, F>(
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
+    let regular = lease / 3;
+    let mut ended = endpoint.pushes_ended.subscribe();
+    // While hurried: the pause before the next renewal should this one fall short.
+    let mut hurried: Option<Duration> = None;
+    let mut next = regular;
     loop {
-        tokio::time::sleep(lease / 3).await;
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            Ok(()) = ended.changed() => hurried = Some(RENEW_SOON),
+        }
         let Some(state) = state.upgrade() else { return };
         if !state.alive() {
             return;
         }
-        let parts = state.parts.lock().clone();
-        for part in parts {
-            let request = Request::RenewSubscription {
-                id: part.id,
-                lease: Lease::For(lease),
-            };
-            match part.conn.call(request).await {
-                Ok(_) => {}
-                Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, &endpoint),
-                Err(e) => {
-                    tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
-                }
+        let whole = renew_round(&state, &endpoint, lease, &members).await;
+        next = match hurried {
+            Some(pause) if !whole => {
+                hurried = Some((pause * 2).min(regular));
+                pause
             }
-        }
-        let missing: Vec<String> = state.unreached.lock().clone();
-        if missing.is_empty() {
-            continue;
-        }
-        for (addr, conn) in members().await {
-            if !missing.contains(&addr) {
-                continue;
+            _ => {
+                hurried = None;
+                regular
             }
-            let registered = match conn {
-                Ok(conn) => state.register(&endpoint, conn, None).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = registered {
-                tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
+        };
+    }
+}
+
+/// Renews every part of `state` for `lease`, and registers it on the members that have
+/// none; returns whether every member has a part, renewed, after.
+async fn renew_round<M, F>(
+    state: &Arc<FeedState>,
+    endpoint: &Arc<Endpoint>,
+    lease: Duration,
+    members: &M,
+) -> bool
+where
+    M: Fn() -> F,
+    F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
+{
+    let mut whole = true;
+    let parts = state.parts.lock().clone();
+    for part in parts {
+        let request = Request::RenewSubscription {
+            id: part.id,
+            lease: Lease::For(lease),
+        };
+        match part.conn.call(request).await {
+            Ok(_) => {}
+            Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, endpoint),
+            Err(e) => {
+                whole = false;
+                tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
             }
         }
     }
+    let missing: Vec<String> = state.unreached.lock().clone();
+    if missing.is_empty() {
+        return whole;
+    }
+    for (addr, conn) in members().await {
+        if !missing.contains(&addr) {
+            continue;
+        }
+        let registered = match conn {
+            Ok(conn) => state.register(endpoint, conn, None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = registered {
+            tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
+        }
+    }
+    whole && state.unreached.lock().is_empty()
 }
 
 /// Ends a subscription with a lease by itself a little after the lease, if its nodes did

@@ -367,3 +367,37 @@ async fn a_restarted_node_gives_no_subscription_an_id_it_gave_before() {
         }
     }
 }
+
+/// A node that restarted has a pushed subscription back within moments: the end of its
+/// push connection makes the client renew at once and soon after, not only at the next
+/// regular renewal (a third of the lease: 20 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_has_a_pushed_subscription_back_soon() {
+    let addr = common::free_addrs(1).remove(0);
+    let node = NodeProcess::start_at(&addr, &[]);
+    let config = ClientConfig {
+        subscription_lease: Duration::from_secs(60),
+        ..config(Delivery::Push, None)
+    };
+    let space = connect_with(&node.addr, config).await.unwrap();
+    let sub = space
+        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    node.kill();
+    let _node = NodeProcess::start_at(&addr, &[]);
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
+        Ok(Some(Notification::Gap { .. })) => {}
+        other => panic!("the lost part was not found before the regular renewal: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sub.unreached().is_empty() {
+        assert!(Instant::now() < deadline, "never registered anew");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    space.write(&Alert { level: 9 }).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
+        Ok(Some(Notification::Event(e))) => assert_eq!(e.seq, 1),
+        other => panic!("{other:?}"),
+    }
+}
