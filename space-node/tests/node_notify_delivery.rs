@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::NodeProcess;
 use serde::{Deserialize, Serialize};
+use space_client::wire::{Request, Response};
 use space_client::{
-    ClientConfig, Delivery, EventKinds, Lease, Notification, Query, Space, SpaceError, connect_with,
+    ClientConfig, Connection, Delivery, EventKinds, Lease, Notification, Query, Space, SpaceError,
+    connect_with,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,51 +323,47 @@ async fn a_poll_retried_after_its_subscription_ended_is_told_the_end_again() {
     );
 }
 
-/// A restarted node gives no subscription an id its last run gave: a client whose
-/// subscription the node lost finds it gone at its next renewal (a gap, then it is
-/// registered anew and told again), rather than renewing, and later cancelling, another
-/// client's subscription that took its id.
+/// A restarted node gives no subscription an id its last run gave: a renewal of a
+/// subscription the node lost finds it gone (the client then registers it anew, after a
+/// gap), rather than renewing another client's subscription that took its id (the first
+/// client would then be told nothing from that node, and its cancel end the other's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_gives_no_subscription_an_id_it_gave_before() {
     let addr = common::free_addrs(1).remove(0);
-    let node = NodeProcess::start_at(&addr, &[]);
-    let config = ClientConfig {
-        // Renewed every second.
-        subscription_lease: Duration::from_secs(3),
-        ..config(Delivery::Push, None)
+    let subscribe = || async {
+        let conn = Connection::open(&addr, ClientConfig::default())
+            .await
+            .unwrap();
+        let answer = conn
+            .call(Request::Subscribe {
+                query: Query::of::<Alert>(),
+                kinds: EventKinds::WRITTEN,
+                lease: Lease::For(Duration::from_secs(60)),
+                endpoint: None,
+            })
+            .await
+            .unwrap();
+        let Response::Subscribed(id) = answer else {
+            panic!("{answer:?}")
+        };
+        (conn, id)
     };
-    let first = connect_with(&node.addr, config.clone()).await.unwrap();
-    let first_sub = first
-        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
-        .await
-        .unwrap();
+    let node = NodeProcess::start_at(&addr, &[]);
+    let (_, before) = subscribe().await;
     node.kill();
     let _node = NodeProcess::start_at(&addr, &[]);
-    let second = connect_with(&addr, config).await.unwrap();
-    let second_sub = second
-        .notify(&Query::of::<Alert>(), EventKinds::WRITTEN)
-        .await
-        .unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), first_sub.recv_async()).await {
-        Ok(Some(Notification::Gap { .. })) => {}
-        other => panic!("the first client was not told it lost its part: {other:?}"),
-    }
-    // Registered anew at that renewal.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !first_sub.unreached().is_empty() {
-        assert!(Instant::now() < deadline, "never registered anew");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Both are told, over a few renewals (a cancel of the lost part, had it reached the
-    // second client's subscription, would have ended it).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    second.write(&Alert { level: 7 }).await.unwrap();
-    for sub in [&first_sub, &second_sub] {
-        match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
-            Ok(Some(Notification::Event(e))) => assert_eq!(e.seq, 1),
-            other => panic!("{other:?}"),
-        }
-    }
+    let (conn, after) = subscribe().await;
+    assert_ne!(before, after, "the restarted node gave an id again");
+    let renewed = conn
+        .call(Request::RenewSubscription {
+            id: before,
+            lease: Lease::For(Duration::from_secs(60)),
+        })
+        .await;
+    assert!(
+        matches!(renewed, Err(SpaceError::SubscriptionClosed { .. })),
+        "{renewed:?}"
+    );
 }
 
 /// A node that restarted has a pushed subscription back within moments: the end of its
@@ -395,6 +393,7 @@ async fn a_restarted_node_has_a_pushed_subscription_back_soon() {
         assert!(Instant::now() < deadline, "never registered anew");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Told from the new registration's start.
     space.write(&Alert { level: 9 }).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
         Ok(Some(Notification::Event(e))) => assert_eq!(e.seq, 1),
