@@ -579,14 +579,15 @@ fn cancel_parts(parts: Vec<Arc<Part>>, endpoint: &Endpoint, runtime: &Runtime) {
 /// while a member still cannot be reached or has no part, up to the regular pause.
 const RENEW_SOON: Duration = Duration::from_millis(250);
 
-/// Keeps a subscription without a lease alive while its handle lives: renews every part at
-/// a third of the lease, and registers it again on members that lost their part or could
-/// not be reached (`members` lists the cluster's members and connects to one). When a
-/// node's push connection to the endpoint ends (a node that died or restarted), every
-/// part is renewed at once, then again after [`RENEW_SOON`], doubling, for as long as a
-/// member cannot be reached or has no part: a node that restarted (and lost its parts)
-/// has the subscription back within moments of its return, not at the next regular
-/// renewal.
+/// Keeps a subscription without a lease alive while its handle lives: renews every part
+/// every quarter to third of the lease (drawn once per subscription, so that subscriptions
+/// hurried together, see below, do not renew in step from then on), and registers it
+/// again on members that lost their part or could not be reached (`members` lists the
+/// cluster's members and connects to one). When a node's push connection to the endpoint
+/// ends (a node that died or restarted), every part is renewed at once, then again after
+/// [`RENEW_SOON`], doubling, for as long as a member cannot be reached or has no part: a
+/// node that restarted (and lost its parts) has the subscription back within moments of
+/// its return, not at the next regular renewal.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
@@ -596,7 +597,7 @@ pub(crate) async fn keep_alive<M, F>(
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
-    let regular = lease / 3;
+    let regular = lease / 4 + (lease / 12).mul_f64(random_fraction());
     let mut ended = endpoint.pushes_ended.subscribe();
     // While hurried: the pause before the next renewal should this one fall short.
     let mut hurried: Option<Duration> = None;
@@ -622,6 +623,12 @@ pub(crate) async fn keep_alive<M, F>(
             }
         };
     }
+}
+
+/// A random fraction in [0, 1): the random bits of a version 4 UUID (which `uuid` draws
+/// from the system's generator).
+fn random_fraction() -> f64 {
+    f64::from((uuid::Uuid::new_v4().as_u128() % 1024) as u32) / 1024.0
 }
 
 /// Renews every part of `state` for `lease`, and registers it on the members that have

@@ -368,7 +368,7 @@ async fn a_restarted_node_gives_no_subscription_an_id_it_gave_before() {
 
 /// A node that restarted has a pushed subscription back within moments: the end of its
 /// push connection makes the client renew at once and soon after, not only at the next
-/// regular renewal (a third of the lease: 20 s here).
+/// regular renewal (a quarter to a third of the lease: 15 to 20 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_has_a_pushed_subscription_back_soon() {
     let addr = common::free_addrs(1).remove(0);
