@@ -585,10 +585,9 @@ const RENEW_SOON: Duration = Duration::from_millis(250);
 /// again on members that lost their part or could not be reached (`members` lists the
 /// cluster's members and connects to one). When a node's push connection to the endpoint
 /// ends (a node that died or restarted), every part is renewed at once, then again after
-/// [`RENEW_SOON`], doubling, for as long as a member cannot be reached or has no part
-/// (those rounds renew only the parts the round before could not): a node that restarted
-/// (and lost its parts) has the subscription back within moments of its return, not at
-/// the next regular renewal.
+/// [`RENEW_SOON`], doubling, for as long as a member cannot be reached or has no part: a
+/// node that restarted (and lost its parts) has the subscription back within moments of
+/// its return, not at the next regular renewal.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
@@ -600,25 +599,22 @@ pub(crate) async fn keep_alive<M, F>(
 {
     let regular = lease / 4 + (lease / 12).mul_f64(random_fraction());
     let mut ended = endpoint.pushes_ended.subscribe();
-    // While hurried: the pause before the next renewal should this one fall short, and
-    // the nodes whose parts the last one could not renew (only those are renewed again;
-    // `None` right after a push connection ended: which node's it was is not known).
-    let mut hurried: Option<(Duration, Option<Vec<NodeId>>)> = None;
+    // While hurried: the pause before the next renewal should this one fall short.
+    let mut hurried: Option<Duration> = None;
     let mut next = regular;
     loop {
         tokio::select! {
             () = tokio::time::sleep(next) => {}
-            Ok(()) = ended.changed() => hurried = Some((RENEW_SOON, None)),
+            Ok(()) = ended.changed() => hurried = Some(RENEW_SOON),
         }
         let Some(state) = state.upgrade() else { return };
         if !state.alive() {
             return;
         }
-        let only = hurried.as_ref().and_then(|(_, only)| only.as_deref());
-        let round = renew_round(&state, &endpoint, lease, &members, only).await;
+        let whole = renew_round(&state, &endpoint, lease, &members).await;
         next = match hurried {
-            Some((pause, _)) if !round.whole() => {
-                hurried = Some(((pause * 2).min(regular), Some(round.failed)));
+            Some(pause) if !whole => {
+                hurried = Some((pause * 2).min(regular));
                 pause
             }
             _ => {
@@ -635,40 +631,21 @@ fn random_fraction() -> f64 {
     f64::from((uuid::Uuid::new_v4().as_u128() % 1024) as u32) / 1024.0
 }
 
-/// What a round of renewals left undone.
-struct Round {
-    /// The nodes whose parts could not be renewed (not reached, or not answering).
-    failed: Vec<NodeId>,
-    /// Whether some member still has no part.
-    missing: bool,
-}
-
-impl Round {
-    /// Every member has a part, renewed.
-    fn whole(&self) -> bool {
-        self.failed.is_empty() && !self.missing
-    }
-}
-
-/// Renews the parts of `state` for `lease` (those on the nodes in `only`, when given),
-/// and registers it on the members that have none.
+/// Renews every part of `state` for `lease`, and registers it on the members that have
+/// none; returns whether every member has a part, renewed, after.
 async fn renew_round<M, F>(
     state: &Arc<FeedState>,
     endpoint: &Arc<Endpoint>,
     lease: Duration,
     members: &M,
-    only: Option<&[NodeId]>,
-) -> Round
+) -> bool
 where
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
-    let mut failed = Vec::new();
+    let mut whole = true;
     let parts = state.parts.lock().clone();
     for part in parts {
-        if only.is_some_and(|nodes| !nodes.contains(&part.node)) {
-            continue;
-        }
         let request = Request::RenewSubscription {
             id: part.id,
             lease: Lease::For(lease),
@@ -677,30 +654,28 @@ where
             Ok(_) => {}
             Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, endpoint),
             Err(e) => {
-                failed.push(part.node);
+                whole = false;
                 tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
             }
         }
     }
     let missing: Vec<String> = state.unreached.lock().clone();
-    if !missing.is_empty() {
-        for (addr, conn) in members().await {
-            if !missing.contains(&addr) {
-                continue;
-            }
-            let registered = match conn {
-                Ok(conn) => state.register(endpoint, conn, None).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = registered {
-                tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
-            }
+    if missing.is_empty() {
+        return whole;
+    }
+    for (addr, conn) in members().await {
+        if !missing.contains(&addr) {
+            continue;
+        }
+        let registered = match conn {
+            Ok(conn) => state.register(endpoint, conn, None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = registered {
+            tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
         }
     }
-    Round {
-        failed,
-        missing: !state.unreached.lock().is_empty(),
-    }
+    whole && state.unreached.lock().is_empty()
 }
 
 /// Ends a subscription with a lease by itself a little after the lease, if its nodes did
