@@ -72,6 +72,10 @@ pub(crate) struct Part {
     /// The last sequence number received from this node: deliveries at or below it are
     /// repeats (after a retried delivery).
     last_seq: AtomicU64,
+    /// Resumed on its node, which has yet to deliver again from after `last_seq`: pushes
+    /// that run ahead of that were sent before the node took the resume up, and come
+    /// again after its rewind (see [`Subscriber::deliver`]).
+    awaits_rewind: AtomicBool,
     /// The last sequence number of this registration handed to the subscriber (what a
     /// resume picks up after; a registration made anew counts from 0 again, as the node
     /// numbers its events from 1 again).
@@ -96,6 +100,18 @@ impl Part {
         };
         tx.send_async(delivered).await.is_ok()
     }
+}
+
+/// How a registration's events reach the endpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Attach {
+    /// Fetched by the client (nothing pushes to it).
+    Polled,
+    /// Pushed from its first event on.
+    Pushed,
+    /// Pushed, resumed after the `last_seq` it is attached with: the node delivers again
+    /// from there once it takes the resume up.
+    Resumed,
 }
 
 /// What registers a subscription on a node.
@@ -193,7 +209,7 @@ impl Endpoint {
         id: u64,
         tx: FeedSender,
         last_seq: u64,
-        pushed: bool,
+        how: Attach,
     ) -> Arc<Part> {
         let part = Arc::new(Part {
             node: conn.node(),
@@ -201,10 +217,11 @@ impl Endpoint {
             conn,
             tx: Mutex::new(Some(tx)),
             last_seq: AtomicU64::new(last_seq),
+            awaits_rewind: AtomicBool::new(how == Attach::Resumed),
             handed: Arc::new(AtomicU64::new(last_seq)),
             forget_after: Mutex::new(None),
         });
-        if pushed {
+        if how != Attach::Polled {
             let now = Instant::now();
             let mut feeds = self.feeds.lock();
             feeds.retain(|_, p| !p.forgotten(now));
@@ -318,10 +335,30 @@ impl SubscriberService for Subscriber {
             return self.0.feeds.lock().contains_key(&(node, subscription));
         };
         for n in notifications {
-            let (_, last) = seq_range(&n);
-            if last <= part.last_seq.load(Ordering::Acquire) {
+            let (first, last) = seq_range(&n);
+            let had = part.last_seq.load(Ordering::Acquire);
+            if last <= had {
                 continue; // a repeat after a retried delivery
             }
+            if first > had + 1 {
+                if part.awaits_rewind.load(Ordering::Acquire) {
+                    // Sent before the node took the resume up (a detached registration
+                    // of this endpoint answered for what lies between): delivered again
+                    // after the node's rewind. Taken now, it would make that rewind
+                    // look like repeats.
+                    continue;
+                }
+                // A node numbers its events without holes: numbers skipped are told as
+                // a gap rather than passed over in silence.
+                let skipped = Notification::Gap {
+                    first_seq: had + 1,
+                    last_seq: first - 1,
+                };
+                if !part.pass(&tx, skipped).await {
+                    return false;
+                }
+            }
+            part.awaits_rewind.store(false, Ordering::Release);
             part.last_seq.store(last, Ordering::Release);
             if !part.pass(&tx, n).await {
                 return false;
@@ -392,7 +429,7 @@ impl FeedState {
             let (conn, lease) = (conn.clone(), self.spec.lease);
             async move {
                 conn.call(Request::RenewSubscription { id, lease }).await?;
-                Ok::<_, SpaceError>(endpoint.attach(conn, id, tx, last_seq, false))
+                Ok::<_, SpaceError>(endpoint.attach(conn, id, tx, last_seq, Attach::Polled))
             }
         };
         let part = match resume {
@@ -400,7 +437,7 @@ impl FeedState {
             Some((id, last_seq)) => {
                 // In place before the node re-delivers: a part this endpoint held
                 // detached would otherwise take the re-delivery and drop it.
-                let part = endpoint.attach(conn.clone(), id, tx.clone(), last_seq, true);
+                let part = endpoint.attach(conn.clone(), id, tx.clone(), last_seq, Attach::Resumed);
                 let resumed = conn
                     .call(Request::Resume {
                         id,
@@ -450,7 +487,14 @@ impl FeedState {
                     answer => answer?,
                 };
                 match answer {
-                    Response::Subscribed(id) => endpoint.attach(conn.clone(), id, tx, 0, !polled),
+                    Response::Subscribed(id) => {
+                        let how = if polled {
+                            Attach::Polled
+                        } else {
+                            Attach::Pushed
+                        };
+                        endpoint.attach(conn.clone(), id, tx, 0, how)
+                    }
                     other => {
                         return Err(SpaceError::Protocol {
                             reason: format!("unexpected answer {other:?}"),
@@ -843,9 +887,9 @@ impl RemoteFeed for Feed {
 mod tests {
     use super::*;
 
-    /// A feed of subscription `id` with a part on each of nodes 1 and 2, pushed or polled,
-    /// as `register` leaves them.
-    fn feed_of(endpoint: &Arc<Endpoint>, id: u64, lease: Lease, pushed: bool) -> Feed {
+    /// A feed of subscription `id` with a part on each of nodes 1 and 2, attached `how`
+    /// with nothing handed out yet, as `register` leaves them.
+    fn feed_of(endpoint: &Arc<Endpoint>, id: u64, lease: Lease, how: Attach) -> Feed {
         let (tx, rx) = feed_channel();
         let spec = Spec {
             query: Query::for_type("job"),
@@ -855,7 +899,7 @@ mod tests {
         let state = FeedState::new(spec, Some(tx.clone()));
         for node in [1, 2] {
             let conn = Connection::unmade(&format!("127.0.0.1:{node}"), NodeId(node));
-            let part = endpoint.attach(conn, id, tx.clone(), 0, pushed);
+            let part = endpoint.attach(conn, id, tx.clone(), 0, how);
             state.parts.lock().push(part);
         }
         Feed::new(
@@ -876,18 +920,33 @@ mod tests {
         let endpoint = Endpoint::start(&ClientConfig::default()).await.unwrap();
         let held = || endpoint.feeds.lock().len();
 
-        let polled = feed_of(&endpoint, 1, Lease::For(Duration::from_secs(30)), false);
+        let polled = feed_of(
+            &endpoint,
+            1,
+            Lease::For(Duration::from_secs(30)),
+            Attach::Polled,
+        );
         assert_eq!(held(), 0, "nothing pushes to polled parts");
         polled.detach();
         drop(polled);
         assert_eq!(held(), 0);
 
-        let short = feed_of(&endpoint, 2, Lease::For(Duration::from_millis(300)), true);
+        let short = feed_of(
+            &endpoint,
+            2,
+            Lease::For(Duration::from_millis(300)),
+            Attach::Pushed,
+        );
         // Renewed for longer (the nodes cannot be reached here: a renewal that fails on
         // some nodes may have reached others), then detached: held for the longer lease.
-        let renewed = feed_of(&endpoint, 3, Lease::For(Duration::from_millis(300)), true);
+        let renewed = feed_of(
+            &endpoint,
+            3,
+            Lease::For(Duration::from_millis(300)),
+            Attach::Pushed,
+        );
         let _ = renewed.renew(Lease::For(Duration::from_secs(60)));
-        let forever = feed_of(&endpoint, 4, Lease::Forever, true);
+        let forever = feed_of(&endpoint, 4, Lease::Forever, Attach::Pushed);
         assert_eq!(held(), 6);
         for feed in [&short, &renewed, &forever] {
             feed.detach();
@@ -901,12 +960,82 @@ mod tests {
         // forgets it.
         assert!(endpoint.part(NodeId(1), 2).await.is_none());
         assert!(endpoint.part(NodeId(1), 3).await.is_some());
-        let alive = feed_of(&endpoint, 5, Lease::For(Duration::from_secs(30)), true);
+        let alive = feed_of(
+            &endpoint,
+            5,
+            Lease::For(Duration::from_secs(30)),
+            Attach::Pushed,
+        );
         assert_eq!(
             held(),
             2 + 2 + 2,
             "the short-leased parts are forgotten; the renewed, the unleased and the new stay"
         );
         drop(alive);
+    }
+
+    /// Node 1 pushes events `seqs` of subscription `id` to the endpoint; whether the
+    /// endpoint wanted them.
+    async fn push(endpoint: &Arc<Endpoint>, id: u64, seqs: std::ops::RangeInclusive<u64>) -> bool {
+        let event = |seq| {
+            Notification::Event(space_core::Event {
+                seq,
+                node: NodeId(1),
+                entry_type: "job".into(),
+                key: space_core::Key::Name(format!("job-{seq}")),
+                kind: space_core::EventKind::Written,
+                version: 1,
+            })
+        };
+        let batch = seqs.map(event).collect();
+        Subscriber(endpoint.clone())
+            .deliver(context::current(), NodeId(1), id, batch)
+            .await
+    }
+
+    /// What the subscriber was told so far, as the sequence numbers each notification
+    /// covers (an event's twice).
+    fn told(feed: &Feed) -> Vec<(u64, u64)> {
+        std::iter::from_fn(|| feed.try_recv())
+            .map(|n| seq_range(&n))
+            .collect()
+    }
+
+    /// A client resuming a subscription it detached holds it again (same endpoint) before
+    /// the node takes the resume up; meanwhile the node went on pushing, its detached
+    /// registration answering for events 1 to 13, and the next push (14) reaches the
+    /// resumed one. Taking 14 would make the rewind that follows (1 to 14 again) look
+    /// like repeats, and 1 to 13 would be lost without a gap: it waits for the rewind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_sent_before_a_resume_was_taken_up_does_not_hide_the_rewind() {
+        let endpoint = Endpoint::start(&ClientConfig::default()).await.unwrap();
+        let lease = Lease::For(Duration::from_secs(30));
+        let feed = feed_of(&endpoint, 7, lease, Attach::Resumed);
+        assert!(push(&endpoint, 7, 14..=14).await, "kept for the rewind");
+        assert!(push(&endpoint, 7, 1..=14).await);
+        let each: Vec<(u64, u64)> = (1..=14).map(|s| (s, s)).collect();
+        assert_eq!(
+            told(&feed),
+            each,
+            "everything after the resumed position, once"
+        );
+        // From then on it is an ordinary part: numbers it skips are a gap.
+        assert!(push(&endpoint, 7, 16..=16).await);
+        assert_eq!(told(&feed), [(15, 15), (16, 16)]);
+    }
+
+    /// A push that skips sequence numbers (none should) is told as a gap first: the
+    /// subscriber learns it may have missed something rather than nothing at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn numbers_a_push_skips_are_told_as_a_gap() {
+        let endpoint = Endpoint::start(&ClientConfig::default()).await.unwrap();
+        let feed = feed_of(&endpoint, 8, Lease::Forever, Attach::Pushed);
+        assert!(push(&endpoint, 8, 1..=2).await);
+        assert!(push(&endpoint, 8, 5..=5).await);
+        assert!(
+            push(&endpoint, 8, 2..=5).await,
+            "repeats are wanted, and dropped"
+        );
+        assert_eq!(told(&feed), [(1, 1), (2, 2), (3, 4), (5, 5)]);
     }
 }
