@@ -631,7 +631,11 @@ const RENEW_SOON: Duration = Duration::from_millis(250);
 /// ends (a node that died or restarted), every part is renewed at once, then again after
 /// [`RENEW_SOON`], doubling, for as long as a member cannot be reached or has no part: a
 /// node that restarted (and lost its parts) has the subscription back within moments of
-/// its return, not at the next regular renewal.
+/// its return, not at the next regular renewal. Those later rounds renew only the parts
+/// the round before could not (which node's connection ended is not known, so the first
+/// renews them all), except that every part is renewed once a regular pause has passed
+/// since they all last were: the live nodes' parts do not run out while a node stays
+/// down.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
@@ -643,22 +647,33 @@ pub(crate) async fn keep_alive<M, F>(
 {
     let regular = lease / 4 + (lease / 12).mul_f64(random_fraction());
     let mut ended = endpoint.pushes_ended.subscribe();
-    // While hurried: the pause before the next renewal should this one fall short.
-    let mut hurried: Option<Duration> = None;
+    // While hurried: the pause before the next round should this one fall short, and the
+    // nodes whose parts the last round could not renew (`None` right after a push
+    // connection ended: which node's it was is not known).
+    let mut hurried: Option<(Duration, Option<Vec<NodeId>>)> = None;
+    // When a round last renewed every part.
+    let mut all_renewed = Instant::now();
     let mut next = regular;
     loop {
         tokio::select! {
             () = tokio::time::sleep(next) => {}
-            Ok(()) = ended.changed() => hurried = Some(RENEW_SOON),
+            Ok(()) = ended.changed() => hurried = Some((RENEW_SOON, None)),
         }
         let Some(state) = state.upgrade() else { return };
         if !state.alive() {
             return;
         }
-        let whole = renew_round(&state, &endpoint, lease, &members).await;
+        let only = match &hurried {
+            Some((_, Some(failed))) if all_renewed.elapsed() < regular => Some(failed.as_slice()),
+            _ => {
+                all_renewed = Instant::now();
+                None
+            }
+        };
+        let round = renew_round(&state, &endpoint, lease, &members, only).await;
         next = match hurried {
-            Some(pause) if !whole => {
-                hurried = Some((pause * 2).min(regular));
+            Some((pause, _)) if !round.whole() => {
+                hurried = Some(((pause * 2).min(regular), Some(round.failed)));
                 pause
             }
             _ => {
@@ -675,21 +690,40 @@ fn random_fraction() -> f64 {
     f64::from((uuid::Uuid::new_v4().as_u128() % 1024) as u32) / 1024.0
 }
 
-/// Renews every part of `state` for `lease`, and registers it on the members that have
-/// none; returns whether every member has a part, renewed, after.
+/// What a round of renewals left undone.
+struct Round {
+    /// The nodes whose parts could not be renewed (not reached, or not answering).
+    failed: Vec<NodeId>,
+    /// Whether some member still has no part.
+    missing: bool,
+}
+
+impl Round {
+    /// Every member has a part, renewed.
+    fn whole(&self) -> bool {
+        self.failed.is_empty() && !self.missing
+    }
+}
+
+/// Renews the parts of `state` for `lease` (only those on the nodes in `only`, when
+/// given), and registers it on the members that have none.
 async fn renew_round<M, F>(
     state: &Arc<FeedState>,
     endpoint: &Arc<Endpoint>,
     lease: Duration,
     members: &M,
-) -> bool
+    only: Option<&[NodeId]>,
+) -> Round
 where
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
-    let mut whole = true;
+    let mut failed = Vec::new();
     let parts = state.parts.lock().clone();
     for part in parts {
+        if only.is_some_and(|nodes| !nodes.contains(&part.node)) {
+            continue;
+        }
         let request = Request::RenewSubscription {
             id: part.id,
             lease: Lease::For(lease),
@@ -698,28 +732,30 @@ where
             Ok(_) => {}
             Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, endpoint),
             Err(e) => {
-                whole = false;
+                failed.push(part.node);
                 tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
             }
         }
     }
     let missing: Vec<String> = state.unreached.lock().clone();
-    if missing.is_empty() {
-        return whole;
-    }
-    for (addr, conn) in members().await {
-        if !missing.contains(&addr) {
-            continue;
+    if !missing.is_empty() {
+        for (addr, conn) in members().await {
+            if !missing.contains(&addr) {
+                continue;
+            }
+            let registered = match conn {
+                Ok(conn) => state.register(endpoint, conn, None).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = registered {
+                tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
+            }
         }
-        let registered = match conn {
-            Ok(conn) => state.register(endpoint, conn, None).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = registered {
-            tracing::debug!(node = %addr, error = %e, "a subscription is still missing a member");
-        }
     }
-    whole && state.unreached.lock().is_empty()
+    Round {
+        failed,
+        missing: !state.unreached.lock().is_empty(),
+    }
 }
 
 /// Ends a subscription with a lease by itself a little after the lease, if its nodes did

@@ -732,3 +732,47 @@ async fn a_leader_reports_each_followers_replication_lag() {
     }
     drop(nodes);
 }
+
+/// After a node's push connection to a client ends (the node was killed), the client's
+/// hurried renewals go to that node only: the live nodes get one renewal of the
+/// subscription (the first round, which cannot know whose connection ended), not one per
+/// round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hurried_renewals_go_only_to_the_node_that_went_away() {
+    let addrs = free_addrs(3);
+    let admin = free_addrs(1).remove(0);
+    let mut cluster =
+        common::start_cluster_of(&addrs, "3", "4", &[&["--admin-listen", &admin], &[], &[]]);
+    until_ready(&admin).await;
+    let config = ClientConfig {
+        // Regular renewals 15 to 20 s apart: none in what is watched here.
+        subscription_lease: Duration::from_secs(60),
+        delivery: space_client::Delivery::Push,
+        ..ClientConfig::default()
+    };
+    let space = connect_with(&addrs.join(","), config).await.unwrap();
+    let _sub = space
+        .notify(&Query::of::<Reading>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    let renewals = |scrape: &prometheus_parse::Scrape| {
+        value(
+            scrape,
+            "space_operations_total",
+            &[("operation", "renew_subscription")],
+        )
+    };
+    let before = renewals(&scrape(&admin).await);
+    if let Some(node) = cluster.nodes.pop() {
+        node.kill();
+    }
+    // Rounds at once, then 250, 750, 1,750 and 3,750 ms after, all failing on node 3.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = renewals(&scrape(&admin).await);
+    assert_eq!(
+        after - before,
+        1.0,
+        "node 1 was renewed {} times",
+        after - before
+    );
+}

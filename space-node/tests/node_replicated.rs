@@ -383,7 +383,7 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_counts_a_registration_made_anew_from_its_start() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    use space_client::{EventKinds, Notification};
+    use space_client::Notification;
     use std::collections::HashSet;
     let config = ClientConfig {
         // Renewed every second: a node that lost the subscription soon has it again.
@@ -396,14 +396,8 @@ async fn a_position_counts_a_registration_made_anew_from_its_start() {
             .into_iter()
             .find(|p| p.node == NodeId(3))
     };
-    let (addrs, dirs, mut nodes) = three_nodes();
-    until_led(&addrs[0]).await;
+    let (addrs, dirs, mut nodes, space, sub) = told_of_jobs(config).await;
     let seeds = addrs.join(",");
-    let space = space_client::connect_with(&seeds, config).await.unwrap();
-    let sub = space
-        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
-        .await
-        .unwrap();
     let mut written = HashSet::new();
     for id in 0..60 {
         written.insert(space.write(&Job { id }).await.unwrap().key);
@@ -451,6 +445,56 @@ async fn a_position_counts_a_registration_made_anew_from_its_start() {
     let position = sub.detach_at();
     let sub = space.resume_at(&position).await.unwrap();
     assert_eq!(told_all(&sub, later).await, 0, "nothing was lost: no gap");
+}
+
+/// While a node stays down (killed, for longer than the subscription's lease), the
+/// client keeps the subscription's parts on the live nodes renewed: what they commit is
+/// still told, without a gap. The hurried renewals after the dead node's push connection
+/// ended renew only its part; a regular pause after every part was last renewed, they all
+/// are again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_keeps_its_live_parts_while_a_node_stays_down_past_its_lease() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use std::collections::HashSet;
+    let config = ClientConfig {
+        subscription_lease: Duration::from_secs(3),
+        delivery: space_client::Delivery::Push,
+        ..ClientConfig::default()
+    };
+    let (_addrs, _dirs, mut nodes, space, sub) = told_of_jobs(config).await;
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    // Down for three leases: the live nodes hold their parts that long only if renewed.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let mut written = HashSet::new();
+    for id in 0..30 {
+        written.insert(write_retrying(&space, id).await);
+    }
+    assert_eq!(told_all(&sub, written).await, 0, "no gap was expected");
+}
+
+/// Three nodes, every shard led, and a client (`config`, given every node as a seed)
+/// subscribed to the writes of jobs.
+async fn told_of_jobs(
+    config: ClientConfig,
+) -> (
+    Vec<String>,
+    Vec<TempDir>,
+    Vec<Option<NodeProcess>>,
+    space_client::Space,
+    space_client::Subscription,
+) {
+    let (addrs, dirs, nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = space_client::connect_with(&addrs.join(","), config)
+        .await
+        .unwrap();
+    let sub = space
+        .notify(&Query::of::<Job>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    (addrs, dirs, nodes, space, sub)
 }
 
 /// Writes job `id` through `space`, trying again for up to 20 s (while a failover is under
@@ -519,19 +563,11 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
         delivery,
         ..ClientConfig::default()
     };
-    use space_client::{EventKinds, Notification, SubscriptionPosition};
+    use space_client::{Notification, SubscriptionPosition};
     use std::collections::HashSet;
 
-    let (addrs, dirs, mut nodes) = three_nodes();
-    until_led(&addrs[0]).await;
+    let (addrs, dirs, mut nodes, space, sub) = told_of_jobs(config.clone()).await;
     let seeds = addrs.join(",");
-    let space = space_client::connect_with(&seeds, config.clone())
-        .await
-        .unwrap();
-    let sub = space
-        .notify(&Query::of::<Job>(), EventKinds::WRITTEN)
-        .await
-        .unwrap();
     let mut written = Vec::new();
     for id in 0..30 {
         written.push(space.write(&Job { id }).await.unwrap().key);
