@@ -314,6 +314,52 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
     assert!(verdict.is_clean(), "{verdict:?}");
 }
 
+/// A claim ticket from a cluster that was wiped and created anew at the same addresses
+/// (its shards start from nothing) commits nothing there: an entry written again under
+/// the same key and claimed by another worker keeps that claim, and the old ticket is
+/// told its claim is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_from_a_cluster_created_anew_does_not_commit_a_later_claim() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let all = Query::of::<Order>();
+    let claim_one = |space: space_client::Space| {
+        let all = all.clone();
+        async move {
+            let order = Order {
+                number: "o-7".into(),
+            };
+            space.write(&order).await.unwrap();
+            let claim = space
+                .claim::<Order>(&all, space_client::Lease::secs(30), Duration::ZERO)
+                .await
+                .unwrap()
+                .expect("the order is claimed");
+            (space, claim)
+        }
+    };
+    let (addrs, dirs, nodes) = three_nodes();
+    let cluster = addrs.join(",");
+    until_led(&addrs[0]).await;
+    let (old, old_claim) = claim_one(connect(&cluster).await.unwrap()).await;
+    drop(nodes);
+    drop(dirs);
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+    let _nodes: Vec<NodeProcess> = addrs
+        .iter()
+        .zip(&dirs)
+        .map(|(addr, dir)| start(addr, dir, &cluster))
+        .collect();
+    until_led(&addrs[0]).await;
+    let (new, new_claim) = claim_one(connect(&cluster).await.unwrap()).await;
+    let committed = old.commit(&old_claim).await;
+    assert!(
+        matches!(committed, Err(space_client::SpaceError::ClaimLost { .. })),
+        "the ticket from the wiped cluster was answered {committed:?}"
+    );
+    new.commit(&new_claim).await.unwrap();
+    assert_eq!(new.count(&all).await.unwrap(), 0);
+}
+
 /// The shards `leader` leads, as the node at `addr` sees them.
 async fn shards_led_by(addr: &str, leader: NodeId) -> Vec<u32> {
     shards_of(addr)

@@ -322,8 +322,36 @@ async fn a_typo_or_a_kind_mismatch_fails_at_once_remotely() {
 /// the old ticket is told its claim is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_from_before_a_restart_does_not_commit_a_later_claim() {
+    claim_across_a_restart(Vec::new).await;
+}
+
+/// The same for a durable node started again on a fresh data directory (its old one
+/// wiped): its log starts from nothing, its claim tokens do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_from_a_wiped_data_directory_does_not_commit_a_later_claim() {
+    let dirs: Vec<space_tests::TempDir> =
+        (0..2).map(|_| space_tests::TempDir::new("wiped")).collect();
+    let mut fresh = dirs.iter();
+    claim_across_a_restart(|| {
+        let dir = fresh.next().expect("two starts");
+        vec![
+            "--data-dir".to_owned(),
+            dir.0.to_string_lossy().into_owned(),
+        ]
+    })
+    .await;
+}
+
+/// Claims an order on a node started with `args()`, kills it, starts it again with
+/// `args()` and claims the order written again there: the first ticket must be told its
+/// claim is lost, and the second commits.
+async fn claim_across_a_restart(mut args: impl FnMut() -> Vec<String>) {
     let addr = common::free_addrs(1).remove(0);
-    let node = NodeProcess::start_at(&addr, &[]);
+    let start = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProcess::start_at(&addr, &args)
+    };
+    let node = start(args());
     let order = Order {
         number: "o-7".into(),
         amount: 7.0,
@@ -343,7 +371,7 @@ async fn a_claim_from_before_a_restart_does_not_commit_a_later_claim() {
     };
     let (old, old_claim) = claim_one(Space::connect(&addr).await.unwrap()).await;
     node.kill();
-    let _node = NodeProcess::start_at(&addr, &[]);
+    let _node = start(args());
     let (new, new_claim) = claim_one(Space::connect(&addr).await.unwrap()).await;
     assert!(
         matches!(

@@ -338,7 +338,10 @@ impl Engine {
                 return Err(e);
             }
         };
-        let mut next_token = recovered.snapshot.next_token;
+        let mut next_token = recovered
+            .snapshot
+            .next_token
+            .max(super::fresh_numbers_from());
         for (_, _, _, command) in &recovered.commands {
             if let Some(token) = command.token() {
                 next_token = next_token.max(token + 1);

@@ -183,7 +183,10 @@ impl std::fmt::Debug for Holdings {
 /// subscription a restarted node lost finds it gone (and registers it anew) instead of
 /// reaching another subscription that took its id, and a claim ticket from before a
 /// restart cannot commit or release a later claim of an entry written again under the
-/// same key. (A durable engine's tokens continue from its log.) Below 2^53 for
+/// same key. A durable engine's tokens, and those of an engine that leads a shard,
+/// continue from its log or its shard's state, but never from below this either: a
+/// ticket from a data directory that was wiped, or from a cluster created anew at the
+/// same addresses (whose shards start from nothing), is no later claim's. Below 2^53 for
 /// centuries, so the numbers stay exact as JSON numbers.
 fn fresh_numbers_from() -> u64 {
     std::time::SystemTime::now()
