@@ -429,7 +429,6 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_counts_a_registration_made_anew_from_its_start() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    use space_client::Notification;
     use std::collections::HashSet;
     let config = ClientConfig {
         // Renewed every second: a node that lost the subscription soon has it again.
@@ -448,7 +447,7 @@ async fn a_position_counts_a_registration_made_anew_from_its_start() {
     for id in 0..60 {
         written.insert(space.write(&Job { id }).await.unwrap().key);
     }
-    assert_eq!(told_all(&sub, written).await, 0);
+    assert_eq!(told_all(&sub, written.clone()).await, 0);
     let before = third_part(&sub).expect("a part on node 3");
     assert!(before.last_seq > 0, "node 3 told nothing: {before:?}");
 
@@ -457,10 +456,7 @@ async fn a_position_counts_a_registration_made_anew_from_its_start() {
     }
     nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
     // A renewal finds that node 3 lost its part: a gap, then it is registered anew.
-    match tokio::time::timeout(Duration::from_secs(30), sub.recv_async()).await {
-        Ok(Some(Notification::Gap { .. })) => {}
-        other => panic!("a gap was expected, not {other:?}"),
-    }
+    until_gap(&sub, &written).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let anew = loop {
         if let Some(part) = third_part(&sub) {
@@ -553,6 +549,23 @@ async fn write_retrying(space: &space_client::Space, id: u64) -> Key {
             Err(e) => assert!(Instant::now() < deadline, "write {id}: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Receives from `sub` until a gap comes (within 30 s), after a node that restarted lost
+/// its part. The shards that node led moved to the other nodes, whose new leaders tell
+/// the subscription again what those shards committed in the last seconds: such repeats
+/// of what was `told` may come before the gap, nothing else.
+async fn until_gap(sub: &space_client::Subscription, told: &std::collections::HashSet<Key>) {
+    use space_client::Notification;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sub.recv_async()).await {
+            Ok(Some(Notification::Gap { .. })) => return,
+            Ok(Some(Notification::Event(e))) if told.contains(&e.key) => {}
+            other => panic!("a gap was expected first, not {other:?}"),
+        }
     }
 }
 
@@ -668,16 +681,7 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
     nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
     until_led(&addrs[2]).await;
     let sub = other.resume_at(&position).await.unwrap();
-    // The shards node 3 led moved to nodes 1 and 2, whose new leaders told the (detached)
-    // subscription again what those shards committed in the last seconds: such repeats
-    // may come before the gap, nothing else.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
-            Ok(Some(Notification::Gap { .. })) => break,
-            Ok(Some(Notification::Event(e))) if told.contains(&e.key) => {}
-            other => panic!("a gap was expected first, not {other:?}"),
-        }
-    }
+    until_gap(&sub, &told).await;
     let mut later = HashSet::new();
     for id in 60..80 {
         later.insert(write_retrying(&other, id).await);
