@@ -338,10 +338,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let mut next_token = recovered
-            .snapshot
-            .next_token
-            .max(super::fresh_numbers_from());
+        let mut next_token = recovered.snapshot.next_token;
         for (_, _, _, command) in &recovered.commands {
             if let Some(token) = command.token() {
                 next_token = next_token.max(token + 1);

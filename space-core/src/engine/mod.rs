@@ -588,7 +588,7 @@ impl Engine {
     /// the engine is dropped).
     pub fn new(config: EngineConfig) -> Engine {
         let services = Services::start(config.clock.clone(), None);
-        Self::build(config, services, None, fresh_numbers_from())
+        Self::build(config, services, None, 1)
     }
 
     fn build(
@@ -608,7 +608,10 @@ impl Engine {
         )
     }
 
-    /// Builds an engine in `mode` (see [`Mode`]).
+    /// Builds an engine in `mode` (see [`Mode`]) that hands out claim tokens from
+    /// `next_token` on, or from [`fresh_numbers_from`] when that is larger: every engine
+    /// that decides claims does. A replica decides none: it takes `next_token` as given
+    /// and follows the tokens its leader's commands carry, the same on every replica.
     fn build_as(
         config: EngineConfig,
         services: Arc<Services>,
@@ -621,6 +624,11 @@ impl Engine {
             Mode::Local => (false, None),
             Mode::Replica => (true, None),
             Mode::Leading(p) => (false, Some(p)),
+        };
+        let next_token = if replica {
+            next_token
+        } else {
+            next_token.max(fresh_numbers_from())
         };
         let events = EventBudget::new(config.max_queued_events);
         let is_durable = durable.is_some();

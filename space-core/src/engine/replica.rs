@@ -80,7 +80,7 @@ impl Engine {
             services,
             owns,
             None,
-            snapshot.next_token.max(super::fresh_numbers_from()),
+            snapshot.next_token,
             Mode::Leading(proposals),
         );
         engine.recover_state(snapshot, Vec::new());
