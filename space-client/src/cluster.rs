@@ -1224,6 +1224,7 @@ impl Cluster {
         lease: Lease,
     ) -> Result<Subscription> {
         let endpoint = self.endpoint().await?;
+        let push_ends = endpoint.push_ends();
         let (node_lease, renew) = match lease {
             Lease::Forever => (Lease::For(self.config.subscription_lease), true),
             finite => (finite, false),
@@ -1260,29 +1261,31 @@ impl Cluster {
         {
             return Err(e);
         }
-        let keep_alive = renew.then_some(self.config.subscription_lease);
+        let keep_alive = renew.then_some((self.config.subscription_lease, push_ends));
         Ok(self.feed(query, state, rx, endpoint, keep_alive, lease))
     }
 
     /// The subscription whose parts push into `rx`. Without a lease of its own it is kept
-    /// alive (renewed, and registered again where it went missing) while it lives; with
-    /// one, it ends when that lease does.
+    /// alive (renewed for `keep_alive`'s lease, and registered again where it went
+    /// missing) while it lives, hurried by the push connections that end
+    /// ([`Endpoint::push_ends`] taken before its parts were registered); with one, it ends
+    /// when that lease does.
     fn feed(
         self: &Arc<Self>,
         query: Query,
         state: Arc<FeedState>,
         rx: flume::Receiver<Delivered>,
         endpoint: Arc<Endpoint>,
-        keep_alive: Option<Duration>,
+        keep_alive: Option<(Duration, tokio::sync::watch::Receiver<u64>)>,
         lease: Lease,
     ) -> Subscription {
         match (keep_alive, lease) {
-            (Some(node_lease), _) => {
+            (Some(renewal), _) => {
                 let cluster = Arc::downgrade(self);
                 self.runtime.handle().spawn(subscriber::keep_alive(
                     Arc::downgrade(&state),
                     endpoint.clone(),
-                    node_lease,
+                    renewal,
                     move || {
                         let cluster = cluster.clone();
                         async move {
@@ -1324,6 +1327,7 @@ impl Cluster {
             });
         };
         let endpoint = self.endpoint().await?;
+        let push_ends = endpoint.push_ends();
         let conn = self.node(addr).await?;
         let (tx, rx) = feed_channel();
         let spec = Spec {
@@ -1341,7 +1345,7 @@ impl Cluster {
             state,
             rx,
             endpoint,
-            Some(lease),
+            Some((lease, push_ends)),
             Lease::Forever,
         ))
     }
@@ -1361,6 +1365,7 @@ impl Cluster {
         position: SubscriptionPosition,
     ) -> Result<Subscription> {
         let endpoint = self.endpoint().await?;
+        let push_ends = endpoint.push_ends();
         let (tx, rx) = feed_channel();
         let lease = self.config.subscription_lease;
         let spec = Spec {
@@ -1418,7 +1423,7 @@ impl Cluster {
             state.clone(),
             rx,
             endpoint,
-            Some(lease),
+            Some((lease, push_ends)),
             Lease::Forever,
         );
         if resumed == 0 {

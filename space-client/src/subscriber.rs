@@ -239,6 +239,11 @@ impl Endpoint {
         }
     }
 
+    /// Tells of every push connection that ends from now on (its value counts them).
+    pub(crate) fn push_ends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.pushes_ended.subscribe()
+    }
+
     /// Forgets a part: its pushes are no longer wanted.
     fn detach(&self, part: &Part) {
         part.tx.lock().take();
@@ -635,18 +640,18 @@ const RENEW_SOON: Duration = Duration::from_millis(250);
 /// the round before could not (which node's connection ended is not known, so the first
 /// renews them all), except that every part is renewed once a regular pause has passed
 /// since they all last were: the live nodes' parts do not run out while a node stays
-/// down.
+/// down. `ended` is [`Endpoint::push_ends`], taken before the parts were registered: a
+/// connection that ends before this task first runs hurries it all the same.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
-    lease: Duration,
+    (lease, mut ended): (Duration, tokio::sync::watch::Receiver<u64>),
     members: M,
 ) where
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
     let regular = lease / 4 + (lease / 12).mul_f64(random_fraction());
-    let mut ended = endpoint.pushes_ended.subscribe();
     // While hurried: the pause before the next round should this one fall short, and the
     // nodes whose parts the last round could not renew (`None` right after a push
     // connection ended: which node's it was is not known).
