@@ -1276,7 +1276,7 @@ impl Cluster {
         state: Arc<FeedState>,
         rx: flume::Receiver<Delivered>,
         endpoint: Arc<Endpoint>,
-        keep_alive: Option<(Duration, tokio::sync::watch::Receiver<u64>)>,
+        keep_alive: Option<(Duration, subscriber::PushEnds)>,
         lease: Lease,
     ) -> Subscription {
         match (keep_alive, lease) {

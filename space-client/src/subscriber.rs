@@ -21,7 +21,7 @@
 //! whoever resumes it) for its lease at most, and the endpoint answers their pushes for it
 //! for as long, then forgets it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -154,9 +154,10 @@ pub(crate) struct Endpoint {
     /// A node could not reach the endpoint (with `Delivery::Auto`): later subscriptions
     /// are polled at once.
     push_refused: AtomicBool,
-    /// Counts the nodes' push connections that ended (a node that died or restarted
-    /// drops its own): the renewals look at every part at once then (`keep_alive`).
-    pushes_ended: tokio::sync::watch::Sender<u64>,
+    /// Counts the nodes' push connections that ended, by node (a node that died or
+    /// restarted drops its own): the renewals look at that node's parts at once then
+    /// (`keep_alive`).
+    pushes_ended: tokio::sync::watch::Sender<PushesEnded>,
 }
 
 impl Endpoint {
@@ -181,7 +182,7 @@ impl Endpoint {
             feeds: Mutex::new(HashMap::new()),
             delivery: config.delivery,
             push_refused: AtomicBool::new(false),
-            pushes_ended: tokio::sync::watch::Sender::new(0),
+            pushes_ended: tokio::sync::watch::Sender::new(PushesEnded::default()),
         });
         let weak = Arc::downgrade(&endpoint);
         let max_frame = config.max_frame;
@@ -239,9 +240,11 @@ impl Endpoint {
         }
     }
 
-    /// Tells of every push connection that ends from now on (its value counts them).
-    pub(crate) fn push_ends(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.pushes_ended.subscribe()
+    /// Tells of every push connection that ends from now on.
+    pub(crate) fn push_ends(&self) -> PushEnds {
+        let rx = self.pushes_ended.subscribe();
+        let seen = rx.borrow().clone();
+        PushEnds { rx, seen }
     }
 
     /// Forgets a part: its pushes are no longer wanted.
@@ -307,7 +310,9 @@ async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame:
             tokio::spawn(response);
         })
         .await;
-    endpoint.pushes_ended.send_modify(|n| *n += 1);
+    endpoint
+        .pushes_ended
+        .send_modify(|ended| *ended.0.entry(hello.pusher).or_default() += 1);
 }
 
 fn seq_range(n: &Notification) -> (u64, u64) {
@@ -633,19 +638,19 @@ const RENEW_SOON: Duration = Duration::from_millis(250);
 /// hurried together, see below, do not renew in step from then on), and registers it
 /// again on members that lost their part or could not be reached (`members` lists the
 /// cluster's members and connects to one). When a node's push connection to the endpoint
-/// ends (a node that died or restarted), every part is renewed at once, then again after
-/// [`RENEW_SOON`], doubling, for as long as a member cannot be reached or has no part: a
-/// node that restarted (and lost its parts) has the subscription back within moments of
-/// its return, not at the next regular renewal. Those later rounds renew only the parts
-/// the round before could not (which node's connection ended is not known, so the first
-/// renews them all), except that every part is renewed once a regular pause has passed
-/// since they all last were: the live nodes' parts do not run out while a node stays
-/// down. `ended` is [`Endpoint::push_ends`], taken before the parts were registered: a
-/// connection that ends before this task first runs hurries it all the same.
+/// ends (a node that died or restarted), that node's parts are renewed at once (every
+/// part, when the node did not name itself), then again after [`RENEW_SOON`], doubling,
+/// for as long as a member cannot be reached or has no part: a node that restarted (and
+/// lost its parts) has the subscription back within moments of its return, not at the
+/// next regular renewal. Those later rounds renew only the parts the round before could
+/// not, except that every part is renewed once a regular pause has passed since they all
+/// last were: the live nodes' parts do not run out while a node stays down. `ended` is
+/// [`Endpoint::push_ends`], taken before the parts were registered: a connection that
+/// ends before this task first runs hurries it all the same.
 pub(crate) async fn keep_alive<M, F>(
     state: Weak<FeedState>,
     endpoint: Arc<Endpoint>,
-    (lease, mut ended): (Duration, tokio::sync::watch::Receiver<u64>),
+    (lease, mut ended): (Duration, PushEnds),
     members: M,
 ) where
     M: Fn() -> F,
@@ -653,8 +658,8 @@ pub(crate) async fn keep_alive<M, F>(
 {
     let regular = lease / 4 + (lease / 12).mul_f64(random_fraction());
     // While hurried: the pause before the next round should this one fall short, and the
-    // nodes whose parts the last round could not renew (`None` right after a push
-    // connection ended: which node's it was is not known).
+    // nodes whose parts the next round renews: those whose push connection ended, then
+    // those the last round could not renew (`None`: every part).
     let mut hurried: Option<(Duration, Option<Vec<NodeId>>)> = None;
     // When a round last renewed every part.
     let mut all_renewed = Instant::now();
@@ -662,7 +667,18 @@ pub(crate) async fn keep_alive<M, F>(
     loop {
         tokio::select! {
             () = tokio::time::sleep(next) => {}
-            Ok(()) = ended.changed() => hurried = Some((RENEW_SOON, None)),
+            nodes = ended.next() => {
+                // Nodes still to be renewed stay in the round.
+                let nodes = match hurried.take() {
+                    None => nodes,
+                    Some((_, None)) => None,
+                    Some((_, Some(mut pending))) => nodes.map(|n| {
+                        pending.extend(n);
+                        pending
+                    }),
+                };
+                hurried = Some((RENEW_SOON, nodes));
+            }
         }
         let Some(state) = state.upgrade() else { return };
         if !state.alive() {
@@ -675,7 +691,7 @@ pub(crate) async fn keep_alive<M, F>(
                 None
             }
         };
-        let round = renew_round(&state, &endpoint, lease, &members, only).await;
+        let round = renew_round(&state, &endpoint, (lease, regular), &members, only).await;
         next = match hurried {
             Some((pause, _)) if !round.whole() => {
                 hurried = Some(((pause * 2).min(regular), Some(round.failed)));
@@ -711,11 +727,15 @@ impl Round {
 }
 
 /// Renews the parts of `state` for `lease` (only those on the nodes in `only`, when
-/// given), and registers it on the members that have none.
+/// given), and registers it on the members that have none. The parts are renewed all at
+/// once, each given up after `limit` (the pause between regular rounds): a node that
+/// died or hangs, whose call retries or waits out its timeout, holds up neither the
+/// other nodes' renewals nor the next round, and the other parts' leases do not run out
+/// meanwhile.
 async fn renew_round<M, F>(
     state: &Arc<FeedState>,
     endpoint: &Arc<Endpoint>,
-    lease: Duration,
+    (lease, limit): (Duration, Duration),
     members: &M,
     only: Option<&[NodeId]>,
 ) -> Round
@@ -723,24 +743,34 @@ where
     M: Fn() -> F,
     F: Future<Output = Vec<(String, Result<Arc<Connection>>)>>,
 {
-    let mut failed = Vec::new();
-    let parts = state.parts.lock().clone();
-    for part in parts {
-        if only.is_some_and(|nodes| !nodes.contains(&part.node)) {
-            continue;
-        }
+    let parts: Vec<Arc<Part>> = state
+        .parts
+        .lock()
+        .iter()
+        .filter(|part| only.is_none_or(|nodes| nodes.contains(&part.node)))
+        .cloned()
+        .collect();
+    let renewals = parts.into_iter().map(|part| async move {
         let request = Request::RenewSubscription {
             id: part.id,
             lease: Lease::For(lease),
         };
-        match part.conn.call(request).await {
-            Ok(_) => {}
-            Err(SpaceError::SubscriptionClosed { .. }) => state.lost(&part, endpoint),
-            Err(e) => {
-                failed.push(part.node);
-                tracing::warn!(subscription = part.id, node = %part.node, error = %e, "could not renew a subscription");
+        let renewed = tokio::time::timeout(limit, part.conn.call(request)).await;
+        (part, renewed)
+    });
+    let mut failed = Vec::new();
+    for (part, renewed) in futures::future::join_all(renewals).await {
+        let error = match renewed {
+            Ok(Ok(_)) => continue,
+            Ok(Err(SpaceError::SubscriptionClosed { .. })) => {
+                state.lost(&part, endpoint);
+                continue;
             }
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {limit:?}"),
+        };
+        failed.push(part.node);
+        tracing::warn!(subscription = part.id, node = %part.node, %error, "could not renew a subscription");
     }
     let missing: Vec<String> = state.unreached.lock().clone();
     if !missing.is_empty() {
@@ -772,6 +802,38 @@ pub(crate) async fn end_after(state: Weak<FeedState>, endpoint: Arc<Endpoint>, l
         for part in parts {
             endpoint.detach(&part);
         }
+    }
+}
+
+/// How many push connections ended, by the node that made them (`None`: a node that did
+/// not name itself).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PushesEnded(BTreeMap<Option<NodeId>, u64>);
+
+/// The push connections to an endpoint that end from the moment it was made
+/// ([`Endpoint::push_ends`]).
+pub(crate) struct PushEnds {
+    rx: tokio::sync::watch::Receiver<PushesEnded>,
+    /// The counts last looked at.
+    seen: PushesEnded,
+}
+
+impl PushEnds {
+    /// Waits until push connections end, and names the nodes that made them (`None` when
+    /// one of them did not name itself). Never returns once the endpoint is gone.
+    pub(crate) async fn next(&mut self) -> Option<Vec<NodeId>> {
+        if self.rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = self.rx.borrow_and_update().clone();
+        let ended = now
+            .0
+            .iter()
+            .filter(|(node, count)| self.seen.0.get(node).is_none_or(|seen| seen < count))
+            .map(|(node, _)| *node)
+            .collect::<Option<Vec<NodeId>>>();
+        self.seen = now;
+        ended
     }
 }
 
@@ -1078,5 +1140,31 @@ mod tests {
             "repeats are wanted, and dropped"
         );
         assert_eq!(told(&feed), [(1, 1), (2, 2), (3, 4), (5, 5)]);
+    }
+
+    #[tokio::test]
+    async fn ended_push_connections_are_told_by_the_nodes_that_made_them() {
+        let ended = tokio::sync::watch::Sender::new(PushesEnded::default());
+        let end = |node: Option<u64>| {
+            ended.send_modify(|e| *e.0.entry(node.map(NodeId)).or_default() += 1);
+        };
+        end(Some(1)); // before the subscription: not its business
+        let rx = ended.subscribe();
+        let seen = rx.borrow().clone();
+        let mut ends = PushEnds { rx, seen };
+        end(Some(3));
+        assert_eq!(ends.next().await, Some(vec![NodeId(3)]));
+        end(Some(1));
+        end(Some(2));
+        assert_eq!(ends.next().await, Some(vec![NodeId(1), NodeId(2)]));
+        // A node that did not name itself: every node's parts are looked at.
+        end(None);
+        end(Some(2));
+        assert_eq!(ends.next().await, None);
+        let waited = tokio::time::timeout(Duration::from_millis(50), ends.next()).await;
+        assert!(
+            waited.is_err(),
+            "told again of what it was told: {waited:?}"
+        );
     }
 }

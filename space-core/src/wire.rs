@@ -39,8 +39,9 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// The protocol version this build speaks (peers too: a shard's commands between nodes
 /// carry the time their leader decided them since version 9; a topology names its shard
 /// count since version 10; a node tells of its cluster's meta group, and a replicated node
-/// which shards a read by query that found nothing searched, since version 11).
-pub const PROTOCOL_VERSION: u16 = 11;
+/// which shards a read by query that found nothing searched, since version 11; a node
+/// names itself when it connects to a subscriber endpoint since version 12).
+pub const PROTOCOL_VERSION: u16 = 12;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
@@ -630,6 +631,10 @@ pub struct Hello {
     /// For a peer: the fingerprint of its cluster's layout (nodes, shards, replication);
     /// a node refuses peers of another cluster. 0 for clients.
     pub cluster: u64,
+    /// For a node connecting to a subscriber endpoint to push events: the node's id, so
+    /// that the client knows whose connection ended should it end (and renews only that
+    /// node's subscriptions at once). `None` on every other connection.
+    pub pusher: Option<NodeId>,
 }
 
 impl Hello {
@@ -643,6 +648,16 @@ impl Hello {
             max_frame: max_frame as u64,
             peer: false,
             cluster: 0,
+            pusher: None,
+        }
+    }
+
+    /// The hello of node `node` connecting to a subscriber endpoint (whose secret is
+    /// `token`) to push events.
+    pub fn new_pusher(token: Option<String>, max_frame: usize, node: NodeId) -> Hello {
+        Hello {
+            pusher: Some(node),
+            ..Hello::new(token, max_frame)
         }
     }
 
@@ -666,6 +681,8 @@ impl std::fmt::Debug for Hello {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_frame", &self.max_frame)
             .field("peer", &self.peer)
+            .field("cluster", &self.cluster)
+            .field("pusher", &self.pusher)
             .finish()
     }
 }

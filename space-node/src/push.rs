@@ -70,13 +70,13 @@ struct Link {
 }
 
 impl Link {
-    /// The connection, dialled if there is none.
-    async fn client(&self, max_frame: usize) -> std::io::Result<SubscriberServiceClient> {
+    /// The connection, dialled (as `config` says) if there is none.
+    async fn client(&self, config: &PushConfig) -> std::io::Result<SubscriberServiceClient> {
         let mut client = self.client.lock().await;
         if let Some(c) = client.as_ref() {
             return Ok(c.clone());
         }
-        let c = connect(&self.endpoint, max_frame).await?;
+        let c = connect(&self.endpoint, config).await?;
         *client = Some(c.clone());
         Ok(c)
     }
@@ -235,9 +235,9 @@ impl Tables {
 
 async fn connect(
     endpoint: &Endpoint,
-    max_frame: usize,
+    config: &PushConfig,
 ) -> std::io::Result<SubscriberServiceClient> {
-    let hello = wire::Hello::new(Some(endpoint.token()), max_frame);
+    let hello = wire::Hello::new_pusher(Some(endpoint.token()), config.max_frame, config.node);
     let (framed, _, _) = crate::handshake::dial(endpoint.addr, hello).await?;
     Ok(SubscriberServiceClient::new(client::Config::default(), wire::transport(framed)).spawn())
 }
@@ -277,7 +277,7 @@ impl Pushers {
                 }
             }
         };
-        let reached = tokio::time::timeout(REACH_TIMEOUT, link.client(self.config.max_frame))
+        let reached = tokio::time::timeout(REACH_TIMEOUT, link.client(&self.config))
             .await
             .map_err(|_| format!("no connection within {REACH_TIMEOUT:?}"))
             .and_then(|dialled| dialled.map_err(|e| e.to_string()));
@@ -584,7 +584,7 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
             continue;
         }
         let current = route.borrow().link.clone();
-        let delivered = match current.client(config.max_frame).await {
+        let delivered = match current.client(&config).await {
             Ok(c) => {
                 let mut ctx = context::current();
                 ctx.deadline = Instant::now() + DELIVERY_DEADLINE;
