@@ -1142,6 +1142,8 @@ mod tests {
         assert_eq!(told(&feed), [(1, 1), (2, 2), (3, 4), (5, 5)]);
     }
 
+    /// The nodes whose push connections ended are told once each time, counted from the
+    /// moment the watch was taken; an end whose node is unknown asks for every part.
     #[tokio::test]
     async fn ended_push_connections_are_told_by_the_nodes_that_made_them() {
         let ended = tokio::sync::watch::Sender::new(PushesEnded::default());
