@@ -242,9 +242,7 @@ impl Endpoint {
 
     /// Tells of every push connection that ends from now on.
     pub(crate) fn push_ends(&self) -> PushEnds {
-        let rx = self.pushes_ended.subscribe();
-        let seen = rx.borrow().clone();
-        PushEnds { rx, seen }
+        PushEnds::watching(&self.pushes_ended)
     }
 
     /// Forgets a part: its pushes are no longer wanted.
@@ -819,6 +817,13 @@ pub(crate) struct PushEnds {
 }
 
 impl PushEnds {
+    /// Tells of the ends counted by `ended` from now on.
+    fn watching(ended: &tokio::sync::watch::Sender<PushesEnded>) -> PushEnds {
+        let rx = ended.subscribe();
+        let seen = rx.borrow().clone();
+        PushEnds { rx, seen }
+    }
+
     /// Waits until push connections end, and names the nodes that made them (`None` when
     /// one of them did not name itself). Never returns once the endpoint is gone.
     pub(crate) async fn next(&mut self) -> Option<Vec<NodeId>> {
@@ -1151,9 +1156,7 @@ mod tests {
             ended.send_modify(|e| *e.0.entry(node.map(NodeId)).or_default() += 1);
         };
         end(Some(1)); // before the subscription: not its business
-        let rx = ended.subscribe();
-        let seen = rx.borrow().clone();
-        let mut ends = PushEnds { rx, seen };
+        let mut ends = PushEnds::watching(&ended);
         end(Some(3));
         assert_eq!(ends.next().await, Some(vec![NodeId(3)]));
         end(Some(1));
