@@ -19,6 +19,11 @@ mod notify;
 mod replicated;
 
 use anyhow::Result;
+
+/// The bench's allocator: the same as the nodes' (see `space-node`'s), for every
+/// client in this process alike, the space's and each peer's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
