@@ -18,7 +18,7 @@ use crate::entry::Key;
 use crate::lease::{Clock, Deadline, Lease};
 use crate::notify::{EventKind, EventKinds, Notification, Subscription};
 use crate::state::Command;
-use crate::wal::{ENTRY, frames, numbered, parse_record};
+use crate::wal::{ENTRY, numbered, parse_record, segment_frames};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -366,7 +366,7 @@ fn logged(dir: &std::path::Path) -> (PathBuf, Vec<Logged>) {
     let segments = numbered(dir, "wal-", ".log").expect("list");
     let (_, path) = segments.into_iter().last().expect("a segment");
     let bytes = std::fs::read(&path).expect("read");
-    let (frames, _, problem) = frames(&bytes[16..]);
+    let (frames, _, problem) = segment_frames(&bytes[16..]);
     assert!(problem.is_none(), "{problem:?}");
     let mut out = Vec::new();
     for (_, payload) in frames {

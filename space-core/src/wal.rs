@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +38,10 @@ pub type LogId = u32;
 
 /// A segment is closed and a new one started past this size, by default.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Zeros written ahead of a segment's end at a time (or the segment's size, when
+/// smaller): see [`SegmentFile`].
+const PREALLOCATE_BYTES: u64 = 1 << 20;
 
 const WAL_MAGIC: &[u8; 8] = b"SPCWAL04";
 /// Bytes of a frame before its record: length, checksum, LSN.
@@ -128,6 +132,17 @@ pub(crate) fn frames(bytes: &[u8]) -> Framed<'_> {
         at = end;
     }
     (out, at, None)
+}
+
+/// The frames of a segment's bytes (after its header), as [`frames`] reads them, except
+/// that zeros to the end of the file are where the writer had made room for frames it
+/// never wrote ([`SegmentFile`]): the clean end, not damage.
+pub(crate) fn segment_frames(bytes: &[u8]) -> Framed<'_> {
+    let (out, valid, problem) = frames(bytes);
+    if problem.is_some() && bytes[valid..].iter().all(|b| *b == 0) {
+        return (out, valid, None);
+    }
+    (out, valid, problem)
 }
 
 fn record_header(log: LogId, kind: u8, number: u64) -> [u8; RECORD_HEADER] {
@@ -248,6 +263,65 @@ pub(crate) struct Appended {
     pub(crate) index: u64,
 }
 
+/// The segment being written, and how far.
+///
+/// The file is kept filled with zeros some way past its last frame (written, not just
+/// allocated, and made durable with the frames before them), so that an `fdatasync`
+/// after an append finds the file's size unchanged and writes the frames' pages alone,
+/// not the file's metadata too: on ext4 that is one write and one wait less per group
+/// commit (a tenth of a replicated node's CPU went to `fdatasync`, a third of that to
+/// writing the inode). Reading a segment takes zeros to its end for its clean end
+/// ([`segment_frames`]).
+struct SegmentFile {
+    file: File,
+    /// Where the next frame goes.
+    end: u64,
+    /// How far the file holds zeros written ahead.
+    filled: u64,
+}
+
+impl SegmentFile {
+    /// Creates the segment starting at `first_lsn` in `dir`, its header and `ahead`
+    /// zeros made durable, and its name in the directory too.
+    fn create(dir: &Path, first_lsn: u64, ahead: u64) -> Result<SegmentFile> {
+        let path = dir.join(segment_name(first_lsn));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| storage(&path, e))?;
+        let mut header = WAL_MAGIC.to_vec();
+        header.extend_from_slice(&first_lsn.to_le_bytes());
+        let mut segment = SegmentFile {
+            file,
+            end: 0,
+            filled: 0,
+        };
+        segment
+            .append(&header, ahead)
+            .and_then(|()| segment.file.sync_all())
+            .map_err(|e| storage(&path, e))?;
+        sync_dir(dir)?;
+        Ok(segment)
+    }
+
+    /// Writes `bytes` at the end, first filling `ahead` more zeros past them when the
+    /// zeros written so far do not reach that far. Not durable until the file is synced.
+    fn append(&mut self, bytes: &[u8], ahead: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.end + bytes.len() as u64;
+        if end > self.filled {
+            let zeros = vec![0u8; usize::try_from(end + ahead - self.filled).unwrap_or(0)];
+            self.file.write_all_at(&zeros, self.filled)?;
+            self.filled = end + ahead;
+        }
+        self.file.write_all_at(bytes, self.end)?;
+        self.end = end;
+        Ok(())
+    }
+}
+
 /// The node's write-ahead log: appends from any thread, made durable by a writer thread in
 /// groups.
 pub(crate) struct Wal {
@@ -310,7 +384,7 @@ impl Wal {
                     "not a space log segment of this version (bad magic): a foreign, older or damaged file",
                 ));
             }
-            let (frames, valid, problem) = frames(&bytes[16..]);
+            let (frames, valid, problem) = segment_frames(&bytes[16..]);
             if let Some(p) = problem {
                 if !is_last {
                     return Err(storage(path, format!("corrupt log segment: {p}")));
@@ -358,7 +432,8 @@ impl Wal {
         }
         let next_lsn = last_lsn + 1;
         let path = dir.join(segment_name(next_lsn));
-        let file = Self::new_segment(dir, next_lsn)?;
+        let segment_bytes = segment_bytes.max(4096);
+        let file = SegmentFile::create(dir, next_lsn, PREALLOCATE_BYTES.min(segment_bytes))?;
         segments.push(Segment {
             first_lsn: next_lsn,
             path,
@@ -379,7 +454,7 @@ impl Wal {
             .collect();
         let wal = Arc::new(Wal {
             dir: dir.to_path_buf(),
-            segment_bytes: segment_bytes.max(4096),
+            segment_bytes,
             pending: Mutex::new(Pending {
                 buf: Vec::new(),
                 next_lsn,
@@ -410,20 +485,13 @@ impl Wal {
         Ok((wal, logs))
     }
 
-    fn new_segment(dir: &Path, first_lsn: u64) -> Result<File> {
-        let path = dir.join(segment_name(first_lsn));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| storage(&path, e))?;
-        let mut header = WAL_MAGIC.to_vec();
-        header.extend_from_slice(&first_lsn.to_le_bytes());
-        file.write_all(&header).map_err(|e| storage(&path, e))?;
-        file.sync_all().map_err(|e| storage(&path, e))?;
-        sync_dir(dir)?;
-        Ok(file)
+    fn new_segment(&self, first_lsn: u64) -> Result<SegmentFile> {
+        SegmentFile::create(&self.dir, first_lsn, self.preallocate())
+    }
+
+    /// Zeros written ahead of a segment's end at a time.
+    fn preallocate(&self) -> u64 {
+        PREALLOCATE_BYTES.min(self.segment_bytes)
     }
 
     /// Calls `f` with the bytes of every group the writer made durable (the engine counts
@@ -569,8 +637,7 @@ impl Wal {
         self.sync_delay_micros.store(micros, Ordering::Relaxed);
     }
 
-    fn write_loop(&self, mut file: File) {
-        let mut segment_bytes = 16u64;
+    fn write_loop(&self, mut file: SegmentFile) {
         loop {
             let (batch, last_lsn, max_index) = {
                 let mut p = self.pending.lock();
@@ -591,7 +658,9 @@ impl Wal {
                 )
             };
             let started = std::time::Instant::now();
-            let written = file.write_all(&batch).and_then(|()| file.sync_data());
+            let written = file
+                .append(&batch, self.preallocate())
+                .and_then(|()| file.file.sync_data());
             let delay = self.sync_delay_micros.load(Ordering::Relaxed);
             if delay > 0 {
                 std::thread::sleep(std::time::Duration::from_micros(delay));
@@ -620,16 +689,14 @@ impl Wal {
             metrics::counter!("space_log_appends_total").increment(appended);
             self.durable.store(last_lsn, Ordering::Release);
             self.wake_waiters();
-            segment_bytes += batch.len() as u64;
             if let Some(f) = &*self.on_written.lock() {
                 f(batch.len() as u64);
             }
-            if segment_bytes > self.segment_bytes {
+            if file.end > self.segment_bytes {
                 let first = last_lsn + 1;
-                match Self::new_segment(&self.dir, first) {
+                match self.new_segment(first) {
                     Ok(f) => {
                         file = f;
-                        segment_bytes = 16;
                         self.segments.lock().push(Segment {
                             first_lsn: first,
                             path: self.dir.join(segment_name(first)),
@@ -897,10 +964,16 @@ mod tests {
         wal.wait_durable(wal.appended()).unwrap();
         wal.close();
         let (_, path) = numbered(&dir.0, "wal-", ".log").unwrap().pop().unwrap();
-        let len = fs::metadata(&path).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(len - 3).unwrap();
-        drop(f);
+        let mut bytes = fs::read(&path).unwrap();
+        let (_, valid, problem) = segment_frames(&bytes[16..]);
+        assert_eq!(problem, None);
+        assert!(
+            bytes.len() > 16 + valid,
+            "zeros are written ahead of the last frame"
+        );
+        // The last record's last bytes never reached the disk: zeros where they were.
+        bytes[16 + valid - 3..16 + valid].fill(0);
+        fs::write(&path, &bytes).unwrap();
         let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
         expect(&logs[&1], 1..=10, 1);
         expect(&logs[&2], 1..=9, 2);
@@ -910,6 +983,46 @@ mod tests {
         let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
         expect(&logs[&2], 1..=10, 2);
         wal.close();
+    }
+
+    /// Appends go into zeros written ahead, so a group commit leaves the file's size (its
+    /// metadata) as it was, until the zeros run out and more are written at once.
+    #[test]
+    fn appends_fill_zeros_written_ahead() {
+        let dir = Dir::new("ahead");
+        let (wal, _) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        let (_, path) = numbered(&dir.0, "wal-", ".log").unwrap().pop().unwrap();
+        let created = fs::metadata(&path).unwrap().len();
+        assert_eq!(created, 16 + PREALLOCATE_BYTES);
+        for i in 1..=100 {
+            wal.append(1, &data(1, i));
+            wal.wait_durable(wal.appended()).unwrap();
+        }
+        assert_eq!(fs::metadata(&path).unwrap().len(), created);
+        let big = vec![7u8; PREALLOCATE_BYTES as usize];
+        wal.append(1, &big);
+        wal.wait_durable(wal.appended()).unwrap();
+        let grown = fs::metadata(&path).unwrap().len();
+        assert!(grown > created + PREALLOCATE_BYTES, "{grown}");
+        wal.close();
+        let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(logs[&1].last_index, 101);
+        wal.close();
+    }
+
+    /// Zeros followed by anything else are damage, not room written ahead.
+    #[test]
+    fn bytes_after_the_zeros_are_damage() {
+        let mut bytes = Vec::new();
+        frame(&mut bytes, 1, &[&record_header(1, ENTRY, 1), b"x"]);
+        let whole = bytes.len();
+        bytes.extend_from_slice(&[0; 64]);
+        assert_eq!(segment_frames(&bytes).1, whole);
+        assert_eq!(segment_frames(&bytes).2, None);
+        bytes.push(1);
+        let (f, valid, problem) = segment_frames(&bytes);
+        assert_eq!((f.len(), valid), (1, whole));
+        assert!(problem.is_some());
     }
 
     /// Segments go only once every log has purged what they hold; purge marks and
