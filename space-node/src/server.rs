@@ -776,7 +776,7 @@ async fn start_shards(
             .map_err(|e| NodeError::Config(format!("recovery did not finish: {e}")))?
             .map_err(NodeError::Storage)?
     };
-    let router = PeerRouter::new(config.token.clone(), layout.fingerprint());
+    let router = PeerRouter::new(me, config.token.clone(), layout.fingerprint());
     for (member, via) in &config.peer_routes {
         let id = layout.member_id(member).ok_or_else(|| {
             NodeError::Config(format!(

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use openraft::alias::SnapshotMetaOf;
-use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::RPCOption;
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
+use openraft::network::{RPCOption, RPCTypes};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
@@ -365,6 +365,8 @@ pub struct PeerRouter {
 }
 
 struct RouterInner {
+    /// This node's member id (named in the timeouts it reports).
+    me: MemberId,
     token: Option<String>,
     /// The fingerprint of this node's cluster layout, told to peers.
     cluster: u64,
@@ -380,11 +382,12 @@ struct RouterInner {
 }
 
 impl PeerRouter {
-    /// A router that gives `token` to peers, as a node of the cluster whose layout has the
-    /// fingerprint `cluster`.
-    pub fn new(token: Option<String>, cluster: u64) -> PeerRouter {
+    /// The router of member `me`, which gives `token` to peers, as a node of the cluster
+    /// whose layout has the fingerprint `cluster`.
+    pub fn new(me: MemberId, token: Option<String>, cluster: u64) -> PeerRouter {
         PeerRouter {
             inner: Arc::new(RouterInner {
+                me,
                 token,
                 cluster,
                 addrs: Mutex::new(HashMap::new()),
@@ -450,7 +453,7 @@ impl PeerRouter {
         group: GroupId,
         ttl: Duration,
     ) -> Result<u64, String> {
-        self.call(leader, ttl, |c, ctx| async move {
+        self.call(leader, RPCTypes::AppendEntries, ttl, |c, ctx| async move {
             c.read_index(ctx, group).await
         })
         .await
@@ -462,11 +465,13 @@ impl PeerRouter {
         self.inner.clients.lock().remove(&target);
     }
 
-    /// Sends one message to `target` within `ttl`: the connection's failure is
-    /// `Unreachable` (openraft backs off), the peer's refusal a network error.
+    /// Sends one message (an `action`) to `target` within `ttl`: a peer too slow to
+    /// answer is a `Timeout`, the connection's failure `Unreachable` (see
+    /// [`rpc_failure`]), the peer's refusal a network error.
     async fn call<T, F, Fut>(
         &self,
         target: MemberId,
+        action: RPCTypes,
         ttl: Duration,
         send: F,
     ) -> Result<T, RPCError<Shard>>
@@ -483,14 +488,39 @@ impl PeerRouter {
                 openraft::error::NetworkError::from_string(refused),
             )),
             Err(e) => {
-                if !matches!(e, tarpc::client::RpcError::DeadlineExceeded) {
+                let failure = rpc_failure(self.inner.me, target, action, ttl, e);
+                if matches!(failure, RPCError::Unreachable(_)) {
                     self.forget(target);
                 }
-                Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                    "node {target}: {e}"
-                ))))
+                Err(failure)
             }
         }
+    }
+}
+
+/// What a message from `me` to `target` that got no answer tells openraft.
+///
+/// Past its deadline it is a `Timeout`: the peer is there but slow (a long `fdatasync`,
+/// a busy thread), and openraft sends again at once, backing off only after many in a
+/// row. Anything else (the connection broke or could not be made) is `Unreachable`, after
+/// which openraft waits (200 ms) before it sends to that peer again. A slow answer taken
+/// for that held a shard's replication to a follower up for that wait each time one
+/// message missed its deadline (a heartbeat's is 150 ms).
+fn rpc_failure(
+    me: MemberId,
+    target: MemberId,
+    action: RPCTypes,
+    ttl: Duration,
+    e: tarpc::client::RpcError,
+) -> RPCError<Shard> {
+    match e {
+        tarpc::client::RpcError::DeadlineExceeded => RPCError::Timeout(Timeout {
+            action,
+            id: me,
+            target,
+            timeout: ttl,
+        }),
+        e => RPCError::Unreachable(Unreachable::from_string(format!("node {target}: {e}"))),
     }
 }
 
@@ -504,9 +534,12 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         rpc: AppendEntriesRequest<Shard>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<Shard>, RPCError<Shard>> {
-        self.call(target, option.hard_ttl(), |c, ctx| async move {
-            c.append(ctx, group, rpc).await
-        })
+        self.call(
+            target,
+            RPCTypes::AppendEntries,
+            option.hard_ttl(),
+            |c, ctx| async move { c.append(ctx, group, rpc).await },
+        )
         .await
     }
 
@@ -517,9 +550,12 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         rpc: VoteRequest<Shard>,
         option: RPCOption,
     ) -> Result<VoteResponse<Shard>, RPCError<Shard>> {
-        self.call(target, option.hard_ttl(), |c, ctx| async move {
-            c.vote(ctx, group, rpc).await
-        })
+        self.call(
+            target,
+            RPCTypes::Vote,
+            option.hard_ttl(),
+            |c, ctx| async move { c.vote(ctx, group, rpc).await },
+        )
         .await
     }
 
@@ -530,9 +566,12 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         rpc: VoteRequest<Shard>,
         option: RPCOption,
     ) -> Result<VoteResponse<Shard>, RPCError<Shard>> {
-        self.call(target, option.hard_ttl(), |c, ctx| async move {
-            c.pre_vote(ctx, group, rpc).await
-        })
+        self.call(
+            target,
+            RPCTypes::Vote,
+            option.hard_ttl(),
+            |c, ctx| async move { c.pre_vote(ctx, group, rpc).await },
+        )
         .await
     }
 
@@ -543,9 +582,12 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         rpc: TransferLeaderRequest<Shard>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<Shard>, RPCError<Shard>> {
-        self.call(target, option.hard_ttl(), |c, ctx| async move {
-            c.transfer_leader(ctx, group, rpc).await
-        })
+        self.call(
+            target,
+            RPCTypes::TransferLeader,
+            option.hard_ttl(),
+            |c, ctx| async move { c.transfer_leader(ctx, group, rpc).await },
+        )
         .await
     }
 
@@ -578,9 +620,12 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
                     bytes: ByteBuf::from(image[offset..end].to_vec()),
                 };
                 let answer = self
-                    .call(target, option.hard_ttl(), |c, ctx| async move {
-                        c.snapshot(ctx, group, chunk).await
-                    })
+                    .call(
+                        target,
+                        RPCTypes::InstallSnapshot,
+                        option.hard_ttl(),
+                        |c, ctx| async move { c.snapshot(ctx, group, chunk).await },
+                    )
                     .await?;
                 offset = end;
                 match answer {
@@ -633,6 +678,32 @@ impl RaftNetworkFactory<Shard> for GroupNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that answers late is slow, not gone: openraft sends to it again at once
+    /// for a `Timeout`, and waits before it does for `Unreachable`.
+    #[test]
+    fn a_message_past_its_deadline_is_a_timeout_and_a_broken_connection_unreachable() {
+        let ttl = Duration::from_millis(150);
+        let late = rpc_failure(
+            1,
+            2,
+            RPCTypes::AppendEntries,
+            ttl,
+            tarpc::client::RpcError::DeadlineExceeded,
+        );
+        assert!(
+            matches!(&late, RPCError::Timeout(t) if t.id == 1 && t.target == 2 && t.timeout == ttl),
+            "{late:?}"
+        );
+        let broken = rpc_failure(
+            1,
+            2,
+            RPCTypes::AppendEntries,
+            ttl,
+            tarpc::client::RpcError::Shutdown,
+        );
+        assert!(matches!(broken, RPCError::Unreachable(_)), "{broken:?}");
+    }
 
     #[test]
     fn snapshot_chunks_are_taken_in_order_and_a_first_chunk_starts_over() {

@@ -131,7 +131,7 @@ async fn start_member_tuned(
     settings.max_in_snapshot_log_to_keep = 10;
     tune(&mut settings);
     let settings = Arc::new(settings.validate().unwrap());
-    let router = super::PeerRouter::new(None, ONE_GROUP_CLUSTER);
+    let router = super::PeerRouter::new(id, None, ONE_GROUP_CLUSTER);
     // Snapshots travel in many chunks.
     router.set_snapshot_chunk(512);
     let member = super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
@@ -933,7 +933,7 @@ async fn start_sharded_node(
     let dir = TempDir::new("sharded");
     let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
     layout.save(&dir.0).unwrap();
-    let router = super::PeerRouter::new(None, layout.fingerprint());
+    let router = super::PeerRouter::new(i as u64 + 1, None, layout.fingerprint());
     let set = super::ShardSet::start(
         layout.clone(),
         i as u64 + 1,
