@@ -11,9 +11,10 @@
 //! follows, they are kept for [`REPLAY_WINDOW`]: when the node takes the shard over (its
 //! leader died, or handed it over), what the shard told in that window is relayed first,
 //! since the old leader may not have pushed it; the subscriber may get those twice, never
-//! not at all. When events older than the window were dropped meanwhile (or the replica
-//! was replaced by a snapshot, or its queue overflowed), the takeover relays a gap first:
-//! the subscriber learns it may have missed something.
+//! not at all. When events older than the window were dropped meanwhile (or more came in
+//! the window than the subscription queues, or the replica was replaced by a snapshot, or
+//! its queue overflowed), the takeover relays a gap first: the subscriber learns it may
+//! have missed something.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -39,7 +40,9 @@ struct Part {
     sub: Subscription,
     /// Relaying as events come (this node leads the shard).
     leading: bool,
-    /// While following: the shard's events of the last [`REPLAY_WINDOW`].
+    /// While following: the shard's events of the last [`REPLAY_WINDOW`], at most as many
+    /// as the subscription queues (more could not be relayed at a takeover without its
+    /// queue dropping the oldest anyway).
     kept: VecDeque<(Instant, Notification)>,
     /// Whether something may be missing from `kept` (older events dropped, the queue
     /// overflowed, the replica was replaced).
@@ -218,6 +221,10 @@ fn take_in(node: &Engine, id: u64, part: &mut Part, n: Notification, now: Instan
         part.missed = true;
     } else {
         part.kept.push_back((now, n));
+        if part.kept.len() > node.config().queue_capacity {
+            part.kept.pop_front();
+            part.missed = true;
+        }
     }
     true
 }
@@ -227,5 +234,58 @@ fn gap() -> Notification {
     Notification::Gap {
         first_seq: 0,
         last_seq: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use space_core::{EngineConfig, Event, EventKind, Key, NodeId};
+
+    use super::*;
+
+    /// A follower keeps no more of a shard's events than the subscription queues; what it
+    /// drops makes the takeover tell a gap first.
+    #[test]
+    fn a_follower_keeps_at_most_a_queue_of_events() {
+        let mut config = EngineConfig::default();
+        config.queue_capacity = 4;
+        let node = Engine::new(config);
+        let replica = Engine::new(EngineConfig::default());
+        let query = Query::for_type("Job");
+        let mut part = Part {
+            sub: replica
+                .subscribe(&query, EventKinds::ALL, Lease::Forever)
+                .unwrap(),
+            replica,
+            leading: false,
+            kept: VecDeque::new(),
+            missed: false,
+        };
+        let event = |seq: u64| {
+            Notification::Event(Event {
+                seq,
+                node: NodeId(1),
+                entry_type: "Job".into(),
+                key: Key::Name("k".into()),
+                kind: EventKind::Written,
+                version: 1,
+            })
+        };
+        let now = Instant::now();
+        for seq in 1..=4 {
+            assert!(take_in(&node, 1, &mut part, event(seq), now));
+        }
+        assert_eq!(part.kept.len(), 4);
+        assert!(!part.missed);
+        for seq in 5..=10 {
+            assert!(take_in(&node, 1, &mut part, event(seq), now));
+        }
+        let kept: Vec<u64> = part
+            .kept
+            .iter()
+            .filter_map(|(_, n)| n.event().map(|e| e.seq))
+            .collect();
+        assert_eq!(kept, vec![7, 8, 9, 10]);
+        assert!(part.missed, "dropped events are not told as a gap");
     }
 }
