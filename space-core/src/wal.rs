@@ -564,12 +564,19 @@ impl Wal {
     /// Keeps `data` as the metadata of `log` (the last one written counts). Returns the
     /// record's LSN.
     pub(crate) fn set_meta(&self, log: LogId, data: &[u8]) -> u64 {
-        let mut p = self.pending.lock();
-        p.logs.entry(log).or_default().meta = Some(data.to_vec());
-        let lsn = self.push(&mut p, log, META, 0, data);
-        drop(p);
+        let lsn = self.set_meta_lazily(log, data);
         self.work.notify_one();
         lsn
+    }
+
+    /// As [`Wal::set_meta`], but the writer is not woken for it: the record is written
+    /// with the next group commit that something else (an append, or a wait for
+    /// durability) starts. For metadata nothing waits on (a Raft log's committed index),
+    /// so that keeping it costs no `fdatasync` of its own. Returns the record's LSN.
+    pub(crate) fn set_meta_lazily(&self, log: LogId, data: &[u8]) -> u64 {
+        let mut p = self.pending.lock();
+        p.logs.entry(log).or_default().meta = Some(data.to_vec());
+        self.push(&mut p, log, META, 0, data)
     }
 
     /// The index of the last entry of `log` (0 when it has none).
@@ -607,6 +614,10 @@ impl Wal {
 
     /// Blocks until the log is durable up to `lsn`.
     pub(crate) fn wait_durable(&self, lsn: u64) -> Result<()> {
+        if self.durable.load(Ordering::Acquire) < lsn {
+            // What `lsn` names may have been added without waking the writer.
+            self.work.notify_one();
+        }
         let mut guard = self.durable_lock.lock();
         while self.durable.load(Ordering::Acquire) < lsn {
             self.check_failed()?;
@@ -618,6 +629,10 @@ impl Wal {
 
     /// Waits (without blocking a thread) until the log is durable up to `lsn`.
     pub(crate) async fn durable(&self, lsn: u64) -> Result<()> {
+        if self.durable.load(Ordering::Acquire) < lsn {
+            // What `lsn` names may have been added without waking the writer.
+            self.work.notify_one();
+        }
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -1007,6 +1022,31 @@ mod tests {
         wal.close();
         let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
         assert_eq!(logs[&1].last_index, 101);
+        wal.close();
+    }
+
+    /// Metadata kept lazily starts no group commit of its own; the next append's carries
+    /// it, and waiting for it starts one.
+    #[test]
+    fn lazy_metadata_rides_with_the_next_group_commit() {
+        let dir = Dir::new("lazy");
+        let (wal, _) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        wal.append(1, b"a");
+        wal.wait_durable(wal.appended()).unwrap();
+        let syncs = wal.syncs();
+        let lazy = wal.set_meta_lazily(1, b"committed 1");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(wal.syncs(), syncs, "lazy metadata woke the writer");
+        assert!(wal.durable.load(Ordering::Acquire) < lazy);
+        wal.append(1, b"b");
+        wal.wait_durable(wal.appended()).unwrap();
+        assert_eq!(wal.syncs(), syncs + 1);
+        // Waited for on its own, it is written at once.
+        let lazy = wal.set_meta_lazily(1, b"committed 2");
+        wal.wait_durable(lazy).unwrap();
+        wal.close();
+        let (wal, logs) = Wal::open(&dir.0, DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(logs[&1].meta.as_deref(), Some(&b"committed 2"[..]));
         wal.close();
     }
 

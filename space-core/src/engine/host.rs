@@ -278,6 +278,13 @@ impl HostedLog {
         LogMark(self.host.wal.set_meta(self.log, data))
     }
 
+    /// As [`HostedLog::set_meta`], for metadata nothing waits on: written with the next
+    /// group commit something else starts (an append, or a wait for durability), at no
+    /// `fdatasync` of its own.
+    pub fn set_meta_lazily(&self, data: &[u8]) -> LogMark {
+        LogMark(self.host.wal.set_meta_lazily(self.log, data))
+    }
+
     /// Waits, without blocking a thread, until the record of `mark` is durable (on disk
     /// after `fdatasync`). Cancel-safe: dropping the future only stops the waiting.
     ///
