@@ -16,7 +16,8 @@
 //!
 //! Three nodes and the bench client share the machine; each member runs
 //! [`MEMBER_THREADS`] worker thread, as in the `cluster` workload. Each system is started
-//! fresh for its measurement and stopped after it, so none runs beside another.
+//! fresh for its measurement and stopped after it, so none runs beside another, and
+//! after the kernel wrote out what the one before left for it to write.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -202,6 +203,15 @@ impl Measured {
 /// CPU seconds this process (the bench's clients) has used so far.
 fn client_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id())
+}
+
+/// Writes out whatever the systems measured before left for the kernel to write
+/// (JetStream's file store syncs on a timer, so a measurement of it leaves megabytes
+/// unwritten), so that its writeback does not land in the next system's measurement,
+/// whose `fdatasync`s would queue behind it.
+fn settle_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 /// Space throughput through `cluster`, its nodes' and its clients' CPU per op, over the
@@ -460,6 +470,7 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
     // Each system runs alone while it is measured: an idle cluster's timers (64 groups
     // tick many times a second) would otherwise take cores from the one measured.
     let space = |replication: usize| -> Result<Measured> {
+        settle_disk();
         let cluster = Cluster::start(replication, shards)?;
         runtime.block_on(async {
             ready(&cluster.seeds()).await?;
@@ -467,6 +478,7 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
         })
     };
     let jetstream = || -> Result<Measured> {
+        settle_disk();
         let nats = Nats::start()?;
         runtime.block_on(async {
             let js = async_nats::jetstream::new(
@@ -503,6 +515,7 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
         );
         rows.push(row);
     }
+    settle_disk();
     let mut rf3 = Cluster::start(3, shards)?;
     let failover = runtime.block_on(failovers(&mut rf3, kills))?;
     println!(
