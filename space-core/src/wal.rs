@@ -312,8 +312,10 @@ impl SegmentFile {
         use std::os::unix::fs::FileExt;
         let end = self.end + bytes.len() as u64;
         if end > self.filled {
-            let zeros = vec![0u8; usize::try_from(end + ahead - self.filled).unwrap_or(0)];
-            self.file.write_all_at(&zeros, self.filled)?;
+            let len = usize::try_from(end + ahead - self.filled).map_err(|_| {
+                std::io::Error::other("zeros to write ahead past the address space")
+            })?;
+            self.file.write_all_at(&vec![0u8; len], self.filled)?;
             self.filled = end + ahead;
         }
         self.file.write_all_at(bytes, self.end)?;

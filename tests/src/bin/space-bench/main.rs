@@ -19,12 +19,12 @@ mod notify;
 mod replicated;
 
 use anyhow::Result;
+use clap::{Parser, Subcommand};
 
 /// The bench's allocator: the same as the nodes' (see `space-node`'s), for every
 /// client in this process alike, the space's and each peer's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(about = "Measures the space against a peer in the same run; the last line is JSON.")]
