@@ -134,6 +134,10 @@ fn describe() {
         "Index of the last entry of each shard this node applied (replicated nodes)"
     );
     describe_gauge!(
+        "space_shard_log_bytes",
+        "Bytes of each shard's log entries this node keeps in memory from its purge point on (replicated nodes)"
+    );
+    describe_gauge!(
         "space_replication_lag_entries",
         "Entries of the leader's log a follower lacks, by shard and follower node id (reported by the shard's leader; 0 elsewhere)"
     );
@@ -330,6 +334,7 @@ fn report_progress(admin: &Admin) {
             .set(p.committed as f64);
         metrics::gauge!("space_shard_applied_index", "shard" => shard.clone())
             .set(p.applied as f64);
+        metrics::gauge!("space_shard_log_bytes", "shard" => shard.clone()).set(p.log_bytes as f64);
         for (follower, lag) in p.followers {
             gone.remove(&(p.shard, follower));
             reported.insert((p.shard, follower));

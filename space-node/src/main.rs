@@ -98,10 +98,15 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     max_entry_types: usize,
     /// A durable node (--data-dir, not replicated) snapshots its state once its log grew
-    /// by this many bytes (or by the size of the last snapshot, if larger).
+    /// by this many bytes (or by the size of the last snapshot, if larger). A replicated
+    /// node shares them among its shards: each snapshots once its Raft log grew by its
+    /// share (or by the size of its last snapshot, if larger), and keeps at most its share
+    /// of entries behind its snapshot; so the node's logs hold about this much memory
+    /// beyond their snapshots, whatever the entries' size.
     #[arg(long, default_value_t = space_core::DEFAULT_SNAPSHOT_AFTER_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_after_bytes: u64,
-    /// A replicated node snapshots each shard once its log grew by this many entries.
+    /// A replicated node snapshots each shard once its log grew by this many entries (or
+    /// by its share of --snapshot-after-bytes, whichever comes first).
     #[arg(long, default_value_t = space_node::replica::SNAPSHOT_AFTER_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_after_entries: u64,
     /// Fault injection for tests: each fsync of the data directory's log takes this many

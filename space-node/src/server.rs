@@ -66,9 +66,13 @@ pub struct NodeConfig {
     /// cancelled.
     pub subscriber_timeout: Duration,
     /// A durable standalone node snapshots its state once its log grew by this many bytes
-    /// (or by the size of the last snapshot, if larger).
+    /// (or by the size of the last snapshot, if larger). A replicated node shares them
+    /// among its shard groups: each snapshots once its Raft log grew by its share (or by
+    /// the size of its last snapshot, if larger) and keeps at most its share of entries
+    /// behind its snapshot.
     pub snapshot_after_bytes: u64,
-    /// A replicated node snapshots a shard once its log grew by this many entries.
+    /// A replicated node snapshots a shard once its log grew by this many entries (or by
+    /// its share of `snapshot_after_bytes`, whichever comes first).
     pub snapshot_after_entries: u64,
     /// Fault injection: each `fdatasync` of the data directory's log takes this much
     /// longer (a slow disk; zero in service).

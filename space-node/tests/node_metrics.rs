@@ -641,14 +641,15 @@ async fn a_leader_reports_each_followers_replication_lag() {
         .collect();
     assert!(!mine.is_empty(), "node 1 leads a shard");
     for s in &shards {
-        let (last, committed, applied) = (
+        let (last, committed, applied, log) = (
             value(&scrape1, "space_shard_last_log_index", &[("shard", s)]),
             value(&scrape1, "space_shard_commit_index", &[("shard", s)]),
             value(&scrape1, "space_shard_applied_index", &[("shard", s)]),
+            value(&scrape1, "space_shard_log_bytes", &[("shard", s)]),
         );
         assert!(
-            applied >= 1.0 && committed >= applied && last >= committed,
-            "shard {s}: last {last}, committed {committed}, applied {applied}"
+            applied >= 1.0 && committed >= applied && last >= committed && log >= 1.0,
+            "shard {s}: last {last}, committed {committed}, applied {applied}, {log} bytes of log kept"
         );
     }
 

@@ -263,6 +263,8 @@ pub struct EngineConfig {
     pub log_segment_bytes: u64,
     /// Durable engines: a snapshot is taken once the log grew by this many bytes (or by
     /// the size of the last snapshot, if larger), and older log segments are dropped.
+    /// The replica engine of a shard group: the same of the group's Raft log, which also
+    /// keeps at most this many bytes of entries behind its snapshot.
     pub snapshot_after_bytes: u64,
     /// Durable engines: each `fdatasync` of the write-ahead log is made to take this much
     /// longer, a slow disk for fault tests (zero, the default, in service).

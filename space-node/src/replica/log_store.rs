@@ -6,12 +6,21 @@
 //! files; a group purges its log once a snapshot covers it, which bounds that memory.
 //! Appends return at once; the callback openraft waits on fires once the shared group
 //! commit made them durable.
+//!
+//! Snapshots by entry count alone would let a log of large entries grow without bound
+//! (10,000 entries of a MiB each, per shard) while the state stays small (each entry
+//! written, then taken). [`bound_log`] keeps every group's log within a share of bytes:
+//! it has the group snapshot once its log grew by the share (or by the size of the last
+//! snapshot, if larger: no more than about as many bytes written again as appended), and
+//! keeps no more than the share of entries behind a snapshot for followers that lag.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -19,7 +28,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use space_core::server::{HostedLog, LogImage};
 
-use super::{Entry, LogId, Shard, Vote, io_error};
+use super::state_machine::SnapshotSize;
+use super::{Entry, LogId, Shard, ShardGroup, Vote, io_error};
 
 /// What the log's metadata record holds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -31,8 +41,48 @@ struct Meta {
 
 struct Kept {
     /// Entries after the purge point, by Raft index.
-    entries: BTreeMap<u64, Entry>,
+    entries: BTreeMap<u64, Held>,
+    /// Their bytes (as encoded).
+    bytes: u64,
     meta: Meta,
+}
+
+/// An entry kept in memory, with its size as encoded.
+struct Held {
+    entry: Entry,
+    bytes: u64,
+}
+
+impl Kept {
+    fn insert(&mut self, entry: Entry, bytes: u64) {
+        self.bytes += bytes;
+        if let Some(old) = self
+            .entries
+            .insert(entry.log_id.index, Held { entry, bytes })
+        {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    /// Forgets the entries at `from` and after.
+    fn cut_from(&mut self, from: u64) {
+        let gone = self.entries.split_off(&from);
+        self.bytes -= gone.values().map(|h| h.bytes).sum::<u64>();
+    }
+
+    /// Forgets the entries before `from`.
+    fn cut_before(&mut self, from: u64) {
+        let after = self.entries.split_off(&from);
+        let gone = std::mem::replace(&mut self.entries, after);
+        self.bytes -= gone.values().map(|h| h.bytes).sum::<u64>();
+    }
+}
+
+/// How many bytes a log has taken in, and the mark past which its keeper is told.
+struct Growth {
+    appended: AtomicU64,
+    tell_at: AtomicU64,
+    reached: tokio::sync::Notify,
 }
 
 /// A shard group's Raft log store (openraft's `RaftLogStorage`), on one log of the
@@ -41,6 +91,7 @@ struct Kept {
 pub struct LogStore {
     log: Arc<HostedLog>,
     kept: Arc<Mutex<Kept>>,
+    growth: Arc<Growth>,
 }
 
 impl Debug for LogStore {
@@ -66,19 +117,72 @@ impl LogStore {
                 .map_err(|e| io_error(format!("log {} metadata: {e}", log.id())))?,
             None => Meta::default(),
         };
-        let mut entries = BTreeMap::new();
+        let mut kept = Kept {
+            entries: BTreeMap::new(),
+            bytes: 0,
+            meta,
+        };
         for (index, bytes) in &image.entries {
             let entry: Entry = postcard::from_bytes(bytes)
                 .map_err(|e| io_error(format!("log {} entry {index}: {e}", log.id())))?;
-            entries.insert(entry.log_id.index, entry);
+            kept.insert(entry, bytes.len() as u64);
         }
-        if let Some(purged) = &meta.last_purged {
-            entries = entries.split_off(&(purged.index + 1));
+        if let Some(purged) = kept.meta.last_purged {
+            kept.cut_before(purged.index + 1);
         }
         Ok(LogStore {
             log: Arc::new(log),
-            kept: Arc::new(Mutex::new(Kept { entries, meta })),
+            kept: Arc::new(Mutex::new(kept)),
+            growth: Arc::new(Growth {
+                appended: AtomicU64::new(0),
+                tell_at: AtomicU64::new(u64::MAX),
+                reached: tokio::sync::Notify::new(),
+            }),
         })
+    }
+
+    /// Bytes of the entries kept (those after the purge point), as encoded.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept.lock().bytes
+    }
+
+    /// Bytes appended since this store opened.
+    fn appended(&self) -> u64 {
+        self.growth.appended.load(Ordering::Acquire)
+    }
+
+    /// Notes `bytes` appended; tells the keeper when they reach its mark.
+    fn grew(&self, bytes: u64) {
+        let now = self.growth.appended.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if now >= self.growth.tell_at.load(Ordering::Acquire) {
+            self.growth.tell_at.store(u64::MAX, Ordering::Release);
+            self.growth.reached.notify_one();
+        }
+    }
+
+    /// Tells the keeper once `allowance` more bytes are appended from now.
+    fn tell_after(&self, allowance: u64) {
+        let at = self.appended().saturating_add(allowance);
+        self.growth.tell_at.store(at, Ordering::Release);
+        if self.appended() >= at {
+            self.growth.tell_at.store(u64::MAX, Ordering::Release);
+            self.growth.reached.notify_one();
+        }
+    }
+
+    /// The index up to which to purge so that at most `share` bytes of entries are kept
+    /// at and before `snapshot` (the last index a snapshot covers); `None` when they
+    /// already fit.
+    fn purge_point(&self, snapshot: u64, share: u64) -> Option<u64> {
+        let kept = self.kept.lock();
+        let mut behind = 0u64;
+        for (index, held) in kept.entries.range(..=snapshot).rev() {
+            behind += held.bytes;
+            if behind > share {
+                return Some(*index);
+            }
+        }
+        None
     }
 
     /// Writes the metadata record; returns its mark.
@@ -107,7 +211,11 @@ impl RaftLogReader<Shard> for LogStore {
         range: RB,
     ) -> io::Result<Vec<Entry>> {
         let kept = self.kept.lock();
-        Ok(kept.entries.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(kept
+            .entries
+            .range(range)
+            .map(|(_, h)| h.entry.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
@@ -124,7 +232,7 @@ impl RaftLogStorage<Shard> for LogStore {
         let last = kept
             .entries
             .last_key_value()
-            .map(|(_, e)| e.log_id)
+            .map(|(_, h)| h.entry.log_id)
             .or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -166,14 +274,17 @@ impl RaftLogStorage<Shard> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut last = None;
+        let mut appended = 0;
         {
             let mut kept = self.kept.lock();
             for entry in entries {
                 let bytes = postcard::to_stdvec(&entry).map_err(io_error)?;
                 last = Some(self.log.append(hosted(entry.log_id.index), &bytes));
-                kept.entries.insert(entry.log_id.index, entry);
+                appended += bytes.len() as u64;
+                kept.insert(entry, bytes.len() as u64);
             }
         }
+        self.grew(appended);
         let Some(mark) = last else {
             callback.io_completed(Ok(()));
             return Ok(());
@@ -190,18 +301,7 @@ impl RaftLogStorage<Shard> for LogStore {
     async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
         let mut kept = self.kept.lock();
         let keep_to = last.map_or(0, |l| hosted(l.index));
-        let from = match last {
-            Some(l) => Bound::Excluded(l.index),
-            None => Bound::Unbounded,
-        };
-        let gone: Vec<u64> = kept
-            .entries
-            .range((from, Bound::Unbounded))
-            .map(|(i, _)| *i)
-            .collect();
-        for i in gone {
-            kept.entries.remove(&i);
-        }
+        kept.cut_from(last.map_or(0, |l| l.index + 1));
         // Ordered before every later append in the write-ahead log, so a later append's
         // durability covers it.
         self.log.truncate_after(keep_to);
@@ -211,7 +311,7 @@ impl RaftLogStorage<Shard> for LogStore {
     async fn purge(&mut self, upto: LogId) -> io::Result<()> {
         let mark = {
             let mut kept = self.kept.lock();
-            kept.entries = kept.entries.split_off(&(upto.index + 1));
+            kept.cut_before(upto.index + 1);
             kept.meta.last_purged = Some(upto);
             self.write_meta(&kept.meta)?;
             self.log.purge_before(hosted(upto.index) + 1)
@@ -220,5 +320,50 @@ impl RaftLogStorage<Shard> for LogStore {
         // Files only this log's purged entries held can go now.
         self.log.compact().map_err(io_error)?;
         Ok(())
+    }
+}
+
+/// How long [`bound_log`] waits for a snapshot it asked for before it asks again (one
+/// already being built, or one that failed, does not answer its request).
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
+/// Keeps the log of `raft` (whose store is `store`) within `share` bytes beyond its
+/// snapshot, until the group shuts down: asks for a snapshot once the log grew by
+/// `share` bytes, or by the size of the last snapshot (`snapshot`) if larger, since the
+/// last snapshot; and after every snapshot (its own or one openraft made by entry count)
+/// purges the entries behind it past `share` bytes. Runs as a task of its own.
+pub(crate) async fn bound_log(
+    raft: ShardGroup,
+    store: LogStore,
+    snapshot: SnapshotSize,
+    share: u64,
+) {
+    let mut snapshots = raft.watch_snapshot_progress();
+    loop {
+        store.tell_after(share.max(snapshot.bytes()));
+        tokio::select! {
+            () = store.growth.reached.notified() => {
+                if raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                match tokio::time::timeout(SNAPSHOT_WAIT, snapshots.changed()).await {
+                    Ok(Err(_)) => return,
+                    Ok(Ok(())) => {}
+                    // Asked again from the log's size now.
+                    Err(_) => continue,
+                }
+            }
+            changed = snapshots.changed() => if changed.is_err() {
+                return;
+            },
+        }
+        let Some(snapshot) = snapshots.get() else {
+            continue;
+        };
+        if let Some(upto) = store.purge_point(snapshot.index, share)
+            && raft.trigger().purge_log(upto).await.is_err()
+        {
+            return;
+        }
     }
 }

@@ -204,13 +204,17 @@ pub struct GroupMember {
     pub replica: EngineSlot,
     /// While it leads: the engine that serves the group's calls.
     pub leadership: Leadership,
+    /// Its Raft log store (read: the bytes it keeps).
+    pub log: LogStore,
 }
 
 /// Starts this node's member `id` of group `group`: its Raft log is log `group + 1` of
 /// `host`'s write-ahead log (log 0 is a standalone engine's), its snapshots are kept in
 /// `host`'s directory, and it reaches the other members through `router`. Whenever it
 /// becomes the leader, a serving engine configured by `engine` starts (see
-/// [`follow_leadership`]). Blocks while it reads its snapshot.
+/// [`follow_leadership`]). Its log is kept within `engine.snapshot_after_bytes` bytes
+/// beyond its snapshot (see [`log_store::bound_log`]). Blocks while it reads its
+/// snapshot.
 ///
 /// # Errors
 /// [`ReplicaError`] when the log is already open, a stored file is damaged, or Raft
@@ -232,12 +236,19 @@ pub async fn start_member(
         .map_err(|e| storage(e.to_string()))?;
     let replica = machine.engine();
     let leadership = machine.leadership();
-    let raft = ShardGroup::new(id, raft, router.network(group), store, machine)
+    let snapshot = machine.snapshot_size();
+    let raft = ShardGroup::new(id, raft, router.network(group), store.clone(), machine)
         .await
         .map_err(|e| ReplicaError::Raft {
             group,
             reason: e.to_string(),
         })?;
+    tokio::spawn(log_store::bound_log(
+        raft.clone(),
+        store.clone(),
+        snapshot,
+        engine.snapshot_after_bytes,
+    ));
     tokio::spawn(follow_leadership(
         id,
         raft.clone(),
@@ -250,6 +261,7 @@ pub async fn start_member(
         raft,
         replica,
         leadership,
+        log: store,
     })
 }
 

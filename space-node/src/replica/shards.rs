@@ -210,10 +210,17 @@ pub struct ShardProgress {
     pub committed: u64,
     /// The index of the last entry this member applied.
     pub applied: u64,
+    /// Bytes of log entries this member keeps (in memory, to feed followers) from its
+    /// purge point on.
+    pub log_bytes: u64,
     /// When this member leads the shard: each follower, and how many entries of the
     /// leader's log it lacks.
     pub followers: Vec<(MemberId, u64)>,
 }
+
+/// The fewest bytes of log a group keeps beyond its snapshot, whatever the node's
+/// budget (`EngineConfig::snapshot_after_bytes`) divided among its groups comes to.
+const MIN_LOG_SHARE: u64 = 64 << 10;
 
 /// A node's members of every shard it replicates and of the meta group, on one log host
 /// (one write-ahead log and one timer thread for all of them) and one peer router.
@@ -266,6 +273,13 @@ impl ShardSet {
         }
         let groups = Groups::default();
         let changes = ServingChanges::default();
+        // The node's bytes of log beyond snapshots, shared among its groups (the meta
+        // group's among them).
+        let replicated = (0..layout.shards)
+            .filter(|shard| layout.replicas(*shard).contains(&me))
+            .count() as u64;
+        engine.snapshot_after_bytes =
+            (engine.snapshot_after_bytes / (replicated + 1)).max(MIN_LOG_SHARE);
         // The layout is not what a node's limits count.
         let mut meta_engine = engine.clone();
         meta_engine.holdings = None;
@@ -452,6 +466,7 @@ impl ShardSet {
                     last_log,
                     committed: m.local_committed.as_ref().map_or(0, |l| l.index),
                     applied: m.last_applied.as_ref().map_or(0, |l| l.index),
+                    log_bytes: member.log.kept_bytes(),
                     followers,
                 }
             })

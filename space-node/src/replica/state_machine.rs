@@ -42,6 +42,17 @@ impl EngineSlot {
     }
 }
 
+/// The size of a group's newest snapshot (see [`StateMachine::snapshot_size`]).
+#[derive(Clone)]
+pub(crate) struct SnapshotSize(Arc<Mutex<Option<Kept>>>);
+
+impl SnapshotSize {
+    /// Bytes of the newest snapshot's image (0 before any).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.lock().as_ref().map_or(0, |k| k.image.len() as u64)
+    }
+}
+
 /// A shard group's state machine (openraft's `RaftStateMachine`) over a replica engine.
 pub struct StateMachine {
     engine: EngineSlot,
@@ -97,6 +108,11 @@ impl StateMachine {
             machine.load(kept)?;
         }
         Ok(machine)
+    }
+
+    /// The size of this group's newest snapshot, read from outside as it changes.
+    pub(crate) fn snapshot_size(&self) -> SnapshotSize {
+        SnapshotSize(self.current.clone())
     }
 
     /// The slot holding this group's engine, for reading it from outside.

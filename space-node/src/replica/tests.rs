@@ -79,6 +79,27 @@ fn some_commands() -> (Vec<Vec<u8>>, u64) {
     (image.entries.into_values().collect(), left)
 }
 
+/// Commands as a durable engine logs them: `n` writes of an entry holding `bytes` bytes,
+/// each taken right after it was written (the state stays empty, the log grows).
+fn large_writes_taken(n: usize, bytes: usize) -> Vec<Vec<u8>> {
+    use space_core::{Fields, Filter, Lease, Query, Value};
+    use std::time::Duration;
+    let dir = TempDir::new("large");
+    let engine = space_core::server::Engine::open(&dir.0, EngineConfig::default()).unwrap();
+    let blobs = Query::new("Blob", Filter::All);
+    for _ in 0..n {
+        let mut f = Fields::new();
+        f.push("body", Value::Bytes(vec![7; bytes]));
+        engine.write("Blob", f, None, Lease::Forever).unwrap();
+        engine.take(&blobs, Duration::ZERO).unwrap().wait().unwrap();
+    }
+    engine.close();
+    drop(engine);
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
+    let (_log, image) = host.open_log(0).unwrap();
+    image.entries.into_values().collect()
+}
+
 /// One member of a test group: a data directory, its host, its Raft node and peer port.
 struct TestMember {
     id: super::MemberId,
@@ -86,6 +107,7 @@ struct TestMember {
     raft: super::ShardGroup,
     slot: super::EngineSlot,
     leadership: super::Leadership,
+    log: LogStore,
     router: super::PeerRouter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
@@ -97,15 +119,17 @@ const ONE_GROUP_CLUSTER: u64 = 7;
 
 /// Starts member `id` on `dir`, serving peers at `addr` (port 0: any free port).
 async fn start_member(id: super::MemberId, dir: &std::path::Path, addr: &str) -> TestMember {
-    start_member_tuned(id, dir, addr, |_| {}).await
+    start_member_tuned(id, dir, addr, |_| {}, EngineConfig::default()).await
 }
 
-/// As [`start_member`], with Raft settings changed by `tune`.
+/// As [`start_member`], with Raft settings changed by `tune`, and its engines (and log's
+/// share of bytes) configured by `engine`.
 async fn start_member_tuned(
     id: super::MemberId,
     dir: &std::path::Path,
     addr: &str,
     tune: impl FnOnce(&mut openraft::Config),
+    engine: EngineConfig,
 ) -> TestMember {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -134,7 +158,7 @@ async fn start_member_tuned(
     let router = super::PeerRouter::new(id, None, ONE_GROUP_CLUSTER);
     // Snapshots travel in many chunks.
     router.set_snapshot_chunk(512);
-    let member = super::start_member(id, GROUP, &host, &router, settings, EngineConfig::default())
+    let member = super::start_member(id, GROUP, &host, &router, settings, engine)
         .await
         .unwrap();
     let groups = super::Groups::default();
@@ -155,6 +179,7 @@ async fn start_member_tuned(
         raft: member.raft,
         slot: member.replica,
         leadership: member.leadership,
+        log: member.log,
         router,
         stop: Some(stop),
         served,
@@ -275,6 +300,67 @@ async fn propose(leader: &TestMember, commands: &[Vec<u8>]) -> u64 {
         last = written.log_id.index;
     }
     last
+}
+
+/// A log of large entries keeps within its share of bytes beyond its snapshot: the group
+/// snapshots by bytes long before the entry count (10,000) would have it, and purges
+/// what lies behind the snapshot past the share (openraft alone keeps 1,000 entries
+/// behind). Before, a shard kept every entry until its 10,000th: here all 400 (3.2 MiB
+/// of writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_large_entries_keeps_within_its_share_of_bytes() {
+    const SHARE: u64 = 256 << 10;
+    let commands = large_writes_taken(200, 16 << 10);
+    let dir = TempDir::new("log-bytes");
+    let mut engine = EngineConfig::default();
+    engine.snapshot_after_bytes = SHARE;
+    let member = start_member_tuned(
+        1,
+        &dir.0,
+        "127.0.0.1:0",
+        |s| {
+            s.snapshot_policy =
+                openraft::SnapshotPolicy::LogsSinceLast(super::SNAPSHOT_AFTER_ENTRIES);
+            s.max_in_snapshot_log_to_keep = 1_000;
+        },
+        engine,
+    )
+    .await;
+    form_group(std::slice::from_ref(&member)).await;
+    leader_of(std::slice::from_ref(&member)).await;
+    let mut most = 0;
+    let mut last = 0;
+    for chunk in commands.chunks(10) {
+        last = propose(&member, chunk).await;
+        applied(&member, last).await;
+        most = most.max(member.log.kept_bytes());
+    }
+    // A share before the next snapshot, a share behind the last one, and what is
+    // appended while a snapshot is made.
+    assert!(
+        most <= 4 * SHARE,
+        "the log kept up to {most} bytes against a share of {SHARE}"
+    );
+    // Once the last snapshot lands, at most a share behind it and a share after it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while member.log.kept_bytes() > 2 * SHARE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the log still keeps {} bytes",
+            member.log.kept_bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let snapshot = member
+        .raft
+        .watch_snapshot_progress()
+        .get()
+        .map_or(0, |s| s.index);
+    assert!(
+        snapshot > 0 && last < super::SNAPSHOT_AFTER_ENTRIES,
+        "no snapshot by bytes (snapshot at {snapshot}, log at {last})"
+    );
+    member.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +670,16 @@ async fn group_behind_proxies_tuned(
 ) -> (Vec<TestMember>, Vec<Vec<Option<space_tests::proxy::Proxy>>>) {
     let mut members = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        members.push(start_member_tuned(i as u64 + 1, &dir.0, "127.0.0.1:0", &tune).await);
+        members.push(
+            start_member_tuned(
+                i as u64 + 1,
+                &dir.0,
+                "127.0.0.1:0",
+                &tune,
+                EngineConfig::default(),
+            )
+            .await,
+        );
     }
     let mut links = Vec::new();
     for from in &members {
