@@ -170,6 +170,15 @@ impl LogStore {
         }
     }
 
+    /// Bytes of the entries kept after index `covered` (all of them for `None`).
+    fn bytes_after(&self, covered: Option<u64>) -> u64 {
+        let kept = self.kept.lock();
+        match covered {
+            None => kept.bytes,
+            Some(index) => kept.entries.range(index + 1..).map(|(_, h)| h.bytes).sum(),
+        }
+    }
+
     /// The index up to which to purge so that at most `share` bytes of entries are kept
     /// at and before `snapshot` (the last index a snapshot covers); `None` when they
     /// already fit.
@@ -323,15 +332,16 @@ impl RaftLogStorage<Shard> for LogStore {
     }
 }
 
-/// How long [`bound_log`] waits for a snapshot it asked for before it asks again (one
-/// already being built, or one that failed, does not answer its request).
+/// How long [`bound_log`] waits for a snapshot it asked for (or for the one being built
+/// when it asked, which openraft finishes instead) before it gives up on it: a snapshot
+/// that failed never lands.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Keeps the log of `raft` (whose store is `store`) within `share` bytes beyond its
-/// snapshot, until the group shuts down: asks for a snapshot once the log grew by
-/// `share` bytes, or by the size of the last snapshot (`snapshot`) if larger, since the
-/// last snapshot; and after every snapshot (its own or one openraft made by entry count)
-/// purges the entries behind it past `share` bytes. Runs as a task of its own.
+/// snapshot, until the group shuts down: asks for a snapshot once the entries after the
+/// last one come to `share` bytes, or to the size of that snapshot (`snapshot`) if
+/// larger; and after every snapshot (its own or one openraft made by entry count) purges
+/// the entries behind it past `share` bytes. Runs as a task of its own.
 pub(crate) async fn bound_log(
     raft: ShardGroup,
     store: LogStore,
@@ -340,7 +350,8 @@ pub(crate) async fn bound_log(
 ) {
     let mut snapshots = raft.watch_snapshot_progress();
     loop {
-        store.tell_after(share.max(snapshot.bytes()));
+        let beyond = store.bytes_after(snapshots.get().map(|l| l.index));
+        store.tell_after(share.max(snapshot.bytes()).saturating_sub(beyond));
         tokio::select! {
             () = store.growth.reached.notified() => {
                 if raft.trigger().snapshot().await.is_err() {
@@ -349,7 +360,7 @@ pub(crate) async fn bound_log(
                 match tokio::time::timeout(SNAPSHOT_WAIT, snapshots.changed()).await {
                     Ok(Err(_)) => return,
                     Ok(Ok(())) => {}
-                    // Asked again from the log's size now.
+                    // None made (it failed): asked again.
                     Err(_) => continue,
                 }
             }
@@ -357,10 +368,10 @@ pub(crate) async fn bound_log(
                 return;
             },
         }
-        let Some(snapshot) = snapshots.get() else {
+        let Some(covered) = snapshots.get() else {
             continue;
         };
-        if let Some(upto) = store.purge_point(snapshot.index, share)
+        if let Some(upto) = store.purge_point(covered.index, share)
             && raft.trigger().purge_log(upto).await.is_err()
         {
             return;
