@@ -302,6 +302,13 @@ async fn propose(leader: &TestMember, commands: &[Vec<u8>]) -> u64 {
     last
 }
 
+/// Snapshots by entry count as a node in service takes them (the test members' own are
+/// far more frequent).
+fn service_snapshots(s: &mut openraft::Config) {
+    s.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(super::SNAPSHOT_AFTER_ENTRIES);
+    s.max_in_snapshot_log_to_keep = 1_000;
+}
+
 /// A log of large entries keeps within its share of bytes beyond its snapshot: the group
 /// snapshots by bytes long before the entry count (10,000) would have it, and purges
 /// what lies behind the snapshot past the share (openraft alone keeps 1,000 entries
@@ -314,18 +321,7 @@ async fn a_log_of_large_entries_keeps_within_its_share_of_bytes() {
     let dir = TempDir::new("log-bytes");
     let mut engine = EngineConfig::default();
     engine.snapshot_after_bytes = SHARE;
-    let member = start_member_tuned(
-        1,
-        &dir.0,
-        "127.0.0.1:0",
-        |s| {
-            s.snapshot_policy =
-                openraft::SnapshotPolicy::LogsSinceLast(super::SNAPSHOT_AFTER_ENTRIES);
-            s.max_in_snapshot_log_to_keep = 1_000;
-        },
-        engine,
-    )
-    .await;
+    let member = start_member_tuned(1, &dir.0, "127.0.0.1:0", service_snapshots, engine).await;
     form_group(std::slice::from_ref(&member)).await;
     leader_of(std::slice::from_ref(&member)).await;
     let mut most = 0;
@@ -360,6 +356,47 @@ async fn a_log_of_large_entries_keeps_within_its_share_of_bytes() {
         snapshot > 0 && last < super::SNAPSHOT_AFTER_ENTRIES,
         "no snapshot by bytes (snapshot at {snapshot}, log at {last})"
     );
+    member.stop().await;
+}
+
+/// A member that starts with more log beyond its snapshot than its share (restarted
+/// with a smaller share, or after a crash) snapshots and purges at once, without waiting
+/// for more appends. Before, its keeper counted only the bytes appended after it started,
+/// so with nothing more appended the log stayed as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_starting_over_its_share_of_log_snapshots_at_once() {
+    const SHARE: u64 = 256 << 10;
+    let commands = large_writes_taken(100, 16 << 10);
+    let dir = TempDir::new("log-bytes-restart");
+    // The default share (64 MiB) holds the whole log.
+    let member = start_member_tuned(
+        1,
+        &dir.0,
+        "127.0.0.1:0",
+        service_snapshots,
+        EngineConfig::default(),
+    )
+    .await;
+    form_group(std::slice::from_ref(&member)).await;
+    leader_of(std::slice::from_ref(&member)).await;
+    let last = propose(&member, &commands).await;
+    applied(&member, last).await;
+    let before = member.log.kept_bytes();
+    assert!(before > 4 * SHARE, "only {before} bytes of log");
+    member.stop().await;
+
+    let mut engine = EngineConfig::default();
+    engine.snapshot_after_bytes = SHARE;
+    let member = start_member_tuned(1, &dir.0, "127.0.0.1:0", service_snapshots, engine).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while member.log.kept_bytes() > 2 * SHARE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted member still keeps {} bytes of log (share {SHARE})",
+            member.log.kept_bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     member.stop().await;
 }
 
