@@ -102,7 +102,8 @@ struct Args {
     /// node shares them among its shards: each snapshots once its Raft log grew by its
     /// share (or by the size of its last snapshot, if larger), and keeps at most its share
     /// of entries behind its snapshot; so the node's logs hold about this much memory
-    /// beyond their snapshots, whatever the entries' size.
+    /// beyond their snapshots (more only where a shard's snapshot is larger than its
+    /// share), whatever the entries' size.
     #[arg(long, default_value_t = space_core::DEFAULT_SNAPSHOT_AFTER_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_after_bytes: u64,
     /// A replicated node snapshots each shard once its log grew by this many entries (or

@@ -10,9 +10,10 @@
 //! Snapshots by entry count alone would let a log of large entries grow without bound
 //! (10,000 entries of a MiB each, per shard) while the state stays small (each entry
 //! written, then taken). [`bound_log`] keeps every group's log within a share of bytes:
-//! it has the group snapshot once its log grew by the share (or by the size of the last
-//! snapshot, if larger: no more than about as many bytes written again as appended), and
-//! keeps no more than the share of entries behind a snapshot for followers that lag.
+//! it has the group snapshot once the entries after its last snapshot come to the share
+//! (or to that snapshot's size, if larger: no more than about as many bytes written
+//! again as appended), and keeps no more than the share of entries behind a snapshot for
+//! followers that lag.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

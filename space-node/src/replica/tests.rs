@@ -309,6 +309,33 @@ fn service_snapshots(s: &mut openraft::Config) {
     s.max_in_snapshot_log_to_keep = 1_000;
 }
 
+/// Starts member 1 on `dir`, its engines (and log's share) configured by `engine`,
+/// snapshotting by entry count as in service; a group of its own once formed.
+async fn start_lone_member(dir: &std::path::Path, engine: EngineConfig) -> TestMember {
+    start_member_tuned(1, dir, "127.0.0.1:0", service_snapshots, engine).await
+}
+
+/// Engines whose log keeps a share of `bytes` beyond its snapshot.
+fn log_share(bytes: u64) -> EngineConfig {
+    let mut engine = EngineConfig::default();
+    engine.snapshot_after_bytes = bytes;
+    engine
+}
+
+/// Waits (up to 10 s) until `member` keeps at most `bytes` of log.
+async fn log_settles_within(member: &TestMember, bytes: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while member.log.kept_bytes() > bytes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "member {} still keeps {} bytes of log, over {bytes}",
+            member.id,
+            member.log.kept_bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A log of large entries keeps within its share of bytes beyond its snapshot: the group
 /// snapshots by bytes long before the entry count (10,000) would have it, and purges
 /// what lies behind the snapshot past the share (openraft alone keeps 1,000 entries
@@ -319,9 +346,7 @@ async fn a_log_of_large_entries_keeps_within_its_share_of_bytes() {
     const SHARE: u64 = 256 << 10;
     let commands = large_writes_taken(200, 16 << 10);
     let dir = TempDir::new("log-bytes");
-    let mut engine = EngineConfig::default();
-    engine.snapshot_after_bytes = SHARE;
-    let member = start_member_tuned(1, &dir.0, "127.0.0.1:0", service_snapshots, engine).await;
+    let member = start_lone_member(&dir.0, log_share(SHARE)).await;
     form_group(std::slice::from_ref(&member)).await;
     leader_of(std::slice::from_ref(&member)).await;
     let mut most = 0;
@@ -338,15 +363,7 @@ async fn a_log_of_large_entries_keeps_within_its_share_of_bytes() {
         "the log kept up to {most} bytes against a share of {SHARE}"
     );
     // Once the last snapshot lands, at most a share behind it and a share after it.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while member.log.kept_bytes() > 2 * SHARE {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the log still keeps {} bytes",
-            member.log.kept_bytes()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    log_settles_within(&member, 2 * SHARE).await;
     let snapshot = member
         .raft
         .watch_snapshot_progress()
@@ -369,14 +386,7 @@ async fn a_member_starting_over_its_share_of_log_snapshots_at_once() {
     let commands = large_writes_taken(100, 16 << 10);
     let dir = TempDir::new("log-bytes-restart");
     // The default share (64 MiB) holds the whole log.
-    let member = start_member_tuned(
-        1,
-        &dir.0,
-        "127.0.0.1:0",
-        service_snapshots,
-        EngineConfig::default(),
-    )
-    .await;
+    let member = start_lone_member(&dir.0, EngineConfig::default()).await;
     form_group(std::slice::from_ref(&member)).await;
     leader_of(std::slice::from_ref(&member)).await;
     let last = propose(&member, &commands).await;
@@ -385,18 +395,8 @@ async fn a_member_starting_over_its_share_of_log_snapshots_at_once() {
     assert!(before > 4 * SHARE, "only {before} bytes of log");
     member.stop().await;
 
-    let mut engine = EngineConfig::default();
-    engine.snapshot_after_bytes = SHARE;
-    let member = start_member_tuned(1, &dir.0, "127.0.0.1:0", service_snapshots, engine).await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while member.log.kept_bytes() > 2 * SHARE {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the restarted member still keeps {} bytes of log (share {SHARE})",
-            member.log.kept_bytes()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let member = start_lone_member(&dir.0, log_share(SHARE)).await;
+    log_settles_within(&member, 2 * SHARE).await;
     member.stop().await;
 }
 
