@@ -79,6 +79,15 @@ impl Kept {
     }
 }
 
+/// Bytes of entries one append to a follower carries at most (beyond its first entry,
+/// which goes whatever its size). Every group on a node sends to a peer over one
+/// connection, and a heartbeat waits behind the appends before it there: bounded appends
+/// keep it within its deadline (150 ms) while logs of large entries replicate. Unbounded,
+/// an append carried openraft's `max_payload_entries` (300) entries, 9 MiB of 32 KiB
+/// entries; a few groups' such appends held a connection's heartbeats and votes past
+/// their deadlines, leaders lost their quorum and writes failed.
+pub(crate) const APPEND_BYTES: u64 = 256 * 1024;
+
 /// How many bytes a log has taken in, and the mark past which its keeper is told.
 struct Growth {
     appended: AtomicU64,
@@ -225,6 +234,26 @@ impl RaftLogReader<Shard> for LogStore {
             .entries
             .range(range)
             .map(|(_, h)| h.entry.clone())
+            .collect())
+    }
+
+    /// The entries from `start` before `end` that fit in [`APPEND_BYTES`] (at least the
+    /// first): what one append to a follower carries.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let kept = self.kept.lock();
+        let mut bytes = 0u64;
+        Ok(kept
+            .entries
+            .range(start..end)
+            .enumerate()
+            .take_while(|(i, (_, h))| {
+                bytes += h.bytes;
+                *i == 0 || bytes <= APPEND_BYTES
+            })
+            .map(|(_, (_, h))| h.entry.clone())
             .collect())
     }
 

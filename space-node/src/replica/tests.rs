@@ -43,6 +43,80 @@ async fn log_store_and_state_machine_pass_openrafts_storage_suite() {
     Suite::test_all(OnDisk).await.expect("storage suite");
 }
 
+/// One append to a follower carries at most `APPEND_BYTES` of entries beyond its first
+/// (whatever its size), and never none: a follower far behind on a log of large entries
+/// is fed in pieces a heartbeat does not wait behind for long, each well within a peer
+/// frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_carries_a_bounded_number_of_bytes() {
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::{EntryPayload, RaftLogReader};
+
+    use super::log_store::APPEND_BYTES;
+    use super::{Entry, Proposal};
+
+    let dir = TempDir::new("append-bound");
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).expect("host");
+    let (log, image) = host.open_log(7).expect("log");
+    let mut store = LogStore::open(log, image).expect("store");
+    let entry = |index: u64, bytes: usize| Entry {
+        log_id: openraft::testing::log_id::<Shard>(1, 1, index),
+        payload: EntryPayload::Normal(Proposal {
+            origin: None,
+            command: vec![7; bytes],
+        }),
+    };
+    // 1..=40: 16 KiB each (640 KiB in all); 41: larger than a whole append.
+    let mut entries: Vec<Entry> = (1..=40).map(|i| entry(i, 16 << 10)).collect();
+    entries.push(entry(41, 2 * APPEND_BYTES as usize));
+    store
+        .append(entries, IOFlushed::noop())
+        .await
+        .expect("append");
+    let mut reader = store.get_log_reader().await;
+    let mut sent = Vec::new();
+    let mut next = 1;
+    while next <= 41 {
+        let got = reader
+            .limited_get_log_entries(next, 42)
+            .await
+            .expect("read");
+        assert!(!got.is_empty(), "nothing to send from {next}");
+        assert_eq!(got[0].log_id.index, next, "an append starts where asked");
+        let bytes: usize = got
+            .iter()
+            .skip(1)
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(p) => p.command.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(
+            bytes <= APPEND_BYTES as usize,
+            "an append from {next} carries {bytes} bytes beyond its first entry"
+        );
+        next = got.last().map_or(next, |e| e.log_id.index + 1);
+        sent.push(got.len());
+    }
+    // 40 entries of 16 KiB in appends of at most 256 KiB (15 entries with their
+    // encoding), then the large one alone.
+    assert!(sent.len() >= 4, "appends: {sent:?}");
+    assert_eq!(
+        sent.last(),
+        Some(&1),
+        "the large entry goes alone: {sent:?}"
+    );
+    assert_eq!(sent.iter().sum::<usize>(), 41);
+    // An empty range gives nothing.
+    assert!(
+        reader
+            .limited_get_log_entries(5, 5)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+}
+
 /// Commands as a durable engine logs them: 300 writes (some leased), 100 takes and 20
 /// claims. Returns them in log order and the number of entries they leave.
 fn some_commands() -> (Vec<Vec<u8>>, u64) {
