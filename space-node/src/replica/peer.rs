@@ -247,9 +247,9 @@ impl PeerService for PeerServer {
         let Some(whole) = self.receive(group, chunk)? else {
             return Ok(None);
         };
-        let snapshot = openraft::alias::SnapshotOf::<Shard, Vec<u8>> {
+        let snapshot = openraft::alias::SnapshotOf::<Shard, bytes::Bytes> {
             meta: whole.meta,
-            snapshot: whole.image,
+            snapshot: whole.image.into(),
         };
         raft.install_full_snapshot(whole.vote, snapshot)
             .await
@@ -525,7 +525,7 @@ fn rpc_failure(
 }
 
 impl GroupRouter<Shard, GroupId> for PeerRouter {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = bytes::Bytes;
 
     async fn append_entries(
         &self,
@@ -596,7 +596,7 @@ impl GroupRouter<Shard, GroupId> for PeerRouter {
         target: MemberId,
         group: GroupId,
         vote: Vote,
-        snapshot: openraft::alias::SnapshotOf<Shard, Vec<u8>>,
+        snapshot: openraft::alias::SnapshotOf<Shard, bytes::Bytes>,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<Shard>, StreamingError<Shard>> {

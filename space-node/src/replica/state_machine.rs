@@ -10,6 +10,8 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -22,9 +24,27 @@ use space_core::server::{Applied, Engine, LogHost};
 use super::leader::Leadership;
 use super::{LogId, Shard, io_error};
 
-/// A snapshot as it is kept and sent: Raft's metadata and the engine's image.
-#[derive(Clone, Serialize, Deserialize)]
+/// A snapshot as it is kept and sent: Raft's metadata and the engine's image. The
+/// image is shared, not copied, between the file writer, the newest snapshot and the
+/// followers it is sent to: a shard's image may be hundreds of MiB (its answers hold the
+/// entries taken in the last minute).
+#[derive(Clone)]
 struct Kept {
+    meta: SnapshotMetaOf<Shard>,
+    image: Bytes,
+}
+
+/// A snapshot as its file holds it (postcard: the metadata, then the image's bytes).
+#[derive(Serialize)]
+struct KeptFile<'a> {
+    meta: &'a SnapshotMetaOf<Shard>,
+    #[serde(with = "serde_bytes")]
+    image: &'a [u8],
+}
+
+/// A snapshot file read back (the layout of [`KeptFile`]).
+#[derive(Deserialize)]
+struct ReadFile {
     meta: SnapshotMetaOf<Shard>,
     #[serde(with = "serde_bytes")]
     image: Vec<u8>,
@@ -99,13 +119,18 @@ impl StateMachine {
         if let Some(path) = file.filter(|p| p.exists()) {
             let bytes =
                 std::fs::read(&path).map_err(|e| io_error(format!("{}: {e}", path.display())))?;
-            let kept: Kept = postcard::from_bytes(&bytes)
+            let file: ReadFile = postcard::from_bytes(&bytes)
                 .map_err(|e| io_error(format!("{}: damaged snapshot: {e}", path.display())))?;
+            let kept = Kept {
+                meta: file.meta,
+                image: file.image.into(),
+            };
             let made = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .unwrap_or_else(|_| std::time::SystemTime::now());
             report_snapshot(group, &kept, made);
-            machine.load(kept)?;
+            let engine = machine.engine_of(&kept)?;
+            machine.load(kept, engine);
         }
         Ok(machine)
     }
@@ -135,17 +160,19 @@ impl StateMachine {
         self.leadership.clone()
     }
 
-    /// Replaces the state with a snapshot's.
-    fn load(&mut self, kept: Kept) -> io::Result<()> {
-        let engine =
-            Engine::replica_from_image(self.host.as_deref(), self.config.clone(), &kept.image)
-                .map_err(io_error)?;
+    /// A replica engine holding `kept`'s state (blocks while it decodes the image).
+    fn engine_of(&self, kept: &Kept) -> io::Result<Engine> {
+        Engine::replica_from_image(self.host.as_deref(), self.config.clone(), &kept.image)
+            .map_err(io_error)
+    }
+
+    /// Replaces the state with a snapshot's, whose state `engine` holds.
+    fn load(&mut self, kept: Kept, engine: Engine) {
         let old = std::mem::replace(&mut *self.engine.0.lock(), engine);
         old.close();
         self.applied = kept.meta.last_log_id;
         self.membership = kept.meta.last_membership.clone();
         *self.current.lock() = Some(kept);
-        Ok(())
     }
 }
 
@@ -159,12 +186,17 @@ fn report_snapshot(group: super::GroupId, kept: &Kept, made: std::time::SystemTi
     metrics::gauge!("space_snapshot_created_timestamp_seconds", "shard" => shard).set(at);
 }
 
-/// Writes `kept` to `file` whole (a temporary file, fsynced, renamed into place).
+/// Writes `kept` to `file` whole (a temporary file, fsynced, renamed into place),
+/// streamed: the image is not copied into one more buffer first.
 fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
-    let bytes = postcard::to_stdvec(kept).map_err(io_error)?;
     let tmp = file.with_extension("snap.tmp");
-    std::fs::write(&tmp, &bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
+    let out = io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let view = KeptFile {
+        meta: &kept.meta,
+        image: &kept.image,
+    };
+    let out = postcard::to_io(&view, out).map_err(io_error)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, file)?;
     if let Some(dir) = file.parent() {
         std::fs::File::open(dir)?.sync_all()?;
@@ -182,9 +214,9 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = Bytes;
 
-    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<Shard, Vec<u8>>> {
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<Shard, Bytes>> {
         if let Some(file) = self.file.clone() {
             let kept = self.kept.clone();
             tokio::task::spawn_blocking(move || keep(&file, &kept))
@@ -193,7 +225,7 @@ impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
         }
         report_snapshot(self.group, &self.kept, std::time::SystemTime::now());
         *self.current.lock() = Some(self.kept.clone());
-        Ok(SnapshotOf::<Shard, Vec<u8>> {
+        Ok(SnapshotOf::<Shard, Bytes> {
             meta: self.kept.meta.clone(),
             snapshot: self.kept.image.clone(),
         })
@@ -201,7 +233,7 @@ impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
 }
 
 impl RaftStateMachine<Shard> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = Bytes;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembershipOf<Shard>)> {
@@ -274,15 +306,25 @@ impl RaftStateMachine<Shard> for StateMachine {
         Ok(())
     }
 
+    /// Cuts the image on a blocking thread: nothing applies meanwhile (this task waits
+    /// for it), and the node's other tasks (heartbeats among them) keep their thread
+    /// while a large state is encoded.
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         let applied_index = self.applied.as_ref().map_or(0, |l| l.index);
+        let engine = self.engine.engine();
+        let image = match tokio::task::spawn_blocking(move || engine.image(applied_index)).await {
+            Ok(image) => image,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // No blocking thread (the runtime is shutting down): cut here.
+            Err(_) => self.engine.engine().image(applied_index),
+        };
         SnapshotBuilder {
             kept: Kept {
                 meta: SnapshotMetaOf::<Shard> {
                     last_log_id: self.applied,
                     last_membership: self.membership.clone(),
                 },
-                image: self.engine.engine().image(applied_index),
+                image: image.into(),
             },
             current: self.current.clone(),
             file: self.file.clone(),
@@ -290,31 +332,38 @@ impl RaftStateMachine<Shard> for StateMachine {
         }
     }
 
+    /// Writes the snapshot down and decodes its state on a blocking thread (see
+    /// [`get_snapshot_builder`](Self::get_snapshot_builder)).
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf<Shard>,
-        snapshot: Vec<u8>,
+        snapshot: Bytes,
     ) -> io::Result<()> {
         let kept = Kept {
             meta: meta.clone(),
             image: snapshot,
         };
-        if let Some(file) = self.file.clone() {
-            let kept = kept.clone();
-            tokio::task::spawn_blocking(move || keep(&file, &kept))
-                .await
-                .map_err(io_error)??;
-        }
+        let (file, decode) = (self.file.clone(), kept.clone());
+        let (host, config) = (self.host.clone(), self.config.clone());
+        let engine = tokio::task::spawn_blocking(move || {
+            if let Some(file) = file {
+                keep(&file, &decode)?;
+            }
+            Engine::replica_from_image(host.as_deref(), config, &decode.image).map_err(io_error)
+        })
+        .await
+        .map_err(io_error)??;
         report_snapshot(self.group, &kept, std::time::SystemTime::now());
-        self.load(kept)
+        self.load(kept, engine);
+        Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<Shard, Vec<u8>>>> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<Shard, Bytes>>> {
         Ok(self
             .current
             .lock()
             .clone()
-            .map(|k| SnapshotOf::<Shard, Vec<u8>> {
+            .map(|k| SnapshotOf::<Shard, Bytes> {
                 meta: k.meta,
                 snapshot: k.image,
             }))

@@ -117,6 +117,36 @@ async fn an_append_carries_a_bounded_number_of_bytes() {
     );
 }
 
+/// A state machine cuts its snapshot image on a blocking thread: the node's other tasks
+/// (heartbeats among them) run on the node's threads while a large state is encoded. A
+/// task that only counts its turns on a one-threaded runtime gets turns while the cut is
+/// waited for; cut inline, it would get none.
+#[tokio::test(flavor = "current_thread")]
+async fn cutting_a_snapshot_leaves_the_thread_to_other_tasks() {
+    use openraft::storage::RaftStateMachine;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let dir = TempDir::new("cut");
+    let host = LogHost::open(&dir.0, &EngineConfig::default()).expect("host");
+    let mut machine =
+        StateMachine::open(7, Some(&host), EngineConfig::default()).expect("state machine");
+    let turns = Arc::new(AtomicU64::new(0));
+    let counter = tokio::spawn({
+        let turns = turns.clone();
+        async move {
+            loop {
+                turns.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let before = turns.load(Ordering::Relaxed);
+    let _builder = machine.get_snapshot_builder().await;
+    let during = turns.load(Ordering::Relaxed) - before;
+    counter.abort();
+    assert!(during > 0, "no other task ran while the image was cut");
+}
+
 /// Commands as a durable engine logs them: 300 writes (some leased), 100 takes and 20
 /// claims. Returns them in log order and the number of entries they leave.
 fn some_commands() -> (Vec<Vec<u8>>, u64) {
