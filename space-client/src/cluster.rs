@@ -741,13 +741,24 @@ impl Cluster {
                     if (keyed || matches!(e, SpaceError::WrongNode { .. }))
                         && reroutes.another() =>
                 {
-                    reached = true;
+                    // `WrongNode` to a keyless batch that reached no node before: nothing
+                    // of it was done anywhere (a node that leads no shard takes nothing),
+                    // and it has still reached none.
+                    let done_nowhere =
+                        movable && !reached && matches!(e, SpaceError::WrongNode { .. });
+                    reached |= !done_nowhere;
                     self.refresh().await?;
                     // Keyed batches all have the same owner; follow it. A keyless one is
                     // asked again where it was: another node that has not seen its id
-                    // would not look for an earlier run of it, and could write it twice.
+                    // would not look for an earlier run of it, and could write it twice;
+                    // unless it was done nowhere, when the next other node takes it.
                     let next = match batch.iter().find_map(|(_, k)| k.as_ref()) {
                         Some(k) => self.owner_addr(k)?,
+                        None if done_nowhere => self
+                            .live_in_turn(&self.next_writer)
+                            .into_iter()
+                            .find(|a| *a != addr)
+                            .unwrap_or_else(|| addr.clone()),
                         None => addr.clone(),
                     };
                     if next == addr {

@@ -87,9 +87,12 @@ impl NodeState {
                 // it is (the first of `serving`).
                 let keyless = if entries.iter().any(|(_, k)| k.is_none()) {
                     // The first led shard that has its quorum (one without could not
-                    // commit them).
-                    let mut refusal = SpaceError::Unavailable {
-                        reason: "this node leads no shard now".into(),
+                    // commit them). A node that leads none (restarted, its shards led
+                    // elsewhere until they move back) did nothing: another node takes
+                    // the write.
+                    let mut refusal = SpaceError::WrongNode {
+                        epoch: shards.topology().epoch,
+                        owner: None,
                     };
                     let mut chosen = None;
                     for (i, (shard, _)) in led.iter().enumerate() {

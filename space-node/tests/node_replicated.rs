@@ -1215,6 +1215,38 @@ async fn kill_node_3_behind_the_clients_back(
     }
 }
 
+/// Keyless writes go on while a node that restarted leads no shard yet (its shards
+/// moved while it was away, and move back only later): the client, whose topology still
+/// names it an owner, is told by it that it took nothing, and writes on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_writes_go_on_while_a_restarted_node_leads_no_shard() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, dirs, mut nodes, space) = three_nodes_led().await;
+    kill_node_3_behind_the_clients_back(&addrs, &mut nodes, &space).await;
+    nodes[2] = Some(start(&addrs[2], &dirs[2], &addrs.join(",")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shards_of(&addrs[2]).await.is_empty() {
+        assert!(Instant::now() < deadline, "node 3 never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        shards_led_by(&addrs[0], NodeId(3)).await.is_empty(),
+        "node 3 led a shard again at once"
+    );
+    for id in 0..30 {
+        if let Err(e) = space.write(&Job { id }).await {
+            panic!("keyless write {id}: {e}");
+        }
+    }
+    // The writes were made while node 3 led nothing (its shards move back later).
+    assert!(shards_led_by(&addrs[0], NodeId(3)).await.is_empty());
+    let jobs = space
+        .take_all::<Job>(&Query::of::<Job>(), 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 30, "every write is there once");
+}
+
 /// Writes `orders` in one batch, which must succeed whole: every order is there after.
 async fn written_whole(space: &space_client::Space, orders: &[Order]) {
     use space_client::IntoKey;
