@@ -461,6 +461,33 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 /// Runs the replicated workload and prints the medians as JSON.
+/// Measurements of one system that may fail before one succeeds: a call of either
+/// system's client that times out once (seen of JetStream's fetches) must not end the
+/// bench.
+const MEASURE_TRIES: usize = 3;
+
+/// `measure`, made again (up to [`MEASURE_TRIES`] in all) when it fails, saying so on the
+/// bench's output and counting it in `repeated`.
+fn measured(
+    what: &str,
+    run: usize,
+    repeated: &mut usize,
+    measure: impl Fn() -> Result<Measured>,
+) -> Result<Measured> {
+    let mut tries = 1;
+    loop {
+        match measure() {
+            Ok(m) => return Ok(m),
+            Err(e) if tries < MEASURE_TRIES => {
+                println!("run {run}: the {what} measurement failed ({e:#}); measuring it again");
+                tries += 1;
+                *repeated += 1;
+            }
+            Err(e) => return Err(e.context(format!("run {run}: the {what} measurement"))),
+        }
+    }
+}
+
 pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -489,8 +516,11 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
         })
     };
     let mut rows: Vec<[f64; 8]> = Vec::new();
+    let mut repeated = 0;
     for run in 1..=runs {
-        let (r3, r1, js) = (space(3)?, space(1)?, jetstream()?);
+        let r3 = measured("rf3", run, &mut repeated, || space(3))?;
+        let r1 = measured("rf1", run, &mut repeated, || space(1))?;
+        let js = measured("JetStream R3", run, &mut repeated, jetstream)?;
         let row = [
             r3.rate,
             r1.rate,
@@ -545,6 +575,7 @@ pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
             "jetstream_cpu_us_per_op": col(5),
             "space_client_cpu_us_per_op": col(6),
             "jetstream_client_cpu_us_per_op": col(7),
+            "measurements_repeated": repeated,
             "failover_kills": kills,
             "failover_p50_ms": ms(&failover, 0.5),
             "failover_p99_ms": ms(&failover, 0.99),
