@@ -79,8 +79,8 @@ impl Kept {
     }
 }
 
-/// Bytes of entries one append to a follower carries at most (beyond its first entry,
-/// which goes whatever its size). Every group on a node sends to a peer over one
+/// Bytes of entries one append to a follower carries at most (an entry larger than that
+/// goes alone). Every group on a node sends to a peer over one
 /// connection, and a heartbeat waits behind the appends before it there: bounded appends
 /// keep it within its deadline (150 ms) while logs of large entries replicate. Unbounded,
 /// an append carried openraft's `max_payload_entries` (300) entries, 9 MiB of 32 KiB
