@@ -719,9 +719,39 @@ impl Cluster {
                 lease,
                 labels: labels.to_vec(),
             };
-            let answer = match self.node(&addr).await {
-                Ok(conn) => conn.call_with_id(id, request).await,
-                Err(e) => Err(e),
+            let call = async {
+                match self.node(&addr).await {
+                    Ok(conn) => conn.call_with_id(id, request).await,
+                    Err(e) => Err(e),
+                }
+            };
+            // Keyed entries follow their owner if it dies with the call under way (as
+            // `to_owner_as` does): the new owner answers the same id with its first
+            // answer if the old owner's write was committed.
+            let followed = batch
+                .iter()
+                .find_map(|(_, k)| k.as_ref())
+                .filter(|_| keyed && moves < REROUTES);
+            // `None`: the owner died with the call under way, and the keys have another.
+            let answer = match followed {
+                Some(k) => tokio::select! {
+                    answer = call => Some(answer),
+                    () = self.owner_moved_from(k, &addr) => None,
+                },
+                None => Some(call.await),
+            };
+            let Some(answer) = answer else {
+                moves += 1;
+                reached = true;
+                if first {
+                    self.declared
+                        .lock()
+                        .remove(&(addr.clone(), entry_type.to_owned()));
+                }
+                if let Some(k) = followed {
+                    addr = self.owner_addr(k)?;
+                }
+                continue;
             };
             if first && answer.is_err() {
                 // Not written there (or not known to be): its indexes go with the next write.

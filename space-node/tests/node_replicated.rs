@@ -1247,6 +1247,45 @@ async fn keyless_writes_go_on_while_a_restarted_node_leads_no_shard() {
     assert_eq!(jobs.len(), 30, "every write is there once");
 }
 
+/// A keyed write under way when its shard's leader dies (sent, and no answer: the node
+/// froze, then was killed) goes to the shard's new leader with the same id, and is
+/// written. Left to the dead node's connection, its retries (refused) spent the client's
+/// whole retry window and failed `Unreachable` (seen in CI, in the five-node test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
+    use space_tests::process::{Signal, signal};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes, space) = three_nodes_led().await;
+    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "frozen").await;
+    let (warm, number) = (keys.next().unwrap(), keys.next().unwrap());
+    // The client knows the shard's leader, and is connected to it.
+    space.write(&Order { number: warm }).await.unwrap();
+    let node_3 = nodes[2].as_ref().map(NodeProcess::pid).unwrap();
+    signal(node_3, Signal::Stop).expect("freeze node 3");
+    let order = Order { number };
+    let write = tokio::spawn({
+        let (space, order) = (space.clone(), order.clone());
+        async move { space.write(&order).await }
+    });
+    // Sent, and waiting on the frozen node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the frozen node answered");
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    write
+        .await
+        .unwrap()
+        .expect("the write reaches the shard's new leader");
+    assert_eq!(
+        space
+            .read_key::<Order>(&Key::Name(order.number.clone()))
+            .await
+            .unwrap(),
+        Some(order),
+    );
+}
+
 /// Writes `orders` in one batch, which must succeed whole: every order is there after.
 async fn written_whole(space: &space_client::Space, orders: &[Order]) {
     use space_client::IntoKey;
