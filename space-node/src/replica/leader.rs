@@ -387,7 +387,7 @@ pub async fn follow_leadership(
             hand_term_over(&raft, id).await;
         } else if leads
             && leadership.term().is_none()
-            && let Err(e) = lead(&raft, &slot, &leadership, term, host.as_deref(), &config).await
+            && let Err(e) = lead(&raft, &slot, &leadership, term, host.clone(), &config).await
         {
             if failed_in == Some(term) {
                 tracing::debug!(member = id, term, error = %e, "could not start leading yet");
@@ -447,7 +447,7 @@ async fn lead(
     slot: &EngineSlot,
     leadership: &Leadership,
     term: u64,
-    host: Option<&LogHost>,
+    host: Option<Arc<LogHost>>,
     config: &EngineConfig,
 ) -> Result<(), String> {
     #[cfg(test)]
@@ -462,12 +462,14 @@ async fn lead(
         .await
         .map_err(|e| e.to_string())?;
     let slot = slot.clone();
-    // Cut on the state machine's task, between two applies.
+    // Cut while the state machine's task waits, between two applies; encoded, and
+    // decoded below, on blocking threads (a state of hundreds of MB would hold the
+    // node's heartbeats up).
     let image = raft
         .with_state_machine(move |sm: &mut super::StateMachine| {
             let applied = sm.applied_index();
-            let image = slot.engine().image(applied);
-            Box::pin(async move { image })
+            let engine = slot.engine();
+            Box::pin(super::state_machine::image_off_thread(engine, applied))
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -480,8 +482,13 @@ async fn lead(
         return Err(format!("the leadership of term {term} already ended"));
     }
     let (session, mut outbox) = Session::new(term, under.node_id);
-    let engine = Engine::leading(host, config.clone(), &image, session.clone())
-        .map_err(|e| e.to_string())?;
+    let (config, proposals) = (config.clone(), session.clone());
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::leading(host.as_deref(), config, &image, proposals)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     *leadership.lead.lock() = Some(Lead {
         session: session.clone(),
         engine,

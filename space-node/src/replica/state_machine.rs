@@ -204,6 +204,20 @@ fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
     Ok(())
 }
 
+/// `engine`'s state image as of `applied` (`Engine::image`), cut on a blocking thread
+/// while the caller waits: called from the state machine's task, nothing applies
+/// meanwhile, and the node's other tasks (heartbeats among them) keep its worker thread
+/// while a large state is encoded.
+pub(super) async fn image_off_thread(engine: Engine, applied: u64) -> Vec<u8> {
+    let cut = engine.clone();
+    match tokio::task::spawn_blocking(move || cut.image(applied)).await {
+        Ok(image) => image,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // No blocking thread (the runtime is shutting down): cut here.
+        Err(_) => engine.image(applied),
+    }
+}
+
 /// Makes one snapshot: the image was cut when the builder was made (between two
 /// applies), so building only writes it down.
 pub struct SnapshotBuilder {
@@ -306,18 +320,10 @@ impl RaftStateMachine<Shard> for StateMachine {
         Ok(())
     }
 
-    /// Cuts the image on a blocking thread: nothing applies meanwhile (this task waits
-    /// for it), and the node's other tasks (heartbeats among them) keep their thread
-    /// while a large state is encoded.
+    /// Cuts the image on a blocking thread ([`image_off_thread`]).
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         let applied_index = self.applied.as_ref().map_or(0, |l| l.index);
-        let engine = self.engine.engine();
-        let image = match tokio::task::spawn_blocking(move || engine.image(applied_index)).await {
-            Ok(image) => image,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // No blocking thread (the runtime is shutting down): cut here.
-            Err(_) => self.engine.engine().image(applied_index),
-        };
+        let image = image_off_thread(self.engine.engine(), applied_index).await;
         SnapshotBuilder {
             kept: Kept {
                 meta: SnapshotMetaOf::<Shard> {
