@@ -1277,6 +1277,11 @@ async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
         .await
         .unwrap()
         .expect("the write reaches the shard's new leader");
+    is_there(&space, order).await;
+}
+
+/// Asserts that `order` is there, read by its key.
+async fn is_there(space: &space_client::Space, order: Order) {
     assert_eq!(
         space
             .read_key::<Order>(&Key::Name(order.number.clone()))
@@ -1525,13 +1530,7 @@ async fn a_call_by_key_finds_its_shards_new_leader_among_five_nodes() {
         .write(&order)
         .await
         .expect("the write reaches the shard's new leader");
-    assert_eq!(
-        space
-            .read_key::<Order>(&Key::Name(order.number.clone()))
-            .await
-            .unwrap(),
-        Some(order),
-    );
+    is_there(&space, order).await;
 }
 
 /// A node's `--max-bytes` bounds what it holds of the shards other nodes lead, too: on
