@@ -460,7 +460,6 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 100.0).round() / 10.0
 }
 
-/// Runs the replicated workload and prints the medians as JSON.
 /// Measurements of one system that may fail before one succeeds: a call of either
 /// system's client that times out once (seen of JetStream's fetches) must not end the
 /// bench.
@@ -488,6 +487,7 @@ fn measured(
     }
 }
 
+/// Runs the replicated workload and prints the medians as JSON.
 pub fn run(runs: usize, seconds: u64, kills: usize, shards: u32) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
