@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Result, SpaceError};
 
@@ -249,6 +249,10 @@ struct Pending {
     /// The highest entry index each log appended in `buf`.
     max_index: HashMap<LogId, u64>,
     logs: HashMap<LogId, Tail>,
+    /// Something waits for what `buf` holds (an append, or a wait for durability): the
+    /// writer writes `buf` only then, so that records kept lazily ride along with the next
+    /// group commit instead of starting one of their own.
+    wanted: bool,
     shutdown: bool,
 }
 
@@ -462,6 +466,7 @@ impl Wal {
                 next_lsn,
                 max_index: HashMap::new(),
                 logs: tails,
+                wanted: false,
                 shutdown: false,
             }),
             work: Condvar::new(),
@@ -510,6 +515,16 @@ impl Wal {
         lsn
     }
 
+    /// Hands what `buf` holds to the writer (unless it holds nothing: then whatever was
+    /// pushed is being written already).
+    fn wake_writer(&self, mut p: MutexGuard<'_, Pending>) {
+        if !p.buf.is_empty() {
+            p.wanted = true;
+            drop(p);
+            self.work.notify_one();
+        }
+    }
+
     /// Appends an entry to `log`, at its next index.
     pub(crate) fn append(&self, log: LogId, data: &[u8]) -> Appended {
         let mut p = self.pending.lock();
@@ -519,8 +534,7 @@ impl Wal {
         let lsn = self.push(&mut p, log, ENTRY, index, data);
         let m = p.max_index.entry(log).or_insert(0);
         *m = index.max(*m);
-        drop(p);
-        self.work.notify_one();
+        self.wake_writer(p);
         Appended { lsn, index }
     }
 
@@ -532,8 +546,7 @@ impl Wal {
         let lsn = self.push(&mut p, log, ENTRY, index, data);
         let m = p.max_index.entry(log).or_insert(0);
         *m = index.max(*m);
-        drop(p);
-        self.work.notify_one();
+        self.wake_writer(p);
         Appended { lsn, index }
     }
 
@@ -544,8 +557,7 @@ impl Wal {
         let tail = p.logs.entry(log).or_default();
         tail.last_index = tail.last_index.min(after);
         let lsn = self.push(&mut p, log, TRUNCATE, after, &[]);
-        drop(p);
-        self.work.notify_one();
+        self.wake_writer(p);
         lsn
     }
 
@@ -558,8 +570,7 @@ impl Wal {
         tail.purged_before = tail.purged_before.max(before);
         tail.last_index = tail.last_index.max(before.saturating_sub(1));
         let lsn = self.push(&mut p, log, PURGE, before, &[]);
-        drop(p);
-        self.work.notify_one();
+        self.wake_writer(p);
         lsn
     }
 
@@ -567,7 +578,7 @@ impl Wal {
     /// record's LSN.
     pub(crate) fn set_meta(&self, log: LogId, data: &[u8]) -> u64 {
         let lsn = self.set_meta_lazily(log, data);
-        self.work.notify_one();
+        self.wake_writer(self.pending.lock());
         lsn
     }
 
@@ -618,7 +629,7 @@ impl Wal {
     pub(crate) fn wait_durable(&self, lsn: u64) -> Result<()> {
         if self.durable.load(Ordering::Acquire) < lsn {
             // What `lsn` names may have been added without waking the writer.
-            self.work.notify_one();
+            self.wake_writer(self.pending.lock());
         }
         let mut guard = self.durable_lock.lock();
         while self.durable.load(Ordering::Acquire) < lsn {
@@ -633,7 +644,7 @@ impl Wal {
     pub(crate) async fn durable(&self, lsn: u64) -> Result<()> {
         if self.durable.load(Ordering::Acquire) < lsn {
             // What `lsn` names may have been added without waking the writer.
-            self.work.notify_one();
+            self.wake_writer(self.pending.lock());
         }
         loop {
             let notified = self.notify.notified();
@@ -658,9 +669,10 @@ impl Wal {
         loop {
             let (batch, last_lsn, max_index) = {
                 let mut p = self.pending.lock();
-                while p.buf.is_empty() && !p.shutdown {
+                while (p.buf.is_empty() || !p.wanted) && !p.shutdown {
                     self.work.wait(&mut p);
                 }
+                p.wanted = false;
                 if p.buf.is_empty() {
                     drop(p);
                     // Shut down: whatever is appended from now on never becomes durable,
@@ -1027,8 +1039,9 @@ mod tests {
         wal.close();
     }
 
-    /// Metadata kept lazily starts no group commit of its own; the next append's carries
-    /// it, and waiting for it starts one.
+    /// Metadata kept lazily starts no group commit of its own, not even when the writer
+    /// is still finishing the previous one; the next append's carries it, and waiting for
+    /// it starts one.
     #[test]
     fn lazy_metadata_rides_with_the_next_group_commit() {
         let dir = Dir::new("lazy");
@@ -1043,6 +1056,25 @@ mod tests {
         wal.append(1, b"b");
         wal.wait_durable(wal.appended()).unwrap();
         assert_eq!(wal.syncs(), syncs + 1);
+        // Kept while the writer is still finishing a group commit (held there by its
+        // hook), it waits for the next one all the same.
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let held_rx = Mutex::new(held_rx);
+        wal.on_written(move |_| {
+            let _ = held_rx.lock().recv_timeout(Duration::from_secs(5));
+        });
+        wal.append(1, b"c");
+        wal.wait_durable(wal.appended()).unwrap();
+        let syncs = wal.syncs();
+        wal.set_meta_lazily(1, b"kept while the writer is busy");
+        held_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            wal.syncs(),
+            syncs,
+            "lazy metadata had a group commit of its own"
+        );
+        drop(held_tx);
         // Waited for on its own, it is written at once.
         let lazy = wal.set_meta_lazily(1, b"committed 2");
         wal.wait_durable(lazy).unwrap();
