@@ -2,8 +2,8 @@
 //! here while this node leads that shard (docs/ARCHITECTURE.md section 9).
 //!
 //! Calls by key go to the key's shard (`WrongNode` naming its leader otherwise); keyless
-//! writes go to the shards this node leads, in runs of [`KEYLESS_RUN`] per shard, and mint
-//! keys inside them; reads,
+//! writes go to the shards this node leads, in runs of [`KEYLESS_RUN`] entries or
+//! [`KEYLESS_RUN_BYTES`] per shard, and mint keys inside them; reads,
 //! takes and claims by query, counts, contents and stats cover the shards this node
 //! leads (a client asks every node). A subscription is told of the changes of the
 //! shards this node leads (a client subscribes on every node; see `relay`).
@@ -19,13 +19,25 @@ use crate::dedupe::{Finished, Outcome};
 /// An entry to write: its fields and its user key, if any.
 type NewEntry = (Fields, Option<Key>);
 
-/// Keyless writes a replicated node sends to one of the shards it leads before the next
+/// Keyless entries a replicated node sends to one of the shards it leads before the next
 /// shard's turn. Writes at the same time then go to the same shard, whose Raft log carries
 /// them in one append and one replication message; with every write on a shard of its
 /// own, each paid for a whole round of the log (three times less throughput with 64
 /// shards than with 4, `space-bench replicated`). Over many runs every led shard gets
 /// its share.
 const KEYLESS_RUN: usize = 512;
+
+/// Bytes of keyless entries that end a shard's turn as [`KEYLESS_RUN`] entries do, when
+/// they come first: a stream of large entries then spreads over the led shards, instead
+/// of one shard's log, snapshot and answer table taking hundreds of MB while the others
+/// stay empty. (Each entry counts as at least one of the run's entries.)
+const KEYLESS_RUN_BYTES: usize = 1 << 20;
+
+/// How far keyless entries of `bytes` in all move the turn, in entries of
+/// [`KEYLESS_RUN`]: their number, or their share of [`KEYLESS_RUN_BYTES`] if larger.
+fn keyless_weight(entries: usize, bytes: usize) -> usize {
+    entries.max(bytes.saturating_mul(KEYLESS_RUN) / KEYLESS_RUN_BYTES)
+}
 
 /// A contents cursor of a replicated node: the shard in the top 16 bits, the position
 /// within the shard's engine below.
@@ -107,7 +119,12 @@ impl NodeState {
                     let Some(i) = chosen else {
                         return Err(refusal);
                     };
-                    self.keyless_written.fetch_add(1, Ordering::Relaxed);
+                    let (count, bytes) = entries
+                        .iter()
+                        .filter(|(_, key)| key.is_none())
+                        .fold((0, 0), |(n, b), (f, _)| (n + 1, b + f.approx_size()));
+                    self.keyless_written
+                        .fetch_add(keyless_weight(count, bytes), Ordering::Relaxed);
                     used_at(i);
                     Some(serving[i].clone())
                 } else {

@@ -9,7 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::replicated::{
-    Blob, Job, Order, SHARDS, clean_within, left, start, start_with_shards, take_some, write_all,
+    Blob, Job, Order, Parcel, SHARDS, clean_within, left, start, start_with_shards, take_some,
+    write_all,
 };
 use common::{NodeProcess, free_addrs, start_cluster_of};
 use space_client::wire::{NodeStatus, Request, Response, ShardInfo};
@@ -1245,6 +1246,35 @@ async fn keyless_writes_go_on_while_a_restarted_node_leads_no_shard() {
         .await
         .unwrap();
     assert_eq!(jobs.len(), 30, "every write is there once");
+}
+
+/// A node's keyless writes take turns on the shards it leads by runs of entries or of
+/// bytes, whichever ends first: a stream of large entries through one node spreads over
+/// its shards instead of filling one shard's log, snapshot and answer table (which
+/// reached 244 MB on one shard of 64 while the others held nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_keyless_entries_spread_over_the_shards_a_node_leads() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let addr = free_addrs(1).remove(0);
+    let dir = TempDir::new("replicated");
+    let _node = start_with_shards(&addr, &dir, &addr, "4");
+    until_led(&addr).await;
+    let space = connect(&addr).await.unwrap();
+    let parcel = Parcel {
+        body: "x".repeat(64 << 10),
+    };
+    let mut shards = std::collections::BTreeMap::<u32, usize>::new();
+    // 3 MiB in all: three runs of 1 MiB.
+    for _ in 0..48 {
+        let receipt = space.write(&parcel).await.unwrap();
+        let shard =
+            space_client::wire::shard_of_range(space_client::wire::range_of(&receipt.key), 4);
+        *shards.entry(shard).or_default() += 1;
+    }
+    assert!(
+        shards.len() >= 3 && shards.values().all(|&n| n <= 17),
+        "48 keyless entries of 64 KiB went to shards {shards:?}"
+    );
 }
 
 /// A keyed write under way when its shard's leader dies (sent, and no answer: the node

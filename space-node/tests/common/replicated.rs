@@ -18,6 +18,14 @@ pub struct Job {
 }
 space_client::entry!(Job, "Job");
 
+/// A parcel: an entry without a user key, with a body of any size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Parcel {
+    /// What makes it large.
+    pub body: String,
+}
+space_client::entry!(Parcel, "Parcel");
+
 /// An order: an entry keyed by its number.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Order {
