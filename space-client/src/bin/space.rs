@@ -64,7 +64,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Write an entry given as a JSON object, or `-`: one entry per line of stdin (JSON
-    /// lines), written in batches of 256 (each batch all or nothing).
+    /// lines), written in batches of up to 256 entries and 4 MiB (each batch all or
+    /// nothing).
     Write {
         /// The entry type.
         entry_type: String,
@@ -485,6 +486,7 @@ async fn run(cli: Cli) -> Result<Found> {
                     bail!("--key names one entry's key: with entries from stdin, use --key-field");
                 }
                 let mut batch = Vec::new();
+                let mut batch_bytes = 0;
                 for (n, line) in std::io::stdin().lines().enumerate() {
                     let line = line.context("reading stdin")?;
                     if line.trim().is_empty() {
@@ -495,8 +497,10 @@ async fn run(cli: Cli) -> Result<Found> {
                     })?;
                     let key = key_of(&fields, key_field.as_deref())
                         .with_context(|| format!("line {}", n + 1))?;
-                    batch.push((fields, key));
-                    if batch.len() == WRITE_BATCH {
+                    let size = fields.approx_size();
+                    if !batch.is_empty()
+                        && (batch.len() == WRITE_BATCH || batch_bytes + size > WRITE_BATCH_BYTES)
+                    {
                         write(
                             &conn,
                             &entry_type,
@@ -505,7 +509,10 @@ async fn run(cli: Cli) -> Result<Found> {
                             cli.json,
                         )
                         .await?;
+                        batch_bytes = 0;
                     }
+                    batch.push((fields, key));
+                    batch_bytes += size;
                 }
                 if !batch.is_empty() {
                     write(&conn, &entry_type, batch, lease, cli.json).await?;
@@ -934,8 +941,14 @@ async fn note_unseen_fields(conn: &std::sync::Arc<Cluster>, query: &Query) {
     }
 }
 
-/// Entries written per request from stdin.
+/// Entries written per request from stdin, at most.
 const WRITE_BATCH: usize = 256;
+
+/// Bytes of entries (`Fields::approx_size`) written per request from stdin, at most
+/// (an entry larger than that goes alone): a quarter of the default frame limit, so that
+/// a stream of large entries goes in requests a node takes (the estimate is within a
+/// factor of two of the encoded size), not in one over the limit.
+const WRITE_BATCH_BYTES: usize = space_client::wire::DEFAULT_MAX_FRAME / 4;
 
 /// A lease from a parsed duration (`forever` is `Duration::MAX`).
 fn lease_of(d: Duration) -> Lease {
