@@ -242,6 +242,8 @@ impl NodeState {
                     None => (0, None),
                 };
                 let mut documents = Vec::new();
+                // Bytes of the page so far: the shards share one budget.
+                let mut bytes = 0usize;
                 let mut next = None;
                 let mut listed = Vec::new();
                 let mut read_from = Vec::new();
@@ -252,12 +254,18 @@ impl NodeState {
                     if shard > start {
                         from = None;
                     }
-                    let (page, more) = engine.contents_page_within(
-                        &query,
-                        from,
-                        limit - documents.len(),
-                        budget,
-                    )?;
+                    let room = budget.saturating_sub(bytes);
+                    let (page, more) =
+                        engine.contents_page_within(&query, from, limit - documents.len(), room)?;
+                    let page_bytes: usize = page.iter().map(|d| d.fields.approx_size()).sum();
+                    if !documents.is_empty() && page_bytes > room {
+                        // The shard's first entry alone passes what is left of the
+                        // budget (a page's first entry goes whatever its size): it
+                        // starts the next page.
+                        next = Some(u64::from(shard) << SHARD_SHIFT | from.unwrap_or(0));
+                        break;
+                    }
+                    bytes += page_bytes;
                     read_from.push((shard, engine));
                     documents.extend(page);
                     if let Some(more) = more {

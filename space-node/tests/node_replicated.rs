@@ -1277,6 +1277,37 @@ async fn large_keyless_entries_spread_over_the_shards_a_node_leads() {
     );
 }
 
+/// A page of contents stays within its answer's budget across shards: 40 entries of 512
+/// KiB over 4 shards are listed in pages a client reads. (Each shard had the whole
+/// budget to itself, so one page of 20 MiB passed the client's frame limit, and the
+/// listing failed with the connection shut down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contents_of_large_entries_on_many_shards_come_in_pages_that_fit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let addr = free_addrs(1).remove(0);
+    let dir = TempDir::new("replicated");
+    let _node = start_with_shards(&addr, &dir, &addr, "4");
+    until_led(&addr).await;
+    let space = connect(&addr).await.unwrap();
+    let parcel = Parcel {
+        body: "x".repeat(512 << 10),
+    };
+    for _ in 0..40 {
+        space.write(&parcel).await.unwrap();
+    }
+    let listed =
+        std::process::Command::new(space_tests::process::cli_binary().expect("the space CLI"))
+            .args(["--node", &addr, "--json", "contents", "Parcel"])
+            .output()
+            .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 40);
+}
+
 /// A keyed write under way when its shard's leader dies (sent, and no answer: the node
 /// froze, then was killed) goes to the shard's new leader with the same id, and is
 /// written. Left to the dead node's connection, its retries (refused) spent the client's
