@@ -245,6 +245,14 @@ impl Endpoint {
         PushEnds::watching(&self.pushes_ended)
     }
 
+    /// Whether a push for subscription `id` of `node` that cannot be passed on is still
+    /// wanted: yes while its part is registered, detached (the node keeps its events in
+    /// its log for a resume, which delivers them again); no once it was cancelled or
+    /// forgotten (the node may drop the subscription).
+    fn still_held(&self, node: NodeId, id: u64) -> bool {
+        self.feeds.lock().contains_key(&(node, id))
+    }
+
     /// Forgets a part: its pushes are no longer wanted.
     fn detach(&self, part: &Part) {
         part.tx.lock().take();
@@ -338,9 +346,7 @@ impl SubscriberService for Subscriber {
             return false;
         };
         let Some(tx) = part.tx.lock().clone() else {
-            // Detached (still registered: the node keeps the events in its log for a
-            // resume) or cancelled (gone: the node may drop the subscription).
-            return self.0.feeds.lock().contains_key(&(node, subscription));
+            return self.0.still_held(node, subscription);
         };
         for n in notifications {
             let (first, last) = seq_range(&n);
@@ -363,13 +369,15 @@ impl SubscriberService for Subscriber {
                     last_seq: first - 1,
                 };
                 if !part.pass(&tx, skipped).await {
-                    return false;
+                    return self.0.still_held(node, subscription);
                 }
             }
             part.awaits_rewind.store(false, Ordering::Release);
             part.last_seq.store(last, Ordering::Release);
             if !part.pass(&tx, n).await {
-                return false;
+                // The stream went away under this push: detached (its handle dropped)
+                // or cancelled.
+                return self.0.still_held(node, subscription);
             }
         }
         true
@@ -1099,6 +1107,38 @@ mod tests {
         Subscriber(endpoint.clone())
             .deliver(context::current(), NodeId(1), id, batch)
             .await
+    }
+
+    /// A push under way when its subscription is detached (it holds the stream's sender;
+    /// the stream then goes with the detached handle) is still wanted: the node keeps
+    /// the subscription, and a resume gets what the push carried again. Answered "not
+    /// wanted", the node ended the subscription, the resume found it gone, and what was
+    /// written while it was detached was never told (seen in CI, in
+    /// `a_detached_subscription_resumes_where_it_stood_on_every_node`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_under_way_when_its_subscription_is_detached_is_still_wanted() {
+        let endpoint = Endpoint::start(&ClientConfig::default()).await.unwrap();
+        let lease = Lease::For(Duration::from_secs(30));
+        let feed = feed_of(&endpoint, 8, lease, Attach::Pushed);
+        // The stream is full: the next push waits for room, its sender in hand.
+        let full = FEED_CAPACITY as u64;
+        assert!(push(&endpoint, 8, 1..=full).await);
+        let waiting = tokio::spawn({
+            let endpoint = endpoint.clone();
+            async move { push(&endpoint, 8, full + 1..=full + 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the push waits for room");
+        feed.detach();
+        drop(feed);
+        assert!(
+            waiting.await.unwrap(),
+            "a detached subscription's push is kept by its node for a resume"
+        );
+        // Cancelled, its pushes are no longer wanted.
+        let feed = feed_of(&endpoint, 9, lease, Attach::Pushed);
+        feed.cancel();
+        assert!(!push(&endpoint, 9, 1..=1).await);
     }
 
     /// What the subscriber was told so far, as the sequence numbers each notification
