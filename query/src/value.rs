@@ -397,6 +397,9 @@ enum Tagged {
     Str(String),
     #[serde(with = "serde_bytes")]
     Bytes(Vec<u8>),
+    /// Decoded with a small reservation: a list claims its length before it proves it,
+    /// and serde's own would reserve up to 1 MiB at each of the 64 levels.
+    #[serde(deserialize_with = "crate::depth::small_vec")]
     List(Vec<Value>),
     Map(Fields),
 }

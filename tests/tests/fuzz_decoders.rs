@@ -452,3 +452,26 @@ fn fuzz_the_query_text_syntax() {
         })
         .unwrap();
 }
+
+/// A document of lists nested to the depth limit, each claiming 4,000 elements (as many
+/// as the bytes left could hold, which is all the decoder checks) and holding one list,
+/// reserves little while it is decoded and refused: each level reserves room for a few
+/// elements, not for its claim. With serde's own reservation for the tagged form's
+/// lists (up to 1 MiB a level) these 4,192 bytes held 8 MB; the fuzzer found the same
+/// with 1,231 bytes holding 1.1 MB.
+#[test]
+fn nested_lists_claiming_long_lengths_reserve_little() {
+    // One field, "a", whose value is a list holding a list ... (postcard: the tagged
+    // form's variant 7, then the length as a varint), then 4,000 nulls.
+    let mut bytes = vec![1, 1, b'a'];
+    for _ in 0..63 {
+        bytes.extend_from_slice(&[7, 0xA0, 0x1F]);
+    }
+    bytes.extend_from_slice(&[0; 4_000]);
+    bounded("nested claims", &bytes, |bytes| {
+        assert!(
+            wire::decode::<Fields>(bytes).is_err(),
+            "the lists never came"
+        );
+    });
+}
