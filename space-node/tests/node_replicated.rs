@@ -1248,6 +1248,17 @@ async fn keyless_writes_go_on_while_a_restarted_node_leads_no_shard() {
     assert_eq!(jobs.len(), 30, "every write is there once");
 }
 
+/// A cluster of one node leading 4 shards, once they have their leader: the node, its
+/// directory, its address and a client.
+async fn one_node_of_four_shards() -> (NodeProcess, TempDir, String, space_client::Space) {
+    let addr = free_addrs(1).remove(0);
+    let dir = TempDir::new("replicated");
+    let node = start_with_shards(&addr, &dir, &addr, "4");
+    until_led(&addr).await;
+    let space = connect(&addr).await.unwrap();
+    (node, dir, addr, space)
+}
+
 /// A node's keyless writes take turns on the shards it leads by runs of entries or of
 /// bytes, whichever ends first: a stream of large entries through one node spreads over
 /// its shards instead of filling one shard's log, snapshot and answer table (which
@@ -1255,11 +1266,7 @@ async fn keyless_writes_go_on_while_a_restarted_node_leads_no_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_keyless_entries_spread_over_the_shards_a_node_leads() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let addr = free_addrs(1).remove(0);
-    let dir = TempDir::new("replicated");
-    let _node = start_with_shards(&addr, &dir, &addr, "4");
-    until_led(&addr).await;
-    let space = connect(&addr).await.unwrap();
+    let (_node, _dir, _, space) = one_node_of_four_shards().await;
     let parcel = Parcel {
         body: "x".repeat(64 << 10),
     };
@@ -1284,11 +1291,7 @@ async fn large_keyless_entries_spread_over_the_shards_a_node_leads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contents_of_large_entries_on_many_shards_come_in_pages_that_fit() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let addr = free_addrs(1).remove(0);
-    let dir = TempDir::new("replicated");
-    let _node = start_with_shards(&addr, &dir, &addr, "4");
-    until_led(&addr).await;
-    let space = connect(&addr).await.unwrap();
+    let (_node, _dir, addr, space) = one_node_of_four_shards().await;
     let parcel = Parcel {
         body: "x".repeat(512 << 10),
     };
