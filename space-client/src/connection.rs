@@ -13,6 +13,7 @@
 //! Requests are checked against the node's limits (told in its handshake) before they are
 //! sent: an oversized entry or request gets a typed error and never reaches the wire.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,6 +144,9 @@ pub struct Connection {
     dialing: tokio::sync::Mutex<()>,
     /// When connecting last failed, while the node is believed down.
     down_since: Mutex<Option<Instant>>,
+    /// Requests whose answers reached their callers for good, to be acknowledged with
+    /// the next call ([`acknowledge`](Connection::acknowledge)).
+    acknowledged: Mutex<VecDeque<RequestId>>,
 }
 
 /// A connection made, and whether it has ended (its peer closed it, or it failed): a call
@@ -258,6 +262,7 @@ impl Connection {
             client: Mutex::new(Some(client)),
             dialing: tokio::sync::Mutex::new(()),
             down_since: Mutex::new(None),
+            acknowledged: Mutex::new(VecDeque::new()),
         }))
     }
 
@@ -276,6 +281,7 @@ impl Connection {
             client: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
             down_since: Mutex::new(None),
+            acknowledged: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -339,6 +345,24 @@ impl Connection {
         *self.client.lock() = None;
     }
 
+    /// The acknowledgements waiting for the next call, taken for it.
+    pub(crate) fn take_acknowledged(&self) -> Vec<RequestId> {
+        self.acknowledged.lock().drain(..).collect()
+    }
+
+    /// Notes that the answer of request `id` (made on this connection) reached its caller
+    /// for good: the next call tells the node, which then drops the entries it keeps with
+    /// that answer for a retry or a revoke ([`Envelope::acknowledged`]). Best effort: an
+    /// acknowledgement lost with its call (or past the [`wire::MAX_ACKNOWLEDGED`] waiting,
+    /// oldest first) leaves the answer kept for its usual time.
+    pub(crate) fn acknowledge(&self, id: RequestId) {
+        let mut waiting = self.acknowledged.lock();
+        if waiting.len() >= wire::MAX_ACKNOWLEDGED {
+            waiting.pop_front();
+        }
+        waiting.push_back(id);
+    }
+
     /// Sends one request and returns the node's answer. Retries on a broken connection
     /// with the same request id; blocking requests get a deadline past their timeout.
     ///
@@ -381,6 +405,7 @@ impl Connection {
             id,
             request: Arc::new(request),
             retry: false,
+            acknowledged: self.take_acknowledged(),
         };
         let give_up = Instant::now() + self.config.retry_for;
         let mut backoff = Duration::from_millis(20);

@@ -45,9 +45,14 @@ tokio::task_local! {
 /// where a revoke goes when the node that ran the call does not lead every shard.
 pub(crate) type Members = Arc<dyn Fn() -> BoxFuture<'static, Vec<Arc<Connection>>> + Send + Sync>;
 
-/// The calls of one operation that completed: revoked unless the operation succeeds.
+/// A call that completed inside an operation, and whether its answer is worth
+/// acknowledging once the operation succeeds ([`worth_acknowledging`]).
+type Completed = (Arc<Connection>, RequestId, bool);
+
+/// The calls of one operation that completed: revoked unless the operation succeeds, and
+/// acknowledged if it does.
 struct Operation {
-    completed: Mutex<Vec<(Arc<Connection>, RequestId)>>,
+    completed: Mutex<Vec<Completed>>,
     /// The runtime the operation runs on (where its revokes are sent from, even when its
     /// future is dropped elsewhere).
     runtime: Option<Handle>,
@@ -56,11 +61,7 @@ struct Operation {
 }
 
 /// Sends revokes for `calls`, newest first, in the background on `runtime`.
-fn revoke_all(
-    runtime: Option<&Handle>,
-    calls: Vec<(Arc<Connection>, RequestId)>,
-    members: Option<Members>,
-) {
+fn revoke_all(runtime: Option<&Handle>, calls: Vec<Completed>, members: Option<Members>) {
     if calls.is_empty() {
         return;
     }
@@ -69,7 +70,7 @@ fn revoke_all(
         return;
     };
     drop(runtime.spawn(async move {
-        for (conn, id) in calls.into_iter().rev() {
+        for (conn, id, _) in calls.into_iter().rev() {
             revoke(&conn, id, members.as_ref()).await;
         }
     }));
@@ -82,7 +83,7 @@ pub(crate) fn abandon(conn: &Arc<Connection>, id: RequestId) {
     let (runtime, members) = OPERATION
         .try_with(|op| (op.runtime.clone(), op.members.clone()))
         .unwrap_or_else(|_| (Handle::try_current().ok(), None));
-    revoke_all(runtime.as_ref(), vec![(conn.clone(), id)], members);
+    revoke_all(runtime.as_ref(), vec![(conn.clone(), id, false)], members);
 }
 
 /// How long a revoke keeps trying to reach its node (one that is down for longer has lost
@@ -177,7 +178,8 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
 
 /// Runs one take or claim so that the removing calls it made are revoked unless it returns
 /// `Ok` to its caller: if it fails, or the future is dropped first, what they took goes
-/// back and what they claimed is released.
+/// back and what they claimed is released. If it returns `Ok`, their answers are
+/// acknowledged ([`Connection::acknowledge`]) where they are worth it.
 ///
 /// `members` reaches the cluster's other nodes, for revokes on a replicated cluster.
 pub(crate) async fn guarded<T>(
@@ -202,9 +204,14 @@ pub(crate) async fn guarded<T>(
         members,
     });
     let mut guard = Disarm(Some(operation.clone()));
-    let result = OPERATION.scope(operation, op).await;
+    let result = OPERATION.scope(operation.clone(), op).await;
     if result.is_ok() {
         guard.0 = None;
+        for (conn, id, worth) in std::mem::take(&mut *operation.completed.lock()) {
+            if worth {
+                conn.acknowledge(id);
+            }
+        }
     }
     result
 }
@@ -236,6 +243,11 @@ pub(crate) async fn call_as(
 pub(crate) struct Resent {
     id: RequestId,
     revocable: bool,
+    /// The node keeps entries with the request's answer (a take, claim or commit): the
+    /// answer is acknowledged once it reaches its caller for good.
+    holds_entries: bool,
+    /// Where the last attempt went.
+    conn: Option<Arc<Connection>>,
     guard: Option<CallGuard>,
 }
 
@@ -246,12 +258,20 @@ impl Resent {
         Resent {
             id,
             revocable: revocable(request),
+            holds_entries: matches!(
+                request,
+                Request::TakeDirect { .. } | Request::Claim { .. } | Request::Commit(_)
+            ),
+            conn: None,
             guard: None,
         }
     }
 
     /// The next attempt goes to `conn` (where a revoke goes first).
     pub(crate) fn at(&mut self, conn: &Arc<Connection>) {
+        if self.holds_entries {
+            self.conn = Some(conn.clone());
+        }
         if !self.revocable {
             return;
         }
@@ -264,9 +284,16 @@ impl Resent {
     /// The call ended with `answer`: with no answer (`Unreachable`, `TimedOut`: it may
     /// have been done) or an unknown outcome (`Unavailable`: a replicated node could not
     /// learn what it did, e.g. across a failover or a restart) it is revoked; otherwise
-    /// the node answered, or nothing was sent, and it goes to its operation.
+    /// the node answered, or nothing was sent, and it goes to its operation. An answer
+    /// that reached its caller for good (outside an operation, or once its operation
+    /// succeeds) is acknowledged where it is worth it.
     pub(crate) fn finish(mut self, answer: &Result<Response>) {
+        let worth = answer.as_ref().is_ok_and(worth_acknowledging);
         let Some(guard) = self.guard.take() else {
+            // Not revocable: the answer is the caller's now.
+            if let (true, Some(conn)) = (worth, &self.conn) {
+                conn.acknowledge(self.id);
+            }
             return;
         };
         match answer {
@@ -275,8 +302,33 @@ impl Resent {
                 | SpaceError::TimedOut { .. }
                 | SpaceError::Unavailable { .. },
             ) => drop(guard),
-            _ => guard.answered(),
+            _ => guard.answered(worth),
         }
+    }
+}
+
+/// Bytes of entries in an answer from which it is acknowledged: an acknowledgement costs
+/// the node a logged command of a few dozen bytes, and then frees the entries it kept
+/// with the answer (for a minute, otherwise), a hundred times as many bytes or more.
+/// Smaller answers are left to be forgotten with time.
+pub const ACKNOWLEDGE_FROM_BYTES: usize = 4096;
+
+/// Whether an answer is worth acknowledging: a commit (the node keeps the entry it
+/// removed), or entries taken or claimed of at least [`ACKNOWLEDGE_FROM_BYTES`].
+fn worth_acknowledging(answer: &Response) -> bool {
+    match answer {
+        Response::Documents(documents) => {
+            documents
+                .iter()
+                .map(|d| d.fields.approx_size())
+                .sum::<usize>()
+                >= ACKNOWLEDGE_FROM_BYTES
+        }
+        Response::Claimed(Some(claimed)) => {
+            claimed.document.fields.approx_size() >= ACKNOWLEDGE_FROM_BYTES
+        }
+        Response::Done => true,
+        _ => false,
     }
 }
 
@@ -310,18 +362,75 @@ impl CallGuard {
     }
 
     /// The node answered and the answer reaches the caller: the call is handed to its
-    /// operation, if it has one.
-    fn answered(mut self) {
-        if let Some(call) = self.call.take() {
-            let _ = OPERATION.try_with(|op| op.completed.lock().push(call));
+    /// operation, if it has one; otherwise the answer is the caller's for good, and is
+    /// acknowledged if it is `worth` it.
+    fn answered(mut self, worth: bool) {
+        if let Some((conn, id)) = self.call.take() {
+            let handed =
+                OPERATION.try_with(|op| op.completed.lock().push((conn.clone(), id, worth)));
+            if handed.is_err() && worth {
+                conn.acknowledge(id);
+            }
         }
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            revoke_all(self.runtime.as_ref(), vec![call], self.members.take());
+        if let Some((conn, id)) = self.call.take() {
+            revoke_all(
+                self.runtime.as_ref(),
+                vec![(conn, id, false)],
+                self.members.take(),
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Document;
+    use space_core::{Fields, Key, NodeId, Value};
+
+    fn document(bytes: usize) -> Document {
+        let mut fields = Fields::new();
+        fields.push("body", Value::Str("x".repeat(bytes)));
+        Document {
+            key: Key::Name("k".into()),
+            version: 1,
+            fields,
+        }
+    }
+
+    #[test]
+    fn answers_holding_large_entries_and_commits_are_worth_acknowledging() {
+        let of = |sizes: &[usize]| {
+            worth_acknowledging(&Response::Documents(
+                sizes.iter().map(|&n| document(n)).collect(),
+            ))
+        };
+        assert!(!of(&[]));
+        assert!(!of(&[100, 100]));
+        assert!(of(&[ACKNOWLEDGE_FROM_BYTES]));
+        // Entries that are small one by one but large together.
+        assert!(of(&[ACKNOWLEDGE_FROM_BYTES / 2; 3]));
+        assert!(worth_acknowledging(&Response::Done));
+        assert!(!worth_acknowledging(&Response::Count(1)));
+        assert!(!worth_acknowledging(&Response::Claimed(None)));
+    }
+
+    #[test]
+    fn a_connection_keeps_the_newest_acknowledgements_up_to_the_bound() {
+        let conn = Connection::unmade("127.0.0.1:1", NodeId(1));
+        let ids: Vec<RequestId> = (0..space_core::wire::MAX_ACKNOWLEDGED + 2)
+            .map(|_| RequestId::new())
+            .collect();
+        for id in &ids {
+            conn.acknowledge(*id);
+        }
+        let waiting = conn.take_acknowledged();
+        assert_eq!(waiting, ids[2..]);
+        assert!(conn.take_acknowledged().is_empty());
     }
 }

@@ -188,6 +188,13 @@ pub enum SpaceError {
     /// before it ran, so it did not run.
     #[error("the request was revoked by its caller and did not run")]
     Revoked,
+    /// The request was answered before, and its caller acknowledged the answer: sent
+    /// again with the same id, it is not run again (and what its answer carried is no
+    /// longer kept to be sent twice).
+    #[error(
+        "the request was answered before and its caller acknowledged the answer; it is not run again"
+    )]
+    Acknowledged,
     /// The node cannot serve this now (a replicated shard without a leader here, or a
     /// call a replicated node does not serve yet); another node, or a later try, may.
     #[error("unavailable: {reason}")]
@@ -240,6 +247,7 @@ impl SpaceError {
             SpaceError::WrongNode { .. } => "wrong_node",
             SpaceError::Storage { .. } => "storage",
             SpaceError::Revoked => "revoked",
+            SpaceError::Acknowledged => "acknowledged",
             SpaceError::Unavailable { .. } => "unavailable",
             SpaceError::EndpointUnreachable { .. } => "endpoint_unreachable",
             SpaceError::Protocol { .. } => "protocol",

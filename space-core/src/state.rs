@@ -109,6 +109,10 @@ pub(crate) enum Command {
     RenewClaim { seq: u64, expires: Deadline },
     /// The type's store indexes a top-level field.
     Index { field: String },
+    /// The callers of `requests` acknowledged their answers: the entries those answers
+    /// hold are dropped, and a request sent again with one of these ids is refused
+    /// ([`Answers::acknowledge`]). Changes no store.
+    Acknowledged { requests: Vec<RequestId> },
 }
 
 impl Command {
@@ -137,6 +141,7 @@ impl Command {
             Command::Remove { request, .. }
             | Command::Claim { request, .. }
             | Command::Release { request, .. } => request.is_some(),
+            Command::Acknowledged { .. } => true,
             Command::Renew { .. } | Command::RenewClaim { .. } | Command::Index { .. } => false,
         }
     }
@@ -320,6 +325,12 @@ pub(crate) fn apply(
             store.ensure_index(&field);
             Outcome::Changed
         }
+        Command::Acknowledged { requests } => {
+            if let Some(table) = answers {
+                table.acknowledge(&requests);
+            }
+            Outcome::Changed
+        }
     }
 }
 
@@ -355,6 +366,10 @@ pub enum Answer {
     /// ([`Engine::give_back`](crate::server::Engine::give_back)): a retry is answered
     /// [`SpaceError::Revoked`](crate::SpaceError::Revoked).
     Revoked,
+    /// The request's caller acknowledged the answer, and what it carried is no longer
+    /// kept ([`Engine::acknowledge`](crate::server::Engine::acknowledge)): a retry is
+    /// answered [`SpaceError::Acknowledged`](crate::SpaceError::Acknowledged).
+    Acknowledged,
 }
 
 /// An entry a request removed, kept whole with the request's answer so that the entry
@@ -387,6 +402,8 @@ enum Kept {
     /// What a commit removed.
     Committed(Held),
     Done,
+    /// Its caller acknowledged the answer: what the answer held is dropped.
+    Acknowledged,
 }
 
 /// One command's share of a request's answer (a take of several entries, or a write of
@@ -484,7 +501,32 @@ impl Answers {
             Kept::Claimed(c) => Answer::Claimed(c.clone()),
             Kept::Committed(h) if h.given_back => Answer::Revoked,
             Kept::Committed(_) | Kept::Done => Answer::Done,
+            Kept::Acknowledged => Answer::Acknowledged,
         })
+    }
+
+    /// The entry type whose entries the answer of request `id` holds (what it took,
+    /// committed or claimed), if it holds any and its caller may acknowledge it.
+    pub(crate) fn holding_type(&self, id: RequestId) -> Option<Arc<str>> {
+        match &self.map.get(&id)?.0 {
+            Kept::Taken(held) => held.first().map(|h| h.entry_type.clone()),
+            Kept::Committed(h) => Some(h.entry_type.clone()),
+            Kept::Claimed(c) => Some(c.ticket.entry_type.as_str().into()),
+            Kept::Receipts(_) | Kept::Done | Kept::Acknowledged => None,
+        }
+    }
+
+    /// The callers of `requests` have their answers: each answer kept is replaced by a
+    /// mark without the entries it held (a request sent again is refused rather than run
+    /// anew, and a revoke has nothing to give back: the caller holds what was taken).
+    /// The marks keep their places among the kept answers, and are forgotten as the
+    /// answers would have been.
+    fn acknowledge(&mut self, requests: &[RequestId]) {
+        for id in requests {
+            if let Some((kept, _)) = self.map.get_mut(id) {
+                *kept = Kept::Acknowledged;
+            }
+        }
     }
 
     /// Every kept answer as it is kept (given-back marks included), oldest first: for
@@ -530,10 +572,14 @@ impl Answers {
         .nothing_if_empty()
     }
 
-    /// Whether the entry `key` of `entry_type` that request `id` removed was given back.
+    /// Whether the entry `key` of `entry_type` that request `id` removed is not to be
+    /// given back: it was given back already, or the request's caller acknowledged the
+    /// answer (and holds the entry).
     pub(crate) fn given_back(&self, id: RequestId, entry_type: &str, key: &crate::Key) -> bool {
-        self.held(id)
-            .any(|h| h.given_back && *h.entry_type == *entry_type && h.record.key == *key)
+        matches!(self.map.get(&id), Some((Kept::Acknowledged, _)))
+            || self
+                .held(id)
+                .any(|h| h.given_back && *h.entry_type == *entry_type && h.record.key == *key)
     }
 
     fn held(&self, id: RequestId) -> impl Iterator<Item = &Held> {

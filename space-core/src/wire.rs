@@ -40,8 +40,12 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// carry the time their leader decided them since version 9; a topology names its shard
 /// count since version 10; a node tells of its cluster's meta group, and a replicated node
 /// which shards a read by query that found nothing searched, since version 11; a node
-/// names itself when it connects to a subscriber endpoint since version 12).
-pub const PROTOCOL_VERSION: u16 = 12;
+/// names itself when it connects to a subscriber endpoint since version 12; a call
+/// carries the ids of answers its client acknowledges since version 13).
+pub const PROTOCOL_VERSION: u16 = 13;
+/// The most request ids one call acknowledges ([`Envelope::acknowledged`]); a call with
+/// more is refused.
+pub const MAX_ACKNOWLEDGED: usize = 1024;
 /// The longest a [`Request::Poll`] waits for an event.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The default largest frame, in bytes (16 MiB).
@@ -594,6 +598,11 @@ pub struct Envelope {
     /// answer came back): a node that no longer knows the id looks for its first answer
     /// before it runs it again (see the node's replicated answers).
     pub retry: bool,
+    /// Earlier requests on the same connection whose answers (entries taken or claimed)
+    /// reached their callers for good: the node drops the entries it keeps with those
+    /// answers for retries and revokes, and refuses the ids if they come again
+    /// ([`SpaceError::Acknowledged`]). At most [`MAX_ACKNOWLEDGED`].
+    pub acknowledged: Vec<RequestId>,
 }
 
 /// The service every node serves.
@@ -963,6 +972,7 @@ mod tests {
                 timeout: Duration::from_millis(250),
             }),
             retry: false,
+            acknowledged: vec![RequestId::new()],
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
         let back: Envelope = postcard::from_bytes(&bytes).unwrap();

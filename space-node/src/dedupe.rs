@@ -43,6 +43,15 @@ impl Outcome {
         }
     }
 
+    /// Whether the outcome holds entries (what a take or commit removed, what a claim
+    /// claimed): what an acknowledgement drops.
+    fn holds_entries(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Taken(_) | Outcome::Committed(_) | Outcome::Answer(Response::Claimed(Some(_)))
+        )
+    }
+
     /// The answer, consuming the outcome.
     pub(crate) fn into_response(self) -> Response {
         match self {
@@ -75,6 +84,9 @@ enum Slot {
     Done(Box<Finished>),
     /// Given up by its caller: a request with this id is not run.
     Revoked,
+    /// Finished, and its caller acknowledged the answer: what it held is dropped, and a
+    /// request with this id is not run.
+    Acknowledged,
 }
 
 /// The record of recent mutating requests.
@@ -94,7 +106,7 @@ impl Inner {
     fn settle(&mut self, id: RequestId, slot: Slot, capacity: usize) {
         if !matches!(
             self.slots.insert(id, slot),
-            Some(Slot::Done(_) | Slot::Revoked)
+            Some(Slot::Done(_) | Slot::Revoked | Slot::Acknowledged)
         ) {
             self.finished.push_back(id);
         }
@@ -153,6 +165,7 @@ impl Dedupe {
         match inner.slots.get(&id) {
             Some(Slot::Done(finished)) => Begin::Answered(answer_of(finished)),
             Some(Slot::Revoked) => Begin::Answered(Err(SpaceError::Revoked)),
+            Some(Slot::Acknowledged) => Begin::Answered(Err(SpaceError::Acknowledged)),
             Some(Slot::Running { done, .. }) => Begin::Wait(done.clone()),
             None => {
                 let done = Arc::new(Notify::new());
@@ -248,7 +261,8 @@ impl Dedupe {
                         inner.settle(id, Slot::Revoked, self.capacity);
                         return None;
                     }
-                    Some(Slot::Revoked) => return None,
+                    // An acknowledged answer reached its caller: nothing to undo.
+                    Some(Slot::Revoked | Slot::Acknowledged) => return None,
                     Some(Slot::Done(_)) => {
                         let Some(Slot::Done(finished)) = inner.slots.insert(id, Slot::Revoked)
                         else {
@@ -263,6 +277,21 @@ impl Dedupe {
                 }
             };
             self.wait_while_running(id, &done).await;
+        }
+    }
+
+    /// The callers of `ids` acknowledged their answers: finished answers that hold
+    /// entries (taken, committed or claimed) are replaced by a mark, which keeps its
+    /// place among the finished slots. Running, revoked and unknown ids are passed over.
+    pub(crate) fn acknowledge(&self, ids: &[RequestId]) {
+        let mut inner = self.inner.lock();
+        for id in ids {
+            if let Some(slot @ Slot::Done(_)) = inner.slots.get_mut(id)
+                && let Slot::Done(finished) = &*slot
+                && finished.as_ref().as_ref().is_ok_and(Outcome::holds_entries)
+            {
+                *slot = Slot::Acknowledged;
+            }
         }
     }
 
@@ -375,6 +404,24 @@ mod tests {
         }
         assert!(matches!(d.begin(ids[0]), Begin::Run(_)));
         assert!(matches!(d.begin(ids[2]), Begin::Answered(_)));
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_answer_is_dropped_and_refuses_retries_and_revokes() {
+        let d = Dedupe::new(10);
+        let (take, count) = (RequestId::new(), RequestId::new());
+        let taken = d.run(take, || async { Ok(Outcome::Taken(Vec::new())) });
+        assert_eq!(taken.await, Ok(Response::Documents(Vec::new())));
+        let counted = d.run(count, || async { Ok(Outcome::Answer(Response::Count(3))) });
+        assert_eq!(counted.await, Ok(Response::Count(3)));
+        d.acknowledge(&[take, count, RequestId::new()]);
+        // The take's answer held entries: dropped, and the take is not run again.
+        let again = d.run(take, || async { panic!("an acknowledged take ran again") });
+        assert_eq!(again.await, Err(SpaceError::Acknowledged));
+        assert!(d.revoke(take).await.is_none());
+        // An answer that holds no entry is kept as it was.
+        let again = d.run(count, || async { panic!("a finished count ran again") });
+        assert_eq!(again.await, Ok(Response::Count(3)));
     }
 
     #[tokio::test]

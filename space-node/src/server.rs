@@ -269,6 +269,16 @@ impl Service {
     async fn answer(self, envelope: Envelope) -> Result<Response, SpaceError> {
         let state = self.state;
         let budget = self.reply_budget;
+        if envelope.acknowledged.len() > wire::MAX_ACKNOWLEDGED {
+            return Err(SpaceError::Protocol {
+                reason: format!(
+                    "a call acknowledges {} answers, more than the {} allowed",
+                    envelope.acknowledged.len(),
+                    wire::MAX_ACKNOWLEDGED
+                ),
+            });
+        }
+        state.acknowledge(&envelope.acknowledged);
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
@@ -422,6 +432,7 @@ fn finished_of(answer: Answer) -> Finished {
         Answer::Claimed(c) => Response::Claimed(Some(c)),
         Answer::Done => Response::Done,
         Answer::Revoked => return Err(SpaceError::Revoked),
+        Answer::Acknowledged => return Err(SpaceError::Acknowledged),
     }))
 }
 
@@ -459,6 +470,28 @@ impl NodeState {
         endpoint: Option<wire::Endpoint>,
     ) -> Result<u64, SpaceError> {
         self.pushers.start(sub, endpoint).await
+    }
+
+    /// The callers of `ids` have their answers ([`wire::Envelope::acknowledged`]): the
+    /// entries kept with those answers, in this node's table of recent answers and in
+    /// the answers of the engines that decide here (a durable engine's, or those of the
+    /// shards this node leads, through their logs), are dropped. Answers kept elsewhere
+    /// (a shard this node no longer leads) are forgotten with time, as before.
+    fn acknowledge(&self, ids: &[wire::RequestId]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.dedupe.acknowledge(ids);
+        match &self.shards {
+            Some(shards) => {
+                for (_, engine) in shards.serving().iter() {
+                    engine.acknowledge(ids);
+                }
+            }
+            None => {
+                self.engine.acknowledge(ids);
+            }
+        }
     }
 
     /// Stops request `id` if it still runs here, and refuses it if it comes again
@@ -1122,6 +1155,97 @@ mod tests {
                 })
                 .collect(),
         )))
+    }
+
+    /// An entry whose body makes it as large as a test needs.
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Parcel {
+        body: String,
+    }
+    space_client::entry!(Parcel, "Parcel");
+
+    /// A client's take of a large entry, once its answer is the caller's, is
+    /// acknowledged with the client's next call: the durable node drops the entry from
+    /// its engine's answers (through its log) and from its table of recent answers. A
+    /// small entry's answer is left to be forgotten with time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clients_large_take_is_acknowledged_and_its_entry_dropped_from_the_answers() {
+        let dir = space_tests::TempDir::new("acknowledged-takes");
+        let config = || NodeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: Some(dir.0.clone()),
+            ..NodeConfig::default()
+        };
+        let node = Node::bind(config()).await.unwrap();
+        let state = node.state.clone();
+        let addr = node.local_addr().unwrap().to_string();
+        tokio::spawn(node.serve(std::future::pending()));
+        let space = space_client::connect(&addr).await.unwrap();
+        let large = Parcel {
+            body: "x".repeat(2 * space_client::ACKNOWLEDGE_FROM_BYTES),
+        };
+        let small = Parcel {
+            body: "small".into(),
+        };
+        space.write(&large).await.unwrap();
+        space.write(&small).await.unwrap();
+        let query = space_core::Query::of::<Parcel>();
+        let taken: Vec<Parcel> = vec![
+            space.take_if_exists(&query).await.unwrap().unwrap(),
+            space.take_if_exists(&query).await.unwrap().unwrap(),
+        ];
+        assert_eq!(taken, vec![large.clone(), small.clone()]);
+        // The next call carries the acknowledgements.
+        assert_eq!(space.count(&query).await.unwrap(), 0);
+        let kept = |answers: Vec<(wire::RequestId, Answer)>| {
+            let acknowledged: Vec<wire::RequestId> = answers
+                .iter()
+                .filter(|(_, a)| matches!(a, Answer::Acknowledged))
+                .map(|(id, _)| *id)
+                .collect();
+            let bodies: Vec<usize> = answers
+                .into_iter()
+                .filter_map(|(_, a)| match a {
+                    Answer::Documents(d) => Some(d),
+                    _ => None,
+                })
+                .flatten()
+                .map(|d| d.fields.approx_size())
+                .collect();
+            (acknowledged, bodies)
+        };
+        let (acknowledged, bodies) = kept(state.engine.answers());
+        assert_eq!(
+            acknowledged.len(),
+            1,
+            "the large take's answer was not acknowledged"
+        );
+        assert!(
+            bodies.len() == 1 && bodies[0] < space_client::ACKNOWLEDGE_FROM_BYTES,
+            "the small take's answer is not kept whole, or the large one is: {bodies:?}"
+        );
+        // The node's own table refuses the acknowledged take if it comes again.
+        let conn = space_client::Connection::open(&addr, space_client::ClientConfig::default())
+            .await
+            .unwrap();
+        let again = conn
+            .call_with_id(
+                acknowledged[0],
+                Request::TakeDirect {
+                    target: Target::Query(query.clone()),
+                    max: 1,
+                    timeout: Duration::ZERO,
+                },
+            )
+            .await;
+        assert!(
+            matches!(again, Err(SpaceError::Acknowledged)),
+            "an acknowledged take sent again was answered {:?}",
+            again
+                .as_ref()
+                .map(|_| "an answer")
+                .map_err(ToString::to_string)
+        );
     }
 
     #[test]

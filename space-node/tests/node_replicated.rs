@@ -770,6 +770,112 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_ty
     );
 }
 
+/// A take by query of one `Job`, made by hand with request id `id`, told it is sent
+/// again when `retry`, acknowledging the answers of `acknowledged`.
+fn raw_take(
+    id: space_client::wire::RequestId,
+    retry: bool,
+    acknowledged: Vec<space_client::wire::RequestId>,
+) -> space_client::wire::Envelope {
+    use space_client::wire::{Envelope, Target};
+    Envelope {
+        id,
+        request: std::sync::Arc::new(Request::TakeDirect {
+            target: Target::Query(Query::of::<Job>()),
+            max: 1,
+            timeout: Duration::ZERO,
+        }),
+        retry,
+        acknowledged,
+    }
+}
+
+/// Sends `envelope` to the node at `addr` on a connection of its own: the node's answer,
+/// or `None` when none came.
+async fn send_to(
+    addr: &str,
+    envelope: space_client::wire::Envelope,
+) -> Option<Result<Response, space_client::SpaceError>> {
+    let call =
+        space_tests::hostile::envelope_bytes(envelope, Instant::now() + Duration::from_secs(10));
+    let addr = addr.to_owned();
+    tokio::task::spawn_blocking(move || space_tests::hostile::answer_to(&addr, &call))
+        .await
+        .unwrap()
+}
+
+/// On the cluster of `addrs` (its first node up and leading): 40 `Job`s written through
+/// a client, and a take made by hand on the first node that got one (more are written
+/// while it finds none there). The client, the history of writes, and the take's request
+/// id and answer.
+async fn forty_jobs_and_a_take_on_the_first(
+    addrs: &[String],
+) -> (
+    space_client::Space,
+    History,
+    space_client::wire::RequestId,
+    Vec<space_client::wire::Document>,
+) {
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let history = History::default();
+    write_all(&space, 0..40, &history).await;
+    let (id, first) = a_take_on(&addrs[0], &space, &history).await;
+    (space, history, id, first)
+}
+
+/// Sends take `id` again to the node at `addr` until it knows its outcome (not
+/// `Unavailable`, as while its shards elect leaders), for up to 20 s: its answer.
+async fn sent_again_until_known(
+    addr: &str,
+    id: space_client::wire::RequestId,
+) -> Option<Result<Response, space_client::SpaceError>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match send_to(addr, raw_take(id, true, vec![])).await {
+            Some(Err(space_client::SpaceError::Unavailable { .. })) | None
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A take made by hand on the node at `addr` that got an entry (more `Job`s are written
+/// through `space` while it finds none there): its request id and its answer.
+async fn a_take_on(
+    addr: &str,
+    space: &space_client::Space,
+    history: &History,
+) -> (
+    space_client::wire::RequestId,
+    Vec<space_client::wire::Document>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = space_client::wire::RequestId::new();
+        if let Some(Ok(Response::Documents(d))) = send_to(addr, raw_take(id, false, vec![])).await
+            && !d.is_empty()
+        {
+            return (id, d);
+        }
+        assert!(Instant::now() < deadline, "{addr} took nothing");
+        // Entries may be on the other nodes' shards: write more.
+        write_all(space, 1_000..1_010, history).await;
+    }
+}
+
+/// Entries written in `history` (40 first, then those `a_take_on` added).
+fn written(history: &History) -> usize {
+    40 + history
+        .ops()
+        .iter()
+        .filter(|o| matches!(o, Op::Write { id, .. } if *id >= 1_000))
+        .count()
+}
+
 /// A take by query whose node died after the take was committed, before its answer got
 /// back: the client sends it again (same id) to the restarted node, which leads nothing
 /// yet (its shards' leadership comes back only later) and whose replicas may still be
@@ -778,43 +884,9 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_ty
 /// again, it would take a second entry, or none, and the first would be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
-    use space_client::wire::{Envelope, RequestId, Target};
-    use space_tests::hostile::{answer_to, envelope_bytes};
-    use std::sync::Arc;
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, dirs, mut nodes) = three_nodes();
-    until_led(&addrs[0]).await;
-    let space = connect(&addrs.join(",")).await.unwrap();
-    let history = History::default();
-    write_all(&space, 0..40, &history).await;
-
-    // A take on the first node that gets an entry (it holds some of them).
-    let take = |id: RequestId, retry: bool| Envelope {
-        id,
-        request: Arc::new(Request::TakeDirect {
-            target: Target::Query(Query::of::<Job>()),
-            max: 1,
-            timeout: Duration::ZERO,
-        }),
-        retry,
-    };
-    let send = |envelope: Envelope| {
-        let call = envelope_bytes(envelope, Instant::now() + Duration::from_secs(10));
-        let addr = addrs[0].clone();
-        tokio::task::spawn_blocking(move || answer_to(&addr, &call))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (id, first) = loop {
-        let id = RequestId::new();
-        if let Some(Ok(Response::Documents(d))) = send(take(id, false)).await.unwrap()
-            && !d.is_empty()
-        {
-            break (id, d);
-        }
-        assert!(Instant::now() < deadline, "the first node took nothing");
-        // Entries may be on the other nodes' shards: write more.
-        write_all(&space, 1_000..1_010, &history).await;
-    };
+    let (space, history, id, first) = forty_jobs_and_a_take_on_the_first(&addrs).await;
 
     // The node dies and comes back; the client sends the take again (told it is sent
     // again), while the node answers that it cannot know yet (its shards electing).
@@ -822,30 +894,61 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
         node.kill();
     }
     nodes[0] = Some(start(&addrs[0], &dirs[0], &addrs.join(",")));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let again = loop {
-        match send(take(id, true)).await.unwrap() {
-            Some(Err(space_client::SpaceError::Unavailable { .. })) | None
-                if Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other,
-        }
-    };
+    let again = sent_again_until_known(&addrs[0], id).await;
     assert_eq!(
         again,
         Some(Ok(Response::Documents(first.clone()))),
         "the take sent again did not get its first answer"
     );
     // Nothing else was taken: every other entry written is still there.
-    let written = 40
-        + history
-            .ops()
-            .iter()
-            .filter(|o| matches!(o, Op::Write { id, .. } if *id >= 1_000))
-            .count();
-    assert_eq!(left(&space).await.len(), written - 1);
+    assert_eq!(left(&space).await.len(), written(&history) - 1);
+}
+
+/// A take whose answer its client acknowledged (with its next call) is dropped from the
+/// answers of its shard on every replica, through the shard's log: sent again, on any
+/// node, also once the node that ran it is dead and its shards led elsewhere, it is
+/// refused (`Acknowledged`), neither answered with the entry it took (which the answers
+/// no longer hold) nor run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_take_is_dropped_from_every_replicas_answers() {
+    use space_client::SpaceError;
+    use space_client::wire::RequestId;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, mut nodes) = three_nodes();
+    let (space, history, id, _) = forty_jobs_and_a_take_on_the_first(&addrs).await;
+    // The next call acknowledges the answer (it is a take that was never sent before, so
+    // sent again it finds no answer and takes, or finds nothing).
+    let next = RequestId::new();
+    let took_next = match send_to(&addrs[0], raw_take(next, false, vec![id])).await {
+        Some(Ok(Response::Documents(d))) => d.len(),
+        other => panic!("the acknowledging call was answered {other:?}"),
+    };
+    // The node that ran it refuses it at once.
+    assert_eq!(
+        send_to(&addrs[0], raw_take(id, true, vec![])).await,
+        Some(Err(SpaceError::Acknowledged))
+    );
+    // Another node, which looks in its replicas, once they applied the acknowledgement.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match send_to(&addrs[2], raw_take(id, true, vec![])).await {
+            Some(Err(SpaceError::Acknowledged)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "node 3's replicas did not apply the acknowledgement: {:?}",
+                other.map(|a| a.map(|_| "an answer").map_err(|e| e.to_string()))
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The node that ran it dies; its shards' new leaders refuse it too.
+    if let Some(node) = nodes[0].take() {
+        node.kill();
+    }
+    let again = sent_again_until_known(&addrs[1], id).await;
+    assert_eq!(again, Some(Err(SpaceError::Acknowledged)));
+    // Nothing was taken again: only the two takes took.
+    assert_eq!(left(&space).await.len(), written(&history) - 1 - took_next);
 }
 
 /// A leader killed together with a follower of its shards (the one left has no quorum to

@@ -16,8 +16,20 @@ fn job(n: i64) -> Fields {
     f
 }
 
-/// Writes, takes, claims (committed and released), renewals, cancels and answered
-/// requests on a durable engine at `dir`; returns the digest of its state.
+/// Takes what `query` finds on `engine` now, as a request with an id of its own: the id.
+fn take_one(engine: &Engine, query: &Query) -> RequestId {
+    let id = RequestId::new();
+    engine
+        .with_request(id, || engine.take(query, Duration::ZERO))
+        .unwrap()
+        .wait()
+        .unwrap();
+    id
+}
+
+/// Writes, takes (some of them acknowledged), claims (committed and released),
+/// renewals, cancels and answered requests on a durable engine at `dir`; returns the
+/// digest of its state.
 fn run_history(dir: &std::path::Path) -> String {
     let engine = Engine::open(dir, EngineConfig::default()).unwrap();
     let jobs = Query::new("Job", Filter::All);
@@ -33,13 +45,10 @@ fn run_history(dir: &std::path::Path) -> String {
             })
             .unwrap();
     }
-    for _ in 0..50 {
-        engine
-            .with_request(RequestId::new(), || engine.take(&jobs, Duration::ZERO))
-            .unwrap()
-            .wait()
-            .unwrap();
-    }
+    let takes: Vec<RequestId> = (0..50).map(|_| take_one(&engine, &jobs)).collect();
+    // Some callers acknowledge their answers (a few twice).
+    assert_eq!(engine.acknowledge(&takes[..10]), 10);
+    engine.acknowledge(&takes[5..15]);
     for i in 0..20 {
         let claimed = engine
             .claim(&jobs, Lease::For(Duration::from_secs(600)), Duration::ZERO)
@@ -56,6 +65,17 @@ fn run_history(dir: &std::path::Path) -> String {
     let digest = engine.state_digest();
     engine.close();
     digest
+}
+
+/// A replica that applied, in order, every command the durable engine at `dir` logged.
+fn replica_of_log(dir: &std::path::Path) -> Engine {
+    let host = LogHost::open(dir, &EngineConfig::default()).unwrap();
+    let (_log, image) = host.open_log(0).unwrap();
+    let replica = Engine::replica(None, EngineConfig::default());
+    for (index, bytes) in &image.entries {
+        replica.apply_logged(*index, bytes).unwrap();
+    }
+    replica
 }
 
 #[test]
@@ -114,6 +134,66 @@ fn a_replica_applying_the_log_holds_the_engines_state() {
     assert!(Engine::replica_from_image(None, EngineConfig::default(), &damaged).is_err());
 }
 
+/// An acknowledged answer drops the entries it held, alike live, on recovery and on a
+/// replica applying the log: a retry is refused (`Acknowledged`), and giving the request
+/// up puts nothing back (its caller has the entry). An answer not acknowledged is kept
+/// whole, and given back.
+#[test]
+fn acknowledged_answers_drop_their_entries_alike_live_on_replay_and_on_replicas() {
+    use space_core::server::Answer;
+    let dir = TempDir::new("replica-acknowledged");
+    let engine = Engine::open(&dir.0, EngineConfig::default()).unwrap();
+    let jobs = Query::new("Job", Filter::All);
+    for n in 0..4 {
+        engine.write("Job", job(n), None, Lease::Forever).unwrap();
+    }
+    let (acknowledged, kept) = (take_one(&engine, &jobs), take_one(&engine, &jobs));
+    let claim = RequestId::new();
+    let claimed = engine
+        .with_request(claim, || {
+            engine.claim(&jobs, Lease::For(Duration::from_secs(600)), Duration::ZERO)
+        })
+        .unwrap()
+        .wait()
+        .unwrap();
+    // A write's receipt holds no entry: passed over.
+    let write = RequestId::new();
+    engine
+        .with_request(write, || engine.write("Job", job(9), None, Lease::Forever))
+        .unwrap();
+    assert_eq!(
+        engine.acknowledge(&[acknowledged, claim, write, RequestId::new()]),
+        2
+    );
+    assert_eq!(engine.answer(acknowledged), Some(Answer::Acknowledged));
+    assert_eq!(engine.answer(claim), Some(Answer::Acknowledged));
+    assert!(matches!(engine.answer(kept), Some(Answer::Documents(d)) if d.len() == 1));
+    assert!(matches!(engine.answer(write), Some(Answer::Receipts(_))));
+    // Given up after the acknowledgement, the take puts nothing back, and the claim
+    // stays with its claimer; the take not acknowledged gives its entry back.
+    assert!(engine.give_back(acknowledged));
+    assert!(engine.give_back(claim));
+    assert_eq!(engine.count(&jobs).unwrap(), 2);
+    assert!(engine.give_back(kept));
+    assert_eq!(engine.count(&jobs).unwrap(), 3);
+    engine.commit(&claimed.ticket).unwrap();
+    let live = engine.state_digest();
+    engine.close();
+    drop(engine);
+
+    let recovered = Engine::open(&dir.0, EngineConfig::default()).unwrap();
+    assert_eq!(recovered.answer(acknowledged), Some(Answer::Acknowledged));
+    assert_eq!(recovered.state_digest(), live);
+    recovered.close();
+    drop(recovered);
+
+    let replica = replica_of_log(&dir.0);
+    assert_eq!(replica.answer(acknowledged), Some(Answer::Acknowledged));
+    assert_eq!(replica.state_digest(), live);
+    // A replica decides nothing: it logs no acknowledgement of its own.
+    assert_eq!(replica.acknowledge(&[kept]), 0);
+}
+
 /// Answers decided more than a minute before a newer one are forgotten, by the times
 /// the log holds: alike live, when the engine recovers its directory (whatever its clock
 /// says then), and on a replica applying the same log.
@@ -167,12 +247,7 @@ fn answers_older_than_a_minute_are_forgotten_alike_live_on_replay_and_on_replica
     drop(recovered);
 
     // A replica applying the same log agrees.
-    let host = LogHost::open(&dir.0, &EngineConfig::default()).unwrap();
-    let (_log, image) = host.open_log(0).unwrap();
-    let replica = Engine::replica(None, EngineConfig::default());
-    for (index, bytes) in &image.entries {
-        replica.apply_logged(*index, bytes).unwrap();
-    }
+    let replica = replica_of_log(&dir.0);
     assert_eq!(replica.state_digest(), live);
 }
 

@@ -47,7 +47,8 @@ pub(super) fn after(command: &Command) -> Option<(EventKind, u64)> {
         Command::Write { to: None, .. }
         | Command::Renew { .. }
         | Command::RenewClaim { .. }
-        | Command::Index { .. } => None,
+        | Command::Index { .. }
+        | Command::Acknowledged { .. } => None,
     }
 }
 

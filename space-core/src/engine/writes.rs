@@ -500,6 +500,53 @@ impl Engine {
         true
     }
 
+    /// The callers of `ids` acknowledged their answers: the entries those answers hold
+    /// (what the requests took, committed or claimed) are dropped from this engine's
+    /// answers, through a logged command so that every replica and a recovery drop them
+    /// alike, and a request sent again with one of the ids is answered
+    /// [`SpaceError::Acknowledged`](crate::SpaceError::Acknowledged). Ids whose answers
+    /// hold no entries, or are not kept here, are passed over. Returns how many answers
+    /// were acknowledged.
+    ///
+    /// Does not block, and waits for nothing: an acknowledgement the log never commits
+    /// (its leader stepped down) leaves the answers as they were, kept for their usual
+    /// time. Only an engine that decides (durable, or leading a replicated log) logs
+    /// acknowledgements; any other returns 0.
+    pub fn acknowledge(&self, ids: &[RequestId]) -> usize {
+        let decides = self.inner.proposals.is_some() || self.log_to().is_some();
+        if !self.inner.keeps_answers || !decides {
+            return 0;
+        }
+        // One command per entry type, under that type's lock (where every command of the
+        // type is logged and applied, in order).
+        let mut by_type: Vec<(Arc<str>, Vec<RequestId>)> = Vec::new();
+        {
+            let answers = self.inner.answers.lock();
+            for &id in ids {
+                let Some(entry_type) = answers.holding_type(id) else {
+                    continue;
+                };
+                match by_type.iter_mut().find(|(t, _)| *t == entry_type) {
+                    Some((_, requests)) => requests.push(id),
+                    None => by_type.push((entry_type, vec![id])),
+                }
+            }
+        }
+        let mut acknowledged = 0;
+        for (entry_type, requests) in by_type {
+            let count = requests.len();
+            // The type is there again if it was emptied and swept out meanwhile (as a
+            // give-back puts it back).
+            let done = self.locked_in(&entry_type, Room::Always, |_, st| {
+                self.execute(st, Command::Acknowledged { requests });
+            });
+            if done.is_ok() {
+                acknowledged += count;
+            }
+        }
+        acknowledged
+    }
+
     /// Puts entries that were taken back where they were (same key, place in the order,
     /// lease), announced as written and offered to waiting takers: for a take whose caller
     /// went away before it received them. An entry whose user key meanwhile belongs to a
