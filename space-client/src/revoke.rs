@@ -179,7 +179,7 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
 /// Runs one take or claim so that the removing calls it made are revoked unless it returns
 /// `Ok` to its caller: if it fails, or the future is dropped first, what they took goes
 /// back and what they claimed is released. If it returns `Ok`, their answers are
-/// acknowledged ([`Connection::acknowledge`]) where they are worth it.
+/// acknowledged ([`Connection::acknowledge`]) when they hold entries.
 ///
 /// `members` reaches the cluster's other nodes, for revokes on a replicated cluster.
 pub(crate) async fn guarded<T>(
@@ -286,7 +286,7 @@ impl Resent {
     /// learn what it did, e.g. across a failover or a restart) it is revoked; otherwise
     /// the node answered, or nothing was sent, and it goes to its operation. An answer
     /// that reached its caller for good (outside an operation, or once its operation
-    /// succeeds) is acknowledged where it is worth it.
+    /// succeeds) is acknowledged when it holds entries.
     pub(crate) fn finish(mut self, answer: &Result<Response>) {
         let worth = answer.as_ref().is_ok_and(worth_acknowledging);
         let Some(guard) = self.guard.take() else {
@@ -307,26 +307,15 @@ impl Resent {
     }
 }
 
-/// Bytes of entries in an answer from which it is acknowledged: an acknowledgement costs
-/// the node a logged command of a few dozen bytes, and then frees the entries it kept
-/// with the answer (for a minute, otherwise), a hundred times as many bytes or more.
-/// Smaller answers are left to be forgotten with time.
-pub const ACKNOWLEDGE_FROM_BYTES: usize = 4096;
-
-/// Whether an answer is worth acknowledging: a commit (the node keeps the entry it
-/// removed), or entries taken or claimed of at least [`ACKNOWLEDGE_FROM_BYTES`].
+/// Whether an answer holds entries the node keeps with it (for a retry or a revoke),
+/// which an acknowledgement lets the node drop: entries taken, an entry claimed, or a
+/// commit (the node keeps the entry it removed). The node decides which are worth a
+/// logged acknowledgement (those holding at least
+/// [`ACKNOWLEDGE_FROM_BYTES`](space_core::server::ACKNOWLEDGE_FROM_BYTES)).
 fn worth_acknowledging(answer: &Response) -> bool {
     match answer {
-        Response::Documents(documents) => {
-            documents
-                .iter()
-                .map(|d| d.fields.approx_size())
-                .sum::<usize>()
-                >= ACKNOWLEDGE_FROM_BYTES
-        }
-        Response::Claimed(Some(claimed)) => {
-            claimed.document.fields.approx_size() >= ACKNOWLEDGE_FROM_BYTES
-        }
+        Response::Documents(documents) => !documents.is_empty(),
+        Response::Claimed(claimed) => claimed.is_some(),
         Response::Done => true,
         _ => false,
     }
@@ -404,17 +393,15 @@ mod tests {
     }
 
     #[test]
-    fn answers_holding_large_entries_and_commits_are_worth_acknowledging() {
+    fn answers_holding_entries_and_commits_are_worth_acknowledging() {
         let of = |sizes: &[usize]| {
             worth_acknowledging(&Response::Documents(
                 sizes.iter().map(|&n| document(n)).collect(),
             ))
         };
         assert!(!of(&[]));
-        assert!(!of(&[100, 100]));
-        assert!(of(&[ACKNOWLEDGE_FROM_BYTES]));
-        // Entries that are small one by one but large together.
-        assert!(of(&[ACKNOWLEDGE_FROM_BYTES / 2; 3]));
+        assert!(of(&[100]));
+        assert!(of(&[100, 100_000]));
         assert!(worth_acknowledging(&Response::Done));
         assert!(!worth_acknowledging(&Response::Count(1)));
         assert!(!worth_acknowledging(&Response::Claimed(None)));

@@ -59,7 +59,7 @@ pub mod server {
     pub use crate::engine::{
         Applied, Engine, HostedLog, LogHost, LogImage, LogMark, Pending, Proposals,
     };
-    pub use crate::state::{Answer, Taken};
+    pub use crate::state::{ACKNOWLEDGE_FROM_BYTES, Answer, Taken};
     pub use crate::wal::LogId;
 }
 

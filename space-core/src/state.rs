@@ -29,6 +29,13 @@ use crate::store::{ClaimState, Record, Store};
 /// The number of requests whose answers the state keeps, at most.
 pub(crate) const ANSWERS_KEPT: usize = 65_536;
 
+/// Bytes of entries from which an answer is worth a logged acknowledgement
+/// ([`Command::Acknowledged`]): the command costs a few dozen bytes in the log and an
+/// apply on every replica, and frees the entries the answer held (for a minute,
+/// otherwise), a hundred times as many bytes or more. Smaller answers are forgotten with
+/// time.
+pub const ACKNOWLEDGE_FROM_BYTES: usize = 4096;
+
 /// The longest the answer of a request decided at a known time (every logged command
 /// carries the time it was decided; a shard's, its leader's) is kept: a minute, six
 /// times a client's default `retry_for`, by which a request sent again, or given up and
@@ -505,13 +512,19 @@ impl Answers {
         })
     }
 
-    /// The entry type whose entries the answer of request `id` holds (what it took,
-    /// committed or claimed), if it holds any and its caller may acknowledge it.
-    pub(crate) fn holding_type(&self, id: RequestId) -> Option<Arc<str>> {
+    /// The entry type and the bytes of the entries the answer of request `id` holds
+    /// (what it took, committed or claimed), if it holds any.
+    pub(crate) fn holding(&self, id: RequestId) -> Option<(Arc<str>, usize)> {
         match &self.map.get(&id)?.0 {
-            Kept::Taken(held) => held.first().map(|h| h.entry_type.clone()),
-            Kept::Committed(h) => Some(h.entry_type.clone()),
-            Kept::Claimed(c) => Some(c.ticket.entry_type.as_str().into()),
+            Kept::Taken(held) => Some((
+                held.first()?.entry_type.clone(),
+                held.iter().map(|h| h.record.fields.approx_size()).sum(),
+            )),
+            Kept::Committed(h) => Some((h.entry_type.clone(), h.record.fields.approx_size())),
+            Kept::Claimed(c) => Some((
+                c.ticket.entry_type.as_str().into(),
+                c.document.fields.approx_size(),
+            )),
             Kept::Receipts(_) | Kept::Done | Kept::Acknowledged => None,
         }
     }

@@ -1182,7 +1182,7 @@ mod tests {
         tokio::spawn(node.serve(std::future::pending()));
         let space = space_client::connect(&addr).await.unwrap();
         let large = Parcel {
-            body: "x".repeat(2 * space_client::ACKNOWLEDGE_FROM_BYTES),
+            body: "x".repeat(2 * space_core::server::ACKNOWLEDGE_FROM_BYTES),
         };
         let small = Parcel {
             body: "small".into(),
@@ -1221,7 +1221,7 @@ mod tests {
             "the large take's answer was not acknowledged"
         );
         assert!(
-            bodies.len() == 1 && bodies[0] < space_client::ACKNOWLEDGE_FROM_BYTES,
+            bodies.len() == 1 && bodies[0] < space_core::server::ACKNOWLEDGE_FROM_BYTES,
             "the small take's answer is not kept whole, or the large one is: {bodies:?}"
         );
         // The node's own table refuses the acknowledged take if it comes again.

@@ -770,9 +770,10 @@ async fn a_listing_or_count_while_a_shard_has_no_leader_waits_for_it_or_fails_ty
     );
 }
 
-/// A take by query of one `Job`, made by hand with request id `id`, told it is sent
+/// A take by `query` of one entry, made by hand with request id `id`, told it is sent
 /// again when `retry`, acknowledging the answers of `acknowledged`.
 fn raw_take(
+    query: &Query,
     id: space_client::wire::RequestId,
     retry: bool,
     acknowledged: Vec<space_client::wire::RequestId>,
@@ -781,7 +782,7 @@ fn raw_take(
     Envelope {
         id,
         request: std::sync::Arc::new(Request::TakeDirect {
-            target: Target::Query(Query::of::<Job>()),
+            target: Target::Query(query.clone()),
             max: 1,
             timeout: Duration::ZERO,
         }),
@@ -804,35 +805,41 @@ async fn send_to(
         .unwrap()
 }
 
-/// On the cluster of `addrs` (its first node up and leading): 40 `Job`s written through
-/// a client, and a take made by hand on the first node that got one (more are written
-/// while it finds none there). The client, the history of writes, and the take's request
-/// id and answer.
-async fn forty_jobs_and_a_take_on_the_first(
-    addrs: &[String],
+/// A take by `query` made by hand on the node at `addr` that got an entry (`write_more`
+/// writes more while it finds none there): its request id and its answer.
+async fn a_take_on(
+    addr: &str,
+    query: &Query,
+    write_more: impl AsyncFn(),
 ) -> (
-    space_client::Space,
-    History,
     space_client::wire::RequestId,
     Vec<space_client::wire::Document>,
 ) {
-    until_led(&addrs[0]).await;
-    let space = connect(&addrs.join(",")).await.unwrap();
-    let history = History::default();
-    write_all(&space, 0..40, &history).await;
-    let (id, first) = a_take_on(&addrs[0], &space, &history).await;
-    (space, history, id, first)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = space_client::wire::RequestId::new();
+        if let Some(Ok(Response::Documents(d))) =
+            send_to(addr, raw_take(query, id, false, vec![])).await
+            && !d.is_empty()
+        {
+            return (id, d);
+        }
+        assert!(Instant::now() < deadline, "{addr} took nothing");
+        // Entries may be on the other nodes' shards.
+        write_more().await;
+    }
 }
 
-/// Sends take `id` again to the node at `addr` until it knows its outcome (not
+/// Sends take `id` by `query` again to the node at `addr` until it knows its outcome (not
 /// `Unavailable`, as while its shards elect leaders), for up to 20 s: its answer.
 async fn sent_again_until_known(
     addr: &str,
+    query: &Query,
     id: space_client::wire::RequestId,
 ) -> Option<Result<Response, space_client::SpaceError>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match send_to(addr, raw_take(id, true, vec![])).await {
+        match send_to(addr, raw_take(query, id, true, vec![])).await {
             Some(Err(space_client::SpaceError::Unavailable { .. })) | None
                 if Instant::now() < deadline =>
             {
@@ -841,39 +848,6 @@ async fn sent_again_until_known(
             other => return other,
         }
     }
-}
-
-/// A take made by hand on the node at `addr` that got an entry (more `Job`s are written
-/// through `space` while it finds none there): its request id and its answer.
-async fn a_take_on(
-    addr: &str,
-    space: &space_client::Space,
-    history: &History,
-) -> (
-    space_client::wire::RequestId,
-    Vec<space_client::wire::Document>,
-) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let id = space_client::wire::RequestId::new();
-        if let Some(Ok(Response::Documents(d))) = send_to(addr, raw_take(id, false, vec![])).await
-            && !d.is_empty()
-        {
-            return (id, d);
-        }
-        assert!(Instant::now() < deadline, "{addr} took nothing");
-        // Entries may be on the other nodes' shards: write more.
-        write_all(space, 1_000..1_010, history).await;
-    }
-}
-
-/// Entries written in `history` (40 first, then those `a_take_on` added).
-fn written(history: &History) -> usize {
-    40 + history
-        .ops()
-        .iter()
-        .filter(|o| matches!(o, Op::Write { id, .. } if *id >= 1_000))
-        .count()
 }
 
 /// A take by query whose node died after the take was committed, before its answer got
@@ -886,7 +860,15 @@ fn written(history: &History) -> usize {
 async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, dirs, mut nodes) = three_nodes();
-    let (space, history, id, first) = forty_jobs_and_a_take_on_the_first(&addrs).await;
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let history = History::default();
+    write_all(&space, 0..40, &history).await;
+    let jobs = Query::of::<Job>();
+    let (id, first) = a_take_on(&addrs[0], &jobs, async || {
+        write_all(&space, 1_000..1_010, &history).await
+    })
+    .await;
 
     // The node dies and comes back; the client sends the take again (told it is sent
     // again), while the node answers that it cannot know yet (its shards electing).
@@ -894,44 +876,60 @@ async fn a_take_sent_again_to_its_restarted_node_gets_its_first_answer() {
         node.kill();
     }
     nodes[0] = Some(start(&addrs[0], &dirs[0], &addrs.join(",")));
-    let again = sent_again_until_known(&addrs[0], id).await;
+    let again = sent_again_until_known(&addrs[0], &jobs, id).await;
     assert_eq!(
         again,
         Some(Ok(Response::Documents(first.clone()))),
         "the take sent again did not get its first answer"
     );
     // Nothing else was taken: every other entry written is still there.
-    assert_eq!(left(&space).await.len(), written(&history) - 1);
+    let written = 40
+        + history
+            .ops()
+            .iter()
+            .filter(|o| matches!(o, Op::Write { id, .. } if *id >= 1_000))
+            .count();
+    assert_eq!(left(&space).await.len(), written - 1);
 }
 
-/// A take whose answer its client acknowledged (with its next call) is dropped from the
-/// answers of its shard on every replica, through the shard's log: sent again, on any
-/// node, also once the node that ran it is dead and its shards led elsewhere, it is
-/// refused (`Acknowledged`), neither answered with the entry it took (which the answers
-/// no longer hold) nor run again.
+/// A take of a large entry whose answer its client acknowledged (with its next call) is
+/// dropped from the answers of its shard on every replica, through the shard's log: sent
+/// again, on any node, also once the node that ran it is dead and its shards led
+/// elsewhere, it is refused (`Acknowledged`), neither answered with the entry it took
+/// (which the answers no longer hold) nor run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_take_is_dropped_from_every_replicas_answers() {
     use space_client::SpaceError;
     use space_client::wire::RequestId;
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, _dirs, mut nodes) = three_nodes();
-    let (space, history, id, _) = forty_jobs_and_a_take_on_the_first(&addrs).await;
-    // The next call acknowledges the answer (it is a take that was never sent before, so
-    // sent again it finds no answer and takes, or finds nothing).
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs.join(",")).await.unwrap();
+    let parcels = Query::of::<Parcel>();
+    let write_more = async || {
+        let parcel = Parcel {
+            body: "x".repeat(2 * space_core::server::ACKNOWLEDGE_FROM_BYTES),
+        };
+        space.write_all(&vec![parcel; 10]).await.unwrap();
+    };
+    write_more().await;
+    let (id, _) = a_take_on(&addrs[0], &parcels, &write_more).await;
+    // The next call acknowledges the answer (a take too, never sent before).
     let next = RequestId::new();
-    let took_next = match send_to(&addrs[0], raw_take(next, false, vec![id])).await {
-        Some(Ok(Response::Documents(d))) => d.len(),
+    let took_next = match send_to(&addrs[0], raw_take(&parcels, next, false, vec![id])).await {
+        Some(Ok(Response::Documents(d))) => d.len() as u64,
         other => panic!("the acknowledging call was answered {other:?}"),
     };
+    let left = space.count(&parcels).await.unwrap();
     // The node that ran it refuses it at once.
     assert_eq!(
-        send_to(&addrs[0], raw_take(id, true, vec![])).await,
+        send_to(&addrs[0], raw_take(&parcels, id, true, vec![])).await,
         Some(Err(SpaceError::Acknowledged))
     );
     // Another node, which looks in its replicas, once they applied the acknowledgement.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match send_to(&addrs[2], raw_take(id, true, vec![])).await {
+        match send_to(&addrs[2], raw_take(&parcels, id, true, vec![])).await {
             Some(Err(SpaceError::Acknowledged)) => break,
             other => assert!(
                 Instant::now() < deadline,
@@ -945,10 +943,11 @@ async fn an_acknowledged_take_is_dropped_from_every_replicas_answers() {
     if let Some(node) = nodes[0].take() {
         node.kill();
     }
-    let again = sent_again_until_known(&addrs[1], id).await;
+    let again = sent_again_until_known(&addrs[1], &parcels, id).await;
     assert_eq!(again, Some(Err(SpaceError::Acknowledged)));
-    // Nothing was taken again: only the two takes took.
-    assert_eq!(left(&space).await.len(), written(&history) - 1 - took_next);
+    // Nothing was taken again.
+    assert_eq!(space.count(&parcels).await.unwrap(), left);
+    assert!(took_next <= 1);
 }
 
 /// A leader killed together with a follower of its shards (the one left has no quorum to

@@ -505,8 +505,9 @@ impl Engine {
     /// answers, through a logged command so that every replica and a recovery drop them
     /// alike, and a request sent again with one of the ids is answered
     /// [`SpaceError::Acknowledged`](crate::SpaceError::Acknowledged). Ids whose answers
-    /// hold no entries, or are not kept here, are passed over. Returns how many answers
-    /// were acknowledged.
+    /// hold less than [`ACKNOWLEDGE_FROM_BYTES`](crate::state::ACKNOWLEDGE_FROM_BYTES) of
+    /// entries, or are not kept here, are passed over (kept for their usual time).
+    /// Returns how many answers were acknowledged.
     ///
     /// Does not block, and waits for nothing: an acknowledgement the log never commits
     /// (its leader stepped down) leaves the answers as they were, kept for their usual
@@ -523,9 +524,12 @@ impl Engine {
         {
             let answers = self.inner.answers.lock();
             for &id in ids {
-                let Some(entry_type) = answers.holding_type(id) else {
+                let Some((entry_type, bytes)) = answers.holding(id) else {
                     continue;
                 };
+                if bytes < crate::state::ACKNOWLEDGE_FROM_BYTES {
+                    continue;
+                }
                 match by_type.iter_mut().find(|(t, _)| *t == entry_type) {
                     Some((_, requests)) => requests.push(id),
                     None => by_type.push((entry_type, vec![id])),
