@@ -179,7 +179,7 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
 /// Runs one take or claim so that the removing calls it made are revoked unless it returns
 /// `Ok` to its caller: if it fails, or the future is dropped first, what they took goes
 /// back and what they claimed is released. If it returns `Ok`, their answers are
-/// acknowledged ([`Connection::acknowledge`]) when they hold entries.
+/// acknowledged ([`Connection::acknowledge`]) where they are worth it.
 ///
 /// `members` reaches the cluster's other nodes, for revokes on a replicated cluster.
 pub(crate) async fn guarded<T>(
@@ -286,7 +286,7 @@ impl Resent {
     /// learn what it did, e.g. across a failover or a restart) it is revoked; otherwise
     /// the node answered, or nothing was sent, and it goes to its operation. An answer
     /// that reached its caller for good (outside an operation, or once its operation
-    /// succeeds) is acknowledged when it holds entries.
+    /// succeeds) is acknowledged where it is worth it.
     pub(crate) fn finish(mut self, answer: &Result<Response>) {
         let worth = answer.as_ref().is_ok_and(worth_acknowledging);
         let Some(guard) = self.guard.take() else {
@@ -307,15 +307,20 @@ impl Resent {
     }
 }
 
-/// Whether an answer holds entries the node keeps with it (for a retry or a revoke),
-/// which an acknowledgement lets the node drop: entries taken, an entry claimed, or a
-/// commit (the node keeps the entry it removed). The node decides which are worth a
-/// logged acknowledgement (those holding at least
-/// [`ACKNOWLEDGE_FROM_BYTES`](space_core::server::ACKNOWLEDGE_FROM_BYTES)).
+/// Whether an answer is worth acknowledging: it holds entries the node keeps with it
+/// (for a retry or a revoke) that an acknowledgement lets the node drop. A commit always
+/// (the node keeps the entry it removed, which its answer does not show); entries taken
+/// or claimed when they come to
+/// [`ACKNOWLEDGE_FROM_BYTES`](space_core::server::ACKNOWLEDGE_FROM_BYTES) or more, the
+/// least for which the node logs an acknowledgement (smaller answers are forgotten with
+/// time, and their acknowledgements would cost every take a lookup on the node).
 fn worth_acknowledging(answer: &Response) -> bool {
+    let large = |bytes: usize| bytes >= space_core::server::ACKNOWLEDGE_FROM_BYTES;
     match answer {
-        Response::Documents(documents) => !documents.is_empty(),
-        Response::Claimed(claimed) => claimed.is_some(),
+        Response::Documents(documents) => {
+            large(documents.iter().map(|d| d.fields.approx_size()).sum())
+        }
+        Response::Claimed(Some(claimed)) => large(claimed.document.fields.approx_size()),
         Response::Done => true,
         _ => false,
     }
@@ -393,15 +398,18 @@ mod tests {
     }
 
     #[test]
-    fn answers_holding_entries_and_commits_are_worth_acknowledging() {
+    fn answers_holding_large_entries_and_commits_are_worth_acknowledging() {
+        use space_core::server::ACKNOWLEDGE_FROM_BYTES;
         let of = |sizes: &[usize]| {
             worth_acknowledging(&Response::Documents(
                 sizes.iter().map(|&n| document(n)).collect(),
             ))
         };
         assert!(!of(&[]));
-        assert!(of(&[100]));
-        assert!(of(&[100, 100_000]));
+        assert!(!of(&[100, 100]));
+        assert!(of(&[ACKNOWLEDGE_FROM_BYTES]));
+        // Entries that are small one by one but large together.
+        assert!(of(&[ACKNOWLEDGE_FROM_BYTES / 2; 3]));
         assert!(worth_acknowledging(&Response::Done));
         assert!(!worth_acknowledging(&Response::Count(1)));
         assert!(!worth_acknowledging(&Response::Claimed(None)));

@@ -2,7 +2,8 @@
 //! typed errors (or a closed connection) and never crash it; notify costs one connection
 //! per client and is capped; pushes from anyone but the node are refused; one handle
 //! serves ten thousand blocked calls; connections, blocked calls and entry types are
-//! bounded; stalled frames are cut off; a subscription's lease ends its stream.
+//! bounded; stalled frames are cut off; a subscription's lease ends its stream; a call
+//! acknowledges a bounded number of answers.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -102,6 +103,34 @@ fn deep_requests_get_typed_errors_and_never_crash_the_node() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("deeper than 64"), "{stderr}");
+}
+
+#[test]
+fn a_call_acknowledging_too_many_answers_is_refused_and_the_node_serves_on() {
+    let (_node, addr) = node(&[]);
+    let call = |acknowledged: usize| {
+        space_tests::hostile::envelope_bytes(
+            wire::Envelope {
+                id: wire::RequestId::new(),
+                request: std::sync::Arc::new(Request::Count(Query::of::<Job>())),
+                retry: false,
+                acknowledged: (0..acknowledged).map(|_| wire::RequestId::new()).collect(),
+            },
+            Instant::now() + Duration::from_secs(10),
+        )
+    };
+    match answer_to(&addr, &call(wire::MAX_ACKNOWLEDGED + 1)) {
+        Some(Err(SpaceError::Protocol { reason })) => {
+            assert!(reason.contains("acknowledges 1025 answers"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // At the bound (ids the node never saw: passed over), and after: answered.
+    assert_eq!(
+        answer_to(&addr, &call(wire::MAX_ACKNOWLEDGED)),
+        Some(Ok(Response::Count(0)))
+    );
+    assert_eq!(answer_to(&addr, &call(0)), Some(Ok(Response::Count(0))));
 }
 
 #[test]
