@@ -647,6 +647,11 @@ impl Taken {
         &self.record.key
     }
 
+    /// The taken entry's size in bytes, roughly.
+    pub fn approx_size(&self) -> usize {
+        self.record.fields.approx_size()
+    }
+
     /// A copy of the entry, as a take hands it out.
     pub fn document(&self) -> Document {
         self.record.document()

@@ -18,9 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use space_core::SpaceError;
 use space_core::server::Taken;
 use space_core::wire::{RequestId, Response};
+use space_core::{Document, SpaceError};
 use tokio::sync::Notify;
 
 /// What a request did, as far as a retry or a revoke needs to know.
@@ -43,13 +43,18 @@ impl Outcome {
         }
     }
 
-    /// Whether the outcome holds entries (what a take or commit removed, what a claim
-    /// claimed): what an acknowledgement drops.
-    fn holds_entries(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Taken(_) | Outcome::Committed(_) | Outcome::Answer(Response::Claimed(Some(_)))
-        )
+    /// The bytes of the entries the outcome holds (what a take or commit removed, what a
+    /// claim claimed), if it holds any: what an acknowledgement drops.
+    fn held_bytes(&self) -> Option<usize> {
+        let documents = |d: &[Document]| d.iter().map(|d| d.fields.approx_size()).sum();
+        match self {
+            Outcome::Taken(taken) => Some(taken.iter().map(Taken::approx_size).sum()),
+            Outcome::Committed(taken) => Some(taken.as_ref().map_or(0, Taken::approx_size)),
+            Outcome::Answer(Response::Claimed(Some(c))) => Some(c.document.fields.approx_size()),
+            // Found in a shard's answers (a retry's answer).
+            Outcome::Answer(Response::Documents(d)) => Some(documents(d)),
+            Outcome::Answer(_) => None,
+        }
     }
 
     /// The answer, consuming the outcome.
@@ -283,16 +288,35 @@ impl Dedupe {
     /// The callers of `ids` acknowledged their answers: finished answers that hold
     /// entries (taken, committed or claimed) are replaced by a mark, which keeps its
     /// place among the finished slots. Running, revoked and unknown ids are passed over.
-    pub(crate) fn acknowledge(&self, ids: &[RequestId]) {
+    /// Returns the ids whose answers an engine may keep with entries of `large` bytes or
+    /// more: those that held that much here, and those no longer known here.
+    pub(crate) fn acknowledge(&self, ids: &[RequestId], large: usize) -> Vec<RequestId> {
         let mut inner = self.inner.lock();
-        for id in ids {
-            if let Some(slot @ Slot::Done(_)) = inner.slots.get_mut(id)
-                && let Slot::Done(finished) = &*slot
-                && finished.as_ref().as_ref().is_ok_and(Outcome::holds_entries)
-            {
-                *slot = Slot::Acknowledged;
+        let mut elsewhere = Vec::new();
+        for &id in ids {
+            match inner.slots.get_mut(&id) {
+                None => elsewhere.push(id),
+                Some(slot @ Slot::Done(_)) => {
+                    let Slot::Done(finished) = &*slot else {
+                        continue;
+                    };
+                    let Some(bytes) = finished
+                        .as_ref()
+                        .as_ref()
+                        .ok()
+                        .and_then(Outcome::held_bytes)
+                    else {
+                        continue;
+                    };
+                    *slot = Slot::Acknowledged;
+                    if bytes >= large {
+                        elsewhere.push(id);
+                    }
+                }
+                Some(_) => {}
             }
         }
+        elsewhere
     }
 
     /// Waits until the run that `done` belongs to finishes, is revoked or is dropped.
@@ -414,7 +438,9 @@ mod tests {
         assert_eq!(taken.await, Ok(Response::Documents(Vec::new())));
         let counted = d.run(count, || async { Ok(Outcome::Answer(Response::Count(3))) });
         assert_eq!(counted.await, Ok(Response::Count(3)));
-        d.acknowledge(&[take, count, RequestId::new()]);
+        let unknown = RequestId::new();
+        // Only the id not known here may be kept large elsewhere (the take held nothing).
+        assert_eq!(d.acknowledge(&[take, count, unknown], 1), vec![unknown]);
         // The take's answer held entries: dropped, and the take is not run again.
         let again = d.run(take, || async { panic!("an acknowledged take ran again") });
         assert_eq!(again.await, Err(SpaceError::Acknowledged));
@@ -422,6 +448,24 @@ mod tests {
         // An answer that holds no entry is kept as it was.
         let again = d.run(count, || async { panic!("a finished count ran again") });
         assert_eq!(again.await, Ok(Response::Count(3)));
+        // An answer holding entries of `large` bytes or more is for the engines to drop.
+        let large = RequestId::new();
+        let mut fields = space_core::Fields::new();
+        fields.push("body", space_core::Value::Str("x".repeat(100)));
+        let document = Document {
+            key: space_core::Key::Name("k".into()),
+            version: 1,
+            fields,
+        };
+        let found = d.run(large, || async {
+            Ok(Outcome::Answer(Response::Documents(vec![document])))
+        });
+        assert!(found.await.is_ok());
+        assert_eq!(d.acknowledge(&[large], 100), vec![large]);
+        assert_eq!(
+            d.run(large, || async { panic!() }).await,
+            Err(SpaceError::Acknowledged)
+        );
     }
 
     #[tokio::test]

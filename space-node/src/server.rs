@@ -473,15 +473,23 @@ impl NodeState {
     }
 
     /// The callers of `ids` have their answers ([`wire::Envelope::acknowledged`]): the
-    /// entries kept with those answers, in this node's table of recent answers and in
-    /// the answers of the engines that decide here (a durable engine's, or those of the
-    /// shards this node leads, through their logs), are dropped. Answers kept elsewhere
-    /// (a shard this node no longer leads) are forgotten with time, as before.
+    /// entries kept with those answers, in this node's table of recent answers and (for
+    /// answers large enough to be worth a logged command) in the answers of the engines
+    /// that decide here (a durable engine's, or those of the shards this node leads,
+    /// through their logs), are dropped. Answers kept elsewhere (a shard this node no
+    /// longer leads) are forgotten with time, as before.
     fn acknowledge(&self, ids: &[wire::RequestId]) {
         if ids.is_empty() {
             return;
         }
-        self.dedupe.acknowledge(ids);
+        // Answers too small for an engine to log an acknowledgement of cost nothing more.
+        let ids = self
+            .dedupe
+            .acknowledge(ids, space_core::server::ACKNOWLEDGE_FROM_BYTES);
+        if ids.is_empty() {
+            return;
+        }
+        let ids = ids.as_slice();
         match &self.shards {
             Some(shards) => {
                 for (_, engine) in shards.serving().iter() {
