@@ -454,6 +454,30 @@ impl Cluster {
         Ok((answers, unreachable))
     }
 
+    /// Sends now the acknowledgements that wait for a next call on each connection (a
+    /// client's answers of takes, claims and commits, which the nodes keep for a retry
+    /// until they are acknowledged, for a minute otherwise): for a client about to stop
+    /// after its last take. Each goes with a node-status call, the least a node does.
+    /// Best effort: a node that cannot be reached keeps those answers for their minute.
+    ///
+    /// # Cancel safety
+    /// Dropped half-way, the acknowledgements not sent yet are lost (the answers are kept
+    /// for their minute).
+    pub async fn send_acknowledgements(&self) {
+        let waiting: Vec<Arc<Connection>> = self
+            .conns
+            .lock()
+            .values()
+            .filter(|c| c.has_acknowledgements())
+            .cloned()
+            .collect();
+        for conn in waiting {
+            if let Err(e) = conn.call(Request::NodeStatus).await {
+                tracing::debug!(node = %conn.addr(), error = %e, "acknowledgements not sent");
+            }
+        }
+    }
+
     /// Runs one request as a user asked for it, routed as the module documentation says.
     /// A wait longer than [`wire::MAX_CALL_WAIT`] is made of successive calls.
     ///
@@ -1537,6 +1561,14 @@ impl RemoteBackend for Remote {
         self.cluster
             .runtime
             .bind(async move { cluster.resume_at(position).await })
+    }
+
+    fn send_acknowledgements(&self) -> BoxFuture<'static, Result<()>> {
+        let cluster = self.cluster.clone();
+        self.cluster.runtime.bind(async move {
+            cluster.send_acknowledgements().await;
+            Ok(())
+        })
     }
 }
 

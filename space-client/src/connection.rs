@@ -345,6 +345,11 @@ impl Connection {
         *self.client.lock() = None;
     }
 
+    /// Whether acknowledgements wait for a next call.
+    pub(crate) fn has_acknowledgements(&self) -> bool {
+        !self.acknowledged.lock().is_empty()
+    }
+
     /// The acknowledgements waiting for the next call, taken for it.
     pub(crate) fn take_acknowledged(&self) -> Vec<RequestId> {
         self.acknowledged.lock().drain(..).collect()

@@ -42,6 +42,11 @@ pub trait RemoteBackend: Send + Sync + 'static {
     /// Picks up a detached subscription where `position` says it stands on each node.
     fn resume_at(&self, position: SubscriptionPosition)
     -> BoxFuture<'static, Result<Subscription>>;
+    /// Sends now the acknowledgements of answers that wait for a next call (see
+    /// [`Space::send_acknowledgements`]). By default there are none.
+    fn send_acknowledgements(&self) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 #[derive(Clone)]
@@ -709,6 +714,13 @@ impl Space {
         }
     }
 
+    fn op_send_acknowledgements(&self) -> Call<()> {
+        match &self.backend {
+            Backend::Local(_) => Call::Done(Ok(())),
+            Backend::Remote(r) => Call::Remote(r.send_acknowledgements()),
+        }
+    }
+
     fn op_count(&self, query: &Query) -> Call<u64> {
         if let Err(e) = check_untyped(query) {
             return Call::Done(Err(e));
@@ -977,6 +989,17 @@ both_forms! {
     /// As [`read`](Self::read); `Unavailable` when a cluster's listing could not cover
     /// every shard.
     fn contents<T>(&self, query: &Query) -> Result<Vec<T>> = |s| s.op_contents(query);
+
+    /// Tells the nodes now which answers of takes, claims and commits this handle has
+    /// received. A node keeps what a take took with its answer, for a retry or a revoke,
+    /// until the client acknowledges it with its next call to that node (large answers
+    /// are then dropped on every replica), for a minute otherwise: a client about to stop
+    /// after taking large entries calls this last. Nothing to do in-process.
+    ///
+    /// # Errors
+    ///
+    /// None: a node that cannot be reached keeps those answers for their minute.
+    fn send_acknowledgements(&self) -> Result<()> = |s| s.op_send_acknowledgements();
 
     /// The number of visible matching entries.
     ///

@@ -1232,6 +1232,17 @@ mod tests {
             bodies.len() == 1 && bodies[0] < space_core::server::ACKNOWLEDGE_FROM_BYTES,
             "the small take's answer is not kept whole, or the large one is: {bodies:?}"
         );
+        // A client about to stop sends what waits for a next call.
+        space.write(&large).await.unwrap();
+        let last: Option<Parcel> = space.take_if_exists(&query).await.unwrap();
+        assert_eq!(last, Some(large.clone()));
+        let waiting = kept(state.engine.answers()).0.len();
+        space.send_acknowledgements().await.unwrap();
+        assert_eq!(
+            (waiting, kept(state.engine.answers()).0.len()),
+            (1, 2),
+            "the last take's answer was not acknowledged when the client was told to"
+        );
         // The node's own table refuses the acknowledged take if it comes again.
         let conn = space_client::Connection::open(&addr, space_client::ClientConfig::default())
             .await

@@ -567,6 +567,8 @@ async fn run(cli: Cli) -> Result<Found> {
                 bail!("unexpected answer")
             };
             print_documents(&docs, cli.json)?;
+            // The nodes may drop what they kept for a retry now rather than in a minute.
+            conn.send_acknowledgements().await;
             return Ok(found(&docs));
         }
         Command::Claim {
@@ -900,6 +902,8 @@ async fn run(cli: Cli) -> Result<Found> {
             }
         }
     }
+    // A claim or commit's answer too (see `Command::Take`).
+    conn.send_acknowledgements().await;
     Ok(Found::Done)
 }
 
