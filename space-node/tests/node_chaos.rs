@@ -8,6 +8,10 @@
 //! Peer traffic between nodes goes through one fault-injecting proxy per direction of
 //! each pair (`--peer-via`), so a partition is a set of black-holed links.
 //!
+//! Half the jobs are padded past the size whose answers are acknowledged through the
+//! shards' logs, so that takes, claims and commits of both sizes (answers dropped when the
+//! client acknowledges them, and answers kept for their minute) meet the faults.
+//!
 //! Every operation is recorded as acknowledged, failed or unknown; once the faults heal,
 //! the checker reads the history and what is left: no acknowledged write lost, no entry
 //! taken twice, nothing unexpected. A subscriber listens throughout: it must be told
@@ -31,6 +35,30 @@ use space_client::{EventKinds, Key, Lease, Notification, Query, Space, Subscript
 use space_tests::TempDir;
 use space_tests::history::{Ended, History, Op};
 use space_tests::proxy::{Link, Proxy};
+
+/// A job as the writers write it: a [`Job`] (the takers and the checker read it as one)
+/// with a padding of [`space_core::server::ACKNOWLEDGE_FROM_BYTES`] for even ids, none
+/// for odd ones.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct PaddedJob {
+    id: u64,
+    pad: String,
+}
+space_client::entry!(PaddedJob, "Job");
+
+impl PaddedJob {
+    fn new(id: u64) -> PaddedJob {
+        let pad = if id.is_multiple_of(2) {
+            space_core::server::ACKNOWLEDGE_FROM_BYTES
+        } else {
+            0
+        };
+        PaddedJob {
+            id,
+            pad: "x".repeat(pad),
+        }
+    }
+}
 
 /// A cluster whose nodes' peer links pass through proxies the test controls.
 struct Chaos {
@@ -215,7 +243,7 @@ fn workers(
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let ended = match space.write(&Job { id }).await {
+                let ended = match space.write(&PaddedJob::new(id)).await {
                     Ok(receipt) => {
                         acknowledged.lock().unwrap().insert(receipt.key, id);
                         Ended::Ok
