@@ -457,8 +457,10 @@ impl Cluster {
     /// Sends now the acknowledgements that wait for a next call on each connection (a
     /// client's answers of takes, claims and commits, which the nodes keep for a retry
     /// until they are acknowledged, for a minute otherwise): for a client about to stop
-    /// after its last take. Each goes with a node-status call, the least a node does.
-    /// Best effort: a node that cannot be reached keeps those answers for their minute.
+    /// after its last take. Each goes with a node-status call, the least a node does, to
+    /// all nodes at once (a node that cannot be reached holds the others up no longer
+    /// than its own retries). Best effort: a node that cannot be reached keeps those
+    /// answers for their minute.
     ///
     /// # Cancel safety
     /// Dropped half-way, the acknowledgements not sent yet are lost (the answers are kept
@@ -471,11 +473,12 @@ impl Cluster {
             .filter(|c| c.has_acknowledgements())
             .cloned()
             .collect();
-        for conn in waiting {
+        let sends = waiting.into_iter().map(|conn| async move {
             if let Err(e) = conn.call(Request::NodeStatus).await {
                 tracing::debug!(node = %conn.addr(), error = %e, "acknowledgements not sent");
             }
-        }
+        });
+        futures::future::join_all(sends).await;
     }
 
     /// Runs one request as a user asked for it, routed as the module documentation says.

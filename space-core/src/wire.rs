@@ -598,7 +598,8 @@ pub struct Envelope {
     /// answer came back): a node that no longer knows the id looks for its first answer
     /// before it runs it again (see the node's replicated answers).
     pub retry: bool,
-    /// Earlier requests on the same connection whose answers (entries taken or claimed)
+    /// Earlier requests on the same connection whose answers (entries taken, claimed or
+    /// committed)
     /// reached their callers for good: the node drops the entries it keeps with those
     /// answers for retries and revokes, and refuses the ids if they come again
     /// ([`SpaceError::Acknowledged`]). At most [`MAX_ACKNOWLEDGED`].

@@ -1179,12 +1179,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_clients_large_take_is_acknowledged_and_its_entry_dropped_from_the_answers() {
         let dir = space_tests::TempDir::new("acknowledged-takes");
-        let config = || NodeConfig {
+        let node = Node::bind(NodeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: Some(dir.0.clone()),
             ..NodeConfig::default()
-        };
-        let node = Node::bind(config()).await.unwrap();
+        })
+        .await
+        .unwrap();
         let state = node.state.clone();
         let addr = node.local_addr().unwrap().to_string();
         tokio::spawn(node.serve(std::future::pending()));
