@@ -481,6 +481,23 @@ impl Cluster {
         futures::future::join_all(sends).await;
     }
 
+    /// What a process calls before it exits ([`Space::settle`]): sends the waiting
+    /// acknowledgements, then waits until the calls this process sends in the background
+    /// to give entries back (revokes of abandoned takes and claims, releases) are done.
+    ///
+    /// # Cancel safety
+    /// It only waits: dropped, the calls go on while the runtime lives.
+    pub async fn settle(&self) {
+        self.send_acknowledgements().await;
+        revoke::settled().await;
+    }
+
+    /// How many calls giving entries back run in the background in this process now
+    /// (what [`settle`](Self::settle) waits for).
+    pub fn giving_back(&self) -> usize {
+        revoke::giving_back()
+    }
+
     /// Runs one request as a user asked for it, routed as the module documentation says.
     /// A wait longer than [`wire::MAX_CALL_WAIT`] is made of successive calls.
     ///
@@ -1530,7 +1547,9 @@ impl RemoteBackend for Remote {
 
     fn send(&self, request: Request) {
         let cluster = self.cluster.clone();
+        let counted = revoke::GivingBack::start();
         drop(self.cluster.runtime.handle().spawn(async move {
+            let _counted = counted;
             if let Err(e) = cluster.call(request).await {
                 tracing::warn!(error = %e, "a request sent in the background failed");
             }
@@ -1570,6 +1589,14 @@ impl RemoteBackend for Remote {
         let cluster = self.cluster.clone();
         self.cluster.runtime.bind(async move {
             cluster.send_acknowledgements().await;
+            Ok(())
+        })
+    }
+
+    fn settle(&self) -> BoxFuture<'static, Result<()>> {
+        let cluster = self.cluster.clone();
+        self.cluster.runtime.bind(async move {
+            cluster.settle().await;
             Ok(())
         })
     }

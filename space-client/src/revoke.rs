@@ -23,9 +23,14 @@
 //! the node that ran it may have stopped leading that shard (or died) before the answer
 //! came back. Its revoke then goes to every member too, until the leaders of all shards
 //! have given back what the call did there ([`Response::Revoked`]).
+//!
+//! Revokes (and the other calls a client sends in the background to give entries back)
+//! are counted while they run ([`GivingBack`]), so that a process about to exit can wait
+//! for them ([`settled`]): a process that exits first (a command-line tool whose take
+//! failed, say) drops them, and a take it gave up keeps its entry for good.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -33,6 +38,7 @@ use parking_lot::Mutex;
 use space_core::wire::{Request, RequestId, Response};
 use space_core::{Result, SpaceError};
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 
 use crate::connection::Connection;
 
@@ -60,6 +66,42 @@ struct Operation {
     members: Option<Members>,
 }
 
+/// How many calls that give entries back run in the background in this process.
+static GIVING_BACK: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::Sender::new(0));
+
+/// One call giving entries back in the background, counted while it lives (its task's
+/// end, or its task dropped with its runtime).
+pub(crate) struct GivingBack(());
+
+impl GivingBack {
+    /// Counts a call that starts now.
+    pub(crate) fn start() -> GivingBack {
+        GIVING_BACK.send_modify(|n| *n += 1);
+        GivingBack(())
+    }
+}
+
+impl Drop for GivingBack {
+    fn drop(&mut self) {
+        GIVING_BACK.send_modify(|n| *n -= 1);
+    }
+}
+
+/// How many calls giving entries back run in the background in this process now.
+pub(crate) fn giving_back() -> usize {
+    *GIVING_BACK.borrow()
+}
+
+/// Waits until no call giving entries back runs in the background in this process. Each
+/// ends by itself: a revoke once its nodes answered it, or after trying for
+/// [`REVOKE_FOR`]; a call sent with [`RemoteBackend::send`](space_core::remote::RemoteBackend::send)
+/// once its retries are out. Cancel-safe (it only waits).
+pub(crate) async fn settled() {
+    let mut count = GIVING_BACK.subscribe();
+    // The sender lives in a static, so the wait ends only when the count reaches 0.
+    let _ = count.wait_for(|n| *n == 0).await;
+}
+
 /// Sends revokes for `calls`, newest first, in the background on `runtime`.
 fn revoke_all(runtime: Option<&Handle>, calls: Vec<Completed>, members: Option<Members>) {
     if calls.is_empty() {
@@ -69,7 +111,9 @@ fn revoke_all(runtime: Option<&Handle>, calls: Vec<Completed>, members: Option<M
         tracing::warn!("no runtime to revoke abandoned calls on; their leases will return claims");
         return;
     };
+    let counted = GivingBack::start();
     drop(runtime.spawn(async move {
+        let _counted = counted;
         for (conn, id, _) in calls.into_iter().rev() {
             revoke(&conn, id, members.as_ref()).await;
         }
@@ -413,6 +457,23 @@ mod tests {
         assert!(worth_acknowledging(&Response::Done));
         assert!(!worth_acknowledging(&Response::Count(1)));
         assert!(!worth_acknowledging(&Response::Claimed(None)));
+    }
+
+    #[tokio::test]
+    async fn settling_waits_for_the_calls_giving_entries_back() {
+        let giving_back = GivingBack::start();
+        assert!(self::giving_back() >= 1);
+        let settling = tokio::spawn(settled());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !settling.is_finished(),
+            "settled while a call was giving entries back"
+        );
+        drop(giving_back);
+        tokio::time::timeout(Duration::from_secs(10), settling)
+            .await
+            .expect("settled once the call was done")
+            .expect("the wait ran");
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub trait RemoteBackend: Send + Sync + 'static {
     fn send_acknowledgements(&self) -> BoxFuture<'static, Result<()>> {
         Box::pin(async { Ok(()) })
     }
+    /// Sends the waiting acknowledgements and waits until what this client gives back in
+    /// the background is done (see [`Space::settle`]). By default there is nothing to do.
+    fn settle(&self) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 #[derive(Clone)]
@@ -721,6 +726,13 @@ impl Space {
         }
     }
 
+    fn op_settle(&self) -> Call<()> {
+        match &self.backend {
+            Backend::Local(_) => Call::Done(Ok(())),
+            Backend::Remote(r) => Call::Remote(r.settle()),
+        }
+    }
+
     fn op_count(&self, query: &Query) -> Call<u64> {
         if let Err(e) = check_untyped(query) {
             return Call::Done(Err(e));
@@ -1000,6 +1012,28 @@ both_forms! {
     ///
     /// None: a node that cannot be reached keeps those answers for their minute.
     fn send_acknowledgements(&self) -> Result<()> = |s| s.op_send_acknowledgements();
+
+    /// What a process calls before it exits: sends the acknowledgements that wait (as
+    /// [`send_acknowledgements`](Self::send_acknowledgements)) and waits until the calls
+    /// this process sends in the background to give entries back are done. Those are the
+    /// revokes of takes and claims given up (dropped, timed out, or failed without an
+    /// answer, as when a node stops answering), which put back what they took, and the
+    /// releases of claims the caller could not use. They run on the client's runtime, and
+    /// a process that exits first drops them: a take it gave up keeps its entry for good,
+    /// an abandoned claim hides its entry until its lease lapses. Each ends by itself once
+    /// its nodes answered, or after trying for a minute, so this returns within about a
+    /// minute when nodes cannot be reached; at once when nothing was given up. Nothing to
+    /// do in-process.
+    ///
+    /// # Errors
+    ///
+    /// None: what cannot be given back in time stays as the nodes have it.
+    ///
+    /// # Cancel safety
+    ///
+    /// It only waits (and sends acknowledgements): dropped, the calls go on while the
+    /// runtime lives.
+    fn settle(&self) -> Result<()> = |s| s.op_settle();
 
     /// The number of visible matching entries.
     ///

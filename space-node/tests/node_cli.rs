@@ -6,8 +6,12 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::NodeProcess;
+use common::{NodeProcess, free_addrs};
+use space_client::wire::{Request, Response};
+use space_client::{Fields, Lease, Query, Value};
+use space_tests::hostile;
 use space_tests::process::{Signal, cli_binary, exit_within, signal};
+use space_tests::proxy::{Link, Proxy};
 
 fn space(node: &NodeProcess, args: &[&str]) -> Output {
     Command::new(cli_binary().expect("the space CLI"))
@@ -42,23 +46,34 @@ fn background(
     node: &NodeProcess,
     args: &[&str],
 ) -> (Background, std::sync::mpsc::Receiver<String>) {
+    background_at(&node.addr, args)
+}
+
+/// Starts `space` with `args` against the node at `addr` in the background; its stdout
+/// lines arrive on the receiver.
+fn background_at(addr: &str, args: &[&str]) -> (Background, std::sync::mpsc::Receiver<String>) {
     let mut child = Background(
         Command::new(cli_binary().expect("the space CLI"))
-            .args(["--node", &node.addr])
+            .args(["--node", addr])
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run space"),
     );
+    let lines = lines_of(child.0.stdout.take().expect("stdout"));
+    (child, lines)
+}
+
+/// The lines `out` gives, as they come, on a receiver.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, lines) = std::sync::mpsc::channel();
-    let out = child.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    (child, lines)
+    lines
 }
 
 #[test]
@@ -628,4 +643,101 @@ fn output_into_a_closed_pipe_ends_the_cli_quietly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(output.status.code(), Some(101), "{output:?}");
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes; whether it held.
+fn until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let give_up = std::time::Instant::now() + within;
+    while std::time::Instant::now() < give_up {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// The node at `addr`'s answer to `request`, on a connection of its own (not through
+/// the address the node advertises).
+fn direct(addr: &str, request: Request) -> Response {
+    let call = hostile::call_bytes(request, std::time::Instant::now() + Duration::from_secs(5));
+    match hostile::answer_to(addr, &call) {
+        Some(Ok(answer)) => answer,
+        other => panic!("the node did not answer: {other:?}"),
+    }
+}
+
+/// A take the CLI gives up because its node stopped answering, after the node took the
+/// entry, is revoked before the CLI exits: the entry comes back once the node can be
+/// reached again, rather than stay taken by a process that exited before its revoke went.
+#[test]
+fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let addr = free_addrs(1).remove(0);
+    // Clients reach the node through a proxy that can hold its answers (the node
+    // advertises the proxy's address); the test asks the node directly.
+    let proxy = runtime
+        .block_on(Proxy::start(addr.parse().expect("an address")))
+        .expect("a proxy");
+    let _node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
+    let (mut cli, _stdout) = background_at(
+        &proxy.addr().to_string(),
+        &["take", "Job", "--timeout", "3s"],
+    );
+    let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
+    let waiters = || match direct(&addr, Request::Stats) {
+        Response::Stats(stats) => stats.waiters,
+        other => panic!("not stats: {other:?}"),
+    };
+    let count = || match direct(&addr, Request::Count(Query::for_type("Job"))) {
+        Response::Count(n) => n,
+        other => panic!("not a count: {other:?}"),
+    };
+    assert!(
+        until(Duration::from_secs(10), || waiters() == 1),
+        "the CLI's take never waited on the node"
+    );
+    // The entry arrives and the waiting take takes it; its answer is held on the way.
+    proxy.set(Link::HoldReplies);
+    let mut fields = Fields::new();
+    fields.push("id", Value::I64(1));
+    let written = direct(
+        &addr,
+        Request::WriteDirect {
+            entry_type: "Job".into(),
+            indexes: Vec::new(),
+            entries: vec![(fields, None)],
+            lease: Lease::Forever,
+            labels: Vec::new(),
+        },
+    );
+    assert!(matches!(written, Response::Receipts(_)), "{written:?}");
+    assert!(
+        until(Duration::from_secs(10), || count() == 0),
+        "the CLI's take did not take the entry"
+    );
+    // Then the node cannot be reached at all: the CLI gives the take up and revokes it,
+    // and the revoke cannot leave the CLI yet (a revoke written to a connection before
+    // its process exits would still arrive).
+    proxy.set(Link::Cut);
+    let mut said = Vec::new();
+    let gave_up = until(Duration::from_secs(30), || {
+        said.extend(stderr.try_iter());
+        said.iter().any(|l| l.contains("giving back")) || cli.0.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        gave_up,
+        "the CLI neither gave the take up nor exited: {said:?}"
+    );
+    proxy.set(Link::Open);
+    let exited = until(Duration::from_secs(70), || {
+        cli.0.try_wait().ok().flatten().is_some()
+    });
+    assert!(exited, "the CLI did not exit once its node answered again");
+    said.extend(stderr.try_iter());
+    assert_eq!(cli.0.wait().expect("exited").code(), Some(2), "{said:?}");
+    assert!(
+        until(Duration::from_secs(5), || count() == 1),
+        "the entry the CLI's take gave up on was not given back: {said:?}"
+    );
 }

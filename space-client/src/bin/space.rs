@@ -471,6 +471,21 @@ async fn run(cli: Cli) -> Result<Found> {
         ..ClientConfig::default()
     };
     let conn = Cluster::open(&space_client::seeds(&cli.node), config).await?;
+    let done = command(conn.clone(), cli).await;
+    // A take or claim given up (its node stopped answering) is revoked in the background,
+    // which puts back what it took: exiting first would keep those entries taken for good.
+    if done.is_err() && conn.giving_back() > 0 {
+        eprintln!(
+            "giving back what the call may have taken before exiting (until the nodes answer, at most a minute)"
+        );
+    }
+    // The nodes may also drop what they kept for a retry now rather than in a minute.
+    conn.settle().await;
+    done
+}
+
+/// Runs the command `cli` names on the cluster `conn`.
+async fn command(conn: std::sync::Arc<Cluster>, cli: Cli) -> Result<Found> {
     match cli.command {
         Command::Write {
             entry_type,
@@ -567,8 +582,6 @@ async fn run(cli: Cli) -> Result<Found> {
                 bail!("unexpected answer")
             };
             print_documents(&docs, cli.json)?;
-            // The nodes may drop what they kept for a retry now rather than in a minute.
-            conn.send_acknowledgements().await;
             return Ok(found(&docs));
         }
         Command::Claim {
@@ -902,8 +915,6 @@ async fn run(cli: Cli) -> Result<Found> {
             }
         }
     }
-    // A claim or commit's answer too (see `Command::Take`).
-    conn.send_acknowledgements().await;
     Ok(Found::Done)
 }
 
