@@ -52,7 +52,8 @@
 //! returns it. Stopping: [`Shutdown::stop`] stops the claiming at once; handlers that are
 //! running get until the end of one lease to finish (and are committed as usual), after
 //! which they are aborted and their claims released. `run` returns when every slot has
-//! stopped.
+//! stopped and the claims given up on the way are released ([`Space::settle`], for a lease
+//! at most).
 
 use std::fmt::{self, Display};
 use std::future::Future;
@@ -344,6 +345,10 @@ impl<T: Entry> Worker<T> {
                 }
             }
         }
+        // A claim under way when its slot stopped is revoked in the background: wait for
+        // that (no longer than a lease, after which such a claim lapses anyway), so that a
+        // process exiting once `run` returns leaves no entry hidden for a lease.
+        let _ = tokio::time::timeout(pool.settings.lease, pool.space.settle()).await;
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),

@@ -6,10 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{NodeProcess, free_addrs};
-use space_client::wire::{Request, Response};
-use space_client::{Fields, Lease, Query, Value};
-use space_tests::hostile;
+use common::{NodeProcess, count_on, free_addrs, until, waiters_on, write_on};
 use space_tests::process::{Signal, cli_binary, exit_within, signal};
 use space_tests::proxy::{Link, Proxy};
 
@@ -645,28 +642,6 @@ fn output_into_a_closed_pipe_ends_the_cli_quietly() {
     assert_ne!(output.status.code(), Some(101), "{output:?}");
 }
 
-/// Polls `check` every 50 ms until it holds or `within` passes; whether it held.
-fn until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let give_up = std::time::Instant::now() + within;
-    while std::time::Instant::now() < give_up {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    check()
-}
-
-/// The node at `addr`'s answer to `request`, on a connection of its own (not through
-/// the address the node advertises).
-fn direct(addr: &str, request: Request) -> Response {
-    let call = hostile::call_bytes(request, std::time::Instant::now() + Duration::from_secs(5));
-    match hostile::answer_to(addr, &call) {
-        Some(Ok(answer)) => answer,
-        other => panic!("the node did not answer: {other:?}"),
-    }
-}
-
 /// A take the CLI gives up because its node stopped answering, after the node took the
 /// entry, is revoked before the CLI exits: the entry comes back once the node can be
 /// reached again, rather than stay taken by a process that exited before its revoke went.
@@ -685,35 +660,15 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
         &["take", "Job", "--timeout", "3s"],
     );
     let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
-    let waiters = || match direct(&addr, Request::Stats) {
-        Response::Stats(stats) => stats.waiters,
-        other => panic!("not stats: {other:?}"),
-    };
-    let count = || match direct(&addr, Request::Count(Query::for_type("Job"))) {
-        Response::Count(n) => n,
-        other => panic!("not a count: {other:?}"),
-    };
     assert!(
-        until(Duration::from_secs(10), || waiters() == 1),
+        until(Duration::from_secs(10), || waiters_on(&addr) == 1),
         "the CLI's take never waited on the node"
     );
     // The entry arrives and the waiting take takes it; its answer is held on the way.
     proxy.set(Link::HoldReplies);
-    let mut fields = Fields::new();
-    fields.push("id", Value::I64(1));
-    let written = direct(
-        &addr,
-        Request::WriteDirect {
-            entry_type: "Job".into(),
-            indexes: Vec::new(),
-            entries: vec![(fields, None)],
-            lease: Lease::Forever,
-            labels: Vec::new(),
-        },
-    );
-    assert!(matches!(written, Response::Receipts(_)), "{written:?}");
+    write_on(&addr, "Job", 1);
     assert!(
-        until(Duration::from_secs(10), || count() == 0),
+        until(Duration::from_secs(10), || count_on(&addr, "Job") == 0),
         "the CLI's take did not take the entry"
     );
     // Then the node cannot be reached at all: the CLI gives the take up and revokes it,
@@ -737,7 +692,7 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
     said.extend(stderr.try_iter());
     assert_eq!(cli.0.wait().expect("exited").code(), Some(2), "{said:?}");
     assert!(
-        until(Duration::from_secs(5), || count() == 1),
+        until(Duration::from_secs(5), || count_on(&addr, "Job") == 1),
         "the entry the CLI's take gave up on was not given back: {said:?}"
     );
 }

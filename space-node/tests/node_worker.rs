@@ -307,3 +307,75 @@ async fn a_dead_letter_write_that_meets_a_paused_node_does_not_stop_the_pool() {
     .await;
     assert!(report.dead_lettered >= 1, "{report}");
 }
+
+/// A pool stopped while the claim it gave up cannot be released yet (the node claimed the
+/// entry, then stopped answering) returns only once that claim is released, so that a
+/// process that exits when `run` returns leaves no entry hidden for the rest of a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_pool_returns_once_the_claim_it_gave_up_is_released() {
+    use space_tests::proxy::{Link, Proxy};
+    let addr = common::free_addrs(1).remove(0);
+    // The pool reaches the node through a proxy that can hold its answers (the node
+    // advertises the proxy's address); the test asks the node directly.
+    let proxy = Proxy::start(addr.parse().unwrap()).await.unwrap();
+    let _node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
+    let space = connect(&proxy.addr().to_string()).await.unwrap();
+    let shutdown = Shutdown::new();
+    let pool = tokio::spawn({
+        let (space, shutdown) = (space.clone(), shutdown.clone());
+        async move {
+            space
+                .worker::<Payment>(&payments())
+                .concurrency(1)
+                .lease(Duration::from_secs(600))
+                .shutdown_on(&shutdown)
+                .run(|_job: Job<Payment>| async { Ok::<(), String>(()) })
+                .await
+        }
+    });
+    let on_node = |check: fn(&str) -> bool| {
+        let addr = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                common::until(Duration::from_secs(10), || check(&addr))
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert!(
+        on_node(|a| common::waiters_on(a) == 1).await,
+        "the pool's claim never waited on the node"
+    );
+    // A job arrives and the waiting claim claims it; its answer is held on the way.
+    proxy.set(Link::HoldReplies);
+    let written = addr.clone();
+    tokio::task::spawn_blocking(move || common::write_on(&written, "worker.Payment", 1))
+        .await
+        .unwrap();
+    assert!(
+        on_node(|a| common::count_on(a, "worker.Payment") == 0).await,
+        "the pool's claim did not claim the job"
+    );
+    // Then the node cannot be reached, and the pool stops: the claim is given up, and its
+    // revoke cannot leave yet.
+    proxy.set(Link::Cut);
+    shutdown.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !pool.is_finished(),
+        "the pool returned before the claim it gave up was released"
+    );
+    proxy.set(Link::Open);
+    let report = tokio::time::timeout(Duration::from_secs(30), pool)
+        .await
+        .expect("the pool returned once its node answered again")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.done, 0);
+    let left = addr.clone();
+    let count = tokio::task::spawn_blocking(move || common::count_on(&left, "worker.Payment"))
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "the job the pool gave up is not visible again");
+}

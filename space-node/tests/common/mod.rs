@@ -7,6 +7,7 @@ pub mod replicated;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use space_client::wire::{Request, Response};
 pub use space_tests::process::Signal;
 
 /// A running node process; killed when dropped.
@@ -227,4 +228,63 @@ async fn until_serving(addr: &str, me: u64) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes; whether it held.
+pub fn until(within: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let give_up = std::time::Instant::now() + within;
+    while std::time::Instant::now() < give_up {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    check()
+}
+
+/// The node at `addr`'s answer to `request`, on a connection of its own (not through
+/// the address the node advertises).
+pub fn direct(addr: &str, request: Request) -> Response {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let call = space_tests::hostile::call_bytes(request, deadline);
+    match space_tests::hostile::answer_to(addr, &call) {
+        Some(Ok(answer)) => answer,
+        other => panic!("the node did not answer: {other:?}"),
+    }
+}
+
+/// The blocked reads, takes and claims on the node at `addr`, asked directly.
+pub fn waiters_on(addr: &str) -> u64 {
+    match direct(addr, Request::Stats) {
+        Response::Stats(stats) => stats.waiters,
+        other => panic!("not stats: {other:?}"),
+    }
+}
+
+/// The visible entries of `entry_type` on the node at `addr`, asked directly.
+pub fn count_on(addr: &str, entry_type: &str) -> u64 {
+    match direct(
+        addr,
+        Request::Count(space_client::Query::for_type(entry_type)),
+    ) {
+        Response::Count(n) => n,
+        other => panic!("not a count: {other:?}"),
+    }
+}
+
+/// Writes an entry of `entry_type` with an `id` field on the node at `addr`, directly.
+pub fn write_on(addr: &str, entry_type: &str, id: i64) {
+    let mut fields = space_client::Fields::new();
+    fields.push("id", space_client::Value::I64(id));
+    let written = direct(
+        addr,
+        Request::WriteDirect {
+            entry_type: entry_type.into(),
+            indexes: Vec::new(),
+            entries: vec![(fields, None)],
+            lease: space_client::Lease::Forever,
+            labels: Vec::new(),
+        },
+    );
+    assert!(matches!(written, Response::Receipts(_)), "{written:?}");
 }
