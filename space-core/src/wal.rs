@@ -343,6 +343,8 @@ pub(crate) struct Wal {
     notify: tokio::sync::Notify,
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
+    /// Woken once, when the log fails.
+    on_failure: tokio::sync::Notify,
     syncs: AtomicU64,
     /// Of those, the ones that made appends of more than one log durable at once.
     shared_syncs: AtomicU64,
@@ -351,6 +353,9 @@ pub(crate) struct Wal {
     /// How much longer each `fdatasync` is made to take, in microseconds (a slow disk,
     /// for fault tests; zero in service).
     sync_delay_micros: AtomicU64,
+    /// Bytes the writer may still write before the disk is full (a full disk, for fault
+    /// tests; `u64::MAX` in service).
+    room_bytes: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -477,10 +482,12 @@ impl Wal {
             notify: tokio::sync::Notify::new(),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
+            on_failure: tokio::sync::Notify::new(),
             syncs: AtomicU64::new(0),
             shared_syncs: AtomicU64::new(0),
             on_written: Mutex::new(None),
             sync_delay_micros: AtomicU64::new(0),
+            room_bytes: AtomicU64::new(u64::MAX),
             writer: Mutex::new(None),
         });
         let writer = wal.clone();
@@ -665,6 +672,52 @@ impl Wal {
         self.sync_delay_micros.store(micros, Ordering::Relaxed);
     }
 
+    /// Makes the disk full once the writer wrote `bytes` more (the log then fails as it
+    /// does on `ENOSPC`): the disk of a fault test fills up.
+    pub(crate) fn fill_after(&self, bytes: u64) {
+        self.room_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes room for `bytes` more from what a fault test's disk has left (only the
+    /// writer takes room).
+    fn take_room(&self, bytes: usize) -> std::io::Result<()> {
+        let room = self.room_bytes.load(Ordering::Relaxed);
+        if room == u64::MAX {
+            return Ok(());
+        }
+        match room.checked_sub(bytes as u64) {
+            Some(left) => {
+                self.room_bytes.store(left, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "no space left on the device (a fault test's full disk)",
+            )),
+        }
+    }
+
+    /// Why the log failed, once it did: nothing appended since becomes durable.
+    pub(crate) fn failure(&self) -> Option<String> {
+        if self.failed.load(Ordering::Acquire) {
+            return self.failure.lock().clone();
+        }
+        None
+    }
+
+    /// Completes once the log has failed (at once if it has), with why. Cancel-safe.
+    pub(crate) async fn failed(&self) -> String {
+        loop {
+            let notified = self.on_failure.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.failure() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
     fn write_loop(&self, mut file: SegmentFile) {
         loop {
             let (batch, last_lsn, max_index) = {
@@ -673,6 +726,10 @@ impl Wal {
                     self.work.wait(&mut p);
                 }
                 p.wanted = false;
+                if self.failed.load(Ordering::Acquire) {
+                    // Failed from outside (`LogHost::fail`): nothing more becomes durable.
+                    return;
+                }
                 if p.buf.is_empty() {
                     drop(p);
                     // Shut down: whatever is appended from now on never becomes durable,
@@ -687,8 +744,9 @@ impl Wal {
                 )
             };
             let started = std::time::Instant::now();
-            let written = file
-                .append(&batch, self.preallocate())
+            let written = self
+                .take_room(batch.len())
+                .and_then(|()| file.append(&batch, self.preallocate()))
                 .and_then(|()| file.file.sync_data());
             let delay = self.sync_delay_micros.load(Ordering::Relaxed);
             if delay > 0 {
@@ -741,10 +799,11 @@ impl Wal {
     }
 
     /// From now on, waiting for durability fails with `reason` (the first one given).
-    fn fail(&self, reason: String) {
+    pub(crate) fn fail(&self, reason: String) {
         self.failure.lock().get_or_insert(reason);
         self.failed.store(true, Ordering::Release);
         self.wake_waiters();
+        self.on_failure.notify_waiters();
     }
 
     fn wake_waiters(&self) {

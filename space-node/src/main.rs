@@ -114,6 +114,11 @@ struct Args {
     /// milliseconds longer (a slow disk). Zero, the default, in service.
     #[arg(long, default_value_t = 0)]
     fault_sync_delay_ms: u64,
+    /// Fault injection for tests: the data directory's disk is full once its log wrote
+    /// this many more bytes (the node then stops, as on a real full disk). Leave unset in
+    /// service.
+    #[arg(long)]
+    fault_disk_full_after_bytes: Option<u64>,
     /// How long a frame may take to arrive once it has begun, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     frame_timeout_ms: u64,
@@ -355,6 +360,7 @@ async fn serve(args: Args) -> Result<()> {
         snapshot_after_bytes: args.snapshot_after_bytes,
         snapshot_after_entries: args.snapshot_after_entries,
         sync_delay: Duration::from_millis(args.fault_sync_delay_ms),
+        full_after_bytes: args.fault_disk_full_after_bytes,
         max_entries: args.max_entries,
         max_bytes: args.max_bytes,
         ..NodeConfig::default()
@@ -366,6 +372,11 @@ async fn serve(args: Args) -> Result<()> {
     }
     // The first line on stdout names the address: tools starting the node on port 0 read it.
     println!("listening on {}", node.local_addr()?);
-    node.serve(shutdown_signal()).await;
+    if let Err(e) = node.serve(shutdown_signal()).await {
+        // Stop at once, as a crash would: the engines' memory may be ahead of the disk, so
+        // winding down (or serving on) could show what a restart will not have.
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     Ok(())
 }

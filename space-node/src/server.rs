@@ -77,6 +77,9 @@ pub struct NodeConfig {
     /// Fault injection: each `fdatasync` of the data directory's log takes this much
     /// longer (a slow disk; zero in service).
     pub sync_delay: Duration,
+    /// Fault injection: the data directory's disk is full once its log wrote this many
+    /// more bytes (`None` in service).
+    pub full_after_bytes: Option<u64>,
     /// Largest entry accepted, in bytes.
     pub max_entry_bytes: u64,
     /// Most entries held.
@@ -123,6 +126,7 @@ impl Default for NodeConfig {
             snapshot_after_bytes: space_core::DEFAULT_SNAPSHOT_AFTER_BYTES,
             snapshot_after_entries: crate::replica::SNAPSHOT_AFTER_ENTRIES,
             sync_delay: Duration::ZERO,
+            full_after_bytes: None,
             max_entry_bytes: 1 << 20,
             max_entries: None,
             max_bytes: None,
@@ -156,6 +160,10 @@ pub enum NodeError {
     },
 }
 
+/// How long a node whose data directory failed waits before it stops, so that the
+/// calls the failure refused get their typed answers rather than a closed connection.
+const STORAGE_FAILURE_GRACE: Duration = Duration::from_millis(250);
+
 /// A running node's shared state.
 pub(crate) struct NodeState {
     pub(crate) config: NodeConfig,
@@ -164,6 +172,9 @@ pub(crate) struct NodeState {
     pub(crate) engine: Engine,
     /// A replicated node's shards.
     pub(crate) shards: Option<Arc<ShardSet>>,
+    /// The data directory's host (a durable or replicated node): its failure stops the
+    /// node.
+    pub(crate) storage: Option<Arc<LogHost>>,
     /// Keyless writes this replicated node made: whose turn it is among the shards it
     /// leads (see `sharded`).
     pub(crate) keyless_written: AtomicUsize,
@@ -217,6 +228,9 @@ impl crate::observed::Observed for NodeState {
     /// knows the leaders of those only: on a cluster of more nodes than replicas, the
     /// others are no concern of its own.
     fn unready(&self) -> Option<String> {
+        if let Some(reason) = self.storage.as_ref().and_then(|host| host.failure()) {
+            return Some(format!("the data directory cannot be written: {reason}"));
+        }
         let shards = self.shards.as_ref()?;
         if self.meta_group()?.layout_version == 0 {
             return Some("the meta group has not committed the cluster's layout yet".into());
@@ -941,6 +955,7 @@ impl Node {
         engine_config.max_queued_events = Some(config.max_queued_events);
         engine_config.snapshot_after_bytes = config.snapshot_after_bytes;
         engine_config.sync_delay = config.sync_delay;
+        engine_config.full_after_bytes = config.full_after_bytes;
         let shards = match replicated {
             Some((dir, layout, me)) => {
                 Some(start_shards(&config, &dir, layout, me, &engine_config, &members).await?)
@@ -959,6 +974,10 @@ impl Node {
                     .map_err(NodeError::Storage)?
             }
             None => Engine::new(engine_config),
+        };
+        let storage = match &shards {
+            Some(shards) => Some(shards.host().clone()),
+            None => engine.log_host(),
         };
         let dedupe = Dedupe::new(config.dedupe_capacity);
         // Answers found in the log: a client retrying across the crash gets them.
@@ -983,6 +1002,7 @@ impl Node {
                 config,
                 engine,
                 shards,
+                storage,
                 keyless_written: AtomicUsize::new(0),
                 address,
             }),
@@ -1019,7 +1039,15 @@ impl Node {
 
     /// Serves until `shutdown` completes: accepts connections, then stops accepting, ends
     /// subscriptions and returns. Requests already running finish on their own tasks.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] at once when the data directory can no longer be written
+    /// (its log failed: a full disk, an I/O error). Nothing is acknowledged from then on,
+    /// and what the engines hold in memory may be ahead of the disk, so the caller should
+    /// stop the process as a crash would (the node's binary exits), not serve on: a
+    /// restarted node recovers what the disk holds, and a replicated node's shards fail
+    /// over to their other replicas meanwhile.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
         let state = self.state;
         let config = &state.config;
         let durability = match (&config.data_dir, &state.shards) {
@@ -1044,9 +1072,23 @@ impl Node {
             "serving"
         );
         tokio::pin!(shutdown);
+        let storage = state.storage.clone();
+        let storage_failed = async move {
+            match storage {
+                Some(host) => (host.dir().display().to_string(), host.failed().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(storage_failed);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                (path, reason) = &mut storage_failed => {
+                    tracing::error!(dir = %path, %reason, "the data directory cannot be written: the node stops");
+                    // The calls the failure refused get their answers out first.
+                    tokio::time::sleep(STORAGE_FAILURE_GRACE).await;
+                    return Err(NodeError::Storage(SpaceError::Storage { path, reason }));
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let state = state.clone();
@@ -1075,6 +1117,7 @@ impl Node {
             }
         }
         tracing::info!("stopped");
+        Ok(())
     }
 }
 

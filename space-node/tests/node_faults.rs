@@ -349,3 +349,70 @@ fn a_client_reconnects_after_the_node_restarts() {
         Some(job(3))
     );
 }
+
+/// A durable node whose disk fills up refuses the write that does not fit with a typed
+/// storage error and stops at once (exit status 1), as a crash would, rather than serve
+/// from memory the disk does not hold. Restarted once there is room, it holds every
+/// write it acknowledged (and at most the one it refused, which may have reached the
+/// disk in part: its outcome is unknown).
+#[test]
+fn a_node_whose_disk_fills_up_stops_and_comes_back_with_what_it_acknowledged() {
+    let dir = space_tests::TempDir::new("full-disk");
+    let data_dir = dir.0.to_string_lossy().into_owned();
+    let addr = common::free_addrs(1).remove(0);
+    let mut node = NodeProcess::start_at(
+        &addr,
+        &[
+            "--data-dir",
+            &data_dir,
+            "--fault-disk-full-after-bytes",
+            "262144",
+        ],
+    );
+    let space = connect_blocking_with(&node.addr, ClientConfig::default()).expect("connect");
+    let note = "x".repeat(4096);
+    let mut acknowledged = Vec::new();
+    let refused = loop {
+        let id = acknowledged.len() as u64;
+        assert!(id < 1_000, "the disk never filled up");
+        match space.write(&Job {
+            id,
+            note: note.clone(),
+        }) {
+            Ok(_) => acknowledged.push(id),
+            Err(e) => break e,
+        }
+    };
+    // Told the disk is full; or, should the node stop before that answer leaves (it
+    // waits a moment for it), unreachable: an unknown outcome either way.
+    assert!(
+        matches!(&refused, SpaceError::Storage { reason, .. } if reason.contains("no space left"))
+            || refused.is_unreachable(),
+        "the write that did not fit was not refused as a full disk: {refused}"
+    );
+    let status = node
+        .exited_within(Duration::from_secs(10))
+        .expect("the node with a full disk went on running");
+    assert_eq!(status.code(), Some(1), "{status}");
+    drop(node);
+    let node = NodeProcess::start_at(&addr, &["--data-dir", &data_dir]);
+    let space = connect_blocking_with(&node.addr, ClientConfig::default()).expect("connect");
+    let held: Vec<Job> = space.contents(&Query::of::<Job>()).expect("contents");
+    let held: std::collections::BTreeSet<u64> = held.into_iter().map(|j| j.id).collect();
+    let lost: Vec<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| !held.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        held.len() <= acknowledged.len() + 1,
+        "{} entries held for {} acknowledged writes",
+        held.len(),
+        acknowledged.len()
+    );
+    // The restarted node serves as before.
+    space
+        .write(&job(10_000))
+        .expect("a write after the restart");
+}

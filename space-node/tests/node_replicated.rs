@@ -1775,3 +1775,71 @@ async fn writes_beside_a_limited_replica(flag: &str, limit: u64) -> NodeStatus {
     };
     status
 }
+
+/// A node whose disk fills up stops (exit status 1) rather than live on with its shard
+/// groups dead: its shards fail over to the other replicas, and writes go on with nothing
+/// acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fills_up_stops_and_its_shards_fail_over() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let addrs = free_addrs(3);
+    let cluster = addrs.join(",");
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+    let _others: Vec<NodeProcess> = (0..2)
+        .map(|i| start(&addrs[i], &dirs[i], &cluster))
+        .collect();
+    let mut full = NodeProcess::start_at(
+        &addrs[2],
+        &[
+            "--data-dir",
+            &dirs[2].0.to_string_lossy(),
+            "--initial-cluster",
+            &cluster,
+            "--shards",
+            SHARDS,
+            "--fault-disk-full-after-bytes",
+            "262144",
+        ],
+    );
+    until_led(&addrs[0]).await;
+    let space = connect(&addrs[0]).await.unwrap();
+    let history = History::default();
+    let mut written = 0;
+    let status = loop {
+        write_all(&space, written..written + 100, &history).await;
+        written += 100;
+        if let Some(status) = full.exited_within(Duration::ZERO) {
+            break status;
+        }
+        assert!(written < 20_000, "node 3's disk never filled up");
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    let stopped = written;
+    write_all(&space, written..written + 200, &history).await;
+    let verdict = clean_within(&space, &history, Duration::from_secs(40)).await;
+    assert!(verdict.is_clean(), "{verdict:?}");
+    // A write node 3 was serving when its disk filled up has an unknown outcome, as one
+    // whose node is killed does; every other write is acknowledged, those made after it
+    // stopped among them.
+    let not_acknowledged: Vec<Op> = history
+        .ops()
+        .into_iter()
+        .filter(|op| {
+            !matches!(
+                op,
+                Op::Write {
+                    ended: Ended::Ok,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(
+        not_acknowledged.len() <= 3
+            && not_acknowledged.iter().all(|op| matches!(
+                op,
+                Op::Write { id, ended: Ended::Unknown } if *id < stopped
+            )),
+        "writes were refused: {not_acknowledged:?}"
+    );
+}

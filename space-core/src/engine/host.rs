@@ -148,6 +148,9 @@ impl LogHost {
         let dir = dir.as_ref();
         let (wal, recovered, lock) = crate::durable::open_dir(dir, config.log_segment_bytes)?;
         wal.slow_down(config.sync_delay);
+        if let Some(bytes) = config.full_after_bytes {
+            wal.fill_after(bytes);
+        }
         let checkpoints = Checkpoints::new(config.snapshot_after_bytes.max(4096));
         let counter = checkpoints.clone();
         wal.on_written(move |bytes| counter.written(bytes));
@@ -165,6 +168,27 @@ impl LogHost {
     /// The data directory.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
+    }
+
+    /// Why the data directory can no longer be written, once its write-ahead log failed
+    /// (an I/O error, a full disk) or [`fail`](Self::fail) was called: nothing appended
+    /// since becomes durable, and the state the engines hold in memory may be ahead of
+    /// what the disk holds.
+    pub fn failure(&self) -> Option<String> {
+        self.wal.failure()
+    }
+
+    /// Completes once the data directory can no longer be written (at once if so), with
+    /// why. Cancel-safe.
+    pub async fn failed(&self) -> String {
+        self.wal.failed().await
+    }
+
+    /// Marks the data directory as failed for `reason` (a file beside the log could not
+    /// be written, say a snapshot): from now on the log makes nothing durable, as if its
+    /// own write had failed.
+    pub fn fail(&self, reason: String) {
+        self.wal.fail(reason);
     }
 
     /// The number of times the write-ahead log was made durable (`fdatasync` calls), for

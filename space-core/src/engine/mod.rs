@@ -269,6 +269,10 @@ pub struct EngineConfig {
     /// Durable engines: each `fdatasync` of the write-ahead log is made to take this much
     /// longer, a slow disk for fault tests (zero, the default, in service).
     pub sync_delay: std::time::Duration,
+    /// Durable engines: the disk is full once the write-ahead log wrote this many more
+    /// bytes (the log then fails as on `ENOSPC`), for fault tests (`None`, the default,
+    /// in service).
+    pub full_after_bytes: Option<u64>,
     /// Where the engine reads the time for leases, claims and expiries (the system clock
     /// unless a test sets a [`Clock::manual`]).
     pub clock: Clock,
@@ -292,6 +296,7 @@ impl Default for EngineConfig {
             log_segment_bytes: crate::durable::DEFAULT_SEGMENT_BYTES,
             snapshot_after_bytes: crate::durable::DEFAULT_SNAPSHOT_AFTER_BYTES,
             sync_delay: std::time::Duration::ZERO,
+            full_after_bytes: None,
             clock: Clock::system(),
         }
     }
@@ -810,6 +815,11 @@ impl Engine {
 
     /// The log a change goes to: none for an in-memory engine, or one closed (changes
     /// made through a clone after [`close`](Self::close) are not logged).
+    /// The host of a durable engine's data directory (`None` in memory, or once closed).
+    pub fn log_host(&self) -> Option<Arc<LogHost>> {
+        self.inner.durable.as_ref()?.host.lock().clone()
+    }
+
     fn log_to(&self) -> Option<(&Arc<Wal>, crate::wal::LogId)> {
         let durable = self.inner.durable.as_ref()?;
         (!self.inner.closed.load(Ordering::Relaxed)).then_some((&durable.wal, durable.log))

@@ -240,6 +240,8 @@ pub struct ShardSet {
     holdings: Holdings,
     /// The connections to the other members (for read indexes).
     router: PeerRouter,
+    /// The node's data directory, which every group's log and snapshots are on.
+    host: Arc<LogHost>,
 }
 
 /// The shards a node leads, with their serving engines, in shard order.
@@ -319,6 +321,7 @@ impl ShardSet {
             serving: parking_lot::Mutex::new((u64::MAX, Arc::from([]))),
             holdings,
             router: router.clone(),
+            host: host.clone(),
         })
     }
 
@@ -368,6 +371,11 @@ impl ShardSet {
     /// The layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The node's data directory.
+    pub fn host(&self) -> &Arc<LogHost> {
+        &self.host
     }
 
     /// The meta group, as this node sees it.

@@ -187,21 +187,68 @@ fn report_snapshot(group: super::GroupId, kept: &Kept, made: std::time::SystemTi
 }
 
 /// Writes `kept` to `file` whole (a temporary file, fsynced, renamed into place),
-/// streamed: the image is not copied into one more buffer first.
-fn keep(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
+/// streamed: the image is not copied into one more buffer first. A failure fails the
+/// node's data directory (`host`): a disk that cannot take a snapshot stops the node, as
+/// one that cannot take its log does, rather than leave the group without its state
+/// machine.
+fn keep(file: &std::path::Path, kept: &Kept, host: Option<&LogHost>) -> io::Result<()> {
+    let written = write_whole(file, kept);
+    if let (Err(e), Some(host)) = (&written, host) {
+        host.fail(format!(
+            "writing the snapshot {} failed: {e}",
+            file.display()
+        ));
+    }
+    written
+}
+
+fn write_whole(file: &std::path::Path, kept: &Kept) -> io::Result<()> {
     let tmp = file.with_extension("snap.tmp");
-    let out = io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let mut out = Noting {
+        inner: io::BufWriter::new(std::fs::File::create(&tmp)?),
+        error: None,
+    };
     let view = KeptFile {
         meta: &kept.meta,
         image: &kept.image,
     };
-    let out = postcard::to_io(&view, out).map_err(io_error)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    if let Err(e) = postcard::to_io(&view, &mut out) {
+        return Err(out.error.take().unwrap_or_else(|| io_error(e)));
+    }
+    out.inner
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
     std::fs::rename(&tmp, file)?;
     if let Some(dir) = file.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// A writer that keeps the first I/O error it met: postcard reports any error of its
+/// writer as a full serialize buffer, which would hide a full disk.
+struct Noting<W> {
+    inner: W,
+    error: Option<io::Error>,
+}
+
+impl<W> Noting<W> {
+    fn note(&mut self, e: io::Error) -> io::Error {
+        let told = io::Error::new(e.kind(), e.to_string());
+        self.error.get_or_insert(e);
+        told
+    }
+}
+
+impl<W: io::Write> io::Write for Noting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).map_err(|e| self.note(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(|e| self.note(e))
+    }
 }
 
 /// `engine`'s state image as of `applied` (`Engine::image`), cut on a blocking thread
@@ -225,6 +272,7 @@ pub struct SnapshotBuilder {
     kept: Kept,
     current: Arc<Mutex<Option<Kept>>>,
     file: Option<PathBuf>,
+    host: Option<Arc<LogHost>>,
 }
 
 impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
@@ -232,8 +280,8 @@ impl RaftSnapshotBuilder<Shard> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<Shard, Bytes>> {
         if let Some(file) = self.file.clone() {
-            let kept = self.kept.clone();
-            tokio::task::spawn_blocking(move || keep(&file, &kept))
+            let (kept, host) = (self.kept.clone(), self.host.clone());
+            tokio::task::spawn_blocking(move || keep(&file, &kept, host.as_deref()))
                 .await
                 .map_err(io_error)??;
         }
@@ -335,6 +383,7 @@ impl RaftStateMachine<Shard> for StateMachine {
             current: self.current.clone(),
             file: self.file.clone(),
             group: self.group,
+            host: self.host.clone(),
         }
     }
 
@@ -353,7 +402,7 @@ impl RaftStateMachine<Shard> for StateMachine {
         let (host, config) = (self.host.clone(), self.config.clone());
         let engine = tokio::task::spawn_blocking(move || {
             if let Some(file) = file {
-                keep(&file, &decode)?;
+                keep(&file, &decode, host.as_deref())?;
             }
             Engine::replica_from_image(host.as_deref(), config, &decode.image).map_err(io_error)
         })

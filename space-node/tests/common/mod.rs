@@ -99,6 +99,14 @@ impl NodeProcess {
         space_tests::process::signal(self.pid(), signal).expect("signal the node");
     }
 
+    /// Waits up to `limit` for the process to exit by itself; its status, if it did.
+    pub fn exited_within(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        space_tests::process::exit_within(&mut self.child, limit).expect("wait")
+    }
+
     /// Sends SIGTERM and waits up to a minute for the process to exit; returns whether it
     /// exited cleanly (a node still running then is killed, and did not).
     pub fn terminate(mut self) -> bool {
