@@ -349,6 +349,15 @@ impl Service {
                 },
             ))
             .await;
+            // The answer kept for a retry (a durable node's, from its log after a crash)
+            // is checked as well: a crash or a full disk in the middle of a batch's group
+            // commit leaves the log with only part of it.
+            let answer = match (answer, entries) {
+                (Ok(Response::Receipts(r)), Some(n)) if r.len() < n => {
+                    Err(partly_known(r.len(), n))
+                }
+                (answer, _) => answer,
+            };
             tracing::trace!(request = ?id, ?answer, "answered");
             answer
         } else if let (Some(shards), Request::ReadDirect { .. }) = (&state.shards, &request) {
@@ -427,14 +436,18 @@ async fn settle_after_step_down(
 fn whole(finished: Finished, entries: Option<usize>) -> Finished {
     match (&finished, entries) {
         (Ok(Outcome::Answer(Response::Receipts(r))), Some(n)) if r.len() < n => {
-            Err(SpaceError::Unavailable {
-                reason: format!(
-                    "{} of the batch's {n} entries are known written; the outcome of the others is not known",
-                    r.len()
-                ),
-            })
+            Err(partly_known(r.len(), n))
         }
         _ => finished,
+    }
+}
+
+/// The error of a batch of `n` entries of which only `known` are known written.
+fn partly_known(known: usize, n: usize) -> SpaceError {
+    SpaceError::Unavailable {
+        reason: format!(
+            "{known} of the batch's {n} entries are known written; the outcome of the others is not known"
+        ),
     }
 }
 
@@ -1219,9 +1232,8 @@ mod tests {
     /// acknowledged with the client's next call: the durable node drops the entry from
     /// its engine's answers (through its log) and from its table of recent answers. A
     /// small entry's answer is left to be forgotten with time.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_clients_large_take_is_acknowledged_and_its_entry_dropped_from_the_answers() {
-        let dir = space_tests::TempDir::new("acknowledged-takes");
+    /// A durable node on `dir`, serving on a free loopback port: its state and address.
+    async fn durable_node(dir: &space_tests::TempDir) -> (Arc<NodeState>, String) {
         let node = Node::bind(NodeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: Some(dir.0.clone()),
@@ -1232,6 +1244,55 @@ mod tests {
         let state = node.state.clone();
         let addr = node.local_addr().unwrap().to_string();
         tokio::spawn(node.serve(std::future::pending()));
+        (state, addr)
+    }
+
+    /// A batch its node's log kept only in part (a crash cut its group commit, or a full
+    /// disk its write: the log holds one record per entry) is not acknowledged by a
+    /// retry: the retry is told that the outcome of the rest is unknown, not handed the
+    /// part's receipts as if they were the batch's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_batch_its_log_kept_only_in_part_is_not_acknowledged() {
+        let dir = space_tests::TempDir::new("partial-batch");
+        let id = wire::RequestId::new();
+        let entry = |n: i64| {
+            let mut fields = space_core::Fields::new();
+            fields.push("n", space_core::Value::I64(n));
+            (fields, None)
+        };
+        // What the log kept of the batch: its first entry, under the request's id.
+        {
+            let engine = Engine::open(&dir.0, EngineConfig::default()).unwrap();
+            engine
+                .with_request(id, || {
+                    engine.write_all("Item", &[], vec![entry(1)], space_core::Lease::Forever)
+                })
+                .unwrap();
+            engine.flush_blocking().unwrap();
+            engine.close();
+        }
+        let (_, addr) = durable_node(&dir).await;
+        let conn = space_client::Connection::open(&addr, space_client::ClientConfig::default())
+            .await
+            .unwrap();
+        let batch = Request::WriteDirect {
+            entry_type: "Item".into(),
+            indexes: Vec::new(),
+            entries: vec![entry(1), entry(2)],
+            lease: space_core::Lease::Forever,
+            labels: Vec::new(),
+        };
+        let answer = conn.call_with_id(id, batch).await;
+        assert!(
+            matches!(&answer, Err(SpaceError::Unavailable { reason }) if reason.contains("1 of the batch's 2")),
+            "the retry of a batch kept in part was answered {answer:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clients_large_take_is_acknowledged_and_its_entry_dropped_from_the_answers() {
+        let dir = space_tests::TempDir::new("acknowledged-takes");
+        let (state, addr) = durable_node(&dir).await;
         let space = space_client::connect(&addr).await.unwrap();
         let large = Parcel {
             body: "x".repeat(2 * space_core::server::ACKNOWLEDGE_FROM_BYTES),
