@@ -240,8 +240,8 @@ impl Cluster {
     ///
     /// A replicated node knows the leaders of the shards it replicates only (on a cluster
     /// of more nodes than replicas, not all of them): there the owners of the ranges are
-    /// completed from every live node's shards (see [`guesses_owners`] and
-    /// [`with_shard_leaders`]).
+    /// completed from every live node's shards (see `guesses_owners` and
+    /// `with_shard_leaders`).
     ///
     /// # Errors
     ///

@@ -30,7 +30,7 @@ use crate::store::{ClaimState, Record, Store};
 pub(crate) const ANSWERS_KEPT: usize = 65_536;
 
 /// Bytes of entries from which an answer is worth a logged acknowledgement
-/// ([`Command::Acknowledged`]): the command costs a few dozen bytes in the log and an
+/// (`Command::Acknowledged`): the command costs a few dozen bytes in the log and an
 /// apply on every replica, and frees the entries the answer held (for a minute,
 /// otherwise), a hundred times as many bytes or more. Smaller answers are forgotten with
 /// time.

@@ -237,7 +237,7 @@ impl RaftLogReader<Shard> for LogStore {
             .collect())
     }
 
-    /// The entries from `start` before `end` that fit in [`APPEND_BYTES`] (at least the
+    /// The entries from `start` before `end` that fit in `APPEND_BYTES` (at least the
     /// first): what one append to a follower carries.
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
         if start >= end {

@@ -81,7 +81,7 @@ impl MetaGroup {
         &self.member
     }
 
-    /// The meta group's voters: the first [`MAX_VOTERS`] nodes of the layout.
+    /// The meta group's voters: the first `MAX_VOTERS` nodes of the layout.
     pub fn voters(layout: &Layout) -> Vec<MemberId> {
         (1..=layout.nodes.len().min(MAX_VOTERS) as MemberId).collect()
     }

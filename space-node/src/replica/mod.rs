@@ -213,7 +213,7 @@ pub struct GroupMember {
 /// `host`'s directory, and it reaches the other members through `router`. Whenever it
 /// becomes the leader, a serving engine configured by `engine` starts (see
 /// [`follow_leadership`]). Its log is kept within `engine.snapshot_after_bytes` bytes
-/// beyond its snapshot (see [`log_store::bound_log`]). Blocks while it reads its
+/// beyond its snapshot (see `log_store::bound_log`). Blocks while it reads its
 /// snapshot.
 ///
 /// # Errors

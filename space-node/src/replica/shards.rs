@@ -537,7 +537,7 @@ impl ShardSet {
     }
 
     /// Refuses new commands for `shard`, which this node leads, when no majority of its
-    /// replicas has acknowledged the leader for [`QUORUM_LOST_AFTER`]: they could not
+    /// replicas has acknowledged the leader for `QUORUM_LOST_AFTER`: they could not
     /// commit, and would wait out their caller's time. Refused, nothing is done, and the
     /// caller may try again (an election may give the shard a leader with a quorum).
     ///
@@ -570,7 +570,7 @@ impl ShardSet {
     /// Confirms a read that the serving engines `used` (of shards this node leads)
     /// answered, before the answer goes out: reads are linearizable. For each engine,
     /// what the read saw is committed (it waits for the engine's proposals so far, up to
-    /// [`READ_COMMIT_WAIT`]), so it never tells of a change a failover could undo; and
+    /// `READ_COMMIT_WAIT`), so it never tells of a change a failover could undo; and
     /// then this node still leads the shard by openraft's leader lease (a majority
     /// acknowledged it within the last election timeout, so none of them can have
     /// elected another leader since the read, who might have changed what it saw). A
@@ -901,7 +901,7 @@ impl ShardSet {
 
 /// Hands leaderships back to their preferred leaders for as long as `set` runs: a node
 /// that comes back after a failover moved its shards away gets its share of leaders
-/// back, one shard per [`REBALANCE_EVERY`] from each node that holds more. Also does the
+/// back, one shard per `REBALANCE_EVERY` from each node that holds more. Also does the
 /// meta group leader's part when this node leads it (see `MetaGroup::tend`).
 pub async fn rebalance(set: Weak<ShardSet>) {
     let mut ready = BTreeMap::new();

@@ -368,7 +368,7 @@ impl RaftStateMachine<Shard> for StateMachine {
         Ok(())
     }
 
-    /// Cuts the image on a blocking thread ([`image_off_thread`]).
+    /// Cuts the image on a blocking thread (`image_off_thread`).
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         let applied_index = self.applied.as_ref().map_or(0, |l| l.index);
         let image = image_off_thread(self.engine.engine(), applied_index).await;
