@@ -625,11 +625,10 @@ impl Wal {
     }
 
     fn check_failed(&self) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
-            let reason = self.failure.lock().clone().unwrap_or_default();
-            return Err(storage(&self.dir, reason));
+        match self.failure() {
+            Some(reason) => Err(storage(&self.dir, reason)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Blocks until the log is durable up to `lsn`.
@@ -700,7 +699,7 @@ impl Wal {
     /// Why the log failed, once it did: nothing appended since becomes durable.
     pub(crate) fn failure(&self) -> Option<String> {
         if self.failed.load(Ordering::Acquire) {
-            return self.failure.lock().clone();
+            return Some(self.failure.lock().clone().unwrap_or_default());
         }
         None
     }
