@@ -22,6 +22,7 @@ use space_core::{EngineConfig, NodeId, SpaceError, Stats};
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::dedupe::{Dedupe, Finished, Outcome};
 use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
@@ -1148,6 +1149,7 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
     let _open = Open(state.connections.clone());
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let stream = FrameDeadline::new(stream, state.config.frame_timeout);
+    let closed = stream.closed();
     let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
     let hello = handshake::accept(
         &mut framed,
@@ -1184,7 +1186,7 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
             }
             .serve(),
         )
-        .for_each(run_or_spawn)
+        .for_each(|response| run_or_spawn(response, closed.clone()))
         .await;
     Ok(())
 }
@@ -1196,10 +1198,24 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
 /// Answering in place saves a task and two wake-ups per request; the answer is written
 /// by the same task when it next polls the connection. A request that waits goes on
 /// polling on its own task, whose waker replaces the connection's.
-async fn run_or_spawn(response: impl Future<Output = ()> + Send + 'static) {
+///
+/// A request still waiting when the client closes the connection (`closed`: its process
+/// exited, say) is dropped, as a caller's drop would: a blocking take of a client that is
+/// gone would otherwise wait on and take the next matching entry, to be kept for a retry
+/// that never comes. What it did before is in the answer tables as for any dropped call.
+async fn run_or_spawn(
+    response: impl Future<Output = ()> + Send + 'static,
+    closed: CancellationToken,
+) {
     let mut response = Box::pin(response);
     if futures::poll!(response.as_mut()).is_pending() {
-        tokio::spawn(response);
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                () = response => {}
+                () = closed.cancelled() => {}
+            }
+        });
     }
 }
 

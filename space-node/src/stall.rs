@@ -9,6 +9,11 @@
 //! big-endian length, then that many bytes (the layout of
 //! [`wire::framed`](space_core::wire::framed)). The deadline runs from the first read that
 //! ends inside a frame.
+//!
+//! It also tells when the peer closed its side ([`FrameDeadline::closed`]): clients never
+//! half-close a connection they still read answers from, so the end of their input is the
+//! end of the connection, and requests still waiting on it are dropped
+//! (`server::run_or_spawn`).
 
 use std::future::Future;
 use std::io;
@@ -18,6 +23,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 
 /// Bytes of a frame's length prefix.
 const HEADER: usize = 4;
@@ -35,6 +41,8 @@ pub(crate) struct FrameDeadline<S> {
     /// connection allocates it once).
     deadline: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Cancelled once a read finds the end of the input.
+    closed: CancellationToken,
 }
 
 impl<S> FrameDeadline<S> {
@@ -47,7 +55,14 @@ impl<S> FrameDeadline<S> {
             body_left: 0,
             deadline: None,
             armed: false,
+            closed: CancellationToken::new(),
         }
+    }
+
+    /// Cancelled once a read finds the end of the peer's input (the peer closed its side,
+    /// or its process exited).
+    pub(crate) fn closed(&self) -> CancellationToken {
+        self.closed.clone()
     }
 
     /// Whether a frame is under way (part of it read).
@@ -97,9 +112,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameDeadline<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.track(&buf.filled()[before..]);
+                let read = &buf.filled()[before..];
+                if read.is_empty() && room {
+                    this.closed.cancel();
+                }
+                this.track(read);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

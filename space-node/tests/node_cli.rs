@@ -696,3 +696,81 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
         "the entry the CLI's take gave up on was not given back: {said:?}"
     );
 }
+
+/// Ctrl-C during a take gives the take up as a failure would: the CLI revokes it and waits
+/// for the revoke before it exits (code 130), so an entry whose answer was on its way when
+/// the key was pressed is given back rather than kept by a process that is gone.
+#[test]
+fn ctrl_c_during_a_take_gives_its_entry_back() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let addr = free_addrs(1).remove(0);
+    let proxy = runtime
+        .block_on(Proxy::start(addr.parse().expect("an address")))
+        .expect("a proxy");
+    let _node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
+    let (mut cli, _stdout) = background_at(
+        &proxy.addr().to_string(),
+        &["take", "Job", "--timeout", "30s"],
+    );
+    let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
+    assert!(
+        until(Duration::from_secs(10), || waiters_on(&addr) == 1),
+        "the CLI's take never waited on the node"
+    );
+    // The take takes the entry; its answer is held on the way, and Ctrl-C comes first.
+    proxy.set(Link::HoldReplies);
+    write_on(&addr, "Job", 1);
+    assert!(
+        until(Duration::from_secs(10), || count_on(&addr, "Job") == 0),
+        "the CLI's take did not take the entry"
+    );
+    signal(cli.0.id(), Signal::Interrupt).expect("Ctrl-C");
+    // The revoke reaches the node (only answers are held), which puts the entry back; the
+    // CLI waits for the revoke's answer before it exits.
+    let given_back = until(Duration::from_secs(10), || count_on(&addr, "Job") == 1);
+    let mut said: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        given_back,
+        "the entry the interrupted take had taken was not given back: {said:?}"
+    );
+    proxy.set(Link::Open);
+    assert!(
+        until(Duration::from_secs(30), || cli
+            .0
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some()),
+        "the CLI did not exit once its revoke was answered"
+    );
+    said.extend(stderr.try_iter());
+    assert_eq!(cli.0.wait().expect("exited").code(), Some(130), "{said:?}");
+    assert!(
+        said.iter().any(|l| l.contains("interrupted")),
+        "the CLI did not say it was interrupted: {said:?}"
+    );
+}
+
+/// A process killed while its take waits on a node ends that wait: the node sees the
+/// connection close and drops the take, so the next entry written goes to a live taker
+/// rather than into the answer of a take nobody will read (kept for a retry that never
+/// comes, then gone).
+#[test]
+fn a_take_whose_process_is_killed_while_waiting_takes_nothing() {
+    let node = NodeProcess::start_at(&free_addrs(1).remove(0), &[]);
+    let (cli, _stdout) = background(&node, &["take", "Job", "--timeout", "60s"]);
+    assert!(
+        until(Duration::from_secs(10), || waiters_on(&node.addr) == 1),
+        "the CLI's take never waited on the node"
+    );
+    drop(cli); // kill -9, and reaped
+    assert!(
+        until(Duration::from_secs(10), || waiters_on(&node.addr) == 0),
+        "the node kept the take of a process that is gone waiting"
+    );
+    write_on(&node.addr, "Job", 1);
+    assert!(
+        until(Duration::from_secs(2), || count_on(&node.addr, "Job") == 1),
+        "the entry went to the take of a process that is gone"
+    );
+}

@@ -227,6 +227,16 @@ enum Command {
     Ping,
 }
 
+impl Command {
+    /// Whether Ctrl-C is how the command ends (a watch), rather than an interruption.
+    fn ends_on_ctrl_c(&self) -> bool {
+        matches!(
+            self,
+            Command::Watch { .. } | Command::Stats { watch: Some(_), .. }
+        )
+    }
+}
+
 /// A duration as `500ms`, `5s`, `1m`, `2h` ([`humantime`]'s syntax), or `forever`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim().eq_ignore_ascii_case("forever") {
@@ -471,18 +481,43 @@ async fn run(cli: Cli) -> Result<Found> {
         ..ClientConfig::default()
     };
     let conn = Cluster::open(&space_client::seeds(&cli.node), config).await?;
-    let done = command(conn.clone(), cli).await;
-    // A take or claim given up (its node stopped answering) is revoked in the background,
-    // which puts back what it took: exiting first would keep those entries taken for good.
+    let (done, ctrl_c) = if cli.command.ends_on_ctrl_c() {
+        (command(conn.clone(), cli).await, None)
+    } else {
+        // Ctrl-C gives the call up as a failure would, rather than kill the process: a
+        // take whose answer was on its way would keep its entry for good.
+        let mut ctrl_c = CtrlC::listen()?;
+        let done = tokio::select! {
+            done = command(conn.clone(), cli) => done,
+            () = ctrl_c.pressed() => Err(Interrupted.into()),
+        };
+        (done, Some(ctrl_c))
+    };
+    // A take or claim given up (its node stopped answering, or Ctrl-C) is revoked in the
+    // background, which puts back what it took: exiting first would keep those entries
+    // taken for good.
     if done.is_err() && conn.giving_back() > 0 {
         eprintln!(
-            "giving back what the call may have taken before exiting (until the nodes answer, at most a minute)"
+            "giving back what the call may have taken before exiting (until the nodes answer, at most a minute; Ctrl-C again to exit at once)"
         );
     }
     // The nodes may also drop what they kept for a retry now rather than in a minute.
-    conn.settle().await;
+    // A Ctrl-C meanwhile (a second one, after a command it interrupted) exits at once.
+    let mut ctrl_c = match ctrl_c {
+        Some(ctrl_c) => ctrl_c,
+        None => CtrlC::listen()?,
+    };
+    tokio::select! {
+        () = conn.settle() => {}
+        () = ctrl_c.pressed() => return Err(Interrupted.into()),
+    }
     done
 }
+
+/// The command was interrupted with Ctrl-C (exit code 130, as a shell reports SIGINT).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
 
 /// Runs the command `cli` names on the cluster `conn`.
 async fn command(conn: std::sync::Arc<Cluster>, cli: Cli) -> Result<Found> {
@@ -1082,6 +1117,14 @@ async fn main() {
     match run(cli).await {
         Ok(Found::Done) => {}
         Ok(Found::Nothing) => std::process::exit(1),
+        Err(e) if e.is::<Interrupted>() => {
+            if as_json {
+                println!("{}", json!({"error": {"message": "interrupted"}}));
+            } else {
+                eprintln!("interrupted");
+            }
+            std::process::exit(130);
+        }
         Err(e) => {
             if as_json {
                 // The node's typed error, when it was one, as the wire carries it.
