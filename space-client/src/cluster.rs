@@ -1486,7 +1486,7 @@ impl Cluster {
                 // before any of its events (something may be missing).
                 Err(SpaceError::SubscriptionClosed { id }) => {
                     lost.push(id);
-                    state.announce_gap();
+                    state.announce_missed();
                     state.register(&endpoint, conn, None).await
                 }
                 Err(e) => Err(e),

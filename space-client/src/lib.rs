@@ -84,7 +84,9 @@
 //!
 //! [`Space::notify`] returns a [`Subscription`]: a stream (async) or a receiver (`recv`,
 //! `recv_timeout`) of [`Notification`]s, each an [`Event`] (node, entry type, key, kind,
-//! sequence number) or a `Gap` when events were dropped for a subscriber that fell behind.
+//! sequence number), a `Gap` when events were dropped for a subscriber that fell behind,
+//! or `Missed` when events may have been missed, how many not known (a node of a cluster
+//! that lost the subscription, a shard's new leader that did not keep them all).
 //!
 //! ```
 //! # use serde::{Deserialize, Serialize};

@@ -328,6 +328,7 @@ fn seq_range(n: &Notification) -> (u64, u64) {
             first_seq,
             last_seq,
         } => (*first_seq, *last_seq),
+        Notification::Missed { seq } => (*seq, *seq),
     }
 }
 
@@ -395,16 +396,13 @@ impl FeedState {
     /// Tells the subscriber that it may have missed events (of unknown numbers): at once,
     /// or, when the stream is full (the subscriber is behind), once it has room, without
     /// holding up the caller.
-    pub(crate) fn announce_gap(&self) {
+    pub(crate) fn announce_missed(&self) {
         let Some(tx) = self.spare.lock().clone() else {
             return;
         };
         let gap = Delivered {
             handed: None,
-            notification: Notification::Gap {
-                first_seq: 0,
-                last_seq: 0,
-            },
+            notification: Notification::Missed { seq: 0 },
         };
         if let Err(flume::TrySendError::Full(gap)) = tx.try_send(gap) {
             tokio::spawn(async move {
@@ -564,7 +562,7 @@ impl FeedState {
         // What that node matched meanwhile (a restarted node of a replicated cluster may
         // lead shards again before it has the subscription back) is unknown: the
         // subscriber is told so.
-        self.announce_gap();
+        self.announce_missed();
     }
 
     fn alive(&self) -> bool {

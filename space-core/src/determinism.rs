@@ -317,7 +317,9 @@ fn check(ops: &[(Op, Option<u8>)]) {
         while let Some(n) = sub.try_recv() {
             match n {
                 Notification::Event(e) => received.push((e.key, e.kind, e.version)),
-                Notification::Gap { .. } => panic!("a gap in a test this small"),
+                Notification::Gap { .. } | Notification::Missed { .. } => {
+                    panic!("a gap in a test this small")
+                }
             }
         }
         let told: Vec<(Key, EventKind, u64)> = live_told

@@ -105,6 +105,15 @@ pub enum Notification {
         /// The last missed sequence number.
         last_seq: u64,
     },
+    /// Events may have been missed before this notice, how many is not known: a shard's
+    /// new leader whose copy of the subscription did not keep all of the shard's latest
+    /// events (the notice then takes its place in the node's numbering, `seq`), or the
+    /// client registering the subscription again on a node that had lost it (`seq` 0:
+    /// that node numbers anew). Events after it may repeat some told before.
+    Missed {
+        /// The notice's own sequence number, or 0 when it is not one of a node's.
+        seq: u64,
+    },
 }
 
 impl Notification {
@@ -112,7 +121,7 @@ impl Notification {
     pub fn event(&self) -> Option<&Event> {
         match self {
             Notification::Event(e) => Some(e),
-            Notification::Gap { .. } => None,
+            Notification::Gap { .. } | Notification::Missed { .. } => None,
         }
     }
 }
@@ -182,9 +191,9 @@ impl EventBudget {
     }
 }
 
-/// The mark of a log place that holds no event but a gap a relay announced
-/// ([`SubShared::push_gap`]).
-const GAP_MARK: u64 = u64::MAX;
+/// The mark of a log place that holds no event but a relay's notice that events may have
+/// been missed ([`SubShared::push_missed`]).
+const MISSED_MARK: u64 = u64::MAX;
 
 /// The shared state of one subscription: its query and its queue.
 pub(crate) struct SubShared {
@@ -272,16 +281,16 @@ impl SubShared {
         self
     }
 
-    /// Logs a gap of one sequence number in the subscription's stream: told as
-    /// [`Notification::Gap`] in its place (a relay that cannot tell what it may have
-    /// missed, [`Engine::relay`](crate::Engine::relay)).
-    pub(crate) fn push_gap(&self) {
+    /// Logs a notice that events may have been missed, in its place in the
+    /// subscription's stream ([`Notification::Missed`]: a relay that cannot tell what it
+    /// may have missed, [`Engine::relay`](crate::Engine::relay)).
+    pub(crate) fn push_missed(&self) {
         self.push(
             NodeId::default(),
             &Key::Name(String::new()),
             EventKind::Written,
             0,
-            GAP_MARK,
+            MISSED_MARK,
         );
     }
 
@@ -338,13 +347,10 @@ impl SubShared {
             return Some(gap);
         }
         let at = (q.cursor - first) as usize;
-        if q.marks.get(at) == Some(&GAP_MARK) {
+        if q.marks.get(at) == Some(&MISSED_MARK) {
             let seq = q.cursor;
             q.cursor += 1;
-            return Some(Notification::Gap {
-                first_seq: seq,
-                last_seq: seq,
-            });
+            return Some(Notification::Missed { seq });
         }
         if let (Some(gate), Some(mark)) = (gate, q.marks.get(at))
             && !gate.lets_through(*mark)

@@ -41,8 +41,9 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// count since version 10; a node tells of its cluster's meta group, and a replicated node
 /// which shards a read by query that found nothing searched, since version 11; a node
 /// names itself when it connects to a subscriber endpoint since version 12; a call
-/// carries the ids of answers its client acknowledges since version 13).
-pub const PROTOCOL_VERSION: u16 = 13;
+/// carries the ids of answers its client acknowledges since version 13; a notification
+/// says that events may have been missed, how many not known, since version 14).
+pub const PROTOCOL_VERSION: u16 = 14;
 /// The most request ids one call acknowledges ([`Envelope::acknowledged`]); a call with
 /// more is refused.
 pub const MAX_ACKNOWLEDGED: usize = 1024;

@@ -167,7 +167,7 @@ fn describe() {
     );
     describe_counter!(
         "space_event_gaps_total",
-        "Gaps delivered to subscribers: events dropped for a subscriber that fell behind"
+        "Gaps delivered to subscribers: events dropped for a subscriber that fell behind, or notices that events may have been missed (a shard's takeover)"
     );
     describe_counter!(
         "space_rejected_requests_total",

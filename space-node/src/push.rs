@@ -523,7 +523,7 @@ impl Backoff {
 fn count_delivered(batch: &[Notification]) {
     let gaps = batch
         .iter()
-        .filter(|n| matches!(n, Notification::Gap { .. }))
+        .filter(|n| matches!(n, Notification::Gap { .. } | Notification::Missed { .. }))
         .count();
     metrics::counter!("space_events_delivered_total").increment((batch.len() - gaps) as u64);
     metrics::counter!("space_event_gaps_total").increment(gaps as u64);
@@ -533,6 +533,7 @@ fn seq_of(n: &Notification) -> u64 {
     match n {
         Notification::Event(e) => e.seq,
         Notification::Gap { last_seq, .. } => *last_seq,
+        Notification::Missed { seq } => *seq,
     }
 }
 

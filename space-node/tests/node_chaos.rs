@@ -347,7 +347,7 @@ fn listen(mut sub: Subscription, heard: Arc<Mutex<Heard>>) -> tokio::task::JoinH
                         .push(e.seq);
                     heard.keys.insert(e.key);
                 }
-                Notification::Gap { .. } => heard.gaps += 1,
+                Notification::Gap { .. } | Notification::Missed { .. } => heard.gaps += 1,
             }
         }
     })

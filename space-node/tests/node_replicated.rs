@@ -553,8 +553,9 @@ async fn write_retrying(space: &space_client::Space, id: u64) -> Key {
     }
 }
 
-/// Receives from `sub` until a gap comes (within 30 s), after a node that restarted lost
-/// its part. The shards that node led moved to the other nodes, whose new leaders tell
+/// Receives from `sub` until it is told that events may have been missed (within 30 s),
+/// after a node that restarted lost its part: how many is not known, and the notice says
+/// so (`Missed`, not a `Gap` naming numbers). The shards that node led moved to the other nodes, whose new leaders tell
 /// the subscription again what those shards committed in the last seconds: such repeats
 /// of what was `told` may come before the gap, nothing else.
 async fn until_gap(sub: &space_client::Subscription, told: &std::collections::HashSet<Key>) {
@@ -563,7 +564,7 @@ async fn until_gap(sub: &space_client::Subscription, told: &std::collections::Ha
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, sub.recv_async()).await {
-            Ok(Some(Notification::Gap { .. })) => return,
+            Ok(Some(Notification::Missed { .. })) => return,
             Ok(Some(Notification::Event(e))) if told.contains(&e.key) => {}
             other => panic!("a gap was expected first, not {other:?}"),
         }
@@ -593,7 +594,7 @@ async fn told_all(
                 );
                 untold.remove(&e.key);
             }
-            Ok(Some(Notification::Gap { .. })) => gaps += 1,
+            Ok(Some(Notification::Gap { .. } | Notification::Missed { .. })) => gaps += 1,
             Ok(None) => panic!("the subscription ended"),
             Err(_) => panic!("{} writes were never told: {untold:?}", untold.len()),
         }

@@ -268,6 +268,12 @@ fn print_notification(n: &Notification, as_json: bool) {
             first_seq,
             last_seq,
         } => println!("gap: events #{first_seq}..#{last_seq} were dropped"),
+        Notification::Missed { seq } if as_json => {
+            println!("{}", json!({"missed": {"seq": seq}}));
+        }
+        Notification::Missed { .. } => {
+            println!("gap: events may have been missed here (how many is not known)");
+        }
     }
 }
 

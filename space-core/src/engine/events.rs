@@ -142,7 +142,7 @@ impl Engine {
         }
         match notification {
             Notification::Event(e) => sub.push(e.node, &e.key, e.kind, e.version, 0),
-            Notification::Gap { .. } => sub.push_gap(),
+            Notification::Gap { .. } | Notification::Missed { .. } => sub.push_missed(),
         }
         true
     }

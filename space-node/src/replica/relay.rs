@@ -126,7 +126,7 @@ impl Relay {
                 part.kept.clear();
                 part.missed = true;
                 if part.leading {
-                    alive &= self.node.relay(self.id, &gap());
+                    alive &= self.node.relay(self.id, &missed());
                     part.missed = false;
                 }
             }
@@ -134,7 +134,7 @@ impl Relay {
             if leads && !part.leading {
                 // Taken over: what the old leader may not have pushed comes first.
                 if std::mem::take(&mut part.missed) {
-                    alive &= self.node.relay(self.id, &gap());
+                    alive &= self.node.relay(self.id, &missed());
                 }
                 for (_, n) in part.kept.drain(..) {
                     alive &= self.node.relay(self.id, &n);
@@ -217,7 +217,7 @@ fn take_in(node: &Engine, id: u64, part: &mut Part, n: Notification, now: Instan
     if part.leading {
         return node.relay(id, &n);
     }
-    if matches!(n, Notification::Gap { .. }) {
+    if matches!(n, Notification::Gap { .. } | Notification::Missed { .. }) {
         part.missed = true;
     } else {
         part.kept.push_back((now, n));
@@ -229,12 +229,9 @@ fn take_in(node: &Engine, id: u64, part: &mut Part, n: Notification, now: Instan
     true
 }
 
-/// A gap of unknown extent.
-fn gap() -> Notification {
-    Notification::Gap {
-        first_seq: 0,
-        last_seq: 0,
-    }
+/// A notice that events may have been missed (its place in the numbering is the relay's).
+fn missed() -> Notification {
+    Notification::Missed { seq: 0 }
 }
 
 #[cfg(test)]

@@ -1529,8 +1529,12 @@ async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
                 seqs.push(e.seq);
                 events += 1;
             }
-            // Something older than what it kept may be missing: said, never silent.
-            Some(Notification::Gap { first_seq, .. }) => seqs.push(first_seq),
+            // Something older than what it kept may be missing: said, never silent, and
+            // said as such (a count of missed events it cannot know would mislead).
+            Some(Notification::Missed { seq }) => seqs.push(seq),
+            Some(gap @ Notification::Gap { .. }) => {
+                panic!("a relay told a gap it cannot know: {gap:?}")
+            }
             None => panic!("the new leader told {events} of 8 writes"),
         }
     }
