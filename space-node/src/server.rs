@@ -165,6 +165,27 @@ pub enum NodeError {
 /// calls the failure refused get their typed answers rather than a closed connection.
 const STORAGE_FAILURE_GRACE: Duration = Duration::from_millis(250);
 
+/// TCP keepalive on client connections: probed after this long without traffic, every
+/// [`KEEPALIVE_INTERVAL`], and closed after [`KEEPALIVE_PROBES`] unanswered probes. A client
+/// host that vanished without closing its connections (power loss, a partition) is found
+/// within about half a minute, and its waiting calls are dropped like those of a client
+/// that closed its connection (see [`run_or_spawn`]).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// Between two keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered keepalive probes that close a connection.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive on a client connection ([`KEEPALIVE_IDLE`]).
+fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )
+}
+
 /// A running node's shared state.
 pub(crate) struct NodeState {
     pub(crate) config: NodeConfig,
@@ -1148,6 +1169,7 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
     let open = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
     let _open = Open(state.connections.clone());
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    keep_alive(&stream).map_err(|e| e.to_string())?;
     let stream = FrameDeadline::new(stream, state.config.frame_timeout);
     let closed = stream.closed();
     let mut framed = wire::framed(stream, HANDSHAKE_MAX_FRAME);
@@ -1200,7 +1222,8 @@ async fn serve_connection(state: Arc<NodeState>, stream: TcpStream) -> Result<()
 /// polling on its own task, whose waker replaces the connection's.
 ///
 /// A request still waiting when the client closes the connection (`closed`: its process
-/// exited, say) is dropped, as a caller's drop would: a blocking take of a client that is
+/// exited, say; or the keepalive found its host gone, which ends the connection) is
+/// dropped, as a caller's drop would: a blocking take of a client that is
 /// gone would otherwise wait on and take the next matching entry, to be kept for a retry
 /// that never comes. What it did before is in the answer tables as for any dropped call.
 async fn run_or_spawn(
@@ -1261,6 +1284,22 @@ mod tests {
         let addr = node.local_addr().unwrap().to_string();
         tokio::spawn(node.serve(std::future::pending()));
         (state, addr)
+    }
+
+    /// Client connections probe a silent peer: one whose host vanished is closed within
+    /// `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL`, not kept for hours.
+    #[tokio::test]
+    async fn client_connections_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (stream, _) = accepted.unwrap();
+        keep_alive(&stream).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 
     /// A batch its node's log kept only in part (a crash cut its group commit, or a full
