@@ -642,35 +642,66 @@ fn output_into_a_closed_pipe_ends_the_cli_quietly() {
     assert_ne!(output.status.code(), Some(101), "{output:?}");
 }
 
+/// A CLI take whose node took the entry, with the answer held on its way: the take of
+/// `space take Job --timeout <timeout>`, run through a proxy the node advertises (the
+/// test asks the node directly, at the returned address).
+struct HeldTake {
+    cli: Background,
+    stderr: std::sync::mpsc::Receiver<String>,
+    proxy: Proxy,
+    addr: String,
+    _node: NodeProcess,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl HeldTake {
+    fn start(timeout: &str) -> HeldTake {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let addr = free_addrs(1).remove(0);
+        let proxy = runtime
+            .block_on(Proxy::start(addr.parse().expect("an address")))
+            .expect("a proxy");
+        let node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
+        let (mut cli, _stdout) = background_at(
+            &proxy.addr().to_string(),
+            &["take", "Job", "--timeout", timeout],
+        );
+        let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
+        assert!(
+            until(Duration::from_secs(10), || waiters_on(&addr) == 1),
+            "the CLI's take never waited on the node"
+        );
+        // The entry arrives and the waiting take takes it; its answer is held on the way.
+        proxy.set(Link::HoldReplies);
+        write_on(&addr, "Job", 1);
+        assert!(
+            until(Duration::from_secs(10), || count_on(&addr, "Job") == 0),
+            "the CLI's take did not take the entry"
+        );
+        HeldTake {
+            cli,
+            stderr,
+            proxy,
+            addr,
+            _node: node,
+            _runtime: runtime,
+        }
+    }
+}
+
 /// A take the CLI gives up because its node stopped answering, after the node took the
 /// entry, is revoked before the CLI exits: the entry comes back once the node can be
 /// reached again, rather than stay taken by a process that exited before its revoke went.
 #[test]
 fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    let addr = free_addrs(1).remove(0);
-    // Clients reach the node through a proxy that can hold its answers (the node
-    // advertises the proxy's address); the test asks the node directly.
-    let proxy = runtime
-        .block_on(Proxy::start(addr.parse().expect("an address")))
-        .expect("a proxy");
-    let _node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
-    let (mut cli, _stdout) = background_at(
-        &proxy.addr().to_string(),
-        &["take", "Job", "--timeout", "3s"],
-    );
-    let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
-    assert!(
-        until(Duration::from_secs(10), || waiters_on(&addr) == 1),
-        "the CLI's take never waited on the node"
-    );
-    // The entry arrives and the waiting take takes it; its answer is held on the way.
-    proxy.set(Link::HoldReplies);
-    write_on(&addr, "Job", 1);
-    assert!(
-        until(Duration::from_secs(10), || count_on(&addr, "Job") == 0),
-        "the CLI's take did not take the entry"
-    );
+    let HeldTake {
+        mut cli,
+        stderr,
+        proxy,
+        addr,
+        _node,
+        _runtime,
+    } = HeldTake::start("3s");
     // Then the node cannot be reached at all: the CLI gives the take up and revokes it,
     // and the revoke cannot leave the CLI yet (a revoke written to a connection before
     // its process exits would still arrive).
@@ -702,28 +733,15 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
 /// the key was pressed is given back rather than kept by a process that is gone.
 #[test]
 fn ctrl_c_during_a_take_gives_its_entry_back() {
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    let addr = free_addrs(1).remove(0);
-    let proxy = runtime
-        .block_on(Proxy::start(addr.parse().expect("an address")))
-        .expect("a proxy");
-    let _node = NodeProcess::start_at(&addr, &["--advertise", &proxy.addr().to_string()]);
-    let (mut cli, _stdout) = background_at(
-        &proxy.addr().to_string(),
-        &["take", "Job", "--timeout", "30s"],
-    );
-    let stderr = lines_of(cli.0.stderr.take().expect("stderr"));
-    assert!(
-        until(Duration::from_secs(10), || waiters_on(&addr) == 1),
-        "the CLI's take never waited on the node"
-    );
-    // The take takes the entry; its answer is held on the way, and Ctrl-C comes first.
-    proxy.set(Link::HoldReplies);
-    write_on(&addr, "Job", 1);
-    assert!(
-        until(Duration::from_secs(10), || count_on(&addr, "Job") == 0),
-        "the CLI's take did not take the entry"
-    );
+    let HeldTake {
+        mut cli,
+        stderr,
+        proxy,
+        addr,
+        _node,
+        _runtime,
+    } = HeldTake::start("30s");
+    // Ctrl-C comes while the take's answer is held.
     signal(cli.0.id(), Signal::Interrupt).expect("Ctrl-C");
     // The revoke reaches the node (only answers are held), which puts the entry back; the
     // CLI waits for the revoke's answer before it exits.
