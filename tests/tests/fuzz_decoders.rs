@@ -381,10 +381,13 @@ fn fuzz_answers_and_pushes_as_a_client_decodes_them() {
             message: SubscriberServiceRequest::Deliver {
                 node: space_core::NodeId(1),
                 subscription: 2,
-                notifications: vec![space_core::Notification::Gap {
-                    first_seq: 1,
-                    last_seq: 2,
-                }],
+                notifications: vec![
+                    space_core::Notification::Gap {
+                        first_seq: 1,
+                        last_seq: 2,
+                    },
+                    space_core::Notification::Missed { seq: 3 },
+                ],
             },
         },
     )));
