@@ -420,26 +420,63 @@ async fn leader_of(seeds: &str, key: &Key) -> Result<usize> {
         .context("the owner is not a member")
 }
 
+/// The longest one step of a failover may take (each is bounded by its own deadlines,
+/// well within this).
+const STEP_LIMIT: Duration = Duration::from_secs(90);
+
+/// `fut`, or an error naming `what` once it has run [`STEP_LIMIT`]: a step that outlives
+/// its own deadlines ends the bench saying where it stuck, not in silence.
+async fn step<T, E: Into<anyhow::Error>>(
+    what: impl std::fmt::Display,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(STEP_LIMIT, fut).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => bail!("{what} did not finish within {STEP_LIMIT:?}"),
+    }
+}
+
 /// Kills the leader of a probe's shard `kills` times and records the
 /// time from each kill to the first successful take of the probe.
 async fn failovers(cluster: &mut Cluster, kills: usize) -> Result<Histogram<u64>> {
     let mut h = Histogram::new(3)?;
     let seeds = cluster.seeds();
     for k in 0..kills {
-        ready(&seeds).await?;
+        step(
+            format_args!("kill {k}: the cluster's readiness"),
+            ready(&seeds),
+        )
+        .await?;
         // The leader of this probe's shard is the victim (leadership does not move back
         // to a restarted node, so victims are whoever leads now).
         let id = format!("failover-{k}");
         let key = Key::Name(id.clone());
-        let victim = leader_of(&seeds, &key).await?;
-        let space = space_client::connect(&seeds).await?;
-        space.write(&Probe { id }).await?;
+        let victim = step(
+            format_args!("kill {k}: asking the leader"),
+            leader_of(&seeds, &key),
+        )
+        .await?;
+        let space = step(
+            format_args!("kill {k}: connecting"),
+            space_client::connect(&seeds),
+        )
+        .await?;
+        step(
+            format_args!("kill {k}: writing the probe"),
+            space.write(&Probe { id }),
+        )
+        .await?;
         if let Some(node) = cluster.nodes[victim].take() {
             drop(node); // SIGKILL and reaped
         }
         let killed = Instant::now();
         loop {
-            match space.take_key::<Probe>(&key).await {
+            let taken = tokio::time::timeout(STEP_LIMIT, space.take_key::<Probe>(&key))
+                .await
+                .with_context(|| {
+                    format!("kill {k}: a take did not finish within {STEP_LIMIT:?}")
+                })?;
+            match taken {
                 Ok(Some(_)) => break,
                 Ok(None) => bail!("the probe written before the kill is gone"),
                 Err(_) if killed.elapsed() < Duration::from_secs(60) => {
