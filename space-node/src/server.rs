@@ -348,7 +348,7 @@ impl Service {
                         if let Some(engine) = engine {
                             crate::engines_used::note_used(shard, &engine);
                         }
-                        return whole(finished_of(answer), entries);
+                        return finished_of(answer);
                     }
                     // The changes are logged with the request id.
                     InRequest {
@@ -364,22 +364,14 @@ impl Service {
                         (Ok(()), _) => finished,
                         // A leadership ended before the changes were known committed.
                         (Err(e @ SpaceError::WrongNode { .. }), Some(shards)) => {
-                            whole(settle_after_step_down(shards, id, e).await, entries)
+                            settle_after_step_down(shards, id, e).await
                         }
                         (Err(e), _) => Err(e),
                     }
                 },
             ))
             .await;
-            // The answer kept for a retry (a durable node's, from its log after a crash)
-            // is checked as well: a crash or a full disk in the middle of a batch's group
-            // commit leaves the log with only part of it.
-            let answer = match (answer, entries) {
-                (Ok(Response::Receipts(r)), Some(n)) if r.len() < n => {
-                    Err(partly_known(r.len(), n))
-                }
-                (answer, _) => answer,
-            };
+            let answer = whole(answer, entries);
             tracing::trace!(request = ?id, ?answer, "answered");
             answer
         } else if let (Some(shards), Request::ReadDirect { .. }) = (&state.shards, &request) {
@@ -451,25 +443,24 @@ async fn settle_after_step_down(
     Err(err)
 }
 
-/// `finished`, found in one shard's answers for a write of `entries` entries, unless it
-/// holds only part of the batch (the batch spanned shards): then what the rest did is
-/// not known from here, and the write's outcome is reported unknown (`Unavailable`)
-/// rather than acknowledged whole.
-fn whole(finished: Finished, entries: Option<usize>) -> Finished {
-    match (&finished, entries) {
-        (Ok(Outcome::Answer(Response::Receipts(r))), Some(n)) if r.len() < n => {
-            Err(partly_known(r.len(), n))
-        }
-        _ => finished,
-    }
-}
-
-/// The error of a batch of `n` entries of which only `known` are known written.
-fn partly_known(known: usize, n: usize) -> SpaceError {
-    SpaceError::Unavailable {
-        reason: format!(
-            "{known} of the batch's {n} entries are known written; the outcome of the others is not known"
-        ),
+/// `answer` to a write of `entries` entries, unless it holds only part of the batch:
+/// then what the rest did is not known, and the write's outcome is reported unknown
+/// (`Unavailable`) rather than acknowledged whole. Whatever the answer's source: one
+/// shard's answers hold only its part of a batch that spanned shards (a retry after a
+/// failover), and a durable node's log only part of a batch whose group commit a crash
+/// or a full disk cut (a retry after a restart).
+fn whole(
+    answer: Result<Response, SpaceError>,
+    entries: Option<usize>,
+) -> Result<Response, SpaceError> {
+    match (&answer, entries) {
+        (Ok(Response::Receipts(r)), Some(n)) if r.len() < n => Err(SpaceError::Unavailable {
+            reason: format!(
+                "{} of the batch's {n} entries are known written; the outcome of the others is not known",
+                r.len()
+            ),
+        }),
+        _ => answer,
     }
 }
 
@@ -1247,8 +1238,8 @@ mod tests {
     use super::*;
     use space_core::Receipt;
 
-    fn receipts(n: usize) -> Finished {
-        Ok(Outcome::Answer(Response::Receipts(
+    fn receipts(n: usize) -> Result<Response, SpaceError> {
+        Ok(Response::Receipts(
             (0..n)
                 .map(|i| Receipt {
                     node: NodeId(1),
@@ -1257,7 +1248,7 @@ mod tests {
                     expires: None,
                 })
                 .collect(),
-        )))
+        ))
     }
 
     /// An entry whose body makes it as large as a test needs.
@@ -1267,10 +1258,6 @@ mod tests {
     }
     space_client::entry!(Parcel, "Parcel");
 
-    /// A client's take of a large entry, once its answer is the caller's, is
-    /// acknowledged with the client's next call: the durable node drops the entry from
-    /// its engine's answers (through its log) and from its table of recent answers. A
-    /// small entry's answer is left to be forgotten with time.
     /// A durable node on `dir`, serving on a free loopback port: its state and address.
     async fn durable_node(dir: &space_tests::TempDir) -> (Arc<NodeState>, String) {
         let node = Node::bind(NodeConfig {
@@ -1344,6 +1331,10 @@ mod tests {
         );
     }
 
+    /// A client's take of a large entry, once its answer is the caller's, is
+    /// acknowledged with the client's next call: the durable node drops the entry from
+    /// its engine's answers (through its log) and from its table of recent answers. A
+    /// small entry's answer is left to be forgotten with time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_clients_large_take_is_acknowledged_and_its_entry_dropped_from_the_answers() {
         let dir = space_tests::TempDir::new("acknowledged-takes");
@@ -1434,6 +1425,6 @@ mod tests {
             Err(SpaceError::Unavailable { .. })
         ));
         assert!(whole(receipts(3), Some(3)).is_ok());
-        assert!(whole(Ok(Outcome::Answer(Response::Done)), None).is_ok());
+        assert!(whole(Ok(Response::Done), None).is_ok());
     }
 }

@@ -687,6 +687,11 @@ impl HeldTake {
             _runtime: runtime,
         }
     }
+
+    /// Whether the CLI exits within `limit`.
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        until(limit, || self.cli.0.try_wait().ok().flatten().is_some())
+    }
 }
 
 /// A take the CLI gives up because its node stopped answering, after the node took the
@@ -694,36 +699,34 @@ impl HeldTake {
 /// reached again, rather than stay taken by a process that exited before its revoke went.
 #[test]
 fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
-    let HeldTake {
-        mut cli,
-        stderr,
-        proxy,
-        addr,
-        _node,
-        _runtime,
-    } = HeldTake::start("3s");
+    let mut held = HeldTake::start("3s");
     // Then the node cannot be reached at all: the CLI gives the take up and revokes it,
     // and the revoke cannot leave the CLI yet (a revoke written to a connection before
     // its process exits would still arrive).
-    proxy.set(Link::Cut);
+    held.proxy.set(Link::Cut);
     let mut said = Vec::new();
     let gave_up = until(Duration::from_secs(30), || {
-        said.extend(stderr.try_iter());
-        said.iter().any(|l| l.contains("giving back")) || cli.0.try_wait().ok().flatten().is_some()
+        said.extend(held.stderr.try_iter());
+        said.iter().any(|l| l.contains("giving back"))
+            || held.cli.0.try_wait().ok().flatten().is_some()
     });
     assert!(
         gave_up,
         "the CLI neither gave the take up nor exited: {said:?}"
     );
-    proxy.set(Link::Open);
-    let exited = until(Duration::from_secs(70), || {
-        cli.0.try_wait().ok().flatten().is_some()
-    });
-    assert!(exited, "the CLI did not exit once its node answered again");
-    said.extend(stderr.try_iter());
-    assert_eq!(cli.0.wait().expect("exited").code(), Some(2), "{said:?}");
+    held.proxy.set(Link::Open);
     assert!(
-        until(Duration::from_secs(5), || count_on(&addr, "Job") == 1),
+        held.exits_within(Duration::from_secs(70)),
+        "the CLI did not exit once its node answered again"
+    );
+    said.extend(held.stderr.try_iter());
+    assert_eq!(
+        held.cli.0.wait().expect("exited").code(),
+        Some(2),
+        "{said:?}"
+    );
+    assert!(
+        until(Duration::from_secs(5), || count_on(&held.addr, "Job") == 1),
         "the entry the CLI's take gave up on was not given back: {said:?}"
     );
 }
@@ -733,36 +736,28 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
 /// the key was pressed is given back rather than kept by a process that is gone.
 #[test]
 fn ctrl_c_during_a_take_gives_its_entry_back() {
-    let HeldTake {
-        mut cli,
-        stderr,
-        proxy,
-        addr,
-        _node,
-        _runtime,
-    } = HeldTake::start("30s");
+    let mut held = HeldTake::start("30s");
     // Ctrl-C comes while the take's answer is held.
-    signal(cli.0.id(), Signal::Interrupt).expect("Ctrl-C");
+    signal(held.cli.0.id(), Signal::Interrupt).expect("Ctrl-C");
     // The revoke reaches the node (only answers are held), which puts the entry back; the
     // CLI waits for the revoke's answer before it exits.
-    let given_back = until(Duration::from_secs(10), || count_on(&addr, "Job") == 1);
-    let mut said: Vec<String> = stderr.try_iter().collect();
+    let given_back = until(Duration::from_secs(10), || count_on(&held.addr, "Job") == 1);
+    let mut said: Vec<String> = held.stderr.try_iter().collect();
     assert!(
         given_back,
         "the entry the interrupted take had taken was not given back: {said:?}"
     );
-    proxy.set(Link::Open);
+    held.proxy.set(Link::Open);
     assert!(
-        until(Duration::from_secs(30), || cli
-            .0
-            .try_wait()
-            .ok()
-            .flatten()
-            .is_some()),
+        held.exits_within(Duration::from_secs(30)),
         "the CLI did not exit once its revoke was answered"
     );
-    said.extend(stderr.try_iter());
-    assert_eq!(cli.0.wait().expect("exited").code(), Some(130), "{said:?}");
+    said.extend(held.stderr.try_iter());
+    assert_eq!(
+        held.cli.0.wait().expect("exited").code(),
+        Some(130),
+        "{said:?}"
+    );
     assert!(
         said.iter().any(|l| l.contains("interrupted")),
         "the CLI did not say it was interrupted: {said:?}"

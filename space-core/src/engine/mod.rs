@@ -813,13 +813,13 @@ impl Engine {
         outcome
     }
 
-    /// The log a change goes to: none for an in-memory engine, or one closed (changes
-    /// made through a clone after [`close`](Self::close) are not logged).
     /// The host of a durable engine's data directory (`None` in memory, or once closed).
     pub fn log_host(&self) -> Option<Arc<LogHost>> {
         self.inner.durable.as_ref()?.host.lock().clone()
     }
 
+    /// The log a change goes to: none for an in-memory engine, or one closed (changes
+    /// made through a clone after [`close`](Self::close) are not logged).
     fn log_to(&self) -> Option<(&Arc<Wal>, crate::wal::LogId)> {
         let durable = self.inner.durable.as_ref()?;
         (!self.inner.closed.load(Ordering::Relaxed)).then_some((&durable.wal, durable.log))
