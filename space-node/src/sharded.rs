@@ -102,10 +102,7 @@ impl NodeState {
                     // commit them). A node that leads none (restarted, its shards led
                     // elsewhere until they move back) did nothing: another node takes
                     // the write.
-                    let mut refusal = SpaceError::WrongNode {
-                        epoch: shards.topology().epoch,
-                        owner: None,
-                    };
+                    let mut refusal = None;
                     let mut chosen = None;
                     for (i, (shard, _)) in led.iter().enumerate() {
                         match shards.check_quorum(*shard) {
@@ -113,11 +110,14 @@ impl NodeState {
                                 chosen = Some(i);
                                 break;
                             }
-                            Err(e) => refusal = e,
+                            Err(e) => refusal = Some(e),
                         }
                     }
                     let Some(i) = chosen else {
-                        return Err(refusal);
+                        return Err(refusal.unwrap_or_else(|| SpaceError::WrongNode {
+                            epoch: shards.epoch(),
+                            owner: None,
+                        }));
                     };
                     let (count, bytes) = entries
                         .iter()
@@ -390,7 +390,7 @@ async fn until_changed<T>(
         biased;
         answer = call => answer,
         () = changed => Err(SpaceError::WrongNode {
-            epoch: shards.topology().epoch,
+            epoch: shards.epoch(),
             owner: None,
         }),
     }

@@ -411,18 +411,27 @@ impl ShardSet {
         }
     }
 
+    /// The routing epoch as this node sees it: the sum of the shards' terms, so it grows
+    /// whenever a leader changes.
+    pub fn epoch(&self) -> u64 {
+        (0..self.layout.shards)
+            .map(|shard| self.leader_of(shard).1)
+            .sum()
+    }
+
     /// The topology as this node sees it: every range's owner is its shard's leader (its
-    /// first replica while unknown); the epoch is the sum of the shards' terms, so it
-    /// grows whenever a leader changes.
+    /// first replica while unknown), at [`ShardSet::epoch`].
     pub fn topology(&self) -> Topology {
-        let mut epoch = 0;
-        let mut owner_of_shard = Vec::with_capacity(self.layout.shards as usize);
-        for shard in 0..self.layout.shards {
-            let (leader, term) = self.leader_of(shard);
-            epoch += term;
-            let owner = leader.unwrap_or_else(|| self.layout.replicas(shard)[0]);
-            owner_of_shard.push((owner - 1) as u32);
-        }
+        let epoch = self.epoch();
+        let owner_of_shard: Vec<u32> = (0..self.layout.shards)
+            .map(|shard| {
+                let owner = self
+                    .leader_of(shard)
+                    .0
+                    .unwrap_or_else(|| self.layout.replicas(shard)[0]);
+                (owner - 1) as u32
+            })
+            .collect();
         let nodes = self
             .layout
             .nodes
