@@ -688,9 +688,17 @@ impl HeldTake {
         }
     }
 
-    /// Whether the CLI exits within `limit`.
-    fn exits_within(&mut self, limit: Duration) -> bool {
-        until(limit, || self.cli.0.try_wait().ok().flatten().is_some())
+    /// Opens the link again, then waits up to `limit` for the CLI to exit: its exit code
+    /// (`None` while it still runs, or if a signal ended it), once what it said meanwhile
+    /// is added to `said`.
+    fn exit_code_once_open(&mut self, limit: Duration, said: &mut Vec<String>) -> Option<i32> {
+        self.proxy.set(Link::Open);
+        let exited = until(limit, || self.cli.0.try_wait().ok().flatten().is_some());
+        said.extend(self.stderr.try_iter());
+        if !exited {
+            return None;
+        }
+        self.cli.0.wait().expect("exited").code()
     }
 }
 
@@ -714,16 +722,10 @@ fn a_take_the_cli_gives_up_gives_its_entry_back_before_the_cli_exits() {
         gave_up,
         "the CLI neither gave the take up nor exited: {said:?}"
     );
-    held.proxy.set(Link::Open);
-    assert!(
-        held.exits_within(Duration::from_secs(70)),
-        "the CLI did not exit once its node answered again"
-    );
-    said.extend(held.stderr.try_iter());
     assert_eq!(
-        held.cli.0.wait().expect("exited").code(),
+        held.exit_code_once_open(Duration::from_secs(70), &mut said),
         Some(2),
-        "{said:?}"
+        "the CLI did not exit with code 2 once its node answered again: {said:?}"
     );
     assert!(
         until(Duration::from_secs(5), || count_on(&held.addr, "Job") == 1),
@@ -747,16 +749,10 @@ fn ctrl_c_during_a_take_gives_its_entry_back() {
         given_back,
         "the entry the interrupted take had taken was not given back: {said:?}"
     );
-    held.proxy.set(Link::Open);
-    assert!(
-        held.exits_within(Duration::from_secs(30)),
-        "the CLI did not exit once its revoke was answered"
-    );
-    said.extend(held.stderr.try_iter());
     assert_eq!(
-        held.cli.0.wait().expect("exited").code(),
+        held.exit_code_once_open(Duration::from_secs(30), &mut said),
         Some(130),
-        "{said:?}"
+        "the CLI did not exit with code 130 once its revoke was answered: {said:?}"
     );
     assert!(
         said.iter().any(|l| l.contains("interrupted")),
