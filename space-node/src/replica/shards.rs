@@ -411,24 +411,33 @@ impl ShardSet {
         }
     }
 
-    /// The routing epoch as this node sees it: the sum of the shards' terms, so it grows
-    /// whenever a leader changes.
+    /// The leader and term of every shard, in shard order (see `leader_of`).
+    fn leaders(&self) -> impl Iterator<Item = (Option<MemberId>, u64)> + '_ {
+        (0..self.layout.shards).map(|shard| self.leader_of(shard))
+    }
+
+    /// The routing epoch of `leaders` (every shard's leader and term): the sum of the
+    /// terms, so it grows whenever a leader changes.
+    fn epoch_of(leaders: impl Iterator<Item = (Option<MemberId>, u64)>) -> u64 {
+        leaders.map(|(_, term)| term).sum()
+    }
+
+    /// The routing epoch as this node sees it (see `epoch_of`).
     pub fn epoch(&self) -> u64 {
-        (0..self.layout.shards)
-            .map(|shard| self.leader_of(shard).1)
-            .sum()
+        Self::epoch_of(self.leaders())
     }
 
     /// The topology as this node sees it: every range's owner is its shard's leader (its
-    /// first replica while unknown), at [`ShardSet::epoch`].
+    /// first replica while unknown), at the epoch of those leaders (each shard's leader
+    /// and term read once, together).
     pub fn topology(&self) -> Topology {
-        let epoch = self.epoch();
-        let owner_of_shard: Vec<u32> = (0..self.layout.shards)
-            .map(|shard| {
-                let owner = self
-                    .leader_of(shard)
-                    .0
-                    .unwrap_or_else(|| self.layout.replicas(shard)[0]);
+        let leaders: Vec<(Option<MemberId>, u64)> = self.leaders().collect();
+        let epoch = Self::epoch_of(leaders.iter().copied());
+        let owner_of_shard: Vec<u32> = leaders
+            .iter()
+            .zip(0..)
+            .map(|(&(leader, _), shard)| {
+                let owner = leader.unwrap_or_else(|| self.layout.replicas(shard)[0]);
                 (owner - 1) as u32
             })
             .collect();
