@@ -192,30 +192,31 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// What stops the node: SIGTERM or ctrl-c (SIGINT). The handlers are installed when this
+/// is called, not when the future is first polled: it is called before the address line
+/// is printed, so a tool that signals the node once it has read that line always gets a
+/// clean stop, never the signal's default (death).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c still stops the node");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for ctrl-c")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+            tracing::info!("shutting down");
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
     }
-    tracing::info!("shutting down");
 }
 
 /// The command line with the settings of a `--config FILE` (if one is given) put before
@@ -370,9 +371,10 @@ async fn serve(args: Args) -> Result<()> {
         let bound = node.serve_admin(addr).await?;
         tracing::info!(admin = %bound, "admin endpoints: / (the admin page), /metrics, /health/live, /health/ready");
     }
+    let shutdown = shutdown_signal()?;
     // The first line on stdout names the address: tools starting the node on port 0 read it.
     println!("listening on {}", node.local_addr()?);
-    if let Err(e) = node.serve(shutdown_signal()).await {
+    if let Err(e) = node.serve(shutdown).await {
         // Stop at once, as a crash would: the engines' memory may be ahead of the disk, so
         // winding down (or serving on) could show what a restart will not have.
         eprintln!("error: {e}");

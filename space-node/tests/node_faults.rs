@@ -311,6 +311,19 @@ fn sigterm_stops_the_node_cleanly() {
 }
 
 #[test]
+fn sigterm_right_after_the_address_line_stops_the_node_cleanly() {
+    // Tools start a node and stop it as soon as it has said where it listens: from that
+    // line on, SIGTERM is a clean stop, never the signal's default (death).
+    for _ in 0..10 {
+        let node = NodeProcess::start(&[]);
+        assert!(
+            node.terminate(),
+            "space-node exits with success on a SIGTERM sent right after its address line"
+        );
+    }
+}
+
+#[test]
 fn a_client_reconnects_after_the_node_restarts() {
     let node = NodeProcess::start(&[]);
     let addr = node.addr.clone();
