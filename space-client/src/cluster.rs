@@ -106,6 +106,13 @@ impl Reroutes {
     }
 }
 
+/// How often a call under way checks whether its owner died or froze and the key has
+/// another owner ([`Cluster::owner_moved_from`]).
+const OWNER_POLL: Duration = Duration::from_millis(100);
+/// How long past its own wait a call may go unanswered before its owner is suspected of
+/// being frozen or cut off, and the other nodes are asked whether the key has a new
+/// owner: well beyond what a live node takes, short beside a failover's second.
+const OVERDUE_AFTER: Duration = Duration::from_millis(500);
 /// How often a call whose owner died asks for the topology while it waits for the
 /// owner's shard to elect its next leader.
 const DEAD_OWNER_POLL: Duration = Duration::from_millis(20);
@@ -130,6 +137,8 @@ pub struct Cluster {
     next_writer: AtomicUsize,
     /// Where the next take by query starts looking.
     next_taker: AtomicUsize,
+    /// When a call whose owner left it unanswered last asked for the topology.
+    overdue_refresh: Mutex<Option<Instant>>,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
 }
 
@@ -172,6 +181,7 @@ impl Cluster {
                             declared: Mutex::new(HashSet::new()),
                             next_writer: AtomicUsize::new(0),
                             next_taker: AtomicUsize::new(0),
+                            overdue_refresh: Mutex::new(None),
                             endpoint: tokio::sync::OnceCell::new(),
                         });
                         return Ok(cluster);
@@ -247,8 +257,16 @@ impl Cluster {
     ///
     /// The last error met when no node or seed answered.
     pub async fn refresh(&self) -> Result<Topology> {
+        self.refresh_without(None).await
+    }
+
+    /// As [`refresh`](Self::refresh), without asking the node at `silent` (one that
+    /// leaves a call unanswered: a frozen or cut-off node would hold the ask up for the
+    /// whole call timeout).
+    async fn refresh_without(&self, silent: Option<&str>) -> Result<Topology> {
         let mut candidates = self.addresses();
         candidates.extend(self.seeds.iter().cloned());
+        candidates.retain(|a| Some(a.as_str()) != silent);
         let mut last = None;
         for addr in candidates {
             let answer = match self.node(&addr).await {
@@ -316,19 +334,46 @@ impl Cluster {
         self.owner(key).map(|n| n.address)
     }
 
-    /// Completes once the node at `addr` cannot be reached and the topology names another
-    /// owner for `key` (never, while `addr` is reachable or still the owner: a static
-    /// cluster's owners do not change when a node dies). Polls every 100 ms.
-    async fn owner_moved_from(&self, key: &Key, addr: &str) {
+    /// Completes once the topology names another owner for `key` than the node at
+    /// `addr`, which a call that may wait `wait` was sent to and which has either not been
+    /// reachable a moment ago or left the call unanswered past its wait and
+    /// [`OVERDUE_AFTER`] (a frozen node, or one cut off from the client without its
+    /// connection closing). Never while `addr` is still the owner: a static cluster's
+    /// owners do not change when a node dies. Polls every [`OWNER_POLL`]; the topology
+    /// is asked of the other nodes, at most once per poll period for all the calls of
+    /// this client that wait so.
+    async fn owner_moved_from(&self, key: &Key, addr: &str, wait: Duration) {
+        let overdue = Instant::now() + wait.min(wire::MAX_CALL_WAIT) + OVERDUE_AFTER;
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if self.is_down(addr) {
-                let _ = self.refresh().await;
+            tokio::time::sleep(OWNER_POLL).await;
+            let down = self.is_down(addr);
+            if !down && Instant::now() < overdue {
+                continue;
+            }
+            if self.owner_addr(key).is_ok_and(|owner| owner != addr) {
+                // Another call's refresh found the new owner already.
+                return;
+            }
+            if down || self.may_refresh_now() {
+                let _ = self.refresh_without((!down).then_some(addr)).await;
                 if self.owner_addr(key).is_ok_and(|owner| owner != addr) {
                     return;
                 }
             }
         }
+    }
+
+    /// Whether a refresh for an overdue call may go out now: none went out for that in
+    /// the last [`OWNER_POLL`] (so that many slow calls on a loaded node ask the others
+    /// for the topology ten times a second, not ten times a second each).
+    fn may_refresh_now(&self) -> bool {
+        let mut last = self.overdue_refresh.lock();
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < OWNER_POLL) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// Whether a call by key that failed with `e` at its owner, still named the owner
@@ -375,11 +420,11 @@ impl Cluster {
             };
             let answer = tokio::select! {
                 answer = call => answer,
-                () = self.owner_moved_from(key, &addr), if moves < REROUTES => {
-                    // The owner died with the call under way, and the key has a new
-                    // owner (a replicated shard's new leader): the call is given up there
-                    // and sent to the new owner, which answers the same id with its first
-                    // answer if the old owner's change was committed.
+                () = self.owner_moved_from(key, &addr, request.wait()), if moves < REROUTES => {
+                    // The owner died (or froze) with the call under way, and the key has
+                    // a new owner (a replicated shard's new leader): the call is given up
+                    // there and sent to the new owner, which answers the same id with its
+                    // first answer if the old owner's change was committed.
                     moves += 1;
                     continue;
                 }
@@ -780,7 +825,7 @@ impl Cluster {
             let answer = match followed {
                 Some(k) => tokio::select! {
                     answer = call => Some(answer),
-                    () = self.owner_moved_from(k, &addr) => None,
+                    () = self.owner_moved_from(k, &addr, Duration::ZERO) => None,
                 },
                 None => Some(call.await),
             };

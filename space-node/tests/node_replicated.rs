@@ -1447,6 +1447,36 @@ async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
     is_there(&space, order).await;
 }
 
+/// A take by key sent to its shard's leader as the leader froze (SIGSTOP: a machine
+/// that hangs, or a leader cut off from its clients with their connections left open)
+/// goes to the shard's new leader, with the same id, once the other members have
+/// elected one; and the entry is taken once, the frozen node's run of the call counting
+/// for nothing when it resumes. Left to the frozen node, the take waited out its call
+/// timeout and failed `TimedOut`, though the shard had a new leader within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
+    use space_tests::process::{Signal, signal};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, nodes, space) = three_nodes_led().await;
+    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "hung").await;
+    let order = Order {
+        number: keys.next().unwrap(),
+    };
+    space.write(&order).await.unwrap();
+    let node_3 = nodes[2].as_ref().map(NodeProcess::pid).unwrap();
+    signal(node_3, Signal::Stop).expect("freeze node 3");
+    let key = Key::Name(order.number.clone());
+    let taken = space.take_key::<Order>(&key).await;
+    signal(node_3, Signal::Continue).expect("resume node 3");
+    assert_eq!(
+        taken.expect("the take reaches the shard's new leader"),
+        Some(order)
+    );
+    // Node 3, resumed, finds itself deposed: the entry stays taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(space.read_key::<Order>(&key).await.unwrap(), None);
+}
+
 /// Asserts that `order` is there, read by its key.
 async fn is_there(space: &space_client::Space, order: Order) {
     assert_eq!(
