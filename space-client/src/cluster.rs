@@ -139,6 +139,8 @@ pub struct Cluster {
     next_taker: AtomicUsize,
     /// When a call whose owner left it unanswered last asked for the topology.
     overdue_refresh: Mutex<Option<Instant>>,
+    /// Nodes that left a call unanswered past its wait, and when they were found so.
+    silent: Mutex<HashMap<String, Instant>>,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
 }
 
@@ -182,6 +184,7 @@ impl Cluster {
                             next_writer: AtomicUsize::new(0),
                             next_taker: AtomicUsize::new(0),
                             overdue_refresh: Mutex::new(None),
+                            silent: Mutex::new(HashMap::new()),
                             endpoint: tokio::sync::OnceCell::new(),
                         });
                         return Ok(cluster);
@@ -256,17 +259,21 @@ impl Cluster {
     /// # Errors
     ///
     /// The last error met when no node or seed answered.
+    /// Nodes that left a call unanswered lately ([`OVERDUE_AFTER`] past its wait, within
+    /// the last call timeout) are asked last: a frozen node, or one cut off with its
+    /// connection open, would hold the ask up for the whole call timeout.
     pub async fn refresh(&self) -> Result<Topology> {
-        self.refresh_without(None).await
-    }
-
-    /// As [`refresh`](Self::refresh), without asking the node at `silent` (one that
-    /// leaves a call unanswered: a frozen or cut-off node would hold the ask up for the
-    /// whole call timeout).
-    async fn refresh_without(&self, silent: Option<&str>) -> Result<Topology> {
         let mut candidates = self.addresses();
         candidates.extend(self.seeds.iter().cloned());
-        candidates.retain(|a| Some(a.as_str()) != silent);
+        {
+            let silent = self.silent.lock();
+            let lately = |a: &String| {
+                silent
+                    .get(a)
+                    .is_some_and(|t| t.elapsed() < self.config.call_timeout)
+            };
+            candidates.sort_by_key(lately);
+        }
         let mut last = None;
         for addr in candidates {
             let answer = match self.node(&addr).await {
@@ -339,9 +346,10 @@ impl Cluster {
     /// reachable a moment ago or left the call unanswered past its wait and
     /// [`OVERDUE_AFTER`] (a frozen node, or one cut off from the client without its
     /// connection closing). Never while `addr` is still the owner: a static cluster's
-    /// owners do not change when a node dies. Polls every [`OWNER_POLL`]; the topology
-    /// is asked of the other nodes, at most once per poll period for all the calls of
-    /// this client that wait so.
+    /// owners do not change when a node dies. Polls every [`OWNER_POLL`]. An overdue
+    /// owner is noted as silent (asked last for the topology, see
+    /// [`refresh`](Self::refresh)), and the topology is asked for at most once per poll
+    /// period for all the overdue calls of this client.
     async fn owner_moved_from(&self, key: &Key, addr: &str, wait: Duration) {
         let overdue = Instant::now() + wait.min(wire::MAX_CALL_WAIT) + OVERDUE_AFTER;
         loop {
@@ -354,8 +362,11 @@ impl Cluster {
                 // Another call's refresh found the new owner already.
                 return;
             }
+            if !down {
+                self.silent.lock().insert(addr.to_owned(), Instant::now());
+            }
             if down || self.may_refresh_now() {
-                let _ = self.refresh_without((!down).then_some(addr)).await;
+                let _ = self.refresh().await;
                 if self.owner_addr(key).is_ok_and(|owner| owner != addr) {
                     return;
                 }

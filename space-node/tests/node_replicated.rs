@@ -1450,29 +1450,44 @@ async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
 /// A take by key sent to its shard's leader as the leader froze (SIGSTOP: a machine
 /// that hangs, or a leader cut off from its clients with their connections left open)
 /// goes to the shard's new leader, with the same id, once the other members have
-/// elected one; and the entry is taken once, the frozen node's run of the call counting
-/// for nothing when it resumes. Left to the frozen node, the take waited out its call
-/// timeout and failed `TimedOut`, though the shard had a new leader within a second.
+/// elected one, well before its call timeout; and the entry is taken once, the frozen
+/// node's run of the call counting for nothing when it resumes. Left to the frozen node,
+/// the take waited out its call timeout and failed `TimedOut`, though the shard had a new
+/// leader within a second; and once it moved, the client's asks for the topology went to
+/// the frozen node first, each waiting out the call timeout there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
     use space_tests::process::{Signal, signal};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (addrs, _dirs, nodes, space) = three_nodes_led().await;
-    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(3), "hung").await;
+    let (addrs, _dirs, nodes, _) = three_nodes_led().await;
+    let call_timeout = Duration::from_secs(30);
+    let space = space_client::connect_with(
+        &addrs[0],
+        ClientConfig {
+            call_timeout,
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Node 1: the client's seed, and the first node it asks for the topology.
+    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(1), "hung").await;
     let order = Order {
         number: keys.next().unwrap(),
     };
     space.write(&order).await.unwrap();
-    let node_3 = nodes[2].as_ref().map(NodeProcess::pid).unwrap();
-    signal(node_3, Signal::Stop).expect("freeze node 3");
+    let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
+    signal(node_1, Signal::Stop).expect("freeze node 1");
     let key = Key::Name(order.number.clone());
-    let taken = space.take_key::<Order>(&key).await;
-    signal(node_3, Signal::Continue).expect("resume node 3");
+    let taken = tokio::time::timeout(call_timeout / 3, space.take_key::<Order>(&key)).await;
+    signal(node_1, Signal::Continue).expect("resume node 1");
     assert_eq!(
-        taken.expect("the take reaches the shard's new leader"),
+        taken
+            .expect("the take waited on the frozen node")
+            .expect("the take reaches the shard's new leader"),
         Some(order)
     );
-    // Node 3, resumed, finds itself deposed: the entry stays taken.
+    // Node 1, resumed, finds itself deposed: the entry stays taken.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(space.read_key::<Order>(&key).await.unwrap(), None);
 }
