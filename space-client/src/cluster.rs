@@ -109,10 +109,6 @@ impl Reroutes {
 /// How often a call under way checks whether its owner died or froze and the key has
 /// another owner ([`Cluster::owner_moved_from`]).
 const OWNER_POLL: Duration = Duration::from_millis(100);
-/// How long past its own wait a call may go unanswered before its owner is suspected of
-/// being frozen or cut off, and the other nodes are asked whether the key has a new
-/// owner: well beyond what a live node takes, short beside a failover's second.
-const OVERDUE_AFTER: Duration = Duration::from_millis(500);
 /// How often a call whose owner died asks for the topology while it waits for the
 /// owner's shard to elect its next leader.
 const DEAD_OWNER_POLL: Duration = Duration::from_millis(20);
@@ -139,8 +135,6 @@ pub struct Cluster {
     next_taker: AtomicUsize,
     /// When a call whose owner left it unanswered last asked for the topology.
     overdue_refresh: Mutex<Option<Instant>>,
-    /// Nodes that left a call unanswered past its wait, and when they were found so.
-    silent: Mutex<HashMap<String, Instant>>,
     endpoint: tokio::sync::OnceCell<Arc<Endpoint>>,
 }
 
@@ -184,7 +178,6 @@ impl Cluster {
                             next_writer: AtomicUsize::new(0),
                             next_taker: AtomicUsize::new(0),
                             overdue_refresh: Mutex::new(None),
-                            silent: Mutex::new(HashMap::new()),
                             endpoint: tokio::sync::OnceCell::new(),
                         });
                         return Ok(cluster);
@@ -259,21 +252,12 @@ impl Cluster {
     /// # Errors
     ///
     /// The last error met when no node or seed answered.
-    /// Nodes that left a call unanswered lately ([`OVERDUE_AFTER`] past its wait, within
-    /// the last call timeout) are asked last: a frozen node, or one cut off with its
-    /// connection open, would hold the ask up for the whole call timeout.
+    /// Silent nodes ([`Connection::is_silent`]) are asked last: a frozen node, or one cut
+    /// off with its connection open, would hold the ask up for the whole call timeout.
     pub async fn refresh(&self) -> Result<Topology> {
         let mut candidates = self.addresses();
         candidates.extend(self.seeds.iter().cloned());
-        {
-            let silent = self.silent.lock();
-            let lately = |a: &String| {
-                silent
-                    .get(a)
-                    .is_some_and(|t| t.elapsed() < self.config.call_timeout)
-            };
-            candidates.sort_by_key(lately);
-        }
+        candidates.sort_by_cached_key(|a| self.is_silent(a));
         let mut last = None;
         for addr in candidates {
             let answer = match self.node(&addr).await {
@@ -342,28 +326,23 @@ impl Cluster {
     }
 
     /// Completes once the topology names another owner for `key` than the node at
-    /// `addr`, which a call that may wait `wait` was sent to and which has either not been
-    /// reachable a moment ago or left the call unanswered past its wait and
-    /// [`OVERDUE_AFTER`] (a frozen node, or one cut off from the client without its
-    /// connection closing). Never while `addr` is still the owner: a static cluster's
-    /// owners do not change when a node dies. Polls every [`OWNER_POLL`]. An overdue
-    /// owner is noted as silent (asked last for the topology, see
-    /// [`refresh`](Self::refresh)), and the topology is asked for at most once per poll
-    /// period for all the overdue calls of this client.
-    async fn owner_moved_from(&self, key: &Key, addr: &str, wait: Duration) {
-        let overdue = Instant::now() + wait.min(wire::MAX_CALL_WAIT) + OVERDUE_AFTER;
+    /// `addr`, which a call was sent to and which has either not been reachable a moment
+    /// ago or is silent ([`Connection::is_silent`]: it left a call unanswered
+    /// [`OVERDUE_AFTER`](crate::connection::OVERDUE_AFTER) past its wait; a frozen node, or one cut off from the client
+    /// without its connection closing). Never while `addr` is still the owner: a static
+    /// cluster's owners do not change when a node dies. Polls every [`OWNER_POLL`]; for
+    /// a silent owner the topology is asked for at most once per poll period for all the
+    /// calls of this client.
+    async fn owner_moved_from(&self, key: &Key, addr: &str) {
         loop {
             tokio::time::sleep(OWNER_POLL).await;
             let down = self.is_down(addr);
-            if !down && Instant::now() < overdue {
+            if !down && !self.is_silent(addr) {
                 continue;
             }
             if self.owner_addr(key).is_ok_and(|owner| owner != addr) {
                 // Another call's refresh found the new owner already.
                 return;
-            }
-            if !down {
-                self.silent.lock().insert(addr.to_owned(), Instant::now());
             }
             if down || self.may_refresh_now() {
                 let _ = self.refresh().await;
@@ -431,7 +410,7 @@ impl Cluster {
             };
             let answer = tokio::select! {
                 answer = call => answer,
-                () = self.owner_moved_from(key, &addr, request.wait()), if moves < REROUTES => {
+                () = self.owner_moved_from(key, &addr), if moves < REROUTES => {
                     // The owner died (or froze) with the call under way, and the key has
                     // a new owner (a replicated shard's new leader): the call is given up
                     // there and sent to the new owner, which answers the same id with its
@@ -691,17 +670,26 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// The addresses of the nodes not known to be down, starting with the next in `turn`
-    /// (so callers spread over them); every node when all of them seem down (calls to
-    /// them then fail fast, or find them back).
+    /// The addresses of the nodes not known to be down or silent, starting with the next
+    /// in `turn` (so callers spread over them); every node when all of them seem down or
+    /// silent (calls to them then fail fast, or find them back).
     fn live_in_turn(&self, turn: &AtomicUsize) -> Vec<String> {
         let mut addrs = self.addresses();
         if !addrs.is_empty() {
             let first = turn.fetch_add(1, Ordering::Relaxed) % addrs.len();
             addrs.rotate_left(first);
         }
-        let live: Vec<String> = addrs.iter().filter(|a| !self.is_down(a)).cloned().collect();
+        let live: Vec<String> = addrs
+            .iter()
+            .filter(|a| !self.is_down(a) && !self.is_silent(a))
+            .cloned()
+            .collect();
         if live.is_empty() { addrs } else { live }
+    }
+
+    /// Whether the node at `addr` leaves calls unanswered ([`Connection::is_silent`]).
+    fn is_silent(&self, addr: &str) -> bool {
+        self.conns.lock().get(addr).is_some_and(|c| c.is_silent())
     }
 
     /// Whether the node at `addr` could not be reached a moment ago.
@@ -836,7 +824,7 @@ impl Cluster {
             let answer = match followed {
                 Some(k) => tokio::select! {
                     answer = call => Some(answer),
-                    () = self.owner_moved_from(k, &addr, Duration::ZERO) => None,
+                    () = self.owner_moved_from(k, &addr) => None,
                 },
                 None => Some(call.await),
             };

@@ -13,9 +13,10 @@
 //! Requests are checked against the node's limits (told in its handshake) before they are
 //! sent: an oversized entry or request gets a typed error and never reaches the wire.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -147,6 +148,30 @@ pub struct Connection {
     /// Requests whose answers reached their callers for good, to be acknowledged with
     /// the next call ([`acknowledge`](Connection::acknowledge)).
     acknowledged: Mutex<VecDeque<RequestId>>,
+    /// The calls under way, each by when its answer is due (its wait and
+    /// [`OVERDUE_AFTER`]) and a number of its own.
+    under_way: Mutex<BTreeSet<(Instant, u64)>>,
+    next_call: AtomicU64,
+    /// When a call was last found past its due time with no answer from the node since.
+    silent_at: Mutex<Option<Instant>>,
+}
+
+/// How long past its own wait a call may go unanswered before its node is taken for
+/// silent ([`Connection::is_silent`]): well beyond what a live node takes, short beside a
+/// replicated shard's failover of about half a second.
+pub(crate) const OVERDUE_AFTER: Duration = Duration::from_millis(500);
+
+/// A call under way on a connection, counted in [`Connection::is_silent`] until it ends
+/// (answered, failed or dropped).
+struct UnderWay<'a> {
+    conn: &'a Connection,
+    entry: (Instant, u64),
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.conn.under_way.lock().remove(&self.entry);
+    }
 }
 
 /// A connection made, and whether it has ended (its peer closed it, or it failed): a call
@@ -263,6 +288,9 @@ impl Connection {
             dialing: tokio::sync::Mutex::new(()),
             down_since: Mutex::new(None),
             acknowledged: Mutex::new(VecDeque::new()),
+            under_way: Mutex::new(BTreeSet::new()),
+            next_call: AtomicU64::new(0),
+            silent_at: Mutex::new(None),
         }))
     }
 
@@ -282,6 +310,9 @@ impl Connection {
             dialing: tokio::sync::Mutex::new(()),
             down_since: Mutex::new(None),
             acknowledged: Mutex::new(VecDeque::new()),
+            under_way: Mutex::new(BTreeSet::new()),
+            next_call: AtomicU64::new(0),
+            silent_at: Mutex::new(None),
         })
     }
 
@@ -305,6 +336,36 @@ impl Connection {
         self.down_since
             .lock()
             .is_some_and(|t| t.elapsed() < self.config.probe_after)
+    }
+
+    /// Whether the node leaves calls unanswered: a call on this connection went half a
+    /// second past its own wait with no answer, and no answer came from the
+    /// node since (for up to the call timeout after that was last seen, so that a node
+    /// no call goes to any more is tried again in time). A frozen node, or one cut off
+    /// with its connection left open, is silent; a node that is only slow answers
+    /// something soon, which ends it.
+    pub fn is_silent(&self) -> bool {
+        let now = Instant::now();
+        let overdue = self
+            .under_way
+            .lock()
+            .first()
+            .is_some_and(|(due, _)| *due <= now);
+        let mut silent_at = self.silent_at.lock();
+        if overdue {
+            *silent_at = Some(now);
+        }
+        silent_at.is_some_and(|t| now.duration_since(t) < self.config.call_timeout)
+    }
+
+    /// Counts a call that may wait `wait` as under way until the guard is dropped.
+    fn under_way(&self, wait: Duration) -> UnderWay<'_> {
+        let entry = (
+            Instant::now() + wait + OVERDUE_AFTER,
+            self.next_call.fetch_add(1, Ordering::Relaxed),
+        );
+        self.under_way.lock().insert(entry);
+        UnderWay { conn: self, entry }
     }
 
     /// The open connection (dialled if there is none).
@@ -406,6 +467,7 @@ impl Connection {
             });
         }
         let wait = request.wait().min(wire::MAX_CALL_WAIT);
+        let _under_way = self.under_way(wait);
         let mut envelope = Envelope {
             id,
             request: Arc::new(request),
@@ -426,7 +488,11 @@ impl Connection {
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;
                     match client.call(ctx, envelope.clone()).await {
-                        Ok(answer) => return answer,
+                        Ok(answer) => {
+                            // The node answers: it is not silent.
+                            *self.silent_at.lock() = None;
+                            return answer;
+                        }
                         Err(RpcError::DeadlineExceeded) => {
                             return Err(SpaceError::TimedOut {
                                 node: self.addr.clone(),

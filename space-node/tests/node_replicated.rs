@@ -1492,6 +1492,67 @@ async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
     assert_eq!(space.read_key::<Order>(&key).await.unwrap(), None);
 }
 
+/// Keyless writes, sent to the nodes in turn, pass over a node that left one unanswered
+/// (frozen, or cut off with its connection open) from half a second on: they go to the
+/// other nodes instead of each waiting out its call timeout there. Of the writes sent
+/// as it froze, none is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_writes_pass_over_a_frozen_node() {
+    use space_tests::process::{Signal, signal};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, nodes, _) = three_nodes_led().await;
+    let call_timeout = Duration::from_secs(30);
+    let space = space_client::connect_with(
+        &addrs[0],
+        ClientConfig {
+            call_timeout,
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Connected to every node: keyless writes go to the nodes in turn.
+    for i in 0..3 {
+        space.write(&Job { id: i }).await.unwrap();
+    }
+    let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
+    signal(node_1, Signal::Stop).expect("freeze node 1");
+    // Three writes as it froze: one goes to it, and waits.
+    let hung: Vec<_> = (0..3)
+        .map(|i| {
+            let (space, job) = (space.clone(), Job { id: 10 + i });
+            tokio::spawn(async move { space.write(&job).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..6 {
+        tokio::time::timeout(call_timeout / 3, space.write(&Job { id: 20 + i }))
+            .await
+            .expect("a keyless write waited on the frozen node")
+            .expect("a keyless write goes to a live node");
+    }
+    signal(node_1, Signal::Continue).expect("resume node 1");
+    // The one the frozen node had may be refused when it resumes (it finds it has no
+    // quorum: the outcome of a keyless write is then not known to the client, which does
+    // not send it elsewhere); none is written twice.
+    let mut written = 9;
+    for write in hung {
+        match write.await.unwrap() {
+            Ok(_) => written += 1,
+            Err(space_client::SpaceError::Unavailable { .. }) => {}
+            Err(e) => panic!("a write sent as the node froze: {e}"),
+        }
+    }
+    assert!(
+        written >= 11,
+        "a write sent to a live node as node 1 froze failed"
+    );
+    assert_eq!(
+        space.count(&Query::of::<Job>()).await.unwrap(),
+        written as u64
+    );
+}
+
 /// Asserts that `order` is there, read by its key.
 async fn is_there(space: &space_client::Space, order: Order) {
     assert_eq!(
