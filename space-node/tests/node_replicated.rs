@@ -1447,6 +1447,24 @@ async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
     is_there(&space, order).await;
 }
 
+/// The call timeout of [`patient_client`]: a call that waits it out at a frozen node
+/// fails the frozen-node tests' bound of a third of it, whatever the machine's load.
+const PATIENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client of the cluster at `seed` whose calls time out after
+/// [`PATIENT_CALL_TIMEOUT`].
+async fn patient_client(seed: &str) -> space_client::Space {
+    space_client::connect_with(
+        seed,
+        ClientConfig {
+            call_timeout: PATIENT_CALL_TIMEOUT,
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// A take by key sent to its shard's leader as the leader froze (SIGSTOP: a machine
 /// that hangs, or a leader cut off from its clients with their connections left open)
 /// goes to the shard's new leader, with the same id, once the other members have
@@ -1460,16 +1478,7 @@ async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
     use space_tests::process::{Signal, signal};
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, _dirs, nodes, _) = three_nodes_led().await;
-    let call_timeout = Duration::from_secs(30);
-    let space = space_client::connect_with(
-        &addrs[0],
-        ClientConfig {
-            call_timeout,
-            ..ClientConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let space = patient_client(&addrs[0]).await;
     // Node 1: the client's seed, and the first node it asks for the topology.
     let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(1), "hung").await;
     let order = Order {
@@ -1479,7 +1488,7 @@ async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
     let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
     signal(node_1, Signal::Stop).expect("freeze node 1");
     let key = Key::Name(order.number.clone());
-    let taken = tokio::time::timeout(call_timeout / 3, space.take_key::<Order>(&key)).await;
+    let taken = tokio::time::timeout(PATIENT_CALL_TIMEOUT / 3, space.take_key::<Order>(&key)).await;
     signal(node_1, Signal::Continue).expect("resume node 1");
     assert_eq!(
         taken
@@ -1501,16 +1510,7 @@ async fn keyless_writes_pass_over_a_frozen_node() {
     use space_tests::process::{Signal, signal};
     let _alone = ONE_AT_A_TIME.lock().await;
     let (addrs, _dirs, nodes, _) = three_nodes_led().await;
-    let call_timeout = Duration::from_secs(30);
-    let space = space_client::connect_with(
-        &addrs[0],
-        ClientConfig {
-            call_timeout,
-            ..ClientConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let space = patient_client(&addrs[0]).await;
     // Connected to every node: keyless writes go to the nodes in turn.
     for i in 0..3 {
         space.write(&Job { id: i }).await.unwrap();
@@ -1526,7 +1526,7 @@ async fn keyless_writes_pass_over_a_frozen_node() {
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..6 {
-        tokio::time::timeout(call_timeout / 3, space.write(&Job { id: 20 + i }))
+        tokio::time::timeout(PATIENT_CALL_TIMEOUT / 3, space.write(&Job { id: 20 + i }))
             .await
             .expect("a keyless write waited on the frozen node")
             .expect("a keyless write goes to a live node");
