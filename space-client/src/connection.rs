@@ -152,8 +152,36 @@ pub struct Connection {
     /// [`OVERDUE_AFTER`]) and a number of its own.
     under_way: Mutex<BTreeSet<(Instant, u64)>>,
     next_call: AtomicU64,
-    /// When a call was last found past its due time with no answer from the node since.
-    silent_at: Mutex<Option<Instant>>,
+    /// What the node's answers say of its silence ([`Connection::is_silent`]).
+    silence: Mutex<Silence>,
+}
+
+/// When a node last answered, and when it was last found silent.
+#[derive(Clone, Copy, Debug, Default)]
+struct Silence {
+    answered_at: Option<Instant>,
+    silent_at: Option<Instant>,
+}
+
+impl Silence {
+    /// Notes, at `now`, whether the oldest call under way (due at `oldest_due`) is overdue
+    /// with no answer from the node since it fell due; and says whether the node is
+    /// silent: found so within the last `memory`, with no answer since.
+    fn look(&mut self, oldest_due: Option<Instant>, now: Instant, memory: Duration) -> bool {
+        let overdue =
+            oldest_due.is_some_and(|due| due <= now && self.answered_at.is_none_or(|a| a < due));
+        if overdue {
+            self.silent_at = Some(now);
+        }
+        self.silent_at
+            .is_some_and(|t| now.duration_since(t) < memory)
+    }
+
+    /// Notes an answer from the node at `now`: it is not silent.
+    fn answered(&mut self, now: Instant) {
+        self.answered_at = Some(now);
+        self.silent_at = None;
+    }
 }
 
 /// How long past its own wait a call may go unanswered before its node is taken for
@@ -290,7 +318,7 @@ impl Connection {
             acknowledged: Mutex::new(VecDeque::new()),
             under_way: Mutex::new(BTreeSet::new()),
             next_call: AtomicU64::new(0),
-            silent_at: Mutex::new(None),
+            silence: Mutex::new(Silence::default()),
         }))
     }
 
@@ -312,7 +340,7 @@ impl Connection {
             acknowledged: Mutex::new(VecDeque::new()),
             under_way: Mutex::new(BTreeSet::new()),
             next_call: AtomicU64::new(0),
-            silent_at: Mutex::new(None),
+            silence: Mutex::new(Silence::default()),
         })
     }
 
@@ -339,23 +367,16 @@ impl Connection {
     }
 
     /// Whether the node leaves calls unanswered: a call on this connection went half a
-    /// second past its own wait with no answer, and no answer came from the
-    /// node since (for up to the call timeout after that was last seen, so that a node
-    /// no call goes to any more is tried again in time). A frozen node, or one cut off
-    /// with its connection left open, is silent; a node that is only slow answers
-    /// something soon, which ends it.
+    /// second past its own wait with no answer, and the node has answered nothing since
+    /// that call fell due (for up to the call timeout after that was last seen, so that
+    /// a node no call goes to any more is tried again in time). A frozen node, or one
+    /// cut off with its connection left open, is silent; a node busy with one long call
+    /// while it answers others is not.
     pub fn is_silent(&self) -> bool {
-        let now = Instant::now();
-        let overdue = self
-            .under_way
+        let oldest_due = self.under_way.lock().first().map(|(due, _)| *due);
+        self.silence
             .lock()
-            .first()
-            .is_some_and(|(due, _)| *due <= now);
-        let mut silent_at = self.silent_at.lock();
-        if overdue {
-            *silent_at = Some(now);
-        }
-        silent_at.is_some_and(|t| now.duration_since(t) < self.config.call_timeout)
+            .look(oldest_due, Instant::now(), self.config.call_timeout)
     }
 
     /// Counts a call that may wait `wait` as under way until the guard is dropped.
@@ -490,7 +511,7 @@ impl Connection {
                     match client.call(ctx, envelope.clone()).await {
                         Ok(answer) => {
                             // The node answers: it is not silent.
-                            *self.silent_at.lock() = None;
+                            self.silence.lock().answered(Instant::now());
                             return answer;
                         }
                         Err(RpcError::DeadlineExceeded) => {
@@ -580,3 +601,53 @@ impl Connection {
 
 /// Bytes a request's frame holds besides the request (tarpc's envelope, ids, deadline).
 const FRAME_OVERHEAD: u64 = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMORY: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_node_is_silent_once_a_call_is_overdue_and_nothing_came_since() {
+        let start = Instant::now();
+        let due = start + OVERDUE_AFTER;
+        let mut silence = Silence::default();
+        assert!(!silence.look(None, start, MEMORY), "nothing under way");
+        assert!(!silence.look(Some(due), start, MEMORY), "not due yet");
+        assert!(
+            silence.look(Some(due), due, MEMORY),
+            "overdue, never answered"
+        );
+
+        // An answer from before the call fell due says nothing of it.
+        let mut silence = Silence::default();
+        silence.answered(start);
+        assert!(silence.look(Some(due), due + OVERDUE_AFTER, MEMORY));
+    }
+
+    #[test]
+    fn a_node_that_answers_other_calls_is_not_silent_for_one_long_call() {
+        let start = Instant::now();
+        let due = start + OVERDUE_AFTER;
+        let mut silence = Silence::default();
+        silence.answered(due + Duration::from_millis(1));
+        assert!(!silence.look(Some(due), due + OVERDUE_AFTER, MEMORY));
+    }
+
+    #[test]
+    fn silence_lasts_until_an_answer_or_for_its_memory() {
+        let start = Instant::now();
+        let due = start + OVERDUE_AFTER;
+        let mut silence = Silence::default();
+        assert!(silence.look(Some(due), due, MEMORY));
+        // The overdue call was given up: the node is still taken for silent...
+        assert!(silence.look(None, due + MEMORY / 2, MEMORY));
+        // ...until its memory has gone by since it was last found so,
+        assert!(!silence.look(None, due + MEMORY, MEMORY));
+        // or until it answers.
+        assert!(silence.look(Some(due), due, MEMORY));
+        silence.answered(due + Duration::from_millis(1));
+        assert!(!silence.look(None, due + Duration::from_millis(2), MEMORY));
+    }
+}
