@@ -36,7 +36,7 @@ use space_core::{
     remote::{RemoteBackend, RemoteFeed},
 };
 
-use crate::connection::{ClientConfig, Connection, OwnedRuntime, Runtime};
+use crate::connection::{ClientConfig, Connection, OVERDUE_AFTER, OwnedRuntime, Runtime};
 use crate::revoke;
 use crate::subscriber::{self, Delivered, Endpoint, Feed, FeedState, Spec, feed_channel};
 
@@ -328,7 +328,7 @@ impl Cluster {
     /// Completes once the topology names another owner for `key` than the node at
     /// `addr`, which a call was sent to and which has either not been reachable a moment
     /// ago or is silent ([`Connection::is_silent`]: it left a call unanswered
-    /// [`OVERDUE_AFTER`](crate::connection::OVERDUE_AFTER) past its wait; a frozen node, or one cut off from the client
+    /// [`OVERDUE_AFTER`] past its wait; a frozen node, or one cut off from the client
     /// without its connection closing). Never while `addr` is still the owner: a static
     /// cluster's owners do not change when a node dies. Polls every [`OWNER_POLL`]; for
     /// a silent owner the topology is asked for at most once per poll period for all the
@@ -351,6 +351,54 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// `call`, a call to the node at `addr` that may wait `wait` and that changes nothing
+    /// (a read, count or listing), given up with `Unreachable` once the node stops
+    /// answering while another node may answer instead: from [`OVERDUE_AFTER`] past its
+    /// wait, the node is asked for its status on the same connection every
+    /// [`OVERDUE_AFTER`], and one it leaves unanswered that long ends the call if some
+    /// other member is neither down nor silent. A node that is only slow answers the
+    /// status at once, and the call goes on waiting; a frozen node, or one cut off with
+    /// its connection left open, would otherwise hold the call for the whole call
+    /// timeout. With no other node to ask (a cluster of one), the call waits on.
+    async fn unless_silent<T>(
+        &self,
+        addr: &str,
+        wait: Duration,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let silent = async {
+            tokio::time::sleep(wait.min(wire::MAX_CALL_WAIT) + OVERDUE_AFTER).await;
+            loop {
+                let status = async { self.node(addr).await?.call(Request::NodeStatus).await };
+                let answered =
+                    matches!(tokio::time::timeout(OVERDUE_AFTER, status).await, Ok(Ok(_)));
+                if !answered && self.another_live_than(addr) {
+                    return;
+                }
+                if answered {
+                    tokio::time::sleep(OVERDUE_AFTER).await;
+                }
+            }
+        };
+        tokio::select! {
+            answer = call => answer,
+            () = silent => Err(SpaceError::Unreachable {
+                node: addr.to_owned(),
+                reason: format!(
+                    "it left a call and its status unanswered for {OVERDUE_AFTER:?} \
+                     (frozen, or cut off)"
+                ),
+            }),
+        }
+    }
+
+    /// Whether a member other than `addr` is neither down nor silent.
+    fn another_live_than(&self, addr: &str) -> bool {
+        self.addresses()
+            .iter()
+            .any(|a| a != addr && !self.is_down(a) && !self.is_silent(a))
     }
 
     /// Whether a refresh for an overdue call may go out now: none went out for that in
@@ -443,9 +491,10 @@ impl Cluster {
         }
     }
 
-    /// Sends `request` to every live node at once: their answers, and the addresses of
-    /// the nodes that could not be reached. Fails when no node could be reached, or with
-    /// any other error a node answers.
+    /// Sends `request`, which changes nothing, to every live node at once: their answers,
+    /// and the addresses of the nodes that could not be reached (or went silent, see
+    /// [`unless_silent`](Self::unless_silent)). Fails when no node could be reached, or
+    /// with any other error a node answers.
     async fn gather(&self, request: &Request) -> Result<(Vec<Response>, Vec<String>)> {
         let calls = self
             .live_in_turn(&AtomicUsize::new(0))
@@ -453,10 +502,9 @@ impl Cluster {
             .map(|addr| {
                 let request = request.clone();
                 async move {
-                    let answer = match self.node(&addr).await {
-                        Ok(conn) => conn.call(request).await,
-                        Err(e) => Err(e),
-                    };
+                    let wait = request.wait();
+                    let call = async { self.node(&addr).await?.call(request).await };
+                    let answer = self.unless_silent(&addr, wait, call).await;
                     (addr, answer)
                 }
             });
@@ -961,11 +1009,11 @@ impl Cluster {
             .live_in_turn(&self.next_taker)
             .into_iter()
             .map(|addr| async move {
-                self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
+                let read = self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
                     target: Target::Query(query.clone()),
                     timeout,
-                })
-                .await
+                });
+                self.unless_silent(&addr, timeout, read).await
             })
             .collect();
         let (mut answered, mut error) = (false, None);
@@ -1253,11 +1301,8 @@ impl Cluster {
                     after,
                     limit: 1000,
                 };
-                let answer = match self.node(&addr).await {
-                    Ok(conn) => conn.call(request).await,
-                    Err(e) => Err(e),
-                };
-                let answer = match answer {
+                let call = async { self.node(&addr).await?.call(request).await };
+                let answer = match self.unless_silent(&addr, Duration::ZERO, call).await {
                     Err(e) if e.is_unreachable() => {
                         tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
                         failure = Some(e);

@@ -199,6 +199,14 @@ struct UnderWay<'a> {
 impl Drop for UnderWay<'_> {
     fn drop(&mut self) {
         self.conn.under_way.lock().remove(&self.entry);
+        // A call that ends (given up, or failed) overdue with nothing heard from the
+        // node since it fell due leaves the node silent, whether or not anyone looked
+        // while it was under way.
+        self.conn.silence.lock().look(
+            Some(self.entry.0),
+            Instant::now(),
+            self.conn.config.call_timeout,
+        );
     }
 }
 

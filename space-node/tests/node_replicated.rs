@@ -1447,22 +1447,54 @@ async fn a_keyed_write_under_way_when_its_leader_dies_goes_to_the_new_leader() {
     is_there(&space, order).await;
 }
 
-/// The call timeout of [`patient_client`]: a call that waits it out at a frozen node
-/// fails the frozen-node tests' bound of a third of it, whatever the machine's load.
+/// The call timeout of [`FreezableCluster`]'s client: a call that waits it out at a
+/// frozen node fails the frozen-node tests' bound of a third of it, whatever the
+/// machine's load.
 const PATIENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client of the cluster at `seed` whose calls time out after
-/// [`PATIENT_CALL_TIMEOUT`].
-async fn patient_client(seed: &str) -> space_client::Space {
-    space_client::connect_with(
-        seed,
-        ClientConfig {
-            call_timeout: PATIENT_CALL_TIMEOUT,
-            ..ClientConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+/// Three nodes with every shard led, a client of them whose calls time out after
+/// [`PATIENT_CALL_TIMEOUT`], and node 1 (the client's seed, the first it asks for the
+/// topology) to freeze.
+struct FreezableCluster {
+    addrs: Vec<String>,
+    _dirs: Vec<TempDir>,
+    _nodes: Vec<Option<NodeProcess>>,
+    space: space_client::Space,
+    node_1: u32,
+}
+
+impl FreezableCluster {
+    async fn start() -> FreezableCluster {
+        let (addrs, _dirs, nodes, _) = three_nodes_led().await;
+        let space = space_client::connect_with(
+            &addrs[0],
+            ClientConfig {
+                call_timeout: PATIENT_CALL_TIMEOUT,
+                ..ClientConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
+        FreezableCluster {
+            addrs,
+            _dirs,
+            _nodes: nodes,
+            space,
+            node_1,
+        }
+    }
+
+    /// Freezes (`true`) or resumes node 1.
+    fn freeze_node_1(&self, frozen: bool) {
+        use space_tests::process::{Signal, signal};
+        let what = if frozen {
+            Signal::Stop
+        } else {
+            Signal::Continue
+        };
+        signal(self.node_1, what).expect("signal node 1");
+    }
 }
 
 /// A take by key sent to its shard's leader as the leader froze (SIGSTOP: a machine
@@ -1475,21 +1507,19 @@ async fn patient_client(seed: &str) -> space_client::Space {
 /// the frozen node first, each waiting out the call timeout there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
-    use space_tests::process::{Signal, signal};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (addrs, _dirs, nodes, _) = three_nodes_led().await;
-    let space = patient_client(&addrs[0]).await;
+    let cluster = FreezableCluster::start().await;
+    let space = &cluster.space;
     // Node 1: the client's seed, and the first node it asks for the topology.
-    let mut keys = keys_of_a_shard_led_by(&addrs[0], NodeId(1), "hung").await;
+    let mut keys = keys_of_a_shard_led_by(&cluster.addrs[0], NodeId(1), "hung").await;
     let order = Order {
         number: keys.next().unwrap(),
     };
     space.write(&order).await.unwrap();
-    let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
-    signal(node_1, Signal::Stop).expect("freeze node 1");
+    cluster.freeze_node_1(true);
     let key = Key::Name(order.number.clone());
     let taken = tokio::time::timeout(PATIENT_CALL_TIMEOUT / 3, space.take_key::<Order>(&key)).await;
-    signal(node_1, Signal::Continue).expect("resume node 1");
+    cluster.freeze_node_1(false);
     assert_eq!(
         taken
             .expect("the take waited on the frozen node")
@@ -1507,16 +1537,14 @@ async fn a_take_sent_to_a_frozen_leader_goes_to_the_new_leader() {
 /// as it froze, none is written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_writes_pass_over_a_frozen_node() {
-    use space_tests::process::{Signal, signal};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (addrs, _dirs, nodes, _) = three_nodes_led().await;
-    let space = patient_client(&addrs[0]).await;
+    let cluster = FreezableCluster::start().await;
+    let space = &cluster.space;
     // Connected to every node: keyless writes go to the nodes in turn.
     for i in 0..3 {
         space.write(&Job { id: i }).await.unwrap();
     }
-    let node_1 = nodes[0].as_ref().map(NodeProcess::pid).unwrap();
-    signal(node_1, Signal::Stop).expect("freeze node 1");
+    cluster.freeze_node_1(true);
     // Three writes as it froze: one goes to it, and waits.
     let hung: Vec<_> = (0..3)
         .map(|i| {
@@ -1531,7 +1559,7 @@ async fn keyless_writes_pass_over_a_frozen_node() {
             .expect("a keyless write waited on the frozen node")
             .expect("a keyless write goes to a live node");
     }
-    signal(node_1, Signal::Continue).expect("resume node 1");
+    cluster.freeze_node_1(false);
     // The one the frozen node had may be refused when it resumes (it finds it has no
     // quorum: the outcome of a keyless write is then not known to the client, which does
     // not send it elsewhere); none is written twice.
@@ -1550,6 +1578,29 @@ async fn keyless_writes_pass_over_a_frozen_node() {
     assert_eq!(
         space.count(&Query::of::<Job>()).await.unwrap(),
         written as u64
+    );
+}
+
+/// A count asked as a node froze is answered once the frozen node's shards have new
+/// leaders: the count gives that node up when it leaves the call and a status call
+/// unanswered, rather than waiting out its call timeout there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_passes_over_a_node_that_froze_under_it() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let cluster = FreezableCluster::start().await;
+    let space = &cluster.space;
+    for i in 0..6 {
+        space.write(&Job { id: i }).await.unwrap();
+    }
+    cluster.freeze_node_1(true);
+    let counted =
+        tokio::time::timeout(PATIENT_CALL_TIMEOUT / 3, space.count(&Query::of::<Job>())).await;
+    cluster.freeze_node_1(false);
+    assert_eq!(
+        counted
+            .expect("the count waited on the frozen node")
+            .expect("the other nodes count every shard"),
+        6
     );
 }
 
