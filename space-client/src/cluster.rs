@@ -249,11 +249,12 @@ impl Cluster {
     /// completed from every live node's shards (see `guesses_owners` and
     /// `with_shard_leaders`).
     ///
+    /// Silent nodes ([`Connection::is_silent`]) are asked last: a frozen node, or one cut
+    /// off with its connection open, would hold the ask up for the whole call timeout.
+    ///
     /// # Errors
     ///
     /// The last error met when no node or seed answered.
-    /// Silent nodes ([`Connection::is_silent`]) are asked last: a frozen node, or one cut
-    /// off with its connection open, would hold the ask up for the whole call timeout.
     pub async fn refresh(&self) -> Result<Topology> {
         let mut candidates = self.addresses();
         candidates.extend(self.seeds.iter().cloned());
@@ -369,16 +370,16 @@ impl Cluster {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let silent = async {
-            tokio::time::sleep(wait.min(wire::MAX_CALL_WAIT) + OVERDUE_AFTER).await;
+            tokio::time::sleep(wait.min(wire::MAX_CALL_WAIT)).await;
             loop {
+                // Every round waits first: a status that fails at once (a node found
+                // down, with no other to ask) must not make this a busy loop.
+                tokio::time::sleep(OVERDUE_AFTER).await;
                 let status = async { self.node(addr).await?.call(Request::NodeStatus).await };
                 let answered =
                     matches!(tokio::time::timeout(OVERDUE_AFTER, status).await, Ok(Ok(_)));
                 if !answered && self.another_live_than(addr) {
                     return;
-                }
-                if answered {
-                    tokio::time::sleep(OVERDUE_AFTER).await;
                 }
             }
         };
