@@ -149,6 +149,11 @@ pub struct WorkerReport {
     pub lost: u64,
     /// Handlers aborted at shutdown, their claims released.
     pub aborted: u64,
+    /// Claims whose settling call (a commit, a release, a cut after a failure, or the
+    /// dead letter before its commit) could not reach the space. Whether it landed is not
+    /// known: if it did not, the claim lapses at the end of its lease and the entry is
+    /// handled again (and counted again); if it did, the entry was settled once.
+    pub unsettled: u64,
 }
 
 impl WorkerReport {
@@ -158,6 +163,7 @@ impl WorkerReport {
         self.dead_lettered += other.dead_lettered;
         self.lost += other.lost;
         self.aborted += other.aborted;
+        self.unsettled += other.unsettled;
     }
 }
 
@@ -599,6 +605,7 @@ impl<T: Entry> Pool<T> {
                 Ok(())
             }
             Err(e) if is_transient(&e) => {
+                report.unsettled += 1;
                 tracing::warn!(error = %e, "worker: could not settle a claim; it lapses at the end of its lease");
                 Ok(())
             }
@@ -649,8 +656,8 @@ impl Display for WorkerReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} done, {} retried, {} dead-lettered, {} lost, {} aborted",
-            self.done, self.retried, self.dead_lettered, self.lost, self.aborted
+            "{} done, {} retried, {} dead-lettered, {} lost, {} aborted, {} unsettled",
+            self.done, self.retried, self.dead_lettered, self.lost, self.aborted, self.unsettled
         )
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -186,9 +187,14 @@ fn a_worker_killed_mid_job_loses_nothing() {
 }
 
 /// A pool rides out its node's restart: the calls that could not reach it pause their
-/// slot, and the pool goes on with the node once it is back; every job is done.
+/// slot, and the pool goes on with the node once it is back; every job is done. The node
+/// is killed while one job's handler runs, so that job's commit cannot reach it: the
+/// report counts it unsettled, and the job, its claim lapsed, is handled again. (Other
+/// commits the kill cut off may have landed before the node died; they count unsettled
+/// too, and their jobs are not handled again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_survives_its_node_restarting() {
+    const CUT_OFF: u64 = 42;
     let dir = std::env::temp_dir().join(format!("space-worker-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
@@ -203,10 +209,17 @@ async fn a_pool_survives_its_node_restarting() {
         ..space_client::ClientConfig::default()
     };
     let space = space_client::connect_with(&addr, config).await.unwrap();
-    let done = Arc::new(AtomicU64::new(0));
+    // How many times each job was handled.
+    let handled = Arc::new(std::sync::Mutex::new(BTreeMap::<u64, u32>::new()));
+    let times_handled = {
+        let handled = handled.clone();
+        move || handled.lock().expect("the jobs handled").clone()
+    };
+    let kill_now = Arc::new(tokio::sync::Notify::new());
+    let killed = Arc::new(tokio::sync::Notify::new());
     let shutdown = Shutdown::new();
     let pool = tokio::spawn({
-        let done = done.clone();
+        let (handled, kill_now, killed) = (handled.clone(), kill_now.clone(), killed.clone());
         space
             .worker::<Payment>(&payments())
             .concurrency(4)
@@ -214,20 +227,31 @@ async fn a_pool_survives_its_node_restarting() {
             .backoff(Duration::from_millis(20), Duration::from_millis(200))
             .poll(Duration::from_millis(200))
             .shutdown_on(&shutdown)
-            .run(move |_job: Job<Payment>| {
-                let done = done.clone();
+            .run(move |job: Job<Payment>| {
+                let id = job.entry.id;
+                let first_time = {
+                    let mut handled = handled.lock().expect("the jobs handled");
+                    let times = handled.entry(id).or_default();
+                    *times += 1;
+                    *times == 1
+                };
+                let (kill_now, killed) = (kill_now.clone(), killed.clone());
                 async move {
-                    done.fetch_add(1, Ordering::SeqCst);
+                    if id == CUT_OFF && first_time {
+                        kill_now.notify_one();
+                        killed.notified().await;
+                    }
                     Ok::<(), String>(())
                 }
             })
     });
     let first: Vec<Payment> = (0..100).map(|id| Payment { id }).collect();
     space.write_all(&first).await.unwrap();
-    while done.load(Ordering::SeqCst) < 100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), kill_now.notified())
+        .await
+        .expect("the job to cut off handled");
     node.kill();
+    killed.notify_one();
     // Down for longer than a call's retries: the slots meet the errors and pause.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!pool.is_finished(), "the pool stopped on a transient error");
@@ -244,10 +268,19 @@ async fn a_pool_survives_its_node_restarting() {
         }
     }
     let report = stop_when(pool, &shutdown, async || {
-        done.load(Ordering::SeqCst) >= 200 && space.count(&payments()).await.unwrap() == 0
+        let handled = times_handled();
+        handled.len() == 200
+            && handled.get(&CUT_OFF).is_some_and(|&times| times > 1)
+            && space.count(&payments()).await.unwrap() == 0
     })
     .await;
-    assert!(report.done >= 200, "{report}");
+    assert_eq!(times_handled().get(&CUT_OFF), Some(&2));
+    assert!(
+        (1..=4).contains(&report.unsettled),
+        "the commit the kill cut off, and at most one per slot: {report}"
+    );
+    // The job cut off counts twice: unsettled, then done.
+    assert!(report.done + report.unsettled > 200, "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
