@@ -227,6 +227,82 @@ async fn a_waiting_take_follows_the_shards_a_failover_moves() {
     assert_eq!(taken, Ok(Some(order)), "the waiting take missed the entry");
 }
 
+/// Three nodes of which clients reach the first through a proxy that can hold its
+/// answers (it advertises the proxy's address); its peers reach it directly.
+struct ProxiedCluster {
+    /// The addresses clients know: the proxy's, then the other two nodes'.
+    listed: [String; 3],
+    /// Where the first node listens (behind the proxy).
+    first_addr: String,
+    proxy: Proxy,
+    /// The first node, until killed.
+    first: Option<NodeProcess>,
+    _others: Vec<NodeProcess>,
+    _dirs: Vec<TempDir>,
+}
+
+impl ProxiedCluster {
+    /// Starts the three nodes and waits until every shard has a leader.
+    async fn start() -> ProxiedCluster {
+        let addrs = free_addrs(3);
+        let proxy = Proxy::start(addrs[0].parse().unwrap()).await.unwrap();
+        let listed = [proxy.addr().to_string(), addrs[1].clone(), addrs[2].clone()];
+        let cluster = listed.join(",");
+        let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+        let dir = |i: usize| dirs[i].0.to_string_lossy().into_owned();
+        let first = Some(NodeProcess::start_at(
+            &addrs[0],
+            &[
+                "--data-dir",
+                &dir(0),
+                "--initial-cluster",
+                &cluster,
+                "--shards",
+                SHARDS,
+                "--advertise",
+                &listed[0],
+            ],
+        ));
+        let direct = format!("{}={}", listed[0], addrs[0]);
+        let others: Vec<NodeProcess> = (1..3)
+            .map(|i| {
+                NodeProcess::start_at(
+                    &addrs[i],
+                    &[
+                        "--data-dir",
+                        &dir(i),
+                        "--initial-cluster",
+                        &cluster,
+                        "--shards",
+                        SHARDS,
+                        "--peer-via",
+                        &direct,
+                    ],
+                )
+            })
+            .collect();
+        until_led(&listed[1]).await;
+        ProxiedCluster {
+            listed,
+            first_addr: addrs[0].clone(),
+            proxy,
+            first,
+            _others: others,
+            _dirs: dirs,
+        }
+    }
+
+    /// Kills the first node, its proxy's connections held (nothing more comes back from
+    /// it) and then cut.
+    fn kill_first(&mut self) {
+        self.proxy.set(Link::Blackhole);
+        if let Some(node) = self.first.take() {
+            node.kill();
+        }
+        self.proxy.set(Link::Cut);
+    }
+}
+
 /// A take whose node did it (its shard committed it) but whose answer never came back,
 /// and the node died before its caller gave the take up: the revoke cannot reach that
 /// node, so it goes to the other members until the leaders of every shard gave back
@@ -234,47 +310,8 @@ async fn a_waiting_take_follows_the_shards_a_failover_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let addrs = free_addrs(3);
-    // Clients reach the first node through a proxy that can hold its answers (it
-    // advertises the proxy's address); its peers reach it directly.
-    let proxy = Proxy::start(addrs[0].parse().unwrap()).await.unwrap();
-    let listed = [proxy.addr().to_string(), addrs[1].clone(), addrs[2].clone()];
-    let cluster = listed.join(",");
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
-    let dir = |i: usize| dirs[i].0.to_string_lossy().into_owned();
-    let mut first = Some(NodeProcess::start_at(
-        &addrs[0],
-        &[
-            "--data-dir",
-            &dir(0),
-            "--initial-cluster",
-            &cluster,
-            "--shards",
-            SHARDS,
-            "--advertise",
-            &listed[0],
-        ],
-    ));
-    let direct = format!("{}={}", listed[0], addrs[0]);
-    let _others: Vec<NodeProcess> = (1..3)
-        .map(|i| {
-            NodeProcess::start_at(
-                &addrs[i],
-                &[
-                    "--data-dir",
-                    &dir(i),
-                    "--initial-cluster",
-                    &cluster,
-                    "--shards",
-                    SHARDS,
-                    "--peer-via",
-                    &direct,
-                ],
-            )
-        })
-        .collect();
-    until_led(&listed[1]).await;
-    let space = connect(&listed[1]).await.unwrap();
+    let mut cluster = ProxiedCluster::start().await;
+    let space = connect(&cluster.listed[1]).await.unwrap();
     let history = History::default();
     write_all(&space, 0..60, &history).await;
     let verdict = clean_within(&space, &history, Duration::from_secs(10)).await;
@@ -285,7 +322,7 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
 
     // Takes go to the nodes in turn; the one sent to the first node is done there, and
     // its answer is held. Then that node dies, and only then is the take given up.
-    proxy.set(Link::HoldReplies);
+    cluster.proxy.set(Link::HoldReplies);
     let mut gave_up = false;
     let jobs = Query::of::<Job>();
     for _ in 0..6 {
@@ -297,11 +334,7 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
             }),
             Ok(other) => panic!("a take on a full space got {other:?}"),
             Err(_) => {
-                proxy.set(Link::Blackhole);
-                if let Some(node) = first.take() {
-                    node.kill();
-                }
-                proxy.set(Link::Cut);
+                cluster.kill_first();
                 gave_up = true;
                 // The take is dropped here, given up.
                 break;
@@ -313,6 +346,59 @@ async fn a_take_given_up_after_its_node_died_gives_its_entry_back() {
     // Nothing acknowledged is missing once the first node's shards have new leaders.
     let verdict = clean_within(&space, &history, Duration::from_secs(20)).await;
     assert!(verdict.is_clean(), "{verdict:?}");
+}
+
+/// A take by key that its shard's leader did, whose answer was lost on the way back, the
+/// leader then dying: the client sends it again, with the same id, to the shard's new
+/// leader, which answers with the first answer (the entry) from the shard's replicated
+/// answer table. Run there again, the take would have found the entry gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_whose_answer_died_with_its_leader_gets_its_first_answer_from_the_next() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut cluster = ProxiedCluster::start().await;
+    let space = connect(&cluster.listed[1]).await.unwrap();
+    let number = keys_of_a_shard_led_by(&cluster.listed[1], NodeId(1), "unanswered")
+        .await
+        .next()
+        .unwrap();
+    let order = Order { number };
+    space.write(&order).await.unwrap();
+    let key = Key::Name(order.number.clone());
+
+    cluster.proxy.set(Link::HoldReplies);
+    let take = tokio::spawn({
+        let (space, key) = (space.clone(), key.clone());
+        async move { space.take_key::<Order>(&key).await }
+    });
+    // The take is done on the first node (its entry gone there) and committed.
+    let first = Connection::open(&cluster.first_addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let read = Request::ReadDirect {
+        target: space_client::wire::Target::Key {
+            entry_type: "Order".into(),
+            key: key.clone(),
+        },
+        timeout: Duration::ZERO,
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while first.call(read.clone()).await.unwrap() != Response::Document(None) {
+        assert!(
+            Instant::now() < until,
+            "the take never reached the first node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!take.is_finished(), "the take's answer came back");
+    cluster.kill_first();
+
+    let taken = tokio::time::timeout(Duration::from_secs(30), take)
+        .await
+        .expect("the take followed its shard to the new leader")
+        .unwrap();
+    assert_eq!(taken.unwrap(), Some(order), "the first answer was lost");
+    assert_eq!(space.read_key::<Order>(&key).await.unwrap(), None);
 }
 
 /// A claim ticket from a cluster that was wiped and created anew at the same addresses
