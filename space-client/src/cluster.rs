@@ -446,13 +446,16 @@ impl Cluster {
     ) -> Result<Response> {
         let mut reroutes = Reroutes::new(self.config.retry_for);
         let mut moves = 0;
+        // Whether an attempt went out before (then the id may be known somewhere).
+        let mut attempted = false;
         loop {
             let addr = self.owner_addr(key)?;
+            let first = !std::mem::replace(&mut attempted, true);
             let call = async {
                 match self.node(&addr).await {
                     Ok(conn) => {
                         guard.at(&conn);
-                        conn.call_with_id(id, request.clone()).await
+                        conn.send(id, request.clone(), first).await
                     }
                     Err(e) => Err(e),
                 }
@@ -843,6 +846,8 @@ impl Cluster {
         let mut moves = 0;
         // One id for every attempt (see `to_owner`).
         let id = RequestId::new();
+        // Whether an attempt went out before (then the id may be known somewhere).
+        let mut attempted = false;
         loop {
             // A type's indexes are declared once per node, with the first write there.
             let first = self
@@ -856,9 +861,10 @@ impl Cluster {
                 lease,
                 labels: labels.to_vec(),
             };
+            let first = !std::mem::replace(&mut attempted, true);
             let call = async {
                 match self.node(&addr).await {
-                    Ok(conn) => conn.call_with_id(id, request).await,
+                    Ok(conn) => conn.send(id, request, first).await,
                     Err(e) => Err(e),
                 }
             };

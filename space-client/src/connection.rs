@@ -473,7 +473,7 @@ impl Connection {
     /// plain form does not undo it. The `Space` handle and [`Cluster::call`](crate::Cluster)
     /// revoke a take or claim whose caller gives it up, so that nothing is lost.
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
-        self.call_with_id(RequestId::new(), request).await
+        self.send(RequestId::new(), request, true).await
     }
 
     /// As [`call`](Self::call), with a request id the caller chose (to retry a request
@@ -486,6 +486,18 @@ impl Connection {
         self: &Arc<Self>,
         id: RequestId,
         request: Request,
+    ) -> Result<Response> {
+        self.send(id, request, false).await
+    }
+
+    /// As [`call_with_id`](Self::call_with_id), marked as never sent before when `fresh`
+    /// ([`Envelope::fresh`]; its resends on a broken connection are not). An id sent
+    /// before, to any node, must not go as fresh, or the request may run twice.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        id: RequestId,
+        request: Request,
+        fresh: bool,
     ) -> Result<Response> {
         self.check_request(&request)?;
         if self.is_down() {
@@ -501,6 +513,7 @@ impl Connection {
             id,
             request: Arc::new(request),
             retry: false,
+            fresh,
             acknowledged: self.take_acknowledged(),
         };
         let give_up = Instant::now() + self.config.retry_for;
@@ -513,6 +526,7 @@ impl Connection {
                 Ok(client) => {
                     // Sent again: the node looks for the first run's answer first.
                     envelope.retry = sent;
+                    envelope.fresh = fresh && !sent;
                     sent = true;
                     let mut ctx = context::current();
                     ctx.deadline = Instant::now() + wait + self.config.call_timeout;

@@ -267,7 +267,8 @@ pub(crate) async fn call(conn: &Arc<Connection>, request: Request) -> Result<Res
     call_as(conn, RequestId::new(), request).await
 }
 
-/// As [`call`], with request id `id` (the same for every attempt of one request).
+/// As [`call`], with request id `id`, new (never sent before), which the caller keeps
+/// (to give the request up by it).
 pub(crate) async fn call_as(
     conn: &Arc<Connection>,
     id: RequestId,
@@ -275,7 +276,7 @@ pub(crate) async fn call_as(
 ) -> Result<Response> {
     let mut guard = Resent::new(id, &request);
     guard.at(conn);
-    let answer = conn.call_with_id(id, request).await;
+    let answer = conn.send(id, request, true).await;
     guard.finish(&answer);
     answer
 }

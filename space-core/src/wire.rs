@@ -42,8 +42,9 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// which shards a read by query that found nothing searched, since version 11; a node
 /// names itself when it connects to a subscriber endpoint since version 12; a call
 /// carries the ids of answers its client acknowledges since version 13; a notification
-/// says that events may have been missed, how many not known, since version 14).
-pub const PROTOCOL_VERSION: u16 = 14;
+/// says that events may have been missed, how many not known, since version 14; a call
+/// says whether its id was ever sent before, since version 15).
+pub const PROTOCOL_VERSION: u16 = 15;
 /// The most request ids one call acknowledges ([`Envelope::acknowledged`]); a call with
 /// more is refused.
 pub const MAX_ACKNOWLEDGED: usize = 1024;
@@ -599,6 +600,11 @@ pub struct Envelope {
     /// answer came back): a node that no longer knows the id looks for its first answer
     /// before it runs it again (see the node's replicated answers).
     pub retry: bool,
+    /// The request's first send: its client never sent this id before, to any node, so
+    /// no node holds an answer for it and the node does not look for one (a replicated
+    /// node would otherwise look in the answer table of every shard it serves). A client
+    /// that sets it on an id it sent before may have the request run twice.
+    pub fresh: bool,
     /// Earlier requests on the same connection whose answers (entries taken, claimed or
     /// committed)
     /// reached their callers for good: the node drops the entries it keeps with those
@@ -974,6 +980,7 @@ mod tests {
                 timeout: Duration::from_millis(250),
             }),
             retry: false,
+            fresh: false,
             acknowledged: vec![RequestId::new()],
         };
         let bytes = postcard::to_stdvec(&req).unwrap();

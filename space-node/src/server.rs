@@ -321,7 +321,7 @@ impl Service {
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
-            let (id, retry) = (envelope.id, envelope.retry);
+            let (id, retry, fresh) = (envelope.id, envelope.retry, envelope.fresh);
             let keyless = request.routing_key().is_none();
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
@@ -339,7 +339,9 @@ impl Service {
                     // the engine's changes to commit like any other. A request by key
                     // goes to its key's shard, which answers it or says who leads it; one
                     // sent again without a key may have run on any shard of this node.
+                    // An id its client never sent before has no answer anywhere.
                     let known = match &state.shards {
+                        Some(_) if fresh && !retry => None,
                         Some(shards) if retry && keyless => {
                             shards.answer_sent_again(id, SETTLE_AFTER_STEP_DOWN).await?
                         }

@@ -874,6 +874,7 @@ fn raw_take(
             timeout: Duration::ZERO,
         }),
         retry,
+        fresh: false,
         acknowledged,
     }
 }

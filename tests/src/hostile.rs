@@ -59,6 +59,7 @@ pub fn call_bytes(request: Request, deadline: Instant) -> Vec<u8> {
             id: RequestId::new(),
             request: Arc::new(request),
             retry: false,
+            fresh: true,
             acknowledged: Vec::new(),
         },
         deadline,

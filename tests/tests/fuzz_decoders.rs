@@ -227,6 +227,7 @@ fn call_bytes(request: Request) -> Vec<u8> {
                 id: RequestId::new(),
                 request: Arc::new(request),
                 retry: false,
+                fresh: false,
                 acknowledged: Vec::new(),
             },
         },

@@ -114,6 +114,7 @@ fn a_call_acknowledging_too_many_answers_is_refused_and_the_node_serves_on() {
                 id: wire::RequestId::new(),
                 request: std::sync::Arc::new(Request::Count(Query::of::<Job>())),
                 retry: false,
+                fresh: false,
                 acknowledged: (0..acknowledged).map(|_| wire::RequestId::new()).collect(),
             },
             Instant::now() + Duration::from_secs(10),
