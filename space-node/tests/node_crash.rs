@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::NodeProcess;
+use common::{NodeProcess, free_addrs};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -58,10 +58,9 @@ fn acknowledged_work_survives_repeated_kill_9() {
     let dir = std::env::temp_dir().join(format!("space-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    // Below the ephemeral range: no other node's port-0 listener, nor a client's
+    // connection, takes the port while the node is down between its runs.
+    let addr = free_addrs(1).remove(0);
     let node = Arc::new(Mutex::new(Some(NodeProcess::start_at(
         &addr,
         &["--data-dir", &data_dir],

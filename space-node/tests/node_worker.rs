@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NodeProcess, Signal};
+use common::{NodeProcess, Signal, free_addrs};
 use serde::{Deserialize, Serialize};
 use space_client::{DeadLetter, Job, Query, Shutdown, Space, Work, WorkerReport, connect};
 
@@ -198,10 +198,9 @@ async fn a_pool_survives_its_node_restarting() {
     let dir = std::env::temp_dir().join(format!("space-worker-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    // Below the ephemeral range: no other node's port-0 listener, nor a client's
+    // connection, takes the port while the node is down between its runs.
+    let addr = free_addrs(1).remove(0);
     let node = NodeProcess::start_at(&addr, &["--data-dir", &data_dir]);
     let config = space_client::ClientConfig {
         retry_for: Duration::from_secs(2),

@@ -221,3 +221,36 @@ pub fn start_node_at(listen: &str, args: &[&str]) -> Result<(Process, String)> {
         .to_owned();
     Ok((Process(child), addr))
 }
+
+/// `n` free loopback addresses (bound and released at once), on ports below the
+/// system's ephemeral range: no outgoing connection or port-0 listener (another node, a
+/// proxy, a client) can take one of them while its node is down between a kill and a
+/// restart. (A port the kernel handed out for port 0 can: a test's node once found its
+/// own address taken that way when it started.)
+///
+/// # Errors
+/// When `n` free ports are not found in many tries.
+pub fn free_addrs(n: usize) -> Result<Vec<String>> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut listeners: Vec<std::net::TcpListener> = Vec::new();
+    for _ in 0..10_000 {
+        if listeners.len() == n {
+            break;
+        }
+        let port: u16 = rng.random_range(10_000..32_000);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    if listeners.len() < n {
+        bail!(
+            "found {} free loopback ports of the {n} needed",
+            listeners.len()
+        );
+    }
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.to_string()))
+        .collect()
+}

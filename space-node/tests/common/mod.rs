@@ -124,23 +124,10 @@ impl Drop for NodeProcess {
     }
 }
 
-/// `n` free loopback addresses (bound and released at once), on ports below the
-/// system's ephemeral range: no outgoing connection or port-0 listener (a proxy, a
-/// client) can take one of them while its node is down between a kill and a restart.
+/// `n` free loopback addresses below the ephemeral range
+/// ([`space_tests::process::free_addrs`]).
 pub fn free_addrs(n: usize) -> Vec<String> {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    let mut listeners: Vec<std::net::TcpListener> = Vec::new();
-    while listeners.len() < n {
-        let port: u16 = rng.random_range(10_000..32_000);
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(l);
-        }
-    }
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
+    space_tests::process::free_addrs(n).expect("free loopback ports")
 }
 
 /// A cluster of real nodes, each on a fresh data directory of its own (removed with the

@@ -35,7 +35,7 @@ use space_client::{ClientConfig, Connection, Key};
 
 use crate::inproc::median;
 use crate::node::{CONNECTIONS, PAYLOAD, Process, Window, run_sampled, space_throughput_sampled};
-use space_tests::process::{cpu_seconds_of, start_node_at};
+use space_tests::process::{cpu_seconds_of, free_addrs, start_node_at};
 
 /// Nodes of each cluster.
 pub(crate) const NODES: usize = 3;
@@ -48,17 +48,6 @@ struct Probe {
     id: String,
 }
 space_core::entry!(Probe, "Probe", key = id);
-
-/// Free loopback addresses (bound and released at once).
-fn free_addrs(n: usize) -> Result<Vec<String>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.to_string()))
-        .collect()
-}
 
 /// A directory removed when dropped.
 pub(crate) struct Scratch(pub(crate) PathBuf);
