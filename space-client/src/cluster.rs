@@ -450,12 +450,12 @@ impl Cluster {
         let mut attempted = false;
         loop {
             let addr = self.owner_addr(key)?;
-            let first = !std::mem::replace(&mut attempted, true);
+            let first_attempt = !std::mem::replace(&mut attempted, true);
             let call = async {
                 match self.node(&addr).await {
                     Ok(conn) => {
                         guard.at(&conn);
-                        conn.send(id, request.clone(), first).await
+                        conn.send(id, request.clone(), first_attempt).await
                     }
                     Err(e) => Err(e),
                 }
@@ -861,10 +861,10 @@ impl Cluster {
                 lease,
                 labels: labels.to_vec(),
             };
-            let first = !std::mem::replace(&mut attempted, true);
+            let first_attempt = !std::mem::replace(&mut attempted, true);
             let call = async {
                 match self.node(&addr).await {
-                    Ok(conn) => conn.send(id, request, first).await,
+                    Ok(conn) => conn.send(id, request, first_attempt).await,
                     Err(e) => Err(e),
                 }
             };
