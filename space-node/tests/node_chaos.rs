@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::replicated::{Job, SHARDS, clean_within, ended};
 use common::{NodeProcess, Signal, free_addrs};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use space_client::{EventKinds, Key, Lease, Notification, Query, Space, Subscription, connect};
@@ -388,7 +388,21 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
     chaos.heal();
 
     // A claim whose answer a fault cut off is hidden until it lapses (30 s at most).
-    let verdict = clean_within(&space, &history, Duration::from_secs(45)).await;
+    let verdict =
+        match std::panic::AssertUnwindSafe(clean_within(&space, &history, Duration::from_secs(45)))
+            .catch_unwind()
+            .await
+        {
+            Ok(verdict) => verdict,
+            Err(panic) => {
+                // What each node sees of the shards, for the cluster's side of a failure.
+                eprintln!("seed {seed}: faults {faults:?}");
+                for (i, addr) in chaos.addrs.iter().enumerate() {
+                    eprintln!("node {}: {}", i + 1, shard_view(addr).await);
+                }
+                std::panic::resume_unwind(panic)
+            }
+        };
     let ops = history.ops();
     let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|o| f(o)).count();
     eprintln!(
@@ -483,6 +497,26 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
         verdict.acknowledged > 0,
         "no write was acknowledged: {verdict:?}"
     );
+}
+
+/// The shards as the node at `addr` sees them (their leaders and terms), or why it did
+/// not say within a few seconds.
+async fn shard_view(addr: &str) -> String {
+    use space_client::wire::{Request, Response};
+    use space_client::{ClientConfig, Connection};
+    let asked = async {
+        let conn = Connection::open(addr, ClientConfig::default()).await?;
+        conn.call(Request::Shards).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(Response::Shards(shards))) => shards
+            .iter()
+            .map(|s| format!("{}: {:?} t{}", s.shard, s.leader.map(|l| l.0), s.term))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Ok(other) => format!("{other:?}"),
+        Err(_) => "no answer within 5 s".to_owned(),
+    }
 }
 
 fn seed() -> u64 {
