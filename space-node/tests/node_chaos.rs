@@ -400,6 +400,16 @@ async fn scenario(n: usize, minority: usize, seed: u64) {
                 for (i, addr) in chaos.addrs.iter().enumerate() {
                     eprintln!("node {}: {}", i + 1, shard_view(addr).await);
                 }
+                // A new client's listing: whether the old client's state is at fault.
+                let listed = tokio::time::timeout(Duration::from_secs(20), async {
+                    let fresh = connect(&chaos.addrs.join(",")).await?;
+                    fresh.contents::<Job>(&Query::of::<Job>()).await
+                })
+                .await;
+                eprintln!(
+                    "a new client's listing: {:?}",
+                    listed.map(|r| r.map(|jobs| jobs.len()))
+                );
                 std::panic::resume_unwind(panic)
             }
         };
