@@ -359,10 +359,13 @@ impl Cluster {
     /// answering while another node may answer instead: from [`OVERDUE_AFTER`] past its
     /// wait, the node is asked for its status on the same connection every
     /// [`OVERDUE_AFTER`], and one it leaves unanswered that long ends the call if some
-    /// other member is neither down nor silent. A node that is only slow answers the
-    /// status at once, and the call goes on waiting; a frozen node, or one cut off with
-    /// its connection left open, would otherwise hold the call for the whole call
-    /// timeout. With no other node to ask (a cluster of one), the call waits on.
+    /// other member is neither down nor silent. A node that is only slow waiting (on its
+    /// log, or its peers) answers the status at once, and the call goes on waiting; a
+    /// frozen node, or one cut off with its connection left open, would otherwise hold
+    /// the call for the whole call timeout. With no other node to ask (a cluster of one),
+    /// the call waits on. A node busy computing this call's answer for over a second is
+    /// given up too: it serves one connection's requests in turn, so the status waits
+    /// behind the call (a listing of 1,000 entries takes tens of milliseconds).
     async fn unless_silent<T>(
         &self,
         addr: &str,
