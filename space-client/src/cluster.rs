@@ -359,17 +359,20 @@ impl Cluster {
     /// answering while another node may answer instead: from [`OVERDUE_AFTER`] past its
     /// wait, the node is asked for its status on the same connection every
     /// [`OVERDUE_AFTER`], and one it leaves unanswered that long ends the call if some
-    /// other member is neither down nor silent. A node that is only slow waiting (on its
-    /// log, or its peers) answers the status at once, and the call goes on waiting; a
-    /// frozen node, or one cut off with its connection left open, would otherwise hold
-    /// the call for the whole call timeout. With no other node to ask (a cluster of one),
-    /// the call waits on. A node busy computing this call's answer for over a second is
-    /// given up too: it serves one connection's requests in turn, so the status waits
-    /// behind the call (a listing of 1,000 entries takes tens of milliseconds).
+    /// other member is neither down nor silent and, with [`Patience::UntilReplaced`],
+    /// once the node's shards are led by others ([`replaced`](Self::replaced)). A node
+    /// that is only slow waiting (on its log, or its peers) answers the status at once,
+    /// and the call goes on waiting; a frozen node, or one cut off with its connection
+    /// left open, would otherwise hold the call for the whole call timeout. With no other
+    /// node to ask (a cluster of one), the call waits on. A node busy computing this
+    /// call's answer for over a second leaves the status unanswered too (it serves one
+    /// connection's requests in turn): with [`Patience::UntilReplaced`] it is waited for
+    /// while it leads its shards, since nobody else can answer for them.
     async fn unless_silent<T>(
         &self,
         addr: &str,
         wait: Duration,
+        patience: Patience,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let silent = async {
@@ -381,7 +384,10 @@ impl Cluster {
                 let status = async { self.node(addr).await?.call(Request::NodeStatus).await };
                 let answered =
                     matches!(tokio::time::timeout(OVERDUE_AFTER, status).await, Ok(Ok(_)));
-                if !answered && self.another_live_than(addr) {
+                if !answered
+                    && self.another_live_than(addr)
+                    && (patience == Patience::WhileSilent || self.replaced(addr).await)
+                {
                     return;
                 }
             }
@@ -396,6 +402,53 @@ impl Cluster {
                 ),
             }),
         }
+    }
+
+    /// Whether every shard the topology has the node at `addr` lead is led by another
+    /// node now, as the other live nodes see the shards (each asked directly, for
+    /// [`OVERDUE_AFTER`] at most): then giving up a call to it loses nothing, since the
+    /// call asked again is answered for those shards by their new leaders. Always so on a
+    /// cluster that is not sharded, whose answers leave out what a node that cannot be
+    /// reached holds (and say so), and for a node that leads nothing.
+    async fn replaced(&self, addr: &str) -> bool {
+        let (node, led) = {
+            let topology = self.topology.read();
+            let Some(at) = topology.nodes.iter().position(|n| n.address == addr) else {
+                return true;
+            };
+            if topology.shards == 0 {
+                return true;
+            }
+            let led: BTreeSet<u32> = (0..)
+                .zip(&topology.owners)
+                .filter(|(_, owner)| **owner as usize == at)
+                .map(|(range, _)| wire::shard_of_range(range, topology.shards))
+                .collect();
+            (topology.nodes[at].node, led)
+        };
+        if led.is_empty() {
+            return true;
+        }
+        let views = self
+            .addresses()
+            .into_iter()
+            .filter(|a| a != addr && !self.is_down(a) && !self.is_silent(a))
+            .map(|other| async move {
+                let asked = async { self.node(&other).await?.call(Request::Shards).await };
+                tokio::time::timeout(OVERDUE_AFTER, asked).await
+            });
+        let mut merged = BTreeMap::new();
+        for view in futures::future::join_all(views).await {
+            if let Ok(Ok(Response::Shards(shards))) = view {
+                merge_shards(&mut merged, shards);
+            }
+        }
+        led.iter().all(|shard| {
+            merged
+                .get(shard)
+                .and_then(|info| info.leader)
+                .is_some_and(|leader| leader != node)
+        })
     }
 
     /// Whether a member other than `addr` is neither down nor silent.
@@ -502,16 +555,20 @@ impl Cluster {
     /// and the addresses of the nodes that could not be reached (or went silent, see
     /// [`unless_silent`](Self::unless_silent)). Fails when no node could be reached, or
     /// with any other error a node answers.
-    async fn gather(&self, request: &Request) -> Result<(Vec<Response>, Vec<String>)> {
+    async fn gather(
+        &self,
+        request: &Request,
+        patience: Patience,
+    ) -> Result<(Vec<Response>, Vec<String>)> {
         let calls = self
-            .live_in_turn(&AtomicUsize::new(0))
+            .asked_in_turn(&AtomicUsize::new(0), patience)
             .into_iter()
             .map(|addr| {
                 let request = request.clone();
                 async move {
                     let wait = request.wait();
                     let call = async { self.node(&addr).await?.call(request).await };
-                    let answer = self.unless_silent(&addr, wait, call).await;
+                    let answer = self.unless_silent(&addr, wait, patience, call).await;
                     (addr, answer)
                 }
             });
@@ -671,7 +728,8 @@ impl Cluster {
             }
             Request::FindFor(key) => self.owner(&key).map(Response::Node),
             Request::Stats => {
-                let (answers, unreachable) = Box::pin(self.gather(&Request::Stats)).await?;
+                let (answers, unreachable) =
+                    Box::pin(self.gather(&Request::Stats, Patience::WhileSilent)).await?;
                 let mut total = Stats {
                     unreachable,
                     ..Stats::default()
@@ -700,19 +758,16 @@ impl Cluster {
     /// not all of them), so each shard is described as the node that saw its latest term
     /// (and its leader) sees it.
     async fn shards(&self) -> Result<Response> {
-        let mut merged: BTreeMap<u32, wire::ShardInfo> = BTreeMap::new();
-        for answer in self.gather(&Request::Shards).await?.0 {
+        let mut merged = BTreeMap::new();
+        for answer in self
+            .gather(&Request::Shards, Patience::WhileSilent)
+            .await?
+            .0
+        {
             let Response::Shards(shards) = answer else {
                 return Err(unexpected(answer));
             };
-            for shard in shards {
-                let newer = merged.get(&shard.shard).is_none_or(|seen| {
-                    (shard.term, shard.leader.is_some()) > (seen.term, seen.leader.is_some())
-                });
-                if newer {
-                    merged.insert(shard.shard, shard);
-                }
-            }
+            merge_shards(&mut merged, shards);
         }
         Ok(Response::Shards(merged.into_values().collect()))
     }
@@ -740,6 +795,32 @@ impl Cluster {
             .cloned()
             .collect();
         if live.is_empty() { addrs } else { live }
+    }
+
+    /// The nodes a call to every node goes to, starting with the next in `turn`: those
+    /// [`live_in_turn`](Self::live_in_turn) names and, with [`Patience::UntilReplaced`]
+    /// on a sharded cluster, silent nodes the topology names as owners, since nobody else
+    /// answers for their shards (a node that answers again is so found back at once).
+    fn asked_in_turn(&self, turn: &AtomicUsize, patience: Patience) -> Vec<String> {
+        let mut addrs = self.live_in_turn(turn);
+        if patience == Patience::UntilReplaced {
+            let owners: Vec<String> = {
+                let topology = self.topology.read();
+                let owners: BTreeSet<u32> = topology.owners.iter().copied().collect();
+                owners
+                    .into_iter()
+                    .filter(|_| topology.shards > 0)
+                    .filter_map(|o| topology.nodes.get(o as usize))
+                    .map(|n| n.address.clone())
+                    .collect()
+            };
+            for owner in owners {
+                if !addrs.contains(&owner) && !self.is_down(&owner) {
+                    addrs.push(owner);
+                }
+            }
+        }
+        addrs
     }
 
     /// Whether the node at `addr` leaves calls unanswered ([`Connection::is_silent`]).
@@ -1016,14 +1097,15 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<(Option<Document>, BTreeSet<u32>, u32)> {
         let mut calls: FuturesUnordered<_> = self
-            .live_in_turn(&self.next_taker)
+            .asked_in_turn(&self.next_taker, Patience::UntilReplaced)
             .into_iter()
             .map(|addr| async move {
                 let read = self.query_on(&addr, timeout, |timeout| Request::ReadDirect {
                     target: Target::Query(query.clone()),
                     timeout,
                 });
-                self.unless_silent(&addr, timeout, read).await
+                self.unless_silent(&addr, timeout, Patience::UntilReplaced, read)
+                    .await
             })
             .collect();
         let (mut answered, mut error) = (false, None);
@@ -1279,7 +1361,11 @@ impl Cluster {
     async fn count(&self, query: Query) -> Result<Response> {
         let mut total = 0;
         let (mut by_shard, mut shard_count) = (BTreeMap::new(), 0);
-        for answer in self.gather(&Request::Count(query)).await?.0 {
+        for answer in self
+            .gather(&Request::Count(query), Patience::UntilReplaced)
+            .await?
+            .0
+        {
             match answer {
                 Response::Count(n) => total += n,
                 Response::ShardCounts { counts, of } => {
@@ -1303,7 +1389,7 @@ impl Cluster {
         let (mut reached, mut failure) = (false, None);
         // A replicated cluster's nodes each list the shards they lead.
         let (mut shards, mut shard_count) = (BTreeSet::new(), 0);
-        for addr in self.live_in_turn(&AtomicUsize::new(0)) {
+        for addr in self.asked_in_turn(&AtomicUsize::new(0), Patience::UntilReplaced) {
             let mut after = None;
             loop {
                 let request = Request::Contents {
@@ -1312,7 +1398,10 @@ impl Cluster {
                     limit: 1000,
                 };
                 let call = async { self.node(&addr).await?.call(request).await };
-                let answer = match self.unless_silent(&addr, Duration::ZERO, call).await {
+                let answer = match self
+                    .unless_silent(&addr, Duration::ZERO, Patience::UntilReplaced, call)
+                    .await
+                {
                     Err(e) if e.is_unreachable() => {
                         tracing::warn!(node = %addr, "listing contents without a member that could not be reached");
                         failure = Some(e);
@@ -1788,6 +1877,33 @@ impl Connect for Space {
         let addr = addr.to_owned();
         async move { connect(&addr).await }
     }
+}
+
+/// Adds a node's view of `shards` to `merged`: each shard as the node that saw its latest
+/// term (and, at the same term, its leader) describes it.
+fn merge_shards(merged: &mut BTreeMap<u32, wire::ShardInfo>, shards: Vec<wire::ShardInfo>) {
+    for shard in shards {
+        let newer = merged.get(&shard.shard).is_none_or(|seen| {
+            (shard.term, shard.leader.is_some()) > (seen.term, seen.leader.is_some())
+        });
+        if newer {
+            merged.insert(shard.shard, shard);
+        }
+    }
+}
+
+/// How long a call that changes nothing waits for a node that left it and a status call
+/// unanswered ([`Cluster::unless_silent`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Patience {
+    /// Given up as soon as another node may answer: for answers that may leave a node
+    /// out and say so (statistics, the shards' leaders).
+    WhileSilent,
+    /// Given up only once the node's shards are led by others: for answers that must
+    /// cover every shard (a count, a listing, a read by query), which the others cannot
+    /// give while the node still leads some. A node that is only busy, or paused for a
+    /// moment, is so waited for (its call timeout at most).
+    UntilReplaced,
 }
 
 /// Whether a node's `topology` may name owners wrongly: a replicated node names the

@@ -713,6 +713,62 @@ async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
     assert!(matches!(err, SpaceError::Down { .. }), "{err}");
 }
 
+/// A count and a listing asked as a node paused (SIGSTOP for 3 s: a long pause of its
+/// process, a machine that hung for a moment) wait for it while its shards cannot be led
+/// anywhere else (one copy each), and are answered whole once it resumes, even though
+/// the client already took the node for silent. Given up a second into the pause (or
+/// not asked at all, the node being silent), they failed `Unavailable` once their
+/// retries ran out, for the client kept the node out of every count and listing as
+/// silent for the call timeout, though it answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_and_a_listing_wait_for_a_paused_node_whose_shards_cannot_move() {
+    use space_tests::process::{Signal, signal};
+    let addrs = free_addrs(3);
+    let cluster = start_cluster(&addrs, &[]);
+    // Retries for 5 s: less than the call timeout, which bounds the wait for the node.
+    let config = ClientConfig {
+        retry_for: Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    let space = space_client::connect_with(&addrs.join(","), config)
+        .await
+        .unwrap();
+    // Keyless writes go to the nodes in turn: each holds some.
+    for id in 0..30 {
+        space.write(&Job { id }).await.unwrap();
+    }
+    let paused = cluster.nodes[2].pid();
+    signal(paused, Signal::Stop).expect("pause node 3");
+    let pause_began = Instant::now();
+    // Statistics may leave a node out, and say so: they give it up a second or so into
+    // the pause, and the client takes it for silent from then on.
+    let stats = space.stats().await.unwrap();
+    assert_eq!(stats.unreachable, vec![addrs[2].clone()]);
+    let all = Query::of::<Job>();
+    let count = {
+        let (space, all) = (space.clone(), all.clone());
+        tokio::spawn(async move { space.count(&all).await })
+    };
+    let listing = {
+        let (space, all) = (space.clone(), all.clone());
+        tokio::spawn(async move { space.contents::<Job>(&all).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(pause_began.elapsed())).await;
+    signal(paused, Signal::Continue).expect("resume node 3");
+    assert_eq!(count.await.unwrap().expect("the count waited"), 30);
+    let mut ids: Vec<u64> = listing
+        .await
+        .unwrap()
+        .expect("the listing waited")
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..30).collect::<Vec<_>>());
+    // And the node is counted again at once, not kept out as silent.
+    assert_eq!(space.count(&all).await.expect("counted again"), 30);
+}
+
 /// `--max-bytes` bounds what a node holds in all its shards, not each shard: keyed writes
 /// spread over every shard stop with `Full` once each node holds its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
