@@ -30,6 +30,11 @@ fn bits_of(bits: u64) -> impl Iterator<Item = usize> {
     })
 }
 
+/// The bits of a chunk's word at position `slot` and above.
+fn at_or_above(slot: usize) -> u64 {
+    u64::MAX << slot
+}
+
 struct Chunk<V> {
     live: u64,
     slots: [Option<V>; CHUNK as usize],
@@ -96,8 +101,20 @@ impl<V> SeqMap<V> {
 
     /// Entries in ascending order of sequence number.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
-        self.chunks.iter().flat_map(|(&key, chunk)| {
-            bits_of(chunk.live).filter_map(move |slot| {
+        self.iter_from(0)
+    }
+
+    /// Entries numbered `from` or more, in ascending order: a scan resumed where the last
+    /// one stopped costs nothing for what lies before it.
+    pub(crate) fn iter_from(&self, from: u64) -> impl Iterator<Item = (u64, &V)> {
+        let (first, slot) = split(from);
+        self.chunks.range(first..).flat_map(move |(&key, chunk)| {
+            let live = if key == first {
+                chunk.live & at_or_above(slot)
+            } else {
+                chunk.live
+            };
+            bits_of(live).filter_map(move |slot| {
                 chunk.slots[slot]
                     .as_ref()
                     .map(|v| ((key << CHUNK_BITS) | slot as u64, v))
@@ -144,9 +161,15 @@ impl SeqSet {
         }
     }
 
-    /// Members in ascending order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().flat_map(|(&key, &word)| {
+    /// Members `from` or more, in ascending order.
+    pub(crate) fn iter_from(&self, from: u64) -> impl Iterator<Item = u64> + '_ {
+        let (first, bit) = split(from);
+        self.words.range(first..).flat_map(move |(&key, &word)| {
+            let word = if key == first {
+                word & at_or_above(bit)
+            } else {
+                word
+            };
             bits_of(word).map(move |bit| (key << CHUNK_BITS) | bit as u64)
         })
     }
@@ -177,6 +200,11 @@ mod tests {
         let got: Vec<(u64, u64)> = m.iter().map(|(s, v)| (s, *v)).collect();
         let want: Vec<(u64, u64)> = reference.iter().map(|(s, v)| (*s, *v)).collect();
         assert_eq!(got, want);
+        for from in [0, 1, 63, 64, 65, 127, 128, 999, 1_000, 1_999, 2_000, 5_000] {
+            let got: Vec<(u64, u64)> = m.iter_from(from).map(|(s, v)| (s, *v)).collect();
+            let want: Vec<(u64, u64)> = reference.range(from..).map(|(s, v)| (*s, *v)).collect();
+            assert_eq!(got, want, "from {from}");
+        }
         for (s, v) in &reference {
             assert_eq!(m.get(*s), Some(v));
         }
@@ -202,9 +230,18 @@ mod tests {
             }
         }
         assert_eq!(
-            s.iter().collect::<Vec<_>>(),
+            s.iter_from(0).collect::<Vec<_>>(),
             reference.iter().copied().collect::<Vec<_>>()
         );
         assert_eq!(s.len(), reference.len());
+        for from in [
+            0, 1, 63, 64, 65, 500, 999, 1_000, 100_000, 100_063, 200_999, 300_000,
+        ] {
+            assert_eq!(
+                s.iter_from(from).collect::<Vec<_>>(),
+                reference.range(from..).copied().collect::<Vec<_>>(),
+                "from {from}"
+            );
+        }
     }
 }

@@ -360,11 +360,26 @@ impl Store {
         &self,
         filter: &Filter,
         now: &Now,
+        visit: impl FnMut(u64, &Record) -> bool,
+    ) {
+        self.for_each_match_from(filter, now, 0, visit);
+    }
+
+    /// As [`for_each_match`](Self::for_each_match), over the records numbered `from` or
+    /// more only: a page of a listing starts where the last one ended, without looking
+    /// at (or matching) the records before it, so listing a type costs one pass over it
+    /// rather than a pass per page.
+    pub(crate) fn for_each_match_from(
+        &self,
+        filter: &Filter,
+        now: &Now,
+        from: u64,
         mut visit: impl FnMut(u64, &Record) -> bool,
     ) {
         match self.plan(filter) {
             None => {
-                for (seq, r) in self.records.iter() {
+                for (seq, r) in self.records.iter_from(from) {
+                    examined();
                     if r.visible(now) && filter.matches(&r.fields) && !visit(seq, r) {
                         return;
                     }
@@ -375,11 +390,14 @@ impl Store {
                 // candidate matches: index buckets hold exactly the values that compare
                 // equal. Otherwise the rest of the filter is checked on each candidate.
                 let covered = !matches!(filter, Filter::And(_));
-                merge_ordered(&sets, &mut |seq| match self.records.get(seq) {
-                    Some(r) if r.visible(now) && (covered || filter.matches(&r.fields)) => {
-                        visit(seq, r)
+                merge_ordered(&sets, from, &mut |seq| {
+                    examined();
+                    match self.records.get(seq) {
+                        Some(r) if r.visible(now) && (covered || filter.matches(&r.fields)) => {
+                            visit(seq, r)
+                        }
+                        _ => true,
                     }
-                    _ => true,
                 });
             }
         }
@@ -415,18 +433,37 @@ impl Store {
     }
 }
 
-/// Visits the union of ordered sets in ascending order (each number once) until `visit`
-/// returns false.
-fn merge_ordered(sets: &[&SeqSet], visit: &mut dyn FnMut(u64) -> bool) {
+/// Counts a record a scan looked at, on this thread (test builds only: what a test of a
+/// scan's cost reads with [`examined_so_far`]).
+#[inline]
+fn examined() {
+    #[cfg(test)]
+    EXAMINED.with(|n| n.set(n.get() + 1));
+}
+
+#[cfg(test)]
+thread_local! {
+    static EXAMINED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Records scans on this thread have looked at so far (test builds only).
+#[cfg(test)]
+pub(crate) fn examined_so_far() -> u64 {
+    EXAMINED.with(std::cell::Cell::get)
+}
+
+/// Visits the union of ordered sets in ascending order (each number once), from `from`
+/// on, until `visit` returns false.
+fn merge_ordered(sets: &[&SeqSet], from: u64, visit: &mut dyn FnMut(u64) -> bool) {
     if let [only] = sets {
-        for seq in only.iter() {
+        for seq in only.iter_from(from) {
             if !visit(seq) {
                 return;
             }
         }
         return;
     }
-    let mut iters: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
+    let mut iters: Vec<_> = sets.iter().map(|s| s.iter_from(from).peekable()).collect();
     loop {
         let next = iters.iter_mut().filter_map(|it| it.peek().copied()).min();
         let Some(seq) = next else {

@@ -285,11 +285,12 @@ impl Engine {
             let mut more = false;
             let mut last = None;
             let mut bytes = 0usize;
+            // The page starts past the cursor: what lies before it is not looked at.
+            let Some(from) = after.map_or(Some(0), |a| a.checked_add(1)) else {
+                return Ok((page, None));
+            };
             st.store
-                .for_each_match(query.filter(), &self.now(), |seq, r| {
-                    if after.is_some_and(|a| seq <= a) {
-                        return true;
-                    }
+                .for_each_match_from(query.filter(), &self.now(), from, |seq, r| {
                     bytes = bytes.saturating_add(r.fields.approx_size());
                     if page.len() == limit || (!page.is_empty() && bytes > max_bytes) {
                         more = true;
@@ -458,5 +459,51 @@ impl Engine {
             return;
         }
         self.offer_stored(cell, st, seq, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Listing a type page by page looks at each record about once, whatever the number
+    /// of pages: a page starts past the previous page's cursor. Each page used to scan
+    /// (and match) every record before its cursor again, so a listing cost a pass per
+    /// page: 27 s for 1.2 million entries on a release node, where one pass takes 1.5.
+    #[test]
+    fn a_listing_in_pages_looks_at_each_record_about_once() {
+        const ENTRIES: u64 = 2_000;
+        const PAGE: usize = 50;
+        let engine = Engine::default();
+        for i in 0..ENTRIES {
+            let mut fields = Fields::new();
+            fields.push("id", space_query::Value::I64(i as i64));
+            fields.push("status", space_query::Value::from("open"));
+            engine.write("Item", fields, None, Lease::Forever).unwrap();
+        }
+        // A filter checked on every record (no index answers it), and none.
+        for query in [
+            Query::for_type("Item").eq("status", "open"),
+            Query::for_type("Item"),
+        ] {
+            let before = crate::store::examined_so_far();
+            let (mut listed, mut after, mut pages) = (0, None, 0u64);
+            loop {
+                let (page, next) = engine.contents_page(&query, after, PAGE).unwrap();
+                listed += page.len() as u64;
+                pages += 1;
+                match next {
+                    Some(cursor) => after = Some(cursor),
+                    None => break,
+                }
+            }
+            let examined = crate::store::examined_so_far() - before;
+            assert_eq!(listed, ENTRIES);
+            // Each page looks one record past its end, to learn that there is more.
+            assert!(
+                examined <= ENTRIES + pages,
+                "{examined} records looked at for {ENTRIES} listed in {pages} pages"
+            );
+        }
     }
 }
