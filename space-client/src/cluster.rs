@@ -806,13 +806,17 @@ impl Cluster {
         if patience == Patience::UntilReplaced {
             let owners: Vec<String> = {
                 let topology = self.topology.read();
-                let owners: BTreeSet<u32> = topology.owners.iter().copied().collect();
-                owners
-                    .into_iter()
-                    .filter(|_| topology.shards > 0)
-                    .filter_map(|o| topology.nodes.get(o as usize))
-                    .map(|n| n.address.clone())
-                    .collect()
+                if topology.shards == 0 {
+                    // A cluster that is not sharded: its answers may leave a node out.
+                    Vec::new()
+                } else {
+                    let owners: BTreeSet<u32> = topology.owners.iter().copied().collect();
+                    owners
+                        .into_iter()
+                        .filter_map(|o| topology.nodes.get(o as usize))
+                        .map(|n| n.address.clone())
+                        .collect()
+                }
             };
             for owner in owners {
                 if !addrs.contains(&owner) && !self.is_down(&owner) {
