@@ -389,11 +389,39 @@ impl Service {
             })
             .await
         } else {
+            if scans(&request) {
+                // A task of its own (see `scan_apart`): the connection's requests are
+                // served in turn up to their first wait, and a scan never waits.
+                tokio::task::yield_now().await;
+            }
             state
                 .handle(request, budget)
                 .await
                 .map(Outcome::into_response)
         }
+    }
+}
+
+/// Whether `request` walks a whole entry type (a count, a page of contents), work that
+/// grows with the space and is done apart ([`scan_apart`]).
+fn scans(request: &Request) -> bool {
+    matches!(request, Request::Count(_) | Request::Contents { .. })
+}
+
+/// Runs `scan`, a walk over an entry type (a count of a million entries takes a good part
+/// of a second), without holding up the node's other work: on a worker of the
+/// multi-threaded runtime the worker hands its other tasks to another thread first
+/// (`block_in_place`), since a worker busy in one task neither runs the others queued
+/// behind it nor polls the sockets for new requests. A status call sent behind a long
+/// count on the same connection, which the client uses to tell a frozen node from a busy
+/// one, waited for the whole count.
+pub(crate) fn scan_apart<T>(scan: impl FnOnce() -> T) -> T {
+    let multi_threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_threaded {
+        tokio::task::block_in_place(scan)
+    } else {
+        scan()
     }
 }
 
@@ -705,18 +733,20 @@ impl NodeState {
             Request::Cancel { entry_type, key } => {
                 engine.cancel(&entry_type, &key).map(|()| Response::Done)?
             }
-            Request::Count(q) => Response::Count(engine.count(&q)?),
+            Request::Count(q) => Response::Count(scan_apart(|| engine.count(&q))?),
             Request::Contents {
                 query,
                 after,
                 limit,
             } => {
-                let (documents, next) = engine.contents_page_within(
-                    &query,
-                    after,
-                    limit.clamp(1, 10_000) as usize,
-                    budget,
-                )?;
+                let (documents, next) = scan_apart(|| {
+                    engine.contents_page_within(
+                        &query,
+                        after,
+                        limit.clamp(1, 10_000) as usize,
+                        budget,
+                    )
+                })?;
                 Response::Page {
                     documents,
                     next,

@@ -45,7 +45,7 @@ const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
 use crate::engines_used::{note_used, serving_for};
 use crate::replica::{ShardSet, claim_across, read_across, take_across};
-use crate::server::NodeState;
+use crate::server::{NodeState, scan_apart};
 
 impl NodeState {
     /// Runs one request of a replicated node on the shards it concerns.
@@ -213,10 +213,11 @@ impl NodeState {
                 }),
             ),
             Request::Count(q) => {
-                let counts = led
-                    .iter()
-                    .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
-                    .collect::<Result<Vec<_>, SpaceError>>()?;
+                let counts = scan_apart(|| {
+                    led.iter()
+                        .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
+                        .collect::<Result<Vec<_>, SpaceError>>()
+                })?;
                 // A count is a read: a shard's count is given only once its leadership
                 // confirms it (see `ShardSet::confirm_read`); the others are left to
                 // their leaders of the moment, which the client asks too.
@@ -247,37 +248,45 @@ impl NodeState {
                 let mut next = None;
                 let mut listed = Vec::new();
                 let mut read_from = Vec::new();
-                for (shard, engine) in shards.serving().iter().cloned() {
-                    if shard < start {
-                        continue;
+                let serving = shards.serving();
+                scan_apart(|| -> Result<(), SpaceError> {
+                    for (shard, engine) in serving.iter().cloned() {
+                        if shard < start {
+                            continue;
+                        }
+                        if shard > start {
+                            from = None;
+                        }
+                        let room = budget.saturating_sub(bytes);
+                        let (page, more) = engine.contents_page_within(
+                            &query,
+                            from,
+                            limit - documents.len(),
+                            room,
+                        )?;
+                        let page_bytes: usize = page.iter().map(|d| d.fields.approx_size()).sum();
+                        if !documents.is_empty() && page_bytes > room {
+                            // The shard's first entry alone passes what is left of the
+                            // budget (a page's first entry goes whatever its size): it
+                            // starts the next page.
+                            next = Some(u64::from(shard) << SHARD_SHIFT | from.unwrap_or(0));
+                            break;
+                        }
+                        bytes += page_bytes;
+                        read_from.push((shard, engine));
+                        documents.extend(page);
+                        if let Some(more) = more {
+                            next = Some(u64::from(shard) << SHARD_SHIFT | more);
+                            break;
+                        }
+                        listed.push(shard);
+                        if documents.len() >= limit {
+                            next = Some(u64::from(shard + 1) << SHARD_SHIFT);
+                            break;
+                        }
                     }
-                    if shard > start {
-                        from = None;
-                    }
-                    let room = budget.saturating_sub(bytes);
-                    let (page, more) =
-                        engine.contents_page_within(&query, from, limit - documents.len(), room)?;
-                    let page_bytes: usize = page.iter().map(|d| d.fields.approx_size()).sum();
-                    if !documents.is_empty() && page_bytes > room {
-                        // The shard's first entry alone passes what is left of the
-                        // budget (a page's first entry goes whatever its size): it
-                        // starts the next page.
-                        next = Some(u64::from(shard) << SHARD_SHIFT | from.unwrap_or(0));
-                        break;
-                    }
-                    bytes += page_bytes;
-                    read_from.push((shard, engine));
-                    documents.extend(page);
-                    if let Some(more) = more {
-                        next = Some(u64::from(shard) << SHARD_SHIFT | more);
-                        break;
-                    }
-                    listed.push(shard);
-                    if documents.len() >= limit {
-                        next = Some(u64::from(shard + 1) << SHARD_SHIFT);
-                        break;
-                    }
-                }
+                    Ok(())
+                })?;
                 // A page is a read: given once the shards it read confirm it (see
                 // `ShardSet::confirm_read`), or not at all (the listing fails, and may be
                 // asked again).

@@ -230,6 +230,40 @@ async fn every_operation_works_through_the_client() {
     assert!(matches!(taken, Response::Documents(d) if d.len() == 2500));
 }
 
+/// A long count does not hold up the other calls of its connection: a status call sent
+/// after it is answered while it runs. The node served one connection's requests in turn
+/// up to their first wait, and a count never waits; and a worker busy counting neither
+/// ran the tasks queued behind it nor polled the sockets. The status (which the client
+/// uses to tell a frozen node from a busy one) was answered only after the whole count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_count_does_not_hold_up_its_connections_other_calls() {
+    let node = NodeProcess::start(&[]);
+    let space = Space::connect(&node.addr).await.unwrap();
+    for batch in 0..100u64 {
+        let jobs: Vec<Job> = (0..1_000).map(|i| job(batch * 1_000 + i, "bulk")).collect();
+        space.write_all(&jobs).await.unwrap();
+    }
+    let conn = Connection::open(&node.addr, space_client::ClientConfig::default())
+        .await
+        .unwrap();
+    // A filter no index answers, with a thousand values to compare each entry with.
+    let query = Query::of::<Job>().is_in("id", 1_000_000..1_001_000u64);
+    let count = {
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.call(Request::Count(query)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    conn.call(Request::NodeStatus).await.unwrap();
+    assert!(
+        !count.is_finished(),
+        "the status was answered only after the count"
+    );
+    match count.await.unwrap().unwrap() {
+        Response::Count(n) => assert_eq!(n, 0),
+        other => panic!("a count answers a count, not {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_is_pushed_to_the_client_in_order() {
     let node = NodeProcess::start(&[]);
