@@ -364,10 +364,11 @@ impl Cluster {
     /// that is only slow waiting (on its log, or its peers) answers the status at once,
     /// and the call goes on waiting; a frozen node, or one cut off with its connection
     /// left open, would otherwise hold the call for the whole call timeout. With no other
-    /// node to ask (a cluster of one), the call waits on. A node busy computing this
-    /// call's answer for over a second leaves the status unanswered too (it serves one
-    /// connection's requests in turn): with [`Patience::UntilReplaced`] it is waited for
-    /// while it leads its shards, since nobody else can answer for them.
+    /// node to ask (a cluster of one), the call waits on; a node busy counting or
+    /// listing answers the status meanwhile too (it scans apart from its other work). A
+    /// node paused for a moment leaves the status unanswered: with
+    /// [`Patience::UntilReplaced`] it is waited for while it leads its shards, since
+    /// nobody else can answer for them.
     async fn unless_silent<T>(
         &self,
         addr: &str,
