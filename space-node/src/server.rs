@@ -209,6 +209,9 @@ pub(crate) struct NodeState {
     connections: Arc<AtomicUsize>,
     /// Requests received since the node started.
     operations: std::sync::atomic::AtomicU64,
+    /// Permits for scans (counts, pages of contents) running at once: one per worker
+    /// thread (see [`NodeState::scan_apart`]).
+    scans: tokio::sync::Semaphore,
 }
 
 impl crate::observed::Observed for NodeState {
@@ -390,7 +393,7 @@ impl Service {
             .await
         } else {
             if scans(&request) {
-                // A task of its own (see `scan_apart`): the connection's requests are
+                // A task of its own (see `run_apart`): the connection's requests are
                 // served in turn up to their first wait, and a scan never waits.
                 tokio::task::yield_now().await;
             }
@@ -403,7 +406,7 @@ impl Service {
 }
 
 /// Whether `request` walks a whole entry type (a count, a page of contents), work that
-/// grows with the space and is done apart ([`scan_apart`]).
+/// grows with the space and is done apart ([`NodeState::scan_apart`]).
 fn scans(request: &Request) -> bool {
     matches!(request, Request::Count(_) | Request::Contents { .. })
 }
@@ -414,8 +417,9 @@ fn scans(request: &Request) -> bool {
 /// (`block_in_place`), since a worker busy in one task neither runs the others queued
 /// behind it nor polls the sockets for new requests. A status call sent behind a long
 /// count on the same connection, which the client uses to tell a frozen node from a busy
-/// one, waited for the whole count.
-pub(crate) fn scan_apart<T>(scan: impl FnOnce() -> T) -> T {
+/// one, waited for the whole count. Callers hold a scan permit first (see
+/// [`NodeState::scan_apart`]).
+fn run_apart<T>(scan: impl FnOnce() -> T) -> T {
     let multi_threaded = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if multi_threaded {
@@ -423,6 +427,14 @@ pub(crate) fn scan_apart<T>(scan: impl FnOnce() -> T) -> T {
     } else {
         scan()
     }
+}
+
+/// Scans a node runs at once: one per worker thread of the runtime it starts on (one on
+/// a single-threaded runtime). More would not finish sooner on that many cores.
+fn scan_permits() -> usize {
+    tokio::runtime::Handle::try_current()
+        .map_or(1, |h| h.metrics().num_workers())
+        .max(1)
 }
 
 /// Runs a request's future with the engine told which request it serves, on every poll
@@ -510,6 +522,27 @@ fn finished_of(answer: Answer) -> Finished {
 }
 
 impl NodeState {
+    /// Runs `scan` (a count, a page of contents) apart from the node's other work (see
+    /// `run_apart`) once one of the node's scan permits is free: at most one scan per
+    /// worker thread runs at once, each on a thread of its own, and the others wait
+    /// without holding a thread. A flood of counts thus takes no more threads and cores
+    /// than the node has workers, and writes and takes keep being served beside them.
+    /// Dropped while it waits, it gives its place up; once running, the scan finishes.
+    ///
+    /// # Errors
+    /// [`SpaceError::Unavailable`] if the permits were closed (they never are while the
+    /// node runs).
+    pub(crate) async fn scan_apart<T>(&self, scan: impl FnOnce() -> T) -> Result<T, SpaceError> {
+        let _permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| SpaceError::Unavailable {
+                reason: "the node is stopping: no scan runs".into(),
+            })?;
+        Ok(run_apart(scan))
+    }
+
     fn info(&self) -> NodeInfo {
         NodeInfo {
             node: self.config.node,
@@ -733,20 +766,22 @@ impl NodeState {
             Request::Cancel { entry_type, key } => {
                 engine.cancel(&entry_type, &key).map(|()| Response::Done)?
             }
-            Request::Count(q) => Response::Count(scan_apart(|| engine.count(&q))?),
+            Request::Count(q) => Response::Count(self.scan_apart(|| engine.count(&q)).await??),
             Request::Contents {
                 query,
                 after,
                 limit,
             } => {
-                let (documents, next) = scan_apart(|| {
-                    engine.contents_page_within(
-                        &query,
-                        after,
-                        limit.clamp(1, 10_000) as usize,
-                        budget,
-                    )
-                })?;
+                let (documents, next) = self
+                    .scan_apart(|| {
+                        engine.contents_page_within(
+                            &query,
+                            after,
+                            limit.clamp(1, 10_000) as usize,
+                            budget,
+                        )
+                    })
+                    .await??;
                 Response::Page {
                     documents,
                     next,
@@ -1066,6 +1101,7 @@ impl Node {
                 storage,
                 keyless_written: AtomicUsize::new(0),
                 address,
+                scans: tokio::sync::Semaphore::new(scan_permits()),
             }),
             listener,
         })

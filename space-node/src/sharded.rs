@@ -45,7 +45,7 @@ const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
 use crate::engines_used::{note_used, serving_for};
 use crate::replica::{ShardSet, claim_across, read_across, take_across};
-use crate::server::{NodeState, scan_apart};
+use crate::server::NodeState;
 
 impl NodeState {
     /// Runs one request of a replicated node on the shards it concerns.
@@ -213,11 +213,13 @@ impl NodeState {
                 }),
             ),
             Request::Count(q) => {
-                let counts = scan_apart(|| {
-                    led.iter()
-                        .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
-                        .collect::<Result<Vec<_>, SpaceError>>()
-                })?;
+                let counts = self
+                    .scan_apart(|| {
+                        led.iter()
+                            .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
+                            .collect::<Result<Vec<_>, SpaceError>>()
+                    })
+                    .await??;
                 // A count is a read: a shard's count is given only once its leadership
                 // confirms it (see `ShardSet::confirm_read`); the others are left to
                 // their leaders of the moment, which the client asks too.
@@ -249,7 +251,7 @@ impl NodeState {
                 let mut listed = Vec::new();
                 let mut read_from = Vec::new();
                 let serving = shards.serving();
-                scan_apart(|| -> Result<(), SpaceError> {
+                self.scan_apart(|| -> Result<(), SpaceError> {
                     for (shard, engine) in serving.iter().cloned() {
                         if shard < start {
                             continue;
@@ -286,7 +288,8 @@ impl NodeState {
                         }
                     }
                     Ok(())
-                })?;
+                })
+                .await??;
                 // A page is a read: given once the shards it read confirm it (see
                 // `ShardSet::confirm_read`), or not at all (the listing fails, and may be
                 // asked again).

@@ -264,6 +264,52 @@ async fn a_long_count_does_not_hold_up_its_connections_other_calls() {
     }
 }
 
+/// Counts sent at once from many connections run one per worker thread of the node, and
+/// the rest wait without a thread: a scan runs on a thread of its own (so that it holds up
+/// nothing else), and each count waiting for its type's lock held one too, so a flood of
+/// counts grew the node by a thread per count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_sent_at_once_run_one_per_worker_thread() {
+    const COUNTS: usize = 12;
+    let node = NodeProcess::start(&["--threads", "1"]);
+    let space = Space::connect(&node.addr).await.unwrap();
+    for batch in 0..30u64 {
+        let jobs: Vec<Job> = (0..1_000).map(|i| job(batch * 1_000 + i, "bulk")).collect();
+        space.write_all(&jobs).await.unwrap();
+    }
+    let before = node.threads();
+    assert!(before > 0, "the node's threads can be read");
+    let mut counts = Vec::new();
+    for _ in 0..COUNTS {
+        let conn = Connection::open(&node.addr, space_client::ClientConfig::default())
+            .await
+            .unwrap();
+        // A filter no index answers, with a thousand values to compare each entry with.
+        let query = Query::of::<Job>().is_in("id", 1_000_000..1_001_000u64);
+        counts.push(tokio::spawn(async move {
+            conn.call(Request::Count(query)).await
+        }));
+    }
+    let mut most = before;
+    while !counts.iter().all(|c| c.is_finished()) {
+        most = most.max(node.threads());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for count in counts {
+        match count.await.unwrap().unwrap() {
+            Response::Count(n) => assert_eq!(n, 0),
+            other => panic!("a count answers a count, not {other:?}"),
+        }
+    }
+    // One scan at a time on its own thread, and a thread of slack for the node's own.
+    assert!(
+        most <= before + 2,
+        "{COUNTS} counts at once grew the node from {before} to {most} threads"
+    );
+    // The node still serves everything else.
+    assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_is_pushed_to_the_client_in_order() {
     let node = NodeProcess::start(&[]);

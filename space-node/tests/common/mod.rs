@@ -75,6 +75,19 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// Threads the node process has now (0 once it is gone).
+    pub fn threads(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Resident memory of the node process, in bytes.
     pub fn resident_bytes(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/statm", self.pid()))
