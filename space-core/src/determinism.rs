@@ -439,6 +439,90 @@ fn check_crash(ops: &[(Op, Option<u8>)], cut: u32) {
     reference.close();
 }
 
+/// Cuts the last record of the engine's log in `dir` in half, as a crash in the middle of
+/// its group commit does.
+fn tear_last_record(dir: &Dir) {
+    let (segment, entries) = logged(&dir.0);
+    let last = entries.last().expect("a record is logged");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open segment");
+    f.set_len((last.start + last.len / 2) as u64).expect("cut");
+}
+
+/// A batch of writes is one record of the log: a crash that tears it keeps none of the
+/// batch (with a record per entry, a torn tail kept the batch's first entries, which the
+/// node had never acknowledged), and a batch logged whole answers its retry with every
+/// receipt after a restart.
+#[test]
+fn a_crash_in_the_middle_of_a_batch_keeps_none_of_it() {
+    const ENTRIES: u64 = 8;
+    let epoch = || config(Clock::manual(SystemTime::UNIX_EPOCH));
+    let write_batch = |dir: &Dir, id: RequestId| {
+        let live = Engine::open(&dir.0, epoch()).expect("open");
+        let entries = (0..ENTRIES).map(|i| (fields(1, i), None)).collect();
+        live.with_request(id, || {
+            live.write_all(TYPES[0], &[], entries, Lease::Forever)
+        })
+        .expect("write the batch");
+        live.flush_blocking().expect("flush");
+        live.close();
+    };
+    let all = Query::new(TYPES[0], Filter::All);
+
+    // Logged whole: recovered whole, its answer whole.
+    let whole = Dir::new();
+    let id = RequestId(7);
+    write_batch(&whole, id);
+    let recovered = Engine::open(&whole.0, epoch()).expect("recover");
+    assert_eq!(recovered.count(&all).expect("count"), ENTRIES);
+    match recovered.answer(id) {
+        Some(crate::state::Answer::Receipts(receipts)) => {
+            assert_eq!(
+                receipts.len() as u64,
+                ENTRIES,
+                "the batch's answer after a restart"
+            );
+        }
+        other => panic!("the batch's answer was not kept: {other:?}"),
+    }
+    recovered.close();
+
+    // Torn in the middle of its record: none of it.
+    let torn = Dir::new();
+    write_batch(&torn, id);
+    tear_last_record(&torn);
+    let recovered = Engine::open(&torn.0, epoch()).expect("recover");
+    assert_eq!(
+        recovered.count(&all).expect("count"),
+        0,
+        "a crash in the middle of the batch's record kept part of the batch"
+    );
+    assert!(recovered.answer(id).is_none());
+    recovered.close();
+
+    // A take of many is one record too: torn, it took nothing.
+    let taken = Dir::new();
+    write_batch(&taken, id);
+    let live = Engine::open(&taken.0, epoch()).expect("open");
+    let took = live
+        .with_request(RequestId(8), || live.take_all(&all, 100, Duration::ZERO))
+        .expect("take")
+        .wait();
+    assert_eq!(took.len() as u64, ENTRIES);
+    live.flush_blocking().expect("flush");
+    live.close();
+    tear_last_record(&taken);
+    let recovered = Engine::open(&taken.0, epoch()).expect("recover");
+    assert_eq!(
+        recovered.count(&all).expect("count"),
+        ENTRIES,
+        "a crash in the middle of a take of many kept part of it"
+    );
+    recovered.close();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("SPACE_DETERMINISM_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),

@@ -120,6 +120,11 @@ pub(crate) enum Command {
     /// hold are dropped, and a request sent again with one of these ids is refused
     /// ([`Answers::acknowledge`]). Changes no store.
     Acknowledged { requests: Vec<RequestId> },
+    /// The commands one call decided on one entry type, in order (a batch of writes):
+    /// logged as one record (one replicated entry), so that a crash or a failover keeps
+    /// all of them or none. Applied one after the other; the answers they record are the
+    /// command's, in its one place of the log ([`BatchMarks`]). Never nested.
+    Batch { commands: Vec<Command> },
 }
 
 impl Command {
@@ -150,6 +155,7 @@ impl Command {
             | Command::Release { request, .. } => request.is_some(),
             Command::Acknowledged { .. } => true,
             Command::Renew { .. } | Command::RenewClaim { .. } | Command::Index { .. } => false,
+            Command::Batch { commands } => commands.iter().any(Command::answers),
         }
     }
 
@@ -161,6 +167,7 @@ impl Command {
                 to: Some(HandOff::Claimed { token, .. }),
                 ..
             } => Some(*token),
+            Command::Batch { commands } => commands.iter().filter_map(Command::token).max(),
             _ => None,
         }
     }
@@ -338,6 +345,9 @@ pub(crate) fn apply(
             }
             Outcome::Changed
         }
+        // The engine applies a batch's commands one by one (each tells its events), in
+        // `BatchMarks::applying`.
+        Command::Batch { .. } => Outcome::Missing,
     }
 }
 
@@ -468,10 +478,20 @@ impl Answers {
     }
 
     fn record(&mut self, id: RequestId, index: Option<u64>, at: Option<Deadline>, part: Part) {
-        if let (Some(index), Some((_, Some(last)))) = (index, self.map.get(&id))
-            && *last >= index
-        {
-            return;
+        let already = |map: &HashMap<_, (Kept, Option<u64>), _>| matches!((index, map.get(&id)), (Some(index), Some((_, Some(last)))) if *last >= index);
+        match BatchMarks::seen(id) {
+            // An earlier command of the same batch recorded a part of this answer.
+            Some(true) => {}
+            Some(false) => return,
+            None if BatchMarks::active() => {
+                let fresh = !already(&self.map);
+                BatchMarks::note(id, fresh);
+                if !fresh {
+                    return;
+                }
+            }
+            None if already(&self.map) => return,
+            None => {}
         }
         let prev = self.map.remove(&id).map(|(a, _)| a);
         if prev.is_none() {
@@ -614,6 +634,67 @@ impl Answers {
         for h in held {
             if *h.entry_type == *entry_type && h.record.key == *key {
                 h.given_back = true;
+            }
+        }
+    }
+}
+
+/// The answers recorded while one [`Command::Batch`] is applied, on this thread. All its
+/// commands share the batch's one place in the log, so an answer is recorded twice on
+/// replay only if it already held that place before the batch began (a snapshot cut above
+/// it holds its answers): each request's first part decides whether its other parts are
+/// recorded too.
+#[derive(Default)]
+pub(crate) struct BatchMarks {
+    /// Requests whose answers this batch records (`true`), or finds recorded (`false`).
+    seen: HashMap<RequestId, bool>,
+}
+
+thread_local! {
+    static BATCH: std::cell::RefCell<Option<BatchMarks>> = const { std::cell::RefCell::new(None) };
+}
+
+impl BatchMarks {
+    /// Runs `f`, the applying of one batch's commands, with the marks of a new batch, and
+    /// returns with its result the requests whose answers the batch recorded: applied
+    /// live, before the batch was logged, they get the batch's place in the log once it
+    /// is known ([`Answers::place`]).
+    pub(crate) fn applying<T>(f: impl FnOnce() -> T) -> (T, Vec<RequestId>) {
+        let outer = BATCH.with(|b| b.replace(Some(BatchMarks::default())));
+        let result = f();
+        let marks = BATCH.with(|b| b.replace(outer)).unwrap_or_default();
+        let recorded = marks
+            .seen
+            .into_iter()
+            .filter_map(|(id, fresh)| fresh.then_some(id))
+            .collect();
+        (result, recorded)
+    }
+
+    fn active() -> bool {
+        BATCH.with(|b| b.borrow().is_some())
+    }
+
+    fn seen(id: RequestId) -> Option<bool> {
+        BATCH.with(|b| b.borrow().as_ref().and_then(|m| m.seen.get(&id).copied()))
+    }
+
+    fn note(id: RequestId, fresh: bool) {
+        BATCH.with(|b| {
+            if let Some(m) = b.borrow_mut().as_mut() {
+                m.seen.insert(id, fresh);
+            }
+        });
+    }
+}
+
+impl Answers {
+    /// Gives the answers of `recorded` (a batch's, applied before it was logged) the
+    /// batch's place in the log.
+    pub(crate) fn place(&mut self, recorded: &[RequestId], index: u64) {
+        for id in recorded {
+            if let Some((_, place)) = self.map.get_mut(id) {
+                *place = Some(index);
             }
         }
     }

@@ -490,10 +490,10 @@ async fn settle_after_step_down(
 
 /// `answer` to a write of `entries` entries, unless it holds only part of the batch:
 /// then what the rest did is not known, and the write's outcome is reported unknown
-/// (`Unavailable`) rather than acknowledged whole. Whatever the answer's source: one
-/// shard's answers hold only its part of a batch that spanned shards (a retry after a
-/// failover), and a durable node's log only part of a batch whose group commit a crash
-/// or a full disk cut (a retry after a restart).
+/// (`Unavailable`) rather than acknowledged whole. One shard's answers hold only its part
+/// of a batch that spanned shards (a retry after a failover); a log keeps a batch whole
+/// or not at all (one record, or one entry of a group's log), but a request id sent
+/// again with other entries finds the first request's.
 fn whole(
     answer: Result<Response, SpaceError>,
     entries: Option<usize>,
@@ -1360,10 +1360,10 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 
-    /// A batch its node's log kept only in part (a crash cut its group commit, or a full
-    /// disk its write: the log holds one record per entry) is not acknowledged by a
-    /// retry: the retry is told that the outcome of the rest is unknown, not handed the
-    /// part's receipts as if they were the batch's.
+    /// A batch whose answer the node's log holds only in part (here: a first write of one
+    /// entry under the batch's id; across shards, a shard's part after a failover) is not
+    /// acknowledged by a retry: the retry is told that the outcome of the rest is
+    /// unknown, not handed the part's receipts as if they were the batch's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_retried_batch_its_log_kept_only_in_part_is_not_acknowledged() {
         let dir = space_tests::TempDir::new("partial-batch");

@@ -21,6 +21,10 @@ impl Proposals for AtOnce {
     fn propose(&self, _command: Vec<u8>) -> u64 {
         0
     }
+    fn reserve(&self) -> u64 {
+        0
+    }
+    fn fill(&self, _seq: u64, _command: Vec<u8>) {}
     fn settled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
         Box::pin(async { Ok(()) })
     }

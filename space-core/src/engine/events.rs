@@ -49,6 +49,8 @@ pub(super) fn after(command: &Command) -> Option<(EventKind, u64)> {
         | Command::RenewClaim { .. }
         | Command::Index { .. }
         | Command::Acknowledged { .. } => None,
+        // Each of its commands tells its own (see `Engine::apply`).
+        Command::Batch { .. } => None,
     }
 }
 

@@ -52,7 +52,9 @@ use crate::notify::{
     Notification, SubShared, Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
-use crate::state::{self, Answer, Answers, Cause, Command, GiveBack, HandOff, Outcome, Taken};
+use crate::state::{
+    self, Answer, Answers, BatchMarks, Cause, Command, GiveBack, HandOff, Outcome, Taken,
+};
 use crate::store::{Record, Store, Totals};
 use crate::timers::Timers;
 
@@ -465,6 +467,19 @@ struct TypeState {
     /// Set when the type was found empty and taken out of the map: whoever still holds
     /// this cell looks the type up again.
     retired: bool,
+    /// The commands of the batch being decided under the lock now, if one is
+    /// ([`Engine::batched`]).
+    batch: Option<OpenBatch>,
+}
+
+/// The commands of a batch decided so far (see [`Engine::batched`]): applied as they are
+/// decided, logged together at its end.
+struct OpenBatch {
+    /// When the batch was decided (every command of it, as its one log record says).
+    at: Deadline,
+    commands: Vec<Command>,
+    /// The proposal number kept for it, once a command was decided (a leading engine).
+    proposal: Option<u64>,
 }
 
 impl TypeState {
@@ -736,6 +751,19 @@ impl Engine {
     /// log holds each type's commands in the order they were applied.
     #[inline]
     fn execute(&self, st: &mut TypeState, command: Command) -> Outcome {
+        if let Some(batch) = st.batch.as_mut() {
+            let at = batch.at;
+            let mark = match &self.inner.proposals {
+                Some(proposals) => *batch.proposal.get_or_insert_with(|| proposals.reserve()),
+                None => 0,
+            };
+            batch.commands.push(command.clone());
+            // Its place in the log is known once the batch is logged (see `batched`).
+            events::EVENT_MARK.with(|m| m.set(mark));
+            let outcome = self.apply(st, None, Some(at), command);
+            events::EVENT_MARK.with(|m| m.set(0));
+            return outcome;
+        }
         // The time a logged command is decided goes into the log with it.
         let clock = &self.inner.config.clock;
         if let Some(proposals) = &self.inner.proposals {
@@ -759,9 +787,51 @@ impl Engine {
         }
     }
 
+    /// Runs `decide` on the locked entry type as one batch: the commands it decides are
+    /// applied as they are decided, and logged (or proposed) together as one
+    /// [`Command::Batch`] when it returns, so that a crash in the middle of the log's
+    /// group commit, or a leader's death before the log committed everything, keeps all
+    /// of them or none. A leading engine keeps the batch's proposal number from its
+    /// first command (the events it tells wait for it), and the proposals after it wait
+    /// for it to be filled. An engine without a log decides as usual.
+    fn batched<T>(&self, st: &mut TypeState, decide: impl FnOnce(&mut TypeState) -> T) -> T {
+        if self.inner.proposals.is_none() && self.log_to().is_none() {
+            return decide(st);
+        }
+        st.batch = Some(OpenBatch {
+            at: self.inner.config.clock.read(),
+            commands: Vec::new(),
+            proposal: None,
+        });
+        #[cfg(test)]
+        let noted = (self.inner.trace.lock().len(), self.inner.told.lock().len());
+        let (result, recorded) = BatchMarks::applying(|| decide(st));
+        let Some(batch) = st.batch.take() else {
+            return result;
+        };
+        if batch.commands.is_empty() {
+            return result;
+        }
+        let command = Command::Batch {
+            commands: batch.commands,
+        };
+        let bytes = crate::durable::encode(batch.at, &st.name, &command);
+        if let (Some(proposals), Some(seq)) = (&self.inner.proposals, batch.proposal) {
+            proposals.fill(seq, bytes);
+        } else if let Some((wal, log)) = self.log_to() {
+            let index = wal.append(log, &bytes).index;
+            if self.inner.keeps_answers && !recorded.is_empty() {
+                self.inner.answers.lock().place(&recorded, index);
+            }
+            #[cfg(test)]
+            self.note_batch_at(noted, index);
+        }
+        result
+    }
+
     /// Applies a command to the locked entry type through [`state::apply`] (live, after
     /// it was appended at `index` of the engine's log, or replayed from there), decided
-    /// at `at`.
+    /// at `at`. A batch's commands are applied one after the other, at its index.
     #[inline]
     fn apply(
         &self,
@@ -770,6 +840,14 @@ impl Engine {
         at: Option<Deadline>,
         command: Command,
     ) -> Outcome {
+        if let Command::Batch { commands } = command {
+            BatchMarks::applying(|| {
+                for command in commands {
+                    self.apply(st, index, at, command);
+                }
+            });
+            return Outcome::Changed;
+        }
         // Events come from what applying did, the same way live and on replay (where no
         // subscription listens yet): a write is told before it is applied, the change
         // that follows it (a hand-off, a removal, a claim, a release) after.
@@ -968,6 +1046,7 @@ impl Engine {
                 hub: Hub::new(name.clone()),
                 wakes: Vec::new(),
                 retired: false,
+                batch: None,
             }),
         });
         next.insert(name, cell);
@@ -1083,6 +1162,22 @@ impl Engine {
             kind,
             record.version,
         ));
+    }
+
+    /// Gives what a batch's commands noted since `from` (lengths of the trace and of the
+    /// events told) the batch's index: they were applied before it was logged. (Tests
+    /// that compare them decide on one thread.)
+    fn note_batch_at(&self, from: (usize, usize), index: u64) {
+        for noted in self.inner.trace.lock().iter_mut().skip(from.0) {
+            if noted.0 == 0 {
+                noted.0 = index;
+            }
+        }
+        for told in self.inner.told.lock().iter_mut().skip(from.1) {
+            if told.0 == 0 {
+                told.0 = index;
+            }
+        }
     }
 
     /// Every event applying commands told so far, in log order within each entry type.

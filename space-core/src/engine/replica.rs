@@ -32,6 +32,16 @@ pub trait Proposals: Send + Sync + 'static {
     /// number.
     fn propose(&self, command: Vec<u8>) -> u64;
 
+    /// Keeps the next number for a command proposed later with [`fill`](Self::fill) (a
+    /// batch, decided over several steps under the entry type's lock): the proposals
+    /// numbered after it are held back until it is filled, so the log still takes them
+    /// in the order of their numbers. Returns at once.
+    fn reserve(&self) -> u64;
+
+    /// Proposes `command` under the number `seq` that [`reserve`](Self::reserve) gave,
+    /// and lets the proposals held back behind it go. Returns at once.
+    fn fill(&self, seq: u64, command: Vec<u8>);
+
     /// Waits until every command proposed so far is committed. Cancel-safe.
     ///
     /// # Errors

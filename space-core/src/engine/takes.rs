@@ -231,10 +231,18 @@ impl Engine {
                 seqs.push(seq);
                 seqs.len() < max
             });
-            Ok(seqs
-                .into_iter()
-                .filter_map(|seq| self.remove_taken(st, seq, Cause::Taken))
-                .collect())
+            // Taken together, logged as one record: a crash keeps all of it or none.
+            let many = seqs.len() > 1;
+            let take = |st: &mut TypeState| -> Vec<Taken> {
+                seqs.into_iter()
+                    .filter_map(|seq| self.remove_taken(st, seq, Cause::Taken))
+                    .collect()
+            };
+            Ok(if many {
+                self.batched(st, take)
+            } else {
+                take(st)
+            })
         })
         .unwrap_or(Ok(Vec::new()))
     }

@@ -120,6 +120,7 @@ impl Engine {
             entry_type,
             &entries.iter().map(|(f, _)| f).collect::<Vec<_>>(),
         )?;
+        let many = entries.len() > 1;
         self.locked(entry_type, |cell, st| {
             self.declare(cell, st, indexes);
             // Check everything first, so that an error leaves the space unchanged.
@@ -136,12 +137,20 @@ impl Engine {
                     });
                 }
             }
-            Ok(entries
-                .into_iter()
-                .map(|(fields, key)| {
-                    self.insert_new(cell, st, fields, NewKey::new(key), expires, learn, &now)
-                })
-                .collect())
+            // A logged batch is one record: a crash keeps all of it or none.
+            let insert = |st: &mut TypeState| -> Vec<Receipt> {
+                entries
+                    .into_iter()
+                    .map(|(fields, key)| {
+                        self.insert_new(cell, st, fields, NewKey::new(key), expires, learn, &now)
+                    })
+                    .collect()
+            };
+            Ok(if many {
+                self.batched(st, insert)
+            } else {
+                insert(st)
+            })
         })?
     }
 

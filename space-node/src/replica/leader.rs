@@ -34,15 +34,48 @@ pub struct Session {
     term: u64,
     /// This member, the leader.
     leader: MemberId,
-    /// Proposals in order, and the queue they enter the log from (none once the session
-    /// ended: what its engine still decides goes nowhere); the number of the last one is
-    /// `proposed`.
-    outbox: Mutex<(u64, Option<tokio::sync::mpsc::UnboundedSender<Proposal>>)>,
+    /// Proposals in order, and the queue they enter the log from (see [`Outbox`]); the
+    /// number of the last one is `proposed`.
+    outbox: Mutex<Outbox>,
     proposed: AtomicU64,
     committed: AtomicU64,
     ended: AtomicBool,
     changed: tokio::sync::Notify,
     changed_blocking: (Mutex<()>, Condvar),
+}
+
+/// Where a session's proposals go, in the order of their numbers.
+struct Outbox {
+    /// The number of the last proposal.
+    last: u64,
+    /// The queue they enter the log from (none once the session ended: what its engine
+    /// still decides goes nowhere).
+    queue: Option<tokio::sync::mpsc::UnboundedSender<Proposal>>,
+    /// Proposals held back behind a number kept for a batch (`Proposals::reserve`), in
+    /// order from the oldest kept number; each `None` until filled.
+    held: std::collections::VecDeque<(u64, Option<Vec<u8>>)>,
+}
+
+impl Outbox {
+    /// Sends the proposals at the front of `held` that are filled, up to the first
+    /// that is not.
+    fn send_ready(&mut self, session: &Session) {
+        while let Some((seq, Some(_))) = self.held.front() {
+            let seq = *seq;
+            if let Some((_, Some(command))) = self.held.pop_front() {
+                self.send(session, seq, command);
+            }
+        }
+    }
+
+    fn send(&self, session: &Session, seq: u64, command: Vec<u8>) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(Proposal {
+                origin: Some(session.origin(seq)),
+                command,
+            });
+        }
+    }
 }
 
 impl Session {
@@ -56,7 +89,11 @@ impl Session {
                 this: this.clone(),
                 term,
                 leader,
-                outbox: Mutex::new((0, Some(tx))),
+                outbox: Mutex::new(Outbox {
+                    last: 0,
+                    queue: Some(tx),
+                    held: std::collections::VecDeque::new(),
+                }),
                 proposed: AtomicU64::new(0),
                 committed: AtomicU64::new(0),
                 ended: AtomicBool::new(false),
@@ -76,7 +113,7 @@ impl Session {
     fn end(&self) {
         self.ended.store(true, Ordering::Release);
         // Proposals queued already still go to the log, under this leadership only.
-        self.outbox.lock().1 = None;
+        self.outbox.lock().queue = None;
         self.wake();
     }
 
@@ -133,16 +170,32 @@ impl Proposals for Session {
     fn propose(&self, command: Vec<u8>) -> u64 {
         // Numbered and queued under one lock, so the numbers follow the log's order.
         let mut outbox = self.outbox.lock();
-        outbox.0 += 1;
-        let seq = outbox.0;
-        if let Some(queue) = &outbox.1 {
-            let _ = queue.send(Proposal {
-                origin: Some(self.origin(seq)),
-                command,
-            });
+        outbox.last += 1;
+        let seq = outbox.last;
+        if outbox.held.is_empty() {
+            outbox.send(self, seq, command);
+        } else {
+            outbox.held.push_back((seq, Some(command)));
         }
         self.proposed.store(seq, Ordering::Release);
         seq
+    }
+
+    fn reserve(&self) -> u64 {
+        let mut outbox = self.outbox.lock();
+        outbox.last += 1;
+        let seq = outbox.last;
+        outbox.held.push_back((seq, None));
+        self.proposed.store(seq, Ordering::Release);
+        seq
+    }
+
+    fn fill(&self, seq: u64, command: Vec<u8>) {
+        let mut outbox = self.outbox.lock();
+        if let Some((_, slot)) = outbox.held.iter_mut().find(|(s, _)| *s == seq) {
+            *slot = Some(command);
+        }
+        outbox.send_ready(self);
     }
 
     fn settled(&self) -> Pin<Box<dyn std::future::Future<Output = space_core::Result<()>> + Send>> {
@@ -553,5 +606,37 @@ mod tests {
             Some(Err(SpaceError::WrongNode { .. }))
         ));
         assert_eq!(leadership.given_up(), Some(4));
+    }
+
+    /// A batch's number is kept while the batch is decided: the proposals numbered after
+    /// it wait until it is filled, so the log takes every proposal in the order of its
+    /// number (which is how commits are counted).
+    #[tokio::test]
+    async fn proposals_after_a_kept_number_wait_for_it() {
+        let (session, mut outbox) = Session::new(4, 1);
+        let sent = |outbox: &mut tokio::sync::mpsc::UnboundedReceiver<Proposal>| {
+            let mut seqs = Vec::new();
+            while let Ok(p) = outbox.try_recv() {
+                seqs.push((p.origin.map_or(0, |o| o.seq), p.command));
+            }
+            seqs
+        };
+        assert_eq!(session.propose(vec![1]), 1);
+        let batch = session.reserve();
+        assert_eq!(batch, 2);
+        assert_eq!(session.propose(vec![3]), 3);
+        let later = session.reserve();
+        assert_eq!(session.propose(vec![5]), 5);
+        assert_eq!(sent(&mut outbox), vec![(1, vec![1])]);
+        // Filled out of order: nothing goes before the number in front.
+        session.fill(later, vec![4]);
+        assert_eq!(sent(&mut outbox), vec![]);
+        session.fill(batch, vec![2]);
+        assert_eq!(
+            sent(&mut outbox),
+            vec![(2, vec![2]), (3, vec![3]), (4, vec![4]), (5, vec![5])]
+        );
+        assert_eq!(session.propose(vec![6]), 6);
+        assert_eq!(sent(&mut outbox), vec![(6, vec![6])]);
     }
 }

@@ -604,19 +604,35 @@ async fn serving(members: &[TestMember]) -> (usize, space_core::server::Engine) 
     }
 }
 
+/// The index of the last entry of `member`'s log.
+async fn last_log_index(member: &TestMember) -> u64 {
+    member
+        .raft
+        .wait(None)
+        .metrics(|_| true, "now")
+        .await
+        .unwrap()
+        .last_log_index
+        .unwrap_or(0)
+}
+
+/// Three members, each on a directory of its own (kept while they run), in one group.
+async fn group_of_three(name: &str) -> (Vec<TempDir>, Vec<TestMember>) {
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new(name)).collect();
+    let mut members = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
+    }
+    form_group(&members).await;
+    (dirs, members)
+}
+
 /// Waits until every member applied the leader's whole log and all hold one state (at
 /// most 10 s); returns its digest.
 async fn converged(members: &[TestMember], leader: usize) -> String {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let last = members[leader]
-            .raft
-            .wait(None)
-            .metrics(|_| true, "now")
-            .await
-            .unwrap()
-            .last_log_index
-            .unwrap_or(0);
+        let last = last_log_index(&members[leader]).await;
         for m in members {
             applied(m, last).await;
         }
@@ -645,12 +661,7 @@ async fn calls_on_the_leader_are_committed_everywhere_and_the_next_leader_contin
         f
     };
     let jobs = Query::new("Job", Filter::All);
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("serve")).collect();
-    let mut members = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        members.push(start_member(i as u64 + 1, &dir.0, "127.0.0.1:0").await);
-    }
-    form_group(&members).await;
+    let (_dirs, mut members) = group_of_three("serve").await;
 
     // Writes, takes and claims on the leader's engine; answered once committed.
     let (leader, engine) = serving(&members).await;
@@ -1734,5 +1745,63 @@ async fn indexes_declared_on_a_node_reach_every_shard_it_leads() {
     }
     for node in nodes {
         node.stop().await;
+    }
+}
+
+/// A batch of writes on a leader is one entry of the group's log, so that a leader that
+/// dies before the log committed it leaves all of it or none; every replica applies it
+/// whole, and the next leader answers its retry with every receipt. (With an entry per
+/// write, the log could commit the batch's first writes only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_entry_of_the_log_and_applied_whole_everywhere() {
+    use space_core::wire::RequestId;
+    use space_core::{Fields, Lease, Value};
+    const BATCH: i64 = 50;
+    let (_dirs, members) = group_of_three("batch").await;
+    let (leader, engine) = serving(&members).await;
+    let before = last_log_index(&members[leader]).await;
+    let id = RequestId::new();
+    let entries: Vec<(Fields, Option<space_core::Key>)> = (0..BATCH)
+        .map(|n| {
+            let mut f = Fields::new();
+            f.push("n", Value::I64(n));
+            (f, None)
+        })
+        .collect();
+    let receipts = engine
+        .with_request(id, || engine.write_all("Job", &[], entries, Lease::Forever))
+        .unwrap();
+    assert_eq!(receipts.len() as i64, BATCH);
+    committed(&engine).await.unwrap();
+    assert_eq!(
+        last_log_index(&members[leader]).await,
+        before + 1,
+        "the batch took more than one entry of the log"
+    );
+    let digest = converged(&members, leader).await;
+    same_digest(&engine.state_digest(), &digest, "the leader's engine");
+    for m in &members {
+        let replica = m.slot.engine();
+        assert_eq!(replica.stats().entries, BATCH as u64);
+        match replica.answer(id) {
+            Some(space_core::server::Answer::Receipts(r)) => {
+                assert_eq!(
+                    r.len() as i64,
+                    BATCH,
+                    "member {}'s answer of the batch",
+                    m.id
+                );
+            }
+            other => panic!("member {} kept no answer of the batch: {other:?}", m.id),
+        }
+    }
+    // Another member leads: it answers the batch's retry whole.
+    let next = hand_over(&members, leader, (leader + 1) % members.len()).await;
+    match next.answer(id) {
+        Some(space_core::server::Answer::Receipts(r)) => assert_eq!(r.len() as i64, BATCH),
+        other => panic!("the next leader kept no answer of the batch: {other:?}"),
+    }
+    for m in members {
+        m.stop().await;
     }
 }
