@@ -223,7 +223,11 @@ async fn nemesis(
     done
 }
 
-/// Writers, takers and claimers, recording every operation until `stop`.
+/// Entries in each batch the batch writer writes.
+const BATCH: u64 = 3;
+
+/// Writers (two of single entries, one of batches), takers and claimers, recording every
+/// operation until `stop`.
 fn workers(
     space: &Space,
     history: &Arc<History>,
@@ -251,6 +255,41 @@ fn workers(
                     Err(e) => ended(&e),
                 };
                 history.record(Op::Write { id, ended });
+                if ended != Ended::Ok {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    // A writer of batches: each batch is one entry of its shard's log, all or nothing,
+    // and its retry across a failover is answered whole from the replicated answers.
+    {
+        let (space, history, acknowledged, stop, next_id) = (
+            space.clone(),
+            history.clone(),
+            acknowledged.clone(),
+            stop.clone(),
+            next_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let ids: Vec<u64> = (0..BATCH)
+                    .map(|_| next_id.fetch_add(1, Ordering::Relaxed))
+                    .collect();
+                let jobs: Vec<PaddedJob> = ids.iter().map(|&id| PaddedJob::new(id)).collect();
+                let ended = match space.write_all(&jobs).await {
+                    Ok(receipts) => {
+                        let mut acknowledged = acknowledged.lock().unwrap();
+                        for (receipt, &id) in receipts.into_iter().zip(&ids) {
+                            acknowledged.insert(receipt.key, id);
+                        }
+                        Ended::Ok
+                    }
+                    Err(e) => ended(&e),
+                };
+                for id in ids {
+                    history.record(Op::Write { id, ended });
+                }
                 if ended != Ended::Ok {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
