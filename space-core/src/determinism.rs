@@ -6,6 +6,7 @@
 //! received must be exactly those events, in log order.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
@@ -520,6 +521,78 @@ fn a_crash_in_the_middle_of_a_batch_keeps_none_of_it() {
         ENTRIES,
         "a crash in the middle of a take of many kept part of it"
     );
+    recovered.close();
+}
+
+/// A hook that tells `tx`, then waits for `rx` up to `patience`.
+fn tell_then_wait(
+    tx: std::sync::mpsc::Sender<()>,
+    rx: std::sync::mpsc::Receiver<()>,
+    patience: Duration,
+) -> Arc<dyn Fn() + Send + Sync> {
+    let rx = std::sync::Mutex::new(rx);
+    Arc::new(move || {
+        let _ = tx.send(());
+        let _ = rx.lock().expect("lock").recv_timeout(patience);
+    })
+}
+
+/// A snapshot whose entry types were cut before a batch began, and whose copy of the
+/// answers is taken while the batch is decided, holds none of the batch's answers: the
+/// batch is above its type's cut and replayed, and its answer recorded once. Copied in
+/// the middle of the batch, the answer held the batch's receipts without their place in
+/// the log, and the replay added them again: twice the receipts after a restart.
+#[test]
+fn a_snapshot_taken_while_a_batch_is_decided_keeps_its_answer_once() {
+    use std::sync::mpsc;
+    const ENTRIES: u64 = 8;
+    let dir = Dir::new();
+    let epoch = || config(Clock::manual(SystemTime::UNIX_EPOCH));
+    let live = Engine::open(&dir.0, epoch()).expect("open");
+    let all = Query::new(TYPES[0], Filter::All);
+    // The type exists (and is cut) before the batch.
+    live.write(TYPES[0], fields(1, 100), None, Lease::Forever)
+        .expect("write");
+    let (cut_tx, cut_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (copied_tx, copied_rx) = mpsc::channel::<()>();
+    live.set_hooks(crate::engine::TestHooks {
+        // The snapshot waits, its types cut, until the batch is decided.
+        cut: Some(tell_then_wait(cut_tx, go_rx, Duration::from_secs(5))),
+        // The batch, decided, lets the snapshot go on and gives it time to copy.
+        batch_decided: Some(tell_then_wait(go_tx, copied_rx, Duration::from_millis(500))),
+    });
+    let checkpoint = {
+        let live = live.clone();
+        std::thread::spawn(move || {
+            live.checkpoint().expect("checkpoint");
+            let _ = copied_tx.send(());
+        })
+    };
+    cut_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the snapshot cut its types");
+    let id = RequestId(9);
+    let entries = (0..ENTRIES).map(|i| (fields(1, i), None)).collect();
+    live.with_request(id, || {
+        live.write_all(TYPES[0], &[], entries, Lease::Forever)
+    })
+    .expect("write the batch");
+    checkpoint.join().expect("the checkpoint");
+    live.flush_blocking().expect("flush");
+    live.set_hooks(crate::engine::TestHooks::default());
+    live.close();
+    drop(live);
+    let recovered = Engine::open(&dir.0, epoch()).expect("recover");
+    assert_eq!(recovered.count(&all).expect("count"), ENTRIES + 1);
+    match recovered.answer(id) {
+        Some(crate::state::Answer::Receipts(receipts)) => assert_eq!(
+            receipts.len() as u64,
+            ENTRIES,
+            "the batch's answer after a restart"
+        ),
+        other => panic!("the batch's answer was not kept: {other:?}"),
+    }
     recovered.close();
 }
 

@@ -147,10 +147,17 @@ impl Engine {
                 records,
             });
         }
+        #[cfg(test)]
+        self.run_hook(|h| h.cut.clone());
+        // Not in the middle of a batch (see `Inner::batches`).
+        let answers = {
+            let _no_batch = self.inner.batches.write();
+            self.inner.answers.lock().clone()
+        };
         Snapshot {
             next_token: self.inner.next_token.load(Ordering::Relaxed),
             types,
-            answers: self.inner.answers.lock().clone(),
+            answers,
             floor: 0,
             durable_to: 0,
         }

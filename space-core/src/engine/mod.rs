@@ -372,9 +372,18 @@ struct Inner {
     /// The answers of recent requests: part of the state, changed only by `apply`
     /// (taken after an entry type's lock, never before one).
     answers: Mutex<Answers>,
+    /// Held shared while a batch is decided and logged ([`Engine::batched`]), and
+    /// exclusively while a snapshot copies the answers: a batch's answers are recorded
+    /// before the batch has its place in the log, and a copy of them without that
+    /// place, taken after the batch's type was cut, would be recorded again on replay.
+    batches: parking_lot::RwLock<()>,
     /// Every applied command's log place and outcome, for the determinism tests.
     #[cfg(test)]
     trace: Mutex<Vec<(u64, String)>>,
+    /// Called in tests where a race can fall: between a snapshot's cuts and its copy of
+    /// the answers, and when a batch is decided but not logged yet.
+    #[cfg(test)]
+    hooks: Mutex<TestHooks>,
     /// Every event told, for the determinism tests: log index, type, key, kind, version.
     #[cfg(test)]
     told: Mutex<Vec<Told>>,
@@ -383,6 +392,16 @@ struct Inner {
 /// An event as the determinism tests see it: log index, type, key, kind, version.
 #[cfg(test)]
 pub(crate) type Told = (u64, String, Key, EventKind, u64);
+
+/// Calls a test makes at points where a race can fall (see [`Inner`]'s `hooks`).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct TestHooks {
+    /// Once a snapshot has cut every entry type, before it copies the answers.
+    pub(crate) cut: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Once a batch is decided, before it is logged.
+    pub(crate) batch_decided: Option<Arc<dyn Fn() + Send + Sync>>,
+}
 
 /// Where a durable engine's log is.
 struct Durable {
@@ -681,8 +700,11 @@ impl Engine {
             closed: std::sync::atomic::AtomicBool::new(false),
             on_close: tokio::sync::Notify::new(),
             answers: Mutex::new(Answers::default()),
+            batches: parking_lot::RwLock::new(()),
             #[cfg(test)]
             trace: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            hooks: Mutex::new(TestHooks::default()),
             #[cfg(test)]
             told: Mutex::new(Vec::new()),
         });
@@ -798,6 +820,7 @@ impl Engine {
         if self.inner.proposals.is_none() && self.log_to().is_none() {
             return decide(st);
         }
+        let _open = self.inner.batches.read();
         st.batch = Some(OpenBatch {
             at: self.inner.config.clock.read(),
             commands: Vec::new(),
@@ -812,6 +835,8 @@ impl Engine {
         if batch.commands.is_empty() {
             return result;
         }
+        #[cfg(test)]
+        self.run_hook(|h| h.batch_decided.clone());
         let command = Command::Batch {
             commands: batch.commands,
         };
@@ -1162,6 +1187,19 @@ impl Engine {
             kind,
             record.version,
         ));
+    }
+
+    /// Runs the hook `which` picks, if a test set it.
+    fn run_hook(&self, which: impl Fn(&TestHooks) -> Option<Arc<dyn Fn() + Send + Sync>>) {
+        let hook = which(&self.inner.hooks.lock());
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// Sets the hooks a test calls where a race can fall.
+    pub(crate) fn set_hooks(&self, hooks: TestHooks) {
+        *self.inner.hooks.lock() = hooks;
     }
 
     /// Gives what a batch's commands noted since `from` (lengths of the trace and of the
