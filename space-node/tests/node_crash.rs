@@ -2,7 +2,8 @@
 //! SIGKILL at random moments and restarted, at least five times; then the space is
 //! drained. Every acknowledged write must be taken exactly once by an acknowledged take or
 //! be present at the end; no acknowledged take may come back. Lost, duplicated and
-//! unexpected entries are counted and must be zero.
+//! unexpected entries are counted and must be zero, and no batch may be found in part
+//! (a batch is one record of the log).
 
 mod common;
 
@@ -30,6 +31,8 @@ space_client::entry!(Parcel, "Parcel");
 struct History {
     attempted: HashSet<u64>,
     written: HashSet<u64>,
+    /// The ids of each batch written (whatever its outcome).
+    batches: Vec<Vec<u64>>,
     taken: Vec<u64>,
     failures: u64,
 }
@@ -42,6 +45,9 @@ fn fail(history: &Mutex<History>) -> u64 {
     history.lock().failures += 1;
     0
 }
+
+/// Entries in each batch the batch writer writes.
+const BATCH: u64 = 4;
 
 fn config() -> ClientConfig {
     ClientConfig {
@@ -99,6 +105,33 @@ fn acknowledged_work_survives_repeated_kill_9() {
                 Ok(_) => {
                     history.lock().written.insert(id);
                     1
+                }
+                Err(_) => fail(history),
+            }
+        })));
+    }
+    {
+        let next_id = next_id.clone();
+        clients.push(client(Box::new(move |space, history| {
+            let ids: Vec<u64> = (0..BATCH)
+                .map(|_| next_id.fetch_add(1, Ordering::Relaxed))
+                .collect();
+            {
+                let mut h = history.lock();
+                h.attempted.extend(&ids);
+                h.batches.push(ids.clone());
+            }
+            let parcels: Vec<Parcel> = ids
+                .iter()
+                .map(|&id| Parcel {
+                    id,
+                    payload: vec![id as u8; 64],
+                })
+                .collect();
+            match space.write_all(&parcels) {
+                Ok(_) => {
+                    history.lock().written.extend(&ids);
+                    BATCH
                 }
                 Err(_) => fail(history),
             }
@@ -175,20 +208,30 @@ fn acknowledged_work_survives_repeated_kill_9() {
     let lost = h.written.iter().filter(|id| !seen.contains_key(id)).count();
     let duplicated = seen.values().filter(|&&n| n > 1).count();
     let unexpected = seen.keys().filter(|id| !h.attempted.contains(id)).count();
+    // Found in part: some of a batch's entries were taken or left, and not all.
+    let torn = h
+        .batches
+        .iter()
+        .filter(|ids| {
+            let found = ids.iter().filter(|id| seen.contains_key(id)).count();
+            found > 0 && found < ids.len()
+        })
+        .count();
     println!(
-        "kills {kills}, written {} (of {} attempted), taken {}, present at the end {}, client failures {}; lost {lost}, duplicated {duplicated}, unexpected {unexpected}",
+        "kills {kills}, written {} (of {} attempted), taken {}, present at the end {}, client failures {}; lost {lost}, duplicated {duplicated}, unexpected {unexpected}, batches found in part {torn} (of {})",
         h.written.len(),
         h.attempted.len(),
         h.taken.len(),
         present.len(),
-        h.failures
+        h.failures,
+        h.batches.len()
     );
     assert!(kills >= 5);
     assert!(
         h.written.len() > 100 && !h.taken.is_empty(),
         "the clients did work"
     );
-    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+    assert_eq!((lost, duplicated, unexpected, torn), (0, 0, 0, 0));
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
