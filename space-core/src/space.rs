@@ -884,7 +884,10 @@ both_forms! {
     /// As [`write`](Self::write); `Full` when no node carries the labels or has room.
     fn write_labelled<T>(&self, entry: &T, labels: &[(&str, &str)]) -> Result<Receipt> = |s| s.changes(s.op_write_one(entry, Lease::Forever, labels));
 
-    /// Stores all of `entries`, or none of them if any is refused.
+    /// Stores all of `entries`, or none of them if any is refused. On a durable node the
+    /// batch is one record of the log (on a replicated cluster, one entry of each
+    /// shard's log it touches), so a crash keeps all of it or none; a batch that spans
+    /// shards is all or nothing per shard.
     ///
     /// # Errors
     ///

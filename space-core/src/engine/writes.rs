@@ -98,7 +98,9 @@ impl Engine {
         })?
     }
 
-    /// Stores several entries of one type: all of them, or (on any error) none.
+    /// Stores several entries of one type: all of them, or (on any error) none. Logged
+    /// as one record (one proposal when leading a replicated log), so a crash keeps all
+    /// of them or none.
     ///
     /// # Errors
     ///
