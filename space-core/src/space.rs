@@ -941,7 +941,9 @@ both_forms! {
     fn take_if_exists<T>(&self, query: &Query) -> Result<Option<T>> = |s| s.changes(s.op_take(query, Duration::ZERO));
 
     /// Removes at least one (waiting up to `timeout` for it) and at most `max` matching
-    /// entries, oldest first. Empty on timeout.
+    /// entries, oldest first. Empty on timeout. What a node takes at once is one record of
+    /// its log (on a replicated cluster, one entry per shard it takes from), all or
+    /// nothing across a crash.
     ///
     /// # Errors
     ///
