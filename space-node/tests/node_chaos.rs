@@ -236,7 +236,10 @@ fn workers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let next_id = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..2 {
+    // Two writers of single entries, and one of batches: each batch is one entry of its
+    // shard's log, all or nothing, and its retry across a failover is answered whole
+    // from the replicated answers.
+    for size in [1, 1, BATCH] {
         let (space, history, acknowledged, stop, next_id) = (
             space.clone(),
             history.clone(),
@@ -246,38 +249,15 @@ fn workers(
         );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let ended = match space.write(&PaddedJob::new(id)).await {
-                    Ok(receipt) => {
-                        acknowledged.lock().unwrap().insert(receipt.key, id);
-                        Ended::Ok
-                    }
-                    Err(e) => ended(&e),
-                };
-                history.record(Op::Write { id, ended });
-                if ended != Ended::Ok {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
-    // A writer of batches: each batch is one entry of its shard's log, all or nothing,
-    // and its retry across a failover is answered whole from the replicated answers.
-    {
-        let (space, history, acknowledged, stop, next_id) = (
-            space.clone(),
-            history.clone(),
-            acknowledged.clone(),
-            stop.clone(),
-            next_id.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let ids: Vec<u64> = (0..BATCH)
+                let ids: Vec<u64> = (0..size)
                     .map(|_| next_id.fetch_add(1, Ordering::Relaxed))
                     .collect();
                 let jobs: Vec<PaddedJob> = ids.iter().map(|&id| PaddedJob::new(id)).collect();
-                let ended = match space.write_all(&jobs).await {
+                let written = match jobs.as_slice() {
+                    [job] => space.write(job).await.map(|r| vec![r]),
+                    jobs => space.write_all(jobs).await,
+                };
+                let ended = match written {
                     Ok(receipts) => {
                         let mut acknowledged = acknowledged.lock().unwrap();
                         for (receipt, &id) in receipts.into_iter().zip(&ids) {
