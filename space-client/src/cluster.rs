@@ -486,11 +486,19 @@ impl Cluster {
         // One id for every attempt: an attempt a failover cut off may have been done, and
         // the new owner answers a repeated id with its first answer. So attempts are not
         // revoked one by one: the call is, if it ends (or is dropped) without an answer.
-        let id = RequestId::new();
-        let mut guard = revoke::Resent::new(id, &request);
-        let answer = self.to_owner_as(key, id, request, &mut guard).await;
-        guard.finish(&answer);
-        answer
+        // A take or claim the node gave up itself did nothing, and goes again with a new
+        // id.
+        let mut afresh = 0;
+        loop {
+            let id = RequestId::new();
+            let mut guard = revoke::Resent::new(id, &request);
+            let answer = self.to_owner_as(key, id, &request, &mut guard).await;
+            guard.finish(&answer);
+            if !(revoke::given_up_by_its_node(&answer) && afresh < REROUTES) {
+                return answer;
+            }
+            afresh += 1;
+        }
     }
 
     /// The attempts of [`to_owner`](Self::to_owner), each noted in `guard`.
@@ -498,7 +506,7 @@ impl Cluster {
         &self,
         key: &Key,
         id: RequestId,
-        request: Request,
+        request: &Request,
         guard: &mut revoke::Resent,
     ) -> Result<Response> {
         let mut reroutes = Reroutes::new(self.config.retry_for);
@@ -1267,7 +1275,9 @@ impl Cluster {
     /// A call by query on the node at `addr` that may wait up to `timeout`: `request`
     /// makes it for the time left. When the shards that node leads change while it
     /// waits (a replicated cluster's failover), the node ends the wait, having done
-    /// nothing (`WrongNode`), and the call is made again for the time left.
+    /// nothing (`WrongNode`), and the call is made again for the time left; so is a call
+    /// the node gave up itself when its connection closed (`Revoked`, see
+    /// [`revoke::given_up_by_its_node`]).
     async fn query_on(
         &self,
         addr: &str,
@@ -1280,7 +1290,12 @@ impl Cluster {
             let left = deadline.saturating_duration_since(Instant::now());
             let conn = self.node(addr).await?;
             let id = RequestId::new();
-            match revoke::call_as(&conn, id, request(left)).await {
+            let answer = revoke::call_as(&conn, id, request(left)).await;
+            if revoke::given_up_by_its_node(&answer) && again < REROUTES {
+                again += 1;
+                continue;
+            }
+            match answer {
                 // Leaderships change in bursts (a failover moves many shards): asked
                 // again while its time lasts, and a few times once it is out.
                 Err(SpaceError::WrongNode { .. })

@@ -347,6 +347,9 @@ impl Resent {
                 | SpaceError::TimedOut { .. }
                 | SpaceError::Unavailable { .. },
             ) => drop(guard),
+            // The node gave the request up itself (see [`given_up_by_its_node`]): nothing
+            // of it is left to revoke.
+            Err(SpaceError::Revoked) => guard.given_back(),
             _ => guard.answered(worth),
         }
     }
@@ -369,6 +372,17 @@ fn worth_acknowledging(answer: &Response) -> bool {
         Response::Done => true,
         _ => false,
     }
+}
+
+/// Whether `answer` says that the node gave the request up itself: a take or claim
+/// whose connection closed after it was handed entries, before its answer went out (the
+/// node cannot tell a client that died from one that lost its connection), is revoked by
+/// the node, which gives back what it took or claimed, and answers a retry of it
+/// [`SpaceError::Revoked`]. This client revokes only calls it has given up, and so
+/// never waits for the answer of one it revoked: the call did nothing, and is sent again
+/// with a new id.
+pub(crate) fn given_up_by_its_node(answer: &Result<Response>) -> bool {
+    matches!(answer, Err(SpaceError::Revoked))
 }
 
 /// Whether a call of `request` must be revoked when its caller gives it up.
@@ -411,6 +425,13 @@ impl CallGuard {
                 conn.acknowledge(id);
             }
         }
+    }
+}
+
+impl CallGuard {
+    /// The node gave back what the call did: nothing to revoke.
+    fn given_back(mut self) {
+        self.call = None;
     }
 }
 

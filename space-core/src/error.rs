@@ -184,9 +184,11 @@ pub enum SpaceError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The request was given up by its caller (a revoke)
-    /// before it ran, so it did not run.
-    #[error("the request was revoked by its caller and did not run")]
+    /// The request was given up (a revoke) and did nothing: by its caller before it ran,
+    /// or by the node for a caller whose connection closed before the answer went out
+    /// (what it took or claimed went back). The client sends a take or claim given up by
+    /// its node again, with a new id.
+    #[error("the request was revoked and did nothing")]
     Revoked,
     /// The request was answered before, and its caller acknowledged the answer: sent
     /// again with the same id, it is not run again (and what its answer carried is no

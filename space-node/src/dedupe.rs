@@ -13,9 +13,16 @@
 //! the answer; a request still running is stopped; a request not seen yet is marked, and
 //! refused when it arrives. Finished answers and marks are kept for the latest
 //! [`Dedupe::capacity`] requests.
+//!
+//! A take or claim whose caller goes away without a word (its connection closed: the
+//! client process died) after it was handed its entries, while its changes are made
+//! durable, revokes itself: nobody will read its answer or retry it, so what it took goes
+//! back rather than being kept for a minute and then lost ([`Dedupe::on_vanished`]). A
+//! client that is alive and sends it again gets [`SpaceError::Revoked`] and sends it
+//! afresh.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use space_core::server::Taken;
@@ -57,6 +64,18 @@ impl Outcome {
         }
     }
 
+    /// Whether the outcome holds entries: what a take or commit removed, what a claim
+    /// claimed (none when it found nothing).
+    fn holds_entries(&self) -> bool {
+        match self {
+            Outcome::Taken(taken) => !taken.is_empty(),
+            Outcome::Committed(taken) => taken.is_some(),
+            Outcome::Answer(Response::Claimed(claimed)) => claimed.is_some(),
+            Outcome::Answer(Response::Documents(documents)) => !documents.is_empty(),
+            Outcome::Answer(_) => false,
+        }
+    }
+
     /// The answer, consuming the outcome.
     pub(crate) fn into_response(self) -> Response {
         match self {
@@ -94,10 +113,15 @@ enum Slot {
     Acknowledged,
 }
 
+/// What gives back what a request took or claimed, by its id (see
+/// [`Dedupe::on_vanished`]).
+pub(crate) type OnVanished = Box<dyn Fn(RequestId) + Send + Sync>;
+
 /// The record of recent mutating requests.
 pub(crate) struct Dedupe {
     capacity: usize,
     inner: Mutex<Inner>,
+    on_vanished: OnceLock<OnVanished>,
 }
 
 struct Inner {
@@ -133,13 +157,17 @@ pub(crate) enum Begin<'a> {
     Wait(Arc<Notify>),
 }
 
-/// A request this call runs; dropping it unfinished frees the id for a retry.
+/// A request this call runs; dropping it unfinished frees the id for a retry (or, once
+/// it holds entries its caller would have been handed, revokes it: see
+/// [`Dedupe::on_vanished`]).
 pub(crate) struct Running<'a> {
     dedupe: &'a Dedupe,
     id: RequestId,
     done: Arc<Notify>,
     cancel: Arc<Notify>,
     settled: bool,
+    /// Dropped unfinished, it gives back what it took or claimed.
+    gives_back: bool,
 }
 
 impl Dedupe {
@@ -150,7 +178,18 @@ impl Dedupe {
                 slots: HashMap::default(),
                 finished: VecDeque::new(),
             }),
+            on_vanished: OnceLock::new(),
         }
+    }
+
+    /// Sets what gives back what a vanished request took or claimed: a take or claim run
+    /// with `gives_back_if_vanished` (see [`run_then`](Self::run_then)) that is dropped
+    /// after it was handed entries, before its answer (its connection closed while its
+    /// changes were made durable). The request is marked revoked at once (a retry gets
+    /// [`SpaceError::Revoked`]) and `give_back` is called with its id, from the drop: it
+    /// must not block. Set once; later calls are ignored.
+    pub(crate) fn on_vanished(&self, give_back: OnVanished) {
+        let _ = self.on_vanished.set(give_back);
     }
 
     /// Records an answer given before (found in the log at recovery).
@@ -188,6 +227,7 @@ impl Dedupe {
                     done,
                     cancel,
                     settled: false,
+                    gives_back: false,
                 })
             }
         }
@@ -205,18 +245,24 @@ impl Dedupe {
     where
         F: std::future::Future<Output = Finished>,
     {
-        self.run_then(id, op, std::future::ready).await
+        self.run_then(id, op, std::future::ready, false).await
     }
 
     /// As [`run`](Self::run), with `then` run on what `op` finished (making it durable)
     /// before it is answered. `then` is not stopped by a revoke: once `op` has changed
     /// the space, the change is seen through, and a revoke that arrived meanwhile gets
     /// the outcome to undo.
+    ///
+    /// Dropped while `then` runs, the request is forgotten (a retry runs it again, and
+    /// finds what it did in the engine's answers), unless `gives_back_if_vanished` and
+    /// `op` took or claimed entries: then it revokes itself (see
+    /// [`on_vanished`](Self::on_vanished)).
     pub(crate) async fn run_then<F, G>(
         &self,
         id: RequestId,
         op: impl FnOnce() -> F,
         then: impl FnOnce(Finished) -> G,
+        gives_back_if_vanished: bool,
     ) -> Result<Response, SpaceError>
     where
         F: std::future::Future<Output = Finished>,
@@ -229,6 +275,7 @@ impl Dedupe {
                 Begin::Wait(done) => self.wait_while_running(id, &done).await,
             }
         };
+        let mut running = running;
         let cancel = running.cancel.clone();
         let finished = tokio::select! {
             biased;
@@ -238,7 +285,10 @@ impl Dedupe {
                 return Err(SpaceError::Revoked);
             }
         };
+        running.gives_back =
+            gives_back_if_vanished && finished.as_ref().is_ok_and(Outcome::holds_entries);
         let finished = then(finished).await;
+        running.gives_back = false;
         let answer = answer_of(&finished);
         if matches!(
             answer,
@@ -352,11 +402,24 @@ impl Running<'_> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if !self.settled {
+        if self.settled {
+            return;
+        }
+        if self.gives_back {
+            // Its caller went away after it took or claimed entries: revoked before anything
+            // else can ask for it, then given back.
+            self.dedupe
+                .inner
+                .lock()
+                .settle(self.id, Slot::Revoked, self.dedupe.capacity);
+            if let Some(give_back) = self.dedupe.on_vanished.get() {
+                give_back(self.id);
+            }
+        } else {
             // Dropped before it finished: a retry must run it again.
             self.dedupe.inner.lock().slots.remove(&self.id);
-            self.done.notify_waiters();
         }
+        self.done.notify_waiters();
     }
 }
 
@@ -513,6 +576,7 @@ mod tests {
                         let _ = made_durable.await;
                         finished
                     },
+                    false,
                 )
                 .await
             }
@@ -534,6 +598,86 @@ mod tests {
             ),
             "the revoke did not get the change to undo"
         );
+    }
+
+    /// Runs a request of id `id` whose op finishes with `outcome` and whose changes are
+    /// never made durable, with `gives_back_if_vanished`, and drops it once it waits for
+    /// them.
+    async fn dropped_while_made_durable(
+        d: &Arc<Dedupe>,
+        id: RequestId,
+        outcome: Outcome,
+        gives_back_if_vanished: bool,
+    ) {
+        let running = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.run_then(
+                    id,
+                    || async { Ok(outcome) },
+                    |_| std::future::pending::<Finished>(),
+                    gives_back_if_vanished,
+                )
+                .await
+            }
+        });
+        while !matches!(d.inner.lock().slots.get(&id), Some(Slot::Running { .. })) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        running.abort();
+        let _ = running.await;
+    }
+
+    /// Records the ids given to [`Dedupe::on_vanished`].
+    fn watch_vanished(d: &Dedupe) -> Arc<Mutex<Vec<RequestId>>> {
+        let vanished = Arc::new(Mutex::new(Vec::new()));
+        let seen = vanished.clone();
+        d.on_vanished(Box::new(move |id| seen.lock().push(id)));
+        vanished
+    }
+
+    #[tokio::test]
+    async fn a_take_dropped_while_made_durable_revokes_itself() {
+        let d = Arc::new(Dedupe::new(10));
+        let vanished = watch_vanished(&d);
+        let id = RequestId::new();
+        let taken = Outcome::Answer(Response::Documents(vec![Document {
+            key: space_core::Key::Name("a".into()),
+            version: 1,
+            fields: space_core::Fields::new(),
+        }]));
+        dropped_while_made_durable(&d, id, taken, true).await;
+        assert_eq!(*vanished.lock(), vec![id], "the take was not given back");
+        let retried = d.run(id, || async { Ok(Outcome::Answer(Response::Done)) });
+        assert_eq!(retried.await, Err(SpaceError::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_made_durable_that_holds_nothing_is_forgotten() {
+        let d = Arc::new(Dedupe::new(10));
+        let vanished = watch_vanished(&d);
+        // A take that found nothing, and a write (which never gives back).
+        let (found_nothing, write) = (RequestId::new(), RequestId::new());
+        dropped_while_made_durable(
+            &d,
+            found_nothing,
+            Outcome::Answer(Response::Documents(Vec::new())),
+            true,
+        )
+        .await;
+        dropped_while_made_durable(
+            &d,
+            write,
+            Outcome::Answer(Response::Receipts(Vec::new())),
+            false,
+        )
+        .await;
+        assert!(vanished.lock().is_empty());
+        for id in [found_nothing, write] {
+            let retried = d.run(id, || async { Ok(Outcome::Answer(Response::Done)) });
+            assert_eq!(retried.await, Ok(Response::Done), "a retry runs again");
+        }
     }
 
     #[tokio::test]

@@ -326,6 +326,10 @@ impl Service {
         if request.mutates() {
             let (id, retry, fresh) = (envelope.id, envelope.retry, envelope.fresh);
             let keyless = request.routing_key().is_none();
+            // A take or claim whose client goes away before its answer gives back what
+            // it was handed (a commit stands: its client may have done the work).
+            let gives_back_if_vanished =
+                matches!(request, Request::TakeDirect { .. } | Request::Claim { .. });
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
             let entries = match &request {
@@ -377,6 +381,7 @@ impl Service {
                         (Err(e), _) => Err(e),
                     }
                 },
+                gives_back_if_vanished,
             ))
             .await;
             let answer = whole(answer, entries);
@@ -613,6 +618,20 @@ impl NodeState {
     /// did from its shards' answers instead).
     pub(crate) async fn stop_request(&self, id: wire::RequestId) {
         drop(self.dedupe.revoke(id).await);
+    }
+
+    /// Gives back what take or claim `id` took or claimed, its caller having gone away
+    /// before its answer went out (see `Dedupe::on_vanished`): as the caller's own revoke
+    /// would.
+    async fn give_back_vanished(&self, id: wire::RequestId) {
+        match self.handle(Request::Revoke(id), 0).await {
+            Ok(_) => {
+                tracing::debug!(request = ?id, "gave back what a vanished caller's request took")
+            }
+            Err(e) => {
+                tracing::warn!(request = ?id, error = %e, "what a vanished caller's request took could not be given back")
+            }
+        }
     }
 
     /// Undoes what a revoked request did that its caller never saw.
@@ -1083,28 +1102,34 @@ impl Node {
         if shards.is_some() {
             members.start_polling(config.token.clone());
         }
-        Ok(Node {
-            state: Arc::new(NodeState {
-                members,
-                dedupe,
-                pushers: Arc::new(Pushers::new(PushConfig {
-                    node: config.node,
-                    max_frame: config.max_frame,
-                    subscriber_timeout: config.subscriber_timeout,
-                    max_per_endpoint: config.max_subscriptions_per_client,
-                })),
-                connections: Arc::new(AtomicUsize::new(0)),
-                operations: 0.into(),
-                config,
-                engine,
-                shards,
-                storage,
-                keyless_written: AtomicUsize::new(0),
-                address,
-                scans: tokio::sync::Semaphore::new(scan_permits()),
-            }),
-            listener,
-        })
+        let state = Arc::new(NodeState {
+            members,
+            dedupe,
+            pushers: Arc::new(Pushers::new(PushConfig {
+                node: config.node,
+                max_frame: config.max_frame,
+                subscriber_timeout: config.subscriber_timeout,
+                max_per_endpoint: config.max_subscriptions_per_client,
+            })),
+            connections: Arc::new(AtomicUsize::new(0)),
+            operations: 0.into(),
+            config,
+            engine,
+            shards,
+            storage,
+            keyless_written: AtomicUsize::new(0),
+            address,
+            scans: tokio::sync::Semaphore::new(scan_permits()),
+        });
+        let node = Arc::downgrade(&state);
+        state.dedupe.on_vanished(Box::new(move |id| {
+            if let (Some(state), Ok(runtime)) =
+                (node.upgrade(), tokio::runtime::Handle::try_current())
+            {
+                runtime.spawn(async move { state.give_back_vanished(id).await });
+            }
+        }));
+        Ok(Node { state, listener })
     }
 
     /// The address the node listens on.

@@ -7,10 +7,17 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{NodeProcess, free_addrs, start_cluster};
+use std::io::Write;
+
+use common::{NodeProcess, count_on, free_addrs, start_cluster, until, write_on};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use space_client::wire::Request;
+use space_client::wire::Target;
 use space_client::{Lease, Query, Space, connect};
+use space_tests::TempDir;
+use space_tests::hostile;
+use space_tests::proxy::{Link, Proxy};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Job {
@@ -146,4 +153,91 @@ async fn dropped_takes_on_three_nodes_lose_nothing() {
     let addrs = free_addrs(3);
     let _nodes = start_cluster(&addrs, &[]);
     dropped_calls_lose_nothing(&addrs.join(","), 40, false).await;
+}
+
+/// A durable node whose every fsync takes a second longer (a take's answer waits that
+/// long for its record), advertising `advertise` if given; and its directory.
+fn slow_durable_node(addr: &str, advertise: Option<&str>) -> (NodeProcess, TempDir) {
+    let dir = TempDir::new("slow-take");
+    let data_dir = dir.0.to_string_lossy().into_owned();
+    let mut args = vec!["--data-dir", &data_dir, "--fault-sync-delay-ms", "1000"];
+    if let Some(a) = advertise {
+        args.extend(["--advertise", a]);
+    }
+    (NodeProcess::start_at(addr, &args), dir)
+}
+
+/// A client that vanishes (its process killed, no revoke sent) after the node has handed
+/// its take an entry, while the take waits for its record to be made durable: the node
+/// never sends the answer, and gives the entry back rather than keeping it for a retry
+/// that will not come.
+#[test]
+fn a_take_whose_client_vanishes_before_its_answer_gives_its_entry_back() {
+    let (node, _dir) = slow_durable_node(&free_addrs(1).remove(0), None);
+    write_on(&node.addr, "Job", 1);
+    let mut client = hostile::raw(&node.addr).expect("a connection");
+    let take = hostile::call_bytes(
+        Request::TakeDirect {
+            target: Target::Query(Query::for_type("Job")),
+            max: 1,
+            timeout: Duration::ZERO,
+        },
+        Instant::now() + Duration::from_secs(30),
+    );
+    client
+        .write_all(&hostile::frame(&take))
+        .expect("send the take");
+    assert!(
+        until(Duration::from_secs(5), || count_on(&node.addr, "Job") == 0),
+        "the take never removed the entry"
+    );
+    // The take waits for its record's fsync; its client goes away without a word.
+    drop(client);
+    assert!(
+        until(Duration::from_secs(10), || count_on(&node.addr, "Job") == 1),
+        "the entry went to the answer of a client that is gone"
+    );
+}
+
+/// A take whose connection breaks while the node makes it durable is given up by the
+/// node, which cannot tell a client that died from one whose connection broke. The
+/// client, alive, sends the take again, learns that the node gave it up, and takes
+/// afresh: its caller gets the entry, taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_whose_connection_breaks_before_its_answer_takes_afresh() {
+    let addr = free_addrs(1).remove(0);
+    // The client reaches the node through a proxy (which the node advertises); the test
+    // asks the node directly.
+    let proxy = Proxy::start(addr.parse().unwrap()).await.unwrap();
+    let (_node, _dir) = slow_durable_node(&addr, Some(&proxy.addr().to_string()));
+    let space = connect(&proxy.addr().to_string()).await.unwrap();
+    space.write(&Job { id: 1 }).await.unwrap();
+    let taker = tokio::spawn({
+        let space = space.clone();
+        async move {
+            space
+                .take::<Job>(&Query::of::<Job>(), Duration::from_secs(30))
+                .await
+        }
+    });
+    let on_node = |check: fn(&str) -> bool| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || until(Duration::from_secs(10), || check(&addr)))
+    };
+    assert!(
+        on_node(|a| count_on(a, "Job") == 0).await.unwrap(),
+        "the take never removed the entry"
+    );
+    // The take waits for its record's fsync; its connection breaks, and comes back.
+    proxy.set(Link::Cut);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set(Link::Open);
+    let taken = taker.await.unwrap();
+    assert_eq!(taken.map(|job| job.map(|j| j.id)), Ok(Some(1)));
+    // Given back and taken again: not back in the space as well.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        on_node(|a| count_on(a, "Job") == 0).await.unwrap(),
+        "the entry taken is in the space as well"
+    );
 }

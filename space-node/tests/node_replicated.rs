@@ -2088,3 +2088,74 @@ async fn a_node_whose_disk_fills_up_stops_and_its_shards_fail_over() {
         "writes were refused: {not_acknowledged:?}"
     );
 }
+
+/// A take whose client vanishes (its process killed: no revoke sent) while the take's
+/// command waits to commit gives its entry back: the leader never sends the answer, and
+/// gives the entry back through the shard's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_whose_client_vanishes_before_its_commit_gives_its_entry_back() {
+    use std::io::Write;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // Every fsync takes 100 ms longer (less than an election's timeout, so that leaders
+    // are elected): a command waits that long to commit.
+    let addrs = free_addrs(3);
+    let cluster = addrs.join(",");
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+    let _nodes: Vec<NodeProcess> = addrs
+        .iter()
+        .zip(&dirs)
+        .map(|(addr, dir)| {
+            let data_dir = dir.0.to_string_lossy();
+            NodeProcess::start_at(
+                addr,
+                &[
+                    "--data-dir",
+                    &data_dir,
+                    "--initial-cluster",
+                    &cluster,
+                    "--shards",
+                    SHARDS,
+                    "--fault-sync-delay-ms",
+                    "100",
+                ],
+            )
+        })
+        .collect();
+    until_led(&addrs[0]).await;
+    let leader = addrs[0].clone();
+    let on_leader = move |check: fn(&str) -> bool| {
+        let addr = leader.clone();
+        tokio::task::spawn_blocking(move || common::until(Duration::from_secs(20), || check(&addr)))
+    };
+    // A keyless write goes to a shard the node it is sent to leads.
+    assert!(
+        on_leader(|a| {
+            common::write_on(a, "Job", 1);
+            common::count_on(a, "Job") == 1
+        })
+        .await
+        .unwrap(),
+        "the entry is not on a shard the node leads"
+    );
+    let mut client = space_tests::hostile::raw(&addrs[0]).expect("a connection");
+    let take = space_tests::hostile::call_bytes(
+        Request::TakeDirect {
+            target: space_client::wire::Target::Query(Query::for_type("Job")),
+            max: 1,
+            timeout: Duration::ZERO,
+        },
+        Instant::now() + Duration::from_secs(30),
+    );
+    client
+        .write_all(&space_tests::hostile::frame(&take))
+        .expect("send the take");
+    // Taken, and waiting to commit: its client goes away without a word.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drop(client);
+    assert!(
+        on_leader(|a| common::count_on(a, "Job") == 1)
+            .await
+            .unwrap(),
+        "the entry went to the answer of a client that is gone"
+    );
+}

@@ -269,13 +269,16 @@ pub fn waiters_on(addr: &str) -> u64 {
     }
 }
 
-/// The visible entries of `entry_type` on the node at `addr`, asked directly.
+/// The visible entries of `entry_type` on the node at `addr` (on a replicated node, in
+/// the shards it leads), asked directly.
 pub fn count_on(addr: &str, entry_type: &str) -> u64 {
     match direct(
         addr,
         Request::Count(space_client::Query::for_type(entry_type)),
     ) {
         Response::Count(n) => n,
+        // A replicated node counts in the shards it leads.
+        Response::ShardCounts { counts, .. } => counts.iter().map(|(_, n)| n).sum(),
         other => panic!("not a count: {other:?}"),
     }
 }
