@@ -2159,3 +2159,64 @@ async fn a_take_whose_client_vanishes_before_its_commit_gives_its_entry_back() {
         "the entry went to the answer of a client that is gone"
     );
 }
+
+/// A write proposed while its shard's leader has heard from no majority for longer than
+/// its lease (both followers frozen) is refused by the log without a word. The leader
+/// learns of it and gives the leadership up, rather than keep a change the log does not
+/// have: before, the write and every read of the shard waited until another write there
+/// revealed the gap, and reads failed `Unavailable` meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_while_the_leaders_lease_ran_out_does_not_stall_its_shard() {
+    use space_tests::process::{Signal, signal};
+    use std::io::Write;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, nodes, space) = three_nodes_led().await;
+    let followers: Vec<u32> = nodes[1..].iter().flatten().map(NodeProcess::pid).collect();
+    for &pid in &followers {
+        signal(pid, Signal::Stop).expect("freeze a follower");
+    }
+    // Past every leader's lease (an election timeout, 300 ms at most).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut fields = space_client::Fields::new();
+    fields.push("id", space_client::Value::I64(1));
+    let write = space_tests::hostile::call_bytes(
+        Request::WriteDirect {
+            entry_type: "Job".into(),
+            indexes: Vec::new(),
+            entries: vec![(fields, None)],
+            lease: space_client::Lease::Forever,
+            labels: Vec::new(),
+        },
+        Instant::now() + Duration::from_secs(60),
+    );
+    let mut client = space_tests::hostile::raw(&addrs[0]).expect("a connection");
+    client
+        .write_all(&space_tests::hostile::frame(&write))
+        .expect("send the write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for &pid in &followers {
+        signal(pid, Signal::Continue).expect("thaw a follower");
+    }
+    let thawed = Instant::now();
+    // The write is answered (its outcome, or that it is not known here).
+    let answered =
+        tokio::task::spawn_blocking(move || space_tests::hostile::read_frame(&mut client))
+            .await
+            .unwrap();
+    assert!(answered.is_some(), "the write was never answered");
+    assert!(
+        thawed.elapsed() < Duration::from_secs(5),
+        "the write was answered only {:?} after the followers were back",
+        thawed.elapsed()
+    );
+    // And the shards are read again.
+    let q = Query::for_type("Job");
+    while let Err(e) = space.count(&q).await {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(5),
+            "no count {:?} after the followers were back: {e}",
+            thawed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -236,6 +236,32 @@ impl Proposals for Session {
     }
 }
 
+/// openraft's responder for each proposal a session sends: nothing when the proposal is
+/// applied (the state machine counts commits), and, when openraft refused it, a call
+/// that gives the leadership up. openraft refuses a proposal without appending it when
+/// its leader's lease ran out (no majority heard from for an election timeout) though it
+/// stays the leader of its term, or when the leadership ended; only a responder hears of
+/// it. Without one, a refused proposal was found only once a later one of the session
+/// committed: meanwhile its calls, and every read of the shard (which waits for the
+/// serving engine's proposals), waited, and with no later write they waited until the
+/// leadership changed.
+pub struct Refusal(Arc<dyn Fn() + Send + Sync>);
+
+impl<T: openraft::OptionalSend + 'static> openraft::raft::responder::Responder<super::Shard, T>
+    for Refusal
+{
+    fn on_complete(self, result: T) {
+        // openraft calls it with `ClientWriteResult` (the only `T` a write's responder
+        // is given); an error is a proposal refused, never appended.
+        let refused = (&result as &dyn std::any::Any)
+            .downcast_ref::<openraft::raft::ClientWriteResult<super::Shard>>()
+            .is_some_and(Result::is_err);
+        if refused {
+            (self.0)();
+        }
+    }
+}
+
 /// What leads a group from this member: the current session and its serving engine, if
 /// this member leads. Shared by the state machine (which reports commits) and the
 /// watcher that follows the member's Raft state. Cloning shares it.
@@ -344,7 +370,8 @@ impl Leadership {
         }
     }
 
-    /// `session` lost a proposal (see [`Session::note_committed`]): its serving engine
+    /// `session` lost a proposal (refused by openraft, see [`Refusal`], or found missing
+    /// when a later one committed, see [`Session::note_committed`]): its serving engine
     /// holds a change the log does not, so the leadership is given up. Its calls fail
     /// and learn their outcome from the log; the term is not served again, and the
     /// watcher hands it to another member.
@@ -359,8 +386,7 @@ impl Leadership {
         };
         tracing::warn!(
             term = session.term,
-            "a proposal of this leadership was refused by the log while later ones were \
-             taken: the leadership is given up"
+            "a proposal of this leadership was refused by the log: the leadership is given up"
         );
         *self.given_up.term.lock() = Some(session.term);
         ended.close();
@@ -548,10 +574,23 @@ async fn lead(
     });
     leadership.changed();
     let raft = raft.clone();
+    let give_up: Arc<dyn Fn() + Send + Sync> = {
+        let (leadership, session) = (leadership.clone(), Arc::downgrade(&session));
+        Arc::new(move || {
+            if let Some(session) = session.upgrade() {
+                leadership.lost_proposal(&session);
+            }
+        })
+    };
     tokio::spawn(async move {
         // Proposals enter the log in the order they were numbered.
         while let Some(proposal) = outbox.recv().await {
-            if raft.write(proposal).with_leader(under).await.is_err() {
+            let written = raft
+                .write(proposal)
+                .with_leader(under)
+                .responder(Refusal(give_up.clone()))
+                .await;
+            if written.is_err() {
                 session.end();
                 return;
             }

@@ -76,15 +76,37 @@ impl std::fmt::Display for Proposal {
     }
 }
 
-openraft::declare_raft_types!(
-    /// The Raft types of a shard group: proposals in, applied outcomes out; members are
-    /// nodes by id, reached at the address their [`Member`] names.
-    pub Shard:
-        D = Proposal,
-        R = Applied,
-        NodeId = MemberId,
-        Node = Member,
-);
+/// The Raft types of a shard group: proposals in, applied outcomes out; members are
+/// nodes by id, reached at the address their [`Member`] names. openraft's defaults
+/// otherwise, but for the responder of a proposal, [`leader::Refusal`] (which
+/// `declare_raft_types!` cannot name, hence the types spelled out).
+#[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
+pub struct Shard {}
+
+impl openraft::RaftTypeConfig for Shard {
+    type D = Proposal;
+    type R = Applied;
+    type NodeId = MemberId;
+    type Node = Member;
+    type Term = u64;
+    type LeaderId = openraft::impls::leader_id_adv::LeaderId<Self::Term, Self::NodeId>;
+    type Vote = openraft::impls::Vote<Self::LeaderId>;
+    type Payload = openraft::impls::EntryPayload<Self::D, Self::NodeId, Self::Node>;
+    type Entry = openraft::impls::Entry<
+        <Self::LeaderId as openraft::vote::RaftLeaderId>::Committed,
+        Self::Payload,
+    >;
+    type AsyncRuntime = openraft::impls::TokioRuntime;
+    type Responder<T>
+        = leader::Refusal
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
 
 /// A member of shard groups: a node, by the id Raft knows it as (issued once, never
 /// reused for another node).
