@@ -167,36 +167,50 @@ fn slow_durable_node(addr: &str, advertise: Option<&str>) -> (NodeProcess, TempD
     (NodeProcess::start_at(addr, &args), dir)
 }
 
-/// A client that vanishes (its process killed, no revoke sent) after the node has handed
-/// its take an entry, while the take waits for its record to be made durable: the node
-/// never sends the answer, and gives the entry back rather than keeping it for a retry
-/// that will not come.
+/// Sends `request` (which takes or claims the one `Job` on the slow durable node at
+/// `addr`) from a raw client that then vanishes (its process killed: no revoke sent)
+/// while the node makes the change durable: the node never sends the answer, and gives
+/// the entry back rather than keeping it for a retry that will not come (or, claimed,
+/// hidden for its lease).
+fn vanish_after(addr: &str, request: Request) {
+    write_on(addr, "Job", 1);
+    let mut client = hostile::raw(addr).expect("a connection");
+    let call = hostile::call_bytes(request, Instant::now() + Duration::from_secs(30));
+    client
+        .write_all(&hostile::frame(&call))
+        .expect("send the call");
+    assert!(
+        until(Duration::from_secs(5), || count_on(addr, "Job") == 0),
+        "the call never took the entry"
+    );
+    // It waits for its record's fsync; its client goes away without a word.
+    drop(client);
+    assert!(
+        until(Duration::from_secs(10), || count_on(addr, "Job") == 1),
+        "the entry went to the answer of a client that is gone"
+    );
+}
+
 #[test]
 fn a_take_whose_client_vanishes_before_its_answer_gives_its_entry_back() {
     let (node, _dir) = slow_durable_node(&free_addrs(1).remove(0), None);
-    write_on(&node.addr, "Job", 1);
-    let mut client = hostile::raw(&node.addr).expect("a connection");
-    let take = hostile::call_bytes(
-        Request::TakeDirect {
-            target: Target::Query(Query::for_type("Job")),
-            max: 1,
-            timeout: Duration::ZERO,
-        },
-        Instant::now() + Duration::from_secs(30),
-    );
-    client
-        .write_all(&hostile::frame(&take))
-        .expect("send the take");
-    assert!(
-        until(Duration::from_secs(5), || count_on(&node.addr, "Job") == 0),
-        "the take never removed the entry"
-    );
-    // The take waits for its record's fsync; its client goes away without a word.
-    drop(client);
-    assert!(
-        until(Duration::from_secs(10), || count_on(&node.addr, "Job") == 1),
-        "the entry went to the answer of a client that is gone"
-    );
+    let take = Request::TakeDirect {
+        target: Target::Query(Query::for_type("Job")),
+        max: 1,
+        timeout: Duration::ZERO,
+    };
+    vanish_after(&node.addr, take);
+}
+
+#[test]
+fn a_claim_whose_client_vanishes_before_its_answer_releases_its_entry() {
+    let (node, _dir) = slow_durable_node(&free_addrs(1).remove(0), None);
+    let claim = Request::Claim {
+        query: Query::for_type("Job"),
+        lease: Lease::secs(600),
+        timeout: Duration::ZERO,
+    };
+    vanish_after(&node.addr, claim);
 }
 
 /// A take whose connection breaks while the node makes it durable is given up by the
