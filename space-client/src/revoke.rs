@@ -414,6 +414,11 @@ impl CallGuard {
         }
     }
 
+    /// The node gave back what the call did: nothing to revoke.
+    fn given_back(mut self) {
+        self.call = None;
+    }
+
     /// The node answered and the answer reaches the caller: the call is handed to its
     /// operation, if it has one; otherwise the answer is the caller's for good, and is
     /// acknowledged if it is `worth` it.
@@ -425,13 +430,6 @@ impl CallGuard {
                 conn.acknowledge(id);
             }
         }
-    }
-}
-
-impl CallGuard {
-    /// The node gave back what the call did: nothing to revoke.
-    fn given_back(mut self) {
-        self.call = None;
     }
 }
 

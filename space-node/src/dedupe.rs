@@ -268,14 +268,13 @@ impl Dedupe {
         F: std::future::Future<Output = Finished>,
         G: std::future::Future<Output = Finished>,
     {
-        let running = loop {
+        let mut running = loop {
             match self.begin(id) {
                 Begin::Answered(answer) => return answer,
                 Begin::Run(running) => break running,
                 Begin::Wait(done) => self.wait_while_running(id, &done).await,
             }
         };
-        let mut running = running;
         let cancel = running.cancel.clone();
         let finished = tokio::select! {
             biased;
