@@ -509,12 +509,14 @@ impl Connection {
         }
         let wait = request.wait().min(wire::MAX_CALL_WAIT);
         let _under_way = self.under_way(wait);
+        let revocable = crate::revoke::revocable(&request);
         let mut envelope = Envelope {
             id,
             request: Arc::new(request),
             retry: false,
             fresh,
             acknowledged: self.take_acknowledged(),
+            revocable,
         };
         let give_up = Instant::now() + self.config.retry_for;
         let mut backoff = Duration::from_millis(20);

@@ -374,8 +374,9 @@ fn worth_acknowledging(answer: &Response) -> bool {
     }
 }
 
-/// Whether `answer` says that the node gave the request up itself: a take or claim
-/// whose connection closed after it was handed entries, before its answer went out (the
+/// Whether `answer` says that the node gave the request up itself: a call that its
+/// client would revoke ([`revocable`]) whose connection closed after it was handed
+/// entries, before its answer went out (the
 /// node cannot tell a client that died from one that lost its connection), is revoked by
 /// the node, which gives back what it took or claimed, and answers a retry of it
 /// [`SpaceError::Revoked`]. This client revokes only calls it has given up, and so
@@ -385,8 +386,9 @@ pub(crate) fn given_up_by_its_node(answer: &Result<Response>) -> bool {
     matches!(answer, Err(SpaceError::Revoked))
 }
 
-/// Whether a call of `request` must be revoked when its caller gives it up.
-fn revocable(request: &Request) -> bool {
+/// Whether a call of `request` must be revoked when its caller gives it up (told to the
+/// node with the call, [`Envelope::revocable`](space_core::wire::Envelope)).
+pub(crate) fn revocable(request: &Request) -> bool {
     match request {
         Request::TakeDirect { .. } | Request::Claim { .. } => true,
         // A commit the user asked for stands (the user holds the entry); a commit inside a

@@ -186,8 +186,8 @@ pub enum SpaceError {
     },
     /// The request was given up (a revoke) and did nothing: by its caller before it ran,
     /// or by the node for a caller whose connection closed before the answer went out
-    /// (what it took or claimed went back). The client sends a take or claim given up by
-    /// its node again, with a new id.
+    /// (what it took or claimed went back). The client sends a take, claim or commit
+    /// given up by its node again, with a new id.
     #[error("the request was revoked and did nothing")]
     Revoked,
     /// The request was answered before, and its caller acknowledged the answer: sent

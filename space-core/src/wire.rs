@@ -43,8 +43,9 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// names itself when it connects to a subscriber endpoint since version 12; a call
 /// carries the ids of answers its client acknowledges since version 13; a notification
 /// says that events may have been missed, how many not known, since version 14; a call
-/// says whether its id was ever sent before, since version 15).
-pub const PROTOCOL_VERSION: u16 = 15;
+/// says whether its id was ever sent before, since version 15; and whether its client
+/// would revoke it if it gave it up, since version 16).
+pub const PROTOCOL_VERSION: u16 = 16;
 /// The most request ids one call acknowledges ([`Envelope::acknowledged`]); a call with
 /// more is refused.
 pub const MAX_ACKNOWLEDGED: usize = 1024;
@@ -611,6 +612,12 @@ pub struct Envelope {
     /// answers for retries and revokes, and refuses the ids if they come again
     /// ([`SpaceError::Acknowledged`]). At most [`MAX_ACKNOWLEDGED`].
     pub acknowledged: Vec<RequestId>,
+    /// Its client would revoke it if it gave it up (a take, a claim, the commit of a
+    /// claim made to take an entry): if the request takes or claims entries and its
+    /// connection closes before the answer goes out, the node gives them back itself, as
+    /// the revoke would (its client may have died). A commit a worker sends after its
+    /// work is not: it stands.
+    pub revocable: bool,
 }
 
 /// The service every node serves.
@@ -982,6 +989,7 @@ mod tests {
             retry: false,
             fresh: false,
             acknowledged: vec![RequestId::new()],
+            revocable: true,
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
         let back: Envelope = postcard::from_bytes(&bytes).unwrap();

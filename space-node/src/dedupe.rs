@@ -14,12 +14,13 @@
 //! refused when it arrives. Finished answers and marks are kept for the latest
 //! [`Dedupe::capacity`] requests.
 //!
-//! A take or claim whose caller goes away without a word (its connection closed: the
-//! client process died) after it was handed its entries, while its changes are made
-//! durable, revokes itself: nobody will read its answer or retry it, so what it took goes
-//! back rather than being kept for a minute and then lost ([`Dedupe::on_vanished`]). A
-//! client that is alive and sends it again gets [`SpaceError::Revoked`] and sends it
-//! afresh.
+//! A call its client would revoke (a take, a claim, the commit of a take: see
+//! [`Envelope::revocable`](space_core::wire::Envelope)) whose client goes away without a
+//! word (its connection closed: the client process died) after it was handed its entries,
+//! while its changes are made durable, revokes itself: nobody will read its answer or
+//! retry it, so what it took goes back rather than being kept for a minute and then lost
+//! ([`Dedupe::on_vanished`]). A client that is alive and sends it again gets
+//! [`SpaceError::Revoked`] and sends it afresh.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
@@ -182,8 +183,8 @@ impl Dedupe {
         }
     }
 
-    /// Sets what gives back what a vanished request took or claimed: a take or claim run
-    /// with `gives_back_if_vanished` (see [`run_then`](Self::run_then)) that is dropped
+    /// Sets what gives back what a vanished request took or claimed: a request run with
+    /// `gives_back_if_vanished` (see [`run_then`](Self::run_then)) that is dropped
     /// after it was handed entries, before its answer (its connection closed while its
     /// changes were made durable). The request is marked revoked at once (a retry gets
     /// [`SpaceError::Revoked`]) and `give_back` is called with its id, from the drop: it

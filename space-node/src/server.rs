@@ -324,12 +324,13 @@ impl Service {
         // Decoded fresh from the wire, the request is not shared: unwrapping copies nothing.
         let request = std::sync::Arc::unwrap_or_clone(envelope.request);
         if request.mutates() {
-            let (id, retry, fresh) = (envelope.id, envelope.retry, envelope.fresh);
+            let (id, retry, fresh, revocable) = (
+                envelope.id,
+                envelope.retry,
+                envelope.fresh,
+                envelope.revocable,
+            );
             let keyless = request.routing_key().is_none();
-            // A take or claim whose client goes away before its answer gives back what
-            // it was handed (a commit stands: its client may have done the work).
-            let gives_back_if_vanished =
-                matches!(request, Request::TakeDirect { .. } | Request::Claim { .. });
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
             let entries = match &request {
@@ -381,7 +382,9 @@ impl Service {
                         (Err(e), _) => Err(e),
                     }
                 },
-                gives_back_if_vanished,
+                // What a call its client would revoke took or claimed goes back if the
+                // client goes away before the answer (a worker's commit stands).
+                revocable,
             ))
             .await;
             let answer = whole(answer, entries);
@@ -620,7 +623,7 @@ impl NodeState {
         drop(self.dedupe.revoke(id).await);
     }
 
-    /// Gives back what take or claim `id` took or claimed, its caller having gone away
+    /// Gives back what request `id` took or claimed, its caller having gone away
     /// before its answer went out (see `Dedupe::on_vanished`): as the caller's own revoke
     /// would.
     async fn give_back_vanished(&self, id: wire::RequestId) {

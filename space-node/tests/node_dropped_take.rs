@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use std::io::Write;
 
-use common::{NodeProcess, count_on, free_addrs, start_cluster, until, write_on};
+use std::sync::Arc;
+
+use common::{NodeProcess, count_on, direct, free_addrs, start_cluster, until, write_on};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use space_client::wire::Request;
 use space_client::wire::Target;
+use space_client::wire::{Envelope, Request, RequestId, Response};
 use space_client::{Lease, Query, Space, connect};
 use space_tests::TempDir;
 use space_tests::hostile;
@@ -211,6 +213,53 @@ fn a_claim_whose_client_vanishes_before_its_answer_releases_its_entry() {
         timeout: Duration::ZERO,
     };
     vanish_after(&node.addr, claim);
+}
+
+/// The commit of a claim whose client vanishes before its answer: given back if the
+/// client would have revoked it (the commit of a take across nodes, which claims and then
+/// commits what it took), standing if not (a worker's commit once its work is done).
+#[test]
+fn a_commit_whose_client_vanishes_before_its_answer_stands_unless_it_was_revocable() {
+    for (revocable, visible, stored) in [(true, 1, 1), (false, 0, 0)] {
+        let (node, _dir) = slow_durable_node(&free_addrs(1).remove(0), None);
+        write_on(&node.addr, "Job", 1);
+        let claim = Request::Claim {
+            query: Query::for_type("Job"),
+            lease: Lease::secs(600),
+            timeout: Duration::ZERO,
+        };
+        let Response::Claimed(Some(claimed)) = direct(&node.addr, claim) else {
+            panic!("nothing was claimed");
+        };
+        let commit = hostile::envelope_bytes(
+            Envelope {
+                id: RequestId::new(),
+                request: Arc::new(Request::Commit(claimed.ticket)),
+                retry: false,
+                fresh: true,
+                acknowledged: Vec::new(),
+                revocable,
+            },
+            Instant::now() + Duration::from_secs(30),
+        );
+        let mut client = hostile::raw(&node.addr).expect("a connection");
+        client
+            .write_all(&hostile::frame(&commit))
+            .expect("send the commit");
+        // Decided, and waiting for its record's fsync: its client goes away.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(client);
+        // The fsync, and a give-back's.
+        std::thread::sleep(Duration::from_millis(2500));
+        let Response::Stats(stats) = direct(&node.addr, Request::Stats) else {
+            panic!("no stats");
+        };
+        assert_eq!(
+            (count_on(&node.addr, "Job"), stats.entries),
+            (visible, stored),
+            "revocable {revocable}: (visible, stored) entries"
+        );
+    }
 }
 
 /// A take whose connection breaks while the node makes it durable is given up by the

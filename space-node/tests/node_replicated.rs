@@ -876,6 +876,7 @@ fn raw_take(
         retry,
         fresh: false,
         acknowledged,
+        revocable: true,
     }
 }
 

@@ -61,6 +61,9 @@ pub fn call_bytes(request: Request, deadline: Instant) -> Vec<u8> {
             retry: false,
             fresh: true,
             acknowledged: Vec::new(),
+            // As a client that would revoke the call if it gave it up: a take or claim
+            // of a client that vanishes gives its entries back.
+            revocable: true,
         },
         deadline,
     )

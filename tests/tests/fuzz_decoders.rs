@@ -229,6 +229,7 @@ fn call_bytes(request: Request) -> Vec<u8> {
                 retry: false,
                 fresh: false,
                 acknowledged: Vec::new(),
+                revocable: false,
             },
         },
     }))

@@ -116,6 +116,7 @@ fn a_call_acknowledging_too_many_answers_is_refused_and_the_node_serves_on() {
                 retry: false,
                 fresh: false,
                 acknowledged: (0..acknowledged).map(|_| wire::RequestId::new()).collect(),
+                revocable: false,
             },
             Instant::now() + Duration::from_secs(10),
         )

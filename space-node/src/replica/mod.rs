@@ -78,7 +78,7 @@ impl std::fmt::Display for Proposal {
 
 /// The Raft types of a shard group: proposals in, applied outcomes out; members are
 /// nodes by id, reached at the address their [`Member`] names. openraft's defaults
-/// otherwise, but for the responder of a proposal, [`leader::Refusal`] (which
+/// otherwise, but for the responder of a proposal, `leader::Refusal` (which
 /// `declare_raft_types!` cannot name, hence the types spelled out).
 #[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
 pub struct Shard {}
