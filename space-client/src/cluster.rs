@@ -486,8 +486,8 @@ impl Cluster {
         // One id for every attempt: an attempt a failover cut off may have been done, and
         // the new owner answers a repeated id with its first answer. So attempts are not
         // revoked one by one: the call is, if it ends (or is dropped) without an answer.
-        // A take or claim the node gave up itself did nothing, and goes again with a new
-        // id.
+        // A call the node gave up itself (its client would have revoked it) did nothing,
+        // and goes again with a new id.
         let mut afresh = 0;
         loop {
             let id = RequestId::new();
