@@ -54,17 +54,28 @@ pub fn start(addr: &str, dir: &TempDir, cluster: &str) -> NodeProcess {
 
 /// [`start`] for a cluster of `shards` shards.
 pub fn start_with_shards(addr: &str, dir: &TempDir, cluster: &str, shards: &str) -> NodeProcess {
-    NodeProcess::start_at(
-        addr,
-        &[
-            "--data-dir",
-            &dir.0.to_string_lossy(),
-            "--initial-cluster",
-            cluster,
-            "--shards",
-            shards,
-        ],
-    )
+    start_with(addr, dir, cluster, shards, &[])
+}
+
+/// [`start_with_shards`] with `extra` options (a fault to inject, say).
+pub fn start_with(
+    addr: &str,
+    dir: &TempDir,
+    cluster: &str,
+    shards: &str,
+    extra: &[&str],
+) -> NodeProcess {
+    let data_dir = dir.0.to_string_lossy();
+    let mut args = vec![
+        "--data-dir",
+        &data_dir,
+        "--initial-cluster",
+        cluster,
+        "--shards",
+        shards,
+    ];
+    args.extend_from_slice(extra);
+    NodeProcess::start_at(addr, &args)
 }
 
 /// How a call ended, for the history: a call that never reached a node certainly did
