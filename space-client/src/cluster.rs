@@ -494,7 +494,7 @@ impl Cluster {
             let mut guard = revoke::Resent::new(id, &request);
             let answer = self.to_owner_as(key, id, &request, &mut guard).await;
             guard.finish(&answer);
-            if !(revoke::given_up_by_its_node(&answer) && afresh < REROUTES) {
+            if !(revoke::given_up_by_its_node(&answer) && afresh < revoke::AFRESH) {
                 return answer;
             }
             afresh += 1;
@@ -1291,7 +1291,7 @@ impl Cluster {
             let conn = self.node(addr).await?;
             let id = RequestId::new();
             let answer = revoke::call_as(&conn, id, request(left)).await;
-            if revoke::given_up_by_its_node(&answer) && again < REROUTES {
+            if revoke::given_up_by_its_node(&answer) && again < revoke::AFRESH {
                 again += 1;
                 continue;
             }

@@ -468,12 +468,27 @@ impl Connection {
     /// for what the node would refuse; `Busy` when the node is at its limit of concurrent
     /// requests.
     ///
+    /// A take or claim that the node gave up itself, because its connection broke after it
+    /// was handed entries and before its answer went out, did nothing (the node gave the
+    /// entries back); it is sent again with a new id, up to three times, before the call
+    /// fails [`SpaceError::Revoked`].
+    ///
     /// # Cancel safety
     /// A call dropped before its answer arrives may still have been done on the node; this
     /// plain form does not undo it. The `Space` handle and [`Cluster::call`](crate::Cluster)
     /// revoke a take or claim whose caller gives it up, so that nothing is lost.
     pub async fn call(self: &Arc<Self>, request: Request) -> Result<Response> {
-        self.send(RequestId::new(), request, true).await
+        if !crate::revoke::revocable(&request) {
+            return self.send(RequestId::new(), request, true).await;
+        }
+        let mut afresh = 0;
+        loop {
+            let answer = self.send(RequestId::new(), request.clone(), true).await;
+            if !(crate::revoke::given_up_by_its_node(&answer) && afresh < crate::revoke::AFRESH) {
+                return answer;
+            }
+            afresh += 1;
+        }
     }
 
     /// As [`call`](Self::call), with a request id the caller chose (to retry a request

@@ -137,6 +137,7 @@ pub use cluster::{
     space_of,
 };
 pub use connection::{ClientConfig, Connection, Delivery};
+pub use revoke::revoke_on_members;
 pub use worker::{BlockingWorker, DeadLetter, Job, Shutdown, Work, Worker, WorkerReport};
 /// The wire types (requests, answers, documents) for tools that speak to a node directly.
 pub mod wire {

@@ -172,12 +172,55 @@ impl Coverage {
 /// `members` is asked as well, round after round, until the shards covered add up to
 /// all of them.
 async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>) {
+    revoke_from(Some(conn), id, members, Coverage::default()).await;
+}
+
+/// Revokes request `id` on the members `members` names (asked anew each round), for a
+/// replicated node that gave up a call of a client that went away and could give back
+/// only part of what it did itself: `here` is the node's own answer to the revoke
+/// (`Response::Revoked` with the shards it covered). The members are asked round after
+/// round, while they cannot be reached, until the shards covered add up to all of them,
+/// for a minute at most.
+///
+/// Only a call whose id its client sends to no other node may be revoked so: a call by
+/// query. A call by key may be sent again by its client, with its id, to the key's new
+/// owner, and be handed its answer there before this revoke arrives.
+///
+/// # Cancel safety
+/// Dropped, it stops asking; what the members answered so far is done.
+pub async fn revoke_on_members(
+    id: RequestId,
+    here: &Response,
+    members: impl Fn() -> Vec<Arc<Connection>> + Send + Sync + 'static,
+) {
+    if !matches!(here, Response::Revoked { .. }) {
+        // Not a replicated node's answer: it undid everything itself.
+        return;
+    }
+    let mut coverage = Coverage::default();
+    coverage.note(&Ok(here.clone()), "this node");
+    let members: Members = Arc::new(move || {
+        let reached = members();
+        Box::pin(async move { reached })
+    });
+    revoke_from(None, id, Some(&members), coverage).await;
+}
+
+/// [`revoke`], from `coverage` already had: `origin` (the node that ran the call, when
+/// it is not the caller) is asked until it answers, and `members` until the shards
+/// covered add up to all of them.
+async fn revoke_from(
+    origin: Option<&Arc<Connection>>,
+    id: RequestId,
+    members: Option<&Members>,
+    mut coverage: Coverage,
+) {
     let give_up = Instant::now() + REVOKE_FOR;
     let mut backoff = Duration::from_millis(50);
-    let (mut origin_answered, mut origin_unreachable) = (false, false);
-    let mut coverage = Coverage::default();
+    let (mut origin_answered, mut origin_unreachable) = (origin.is_none(), false);
+    let origin_addr = origin.map_or("this node", |c| c.addr());
     loop {
-        if !origin_answered {
+        if let Some(conn) = origin.filter(|_| !origin_answered) {
             let answer = conn.call(Request::Revoke(id)).await;
             match &answer {
                 Ok(Response::Revoked { .. }) => origin_answered = true,
@@ -196,7 +239,7 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
             && (coverage.shards.is_some() || origin_unreachable)
         {
             for member in members().await {
-                if member.addr() == conn.addr() && origin_answered {
+                if origin_answered && member.addr() == origin_addr {
                     continue;
                 }
                 let answer = member.call(Request::Revoke(id)).await;
@@ -208,7 +251,7 @@ async fn revoke(conn: &Arc<Connection>, id: RequestId, members: Option<&Members>
         }
         if Instant::now() + backoff >= give_up {
             tracing::warn!(
-                node = %conn.addr(),
+                node = %origin_addr,
                 covered = ?coverage.covered,
                 shards = ?coverage.shards,
                 "could not revoke an abandoned call everywhere; claims it made lapse with their leases"
@@ -373,6 +416,10 @@ fn worth_acknowledging(answer: &Response) -> bool {
         _ => false,
     }
 }
+
+/// How many times a call its node gave up itself ([`given_up_by_its_node`]) is sent again
+/// with a new id before the caller gets [`SpaceError::Revoked`].
+pub(crate) const AFRESH: usize = 3;
 
 /// Whether `answer` says that the node gave the request up itself: a call that its
 /// client would revoke ([`revocable`]) whose connection closed after it was handed

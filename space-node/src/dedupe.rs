@@ -114,9 +114,27 @@ enum Slot {
     Acknowledged,
 }
 
-/// What gives back what a request took or claimed, by its id (see
-/// [`Dedupe::on_vanished`]).
-pub(crate) type OnVanished = Box<dyn Fn(RequestId) + Send + Sync>;
+/// What gives back what a request took or claimed, by its id and where it may be given
+/// back (see [`Dedupe::on_vanished`]).
+pub(crate) type OnVanished = Box<dyn Fn(RequestId, GiveBack) + Send + Sync>;
+
+/// Where what a request took or claimed goes back if its caller vanishes before its
+/// answer (see [`Dedupe::on_vanished`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GiveBack {
+    /// Nowhere: not a call its client would revoke (a worker's commit stands; a write
+    /// holds no entries).
+    Never,
+    /// Through this node's shards only: a call by key, which a live client whose
+    /// connection broke may send, by its id, to the key's new owner after a failover, and
+    /// be handed its first answer there. A revoke sent on to that owner could come after,
+    /// and give back an entry the client holds.
+    Here,
+    /// Through every member, the shards this node no longer leads included: a call by
+    /// query, whose id its client sends to no other node (a live client sends it again to
+    /// this node alone, which refuses it at once).
+    Everywhere,
+}
 
 /// The record of recent mutating requests.
 pub(crate) struct Dedupe {
@@ -167,8 +185,8 @@ pub(crate) struct Running<'a> {
     done: Arc<Notify>,
     cancel: Arc<Notify>,
     settled: bool,
-    /// Dropped unfinished, it gives back what it took or claimed.
-    gives_back: bool,
+    /// Dropped unfinished, it gives back what it took or claimed, there.
+    gives_back: Option<GiveBack>,
 }
 
 impl Dedupe {
@@ -184,7 +202,7 @@ impl Dedupe {
     }
 
     /// Sets what gives back what a vanished request took or claimed: a request run with
-    /// `gives_back_if_vanished` (see [`run_then`](Self::run_then)) that is dropped
+    /// a [`GiveBack`] other than `Never` (see [`run_then`](Self::run_then)) that is dropped
     /// after it was handed entries, before its answer (its connection closed while its
     /// changes were made durable). The request is marked revoked at once (a retry gets
     /// [`SpaceError::Revoked`]) and `give_back` is called with its id, from the drop: it
@@ -228,7 +246,7 @@ impl Dedupe {
                     done,
                     cancel,
                     settled: false,
-                    gives_back: false,
+                    gives_back: None,
                 })
             }
         }
@@ -246,7 +264,8 @@ impl Dedupe {
     where
         F: std::future::Future<Output = Finished>,
     {
-        self.run_then(id, op, std::future::ready, false).await
+        self.run_then(id, op, std::future::ready, GiveBack::Never)
+            .await
     }
 
     /// As [`run`](Self::run), with `then` run on what `op` finished (making it durable)
@@ -255,15 +274,15 @@ impl Dedupe {
     /// the outcome to undo.
     ///
     /// Dropped while `then` runs, the request is forgotten (a retry runs it again, and
-    /// finds what it did in the engine's answers), unless `gives_back_if_vanished` and
-    /// `op` took or claimed entries: then it revokes itself (see
+    /// finds what it did in the engine's answers), unless `gives_back_if_vanished` is not
+    /// [`GiveBack::Never`] and `op` took or claimed entries: then it revokes itself (see
     /// [`on_vanished`](Self::on_vanished)).
     pub(crate) async fn run_then<F, G>(
         &self,
         id: RequestId,
         op: impl FnOnce() -> F,
         then: impl FnOnce(Finished) -> G,
-        gives_back_if_vanished: bool,
+        gives_back_if_vanished: GiveBack,
     ) -> Result<Response, SpaceError>
     where
         F: std::future::Future<Output = Finished>,
@@ -285,10 +304,11 @@ impl Dedupe {
                 return Err(SpaceError::Revoked);
             }
         };
-        running.gives_back =
-            gives_back_if_vanished && finished.as_ref().is_ok_and(Outcome::holds_entries);
+        running.gives_back = (gives_back_if_vanished != GiveBack::Never
+            && finished.as_ref().is_ok_and(Outcome::holds_entries))
+        .then_some(gives_back_if_vanished);
         let finished = then(finished).await;
-        running.gives_back = false;
+        running.gives_back = None;
         let answer = answer_of(&finished);
         if matches!(
             answer,
@@ -405,7 +425,7 @@ impl Drop for Running<'_> {
         if self.settled {
             return;
         }
-        if self.gives_back {
+        if let Some(reach) = self.gives_back {
             // Its caller went away after it took or claimed entries: revoked before anything
             // else can ask for it, then given back.
             self.dedupe
@@ -413,7 +433,7 @@ impl Drop for Running<'_> {
                 .lock()
                 .settle(self.id, Slot::Revoked, self.dedupe.capacity);
             if let Some(give_back) = self.dedupe.on_vanished.get() {
-                give_back(self.id);
+                give_back(self.id, reach);
             }
         } else {
             // Dropped before it finished: a retry must run it again.
@@ -576,7 +596,7 @@ mod tests {
                         let _ = made_durable.await;
                         finished
                     },
-                    false,
+                    GiveBack::Never,
                 )
                 .await
             }
@@ -607,7 +627,7 @@ mod tests {
         d: &Arc<Dedupe>,
         id: RequestId,
         outcome: Outcome,
-        gives_back_if_vanished: bool,
+        gives_back_if_vanished: GiveBack,
     ) {
         let running = tokio::spawn({
             let d = d.clone();
@@ -629,11 +649,11 @@ mod tests {
         let _ = running.await;
     }
 
-    /// Records the ids given to [`Dedupe::on_vanished`].
-    fn watch_vanished(d: &Dedupe) -> Arc<Mutex<Vec<RequestId>>> {
+    /// Records the ids, and where to give back, given to [`Dedupe::on_vanished`].
+    fn watch_vanished(d: &Dedupe) -> Arc<Mutex<Vec<(RequestId, GiveBack)>>> {
         let vanished = Arc::new(Mutex::new(Vec::new()));
         let seen = vanished.clone();
-        d.on_vanished(Box::new(move |id| seen.lock().push(id)));
+        d.on_vanished(Box::new(move |id, reach| seen.lock().push((id, reach))));
         vanished
     }
 
@@ -647,8 +667,12 @@ mod tests {
             version: 1,
             fields: space_core::Fields::new(),
         }]));
-        dropped_while_made_durable(&d, id, taken, true).await;
-        assert_eq!(*vanished.lock(), vec![id], "the take was not given back");
+        dropped_while_made_durable(&d, id, taken, GiveBack::Everywhere).await;
+        assert_eq!(
+            *vanished.lock(),
+            vec![(id, GiveBack::Everywhere)],
+            "the take was not given back, or not where it may be"
+        );
         let retried = d.run(id, || async { Ok(Outcome::Answer(Response::Done)) });
         assert_eq!(retried.await, Err(SpaceError::Revoked));
     }
@@ -663,14 +687,14 @@ mod tests {
             &d,
             found_nothing,
             Outcome::Answer(Response::Documents(Vec::new())),
-            true,
+            GiveBack::Here,
         )
         .await;
         dropped_while_made_durable(
             &d,
             write,
             Outcome::Answer(Response::Receipts(Vec::new())),
-            false,
+            GiveBack::Never,
         )
         .await;
         assert!(vanished.lock().is_empty());

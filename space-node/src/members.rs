@@ -24,6 +24,8 @@ pub(crate) struct Members {
     me: usize,
     /// The latest status of each member (this node's own is filled on demand).
     status: Mutex<Vec<Option<NodeStatus>>>,
+    /// The connection each other member's status was last asked on, while it answers.
+    conns: Mutex<Vec<Option<Arc<Connection>>>>,
 }
 
 /// Bytes a member has room for, by its status.
@@ -86,6 +88,7 @@ impl Members {
             .collect();
         Members {
             status: Mutex::new(vec![None; nodes.len()]),
+            conns: Mutex::new(vec![None; nodes.len()]),
             nodes,
             via,
             me,
@@ -99,6 +102,7 @@ impl Members {
             via: vec![None],
             me: 0,
             status: Mutex::new(vec![None]),
+            conns: Mutex::new(vec![None]),
         }
     }
 
@@ -192,6 +196,12 @@ impl Members {
         })
     }
 
+    /// The connections to the other members that answered their last status poll (where
+    /// a node sends on what a client would have asked every member, such as a revoke).
+    pub(crate) fn reached(&self) -> Vec<Arc<Connection>> {
+        self.conns.lock().iter().flatten().cloned().collect()
+    }
+
     /// Polls the other members' status, each where it is reached (its route, else its
     /// listed address), for as long as these members are held (the polling holds them
     /// weakly: it ends with the node).
@@ -229,6 +239,7 @@ impl Members {
                         return;
                     };
                     held.status.lock()[i] = status;
+                    held.conns.lock()[i] = conn.clone();
                     drop(held);
                     tokio::time::sleep(POLL).await;
                 }

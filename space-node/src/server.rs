@@ -24,7 +24,7 @@ use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::dedupe::{Dedupe, Finished, Outcome};
+use crate::dedupe::{Dedupe, Finished, GiveBack, Outcome};
 use crate::handshake::{self, Door, HANDSHAKE_MAX_FRAME};
 use crate::members::Members;
 use crate::push::{PushConfig, Pushers};
@@ -331,6 +331,15 @@ impl Service {
                 envelope.revocable,
             );
             let keyless = request.routing_key().is_none();
+            let give_back = match &request {
+                _ if !revocable => GiveBack::Never,
+                Request::TakeDirect {
+                    target: Target::Query(_),
+                    ..
+                }
+                | Request::Claim { .. } => GiveBack::Everywhere,
+                _ => GiveBack::Here,
+            };
             // A write batch answers with one receipt per entry; a shard's answer table
             // holds only that shard's part of a batch that spanned several.
             let entries = match &request {
@@ -384,7 +393,7 @@ impl Service {
                 },
                 // What a call its client would revoke took or claimed goes back if the
                 // client goes away before the answer (a worker's commit stands).
-                revocable,
+                give_back,
             ))
             .await;
             let answer = whole(answer, entries);
@@ -625,15 +634,24 @@ impl NodeState {
 
     /// Gives back what request `id` took or claimed, its caller having gone away
     /// before its answer went out (see `Dedupe::on_vanished`): as the caller's own revoke
-    /// would.
-    async fn give_back_vanished(&self, id: wire::RequestId) {
-        match self.handle(Request::Revoke(id), 0).await {
-            Ok(_) => {
-                tracing::debug!(request = ?id, "gave back what a vanished caller's request took")
-            }
+    /// would, on this node, and, with [`GiveBack::Everywhere`], on the other members
+    /// too when this node no longer leads every shard (the request's shard may have a new
+    /// leader, which committed what it did).
+    async fn give_back_vanished(&self, id: wire::RequestId, reach: GiveBack) {
+        let here = match self.handle(Request::Revoke(id), 0).await {
+            Ok(done) => done.into_response(),
             Err(e) => {
-                tracing::warn!(request = ?id, error = %e, "what a vanished caller's request took could not be given back")
+                tracing::warn!(request = ?id, error = %e, "what a vanished caller's request took could not be given back");
+                return;
             }
+        };
+        tracing::debug!(request = ?id, ?here, "gave back what a vanished caller's request took");
+        if reach == GiveBack::Everywhere
+            && let Response::Revoked { shards, of } = &here
+            && shards.len() < *of as usize
+        {
+            let members = self.members.clone();
+            space_client::revoke_on_members(id, &here, move || members.reached()).await;
         }
     }
 
@@ -1125,11 +1143,11 @@ impl Node {
             scans: tokio::sync::Semaphore::new(scan_permits()),
         });
         let node = Arc::downgrade(&state);
-        state.dedupe.on_vanished(Box::new(move |id| {
+        state.dedupe.on_vanished(Box::new(move |id, reach| {
             if let (Some(state), Ok(runtime)) =
                 (node.upgrade(), tokio::runtime::Handle::try_current())
             {
-                runtime.spawn(async move { state.give_back_vanished(id).await });
+                runtime.spawn(async move { state.give_back_vanished(id, reach).await });
             }
         }));
         Ok(Node { state, listener })

@@ -268,6 +268,51 @@ fn a_commit_whose_client_vanishes_before_its_answer_stands_unless_it_was_revocab
 /// afresh: its caller gets the entry, taken once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_whose_connection_breaks_before_its_answer_takes_afresh() {
+    takes_afresh_through_a_cut(|proxy| async move {
+        let space = connect(&proxy).await?;
+        Ok(space
+            .take::<Job>(&Query::of::<Job>(), Duration::from_secs(30))
+            .await?
+            .map(|job| job.id))
+    })
+    .await;
+}
+
+/// As [`a_take_whose_connection_breaks_before_its_answer_takes_afresh`], through the
+/// plain [`Connection::call`](space_client::Connection::call), which has no revokes of
+/// its own: it too takes afresh rather than fail `Revoked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_call_whose_connection_breaks_before_its_answer_takes_afresh() {
+    takes_afresh_through_a_cut(|proxy| async move {
+        let conn =
+            space_client::Connection::open(&proxy, space_client::ClientConfig::default()).await?;
+        let request = Request::TakeDirect {
+            target: Target::Query(Query::of::<Job>()),
+            max: 1,
+            timeout: Duration::from_secs(30),
+        };
+        match conn.call(request).await? {
+            Response::Documents(docs) => Ok(docs
+                .first()
+                .and_then(|d| d.fields.get("id"))
+                .and_then(|id| match id {
+                    space_client::Value::I64(id) => u64::try_from(*id).ok(),
+                    space_client::Value::U64(id) => Some(*id),
+                    _ => None,
+                })),
+            other => anyhow::bail!("a take answered {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// Writes one `Job` (id 1) on a slow durable node reached through a proxy, has `take`
+/// (given the proxy's address) take it, cuts the proxy's link while the take is made
+/// durable and opens it again: the take returns job 1, which is not back in the space.
+async fn takes_afresh_through_a_cut<F>(take: impl FnOnce(String) -> F + Send + 'static)
+where
+    F: Future<Output = anyhow::Result<Option<u64>>> + Send + 'static,
+{
     let addr = free_addrs(1).remove(0);
     // The client reaches the node through a proxy (which the node advertises); the test
     // asks the node directly.
@@ -275,14 +320,7 @@ async fn a_take_whose_connection_breaks_before_its_answer_takes_afresh() {
     let (_node, _dir) = slow_durable_node(&addr, Some(&proxy.addr().to_string()));
     let space = connect(&proxy.addr().to_string()).await.unwrap();
     space.write(&Job { id: 1 }).await.unwrap();
-    let taker = tokio::spawn({
-        let space = space.clone();
-        async move {
-            space
-                .take::<Job>(&Query::of::<Job>(), Duration::from_secs(30))
-                .await
-        }
-    });
+    let taker = tokio::spawn(take(proxy.addr().to_string()));
     let on_node = |check: fn(&str) -> bool| {
         let addr = addr.clone();
         tokio::task::spawn_blocking(move || until(Duration::from_secs(10), || check(&addr)))
@@ -296,7 +334,7 @@ async fn a_take_whose_connection_breaks_before_its_answer_takes_afresh() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.set(Link::Open);
     let taken = taker.await.unwrap();
-    assert_eq!(taken.map(|job| job.map(|j| j.id)), Ok(Some(1)));
+    assert_eq!(taken.map_err(|e| e.to_string()), Ok(Some(1)));
     // Given back and taken again: not back in the space as well.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

@@ -2096,89 +2096,21 @@ async fn a_node_whose_disk_fills_up_stops_and_its_shards_fail_over() {
 /// after as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_whose_client_vanishes_before_its_commit_gives_its_entry_back() {
-    use std::io::{Read, Write};
     let _alone = ONE_AT_A_TIME.lock().await;
-    // Every fsync takes 80 ms longer (less than an election's timeout, so that leaders
-    // are elected): a command waits that long to commit.
-    let addrs = free_addrs(3);
-    let cluster = addrs.join(",");
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
-    let _nodes: Vec<NodeProcess> = addrs
-        .iter()
-        .zip(&dirs)
-        .map(|(addr, dir)| {
-            start_with(
-                addr,
-                dir,
-                &cluster,
-                SHARDS,
-                &["--fault-sync-delay-ms", "80"],
-            )
-        })
-        .collect();
-    until_led(&addrs[0]).await;
-    let space = space_client::connect(&cluster).await.unwrap();
-    let q = Query::for_type("Job");
-    // The cluster's count, once it can be had (a count fails while a shard elects).
-    let count = || async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match space.count(&q).await {
-                Ok(n) => return n,
-                Err(e) => assert!(Instant::now() < deadline, "no count: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let take = space_tests::hostile::call_bytes(
-        Request::TakeDirect {
-            target: space_client::wire::Target::Query(q.clone()),
-            max: 1,
-            timeout: Duration::ZERO,
-        },
-        Instant::now() + Duration::from_secs(60),
-    );
-    // Leaderships may move while a slow disk holds elections up: a try whose take was
-    // answered at once (it found nothing on the node, or the node no longer led), or in
-    // which a shard's term changed (a node that no longer leads the take's shard cannot
-    // give its entry back there), is made again.
-    let terms = || async {
-        shards_of(&addrs[0])
-            .await
-            .iter()
-            .map(|s| (s.shard, s.term))
-            .collect::<Vec<_>>()
-    };
+    let slow = SlowCluster::start().await;
+    // Leaderships may move while a slow disk holds elections up: a try in which a shard's
+    // term changed (a node that no longer leads the take's shard gives its entry back
+    // through the others, which the next test shows) is made again.
     for _ in 0..10 {
-        // A keyless write sent to a node goes to a shard that node leads.
-        let (addr, write) = (addrs[0].clone(), job_write());
-        let written =
-            tokio::task::spawn_blocking(move || space_tests::hostile::answer_to(&addr, &write))
-                .await
-                .unwrap();
-        if !matches!(written, Some(Ok(Response::Receipts(_)))) {
-            eprintln!("the write failed ({written:?}); trying again");
+        let Some((before, client)) = slow.take_waiting_for_its_commit().await else {
             continue;
-        }
-        let before = count().await;
-        let terms_before = terms().await;
-        let mut client = space_tests::hostile::raw(&addrs[0]).expect("a connection");
-        client
-            .write_all(&space_tests::hostile::frame(&take))
-            .expect("send the take");
-        // Taken, and waiting to commit: no answer yet.
-        client
-            .set_read_timeout(Some(Duration::from_millis(30)))
-            .unwrap();
-        if let Ok(n) = client.read(&mut [0u8; 1]) {
-            eprintln!("the take was answered at once ({n} bytes); trying again");
-            continue;
-        }
+        };
+        let terms_before = slow.terms().await;
         // Its client goes away without a word.
         drop(client);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = count().await;
-        if terms().await != terms_before {
+        let after = slow.count().await;
+        if slow.terms().await != terms_before {
             eprintln!("a shard's leadership moved meanwhile; trying again");
             continue;
         }
@@ -2189,6 +2121,158 @@ async fn a_take_whose_client_vanishes_before_its_commit_gives_its_entry_back() {
         return;
     }
     panic!("no try in 10 kept its leaderships and had its take wait for its commit");
+}
+
+/// A take whose client vanishes while the take's node loses the take's shard (frozen
+/// past an election, the shard's new leader committing the take) gives its entry back
+/// all the same: the node, which cannot give it back there itself, sends the revoke on to
+/// the other members (a take by query is sent, by its id, to no other node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_whose_client_vanishes_while_its_node_loses_the_shard_gives_its_entry_back() {
+    use space_tests::process::{Signal, signal};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let slow = SlowCluster::start().await;
+    let pid = slow.nodes[0].pid();
+    for _ in 0..10 {
+        let Some((before, client)) = slow.take_waiting_for_its_commit().await else {
+            continue;
+        };
+        signal(pid, Signal::Stop).expect("freeze the take's node");
+        // Its client goes away without a word while the node is frozen; the shard's new
+        // leader commits the take, which its followers had.
+        drop(client);
+        let during = slow.count().await;
+        if during != before - 1 {
+            signal(pid, Signal::Continue).expect("thaw the node");
+            eprintln!(
+                "the take was not committed without its node ({during} of {before} entries); trying again"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        signal(pid, Signal::Continue).expect("thaw the node");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut after = slow.count().await;
+        while after != before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            after = slow.count().await;
+        }
+        assert_eq!(
+            after, before,
+            "the entry went to the answer of a client that is gone"
+        );
+        return;
+    }
+    panic!("no try in 10 had its take committed by the shard's next leader");
+}
+
+/// Three nodes whose every fsync takes 80 ms longer (less than an election's timeout,
+/// so that leaders are elected): a command waits that long to commit.
+struct SlowCluster {
+    addrs: Vec<String>,
+    nodes: Vec<NodeProcess>,
+    space: space_client::Space,
+    _dirs: Vec<TempDir>,
+}
+
+impl SlowCluster {
+    async fn start() -> SlowCluster {
+        let addrs = free_addrs(3);
+        let cluster = addrs.join(",");
+        let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replicated")).collect();
+        let nodes = addrs
+            .iter()
+            .zip(&dirs)
+            .map(|(addr, dir)| {
+                start_with(
+                    addr,
+                    dir,
+                    &cluster,
+                    SHARDS,
+                    &["--fault-sync-delay-ms", "80"],
+                )
+            })
+            .collect();
+        until_led(&addrs[0]).await;
+        // Keyless writes to the first node go to a shard it leads.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shards_led_by(&addrs[0], NodeId(1)).await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the first node never led a shard"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let space = connect(&cluster).await.unwrap();
+        SlowCluster {
+            addrs,
+            nodes,
+            space,
+            _dirs: dirs,
+        }
+    }
+
+    /// The cluster's count of `Job` entries, once it can be had (a count fails while a
+    /// shard elects).
+    async fn count(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.space.count(&Query::for_type("Job")).await {
+                Ok(n) => return n,
+                Err(e) => assert!(Instant::now() < deadline, "no count: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Each shard's term, as the first node sees it.
+    async fn terms(&self) -> Vec<(u32, u64)> {
+        shards_of(&self.addrs[0])
+            .await
+            .iter()
+            .map(|s| (s.shard, s.term))
+            .collect()
+    }
+
+    /// Writes a `Job` on the first node (a shard it leads), then sends a take by query
+    /// there on a raw connection and sees it unanswered after 30 ms: taken, and waiting
+    /// for its commit. The cluster's count before the take, and the connection; `None`
+    /// (the try is to be made again) when the write failed or the take was answered at
+    /// once (it found nothing on the node, or the node no longer led the shard).
+    async fn take_waiting_for_its_commit(&self) -> Option<(u64, std::net::TcpStream)> {
+        use std::io::{Read, Write};
+        let (addr, write) = (self.addrs[0].clone(), job_write());
+        let written =
+            tokio::task::spawn_blocking(move || space_tests::hostile::answer_to(&addr, &write))
+                .await
+                .unwrap();
+        if !matches!(written, Some(Ok(Response::Receipts(_)))) {
+            eprintln!("the write failed ({written:?}); trying again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return None;
+        }
+        let before = self.count().await;
+        let take = space_tests::hostile::call_bytes(
+            Request::TakeDirect {
+                target: space_client::wire::Target::Query(Query::for_type("Job")),
+                max: 1,
+                timeout: Duration::ZERO,
+            },
+            Instant::now() + Duration::from_secs(60),
+        );
+        let mut client = space_tests::hostile::raw(&self.addrs[0]).expect("a connection");
+        client
+            .write_all(&space_tests::hostile::frame(&take))
+            .expect("send the take");
+        client
+            .set_read_timeout(Some(Duration::from_millis(30)))
+            .unwrap();
+        if let Ok(n) = client.read(&mut [0u8; 1]) {
+            eprintln!("the take was answered at once ({n} bytes); trying again");
+            return None;
+        }
+        Some((before, client))
+    }
 }
 
 /// The bytes of a call writing one `Job` entry without a key.
