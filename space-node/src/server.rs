@@ -211,7 +211,7 @@ pub(crate) struct NodeState {
     operations: std::sync::atomic::AtomicU64,
     /// Permits for scans (counts, pages of contents) running at once: one per worker
     /// thread (see [`NodeState::scan_apart`]).
-    scans: tokio::sync::Semaphore,
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl crate::observed::Observed for NodeState {
@@ -409,40 +409,11 @@ impl Service {
             })
             .await
         } else {
-            if scans(&request) {
-                // A task of its own (see `run_apart`): the connection's requests are
-                // served in turn up to their first wait, and a scan never waits.
-                tokio::task::yield_now().await;
-            }
             state
                 .handle(request, budget)
                 .await
                 .map(Outcome::into_response)
         }
-    }
-}
-
-/// Whether `request` walks a whole entry type (a count, a page of contents), work that
-/// grows with the space and is done apart ([`NodeState::scan_apart`]).
-fn scans(request: &Request) -> bool {
-    matches!(request, Request::Count(_) | Request::Contents { .. })
-}
-
-/// Runs `scan`, a walk over an entry type (a count of a million entries takes a good part
-/// of a second), without holding up the node's other work: on a worker of the
-/// multi-threaded runtime the worker hands its other tasks to another thread first
-/// (`block_in_place`), since a worker busy in one task neither runs the others queued
-/// behind it nor polls the sockets for new requests. A status call sent behind a long
-/// count on the same connection, which the client uses to tell a frozen node from a busy
-/// one, waited for the whole count. Callers hold a scan permit first (see
-/// [`NodeState::scan_apart`]).
-fn run_apart<T>(scan: impl FnOnce() -> T) -> T {
-    let multi_threaded = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_threaded {
-        tokio::task::block_in_place(scan)
-    } else {
-        scan()
     }
 }
 
@@ -539,25 +510,48 @@ fn finished_of(answer: Answer) -> Finished {
 }
 
 impl NodeState {
-    /// Runs `scan` (a count, a page of contents) apart from the node's other work (see
-    /// `run_apart`) once one of the node's scan permits is free: at most one scan per
-    /// worker thread runs at once, each on a thread of its own, and the others wait
-    /// without holding a thread. A flood of counts thus takes no more threads and cores
-    /// than the node has workers, and writes and takes keep being served beside them.
-    /// Dropped while it waits, it gives its place up; once running, the scan finishes.
+    /// Runs `scan`, a walk over an entry type (a count of a million entries takes a good
+    /// part of a second; a page of contents), apart from the node's other work, once one
+    /// of the node's scan permits is free: on a thread of its own (tokio's blocking
+    /// pool), since a runtime thread busy in one task neither runs the others queued
+    /// behind it nor polls the sockets for new requests (a status call sent behind a long
+    /// count on the same connection, which the client uses to tell a frozen node from a
+    /// busy one, waited for the whole count). At most one scan per worker thread runs at
+    /// once, and the others wait without holding a thread: a flood of counts takes no
+    /// more threads and cores than the node has workers, and writes and takes keep being
+    /// served beside them.
+    ///
+    /// # Cancel safety
+    /// Dropped while it waits, it gives its place up. Once running, the scan finishes,
+    /// and holds its permit until it does (a caller that gives up does not free a place
+    /// for another scan beside it).
     ///
     /// # Errors
-    /// [`SpaceError::Unavailable`] if the permits were closed (they never are while the
-    /// node runs).
-    pub(crate) async fn scan_apart<T>(&self, scan: impl FnOnce() -> T) -> Result<T, SpaceError> {
-        let _permit = self
+    /// [`SpaceError::Unavailable`] if the permits were closed or the runtime is shutting
+    /// down (neither happens while the node runs).
+    pub(crate) async fn scan_apart<T: Send + 'static>(
+        &self,
+        scan: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SpaceError> {
+        let stopping = || SpaceError::Unavailable {
+            reason: "the node is stopping: no scan runs".into(),
+        };
+        let permit = self
             .scans
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|_| SpaceError::Unavailable {
-                reason: "the node is stopping: no scan runs".into(),
-            })?;
-        Ok(run_apart(scan))
+            .map_err(|_| stopping())?;
+        let ran = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            scan()
+        })
+        .await;
+        match ran {
+            Ok(done) => Ok(done),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(stopping()),
+        }
     }
 
     fn info(&self) -> NodeInfo {
@@ -806,14 +800,18 @@ impl NodeState {
             Request::Cancel { entry_type, key } => {
                 engine.cancel(&entry_type, &key).map(|()| Response::Done)?
             }
-            Request::Count(q) => Response::Count(self.scan_apart(|| engine.count(&q)).await??),
+            Request::Count(q) => {
+                let engine = engine.clone();
+                Response::Count(self.scan_apart(move || engine.count(&q)).await??)
+            }
             Request::Contents {
                 query,
                 after,
                 limit,
             } => {
+                let engine = engine.clone();
                 let (documents, next) = self
-                    .scan_apart(|| {
+                    .scan_apart(move || {
                         engine.contents_page_within(
                             &query,
                             after,
@@ -1140,7 +1138,7 @@ impl Node {
             storage,
             keyless_written: AtomicUsize::new(0),
             address,
-            scans: tokio::sync::Semaphore::new(scan_permits()),
+            scans: Arc::new(tokio::sync::Semaphore::new(scan_permits())),
         });
         let node = Arc::downgrade(&state);
         state.dedupe.on_vanished(Box::new(move |id, reach| {

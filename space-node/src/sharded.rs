@@ -43,6 +43,18 @@ fn keyless_weight(entries: usize, bytes: usize) -> usize {
 /// within the shard's engine below.
 const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
+
+/// A page of contents gathered over the shards this node serves.
+#[derive(Default)]
+struct ShardedPage {
+    documents: Vec<space_core::Document>,
+    /// Where the next page starts (`None`: the listing is complete here).
+    next: Option<u64>,
+    /// The shards listed to their end.
+    listed: Vec<u32>,
+    /// The shards read from, whose leaderships must confirm the page.
+    read_from: Vec<(u32, Engine)>,
+}
 use crate::engines_used::{note_used, serving_for};
 use crate::replica::{ShardSet, claim_across, read_across, take_across};
 use crate::server::NodeState;
@@ -213,9 +225,11 @@ impl NodeState {
                 }),
             ),
             Request::Count(q) => {
+                let counted = led.clone();
                 let counts = self
-                    .scan_apart(|| {
-                        led.iter()
+                    .scan_apart(move || {
+                        counted
+                            .iter()
                             .map(|(shard, engine)| Ok((*shard, engine.count(&q)?)))
                             .collect::<Result<Vec<_>, SpaceError>>()
                     })
@@ -244,60 +258,60 @@ impl NodeState {
                     Some(c) => ((c >> SHARD_SHIFT) as u32, Some(c & POSITION)),
                     None => (0, None),
                 };
-                let mut documents = Vec::new();
-                // Bytes of the page so far: the shards share one budget.
-                let mut bytes = 0usize;
-                let mut next = None;
-                let mut listed = Vec::new();
-                let mut read_from = Vec::new();
                 let serving = shards.serving();
-                self.scan_apart(|| -> Result<(), SpaceError> {
-                    for (shard, engine) in serving.iter().cloned() {
-                        if shard < start {
-                            continue;
+                let page = self
+                    .scan_apart(move || -> Result<ShardedPage, SpaceError> {
+                        let mut page = ShardedPage::default();
+                        // Bytes of the page so far: the shards share one budget.
+                        let mut bytes = 0usize;
+                        for (shard, engine) in serving.iter().cloned() {
+                            if shard < start {
+                                continue;
+                            }
+                            if shard > start {
+                                from = None;
+                            }
+                            let room = budget.saturating_sub(bytes);
+                            let (found, more) = engine.contents_page_within(
+                                &query,
+                                from,
+                                limit - page.documents.len(),
+                                room,
+                            )?;
+                            let found_bytes: usize =
+                                found.iter().map(|d| d.fields.approx_size()).sum();
+                            if !page.documents.is_empty() && found_bytes > room {
+                                // The shard's first entry alone passes what is left of the
+                                // budget (a page's first entry goes whatever its size): it
+                                // starts the next page.
+                                page.next =
+                                    Some(u64::from(shard) << SHARD_SHIFT | from.unwrap_or(0));
+                                break;
+                            }
+                            bytes += found_bytes;
+                            page.read_from.push((shard, engine));
+                            page.documents.extend(found);
+                            if let Some(more) = more {
+                                page.next = Some(u64::from(shard) << SHARD_SHIFT | more);
+                                break;
+                            }
+                            page.listed.push(shard);
+                            if page.documents.len() >= limit {
+                                page.next = Some(u64::from(shard + 1) << SHARD_SHIFT);
+                                break;
+                            }
                         }
-                        if shard > start {
-                            from = None;
-                        }
-                        let room = budget.saturating_sub(bytes);
-                        let (page, more) = engine.contents_page_within(
-                            &query,
-                            from,
-                            limit - documents.len(),
-                            room,
-                        )?;
-                        let page_bytes: usize = page.iter().map(|d| d.fields.approx_size()).sum();
-                        if !documents.is_empty() && page_bytes > room {
-                            // The shard's first entry alone passes what is left of the
-                            // budget (a page's first entry goes whatever its size): it
-                            // starts the next page.
-                            next = Some(u64::from(shard) << SHARD_SHIFT | from.unwrap_or(0));
-                            break;
-                        }
-                        bytes += page_bytes;
-                        read_from.push((shard, engine));
-                        documents.extend(page);
-                        if let Some(more) = more {
-                            next = Some(u64::from(shard) << SHARD_SHIFT | more);
-                            break;
-                        }
-                        listed.push(shard);
-                        if documents.len() >= limit {
-                            next = Some(u64::from(shard + 1) << SHARD_SHIFT);
-                            break;
-                        }
-                    }
-                    Ok(())
-                })
-                .await??;
+                        Ok(page)
+                    })
+                    .await??;
                 // A page is a read: given once the shards it read confirm it (see
                 // `ShardSet::confirm_read`), or not at all (the listing fails, and may be
                 // asked again).
-                shards.confirm_read(&read_from).await?;
+                shards.confirm_read(&page.read_from).await?;
                 Response::Page {
-                    documents,
-                    next,
-                    listed,
+                    documents: page.documents,
+                    next: page.next,
+                    listed: page.listed,
                     of: shards.shard_count(),
                 }
             }

@@ -70,14 +70,17 @@ struct Chaos {
     /// The node whose disk is slow (each fsync of its log held [`SLOW_FSYNC_MS`] longer),
     /// across its restarts.
     slow_disk: Option<usize>,
+    /// Each node's `--threads`, if given (1: the single-threaded runtime).
+    threads: Option<&'static str>,
 }
 
 /// How much longer each fsync takes on a slow disk, in milliseconds.
 const SLOW_FSYNC_MS: &str = "100";
 
 impl Chaos {
-    /// `n` nodes, node `slow_disk` (if any) on a slow disk.
-    async fn start(n: usize, slow_disk: Option<usize>) -> Chaos {
+    /// `n` nodes, node `slow_disk` (if any) on a slow disk, each running `threads` worker
+    /// threads if given.
+    async fn start(n: usize, slow_disk: Option<usize>, threads: Option<&'static str>) -> Chaos {
         let addrs = free_addrs(n);
         let mut links = Vec::new();
         for i in 0..n {
@@ -97,6 +100,7 @@ impl Chaos {
             addrs,
             links,
             slow_disk,
+            threads,
         };
         for i in 0..n {
             chaos.start_node(i);
@@ -116,6 +120,10 @@ impl Chaos {
         if self.slow_disk == Some(i) {
             args.push("--fault-sync-delay-ms".to_owned());
             args.push(SLOW_FSYNC_MS.to_owned());
+        }
+        if let Some(threads) = self.threads {
+            args.push("--threads".to_owned());
+            args.push(threads.to_owned());
         }
         for (j, link) in self.links[i].iter().enumerate() {
             if let Some(proxy) = link {
@@ -375,15 +383,16 @@ fn listen(mut sub: Subscription, heard: Arc<Mutex<Heard>>) -> tokio::task::JoinH
 /// One scenario at a time: each has the machine's cores to itself.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// One scenario: `n` nodes, faults touching at most `minority` of them at once.
-async fn scenario(n: usize, minority: usize, seed: u64) {
+/// One scenario: `n` nodes (each running `threads` worker threads if given), faults
+/// touching at most `minority` of them at once.
+async fn scenario(n: usize, minority: usize, threads: Option<&'static str>, seed: u64) {
     let _alone = ONE_AT_A_TIME.lock().await;
     let seconds: u64 = std::env::var("SPACE_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
     // The last node's disk is slow throughout.
-    let mut chaos = Chaos::start(n, Some(n - 1)).await;
+    let mut chaos = Chaos::start(n, Some(n - 1), threads).await;
     let space = connect(&chaos.addrs.join(",")).await.unwrap();
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -557,12 +566,14 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_under_kills_pauses_and_partitions_lose_nothing() {
-    scenario(3, 1, seed()).await;
+    // One thread each (tokio's single-threaded runtime), as the replicated benchmark's
+    // nodes run; the five nodes run one worker per core.
+    scenario(3, 1, Some("1"), seed()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_under_faults_of_a_minority_lose_nothing() {
-    scenario(5, 2, seed()).await;
+    scenario(5, 2, None, seed()).await;
 }
 
 /// Two keys of two different shards the node at `addr` leads, as `conn`'s node sees the
@@ -629,7 +640,7 @@ async fn a_retry_is_not_answered_before_its_first_run_is_committed() {
     use space_client::wire::{RequestId, Response};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3, None).await;
+    let chaos = Chaos::start(3, None, None).await;
     let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
         .await
         .unwrap();
@@ -674,7 +685,7 @@ async fn a_node_cut_off_and_back_deposes_no_leader() {
     use space_client::wire::{Request, Response, ShardInfo, Topology};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3, None).await;
+    let chaos = Chaos::start(3, None, None).await;
     let conn = Connection::open(&chaos.addrs[0], ClientConfig::default())
         .await
         .unwrap();
@@ -744,7 +755,7 @@ async fn a_leader_cut_off_answers_no_dirty_or_stale_read() {
     use space_client::wire::{Request, Response, Target};
     use space_client::{ClientConfig, Connection};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let chaos = Chaos::start(3, None).await;
+    let chaos = Chaos::start(3, None, None).await;
     let open = async |addr: &str| {
         Connection::open(addr, ClientConfig::default())
             .await

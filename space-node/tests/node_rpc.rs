@@ -310,6 +310,46 @@ async fn counts_sent_at_once_run_one_per_worker_thread() {
     assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30_000);
 }
 
+/// A count whose caller goes away (its connection closed) while it runs keeps its place
+/// until its scan ends: counts sent and given up one after another still run one at a
+/// time, rather than leaving a scan running on a thread of its own for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_given_up_while_they_run_still_run_one_per_worker_thread() {
+    use std::io::Write;
+    let node = NodeProcess::start(&["--threads", "1"]);
+    let space = Space::connect(&node.addr).await.unwrap();
+    for batch in 0..30u64 {
+        let jobs: Vec<Job> = (0..1_000).map(|i| job(batch * 1_000 + i, "bulk")).collect();
+        space.write_all(&jobs).await.unwrap();
+    }
+    let before = node.threads();
+    assert!(before > 0, "the node's threads can be read");
+    let mut most = before;
+    // A filter no index answers, with a thousand values to compare each entry with.
+    let count = space_tests::hostile::frame(&space_tests::hostile::call_bytes(
+        Request::Count(Query::of::<Job>().is_in("id", 1_000_000..1_001_000u64)),
+        Instant::now() + Duration::from_secs(60),
+    ));
+    for _ in 0..12 {
+        let mut caller = space_tests::hostile::raw(&node.addr).expect("a connection");
+        caller.write_all(&count).expect("send the count");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        most = most.max(node.threads());
+        // Its caller goes away while the count runs (or waits its turn).
+        drop(caller);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        most = most.max(node.threads());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        most <= before + 2,
+        "12 counts given up while they ran grew the node from {before} to {most} threads"
+    );
+    assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_is_pushed_to_the_client_in_order() {
     let node = NodeProcess::start(&[]);
