@@ -271,14 +271,7 @@ async fn a_long_count_does_not_hold_up_its_connections_other_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_sent_at_once_run_one_per_worker_thread() {
     const COUNTS: usize = 12;
-    let node = NodeProcess::start(&["--threads", "1"]);
-    let space = Space::connect(&node.addr).await.unwrap();
-    for batch in 0..30u64 {
-        let jobs: Vec<Job> = (0..1_000).map(|i| job(batch * 1_000 + i, "bulk")).collect();
-        space.write_all(&jobs).await.unwrap();
-    }
-    let before = node.threads();
-    assert!(before > 0, "the node's threads can be read");
+    let (node, space, before) = one_thread_node_of_30_000_jobs().await;
     let mut counts = Vec::new();
     for _ in 0..COUNTS {
         let conn = Connection::open(&node.addr, space_client::ClientConfig::default())
@@ -310,20 +303,27 @@ async fn counts_sent_at_once_run_one_per_worker_thread() {
     assert_eq!(space.count(&Query::of::<Job>()).await.unwrap(), 30_000);
 }
 
-/// A count whose caller goes away (its connection closed) while it runs keeps its place
-/// until its scan ends: counts sent and given up one after another still run one at a
-/// time, rather than leaving a scan running on a thread of its own for each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counts_given_up_while_they_run_still_run_one_per_worker_thread() {
-    use std::io::Write;
+/// A node of one thread holding 30,000 `Job`s, a client of it, and the node's threads
+/// (its runtime's, its blocking pool's) once they are written.
+async fn one_thread_node_of_30_000_jobs() -> (NodeProcess, Space, usize) {
     let node = NodeProcess::start(&["--threads", "1"]);
     let space = Space::connect(&node.addr).await.unwrap();
     for batch in 0..30u64 {
         let jobs: Vec<Job> = (0..1_000).map(|i| job(batch * 1_000 + i, "bulk")).collect();
         space.write_all(&jobs).await.unwrap();
     }
-    let before = node.threads();
-    assert!(before > 0, "the node's threads can be read");
+    let threads = node.threads();
+    assert!(threads > 0, "the node's threads can be read");
+    (node, space, threads)
+}
+
+/// A count whose caller goes away (its connection closed) while it runs keeps its place
+/// until its scan ends: counts sent and given up one after another still run one at a
+/// time, rather than leaving a scan running on a thread of its own for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_given_up_while_they_run_still_run_one_per_worker_thread() {
+    use std::io::Write;
+    let (node, space, before) = one_thread_node_of_30_000_jobs().await;
     let mut most = before;
     // A filter no index answers, with a thousand values to compare each entry with.
     let count = space_tests::hostile::frame(&space_tests::hostile::call_bytes(
