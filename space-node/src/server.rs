@@ -628,9 +628,9 @@ impl NodeState {
 
     /// Gives back what request `id` took or claimed, its caller having gone away
     /// before its answer went out (see `Dedupe::on_vanished`): as the caller's own revoke
-    /// would, on this node, and, with [`GiveBack::Everywhere`], on the other members
-    /// too when this node no longer leads every shard (the request's shard may have a new
-    /// leader, which committed what it did).
+    /// would, on this node, and, with [`GiveBack::Everywhere`], on the other members for
+    /// the shards this node does not lead (the request's shard may have a new leader by
+    /// now, which committed what the request did).
     async fn give_back_vanished(&self, id: wire::RequestId, reach: GiveBack) {
         let here = match self.handle(Request::Revoke(id), 0).await {
             Ok(done) => done.into_response(),
