@@ -301,8 +301,8 @@ fn main() -> Result<()> {
     let mut runtime = match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
         // One thread: tokio's single-threaded scheduler, which hands tasks over with
-        // less synchronisation than the multi-threaded one with one worker (about 8% less
-        // CPU per operation in the replicated benchmark).
+        // less synchronisation than the multi-threaded one with one worker (about 6% more
+        // operations, and as much less CPU per operation, in the replicated benchmark).
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -43,6 +43,9 @@ fn keyless_weight(entries: usize, bytes: usize) -> usize {
 /// within the shard's engine below.
 const SHARD_SHIFT: u32 = 48;
 const POSITION: u64 = (1 << SHARD_SHIFT) - 1;
+use crate::engines_used::{note_used, serving_for};
+use crate::replica::{ShardSet, claim_across, read_across, take_across};
+use crate::server::NodeState;
 
 /// A page of contents gathered over the shards this node serves.
 #[derive(Default)]
@@ -55,9 +58,6 @@ struct ShardedPage {
     /// The shards read from, whose leaderships must confirm the page.
     read_from: Vec<(u32, Engine)>,
 }
-use crate::engines_used::{note_used, serving_for};
-use crate::replica::{ShardSet, claim_across, read_across, take_across};
-use crate::server::NodeState;
 
 impl NodeState {
     /// Runs one request of a replicated node on the shards it concerns.
