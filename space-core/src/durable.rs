@@ -28,7 +28,7 @@ use space_query::ValueKind;
 use crate::entry::NodeId;
 use crate::error::Result;
 use crate::lease::Deadline;
-use crate::state::{Answers, Command};
+use crate::state::{Answers, Command, LoggedSubscription};
 use crate::store::Record;
 use crate::wal::{LogContents, LogId, Wal, frame, frames, numbered, storage, sync_dir};
 
@@ -170,6 +170,9 @@ pub(crate) struct TypeImage {
     /// image.
     pub(crate) cut: u64,
     pub(crate) records: Vec<(u64, Record)>,
+    /// The subscriptions registered through the log on this type, each with the number
+    /// its next event gets.
+    pub(crate) subscriptions: Vec<(LoggedSubscription, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -196,6 +199,11 @@ enum SnapshotFrame {
     End {
         types: u64,
         entries: u64,
+    },
+    /// A subscription registered through the log, on the entry type before it.
+    Subscription {
+        subscription: LoggedSubscription,
+        next_seq: u64,
     },
 }
 
@@ -252,6 +260,15 @@ pub(crate) fn snapshot_bytes(snapshot: &Snapshot, node: NodeId) -> Vec<u8> {
                 },
             );
             entries += 1;
+        }
+        for (subscription, next_seq) in &t.subscriptions {
+            put(
+                &mut buf,
+                &SnapshotFrame::Subscription {
+                    subscription: subscription.clone(),
+                    next_seq: *next_seq,
+                },
+            );
         }
     }
     put(&mut buf, &SnapshotFrame::Answers(snapshot.answers.clone()));
@@ -347,6 +364,7 @@ pub(crate) fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot> {
                 schema,
                 cut,
                 records: Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 16)),
+                subscriptions: Vec::new(),
             }),
             SnapshotFrame::Entry { seq, record } => match snap.types.last_mut() {
                 Some(t) => t.records.push((seq, record)),
@@ -354,6 +372,18 @@ pub(crate) fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot> {
                     return Err(storage(
                         path,
                         "corrupt snapshot: an entry before any entry type",
+                    ));
+                }
+            },
+            SnapshotFrame::Subscription {
+                subscription,
+                next_seq,
+            } => match snap.types.last_mut() {
+                Some(t) => t.subscriptions.push((subscription, next_seq)),
+                None => {
+                    return Err(storage(
+                        path,
+                        "corrupt snapshot: a subscription before any entry type",
                     ));
                 }
             },

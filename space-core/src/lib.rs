@@ -57,7 +57,8 @@ pub use space_query::{
 /// removed, to put back when its caller never got it). `space-node` is built on it.
 pub mod server {
     pub use crate::engine::{
-        Applied, Engine, HostedLog, LogHost, LogImage, LogMark, Pending, Proposals,
+        Applied, Engine, HostedLog, LOGGED_ID_BIT, LogHost, LogImage, LogMark, LoggedView, Pending,
+        Proposals, new_logged_id,
     };
     pub use crate::state::{ACKNOWLEDGE_FROM_BYTES, Answer, Taken};
     pub use crate::wal::LogId;

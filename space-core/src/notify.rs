@@ -275,6 +275,22 @@ impl SubShared {
         }
     }
 
+    /// The subscription with its first event numbered `next_seq` (one registered through
+    /// a log, picked up from an image that had numbered events before).
+    pub(crate) fn numbered_from(self, next_seq: u64) -> Self {
+        {
+            let mut q = self.queue.lock();
+            q.next_seq = next_seq.max(1);
+            q.cursor = q.next_seq;
+        }
+        self
+    }
+
+    /// The number the next event gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.queue.lock().next_seq
+    }
+
     /// The subscription with its events held behind `gate` (see [`EventGate`]).
     pub(crate) fn with_gate(mut self, gate: Option<Arc<EventGate>>) -> Self {
         self.gate = gate;

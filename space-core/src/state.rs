@@ -20,10 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use space_query::Query;
 
 use crate::document::{ClaimTicket, ClaimedDocument, Document, Receipt, RequestId};
 use crate::entry::NodeId;
 use crate::lease::Deadline;
+use crate::notify::EventKinds;
 use crate::store::{ClaimState, Record, Store};
 
 /// The number of requests whose answers the state keeps, at most.
@@ -125,6 +127,38 @@ pub(crate) enum Command {
     /// all of them or none. Applied one after the other; the answers they record are the
     /// command's, in its one place of the log ([`BatchMarks`]). Never nested.
     Batch { commands: Vec<Command> },
+    /// A subscription registered through the log (a shard's): every engine the log
+    /// drives holds it, matches it and numbers its events alike, so that whichever
+    /// replica leads next continues its stream (see `engine::logged`). Changes no store.
+    Subscribe {
+        subscription: Box<LoggedSubscription>,
+    },
+    /// The leases of the logged subscriptions `ids` now end at `expires` (`None`: never).
+    RenewSubscriptions {
+        ids: Vec<u64>,
+        expires: Option<Deadline>,
+    },
+    /// Where the logged subscription `id`'s events go now (its subscriber resumed it
+    /// elsewhere).
+    Attach { id: u64, attachment: Vec<u8> },
+    /// A logged subscription ends: cancelled, or its lease ran out (`expired`, decided by
+    /// the leader's timer): what it told is still delivered then.
+    Unsubscribe { id: u64, expired: bool },
+}
+
+/// A subscription as a log holds it (see [`Command::Subscribe`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LoggedSubscription {
+    /// Chosen by its subscriber, with [`LOGGED_ID_BIT`](crate::engine::LOGGED_ID_BIT)
+    /// set, the same in every shard's log.
+    pub(crate) id: u64,
+    pub(crate) query: Query,
+    pub(crate) kinds: EventKinds,
+    /// When its lease ends (`None`: never).
+    pub(crate) expires: Option<Deadline>,
+    /// Where its events go, in the terms of whoever delivers them (a node: the endpoint
+    /// to push to, or none when its subscriber polls).
+    pub(crate) attachment: Vec<u8>,
 }
 
 impl Command {
@@ -154,7 +188,13 @@ impl Command {
             | Command::Claim { request, .. }
             | Command::Release { request, .. } => request.is_some(),
             Command::Acknowledged { .. } => true,
-            Command::Renew { .. } | Command::RenewClaim { .. } | Command::Index { .. } => false,
+            Command::Renew { .. }
+            | Command::RenewClaim { .. }
+            | Command::Index { .. }
+            | Command::Subscribe { .. }
+            | Command::RenewSubscriptions { .. }
+            | Command::Attach { .. }
+            | Command::Unsubscribe { .. } => false,
             Command::Batch { commands } => commands.iter().any(Command::answers),
         }
     }
@@ -348,6 +388,11 @@ pub(crate) fn apply(
         // The engine applies a batch's commands one by one (each tells its events), in
         // `BatchMarks::applying`.
         Command::Batch { .. } => Outcome::Missing,
+        // Subscriptions are the engine's, not a store's (`Engine::apply` applies them).
+        Command::Subscribe { .. }
+        | Command::RenewSubscriptions { .. }
+        | Command::Attach { .. }
+        | Command::Unsubscribe { .. } => Outcome::Missing,
     }
 }
 

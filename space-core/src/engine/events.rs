@@ -48,7 +48,11 @@ pub(super) fn after(command: &Command) -> Option<(EventKind, u64)> {
         | Command::Renew { .. }
         | Command::RenewClaim { .. }
         | Command::Index { .. }
-        | Command::Acknowledged { .. } => None,
+        | Command::Acknowledged { .. }
+        | Command::Subscribe { .. }
+        | Command::RenewSubscriptions { .. }
+        | Command::Attach { .. }
+        | Command::Unsubscribe { .. } => None,
         // Each of its commands tells its own (see `Engine::apply`).
         Command::Batch { .. } => None,
     }

@@ -132,6 +132,9 @@ impl Engine {
                     self.expire_subscription(&sub);
                 }
             }
+            TimerKind::Logged { entry_type, id } => {
+                self.locked_if_exists(&entry_type, |_, st| self.expire_logged(st, id, &now));
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ impl Engine {
                 indexes,
                 schema,
                 records,
+                subscriptions,
                 ..
             } = image;
             self.each_type_always(&entry_type, |_, st| {
@@ -30,6 +31,9 @@ impl Engine {
                 st.store.skip_to(next_seq);
                 for (seq, record) in records {
                     st.store.insert(seq, record);
+                }
+                for (subscription, next_seq) in subscriptions {
+                    self.apply_subscribe(st, subscription, next_seq);
                 }
             });
         }
@@ -145,6 +149,7 @@ impl Engine {
                 schema: st.store.schema(),
                 cut: cut(),
                 records,
+                subscriptions: Self::logged_image(&st),
             });
         }
         #[cfg(test)]

@@ -62,10 +62,12 @@ mod events;
 mod expiry;
 mod host;
 mod log;
+mod logged;
 mod replica;
 
 use host::Services;
 pub use host::{HostedLog, LogHost, LogImage, LogMark};
+pub use logged::{LOGGED_ID_BIT, LoggedView, new_logged_id};
 use replica::Mode;
 pub use replica::{Applied, Proposals};
 mod takes;
@@ -349,6 +351,9 @@ struct Inner {
     next_token: AtomicU64,
     /// The next subscription id ([`fresh_numbers_from`] at first).
     next_sub: AtomicU64,
+    /// The subscriptions registered through the log that the engine holds, over all
+    /// entry types (against the limit of subscriptions).
+    logged_count: AtomicUsize,
     /// Every live subscription by id (for resume, renew and cancel by id).
     subscriptions: Mutex<HashMap<u64, Arc<SubShared>>>,
     /// Entries and bytes held, for the limits.
@@ -426,6 +431,8 @@ enum TimerKind {
     },
     /// A subscription's lease.
     Subscription { sub: Weak<SubShared> },
+    /// The lease of a subscription registered through the log.
+    Logged { entry_type: Arc<str>, id: u64 },
 }
 
 impl Inner {
@@ -489,6 +496,8 @@ struct TypeState {
     /// The commands of the batch being decided under the lock now, if one is
     /// ([`Engine::batched`]).
     batch: Option<OpenBatch>,
+    /// The subscriptions registered through the log, by id ([`logged`]).
+    logged: std::collections::BTreeMap<u64, logged::Logged>,
 }
 
 /// The commands of a batch decided so far (see [`Engine::batched`]): applied as they are
@@ -508,6 +517,7 @@ impl TypeState {
         self.store.len() == 0
             && self.waiters.is_empty()
             && self.hub.len() == 0
+            && self.logged.is_empty()
             && self.store.indexed_fields().is_empty()
     }
 }
@@ -690,6 +700,7 @@ impl Engine {
             me: me.clone(),
             next_token: AtomicU64::new(next_token),
             next_sub: AtomicU64::new(fresh_numbers_from()),
+            logged_count: AtomicUsize::new(0),
             subscriptions: Mutex::new(HashMap::new()),
             totals: Arc::new(Totals::counted_in(holdings)),
             keeps_answers: replica || proposals.is_some() || durable.is_some(),
@@ -865,14 +876,27 @@ impl Engine {
         at: Option<Deadline>,
         command: Command,
     ) -> Outcome {
-        if let Command::Batch { commands } = command {
-            BatchMarks::applying(|| {
-                for command in commands {
-                    self.apply(st, index, at, command);
-                }
-            });
-            return Outcome::Changed;
-        }
+        let command = match command {
+            Command::Batch { commands } => {
+                BatchMarks::applying(|| {
+                    for command in commands {
+                        self.apply(st, index, at, command);
+                    }
+                });
+                return Outcome::Changed;
+            }
+            Command::Subscribe { subscription } => {
+                return self.apply_subscribe(st, *subscription, 1);
+            }
+            Command::RenewSubscriptions { ids, expires } => {
+                return self.apply_renew_subscriptions(st, &ids, expires);
+            }
+            Command::Attach { id, attachment } => return logged::attach(st, id, attachment),
+            Command::Unsubscribe { id, expired } => {
+                return self.apply_unsubscribe(st, id, expired);
+            }
+            command => command,
+        };
         // Events come from what applying did, the same way live and on replay (where no
         // subscription listens yet): a write is told before it is applied, the change
         // that follows it (a hand-off, a removal, a claim, a release) after.
@@ -1072,6 +1096,7 @@ impl Engine {
                 wakes: Vec::new(),
                 retired: false,
                 batch: None,
+                logged: std::collections::BTreeMap::new(),
             }),
         });
         next.insert(name, cell);
@@ -1147,7 +1172,7 @@ impl Engine {
         cells.sort_by(|a, b| a.name.cmp(&b.name));
         for cell in cells {
             let st = cell.lock();
-            if st.store.len() == 0 && st.store.indexed_fields().is_empty() {
+            if st.store.len() == 0 && st.store.indexed_fields().is_empty() && st.logged.is_empty() {
                 // An empty type is not state: the engine may forget it at any time.
                 continue;
             }
@@ -1161,6 +1186,11 @@ impl Engine {
             );
             for (seq, r) in st.store.iter() {
                 let _ = writeln!(out, "  {seq} {r:?}");
+            }
+            // Their definitions: the numbers their events get are told by the engines
+            // that tell them, not by one that leads the log.
+            for (subscription, _) in Self::logged_image(&st) {
+                let _ = writeln!(out, "  subscription {subscription:?}");
             }
         }
         for line in self.inner.answers.lock().describe() {
