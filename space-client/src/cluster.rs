@@ -1469,7 +1469,17 @@ impl Cluster {
         })
     }
 
-    async fn endpoint(&self) -> Result<Arc<Endpoint>> {
+    /// The client's settings.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The runtime the client's tasks run on.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub(crate) async fn endpoint(&self) -> Result<Arc<Endpoint>> {
         self.endpoint
             .get_or_try_init(|| Endpoint::start(&self.config))
             .await
@@ -1516,6 +1526,9 @@ impl Cluster {
         kinds: EventKinds,
         lease: Lease,
     ) -> Result<Subscription> {
+        if self.topology().shards > 0 {
+            return self.subscribe_shards(query, kinds, lease).await;
+        }
         let endpoint = self.endpoint().await?;
         let push_ends = endpoint.push_ends();
         let (node_lease, renew) = match lease {

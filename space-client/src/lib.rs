@@ -129,6 +129,7 @@
 mod cluster;
 mod connection;
 mod revoke;
+mod shard_feed;
 mod subscriber;
 pub mod worker;
 

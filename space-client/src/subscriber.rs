@@ -51,8 +51,8 @@ const END_GRACE: Duration = Duration::from_secs(10);
 /// A notification on its way to the subscriber, with the count of what its registration
 /// handed out (none for a gap the client announces itself).
 pub(crate) struct Delivered {
-    handed: Option<Arc<AtomicU64>>,
-    notification: Notification,
+    pub(crate) handed: Option<Arc<AtomicU64>>,
+    pub(crate) notification: Notification,
 }
 
 /// The channel a subscription's parts push into.
@@ -91,15 +91,68 @@ impl Part {
     fn forgotten(&self, now: Instant) -> bool {
         self.forget_after.lock().is_some_and(|t| t <= now)
     }
+}
 
-    /// Passes a notification on to the subscriber; false when the stream is gone.
-    async fn pass(&self, tx: &FeedSender, notification: Notification) -> bool {
-        let delivered = Delivered {
-            handed: Some(self.handed.clone()),
+/// Passes a numbered stream's `notifications` (one node's, or one shard's) on to `tx`,
+/// in order: those at or below `last_seq` (the last number passed on) are repeats and
+/// are dropped, a gap is cut to what was not passed on yet, and numbers skipped are told
+/// as a gap rather than passed over in silence. `awaits_rewind`, while set, holds back
+/// what runs ahead (see [`Part::awaits_rewind`]). `handed` counts what the subscriber
+/// was handed from this stream. Returns false when the subscription's stream is gone.
+pub(crate) async fn pass_in_order(
+    last_seq: &AtomicU64,
+    awaits_rewind: Option<&AtomicBool>,
+    handed: &Arc<AtomicU64>,
+    tx: &FeedSender,
+    notifications: Vec<Notification>,
+) -> bool {
+    let pass = |notification| {
+        tx.send_async(Delivered {
+            handed: Some(handed.clone()),
             notification,
+        })
+    };
+    for n in notifications {
+        let (first, last) = seq_range(&n);
+        let had = last_seq.load(Ordering::Acquire);
+        if last <= had {
+            continue; // a repeat
+        }
+        let skips = first > had + 1;
+        if skips && awaits_rewind.is_some_and(|a| a.load(Ordering::Acquire)) {
+            // Sent before the node took the resume up (a detached registration of this
+            // endpoint answered for what lies between): delivered again after the node's
+            // rewind. Taken now, it would make that rewind look like repeats.
+            continue;
+        }
+        let n = match n {
+            // A gap covers exactly what was not passed on up to its end.
+            Notification::Gap { last_seq, .. } => Notification::Gap {
+                first_seq: had + 1,
+                last_seq,
+            },
+            n if skips => {
+                // Numbers skipped are told as a gap rather than passed over in silence.
+                let skipped = Notification::Gap {
+                    first_seq: had + 1,
+                    last_seq: first - 1,
+                };
+                if pass(skipped).await.is_err() {
+                    return false;
+                }
+                n
+            }
+            n => n,
         };
-        tx.send_async(delivered).await.is_ok()
+        if let Some(a) = awaits_rewind {
+            a.store(false, Ordering::Release);
+        }
+        last_seq.store(last, Ordering::Release);
+        if pass(n).await.is_err() {
+            return false;
+        }
     }
+    true
 }
 
 /// How a registration's events reach the endpoint.
@@ -134,7 +187,6 @@ pub(crate) struct FeedState {
     /// Hands new parts their sender; dropped when no part may be added any more, so that
     /// the stream ends once the parts' senders are gone too.
     spare: Mutex<Option<FeedSender>>,
-    dropped: AtomicU64,
     closed: AtomicBool,
     detached: AtomicBool,
 }
@@ -158,6 +210,8 @@ pub(crate) struct Endpoint {
     /// restarted drops its own): the renewals look at that node's parts at once then
     /// (`keep_alive`).
     pushes_ended: tokio::sync::watch::Sender<PushesEnded>,
+    /// The subscriptions of a replicated cluster pushed here, by id.
+    pub(crate) shard_feeds: Mutex<HashMap<u64, Weak<crate::shard_feed::ShardState>>>,
 }
 
 impl Endpoint {
@@ -183,6 +237,7 @@ impl Endpoint {
             delivery: config.delivery,
             push_refused: AtomicBool::new(false),
             pushes_ended: tokio::sync::watch::Sender::new(PushesEnded::default()),
+            shard_feeds: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&endpoint);
         let max_frame = config.max_frame;
@@ -321,7 +376,7 @@ async fn serve_subscriber(endpoint: Arc<Endpoint>, stream: TcpStream, max_frame:
         .send_modify(|ended| *ended.0.entry(hello.pusher).or_default() += 1);
 }
 
-fn seq_range(n: &Notification) -> (u64, u64) {
+pub(crate) fn seq_range(n: &Notification) -> (u64, u64) {
     match n {
         Notification::Event(e) => (e.seq, e.seq),
         Notification::Gap {
@@ -340,51 +395,37 @@ impl SubscriberService for Subscriber {
         self,
         _: context::Context,
         node: NodeId,
+        shard: Option<u32>,
         subscription: u64,
         notifications: Vec<Notification>,
     ) -> bool {
+        if let Some(shard) = shard {
+            return crate::shard_feed::deliver(&self.0, shard, subscription, notifications).await;
+        }
         let Some(part) = self.0.part(node, subscription).await else {
             return false;
         };
         let Some(tx) = part.tx.lock().clone() else {
             return self.0.still_held(node, subscription);
         };
-        for n in notifications {
-            let (first, last) = seq_range(&n);
-            let had = part.last_seq.load(Ordering::Acquire);
-            if last <= had {
-                continue; // a repeat after a retried delivery
-            }
-            if first > had + 1 {
-                if part.awaits_rewind.load(Ordering::Acquire) {
-                    // Sent before the node took the resume up (a detached registration
-                    // of this endpoint answered for what lies between): delivered again
-                    // after the node's rewind. Taken now, it would make that rewind
-                    // look like repeats.
-                    continue;
-                }
-                // A node numbers its events without holes: numbers skipped are told as
-                // a gap rather than passed over in silence.
-                let skipped = Notification::Gap {
-                    first_seq: had + 1,
-                    last_seq: first - 1,
-                };
-                if !part.pass(&tx, skipped).await {
-                    return self.0.still_held(node, subscription);
-                }
-            }
-            part.awaits_rewind.store(false, Ordering::Release);
-            part.last_seq.store(last, Ordering::Release);
-            if !part.pass(&tx, n).await {
-                // The stream went away under this push: detached (its handle dropped)
-                // or cancelled.
-                return self.0.still_held(node, subscription);
-            }
-        }
-        true
+        let passed = pass_in_order(
+            &part.last_seq,
+            Some(&part.awaits_rewind),
+            &part.handed,
+            &tx,
+            notifications,
+        )
+        .await;
+        // The stream went away under this push: detached (its handle dropped) or
+        // cancelled.
+        passed || self.0.still_held(node, subscription)
     }
 
-    async fn end(self, _: context::Context, node: NodeId, subscription: u64) {
+    async fn end(self, _: context::Context, node: NodeId, shard: Option<u32>, subscription: u64) {
+        if let Some(shard) = shard {
+            crate::shard_feed::end(&self.0, shard, subscription);
+            return;
+        }
         let part = self.0.feeds.lock().get(&(node, subscription)).cloned();
         if let Some(part) = part {
             self.0.detach(&part);
@@ -418,7 +459,6 @@ impl FeedState {
             parts: Mutex::new(Vec::new()),
             unreached: Mutex::new(Vec::new()),
             spare: Mutex::new(spare),
-            dropped: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             detached: AtomicBool::new(false),
         })
@@ -598,7 +638,11 @@ async fn poll(part: Arc<Part>, state: Weak<FeedState>, endpoint: Arc<Endpoint>) 
                         continue; // sent again after a lost answer
                     }
                     part.last_seq.store(last, Ordering::Release);
-                    if !part.pass(&tx, n).await {
+                    let delivered = Delivered {
+                        handed: Some(part.handed.clone()),
+                        notification: n,
+                    };
+                    if tx.send_async(delivered).await.is_err() {
                         return;
                     }
                 }
@@ -711,7 +755,7 @@ pub(crate) async fn keep_alive<M, F>(
 
 /// A random fraction in [0, 1): the random bits of a version 4 UUID (which `uuid` draws
 /// from the system's generator).
-fn random_fraction() -> f64 {
+pub(crate) fn random_fraction() -> f64 {
     f64::from((uuid::Uuid::new_v4().as_u128() % 1024) as u32) / 1024.0
 }
 
@@ -850,8 +894,7 @@ impl PushEnds {
 
 /// A remote subscription's receiving side: the merged stream of its parts.
 pub(crate) struct Feed {
-    rx: flume::Receiver<Delivered>,
-    stream: Mutex<flume::r#async::RecvStream<'static, Delivered>>,
+    receiving: Receiving,
     state: Arc<FeedState>,
     endpoint: Arc<Endpoint>,
     runtime: Runtime,
@@ -865,16 +908,34 @@ impl Feed {
         runtime: Runtime,
     ) -> Feed {
         Feed {
-            stream: Mutex::new(rx.clone().into_stream()),
-            rx,
+            receiving: Receiving::new(rx),
             state,
             endpoint,
             runtime,
         }
     }
+}
 
-    /// Hands a notification out: notes its number as its registration's last one handed
-    /// out, and counts what a gap lost.
+/// The receiving side of a remote subscription's stream, as a [`RemoteFeed`] hands it
+/// out: notes each notification's number as its stream's last one handed out, counts
+/// what gaps lost, and notes when the stream ended.
+pub(crate) struct Receiving {
+    rx: flume::Receiver<Delivered>,
+    stream: Mutex<flume::r#async::RecvStream<'static, Delivered>>,
+    dropped: AtomicU64,
+    ended: AtomicBool,
+}
+
+impl Receiving {
+    pub(crate) fn new(rx: flume::Receiver<Delivered>) -> Receiving {
+        Receiving {
+            stream: Mutex::new(rx.clone().into_stream()),
+            rx,
+            dropped: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+        }
+    }
+
     fn counted(&self, delivered: Option<Delivered>) -> Option<Notification> {
         let n = delivered.map(|d| {
             if let Some(handed) = &d.handed {
@@ -887,11 +948,65 @@ impl Feed {
             last_seq,
         }) = &n
         {
-            self.state
-                .dropped
+            self.dropped
                 .fetch_add(last_seq - first_seq + 1, Ordering::Relaxed);
         }
         if n.is_none() && self.rx.is_disconnected() && self.rx.is_empty() {
+            self.ended.store(true, Ordering::Release);
+        }
+        n
+    }
+
+    /// See [`RemoteFeed::recv_until`].
+    pub(crate) fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        let n = match deadline {
+            None => self.rx.recv().ok(),
+            Some(d) => self.rx.recv_deadline(d).ok(),
+        };
+        self.counted(n)
+    }
+
+    /// See [`RemoteFeed::try_recv`].
+    pub(crate) fn try_recv(&self) -> Option<Notification> {
+        self.counted(self.rx.try_recv().ok())
+    }
+
+    /// See [`RemoteFeed::poll_recv`].
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+        self.stream
+            .lock()
+            .poll_next_unpin(cx)
+            .map(|n| self.counted(n))
+    }
+
+    /// Whether every sender is gone and everything was handed out.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Events lost to gaps so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream ended, or the subscription was cancelled (`cancelled`).
+    pub(crate) fn is_closed(&self, cancelled: &AtomicBool) -> bool {
+        cancelled.load(Ordering::Acquire)
+            || self.ended.load(Ordering::Acquire)
+            || (self.rx.is_disconnected() && self.rx.is_empty())
+    }
+
+    /// Drops what was received and not handed out (a cancelled subscription).
+    pub(crate) fn discard(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+impl Feed {
+    /// Passes `n` on; once the stream has ended, the subscription is closed (its
+    /// renewals stop).
+    fn ended_if_none(&self, n: Option<Notification>) -> Option<Notification> {
+        if n.is_none() && self.receiving.has_ended() {
             self.state.closed.store(true, Ordering::Release);
         }
         n
@@ -914,31 +1029,23 @@ impl RemoteFeed for Feed {
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
-        let n = match deadline {
-            None => self.rx.recv().ok(),
-            Some(d) => self.rx.recv_deadline(d).ok(),
-        };
-        self.counted(n)
+        self.ended_if_none(self.receiving.recv_until(deadline))
     }
 
     fn try_recv(&self) -> Option<Notification> {
-        self.counted(self.rx.try_recv().ok())
+        self.ended_if_none(self.receiving.try_recv())
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
-        self.stream
-            .lock()
-            .poll_next_unpin(cx)
-            .map(|n| self.counted(n))
+        self.receiving.poll_recv(cx).map(|n| self.ended_if_none(n))
     }
 
     fn dropped(&self) -> u64 {
-        self.state.dropped.load(Ordering::Relaxed)
+        self.receiving.dropped()
     }
 
     fn is_closed(&self) -> bool {
-        self.state.closed.load(Ordering::Acquire)
-            || (self.rx.is_disconnected() && self.rx.is_empty())
+        self.receiving.is_closed(&self.state.closed)
     }
 
     fn unreached(&self) -> Vec<String> {
@@ -975,7 +1082,7 @@ impl RemoteFeed for Feed {
         self.state.seal();
         let parts = std::mem::take(&mut *self.state.parts.lock());
         cancel_parts(parts, &self.endpoint, &self.runtime);
-        while self.rx.try_recv().is_ok() {}
+        self.receiving.discard();
     }
 
     fn detach(&self) {
@@ -1094,6 +1201,7 @@ mod tests {
         let event = |seq| {
             Notification::Event(space_core::Event {
                 seq,
+                shard: None,
                 node: NodeId(1),
                 entry_type: "job".into(),
                 key: space_core::Key::Name(format!("job-{seq}")),
@@ -1103,7 +1211,7 @@ mod tests {
         };
         let batch = seqs.map(event).collect();
         Subscriber(endpoint.clone())
-            .deliver(context::current(), NodeId(1), id, batch)
+            .deliver(context::current(), NodeId(1), None, id, batch)
             .await
     }
 

@@ -79,8 +79,14 @@ impl EventKinds {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Position in the subscription's own sequence: 1, 2, 3, ... without gaps unless a
-    /// [`Notification::Gap`] says otherwise.
+    /// [`Notification::Gap`] says otherwise. On a replicated cluster, in its shard's
+    /// sequence (`shard`).
     pub seq: u64,
+    /// On a replicated cluster, the shard whose sequence `seq` is in (a subscription
+    /// there is numbered per shard, whichever node leads it); `None` elsewhere (one
+    /// sequence per node).
+    #[serde(default)]
+    pub shard: Option<u32>,
     /// The node that holds the entry (read or take it there).
     pub node: NodeId,
     /// The entry's type.
@@ -333,6 +339,7 @@ impl SubShared {
         q.marks.push_back(mark);
         q.log.push_back(Event {
             seq,
+            shard: None,
             node,
             entry_type: self.entry_type.clone(),
             key: key.clone(),

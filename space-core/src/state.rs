@@ -159,6 +159,9 @@ pub(crate) struct LoggedSubscription {
     /// Where its events go, in the terms of whoever delivers them (a node: the endpoint
     /// to push to, or none when its subscriber polls).
     pub(crate) attachment: Vec<u8>,
+    /// The number its first event gets (1, or past what its subscriber had from an
+    /// earlier registration in this log that ended).
+    pub(crate) first_seq: u64,
 }
 
 impl Command {

@@ -45,7 +45,7 @@ pub const MAGIC: [u8; 4] = *b"SPC1";
 /// says that events may have been missed, how many not known, since version 14; a call
 /// says whether its id was ever sent before, since version 15; and whether its client
 /// would revoke it if it gave it up, since version 16).
-pub const PROTOCOL_VERSION: u16 = 16;
+pub const PROTOCOL_VERSION: u16 = 17;
 /// The most request ids one call acknowledges ([`Envelope::acknowledged`]); a call with
 /// more is refused.
 pub const MAX_ACKNOWLEDGED: usize = 1024;
@@ -363,6 +363,52 @@ pub enum Request {
     },
     /// End a subscription.
     CancelSubscription(u64),
+    /// Register subscription `id` (chosen by the client, with
+    /// [`LOGGED_ID_BIT`](crate::server::LOGGED_ID_BIT) set) in the logs of those of
+    /// `shards` that the node asked leads, so that every replica of them holds it and
+    /// whichever leads them pushes their events (to `endpoint`), numbered per shard. The
+    /// node first makes sure it can connect to the endpoint. Answered with
+    /// [`Response::OnShards`] once the registrations are committed; registering again is
+    /// harmless (nothing changes). For a replicated cluster.
+    SubscribeShards {
+        /// The subscription's id, the same in every shard.
+        id: u64,
+        /// The query.
+        query: Query,
+        /// Which kinds of change to report.
+        kinds: EventKinds,
+        /// The subscription's lease, from now.
+        lease: Lease,
+        /// Where the client serves [`SubscriberService`], and its secret.
+        endpoint: Endpoint,
+        /// The shards to register it on (at most the cluster's number of shards), each
+        /// with the last number the client had from an earlier registration there (0:
+        /// none): a shard that lost the subscription numbers its events after it.
+        shards: Vec<(u32, u64)>,
+    },
+    /// Extend, through their logs, the lease of subscription `id` on those of `shards`
+    /// the node leads. Answered with [`Response::OnShards`]: a shard led and not renewed
+    /// no longer holds the subscription.
+    RenewShards {
+        /// The subscription's id.
+        id: u64,
+        /// The entry type its query is on.
+        entry_type: String,
+        /// The new lease, from now.
+        lease: Lease,
+        /// The shards to renew it on.
+        shards: Vec<u32>,
+    },
+    /// End subscription `id`, through their logs, on those of `shards` the node leads.
+    /// Answered with [`Response::OnShards`].
+    CancelShards {
+        /// The subscription's id.
+        id: u64,
+        /// The entry type its query is on.
+        entry_type: String,
+        /// The shards to end it on.
+        shards: Vec<u32>,
+    },
     /// The kinds of value each top-level field of an entry type's entries held so far
     /// (what the node learned from writes); for tools that warn about a field no entry
     /// ever had.
@@ -404,6 +450,9 @@ impl Request {
             Request::Resume { .. } => "resume",
             Request::RenewSubscription { .. } => "renew_subscription",
             Request::CancelSubscription(_) => "cancel_subscription",
+            Request::SubscribeShards { .. } => "subscribe",
+            Request::RenewShards { .. } => "renew_subscription",
+            Request::CancelShards { .. } => "cancel_subscription",
             Request::Schema(_) => "schema",
             Request::Topology => "topology",
             Request::NodeStatus => "node_status",
@@ -477,7 +526,8 @@ impl Request {
             | Request::Claim { query: q, .. }
             | Request::Count(q)
             | Request::Contents { query: q, .. }
-            | Request::Subscribe { query: q, .. } => Ok(q.validate()?),
+            | Request::Subscribe { query: q, .. }
+            | Request::SubscribeShards { query: q, .. } => Ok(q.validate()?),
             _ => Ok(()),
         }
     }
@@ -587,6 +637,16 @@ pub enum Response {
         /// The cluster's number of shards.
         of: u32,
     },
+    /// A replicated node's answer about a subscription on shards
+    /// ([`Request::SubscribeShards`], [`Request::RenewShards`],
+    /// [`Request::CancelShards`]): of the shards asked about, those it leads, and those
+    /// where it did what was asked (committed).
+    OnShards {
+        /// The shards asked about that the node leads.
+        led: Vec<u32>,
+        /// The shards where it was done.
+        done: Vec<u32>,
+    },
 }
 
 /// A request with its id.
@@ -632,10 +692,19 @@ pub trait SpaceService {
 pub trait SubscriberService {
     /// Delivers events of one subscription of node `node`, in order. Returns false when the
     /// client no longer wants the subscription (the node then cancels it).
-    async fn deliver(node: NodeId, subscription: u64, notifications: Vec<Notification>) -> bool;
+    ///
+    /// A subscription of a replicated cluster is numbered per shard: its events come
+    /// from the node that leads `shard` now (`None` for a subscription of the node's
+    /// own, numbered by the node).
+    async fn deliver(
+        node: NodeId,
+        shard: Option<u32>,
+        subscription: u64,
+        notifications: Vec<Notification>,
+    ) -> bool;
     /// Tells that a subscription of node `node` ended (its lease ran out, or the node let
     /// it go): every event it matched was delivered before this.
-    async fn end(node: NodeId, subscription: u64);
+    async fn end(node: NodeId, shard: Option<u32>, subscription: u64);
 }
 
 /// The first frame of a connection, from the connecting side.

@@ -61,7 +61,7 @@ pub(crate) struct PushConfig {
 }
 
 /// The connection to one subscriber endpoint, shared by its subscriptions.
-struct Link {
+pub(crate) struct Link {
     endpoint: Endpoint,
     /// The connection, once made; dialled by one pusher at a time.
     client: tokio::sync::Mutex<Option<SubscriberServiceClient>>,
@@ -98,9 +98,20 @@ struct Pusher {
 /// rewind made from outside could land before the pusher takes a batch from the rewound
 /// log, and the pusher, clearing that batch for the resume, would lose it.
 #[derive(Clone)]
-struct Route {
-    link: Arc<Link>,
-    resume_after: Option<u64>,
+pub(crate) struct Route {
+    pub(crate) link: Arc<Link>,
+    pub(crate) resume_after: Option<u64>,
+}
+
+/// Why a pusher stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// The subscription ended (its end told to the subscriber), or was cancelled.
+    Ended,
+    /// The subscriber no longer wants it.
+    Unwanted,
+    /// Its endpoint stayed unreachable for the subscriber timeout.
+    Unreachable,
 }
 
 /// How a subscription's events leave the node.
@@ -189,6 +200,21 @@ impl Tables {
 
     /// The link to `endpoint` (made if missing), with room for one more subscription.
     fn link(&mut self, endpoint: Endpoint, max: usize) -> Result<Arc<Link>, SpaceError> {
+        let held = self.links.get(&endpoint).map_or(0, |link| {
+            link.subscriptions
+                .load(std::sync::atomic::Ordering::Acquire)
+        });
+        if held >= max {
+            return Err(SpaceError::Busy {
+                node: String::new(),
+                reason: format!("this client holds its maximum of {max} subscriptions on the node"),
+            });
+        }
+        Ok(self.hold_link(endpoint))
+    }
+
+    /// The link to `endpoint` (made if missing), held once more.
+    fn hold_link(&mut self, endpoint: Endpoint) -> Arc<Link> {
         let link = self
             .links
             .entry(endpoint)
@@ -200,18 +226,9 @@ impl Tables {
                 })
             })
             .clone();
-        let held = link
-            .subscriptions
-            .load(std::sync::atomic::Ordering::Acquire);
-        if held >= max {
-            return Err(SpaceError::Busy {
-                node: String::new(),
-                reason: format!("this client holds its maximum of {max} subscriptions on the node"),
-            });
-        }
         link.subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok(link)
+        link
     }
 
     /// Forgets a pusher, and its place on its link.
@@ -277,18 +294,10 @@ impl Pushers {
                 }
             }
         };
-        let reached = tokio::time::timeout(REACH_TIMEOUT, link.client(&self.config))
-            .await
-            .map_err(|_| format!("no connection within {REACH_TIMEOUT:?}"))
-            .and_then(|dialled| dialled.map_err(|e| e.to_string()));
-        if let Err(reason) = reached {
+        if let Err(e) = self.reach(&link).await {
             self.map.lock().unlink(&link);
             subscription.cancel();
-            tracing::info!(endpoint = %endpoint.addr, %reason, "refused a subscription whose endpoint cannot be reached");
-            return Err(SpaceError::EndpointUnreachable {
-                endpoint: endpoint.addr.to_string(),
-                reason,
-            });
+            return Err(e);
         }
         let (tx, rx) = watch::channel(Route {
             link,
@@ -303,12 +312,49 @@ impl Pushers {
         );
         let pushers = self.clone();
         tokio::spawn(async move {
-            push(pushers.config, subscription.clone(), rx).await;
+            push(pushers.config, None, subscription.clone(), rx).await;
             pushers.map.lock().remove(id);
             subscription.cancel();
             tracing::debug!(subscription = id, "pusher finished");
         });
         Ok(id)
+    }
+
+    /// Connects `link` to its endpoint, if it is not connected, within
+    /// [`REACH_TIMEOUT`].
+    ///
+    /// # Errors
+    /// [`SpaceError::EndpointUnreachable`] when the node cannot connect to it.
+    pub(crate) async fn reach(&self, link: &Link) -> Result<(), SpaceError> {
+        let reached = tokio::time::timeout(REACH_TIMEOUT, link.client(&self.config))
+            .await
+            .map_err(|_| format!("no connection within {REACH_TIMEOUT:?}"))
+            .and_then(|dialled| dialled.map_err(|e| e.to_string()));
+        reached.map(drop).map_err(|reason| {
+            tracing::info!(endpoint = %link.endpoint.addr, %reason, "refused a subscription whose endpoint cannot be reached");
+            SpaceError::EndpointUnreachable {
+                endpoint: link.endpoint.addr.to_string(),
+                reason,
+            }
+        })
+    }
+
+    /// The link to `endpoint`, shared with the node's other pushers there, held until
+    /// [`unlink`](Self::unlink): for the pushers of a replicated cluster's subscriptions,
+    /// one per shard this node leads (their number per client is bounded where they
+    /// are registered, not per link).
+    pub(crate) fn link_for(&self, endpoint: Endpoint) -> Arc<Link> {
+        self.map.lock().hold_link(endpoint)
+    }
+
+    /// Gives back a hold on a link taken with [`link_for`](Self::link_for).
+    pub(crate) fn unlink(&self, link: &Link) {
+        self.map.lock().unlink(link);
+    }
+
+    /// How this node pushes.
+    pub(crate) fn config(&self) -> PushConfig {
+        self.config
     }
 
     /// Keeps a polled subscription until it ends, or is not polled for the subscriber
@@ -548,7 +594,16 @@ fn take_up(route: &mut watch::Receiver<Route>, sub: &Subscription, batch: &mut V
     }
 }
 
-async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Receiver<Route>) {
+/// Pushes `sub`'s events over the route `route` holds until it ends (its end told), its
+/// subscriber no longer wants it, or its endpoint stays unreachable for the subscriber
+/// timeout; returns why it stopped. `shard` names the shard a subscription of a
+/// replicated cluster is numbered in (`None`: one of the node's own).
+pub(crate) async fn push(
+    config: PushConfig,
+    shard: Option<u32>,
+    sub: Arc<Subscription>,
+    mut route: watch::Receiver<Route>,
+) -> Stopped {
     let id = sub.id();
     let mut batch: Vec<Notification> = Vec::new();
     let mut backoff = Backoff::new();
@@ -560,12 +615,12 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
             tokio::select! {
                 n = sub.recv_async() => match n {
                     Some(n) => batch.push(n),
-                    None if sub.is_cancelled() => return,
+                    None if sub.is_cancelled() => return Stopped::Ended,
                     None => ended = true,
                 },
                 changed = route.changed() => {
                     if changed.is_err() {
-                        return;
+                        return Stopped::Ended;
                     }
                     take_up(&mut route, &sub, &mut batch);
                     ended = false;
@@ -590,9 +645,9 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
                 let mut ctx = context::current();
                 ctx.deadline = Instant::now() + DELIVERY_DEADLINE;
                 let sent = if batch.is_empty() {
-                    c.end(ctx, config.node, id).await.map(|()| true)
+                    c.end(ctx, config.node, shard, id).await.map(|()| true)
                 } else {
-                    c.deliver(ctx, config.node, id, batch.clone()).await
+                    c.deliver(ctx, config.node, shard, id, batch.clone()).await
                 };
                 match sent {
                     Ok(wanted) => Ok(wanted),
@@ -605,7 +660,7 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
             Err(e) => Err(e.to_string()),
         };
         match delivered {
-            Ok(true) if batch.is_empty() => return, // the end was told
+            Ok(true) if batch.is_empty() => return Stopped::Ended, // the end was told
             Ok(true) => {
                 count_delivered(&batch);
                 tracing::trace!(
@@ -619,7 +674,7 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
             }
             Ok(false) => {
                 tracing::debug!(subscription = id, "the subscriber no longer wants it");
-                return;
+                return Stopped::Unwanted;
             }
             Err(error) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
@@ -630,11 +685,11 @@ async fn push(config: PushConfig, sub: Arc<Subscription>, mut route: watch::Rece
                         %error,
                         "the subscriber stayed unreachable; cancelling its subscription"
                     );
-                    return;
+                    return Stopped::Unreachable;
                 }
                 tracing::debug!(subscription = id, %error, "delivery failed; retrying");
                 if sub.is_cancelled() {
-                    return;
+                    return Stopped::Ended;
                 }
                 backoff.wait().await;
             }

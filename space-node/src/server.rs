@@ -201,7 +201,7 @@ pub(crate) struct NodeState {
     /// leads (see `sharded`).
     pub(crate) keyless_written: AtomicUsize,
     dedupe: Dedupe,
-    pushers: Arc<Pushers>,
+    pub(crate) pushers: Arc<Pushers>,
     address: String,
     /// The cluster's members and their latest status, for FindPlaceFor.
     pub(crate) members: Arc<Members>,
@@ -868,6 +868,13 @@ impl NodeState {
                 self.pushers.cancel(id);
                 Response::Done
             }
+            Request::SubscribeShards { .. }
+            | Request::RenewShards { .. }
+            | Request::CancelShards { .. } => {
+                return Err(SpaceError::Protocol {
+                    reason: "this node is not part of a replicated cluster: it has no shards; subscribe with it directly".into(),
+                });
+            }
             Request::Topology => Response::Topology(self.members.alone()),
             // Not a replicated node: no shards, no meta group.
             Request::Shards => Response::Shards(Vec::new()),
@@ -1140,6 +1147,12 @@ impl Node {
             address,
             scans: Arc::new(tokio::sync::Semaphore::new(scan_permits())),
         });
+        if let Some(set) = &state.shards {
+            tokio::spawn(crate::replica::push_led(
+                Arc::downgrade(set),
+                state.pushers.clone(),
+            ));
+        }
         let node = Arc::downgrade(&state);
         state.dedupe.on_vanished(Box::new(move |id, reach| {
             if let (Some(state), Ok(runtime)) =

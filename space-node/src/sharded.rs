@@ -395,11 +395,146 @@ impl NodeState {
                     crate::replica::relay::subscribe(&self.engine, &set, &query, kinds, lease)?;
                 Response::Subscribed(self.push_to(sub, endpoint).await?)
             }
+            Request::SubscribeShards {
+                id,
+                query,
+                kinds,
+                lease,
+                endpoint,
+                shards: asked,
+            } => {
+                let after: std::collections::HashMap<u32, u64> = asked.iter().copied().collect();
+                let asked = asked_shards(shards, asked.into_iter().map(|(s, _)| s).collect())?;
+                // An endpoint this node cannot reach is refused before anything is logged.
+                let link = self.pushers.link_for(endpoint);
+                let reached = self.pushers.reach(&link).await;
+                self.pushers.unlink(&link);
+                reached?;
+                let attachment = crate::replica::notify_attachment(&endpoint);
+                on_led_shards(&led, &asked, |shard, engine| {
+                    let after = after.get(&shard).copied().unwrap_or(0);
+                    let added = engine.subscribe_logged(
+                        id,
+                        &query,
+                        kinds,
+                        lease,
+                        attachment.clone(),
+                        after,
+                    )?;
+                    // Held already: registered by an earlier try.
+                    Ok(if added {
+                        OnShard::Proposed
+                    } else {
+                        OnShard::Done
+                    })
+                })
+                .await?
+            }
+            Request::RenewShards {
+                id,
+                entry_type,
+                lease,
+                shards: asked,
+            } => {
+                let asked = asked_shards(shards, asked)?;
+                on_led_shards(&led, &asked, |_, engine| {
+                    let renewed = engine.renew_logged(&entry_type, &[id], lease)?;
+                    // Not held: the shard lost it (its lease ran out).
+                    Ok(if renewed.is_empty() {
+                        OnShard::Missing
+                    } else {
+                        OnShard::Proposed
+                    })
+                })
+                .await?
+            }
+            Request::CancelShards {
+                id,
+                entry_type,
+                shards: asked,
+            } => {
+                let asked = asked_shards(shards, asked)?;
+                on_led_shards(&led, &asked, |_, engine| {
+                    let ended = engine.unsubscribe_logged(&entry_type, id)?;
+                    Ok(if ended {
+                        OnShard::Proposed
+                    } else {
+                        OnShard::Done
+                    })
+                })
+                .await?
+            }
             // The rest concerns the node, not a shard.
             other => return self.handle_on(&self.engine, other, budget).await,
         };
         Ok(Outcome::Answer(answer))
     }
+}
+
+/// The shards a subscription request names, checked: no more than the cluster has, each
+/// one of its shards.
+///
+/// # Errors
+/// [`SpaceError::Protocol`] for a shard the cluster does not have.
+fn asked_shards(shards: &ShardSet, asked: Vec<u32>) -> Result<Vec<u32>, SpaceError> {
+    let count = shards.shard_count();
+    if let Some(bad) = asked.iter().find(|s| **s >= count) {
+        return Err(SpaceError::Protocol {
+            reason: format!("the cluster has {count} shards; there is no shard {bad}"),
+        });
+    }
+    let mut asked = asked;
+    asked.sort_unstable();
+    asked.dedup();
+    Ok(asked)
+}
+
+/// What a subscription request did on one shard.
+enum OnShard {
+    /// A command was proposed: done once it commits.
+    Proposed,
+    /// Nothing needed doing.
+    Done,
+    /// It could not be done: the shard does not hold the subscription.
+    Missing,
+}
+
+/// Does `act` on the serving engine of each shard of `asked` this node leads (`led`),
+/// then waits for what it proposed to commit: the shards led, and those where it was
+/// done (committed).
+///
+/// # Errors
+/// The first error `act` gives (a bad query, an unusable lease, `Busy`).
+async fn on_led_shards(
+    led: &[(u32, Engine)],
+    asked: &[u32],
+    act: impl Fn(u32, &Engine) -> Result<OnShard, SpaceError>,
+) -> Result<Response, SpaceError> {
+    let mut proposed = Vec::new();
+    let mut led_asked = Vec::new();
+    let mut done = Vec::new();
+    for (shard, engine) in led {
+        if asked.binary_search(shard).is_err() {
+            continue;
+        }
+        led_asked.push(*shard);
+        match act(*shard, engine)? {
+            OnShard::Proposed => proposed.push((*shard, engine)),
+            OnShard::Done => done.push(*shard),
+            OnShard::Missing => {}
+        }
+    }
+    for (shard, engine) in proposed {
+        if engine.flush().await.is_ok() {
+            done.push(shard);
+        }
+    }
+    led_asked.sort_unstable();
+    done.sort_unstable();
+    Ok(Response::OnShards {
+        led: led_asked,
+        done,
+    })
 }
 
 /// Runs `call`, a wait across the shards this node served when it began, unless the

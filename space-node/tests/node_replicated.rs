@@ -2333,3 +2333,104 @@ async fn a_write_refused_while_the_leaders_lease_ran_out_does_not_stall_its_shar
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Writes order `number` through `space`, trying again for up to 20 s (while a failover is
+/// under way); returns its key.
+async fn write_order_retrying(space: &space_client::Space, number: u64) -> Key {
+    let order = Order {
+        number: format!("o-{number}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match space.write(&order).await {
+            Ok(receipt) => return receipt.key,
+            Err(e) => assert!(Instant::now() < deadline, "write {number}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Receives from `sub` until every key of `untold` was told, checking that each shard's
+/// events come numbered one after the other from where `last` says the shard stood
+/// (nothing repeated, nothing skipped, no gap) and carry their shard.
+async fn told_in_shard_order(
+    sub: &space_client::Subscription,
+    mut untold: std::collections::HashSet<Key>,
+    last: &mut std::collections::HashMap<u32, u64>,
+) {
+    use space_client::Notification;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !untold.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sub.recv_async()).await {
+            Ok(Some(Notification::Event(e))) => {
+                let shard = e
+                    .shard
+                    .expect("an event of a replicated cluster names its shard");
+                let had = last.insert(shard, e.seq).unwrap_or(0);
+                assert_eq!(e.seq, had + 1, "shard {shard} told {} after {had}", e.seq);
+                assert!(untold.remove(&e.key), "{:?} was told twice", e.key);
+            }
+            Ok(other) => panic!("only events were expected, not {other:?}"),
+            Err(_) => panic!("{} writes were never told: {untold:?}", untold.len()),
+        }
+    }
+}
+
+/// A subscription on a replicated cluster is registered in every shard's log: its events
+/// are numbered per shard; when a node dies, its shards' new leaders continue those
+/// shards' numbers (what the old leader pushed is not told twice, nothing is skipped,
+/// no gap); a node that restarts holds the subscription again from its log, and once it
+/// leads shards again it pushes their events, with nothing registered anew and no
+/// notice of missed events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_numbered_per_shard_across_failover_and_restart() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use std::collections::{HashMap, HashSet};
+    let (addrs, dirs, mut nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let seeds = addrs.join(",");
+    let config = ClientConfig {
+        // Renewed about every second, through the logs.
+        subscription_lease: Duration::from_secs(4),
+        ..ClientConfig::default()
+    };
+    let space = space_client::connect_with(&seeds, config).await.unwrap();
+    let sub = space
+        .notify(&Query::of::<Order>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
+    assert!(sub.unreached().is_empty(), "{:?}", sub.unreached());
+    let mut last = HashMap::new();
+    let batch = |numbers: std::ops::Range<u64>| {
+        let space = &space;
+        async move {
+            let mut keys = HashSet::new();
+            for n in numbers {
+                keys.insert(write_order_retrying(space, n).await);
+            }
+            keys
+        }
+    };
+    told_in_shard_order(&sub, batch(0..100).await, &mut last).await;
+    let shards: usize = SHARDS.parse().unwrap();
+    assert_eq!(last.len(), shards, "the orders went to some shards only");
+
+    if let Some(node) = nodes[2].take() {
+        node.kill();
+    }
+    told_in_shard_order(&sub, batch(100..200).await, &mut last).await;
+
+    nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shards_led_by(&addrs[0], NodeId(3)).await.is_empty() {
+        assert!(Instant::now() < deadline, "node 3 never led again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    told_in_shard_order(&sub, batch(200..300).await, &mut last).await;
+    // Longer than a lease: the renewals keep it on every shard.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    told_in_shard_order(&sub, batch(300..350).await, &mut last).await;
+    assert!(sub.unreached().is_empty(), "{:?}", sub.unreached());
+    assert_eq!(sub.dropped(), 0);
+}

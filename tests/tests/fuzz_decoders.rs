@@ -382,6 +382,7 @@ fn fuzz_answers_and_pushes_as_a_client_decodes_them() {
             id: 1,
             message: SubscriberServiceRequest::Deliver {
                 node: space_core::NodeId(1),
+                shard: Some(5),
                 subscription: 2,
                 notifications: vec![
                     space_core::Notification::Gap {

@@ -235,7 +235,9 @@ impl Engine {
 
     /// Registers the subscription `id` (chosen by its subscriber, with
     /// [`LOGGED_ID_BIT`] set) through this engine's log: a [`Command::Subscribe`] with
-    /// the lease's deadline and `attachment`, proposed (or logged) and applied. Returns
+    /// the lease's deadline and `attachment`, proposed (or logged) and applied; its
+    /// events are numbered after `after` (0, or the last number its subscriber had
+    /// from a registration in this log that ended meanwhile). Returns
     /// `false` when the log holds it already (a registration sent again: nothing
     /// changes). Wait for [`flush`](Self::flush) before telling anyone it is registered.
     /// Does not block beyond the entry type's lock.
@@ -251,6 +253,7 @@ impl Engine {
         kinds: EventKinds,
         lease: Lease,
         attachment: Vec<u8>,
+        after: u64,
     ) -> Result<bool> {
         self.decides_logged(id)?;
         query.validate()?;
@@ -274,6 +277,7 @@ impl Engine {
                 kinds,
                 expires,
                 attachment,
+                first_seq: after.saturating_add(1),
             });
             self.execute(st, Command::Subscribe { subscription });
             Ok(true)
@@ -493,13 +497,13 @@ mod tests {
         );
         assert!(
             leading
-                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"a".to_vec())
+                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"a".to_vec(), 0)
                 .unwrap()
         );
         // Sent again, it changes nothing.
         assert!(
             !leading
-                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"b".to_vec())
+                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"b".to_vec(), 0)
                 .unwrap()
         );
         for n in 0..40 {
@@ -556,10 +560,17 @@ mod tests {
         let (leased, cancelled) = (new_logged_id(), new_logged_id());
         let lease = Lease::For(Duration::from_secs(1));
         leading
-            .subscribe_logged(leased, &all, EventKinds::ALL, lease, Vec::new())
+            .subscribe_logged(leased, &all, EventKinds::ALL, lease, Vec::new(), 0)
             .unwrap();
         leading
-            .subscribe_logged(cancelled, &all, EventKinds::ALL, Lease::Forever, Vec::new())
+            .subscribe_logged(
+                cancelled,
+                &all,
+                EventKinds::ALL,
+                Lease::Forever,
+                Vec::new(),
+                0,
+            )
             .unwrap();
         leading.write("Job", job(1), None, Lease::Forever).unwrap();
         catch_up();
@@ -616,7 +627,7 @@ mod tests {
         let (leading, _log) = leader(&clock);
         let all = Query::new("Job", Filter::All);
         let err = leading
-            .subscribe_logged(42, &all, EventKinds::ALL, Lease::Forever, Vec::new())
+            .subscribe_logged(42, &all, EventKinds::ALL, Lease::Forever, Vec::new(), 0)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -631,6 +642,7 @@ mod tests {
                 EventKinds::ALL,
                 Lease::Forever,
                 Vec::new(),
+                0,
             )
             .unwrap_err();
         assert!(err.to_string().contains("decides none"), "{err}");

@@ -886,7 +886,8 @@ impl Engine {
                 return Outcome::Changed;
             }
             Command::Subscribe { subscription } => {
-                return self.apply_subscribe(st, *subscription, 1);
+                let first = subscription.first_seq;
+                return self.apply_subscribe(st, *subscription, first);
             }
             Command::RenewSubscriptions { ids, expires } => {
                 return self.apply_renew_subscriptions(st, &ids, expires);

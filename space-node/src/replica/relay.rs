@@ -261,6 +261,7 @@ mod tests {
         let event = |seq: u64| {
             Notification::Event(Event {
                 seq,
+                shard: None,
                 node: NodeId(1),
                 entry_type: "Job".into(),
                 key: Key::Name("k".into()),

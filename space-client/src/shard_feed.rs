@@ -1,0 +1,550 @@
+//! Notify on a replicated cluster: a subscription registered through every shard's log.
+//!
+//! The client picks the subscription's id ([`new_logged_id`]) and asks each shard's
+//! leader to register it in the shard's log
+//! ([`Request::SubscribeShards`](space_core::wire::Request::SubscribeShards)), with the
+//! endpoint its events go to. Every replica of a shard then holds it and numbers the
+//! shard's events for it alike, so the subscription is one stream per shard, numbered 1,
+//! 2, 3, ... whichever node leads the shard: the leader pushes, and a new leader
+//! continues the same numbers (it first sends what its replica still keeps, and what the
+//! client already had is dropped here). A node that restarts has the subscription back
+//! from its log; nothing is registered anew.
+//!
+//! A subscription without a lease of its own is kept alive by renewing it, through the
+//! logs, every quarter to third of the lease the shards give it. A shard that lost it
+//! (its lease ran out there while no renewal could reach the shard's leader) gets it
+//! again, numbered after the last number this client had from the shard, and the
+//! subscriber is told it may have missed events (`Missed`). A shard whose leader could
+//! not be reached when it subscribed is named by
+//! [`Subscription::unreached`](space_core::Subscription::unreached) until a renewal
+//! registers it there.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use space_core::remote::RemoteFeed;
+use space_core::server::new_logged_id;
+use space_core::wire::{Request, Response, Topology, shard_of_range};
+use space_core::{
+    EventKinds, Lease, NodeId, Notification, PartPosition, Result, SpaceError, Subscription,
+};
+
+use crate::cluster::Cluster;
+use crate::subscriber::{
+    Delivered, Endpoint, FeedSender, Receiving, Spec, feed_channel, pass_in_order,
+};
+
+/// The first pause before a renewal round registers the shards still missing; it doubles
+/// up to the regular pause.
+const REGISTER_SOON: Duration = Duration::from_millis(250);
+
+/// One shard's stream of a subscription.
+struct ShardPart {
+    /// The last number received from the shard.
+    last_seq: AtomicU64,
+    /// The last number handed to the subscriber.
+    handed: Arc<AtomicU64>,
+    /// The shard told the subscription ended there (its lease ran out).
+    ended: AtomicBool,
+}
+
+/// A subscription of a replicated cluster, on every shard.
+pub(crate) struct ShardState {
+    id: u64,
+    spec: Spec,
+    parts: Vec<ShardPart>,
+    /// Where the shards' events go; gone once every shard ended the subscription.
+    tx: Mutex<Option<FeedSender>>,
+    /// Shards it is not registered on (their leader could not be reached, or the shard
+    /// lost it).
+    unreached: Mutex<BTreeSet<u32>>,
+    cancelled: AtomicBool,
+}
+
+impl ShardState {
+    fn alive(&self) -> bool {
+        !self.cancelled.load(Ordering::Acquire) && self.tx.lock().is_some()
+    }
+
+    /// Tells the subscriber it may have missed events of unknown numbers.
+    fn announce_missed(&self) {
+        let Some(tx) = self.tx.lock().clone() else {
+            return;
+        };
+        let missed = Delivered {
+            handed: None,
+            notification: Notification::Missed { seq: 0 },
+        };
+        if let Err(flume::TrySendError::Full(missed)) = tx.try_send(missed) {
+            tokio::spawn(async move {
+                let _ = tx.send_async(missed).await;
+            });
+        }
+    }
+
+    /// Every shard, and the last number had from each.
+    fn positions(&self, shards: &[u32]) -> Vec<(u32, u64)> {
+        shards
+            .iter()
+            .map(|s| {
+                let part = self.parts.get(*s as usize);
+                (*s, part.map_or(0, |p| p.last_seq.load(Ordering::Acquire)))
+            })
+            .collect()
+    }
+}
+
+/// Passes a push of `shard`'s events for subscription `id` on to its stream. Returns
+/// false when the subscription is no longer wanted here (the shard's leader then ends
+/// it there).
+pub(crate) async fn deliver(
+    endpoint: &Endpoint,
+    shard: u32,
+    id: u64,
+    notifications: Vec<Notification>,
+) -> bool {
+    let state = endpoint.shard_feeds.lock().get(&id).and_then(Weak::upgrade);
+    let Some(state) = state else {
+        return false;
+    };
+    let (Some(part), Some(tx)) = (state.parts.get(shard as usize), state.tx.lock().clone()) else {
+        return false;
+    };
+    let notifications = notifications
+        .into_iter()
+        .map(|mut n| {
+            if let Notification::Event(e) = &mut n {
+                e.shard = Some(shard);
+            }
+            n
+        })
+        .collect();
+    pass_in_order(&part.last_seq, None, &part.handed, &tx, notifications).await
+}
+
+/// Notes that `shard` ended subscription `id` (its lease ran out there): once every shard
+/// did, the stream ends after what it holds.
+pub(crate) fn end(endpoint: &Endpoint, shard: u32, id: u64) {
+    let state = endpoint.shard_feeds.lock().get(&id).and_then(Weak::upgrade);
+    let Some(state) = state else {
+        return;
+    };
+    if let Some(part) = state.parts.get(shard as usize) {
+        part.ended.store(true, Ordering::Release);
+    }
+    if state.parts.iter().all(|p| p.ended.load(Ordering::Acquire)) {
+        state.tx.lock().take();
+    }
+}
+
+/// The leader of each of `shards`, as `topology` has them: by leader address.
+fn leaders_of(topology: &Topology, shards: &BTreeSet<u32>) -> BTreeMap<String, Vec<u32>> {
+    let mut leaders: BTreeMap<u32, String> = BTreeMap::new();
+    for (range, owner) in topology.owners.iter().enumerate() {
+        let shard = shard_of_range(range as u32, topology.shards);
+        if !shards.contains(&shard) || leaders.contains_key(&shard) {
+            continue;
+        }
+        if let Some(node) = topology.nodes.get(*owner as usize) {
+            leaders.insert(shard, node.address.clone());
+        }
+    }
+    let mut by_leader: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (shard, addr) in leaders {
+        by_leader.entry(addr).or_default().push(shard);
+    }
+    by_leader
+}
+
+/// What the shards' leaders answered to a request about a subscription.
+#[derive(Debug, Default)]
+struct Answered {
+    /// Shards where it was done.
+    done: BTreeSet<u32>,
+    /// Shards whose leader answered that it could not be done there.
+    refused: BTreeSet<u32>,
+    /// Shards no leader answered for in time.
+    unanswered: BTreeSet<u32>,
+}
+
+/// Whether a failed call is worth making again after a refresh of the topology.
+fn worth_again(e: &SpaceError) -> bool {
+    e.is_unreachable()
+        || matches!(
+            e,
+            SpaceError::WrongNode { .. } | SpaceError::Unavailable { .. }
+        )
+}
+
+/// Sends `request` for each group of `shards` to the group's leader, and again to the
+/// new leaders of the shards a node answered it does not lead (after asking for the
+/// topology), until every shard was answered by its leader or `patience` ran out.
+///
+/// # Errors
+/// A refusal that asking again would not change (a bad query, `Busy`, an endpoint the
+/// nodes cannot reach).
+async fn to_leaders(
+    cluster: &Cluster,
+    shards: BTreeSet<u32>,
+    patience: Duration,
+    request: impl Fn(Vec<u32>) -> Request,
+) -> Result<Answered> {
+    let deadline = Instant::now() + patience;
+    let mut answered = Answered {
+        unanswered: shards,
+        ..Answered::default()
+    };
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let groups = leaders_of(&cluster.topology(), &answered.unanswered);
+        let calls = groups.into_iter().map(|(addr, group)| {
+            let request = request(group.clone());
+            async move {
+                let answer = match cluster.node(&addr).await {
+                    Ok(conn) => conn.call(request).await,
+                    Err(e) => Err(e),
+                };
+                (addr, answer)
+            }
+        });
+        for (addr, answer) in futures::future::join_all(calls).await {
+            match answer {
+                Ok(Response::OnShards { led, done }) => {
+                    for shard in led {
+                        answered.unanswered.remove(&shard);
+                        if done.contains(&shard) {
+                            answered.done.insert(shard);
+                        } else {
+                            answered.refused.insert(shard);
+                        }
+                    }
+                }
+                Ok(other) => {
+                    return Err(SpaceError::Protocol {
+                        reason: format!("unexpected answer {other:?}"),
+                    });
+                }
+                Err(e) if worth_again(&e) => {
+                    tracing::debug!(node = %addr, error = %e, "a shard leader did not answer about a subscription");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if answered.unanswered.is_empty() || Instant::now() >= deadline {
+            return Ok(answered);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+        let _ = cluster.refresh().await;
+    }
+}
+
+/// Registers `state` on `shards` (numbered, on each, after the last number had from
+/// it). The shards not registered are noted as unreached; those registered are not.
+///
+/// # Errors
+/// As [`to_leaders`].
+async fn register(
+    cluster: &Cluster,
+    state: &ShardState,
+    endpoint: &Endpoint,
+    shards: BTreeSet<u32>,
+    patience: Duration,
+) -> Result<()> {
+    let answered = to_leaders(cluster, shards, patience, |group| {
+        Request::SubscribeShards {
+            id: state.id,
+            query: state.spec.query.clone(),
+            kinds: state.spec.kinds,
+            lease: state.spec.lease,
+            endpoint: endpoint.advertised,
+            shards: state.positions(&group),
+        }
+    })
+    .await?;
+    let mut unreached = state.unreached.lock();
+    for shard in &answered.done {
+        unreached.remove(shard);
+    }
+    unreached.extend(answered.refused);
+    unreached.extend(answered.unanswered);
+    Ok(())
+}
+
+impl Cluster {
+    /// Subscribes on a replicated cluster: registered in every shard's log (see the
+    /// module documentation).
+    ///
+    /// # Errors
+    /// A refusal (an invalid query, `Busy`, an endpoint the nodes cannot reach), or
+    /// `Unreachable` when no shard's leader could be reached.
+    pub(crate) async fn subscribe_shards(
+        self: &Arc<Self>,
+        query: space_core::Query,
+        kinds: EventKinds,
+        lease: Lease,
+    ) -> Result<Subscription> {
+        let endpoint = self.endpoint().await?;
+        let shards = self.topology().shards;
+        let (shard_lease, renewed) = match lease {
+            Lease::Forever => (Lease::For(self.config().subscription_lease), true),
+            finite => (finite, false),
+        };
+        let (tx, rx) = feed_channel();
+        let state = Arc::new(ShardState {
+            id: new_logged_id(),
+            spec: Spec {
+                query: query.clone(),
+                kinds,
+                lease: shard_lease,
+            },
+            parts: (0..shards)
+                .map(|_| ShardPart {
+                    last_seq: AtomicU64::new(0),
+                    handed: Arc::new(AtomicU64::new(0)),
+                    ended: AtomicBool::new(false),
+                })
+                .collect(),
+            tx: Mutex::new(Some(tx)),
+            unreached: Mutex::new(BTreeSet::new()),
+            cancelled: AtomicBool::new(false),
+        });
+        // Held before any shard registers it: its first events can come before the
+        // answers do.
+        endpoint
+            .shard_feeds
+            .lock()
+            .insert(state.id, Arc::downgrade(&state));
+        let feed = ShardFeed {
+            receiving: Receiving::new(rx),
+            state: state.clone(),
+            cluster: Arc::downgrade(self),
+            endpoint: endpoint.clone(),
+            runtime: self.runtime().clone(),
+        };
+        let all: BTreeSet<u32> = (0..shards).collect();
+        if let Err(e) = register(self, &state, &endpoint, all, self.config().retry_for).await {
+            feed.cancel();
+            return Err(e);
+        }
+        if state.unreached.lock().len() == shards as usize {
+            feed.cancel();
+            return Err(SpaceError::Unreachable {
+                node: String::new(),
+                reason: "no shard's leader could be reached to subscribe".into(),
+            });
+        }
+        if renewed {
+            self.runtime().handle().spawn(keep_alive(
+                Arc::downgrade(self),
+                Arc::downgrade(&state),
+                endpoint,
+                self.config().subscription_lease,
+            ));
+        }
+        Ok(Subscription::remote(query, Box::new(feed)))
+    }
+}
+
+/// Keeps a subscription without a lease of its own alive while its handle lives: renews
+/// it on every shard every quarter to third of `lease` (drawn once), through the logs,
+/// and registers it again on the shards that lost it or were not reached (sooner while
+/// some are missing).
+async fn keep_alive(
+    cluster: Weak<Cluster>,
+    state: Weak<ShardState>,
+    endpoint: Arc<Endpoint>,
+    lease: Duration,
+) {
+    let regular = lease / 4 + (lease / 12).mul_f64(crate::subscriber::random_fraction());
+    let mut soon = REGISTER_SOON;
+    let mut renewed_at = Instant::now();
+    loop {
+        let missing = state
+            .upgrade()
+            .is_some_and(|s| !s.unreached.lock().is_empty());
+        let pause = if missing {
+            soon.min(regular.saturating_sub(renewed_at.elapsed()))
+        } else {
+            regular.saturating_sub(renewed_at.elapsed())
+        };
+        tokio::time::sleep(pause).await;
+        let (Some(cluster), Some(state)) = (cluster.upgrade(), state.upgrade()) else {
+            return;
+        };
+        if !state.alive() {
+            return;
+        }
+        if renewed_at.elapsed() >= regular {
+            renewed_at = Instant::now();
+            renew(&cluster, &state, Lease::For(lease), regular).await;
+        }
+        let missing = state.unreached.lock().clone();
+        if missing.is_empty() {
+            soon = REGISTER_SOON;
+        } else {
+            if let Err(e) = register(&cluster, &state, &endpoint, missing, regular).await {
+                tracing::warn!(subscription = state.id, error = %e, "could not register a subscription on every shard");
+            }
+            soon = (soon * 2).min(regular);
+        }
+    }
+}
+
+/// Renews `state` for `lease` on every shard it is registered on; a shard that lost it
+/// is noted as unreached (registered again next), and the subscriber told it may have
+/// missed events.
+async fn renew(cluster: &Cluster, state: &ShardState, lease: Lease, patience: Duration) {
+    let registered: BTreeSet<u32> = {
+        let unreached = state.unreached.lock();
+        (0..state.parts.len() as u32)
+            .filter(|s| !unreached.contains(s))
+            .collect()
+    };
+    let entry_type = state.spec.query.entry_type().to_owned();
+    let answered = to_leaders(cluster, registered, patience, |shards| {
+        Request::RenewShards {
+            id: state.id,
+            entry_type: entry_type.clone(),
+            lease,
+            shards,
+        }
+    })
+    .await;
+    match answered {
+        Ok(answered) => {
+            if !answered.refused.is_empty() {
+                tracing::info!(subscription = state.id, shards = ?answered.refused, "shards lost a subscription; registering it again");
+                state.unreached.lock().extend(&answered.refused);
+                state.announce_missed();
+            }
+            if !answered.unanswered.is_empty() {
+                tracing::warn!(subscription = state.id, shards = ?answered.unanswered, "could not renew a subscription on every shard");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(subscription = state.id, error = %e, "could not renew a subscription")
+        }
+    }
+}
+
+/// A subscription of a replicated cluster, from its handle's side.
+struct ShardFeed {
+    receiving: Receiving,
+    state: Arc<ShardState>,
+    cluster: Weak<Cluster>,
+    endpoint: Arc<Endpoint>,
+    runtime: crate::connection::Runtime,
+}
+
+impl RemoteFeed for ShardFeed {
+    fn id(&self) -> u64 {
+        self.state.id
+    }
+
+    fn parts(&self) -> (EventKinds, Vec<PartPosition>) {
+        let position = |(shard, p): (usize, &ShardPart)| PartPosition {
+            node: NodeId(shard as u64),
+            id: self.state.id,
+            last_seq: p.handed.load(Ordering::Acquire),
+        };
+        let parts = self.state.parts.iter().enumerate().map(position).collect();
+        (self.state.spec.kinds, parts)
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Notification> {
+        self.receiving.recv_until(deadline)
+    }
+
+    fn try_recv(&self) -> Option<Notification> {
+        self.receiving.try_recv()
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Notification>> {
+        self.receiving.poll_recv(cx)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.receiving.dropped()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.receiving.is_closed(&self.state.cancelled)
+    }
+
+    fn unreached(&self) -> Vec<String> {
+        self.state
+            .unreached
+            .lock()
+            .iter()
+            .map(|s| format!("shard {s}"))
+            .collect()
+    }
+
+    fn renew(&self, lease: Lease) -> Result<()> {
+        let Some(cluster) = self.cluster.upgrade() else {
+            return Err(SpaceError::SubscriptionClosed { id: self.state.id });
+        };
+        let state = self.state.clone();
+        let patience = cluster.config().retry_for;
+        let call = self.runtime.bind(async move {
+            let answered = {
+                let all = (0..state.parts.len() as u32).collect();
+                let entry_type = state.spec.query.entry_type().to_owned();
+                to_leaders(&cluster, all, patience, |shards| Request::RenewShards {
+                    id: state.id,
+                    entry_type: entry_type.clone(),
+                    lease,
+                    shards,
+                })
+                .await?
+            };
+            match answered.unanswered.first().or(answered.refused.first()) {
+                None => Ok(()),
+                Some(shard) => Err(SpaceError::Unavailable {
+                    reason: format!("shard {shard} could not renew the subscription"),
+                }),
+            }
+        });
+        futures::executor::block_on(call)
+    }
+
+    fn cancel(&self) {
+        if self.state.cancelled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.state.tx.lock().take();
+        self.receiving.discard();
+        let Some(cluster) = self.cluster.upgrade() else {
+            return;
+        };
+        let state = self.state.clone();
+        let patience = cluster.config().retry_for;
+        drop(self.runtime.handle().spawn(async move {
+            let all = (0..state.parts.len() as u32).collect();
+            let entry_type = state.spec.query.entry_type().to_owned();
+            let _ = to_leaders(&cluster, all, patience, |shards| Request::CancelShards {
+                id: state.id,
+                entry_type: entry_type.clone(),
+                shards,
+            })
+            .await;
+        }));
+    }
+
+    fn detach(&self) {
+        // Not renewed from here on (its renewals stop with the handle): each shard
+        // keeps it for its lease at most.
+        self.state.cancelled.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for ShardFeed {
+    fn drop(&mut self) {
+        self.endpoint.shard_feeds.lock().remove(&self.state.id);
+    }
+}
