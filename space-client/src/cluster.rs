@@ -1670,6 +1670,9 @@ impl Cluster {
         self: &Arc<Self>,
         position: SubscriptionPosition,
     ) -> Result<Subscription> {
+        if position.parts.iter().any(|p| p.shard.is_some()) {
+            return self.resume_shards(position).await;
+        }
         let endpoint = self.endpoint().await?;
         let push_ends = endpoint.push_ends();
         let (tx, rx) = feed_channel();

@@ -31,6 +31,7 @@ use space_core::server::new_logged_id;
 use space_core::wire::{Request, Response, Topology, shard_of_range};
 use space_core::{
     EventKinds, Lease, NodeId, Notification, PartPosition, Result, SpaceError, Subscription,
+    SubscriptionPosition,
 };
 
 use crate::cluster::Cluster;
@@ -42,12 +43,26 @@ use crate::subscriber::{
 /// up to the regular pause.
 const REGISTER_SOON: Duration = Duration::from_millis(250);
 
+/// A subscription of a replicated cluster, as the endpoint holds it.
+pub(crate) enum Held {
+    /// Its handle lives: what its shards push goes to its stream.
+    Attached(Weak<ShardState>),
+    /// Detached: its shards keep it (and what they tell it, for whoever resumes it)
+    /// until `until` (`None`: until cancelled); their pushes are wanted, and dropped.
+    Detached { until: Option<Instant> },
+}
+
 /// One shard's stream of a subscription.
 struct ShardPart {
     /// The last number received from the shard.
     last_seq: AtomicU64,
     /// The last number handed to the subscriber.
     handed: Arc<AtomicU64>,
+    /// Resumed, and the shard's leader has yet to push again from what it keeps:
+    /// pushes that run ahead of `last_seq` come from its pusher of before the resume
+    /// (whose events, pushed while the subscription was detached, were dropped), and
+    /// come again after it.
+    awaits_rewind: AtomicBool,
     /// The shard told the subscription ended there (its lease ran out).
     ended: AtomicBool,
 }
@@ -56,6 +71,9 @@ struct ShardPart {
 pub(crate) struct ShardState {
     id: u64,
     spec: Spec,
+    /// Drawn for this attachment of the subscription (see
+    /// [`Request::SubscribeShards`](space_core::wire::Request::SubscribeShards)).
+    attachment: u64,
     parts: Vec<ShardPart>,
     /// Where the shards' events go; gone once every shard ended the subscription.
     tx: Mutex<Option<FeedSender>>,
@@ -63,11 +81,15 @@ pub(crate) struct ShardState {
     /// lost it).
     unreached: Mutex<BTreeSet<u32>>,
     cancelled: AtomicBool,
+    /// Detached: no longer renewed (its shards keep it for its lease).
+    detached: AtomicBool,
 }
 
 impl ShardState {
     fn alive(&self) -> bool {
-        !self.cancelled.load(Ordering::Acquire) && self.tx.lock().is_some()
+        !self.cancelled.load(Ordering::Acquire)
+            && !self.detached.load(Ordering::Acquire)
+            && self.tx.lock().is_some()
     }
 
     /// Tells the subscriber it may have missed events of unknown numbers.
@@ -107,7 +129,11 @@ pub(crate) async fn deliver(
     id: u64,
     notifications: Vec<Notification>,
 ) -> bool {
-    let state = endpoint.shard_feeds.lock().get(&id).and_then(Weak::upgrade);
+    let state = match endpoint.shard_feeds.lock().get(&id) {
+        Some(Held::Attached(state)) => state.upgrade(),
+        Some(Held::Detached { until }) => return until.is_none_or(|t| Instant::now() < t),
+        None => None,
+    };
     let Some(state) = state else {
         return false;
     };
@@ -123,13 +149,23 @@ pub(crate) async fn deliver(
             n
         })
         .collect();
-    pass_in_order(&part.last_seq, None, &part.handed, &tx, notifications).await
+    pass_in_order(
+        &part.last_seq,
+        Some(&part.awaits_rewind),
+        &part.handed,
+        &tx,
+        notifications,
+    )
+    .await
 }
 
 /// Notes that `shard` ended subscription `id` (its lease ran out there): once every shard
 /// did, the stream ends after what it holds.
 pub(crate) fn end(endpoint: &Endpoint, shard: u32, id: u64) {
-    let state = endpoint.shard_feeds.lock().get(&id).and_then(Weak::upgrade);
+    let state = match endpoint.shard_feeds.lock().get(&id) {
+        Some(Held::Attached(state)) => state.upgrade(),
+        _ => None,
+    };
     let Some(state) = state else {
         return;
     };
@@ -169,6 +205,8 @@ struct Answered {
     refused: BTreeSet<u32>,
     /// Shards no leader answered for in time.
     unanswered: BTreeSet<u32>,
+    /// Of the shards done, those where a subscription was registered anew.
+    anew: BTreeSet<u32>,
 }
 
 /// Whether a failed call is worth making again after a refresh of the topology.
@@ -213,7 +251,8 @@ async fn to_leaders(
         });
         for (addr, answer) in futures::future::join_all(calls).await {
             match answer {
-                Ok(Response::OnShards { led, done }) => {
+                Ok(Response::OnShards { led, done, anew }) => {
+                    answered.anew.extend(anew);
                     for shard in led {
                         answered.unanswered.remove(&shard);
                         if done.contains(&shard) {
@@ -244,7 +283,9 @@ async fn to_leaders(
 }
 
 /// Registers `state` on `shards` (numbered, on each, after the last number had from
-/// it). The shards not registered are noted as unreached; those registered are not.
+/// it), or attaches it to this client where they hold it. The shards not registered are
+/// noted as unreached; those registered are not. Returns the shards where it was
+/// registered anew.
 ///
 /// # Errors
 /// As [`to_leaders`].
@@ -254,7 +295,7 @@ async fn register(
     endpoint: &Endpoint,
     shards: BTreeSet<u32>,
     patience: Duration,
-) -> Result<()> {
+) -> Result<BTreeSet<u32>> {
     let answered = to_leaders(cluster, shards, patience, |group| {
         Request::SubscribeShards {
             id: state.id,
@@ -262,6 +303,7 @@ async fn register(
             kinds: state.spec.kinds,
             lease: state.spec.lease,
             endpoint: endpoint.advertised,
+            attachment: state.attachment,
             shards: state.positions(&group),
         }
     })
@@ -272,7 +314,7 @@ async fn register(
     }
     unreached.extend(answered.refused);
     unreached.extend(answered.unanswered);
-    Ok(())
+    Ok(answered.anew)
 }
 
 impl Cluster {
@@ -288,37 +330,92 @@ impl Cluster {
         kinds: EventKinds,
         lease: Lease,
     ) -> Result<Subscription> {
+        let positions = vec![0; self.topology().shards as usize];
+        self.attach_shards(new_logged_id(), query, kinds, lease, (&positions, false))
+            .await
+    }
+
+    /// Picks up a detached subscription of a replicated cluster where `position` says
+    /// it stands: attached to this client on every shard that still holds it, where
+    /// its leader sends again what it keeps after the last number handed out (nothing
+    /// is lost while it keeps them); registered anew on a shard that let go of it (its
+    /// lease ran out), numbered on from there, after a `Missed` notice. Kept alive from
+    /// then on, as a subscription made without a lease.
+    ///
+    /// # Errors
+    /// As [`subscribe_shards`](Self::subscribe_shards); a position that is not one of a
+    /// replicated cluster's subscription (`Protocol`).
+    pub(crate) async fn resume_shards(
+        self: &Arc<Self>,
+        position: SubscriptionPosition,
+    ) -> Result<Subscription> {
+        let shards = self.topology().shards as usize;
+        let id = position.parts.first().map_or(0, |p| p.id);
+        let mut positions = vec![0; shards];
+        for part in &position.parts {
+            let at = part.shard.and_then(|s| positions.get_mut(s as usize));
+            match at {
+                Some(at) if part.id == id => *at = part.last_seq,
+                _ => {
+                    return Err(SpaceError::Protocol {
+                        reason: format!(
+                            "the position names {part:?}, not a shard of this cluster's {shards} of subscription {id:#x}"
+                        ),
+                    });
+                }
+            }
+        }
+        let at = (positions.as_slice(), true);
+        self.attach_shards(id, position.query, position.kinds, Lease::Forever, at)
+            .await
+    }
+
+    /// Registers subscription `id` on every shard, or attaches it to this client where
+    /// a shard holds it, numbered after `positions` (the last number had from each
+    /// shard). A subscription `resumed` is told `Missed` when a shard had let go of
+    /// it.
+    async fn attach_shards(
+        self: &Arc<Self>,
+        id: u64,
+        query: space_core::Query,
+        kinds: EventKinds,
+        lease: Lease,
+        (positions, resumed): (&[u64], bool),
+    ) -> Result<Subscription> {
         let endpoint = self.endpoint().await?;
-        let shards = self.topology().shards;
         let (shard_lease, renewed) = match lease {
             Lease::Forever => (Lease::For(self.config().subscription_lease), true),
             finite => (finite, false),
         };
         let (tx, rx) = feed_channel();
         let state = Arc::new(ShardState {
-            id: new_logged_id(),
+            id,
             spec: Spec {
                 query: query.clone(),
                 kinds,
                 lease: shard_lease,
             },
-            parts: (0..shards)
-                .map(|_| ShardPart {
-                    last_seq: AtomicU64::new(0),
-                    handed: Arc::new(AtomicU64::new(0)),
+            attachment: new_logged_id(),
+            parts: positions
+                .iter()
+                .map(|at| ShardPart {
+                    last_seq: AtomicU64::new(*at),
+                    handed: Arc::new(AtomicU64::new(*at)),
+                    awaits_rewind: AtomicBool::new(resumed),
                     ended: AtomicBool::new(false),
                 })
                 .collect(),
             tx: Mutex::new(Some(tx)),
             unreached: Mutex::new(BTreeSet::new()),
             cancelled: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         });
         // Held before any shard registers it: its first events can come before the
         // answers do.
         endpoint
             .shard_feeds
             .lock()
-            .insert(state.id, Arc::downgrade(&state));
+            .insert(id, Held::Attached(Arc::downgrade(&state)));
         let feed = ShardFeed {
             receiving: Receiving::new(rx),
             state: state.clone(),
@@ -326,17 +423,24 @@ impl Cluster {
             endpoint: endpoint.clone(),
             runtime: self.runtime().clone(),
         };
-        let all: BTreeSet<u32> = (0..shards).collect();
-        if let Err(e) = register(self, &state, &endpoint, all, self.config().retry_for).await {
-            feed.cancel();
-            return Err(e);
-        }
-        if state.unreached.lock().len() == shards as usize {
+        let all: BTreeSet<u32> = (0..positions.len() as u32).collect();
+        let anew = match register(self, &state, &endpoint, all, self.config().retry_for).await {
+            Ok(anew) => anew,
+            Err(e) => {
+                feed.cancel();
+                return Err(e);
+            }
+        };
+        if state.unreached.lock().len() == positions.len() {
             feed.cancel();
             return Err(SpaceError::Unreachable {
                 node: String::new(),
                 reason: "no shard's leader could be reached to subscribe".into(),
             });
+        }
+        if resumed && !anew.is_empty() {
+            tracing::info!(subscription = id, shards = ?anew, "shards had let go of a resumed subscription: registered anew");
+            state.announce_missed();
         }
         if renewed {
             self.runtime().handle().spawn(keep_alive(
@@ -345,8 +449,21 @@ impl Cluster {
                 endpoint,
                 self.config().subscription_lease,
             ));
+        } else if let Lease::For(lease) = lease {
+            self.runtime()
+                .handle()
+                .spawn(end_after(Arc::downgrade(&state), lease));
         }
         Ok(Subscription::remote(query, Box::new(feed)))
+    }
+}
+
+/// Ends a subscription with a lease by itself a little after the lease, if its shards
+/// did not all tell its end (a shard whose leader cannot reach the endpoint cannot).
+async fn end_after(state: Weak<ShardState>, lease: Duration) {
+    tokio::time::sleep(lease.saturating_add(crate::subscriber::END_GRACE)).await;
+    if let Some(state) = state.upgrade() {
+        state.tx.lock().take();
     }
 }
 
@@ -448,9 +565,10 @@ impl RemoteFeed for ShardFeed {
 
     fn parts(&self) -> (EventKinds, Vec<PartPosition>) {
         let position = |(shard, p): (usize, &ShardPart)| PartPosition {
-            node: NodeId(shard as u64),
+            node: NodeId(0),
             id: self.state.id,
             last_seq: p.handed.load(Ordering::Acquire),
+            shard: Some(shard as u32),
         };
         let parts = self.state.parts.iter().enumerate().map(position).collect();
         (self.state.spec.kinds, parts)
@@ -537,14 +655,31 @@ impl RemoteFeed for ShardFeed {
     }
 
     fn detach(&self) {
-        // Not renewed from here on (its renewals stop with the handle): each shard
-        // keeps it for its lease at most.
-        self.state.cancelled.store(true, Ordering::Release);
+        // Not renewed from here on: each shard keeps it for its lease at most, and the
+        // endpoint wants their pushes as long (and drops them: a resume gets them
+        // again from the shards' leaders), then forgets it.
+        self.state.detached.store(true, Ordering::Release);
+        self.state.tx.lock().take();
+        let until = match self.state.spec.lease {
+            Lease::For(lease) => Instant::now().checked_add(lease),
+            Lease::Forever => None,
+        };
+        let mut held = self.endpoint.shard_feeds.lock();
+        let now = Instant::now();
+        held.retain(|_, h| !matches!(h, Held::Detached { until: Some(t) } if *t <= now));
+        held.insert(self.state.id, Held::Detached { until });
     }
 }
 
 impl Drop for ShardFeed {
     fn drop(&mut self) {
-        self.endpoint.shard_feeds.lock().remove(&self.state.id);
+        if self.state.detached.load(Ordering::Acquire) {
+            return;
+        }
+        let mut held = self.endpoint.shard_feeds.lock();
+        if matches!(held.get(&self.state.id), Some(Held::Attached(w)) if std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.state)))
+        {
+            held.remove(&self.state.id);
+        }
     }
 }

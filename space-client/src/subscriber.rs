@@ -46,7 +46,7 @@ const FEED_CAPACITY: usize = 65_536;
 
 /// How long a subscription with a lease waits, past the lease, for its nodes to say it
 /// ended before it ends by itself (a node that cannot be reached cannot say so).
-const END_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const END_GRACE: Duration = Duration::from_secs(10);
 
 /// A notification on its way to the subscriber, with the count of what its registration
 /// handed out (none for a gap the client announces itself).
@@ -210,8 +210,9 @@ pub(crate) struct Endpoint {
     /// restarted drops its own): the renewals look at that node's parts at once then
     /// (`keep_alive`).
     pushes_ended: tokio::sync::watch::Sender<PushesEnded>,
-    /// The subscriptions of a replicated cluster pushed here, by id.
-    pub(crate) shard_feeds: Mutex<HashMap<u64, Weak<crate::shard_feed::ShardState>>>,
+    /// The subscriptions of a replicated cluster pushed here, by id: those with a handle,
+    /// and the detached ones (until their shards let go of them).
+    pub(crate) shard_feeds: Mutex<HashMap<u64, crate::shard_feed::Held>>,
 }
 
 impl Endpoint {
@@ -1024,6 +1025,7 @@ impl RemoteFeed for Feed {
             node: p.node,
             id: p.id,
             last_seq: p.handed.load(Ordering::Acquire),
+            shard: None,
         };
         (self.state.spec.kinds, parts.iter().map(position).collect())
     }

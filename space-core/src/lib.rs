@@ -58,7 +58,7 @@ pub use space_query::{
 pub mod server {
     pub use crate::engine::{
         Applied, Engine, HostedLog, LOGGED_ID_BIT, LogHost, LogImage, LogMark, LoggedView, Pending,
-        Proposals, new_logged_id,
+        Proposals, Registered, new_logged_id,
     };
     pub use crate::state::{ACKNOWLEDGE_FROM_BYTES, Answer, Taken};
     pub use crate::wal::LogId;

@@ -613,7 +613,13 @@ pub struct PartPosition {
     /// The subscription's id on that node.
     pub id: u64,
     /// The last sequence number of that node's events handed to the subscriber (0: none).
+    /// On a replicated cluster, of that shard's events (`shard`).
     pub last_seq: u64,
+    /// On a replicated cluster, the shard this is the position in (`node` is then 0: a
+    /// subscription there is numbered per shard, whichever node leads it); `None`
+    /// elsewhere.
+    #[serde(default)]
+    pub shard: Option<u32>,
 }
 
 /// A subscription held on a node, from the client's side: what a remote [`Subscription`]
@@ -734,6 +740,7 @@ impl Subscription {
                     node: engine.node(),
                     id: shared.id,
                     last_seq: shared.handed(),
+                    shard: None,
                 }],
             ),
             Backing::Remote(feed) => feed.parts(),

@@ -368,8 +368,11 @@ pub enum Request {
     /// `shards` that the node asked leads, so that every replica of them holds it and
     /// whichever leads them pushes their events (to `endpoint`), numbered per shard. The
     /// node first makes sure it can connect to the endpoint. Answered with
-    /// [`Response::OnShards`] once the registrations are committed; registering again is
-    /// harmless (nothing changes). For a replicated cluster.
+    /// [`Response::OnShards`] once the registrations are committed. A shard that holds
+    /// the subscription already keeps it; registered with another `attachment` (a
+    /// subscriber that resumed it), it sends its events there from now on, starting
+    /// again from what its leader still keeps (the subscriber drops what it had). For a
+    /// replicated cluster.
     SubscribeShards {
         /// The subscription's id, the same in every shard.
         id: u64,
@@ -381,6 +384,9 @@ pub enum Request {
         lease: Lease,
         /// Where the client serves [`SubscriberService`], and its secret.
         endpoint: Endpoint,
+        /// A number the client draws each time it attaches the subscription (subscribes,
+        /// or resumes it): the same in every try of one attachment.
+        attachment: u64,
         /// The shards to register it on (at most the cluster's number of shards), each
         /// with the last number the client had from an earlier registration there (0:
         /// none): a shard that lost the subscription numbers its events after it.
@@ -646,6 +652,9 @@ pub enum Response {
         led: Vec<u32>,
         /// The shards where it was done.
         done: Vec<u32>,
+        /// Of those, the shards where a subscription was registered anew: they did not
+        /// hold it (a subscription resumed after its lease ran out there).
+        anew: Vec<u32>,
     },
 }
 

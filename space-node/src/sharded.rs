@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use space_core::server::Engine;
+use space_core::server::{Engine, Registered};
 use space_core::wire::{Request, Response, Target, range_of};
 use space_core::{Fields, Key, SpaceError, Stats};
 
@@ -401,6 +401,7 @@ impl NodeState {
                 kinds,
                 lease,
                 endpoint,
+                attachment,
                 shards: asked,
             } => {
                 let after: std::collections::HashMap<u32, u64> = asked.iter().copied().collect();
@@ -410,10 +411,10 @@ impl NodeState {
                 let reached = self.pushers.reach(&link).await;
                 self.pushers.unlink(&link);
                 reached?;
-                let attachment = crate::replica::notify_attachment(&endpoint);
+                let attachment = crate::replica::notify_attachment(&endpoint, attachment);
                 on_led_shards(&led, &asked, |shard, engine| {
                     let after = after.get(&shard).copied().unwrap_or(0);
-                    let added = engine.subscribe_logged(
+                    let registered = engine.subscribe_logged(
                         id,
                         &query,
                         kinds,
@@ -421,11 +422,11 @@ impl NodeState {
                         attachment.clone(),
                         after,
                     )?;
-                    // Held already: registered by an earlier try.
-                    Ok(if added {
-                        OnShard::Proposed
-                    } else {
-                        OnShard::Done
+                    Ok(match registered {
+                        Registered::Added => OnShard::Added,
+                        Registered::Attached => OnShard::Proposed,
+                        // Registered by an earlier try.
+                        Registered::Unchanged => OnShard::Done,
                     })
                 })
                 .await?
@@ -493,6 +494,8 @@ fn asked_shards(shards: &ShardSet, asked: Vec<u32>) -> Result<Vec<u32>, SpaceErr
 enum OnShard {
     /// A command was proposed: done once it commits.
     Proposed,
+    /// A subscription was registered anew: done once it commits.
+    Added,
     /// Nothing needed doing.
     Done,
     /// It could not be done: the shard does not hold the subscription.
@@ -513,20 +516,25 @@ async fn on_led_shards(
     let mut proposed = Vec::new();
     let mut led_asked = Vec::new();
     let mut done = Vec::new();
+    let mut anew = Vec::new();
     for (shard, engine) in led {
         if asked.binary_search(shard).is_err() {
             continue;
         }
         led_asked.push(*shard);
         match act(*shard, engine)? {
-            OnShard::Proposed => proposed.push((*shard, engine)),
+            OnShard::Proposed => proposed.push((*shard, engine, false)),
+            OnShard::Added => proposed.push((*shard, engine, true)),
             OnShard::Done => done.push(*shard),
             OnShard::Missing => {}
         }
     }
-    for (shard, engine) in proposed {
+    for (shard, engine, added) in proposed {
         if engine.flush().await.is_ok() {
             done.push(shard);
+            if added {
+                anew.push(shard);
+            }
         }
     }
     led_asked.sort_unstable();
@@ -534,6 +542,7 @@ async fn on_led_shards(
     Ok(Response::OnShards {
         led: led_asked,
         done,
+        anew,
     })
 }
 

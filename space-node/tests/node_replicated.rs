@@ -517,71 +517,53 @@ async fn told_of_every_write_across_a_failover(delivery: space_client::Delivery)
     told_all(&sub, written).await;
 }
 
-/// A node that restarted numbers a subscription's events from 1 again once the client
-/// registered it there anew (its renewals do that). A position taken before any of those
-/// events was handed out resumes that registration from its start: what the old one had
-/// reached must not skip the new one's events.
+/// A detached subscription whose shards let go of it (its lease ran out there while
+/// nobody renewed it) and that is resumed from its position is registered anew on every
+/// shard, numbered on from the position: the subscriber is told first that it may have
+/// missed events (it did: what was written while no shard held it), then each shard's
+/// events follow its last number without a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_position_counts_a_registration_made_anew_from_its_start() {
+async fn a_subscription_resumed_after_its_shards_let_go_of_it_is_registered_anew() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    use std::collections::HashSet;
+    use space_client::Notification;
+    use std::collections::{HashMap, HashSet};
     let config = ClientConfig {
-        // Renewed every second: a node that lost the subscription soon has it again.
-        subscription_lease: Duration::from_secs(3),
+        subscription_lease: Duration::from_secs(2),
         ..ClientConfig::default()
     };
-    let third_part = |sub: &space_client::Subscription| {
-        sub.position()
-            .parts
-            .into_iter()
-            .find(|p| p.node == NodeId(3))
-    };
-    let (addrs, dirs, mut nodes, space, sub) = told_of_jobs(config).await;
-    let seeds = addrs.join(",");
+    let (addrs, _dirs, _nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let space = space_client::connect_with(&addrs.join(","), config)
+        .await
+        .unwrap();
+    let sub = space
+        .notify(&Query::of::<Order>(), space_client::EventKinds::WRITTEN)
+        .await
+        .unwrap();
     let mut written = HashSet::new();
-    for id in 0..60 {
-        written.insert(space.write(&Job { id }).await.unwrap().key);
+    for n in 0..40 {
+        written.insert(write_order_retrying(&space, n).await);
     }
-    assert_eq!(told_all(&sub, written.clone()).await, 0);
-    let before = third_part(&sub).expect("a part on node 3");
-    assert!(before.last_seq > 0, "node 3 told nothing: {before:?}");
-
-    if let Some(node) = nodes[2].take() {
-        node.kill();
+    let mut last = HashMap::new();
+    told_in_shard_order(&sub, written, &mut last).await;
+    let position = sub.detach_at();
+    // Past the lease, every shard's leader ended it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut unheard = HashSet::new();
+    for n in 40..60 {
+        unheard.insert(write_order_retrying(&space, n).await);
     }
-    nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
-    // A renewal finds that node 3 lost its part: a gap, then it is registered anew.
-    until_gap(&sub, &written).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let anew = loop {
-        if let Some(part) = third_part(&sub) {
-            break part;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node 3 never had the subscription again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(
-        anew.last_seq, 0,
-        "nothing of the new registration was handed out"
-    );
-
-    // Once node 3 leads shards again (they are handed back to it), its events are told
-    // by the new registration; the subscriber detaches before having any of them.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while shards_led_by(&addrs[0], NodeId(3)).await.is_empty() {
-        assert!(Instant::now() < deadline, "node 3 never led again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let sub = space.resume_at(&position).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), sub.recv_async()).await {
+        Ok(Some(Notification::Missed { .. })) => {}
+        other => panic!("a notice of missed events was expected first, not {other:?}"),
     }
     let mut later = HashSet::new();
-    for id in 60..90 {
-        later.insert(write_retrying(&space, id).await);
+    for n in 60..100 {
+        later.insert(write_order_retrying(&space, n).await);
     }
-    let position = sub.detach_at();
-    let sub = space.resume_at(&position).await.unwrap();
-    assert_eq!(told_all(&sub, later).await, 0, "nothing was lost: no gap");
+    assert!(later.is_disjoint(&unheard));
+    told_in_shard_order(&sub, later, &mut last).await;
 }
 
 /// While a node stays down (killed, for longer than the subscription's lease), the
@@ -647,24 +629,6 @@ async fn write_retrying(space: &space_client::Space, id: u64) -> Key {
     }
 }
 
-/// Receives from `sub` until it is told that events may have been missed (within 30 s),
-/// after a node that restarted lost its part: how many is not known, and the notice says
-/// so (`Missed`, not a `Gap` naming numbers). The shards that node led moved to the other nodes, whose new leaders tell
-/// the subscription again what those shards committed in the last seconds: such repeats
-/// of what was `told` may come before the gap, nothing else.
-async fn until_gap(sub: &space_client::Subscription, told: &std::collections::HashSet<Key>) {
-    use space_client::Notification;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, sub.recv_async()).await {
-            Ok(Some(Notification::Missed { .. })) => return,
-            Ok(Some(Notification::Event(e))) if told.contains(&e.key) => {}
-            other => panic!("a gap was expected first, not {other:?}"),
-        }
-    }
-}
-
 /// Receives from `sub` until every key of `untold` was told (or a minute passed);
 /// checks that each node's sequence numbers rise, and returns how many gaps came.
 async fn told_all(
@@ -672,20 +636,18 @@ async fn told_all(
     mut untold: std::collections::HashSet<Key>,
 ) -> usize {
     use space_client::Notification;
-    let mut last_seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    // Numbered per shard on a replicated cluster, per node elsewhere.
+    let mut last_seq: std::collections::HashMap<(Option<u32>, u64), u64> =
+        std::collections::HashMap::new();
     let mut gaps = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !untold.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, sub.recv_async()).await {
             Ok(Some(Notification::Event(e))) => {
-                let last = last_seq.insert(e.node.0, e.seq).unwrap_or(0);
-                assert!(
-                    e.seq > last,
-                    "node {} told {} after {last}",
-                    e.node.0,
-                    e.seq
-                );
+                let stream = (e.shard, if e.shard.is_some() { 0 } else { e.node.0 });
+                let last = last_seq.insert(stream, e.seq).unwrap_or(0);
+                assert!(e.seq > last, "{stream:?} told {} after {last}", e.seq);
                 untold.remove(&e.key);
             }
             Ok(Some(Notification::Gap { .. } | Notification::Missed { .. })) => gaps += 1,
@@ -738,7 +700,8 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
         }
     }
     let position = sub.detach_at();
-    assert_eq!(position.parts.len(), 3, "a part on each node: {position:?}");
+    let shards: usize = SHARDS.parse().unwrap();
+    assert_eq!(position.parts.len(), shards, "a part on each shard: {position:?}");
     for id in 30..40 {
         written.push(space.write(&Job { id }).await.unwrap().key);
     }
@@ -768,21 +731,25 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
         "nothing was lost: no gap"
     );
 
-    // Detached again; node 3 restarts (its part is gone, and what it was told meanwhile
-    // with it); resumed: a gap first, then every write made from then on, on every node.
+    // Detached again; node 3 restarts, and holds the subscription again from its log
+    // (and what it was told meanwhile, from its replicas); resumed: every write made
+    // meanwhile and from then on, with no gap.
     let position = sub.detach_at();
+    let mut meanwhile = HashSet::new();
+    for id in 60..70 {
+        meanwhile.insert(write_retrying(&other, id).await);
+    }
     if let Some(node) = nodes[2].take() {
         node.kill();
     }
     nodes[2] = Some(start(&addrs[2], &dirs[2], &seeds));
     until_led(&addrs[2]).await;
     let sub = other.resume_at(&position).await.unwrap();
-    until_gap(&sub, &told).await;
-    let mut later = HashSet::new();
-    for id in 60..80 {
-        later.insert(write_retrying(&other, id).await);
+    for id in 70..90 {
+        meanwhile.insert(write_retrying(&other, id).await);
     }
-    told_all(&sub, later).await;
+    assert!(!told.iter().any(|k| meanwhile.contains(k)));
+    assert_eq!(told_all(&sub, meanwhile).await, 0, "nothing was lost: no gap");
 }
 
 /// A listing, a count or a read by query on a replicated cluster is made of what each

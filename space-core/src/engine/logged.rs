@@ -52,6 +52,17 @@ impl Logged {
     }
 }
 
+/// What registering a logged subscription changed ([`Engine::subscribe_logged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// The log did not hold it: it is registered.
+    Added,
+    /// The log held it with another attachment: its events go to the new one.
+    Attached,
+    /// The log held it as asked: nothing changed.
+    Unchanged,
+}
+
 /// A logged subscription, as [`Engine::logged`] lists it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoggedView {
@@ -237,10 +248,11 @@ impl Engine {
     /// [`LOGGED_ID_BIT`] set) through this engine's log: a [`Command::Subscribe`] with
     /// the lease's deadline and `attachment`, proposed (or logged) and applied; its
     /// events are numbered after `after` (0, or the last number its subscriber had
-    /// from a registration in this log that ended meanwhile). Returns
-    /// `false` when the log holds it already (a registration sent again: nothing
-    /// changes). Wait for [`flush`](Self::flush) before telling anyone it is registered.
-    /// Does not block beyond the entry type's lock.
+    /// from a registration in this log that ended meanwhile). A subscription the log
+    /// holds already is not registered again (a registration sent again, or a
+    /// subscriber that resumes it): it is attached to `attachment` if that is another
+    /// one. Wait for [`flush`](Self::flush) before telling anyone what changed. Does not
+    /// block beyond the entry type's lock.
     ///
     /// # Errors
     /// An id without the bit, or an engine that a log drives (it decides nothing):
@@ -254,13 +266,17 @@ impl Engine {
         lease: Lease,
         attachment: Vec<u8>,
         after: u64,
-    ) -> Result<bool> {
+    ) -> Result<Registered> {
         self.decides_logged(id)?;
         query.validate()?;
         let expires = lease.deadline(&self.now())?;
         self.locked(query.entry_type(), |_, st| {
-            if st.logged.contains_key(&id) {
-                return Ok(false);
+            if let Some(held) = st.logged.get(&id) {
+                if held.def.attachment == attachment {
+                    return Ok(Registered::Unchanged);
+                }
+                self.execute(st, Command::Attach { id, attachment });
+                return Ok(Registered::Attached);
             }
             Self::check_kinds(st, query)?;
             if let Some(max) = self.inner.config.max_subscriptions
@@ -280,7 +296,7 @@ impl Engine {
                 first_seq: after.saturating_add(1),
             });
             self.execute(st, Command::Subscribe { subscription });
-            Ok(true)
+            Ok(Registered::Added)
         })?
     }
 
@@ -495,17 +511,16 @@ mod tests {
             "Job",
             Filter::Eq("n".into(), Value::I64(1)).or(Filter::Gt("n".into(), Value::I64(20))),
         );
-        assert!(
+        let register = |attachment: &[u8]| {
             leading
-                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"a".to_vec(), 0)
+                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, attachment.to_vec(), 0)
                 .unwrap()
-        );
+        };
+        assert_eq!(register(b"a"), Registered::Added);
         // Sent again, it changes nothing.
-        assert!(
-            !leading
-                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, b"b".to_vec(), 0)
-                .unwrap()
-        );
+        assert_eq!(register(b"a"), Registered::Unchanged);
+        // Sent with another attachment (a subscriber that resumed it), it moves there.
+        assert_eq!(register(b"b"), Registered::Attached);
         for n in 0..40 {
             leading.write("Job", job(n), None, Lease::Forever).unwrap();
         }
@@ -536,10 +551,10 @@ mod tests {
         assert!(!before.is_empty() && !after.is_empty());
         assert_eq!([before, after].concat(), told);
 
-        // Every engine holds the subscription as registered first.
+        // Every engine holds the subscription where it was attached last.
         let held = late.logged();
         assert_eq!(held.len(), 1);
-        assert_eq!((held[0].id, held[0].attachment.as_slice()), (id, &b"a"[..]));
+        assert_eq!((held[0].id, held[0].attachment.as_slice()), (id, &b"b"[..]));
         assert_eq!(held[0].next_seq, 31);
         assert_eq!(late.state_digest(), whole.state_digest());
         assert_eq!(leading.state_digest(), whole.state_digest());

@@ -67,7 +67,7 @@ mod replica;
 
 use host::Services;
 pub use host::{HostedLog, LogHost, LogImage, LogMark};
-pub use logged::{LOGGED_ID_BIT, LoggedView, new_logged_id};
+pub use logged::{LOGGED_ID_BIT, LoggedView, Registered, new_logged_id};
 use replica::Mode;
 pub use replica::{Applied, Proposals};
 mod takes;

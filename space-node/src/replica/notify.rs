@@ -33,14 +33,18 @@ use crate::push::{Link, Pushers, Route, Stopped, push};
 /// those of new subscriptions and stop those of ended ones).
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 
-/// Where a logged subscription's events go, as its log holds it: the endpoint, encoded.
-pub(crate) fn attachment(endpoint: &Endpoint) -> Vec<u8> {
-    postcard::to_stdvec(endpoint).unwrap_or_default()
+/// Where a logged subscription's events go, as its log holds it: the endpoint and the
+/// number its subscriber drew when it attached it, encoded. A new number (a resume)
+/// makes a new attachment, whose pusher starts again from what the replica keeps.
+pub(crate) fn attachment(endpoint: &Endpoint, drawn: u64) -> Vec<u8> {
+    postcard::to_stdvec(&(endpoint, drawn)).unwrap_or_default()
 }
 
 /// The endpoint an attachment names (`None` for one that names none).
 fn endpoint_of(attachment: &[u8]) -> Option<Endpoint> {
-    postcard::from_bytes(attachment).ok()
+    postcard::from_bytes::<(Endpoint, u64)>(attachment)
+        .ok()
+        .map(|(endpoint, _)| endpoint)
 }
 
 /// A pusher running for one subscription on one shard this node leads.
