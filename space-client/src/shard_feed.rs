@@ -83,6 +83,8 @@ pub(crate) struct ShardState {
     cancelled: AtomicBool,
     /// Detached: no longer renewed (its shards keep it for its lease).
     detached: AtomicBool,
+    /// Its events are fetched from the shards' leaders ([`poll_from`]), not pushed.
+    polled: AtomicBool,
 }
 
 impl ShardState {
@@ -105,6 +107,17 @@ impl ShardState {
             tokio::spawn(async move {
                 let _ = tx.send_async(missed).await;
             });
+        }
+    }
+
+    /// Notes that `shard` ended the subscription: once every shard did, the stream ends
+    /// after what it holds.
+    fn shard_ended(&self, shard: u32) {
+        if let Some(part) = self.parts.get(shard as usize) {
+            part.ended.store(true, Ordering::Release);
+        }
+        if self.parts.iter().all(|p| p.ended.load(Ordering::Acquire)) {
+            self.tx.lock().take();
         }
     }
 
@@ -137,6 +150,12 @@ pub(crate) async fn deliver(
     let Some(state) = state else {
         return false;
     };
+    pass_shard(&state, shard, notifications).await
+}
+
+/// Passes `shard`'s `notifications` on to the subscription's stream, in order (each event
+/// naming its shard). Returns false when the stream is gone.
+async fn pass_shard(state: &ShardState, shard: u32, notifications: Vec<Notification>) -> bool {
     let (Some(part), Some(tx)) = (state.parts.get(shard as usize), state.tx.lock().clone()) else {
         return false;
     };
@@ -169,12 +188,7 @@ pub(crate) fn end(endpoint: &Endpoint, shard: u32, id: u64) {
     let Some(state) = state else {
         return;
     };
-    if let Some(part) = state.parts.get(shard as usize) {
-        part.ended.store(true, Ordering::Release);
-    }
-    if state.parts.iter().all(|p| p.ended.load(Ordering::Acquire)) {
-        state.tx.lock().take();
-    }
+    state.shard_ended(shard);
 }
 
 /// The leader of each of `shards`, as `topology` has them: by leader address.
@@ -302,7 +316,7 @@ async fn register(
             query: state.spec.query.clone(),
             kinds: state.spec.kinds,
             lease: state.spec.lease,
-            endpoint: endpoint.advertised,
+            endpoint: (!state.polled.load(Ordering::Acquire)).then_some(endpoint.advertised),
             attachment: state.attachment,
             shards: state.positions(&group),
         }
@@ -409,6 +423,7 @@ impl Cluster {
             unreached: Mutex::new(BTreeSet::new()),
             cancelled: AtomicBool::new(false),
             detached: AtomicBool::new(false),
+            polled: AtomicBool::new(endpoint.polls()),
         });
         // Held before any shard registers it: its first events can come before the
         // answers do.
@@ -424,7 +439,19 @@ impl Cluster {
             runtime: self.runtime().clone(),
         };
         let all: BTreeSet<u32> = (0..positions.len() as u32).collect();
-        let anew = match register(self, &state, &endpoint, all, self.config().retry_for).await {
+        let patience = self.config().retry_for;
+        let registered = match register(self, &state, &endpoint, all.clone(), patience).await {
+            Err(SpaceError::EndpointUnreachable {
+                endpoint: at,
+                reason,
+            }) if endpoint.refuse_push() => {
+                tracing::info!(endpoint = %at, %reason, "the nodes cannot reach this client's subscriber endpoint: its events are fetched from them from now on");
+                state.polled.store(true, Ordering::Release);
+                register(self, &state, &endpoint, all, patience).await
+            }
+            registered => registered,
+        };
+        let anew = match registered {
             Ok(anew) => anew,
             Err(e) => {
                 feed.cancel();
@@ -442,6 +469,15 @@ impl Cluster {
             tracing::info!(subscription = id, shards = ?anew, "shards had let go of a resumed subscription: registered anew");
             state.announce_missed();
         }
+        if state.polled.load(Ordering::Acquire) {
+            for node in self.topology().nodes {
+                self.runtime().handle().spawn(poll_from(
+                    Arc::downgrade(self),
+                    Arc::downgrade(&state),
+                    node.address,
+                ));
+            }
+        }
         if renewed {
             self.runtime().handle().spawn(keep_alive(
                 Arc::downgrade(self),
@@ -455,6 +491,90 @@ impl Cluster {
                 .spawn(end_after(Arc::downgrade(&state), lease));
         }
         Ok(Subscription::remote(query, Box::new(feed)))
+    }
+}
+
+/// How long one poll of a shard leader waits for an event.
+const POLL_WAIT: Duration = Duration::from_secs(10);
+
+/// Fetches a polled subscription's events from the node at `addr`, for the shards it
+/// leads (as the topology says; looked up again for every poll), until the subscription
+/// ends, is cancelled or detached. A shard the node says does not hold it any more is
+/// registered again (a `Missed` notice first); one whose leader moved is polled on its
+/// new leader once the topology says so.
+async fn poll_from(cluster: Weak<Cluster>, state: Weak<ShardState>, addr: String) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let (Some(c), Some(s)) = (cluster.upgrade(), state.upgrade()) else {
+            return;
+        };
+        if !s.alive() {
+            return;
+        }
+        let active: BTreeSet<u32> = {
+            let unreached = s.unreached.lock();
+            (0..s.parts.len() as u32)
+                .filter(|sh| !unreached.contains(sh))
+                .filter(|sh| !s.parts[*sh as usize].ended.load(Ordering::Acquire))
+                .collect()
+        };
+        let mine = leaders_of(&c.topology(), &active)
+            .remove(&addr)
+            .unwrap_or_default();
+        if mine.is_empty() {
+            drop((c, s));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let request = Request::PollShards {
+            id: s.id,
+            entry_type: s.spec.query.entry_type().to_owned(),
+            positions: s.positions(&mine),
+            wait: POLL_WAIT,
+        };
+        let answer = match c.node(&addr).await {
+            Ok(conn) => conn.call(request).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Response::ShardNotifications {
+                led,
+                missing,
+                told,
+                ended,
+            }) => {
+                pause = Duration::from_millis(50);
+                for (shard, notifications) in told {
+                    if !pass_shard(&s, shard, notifications).await {
+                        return;
+                    }
+                }
+                for shard in ended {
+                    s.shard_ended(shard);
+                }
+                if !missing.is_empty() {
+                    tracing::info!(subscription = s.id, shards = ?missing, "shards lost a subscription; registering it again");
+                    s.unreached.lock().extend(&missing);
+                    s.announce_missed();
+                }
+                if mine.iter().any(|sh| !led.contains(sh)) {
+                    let _ = c.refresh().await;
+                }
+            }
+            Ok(other) => {
+                tracing::warn!(node = %addr, answer = ?other, "a poll got an unexpected answer");
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => {
+                tracing::debug!(node = %addr, error = %e, "a poll failed; polling again");
+                drop(s);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                if worth_again(&e) {
+                    let _ = c.refresh().await;
+                }
+            }
+        }
     }
 }
 

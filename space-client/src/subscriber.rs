@@ -287,8 +287,19 @@ impl Endpoint {
         part
     }
 
+    /// Notes that a node could not reach the endpoint: with `Delivery::Auto`, later
+    /// subscriptions are polled at once. Returns whether a subscription that was refused
+    /// for it is to be polled instead.
+    pub(crate) fn refuse_push(&self) -> bool {
+        let auto = self.delivery == Delivery::Auto;
+        if auto {
+            self.push_refused.store(true, Ordering::Release);
+        }
+        auto
+    }
+
     /// Whether new subscriptions are polled rather than pushed.
-    fn polls(&self) -> bool {
+    pub(crate) fn polls(&self) -> bool {
         match self.delivery {
             Delivery::Poll => true,
             Delivery::Push => false,

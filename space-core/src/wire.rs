@@ -367,7 +367,8 @@ pub enum Request {
     /// [`LOGGED_ID_BIT`](crate::server::LOGGED_ID_BIT) set) in the logs of those of
     /// `shards` that the node asked leads, so that every replica of them holds it and
     /// whichever leads them pushes their events (to `endpoint`), numbered per shard. The
-    /// node first makes sure it can connect to the endpoint. Answered with
+    /// node first makes sure it can connect to the endpoint; without one, the client
+    /// fetches the events from each shard's leader ([`Request::PollShards`]). Answered with
     /// [`Response::OnShards`] once the registrations are committed. A shard that holds
     /// the subscription already keeps it; registered with another `attachment` (a
     /// subscriber that resumed it), it sends its events there from now on, starting
@@ -382,8 +383,9 @@ pub enum Request {
         kinds: EventKinds,
         /// The subscription's lease, from now.
         lease: Lease,
-        /// Where the client serves [`SubscriberService`], and its secret.
-        endpoint: Endpoint,
+        /// Where the client serves [`SubscriberService`], and its secret; `None` for a
+        /// subscription whose events are polled.
+        endpoint: Option<Endpoint>,
         /// A number the client draws each time it attaches the subscription (subscribes,
         /// or resumes it): the same in every try of one attachment.
         attachment: u64,
@@ -404,6 +406,21 @@ pub enum Request {
         lease: Lease,
         /// The shards to renew it on.
         shards: Vec<u32>,
+    },
+    /// The next events of a polled subscription of a replicated cluster on those of
+    /// `positions`' shards the node leads: on each, those after the number the client
+    /// has there (events up to it are not sent again, later ones are, so an answer lost
+    /// on the way is delivered again), waiting up to `wait` for the first. Answered with
+    /// [`Response::ShardNotifications`].
+    PollShards {
+        /// The subscription's id.
+        id: u64,
+        /// The entry type its query is on.
+        entry_type: String,
+        /// The shards, each with the last number the client has from it (0: none).
+        positions: Vec<(u32, u64)>,
+        /// How long to wait for an event (at most [`MAX_POLL_WAIT`]).
+        wait: Duration,
     },
     /// End subscription `id`, through their logs, on those of `shards` the node leads.
     /// Answered with [`Response::OnShards`].
@@ -459,6 +476,7 @@ impl Request {
             Request::SubscribeShards { .. } => "subscribe",
             Request::RenewShards { .. } => "renew_subscription",
             Request::CancelShards { .. } => "cancel_subscription",
+            Request::PollShards { .. } => "poll",
             Request::Schema(_) => "schema",
             Request::Topology => "topology",
             Request::NodeStatus => "node_status",
@@ -556,7 +574,9 @@ impl Request {
             Request::ReadDirect { timeout, .. }
             | Request::TakeDirect { timeout, .. }
             | Request::Claim { timeout, .. } => *timeout,
-            Request::Poll { wait, .. } => (*wait).min(MAX_POLL_WAIT),
+            Request::Poll { wait, .. } | Request::PollShards { wait, .. } => {
+                (*wait).min(MAX_POLL_WAIT)
+            }
             _ => Duration::ZERO,
         }
     }
@@ -655,6 +675,19 @@ pub enum Response {
         /// Of those, the shards where a subscription was registered anew: they did not
         /// hold it (a subscription resumed after its lease ran out there).
         anew: Vec<u32>,
+    },
+    /// A replicated node's answer to [`Request::PollShards`].
+    ShardNotifications {
+        /// The shards asked about that the node leads.
+        led: Vec<u32>,
+        /// Of those, the shards that do not hold the subscription (its lease ran out
+        /// there, or it was never registered there).
+        missing: Vec<u32>,
+        /// Each shard's next events and gaps, in order.
+        told: Vec<(u32, Vec<Notification>)>,
+        /// The shards where the subscription ended after what `told` holds (its lease
+        /// ran out there).
+        ended: Vec<u32>,
     },
 }
 

@@ -870,6 +870,7 @@ impl NodeState {
             }
             Request::SubscribeShards { .. }
             | Request::RenewShards { .. }
+            | Request::PollShards { .. }
             | Request::CancelShards { .. } => {
                 return Err(SpaceError::Protocol {
                     reason: "this node is not part of a replicated cluster: it has no shards; subscribe with it directly".into(),

@@ -407,11 +407,13 @@ impl NodeState {
                 let after: std::collections::HashMap<u32, u64> = asked.iter().copied().collect();
                 let asked = asked_shards(shards, asked.into_iter().map(|(s, _)| s).collect())?;
                 // An endpoint this node cannot reach is refused before anything is logged.
-                let link = self.pushers.link_for(endpoint);
-                let reached = self.pushers.reach(&link).await;
-                self.pushers.unlink(&link);
-                reached?;
-                let attachment = crate::replica::notify_attachment(&endpoint, attachment);
+                if let Some(endpoint) = endpoint {
+                    let link = self.pushers.link_for(endpoint);
+                    let reached = self.pushers.reach(&link).await;
+                    self.pushers.unlink(&link);
+                    reached?;
+                }
+                let attachment = crate::replica::notify_attachment(endpoint.as_ref(), attachment);
                 on_led_shards(&led, &asked, |shard, engine| {
                     let after = after.get(&shard).copied().unwrap_or(0);
                     let registered = engine.subscribe_logged(
@@ -448,6 +450,20 @@ impl NodeState {
                     })
                 })
                 .await?
+            }
+            Request::PollShards {
+                id,
+                entry_type,
+                positions,
+                wait,
+            } => {
+                let count = shards.shard_count();
+                if let Some((bad, _)) = positions.iter().find(|(s, _)| *s >= count) {
+                    return Err(SpaceError::Protocol {
+                        reason: format!("the cluster has {count} shards; there is no shard {bad}"),
+                    });
+                }
+                crate::replica::poll_shards(shards, id, &entry_type, positions, wait).await
             }
             Request::CancelShards {
                 id,

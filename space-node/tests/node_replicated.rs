@@ -701,7 +701,11 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
     }
     let position = sub.detach_at();
     let shards: usize = SHARDS.parse().unwrap();
-    assert_eq!(position.parts.len(), shards, "a part on each shard: {position:?}");
+    assert_eq!(
+        position.parts.len(),
+        shards,
+        "a part on each shard: {position:?}"
+    );
     for id in 30..40 {
         written.push(space.write(&Job { id }).await.unwrap().key);
     }
@@ -749,7 +753,11 @@ async fn resumes_where_it_stood(delivery: space_client::Delivery) {
         meanwhile.insert(write_retrying(&other, id).await);
     }
     assert!(!told.iter().any(|k| meanwhile.contains(k)));
-    assert_eq!(told_all(&sub, meanwhile).await, 0, "nothing was lost: no gap");
+    assert_eq!(
+        told_all(&sub, meanwhile).await,
+        0,
+        "nothing was lost: no gap"
+    );
 }
 
 /// A listing, a count or a read by query on a replicated cluster is made of what each

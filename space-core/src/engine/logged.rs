@@ -373,6 +373,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether this engine holds the logged subscription `id` on `entry_type`.
+    pub fn holds_logged(&self, entry_type: &str, id: u64) -> bool {
+        self.locked_if_exists(entry_type, |_, st| st.logged.contains_key(&id))
+            .unwrap_or(false)
+    }
+
     /// Every logged subscription this engine holds.
     pub fn logged(&self) -> Vec<LoggedView> {
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
@@ -513,7 +519,14 @@ mod tests {
         );
         let register = |attachment: &[u8]| {
             leading
-                .subscribe_logged(id, &odd, EventKinds::ALL, Lease::Forever, attachment.to_vec(), 0)
+                .subscribe_logged(
+                    id,
+                    &odd,
+                    EventKinds::ALL,
+                    Lease::Forever,
+                    attachment.to_vec(),
+                    0,
+                )
                 .unwrap()
         };
         assert_eq!(register(b"a"), Registered::Added);

@@ -32,7 +32,7 @@ pub use across::{claim_across, read_across, take_across};
 pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use meta::{CommittedLayout, META_GROUP, MetaGroup};
-pub(crate) use notify::{attachment as notify_attachment, push_led};
+pub(crate) use notify::{attachment as notify_attachment, poll as poll_shards, push_led};
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
 pub use shards::{Layout, ShardProgress, ShardSet, rebalance};

@@ -23,7 +23,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use space_core::server::Engine;
-use space_core::wire::Endpoint;
+use space_core::wire::{self, Endpoint, Response};
+use space_core::{Notification, Subscription};
 use tokio::sync::watch;
 
 use super::{GroupId, ShardSet};
@@ -36,15 +37,86 @@ const LOOK_EVERY: Duration = Duration::from_millis(100);
 /// Where a logged subscription's events go, as its log holds it: the endpoint and the
 /// number its subscriber drew when it attached it, encoded. A new number (a resume)
 /// makes a new attachment, whose pusher starts again from what the replica keeps.
-pub(crate) fn attachment(endpoint: &Endpoint, drawn: u64) -> Vec<u8> {
+/// Without an endpoint, the subscription is polled.
+pub(crate) fn attachment(endpoint: Option<&Endpoint>, drawn: u64) -> Vec<u8> {
     postcard::to_stdvec(&(endpoint, drawn)).unwrap_or_default()
 }
 
-/// The endpoint an attachment names (`None` for one that names none).
+/// The endpoint an attachment names (`None` for a polled subscription).
 fn endpoint_of(attachment: &[u8]) -> Option<Endpoint> {
-    postcard::from_bytes::<(Endpoint, u64)>(attachment)
+    postcard::from_bytes::<(Option<Endpoint>, u64)>(attachment)
         .ok()
-        .map(|(endpoint, _)| endpoint)
+        .and_then(|(endpoint, _)| endpoint)
+}
+
+/// Most notifications one answer to a poll carries, over all its shards.
+const POLL_BATCH: usize = 1024;
+
+/// Answers a poll of subscription `id` on `entry_type` (see
+/// [`Request::PollShards`](space_core::wire::Request::PollShards)): on each shard of
+/// `positions` this node leads, the events after the number the client has there,
+/// waiting up to `wait` for the first when none is there yet.
+pub(crate) async fn poll(
+    set: &ShardSet,
+    id: u64,
+    entry_type: &str,
+    positions: Vec<(u32, u64)>,
+    wait: Duration,
+) -> Response {
+    let mut led = Vec::new();
+    let mut missing = Vec::new();
+    let mut feeds = Vec::new();
+    for (shard, after) in positions {
+        if !set.leads(shard) || led.contains(&shard) {
+            continue;
+        }
+        led.push(shard);
+        let feed = set
+            .replica_engine(shard)
+            .and_then(|replica| replica.logged_feed(entry_type, id));
+        match feed {
+            Some(feed) => {
+                // What the client has is not sent again; what it asked for after is,
+                // even when an earlier answer carried it (and was lost).
+                feed.rewind(after);
+                feeds.push((shard, feed));
+            }
+            // Registered, and not applied by this replica yet: nothing to tell.
+            None if held_by_leader(set, shard, entry_type, id) => {}
+            None => missing.push(shard),
+        }
+    }
+    let mut told: Vec<(u32, Vec<Notification>)> = Vec::new();
+    let mut room = POLL_BATCH;
+    drain(&mut told, &feeds, &mut room);
+    let ended = |feeds: &[(u32, Subscription)]| -> Vec<u32> {
+        feeds
+            .iter()
+            .filter(|(_, f)| f.is_closed())
+            .map(|(s, _)| *s)
+            .collect()
+    };
+    if told.is_empty() && ended(&feeds).is_empty() && !feeds.is_empty() {
+        let first = futures::future::select_all(
+            feeds
+                .iter()
+                .map(|(shard, feed)| Box::pin(async move { (*shard, feed.recv_async().await) })),
+        );
+        if let Ok(((shard, Some(n)), _, _)) =
+            tokio::time::timeout(wait.min(wire::MAX_POLL_WAIT), first).await
+        {
+            told.push((shard, vec![n]));
+            room -= 1;
+            drain(&mut told, &feeds, &mut room);
+        }
+    }
+    Response::ShardNotifications {
+        led,
+        missing,
+        told,
+        // Told only once everything before the end was answered.
+        ended: if room > 0 { ended(&feeds) } else { Vec::new() },
+    }
 }
 
 /// A pusher running for one subscription on one shard this node leads.
@@ -163,6 +235,39 @@ fn look_over(
         }
     }
     running.retain(|key, _| wanted.contains(key));
+}
+
+/// Moves what `feeds` hold now into `told`, `room` notifications at most.
+fn drain(
+    told: &mut Vec<(u32, Vec<Notification>)>,
+    feeds: &[(u32, Subscription)],
+    room: &mut usize,
+) {
+    for (shard, feed) in feeds {
+        let mut got = Vec::new();
+        while *room > 0 {
+            match feed.try_recv() {
+                Some(n) => {
+                    got.push(n);
+                    *room -= 1;
+                }
+                None => break,
+            }
+        }
+        if !got.is_empty() {
+            match told.iter_mut().find(|(s, _)| s == shard) {
+                Some((_, more)) => more.extend(got),
+                None => told.push((*shard, got)),
+            }
+        }
+    }
+}
+
+/// Whether the engine that leads `shard` here holds subscription `id`.
+fn held_by_leader(set: &ShardSet, shard: GroupId, entry_type: &str, id: u64) -> bool {
+    set.serving()
+        .iter()
+        .any(|(s, e)| *s == shard && e.holds_logged(entry_type, id))
 }
 
 /// Ends subscription `id` on `shard` through its log, if this node still leads it.
