@@ -111,13 +111,12 @@ pub enum Notification {
         /// The last missed sequence number.
         last_seq: u64,
     },
-    /// Events may have been missed before this notice, how many is not known: a shard's
-    /// new leader whose copy of the subscription did not keep all of the shard's latest
-    /// events (the notice then takes its place in the node's numbering, `seq`), or the
-    /// client registering the subscription again on a node that had lost it (`seq` 0:
-    /// that node numbers anew). Events after it may repeat some told before.
+    /// Events may have been missed before this notice, how many is not known: the client
+    /// registered the subscription again where it had been lost (a standalone node that
+    /// restarted; shards of a replicated cluster that let go of it when its lease ran
+    /// out there). Events after it may repeat some told before.
     Missed {
-        /// The notice's own sequence number, or 0 when it is not one of a node's.
+        /// 0: the notice is the client's own, in no node's or shard's numbering.
         seq: u64,
     },
 }
@@ -196,10 +195,6 @@ impl EventBudget {
         self.held.load(std::sync::atomic::Ordering::Acquire)
     }
 }
-
-/// The mark of a log place that holds no event but a relay's notice that events may have
-/// been missed ([`SubShared::push_missed`]).
-const MISSED_MARK: u64 = u64::MAX;
 
 /// The shared state of one subscription: its query and its queue.
 pub(crate) struct SubShared {
@@ -303,19 +298,6 @@ impl SubShared {
         self
     }
 
-    /// Logs a notice that events may have been missed, in its place in the
-    /// subscription's stream ([`Notification::Missed`]: a relay that cannot tell what it
-    /// may have missed, [`Engine::relay`](crate::Engine::relay)).
-    pub(crate) fn push_missed(&self) {
-        self.push(
-            NodeId::default(),
-            &Key::Name(String::new()),
-            EventKind::Written,
-            0,
-            MISSED_MARK,
-        );
-    }
-
     /// Logs an event (called under the entry type's lock, which orders the events),
     /// delivered once the subscription's gate (if any) has released `mark`.
     pub(crate) fn push(&self, node: NodeId, key: &Key, kind: EventKind, version: u64, mark: u64) {
@@ -370,11 +352,6 @@ impl SubShared {
             return Some(gap);
         }
         let at = (q.cursor - first) as usize;
-        if q.marks.get(at) == Some(&MISSED_MARK) {
-            let seq = q.cursor;
-            q.cursor += 1;
-            return Some(Notification::Missed { seq });
-        }
         if let (Some(gate), Some(mark)) = (gate, q.marks.get(at))
             && !gate.lets_through(*mark)
         {

@@ -5,8 +5,9 @@
 //! writes go to the shards this node leads, in runs of [`KEYLESS_RUN`] entries or
 //! [`KEYLESS_RUN_BYTES`] per shard, and mint keys inside them; reads,
 //! takes and claims by query, counts, contents and stats cover the shards this node
-//! leads (a client asks every node). A subscription is told of the changes of the
-//! shards this node leads (a client subscribes on every node; see `relay`).
+//! leads (a client asks every node). A subscription is registered in the logs of the
+//! shards this node leads, and their events pushed or polled from here (see
+//! `replica::notify`).
 
 use std::sync::atomic::Ordering;
 
@@ -380,20 +381,15 @@ impl NodeState {
                     of: shards.shard_count(),
                 }
             }
-            Request::Subscribe {
-                query,
-                kinds,
-                lease,
-                endpoint,
-            } => {
-                let Some(set) = self.shards.clone() else {
-                    return Err(SpaceError::Unavailable {
-                        reason: "this node's shards are not running".into(),
-                    });
-                };
-                let sub =
-                    crate::replica::relay::subscribe(&self.engine, &set, &query, kinds, lease)?;
-                Response::Subscribed(self.push_to(sub, endpoint).await?)
+            // Subscriptions of a replicated cluster are registered in its shards' logs.
+            Request::Subscribe { .. }
+            | Request::Resume { .. }
+            | Request::Poll { .. }
+            | Request::RenewSubscription { .. }
+            | Request::CancelSubscription(_) => {
+                return Err(SpaceError::Protocol {
+                    reason: "this node is part of a replicated cluster: a subscription is registered in its shards' logs (SubscribeShards), by a client of this version".into(),
+                });
             }
             Request::SubscribeShards {
                 id,
@@ -414,8 +410,14 @@ impl NodeState {
                     reached?;
                 }
                 let attachment = crate::replica::notify_attachment(endpoint.as_ref(), attachment);
+                let max = self.pushers.config().max_per_endpoint;
                 on_led_shards(&led, &asked, |shard, engine| {
                     let after = after.get(&shard).copied().unwrap_or(0);
+                    if let Some(endpoint) = &endpoint
+                        && !engine.holds_logged(query.entry_type(), id)
+                    {
+                        crate::replica::check_room(engine, endpoint, max)?;
+                    }
                     let registered = engine.subscribe_logged(
                         id,
                         &query,

@@ -2409,3 +2409,37 @@ async fn a_subscription_is_numbered_per_shard_across_failover_and_restart() {
     assert!(sub.unreached().is_empty(), "{:?}", sub.unreached());
     assert_eq!(sub.dropped(), 0);
 }
+
+/// A client holds at most `--max-subscriptions-per-client` subscriptions on a replicated
+/// cluster's shards: one more is refused (`Busy`), on every shard alike, and once one
+/// is cancelled there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_subscriptions_are_bounded_on_every_shard() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, _nodes) = three_nodes_with(SHARDS, &["--max-subscriptions-per-client", "2"]);
+    until_led(&addrs[0]).await;
+    let space = space_client::connect(&addrs.join(",")).await.unwrap();
+    let orders = Query::of::<Order>();
+    let notify = || space.notify(&orders, space_client::EventKinds::WRITTEN);
+    let first = notify().await.unwrap();
+    let _second = notify().await.unwrap();
+    match notify().await {
+        Err(space_client::SpaceError::Busy { reason, .. }) => {
+            assert!(reason.contains("maximum of 2 subscriptions"), "{reason}");
+        }
+        Err(e) => panic!("a third subscription was refused with {e}"),
+        Ok(_) => panic!("a third subscription was accepted"),
+    }
+    first.cancel();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match notify().await {
+            Ok(third) => {
+                drop(third);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no room came back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

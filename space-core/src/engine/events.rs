@@ -133,26 +133,6 @@ impl Engine {
         crate::shrink_if_sparse(&mut all);
     }
 
-    /// Feeds `notification`, told by another engine, into this engine's subscription `id`,
-    /// numbered in that subscription's own sequence: an event keeps its node, key, kind
-    /// and version; a gap becomes a gap of one number. For a node that relays into the
-    /// subscriptions its clients made the events of engines it runs (a replicated node's
-    /// shards); nothing is matched against the subscription's query here. Returns `false`
-    /// once the subscription is gone (cancelled, or its lease ran out). Does not block.
-    pub fn relay(&self, id: u64, notification: &Notification) -> bool {
-        let Some(sub) = self.inner.subscriptions.lock().get(&id).cloned() else {
-            return false;
-        };
-        if sub.is_closed() {
-            return false;
-        }
-        match notification {
-            Notification::Event(e) => sub.push(e.node, &e.key, e.kind, e.version, 0),
-            Notification::Gap { .. } | Notification::Missed { .. } => sub.push_missed(),
-        }
-        true
-    }
-
     /// Picks up a subscription that was [detached](Subscription::detach) (a subscriber
     /// that went away): delivery restarts after `last_seq`, the last sequence number the
     /// subscriber saw (0 if none); events no longer in the subscription's log come back as

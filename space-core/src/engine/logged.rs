@@ -424,7 +424,7 @@ mod tests {
     use space_query::{Fields, Filter, Value};
 
     use super::*;
-    use crate::notify::EventKind;
+    use crate::notify::{EventKind, Notification};
 
     /// A log as a leading engine sees it: what it proposes is committed at once, in the
     /// order of its numbers.

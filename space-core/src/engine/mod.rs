@@ -48,8 +48,8 @@ use crate::entry::{Key, NodeId};
 use crate::error::{Result, SpaceError};
 use crate::lease::{Clock, Deadline, Lease, Now, timeout_deadline};
 use crate::notify::{
-    DEFAULT_QUEUE_CAPACITY, EventBudget, EventGate, EventKind, EventKinds, Hub, Keeper,
-    Notification, SubShared, Subscription,
+    DEFAULT_QUEUE_CAPACITY, EventBudget, EventGate, EventKind, EventKinds, Hub, Keeper, SubShared,
+    Subscription,
 };
 use crate::signal::{Slot, SlotFuture, Wakeup};
 use crate::state::{

@@ -17,7 +17,6 @@ mod log_store;
 mod meta;
 mod notify;
 mod peer;
-pub(crate) mod relay;
 mod shards;
 mod state_machine;
 
@@ -32,7 +31,9 @@ pub use across::{claim_across, read_across, take_across};
 pub use leader::{Leadership, ServingChanges, Session, follow_leadership};
 pub use log_store::LogStore;
 pub use meta::{CommittedLayout, META_GROUP, MetaGroup};
-pub(crate) use notify::{attachment as notify_attachment, poll as poll_shards, push_led};
+pub(crate) use notify::{
+    attachment as notify_attachment, check_room, poll as poll_shards, push_led,
+};
 pub(crate) use peer::serve_peer_messages;
 pub use peer::{GroupId, GroupNetwork, Groups, PEER_MAX_FRAME, PeerDoor, PeerRouter, serve_peers};
 pub use shards::{Layout, ShardProgress, ShardSet, rebalance};

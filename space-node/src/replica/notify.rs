@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use space_core::server::Engine;
 use space_core::wire::{self, Endpoint, Response};
-use space_core::{Notification, Subscription};
+use space_core::{Notification, SpaceError, Subscription};
 use tokio::sync::watch;
 
 use super::{GroupId, ShardSet};
@@ -47,6 +47,30 @@ fn endpoint_of(attachment: &[u8]) -> Option<Endpoint> {
     postcard::from_bytes::<(Option<Endpoint>, u64)>(attachment)
         .ok()
         .and_then(|(endpoint, _)| endpoint)
+}
+
+/// Refuses a new subscription of the client at `endpoint` on the shard `engine` leads
+/// when that client holds `max` there already.
+///
+/// # Errors
+/// [`SpaceError::Busy`] then.
+pub(crate) fn check_room(
+    engine: &Engine,
+    endpoint: &Endpoint,
+    max: usize,
+) -> Result<(), SpaceError> {
+    let held = engine
+        .logged()
+        .iter()
+        .filter(|view| endpoint_of(&view.attachment).as_ref() == Some(endpoint))
+        .count();
+    if held >= max {
+        return Err(SpaceError::Busy {
+            node: String::new(),
+            reason: format!("this client holds its maximum of {max} subscriptions on the node"),
+        });
+    }
+    Ok(())
 }
 
 /// Most notifications one answer to a poll carries, over all its shards.

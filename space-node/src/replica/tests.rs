@@ -1462,12 +1462,13 @@ async fn shards_spread_their_leaders_and_move_them_when_a_node_stops() {
     }
 }
 
-/// A replicated node tells a subscription of the changes of the shards it leads; one
-/// that takes a shard over first tells what the shard committed in the last moments,
-/// which the old leader may not have pushed (at least once, never not at all).
+/// A subscription registered through a shard's log is held by every replica of the
+/// shard, which number its events alike: when the leader goes, the replica of whichever
+/// node takes over holds the events the old leader's replica told, under the same
+/// numbers, and numbers the next ones on from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
-    use space_core::server::Engine;
+async fn every_replica_holds_a_logged_subscription_and_numbers_its_events_alike() {
+    use space_core::server::{Registered, new_logged_id};
     use space_core::{EventKinds, Fields, Filter, Lease, Notification, Query, Value};
     use std::time::Duration;
     let job = |n: i64| {
@@ -1479,46 +1480,61 @@ async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
     let mut nodes = sharded_cluster(3, 1, 3).await;
     all_served(&nodes, 1).await;
     let leader = nodes.iter().position(|n| n.serves(0).is_some()).unwrap();
-    // Each follower's own engine holds a subscription its relay feeds.
-    let mut told = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        if i == leader {
-            continue;
-        }
-        let own = Engine::new(EngineConfig::default());
-        let sub =
-            super::relay::subscribe(&own, &node.set, &jobs, EventKinds::WRITTEN, Lease::Forever)
-                .unwrap();
-        told.push((node.set.clone(), own, sub));
-    }
     let engine = nodes[leader].serves(0).unwrap();
+    let id = new_logged_id();
+    let registered = engine
+        .subscribe_logged(
+            id,
+            &jobs,
+            EventKinds::WRITTEN,
+            Lease::Forever,
+            b"there".to_vec(),
+            0,
+        )
+        .unwrap();
+    assert_eq!(registered, Registered::Added);
     for n in 0..5 {
         engine.write("Job", job(n), None, Lease::Forever).unwrap();
     }
     committed(&engine).await.unwrap();
+    // Every replica applies the registration and the writes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while told
+    while nodes
         .iter()
-        .any(|(set, _, _)| set.replica_engine(0).unwrap().stats().entries < 5)
+        .any(|n| n.set.replica_engine(0).unwrap().stats().entries < 5)
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the followers never applied the writes"
+            "the replicas never applied the writes"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Followers tell nothing of a shard they do not lead.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for (_, _, sub) in &told {
-        assert_eq!(sub.try_recv(), None, "a follower told of its shard");
+    let seqs = |feed: &space_core::Subscription| -> Vec<u64> {
+        std::iter::from_fn(|| feed.try_recv())
+            .map(|n| match n {
+                Notification::Event(e) => e.seq,
+                other => panic!("a replica that applied everything told {other:?}"),
+            })
+            .collect()
+    };
+    for node in &nodes {
+        let replica = node.set.replica_engine(0).unwrap();
+        let held = replica.logged();
+        assert_eq!(held.len(), 1, "every replica holds the subscription");
+        assert_eq!(held[0].attachment, b"there");
+        let feed = replica.logged_feed("Job", id).unwrap();
+        assert_eq!(seqs(&feed), [1, 2, 3, 4, 5]);
+        // Still kept for whoever leads next.
+        feed.rewind(0);
     }
 
-    // The leader goes; whichever follower takes over tells the five writes, then new ones.
+    // The leader goes; whichever node takes over holds the same five, numbered alike,
+    // and numbers the next ones on.
     nodes.remove(leader).stop().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let next = loop {
-        if let Some(i) = told.iter().position(|(set, _, _)| set.leads(0)) {
-            break i;
+    let engine = loop {
+        if let Some(engine) = nodes.iter().find_map(|n| n.serves(0)) {
+            break engine;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -1526,33 +1542,23 @@ async fn a_new_leader_tells_what_the_old_one_committed_before_it_went() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let engine = nodes.iter().find_map(|n| n.serves(0)).unwrap();
     for n in 5..8 {
         engine.write("Job", job(n), None, Lease::Forever).unwrap();
     }
     committed(&engine).await.unwrap();
-    let (_, _, sub) = &told[next];
-    let mut events = 0;
-    let mut seqs = Vec::new();
-    while events < 8 {
-        match sub.recv_timeout(Duration::from_secs(10)) {
-            Some(Notification::Event(e)) => {
-                seqs.push(e.seq);
-                events += 1;
-            }
-            // Something older than what it kept may be missing: said, never silent, and
-            // said as such (a count of missed events it cannot know would mislead).
-            Some(Notification::Missed { seq }) => seqs.push(seq),
-            Some(gap @ Notification::Gap { .. }) => {
-                panic!("a relay told a gap it cannot know: {gap:?}")
-            }
-            None => panic!("the new leader told {events} of 8 writes"),
-        }
+    let next = nodes.iter().find(|n| n.serves(0).is_some()).unwrap();
+    let replica = next.set.replica_engine(0).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while replica.stats().entries < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writes were not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        seqs.windows(2).all(|w| w[1] == w[0] + 1),
-        "numbers skip: {seqs:?}"
-    );
+    let feed = replica.logged_feed("Job", id).unwrap();
+    feed.rewind(0);
+    assert_eq!(seqs(&feed), [1, 2, 3, 4, 5, 6, 7, 8]);
     for node in nodes {
         node.stop().await;
     }
