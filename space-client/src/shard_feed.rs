@@ -715,11 +715,13 @@ impl RemoteFeed for ShardFeed {
     }
 
     fn unreached(&self) -> Vec<String> {
-        self.state
-            .unreached
-            .lock()
-            .iter()
-            .map(|s| format!("shard {s}"))
+        // Named by their leaders, as the topology has them.
+        let unreached = self.state.unreached.lock().clone();
+        let Some(cluster) = self.cluster.upgrade() else {
+            return unreached.iter().map(|s| format!("shard {s}")).collect();
+        };
+        leaders_of(&cluster.topology(), &unreached)
+            .into_keys()
             .collect()
     }
 

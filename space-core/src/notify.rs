@@ -618,7 +618,8 @@ pub trait RemoteFeed: Send + Sync {
     /// Whether the subscription has ended.
     fn is_closed(&self) -> bool;
     /// Members of the cluster the subscription is not registered on (they could not be
-    /// reached): their changes are not reported until it is.
+    /// reached): their changes are not reported until it is. On a replicated cluster,
+    /// the leaders of the shards it is not registered on.
     fn unreached(&self) -> Vec<String>;
     /// Extends the lease on the node.
     ///
@@ -767,7 +768,9 @@ impl Subscription {
 
     /// Members of a cluster this subscription is not registered on, because they could not
     /// be reached: changes there are not reported until it is (a subscription without a
-    /// lease registers itself again when they are back). Empty in-process.
+    /// lease registers itself again when they are back). On a replicated cluster, the
+    /// leaders (as the client last knew them) of the shards it is not registered on.
+    /// Empty in-process.
     pub fn unreached(&self) -> Vec<String> {
         match &self.backing {
             Backing::Local { .. } => Vec::new(),

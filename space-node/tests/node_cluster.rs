@@ -356,12 +356,16 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
         .unwrap();
     // The subscriber reads as events arrive, like a real one.
     let reader = std::thread::spawn(move || {
-        let mut per_node: HashMap<u64, Vec<u64>> = HashMap::new();
+        // Numbered per shard; each event names the node that holds its entry.
+        let mut per_shard: HashMap<u32, Vec<u64>> = HashMap::new();
+        let mut nodes = HashSet::new();
         let mut seen = 0u64;
         while seen < ENTRIES {
             match sub.recv_timeout(Duration::from_secs(30)) {
                 Some(Notification::Event(e)) => {
-                    per_node.entry(e.node.0).or_default().push(e.seq);
+                    let shard = e.shard.expect("an event of a sharded cluster names its shard");
+                    per_shard.entry(shard).or_default().push(e.seq);
+                    nodes.insert(e.node.0);
                     seen += 1;
                 }
                 other => panic!("after {seen} events: {other:?}"),
@@ -372,7 +376,7 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
             None,
             "no event twice"
         );
-        per_node
+        (per_shard, nodes)
     });
     let taken = Arc::new(Mutex::new(Vec::with_capacity(ENTRIES as usize)));
     let count = Arc::new(AtomicU64::new(0));
@@ -429,18 +433,18 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
     assert_eq!(taken.len() as u64, ENTRIES, "every entry taken once");
     assert_eq!(distinct.len() as u64, ENTRIES, "no entry taken twice");
     assert!(distinct.iter().all(|&id| id < ENTRIES));
-    // The subscriber saw every write exactly once, numbered without gaps per node.
-    let per_node = reader.join().unwrap();
+    // The subscriber saw every write exactly once, numbered without gaps per shard.
+    let (per_shard, nodes) = reader.join().unwrap();
     assert_eq!(
-        per_node.values().map(Vec::len).sum::<usize>() as u64,
+        per_shard.values().map(Vec::len).sum::<usize>() as u64,
         ENTRIES
     );
-    assert_eq!(per_node.len(), 3, "events from all three nodes");
-    for (node, seqs) in per_node {
+    assert_eq!(nodes.len(), 3, "events from all three nodes");
+    for (shard, seqs) in per_shard {
         assert_eq!(
             seqs,
             (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "node {node}: gapless and in order"
+            "shard {shard}: gapless and in order"
         );
     }
 }
