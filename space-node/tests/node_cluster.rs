@@ -363,7 +363,9 @@ fn takes_and_notify_across_three_nodes_see_every_entry_once() {
         while seen < ENTRIES {
             match sub.recv_timeout(Duration::from_secs(30)) {
                 Some(Notification::Event(e)) => {
-                    let shard = e.shard.expect("an event of a sharded cluster names its shard");
+                    let shard = e
+                        .shard
+                        .expect("an event of a sharded cluster names its shard");
                     per_shard.entry(shard).or_default().push(e.seq);
                     nodes.insert(e.node.0);
                     seen += 1;

@@ -154,9 +154,31 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Running {
+/// The pushers of a node, by shard and subscription.
+#[derive(Default)]
+struct Pushing {
+    running: HashMap<(GroupId, u64), Running>,
+    /// Pushers stopped (aborted) that may not have ended yet: the next pusher of the
+    /// same subscription on the same shard waits for its end before it rewinds their
+    /// shared feed, which the old one could still be taking from.
+    stopping: HashMap<(GroupId, u64), tokio::task::JoinHandle<()>>,
+}
+
+impl Pushing {
+    /// Stops the pusher of `key`, if one runs.
+    fn stop(&mut self, key: (GroupId, u64)) {
+        if let Some(old) = self.running.remove(&key) {
+            old.task.abort();
+            self.stopping.insert(key, old.task);
+        }
+    }
+}
+
+impl Drop for Pushing {
     fn drop(&mut self) {
-        self.task.abort();
+        for r in self.running.values() {
+            r.task.abort();
+        }
     }
 }
 
@@ -176,7 +198,7 @@ impl Drop for LinkHold {
 /// the shards run: looks the pushers over at every change of leadership and every
 /// [`LOOK_EVERY`].
 pub(crate) async fn push_led(shards: Weak<ShardSet>, pushers: Arc<Pushers>) {
-    let mut running: HashMap<(GroupId, u64), Running> = HashMap::new();
+    let mut pushing = Pushing::default();
     let mut tick = tokio::time::interval(LOOK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -185,7 +207,7 @@ pub(crate) async fn push_led(shards: Weak<ShardSet>, pushers: Arc<Pushers>) {
         };
         // Watched before looking, so that no change is missed.
         let changed = set.changes().next();
-        look_over(&set, &shards, &pushers, &mut running);
+        look_over(&set, &shards, &pushers, &mut pushing);
         drop(set);
         tokio::select! {
             () = changed => {}
@@ -201,8 +223,9 @@ fn look_over(
     set: &ShardSet,
     shards: &Weak<ShardSet>,
     pushers: &Arc<Pushers>,
-    running: &mut HashMap<(GroupId, u64), Running>,
+    pushing: &mut Pushing,
 ) {
+    pushing.stopping.retain(|_, task| !task.is_finished());
     let mut wanted = HashSet::new();
     for shard in set.replicated() {
         if !set.leads(shard) {
@@ -214,7 +237,8 @@ fn look_over(
         for view in replica.logged() {
             let key = (shard, view.id);
             wanted.insert(key);
-            if running
+            if pushing
+                .running
                 .get(&key)
                 .is_some_and(|r| r.replica.same_as(&replica) && r.attachment == view.attachment)
             {
@@ -227,8 +251,8 @@ fn look_over(
             let Some(feed) = replica.logged_feed(&view.entry_type, view.id) else {
                 continue;
             };
-            // Everything the replica keeps: the subscriber drops what it had.
-            feed.rewind(0);
+            pushing.stop(key);
+            let before = pushing.stopping.remove(&key);
             let link = pushers.link_for(endpoint);
             let (route, rx) = watch::channel(Route {
                 link: link.clone(),
@@ -242,12 +266,17 @@ fn look_over(
             let (shards, entry_type, id) = (shards.clone(), view.entry_type.clone(), view.id);
             let task = tokio::spawn(async move {
                 let _hold = hold;
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                // Everything the replica keeps: the subscriber drops what it had.
+                feed.rewind(0);
                 let stopped = push(config, Some(shard), Arc::new(feed), rx).await;
                 if stopped != Stopped::Ended {
                     end_on(&shards, shard, &entry_type, id).await;
                 }
             });
-            running.insert(
+            pushing.running.insert(
                 key,
                 Running {
                     replica: replica.clone(),
@@ -258,7 +287,15 @@ fn look_over(
             );
         }
     }
-    running.retain(|key, _| wanted.contains(key));
+    let gone: Vec<_> = pushing
+        .running
+        .keys()
+        .filter(|key| !wanted.contains(key))
+        .copied()
+        .collect();
+    for key in gone {
+        pushing.stop(key);
+    }
 }
 
 /// Moves what `feeds` hold now into `told`, `room` notifications at most.
