@@ -1624,8 +1624,14 @@ impl Cluster {
     /// # Errors
     ///
     /// `SubscriptionClosed` when the node no longer has it; the node could not be reached;
-    /// a cluster of several nodes (a subscription there has a part on each).
+    /// a cluster of several nodes (a subscription there has a part on each) or a
+    /// replicated one (numbered per shard): `resume_at` picks those up.
     pub async fn resume(self: &Arc<Self>, id: u64, last_seq: u64) -> Result<Subscription> {
+        if self.topology().shards > 0 {
+            return Err(SpaceError::Protocol {
+                reason: "a replicated cluster's subscription is numbered per shard: pick it up from its position (detach_at, resume_at)".into(),
+            });
+        }
         let addrs = self.addresses();
         let [addr] = &addrs[..] else {
             return Err(SpaceError::Protocol {

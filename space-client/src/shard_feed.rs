@@ -215,8 +215,8 @@ fn leaders_of(topology: &Topology, shards: &BTreeSet<u32>) -> BTreeMap<String, V
 struct Answered {
     /// Shards where it was done.
     done: BTreeSet<u32>,
-    /// Shards whose leader answered that it could not be done there.
-    refused: BTreeSet<u32>,
+    /// Shards whose leader answered that they do not hold the subscription.
+    missing: BTreeSet<u32>,
     /// Shards no leader answered for in time.
     unanswered: BTreeSet<u32>,
     /// Of the shards done, those where a subscription was registered anew.
@@ -265,15 +265,22 @@ async fn to_leaders(
         });
         for (addr, answer) in futures::future::join_all(calls).await {
             match answer {
-                Ok(Response::OnShards { led, done, anew }) => {
+                Ok(Response::OnShards {
+                    done,
+                    anew,
+                    missing,
+                    ..
+                }) => {
+                    // A shard led and neither done nor missing lost its leadership
+                    // meanwhile: asked again.
                     answered.anew.extend(anew);
-                    for shard in led {
+                    for shard in done {
                         answered.unanswered.remove(&shard);
-                        if done.contains(&shard) {
-                            answered.done.insert(shard);
-                        } else {
-                            answered.refused.insert(shard);
-                        }
+                        answered.done.insert(shard);
+                    }
+                    for shard in missing {
+                        answered.unanswered.remove(&shard);
+                        answered.missing.insert(shard);
                     }
                 }
                 Ok(other) => {
@@ -326,7 +333,7 @@ async fn register(
     for shard in &answered.done {
         unreached.remove(shard);
     }
-    unreached.extend(answered.refused);
+    unreached.extend(answered.missing);
     unreached.extend(answered.unanswered);
     Ok(answered.anew)
 }
@@ -654,9 +661,9 @@ async fn renew(cluster: &Cluster, state: &ShardState, lease: Lease, patience: Du
     .await;
     match answered {
         Ok(answered) => {
-            if !answered.refused.is_empty() {
-                tracing::info!(subscription = state.id, shards = ?answered.refused, "shards lost a subscription; registering it again");
-                state.unreached.lock().extend(&answered.refused);
+            if !answered.missing.is_empty() {
+                tracing::info!(subscription = state.id, shards = ?answered.missing, "shards lost a subscription; registering it again");
+                state.unreached.lock().extend(&answered.missing);
                 state.announce_missed();
             }
             if !answered.unanswered.is_empty() {
@@ -743,7 +750,7 @@ impl RemoteFeed for ShardFeed {
                 })
                 .await?
             };
-            match answered.unanswered.first().or(answered.refused.first()) {
+            match answered.unanswered.first().or(answered.missing.first()) {
                 None => Ok(()),
                 Some(shard) => Err(SpaceError::Unavailable {
                     reason: format!("shard {shard} could not renew the subscription"),

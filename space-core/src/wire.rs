@@ -675,6 +675,10 @@ pub enum Response {
         /// Of those, the shards where a subscription was registered anew: they did not
         /// hold it (a subscription resumed after its lease ran out there).
         anew: Vec<u32>,
+        /// Of the shards led, those that do not hold the subscription (a renewal or a
+        /// cancel there found it gone). A shard led and neither done nor missing may
+        /// have done it or not: its leadership ended before it could tell.
+        missing: Vec<u32>,
     },
     /// A replicated node's answer to [`Request::PollShards`].
     ShardNotifications {

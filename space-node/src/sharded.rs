@@ -535,6 +535,7 @@ async fn on_led_shards(
     let mut led_asked = Vec::new();
     let mut done = Vec::new();
     let mut anew = Vec::new();
+    let mut missing = Vec::new();
     for (shard, engine) in led {
         if asked.binary_search(shard).is_err() {
             continue;
@@ -544,7 +545,7 @@ async fn on_led_shards(
             OnShard::Proposed => proposed.push((*shard, engine, false)),
             OnShard::Added => proposed.push((*shard, engine, true)),
             OnShard::Done => done.push(*shard),
-            OnShard::Missing => {}
+            OnShard::Missing => missing.push(*shard),
         }
     }
     for (shard, engine, added) in proposed {
@@ -561,6 +562,7 @@ async fn on_led_shards(
         led: led_asked,
         done,
         anew,
+        missing,
     })
 }
 

@@ -11,8 +11,13 @@ use space_tests::process::{Signal, cli_binary, exit_within, signal};
 use space_tests::proxy::{Link, Proxy};
 
 fn space(node: &NodeProcess, args: &[&str]) -> Output {
+    space_at(&node.addr, args)
+}
+
+/// Runs `space` with `args` against the node (or the seeds) at `addr`.
+fn space_at(addr: &str, args: &[&str]) -> Output {
     Command::new(cli_binary().expect("the space CLI"))
-        .args(["--node", &node.addr])
+        .args(["--node", addr])
         .args(args)
         .output()
         .expect("run space")
@@ -781,5 +786,78 @@ fn a_take_whose_process_is_killed_while_waiting_takes_nothing() {
     assert!(
         until(Duration::from_secs(2), || count_on(&node.addr, "Job") == 1),
         "the entry went to the take of a process that is gone"
+    );
+}
+
+/// On a replicated cluster, a watch stopped with Ctrl-C prints its position (its last
+/// number on each shard), and `--resume-at` picks it up there: it gets what was written
+/// meanwhile, each event naming its shard, and nothing it had.
+#[test]
+fn a_watch_of_a_replicated_cluster_resumes_at_its_position() {
+    let addrs = free_addrs(3);
+    let _cluster = common::start_cluster_of(&addrs, "3", common::replicated::SHARDS, &[]);
+    let seeds = addrs.join(",");
+    let (mut watch, printed) = background_at(&seeds, &["--json", "watch", "Alert"]);
+    let said = lines_of(watch.0.stderr.take().expect("stderr"));
+    let first = said.recv_timeout(Duration::from_secs(30)).expect("a line");
+    assert!(first.contains("Ctrl-C prints the position"), "{first}");
+    let write = |level: u32| {
+        stdout(&space_at(
+            &seeds,
+            &["write", "Alert", &format!(r#"{{"level":{level}}}"#)],
+        ))
+    };
+    for level in 1..=3 {
+        write(level);
+        let line = printed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(event["shard"].is_u64(), "{line}");
+    }
+    assert_eq!(interrupt(&mut watch), Some(0));
+    let stopped = said
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the position");
+    let position = stopped
+        .strip_prefix("stopped: --resume-at '")
+        .and_then(|rest| rest.strip_suffix("' picks it up"))
+        .unwrap_or_else(|| panic!("{stopped}"));
+
+    let keys: Vec<String> = (4..=5)
+        .map(|level| write(level).trim().to_owned())
+        .collect();
+    let resumed = space_at(
+        &seeds,
+        &[
+            "--json",
+            "watch",
+            "Alert",
+            "--resume-at",
+            position,
+            "--count",
+            "2",
+        ],
+    );
+    let told: Vec<String> = json_lines(&resumed)
+        .iter()
+        .map(|e| e["key"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    for key in &keys {
+        assert!(
+            told.iter().any(|t| key.contains(t.as_str())),
+            "{key} not in {told:?}"
+        );
+    }
+    let refused = space_at(
+        &seeds,
+        &["watch", "Alert", "--resume-at", "{not a position"],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--resume-at takes the position"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }

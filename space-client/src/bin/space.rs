@@ -199,15 +199,21 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
-        /// Pick up subscription ID (as a watch stopped with Ctrl-C printed it) instead of
-        /// subscribing anew: its events after `--after` are delivered (or a gap for those
-        /// the node no longer holds). The node keeps a stopped watch's subscription for
-        /// its subscriber timeout (30 s by default).
-        #[arg(long, value_name = "ID")]
+        /// Pick up subscription ID of a standalone node (as a watch stopped with Ctrl-C
+        /// printed it) instead of subscribing anew: its events after `--after` are
+        /// delivered (or a gap for those the node no longer holds). The node keeps a
+        /// stopped watch's subscription for its subscriber timeout (30 s by default).
+        #[arg(long, value_name = "ID", conflicts_with = "resume_at")]
         resume: Option<u64>,
         /// With `--resume`: the last sequence number already seen.
         #[arg(long, value_name = "SEQ", default_value = "0", requires = "resume")]
         after: u64,
+        /// Pick up a subscription of a replicated cluster where POSITION says it stood
+        /// (the JSON a watch stopped with Ctrl-C printed: its last number on each shard)
+        /// instead of subscribing anew. The shards keep a stopped watch's subscription
+        /// for its lease (30 s by default).
+        #[arg(long, value_name = "POSITION")]
+        resume_at: Option<String>,
     },
     /// Entry types that hold entries, with their counts and bytes.
     Types,
@@ -251,12 +257,18 @@ fn print_notification(n: &Notification, as_json: bool) {
     match n {
         Notification::Event(e) if as_json => println!(
             "{}",
-            json!({"seq": e.seq, "node": e.node.0, "entry_type": &*e.entry_type, "key": e.key.to_string(), "kind": format!("{:?}", e.kind), "version": e.version})
+            json!({"seq": e.seq, "shard": e.shard, "node": e.node.0, "entry_type": &*e.entry_type, "key": e.key.to_string(), "kind": format!("{:?}", e.kind), "version": e.version})
         ),
-        Notification::Event(e) => println!(
-            "#{} {:?} {} {} on {}",
-            e.seq, e.kind, e.entry_type, e.key, e.node
-        ),
+        Notification::Event(e) => match e.shard {
+            Some(shard) => println!(
+                "#{} of shard {shard} {:?} {} {} on {}",
+                e.seq, e.kind, e.entry_type, e.key, e.node
+            ),
+            None => println!(
+                "#{} {:?} {} {} on {}",
+                e.seq, e.kind, e.entry_type, e.key, e.node
+            ),
+        },
         Notification::Gap {
             first_seq,
             last_seq,
@@ -772,6 +784,7 @@ async fn command(conn: std::sync::Arc<Cluster>, cli: Cli) -> Result<Found> {
             count,
             resume,
             after,
+            resume_at,
         } => {
             let query = parse_query(&entry_type, &query)?;
             note_unseen_fields(&conn, &query).await;
@@ -779,19 +792,35 @@ async fn command(conn: std::sync::Arc<Cluster>, cli: Cli) -> Result<Found> {
                 .iter()
                 .map(|k| parse_kind(k))
                 .collect::<Result<Vec<_>>>()?;
-            let sub = match resume {
-                Some(id) => conn.resume(id, after).await?,
-                None => {
+            let sub = match (resume, resume_at) {
+                (Some(id), _) => conn.resume(id, after).await?,
+                (None, Some(position)) => {
+                    let position: space_client::SubscriptionPosition =
+                        serde_json::from_str(&position).context(
+                            "--resume-at takes the position a watch stopped with Ctrl-C printed",
+                        )?;
+                    conn.resume_at(position).await?
+                }
+                (None, None) => {
                     conn.subscribe(query, EventKinds::of(&kinds), Lease::Forever)
                         .await?
                 }
             };
             let id = sub.id();
+            // A replicated cluster's subscription is numbered per shard: it is picked up
+            // from its position.
+            let replicated = conn.topology().shards > 0;
             // Listening before the line that invites Ctrl-C, so that none is missed.
             let mut ctrl_c = CtrlC::listen()?;
-            eprintln!(
-                "watching as subscription {id}: after Ctrl-C, --resume {id} --after <the last seq seen> picks it up"
-            );
+            if replicated {
+                eprintln!(
+                    "watching as subscription {id}: Ctrl-C prints the position --resume-at picks it up from"
+                );
+            } else {
+                eprintln!(
+                    "watching as subscription {id}: after Ctrl-C, --resume {id} --after <the last seq seen> picks it up"
+                );
+            }
             // The node is asked every two seconds whether it is there: one that went away
             // ends the watch with an error, rather than a wait in silence for events that
             // cannot come.
@@ -827,7 +856,10 @@ async fn command(conn: std::sync::Arc<Cluster>, cli: Cli) -> Result<Found> {
                 }
                 () = ctrl_c.pressed() => true,
             };
-            if interrupted {
+            if interrupted && replicated {
+                let position = serde_json::to_string(&sub.detach_at())?;
+                eprintln!("stopped: --resume-at '{position}' picks it up");
+            } else if interrupted {
                 sub.detach();
             }
         }
