@@ -35,9 +35,7 @@ use space_core::{
 };
 
 use crate::cluster::Cluster;
-use crate::subscriber::{
-    Delivered, Endpoint, FeedSender, Receiving, Spec, feed_channel, pass_in_order,
-};
+use crate::subscriber::{Endpoint, FeedSender, Receiving, Spec, feed_channel, pass_in_order};
 
 /// The first pause before a renewal round registers the shards still missing; it doubles
 /// up to the regular pause.
@@ -85,6 +83,9 @@ pub(crate) struct ShardState {
     detached: AtomicBool,
     /// Its events are fetched from the shards' leaders ([`poll_from`]), not pushed.
     polled: AtomicBool,
+    /// Made without a lease of its own: renewed while its handle lives, so a shard
+    /// whose lease of it ran out lost it (it is registered there again).
+    renewed: bool,
 }
 
 impl ShardState {
@@ -96,23 +97,24 @@ impl ShardState {
 
     /// Tells the subscriber it may have missed events of unknown numbers.
     fn announce_missed(&self) {
-        let Some(tx) = self.tx.lock().clone() else {
-            return;
-        };
-        let missed = Delivered {
-            handed: None,
-            notification: Notification::Missed { seq: 0 },
-        };
-        if let Err(flume::TrySendError::Full(missed)) = tx.try_send(missed) {
-            tokio::spawn(async move {
-                let _ = tx.send_async(missed).await;
-            });
-        }
+        crate::subscriber::announce_missed(self.tx.lock().clone());
     }
 
-    /// Notes that `shard` ended the subscription: once every shard did, the stream ends
-    /// after what it holds.
+    /// Notes that `shard` ended the subscription (its lease ran out there): once every
+    /// shard did, the stream ends after what it holds. A subscription kept alive by
+    /// renewals lost it there instead (no renewal reached the shard in time): it is
+    /// registered there again, after a `Missed` notice.
     fn shard_ended(&self, shard: u32) {
+        if self.renewed {
+            tracing::info!(
+                subscription = self.id,
+                shard,
+                "a shard let go of a subscription; registering it again"
+            );
+            self.unreached.lock().insert(shard);
+            self.announce_missed();
+            return;
+        }
         if let Some(part) = self.parts.get(shard as usize) {
             part.ended.store(true, Ordering::Release);
         }
@@ -431,6 +433,7 @@ impl Cluster {
             cancelled: AtomicBool::new(false),
             detached: AtomicBool::new(false),
             polled: AtomicBool::new(endpoint.polls()),
+            renewed,
         });
         // Held before any shard registers it: its first events can come before the
         // answers do.
@@ -810,5 +813,61 @@ impl Drop for ShardFeed {
         {
             held.remove(&self.state.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscriber::Delivered;
+
+    /// A subscription's state over `shards` shards, nothing had from any yet.
+    fn state_of(shards: u32, renewed: bool) -> (Arc<ShardState>, flume::Receiver<Delivered>) {
+        let (tx, rx) = feed_channel();
+        let state = Arc::new(ShardState {
+            id: new_logged_id(),
+            spec: Spec {
+                query: space_core::Query::for_type("job"),
+                kinds: EventKinds::WRITTEN,
+                lease: Lease::For(Duration::from_secs(30)),
+            },
+            attachment: 1,
+            parts: (0..shards)
+                .map(|_| ShardPart {
+                    last_seq: AtomicU64::new(0),
+                    handed: Arc::new(AtomicU64::new(0)),
+                    awaits_rewind: AtomicBool::new(false),
+                    ended: AtomicBool::new(false),
+                })
+                .collect(),
+            tx: Mutex::new(Some(tx)),
+            unreached: Mutex::new(BTreeSet::new()),
+            cancelled: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
+            renewed,
+        });
+        (state, rx)
+    }
+
+    /// A shard that ends a subscription made with a lease ends its part: the stream ends
+    /// once every shard did. One that ends a subscription kept alive by renewals lost it
+    /// (no renewal reached it in time): the subscriber is told it may have missed events,
+    /// and the shard is registered again, the stream going on.
+    #[tokio::test]
+    async fn a_shard_that_ends_a_renewed_subscription_lost_it() {
+        let (leased, rx) = state_of(2, false);
+        leased.shard_ended(0);
+        assert!(leased.alive(), "one shard of two ended");
+        leased.shard_ended(1);
+        assert!(!leased.alive());
+        assert!(rx.is_disconnected() && rx.is_empty());
+
+        let (renewed, rx) = state_of(2, true);
+        renewed.shard_ended(1);
+        assert!(renewed.alive());
+        assert_eq!(*renewed.unreached.lock(), BTreeSet::from([1]));
+        let told = rx.try_recv().map(|d| d.notification);
+        assert_eq!(told.ok(), Some(Notification::Missed { seq: 0 }));
     }
 }

@@ -445,23 +445,30 @@ impl SubscriberService for Subscriber {
     }
 }
 
+/// Tells the subscriber of the stream `tx` feeds (if it still does) that it may have
+/// missed events of unknown numbers: at once, or, when the stream is full (the subscriber
+/// is behind), once it has room, without holding up the caller.
+pub(crate) fn announce_missed(tx: Option<FeedSender>) {
+    let Some(tx) = tx else {
+        return;
+    };
+    let missed = Delivered {
+        handed: None,
+        notification: Notification::Missed { seq: 0 },
+    };
+    if let Err(flume::TrySendError::Full(missed)) = tx.try_send(missed) {
+        tokio::spawn(async move {
+            let _ = tx.send_async(missed).await;
+        });
+    }
+}
+
 impl FeedState {
     /// Tells the subscriber that it may have missed events (of unknown numbers): at once,
     /// or, when the stream is full (the subscriber is behind), once it has room, without
     /// holding up the caller.
     pub(crate) fn announce_missed(&self) {
-        let Some(tx) = self.spare.lock().clone() else {
-            return;
-        };
-        let gap = Delivered {
-            handed: None,
-            notification: Notification::Missed { seq: 0 },
-        };
-        if let Err(flume::TrySendError::Full(gap)) = tx.try_send(gap) {
-            tokio::spawn(async move {
-                let _ = tx.send_async(gap).await;
-            });
-        }
+        announce_missed(self.spare.lock().clone());
     }
 
     pub(crate) fn new(spec: Spec, spare: Option<FeedSender>) -> Arc<FeedState> {

@@ -619,18 +619,28 @@ async fn told_of_jobs(
 /// Writes job `id` through `space`, trying again for up to 20 s (while a failover is under
 /// way); returns its key.
 async fn write_retrying(space: &space_client::Space, id: u64) -> Key {
+    write_entry_retrying(space, &Job { id }).await
+}
+
+/// Writes `entry` through `space`, trying again for up to 20 s (while a failover is under
+/// way); returns its key.
+async fn write_entry_retrying<T: space_client::Entry + std::fmt::Debug>(
+    space: &space_client::Space,
+    entry: &T,
+) -> Key {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match space.write(&Job { id }).await {
+        match space.write(entry).await {
             Ok(receipt) => return receipt.key,
-            Err(e) => assert!(Instant::now() < deadline, "write {id}: {e}"),
+            Err(e) => assert!(Instant::now() < deadline, "write {entry:?}: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Receives from `sub` until every key of `untold` was told (or a minute passed);
-/// checks that each node's sequence numbers rise, and returns how many gaps came.
+/// checks that the sequence numbers of each shard (each node, on a standalone node's
+/// cluster) rise, and returns how many gaps came.
 async fn told_all(
     sub: &space_client::Subscription,
     mut untold: std::collections::HashSet<Key>,
@@ -2315,14 +2325,7 @@ async fn write_order_retrying(space: &space_client::Space, number: u64) -> Key {
     let order = Order {
         number: format!("o-{number}"),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match space.write(&order).await {
-            Ok(receipt) => return receipt.key,
-            Err(e) => assert!(Instant::now() < deadline, "write {number}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    write_entry_retrying(space, &order).await
 }
 
 /// Receives from `sub` until every key of `untold` was told, checking that each shard's

@@ -379,8 +379,12 @@ impl Engine {
             .unwrap_or(false)
     }
 
-    /// Every logged subscription this engine holds.
+    /// Every logged subscription this engine holds (none without looking at a type when
+    /// it holds none).
     pub fn logged(&self) -> Vec<LoggedView> {
+        if self.inner.logged_count.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
         let cells: Vec<Arc<TypeCell>> = self.inner.cells.load().values().cloned().collect();
         let mut all = Vec::new();
         for cell in cells {
