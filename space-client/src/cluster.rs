@@ -562,27 +562,31 @@ impl Cluster {
 
     /// Sends `request`, which changes nothing, to every live node at once: their answers,
     /// and the addresses of the nodes that could not be reached (or went silent, see
-    /// [`unless_silent`](Self::unless_silent)). Fails when no node could be reached, or
-    /// with any other error a node answers.
+    /// [`unless_silent`](Self::unless_silent)), or were passed over as down or silent
+    /// already. Fails when no node could be reached, or with any other error a node
+    /// answers.
     async fn gather(
         &self,
         request: &Request,
         patience: Patience,
     ) -> Result<(Vec<Response>, Vec<String>)> {
-        let calls = self
-            .asked_in_turn(&AtomicUsize::new(0), patience)
+        let asked = self.asked_in_turn(&AtomicUsize::new(0), patience);
+        // Members passed over (down, or silent) are named with those that fail.
+        let mut unreachable: Vec<String> = self
+            .addresses()
             .into_iter()
-            .map(|addr| {
-                let request = request.clone();
-                async move {
-                    let wait = request.wait();
-                    let call = async { self.node(&addr).await?.call(request).await };
-                    let answer = self.unless_silent(&addr, wait, patience, call).await;
-                    (addr, answer)
-                }
-            });
+            .filter(|a| !asked.contains(a))
+            .collect();
+        let calls = asked.into_iter().map(|addr| {
+            let request = request.clone();
+            async move {
+                let wait = request.wait();
+                let call = async { self.node(&addr).await?.call(request).await };
+                let answer = self.unless_silent(&addr, wait, patience, call).await;
+                (addr, answer)
+            }
+        });
         let mut answers = Vec::new();
-        let mut unreachable = self.down_members();
         let mut last = None;
         for (addr, answer) in futures::future::join_all(calls).await {
             match answer {

@@ -719,6 +719,35 @@ async fn a_cluster_with_a_dead_member_serves_what_the_live_ones_can() {
     assert!(matches!(err, SpaceError::Down { .. }), "{err}");
 }
 
+/// Statistics asked while the client already takes a node for silent (a call to it went
+/// unanswered past its wait: the node is paused) pass over it, and name it among the
+/// members they could not reach. They passed over it in silence: a stats call made a
+/// moment after a count had made the node silent said every member answered (seen in
+/// CI, in `a_count_and_a_listing_wait_for_a_paused_node_whose_shards_cannot_move`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_name_a_silent_node_they_pass_over() {
+    use space_tests::process::{Signal, signal};
+    let addrs = free_addrs(3);
+    let cluster = start_cluster(&addrs, &[]);
+    let space = space_client::connect(&addrs.join(",")).await.unwrap();
+    for id in 0..30 {
+        space.write(&Job { id }).await.unwrap();
+    }
+    let paused = cluster.nodes[2].pid();
+    signal(paused, Signal::Stop).expect("pause node 3");
+    // A count waits for the paused node (its shards cannot move): the client takes the
+    // node for silent once the count is half a second past its wait.
+    let count = {
+        let space = space.clone();
+        tokio::spawn(async move { space.count(&Query::of::<Job>()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats = space.stats().await.unwrap();
+    signal(paused, Signal::Continue).expect("resume node 3");
+    assert_eq!(stats.unreachable, vec![addrs[2].clone()]);
+    assert_eq!(count.await.unwrap().expect("the count waited"), 30);
+}
+
 /// A count and a listing asked as a node paused (SIGSTOP for 3 s: a long pause of its
 /// process, a machine that hung for a moment) wait for it while its shards cannot be led
 /// anywhere else (one copy each), and are answered whole once it resumes, even though
