@@ -18,6 +18,11 @@
 //! not be reached when it subscribed is named by
 //! [`Subscription::unreached`](space_core::Subscription::unreached) until a renewal
 //! registers it there.
+//!
+//! A client whose endpoint the nodes cannot reach polls each node for the shards it leads
+//! ([`poll_from`]). A detached subscription stays on the shards for its lease; resumed from
+//! its position ([`Cluster::resume_shards`]), it is attached to the resuming client, and
+//! each shard's leader sends again what it keeps after the position.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +30,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use space_core::remote::RemoteFeed;
 use space_core::server::new_logged_id;
@@ -35,20 +41,13 @@ use space_core::{
 };
 
 use crate::cluster::Cluster;
-use crate::subscriber::{Endpoint, FeedSender, Receiving, Spec, feed_channel, pass_in_order};
+use crate::subscriber::{
+    Endpoint, FeedSender, Held, Receiving, ShardSink, Spec, feed_channel, pass_in_order,
+};
 
 /// The first pause before a renewal round registers the shards still missing; it doubles
 /// up to the regular pause.
 const REGISTER_SOON: Duration = Duration::from_millis(250);
-
-/// A subscription of a replicated cluster, as the endpoint holds it.
-pub(crate) enum Held {
-    /// Its handle lives: what its shards push goes to its stream.
-    Attached(Weak<ShardState>),
-    /// Detached: its shards keep it (and what they tell it, for whoever resumes it)
-    /// until `until` (`None`: until cancelled); their pushes are wanted, and dropped.
-    Detached { until: Option<Instant> },
-}
 
 /// One shard's stream of a subscription.
 struct ShardPart {
@@ -89,6 +88,38 @@ pub(crate) struct ShardState {
 }
 
 impl ShardState {
+    /// Subscription `id`, numbered on each shard after `positions` (the last number had
+    /// from each; `resumed`: pushes that run ahead are held back until its leader sends
+    /// again), pushed, attached anew (a fresh attachment), its events going to `tx`.
+    fn new(
+        id: u64,
+        spec: Spec,
+        (positions, resumed): (&[u64], bool),
+        tx: FeedSender,
+        renewed: bool,
+    ) -> ShardState {
+        ShardState {
+            id,
+            spec,
+            attachment: new_logged_id(),
+            parts: positions
+                .iter()
+                .map(|at| ShardPart {
+                    last_seq: AtomicU64::new(*at),
+                    handed: Arc::new(AtomicU64::new(*at)),
+                    awaits_rewind: AtomicBool::new(resumed),
+                    ended: AtomicBool::new(false),
+                })
+                .collect(),
+            tx: Mutex::new(Some(tx)),
+            unreached: Mutex::new(BTreeSet::new()),
+            cancelled: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
+            renewed,
+        }
+    }
+
     fn alive(&self) -> bool {
         !self.cancelled.load(Ordering::Acquire)
             && !self.detached.load(Ordering::Acquire)
@@ -135,26 +166,6 @@ impl ShardState {
     }
 }
 
-/// Passes a push of `shard`'s events for subscription `id` on to its stream. Returns
-/// false when the subscription is no longer wanted here (the shard's leader then ends
-/// it there).
-pub(crate) async fn deliver(
-    endpoint: &Endpoint,
-    shard: u32,
-    id: u64,
-    notifications: Vec<Notification>,
-) -> bool {
-    let state = match endpoint.shard_feeds.lock().get(&id) {
-        Some(Held::Attached(state)) => state.upgrade(),
-        Some(Held::Detached { until }) => return until.is_none_or(|t| Instant::now() < t),
-        None => None,
-    };
-    let Some(state) = state else {
-        return false;
-    };
-    pass_shard(&state, shard, notifications).await
-}
-
 /// Passes `shard`'s `notifications` on to the subscription's stream, in order (each event
 /// naming its shard). Returns false when the stream is gone.
 async fn pass_shard(state: &ShardState, shard: u32, notifications: Vec<Notification>) -> bool {
@@ -180,17 +191,14 @@ async fn pass_shard(state: &ShardState, shard: u32, notifications: Vec<Notificat
     .await
 }
 
-/// Notes that `shard` ended subscription `id` (its lease ran out there): once every shard
-/// did, the stream ends after what it holds.
-pub(crate) fn end(endpoint: &Endpoint, shard: u32, id: u64) {
-    let state = match endpoint.shard_feeds.lock().get(&id) {
-        Some(Held::Attached(state)) => state.upgrade(),
-        _ => None,
-    };
-    let Some(state) = state else {
-        return;
-    };
-    state.shard_ended(shard);
+impl ShardSink for ShardState {
+    fn pass(&self, shard: u32, notifications: Vec<Notification>) -> BoxFuture<'_, bool> {
+        Box::pin(pass_shard(self, shard, notifications))
+    }
+
+    fn ended(&self, shard: u32) {
+        self.shard_ended(shard);
+    }
 }
 
 /// The leader of each of `shards`, as `topology` has them: by leader address.
@@ -411,36 +419,19 @@ impl Cluster {
             finite => (finite, false),
         };
         let (tx, rx) = feed_channel();
-        let state = Arc::new(ShardState {
-            id,
-            spec: Spec {
-                query: query.clone(),
-                kinds,
-                lease: shard_lease,
-            },
-            attachment: new_logged_id(),
-            parts: positions
-                .iter()
-                .map(|at| ShardPart {
-                    last_seq: AtomicU64::new(*at),
-                    handed: Arc::new(AtomicU64::new(*at)),
-                    awaits_rewind: AtomicBool::new(resumed),
-                    ended: AtomicBool::new(false),
-                })
-                .collect(),
-            tx: Mutex::new(Some(tx)),
-            unreached: Mutex::new(BTreeSet::new()),
-            cancelled: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
-            polled: AtomicBool::new(endpoint.polls()),
-            renewed,
-        });
+        let spec = Spec {
+            query: query.clone(),
+            kinds,
+            lease: shard_lease,
+        };
+        let state = Arc::new(ShardState::new(id, spec, (positions, resumed), tx, renewed));
+        state.polled.store(endpoint.polls(), Ordering::Release);
         // Held before any shard registers it: its first events can come before the
         // answers do.
-        endpoint
-            .shard_feeds
-            .lock()
-            .insert(id, Held::Attached(Arc::downgrade(&state)));
+        endpoint.shard_feeds.lock().insert(
+            id,
+            Held::Attached(Arc::downgrade(&state) as Weak<dyn ShardSink>),
+        );
         let feed = ShardFeed {
             receiving: Receiving::new(rx),
             state: state.clone(),
@@ -809,7 +800,7 @@ impl Drop for ShardFeed {
             return;
         }
         let mut held = self.endpoint.shard_feeds.lock();
-        if matches!(held.get(&self.state.id), Some(Held::Attached(w)) if std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.state)))
+        if matches!(held.get(&self.state.id), Some(Held::Attached(w)) if std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(&self.state)))
         {
             held.remove(&self.state.id);
         }
@@ -824,30 +815,14 @@ mod tests {
     /// A subscription's state over `shards` shards, nothing had from any yet.
     fn state_of(shards: u32, renewed: bool) -> (Arc<ShardState>, flume::Receiver<Delivered>) {
         let (tx, rx) = feed_channel();
-        let state = Arc::new(ShardState {
-            id: new_logged_id(),
-            spec: Spec {
-                query: space_core::Query::for_type("job"),
-                kinds: EventKinds::WRITTEN,
-                lease: Lease::For(Duration::from_secs(30)),
-            },
-            attachment: 1,
-            parts: (0..shards)
-                .map(|_| ShardPart {
-                    last_seq: AtomicU64::new(0),
-                    handed: Arc::new(AtomicU64::new(0)),
-                    awaits_rewind: AtomicBool::new(false),
-                    ended: AtomicBool::new(false),
-                })
-                .collect(),
-            tx: Mutex::new(Some(tx)),
-            unreached: Mutex::new(BTreeSet::new()),
-            cancelled: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
-            polled: AtomicBool::new(false),
-            renewed,
-        });
-        (state, rx)
+        let spec = Spec {
+            query: space_core::Query::for_type("job"),
+            kinds: EventKinds::WRITTEN,
+            lease: Lease::For(Duration::from_secs(30)),
+        };
+        let positions = vec![0; shards as usize];
+        let state = ShardState::new(new_logged_id(), spec, (&positions, false), tx, renewed);
+        (Arc::new(state), rx)
     }
 
     /// A shard that ends a subscription made with a lease ends its part: the stream ends

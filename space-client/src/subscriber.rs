@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use space_core::remote::RemoteFeed;
 use space_core::wire::{self, Hello, Request, Response, SubscriberService, Welcome};
@@ -194,6 +195,24 @@ pub(crate) struct FeedState {
 /// How long one poll of a polled subscription waits for an event.
 const POLL_WAIT: Duration = Duration::from_secs(10);
 
+/// A subscription of a replicated cluster, numbered per shard, as the endpoint passes its
+/// shards' pushes to it (`shard_feed`).
+pub(crate) trait ShardSink: Send + Sync {
+    /// Passes `shard`'s notifications on, in order. Returns false when the stream is gone.
+    fn pass(&self, shard: u32, notifications: Vec<Notification>) -> BoxFuture<'_, bool>;
+    /// `shard` ended the subscription (its lease ran out there).
+    fn ended(&self, shard: u32);
+}
+
+/// A subscription of a replicated cluster, as the endpoint holds it.
+pub(crate) enum Held {
+    /// Its handle lives: what its shards push goes to its stream.
+    Attached(Weak<dyn ShardSink>),
+    /// Detached: its shards keep it (and what they tell it, for whoever resumes it)
+    /// until `until` (`None`: until cancelled); their pushes are wanted, and dropped.
+    Detached { until: Option<Instant> },
+}
+
 /// The endpoint nodes push events to.
 pub(crate) struct Endpoint {
     /// Its address and secret, as handed to nodes.
@@ -212,7 +231,7 @@ pub(crate) struct Endpoint {
     pushes_ended: tokio::sync::watch::Sender<PushesEnded>,
     /// The subscriptions of a replicated cluster pushed here, by id: those with a handle,
     /// and the detached ones (until their shards let go of them).
-    pub(crate) shard_feeds: Mutex<HashMap<u64, crate::shard_feed::Held>>,
+    pub(crate) shard_feeds: Mutex<HashMap<u64, Held>>,
 }
 
 impl Endpoint {
@@ -296,6 +315,21 @@ impl Endpoint {
             self.push_refused.store(true, Ordering::Release);
         }
         auto
+    }
+
+    /// Passes a push of `shard`'s events for subscription `id` of a replicated cluster on
+    /// to its stream. Returns false when the subscription is no longer wanted here (the
+    /// shard's leader then ends it there).
+    async fn deliver_shard(&self, shard: u32, id: u64, notifications: Vec<Notification>) -> bool {
+        let sink = match self.shard_feeds.lock().get(&id) {
+            Some(Held::Attached(sink)) => sink.upgrade(),
+            Some(Held::Detached { until }) => return until.is_none_or(|t| Instant::now() < t),
+            None => None,
+        };
+        match sink {
+            Some(sink) => sink.pass(shard, notifications).await,
+            None => false,
+        }
     }
 
     /// Whether new subscriptions are polled rather than pushed.
@@ -412,7 +446,10 @@ impl SubscriberService for Subscriber {
         notifications: Vec<Notification>,
     ) -> bool {
         if let Some(shard) = shard {
-            return crate::shard_feed::deliver(&self.0, shard, subscription, notifications).await;
+            return self
+                .0
+                .deliver_shard(shard, subscription, notifications)
+                .await;
         }
         let Some(part) = self.0.part(node, subscription).await else {
             return false;
@@ -435,7 +472,11 @@ impl SubscriberService for Subscriber {
 
     async fn end(self, _: context::Context, node: NodeId, shard: Option<u32>, subscription: u64) {
         if let Some(shard) = shard {
-            crate::shard_feed::end(&self.0, shard, subscription);
+            if let Some(Held::Attached(sink)) = self.0.shard_feeds.lock().get(&subscription)
+                && let Some(sink) = sink.upgrade()
+            {
+                sink.ended(shard);
+            }
             return;
         }
         let part = self.0.feeds.lock().get(&(node, subscription)).cloned();

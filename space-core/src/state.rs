@@ -149,8 +149,8 @@ pub(crate) enum Command {
 /// A subscription as a log holds it (see [`Command::Subscribe`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct LoggedSubscription {
-    /// Chosen by its subscriber, with [`LOGGED_ID_BIT`](crate::engine::LOGGED_ID_BIT)
-    /// set, the same in every shard's log.
+    /// Chosen by its subscriber, with the engine's bit for logged subscriptions set, the
+    /// same in every shard's log.
     pub(crate) id: u64,
     pub(crate) query: Query,
     pub(crate) kinds: EventKinds,
