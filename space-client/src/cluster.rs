@@ -1535,10 +1535,7 @@ impl Cluster {
         }
         let endpoint = self.endpoint().await?;
         let push_ends = endpoint.push_ends();
-        let (node_lease, renew) = match lease {
-            Lease::Forever => (Lease::For(self.config.subscription_lease), true),
-            finite => (finite, false),
-        };
+        let (node_lease, renew) = subscriber::lease_given(lease, &self.config);
         let (tx, rx) = feed_channel();
         let spec = Spec {
             query: query.clone(),

@@ -414,10 +414,7 @@ impl Cluster {
         (positions, resumed): (&[u64], bool),
     ) -> Result<Subscription> {
         let endpoint = self.endpoint().await?;
-        let (shard_lease, renewed) = match lease {
-            Lease::Forever => (Lease::For(self.config().subscription_lease), true),
-            finite => (finite, false),
-        };
+        let (shard_lease, renewed) = crate::subscriber::lease_given(lease, self.config());
         let (tx, rx) = feed_channel();
         let spec = Spec {
             query: query.clone(),

@@ -177,6 +177,16 @@ pub(crate) struct Spec {
     pub(crate) lease: Lease,
 }
 
+/// The lease the nodes give a subscription asked for with `lease`, and whether the client
+/// renews it while its handle lives (one asked for without a lease: the nodes give it
+/// `config`'s subscription lease, so that a client that dies stops costing them).
+pub(crate) fn lease_given(lease: Lease, config: &ClientConfig) -> (Lease, bool) {
+    match lease {
+        Lease::Forever => (Lease::For(config.subscription_lease), true),
+        finite => (finite, false),
+    }
+}
+
 /// The state of one subscription across the nodes.
 pub(crate) struct FeedState {
     spec: Spec,

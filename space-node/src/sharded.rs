@@ -459,12 +459,7 @@ impl NodeState {
                 positions,
                 wait,
             } => {
-                let count = shards.shard_count();
-                if let Some((bad, _)) = positions.iter().find(|(s, _)| *s >= count) {
-                    return Err(SpaceError::Protocol {
-                        reason: format!("the cluster has {count} shards; there is no shard {bad}"),
-                    });
-                }
+                check_named(shards, positions.iter().map(|(s, _)| *s))?;
                 crate::replica::poll_shards(shards, id, &entry_type, positions, wait).await
             }
             Request::CancelShards {
@@ -496,16 +491,38 @@ impl NodeState {
 /// # Errors
 /// [`SpaceError::Protocol`] for a shard the cluster does not have.
 fn asked_shards(shards: &ShardSet, asked: Vec<u32>) -> Result<Vec<u32>, SpaceError> {
-    let count = shards.shard_count();
-    if let Some(bad) = asked.iter().find(|s| **s >= count) {
-        return Err(SpaceError::Protocol {
-            reason: format!("the cluster has {count} shards; there is no shard {bad}"),
-        });
-    }
+    check_named(shards, asked.iter().copied())?;
     let mut asked = asked;
     asked.sort_unstable();
     asked.dedup();
     Ok(asked)
+}
+
+/// Checks the shards a subscription request names, before anything walks them: no more
+/// than the cluster has (a shard named twice is named in vain), each one of its shards.
+///
+/// # Errors
+/// [`SpaceError::Protocol`] otherwise.
+fn check_named(
+    shards: &ShardSet,
+    named: impl ExactSizeIterator<Item = u32>,
+) -> Result<(), SpaceError> {
+    let count = shards.shard_count();
+    if named.len() > count as usize {
+        return Err(SpaceError::Protocol {
+            reason: format!(
+                "the request names {} shards; the cluster has {count}",
+                named.len()
+            ),
+        });
+    }
+    let mut named = named;
+    if let Some(bad) = named.find(|s| *s >= count) {
+        return Err(SpaceError::Protocol {
+            reason: format!("the cluster has {count} shards; there is no shard {bad}"),
+        });
+    }
+    Ok(())
 }
 
 /// What a subscription request did on one shard.

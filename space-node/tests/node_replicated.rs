@@ -2446,3 +2446,44 @@ async fn a_clients_subscriptions_are_bounded_on_every_shard() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A subscription request that names more shards than the cluster has (each shard many
+/// times over, a request built to make the node walk a long list) is refused, typed,
+/// before anything is done; the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_request_naming_more_shards_than_the_cluster_has_is_refused() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addrs, _dirs, _nodes) = three_nodes();
+    until_led(&addrs[0]).await;
+    let conn = Connection::open(&addrs[0], ClientConfig::default())
+        .await
+        .unwrap();
+    let shards: u32 = SHARDS.parse().unwrap();
+    let positions: Vec<(u32, u64)> = (0..=shards).map(|_| (0, 0)).collect();
+    let poll = Request::PollShards {
+        id: (1 << 63) | 7,
+        entry_type: "Order".into(),
+        positions: positions.clone(),
+        wait: Duration::ZERO,
+    };
+    let cancel = Request::CancelShards {
+        id: (1 << 63) | 7,
+        entry_type: "Order".into(),
+        shards: positions.iter().map(|(s, _)| *s).collect(),
+    };
+    for request in [poll, cancel] {
+        match conn.call(request).await {
+            Err(space_client::SpaceError::Protocol { reason }) => {
+                assert!(reason.contains("names 9 shards"), "{reason}");
+            }
+            other => panic!("a request naming too many shards was answered {other:?}"),
+        }
+    }
+    let space = connect(&addrs.join(",")).await.unwrap();
+    space
+        .write(&Order {
+            number: "o-1".into(),
+        })
+        .await
+        .unwrap();
+}
